@@ -1,0 +1,407 @@
+"""The engine: a step loop in its own thread, fed and drained through thread-safe queues.
+
+Requests enter with `add_request` (from the asyncio side) and leave as `RequestOutput`s on a
+per-request `RequestStream`. Each step schedules a batch, runs the model once, samples, detokenizes
+incrementally, checks stop conditions and frees finished sequences' KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from server.config import Settings
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_cache import BlockAllocator
+from server.engine.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    apply_penalties,
+    sample,
+    top_logprobs,
+)
+from server.engine.scheduler import ScheduledStep, Scheduler, Sequence, Status
+from server.metrics import Metrics
+from server.model.llama import KVCache, Transformer
+from server.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """Base of the errors `add_request` raises."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is full: answer 503 with Retry-After."""
+
+
+class EngineDeadError(EngineError):
+    """The engine hit a fatal fault or is shutting down."""
+
+
+class InvalidRequestError(EngineError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # new text since the previous output
+    token_ids: list[int]  # new token ids since the previous output
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+
+
+class RequestStream:
+    """Async iterator of one request's outputs; aborting it frees the request's blocks."""
+
+    def __init__(self, request_id: str, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id, self._engine, self._loop = request_id, engine, loop
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    def put_threadsafe(self, outputs: list[RequestOutput]) -> None:
+        """Called from the engine thread."""
+        self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._queue.put_nowait(out)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self._queue.get()
+        except BaseException:  # cancelled: the client went away
+            self.abort()
+            raise
+        self.finished = out.finished
+        return out
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+class Engine:
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, settings: Settings, metrics: Metrics,
+        model_id: str, max_model_len: int, num_blocks: int,
+    ) -> None:
+        self.model, self.tokenizer, self.settings, self.metrics = model, tokenizer, settings, metrics
+        self.model_id, self.max_model_len = model_id, max_model_len
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.cache = KVCache(model.args, num_blocks, settings.block_size, dtype, device)
+        self.allocator = BlockAllocator(num_blocks, settings.block_size)
+        self.scheduler = Scheduler(
+            self.allocator, settings.max_num_seqs, settings.max_num_batched_tokens, device
+        )
+        self.healthy, self.ready = True, False
+        self.on_fatal: Callable[[BaseException], None] | None = None
+        self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._num_queued = 0  # submitted, not yet admitted to the running batch
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- asyncio side ---------------------------------------------------------------------
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, model: str | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        self._check_request(prompt_token_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        stream = RequestStream(request_id, self, asyncio.get_running_loop())
+        with self._lock:
+            if not self.healthy or self._stopping:
+                raise EngineDeadError("the engine is not running")
+            running = len(self.scheduler.running)
+            if self._num_queued >= self.settings.max_queue_len + max(0, self.settings.max_num_seqs - running):
+                raise QueueFullError("the server is at capacity; retry later")
+            self._num_queued += 1
+        seq = Sequence(request_id, list(prompt_token_ids), params, model or self.model_id, stream)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        self._inbox.put(("add", seq))
+        self._wake.set()
+        return stream
+
+    def _check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context length {self.max_model_len}; shorten the prompt or lower max_tokens",
+                "max_tokens",
+            )
+        vocab = self.model.args.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_text(token_id)
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+        self.ready = True
+
+    def begin_drain(self) -> None:
+        self.ready = False
+
+    async def stop(self) -> None:
+        self.ready = False
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    @property
+    def num_kv_blocks_used(self) -> int:
+        return self.allocator.num_used
+
+    # ---- engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._publish_stats(0)
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                self.step()
+            self._fail_all("abort", None)
+        except BaseException as e:  # noqa: BLE001 - any fault in a step is fatal by design
+            log.exception("engine step failed; the engine stops")
+            self.healthy = self.ready = False
+            self._fail_all("error", "internal engine error; the server is restarting")
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                seq = item
+                self._seqs[seq.request_id] = seq
+                self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.params)
+                self.scheduler.add(seq)
+            elif (seq := self._seqs.get(item)) is not None:
+                self._finish(seq, "abort", [])
+
+    def step(self) -> None:
+        """One iteration: schedule, forward, sample, emit."""
+        was_waiting = {id(s) for s in self.scheduler.waiting}
+        scheduled = self.scheduler.schedule()
+        self._count_admissions(was_waiting)
+        if scheduled is None:
+            self._wake.wait(0.01)  # blocked on KV blocks: nothing runnable this instant
+            return
+        logits = self.model(scheduled.batch, self.cache)
+        self._process(scheduled, logits)
+        self._publish_stats(scheduled.num_tokens)
+
+    def _count_admissions(self, was_waiting: set[int]) -> None:
+        admitted = sum(1 for s in self.scheduler.running if id(s) in was_waiting)
+        requeued = sum(1 for s in self.scheduler.waiting if id(s) not in was_waiting)
+        with self._lock:
+            self._num_queued += requeued - admitted
+
+    def _process(self, step: ScheduledStep, logits: torch.Tensor) -> None:
+        row, samplers = 0, []
+        for seq, n in step.work:
+            seq.num_computed += n
+            used = n if seq.wants_prompt_logprobs else int(seq.num_computed == seq.num_tokens)
+            seq_logits = logits[row : row + used]
+            row += used
+            if seq.wants_prompt_logprobs:
+                self._record_prompt_logprobs(seq, seq_logits, n)
+            if seq.num_computed == seq.num_tokens:
+                if seq.params.max_tokens == 0:
+                    self._finish(seq, "length", [])
+                else:
+                    samplers.append((seq, seq_logits[-1]))
+        if samplers:
+            self._sample(samplers)
+
+    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, n: int) -> None:
+        """Row i predicts token i+1; the first prompt token has no logprob."""
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]
+        start = seq.num_computed - n
+        targets = seq.prompt_ids[start + 1 : start + n + 1]
+        if targets:
+            lp = logits[: len(targets)].log_softmax(dim=-1)
+            k = seq.params.prompt_logprobs or 0
+            seq.prompt_logprobs += top_logprobs(lp, torch.tensor(targets, device=lp.device), k)
+
+    def _sample(self, samplers: list[tuple[Sequence, torch.Tensor]]) -> None:
+        seqs = [s for s, _ in samplers]
+        raw = torch.stack([row for _, row in samplers])  # (B, V) fp32
+        logits = apply_penalties(raw.clone(), [s.output_ids for s in seqs], [s.params for s in seqs])
+        self._mask_early_stops(logits, seqs)
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        logprobs = self._token_logprobs(raw, tokens, seqs)
+        now = time.monotonic()
+        for seq, token, lp in zip(seqs, tokens.tolist(), logprobs, strict=True):
+            seq.first_token_time = seq.first_token_time or now
+            seq.output_ids.append(token)
+            self._emit_token(seq, token, lp)
+
+    def _mask_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """min_tokens: EOS and stop token ids cannot end a sequence before its minimum length."""
+        for row, seq in enumerate(seqs):
+            if len(seq.output_ids) < seq.params.min_tokens:
+                banned = set(seq.params.stop_token_ids)
+                if not seq.params.ignore_eos:
+                    banned |= self.tokenizer.eos_token_ids
+                logits[row, list(banned)] = float("-inf")
+
+    def _token_logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]):
+        want = [s.params.logprobs for s in seqs]
+        if all(w is None for w in want):
+            return [None] * len(seqs)
+        k = max(w or 0 for w in want)
+        rows = top_logprobs(raw.log_softmax(dim=-1), tokens, k)
+        for row, w in zip(rows, want, strict=True):
+            row.top = dict(list(row.top.items())[: w or 0])
+        return [row if w is not None else None for row, w in zip(rows, want, strict=True)]
+
+    def _emit_token(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> None:
+        detok = self._detok[seq.request_id]
+        text = detok.add(token, check_stop=len(seq.output_ids) >= seq.params.min_tokens)
+        reason = self._stop_reason(seq, token, detok)
+        if reason is not None:
+            self._finish(seq, reason, [token], [lp] if lp else [], text + detok.flush())
+        else:
+            self._send(seq, RequestOutput(seq.request_id, text, [token], [lp] if lp else []))
+
+    def _stop_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
+        p, n = seq.params, len(seq.output_ids)
+        if n >= p.min_tokens:
+            if (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                return "stop"
+            if detok.stopped:
+                return "stop"
+        if n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(
+        self, seq: Sequence, reason: str, tokens: list[int], lps: list | None = None,
+        text: str | None = None, error: str | None = None,
+    ) -> None:
+        if seq.status is Status.WAITING:
+            with self._lock:
+                self._num_queued -= 1
+        self.scheduler.remove(seq)
+        self._seqs.pop(seq.request_id, None)
+        detok = self._detok.pop(seq.request_id, None)
+        if text is None:
+            text = detok.flush() if detok and reason != "abort" else ""
+        out = RequestOutput(seq.request_id, text, tokens, lps or [], finished=True,
+                            finish_reason=reason, error=error)
+        self._send(seq, out)
+        self._record(seq, reason)
+
+    def _send(self, seq: Sequence, out: RequestOutput) -> None:
+        out.num_prompt_tokens = len(seq.prompt_ids)
+        out.num_output_tokens = len(seq.output_ids)
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            out.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        seq.stream.put_threadsafe([out])
+
+    def _record(self, seq: Sequence, reason: str) -> None:
+        now = time.monotonic()
+        ttft = seq.first_token_time - seq.arrival if seq.first_token_time else None
+        self.metrics.on_request_done(
+            seq.model, reason, len(seq.prompt_ids), len(seq.output_ids), ttft, now - seq.arrival
+        )
+
+    def _fail_all(self, reason: str, error: str | None) -> None:
+        self._drain_inbox()
+        for seq in list(self._seqs.values()):
+            self._finish(seq, reason, [], error=error)
+        self._publish_stats(0)
+
+    def _publish_stats(self, num_tokens: int) -> None:
+        s = self.scheduler
+        self.metrics.on_step(num_tokens, len(s.running), len(s.waiting),
+                             self.allocator.num_used, self.allocator.num_blocks)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def build_engine(settings: Settings, metrics: Metrics) -> Engine:
+    """Load the model and tokenizer named by the settings and size the KV cache."""
+    from server.model.weights import load_model, read_config, resolve_model_dir, served_name
+
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    model_dir = resolve_model_dir(settings.model, settings.cache_dir)
+    config = read_config(model_dir)
+    model = load_model(model_dir, device, dtype)
+    tokenizer = Tokenizer(model_dir, eos_token_ids=eos_ids(config))
+    max_len = settings.max_model_len or min(model.args.max_position_embeddings, 8192)
+    block_bytes = KVCache.bytes_per_block(model.args, settings.block_size, dtype)
+    num_blocks = settings.kv_cache_memory_mb * 2**20 // block_bytes
+    if num_blocks * settings.block_size < max_len:
+        raise ValueError(
+            f"kv_cache_memory_mb={settings.kv_cache_memory_mb} holds {num_blocks * settings.block_size} "
+            f"tokens, fewer than max_model_len={max_len}; raise it or lower max_model_len"
+        )
+    model_id = settings.served_model_name or served_name(settings.model, model_dir)
+    log.info("serving %s on %s (%s): %d KV blocks of %d tokens", model_id, device, dtype,
+             num_blocks, settings.block_size)
+    return Engine(model, tokenizer, settings, metrics, model_id, max_len, num_blocks)
+
+
+def eos_ids(config: dict) -> set[int]:
+    eos = config.get("eos_token_id")
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {eos}

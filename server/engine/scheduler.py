@@ -1,0 +1,224 @@
+"""Iteration-level (continuous) batching under a per-step token budget, with chunked prefill.
+
+Each step: every running decode gets one token; then unfinished prompt chunks and newly admitted
+requests share what is left of the budget. When the KV cache runs out, the most recently admitted
+sequence is preempted (its blocks freed, recomputed later), as vLLM does.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from server.engine.batch import ForwardBatch, PrefillChunk
+from server.engine.kv_cache import BlockAllocator, OutOfBlocks
+from server.engine.sampling import SamplingParams, TokenLogprob
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    model: str
+    stream: Any  # engine-side handle that receives outputs
+    slot_id: int = -1  # adapter slot; -1 = base model
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    generator: torch.Generator | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
+    first_token_time: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens not yet in the cache (1 while decoding; more while prefilling)."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    """What one step computes: (sequence, number of tokens) in batch order (decodes first)."""
+
+    work: tuple[tuple[Sequence, int], ...]
+    batch: ForwardBatch
+    preempted: tuple[Sequence, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.batch.token_ids.shape[0])
+
+
+class Scheduler:
+    def __init__(
+        self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+        device: torch.device,
+    ) -> None:
+        self.allocator = allocator
+        self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
+        self.device = device
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is and free its blocks (finish, abort, error)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.status = Status.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep | None:
+        preempted: list[Sequence] = []
+        decodes = self._schedule_decodes(preempted)
+        budget = self.budget - len(decodes)
+        prefills = self._schedule_running_prefills(budget)
+        budget -= sum(n for _, n in prefills)
+        prefills += self._admit(budget)
+        work = tuple(decodes + prefills)
+        if not work:
+            return None
+        return ScheduledStep(work, self._build_batch(work), tuple(preempted))
+
+    def _schedule_decodes(self, preempted: list[Sequence]) -> list[tuple[Sequence, int]]:
+        out: list[tuple[Sequence, int]] = []
+        for seq in [s for s in self.running if s.remaining == 1 and s.num_computed > 0]:
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below while making room
+            while not self._try_grow(seq, seq.num_tokens):
+                victim = self._preempt_newest()
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                out.append((seq, 1))
+        return out
+
+    def _schedule_running_prefills(self, budget: int) -> list[tuple[Sequence, int]]:
+        out: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.remaining > 1 or seq.num_computed == 0:
+                n = self._fit_chunk(seq, budget)
+                if n:
+                    out.append((seq, n))
+                    budget -= n
+        return out
+
+    def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
+        out: list[tuple[Sequence, int]] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._fit_chunk(seq, budget)
+            if n == 0:
+                break  # FCFS: the head waits for blocks, nobody jumps it
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append((seq, n))
+            budget -= n
+        return out
+
+    def _fit_chunk(self, seq: Sequence, budget: int) -> int:
+        """Largest chunk of the sequence's pending tokens that fits the budget and free blocks."""
+        n = min(seq.remaining, budget)
+        free_tokens = (len(seq.block_table) + self.allocator.num_free) * self.allocator.block_size
+        n = min(n, free_tokens - seq.num_computed)
+        if n <= 0 or not self._try_grow(seq, seq.num_computed + n):
+            return 0
+        return n
+
+    def _try_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        try:
+            self.allocator.grow(seq.block_table, num_tokens)
+        except OutOfBlocks:
+            return False
+        return True
+
+    def _preempt_newest(self) -> Sequence:
+        victim = self.running.pop()
+        self.allocator.free(victim.block_table)
+        victim.num_computed = 0  # recompute prompt + output so far on readmission
+        victim.status = Status.WAITING
+        self.waiting.appendleft(victim)
+        return victim
+
+    def _build_batch(self, work: tuple[tuple[Sequence, int], ...]) -> ForwardBatch:
+        bs, tokens, positions, slots, slot_ids = self.allocator.block_size, [], [], [], []
+        decode_tables, decode_lens, prefills, logits_rows = [], [], [], []
+        for seq, n in work:
+            start, ids = len(tokens), seq.all_ids[seq.num_computed : seq.num_computed + n]
+            pos = range(seq.num_computed, seq.num_computed + n)
+            tokens += ids
+            positions += pos
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
+            slot_ids += [seq.slot_id] * n
+            logits_rows += self._logit_rows(seq, start, n)
+            table = torch.tensor(seq.block_table, dtype=torch.long)
+            if n == 1 and seq.num_computed > 0:
+                decode_tables.append(table)
+                decode_lens.append(seq.num_computed + 1)
+            else:
+                prefills.append(PrefillChunk(start, n, seq.num_computed + n, table.to(self.device)))
+        return ForwardBatch(
+            token_ids=self._tensor(tokens),
+            positions=self._tensor(positions),
+            slot_mapping=self._tensor(slots),
+            slot_ids=torch.tensor(slot_ids, dtype=torch.int32, device=self.device),
+            decode_block_tables=self._pad_tables(decode_tables),
+            decode_context_lens=self._tensor(decode_lens),
+            prefills=tuple(prefills),
+            logits_indices=self._tensor(logits_rows),
+        )
+
+    @staticmethod
+    def _logit_rows(seq: Sequence, start: int, n: int) -> list[int]:
+        """Rows needing logits: every row when prompt logprobs are due, else the last if it samples."""
+        completes = seq.num_computed + n == seq.num_tokens
+        if seq.wants_prompt_logprobs:
+            return list(range(start, start + n))
+        return [start + n - 1] if completes else []
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _pad_tables(self, tables: list[torch.Tensor]) -> torch.Tensor:
+        width = max((len(t) for t in tables), default=0)
+        out = torch.zeros((len(tables), width), dtype=torch.long)
+        for i, t in enumerate(tables):
+            out[i, : len(t)] = t
+        return out.to(self.device)

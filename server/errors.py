@@ -1,0 +1,171 @@
+"""OpenAI-style error JSON, the exceptions routers raise, and the app's exception handlers.
+
+Every error body is `{"error": {"message", "type", "param", "code"}}`. Messages say what to
+change; they never carry a traceback, a server path, or more than a short excerpt of input.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+MAX_ECHO_CHARS = 80  # longest excerpt of client input quoted back in a message
+INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+_OUTCOME_BY_STATUS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    413: "too_large",
+    503: "unavailable",
+}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape; raise it anywhere below a router."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or error_type(status)
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def error_type(status: int) -> str:
+    return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def truncate(value: Any, limit: int = MAX_ECHO_CHARS) -> str:
+    """A short repr of client input, safe to quote back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    body = error_body(error.message, error.type, error.param, error.code)
+    return JSONResponse(body, status_code=error.status, headers=error.headers or None)
+
+
+def record_rejection(request: Request, status: int) -> None:
+    """Count a refused inference request in adapterserve_requests{outcome=...}."""
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is None or request.url.path not in INFERENCE_PATHS:
+        return
+    # Only a resolved model name is used as a label: client-chosen names would grow the series.
+    model = getattr(request.state, "model", None) or ""
+    outcome = _OUTCOME_BY_STATUS.get(status, "error" if status >= 500 else "rejected")
+    metrics.on_request_rejected(model, outcome)
+
+
+def _param_from_loc(loc: Sequence[Any]) -> str | None:
+    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def _describe(error: Mapping[str, Any], param: str | None) -> str:
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if error.get("type") == "missing":
+        return f"'{param}' is required."
+    if error.get("type") == "json_invalid":
+        return "The request body is not valid JSON."
+    prefix = f"Invalid '{param}': " if param else "Invalid request body: "
+    value = error.get("input")
+    shown = "" if error.get("type") in ("model_type", "dict_type") else f" (got {truncate(value)})"
+    return f"{prefix}{message}{shown}."
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """The first pydantic error as a 400 that names the field and the allowed values."""
+    errors = exc.errors()
+    if not errors:
+        return invalid_request("The request is invalid.")
+    first = errors[0]
+    param = _param_from_loc(first.get("loc", ()))
+    message = _describe(first, param)
+    if len(errors) > 1:
+        message += f" ({len(errors) - 1} more error(s) in the request.)"
+    return invalid_request(message, param)
+
+
+async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    record_rejection(request, exc.status)
+    return error_response(exc)
+
+
+async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    error = validation_error(exc)
+    record_rejection(request, error.status)
+    return error_response(error)
+
+
+async def _http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        message = f"No route {request.method} {truncate(request.url.path)}; see GET /v1/models."
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {truncate(request.url.path)}."
+    else:
+        message = str(exc.detail)
+    error = APIError(exc.status_code, message, headers=exc.headers)
+    record_rejection(request, error.status)
+    return error_response(error)
+
+
+async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    record_rejection(request, 500)
+    body = error_body("The server had an error while processing the request.", "server_error")
+    return JSONResponse(body, status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error, including unknown routes and crashes, in OpenAI's shape."""
+    app.add_exception_handler(APIError, _api_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+    app.add_exception_handler(Exception, _unhandled_handler)

@@ -1,0 +1,75 @@
+"""Every Prometheus metric, defined once, on a registry owned by one app (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class Metrics:
+    """adapterserve_* metrics. The engine and the routers call the `on_*` / `set_*` methods."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "adapterserve_requests", "Finished requests", ["model", "outcome"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "adapterserve_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "adapterserve_generation_tokens", "Tokens generated", ["model"], registry=r
+        )
+        self.ttft = Histogram(
+            "adapterserve_time_to_first_token_seconds", "Arrival to first output token",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "adapterserve_time_per_output_token_seconds", "Mean time between output tokens per request",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "adapterserve_e2e_request_latency_seconds", "Arrival to finish",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.running = Gauge("adapterserve_requests_running", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge("adapterserve_requests_waiting", "Sequences waiting for admission", registry=r)
+        self.kv_blocks_used = Gauge("adapterserve_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_blocks_total = Gauge("adapterserve_kv_blocks_total", "KV cache blocks in all", registry=r)
+        self.step_tokens = Histogram(
+            "adapterserve_step_tokens", "Tokens processed per engine step",
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )
+        self.preemptions = Counter(
+            "adapterserve_preemptions", "Sequences preempted for lack of KV blocks", registry=r
+        )
+
+    def on_request_done(
+        self, model: str, outcome: str, prompt_tokens: int, output_tokens: int,
+        ttft: float | None, e2e: float,
+    ) -> None:
+        self.requests.labels(model, outcome).inc()
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.generation_tokens.labels(model).inc(output_tokens)
+        self.e2e.labels(model).observe(e2e)
+        if ttft is not None:
+            self.ttft.labels(model).observe(ttft)
+            if output_tokens > 1:
+                self.tpot.labels(model).observe((e2e - ttft) / (output_tokens - 1))
+
+    def on_request_rejected(self, model: str, outcome: str) -> None:
+        """A request refused before reaching the engine (validation error, queue full, ...)."""
+        self.requests.labels(model, outcome).inc()
+
+    def on_step(self, num_tokens: int, running: int, waiting: int, kv_used: int, kv_total: int) -> None:
+        self.step_tokens.observe(num_tokens)
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_blocks_used.set(kv_used)
+        self.kv_blocks_total.set(kv_total)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

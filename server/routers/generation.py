@@ -1,0 +1,362 @@
+"""What /v1/completions and /v1/chat/completions share: request checks, sampling parameters,
+submitting one engine request per choice, collecting or streaming their outputs, and
+aborting them all when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.config import Settings
+from server.engine.engine import (
+    Engine,
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestOutput,
+    RequestStream,
+)
+from server.engine.sampling import SamplingParams, TokenLogprob
+from server.errors import APIError, error_body, invalid_request
+from server.schemas import ErrorResponse, SamplingFields
+
+log = logging.getLogger(__name__)
+
+MIN_LOGPROB = -9999.0  # stands in for -inf: JSON has no infinities
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)
+}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------- checks and parameters
+
+
+def check_engine_accepting(request: Request, engine: Engine, settings: Settings) -> None:
+    """503 while the server drains (SIGTERM) or after a fatal engine fault."""
+    if not engine.healthy:
+        raise engine_unavailable()
+    if getattr(request.app.state, "draining", False) or not engine.ready:
+        raise APIError(
+            503, "The server is shutting down or not ready; retry on another replica.",
+            code="not_ready", headers={"Retry-After": str(settings.retry_after_s)},
+        )
+
+
+def check_sampling(body: SamplingFields, settings: Settings, vocab_size: int, max_tokens: int | None) -> None:
+    """Checks that need the model or settings; the schema did the rest."""
+    if body.n > settings.max_n:
+        raise invalid_request(f"'n' must be at most {settings.max_n} on this server, got {body.n}.", "n")
+    for key in body.logit_bias or {}:
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise invalid_request(
+                f"logit_bias keys must be token ids in [0, {vocab_size}), got {key[:20]!r}.", "logit_bias"
+            )
+    bad_stop_ids = [t for t in body.stop_token_ids or () if not 0 <= t < vocab_size]
+    if bad_stop_ids:
+        raise invalid_request(
+            f"stop_token_ids must be in [0, {vocab_size}), got {bad_stop_ids[0]}.", "stop_token_ids"
+        )
+    if max_tokens is not None and body.min_tokens > max_tokens:
+        raise invalid_request(
+            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).", "min_tokens"
+        )
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int, max_model_len: int, prompt_param: str) -> None:
+    if num_prompt_tokens > max_model_len:
+        raise invalid_request(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{num_prompt_tokens} tokens. Shorten the prompt.", prompt_param, "context_length_exceeded",
+        )
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise invalid_request(
+            f"This model's maximum context length is {max_model_len} tokens, but you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
+            f"for the completion). Reduce max_tokens or the prompt.", "max_tokens", "context_length_exceeded",
+        )
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice i of a seeded request uses seed + i, kept inside torch's seed range."""
+    return None if seed is None else (seed + index) % 2**64
+
+
+def sampling_params(
+    body: SamplingFields, max_tokens: int, seed: int | None,
+    logprobs: int | None = None, prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=max(body.top_k, 0),
+        seed=seed,
+        stop=tuple(body.stop_list),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=tuple((int(k), v) for k, v in (body.logit_bias or {}).items()),
+        include_stop_str_in_output=body.include_stop_str_in_output,
+    )
+
+
+# ---------------------------------------------------------------- engine requests
+
+
+@dataclass(frozen=True)
+class Job:
+    """One engine request: choice `index` of the response."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+def engine_unavailable() -> APIError:
+    return APIError(503, "The inference engine has failed and the server is restarting.", code="engine_unavailable")
+
+
+def engine_error(exc: EngineError, settings: Settings) -> APIError:
+    if isinstance(exc, QueueFullError):
+        return APIError(
+            503, f"The server is overloaded: its request queue is full. Retry after {settings.retry_after_s} s.",
+            code="queue_full", headers={"Retry-After": str(settings.retry_after_s)},
+        )
+    if isinstance(exc, InvalidRequestError):
+        return invalid_request(str(exc), getattr(exc, "param", None))
+    if isinstance(exc, EngineDeadError):
+        return engine_unavailable()
+    log.error("engine error: %r", exc)
+    return APIError(500, "The engine failed to process the request.", "server_error")
+
+
+def submit(engine: Engine, jobs: list[Job], model: str, request_id: str, settings: Settings) -> list[RequestStream]:
+    """Add every job to the engine, or none: a refusal aborts the ones already added."""
+    streams: list[RequestStream] = []
+    try:
+        for job in jobs:
+            stream = engine.add_request(job.prompt_ids, job.params, model=model, request_id=f"{request_id}-{job.index}")
+            streams.append(stream)
+    except EngineError as exc:
+        abort_all(streams)
+        raise engine_error(exc, settings) from None
+    except BaseException:
+        abort_all(streams)
+        raise
+    return streams
+
+
+def abort_all(streams: Iterable[RequestStream]) -> None:
+    for stream in streams:
+        stream.abort()
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of all streams as (stream position, output), in arrival order; leaving early
+    (error, cancellation, client gone) aborts every stream."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(position: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((position, output))
+        except Exception as exc:
+            queue.put_nowait((position, exc))
+        finally:
+            queue.put_nowait((position, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            position, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield position, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        abort_all(streams)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class ChoiceResult:
+    """Everything one engine request produced, accumulated from its delta outputs."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        self.text += output.text
+        self.token_ids += output.token_ids
+        self.logprobs += output.logprobs
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
+        self.num_prompt_tokens = output.num_prompt_tokens
+        self.num_output_tokens = output.num_output_tokens
+        if output.finished:
+            self.finish_reason = output.finish_reason
+            self.error = output.error
+
+
+def failed_output_error(output: RequestOutput | ChoiceResult, engine: Engine) -> APIError | None:
+    """The error to answer for a request the engine finished with an error or an abort."""
+    if output.finish_reason == "error":
+        if not engine.healthy:
+            return engine_unavailable()
+        detail = f": {output.error[:200]}" if output.error else "."
+        return APIError(500, f"The engine failed while generating{detail}", "server_error")
+    if output.finish_reason == "abort":
+        return APIError(503, "The request was aborted by the server (shutting down).", code="aborted")
+    return None
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the response was ready."""
+
+
+async def collect(request: Request, streams: list[RequestStream], results: list[ChoiceResult]) -> None:
+    """Feed every output into `results`; abort all streams if the client disconnects first."""
+
+    async def consume() -> None:
+        async with aclosing(merge_streams(streams)) as merged:
+            async for position, output in merged:
+                results[position].add(output)
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():
+            consumer.cancel()
+            abort_all(streams)
+    if consumer.cancelled():
+        raise ClientDisconnected
+    consumer.result()
+
+
+def finite_logprob(value: float) -> float:
+    return value if math.isfinite(value) else MIN_LOGPROB
+
+
+def usage_dict(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+    }
+
+
+# ---------------------------------------------------------------- server-sent events
+
+
+def sse(data: Any) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, allow_nan=False)
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(error: APIError) -> str:
+    return sse(error_body(error.message, error.type, error.param, error.code))
+
+
+async def event_stream(
+    streams: list[RequestStream],
+    engine: Engine,
+    settings: Settings,
+    render: Callable[[int, RequestOutput], Iterable[str]],
+    prologue: Iterable[str] = (),
+    epilogue: Callable[[], Iterable[str]] = tuple,
+) -> AsyncIterator[str]:
+    """SSE events for the merged streams; an engine failure becomes one error event. Always
+    ends with [DONE] unless the client is gone; leaving early aborts every stream."""
+    try:
+        for event in prologue:
+            yield event
+        async with aclosing(merge_streams(streams)) as merged:
+            async for position, output in merged:
+                failure = failed_output_error(output, engine) if output.finished else None
+                if failure is not None:
+                    yield sse_error(failure)
+                    break
+                for event in render(position, output):
+                    yield event
+            else:
+                for event in epilogue():
+                    yield event
+    except EngineError as exc:
+        yield sse_error(engine_error(exc, settings))
+    except Exception:
+        log.exception("error while streaming a response")
+        yield sse_error(APIError(500, "The server had an error while streaming the response.", "server_error"))
+    finally:
+        abort_all(streams)
+    yield SSE_DONE
+
+
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that notices a client disconnect even while no token is due, and always
+    closes its generator, whose `finally` aborts the engine requests."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sender = asyncio.ensure_future(self.stream_response(send))
+        listener = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sender, listener):
+                task.cancel()
+            await asyncio.gather(sender, listener, return_exceptions=True)
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if not sender.cancelled() and isinstance(sender.exception(), Exception):
+            log.info("stream ended early: %r", sender.exception())
