@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     kv_cache_memory_mb: int = Field(1024, ge=1, description="memory for the paged KV cache")
+    num_kv_blocks: int | None = Field(None, ge=1, description="override the block count derived from memory")
     max_queue_len: int = Field(256, ge=0, description="waiting requests before 503")
 
     # HTTP

@@ -231,6 +231,8 @@ class Engine:
         if scheduled is None:
             self._wake.wait(0.01)  # blocked on KV blocks: nothing runnable this instant
             return
+        if scheduled.preempted:
+            self.metrics.preemptions.inc(len(scheduled.preempted))
         logits = self.model(scheduled.batch, self.cache)
         self._process(scheduled, logits)
         self._publish_stats(scheduled.num_tokens)
@@ -388,10 +390,10 @@ def build_engine(settings: Settings, metrics: Metrics) -> Engine:
     tokenizer = Tokenizer(model_dir, eos_token_ids=eos_ids(config))
     max_len = settings.max_model_len or min(model.args.max_position_embeddings, 8192)
     block_bytes = KVCache.bytes_per_block(model.args, settings.block_size, dtype)
-    num_blocks = settings.kv_cache_memory_mb * 2**20 // block_bytes
+    num_blocks = settings.num_kv_blocks or settings.kv_cache_memory_mb * 2**20 // block_bytes
     if num_blocks * settings.block_size < max_len:
         raise ValueError(
-            f"kv_cache_memory_mb={settings.kv_cache_memory_mb} holds {num_blocks * settings.block_size} "
+            f"the KV cache ({num_blocks} blocks) holds {num_blocks * settings.block_size} "
             f"tokens, fewer than max_model_len={max_len}; raise it or lower max_model_len"
         )
     model_id = settings.served_model_name or served_name(settings.model, model_dir)

@@ -1,0 +1,80 @@
+"""Our Llama vs transformers' own model: logits on random prompts, through prefill, chunked prefill
+and decode over the paged cache. fp32 on both sides: differences are summation order only (~1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.engine.kv_cache import BlockAllocator
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Scheduler, Sequence
+from server.model.llama import KVCache, ModelArgs, rope_inv_freq
+from server.model.weights import load_model
+from tests.helpers import make_tiny_llama
+
+CONFIGS = {
+    "gqa-untied": {},
+    "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "odd-sizes": dict(hidden_size=72, num_attention_heads=3, num_key_value_heads=1, intermediate_size=100,
+                      num_hidden_layers=3),
+    "llama3-rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                        rope_theta=500000.0),
+    "qwen2-bias": dict(model_type="qwen2"),
+}
+
+
+def all_logits(model, prompt: list[int], chunk: int, block_size: int = 4) -> torch.Tensor:
+    """Logits at every prompt position computed through the scheduler in chunks of `chunk` tokens."""
+    cache = KVCache(model.args, 64, block_size, torch.float32, "cpu")
+    scheduler = Scheduler(BlockAllocator(64, block_size), 4, chunk, torch.device("cpu"))
+    seq = Sequence("r", prompt, SamplingParams(prompt_logprobs=0), "m", stream=None)
+    scheduler.add(seq)
+    rows = []
+    while seq.num_computed < len(prompt):
+        step = scheduler.schedule()
+        rows.append(model(step.batch, cache))
+        seq.num_computed += step.work[0][1]
+    return torch.cat(rows)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model_pair(request, tmp_path_factory):
+    path = make_tiny_llama(tmp_path_factory.mktemp(request.param), **dict(CONFIGS[request.param]))
+    ours = load_model(path, torch.device("cpu"), torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return ours, theirs
+
+
+@pytest.mark.parametrize("chunk", [64, 5, 1])
+def test_logits_match_transformers(model_pair, chunk):
+    ours, theirs = model_pair
+    prompt = torch.randint(0, ours.args.vocab_size, (23,), generator=torch.Generator().manual_seed(chunk))
+    got = all_logits(ours, prompt.tolist(), chunk)
+    with torch.no_grad():
+        want = theirs(prompt[None]).logits[0]
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_llama3_rope_frequencies_match_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = CONFIGS["llama3-rope"]["rope_scaling"]
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500000.0, rope_scaling=scaling)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    args = ModelArgs.from_hf_config(cfg.to_dict())
+    torch.testing.assert_close(rope_inv_freq(args).float(), want.float())
+
+
+def test_default_model_logits_match(default_model_dir):
+    ours = load_model(default_model_dir, torch.device("cpu"), torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32).eval()
+    prompt = torch.randint(0, ours.args.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    got = all_logits(ours, prompt.tolist(), chunk=16, block_size=16)
+    with torch.no_grad():
+        want = theirs(prompt[None]).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
