@@ -115,8 +115,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # fp32 statistics, as HF does
         return self.weight * h.to(x.dtype)
 
 
@@ -138,25 +137,28 @@ class Attention(nn.Module):
         if self.args.attention_bias:
             self.bqkv = fuse_weights([lin.bias for lin in linears])
 
-    def qkv(self, x: torch.Tensor, batch: ForwardBatch, hooks: AdapterHooks | None):
+    def qkv(self, x: torch.Tensor, batch: ForwardBatch, hooks: AdapterHooks | None) -> torch.Tensor:
+        """(T, H + 2*kvh, d): query heads, then key heads, then value heads."""
+        a = self.args
         if hooks is None and self.wqkv is not None:
-            sizes = [self.args.n_heads * self.args.head_dim, self.args.kv_dim, self.args.kv_dim]
-            return F.linear(x, self.wqkv, self.bqkv).split(sizes, dim=-1)
-        projections = (("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj))
-        return [project(self.layer, t, lin, x, batch, hooks) for t, lin in projections]
+            out = F.linear(x, self.wqkv, self.bqkv)
+        else:
+            projections = (("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj))
+            out = torch.cat([project(self.layer, t, lin, x, batch, hooks) for t, lin in projections], dim=-1)
+        return out.view(x.shape[0], a.n_heads + 2 * a.n_kv_heads, a.head_dim)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
         batch: ForwardBatch, hooks: AdapterHooks | None,
     ) -> torch.Tensor:
         a, T = self.args, x.shape[0]
-        q, k, v = self.qkv(x, batch, hooks)
-        q = apply_rope(q.view(T, a.n_heads, a.head_dim), *rope)  # (T, H, d)
-        k = apply_rope(k.view(T, a.n_kv_heads, a.head_dim), *rope)  # (T, kvh, d)
-        v = v.view(T, a.n_kv_heads, a.head_dim)
+        qkv = self.qkv(x, batch, hooks)  # (T, H + 2*kvh, d)
+        qk = apply_rope(qkv[:, : a.n_heads + a.n_kv_heads], *rope)  # one rotation for q and k
+        q, k = qk[:, : a.n_heads], qk[:, a.n_heads :]  # (T, H, d), (T, kvh, d)
+        v = qkv[:, a.n_heads + a.n_kv_heads :]  # (T, kvh, d)
         k_cache, v_cache = cache.layer(self.layer)
         cache.write(self.layer, batch.slot_mapping, k, v)
-        out = torch.empty_like(q)  # (T, H, d)
+        out = q.new_empty(q.shape)  # (T, H, d), contiguous (q is a strided view)
         scale = 1.0 / math.sqrt(a.head_dim)
         D = batch.num_decode
         if D:

@@ -1,0 +1,180 @@
+"""Output tok/s: our engine vs transformers' generate, and our server's aggregate over HTTP.
+
+All runs on the same model, greedy, `ignore_eos` / `min_new_tokens` so every request produces
+exactly --output-len tokens from a --prompt-len-token prompt. Prints a table, writes JSON.
+
+    .venv/bin/python benchmarks/bench_engine.py [--model DIR|GGUF] [--output-len 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.config import Settings  # noqa: E402
+from server.engine.engine import build_engine  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.metrics import Metrics  # noqa: E402
+from server.model.weights import resolve_model_dir  # noqa: E402
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (n, length), generator=g).tolist()
+
+
+def bench_transformers(model_dir: Path, prompts: list[list[int]], out_len: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+    kwargs = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
+                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+    hf.generate(ids[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, **kwargs)
+    elapsed = time.perf_counter() - start
+    return (out.shape[1] - ids.shape[1]) * ids.shape[0] / elapsed
+
+
+async def bench_engine_inproc(settings: Settings, prompts: list[list[int]], out_len: int) -> float:
+    engine = build_engine(settings, Metrics())
+    await engine.start()
+    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+
+    async def one(p):
+        return sum([len(o.token_ids) async for o in engine.add_request(p, params)])
+
+    try:
+        await one(prompts[0][:8])  # warm-up
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*[one(p) for p in prompts]))
+        return tokens / (time.perf_counter() - start)
+    finally:
+        await engine.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | None, port: int, max_num_seqs: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-num-seqs", str(max_num_seqs)]
+    if model:
+        cmd += ["--model", model]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "ADAPTERSERVE_LOG_LEVEL": "warning"})
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError("server exited during start-up")
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+async def http_stream(client: httpx.AsyncClient, model_id: str, prompt: list[int], out_len: int) -> int:
+    body = {"model": model_id, "prompt": prompt, "max_tokens": out_len, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage")
+                tokens = usage["completion_tokens"] if usage else tokens
+    return tokens
+
+
+async def bench_http(port: int, concurrency: int, prompts: list[list[int]], out_len: int) -> float:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+        model_id = (await client.get("/v1/models")).json()["data"][0]["id"]
+        await http_stream(client, model_id, prompts[0][:8], 4)  # warm-up
+        queue = list(prompts)
+
+        async def worker() -> int:
+            done = 0
+            while queue:
+                done += await http_stream(client, model_id, queue.pop(), out_len)
+            return done
+
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*[worker() for _ in range(concurrency)]))
+        return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF dir or .gguf; default: embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "engine.json")
+    args = ap.parse_args()
+
+    settings = Settings(model=args.model, max_num_seqs=max(args.concurrency), log_level="warning")
+    model_dir = resolve_model_dir(args.model, settings.cache_dir)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    rows: list[tuple[str, float]] = []
+
+    one, sixteen = make_prompts(1, args.prompt_len, vocab), make_prompts(16, args.prompt_len, vocab, 1)
+    rows.append(("transformers generate, 1 stream", bench_transformers(model_dir, one, args.output_len)))
+    rows.append(("transformers generate, static batch 16", bench_transformers(model_dir, sixteen, args.output_len)))
+    rows.append(("adapterserve engine (in-process), 1 stream", asyncio.run(bench_engine_inproc(settings, one, args.output_len))))
+
+    port = free_port()
+    server = start_server(args.model, port, max(args.concurrency))
+    try:
+        for c in args.concurrency:
+            prompts = make_prompts(max(c, 2 * c), args.prompt_len, vocab, seed=c)
+            rows.append((f"adapterserve HTTP, {c} concurrent streams", asyncio.run(bench_http(port, c, prompts, args.output_len))))
+    finally:
+        server.terminate()
+        server.wait(60)
+
+    report(rows, args)
+
+
+def report(rows: list[tuple[str, float]], args: argparse.Namespace) -> None:
+    table = dict(rows)
+    hf1 = table["transformers generate, 1 stream"]
+    hf16 = table["transformers generate, static batch 16"]
+    print(f"\n{'run':<48} {'output tok/s':>12}")
+    for name, value in rows:
+        print(f"{name:<48} {value:>12.1f}")
+    ratios = {
+        "engine_1_stream_vs_hf_1_stream": table["adapterserve engine (in-process), 1 stream"] / hf1,
+        "http_1_stream_vs_hf_1_stream": table.get("adapterserve HTTP, 1 concurrent streams", 0) / hf1,
+        "http_16_streams_vs_hf_static_16": table.get("adapterserve HTTP, 16 concurrent streams", 0) / hf16,
+    }
+    for name, value in ratios.items():
+        print(f"{name:<48} {value:>12.2f}x")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"prompt_len": args.prompt_len, "output_len": args.output_len, "torch_threads": torch.get_num_threads(),
+            "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()}
+    args.json.write_text(json.dumps({"meta": meta, "tok_per_s": table, "ratios": ratios}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
