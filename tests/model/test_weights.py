@@ -1,0 +1,90 @@
+"""Model location and loading: the embedded GGUF, the conversion cache, refusals with reasons."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from server.model import weights
+from server.model.weights import ModelLoadError, load_model, resolve_model_dir
+from tests.helpers import make_tiny_llama
+
+
+def test_default_model_is_found_through_package_metadata():
+    path = weights.default_model_path()
+    assert path.suffix == ".gguf" and path.is_file()
+
+
+def test_gguf_conversion_is_cached(default_model_dir, tmp_path, monkeypatch):
+    # The session fixture already converted the file; a second resolve must not convert again.
+    def no_conversion(*_):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(weights, "_write_hf_dir", no_conversion)
+    from server.config import Settings
+
+    assert resolve_model_dir(None, Settings().cache_dir) == default_model_dir
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (default_model_dir / name).is_file()
+
+
+def test_conversion_failure_leaves_no_partial_cache(tmp_path, monkeypatch):
+    def broken(gguf, out):
+        (out / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(weights, "_write_hf_dir", broken)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(OSError):
+        weights.convert_gguf(gguf, tmp_path / "cache")
+    assert not any((tmp_path / "cache" / "gguf").iterdir())
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return make_tiny_llama(tmp_path / "m")
+
+
+def test_pickle_only_checkpoint_is_refused(model_dir):
+    (model_dir / "model.safetensors").rename(model_dir / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_model(model_dir, torch.device("cpu"), torch.float32)
+
+
+def test_unsupported_architecture_is_refused(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="gpt2"):
+        load_model(model_dir, torch.device("cpu"), torch.float32)
+
+
+def test_shape_mismatch_names_the_tensor(model_dir):
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"layers\.0\.mlp\.up_proj.*\(3, 3\)"):
+        load_model(model_dir, torch.device("cpu"), torch.float32)
+
+
+def test_missing_tensor_is_reported(model_dir):
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="norm.weight"):
+        load_model(model_dir, torch.device("cpu"), torch.float32)
+
+
+def test_hub_cache_layout_resolves_to_snapshot(model_dir, tmp_path):
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(model_dir, snapshot)
+    assert resolve_model_dir(str(tmp_path / "models--org--tiny"), tmp_path) == snapshot
+
+
+def test_not_a_model_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        resolve_model_dir(str(tmp_path), tmp_path)
