@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 
 from server.config import Settings
-from server.errors import APIError
+from server.errors import APIError, truncate
 from server.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -41,7 +41,10 @@ def _matches(token: str, key: str | None) -> bool:
 
 def _unauthorized(message: str) -> APIError:
     return APIError(
-        401, message, "authentication_error", code="invalid_api_key",
+        401,
+        message,
+        "authentication_error",
+        code="invalid_api_key",
         headers={"WWW-Authenticate": "Bearer"},
     )
 
@@ -88,6 +91,8 @@ def resolve_model(request: Request, name: str | None) -> Any:
         return None
     raise APIError(
         404,
-        f"The model {name[:200]!r} does not exist; GET /v1/models lists the served models.",
-        "invalid_request_error", param="model", code="model_not_found",
+        f"The model {truncate(name)} does not exist; GET /v1/models lists the served models.",
+        "invalid_request_error",
+        param="model",
+        code="model_not_found",
     )

@@ -32,6 +32,7 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_error",
     503: "service_unavailable_error",
 }
+_NOT_AN_OBJECT = frozenset({"model_type", "model_attributes_type", "dict_type"})
 _OUTCOME_BY_STATUS = {
     400: "invalid_request",
     401: "unauthorized",
@@ -86,12 +87,19 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 def record_rejection(request: Request, status: int) -> None:
-    """Count a refused inference request in adapterserve_requests{outcome=...}."""
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is None or request.url.path not in INFERENCE_PATHS:
-        return
+    if getattr(request.state, "submitted", False):
+        return  # the engine records the outcome of every request it accepted
     # Only a resolved model name is used as a label: client-chosen names would grow the series.
-    model = getattr(request.state, "model", None) or ""
+    count_rejection(
+        request.app, request.url.path, getattr(request.state, "model", None) or "", status
+    )
+
+
+def count_rejection(app: Any, path: str, model: str, status: int) -> None:
+    """Count a refused inference request in adapterserve_requests{outcome=...}."""
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    if metrics is None or path not in INFERENCE_PATHS:
+        return
     outcome = _OUTCOME_BY_STATUS.get(status, "error" if status >= 500 else "rejected")
     metrics.on_request_rejected(model, outcome)
 
@@ -108,12 +116,14 @@ def _param_from_loc(loc: Sequence[Any]) -> str | None:
 def _describe(error: Mapping[str, Any], param: str | None) -> str:
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     if error.get("type") == "missing":
-        return f"'{param}' is required."
+        return f"'{param}' is required." if param else "A JSON request body is required."
     if error.get("type") == "json_invalid":
         return "The request body is not valid JSON."
+    if param is None and error.get("type") in _NOT_AN_OBJECT:
+        return "The request body must be a JSON object sent with Content-Type: application/json."
     prefix = f"Invalid '{param}': " if param else "Invalid request body: "
     value = error.get("input")
-    shown = "" if error.get("type") in ("model_type", "dict_type") else f" (got {truncate(value)})"
+    shown = "" if error.get("type") in _NOT_AN_OBJECT else f" (got {truncate(value)})"
     return f"{prefix}{message}{shown}."
 
 

@@ -61,7 +61,9 @@ class SamplingFields(RequestModel):
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise ValueError("stop must be a string or a list of strings")
         if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
+            raise ValueError(
+                f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}"
+            )
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return value
@@ -153,7 +155,9 @@ class ChatMessage(RequestModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0, description="deprecated alias of max_completion_tokens")
+    max_tokens: int | None = Field(
+        None, ge=0, description="deprecated alias of max_completion_tokens"
+    )
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -167,7 +171,9 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("chat_template", "chat_template_kwargs", mode="before")
     @classmethod
     def _refuse_template(cls, value: Any) -> Any:
-        raise ValueError("templates from the request are not executed; the model's own chat template is used, remove this field")
+        raise ValueError(
+            "templates from the request are not executed; the model's own chat template is used, remove this field"
+        )
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -185,7 +191,11 @@ class ChatCompletionRequest(SamplingFields):
 
     @property
     def max_new_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
 
 
 # ---------------------------------------------------------------- responses

@@ -3,6 +3,7 @@ lm-evaluation-harness style log-likelihood requests (echo, logprobs, max_tokens 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from server.config import Settings
 from server.deps import get_engine, get_settings, resolve_model
 from server.engine.engine import Engine, EngineError, RequestOutput
 from server.engine.sampling import TokenLogprob
-from server.errors import APIError, invalid_request
+from server.errors import invalid_request
 from server.routers.generation import (
     ERROR_RESPONSES,
     ChoiceResult,
@@ -61,10 +62,12 @@ async def create_completion(
     check_engine_accepting(request, engine, settings)
     jobs = _jobs(body, prompts)
     response_id = new_id("cmpl")
-    streams = submit(engine, jobs, request.state.model, response_id, settings)
+    streams = submit(request, engine, jobs, response_id, settings)
     view = _CompletionView(body, engine, prompts, response_id, request.state.model)
     if body.stream:
-        return EventStreamResponse(event_stream(streams, engine, settings, view.render, epilogue=view.usage_events))
+        return EventStreamResponse(
+            event_stream(streams, engine, settings, view.render, epilogue=view.usage_events)
+        )
     results = [ChoiceResult(job.index) for job in jobs]
     try:
         await collect(request, streams, results)
@@ -77,9 +80,9 @@ async def create_completion(
 
 def _check_request(body: CompletionRequest, settings: Settings, engine: Engine) -> None:
     if body.best_of is not None and body.best_of != body.n:
-        raise invalid_request(f"best_of must equal n ({body.n}) or be omitted, got {body.best_of}.", "best_of")
-    if body.echo and body.stream and body.n > 1:
-        pass  # allowed: each choice echoes its prompt in its first chunk
+        raise invalid_request(
+            f"best_of must equal n ({body.n}) or be omitted, got {body.best_of}.", "best_of"
+        )
     check_sampling(body, settings, engine.tokenizer.vocab_size, body.max_tokens)
 
 
@@ -99,9 +102,14 @@ def _prompts(body: CompletionRequest, engine: Engine, settings: Settings) -> lis
         id_lists = [raw] if isinstance(raw[0], int) else raw
         prompts = [Prompt(_checked_ids(ids, engine), "") for ids in id_lists]
     if any(not p.token_ids for p in prompts):
-        raise invalid_request("The prompt is empty after tokenization; send at least one token.", "prompt")
+        raise invalid_request(
+            "The prompt is empty after tokenization; send at least one token.", "prompt"
+        )
     if body.echo:
-        prompts = [p if p.text else Prompt(p.token_ids, engine.tokenizer.decode(p.token_ids)) for p in prompts]
+        prompts = [
+            p if p.text else Prompt(p.token_ids, engine.tokenizer.decode(p.token_ids))
+            for p in prompts
+        ]
     return prompts
 
 
@@ -110,11 +118,14 @@ def _checked_ids(ids: list[int], engine: Engine) -> list[int]:
     if len(ids) > engine.max_model_len:
         raise invalid_request(
             f"The prompt has {len(ids)} tokens; this model's maximum context length is {engine.max_model_len}.",
-            "prompt", "context_length_exceeded",
+            "prompt",
+            "context_length_exceeded",
         )
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise invalid_request(f"Prompt token ids must be in [0, {vocab_size}), got {bad}.", "prompt")
+        raise invalid_request(
+            f"Prompt token ids must be in [0, {vocab_size}), got {bad}.", "prompt"
+        )
     return list(ids)
 
 
@@ -124,7 +135,9 @@ def _jobs(body: CompletionRequest, prompts: list[Prompt]) -> list[Job]:
         Job(
             index=p * body.n + i,
             prompt_ids=prompt.token_ids,
-            params=sampling_params(body, body.max_tokens, choice_seed(body.seed, i), body.logprobs, prompt_logprobs),
+            params=sampling_params(
+                body, body.max_tokens, choice_seed(body.seed, i), body.logprobs, prompt_logprobs
+            ),
         )
         for p, prompt in enumerate(prompts)
         for i in range(body.n)
@@ -134,12 +147,20 @@ def _jobs(body: CompletionRequest, prompts: list[Prompt]) -> list[Job]:
 class _CompletionView:
     """Turns engine outputs into OpenAI completion objects, whole or as stream chunks."""
 
-    def __init__(self, body: CompletionRequest, engine: Engine, prompts: list[Prompt], response_id: str, model: str):
+    def __init__(
+        self,
+        body: CompletionRequest,
+        engine: Engine,
+        prompts: list[Prompt],
+        response_id: str,
+        model: str,
+    ):
         self.body = body
         self.engine = engine
         self.prompts = prompts
         self.id = response_id
         self.model = model
+        self.created = int(time.time())
         self.streamed: dict[int, ChoiceResult] = {}  # choice index -> what was streamed so far
 
     def prompt_of(self, index: int) -> Prompt:
@@ -162,7 +183,12 @@ class _CompletionView:
         logprobs = None
         if self.body.logprobs is not None:
             logprobs = self.logprobs(result, result.prompt_logprobs, result.logprobs, len(echo))
-        return {"index": result.index, "text": echo + result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
+        return {
+            "index": result.index,
+            "text": echo + result.text,
+            "logprobs": logprobs,
+            "finish_reason": result.finish_reason,
+        }
 
     def usage(self, results: Iterable[ChoiceResult]) -> dict:
         results = list(results)
@@ -170,17 +196,27 @@ class _CompletionView:
         return usage_dict(prompt_tokens, sum(r.num_output_tokens for r in results))
 
     def logprobs(
-        self, result: ChoiceResult, prompt_entries: list[TokenLogprob | None] | None,
-        entries: list[TokenLogprob], offset: int,
+        self,
+        result: ChoiceResult,
+        prompt_entries: list[TokenLogprob | None] | None,
+        entries: list[TokenLogprob],
+        offset: int,
     ) -> dict:
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        out: dict[str, list] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
         if self.body.echo and prompt_entries is not None:
             prompt_ids = self.prompt_of(result.index).token_ids
             self._append_logprobs(out, zip(prompt_ids, prompt_entries, strict=False), 0)
         self._append_logprobs(out, ((e.token_id, e) for e in entries), offset)
         return out
 
-    def _append_logprobs(self, out: dict, entries: Iterable[tuple[int, TokenLogprob | None]], offset: int) -> None:
+    def _append_logprobs(
+        self, out: dict, entries: Iterable[tuple[int, TokenLogprob | None]], offset: int
+    ) -> None:
         for token_id, entry in entries:
             text = self.engine.token_text(token_id)
             out["tokens"].append(text)
@@ -202,16 +238,23 @@ class _CompletionView:
         first = state is None
         if first:
             state = self.streamed[index] = ChoiceResult(index)
-        echo = self.prompt_of(index).text if self.body.echo and first else ""
+        echo_len = len(self.prompt_of(index).text) if self.body.echo else 0
+        echo = self.prompt_of(index).text if first and self.body.echo else ""
         logprobs = None
         if self.body.logprobs is not None:
             prompt_entries = output.prompt_logprobs if first else None
-            offset = len(echo) + len(state.text) + (len(self.prompt_of(index).text) if self.body.echo and not first else 0)
-            logprobs = self.logprobs(state, prompt_entries, output.logprobs, offset)
+            logprobs = self.logprobs(
+                state, prompt_entries, output.logprobs, echo_len + len(state.text)
+            )
         state.add(output)
-        if not (echo or output.text or output.finished or output.token_ids):
-            return []
-        choice = {"index": index, "text": echo + output.text, "logprobs": logprobs, "finish_reason": output.finish_reason if output.finished else None}
+        if not (echo or output.text or output.finished or (logprobs and output.token_ids)):
+            return []  # text held back (partial character or possible stop string)
+        choice = {
+            "index": index,
+            "text": echo + output.text,
+            "logprobs": logprobs,
+            "finish_reason": output.finish_reason if output.finished else None,
+        }
         return [sse(self._chunk([choice], None))]
 
     def usage_events(self) -> list[str]:
@@ -220,13 +263,11 @@ class _CompletionView:
         return [sse(self._chunk([], self.usage(self.streamed.values())))]
 
     def _chunk(self, choices: list[dict], usage: dict | None) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": _created(), "model": self.model, "choices": choices, "usage": usage}
-
-
-def _created() -> int:
-    import time
-
-    return int(time.time())
-
-
-__all__ = ["router", "APIError"]
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+        }

@@ -54,19 +54,26 @@ def check_engine_accepting(request: Request, engine: Engine, settings: Settings)
         raise engine_unavailable()
     if getattr(request.app.state, "draining", False) or not engine.ready:
         raise APIError(
-            503, "The server is shutting down or not ready; retry on another replica.",
-            code="not_ready", headers={"Retry-After": str(settings.retry_after_s)},
+            503,
+            "The server is shutting down or not ready; retry on another replica.",
+            code="not_ready",
+            headers={"Retry-After": str(settings.retry_after_s)},
         )
 
 
-def check_sampling(body: SamplingFields, settings: Settings, vocab_size: int, max_tokens: int | None) -> None:
+def check_sampling(
+    body: SamplingFields, settings: Settings, vocab_size: int, max_tokens: int | None
+) -> None:
     """Checks that need the model or settings; the schema did the rest."""
     if body.n > settings.max_n:
-        raise invalid_request(f"'n' must be at most {settings.max_n} on this server, got {body.n}.", "n")
+        raise invalid_request(
+            f"'n' must be at most {settings.max_n} on this server, got {body.n}.", "n"
+        )
     for key in body.logit_bias or {}:
         if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
             raise invalid_request(
-                f"logit_bias keys must be token ids in [0, {vocab_size}), got {key[:20]!r}.", "logit_bias"
+                f"logit_bias keys must be token ids in [0, {vocab_size}), got {key[:20]!r}.",
+                "logit_bias",
             )
     bad_stop_ids = [t for t in body.stop_token_ids or () if not 0 <= t < vocab_size]
     if bad_stop_ids:
@@ -75,21 +82,32 @@ def check_sampling(body: SamplingFields, settings: Settings, vocab_size: int, ma
         )
     if max_tokens is not None and body.min_tokens > max_tokens:
         raise invalid_request(
-            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).", "min_tokens"
+            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).",
+            "min_tokens",
         )
 
 
-def check_context(num_prompt_tokens: int, max_tokens: int, max_model_len: int, prompt_param: str) -> None:
+def check_context(
+    num_prompt_tokens: int,
+    max_tokens: int,
+    max_model_len: int,
+    prompt_param: str,
+    max_tokens_param: str = "max_tokens",
+) -> None:
     if num_prompt_tokens > max_model_len:
         raise invalid_request(
             f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
-            f"{num_prompt_tokens} tokens. Shorten the prompt.", prompt_param, "context_length_exceeded",
+            f"{num_prompt_tokens} tokens. Shorten the prompt.",
+            prompt_param,
+            "context_length_exceeded",
         )
     if num_prompt_tokens + max_tokens > max_model_len:
         raise invalid_request(
             f"This model's maximum context length is {max_model_len} tokens, but you requested "
             f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
-            f"for the completion). Reduce max_tokens or the prompt.", "max_tokens", "context_length_exceeded",
+            f"for the completion). Reduce {max_tokens_param} or the prompt.",
+            max_tokens_param,
+            "context_length_exceeded",
         )
 
 
@@ -99,8 +117,11 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 
 
 def sampling_params(
-    body: SamplingFields, max_tokens: int, seed: int | None,
-    logprobs: int | None = None, prompt_logprobs: int | None = None,
+    body: SamplingFields,
+    max_tokens: int,
+    seed: int | None,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
@@ -134,14 +155,20 @@ class Job:
 
 
 def engine_unavailable() -> APIError:
-    return APIError(503, "The inference engine has failed and the server is restarting.", code="engine_unavailable")
+    return APIError(
+        503,
+        "The inference engine has failed and the server is restarting.",
+        code="engine_unavailable",
+    )
 
 
 def engine_error(exc: EngineError, settings: Settings) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(
-            503, f"The server is overloaded: its request queue is full. Retry after {settings.retry_after_s} s.",
-            code="queue_full", headers={"Retry-After": str(settings.retry_after_s)},
+            503,
+            f"The server is overloaded: its request queue is full. Retry after {settings.retry_after_s} s.",
+            code="queue_full",
+            headers={"Retry-After": str(settings.retry_after_s)},
         )
     if isinstance(exc, InvalidRequestError):
         return invalid_request(str(exc), getattr(exc, "param", None))
@@ -151,12 +178,19 @@ def engine_error(exc: EngineError, settings: Settings) -> APIError:
     return APIError(500, "The engine failed to process the request.", "server_error")
 
 
-def submit(engine: Engine, jobs: list[Job], model: str, request_id: str, settings: Settings) -> list[RequestStream]:
+def submit(
+    request: Request, engine: Engine, jobs: list[Job], request_id: str, settings: Settings
+) -> list[RequestStream]:
     """Add every job to the engine, or none: a refusal aborts the ones already added."""
     streams: list[RequestStream] = []
     try:
         for job in jobs:
-            stream = engine.add_request(job.prompt_ids, job.params, model=model, request_id=f"{request_id}-{job.index}")
+            stream = engine.add_request(
+                job.prompt_ids,
+                job.params,
+                model=request.state.model,
+                request_id=f"{request_id}-{job.index}",
+            )
             streams.append(stream)
     except EngineError as exc:
         abort_all(streams)
@@ -164,6 +198,7 @@ def submit(engine: Engine, jobs: list[Job], model: str, request_id: str, setting
     except BaseException:
         abort_all(streams)
         raise
+    request.state.submitted = True  # the engine counts this request's outcome from now on
     return streams
 
 
@@ -241,7 +276,9 @@ def failed_output_error(output: RequestOutput | ChoiceResult, engine: Engine) ->
         detail = f": {output.error[:200]}" if output.error else "."
         return APIError(500, f"The engine failed while generating{detail}", "server_error")
     if output.finish_reason == "abort":
-        return APIError(503, "The request was aborted by the server (shutting down).", code="aborted")
+        return APIError(
+            503, "The request was aborted by the server (shutting down).", code="aborted"
+        )
     return None
 
 
@@ -254,7 +291,9 @@ class ClientDisconnected(Exception):
     """The client closed the connection before the response was ready."""
 
 
-async def collect(request: Request, streams: list[RequestStream], results: list[ChoiceResult]) -> None:
+async def collect(
+    request: Request, streams: list[RequestStream], results: list[ChoiceResult]
+) -> None:
     """Feed every output into `results`; abort all streams if the client disconnects first."""
 
     async def consume() -> None:
@@ -265,13 +304,13 @@ async def collect(request: Request, streams: list[RequestStream], results: list[
     consumer = asyncio.ensure_future(consume())
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
-        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not consumer.done():
             consumer.cancel()
             abort_all(streams)
-    if consumer.cancelled():
+    if consumer not in done:
         raise ClientDisconnected
     consumer.result()
 
@@ -292,7 +331,9 @@ def usage_dict(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, 
 
 
 def sse(data: Any) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, allow_nan=False)
+    payload = (
+        data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, allow_nan=False)
+    )
     return f"data: {payload}\n\n"
 
 
@@ -331,7 +372,9 @@ async def event_stream(
         yield sse_error(engine_error(exc, settings))
     except Exception:
         log.exception("error while streaming a response")
-        yield sse_error(APIError(500, "The server had an error while streaming the response.", "server_error"))
+        yield sse_error(
+            APIError(500, "The server had an error while streaming the response.", "server_error")
+        )
     finally:
         abort_all(streams)
     yield SSE_DONE

@@ -1,0 +1,227 @@
+"""POST /v1/chat/completions: messages rendered by the model's own chat template only."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from jinja2 import TemplateError
+
+from server.config import Settings
+from server.deps import get_engine, get_settings, resolve_model
+from server.engine.engine import Engine, EngineError, RequestOutput
+from server.engine.sampling import TokenLogprob
+from server.errors import invalid_request
+from server.routers.generation import (
+    ERROR_RESPONSES,
+    ChoiceResult,
+    ClientDisconnected,
+    EventStreamResponse,
+    Job,
+    check_context,
+    check_engine_accepting,
+    check_sampling,
+    choice_seed,
+    collect,
+    engine_error,
+    event_stream,
+    failed_output_error,
+    finite_logprob,
+    new_id,
+    sampling_params,
+    sse,
+    submit,
+    usage_dict,
+)
+from server.schemas import ChatCompletionRequest, ChatCompletionResponse
+
+router = APIRouter(tags=["chat"])
+
+ROLE_ALIASES = {"developer": "system"}
+
+
+@router.post(
+    "/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    engine: Engine = Depends(get_engine),
+    settings: Settings = Depends(get_settings),
+) -> Response:
+    resolve_model(request, body.model)
+    _check_request(body, settings)
+    prompt_ids = _render(body, engine)
+    max_tokens = _max_tokens(body, len(prompt_ids), engine.max_model_len)
+    check_sampling(body, settings, engine.tokenizer.vocab_size, max_tokens)
+    check_engine_accepting(request, engine, settings)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    jobs = [
+        Job(i, prompt_ids, sampling_params(body, max_tokens, choice_seed(body.seed, i), top))
+        for i in range(body.n)
+    ]
+    response_id = new_id("chatcmpl")
+    streams = submit(request, engine, jobs, response_id, settings)
+    view = _ChatView(body, engine, response_id, request.state.model)
+    if body.stream:
+        events = event_stream(
+            streams, engine, settings, view.render, view.role_events(), view.usage_events
+        )
+        return EventStreamResponse(events)
+    results = [ChoiceResult(job.index) for job in jobs]
+    try:
+        await collect(request, streams, results)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except EngineError as exc:
+        raise engine_error(exc, settings) from None
+    return JSONResponse(view.response(results))
+
+
+def _check_request(body: ChatCompletionRequest, settings: Settings) -> None:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise invalid_request("top_logprobs requires logprobs: true.", "top_logprobs")
+    total = sum(len(m.text) for m in body.messages)
+    if total > settings.max_prompt_chars:
+        raise invalid_request(
+            f"The messages have {total} characters; this server accepts at most {settings.max_prompt_chars}.",
+            "messages",
+        )
+
+
+def _render(body: ChatCompletionRequest, engine: Engine) -> list[int]:
+    """Token ids of the conversation through the model's own template (never the request's)."""
+    messages = [
+        {"role": ROLE_ALIASES.get(m.role, m.role), "content": m.text} for m in body.messages
+    ]
+    try:
+        ids = engine.tokenizer.encode_chat(
+            messages, add_generation_prompt=body.add_generation_prompt
+        )
+    except (ValueError, TemplateError) as exc:
+        raise invalid_request(
+            f"The messages cannot be rendered with this model's chat template: {str(exc)[:200]}",
+            "messages",
+        ) from None
+    if not ids:
+        raise invalid_request("The conversation renders to an empty prompt.", "messages")
+    return ids
+
+
+def _max_tokens(body: ChatCompletionRequest, num_prompt_tokens: int, max_model_len: int) -> int:
+    """The requested limit, checked against the context; no limit = the rest of the context."""
+    requested = body.max_new_tokens
+    if requested is None:
+        if num_prompt_tokens >= max_model_len:
+            raise invalid_request(
+                f"The conversation has {num_prompt_tokens} tokens and fills this model's context of "
+                f"{max_model_len} tokens; shorten the messages.",
+                "messages",
+                "context_length_exceeded",
+            )
+        return max_model_len - num_prompt_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    check_context(num_prompt_tokens, requested, max_model_len, "messages", param)
+    return requested
+
+
+class _ChatView:
+    """Turns engine outputs into chat completion objects, whole or as stream chunks."""
+
+    def __init__(
+        self, body: ChatCompletionRequest, engine: Engine, response_id: str, model: str
+    ) -> None:
+        self.body = body
+        self.engine = engine
+        self.id = response_id
+        self.model = model
+        self.created = int(time.time())
+        self.streamed: dict[int, ChoiceResult] = {}
+
+    def response(self, results: list[ChoiceResult]) -> dict:
+        for result in results:
+            failure = failed_output_error(result, self.engine)
+            if failure is not None:
+                raise failure
+        choices = [
+            {
+                "index": r.index,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": self.logprobs(r.logprobs),
+                "finish_reason": r.finish_reason,
+            }
+            for r in results
+        ]
+        usage = usage_dict(results[0].num_prompt_tokens, sum(r.num_output_tokens for r in results))
+        return ChatCompletionResponse(
+            id=self.id, model=self.model, choices=choices, usage=usage
+        ).model_dump(mode="json")
+
+    def logprobs(self, entries: list[TokenLogprob]) -> dict | None:
+        if not self.body.logprobs:
+            return None
+        k = self.body.top_logprobs or 0
+        return {
+            "content": [
+                self._token(e.token_id, e.logprob) | {"top_logprobs": self._top(e, k)}
+                for e in entries
+            ]
+        }
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        text = self.engine.token_text(token_id)
+        return {
+            "token": text,
+            "logprob": finite_logprob(logprob),
+            "bytes": list(text.encode("utf-8")),
+        }
+
+    def _top(self, entry: TokenLogprob, k: int) -> list[dict]:
+        ranked = sorted(entry.top.items(), key=lambda item: item[1], reverse=True)[:k]
+        return [self._token(t, lp) for t, lp in ranked]
+
+    # ---- streaming
+
+    def role_events(self) -> list[str]:
+        """The first chunk of every choice names the role, as OpenAI's does."""
+        choices = [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for i in range(self.body.n)
+        ]
+        return [sse(self._chunk([c], None)) for c in choices]
+
+    def render(self, index: int, output: RequestOutput) -> list[str]:
+        state = self.streamed.setdefault(index, ChoiceResult(index))
+        state.add(output)
+        if not (output.text or output.finished or (self.body.logprobs and output.token_ids)):
+            return []  # text held back (partial character or possible stop string)
+        choice = {
+            "index": index,
+            "delta": {"content": output.text} if output.text or not output.finished else {},
+            "logprobs": self.logprobs(output.logprobs),
+            "finish_reason": output.finish_reason if output.finished else None,
+        }
+        return [sse(self._chunk([choice], None))]
+
+    def usage_events(self) -> list[str]:
+        if not self.body.include_usage or not self.streamed:
+            return []
+        results = list(self.streamed.values())
+        usage = usage_dict(results[0].num_prompt_tokens, sum(r.num_output_tokens for r in results))
+        return [sse(self._chunk([], usage))]
+
+    def _chunk(self, choices: list[dict], usage: dict | None) -> dict:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+        }
