@@ -160,13 +160,18 @@ class Engine:
                 f"context length {self.max_model_len}; shorten the prompt or lower max_tokens",
                 "max_tokens",
             )
-        vocab = self.model.args.vocab_size
+        vocab = self.vocab_size
         if any(t < 0 or t >= vocab for t in prompt):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
+
+    @property
+    def vocab_size(self) -> int:
+        """Valid token ids are [0, vocab_size): the model's embedding rows."""
+        return self.model.args.vocab_size
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
@@ -184,7 +189,7 @@ class Engine:
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
+            await asyncio.to_thread(self._thread.join, self.settings.shutdown_timeout_s)
 
     @property
     def num_kv_blocks_used(self) -> int:

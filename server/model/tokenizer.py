@@ -7,6 +7,23 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+
+
 class Tokenizer:
     """Wraps a HF fast tokenizer; the chat template is the model's, never the request's."""
 
@@ -18,6 +35,7 @@ class Tokenizer:
         self.eos_token_ids = frozenset(ids)
         self.vocab_size = len(self.hf)
         self._token_text: dict[int, str] = {}
+        self._byte_level = type(self.hf.backend_tokenizer.decoder).__name__ == "ByteLevel"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
@@ -44,6 +62,17 @@ class Tokenizer:
             text = self.hf.decode([token_id], skip_special_tokens=False)
             self._token_text[token_id] = text
         return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token, also for tokens that are a fragment of a UTF-8 character."""
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # SentencePiece byte fallback
+            return bytes([int(piece[3:5], 16)])
+        if all(ch in _BYTE_DECODER for ch in piece) and self._byte_level:
+            return bytes(_BYTE_DECODER[ch] for ch in piece)
+        return self.token_text(token_id).encode("utf-8")
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(ids)

@@ -54,7 +54,7 @@ async def create_chat_completion(
     _check_request(body, settings)
     prompt_ids = _render(body, engine)
     max_tokens = _max_tokens(body, len(prompt_ids), engine.max_model_len)
-    check_sampling(body, settings, engine.tokenizer.vocab_size, max_tokens)
+    check_sampling(body, settings, engine.vocab_size, max_tokens)
     check_engine_accepting(request, engine, settings)
     top = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [
@@ -174,7 +174,7 @@ class _ChatView:
         return {
             "token": text,
             "logprob": finite_logprob(logprob),
-            "bytes": list(text.encode("utf-8")),
+            "bytes": list(self.engine.tokenizer.token_bytes(token_id)),
         }
 
     def _top(self, entry: TokenLogprob, k: int) -> list[dict]:

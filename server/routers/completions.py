@@ -83,7 +83,7 @@ def _check_request(body: CompletionRequest, settings: Settings, engine: Engine) 
         raise invalid_request(
             f"best_of must equal n ({body.n}) or be omitted, got {body.best_of}.", "best_of"
         )
-    check_sampling(body, settings, engine.tokenizer.vocab_size, body.max_tokens)
+    check_sampling(body, settings, engine.vocab_size, body.max_tokens)
 
 
 def _prompts(body: CompletionRequest, engine: Engine, settings: Settings) -> list[Prompt]:
@@ -114,7 +114,7 @@ def _prompts(body: CompletionRequest, engine: Engine, settings: Settings) -> lis
 
 
 def _checked_ids(ids: list[int], engine: Engine) -> list[int]:
-    vocab_size = engine.tokenizer.vocab_size
+    vocab_size = engine.vocab_size
     if len(ids) > engine.max_model_len:
         raise invalid_request(
             f"The prompt has {len(ids)} tokens; this model's maximum context length is {engine.max_model_len}.",

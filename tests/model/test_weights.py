@@ -88,3 +88,23 @@ def test_hub_cache_layout_resolves_to_snapshot(model_dir, tmp_path):
 def test_not_a_model_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
         resolve_model_dir(str(tmp_path), tmp_path)
+
+
+def test_token_bytes_rebuild_multibyte_text(default_model_dir, tiny_model_dir):
+    from server.model.tokenizer import Tokenizer
+
+    for path in (default_model_dir, tiny_model_dir):
+        tok = Tokenizer(path)
+        text = "€ café 日本 🙂"
+        ids = tok.encode(text, add_special_tokens=False)
+        pieces = [tok.token_bytes(i) for i in ids]
+        assert b"".join(pieces).decode("utf-8") == text
+        assert any(len(p) and not _is_utf8(p) for p in pieces)  # some tokens split a character
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
