@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.config import Settings  # noqa: E402
-from server.engine.engine import build_engine  # noqa: E402
+from server.engine.engine import start_engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
 from server.model.weights import resolve_model_dir  # noqa: E402
@@ -52,8 +54,7 @@ def bench_transformers(model_dir: Path, prompts: list[list[int]], out_len: int) 
 
 
 async def bench_engine_inproc(settings: Settings, prompts: list[list[int]], out_len: int) -> float:
-    engine = build_engine(settings, Metrics())
-    await engine.start()
+    engine = await start_engine(settings, Metrics())
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
 
     async def one(p):
@@ -66,6 +67,16 @@ async def bench_engine_inproc(settings: Settings, prompts: list[list[int]], out_
         return tokens / (time.perf_counter() - start)
     finally:
         await engine.stop()
+
+
+def isolated(fn, *args):
+    """Run one measurement in a fresh process, so no run inherits another's thread pools."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def engine_tok_s(settings: Settings, prompts: list[list[int]], out_len: int) -> float:
+    return asyncio.run(bench_engine_inproc(settings, prompts, out_len))
 
 
 def free_port() -> int:
@@ -93,9 +104,14 @@ def start_server(model: str | None, port: int, max_num_seqs: int) -> subprocess.
     raise RuntimeError("server did not become ready")
 
 
-async def http_stream(client: httpx.AsyncClient, model_id: str, prompt: list[int], out_len: int) -> int:
-    body = {"model": model_id, "prompt": prompt, "max_tokens": out_len, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+async def http_request(client: httpx.AsyncClient, model_id: str, prompt: list[int], out_len: int,
+                       stream: bool) -> int:
+    body = {"model": model_id, "prompt": prompt, "max_tokens": out_len, "temperature": 0, "ignore_eos": True}
+    if not stream:
+        resp = await client.post("/v1/completions", json=body)
+        resp.raise_for_status()
+        return resp.json()["usage"]["completion_tokens"]
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
     tokens = 0
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         resp.raise_for_status()
@@ -106,16 +122,16 @@ async def http_stream(client: httpx.AsyncClient, model_id: str, prompt: list[int
     return tokens
 
 
-async def bench_http(port: int, concurrency: int, prompts: list[list[int]], out_len: int) -> float:
+async def bench_http(port: int, concurrency: int, prompts: list[list[int]], out_len: int, stream: bool) -> float:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
         model_id = (await client.get("/v1/models")).json()["data"][0]["id"]
-        await http_stream(client, model_id, prompts[0][:8], 4)  # warm-up
+        await http_request(client, model_id, prompts[0][:8], 4, stream)  # warm-up
         queue = list(prompts)
 
         async def worker() -> int:
             done = 0
             while queue:
-                done += await http_stream(client, model_id, queue.pop(), out_len)
+                done += await http_request(client, model_id, queue.pop(), out_len, stream)
             return done
 
         start = time.perf_counter()
@@ -129,6 +145,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--skip-transformers", action="store_true", help="only our engine (quick iterations)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "engine.json")
     args = ap.parse_args()
 
@@ -138,16 +155,22 @@ def main() -> None:
     rows: list[tuple[str, float]] = []
 
     one, sixteen = make_prompts(1, args.prompt_len, vocab), make_prompts(16, args.prompt_len, vocab, 1)
-    rows.append(("transformers generate, 1 stream", bench_transformers(model_dir, one, args.output_len)))
-    rows.append(("transformers generate, static batch 16", bench_transformers(model_dir, sixteen, args.output_len)))
-    rows.append(("adapterserve engine (in-process), 1 stream", asyncio.run(bench_engine_inproc(settings, one, args.output_len))))
+    if not args.skip_transformers:
+        rows.append(("transformers generate, 1 stream", isolated(bench_transformers, model_dir, one, args.output_len)))
+        rows.append(("transformers generate, static batch 16",
+                     isolated(bench_transformers, model_dir, sixteen, args.output_len)))
+    for name, prompts in (("1 stream", one), ("16 at once", sixteen)):
+        tok_s = isolated(engine_tok_s, settings, prompts, args.output_len)
+        rows.append((f"adapterserve engine (in-process), {name}", tok_s))
 
     port = free_port()
     server = start_server(args.model, port, max(args.concurrency))
     try:
         for c in args.concurrency:
             prompts = make_prompts(max(c, 2 * c), args.prompt_len, vocab, seed=c)
-            rows.append((f"adapterserve HTTP, {c} concurrent streams", asyncio.run(bench_http(port, c, prompts, args.output_len))))
+            for stream in (True, False):
+                name = f"adapterserve HTTP, {c} concurrent {'streaming' if stream else 'non-streaming'}"
+                rows.append((name, asyncio.run(bench_http(port, c, prompts, args.output_len, stream))))
     finally:
         server.terminate()
         server.wait(60)
@@ -157,18 +180,19 @@ def main() -> None:
 
 def report(rows: list[tuple[str, float]], args: argparse.Namespace) -> None:
     table = dict(rows)
-    hf1 = table["transformers generate, 1 stream"]
-    hf16 = table["transformers generate, static batch 16"]
-    print(f"\n{'run':<48} {'output tok/s':>12}")
+    print(f"\n{'run':<52} {'output tok/s':>12}")
     for name, value in rows:
-        print(f"{name:<48} {value:>12.1f}")
-    ratios = {
-        "engine_1_stream_vs_hf_1_stream": table["adapterserve engine (in-process), 1 stream"] / hf1,
-        "http_1_stream_vs_hf_1_stream": table.get("adapterserve HTTP, 1 concurrent streams", 0) / hf1,
-        "http_16_streams_vs_hf_static_16": table.get("adapterserve HTTP, 16 concurrent streams", 0) / hf16,
+        print(f"{name:<52} {value:>12.1f}")
+    pairs = {
+        "engine_1_stream_vs_hf_1_stream": ("adapterserve engine (in-process), 1 stream", "transformers generate, 1 stream"),
+        "engine_16_vs_hf_static_16": ("adapterserve engine (in-process), 16 at once", "transformers generate, static batch 16"),
+        "http_1_stream_vs_hf_1_stream": ("adapterserve HTTP, 1 concurrent streaming", "transformers generate, 1 stream"),
+        "http_16_streaming_vs_hf_static_16": ("adapterserve HTTP, 16 concurrent streaming", "transformers generate, static batch 16"),
+        "http_16_nonstreaming_vs_hf_static_16": ("adapterserve HTTP, 16 concurrent non-streaming", "transformers generate, static batch 16"),
     }
+    ratios = {k: table[a] / table[b] for k, (a, b) in pairs.items() if a in table and b in table}
     for name, value in ratios.items():
-        print(f"{name:<48} {value:>12.2f}x")
+        print(f"{name:<52} {value:>12.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = {"prompt_len": args.prompt_len, "output_len": args.output_len, "torch_threads": torch.get_num_threads(),
             "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()}

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
 from server.deps import require_api_key
-from server.engine.engine import build_engine
+from server.engine.engine import start_engine
 from server.errors import (
     APIError,
     count_rejection,
@@ -67,14 +67,13 @@ def create_app(
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics = Metrics()
-    engine = await asyncio.to_thread(build_engine, settings, metrics)
+    engine = await start_engine(settings, metrics)
     app.state.metrics = metrics
     app.state.engine = engine
     app.state.started_at = int(time.time())
     fatal = asyncio.Event()
     loop = asyncio.get_running_loop()
     engine.on_fatal = lambda exc: loop.call_soon_threadsafe(_record_fatal, app, fatal, exc)
-    await engine.start()
     log.info("serving %s (max_model_len %d)", engine.model_id, engine.max_model_len)
     watchdog = asyncio.ensure_future(_watch_engine(app, fatal))
     try:
