@@ -127,22 +127,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.kv_dim, bias=args.attention_bias)
         self.v_proj = nn.Linear(args.dim, args.kv_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.wqkv: torch.Tensor | None = None  # fused q|k|v weight, built by fuse()
-        self.bqkv: torch.Tensor | None = None
+        self.wqkv: Dense | None = None  # fused q|k|v, built by fuse()
+        self.wo: Dense | None = None
 
-    def fuse(self, column_major: bool) -> None:
+    def fuse(self, cpu: bool) -> None:
         """Concatenate q/k/v into one matmul; called once after weights are loaded."""
         linears = (self.q_proj, self.k_proj, self.v_proj)
-        self.wqkv = fuse_weights([lin.weight for lin in linears], column_major)
-        if self.args.attention_bias:
-            self.bqkv = fuse_weights([lin.bias for lin in linears], False)
-        to_column_major(self.o_proj.weight, column_major)
+        bias = fuse_weights([lin.bias for lin in linears]) if self.args.attention_bias else None
+        self.wqkv = Dense(fuse_weights([lin.weight for lin in linears]), bias, cpu)
+        self.wo = Dense(self.o_proj.weight.detach(), None, cpu)
 
     def qkv(self, x: torch.Tensor, batch: ForwardBatch, hooks: AdapterHooks | None) -> torch.Tensor:
         """(T, H + 2*kvh, d): query heads, then key heads, then value heads."""
         a = self.args
         if hooks is None and self.wqkv is not None:
-            out = F.linear(x, self.wqkv, self.bqkv)
+            out = self.wqkv(x)
         else:
             projections = (("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj))
             out = torch.cat([project(self.layer, t, lin, x, batch, hooks) for t, lin in projections], dim=-1)
@@ -169,6 +168,8 @@ class Attention(nn.Module):
         for chunk in batch.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
             out[rows] = prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
+        if hooks is None and self.wo is not None:
+            return self.wo(out.view(T, -1))
         return project(self.layer, "o", self.o_proj, out.view(T, -1), batch, hooks)
 
 
@@ -192,11 +193,9 @@ def prefill_attention(
     return out.transpose(0, 1)
 
 
-def fuse_weights(params: list[nn.Parameter], column_major: bool) -> torch.Tensor:
+def fuse_weights(params: list[nn.Parameter]) -> torch.Tensor:
     """Concatenate along dim 0 and re-point each parameter at its slice (no second copy)."""
     fused = torch.cat([p.detach() for p in params])
-    if column_major:
-        fused = fused.t().contiguous().t()
     start = 0
     for p in params:
         p.data = fused[start : start + p.shape[0]]
@@ -204,11 +203,26 @@ def fuse_weights(params: list[nn.Parameter], column_major: bool) -> torch.Tensor
     return fused
 
 
-def to_column_major(weight: nn.Parameter, column_major: bool) -> None:
-    """Store an (out, in) weight as in-major. Measured on CPU (MKL, AVX2): decode matmuls run
-    up to 1.5x faster with x @ W^T reading a contiguous (in, out) matrix."""
-    if column_major:
-        weight.data = weight.detach().t().contiguous().t()
+class Dense:
+    """y = x @ W^T + b for the fused fast path (no adapter hooks).
+
+    On CPU it picks the MKL call that measured fastest for the row count (AVX2, 2 threads,
+    `benchmarks/bench_engine.py`): one row reads an in-major copy of W (x @ W^T as a GEMV, ~1.4x
+    faster); more rows compute (W @ x^T)^T on the row-major W (1.3-2.5x faster at 2-32 rows
+    than F.linear). The in-major copy doubles weight memory on CPU only.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, cpu: bool) -> None:
+        self.weight, self.bias = weight, bias  # (out, in), (out,)
+        self.in_major = weight.t().contiguous().t() if cpu else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_major is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[0] == 1:
+            return F.linear(x, self.in_major, self.bias)
+        y = torch.mm(self.weight, x.t()).t().contiguous()  # (T, out)
+        return y if self.bias is None else y + self.bias
 
 
 def project(
@@ -229,19 +243,20 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
-        self.w13: torch.Tensor | None = None  # fused gate|up weight, built by fuse()
+        self.w13: Dense | None = None  # fused gate|up, built by fuse()
+        self.w2: Dense | None = None
 
-    def fuse(self, column_major: bool) -> None:
+    def fuse(self, cpu: bool) -> None:
         if self.gate_proj.bias is None:
-            self.w13 = fuse_weights([self.gate_proj.weight, self.up_proj.weight], column_major)
-        to_column_major(self.down_proj.weight, column_major)
+            self.w13 = Dense(fuse_weights([self.gate_proj.weight, self.up_proj.weight]), None, cpu)
+            self.w2 = Dense(self.down_proj.weight.detach(), None, cpu)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, hooks: AdapterHooks | None) -> torch.Tensor:
         if hooks is None and self.w13 is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-        else:
-            gate = project(self.layer, "gate", self.gate_proj, x, batch, hooks)
-            up = project(self.layer, "up", self.up_proj, x, batch, hooks)
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
+        gate = project(self.layer, "gate", self.gate_proj, x, batch, hooks)
+        up = project(self.layer, "up", self.up_proj, x, batch, hooks)
         return project(self.layer, "down", self.down_proj, F.silu(gate) * up, batch, hooks)
 
 
@@ -289,14 +304,15 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.hooks: AdapterHooks | None = None
+        self.head: Dense | None = None
         self.register_buffer("inv_freq", rope_inv_freq(args).float(), persistent=False)
 
-    def fuse(self, column_major: bool = False) -> None:
-        """Fuse q|k|v and gate|up; `column_major` picks the weight layout faster on CPU."""
+    def fuse(self, cpu: bool = False) -> None:
+        """Fuse q|k|v and gate|up into single matmuls; `cpu` picks CPU-specific matmul forms."""
         for block in self.layers:
-            block.self_attn.fuse(column_major)
-            block.mlp.fuse(column_major)
-        to_column_major(self.lm_head.weight, column_major)
+            block.self_attn.fuse(cpu)
+            block.mlp.fuse(cpu)
+        self.head = Dense(self.lm_head.weight.detach(), None, cpu)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, d/2)
@@ -310,4 +326,5 @@ class Transformer(nn.Module):
         for block in self.layers:
             x = block(x, rope, cache, batch, self.hooks)
         x = self.norm(x[batch.logits_indices])  # (N, dim)
-        return self.lm_head(x).float()  # (N, vocab)
+        head = self.lm_head if self.head is None else self.head
+        return head(x).float()  # (N, vocab)

@@ -145,7 +145,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Tra
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(args).float()  # non-persistent buffer: still on meta
     model.to(device)
-    model.fuse(column_major=device.type == "cpu")
+    model.fuse(cpu=device.type == "cpu")
     return model.eval()
 
 
