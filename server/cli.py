@@ -81,7 +81,9 @@ class _Server(uvicorn.Server):
 
 def serve(settings: Settings) -> int:
     """Run until a signal or a fatal engine fault; returns the process exit status."""
+    from server.engine.engine import EngineConfigError, plan_engine
     from server.main import create_app
+    from server.model.weights import ModelLoadError
 
     failure: list[BaseException] = []
     server: _Server | None = None
@@ -91,6 +93,11 @@ def serve(settings: Settings) -> int:
         if server is not None:
             server.should_exit = True
 
+    try:  # fail fast with a one-line reason, before uvicorn prints a lifespan traceback
+        plan_engine(settings)
+    except (ModelLoadError, EngineConfigError) as e:
+        log.error("cannot start: %s", e)
+        return 2
     app = create_app(settings, on_fatal=on_fatal)
     config = uvicorn.Config(
         app,

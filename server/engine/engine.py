@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,7 @@ from server.engine.sampling import (
 )
 from server.engine.scheduler import ScheduledStep, Scheduler, Sequence, Status
 from server.metrics import Metrics
-from server.model.llama import KVCache, Transformer
+from server.model.llama import KVCache, ModelArgs, Transformer
 from server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -403,28 +404,55 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return getattr(torch, setting)
 
 
-def build_engine(settings: Settings, metrics: Metrics) -> Engine:
-    """Load the model and tokenizer named by the settings and size the KV cache."""
-    from server.model.weights import load_model, read_config, resolve_model_dir, served_name
+@dataclass(frozen=True)
+class EnginePlan:
+    """What the settings resolve to before any weight is loaded (checked up front by the CLI)."""
+
+    model_dir: Path
+    config: dict
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    num_blocks: int
+    model_id: str
+
+
+class EngineConfigError(ValueError):
+    """The settings cannot work with this model; the message says what to change."""
+
+
+def plan_engine(settings: Settings) -> EnginePlan:
+    """Resolve the model (converting a GGUF once) and size the KV cache, without loading weights."""
+    from server.model.weights import read_config, resolve_model_dir, served_name
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     model_dir = resolve_model_dir(settings.model, settings.cache_dir)
     config = read_config(model_dir)
-    model = load_model(model_dir, device, dtype)
-    tokenizer = Tokenizer(model_dir, eos_token_ids=eos_ids(config))
-    max_len = settings.max_model_len or min(model.args.max_position_embeddings, 8192)
-    block_bytes = KVCache.bytes_per_block(model.args, settings.block_size, dtype)
+    args = ModelArgs.from_hf_config(config)
+    max_len = settings.max_model_len or min(args.max_position_embeddings, 8192)
+    block_bytes = KVCache.bytes_per_block(args, settings.block_size, dtype)
     num_blocks = settings.num_kv_blocks or settings.kv_cache_memory_mb * 2**20 // block_bytes
     if num_blocks * settings.block_size < max_len:
-        raise ValueError(
-            f"the KV cache ({num_blocks} blocks) holds {num_blocks * settings.block_size} "
-            f"tokens, fewer than max_model_len={max_len}; raise it or lower max_model_len"
+        raise EngineConfigError(
+            f"the KV cache ({num_blocks} blocks of {settings.block_size}) holds "
+            f"{num_blocks * settings.block_size} tokens, fewer than max_model_len={max_len}; "
+            "raise --kv-cache-memory-mb or lower --max-model-len"
         )
     model_id = settings.served_model_name or served_name(settings.model, model_dir)
-    log.info("serving %s on %s (%s): %d KV blocks of %d tokens", model_id, device, dtype,
-             num_blocks, settings.block_size)
-    return Engine(model, tokenizer, settings, metrics, model_id, max_len, num_blocks)
+    return EnginePlan(model_dir, config, device, dtype, max_len, num_blocks, model_id)
+
+
+def build_engine(settings: Settings, metrics: Metrics) -> Engine:
+    """Load the model and tokenizer named by the settings and allocate the KV cache."""
+    from server.model.weights import load_model
+
+    plan = plan_engine(settings)
+    model = load_model(plan.model_dir, plan.device, plan.dtype)
+    tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
+    log.info("serving %s on %s (%s): %d KV blocks of %d tokens", plan.model_id, plan.device,
+             plan.dtype, plan.num_blocks, settings.block_size)
+    return Engine(model, tokenizer, settings, metrics, plan.model_id, plan.max_model_len, plan.num_blocks)
 
 
 async def start_engine(settings: Settings, metrics: Metrics) -> Engine:
