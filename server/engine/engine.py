@@ -125,6 +125,7 @@ class Engine:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._num_queued = 0  # submitted, not yet admitted to the running batch
+        self._num_running = 0  # len(scheduler.running), published under _lock with _num_queued
         self._seqs: dict[str, Sequence] = {}
         self._outbox: list[tuple[RequestStream, RequestOutput]] = []
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -142,8 +143,8 @@ class Engine:
         with self._lock:
             if not self.healthy or self._stopping:
                 raise EngineDeadError("the engine is not running")
-            running = len(self.scheduler.running)
-            if self._num_queued >= self.settings.max_queue_len + max(0, self.settings.max_num_seqs - running):
+            free_slots = max(0, self.settings.max_num_seqs - self._num_running)
+            if self._num_queued >= self.settings.max_queue_len + free_slots:
                 raise QueueFullError("the server is at capacity; retry later")
             self._num_queued += 1
         seq = Sequence(request_id, list(prompt_token_ids), params, model or self.model_id, stream)
@@ -253,6 +254,7 @@ class Engine:
         requeued = sum(1 for s in self.scheduler.waiting if id(s) not in was_waiting)
         with self._lock:
             self._num_queued += requeued - admitted
+            self._num_running = len(self.scheduler.running)
 
     def _process(self, step: ScheduledStep, logits: torch.Tensor) -> None:
         row, samplers = 0, []
@@ -338,10 +340,11 @@ class Engine:
         self, seq: Sequence, reason: str, tokens: list[int], lps: list | None = None,
         text: str | None = None, error: str | None = None,
     ) -> None:
-        if seq.status is Status.WAITING:
-            with self._lock:
+        with self._lock:
+            if seq.status is Status.WAITING:
                 self._num_queued -= 1
-        self.scheduler.remove(seq)
+            self.scheduler.remove(seq)
+            self._num_running = len(self.scheduler.running)
         self._seqs.pop(seq.request_id, None)
         detok = self._detok.pop(seq.request_id, None)
         if text is None:
