@@ -58,23 +58,15 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return True
 
 
-def _triton_op(module: str, name: str) -> Callable | None:
-    """The Triton op `kernels.<module>.<name>`, or None when that module is not written yet."""
-    try:
-        return getattr(importlib.import_module(f"kernels.{module}"), name)
-    except ModuleNotFoundError as e:
-        if e.name != f"kernels.{module}":
-            raise
-        return None
-
-
 def _dispatch(module: str, name: str) -> Callable:
+    """`name` from kernels/<module>.py (imported on first Triton use) or from the reference."""
     ref = getattr(reference, name)
 
     @functools.wraps(ref)
     def op(first: torch.Tensor, *args, **kwargs):
-        impl = _triton_op(module, name) if use_triton(first) else None
-        return (impl or ref)(first, *args, **kwargs)
+        if use_triton(first):
+            return getattr(importlib.import_module(f"kernels.{module}"), name)(first, *args, **kwargs)
+        return ref(first, *args, **kwargs)
 
     return op
 

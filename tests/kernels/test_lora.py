@@ -158,7 +158,3 @@ def test_dispatch_follows_environment(triton_module, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "cuda")
     with pytest.raises(ValueError, match="got 'cuda'"):
         kernels.lora_shrink(*args)
-
-
-def test_missing_triton_module_falls_back_to_reference() -> None:
-    assert kernels._triton_op("not_written_yet", "paged_decode_attention") is None
