@@ -1,0 +1,170 @@
+"""Read an adapter directory (config + safetensors only) into a validated AdapterSpec.
+
+Order of checks: file names (allow-list, no links) -> adapter_config.json (a JSON object with a
+supported peft_type) -> the safetensors header (cheap, before any large allocation) -> the
+tensors, through the safetensors library only (never pickle) -> the format's own checks
+(shapes against the base fingerprint, rank, finiteness, unsupported options).
+`base_model_name_or_path`, `auto_map`, `auto_mapping` and any other path or code named in the
+config are never read or followed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from adapters.formats import bottleneck, ia3, peft_lora, prefix, prompt
+from adapters.spec import AdapterFormatError, AdapterSpec, BaseFingerprint
+
+__all__ = ["ALLOWED_FILES", "PARSERS", "load_adapter", "read_safetensors"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ALLOWED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, "README.md"})
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 100 * (1 << 20)
+MAX_WEIGHTS_BYTES = 4 << 30
+
+Parser = Callable[[Mapping, Mapping[str, torch.Tensor], str, BaseFingerprint, int], AdapterSpec]
+PARSERS: dict[str, Parser] = {
+    "LORA": peft_lora.parse,
+    "BOTTLENECK": bottleneck.parse,
+    "PREFIX_TUNING": prefix.parse,
+    "PROMPT_TUNING": prompt.parse,
+    "IA3": ia3.parse,
+}
+# Bytes per element of the dtypes an adapter's weights may have (floats only).
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def load_adapter(
+    directory: Path, name: str, fingerprint: BaseFingerprint, max_rank: int
+) -> AdapterSpec:
+    """Parse and validate the adapter in `directory`; AdapterFormatError names what to fix."""
+    directory = Path(directory)
+    check_files(directory)
+    config = read_config(directory / CONFIG_FILE)
+    parser = parser_for(config)
+    tensors = read_safetensors(directory / WEIGHTS_FILE)
+    return parser(config, tensors, name, fingerprint, max_rank)
+
+
+def check_files(directory: Path) -> None:
+    """Only allow-listed plain files; both required files present."""
+    if not directory.is_dir():
+        raise AdapterFormatError("directory", "expected an adapter directory, got none")
+    for entry in sorted(directory.iterdir(), key=lambda p: p.name):
+        if entry.name not in ALLOWED_FILES or entry.is_symlink() or not entry.is_file():
+            raise AdapterFormatError(
+                entry.name,
+                f"unexpected file {entry.name!r}: expected only plain files named "
+                f"{sorted(ALLOWED_FILES)} (weights as safetensors, never pickle .bin/.pt)",
+            )
+    for required in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / required).is_file():
+            raise AdapterFormatError(required, f"missing {required}: expected it in the adapter")
+
+
+def read_config(path: Path) -> dict:
+    """adapter_config.json as a dict (size-capped, must be a JSON object)."""
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(CONFIG_FILE, f"expected at most {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AdapterFormatError(CONFIG_FILE, f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(
+            CONFIG_FILE, f"expected a JSON object, got {type(config).__name__}"
+        )
+    return config
+
+
+def parser_for(config: Mapping) -> Parser:
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type.upper() not in PARSERS:
+        raise AdapterFormatError(
+            "peft_type", f"peft_type: expected one of {sorted(PARSERS)}, got {peft_type!r}"
+        )
+    return PARSERS[peft_type.upper()]
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Validate the header against the file size, then load through the safetensors library."""
+    check_safetensors_header(path)
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as e:  # the library's own refusals (SafetensorError and friends)
+        raise AdapterFormatError(WEIGHTS_FILE, f"unreadable safetensors: {e}") from None
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Refuse a lying header (SECURITY row 3) reading only the header itself."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _header_error(f"expected at least 8 bytes, got {len(prefix)}")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            limit = min(MAX_HEADER_BYTES, size - 8)
+            raise _header_error(f"expected a header length <= {limit}, got {header_len}")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise _header_error("the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _header_error(f"expected a JSON object header, got {type(header).__name__}")
+    check_header_entries(header, size - 8 - header_len)
+
+
+def check_header_entries(header: dict, data_bytes: int) -> None:
+    spans = []
+    for key, entry in header.items():
+        if key != "__metadata__":
+            spans.append(_entry_span(key, entry, data_bytes))
+    spans.sort()
+    for (_, end), (begin, _) in zip(spans, spans[1:], strict=False):
+        if begin < end:
+            raise _header_error("tensor data_offsets overlap")
+    if sum(end - begin for begin, end in spans) > MAX_WEIGHTS_BYTES:
+        raise _header_error(f"expected at most {MAX_WEIGHTS_BYTES} bytes of tensors")
+
+
+def _entry_span(key: str, entry: object, data_bytes: int) -> tuple[int, int]:
+    """(begin, end) of one tensor's bytes after checking dtype, shape and offsets."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_BYTES:
+        got = entry.get("dtype") if isinstance(entry, dict) else entry
+        raise _header_error(f"tensor {key!r}: expected dtype in {sorted(DTYPE_BYTES)}, got {got!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2:
+        raise _header_error(f"tensor {key!r}: expected integer shape and two data_offsets")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_bytes:
+        raise _header_error(
+            f"tensor {key!r}: expected data_offsets within the {data_bytes} data bytes, "
+            f"got {offsets}"
+        )
+    expected = math.prod(shape) * DTYPE_BYTES[entry["dtype"]]
+    if end - begin != expected:
+        raise _header_error(
+            f"tensor {key!r}: shape {shape} as {entry['dtype']} needs {expected} bytes, "
+            f"got {end - begin}"
+        )
+    return begin, end
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+
+
+def _header_error(detail: str) -> AdapterFormatError:
+    return AdapterFormatError(WEIGHTS_FILE, f"invalid safetensors header: {detail}")

@@ -1,0 +1,538 @@
+"""Adapter formats -> AdapterSpec: parity with real peft, LLM-Adapters bottleneck, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from adapters.formats import load_adapter
+from adapters.spec import (
+    AdapterFormatError,
+    AdapterKind,
+    BaseFingerprint,
+    BottleneckWeights,
+    IA3Weights,
+    LoraWeights,
+)
+from kernels import Activation
+from tests.adapters.conftest import (
+    MAX_RANK,
+    TINY,
+    bottleneck_config,
+    bottleneck_tensors,
+    save_peft_adapter,
+    write_adapter,
+)
+
+SHORT = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+         "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+         "down": "mlp.down_proj"}  # fmt: skip
+
+
+def peft_module(model, layer: int, target: str):
+    return model.get_submodule(f"base_model.model.model.layers.{layer}.{SHORT[target]}")
+
+
+# --- fingerprint ------------------------------------------------------------------------------
+
+
+def test_fingerprint_from_hf_config_and_in_out(fingerprint: BaseFingerprint):
+    assert fingerprint == BaseFingerprint(64, 2, 4, 2, 16, 128, 384)
+    expected = {"q": (64, 64), "k": (64, 32), "v": (64, 32), "o": (64, 64),
+                "gate": (64, 128), "up": (64, 128), "down": (128, 64)}  # fmt: skip
+    assert {t: fingerprint.in_out(t) for t in expected} == expected
+    explicit = BaseFingerprint.from_hf_config({**TINY, "head_dim": 32})
+    assert explicit.head_dim == 32 and explicit.in_out("q") == (64, 128)
+
+
+# --- parity with real peft ----------------------------------------------------------------------
+
+LORA_CASES = {
+    "r4-qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "r8-all-rslora": dict(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    ),
+    "r2-mlp": dict(r=2, lora_alpha=3, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "patterns": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "o_proj", "down_proj"],
+        rank_pattern={"down_proj": 2, r"layers\.1\.self_attn\.o_proj": 6},
+        alpha_pattern={r"layers\.0\.self_attn\.q_proj": 5, "o_proj": 12},
+    ),
+    "patterns-rslora": dict(
+        r=16,
+        lora_alpha=4,
+        use_rslora=True,
+        target_modules=["k_proj", "up_proj"],
+        rank_pattern={"up_proj": 3},
+        alpha_pattern={"k_proj": 9},
+    ),
+    "layers-to-transform": dict(r=4, target_modules=["q_proj"], layers_to_transform=[1]),
+}
+
+
+@pytest.mark.parametrize("case", LORA_CASES, ids=list(LORA_CASES))
+def test_lora_matches_peft(tmp_path: Path, fingerprint: BaseFingerprint, case: str):
+    peft = pytest.importorskip("peft")
+    directory, model = save_peft_adapter(tmp_path / case, peft.LoraConfig(**LORA_CASES[case]))
+    spec = load_adapter(directory, "a", fingerprint, MAX_RANK)
+    assert spec.kind is AdapterKind.LORA and spec.name == "a"
+    expected = {
+        (layer, target): peft_module(model, layer, target)
+        for layer in range(fingerprint.num_layers)
+        for target in SHORT
+        if hasattr(peft_module(model, layer, target), "lora_A")
+    }
+    assert set(spec.modules) == set(expected)
+    for key, module in expected.items():
+        weights = spec.modules[key]
+        assert isinstance(weights, LoraWeights)
+        assert torch.equal(weights.a, module.lora_A["default"].weight), key
+        assert torch.equal(weights.b, module.lora_B["default"].weight), key
+        assert weights.scaling == pytest.approx(module.scaling["default"], rel=1e-12), key
+        assert weights.a.dtype == torch.float32 and weights.a.is_contiguous()
+    assert spec.rank == max(module.r["default"] for module in expected.values())
+    assert spec.targets == tuple(t for t in SHORT if any(k[1] == t for k in expected))
+
+
+def test_prefix_matches_peft(tmp_path: Path, fingerprint: BaseFingerprint):
+    peft = pytest.importorskip("peft")
+    config = peft.PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM")
+    directory, model = save_peft_adapter(tmp_path / "prefix", config)
+    spec = load_adapter(directory, "p", fingerprint, MAX_RANK)
+    assert spec.kind is AdapterKind.PREFIX and spec.num_virtual_tokens == 5
+    assert spec.prefix_kv.shape == (2, 2, 5, 2, 16)  # (L, 2, nvt, kvh, d)
+    cache = model.get_prompt(batch_size=1)  # peft's own per-layer K/V
+    for layer in range(fingerprint.num_layers):
+        keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # (kvh, nvt, d)
+        assert torch.equal(spec.prefix_kv[layer, 0], keys.transpose(0, 1))
+        assert torch.equal(spec.prefix_kv[layer, 1], values.transpose(0, 1))
+
+
+def test_prompt_matches_peft(tmp_path: Path, fingerprint: BaseFingerprint):
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    directory, model = save_peft_adapter(tmp_path / "prompt", config)
+    spec = load_adapter(directory, "p", fingerprint, MAX_RANK)
+    assert spec.kind is AdapterKind.PROMPT and spec.num_virtual_tokens == 4
+    assert torch.equal(spec.prompt_embeddings, model.prompt_encoder["default"].embedding.weight)
+    assert spec.size_bytes == 4 * 64 * 4
+
+
+@pytest.mark.parametrize(
+    "targets,feedforward",
+    [(["k_proj", "v_proj", "down_proj"], ["down_proj"]), (["v_proj", "up_proj"], ["up_proj"])],
+)
+def test_ia3_matches_peft(tmp_path: Path, fingerprint: BaseFingerprint, targets, feedforward):
+    peft = pytest.importorskip("peft")
+    config = peft.IA3Config(target_modules=targets, feedforward_modules=feedforward)
+    directory, model = save_peft_adapter(tmp_path / "ia3", config)
+    spec = load_adapter(directory, "i", fingerprint, MAX_RANK)
+    assert spec.kind is AdapterKind.IA3
+    assert len(spec.modules) == len(targets) * fingerprint.num_layers
+    for (layer, target), weights in spec.modules.items():
+        module = peft_module(model, layer, target)
+        assert isinstance(weights, IA3Weights)
+        assert torch.equal(weights.vector, module.ia3_l["default"].flatten())
+        assert weights.placement == ("input" if module.is_feedforward else "output")
+
+
+def test_config_paths_and_code_are_ignored(tmp_path: Path, fingerprint: BaseFingerprint):
+    """SECURITY row 5: base_model_name_or_path / auto_map are never followed."""
+    config, tensors = lora_files(fingerprint)
+    config |= {
+        "base_model_name_or_path": str(tmp_path / "does-not-exist"),
+        "auto_map": {"AutoModel": "evil.Model"},
+        "auto_mapping": {"base_model_class": "Evil", "parent_library": "os"},
+        "revision": "../../etc",
+    }
+    spec = load_adapter(write_adapter(tmp_path / "a", config, tensors), "a", fingerprint, 8)
+    assert spec.kind is AdapterKind.LORA and spec.rank == 4
+
+
+# --- LLM-Adapters bottleneck --------------------------------------------------------------------
+
+
+def test_series_bottleneck(tmp_path: Path, fingerprint: BaseFingerprint):
+    targets = {"mlp.gate_proj": (64, 64), "mlp.up_proj": (64, 64), "mlp.down_proj": (64, 64)}
+    tensors = bottleneck_tensors(fingerprint, 8, targets)
+    config = bottleneck_config(non_linearity="relu", scaling=0.5)
+    spec = load_adapter(write_adapter(tmp_path / "s", config, tensors), "s", fingerprint, 8)
+    assert spec.kind is AdapterKind.SERIES and spec.rank == 8
+    assert spec.targets == ("gate", "up", "down")
+    placements = {"gate": "input", "up": "input", "down": "output"}
+    for (layer, target), weights in spec.modules.items():
+        key = f"base_model.model.model.layers.{layer}.{SHORT[target]}"
+        assert isinstance(weights, BottleneckWeights)
+        assert torch.equal(weights.down, tensors[f"{key}.adapter_down.weight"])
+        assert torch.equal(weights.up, tensors[f"{key}.adapter_up.weight"])
+        assert weights.placement == placements[target]
+        assert weights.activation is Activation.RELU and weights.scaling == 0.5
+
+
+@pytest.mark.parametrize(
+    "non_linearity,activation",
+    [("tanh", Activation.TANH), ("gelu", Activation.GELU), ("gelu_new", Activation.GELU_TANH),
+     ("silu", Activation.SILU), ("swish", Activation.SILU), ("sigmoid", Activation.SIGMOID)],
+)  # fmt: skip
+def test_parallel_bottleneck(tmp_path: Path, fingerprint, non_linearity, activation):
+    targets = {
+        "self_attn.q_proj": (64, 64),
+        "self_attn.v_proj": (64, 32),
+        "mlp.down_proj": (128, 64),
+    }
+    tensors = bottleneck_tensors(fingerprint, 4, targets)
+    config = bottleneck_config(
+        use_parallel_adapter=True, bottleneck_size=4, non_linearity=non_linearity, scaling=2
+    )
+    spec = load_adapter(write_adapter(tmp_path / "p", config, tensors), "p", fingerprint, 8)
+    assert spec.kind is AdapterKind.PARALLEL and spec.targets == ("q", "v", "down")
+    for (_, target), weights in spec.modules.items():
+        d_in, d_out = fingerprint.in_out(target)
+        assert weights.down.shape == (4, d_in) and weights.up.shape == (d_out, 4)
+        assert weights.placement == "parallel" and weights.activation is activation
+        assert weights.scaling == 2.0
+
+
+def test_half_precision_weights_become_fp32(tmp_path: Path, fingerprint: BaseFingerprint):
+    config, tensors = lora_files(fingerprint)
+    tensors = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+    spec = load_adapter(write_adapter(tmp_path / "a", config, tensors), "a", fingerprint, 8)
+    weights = spec.modules[0, "q"]
+    assert weights.a.dtype == torch.float32 and weights.scaling == 2.0
+    assert spec.size_bytes == 2 * (4 * 64 + 64 * 4) * 4
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+Q = "base_model.model.model.layers.{}.self_attn.q_proj"
+
+
+def lora_files(fingerprint: BaseFingerprint, r: int = 4, hidden: int = 64, **config):
+    """A valid hand-written PEFT LoRA: rank r on q_proj of every layer."""
+    tensors = {}
+    for layer in range(fingerprint.num_layers):
+        tensors[f"{Q.format(layer)}.lora_A.weight"] = torch.randn(r, hidden)
+        tensors[f"{Q.format(layer)}.lora_B.weight"] = torch.randn(hidden, r)
+    base = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"]}
+    return {**base, **config}, tensors
+
+
+def lora_dir(path: Path, fingerprint, r: int = 4, hidden: int = 64, tensors=None, **config):
+    config, made = lora_files(fingerprint, r, hidden, **config)
+    return write_adapter(path, config, made if tensors is None else tensors(made))
+
+
+def with_tensor(key: str, value):
+    return lambda tensors: {**tensors, key: value}
+
+
+def poisoned(value: float):
+    def poison(tensors):
+        tensor = tensors[f"{Q.format(1)}.lora_B.weight"].clone()
+        tensor[3, 1] = value
+        return {**tensors, f"{Q.format(1)}.lora_B.weight": tensor}
+
+    return poison
+
+
+def raw_weights(path: Path, header: dict | bytes, data: bytes, header_len: int | None = None):
+    """A LoRA dir whose adapter_model.safetensors is written byte by byte (a lying header)."""
+    lora_dir(path, BaseFingerprint.from_hf_config(TINY))
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    length = len(raw) if header_len is None else header_len
+    (path / "adapter_model.safetensors").write_bytes(length.to_bytes(8, "little") + raw + data)
+    return path
+
+
+A0 = f"{Q.format(0)}.lora_A.weight"
+
+
+def truncated_weights(path: Path, fp):
+    lora_dir(path, fp)
+    (path / "adapter_model.safetensors").write_bytes(b"\1\0")
+    return path
+
+
+def entry(dtype="F32", shape=(4, 64), offsets=(0, 1024)):
+    return {A0: {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}}
+
+
+def text_config(path: Path, text: str):
+    lora_dir(path, BaseFingerprint.from_hf_config(TINY))
+    (path / "adapter_config.json").write_text(text)
+    return path
+
+
+def extra_file(name: str):
+    def build(path: Path, fp):
+        lora_dir(path, fp)
+        (path / name).write_bytes(b"\x80\x04K\x01.")  # a pickle
+        return path
+
+    return build
+
+
+def with_symlink(path: Path, fp):
+    lora_dir(path, fp)
+    (path / "README.md").symlink_to("/etc/passwd")
+    return path
+
+
+def without_weights(path: Path, fp):
+    lora_dir(path, fp)
+    (path / "adapter_model.safetensors").unlink()
+    return path
+
+
+def bottleneck_dir(path: Path, fp, targets=None, size=8, **config):
+    targets = targets or {"mlp.up_proj": (64, 64)}
+    tensors = bottleneck_tensors(fp, size, targets)
+    return write_adapter(path, bottleneck_config(bottleneck_size=size, **config), tensors)
+
+
+def prompt_dir(path: Path, fp, kind="PROMPT_TUNING", shape=(3, 64), **config):
+    base = {"peft_type": kind, "num_virtual_tokens": 3, "num_transformer_submodules": 1}
+    return write_adapter(path, {**base, **config}, {"prompt_embeddings": torch.randn(shape)})
+
+
+def ia3_dir(path: Path, fp, shape=(32, 1)):
+    tensors = {"base_model.model.model.layers.0.self_attn.k_proj.ia3_l": torch.ones(shape)}
+    return write_adapter(path, {"peft_type": "IA3", "feedforward_modules": ["down_proj"]}, tensors)
+
+
+NEGATIVE = {
+    # adapter_config.json
+    "config-not-json": (lambda p, fp: text_config(p, "{'r': 4"), "adapter_config.json"),
+    "config-not-object": (lambda p, fp: text_config(p, "[1, 2]"), "adapter_config.json"),
+    "unknown-peft-type": (lambda p, fp: lora_dir(p, fp, peft_type="LOHA"), "peft_type"),
+    "missing-peft-type": (lambda p, fp: text_config(p, '{"r": 4}'), "peft_type"),
+    # files
+    "bin-file": (extra_file("adapter_model.bin"), "adapter_model.bin"),
+    "pt-file": (extra_file("weights.pt"), "weights.pt"),
+    "ckpt-file": (extra_file("model.ckpt"), "model.ckpt"),
+    "symlink": (with_symlink, "README.md"),
+    "missing-weights": (without_weights, "adapter_model.safetensors"),
+    # safetensors header (SECURITY row 3)
+    "header-offsets-past-eof": (
+        lambda p, fp: raw_weights(p, entry(offsets=(0, 10**9)), b"\0" * 1024),
+        "adapter_model.safetensors",
+    ),
+    "header-shape-bytes-mismatch": (
+        lambda p, fp: raw_weights(p, entry(shape=(400, 64)), b"\0" * 1024),
+        "adapter_model.safetensors",
+    ),
+    "header-absurd-length": (
+        lambda p, fp: raw_weights(p, entry(), b"\0" * 1024, header_len=2**62),
+        "adapter_model.safetensors",
+    ),
+    "header-not-json": (
+        lambda p, fp: raw_weights(p, b"{not json", b""),
+        "adapter_model.safetensors",
+    ),
+    "header-int-dtype": (
+        lambda p, fp: raw_weights(p, entry(dtype="I32"), b"\0" * 1024),
+        "adapter_model.safetensors",
+    ),
+    "header-truncated": (truncated_weights, "adapter_model.safetensors"),
+    # LoRA values
+    "rank-above-max": (lambda p, fp: lora_dir(p, fp, r=32), "r"),
+    "rank-pattern-above-max": (
+        lambda p, fp: lora_dir(p, fp, rank_pattern={"q_proj": 64}),
+        "rank_pattern",
+    ),
+    "rank-not-int": (lambda p, fp: text_config(p, '{"peft_type": "LORA", "r": "4"}'), "r"),
+    "alpha-nan": (
+        lambda p, fp: text_config(p, '{"peft_type": "LORA", "lora_alpha": NaN}'),
+        "lora_alpha",
+    ),  # fmt: skip
+    "shape-mismatch": (
+        lambda p, fp: lora_dir(p, fp, tensors=with_tensor(A0, torch.randn(4, 63))),
+        A0,
+    ),
+    "rank-disagrees-with-config": (
+        lambda p, fp: lora_dir(p, fp, tensors=with_tensor(A0, torch.randn(3, 64))),
+        A0,
+    ),
+    "fingerprint-hidden-size": (lambda p, fp: lora_dir(p, fp, hidden=96), A0),
+    "layer-beyond-base": (
+        lambda p, fp: lora_dir(
+            p, fp, tensors=with_tensor(A0.replace("layers.0", "layers.7"), torch.randn(4, 64))
+        ),
+        A0.replace("layers.0", "layers.7"),
+    ),  # fmt: skip
+    "nan-weight": (
+        lambda p, fp: lora_dir(p, fp, tensors=poisoned(math.nan)),
+        f"{Q.format(1)}.lora_B.weight",
+    ),  # fmt: skip
+    "inf-weight": (
+        lambda p, fp: lora_dir(p, fp, tensors=poisoned(-math.inf)),
+        f"{Q.format(1)}.lora_B.weight",
+    ),  # fmt: skip
+    "lone-lora-a": (lambda p, fp: lora_dir(p, fp, tensors=lambda t: {A0: t[A0]}), A0),
+    "unknown-module": (
+        lambda p, fp: lora_dir(
+            p,
+            fp,
+            tensors=with_tensor(
+                "base_model.model.model.layers.0.self_attn.rotary.lora_A.weight", torch.ones(4, 64)
+            ),
+        ),
+        "base_model.model.model.layers.0.self_attn.rotary.lora_A.weight",
+    ),  # fmt: skip
+    "embedding-weights": (
+        lambda p, fp: lora_dir(
+            p,
+            fp,
+            tensors=with_tensor(
+                "base_model.model.model.embed_tokens.lora_embedding_A", torch.ones(4, 384)
+            ),
+        ),
+        "base_model.model.model.embed_tokens.lora_embedding_A",
+    ),  # fmt: skip
+    "lora-bias-tensor": (
+        lambda p, fp: lora_dir(
+            p, fp, tensors=with_tensor(f"{Q.format(0)}.lora_B.bias", torch.ones(64))
+        ),
+        f"{Q.format(0)}.lora_B.bias",
+    ),  # fmt: skip
+    # LoRA options we do not serve
+    "dora": (lambda p, fp: lora_dir(p, fp, use_dora=True), "use_dora"),
+    "modules-to-save": (
+        lambda p, fp: lora_dir(p, fp, modules_to_save=["lm_head"]),
+        "modules_to_save",
+    ),  # fmt: skip
+    "embedding-target": (
+        lambda p, fp: lora_dir(p, fp, target_modules=["q_proj", "embed_tokens"]),
+        "target_modules",
+    ),
+    "lm-head-target": (
+        lambda p, fp: lora_dir(p, fp, target_modules=["lm_head"]),
+        "target_modules",
+    ),  # fmt: skip
+    "bias-all": (lambda p, fp: lora_dir(p, fp, bias="all"), "bias"),
+    "fan-in-fan-out": (lambda p, fp: lora_dir(p, fp, fan_in_fan_out=True), "fan_in_fan_out"),
+    "layers-to-transform": (lambda p, fp: lora_dir(p, fp, layers_to_transform=[1]), A0),
+    "bad-pattern-regex": (lambda p, fp: lora_dir(p, fp, alpha_pattern={"(": 2}), "alpha_pattern"),
+    # bottleneck
+    "unknown-non-linearity": (
+        lambda p, fp: bottleneck_dir(p, fp, non_linearity="leaky_softmax"),
+        "non_linearity",
+    ),
+    "learned-scaling": (lambda p, fp: bottleneck_dir(p, fp, scaling="learned"), "scaling"),
+    "bottleneck-size-above-max": (lambda p, fp: bottleneck_dir(p, fp, size=32), "bottleneck_size"),
+    "bottleneck-bias": (lambda p, fp: bottleneck_dir(p, fp, bias="adapter_only"), "bias"),
+    "series-on-attention": (
+        lambda p, fp: bottleneck_dir(p, fp, targets={"self_attn.q_proj": (64, 64)}),
+        "base_model.model.model.layers.0.self_attn.q_proj.adapter_down.weight",
+    ),
+    "series-down-wrong-side": (
+        lambda p, fp: bottleneck_dir(p, fp, targets={"mlp.down_proj": (128, 64)}),
+        "base_model.model.model.layers.0.mlp.down_proj.adapter_down.weight",
+    ),
+    # prefix / prompt / ia3
+    "prefix-projection": (
+        lambda p, fp: prompt_dir(p, fp, "PREFIX_TUNING", (3, 128), prefix_projection=True),
+        "prefix_projection",
+    ),
+    "prefix-token-dim": (
+        lambda p, fp: prompt_dir(p, fp, "PREFIX_TUNING", (3, 256), token_dim=64),
+        "token_dim",
+    ),
+    "prefix-layers": (
+        lambda p, fp: prompt_dir(p, fp, "PREFIX_TUNING", (3, 192), num_layers=3),
+        "num_layers",
+    ),
+    "prefix-shape": (
+        lambda p, fp: prompt_dir(p, fp, "PREFIX_TUNING", (3, 192)),
+        "prompt_embeddings",
+    ),
+    "prompt-hidden-size": (lambda p, fp: prompt_dir(p, fp, shape=(3, 96)), "prompt_embeddings"),
+    "prompt-no-virtual-tokens": (
+        lambda p, fp: prompt_dir(p, fp, num_virtual_tokens=None),
+        "num_virtual_tokens",
+    ),
+    "prompt-encoder-decoder": (
+        lambda p, fp: prompt_dir(p, fp, num_transformer_submodules=2),
+        "num_transformer_submodules",
+    ),
+    "ia3-shape": (
+        lambda p, fp: ia3_dir(p, fp, shape=(1, 64)),
+        "base_model.model.model.layers.0.self_attn.k_proj.ia3_l",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NEGATIVE, ids=list(NEGATIVE))
+def test_refused(tmp_path: Path, fingerprint: BaseFingerprint, case: str):
+    build, param = NEGATIVE[case]
+    directory = build(tmp_path / "adapter", fingerprint)
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "bad", fingerprint, max_rank=8)
+    assert caught.value.param == param
+    message = str(caught.value)
+    assert message and len(message) < 400 and str(tmp_path) not in message
+
+
+@pytest.mark.parametrize("case", [c for c in NEGATIVE if c.startswith("header-")])
+def test_lying_header_refused_before_loading(tmp_path, fingerprint, case, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("tensors loaded despite a lying header")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", never)
+    with pytest.raises(AdapterFormatError):
+        load_adapter(NEGATIVE[case][0](tmp_path / "a", fingerprint), "a", fingerprint, 8)
+
+
+def test_refusal_messages_say_expected_and_got(tmp_path: Path, fingerprint: BaseFingerprint):
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(lora_dir(tmp_path / "a", fingerprint, hidden=96), "a", fingerprint, 8)
+    assert "expected shape (4, 64), got (4, 96)" in str(caught.value)
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(lora_dir(tmp_path / "b", fingerprint, r=32), "b", fingerprint, 8)
+    assert "expected a rank <= 8" in str(caught.value) and "got 32" in str(caught.value)
+
+
+def test_no_pickle_reader_is_used(tmp_path: Path, fingerprint, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr(torch, "load", never)
+    spec = load_adapter(lora_dir(tmp_path / "a", fingerprint), "a", fingerprint, 8)
+    assert spec.kind is AdapterKind.LORA
+    assert not any(name.endswith((".bin", ".pt")) for name in os.listdir(tmp_path / "a"))
+
+
+def test_key_variants_and_frozen_spec(tmp_path: Path, fingerprint: BaseFingerprint):
+    """Keys with the adapter-name segment or without the base_model.model prefix also load."""
+    config, tensors = lora_files(fingerprint)
+    renamed = {
+        key.replace("lora_A.weight", "lora_A.default.weight").replace("base_model.model.", ""): v
+        for key, v in tensors.items()
+    }
+    spec = load_adapter(write_adapter(tmp_path / "a", config, renamed), "a", fingerprint, 8)
+    assert set(spec.modules) == {(0, "q"), (1, "q")}
+    assert torch.equal(spec.modules[1, "q"].b, tensors[f"{Q.format(1)}.lora_B.weight"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.rank = 2
+    with pytest.raises(TypeError):
+        spec.modules[0, "k"] = spec.modules[0, "q"]
