@@ -1,0 +1,204 @@
+"""The slot pool: every adapter's weights stacked per (layer, target) on the device.
+
+Hot-swap is a copy into a slot, never a reallocation (vLLM's `set` / `reset` per slot): all
+stacks are allocated once, and a request's tokens carry the slot index (-1 = base model) that
+the kernels gather by.
+
+Stacks per (layer, target), S = num_slots, r = max_rank, (in, out) = the base linear's shape:
+- `post`: LoRA and parallel bottleneck share one `ModuleStack` A (S, r, in), B (S, out, r):
+  both are y += s * B f(A x) on the linear's input, LoRA being f = identity. One slot holds
+  one adapter, so a slot is either LoRA or parallel on it.
+- `series_in` (gate, up): series bottleneck on the input side (in -> in); `series_out`
+  (down): series bottleneck on the output side (out -> out).
+- `ia3_in` / `ia3_out`: IA3 vectors (S, in) / (S, out), 1.0 where no IA3 adapter is loaded.
+Memory: S * r * (in + out) elements per post stack, S * r * 2d per series stack, S * (in + out)
+for IA3; e.g. SmolLM2-135M (30 layers, hidden 576, kv 192, intermediate 1536) with S = 8,
+r = 16: 52M elements, about 210 MB in fp32 (105 MB in bf16). Allocating lazily per used
+(layer, target) would cut that when adapters touch few modules; not needed yet.
+
+Rows beyond a slot's rank are kept zero (the reference ops compute on them); `clear` zeroes a
+slot everywhere, `load` clears then copies. Prefix and prompt adapters act at admission (K/V
+and embeddings), so the pool only records their kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters.spec import (
+    TARGETS,
+    AdapterKind,
+    AdapterSpec,
+    BaseFingerprint,
+    BottleneckWeights,
+    IA3Weights,
+    LoraWeights,
+    adapter_io,
+)
+from kernels import Activation
+
+SERIES_PLACEMENT = {"gate": "input", "up": "input", "down": "output"}
+
+
+@dataclass(eq=False)
+class ModuleStack:
+    """y += scalings[s] * B[s] f_s(A[s] u) for the tokens of slot s; A (S, r, d_in), B (S, d_out, r)."""
+
+    a: torch.Tensor  # (S, r_max, d_in)
+    b: torch.Tensor  # (S, d_out, r_max)
+    ranks: torch.Tensor  # (S,) int32, 0 = nothing loaded for this module
+    scalings: torch.Tensor  # (S,) fp32
+    activations: torch.Tensor  # (S,) int32 Activation codes
+    loaded: set[int] = field(default_factory=set)  # slots with rank > 0 here
+    nonlinear: set[int] = field(default_factory=set)  # loaded slots with f != identity
+
+    @classmethod
+    def empty(cls, slots: int, r_max: int, d_in: int, d_out: int, device, dtype) -> ModuleStack:
+        def zeros(*shape, dtype=dtype):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return cls(
+            a=zeros(slots, r_max, d_in),
+            b=zeros(slots, d_out, r_max),
+            ranks=zeros(slots, dtype=torch.int32),
+            scalings=zeros(slots, dtype=torch.float32),
+            activations=zeros(slots, dtype=torch.int32),
+        )
+
+    def set(self, slot: int, down: torch.Tensor, up: torch.Tensor, scaling: float, f: int) -> None:
+        rank = down.shape[0]
+        self.a[slot, :rank].copy_(down)  # (r, d_in)
+        self.b[slot, :, :rank].copy_(up)  # (d_out, r)
+        self.ranks[slot], self.scalings[slot], self.activations[slot] = rank, scaling, int(f)
+        self.loaded.add(slot)
+        if f != Activation.IDENTITY:
+            self.nonlinear.add(slot)
+
+    def reset(self, slot: int) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.ranks[slot], self.scalings[slot], self.activations[slot] = 0, 0.0, 0
+        self.loaded.discard(slot)
+        self.nonlinear.discard(slot)
+
+
+@dataclass(eq=False)
+class VectorStack:
+    """IA3: x[t] * vectors[slot_ids[t]]; vectors (S, d), 1.0 for slots without IA3 here."""
+
+    vectors: torch.Tensor  # (S, d)
+    loaded: set[int] = field(default_factory=set)
+
+    def set(self, slot: int, vector: torch.Tensor) -> None:
+        self.vectors[slot].copy_(vector)
+        self.loaded.add(slot)
+
+    def reset(self, slot: int) -> None:
+        self.vectors[slot].fill_(1.0)
+        self.loaded.discard(slot)
+
+
+class AdapterPool:
+    """Preallocated slot stacks for every (layer, target); `load` / `clear` swap slots in place."""
+
+    def __init__(
+        self,
+        fingerprint: BaseFingerprint,
+        num_slots: int,
+        max_rank: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        if num_slots <= 0 or max_rank <= 0:
+            raise ValueError(
+                f"expected num_slots > 0 and max_rank > 0, got {num_slots} and {max_rank}"
+            )
+        self.fingerprint, self.num_slots, self.max_rank = fingerprint, num_slots, max_rank
+        self.device, self.dtype = torch.device(device), dtype
+        self.kinds: list[AdapterKind | None] = [None] * num_slots
+        self.names: list[str | None] = [None] * num_slots
+        self.post: dict[tuple[int, str], ModuleStack] = {}
+        self.series_in: dict[tuple[int, str], ModuleStack] = {}
+        self.series_out: dict[tuple[int, str], ModuleStack] = {}
+        self.ia3_in: dict[tuple[int, str], VectorStack] = {}
+        self.ia3_out: dict[tuple[int, str], VectorStack] = {}
+        for layer in range(fingerprint.num_layers):
+            for target in TARGETS:
+                self._allocate(layer, target)
+
+    def _allocate(self, layer: int, target: str) -> None:
+        key, (d_in, d_out) = (layer, target), self.fingerprint.in_out(target)
+        args = (self.num_slots, self.max_rank)
+        self.post[key] = ModuleStack.empty(*args, d_in, d_out, self.device, self.dtype)
+        if target in SERIES_PLACEMENT:
+            d = adapter_io(self.fingerprint, target, SERIES_PLACEMENT[target])[0]
+            series = self.series_in if SERIES_PLACEMENT[target] == "input" else self.series_out
+            series[key] = ModuleStack.empty(*args, d, d, self.device, self.dtype)
+        ones = torch.ones(self.num_slots, d_in, dtype=self.dtype, device=self.device)
+        self.ia3_in[key] = VectorStack(ones)
+        self.ia3_out[key] = VectorStack(ones.new_ones(self.num_slots, d_out))
+
+    def kind_of(self, slot: int) -> AdapterKind | None:
+        """The kind loaded in `slot`, None when it is free."""
+        self._check_slot(slot)
+        return self.kinds[slot]
+
+    def load(self, slot: int, spec: AdapterSpec) -> None:
+        """Copy `spec` into `slot` (replacing what was there); ValueError when it does not fit."""
+        self._check_slot(slot)
+        self._check_fits(spec)
+        self.clear(slot)
+        for (layer, target), weights in spec.modules.items():
+            self._set_module(slot, layer, target, weights)
+        self.kinds[slot], self.names[slot] = spec.kind, spec.name
+
+    def clear(self, slot: int) -> None:
+        """Empty `slot`: zero ranks and weights, IA3 vectors back to 1.0."""
+        self._check_slot(slot)
+        for stacks in (self.post, self.series_in, self.series_out, self.ia3_in, self.ia3_out):
+            for stack in stacks.values():
+                if slot in stack.loaded:
+                    stack.reset(slot)
+        self.kinds[slot] = self.names[slot] = None
+
+    def _set_module(self, slot: int, layer: int, target: str, weights) -> None:
+        key = (layer, target)
+        if isinstance(weights, LoraWeights):
+            self.post[key].set(slot, weights.a, weights.b, weights.scaling, Activation.IDENTITY)
+        elif isinstance(weights, BottleneckWeights):
+            stacks = {"parallel": self.post, "input": self.series_in, "output": self.series_out}
+            stack = stacks[weights.placement][key]
+            stack.set(slot, weights.down, weights.up, weights.scaling, weights.activation)
+        elif isinstance(weights, IA3Weights):
+            stacks = self.ia3_in if weights.placement == "input" else self.ia3_out
+            stacks[key].set(slot, weights.vector)
+        else:
+            raise ValueError(f"{layer}.{target}: unsupported module weights {type(weights)}")
+
+    def _check_slot(self, slot: int) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot: expected an int in [0, {self.num_slots}), got {slot!r}")
+
+    def _check_fits(self, spec: AdapterSpec) -> None:
+        if spec.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"adapter {spec.name!r} was validated for base {spec.fingerprint}, "
+                f"expected {self.fingerprint}"
+            )
+        if spec.rank > self.max_rank:
+            raise ValueError(
+                f"adapter {spec.name!r}: expected rank <= {self.max_rank}, got {spec.rank}"
+            )
+        for (layer, target), weights in spec.modules.items():
+            if not 0 <= layer < self.fingerprint.num_layers or target not in TARGETS:
+                raise ValueError(f"adapter {spec.name!r}: no module {layer}.{target} in the base")
+            if isinstance(weights, BottleneckWeights) and weights.placement not in (
+                "parallel",
+                SERIES_PLACEMENT.get(target),
+            ):
+                raise ValueError(
+                    f"adapter {spec.name!r}: {weights.placement} placement on {target} is not "
+                    f"served, expected {SERIES_PLACEMENT.get(target, 'parallel')!r}"
+                )
