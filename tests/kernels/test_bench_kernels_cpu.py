@@ -1,0 +1,141 @@
+"""The GPU benchmark's plumbing on CPU: one tiny case per adapter op through the Triton
+interpreter (inputs, popularity mixes, bytes-moved arithmetic, correctness check); timing is
+replaced by a single call. The numbers themselves need a GPU: benchmarks/bench_kernels.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.kernels.conftest import HAS_TRITON  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
+COPY_BYTES_PER_S = 1e9
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_call(fn) -> float:
+    """Stands in for the timer: runs once, reports 1 ms."""
+    fn()
+    return 1.0
+
+
+@pytest.mark.parametrize(
+    ("pattern", "batch", "pool", "counts"),
+    [
+        ("distinct", 8, 64, [1] * 8),
+        ("distinct", 8, 3, [3, 3, 2]),
+        ("uniform", 16, 64, [4, 4, 4, 4]),
+        ("uniform", 10, 64, [3, 3, 2, 2]),
+        ("skewed", 16, 64, [9, 3, 2, 1, 1]),  # 1, 1, 2, 3, 5 (=12); the 4 left to the largest
+        ("skewed", 16, 3, [14, 1, 1]),
+        ("identical", 16, 64, [16]),
+        ("skewed", 1, 64, [1]),
+    ],
+)
+def test_popularity_mixes(bench, pattern, batch, pool, counts):
+    assert bench.popularity_counts(pattern, batch, pool) == counts
+    slots = bench.popularity_slots(pattern, batch, pool)
+    assert slots.dtype == torch.int32 and slots.shape == (batch,)
+    assert torch.bincount(slots.long()).tolist() == counts
+
+
+def test_lora_bytes(bench):
+    shape = bench.LoraShape("t", 32, (16, 8))
+    slot_ids = torch.tensor([0, 1, -1, 1, 0], dtype=torch.int32)
+    # 2 adapters * r4 * (2 slices * 32 in + 24 out) + 4 adapter tokens * (32 + 2 * 24), in bf16
+    assert bench.lora_bytes(shape, 4, slot_ids, 2) == (2 * 4 * (64 + 24) + 4 * (32 + 48)) * 2
+
+
+def test_lora_case(bench):
+    shape = bench.LoraShape("tiny_qkv", 40, (24, 8, 8))  # packed, sizes off the block sizes
+    rows = bench.bench_lora_case(
+        shape, 5, 6, "skewed", 64, torch.bfloat16, COPY_BYTES_PER_S, "cpu", one_call
+    )
+    assert [r["variant"] for r in rows] == ["per_token", "segmented"]
+    expected_bytes = bench.lora_bytes(shape, 5, bench.popularity_slots("skewed", 6, 64), 2)
+    for row in rows:
+        assert row["bytes"] == expected_bytes and row["distinct"] == 3  # counts 3, 1, 2 -> 3
+        assert row["gb_per_s"] == pytest.approx(expected_bytes / 1e-3 / 1e9)
+        assert row["speedup"] == 1.0
+    # T=6 < SEGMENTED_MIN_TOKENS: the public op runs per-token, and the aims are judged there
+    assert [r["dispatched"] for r in rows] == [True, False]
+    assert rows[0]["aim_met"] is not None and rows[1]["aim_met"] is None
+    assert "MISS" in bench.format_row(rows[0]) or "ok" in bench.format_row(rows[0])
+
+
+def test_lora_case_single_slice(bench):
+    shape = bench.LoraShape("tiny_down", 24, (16,))
+    rows = bench.bench_lora_case(
+        shape, 4, 3, "distinct", 8, torch.float16, COPY_BYTES_PER_S, "cpu", one_call
+    )
+    assert len(rows) == 2 and rows[0]["distinct"] == 3
+
+
+def test_lora_check_catches_a_wrong_kernel(bench, monkeypatch):
+    right_expand = bench.lora.lora_expand_per_token
+
+    def wrong_expand(y, *args, **kwargs):
+        return right_expand(y, *args, **kwargs).add_(1.0)
+
+    monkeypatch.setattr(bench.lora, "lora_expand_per_token", wrong_expand)
+    shape = bench.LoraShape("tiny", 16, (8,))
+    with pytest.raises(AssertionError, match="per_token"):
+        bench.bench_lora_case(
+            shape, 4, 2, "identical", 1, torch.float32, COPY_BYTES_PER_S, "cpu", one_call
+        )
+
+
+def test_bottleneck_case(bench, monkeypatch):
+    monkeypatch.setitem(bench.BOTTLENECK_SHAPES, "tiny", (24, 40))
+    row = bench.bench_bottleneck_case(
+        "tiny", 4, bench.Activation.GELU, torch.bfloat16, COPY_BYTES_PER_S, rank=6,
+        device="cpu", timer=one_call,
+    )  # fmt: skip
+    # uniform over 4 tokens: 2 adapters; each reads down and up at rank 6
+    assert row["distinct"] == 2
+    assert row["bytes"] == (2 * 6 * (24 + 40) + 4 * 24 + 4 * 40) * 2
+
+
+def test_ia3_case(bench):
+    row = bench.bench_ia3_case(40, 5, torch.float16, COPY_BYTES_PER_S, device="cpu", timer=one_call)
+    assert row["distinct"] == 3  # ceil(sqrt(5))
+    assert row["bytes"] == (2 * 5 * 40 + 3 * 40) * 2
+
+
+def test_tables_cover_rows(bench):
+    assert set(bench.TABLES) == set(bench.BENCHES)
+    assert bench.parse_ops(["lora,ia3", "attention", "lora"]) == ["lora", "ia3", "attention"]
+    with pytest.raises(SystemExit):
+        bench.parse_ops(["nope"])
+
+
+def test_e2e_decode_plumbing(bench):
+    """The e2e driver (random model on meta -> device, scheduler, greedy decode) on a tiny model."""
+    from server.model.llama import KVCache, ModelArgs
+
+    args = ModelArgs(vocab_size=128, dim=32, intermediate_size=64, n_layers=2, n_heads=4,
+                     n_kv_heads=2, head_dim=8)  # fmt: skip
+    model = bench.build_random_model(args, torch.float32, device="cpu")
+    assert torch.isfinite(model.inv_freq).all() and model.layers[0].self_attn.wqkv is not None
+    cache = KVCache(args, 16, 4, torch.float32, "cpu")
+    result = bench.run_decode(model, cache, 3, 5, 4, block_size=4, num_blocks=16)
+    assert result["decode_steps"] == 3 and result["decode_tokens"] == 9  # token 1 from prefill
+    assert result["decode_tok_s"] > 0 and result["total_tok_s"] > 0
