@@ -1,0 +1,520 @@
+"""Durable on-disk adapter store: one directory per adapter under `root/<name>/`.
+
+Uploads are unpacked into a fresh staging directory inside the root (`root/.staging/<uuid>`),
+validated there, and moved into place with a directory rename (same filesystem, so atomic).
+Nothing is ever written outside the staging directory of the upload in progress:
+
+- file names must be bare, allow-listed names (`adapters.formats.ALLOWED_FILES`);
+- archives (.zip / .tar.gz / .tgz) are never `extractall`-ed: every member is checked (no
+  absolute paths, drive letters, backslashes, `..`, NUL, links, devices), then its bytes are
+  read and written by us to `staging/<basename>` with O_EXCL | O_NOFOLLOW;
+- bytes are counted while streaming (upload cap) and while decompressing (extracted cap and
+  member count cap), so a zip / gzip bomb is refused with 413 before it fills the disk.
+
+Errors are `StoreError(status, param, message)`; messages never contain a server path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import re
+import shutil
+import stat
+import tarfile
+import threading
+import uuid
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from adapters.formats import ALLOWED_FILES
+
+__all__ = ["StoreError", "StoredAdapter", "AdapterStore", "NAME_RE", "validate_name"]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CHUNK = 1 << 20
+DEFAULT_MAX_MEMBERS = 64
+ZIP_SUFFIXES = (".zip",)
+TAR_SUFFIXES = (".tar.gz", ".tgz")
+_STAGING = ".staging"
+_REPLACED = ".replaced"  # old versions moved aside during a replace (restored after a crash)
+_DELETED = ".deleted"  # deleted adapters moved aside before removal (purged after a crash)
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+
+
+class StoreError(Exception):
+    """A refused store operation; `status` is the HTTP status, `param` the offending field."""
+
+    def __init__(self, status: int, param: str | None, message: str):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class StoredAdapter:
+    name: str
+    path: Path
+    size_bytes: int
+    created: float  # directory mtime, seconds since the epoch
+
+
+def _show(text: str, limit: int = 80) -> str:
+    """A client-supplied name, truncated and quoted, safe to put in a message."""
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def validate_name(name: object) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name or "\x00" in name:
+        shown = _show(name) if isinstance(name, str) else type(name).__name__
+        raise StoreError(
+            400,
+            "name",
+            f"invalid adapter name {shown}: expected 1-64 characters of letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit, without '..'",
+        )
+    return name
+
+
+def _check_bare_filename(filename: object, param: str) -> str:
+    if not isinstance(filename, str) or filename not in ALLOWED_FILES:
+        shown = _show(filename) if isinstance(filename, str) else type(filename).__name__
+        raise StoreError(
+            400,
+            param,
+            f"unexpected file {shown}: expected only files named {sorted(ALLOWED_FILES)} "
+            "(weights as safetensors, never pickle .bin/.pt/.ckpt), without any folder",
+        )
+    # ALLOWED_FILES are plain names, but never trust an allow-list to stay that way.
+    if "/" in filename or "\\" in filename or "\x00" in filename or filename in (".", ".."):
+        raise StoreError(400, param, f"unexpected file name {_show(filename)}")
+    return filename
+
+
+def _write_capped(
+    target: Path, stream: BinaryIO, budget: list[int], param: str, what: str, limit: int
+) -> None:
+    """Copy `stream` to a new file `target` in chunks; budget[0] is the bytes still allowed."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(target, flags, 0o644)
+    with os.fdopen(fd, "wb") as out:
+        while True:
+            chunk = stream.read(min(CHUNK, budget[0] + 1))
+            if not chunk:
+                break
+            budget[0] -= len(chunk)
+            if budget[0] < 0:
+                raise StoreError(413, param, f"{what} too large: expected at most {limit} bytes")
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+class _CappedReader(io.RawIOBase):
+    """A read-only stream that raises 413 once more than `limit` bytes have been read."""
+
+    def __init__(self, raw: BinaryIO, limit: int):
+        self._raw = raw
+        self._left = limit
+        self._limit = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._left + 1
+        data = self._raw.read(min(size, self._left + 1))
+        self._left -= len(data)
+        if self._left < 0:
+            raise StoreError(
+                413, "archive", f"archive expands beyond {self._limit} bytes: refusing it"
+            )
+        return data
+
+    def readinto(self, buffer) -> int:  # pragma: no cover - tarfile uses read()
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _Extractor:
+    """Checks archive members one by one and writes accepted files to `staging/<basename>`.
+
+    Layout: all files at the top level, or all inside exactly one top-level folder.
+    """
+
+    def __init__(self, staging: Path, max_bytes: int, max_members: int):
+        self.staging = staging
+        self.real_staging = staging.resolve()
+        self.budget = [max_bytes]
+        self.max_bytes = max_bytes
+        self.max_members = max_members
+        self.members = 0
+        self.folder: str | None = None  # "" = flat layout, else the one top-level folder
+        self.seen: set[str] = set()
+
+    @staticmethod
+    def refuse(member: str, why: str) -> StoreError:
+        return StoreError(
+            400,
+            "archive",
+            f"archive member {_show(member)} refused: {why}; expected {sorted(ALLOWED_FILES)} "
+            "at the top level or inside one top-level folder",
+        )
+
+    def count(self) -> None:
+        self.members += 1
+        if self.members > self.max_members:
+            raise StoreError(
+                413, "archive", f"archive has too many members: expected at most {self.max_members}"
+            )
+
+    def parts(self, member: str) -> list[str]:
+        """Path components of a member name, or a 400 for anything that could escape."""
+        if not member or "\x00" in member or "\\" in member:
+            raise self.refuse(member, "empty name, NUL or backslash")
+        if member.startswith("/") or _DRIVE_RE.match(member):
+            raise self.refuse(member, "absolute path")
+        name = member
+        while name.startswith("./"):
+            name = name[2:]
+        name = name.rstrip("/")
+        if name in ("", "."):
+            return []
+        parts = name.split("/")
+        for part in parts:
+            if part in ("", ".", ".."):
+                raise self.refuse(member, "'..', '.' or empty path component")
+        return parts
+
+    def directory(self, member: str) -> None:
+        parts = self.parts(member)
+        if not parts:
+            return
+        if len(parts) > 1:
+            raise self.refuse(member, "nested folders")
+        self._layout(member, parts[0])
+
+    def _layout(self, member: str, folder: str) -> None:
+        if self.folder is None:
+            self.folder = folder
+        elif self.folder != folder:
+            raise self.refuse(member, "files at more than one level or in several folders")
+
+    def file(self, member: str, stream: BinaryIO) -> None:
+        parts = self.parts(member)
+        if not parts:
+            raise self.refuse(member, "not a file name")
+        if len(parts) > 2:
+            raise self.refuse(member, "nested folders")
+        self._layout(member, parts[0] if len(parts) == 2 else "")
+        base = parts[-1]
+        if base not in ALLOWED_FILES:
+            raise self.refuse(member, "file name not allowed (weights as safetensors only)")
+        if base in self.seen:
+            raise self.refuse(member, "duplicate file")
+        self.seen.add(base)
+        target = self.staging / base
+        real = target.resolve()
+        if real.parent != self.real_staging or not real.is_relative_to(self.real_staging):
+            raise self.refuse(member, "resolves outside the upload")
+        _write_capped(target, stream, self.budget, "archive", "archive contents", self.max_bytes)
+
+    def finish(self) -> None:
+        if not self.seen:
+            raise StoreError(400, "archive", "archive holds no adapter files")
+
+
+class AdapterStore:
+    def __init__(
+        self,
+        root: Path,
+        max_upload_bytes: int,
+        max_adapters: int | None = None,
+        *,
+        max_extracted_bytes: int | None = None,
+        max_archive_members: int = DEFAULT_MAX_MEMBERS,
+    ):
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root.resolve()
+        self.max_upload_bytes = max_upload_bytes
+        self.max_adapters = max_adapters
+        self.max_extracted_bytes = (
+            max_upload_bytes if max_extracted_bytes is None else max_extracted_bytes
+        )
+        self.max_archive_members = max_archive_members
+        self._lock = threading.Lock()
+        self._recover()
+
+    # ---- crash recovery -------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Drop leftover staging and deletions; put back an old version whose replace crashed."""
+        shutil.rmtree(self.root / _STAGING, ignore_errors=True)
+        shutil.rmtree(self.root / _DELETED, ignore_errors=True)
+        replaced = self.root / _REPLACED
+        if replaced.is_dir():
+            for holder in replaced.iterdir():
+                for old in holder.iterdir() if holder.is_dir() else ():
+                    dest = self.root / old.name
+                    if NAME_RE.fullmatch(old.name) and not os.path.lexists(dest):
+                        os.rename(old, dest)
+            shutil.rmtree(replaced, ignore_errors=True)
+        (self.root / _STAGING).mkdir(exist_ok=True)
+
+    # ---- staging --------------------------------------------------------------------------
+    def new_staging(self) -> Path:
+        staging = self.root / _STAGING / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        return staging
+
+    @contextlib.contextmanager
+    def stage(self) -> Iterator[Path]:
+        """A fresh staging directory inside the root; removed on exit unless committed."""
+        staging = self.new_staging()
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(self._own_staging(staging), ignore_errors=True)
+
+    def _own_staging(self, staging: Path) -> Path:
+        staging = Path(staging)
+        if staging.is_symlink() or staging.resolve().parent != self.root / _STAGING:
+            raise ValueError("not a staging directory of this store")
+        return staging
+
+    @contextlib.contextmanager
+    def _cleanup_on_error(self, staging: Path) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    # ---- uploads --------------------------------------------------------------------------
+    def add_files(self, staging: Path, files: Iterable[tuple[str, BinaryIO]]) -> None:
+        """Store uploaded files under their own (bare, allow-listed) names; cap total bytes."""
+        staging = self._own_staging(staging)
+        with self._cleanup_on_error(staging):
+            budget = [self.max_upload_bytes]
+            seen: set[str] = set()
+            for filename, stream in files:
+                _check_bare_filename(filename, "files")
+                if filename in seen:
+                    raise StoreError(400, "files", f"duplicate file {_show(filename)}")
+                seen.add(filename)
+                _write_capped(
+                    staging / filename, stream, budget, "files", "upload", self.max_upload_bytes
+                )
+            if not seen:
+                raise StoreError(400, "files", "no files uploaded: expected adapter files")
+
+    def add_archive(self, staging: Path, filename: str, stream: BinaryIO) -> None:
+        """Unpack one .zip / .tar.gz / .tgz archive into `staging` after checking every member."""
+        staging = self._own_staging(staging)
+        with self._cleanup_on_error(staging):
+            lower = filename.lower() if isinstance(filename, str) else ""
+            if lower.endswith(ZIP_SUFFIXES):
+                kind = "zip"
+            elif lower.endswith(TAR_SUFFIXES):
+                kind = "tar"
+            else:
+                shown = _show(filename) if isinstance(filename, str) else "?"
+                raise StoreError(
+                    400, "archive", f"unsupported archive {shown}: expected .zip, .tar.gz or .tgz"
+                )
+            # The archive itself lives beside the staging dir while it is unpacked.
+            archive = staging.with_name(staging.name + ".upload")
+            try:
+                _write_capped(
+                    archive, stream, [self.max_upload_bytes], "archive", "upload",
+                    self.max_upload_bytes,
+                )  # fmt: skip
+                extractor = _Extractor(staging, self.max_extracted_bytes, self.max_archive_members)
+                if kind == "zip":
+                    self._unzip(archive, extractor)
+                else:
+                    self._untar(archive, extractor)
+                extractor.finish()
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    archive.unlink()
+
+    def _unzip(self, archive: Path, extractor: _Extractor) -> None:
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                infos = zf.infolist()
+                if len(infos) > extractor.max_members:
+                    extractor.members = len(infos) - 1
+                    extractor.count()
+                declared = sum(info.file_size for info in infos)
+                if declared > extractor.max_bytes:
+                    raise StoreError(
+                        413,
+                        "archive",
+                        f"archive expands to {declared} bytes: expected at most "
+                        f"{extractor.max_bytes}",
+                    )
+                for info in infos:
+                    extractor.count()
+                    mode = (info.external_attr >> 16) & 0xFFFF
+                    fmt = stat.S_IFMT(mode)
+                    if fmt == stat.S_IFLNK:
+                        raise extractor.refuse(info.filename, "symbolic link")
+                    if fmt not in (0, stat.S_IFREG, stat.S_IFDIR):
+                        raise extractor.refuse(info.filename, "not a regular file")
+                    if info.flag_bits & 0x1:
+                        raise extractor.refuse(info.filename, "encrypted")
+                    if info.is_dir() or fmt == stat.S_IFDIR:
+                        if info.file_size:
+                            raise extractor.refuse(info.filename, "folder with content")
+                        extractor.directory(info.filename)
+                        continue
+                    extractor.parts(info.filename)  # name checks before decompressing
+                    with zf.open(info) as member:
+                        extractor.file(info.filename, member)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError):
+            raise StoreError(400, "archive", "unreadable zip archive") from None
+        except NotImplementedError:
+            raise StoreError(400, "archive", "unsupported zip compression method") from None
+
+    def _untar(self, archive: Path, extractor: _Extractor) -> None:
+        # Decompress through a capped reader and read the tar as a stream, so neither member
+        # data nor pax headers can expand past the limit before we notice.
+        overhead = (extractor.max_members + 4) * 2048 + tarfile.RECORDSIZE
+        try:
+            with gzip.open(archive, "rb") as gz:
+                capped = _CappedReader(gz, extractor.max_bytes + overhead)
+                with tarfile.open(fileobj=capped, mode="r|") as tf:
+                    while True:
+                        member = tf.next()
+                        if member is None:
+                            break
+                        extractor.count()
+                        name = member.name
+                        if member.issym() or member.islnk():
+                            raise extractor.refuse(name, "link")
+                        if member.isdir():
+                            extractor.directory(name)
+                            continue
+                        if not member.isreg() or member.sparse is not None:
+                            raise extractor.refuse(name, "device, fifo or special file")
+                        extractor.parts(name)
+                        if member.size > extractor.budget[0]:
+                            raise StoreError(
+                                413,
+                                "archive",
+                                f"archive contents too large: expected at most "
+                                f"{extractor.max_bytes} bytes",
+                            )
+                        data = tf.extractfile(member)
+                        if data is None:  # pragma: no cover - isreg() members always have data
+                            raise extractor.refuse(name, "no data")
+                        extractor.file(name, data)
+        except (tarfile.TarError, gzip.BadGzipFile, zlib.error, EOFError):
+            raise StoreError(400, "archive", "unreadable .tar.gz archive") from None
+
+    # ---- committed adapters ---------------------------------------------------------------
+    def _names(self) -> list[str]:
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if NAME_RE.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()
+        )
+
+    def commit(self, staging: Path, name: str, replace: bool = False) -> Path:
+        """Move a filled staging directory to `root/<name>` (409 on duplicate or store full)."""
+        staging = self._own_staging(staging)
+        with self._cleanup_on_error(staging):
+            validate_name(name)
+            dest = self.root / name
+            with self._lock:
+                exists = os.path.lexists(dest)
+                if exists and not replace:
+                    raise StoreError(
+                        409, "name", f"adapter {name!r} already exists: pass replace=true"
+                    )
+                if (
+                    not exists
+                    and self.max_adapters is not None
+                    and len(self._names()) >= self.max_adapters
+                ):
+                    raise StoreError(
+                        409,
+                        "name",
+                        f"the store is full ({self.max_adapters} adapters): delete one first",
+                    )
+                if not exists:
+                    os.rename(staging, dest)
+                else:
+                    holder = self.root / _REPLACED / uuid.uuid4().hex
+                    holder.mkdir(parents=True)
+                    aside = holder / name
+                    os.rename(dest, aside)
+                    try:
+                        os.rename(staging, dest)
+                    except BaseException:
+                        os.rename(aside, dest)
+                        raise
+                    shutil.rmtree(holder, ignore_errors=True)
+                self._fsync_root()
+        return dest
+
+    def _fsync_root(self) -> None:
+        with contextlib.suppress(OSError):
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def delete(self, name: str) -> None:
+        validate_name(name)
+        with self._lock:
+            dest = self.root / name
+            if not dest.is_dir() or dest.is_symlink():
+                raise StoreError(404, "name", f"adapter {name!r} not found")
+            holder = self.root / _DELETED / uuid.uuid4().hex
+            holder.mkdir(parents=True)
+            os.rename(dest, holder / name)
+            self._fsync_root()
+        shutil.rmtree(holder, ignore_errors=True)
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.path(name)
+        except StoreError:
+            return False
+        return True
+
+    def path(self, name: str) -> Path:
+        validate_name(name)
+        dest = self.root / name
+        if not dest.is_dir() or dest.is_symlink():
+            raise StoreError(404, "name", f"adapter {name!r} not found")
+        return dest
+
+    def list(self) -> list[StoredAdapter]:
+        out = []
+        for name in self._names():
+            path = self.root / name
+            try:
+                size = sum(
+                    entry.lstat().st_size for entry in path.iterdir() if not entry.is_symlink()
+                )
+                created = path.stat().st_mtime
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+            out.append(StoredAdapter(name, path, size, created))
+        return out
