@@ -323,8 +323,9 @@ class Transformer(nn.Module):
         """Runs the batch, filling the cache; returns fp32 logits (N, vocab) for batch.logits_indices."""
         x = self.embed_tokens(batch.token_ids) if embeds is None else embeds  # (T, dim)
         rope = self.rope(batch.positions)
-        for block in self.layers:
-            x = block(x, rope, cache, batch, self.hooks)
+        hooks = self.hooks if self.hooks is not None and bool((batch.slot_ids >= 0).any()) else None
+        for block in self.layers:  # a step with no adapter token keeps the fused fast path
+            x = block(x, rope, cache, batch, hooks)
         x = self.norm(x[batch.logits_indices])  # (N, dim)
         head = self.lm_head if self.head is None else self.head
         return head(x).float()  # (N, vocab)
