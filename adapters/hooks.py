@@ -44,7 +44,7 @@ class PoolHooks:
         series = self.pool.series_in.get(key)
         if series is not None and series.loaded & slots:
             x = add_delta(x, x, series, batch.slot_ids)
-        return scale(x, self.pool.ia3_in[key], slots, batch.slot_ids)
+        return scale(x, self.pool.ia3_in.get(key), slots, batch.slot_ids)
 
     def post(
         self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor, batch: SlotBatch
@@ -53,13 +53,23 @@ class PoolHooks:
         if not slots:
             return y
         key = (layer, target)
-        post = self.pool.post[key]
-        if post.loaded & slots:
+        post = self.pool.post.get(key)
+        if post is not None and post.loaded & slots:
             y = add_delta(y, x, post, batch.slot_ids)
         series = self.pool.series_out.get(key)
         if series is not None and series.loaded & slots:
             y = add_delta(y, y, series, batch.slot_ids)
-        return scale(y, self.pool.ia3_out[key], slots, batch.slot_ids)
+        return scale(y, self.pool.ia3_out.get(key), slots, batch.slot_ids)
+
+    def acts_before(self, layer: int, targets: tuple[str, ...], batch: SlotBatch) -> bool:
+        """Whether `pre` changes any of `targets`' input (series input-side, IA3 input) here."""
+        slots = self._batch_slots(batch)
+        for target in targets:
+            for stack in (self.pool.series_in.get((layer, target)),
+                          self.pool.ia3_in.get((layer, target))):
+                if stack is not None and stack.loaded & slots:
+                    return True
+        return False
 
     def _batch_slots(self, batch: SlotBatch) -> frozenset[int]:
         """Adapter slots used by the batch's tokens; one device read per batch, not per call."""
@@ -75,17 +85,15 @@ def add_delta(
 ) -> torch.Tensor:
     """y + scalings[s] * B[s] f_s(A[s] u) per token (fp32), in y's dtype; a new tensor."""
     activations = stack.activations if stack.nonlinear else None  # identity: skip f entirely
-    h = kernels.lora_shrink(u, stack.a, slot_ids, stack.ranks, stack.scalings, activations)
-    out = y.float()  # (T, d_out) fp32 copy (or y itself when already fp32: copy below)
-    out = out.clone() if out is y else out
-    kernels.lora_expand(out, h, stack.b, slot_ids, stack.ranks, 0, stack.b.shape[1])
-    return out.to(y.dtype)
+    return kernels.add_delta(
+        y, u, stack.a, stack.b, slot_ids, stack.ranks, stack.scalings, activations
+    )
 
 
 def scale(
-    x: torch.Tensor, stack: VectorStack, slots: frozenset[int], slot_ids: torch.Tensor
+    x: torch.Tensor, stack: VectorStack | None, slots: frozenset[int], slot_ids: torch.Tensor
 ) -> torch.Tensor:
     """IA3: x * vectors[slot] for tokens whose slot has a vector here; x unchanged otherwise."""
-    if not stack.loaded & slots:
+    if stack is None or not stack.loaded & slots:
         return x
     return kernels.ia3_scale(x, stack.vectors, slot_ids)

@@ -13,12 +13,14 @@ Stacks per (layer, target), S = num_slots, r = max_rank, (in, out) = the base li
 - `ia3_in` / `ia3_out`: IA3 vectors (S, in) / (S, out), 1.0 where no IA3 adapter is loaded.
 Memory: S * r * (in + out) elements per post stack, S * r * 2d per series stack, S * (in + out)
 for IA3; e.g. SmolLM2-135M (30 layers, hidden 576, kv 192, intermediate 1536) with S = 8,
-r = 16: 52M elements, about 210 MB in fp32 (105 MB in bf16). Allocating lazily per used
-(layer, target) would cut that when adapters touch few modules; not needed yet.
+r = 16 on every target: 52M elements, about 210 MB in fp32 (105 MB in bf16). A stack is
+allocated the first time an adapter uses its (layer, target, placement) and then kept, so
+memory follows what the served adapters touch and later loads never reallocate.
 
 Rows beyond a slot's rank are kept zero (the reference ops compute on them); `clear` zeroes a
 slot everywhere, `load` clears then copies. Prefix and prompt adapters act at admission (K/V
-and embeddings), so the pool only records their kind.
+and embeddings): the pool keeps their tensors on the device per slot (`prefix_kv`,
+`prompt_embeddings`) for the engine to place into a sequence's cache or batch.
 """
 
 from __future__ import annotations
@@ -124,21 +126,33 @@ class AdapterPool:
         self.series_out: dict[tuple[int, str], ModuleStack] = {}
         self.ia3_in: dict[tuple[int, str], VectorStack] = {}
         self.ia3_out: dict[tuple[int, str], VectorStack] = {}
-        for layer in range(fingerprint.num_layers):
-            for target in TARGETS:
-                self._allocate(layer, target)
+        self.prefix_kv: list[torch.Tensor | None] = [None] * num_slots  # (L, 2, nvt, kvh, d)
+        self.prompt_embeddings: list[torch.Tensor | None] = [None] * num_slots  # (nvt, hidden)
 
-    def _allocate(self, layer: int, target: str) -> None:
-        key, (d_in, d_out) = (layer, target), self.fingerprint.in_out(target)
-        args = (self.num_slots, self.max_rank)
-        self.post[key] = ModuleStack.empty(*args, d_in, d_out, self.device, self.dtype)
-        if target in SERIES_PLACEMENT:
-            d = adapter_io(self.fingerprint, target, SERIES_PLACEMENT[target])[0]
-            series = self.series_in if SERIES_PLACEMENT[target] == "input" else self.series_out
-            series[key] = ModuleStack.empty(*args, d, d, self.device, self.dtype)
-        ones = torch.ones(self.num_slots, d_in, dtype=self.dtype, device=self.device)
-        self.ia3_in[key] = VectorStack(ones)
-        self.ia3_out[key] = VectorStack(ones.new_ones(self.num_slots, d_out))
+    def _module_stack(self, key: tuple[int, str], placement: str) -> ModuleStack:
+        """The stack for `placement` (parallel = post, input, output) at key, allocated once."""
+        stacks = {"parallel": self.post, "input": self.series_in, "output": self.series_out}
+        found = stacks[placement].get(key)
+        if found is None:
+            if placement == "parallel":
+                d_in, d_out = self.fingerprint.in_out(key[1])
+            else:
+                d_in = d_out = adapter_io(self.fingerprint, key[1], placement)[0]
+            found = ModuleStack.empty(
+                self.num_slots, self.max_rank, d_in, d_out, self.device, self.dtype
+            )
+            stacks[placement][key] = found
+        return found
+
+    def _vector_stack(self, key: tuple[int, str], placement: str) -> VectorStack:
+        stacks = self.ia3_in if placement == "input" else self.ia3_out
+        found = stacks.get(key)
+        if found is None:
+            d_in, d_out = self.fingerprint.in_out(key[1])
+            d = d_in if placement == "input" else d_out
+            found = VectorStack(torch.ones(self.num_slots, d, dtype=self.dtype, device=self.device))
+            stacks[key] = found
+        return found
 
     def kind_of(self, slot: int) -> AdapterKind | None:
         """The kind loaded in `slot`, None when it is free."""
@@ -152,6 +166,11 @@ class AdapterPool:
         self.clear(slot)
         for (layer, target), weights in spec.modules.items():
             self._set_module(slot, layer, target, weights)
+        device = dict(device=self.device, dtype=self.dtype)
+        if spec.prefix_kv is not None:
+            self.prefix_kv[slot] = spec.prefix_kv.to(**device)
+        if spec.prompt_embeddings is not None:
+            self.prompt_embeddings[slot] = spec.prompt_embeddings.to(**device)
         self.kinds[slot], self.names[slot] = spec.kind, spec.name
 
     def clear(self, slot: int) -> None:
@@ -161,19 +180,19 @@ class AdapterPool:
             for stack in stacks.values():
                 if slot in stack.loaded:
                     stack.reset(slot)
+        self.prefix_kv[slot] = self.prompt_embeddings[slot] = None
         self.kinds[slot] = self.names[slot] = None
 
     def _set_module(self, slot: int, layer: int, target: str, weights) -> None:
         key = (layer, target)
         if isinstance(weights, LoraWeights):
-            self.post[key].set(slot, weights.a, weights.b, weights.scaling, Activation.IDENTITY)
+            stack = self._module_stack(key, "parallel")
+            stack.set(slot, weights.a, weights.b, weights.scaling, Activation.IDENTITY)
         elif isinstance(weights, BottleneckWeights):
-            stacks = {"parallel": self.post, "input": self.series_in, "output": self.series_out}
-            stack = stacks[weights.placement][key]
+            stack = self._module_stack(key, weights.placement)
             stack.set(slot, weights.down, weights.up, weights.scaling, weights.activation)
         elif isinstance(weights, IA3Weights):
-            stacks = self.ia3_in if weights.placement == "input" else self.ia3_out
-            stacks[key].set(slot, weights.vector)
+            self._vector_stack(key, weights.placement).set(slot, weights.vector)
         else:
             raise ValueError(f"{layer}.{target}: unsupported module weights {type(weights)}")
 

@@ -23,6 +23,7 @@ from kernels.segments import Segments, segments
 __all__ = [
     "Activation",
     "Segments",
+    "add_delta",
     "bottleneck",
     "gather_kv",
     "ia3_scale",
@@ -74,5 +75,6 @@ def _dispatch(module: str, name: str) -> Callable:
 lora_shrink = _dispatch("lora", "lora_shrink")
 lora_expand = _dispatch("lora", "lora_expand")
 bottleneck = _dispatch("bottleneck", "bottleneck")
+add_delta = _dispatch("bottleneck", "add_delta")
 ia3_scale = _dispatch("ia3", "ia3_scale")
 paged_decode_attention = _dispatch("attention", "paged_decode_attention")

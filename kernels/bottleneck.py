@@ -35,3 +35,20 @@ def bottleneck(
     # Base-model tokens are skipped by expand, so their delta must start at zero.
     delta = torch.zeros(x.shape[0], up.shape[1], dtype=x.dtype, device=x.device)  # (T, out)
     return lora_expand(delta, h, up, slot_ids, ranks, 0, up.shape[1])
+
+
+def add_delta(
+    y: torch.Tensor,
+    u: torch.Tensor,
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    slot_ids: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    activations: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton kernels.reference.add_delta: one shrink and one expand launch, fp32 accumulation."""
+    h = lora_shrink(u, a_stack, slot_ids, ranks, scalings, activations)  # (T, r_max) fp32
+    out = y.float()
+    out = out.clone() if out is y else out
+    return lora_expand(out, h, b_stack, slot_ids, ranks, 0, b_stack.shape[1]).to(y.dtype)

@@ -89,6 +89,102 @@ def _stack_slices(stack: torch.Tensor, slot_dims: int) -> torch.Tensor:
     return stack.unsqueeze(0) if stack.dim() == slot_dims else stack
 
 
+def _version(t: torch.Tensor | None) -> int:
+    """In-place modification counter; inference-mode tensors have none (they are never
+    modified in place by the model between the calls that share a plan), nor has None."""
+    return -1 if t is None or t.is_inference() else t._version
+
+
+class _BatchPlan:
+    """What every adapter op of one batch shares, computed once per `slot_ids` tensor: the
+    distinct slots used (u,), each token's index into them (T,), the tokens with an adapter, and
+    per (ranks, scalings) pair of a stack, its largest used rank r and the (T, r) factor
+    scalings[s] * (column < ranks[s]) * (s >= 0). A step calls the ops ~10 times per layer with
+    the same slot_ids; recomputing this each time cost more than the matmuls on CPU."""
+
+    def __init__(self, slot_ids: torch.Tensor):
+        self.slot_ids, self.version = slot_ids, _version(slot_ids)
+        self.safe = slot_ids.long().clamp(min=0)  # (T,) -1 reads slot 0, masked below
+        self.used, self.inverse = torch.unique(self.safe, return_inverse=True)
+        self.valid = slot_ids >= 0  # (T,)
+        self._factors: dict[tuple, tuple[int, torch.Tensor]] = {}
+
+    def padded(self) -> tuple[int, int, int, torch.Tensor, torch.Tensor] | None:
+        """Adapter tokens laid out slot by slot over the slot range [lo, hi), each slot padded
+        to the largest count c: (lo, hi, c, flat (N,) position of each adapter token in that
+        (hi - lo) * c layout, rows (N,) their token indices). None when padding would waste
+        too much (the range holds many unused slots, or one slot has most of the tokens)."""
+        if not hasattr(self, "_padded"):
+            self._padded = None
+            rows = torch.nonzero(self.valid).squeeze(1)  # (N,)
+            n = rows.numel()
+            if n:
+                slots = self.safe[rows]  # (N,)
+                lo, hi = int(slots.min()), int(slots.max()) + 1
+                counts = torch.bincount(slots - lo, minlength=hi - lo)  # (hi - lo,)
+                c = int(counts.max())
+                if (hi - lo) * c <= 2 * n + 16:
+                    order = torch.argsort(slots, stable=True)
+                    starts = torch.cumsum(counts, 0) - counts
+                    k = torch.empty_like(order)
+                    k[order] = torch.arange(n, device=order.device) - starts[slots[order] - lo]
+                    self._padded = (lo, hi, c, (slots - lo) * c + k, rows)
+        return self._padded
+
+    def slot_factor(
+        self, ranks: torch.Tensor, scalings: torch.Tensor, lo: int, hi: int
+    ) -> tuple[int, torch.Tensor]:
+        """For slots [lo, hi): the largest rank r among the batch's slots, and the (hi-lo, 1, r)
+        factor scalings[s] * (column < ranks[s]), cached per stack for the batch."""
+        key = ("slot", id(ranks), _version(ranks), id(scalings), _version(scalings), lo, hi)
+        found = self._factors.get(key)
+        if found is None:
+            r = self.factor(ranks, None)[0]
+            live = torch.arange(r, device=ranks.device) < ranks[lo:hi, None]  # (hi-lo, r)
+            found = (r, (live * scalings[lo:hi, None].float())[:, None, :].to(self.safe.device))
+            self._factors[key] = found
+        return found
+
+    def laid_out(self, u: torch.Tensor, size: int, flat: torch.Tensor, rows: torch.Tensor):
+        """u's adapter-token rows in the padded slot layout (size, in), fp32; reused while the
+        same input tensor comes back (q, k and v share theirs, as do gate and up)."""
+        cached = getattr(self, "_laid_out", None)
+        if cached is not None and cached[0] is u and cached[1] == _version(u):
+            return cached[2]
+        xp = torch.zeros(size, u.shape[1], dtype=torch.float32, device=u.device)
+        xp.index_copy_(0, flat, u[rows].float())
+        self._laid_out = (u, _version(u), xp)
+        return xp
+
+    def matches(self, slot_ids: torch.Tensor) -> bool:
+        return slot_ids is self.slot_ids and _version(slot_ids) == self.version
+
+    def factor(self, ranks: torch.Tensor, scalings: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+        key = (id(ranks), _version(ranks), id(scalings), _version(scalings))
+        found = self._factors.get(key)
+        if found is None:
+            token_ranks = ranks.to(self.safe.device)[self.safe]  # (T,)
+            r = int(token_ranks[self.valid].max()) if bool(self.valid.any()) else 0
+            live = torch.arange(r, device=self.safe.device) < token_ranks[:, None]  # (T, r)
+            live &= self.valid[:, None]
+            f = live.float()
+            if scalings is not None:
+                f = f * scalings.float().to(f.device)[self.safe, None]
+            found = self._factors[key] = (r, f)
+        return found
+
+
+_last_plan: list[_BatchPlan] = []
+
+
+def _plan(slot_ids: torch.Tensor) -> _BatchPlan:
+    if _last_plan and _last_plan[0].matches(slot_ids):
+        return _last_plan[0]
+    plan = _BatchPlan(slot_ids)
+    _last_plan[:] = [plan]
+    return plan
+
+
 def lora_shrink(
     x: torch.Tensor,
     a_stack: torch.Tensor,
@@ -103,17 +199,29 @@ def lora_shrink(
     target slices sharing x (q/k/v, gate/up) -> h (n, T, r_max). Columns >= ranks[s] are 0.
     slot_ids (T,) int, -1 = base model; ranks (S,) int; scalings (S,) float; activations (S,)
     int Activation codes, None = identity (LoRA).
+
+    CPU-friendly form: one matmul of x against the A rows of the u distinct slots in the batch
+    (u * r columns, r = their largest rank), then each token keeps its own slot's r columns.
+    The weights of each used slot are read once per call, not once per token.
     """
     a4 = _stack_slices(a_stack, 3)  # (n, S, r_max, in)
-    safe = slot_ids.long().clamp(min=0)  # (T,) -1 tokens read slot 0, then get masked to 0
-    a_tok = a4[:, safe].float()  # (n, T, r_max, in): gather by slot
-    h = torch.einsum("ti,ntri->ntr", x.float(), a_tok)  # (n, T, r_max)
+    n, r_max, T = a4.shape[0], a4.shape[2], x.shape[0]
+    plan = _plan(slot_ids)
+    r, factor = plan.factor(ranks, None if activations is not None else scalings)
+    h = torch.zeros(n, T, r_max, dtype=torch.float32, device=x.device)
+    if r == 0 or T == 0:
+        return h[0] if a_stack.dim() == 3 else h
+    a_used = a4[:, plan.used, :r]  # (n, u, r, in): each used slot's weights, once
+    u = a_used.shape[1]
+    full = torch.matmul(x.float(), a_used.float().reshape(n, u * r, -1).transpose(1, 2))
+    pick = plan.inverse.view(1, T, 1, 1).expand(n, T, 1, r)
+    part = full.view(n, T, u, r).gather(2, pick).squeeze(2)  # (n, T, r) own slot's columns
     if activations is not None:
-        h = activate(h.transpose(0, 1), activations[safe]).transpose(0, 1)
-    r_max = a4.shape[2]
-    live = torch.arange(r_max, device=x.device) < ranks.to(x.device)[safe, None]  # (T, r_max)
-    live &= (slot_ids >= 0)[:, None]
-    h = h * scalings.float()[safe, None] * live  # (n, T, r_max)
+        part = activate(part.transpose(0, 1), activations[plan.safe]).transpose(0, 1)
+        part = part * plan.factor(ranks, scalings)[1]
+    else:
+        part = part * factor
+    h[..., :r] = part
     return h[0] if a_stack.dim() == 3 else h
 
 
@@ -132,16 +240,72 @@ def lora_expand(
     int offset/size. n slices in one call: h (n, T, r_max), b_stack (n, S, out_max, r_max) with
     each slice's rows beyond its size zero-padded, offsets/sizes sequences of n ints. Tokens
     with slot -1 and columns outside the slices are left untouched. fp32 accumulation.
+
+    CPU-friendly form: each token's h goes into its slot's row block of a (u, T, r) tensor
+    (zeros elsewhere); one batched matmul against the u distinct slots' B, summed over u.
     """
     h3, b4 = _stack_slices(h, 2), _stack_slices(b_stack, 3)  # (n, T, r), (n, S, out_max, r)
     offsets, sizes = _as_list(y_offsets), _as_list(y_slice_sizes)
-    rows = torch.nonzero(slot_ids >= 0).squeeze(1)  # (N,) adapter tokens only
-    slots = slot_ids[rows].long()  # (N,)
+    T = y.shape[0]
+    plan = _plan(slot_ids)
+    r, live = plan.factor(ranks, None)
+    r = min(r, h3.shape[-1])
+    if r == 0 or T == 0:
+        return y
+    u = plan.used.numel()
+    pick = plan.inverse.view(1, T, 1).expand(1, T, r)
     for i, (off, size) in enumerate(zip(offsets, sizes, strict=True)):  # n <= 3 slices
-        b_tok = b4[i, slots, :size].float()  # (N, size, r_max): gather by slot
-        delta = torch.einsum("tr,tor->to", h3[i, rows].float(), b_tok)  # (N, size)
-        y[rows, off : off + size] = (y[rows, off : off + size].float() + delta).to(y.dtype)
+        blocks = torch.zeros(u, T, r, dtype=torch.float32, device=y.device)
+        blocks.scatter_(0, pick, (h3[i, :, :r].float() * live[:, :r])[None])
+        b_used = b4[i, plan.used, :size, :r].float()  # (u, size, r)
+        delta = torch.bmm(blocks, b_used.transpose(1, 2)).sum(0)  # (T, size)
+        rows = y[:, off : off + size]
+        rows.copy_((rows.float() + delta).to(y.dtype))
     return y
+
+
+def add_delta(
+    y: torch.Tensor,
+    u: torch.Tensor,
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    slot_ids: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    activations: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[t] = y[t] + scalings[s] * B[s, :, :ranks[s]] f_s(A[s, :ranks[s]] u[t]), s = slot_ids[t];
+    out[t] = y[t] where s == -1. A new tensor in y's dtype; the adapter math is fp32.
+
+    y (T, out); u (T, in) (the linear's input for LoRA / parallel, y itself for output-side
+    series); a_stack (S, r_max, in); b_stack (S, out, r_max); ranks, scalings, activations (S,)
+    as in lora_shrink (None = identity, LoRA). Semantically lora_shrink then lora_expand.
+
+    CPU form: when the batch's adapter tokens fill a slot range densely, they are laid out slot
+    by slot (padded to the largest count) and two batched matmuls run against strided views of
+    the stacks: no per-token or per-slot weight copies, no Python loop over slots. Otherwise
+    (e.g. one long prefill beside single decode tokens) it falls back to shrink + expand.
+    """
+    plan = _plan(slot_ids)
+    out = y.float()
+    out = out.clone() if out is y else out  # (T, out) fp32
+    layout = plan.padded()
+    if layout is None:
+        h = lora_shrink(u, a_stack, slot_ids, ranks, scalings, activations)
+        return lora_expand(out, h, b_stack, slot_ids, ranks, 0, b_stack.shape[1]).to(y.dtype)
+    lo, hi, c, flat, rows = layout
+    r, factor = plan.slot_factor(ranks, scalings, lo, hi)
+    if r == 0:
+        return out.to(y.dtype)
+    ns = hi - lo
+    xp = plan.laid_out(u, ns * c, flat, rows)  # (ns * c, in) fp32
+    h = torch.bmm(xp.view(ns, c, -1), a_stack[lo:hi, :r].float().transpose(1, 2))  # (ns, c, r)
+    if activations is not None:
+        h = activate(h, activations[lo:hi])
+    h = h * factor  # scalings[s] * (column < ranks[s])
+    delta = torch.bmm(h, b_stack[lo:hi, :, :r].float().transpose(1, 2))  # (ns, c, out)
+    out.index_add_(0, rows, delta.view(ns * c, -1)[flat])
+    return out.to(y.dtype)
 
 
 def _as_list(value: int | Sequence[int]) -> list[int]:

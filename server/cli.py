@@ -32,7 +32,19 @@ SERVE_FLAGS: dict[str, tuple[str, type]] = {
     "--served-model-name": ("served_model_name", str),
     "--api-key": ("api_key", str),
     "--admin-api-key": ("admin_api_key", str),
+    "--adapter-slots": ("adapter_slots", int),
+    "--max-adapter-rank": ("max_adapter_rank", int),
+    "--host-adapter-cache": ("host_adapter_cache", int),
+    "--max-adapters": ("max_adapters", int),
+    "--max-upload-bytes": ("max_upload_bytes", int),
+    "--adapter-store-dir": ("adapter_store_dir", str),
     "--log-level": ("log_level", str),
+}
+# repeatable flag -> Settings list field (given flags replace the env list)
+SERVE_LIST_FLAGS: dict[str, str] = {
+    "--adapter": "adapters",
+    "--adapter-dir": "adapter_dirs",
+    "--adapter-root": "adapter_roots",
 }
 
 
@@ -53,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{description} (env ADAPTERSERVE_{field.upper()})",
         )
+    for flag, field in SERVE_LIST_FLAGS.items():
+        description = Settings.model_fields[field].description or ""
+        serve.add_argument(
+            flag,
+            dest=field,
+            action="append",
+            default=None,
+            help=f"{description}; repeatable (env ADAPTERSERVE_{field.upper()}, a JSON list)",
+        )
+    from server.evaluation.command import add_eval_arguments
+
+    evaluate = commands.add_parser(
+        "eval", help="run the LLM-Adapters reasoning evaluation (in-process or against --url)"
+    )
+    add_eval_arguments(evaluate, SERVE_FLAGS, SERVE_LIST_FLAGS)
     return parser
 
 
@@ -63,7 +90,28 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         for field, _ in SERVE_FLAGS.values()
         if getattr(args, field) is not None
     }
+    for field in SERVE_LIST_FLAGS.values():
+        if getattr(args, field, None) is not None:
+            overrides[field] = getattr(args, field)
     return Settings(**overrides)
+
+
+def check_adapter_flags(settings: Settings) -> None:
+    """`--adapter NAME=PATH` and `--adapter-dir` must name usable folders (EngineConfigError)."""
+    from adapters.store import StoreError, validate_name
+    from server.engine.engine import EngineConfigError, parse_adapter_arg
+
+    for item in settings.adapters:
+        name, path = parse_adapter_arg(item)
+        try:
+            validate_name(name)
+        except StoreError as e:
+            raise EngineConfigError(f"--adapter {item}: {e}") from None
+        if not path.is_dir():
+            raise EngineConfigError(f"--adapter {item}: {path} is not an adapter directory")
+    for folder in [*settings.adapter_dirs, *settings.adapter_roots]:
+        if not folder.is_dir():
+            raise EngineConfigError(f"--adapter-dir / --adapter-root {folder}: not a directory")
 
 
 class _Server(uvicorn.Server):
@@ -94,6 +142,7 @@ def serve(settings: Settings) -> int:
             server.should_exit = True
 
     try:  # fail fast with a one-line reason, before uvicorn prints a lifespan traceback
+        check_adapter_flags(settings)
         plan_engine(settings)
     except (ModelLoadError, EngineConfigError) as e:
         log.error("cannot start: %s", e)
@@ -129,6 +178,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         sys.exit(serve(settings))
+    elif args.command == "eval":
+        sys.exit(_evaluate(parser, args))
+
+
+def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`adapterserve eval`: see server/evaluation/command.py."""
+    from server.evaluation.command import run_eval, settings_for_eval
+
+    try:
+        settings = settings_for_eval(args, SERVE_FLAGS)
+    except ValidationError as exc:
+        parser.error(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        )
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run_eval(args, settings)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "adapterserve"
+
+
+def default_data_dir() -> Path | None:
+    """`../shared/datasets/llm-adapters` next to this checkout, when it exists."""
+    candidate = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "llm-adapters"
+    return candidate if candidate.is_dir() else None
 
 
 class Settings(BaseSettings):
@@ -32,6 +38,17 @@ class Settings(BaseSettings):
     num_kv_blocks: int | None = Field(None, ge=1, description="override the block count derived from memory")
     max_queue_len: int = Field(256, ge=0, description="waiting requests before 503")
 
+    # adapters
+    adapter_slots: int = Field(8, ge=1, le=4096, description="adapters resident on the device at once")
+    max_adapter_rank: int = Field(64, ge=1, le=4096, description="largest LoRA rank / bottleneck size served")
+    host_adapter_cache: int = Field(64, ge=0, description="parsed adapters kept in host memory (LRU)")
+    adapter_store_dir: Path | None = Field(None, description="durable store for uploads; default <cache_dir>/adapters")
+    max_upload_bytes: int = Field(512 * 2**20, ge=1024, description="cap on an adapter upload body")
+    max_adapters: int = Field(1024, ge=1, description="adapters kept in the store")
+    adapters: list[str] = Field(default_factory=list, description="NAME=PATH adapters served at start")
+    adapter_dirs: list[Path] = Field(default_factory=list, description="every subfolder served as an adapter")
+    adapter_roots: list[Path] = Field(default_factory=list, description="where load_lora_adapter may read")
+
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -43,3 +60,32 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After header on 503")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="drain time for in-flight requests on SIGTERM")
     log_level: str = "info"
+
+    # evaluation
+    data_dir: Path | None = Field(
+        default_factory=default_data_dir,
+        description="evaluation data: <dataset>/test.json; default ../shared/datasets/llm-adapters",
+    )
+    eval_max_inflight: int | None = Field(
+        None, ge=1, description="engine requests in flight per evaluation job; default max_num_seqs // 2"
+    )
+
+    @model_validator(mode="after")
+    def _default_eval_inflight(self) -> Settings:
+        if self.eval_max_inflight is None:
+            self.eval_max_inflight = max(1, self.max_num_seqs // 2)
+        return self
+
+    @property
+    def adapter_store(self) -> Path:
+        return self.adapter_store_dir or self.cache_dir / "adapters"
+
+    @property
+    def eval_jobs_dir(self) -> Path:
+        """Evaluation jobs (job.json + results.jsonl per job), kept across restarts."""
+        return self.cache_dir / "evaluations"
+
+    @property
+    def user_datasets_dir(self) -> Path:
+        """Datasets registered through POST /v1/datasets."""
+        return self.cache_dir / "datasets"

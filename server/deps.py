@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from adapters.registry import UnknownAdapterError
 from server.config import Settings
-from server.errors import APIError, truncate
+from server.errors import APIError, model_not_found
 from server.metrics import Metrics
 
 if TYPE_CHECKING:
+    from adapters.registry import AdapterRegistry, Entry
     from server.engine.engine import Engine
 
 UNAUTHENTICATED_PATHS = frozenset({"/health"})
@@ -79,20 +81,28 @@ def require_admin_key(request: Request) -> None:
         require_api_key(request)
 
 
-def resolve_model(request: Request, name: str | None) -> Any:
+def get_registry(request: Request) -> AdapterRegistry:
+    registry = getattr(request.app.state, "registry", None)
+    if registry is None:
+        raise APIError(503, "Adapters are not available on this server yet.", code="not_ready")
+    return registry
+
+
+def resolve_model(request: Request, name: str | None) -> Entry | None:
     """The adapter that `name` selects, or None for the base model; unknown names are 404.
 
-    Adapters arrive in a later change; today only the base model id (or no name) is served.
-    Records the resolved name on `request.state.model` for metrics labels.
+    Records the resolved name on `request.state.model` (engine requests and metrics labels).
     """
     engine = get_engine(request)
     if name is None or name == engine.model_id:
         request.state.model = engine.model_id
         return None
-    raise APIError(
-        404,
-        f"The model {truncate(name)} does not exist; GET /v1/models lists the served models.",
-        "invalid_request_error",
-        param="model",
-        code="model_not_found",
-    )
+    registry = getattr(request.app.state, "registry", None)
+    try:
+        entry = registry.get(name) if registry is not None else None
+    except UnknownAdapterError:
+        entry = None
+    if entry is None:
+        raise model_not_found(name)
+    request.state.model = entry.name
+    return entry

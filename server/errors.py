@@ -67,6 +67,16 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+def model_not_found(name: str) -> APIError:
+    return APIError(
+        404,
+        f"The model {truncate(name)} does not exist; GET /v1/models lists the served models.",
+        "invalid_request_error",
+        param="model",
+        code="model_not_found",
+    )
+
+
 def error_type(status: int) -> str:
     return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
 

@@ -26,8 +26,10 @@ from server.errors import (
     install_error_handlers,
     invalid_request,
 )
+from server.evaluation.runner import build_runner
 from server.metrics import Metrics
-from server.routers import chat, completions, health, models
+from server.routers import adapters, chat, completions, health, models
+from server.routers import evaluations as evaluations_router
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,9 @@ def create_app(
     app.state.on_fatal = on_fatal
     app.state.draining = False
     install_error_handlers(app)
-    for module in (completions, chat, models, health):
+    for module in (completions, chat, models, adapters, health):
         app.include_router(module.router)
+    app.include_router(evaluations_router.router)
     _add_docs_routes(app)
     app.add_middleware(JSONBodyGuard, max_body_bytes=settings.max_request_body_bytes)
     return app
@@ -70,18 +73,24 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = await start_engine(settings, metrics)
     app.state.metrics = metrics
     app.state.engine = engine
+    app.state.registry = engine.registry
     app.state.started_at = int(time.time())
     fatal = asyncio.Event()
     loop = asyncio.get_running_loop()
     engine.on_fatal = lambda exc: loop.call_soon_threadsafe(_record_fatal, app, fatal, exc)
     log.info("serving %s (max_model_len %d)", engine.model_id, engine.max_model_len)
+    app.state.evaluations = build_runner(settings, engine, metrics, app.state)
+    await app.state.evaluations.start()
     watchdog = asyncio.ensure_future(_watch_engine(app, fatal))
     try:
         yield
     finally:
         watchdog.cancel()
         app.state.draining = True
+        await app.state.evaluations.stop()
         await engine.stop()
+        if engine.registry is not None:
+            engine.registry.close()
 
 
 def _record_fatal(app: FastAPI, fatal: asyncio.Event, exc: BaseException) -> None:

@@ -46,6 +46,38 @@ class Metrics:
         self.preemptions = Counter(
             "adapterserve_preemptions", "Sequences preempted for lack of KV blocks", registry=r
         )
+        # adapters
+        self.adapters = Gauge(
+            "adapterserve_adapters", "Registered adapters by tier (device slot, host, disk)",
+            ["tier"], registry=r,
+        )
+        self.adapter_loads = Counter(
+            "adapterserve_adapter_loads", "Adapter loads into a device slot, by where they came "
+            "from (host: a copy; disk: parsed first)", ["source"], registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "adapterserve_adapter_load_seconds", "Time to load an adapter (disk: parse; host: "
+            "copy into a slot)", ["source"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.adapter_evictions = Counter(
+            "adapterserve_adapter_evictions", "Adapters evicted from a tier (LRU)", ["tier"],
+            registry=r,
+        )
+        self.adapter_acquires = Counter(
+            "adapterserve_adapter_acquires", "Requests admitted with an adapter, by whether it was "
+            "already in a device slot (hit) or had to be loaded (miss)", ["result"], registry=r,
+        )
+        self.step_adapters = Histogram(
+            "adapterserve_step_distinct_adapters", "Distinct adapters in an engine step",
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )
+        self.eval_jobs = Gauge(
+            "adapterserve_evaluation_jobs", "Evaluation jobs by state", ["state"], registry=r
+        )
+        self.eval_examples = Counter(
+            "adapterserve_evaluation_examples_scored", "Evaluation examples scored",
+            ["model", "dataset"], registry=r,
+        )
 
     def on_request_done(
         self, model: str, outcome: str, prompt_tokens: int, output_tokens: int,
@@ -70,6 +102,32 @@ class Metrics:
         self.waiting.set(waiting)
         self.kv_blocks_used.set(kv_used)
         self.kv_blocks_total.set(kv_total)
+
+    def set_eval_jobs(self, counts: dict[str, int]) -> None:
+        """Number of evaluation jobs in each state (queued, running, succeeded, ...)."""
+        for state, count in counts.items():
+            self.eval_jobs.labels(state).set(count)
+
+    def on_eval_example(self, model: str, dataset: str) -> None:
+        self.eval_examples.labels(model, dataset).inc()
+
+    # RegistryObserver (adapters.registry), called from the engine and loader threads
+    def on_adapter_load(self, source: str, seconds: float) -> None:
+        self.adapter_loads.labels(source).inc()
+        self.adapter_load_seconds.labels(source).observe(seconds)
+
+    def on_adapter_evict(self, tier: str) -> None:
+        self.adapter_evictions.labels(tier).inc()
+
+    def on_adapter_tiers(self, counts: dict[str, int]) -> None:
+        for tier, count in counts.items():
+            self.adapters.labels(tier).set(count)
+
+    def on_adapter_acquire(self, hit: bool) -> None:
+        self.adapter_acquires.labels("hit" if hit else "miss").inc()
+
+    def on_step_adapters(self, count: int) -> None:
+        self.step_adapters.observe(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -298,6 +298,13 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    # Base model only: the dimensions a client needs to build adapters that fit it.
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    intermediate_size: int | None = None
+    vocab_size: int | None = None
 
 
 class ModelList(BaseModel):
@@ -318,3 +325,128 @@ class ErrorResponse(BaseModel):
 
 class HealthStatus(BaseModel):
     status: str
+
+
+# ---------------------------------------------------------------- evaluations (issue 5)
+
+
+class EvaluationRequest(RequestModel):
+    """POST /v1/evaluations: models (`base` = the base model, or adapter names) x datasets."""
+
+    models: list[str] = Field(..., min_length=1, max_length=64)
+    datasets: list[str] = Field(..., min_length=1, max_length=64)
+    limit: int | None = Field(None, ge=1, description="first N records of each dataset; default all")
+    protocol: Literal["generate", "loglikelihood"] = "generate"
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy (default)")
+    max_tokens: int | None = Field(
+        None, ge=1, le=4096, description="override the paper's max new tokens (256 / 32)"
+    )
+
+
+class EvaluationCell(BaseModel):
+    model: str
+    dataset: str
+    total: int
+    done: int
+    correct: int
+    accuracy: float | None
+
+
+class EvaluationProgress(BaseModel):
+    done: int
+    total: int
+    eta_s: float | None
+
+
+class EvaluationJob(BaseModel):
+    id: str
+    object: Literal["evaluation"] = "evaluation"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created: int
+    models: list[str]
+    datasets: list[str]
+    limit: int | None
+    protocol: Literal["generate", "loglikelihood"]
+    seed: int | None
+    temperature: float
+    max_tokens: int | None
+    progress: EvaluationProgress
+    results: list[EvaluationCell]
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    note: str
+
+
+class EvaluationList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EvaluationJob]
+
+
+class DatasetUpload(RequestModel):
+    """POST /v1/datasets: records as a JSON array (`records`) or JSON Lines text (`jsonl`)."""
+
+    name: str = Field(..., min_length=1, max_length=64)
+    answer_kind: Literal["number", "letter", "words"]
+    answer_words: list[str] | None = Field(None, description="the answer words of kind 'words'")
+    records: list[Any] | None = None
+    jsonl: str | None = None
+    replace: bool = False
+
+
+class DatasetInfo(BaseModel):
+    name: str
+    object: Literal["dataset"] = "dataset"
+    answer_kind: Literal["number", "letter", "words"]
+    answer_words: list[str]
+    source: Literal["builtin", "user"]
+    available: bool
+    num_records: int | None
+    max_new_tokens: int
+
+
+class DatasetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DatasetInfo]
+
+
+# ---------------------------------------------------------------- adapters (issue 3)
+
+
+class AdapterCard(BaseModel):
+    """GET /v1/adapters/{name}: what is served under `name` (never where its files live)."""
+
+    id: str
+    object: Literal["adapter"] = "adapter"
+    name: str
+    parent: str = Field(..., description="the base model's id")
+    kind: Literal["lora", "series", "parallel", "prefix", "prompt", "ia3"]
+    rank: int = Field(..., description="LoRA rank or bottleneck size (0 for prefix/prompt/ia3)")
+    targets: list[str] = Field(..., description="base linears it acts on: q,k,v,o,gate,up,down")
+    num_virtual_tokens: int
+    size_bytes: int
+    tier: Literal["device", "host", "disk"]
+    origin: Literal["upload", "path"]
+    version: int
+    created: int
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterCard]
+
+
+class LoadLoraAdapterRequest(RequestModel):
+    """vLLM's POST /v1/load_lora_adapter body; `lora_path` must lie under an adapter root."""
+
+    lora_name: str = Field(..., min_length=1, max_length=64)
+    lora_path: str = Field(..., min_length=1, max_length=4096)
+    load_inplace: bool = Field(False, description="replace an adapter of the same name")
+
+
+class UnloadLoraAdapterRequest(RequestModel):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+
+    lora_name: str = Field(..., min_length=1, max_length=64)
+    lora_int_id: int | None = Field(None, description="accepted for vLLM compatibility; unused")

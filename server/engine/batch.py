@@ -34,6 +34,10 @@ class ForwardBatch:
     decode_context_lens: torch.Tensor  # (D,) int64
     prefills: tuple[PrefillChunk, ...]
     logits_indices: torch.Tensor  # (N,) int64: rows whose logits the engine needs
+    # prompt tuning: rows whose input embedding is a virtual token's (not the token id's)
+    embed_rows: torch.Tensor | None = None  # (E,) int64
+    embed_values: torch.Tensor | None = None  # (E, dim)
+    has_adapter_tokens: bool | None = None  # any slot_ids >= 0; None = compute from slot_ids
 
     @property
     def num_decode(self) -> int:

@@ -13,12 +13,18 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from adapters.hooks import PoolHooks
+from adapters.pool import AdapterPool
+from adapters.registry import AdapterRegistry, RegistryError
+from adapters.spec import AdapterFormatError, AdapterKind, BaseFingerprint
+from adapters.store import AdapterStore, StoreError
 from server.config import Settings
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator
@@ -36,6 +42,8 @@ from server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+STEP_LOG_LEN = 4096  # steps kept in Engine.step_log
+
 
 class EngineError(Exception):
     """Base of the errors `add_request` raises."""
@@ -47,6 +55,14 @@ class QueueFullError(EngineError):
 
 class EngineDeadError(EngineError):
     """The engine hit a fatal fault or is shutting down."""
+
+
+class ModelNotFoundError(EngineError):
+    """`model` names neither the base model nor a registered adapter."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the model {name!r} does not exist")
+        self.name = name
 
 
 class InvalidRequestError(EngineError):
@@ -67,6 +83,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    error_status: int | None = None  # the client's fault (e.g. 404: its adapter was deleted)
 
 
 class RequestStream:
@@ -108,7 +125,7 @@ class RequestStream:
 class Engine:
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer, settings: Settings, metrics: Metrics,
-        model_id: str, max_model_len: int, num_blocks: int,
+        model_id: str, max_model_len: int, num_blocks: int, registry: AdapterRegistry | None = None,
     ) -> None:
         self.model, self.tokenizer, self.settings, self.metrics = model, tokenizer, settings, metrics
         self.model_id, self.max_model_len = model_id, max_model_len
@@ -116,9 +133,12 @@ class Engine:
         dtype = next(model.parameters()).dtype
         self.cache = KVCache(model.args, num_blocks, settings.block_size, dtype, device)
         self.allocator = BlockAllocator(num_blocks, settings.block_size)
+        self.registry = registry
         self.scheduler = Scheduler(
-            self.allocator, settings.max_num_seqs, settings.max_num_batched_tokens, device
+            self.allocator, settings.max_num_seqs, settings.max_num_batched_tokens, device,
+            prepare=self._prepare, place_prefix=self._place_prefix,
         )
+        self._doomed: list[tuple[Sequence, str, int]] = []  # not admissible: fail them
         self.healthy, self.ready = True, False
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
@@ -131,13 +151,21 @@ class Engine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Observability: (request_id, model) of every sequence in each recent step, newest last.
+        self.step_log: deque[tuple[tuple[str, str], ...]] = deque(maxlen=STEP_LOG_LEN)
 
     # ---- asyncio side ---------------------------------------------------------------------
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, model: str | None = None,
         request_id: str | None = None,
     ) -> RequestStream:
-        self._check_request(prompt_token_ids, params)
+        adapter = None if model is None or model == self.model_id else model
+        num_virtual = 0
+        if adapter is not None:
+            if self.registry is None or not self.registry.exists(adapter):
+                raise ModelNotFoundError(adapter)
+            num_virtual = self.registry.get(adapter).num_virtual_tokens
+        self._check_request(prompt_token_ids, params, num_virtual)
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, self, asyncio.get_running_loop())
         with self._lock:
@@ -148,19 +176,22 @@ class Engine:
                 raise QueueFullError("the server is at capacity; retry later")
             self._num_queued += 1
         seq = Sequence(request_id, list(prompt_token_ids), params, model or self.model_id, stream)
+        seq.adapter = adapter
         if params.seed is not None:
             seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
         self._inbox.put(("add", seq))
         self._wake.set()
         return stream
 
-    def _check_request(self, prompt: list[int], params: SamplingParams) -> None:
+    def _check_request(self, prompt: list[int], params: SamplingParams, num_virtual: int = 0) -> None:
         if not prompt:
             raise InvalidRequestError("the prompt is empty", "prompt")
-        if len(prompt) + params.max_tokens > self.max_model_len:
+        if num_virtual + len(prompt) + params.max_tokens > self.max_model_len:
+            virtual = f" + the adapter's virtual tokens ({num_virtual})" if num_virtual else ""
             raise InvalidRequestError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"context length {self.max_model_len}; shorten the prompt or lower max_tokens",
+                f"prompt ({len(prompt)} tokens){virtual} + max_tokens ({params.max_tokens}) "
+                f"exceeds the context length {self.max_model_len}; shorten the prompt or lower "
+                "max_tokens",
                 "max_tokens",
             )
         vocab = self.vocab_size
@@ -240,14 +271,64 @@ class Engine:
         was_waiting = {id(s) for s in self.scheduler.waiting}
         scheduled = self.scheduler.schedule()
         self._count_admissions(was_waiting)
+        self._fail_doomed()
         if scheduled is None:
             self._wake.wait(0.01)  # blocked on KV blocks: nothing runnable this instant
             return
+        self.step_log.append(tuple((seq.request_id, seq.model) for seq, _ in scheduled.work))
         if scheduled.preempted:
             self.metrics.preemptions.inc(len(scheduled.preempted))
+        if self.registry is not None:
+            adapters = {seq.adapter for seq, _ in scheduled.work} - {None}
+            self.metrics.on_step_adapters(len(adapters))
         logits = self.model(scheduled.batch, self.cache)
         self._process(scheduled, logits)
         self._publish_stats(scheduled.num_tokens)
+
+    # ---- adapters (engine thread) ---------------------------------------------------------
+    def _prepare(self, seq: Sequence) -> bool:
+        """Before admission: hold the adapter's slot (False while it loads), and set up its
+        virtual tokens. A request whose adapter was deleted meanwhile is failed."""
+        if seq.adapter is None or seq.lease is not None:
+            return True
+        assert self.registry is not None
+        try:
+            lease = self.registry.acquire(seq.adapter)
+        except RegistryError as e:
+            self._doomed.append((seq, e.message, e.status))
+            return False
+        if lease is None:
+            return False
+        entry, slot = lease.entry, lease.slot
+        nvt = entry.num_virtual_tokens
+        if nvt + seq.num_tokens + seq.params.max_tokens - len(seq.output_ids) > self.max_model_len:
+            self.registry.release(lease)  # replaced by a version with more virtual tokens
+            self._doomed.append((seq, f"the adapter {seq.adapter!r} was replaced by one whose "
+                                      "virtual tokens no longer fit the context length", 400))
+            return False
+        seq.lease = lease
+        if entry.uses_slot_ids:
+            seq.slot_id = slot
+        elif entry.kind is AdapterKind.PREFIX:
+            seq.prefix_kv = self.registry.pool.prefix_kv[slot]
+        elif entry.kind is AdapterKind.PROMPT:
+            seq.virtual_embeds = self.registry.pool.prompt_embeddings[slot]
+        if nvt:
+            seq.num_virtual = nvt
+            seq.prompt_ids = [0] * nvt + seq.prompt_ids  # placeholders: never embedded as ids
+        return True
+
+    def _place_prefix(self, seq: Sequence) -> None:
+        bs, n = self.allocator.block_size, seq.num_virtual
+        slots = [seq.block_table[p // bs] * bs + p % bs for p in range(n)]
+        flat = torch.tensor(slots, dtype=torch.long, device=self.cache.k.device)
+        self.cache.write_all_layers(flat, seq.prefix_kv)
+
+    def _fail_doomed(self) -> None:
+        doomed, self._doomed = self._doomed, []
+        for seq, message, status in doomed:
+            if seq.status is not Status.FINISHED:
+                self._finish(seq, "error", [], error=message, error_status=status)
 
     def _count_admissions(self, was_waiting: set[int]) -> None:
         admitted = sum(1 for s in self.scheduler.running if id(s) in was_waiting)
@@ -275,9 +356,9 @@ class Engine:
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, n: int) -> None:
         """Row i predicts token i+1; the first prompt token has no logprob."""
-        if seq.prompt_logprobs is None:
-            seq.prompt_logprobs = [None]
         start = seq.num_computed - n
+        if seq.prompt_logprobs is None:  # indexed by position; positions before start: None
+            seq.prompt_logprobs = [None] * (start + 1)
         targets = seq.prompt_ids[start + 1 : start + n + 1]
         if targets:
             lp = logits[: len(targets)].log_softmax(dim=-1)
@@ -338,27 +419,33 @@ class Engine:
 
     def _finish(
         self, seq: Sequence, reason: str, tokens: list[int], lps: list | None = None,
-        text: str | None = None, error: str | None = None,
+        text: str | None = None, error: str | None = None, error_status: int | None = None,
     ) -> None:
         with self._lock:
             if seq.status is Status.WAITING:
                 self._num_queued -= 1
             self.scheduler.remove(seq)
             self._num_running = len(self.scheduler.running)
+        if seq.lease is not None:
+            lease, seq.lease = seq.lease, None
+            self.registry.release(lease)
         self._seqs.pop(seq.request_id, None)
         detok = self._detok.pop(seq.request_id, None)
         if text is None:
             text = detok.flush() if detok and reason != "abort" else ""
         out = RequestOutput(seq.request_id, text, tokens, lps or [], finished=True,
-                            finish_reason=reason, error=error)
+                            finish_reason=reason, error=error, error_status=error_status)
         self._send(seq, out)
         self._record(seq, reason)
 
     def _send(self, seq: Sequence, out: RequestOutput) -> None:
-        out.num_prompt_tokens = len(seq.prompt_ids)
+        out.num_prompt_tokens = len(seq.prompt_ids) - seq.num_virtual
         out.num_output_tokens = len(seq.output_ids)
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
-            out.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+            real = seq.prompt_logprobs[seq.num_virtual :]  # the client's own prompt tokens
+            if real and seq.prefix_kv is None:
+                real[0] = None  # like the base model: the first prompt token has no logprob
+            out.prompt_logprobs, seq.prompt_logprobs_sent = real, True
         self._outbox.append((seq.stream, out))
 
     def _flush_outbox(self) -> None:
@@ -374,7 +461,8 @@ class Engine:
         now = time.monotonic()
         ttft = seq.first_token_time - seq.arrival if seq.first_token_time else None
         self.metrics.on_request_done(
-            seq.model, reason, len(seq.prompt_ids), len(seq.output_ids), ttft, now - seq.arrival
+            seq.model, reason, len(seq.prompt_ids) - seq.num_virtual, len(seq.output_ids), ttft,
+            now - seq.arrival,
         )
 
     def _fail_all(self, reason: str, error: str | None) -> None:
@@ -455,7 +543,54 @@ def build_engine(settings: Settings, metrics: Metrics) -> Engine:
     tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
     log.info("serving %s on %s (%s): %d KV blocks of %d tokens", plan.model_id, plan.device,
              plan.dtype, plan.num_blocks, settings.block_size)
-    return Engine(model, tokenizer, settings, metrics, plan.model_id, plan.max_model_len, plan.num_blocks)
+    registry = build_registry(settings, plan, metrics)
+    model.hooks = PoolHooks(registry.pool)
+    engine = Engine(model, tokenizer, settings, metrics, plan.model_id, plan.max_model_len,
+                    plan.num_blocks, registry)
+    registry.on_ready = engine._wake.set
+    return engine
+
+
+def parse_adapter_arg(item: str) -> tuple[str, Path]:
+    """`NAME=PATH` (from --adapter / ADAPTERSERVE_ADAPTERS) -> (name, path)."""
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise EngineConfigError(f"--adapter expects NAME=PATH, got {item!r}")
+    return name, Path(path).expanduser()
+
+
+def build_registry(settings: Settings, plan: EnginePlan, metrics: Metrics) -> AdapterRegistry:
+    """The slot pool and registry: the durable store's uploads, then `--adapter NAME=PATH` and
+    every subfolder of each `--adapter-dir` (these are served, not copied into the store)."""
+    fingerprint = BaseFingerprint.from_hf_config(plan.config)
+    pool = AdapterPool(fingerprint, settings.adapter_slots, settings.max_adapter_rank,
+                       plan.device, plan.dtype)
+    store = AdapterStore(settings.adapter_store, settings.max_upload_bytes, settings.max_adapters)
+    registry = AdapterRegistry(
+        pool, max_rank=settings.max_adapter_rank, store=store,
+        host_capacity=settings.host_adapter_cache,
+        roots=[*settings.adapter_dirs, *settings.adapter_roots], observer=metrics,
+        reserved_names={plan.model_id},
+    )
+    for name, reason in registry.load_store():
+        log.warning("stored adapter %s skipped: %s", name, reason)
+    named = [parse_adapter_arg(item) for item in settings.adapters]
+    for folder in settings.adapter_dirs:
+        if not folder.is_dir():
+            raise EngineConfigError(f"--adapter-dir {folder}: not a directory")
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            try:
+                registry.add_path(sub.name, sub, replace=True, require_root=False)
+            except (AdapterFormatError, RegistryError, StoreError) as e:
+                log.warning("adapter folder %s skipped: %s", sub.name, e)
+    for name, path in named:  # named ones must work: a bad one stops the start
+        try:
+            registry.add_path(name, path, replace=True, require_root=False)
+        except (AdapterFormatError, RegistryError, StoreError) as e:
+            raise EngineConfigError(f"--adapter {name}={path}: {e}") from None
+    log.info("adapters: %d registered, %d device slots, max rank %d", len(registry.list()),
+             settings.adapter_slots, settings.max_adapter_rank)
+    return registry
 
 
 async def start_engine(settings: Settings, metrics: Metrics) -> Engine:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,12 @@ class Sequence:
     params: SamplingParams
     model: str
     stream: Any  # engine-side handle that receives outputs
-    slot_id: int = -1  # adapter slot; -1 = base model
+    slot_id: int = -1  # adapter slot the hook points apply; -1 = none (base model)
+    adapter: str | None = None  # adapter name to acquire at admission; None = base model
+    lease: Any = None  # the registry's hold on the adapter's slot, from admission to finish
+    num_virtual: int = 0  # virtual tokens (prefix / prompt tuning) at the front of prompt_ids
+    prefix_kv: torch.Tensor | None = None  # (L, 2, num_virtual, kvh, d), placed at admission
+    virtual_embeds: torch.Tensor | None = None  # (num_virtual, dim) prompt tuning embeddings
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
@@ -76,13 +82,20 @@ class ScheduledStep:
 
 
 class Scheduler:
+    """`prepare(seq)` is asked before admitting a waiting sequence: False keeps it waiting (its
+    adapter is still loading) while later ones are admitted. `place_prefix(seq)` writes a
+    prefix-tuned sequence's virtual K/V into its first cache slots when it is (re)admitted."""
+
     def __init__(
         self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
         device: torch.device,
+        prepare: Callable[[Sequence], bool] | None = None,
+        place_prefix: Callable[[Sequence], None] | None = None,
     ) -> None:
         self.allocator = allocator
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
         self.device = device
+        self.prepare, self.place_prefix = prepare, place_prefix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -141,8 +154,14 @@ class Scheduler:
 
     def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
         out: list[tuple[Sequence, int]] = []
+        not_ready: list[Sequence] = []  # adapter still loading: they keep their place in line
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.prepare is not None and not self.prepare(seq):
+                not_ready.append(self.waiting.popleft())
+                continue
+            if not self._place_prefix(seq):
+                break
             n = self._fit_chunk(seq, budget)
             if n == 0:
                 break  # FCFS: the head waits for blocks, nobody jumps it
@@ -151,7 +170,19 @@ class Scheduler:
             self.running.append(seq)
             out.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(not_ready))
         return out
+
+    def _place_prefix(self, seq: Sequence) -> bool:
+        """Prefix tuning: the virtual K/V fill the first cache positions, as if computed."""
+        if seq.prefix_kv is None or seq.num_computed >= seq.num_virtual:
+            return True
+        if not self._try_grow(seq, seq.num_virtual):
+            return False
+        if self.place_prefix is not None:
+            self.place_prefix(seq)
+        seq.num_computed = seq.num_virtual
+        return True
 
     def _fit_chunk(self, seq: Sequence, budget: int) -> int:
         """Largest chunk of the sequence's pending tokens that fits the budget and free blocks."""
@@ -180,9 +211,15 @@ class Scheduler:
     def _build_batch(self, work: tuple[tuple[Sequence, int], ...]) -> ForwardBatch:
         bs, tokens, positions, slots, slot_ids = self.allocator.block_size, [], [], [], []
         decode_tables, decode_lens, prefills, logits_rows = [], [], [], []
+        embed_rows: list[int] = []
+        embed_values: list[torch.Tensor] = []
         for seq, n in work:
             start, ids = len(tokens), seq.all_ids[seq.num_computed : seq.num_computed + n]
             pos = range(seq.num_computed, seq.num_computed + n)
+            if seq.virtual_embeds is not None and seq.num_computed < seq.num_virtual:
+                end = min(seq.num_virtual, seq.num_computed + n)
+                embed_rows += range(start, start + end - seq.num_computed)
+                embed_values.append(seq.virtual_embeds[seq.num_computed : end])
             tokens += ids
             positions += pos
             slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
@@ -203,6 +240,9 @@ class Scheduler:
             decode_context_lens=self._tensor(decode_lens),
             prefills=tuple(prefills),
             logits_indices=self._tensor(logits_rows),
+            embed_rows=self._tensor(embed_rows) if embed_rows else None,
+            embed_values=torch.cat(embed_values) if embed_values else None,
+            has_adapter_tokens=any(s >= 0 for s in slot_ids),
         )
 
     @staticmethod

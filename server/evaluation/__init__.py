@@ -1,0 +1,1 @@
+"""Zero-shot reasoning evaluation (the LLM-Adapters protocol) run as jobs through the engine."""

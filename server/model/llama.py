@@ -8,6 +8,7 @@ Adapters plug in through `AdapterHooks`: every linear projection calls `pre` on 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -74,6 +75,11 @@ class AdapterHooks(Protocol):
         self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor: ...
 
+    def acts_before(self, layer: int, targets: tuple[str, ...], batch: ForwardBatch) -> bool:
+        """Whether `pre` changes the input of any of `targets` in this batch. When it does not,
+        the model keeps its fused q|k|v and gate|up matmuls and applies `post` to each slice."""
+        ...
+
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,), with linear or Llama-3 scaling when the config asks."""
@@ -135,6 +141,7 @@ class Attention(nn.Module):
         linears = (self.q_proj, self.k_proj, self.v_proj)
         bias = fuse_weights([lin.bias for lin in linears]) if self.args.attention_bias else None
         self.wqkv = Dense(fuse_weights([lin.weight for lin in linears]), bias, cpu)
+        self.qkv_sizes = tuple(lin.out_features for lin in linears)
         self.wo = Dense(self.o_proj.weight.detach(), None, cpu)
 
     def qkv(self, x: torch.Tensor, batch: ForwardBatch, hooks: AdapterHooks | None) -> torch.Tensor:
@@ -142,6 +149,8 @@ class Attention(nn.Module):
         a = self.args
         if hooks is None and self.wqkv is not None:
             out = self.wqkv(x)
+        elif self.wqkv is not None and not hooks.acts_before(self.layer, QKV, batch):
+            out = post_slices(self.layer, QKV, self.wqkv(x), self.qkv_sizes, x, batch, hooks)
         else:
             projections = (("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj))
             out = torch.cat([project(self.layer, t, lin, x, batch, hooks) for t, lin in projections], dim=-1)
@@ -170,7 +179,7 @@ class Attention(nn.Module):
             out[rows] = prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
         if hooks is None and self.wo is not None:
             return self.wo(out.view(T, -1))
-        return project(self.layer, "o", self.o_proj, out.view(T, -1), batch, hooks)
+        return project(self.layer, "o", self.wo or self.o_proj, out.view(T, -1), batch, hooks)
 
 
 def prefill_attention(
@@ -225,9 +234,28 @@ class Dense:
         return y if self.bias is None else y + self.bias
 
 
+QKV = ("q", "k", "v")
+GATE_UP = ("gate", "up")
+
+
+def post_slices(
+    layer: int, targets: tuple[str, ...], fused: torch.Tensor, sizes: tuple[int, ...],
+    x: torch.Tensor, batch: ForwardBatch, hooks: AdapterHooks,
+) -> torch.Tensor:
+    """`hooks.post` on each target's columns of a fused projection of x, in place."""
+    start = 0
+    for target, size in zip(targets, sizes, strict=True):
+        y = fused[:, start : start + size]
+        out = hooks.post(layer, target, x, y, batch)
+        if out is not y:
+            y.copy_(out)
+        start += size
+    return fused
+
+
 def project(
-    layer: int, target: str, linear: nn.Linear, x: torch.Tensor, batch: ForwardBatch,
-    hooks: AdapterHooks | None,
+    layer: int, target: str, linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+    batch: ForwardBatch, hooks: AdapterHooks | None,
 ) -> torch.Tensor:
     """y = linear(x) with the adapter hook points around it."""
     if hooks is None:
@@ -255,9 +283,15 @@ class FeedForward(nn.Module):
         if hooks is None and self.w13 is not None:
             gate, up = self.w13(x).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
-        gate = project(self.layer, "gate", self.gate_proj, x, batch, hooks)
-        up = project(self.layer, "up", self.up_proj, x, batch, hooks)
-        return project(self.layer, "down", self.down_proj, F.silu(gate) * up, batch, hooks)
+        if self.w13 is not None and not hooks.acts_before(self.layer, GATE_UP, batch):
+            inter = self.gate_proj.out_features
+            fused = post_slices(self.layer, GATE_UP, self.w13(x), (inter, inter), x, batch, hooks)
+            gate, up = fused.chunk(2, dim=-1)
+        else:
+            gate = project(self.layer, "gate", self.gate_proj, x, batch, hooks)
+            up = project(self.layer, "up", self.up_proj, x, batch, hooks)
+        down = self.w2 or self.down_proj
+        return project(self.layer, "down", down, F.silu(gate) * up, batch, hooks)
 
 
 class TransformerBlock(nn.Module):
@@ -284,6 +318,13 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
+
+    def write_all_layers(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Place given K/V at flat `slots` (n,) in every layer; kv (L, 2, n, kvh, d) (prefix
+        tuning's virtual tokens, stored as is: they are not rotated)."""
+        layers = self.k.shape[0]
+        self.k.view(layers, -1, *self.k.shape[3:])[:, slots] = kv[:, 0].to(self.k.dtype)
+        self.v.view(layers, -1, *self.v.shape[3:])[:, slots] = kv[:, 1].to(self.v.dtype)
 
     def write(self, i: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[i].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
@@ -322,8 +363,13 @@ class Transformer(nn.Module):
     def forward(self, batch: ForwardBatch, cache: KVCache, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Runs the batch, filling the cache; returns fp32 logits (N, vocab) for batch.logits_indices."""
         x = self.embed_tokens(batch.token_ids) if embeds is None else embeds  # (T, dim)
+        if batch.embed_rows is not None:  # prompt tuning's virtual tokens
+            x = x.index_copy(0, batch.embed_rows, batch.embed_values.to(x.dtype))
         rope = self.rope(batch.positions)
-        hooks = self.hooks if self.hooks is not None and bool((batch.slot_ids >= 0).any()) else None
+        with_adapters = batch.has_adapter_tokens
+        if with_adapters is None:
+            with_adapters = bool((batch.slot_ids >= 0).any())
+        hooks = self.hooks if self.hooks is not None and with_adapters else None
         for block in self.layers:  # a step with no adapter token keeps the fused fast path
             x = block(x, rope, cache, batch, hooks)
         x = self.norm(x[batch.logits_indices])  # (N, dim)

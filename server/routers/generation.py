@@ -25,12 +25,13 @@ from server.engine.engine import (
     EngineDeadError,
     EngineError,
     InvalidRequestError,
+    ModelNotFoundError,
     QueueFullError,
     RequestOutput,
     RequestStream,
 )
 from server.engine.sampling import SamplingParams, TokenLogprob
-from server.errors import APIError, error_body, invalid_request
+from server.errors import APIError, error_body, invalid_request, model_not_found
 from server.schemas import ErrorResponse, SamplingFields
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ def engine_error(exc: EngineError, settings: Settings) -> APIError:
         )
     if isinstance(exc, InvalidRequestError):
         return invalid_request(str(exc), getattr(exc, "param", None))
+    if isinstance(exc, ModelNotFoundError):  # e.g. the adapter was deleted a moment ago
+        return model_not_found(exc.name)
     if isinstance(exc, EngineDeadError):
         return engine_unavailable()
     log.error("engine error: %r", exc)
@@ -254,6 +257,7 @@ class ChoiceResult:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    error_status: int | None = None
 
     def add(self, output: RequestOutput) -> None:
         self.text += output.text
@@ -266,11 +270,17 @@ class ChoiceResult:
         if output.finished:
             self.finish_reason = output.finish_reason
             self.error = output.error
+            self.error_status = output.error_status
 
 
 def failed_output_error(output: RequestOutput | ChoiceResult, engine: Engine) -> APIError | None:
     """The error to answer for a request the engine finished with an error or an abort."""
     if output.finish_reason == "error":
+        if output.error_status == 404:  # its adapter was deleted before it was admitted
+            return APIError(404, f"{output.error}; GET /v1/models lists the served models.",
+                            "invalid_request_error", param="model", code="model_not_found")
+        if output.error_status is not None and 400 <= output.error_status < 500:
+            return APIError(output.error_status, output.error or "invalid request")
         if not engine.healthy:
             return engine_unavailable()
         detail = f": {output.error[:200]}" if output.error else "."

@@ -1,9 +1,10 @@
-"""GET /v1/models and /v1/models/{id}: the base model (adapters join the list later)."""
+"""GET /v1/models and /v1/models/{id}: the base model and every registered adapter."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from adapters.registry import Entry
 from server.deps import get_engine, resolve_model
 from server.engine.engine import Engine
 from server.routers.generation import ERROR_RESPONSES
@@ -13,22 +14,46 @@ router = APIRouter(tags=["models"])
 
 
 def _base_card(engine: Engine, created: int) -> ModelCard:
+    """The base model, with the dimensions a client needs to train adapters that fit it."""
+    args = engine.model.args
     return ModelCard(
         id=engine.model_id,
         created=created,
         root=engine.model_id,
+        max_model_len=engine.max_model_len,
+        hidden_size=args.dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        intermediate_size=args.intermediate_size,
+        vocab_size=args.vocab_size,
+    )
+
+
+def _adapter_card(engine: Engine, entry: Entry) -> ModelCard:
+    return ModelCard(
+        id=entry.name,
+        created=int(entry.created),
+        root=entry.name,
+        parent=engine.model_id,
         max_model_len=engine.max_model_len,
     )
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(request: Request, engine: Engine = Depends(get_engine)) -> ModelList:
-    return ModelList(data=[_base_card(engine, request.app.state.started_at)])
+    cards = [_base_card(engine, request.app.state.started_at)]
+    registry = getattr(request.app.state, "registry", None)
+    if registry is not None:
+        cards += [_adapter_card(engine, entry) for entry in registry.list()]
+    return ModelList(data=cards)
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
 async def get_model(
     model_id: str, request: Request, engine: Engine = Depends(get_engine)
 ) -> ModelCard:
-    resolve_model(request, model_id)
-    return _base_card(engine, request.app.state.started_at)
+    entry = resolve_model(request, model_id)
+    if entry is None:
+        return _base_card(engine, request.app.state.started_at)
+    return _adapter_card(engine, entry)

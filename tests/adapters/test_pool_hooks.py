@@ -18,7 +18,6 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from adapters.formats import load_adapter  # noqa: E402
 from adapters.hooks import PoolHooks  # noqa: E402
@@ -29,7 +28,13 @@ from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.scheduler import Scheduler, Sequence  # noqa: E402
 from server.model.llama import KVCache, Transformer  # noqa: E402
 from server.model.weights import load_model  # noqa: E402
-from tests.adapters.conftest import bottleneck_config, bottleneck_tensors, write_adapter  # noqa: E402
+from tests.adapters.conftest import bottleneck_config  # noqa: E402
+from tests.adapters.makers import (  # noqa: E402
+    bottleneck_dir,
+    bottleneck_reference,
+    hf_model,
+    save_peft,
+)
 from tests.helpers import make_tiny_llama  # noqa: E402
 
 peft = pytest.importorskip("peft")
@@ -63,72 +68,6 @@ BOTTLENECK_CONFIGS = {
     ),
 }
 SLOTS = {name: slot for slot, name in enumerate([*PEFT_CONFIGS, *BOTTLENECK_CONFIGS])}
-ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu}
-
-
-def hf_model(base_dir: Path):
-    auto = transformers.AutoModelForCausalLM
-    return auto.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-
-
-def save_peft(path: Path, base_dir: Path, config, seed: int) -> Path:
-    """get_peft_model on our base, random non-zero adapter weights (peft zeroes LoRA B), saved."""
-    model = peft.get_peft_model(hf_model(base_dir), config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                noise = torch.randn(param.shape, generator=generator)
-                param.copy_(1 + 0.3 * noise if "ia3_l" in name else 0.15 * noise)
-    model.save_pretrained(str(path), safe_serialization=True)
-    return path
-
-
-def bottleneck_dir(path: Path, fingerprint: BaseFingerprint, config: dict, seed: int) -> Path:
-    """LLM-Adapters weights on the targets of `config`, with (d_in, d_out) per placement."""
-    hidden, inter = fingerprint.hidden_size, fingerprint.intermediate_size
-    parallel = {
-        "self_attn.q_proj": (hidden, hidden),
-        "self_attn.v_proj": (hidden, fingerprint.kv_dim),
-    }
-    parallel["mlp.down_proj"] = (inter, hidden)
-    series = {"mlp.gate_proj": (hidden, hidden), "mlp.up_proj": (hidden, hidden)}
-    series["mlp.down_proj"] = (hidden, hidden)
-    targets = parallel if config["use_parallel_adapter"] else series
-    tensors = bottleneck_tensors(fingerprint, config["bottleneck_size"], targets, seed)
-    return write_adapter(path, config, {k: 0.1 * v for k, v in tensors.items()})
-
-
-def bottleneck_reference(base_dir: Path, adapter_dir: Path):
-    """transformers' Llama with the LLM-Adapters math in torch hooks, written independently:
-    series on gate/up: y = W(x + s U f(D x)); on down: z = W x, y = z + s U f(D z);
-    parallel: y = W x + s U f(D x)."""
-    import safetensors.torch
-
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    tensors = safetensors.torch.load_file(str(adapter_dir / "adapter_model.safetensors"))
-    f, s = ACTIVATIONS[config["non_linearity"]], config["scaling"]
-    model = hf_model(base_dir)
-
-    def delta(prefix: str, u: torch.Tensor) -> torch.Tensor:
-        down, up = tensors[f"{prefix}.adapter_down.weight"], tensors[f"{prefix}.adapter_up.weight"]
-        return s * F.linear(f(F.linear(u, down)), up)
-
-    for name, module in model.named_modules():
-        prefix = f"base_model.model.{name}"
-        if f"{prefix}.adapter_down.weight" not in tensors:
-            continue
-        if config["use_parallel_adapter"]:
-            module.register_forward_hook(lambda m, args, out, p=prefix: out + delta(p, args[0]))
-        elif name.endswith("down_proj"):
-            module.register_forward_hook(lambda m, args, out, p=prefix: out + delta(p, out))
-        else:
-            module.register_forward_pre_hook(
-                lambda m, args, p=prefix: (args[0] + delta(p, args[0]),)
-            )
-    return model
-
-
 @dataclasses.dataclass
 class Setup:
     base_dir: Path
@@ -238,12 +177,16 @@ def test_mixed_batch_matches_each_alone(setup: Setup):
         close(got, expected(setup, names[slot], ids))
 
 
-def stack_pointers(pool: AdapterPool) -> list[int]:
-    stacks = [*pool.post.values(), *pool.series_in.values(), *pool.series_out.values()]
-    pointers = [t.data_ptr() for s in stacks for t in (s.a, s.b, s.ranks, s.scalings)]
-    return pointers + [
-        s.vectors.data_ptr() for s in [*pool.ia3_in.values(), *pool.ia3_out.values()]
-    ]
+def stack_pointers(pool: AdapterPool) -> dict[tuple, tuple[int, ...]]:
+    """Storage of every allocated stack, by (family, layer, target)."""
+    out: dict[tuple, tuple[int, ...]] = {}
+    for family in ("post", "series_in", "series_out"):
+        for key, s in getattr(pool, family).items():
+            out[(family, *key)] = tuple(t.data_ptr() for t in (s.a, s.b, s.ranks, s.scalings))
+    for family in ("ia3_in", "ia3_out"):
+        for key, s in getattr(pool, family).items():
+            out[(family, *key)] = (s.vectors.data_ptr(),)
+    return out
 
 
 def test_hot_swap_follows_slot_contents(setup: Setup):
@@ -251,8 +194,12 @@ def test_hot_swap_follows_slot_contents(setup: Setup):
     model = load_model(setup.base_dir, torch.device("cpu"), torch.float32)
     model.hooks = PoolHooks(pool)
     ids = prompt(7, 9, model.args.vocab_size)
+    names = ["lora-rslora-all", "series", "ia3", "lora-attn-patterns", "parallel"]
+    for name in names:  # allocate every stack these adapters use once
+        pool.load(1, setup.specs[name])
     pointers = stack_pointers(pool)
-    for name in ["lora-rslora-all", "series", "ia3", "lora-attn-patterns", "parallel"]:
+    assert pointers
+    for name in names:
         pool.load(1, setup.specs[name])  # replaces what slot 1 held
         assert pool.kind_of(1) is setup.specs[name].kind and pool.kind_of(0) is None
         (got,) = run(model, [(ids, 1)])
@@ -261,7 +208,7 @@ def test_hot_swap_follows_slot_contents(setup: Setup):
         assert pool.kind_of(1) is None
         (cleared,) = run(model, [(ids, 1)])
         close(cleared, expected(setup, "base", ids))
-    assert stack_pointers(pool) == pointers  # no reallocation
+    assert stack_pointers(pool) == pointers  # no reallocation, no new stacks
 
 
 def test_load_refuses_what_does_not_fit(setup: Setup):

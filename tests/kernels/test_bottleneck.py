@@ -88,3 +88,43 @@ def test_triton_popularity_patterns(triton_module, poison_allocations, pattern) 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 def test_triton_dtypes(triton_module, poison_allocations, dtype, T) -> None:
     check_triton(triton_module("bottleneck"), "skewed", T, dtype, [2, 3, 4, 5, 6], seed=5)
+
+
+# add_delta: y + s * B f(A u) in one op (the model's hook path). Its CPU reference lays the
+# batch's adapter tokens out slot by slot when they fill a slot range densely, and falls back to
+# shrink + expand otherwise; both layouts must agree with the fp64 loop.
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("nonlinear", [False, True], ids=["lora", "bottleneck"])
+@pytest.mark.parametrize("T", [7, 40])
+def test_add_delta_matches_loop(pattern: str, nonlinear: bool, T: int) -> None:
+    codes_list = [Activation.TANH, Activation.RELU, Activation.IDENTITY, Activation.SILU, 6]
+    x, pool, slot_ids, codes = case(pattern, T, torch.float32, codes_list, seed=11)
+    codes = codes if nonlinear else None
+    y = randn(T, OUT, dtype=torch.float32, gen=torch.Generator().manual_seed(12))
+    before = y.clone()
+    got = reference.add_delta(
+        y, x, pool.a[0], pool.b[0], slot_ids, pool.ranks, pool.scalings, codes
+    )
+    h = loop_shrink(x, pool.a, slot_ids, pool.ranks, pool.scalings, codes)
+    expected = loop_expand(y, h, pool.b, slot_ids, pool.ranks, [0], [OUT])
+    torch.testing.assert_close(got.double().cpu(), expected, **TOLERANCES[torch.float32])
+    assert torch.equal(y, before)  # a new tensor; the input is untouched
+    assert torch.equal(got[slot_ids < 0], y[slot_ids < 0])
+
+
+def test_add_delta_uses_both_layouts() -> None:
+    """The dense slot layout for decode-like batches, the fallback for one long segment beside
+    a token of a far slot; the padded plan reports which one a batch gets."""
+    dense = torch.tensor([1, 0, 2, 1, 0, 2, -1], dtype=torch.int32)
+    sparse = torch.tensor([0] * 30 + [4], dtype=torch.int32)
+    assert reference._plan(dense).padded() is not None
+    assert reference._plan(sparse).padded() is None
+
+
+def test_triton_add_delta(triton_module, poison_allocations) -> None:
+    x, pool, slot_ids, codes = case("with_base", 33, torch.float32, list(range(5)), seed=13)
+    y = randn(33, OUT, dtype=torch.float32, gen=torch.Generator().manual_seed(14))
+    args = (x, pool.a[0], pool.b[0], slot_ids, pool.ranks, pool.scalings, codes)
+    expected = reference.add_delta(y, *args)
+    got = triton_module("bottleneck").add_delta(y, *args)
+    torch.testing.assert_close(got, expected, **TOLERANCES[torch.float32])

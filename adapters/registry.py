@@ -1,0 +1,460 @@
+"""AdapterRegistry: adapter name -> current version -> tiers (device slot, host spec, disk files).
+
+Tiers, each an LRU:
+- device: the version's weights sit in an `AdapterPool` slot; running requests hold a `Lease`
+  on it (a refcount). Only slots with no lease are evicted.
+- host: the parsed, validated `AdapterSpec` in memory (`host_capacity` of them), so a later
+  device load is a copy, not a parse.
+- disk: only the directory (the durable store for uploads, or a path under a configured root).
+  A request for such an adapter starts a parse on the loader thread and waits *without*
+  blocking the engine: other requests keep running, and `on_ready` wakes the engine when the
+  spec is on the host.
+
+Versions: adding a name that exists (replace) or deleting it retires the old version. Requests
+holding a lease on a retired version finish on its weights (its slot is reclaimed when the last
+lease is released); requests that acquire after the change get the new version, or an
+UnknownAdapterError after a delete. Weights never mix: a slot is only reloaded when no lease
+holds it.
+
+Threads: registration (`add_upload`, `add_path`, `remove`) runs on any thread and does its file
+work (parse, commit) outside the state lock; `acquire` / `release` and therefore every pool
+write run on the engine thread only, so no forward pass ever sees a slot change mid-step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from adapters.formats import load_adapter
+from adapters.pool import AdapterPool
+from adapters.spec import AdapterFormatError, AdapterKind, AdapterSpec
+from adapters.store import AdapterStore, StoreError, validate_name
+
+log = logging.getLogger(__name__)
+
+MODULE_KINDS = frozenset(
+    {AdapterKind.LORA, AdapterKind.SERIES, AdapterKind.PARALLEL, AdapterKind.IA3}
+)
+TIERS = ("device", "host", "disk")
+
+
+class RegistryError(Exception):
+    """A client-facing failure: HTTP `status`, the request field at fault, a message."""
+
+    def __init__(self, status: int, param: str | None, message: str):
+        super().__init__(message)
+        self.status, self.param, self.message = status, param, message
+
+
+class UnknownAdapterError(RegistryError):
+    def __init__(self, name: str):
+        super().__init__(404, "model", f"adapter {name!r} does not exist")
+
+
+class AdapterLoadError(RegistryError):
+    """The adapter's files could not be read back from disk (changed or removed underneath)."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(500, "model", f"adapter {name!r} could not be loaded: {reason}")
+
+
+class RegistryObserver(Protocol):
+    """Metrics sink (implemented by the server; adapters never import it)."""
+
+    def on_adapter_load(self, source: str, seconds: float) -> None: ...
+
+    def on_adapter_evict(self, tier: str) -> None: ...
+
+    def on_adapter_tiers(self, counts: dict[str, int]) -> None: ...
+
+    def on_adapter_acquire(self, hit: bool) -> None: ...
+
+
+@dataclass(eq=False)
+class Entry:
+    """One version of a named adapter and where its weights are right now."""
+
+    name: str
+    version: int
+    path: Path
+    origin: str  # "upload" (durable store) | "path" (a directory the operator named)
+    created: float
+    kind: AdapterKind
+    rank: int
+    targets: tuple[str, ...]
+    num_virtual_tokens: int
+    size_bytes: int
+    spec: AdapterSpec | None = None  # host tier
+    slot: int | None = None  # device tier
+    refs: int = 0  # leases held by requests
+    live: bool = True  # False once replaced or deleted
+    loading: bool = False
+    wanted: bool = False  # a request waits for it: its host copy is not evicted meanwhile
+    error: str | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def tier(self) -> str:
+        if self.slot is not None:
+            return "device"
+        return "host" if self.spec is not None else "disk"
+
+    @property
+    def uses_slot_ids(self) -> bool:
+        """Whether the adapter acts through the hook points (vs. at admission)."""
+        return self.kind in MODULE_KINDS
+
+
+@dataclass(frozen=True, eq=False)
+class Lease:
+    """A request's hold on one version's device slot, from admission until it finishes."""
+
+    entry: Entry
+    slot: int
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def kind(self) -> AdapterKind:
+        return self.entry.kind
+
+
+def _targets(spec: AdapterSpec) -> tuple[str, ...]:
+    order = ("q", "k", "v", "o", "gate", "up", "down")
+    found = {target for _, target in spec.modules}
+    return tuple(t for t in order if t in found)
+
+
+def _under(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        pool: AdapterPool,
+        *,
+        max_rank: int,
+        store: AdapterStore | None = None,
+        host_capacity: int = 64,
+        roots: Iterable[Path] = (),
+        observer: RegistryObserver | None = None,
+        on_ready: Callable[[], None] | None = None,
+        reserved_names: Iterable[str] = (),
+    ) -> None:
+        self.pool, self.max_rank, self.store = pool, max_rank, store
+        self.host_capacity = max(0, host_capacity)
+        self.roots = tuple(Path(r).resolve() for r in roots)
+        self.observer, self.on_ready = observer, on_ready
+        self.reserved_names = frozenset(reserved_names)  # e.g. the base model's id
+        self._lock = threading.RLock()  # guards the state below; never held during file IO
+        self._install_lock = threading.Lock()  # one add / replace / delete at a time
+        self._entries: dict[str, Entry] = {}
+        self._slots: list[Entry | None] = [None] * pool.num_slots
+        self._host: OrderedDict[int, Entry] = OrderedDict()  # id(entry) -> entry, LRU first
+        self._versions = itertools.count(1)
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-load")
+
+    # ---- registration (any thread; blocking file IO) --------------------------------------
+    def parse(self, directory: Path, name: str) -> AdapterSpec:
+        """Validate `directory` as an adapter for this base; AdapterFormatError names the field."""
+        return load_adapter(directory, name, self.pool.fingerprint, self.max_rank)
+
+    def add_upload(self, staging: Path, name: str, replace: bool = False) -> Entry:
+        """Validate a filled store staging directory, commit it as `name`, serve it."""
+        if self.store is None:
+            raise RegistryError(409, None, "this server has no adapter store")
+        validate_name(name)
+        try:
+            spec = self.parse(staging, name)
+        except BaseException:
+            self.store.discard(staging)
+            raise
+        with self._install_lock:
+            self._check_replace(name, replace, staging)
+            path = self.store.commit(staging, name, replace)
+            return self._install(name, path, "upload", spec)
+
+    def add_path(
+        self, name: str, path: Path, *, replace: bool = False, require_root: bool = True
+    ) -> Entry:
+        """Serve the adapter directory at `path` as `name` (not copied; read when needed).
+
+        With `require_root` (client-supplied paths) the resolved path must lie under one of the
+        configured roots; the operator's own `--adapter NAME=PATH` skips that check.
+        """
+        validate_name(name)
+        directory = self._resolve(path, require_root)
+        spec = self.parse(directory, name)
+        with self._install_lock:
+            self._check_replace(name, replace, None)
+            if self.store is not None and self.store.exists(name):
+                self.store.delete(name)  # replacing an upload by a path: the path wins
+            return self._install(name, directory, "path", spec)
+
+    def remove(self, name: str) -> Entry:
+        """Forget `name` (and delete its stored files if uploaded); in-flight requests finish."""
+        with self._install_lock:
+            with self._lock:
+                entry = self._entries.get(name)
+            if entry is None:
+                raise UnknownAdapterError(name)
+            if entry.origin == "upload" and self.store is not None:
+                try:
+                    self.store.delete(name)
+                except StoreError as e:
+                    if e.status != 404:
+                        raise
+            with self._lock:
+                del self._entries[name]
+                self._retire(entry)
+                self._publish_tiers()
+            return entry
+
+    def load_store(self) -> list[tuple[str, str]]:
+        """Register every adapter in the durable store (at startup). Returns (name, reason) for
+        the ones that no longer validate; those stay on disk, unserved, and are logged."""
+        skipped: list[tuple[str, str]] = []
+        if self.store is None:
+            return skipped
+        for stored in self.store.list():
+            try:
+                spec = self.parse(stored.path, stored.name)
+            except (AdapterFormatError, OSError, ValueError) as e:
+                skipped.append((stored.name, str(e)))
+                log.warning("stored adapter %r is not served: %s", stored.name, e)
+                continue
+            with self._install_lock:
+                self._install(stored.name, stored.path, "upload", spec, created=stored.created)
+        return skipped
+
+    def _resolve(self, path: Path, require_root: bool) -> Path:
+        raw = os.fspath(path)
+        if not raw or "\x00" in raw:
+            raise RegistryError(400, "lora_path", "expected a directory path")
+        try:
+            directory = Path(raw).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise RegistryError(404, "lora_path", "no adapter directory at that path") from None
+        if require_root and not _under(directory, self.roots):
+            raise RegistryError(
+                403 if self.roots else 400,
+                "lora_path",
+                "the path is not under a configured adapter root (--adapter-dir / "
+                "ADAPTERSERVE_ADAPTER_ROOTS)",
+            )
+        if not directory.is_dir():
+            raise RegistryError(400, "lora_path", "expected an adapter directory")
+        return directory
+
+    def _check_replace(self, name: str, replace: bool, staging: Path | None) -> None:
+        with self._lock:
+            exists = name in self._entries
+        conflict = None
+        if name in self.reserved_names:
+            conflict = f"{name!r} is the base model's id: choose another adapter name"
+        elif exists and not replace:
+            conflict = f"adapter {name!r} already exists: pass replace=true"
+        if conflict is not None:
+            if staging is not None and self.store is not None:
+                self.store.discard(staging)
+            raise RegistryError(409, "name", conflict)
+
+    def _install(
+        self, name: str, path: Path, origin: str, spec: AdapterSpec, created: float | None = None
+    ) -> Entry:
+        entry = Entry(
+            name=name,
+            version=next(self._versions),
+            path=path,
+            origin=origin,
+            created=time.time() if created is None else created,
+            kind=spec.kind,
+            rank=spec.rank,
+            targets=_targets(spec),
+            num_virtual_tokens=spec.num_virtual_tokens,
+            size_bytes=spec.size_bytes,
+        )
+        with self._lock:
+            old = self._entries.get(name)
+            self._entries[name] = entry
+            if old is not None:
+                self._retire(old)
+            self._put_host(entry, spec)
+            self._publish_tiers()
+        return entry
+
+    # ---- lookups (any thread) --------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        with self._lock:
+            return name in self._entries
+
+    def get(self, name: str) -> Entry:
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is None:
+            raise UnknownAdapterError(name)
+        return entry
+
+    def list(self) -> list[Entry]:
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: (e.created, e.name))
+
+    def tier_counts(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict.fromkeys(TIERS, 0)
+            for entry in self._entries.values():
+                counts[entry.tier] += 1
+            return counts
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def acquire(self, name: str) -> Lease | None:
+        """A lease on `name`'s current version in a device slot, or None while it is loading
+        (from disk, or waiting for a slot to free up). UnknownAdapterError after a delete;
+        AdapterLoadError when its files cannot be read back."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise UnknownAdapterError(name)
+            entry.last_used = time.monotonic()
+            hit = entry.slot is not None
+            if entry.slot is None:
+                entry.wanted = True
+                if entry.spec is None:
+                    self._start_disk_load(entry)
+                    return None
+                slot = self._free_slot()
+                if slot is None:
+                    return None
+                started = time.perf_counter()
+                self.pool.load(slot, entry.spec)
+                entry.slot, self._slots[slot] = slot, entry
+                if self.observer is not None:
+                    self.observer.on_adapter_load("host", time.perf_counter() - started)
+                if self.host_capacity == 0:  # no host tier: the device copy is the only one
+                    self._host.pop(id(entry), None)
+                    entry.spec = None
+                self._publish_tiers()
+            entry.wanted = False
+            self._touch_host(entry)
+            entry.refs += 1
+            if self.observer is not None:
+                self.observer.on_adapter_acquire(hit)
+            return Lease(entry, entry.slot)
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            entry = lease.entry
+            entry.refs -= 1
+            if entry.refs == 0 and not entry.live:
+                self._free(entry)
+
+    def _free_slot(self) -> int | None:
+        """A slot to load into: an empty one, a retired one, else the LRU unleased one."""
+        best: tuple[float, int] | None = None
+        for slot, holder in enumerate(self._slots):
+            if holder is None:
+                return slot
+            if holder.refs == 0 and not holder.live:
+                self._free(holder)
+                return slot
+            if holder.refs == 0 and (best is None or holder.last_used < best[0]):
+                best = (holder.last_used, slot)
+        if best is None:
+            return None
+        victim = self._slots[best[1]]
+        assert victim is not None
+        self._free(victim)
+        if self.observer is not None:
+            self.observer.on_adapter_evict("device")
+        return best[1]
+
+    def _free(self, entry: Entry) -> None:
+        slot = entry.slot
+        if slot is not None:
+            self.pool.clear(slot)
+            self._slots[slot] = None
+            entry.slot = None
+            self._publish_tiers()
+
+    def _start_disk_load(self, entry: Entry) -> None:
+        if entry.error is not None:
+            error, entry.error = entry.error, None  # the next request retries
+            raise AdapterLoadError(entry.name, error)
+        if not entry.loading:
+            entry.loading = True
+            self._loader.submit(self._load_from_disk, entry)
+
+    def _load_from_disk(self, entry: Entry) -> None:
+        started = time.perf_counter()
+        try:
+            spec = self.parse(entry.path, entry.name)
+            error = None
+        except Exception as e:  # noqa: BLE001 - reported to the requests that wait for it
+            spec, error = None, str(e) if isinstance(e, AdapterFormatError) else type(e).__name__
+            log.warning("reloading adapter %r from disk failed: %s", entry.name, e)
+        with self._lock:
+            entry.loading = False
+            if entry.live:
+                if spec is not None:
+                    self._put_host(entry, spec)
+                    if self.observer is not None:
+                        self.observer.on_adapter_load("disk", time.perf_counter() - started)
+                else:
+                    entry.error = error
+                self._publish_tiers()
+        if self.on_ready is not None:
+            self.on_ready()
+
+    # ---- host tier -------------------------------------------------------------------------
+    def _put_host(self, entry: Entry, spec: AdapterSpec) -> None:
+        """Keep `spec` on the host, evicting LRU copies beyond capacity. Copies that a waiting
+        request needs (`wanted`) are kept even past capacity, so that every load makes progress."""
+        if self.host_capacity == 0 and not entry.wanted:
+            return
+        entry.spec = spec
+        self._host[id(entry)] = entry
+        self._host.move_to_end(id(entry))
+        excess = len(self._host) - self.host_capacity
+        for key, victim in list(self._host.items()):
+            if excess <= 0:
+                break
+            if victim.wanted:
+                continue
+            del self._host[key]
+            victim.spec = None
+            excess -= 1
+            if self.observer is not None:
+                self.observer.on_adapter_evict("host")
+
+    def _touch_host(self, entry: Entry) -> None:
+        if id(entry) in self._host:
+            self._host.move_to_end(id(entry))
+
+    def _retire(self, entry: Entry) -> None:
+        entry.live = False
+        self._host.pop(id(entry), None)
+        entry.spec = None
+        # its slot is reclaimed on the engine thread, by release() or _free_slot()
+
+    def _publish_tiers(self) -> None:
+        if self.observer is not None:
+            counts = dict.fromkeys(TIERS, 0)
+            for entry in self._entries.values():
+                counts[entry.tier] += 1
+            self.observer.on_adapter_tiers(counts)
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)

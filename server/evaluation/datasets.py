@@ -1,0 +1,319 @@
+"""Evaluation datasets: the LLM-Adapters test sets in a data directory (`<name>/test.json`)
+and sets that users register through `POST /v1/datasets` (kept under the cache dir).
+
+A record is `{"instruction": str, "input": "", "answer": str}`; any `output` field (a model-
+written rationale in the published files) is ignored, never used as gold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from server.errors import APIError, invalid_request, truncate
+from server.evaluation.extract import LETTERS, AnswerSpec
+
+ARITHMETIC_SETS = ("gsm8k", "AQuA", "AddSub", "MultiArith", "SingleEq", "SVAMP")
+BUILTIN_SPECS: dict[str, AnswerSpec] = {
+    "gsm8k": AnswerSpec("number"),
+    "AQuA": AnswerSpec("letter"),
+    "AddSub": AnswerSpec("number"),
+    "MultiArith": AnswerSpec("number"),
+    "SingleEq": AnswerSpec("number"),
+    "SVAMP": AnswerSpec("number"),
+    "boolq": AnswerSpec("words", ("true", "false")),
+    "piqa": AnswerSpec("words", ("solution1", "solution2")),
+    "social_i_qa": AnswerSpec("words", tuple(f"answer{i}" for i in range(1, 6))),
+    "hellaswag": AnswerSpec("words", tuple(f"ending{i}" for i in range(1, 5))),
+    "winogrande": AnswerSpec("words", ("option1", "option2")),
+    "ARC-Easy": AnswerSpec("words", tuple(f"answer{i}" for i in range(1, 6))),
+    "ARC-Challenge": AnswerSpec("words", tuple(f"answer{i}" for i in range(1, 6))),
+    "openbookqa": AnswerSpec("words", tuple(f"answer{i}" for i in range(1, 6))),
+}
+# The paper's max new tokens: 256 for the arithmetic sets, 32 for commonsense.
+ARITHMETIC_MAX_TOKENS = 256
+COMMONSENSE_MAX_TOKENS = 32
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_RECORDS = 100_000
+MAX_INSTRUCTION_CHARS = 20_000
+MAX_ANSWER_WORDS = 32
+MAX_WORD_CHARS = 64
+
+Source = Literal["builtin", "user"]
+
+
+@dataclass(frozen=True)
+class Example:
+    index: int  # position in the test file
+    instruction: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    spec: AnswerSpec
+    path: Path  # its test.json
+    source: Source
+
+    @property
+    def max_new_tokens(self) -> int:
+        return (
+            ARITHMETIC_MAX_TOKENS
+            if self.spec.kind in ("number", "letter")
+            else COMMONSENSE_MAX_TOKENS
+        )
+
+    @property
+    def available(self) -> bool:
+        return self.path.is_file()
+
+    def describe(self, num_records: int | None) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "object": "dataset",
+            "answer_kind": self.spec.kind,
+            "answer_words": list(self.spec.words),
+            "source": self.source,
+            "available": self.available,
+            "num_records": num_records,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
+def dataset_not_found(name: str) -> APIError:
+    return APIError(
+        404,
+        f"The dataset {truncate(name)} does not exist; GET /v1/datasets lists them.",
+        param="datasets",
+        code="dataset_not_found",
+    )
+
+
+class DatasetCatalog:
+    """Built-in sets from `data_dir` plus user-registered sets from `user_dir`."""
+
+    def __init__(self, data_dir: Path | None, user_dir: Path) -> None:
+        self.data_dir, self.user_dir = data_dir, user_dir
+        self._cache: dict[Path, tuple[float, list[Example]]] = {}
+
+    def all(self) -> list[Dataset]:
+        builtin = [
+            Dataset(name, spec, self._builtin_path(name), "builtin")
+            for name, spec in BUILTIN_SPECS.items()
+        ]
+        return builtin + self._user_sets()
+
+    def get(self, name: str) -> Dataset:
+        """The dataset called `name` (exact, else case-insensitive); 404 if unknown or missing."""
+        sets = self.all()
+        match = next((d for d in sets if d.name == name), None)
+        match = match or next((d for d in sets if d.name.lower() == name.lower()), None)
+        if match is None:
+            raise dataset_not_found(name)
+        if not match.available:
+            raise APIError(
+                404,
+                f"The dataset {match.name!r} has no data on this server; put its test.json under "
+                f"{match.name}/ in the data directory (--data-dir).",
+                param="datasets",
+                code="dataset_not_found",
+            )
+        return match
+
+    def examples(self, dataset: Dataset) -> list[Example]:
+        """The test records, cached until the file changes."""
+        mtime = dataset.path.stat().st_mtime
+        cached = self._cache.get(dataset.path)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, _read_examples(dataset))
+            self._cache[dataset.path] = cached
+        return cached[1]
+
+    def describe_all(self) -> list[dict[str, Any]]:
+        return [d.describe(len(self.examples(d)) if d.available else None) for d in self.all()]
+
+    def register(
+        self, name: str, spec: AnswerSpec, records: list[dict[str, str]], replace: bool = False
+    ) -> Dataset:
+        """Store already validated records as a user dataset (atomic writes)."""
+        _check_name(name)
+        if any(name.lower() == b.lower() for b in BUILTIN_SPECS):
+            raise APIError(
+                409,
+                f"{name!r} is a built-in dataset name; pick another name.",
+                param="name",
+                code="dataset_exists",
+            )
+        folder = self.user_dir / name
+        if (folder / "dataset.json").is_file() and not replace:
+            raise APIError(
+                409,
+                f"A dataset named {name!r} exists; send replace=true to replace it.",
+                param="name",
+                code="dataset_exists",
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / "test.json", json.dumps(records, ensure_ascii=False))
+        meta = {
+            "name": name,
+            "answer_kind": spec.kind,
+            "answer_words": list(spec.words),
+            "created": int(time.time()),
+        }
+        _atomic_write(folder / "dataset.json", json.dumps(meta))
+        return Dataset(name, spec, folder / "test.json", "user")
+
+    def _builtin_path(self, name: str) -> Path:
+        base = self.data_dir if self.data_dir is not None else Path("/nonexistent")
+        return base / name / "test.json"
+
+    def _user_sets(self) -> list[Dataset]:
+        if not self.user_dir.is_dir():
+            return []
+        sets = []
+        for meta_path in sorted(self.user_dir.glob("*/dataset.json")):
+            meta = json.loads(meta_path.read_text())
+            spec = AnswerSpec(meta["answer_kind"], tuple(meta["answer_words"]))
+            sets.append(Dataset(meta["name"], spec, meta_path.parent / "test.json", "user"))
+        return sets
+
+
+def _read_examples(dataset: Dataset) -> list[Example]:
+    records = json.loads(dataset.path.read_text(encoding="utf-8"))
+    if not isinstance(records, list):
+        raise APIError(
+            500, f"The data file of {dataset.name!r} is not a JSON array.", "server_error"
+        )
+    return [Example(i, str(r["instruction"]), str(r["answer"])) for i, r in enumerate(records)]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- upload validation
+
+
+def _check_name(name: str) -> None:
+    if not NAME_PATTERN.fullmatch(name):
+        raise invalid_request(
+            f"'name' must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit; got {truncate(name)}.",
+            "name",
+        )
+
+
+def answer_spec(kind: str, words: list[str] | None) -> AnswerSpec:
+    """The declared answer kind of an upload, checked."""
+    if kind in ("number", "letter"):
+        if words:
+            raise invalid_request(
+                f"'answer_words' is only for answer_kind 'words', not {kind!r}.", "answer_words"
+            )
+        return AnswerSpec(kind)  # type: ignore[arg-type]
+    if kind != "words":
+        raise invalid_request(
+            f"'answer_kind' must be number, letter or words; got {truncate(kind)}.", "answer_kind"
+        )
+    if not words or len(words) < 2 or len(words) > MAX_ANSWER_WORDS:
+        raise invalid_request(
+            f"answer_kind 'words' needs 'answer_words': 2 to {MAX_ANSWER_WORDS} strings.",
+            "answer_words",
+        )
+    for i, word in enumerate(words):
+        if not word.strip() or len(word) > MAX_WORD_CHARS or word != word.strip():
+            raise invalid_request(
+                f"answer_words[{i}] must be 1-{MAX_WORD_CHARS} characters without surrounding "
+                f"whitespace; got {truncate(word)}.",
+                f"answer_words[{i}]",
+            )
+    if len(set(words)) != len(words):
+        raise invalid_request("'answer_words' must not repeat a word.", "answer_words")
+    return AnswerSpec("words", tuple(words))
+
+
+def parse_jsonl(text: str) -> list[Any]:
+    """One JSON value per non-blank line; a bad line is a 400 naming its number."""
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise invalid_request(f"jsonl line {number} is not valid JSON.", "jsonl") from None
+    return records
+
+
+def validate_records(raw: list[Any], spec: AnswerSpec) -> list[dict[str, str]]:
+    """Records as stored: instruction, empty input, gold answer; 400s name the bad field."""
+    if not raw:
+        raise invalid_request("The dataset has no records; send at least one.", "records")
+    if len(raw) > MAX_RECORDS:
+        raise invalid_request(f"At most {MAX_RECORDS} records, got {len(raw)}.", "records")
+    return [_validate_record(i, record, spec) for i, record in enumerate(raw)]
+
+
+def _validate_record(i: int, record: Any, spec: AnswerSpec) -> dict[str, str]:
+    where = f"records[{i}]"
+    if not isinstance(record, dict):
+        raise invalid_request(f"{where} must be an object with 'instruction' and 'answer'.", where)
+    instruction = record.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise invalid_request(
+            f"{where}.instruction must be a non-empty string.", f"{where}.instruction"
+        )
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        raise invalid_request(
+            f"{where}.instruction is longer than {MAX_INSTRUCTION_CHARS} characters.",
+            f"{where}.instruction",
+        )
+    if record.get("input") not in (None, ""):
+        raise invalid_request(
+            f"{where}.input must be empty: the protocol's prompt has no input section; put it into "
+            "the instruction.",
+            f"{where}.input",
+        )
+    return {
+        "instruction": instruction,
+        "input": "",
+        "answer": _gold(record.get("answer"), spec, where),
+    }
+
+
+def _gold(answer: Any, spec: AnswerSpec, where: str) -> str:
+    param = f"{where}.answer"
+    if spec.kind == "number" and isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise invalid_request(f"{param} must be a non-empty string.", param)
+    if spec.kind == "number":
+        try:
+            value = float(answer.replace(",", ""))
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise invalid_request(
+                f"{param} must be a number for answer_kind 'number'; got {truncate(answer)}.", param
+            )
+        return answer.replace(",", "")
+    if answer not in spec.words:
+        allowed = ", ".join(LETTERS if spec.kind == "letter" else spec.words)
+        raise invalid_request(f"{param} must be one of {allowed}; got {truncate(answer)}.", param)
+    return answer

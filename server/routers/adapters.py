@@ -1,0 +1,350 @@
+"""Adapter management: multipart uploads into the durable store, listing, cards, deletion, and
+vLLM's load/unload endpoints for adapters already on the server's disk (under its roots).
+
+Uploads never go through FastAPI's form parameters: the body is read through a receive that
+counts bytes and stops at the upload cap (413), the form parser spools file parts to anonymous
+temporary files that are closed on every path, and the store copies them into a staging
+directory of its own (allow-listed names, caps) before the registry validates and commits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import PlainTextResponse
+from starlette.datastructures import FormData, UploadFile
+from starlette.types import Message, Receive
+
+from adapters.registry import AdapterRegistry, Entry, RegistryError
+from adapters.spec import AdapterFormatError
+from adapters.store import StoreError, validate_name
+from server.config import Settings
+from server.deps import get_engine, get_registry, get_settings, require_admin_key
+from server.engine.engine import Engine
+from server.errors import APIError, invalid_request
+from server.routers.generation import ERROR_RESPONSES
+from server.schemas import (
+    AdapterCard,
+    AdapterList,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+)
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["adapters"])
+admin = [Depends(require_admin_key)]
+
+# Multipart framing (boundaries, part headers, the `name` field) on top of the file bytes,
+# which the store caps at exactly `max_upload_bytes`.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+MAX_FORM_FILES = 8
+MAX_FORM_FIELDS = 4
+MAX_FIELD_BYTES = 1024
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    403: ERROR_RESPONSES[400],
+    409: ERROR_RESPONSES[400],
+}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "description": "the adapter's name"},
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "adapter_config.json + adapter_model.safetensors",
+                        },
+                        "archive": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "one .zip / .tar.gz / .tgz of those files",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+# ---------------------------------------------------------------- cards and errors
+
+
+def adapter_card(entry: Entry, base_id: str) -> AdapterCard:
+    return AdapterCard(
+        id=entry.name,
+        name=entry.name,
+        parent=base_id,
+        kind=entry.kind.value,
+        rank=entry.rank,
+        targets=list(entry.targets),
+        num_virtual_tokens=entry.num_virtual_tokens,
+        size_bytes=entry.size_bytes,
+        tier=entry.tier,
+        origin=entry.origin,
+        version=entry.version,
+        created=int(entry.created),
+    )
+
+
+def adapter_api_error(exc: Exception, hidden: Iterable[Path] = ()) -> APIError:
+    """A registry / store / format refusal in OpenAI's shape, with server folders scrubbed."""
+    if isinstance(exc, AdapterFormatError):
+        status, param = 400, exc.param
+    elif isinstance(exc, RegistryError | StoreError):
+        status, param = exc.status, exc.param
+    else:
+        raise TypeError(f"not an adapter error: {exc!r}")
+    message = str(exc)
+    for folder in hidden:
+        message = message.replace(str(folder), "<server>")
+    code = "model_not_found" if status == 404 else None
+    return APIError(status, message, param=param, code=code)
+
+
+ADAPTER_ERRORS = (AdapterFormatError, RegistryError, StoreError)
+
+
+def _hidden_folders(registry: AdapterRegistry, settings: Settings) -> list[Path]:
+    folders = [*registry.roots, settings.cache_dir.resolve(), settings.adapter_store.resolve()]
+    if registry.store is not None:
+        folders.append(registry.store.root)
+    return sorted(set(folders), key=lambda p: -len(str(p)))  # longest first: no partial scrubs
+
+
+async def _run(registry: AdapterRegistry, settings: Settings, work: Any, *args: Any) -> Any:
+    """Blocking registry work on a worker thread; its refusals become API errors."""
+    try:
+        return await asyncio.to_thread(work, *args)
+    except ADAPTER_ERRORS as exc:
+        raise adapter_api_error(exc, _hidden_folders(registry, settings)) from None
+
+
+# ---------------------------------------------------------------- upload
+
+
+def upload_too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"The upload exceeds {limit} bytes; send a smaller adapter or raise --max-upload-bytes.",
+        code="request_too_large",
+    )
+
+
+def capped_receive(receive: Receive, limit: int) -> Receive:
+    """`receive` that raises 413 as soon as more than `limit` body bytes have arrived."""
+    received = 0
+
+    async def receive_capped() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise upload_too_large(limit - MULTIPART_OVERHEAD_BYTES)
+        return message
+
+    return receive_capped
+
+
+async def read_upload_form(request: Request, max_upload_bytes: int) -> FormData:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise invalid_request(
+            "Upload an adapter as multipart/form-data: a text field 'name' and either "
+            "'files' (adapter_config.json, adapter_model.safetensors) or one 'archive'.",
+            code="unsupported_content_type",
+        )
+    limit = max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise upload_too_large(max_upload_bytes)
+    capped = Request(request.scope, capped_receive(request.receive, limit))
+    return await capped.form(
+        max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FIELD_BYTES
+    )
+
+
+def _form_parts(form: FormData) -> tuple[str, list[UploadFile], UploadFile | None]:
+    """(name, files, archive) from the form, or a 400 that says what the form must hold."""
+    unknown = sorted({key for key in form if key not in ("name", "files", "archive")})
+    if unknown:
+        raise invalid_request(
+            f"Unexpected form field {unknown[0][:40]!r}: expected 'name' and either 'files' or "
+            "'archive'.",
+            unknown[0][:40],
+        )
+    names = form.getlist("name")
+    if len(names) != 1 or not isinstance(names[0], str):
+        raise invalid_request("Send exactly one text field 'name' with the adapter's name.", "name")
+    files = form.getlist("files")
+    archives = form.getlist("archive")
+    if any(not isinstance(item, UploadFile) for item in [*files, *archives]):
+        raise invalid_request("'files' and 'archive' must be file uploads, not text fields.")
+    if bool(files) == bool(archives) or len(archives) > 1:
+        raise invalid_request(
+            "Send either 'files' (adapter_config.json and adapter_model.safetensors) or exactly "
+            "one 'archive' (.zip / .tar.gz), not both and not neither.",
+            "files" if files else "archive",
+        )
+    return names[0], files, archives[0] if archives else None  # type: ignore[return-value]
+
+
+def _store_upload(
+    registry: AdapterRegistry,
+    name: str,
+    files: list[UploadFile],
+    archive: UploadFile | None,
+    replace: bool,
+) -> Entry:
+    """Stage the uploaded bytes in the store, then validate, commit and serve them."""
+    store = registry.store
+    if store is None:
+        raise RegistryError(409, None, "this server has no adapter store")
+    with store.stage() as staging:  # removed on exit unless committed (renamed away)
+        if archive is not None:
+            store.add_archive(staging, archive.filename or "", archive.file)
+        else:
+            store.add_files(staging, [(f.filename or "", f.file) for f in files])
+        return registry.add_upload(staging, name, replace)
+
+
+@router.post(
+    "/v1/adapters",
+    response_model=AdapterCard,
+    status_code=201,
+    responses=ADMIN_RESPONSES,
+    dependencies=admin,
+    openapi_extra=UPLOAD_BODY,
+)
+async def upload_adapter(
+    request: Request,
+    replace: bool = Query(False, description="replace an adapter of the same name"),
+    registry: AdapterRegistry = Depends(get_registry),
+    settings: Settings = Depends(get_settings),
+    engine: Engine = Depends(get_engine),
+) -> AdapterCard:
+    form = await read_upload_form(request, settings.max_upload_bytes)
+    try:
+        name, files, archive = _form_parts(form)
+        try:
+            validate_name(name)  # before the store stages anything
+        except StoreError as exc:
+            raise adapter_api_error(exc) from None
+        entry = await _run(
+            registry, settings, _store_upload, registry, name, files, archive, replace
+        )
+    finally:
+        await form.close()
+    log.info("adapter %r uploaded (%s, rank %d, version %d)", entry.name, entry.kind.value,
+             entry.rank, entry.version)  # fmt: skip
+    return adapter_card(entry, engine.model_id)
+
+
+# ---------------------------------------------------------------- list, card, delete
+
+
+@router.get("/v1/adapters", response_model=AdapterList, responses=ERROR_RESPONSES)
+async def list_adapters(
+    registry: AdapterRegistry = Depends(get_registry), engine: Engine = Depends(get_engine)
+) -> AdapterList:
+    return AdapterList(data=[adapter_card(e, engine.model_id) for e in registry.list()])
+
+
+@router.get("/v1/adapters/{name}", response_model=AdapterCard, responses=ERROR_RESPONSES)
+async def get_adapter(
+    name: str,
+    registry: AdapterRegistry = Depends(get_registry),
+    engine: Engine = Depends(get_engine),
+) -> AdapterCard:
+    try:
+        entry = registry.get(name)
+    except RegistryError as exc:
+        raise adapter_api_error(exc) from None
+    return adapter_card(entry, engine.model_id)
+
+
+@router.delete(
+    "/v1/adapters/{name}", response_model=AdapterCard, responses=ADMIN_RESPONSES, dependencies=admin
+)
+async def delete_adapter(
+    name: str,
+    registry: AdapterRegistry = Depends(get_registry),
+    settings: Settings = Depends(get_settings),
+    engine: Engine = Depends(get_engine),
+) -> AdapterCard:
+    """Stop serving `name` (and delete its uploaded files); in-flight requests finish on it."""
+    entry = await _run(registry, settings, registry.remove, name)
+    log.info("adapter %r deleted (version %d)", entry.name, entry.version)
+    return adapter_card(entry, engine.model_id)
+
+
+# ---------------------------------------------------------------- vLLM compatibility
+
+
+@router.post(
+    "/v1/load_lora_adapter",
+    response_class=PlainTextResponse,
+    responses=ADMIN_RESPONSES,
+    dependencies=admin,
+)
+async def load_lora_adapter(
+    body: LoadLoraAdapterRequest,
+    registry: AdapterRegistry = Depends(get_registry),
+    settings: Settings = Depends(get_settings),
+) -> Response:
+    """vLLM's endpoint: serve the adapter folder at `lora_path` (under a configured root)."""
+    if registry.exists(body.lora_name) and not body.load_inplace:
+        raise APIError(
+            409,
+            f"The adapter {body.lora_name!r} is already loaded; pass load_inplace=true to "
+            "replace it.",
+            param="lora_name",
+        )
+
+    def load() -> Entry:
+        return registry.add_path(
+            body.lora_name, Path(body.lora_path), replace=body.load_inplace, require_root=True
+        )
+
+    try:
+        entry = await _run(registry, settings, load)
+    except APIError as exc:
+        if exc.param == "name":
+            exc.param = "lora_name"
+        raise
+    log.info("adapter %r loaded from a path (version %d)", entry.name, entry.version)
+    return PlainTextResponse(f"Success: LoRA adapter '{entry.name}' added successfully.")
+
+
+@router.post(
+    "/v1/unload_lora_adapter",
+    response_class=PlainTextResponse,
+    responses=ADMIN_RESPONSES,
+    dependencies=admin,
+)
+async def unload_lora_adapter(
+    body: UnloadLoraAdapterRequest,
+    registry: AdapterRegistry = Depends(get_registry),
+    settings: Settings = Depends(get_settings),
+) -> Response:
+    try:
+        entry = await _run(registry, settings, registry.remove, body.lora_name)
+    except APIError as exc:
+        if exc.param in ("name", "model"):
+            exc.param = "lora_name"
+        raise
+    log.info("adapter %r unloaded (version %d)", entry.name, entry.version)
+    return PlainTextResponse(f"Success: LoRA adapter '{entry.name}' removed successfully.")

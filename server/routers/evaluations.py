@@ -1,0 +1,110 @@
+"""Evaluation jobs (/v1/evaluations) and evaluation datasets (/v1/datasets)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.deps import require_admin_key
+from server.errors import invalid_request
+from server.evaluation.datasets import answer_spec, parse_jsonl, validate_records
+from server.evaluation.runner import EvalJob, EvaluationRunner, JobOptions
+from server.routers.generation import ERROR_RESPONSES
+from server.schemas import (
+    DatasetInfo,
+    DatasetList,
+    DatasetUpload,
+    EvaluationJob,
+    EvaluationList,
+    EvaluationRequest,
+)
+
+router = APIRouter(tags=["evaluations"])
+
+
+def get_runner(request: Request) -> EvaluationRunner:
+    return request.app.state.evaluations
+
+
+def _job_body(job: EvalJob) -> dict:
+    return EvaluationJob.model_validate(job.to_dict()).model_dump()
+
+
+@router.post(
+    "/v1/evaluations", status_code=202, response_model=EvaluationJob, responses=ERROR_RESPONSES
+)
+async def create_evaluation(
+    body: EvaluationRequest, runner: EvaluationRunner = Depends(get_runner)
+) -> JSONResponse:
+    options = JobOptions(
+        models=body.models,
+        datasets=body.datasets,
+        limit=body.limit,
+        protocol=body.protocol,
+        seed=body.seed,
+        temperature=body.temperature,
+        max_tokens=body.max_tokens,
+    )
+    job = runner.submit(options)
+    return JSONResponse(_job_body(job), status_code=202)
+
+
+@router.get("/v1/evaluations", response_model=EvaluationList, responses=ERROR_RESPONSES)
+async def list_evaluations(runner: EvaluationRunner = Depends(get_runner)) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_job_body(j) for j in runner.list()]})
+
+
+@router.get("/v1/evaluations/{job_id}", response_model=EvaluationJob, responses=ERROR_RESPONSES)
+async def get_evaluation(
+    job_id: str, runner: EvaluationRunner = Depends(get_runner)
+) -> JSONResponse:
+    return JSONResponse(_job_body(runner.get(job_id)))
+
+
+@router.get(
+    "/v1/evaluations/{job_id}/results",
+    response_class=StreamingResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"application/x-ndjson": {}}}},
+)
+async def get_evaluation_results(
+    job_id: str, runner: EvaluationRunner = Depends(get_runner)
+) -> StreamingResponse:
+    """One JSON object per scored example (model, dataset, index, instruction, response,
+    extracted, gold, correct), in the order they finished."""
+    runner.get(job_id)
+    return StreamingResponse(runner.iter_results(job_id), media_type="application/x-ndjson")
+
+
+@router.delete("/v1/evaluations/{job_id}", response_model=EvaluationJob, responses=ERROR_RESPONSES)
+async def cancel_evaluation(
+    job_id: str, runner: EvaluationRunner = Depends(get_runner)
+) -> JSONResponse:
+    return JSONResponse(_job_body(await runner.cancel(job_id)))
+
+
+@router.get("/v1/datasets", response_model=DatasetList, responses=ERROR_RESPONSES)
+async def list_datasets(runner: EvaluationRunner = Depends(get_runner)) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": runner.catalog.describe_all()})
+
+
+@router.post(
+    "/v1/datasets",
+    status_code=201,
+    response_model=DatasetInfo,
+    responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},
+    dependencies=[Depends(require_admin_key)],
+)
+async def register_dataset(
+    body: DatasetUpload, runner: EvaluationRunner = Depends(get_runner)
+) -> JSONResponse:
+    """Register a dataset: `records` (JSON array) or `jsonl` (JSON Lines text) of objects with
+    `instruction` and `answer`, and the answer kind (number, letter A-E, or `answer_words`)."""
+    spec = answer_spec(body.answer_kind, body.answer_words)
+    if (body.records is None) == (body.jsonl is None):
+        raise invalid_request(
+            "Send the records either as 'records' or as 'jsonl', not both.", "records"
+        )
+    raw = body.records if body.records is not None else parse_jsonl(body.jsonl or "")
+    records = validate_records(raw, spec)
+    dataset = runner.catalog.register(body.name, spec, records, replace=body.replace)
+    return JSONResponse(dataset.describe(len(records)), status_code=201)

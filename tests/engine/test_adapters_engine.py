@@ -1,0 +1,377 @@
+"""Adapters through the whole engine (registry -> pool -> scheduler -> model), on the reference
+kernels path, fp32.
+
+References are independent: real `peft` models loaded from the saved adapter directories (LoRA
+with rsLoRA and rank/alpha patterns, IA3, prefix tuning, prompt tuning), and transformers with
+the LLM-Adapters math in torch hooks (series, parallel). Logits are compared through log-probs
+(prompt positions via prompt_logprobs, generated ones via logprobs) with fp32 tolerances
+(differences are summation order only), and greedy tokens must be identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.spec import BaseFingerprint
+from server.config import Settings
+from server.engine.engine import Engine, ModelNotFoundError, build_engine
+from server.engine.sampling import SamplingParams
+from server.metrics import Metrics
+from tests.adapters.conftest import bottleneck_config
+from tests.adapters.makers import bottleneck_dir, bottleneck_reference, hf_model, save_peft
+from tests.helpers import make_tiny_llama
+
+peft = pytest.importorskip("peft")
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NEW_TOKENS = 8
+MAX_RANK = 16
+
+
+def peft_configs() -> dict:
+    return {
+        "lora-r8-rs": peft.LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL),
+        "lora-r4-pat": peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+            rank_pattern={"o_proj": 2}, alpha_pattern={"v_proj": 3},
+        ),
+        "ia3": peft.IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+        ),
+        "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+        "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    }
+
+
+BOTTLENECKS = {
+    "series": bottleneck_config(bottleneck_size=6, non_linearity="tanh", scaling=0.5),
+    "parallel": bottleneck_config(
+        bottleneck_size=12, non_linearity="relu", scaling=2.0, use_parallel_adapter=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+    ),
+}
+
+
+class Adapters:
+    """Every kind saved on one tiny base, with a reference model per adapter (and the base)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.base_dir = make_tiny_llama(root / "base", seed=3)
+        config = json.loads((self.base_dir / "config.json").read_text())
+        self.fingerprint = BaseFingerprint.from_hf_config(config)
+        self.vocab = config["vocab_size"]
+        self.dirs: dict[str, Path] = {}
+        self.references: dict[str, torch.nn.Module] = {"base": hf_model(self.base_dir)}
+        for seed, (name, cfg) in enumerate(peft_configs().items()):
+            self.dirs[name] = save_peft(root / name, self.base_dir, cfg, seed, scale=0.3)
+            self.references[name] = peft.PeftModel.from_pretrained(
+                hf_model(self.base_dir), str(self.dirs[name])
+            ).eval()
+        for seed, (name, cfg) in enumerate(BOTTLENECKS.items()):
+            self.dirs[name] = bottleneck_dir(root / name, self.fingerprint, cfg, seed)
+            self.references[name] = bottleneck_reference(self.base_dir, self.dirs[name])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.dirs)
+
+    def engine(self, tmp: Path, names: list[str] | None = None, **overrides) -> Engine:
+        names = self.names if names is None else names
+        settings = Settings(
+            model=str(self.base_dir), device="cpu", cache_dir=tmp / "cache",
+            adapters=[f"{n}={self.dirs[n]}" for n in names], max_adapter_rank=MAX_RANK,
+            num_kv_blocks=512,
+            **overrides,
+        )
+        return build_engine(settings, Metrics())
+
+    def greedy(self, name: str, ids: list[int]) -> tuple[list[int], list[float]]:
+        """Reference greedy continuation and the log-prob of every token after the first
+        (prompt tokens 1.., then each generated token), by full forward passes (no cache)."""
+        model, seq = self.references[name], list(ids)
+        with torch.no_grad():
+            for _ in range(NEW_TOKENS):
+                logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
+                seq.append(int(logits.argmax()))
+            logits = model(input_ids=torch.tensor([seq[:-1]])).logits[0]
+        logits = logits[-(len(seq) - 1) :]  # prompt tuning's output also has its virtual rows
+        lp = logits.float().log_softmax(-1)
+        return seq[len(ids):], lp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])].tolist()
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> Adapters:
+    return Adapters(tmp_path_factory.mktemp("engine-adapters"))
+
+
+def prompt(seed: int, length: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (length,), generator=g).tolist()
+
+
+async def generate(engine: Engine, ids: list[int], model: str | None, **params):
+    """(tokens, logprobs of prompt tokens 1.. then generated tokens, last output)."""
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
+                            logprobs=0, prompt_logprobs=0, **params)
+    tokens, lps, prompt_lps, last = [], [], None, None
+    async for out in engine.add_request(ids, params, model=model):
+        tokens += out.token_ids
+        lps += [lp.logprob for lp in out.logprobs]
+        prompt_lps = out.prompt_logprobs if out.prompt_logprobs is not None else prompt_lps
+        last = out
+    assert last is not None and last.finished, last
+    if last.error:
+        return tokens, None, last
+    assert prompt_lps is not None and len(prompt_lps) == len(ids)
+    got = [None if lp is None else lp.logprob for lp in prompt_lps[1:]] + lps
+    return tokens, got, last
+
+
+def run(engine: Engine, coro_factory):
+    async def go():
+        await engine.start()
+        try:
+            return await asyncio.wait_for(coro_factory(), timeout=300)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(go())
+
+
+def assert_matches(adapters: Adapters, name: str, ids, tokens, got) -> None:
+    want_tokens, want_lps = adapters.greedy(name, ids)
+    assert tokens == want_tokens, name
+    assert len(got) == len(want_lps)
+    for i, (g, w) in enumerate(zip(got, want_lps, strict=True)):
+        if g is None:  # prefix tuning: no logprob for the first prompt token's successor
+            assert name == "prefix" and i == 0
+            continue
+        assert abs(g - w) <= 2e-4 + 2e-4 * abs(w), (name, i, g, w)
+
+
+def test_every_kind_matches_its_reference(adapters: Adapters, tmp_path: Path):
+    """Each adapter alone (and the base) == peft / the LLM-Adapters math: log-probs and text."""
+    engine = adapters.engine(tmp_path)
+    cases = [(name, prompt(i, 9 + i, adapters.vocab)) for i, name in enumerate(adapters.names)]
+
+    async def go():
+        return [await generate(engine, ids, name) for name, ids in cases]
+
+    results = run(engine, go)
+    base_ids = cases[0][1]
+    base = adapters.greedy("base", base_ids)
+    for (name, ids), (tokens, got, _) in zip(cases, results, strict=True):
+        assert_matches(adapters, name, ids, tokens, got)
+    assert adapters.greedy(adapters.names[0], base_ids) != base  # the adapter does act
+    assert engine.allocator.num_used == 0
+
+
+def test_mixed_batch_equals_each_alone(adapters: Adapters, tmp_path: Path):
+    """Every kind twice plus base requests, concurrently (and through chunked prefill with a
+    small token budget): the same tokens and log-probs as each request run alone."""
+    engine = adapters.engine(tmp_path, max_num_batched_tokens=32, block_size=4)
+    models = [*adapters.names, None, *adapters.names, None]
+    cases = [(m, prompt(100 + i, 5 + (3 * i) % 17, adapters.vocab)) for i, m in enumerate(models)]
+    assert len(cases) >= 8
+
+    async def together():
+        return await asyncio.gather(*[generate(engine, ids, m) for m, ids in cases])
+
+    async def alone():
+        return [await generate(engine, ids, m) for m, ids in cases]
+
+    async def both():
+        return await together(), await alone()
+
+    mixed, single = run(engine, both)
+    for (model, _), (t1, lp1, _), (t2, lp2, _) in zip(cases, mixed, single, strict=True):
+        assert t1 == t2, model
+        torch.testing.assert_close(
+            torch.tensor([x or 0.0 for x in lp1]), torch.tensor([x or 0.0 for x in lp2]),
+            atol=2e-4, rtol=2e-4,
+        )
+    steps = [{m for _, m in step} for step in engine.step_log]
+    assert max(len(s) for s in steps) >= 6  # many adapters really shared steps
+    assert engine.allocator.num_used == 0
+    assert all(e.refs == 0 for e in engine.registry.list())
+
+
+def test_eviction_with_few_slots_and_no_host_cache(adapters: Adapters, tmp_path: Path):
+    """2 device slots, no host cache, 7 adapters requested concurrently and in turn: every one
+    is served correctly; loads come from disk; slots are evicted LRU."""
+    engine = adapters.engine(tmp_path, adapter_slots=2, host_adapter_cache=0)
+    cases = [(name, prompt(200 + i, 7, adapters.vocab)) for i, name in enumerate(adapters.names)]
+
+    async def go():
+        first = await asyncio.gather(*[generate(engine, ids, name) for name, ids in cases])
+        again = [await generate(engine, ids, name) for name, ids in reversed(cases)]
+        return first, again[::-1]
+
+    first, again = run(engine, go)
+    for (name, ids), (t1, lp1, _), (t2, _, _) in zip(cases, first, again, strict=True):
+        assert_matches(adapters, name, ids, t1, lp1)
+        assert t1 == t2
+    text = engine.metrics.render().decode()
+    assert 'adapterserve_adapter_loads_total{source="disk"}' in text
+    assert 'adapterserve_adapter_evictions_total{tier="device"}' in text
+    assert engine.registry.tier_counts()["host"] == 0
+    assert engine.allocator.num_used == 0
+
+
+def stage_copy(engine: Engine, src: Path) -> Path:
+    staging = engine.registry.store.new_staging()
+    for f in src.iterdir():
+        shutil.copy(f, staging / f.name)
+    return staging
+
+
+def test_uploads_survive_restart_and_replace_delete(adapters: Adapters, tmp_path: Path):
+    engine = adapters.engine(tmp_path, names=[])
+    ids = prompt(300, 8, adapters.vocab)
+    engine.registry.add_upload(stage_copy(engine, adapters.dirs["lora-r8-rs"]), "up")
+    with pytest.raises(Exception, match="already exists"):
+        engine.registry.add_upload(stage_copy(engine, adapters.dirs["ia3"]), "up")
+    before = run(engine, lambda: generate(engine, ids, "up"))
+
+    restarted = adapters.engine(tmp_path, names=[])  # same store under cache_dir
+    assert [e.name for e in restarted.registry.list()] == ["up"]
+    registry = restarted.registry
+
+    async def go():
+        after = await generate(restarted, ids, "up")
+        await asyncio.to_thread(
+            registry.add_upload, stage_copy(restarted, adapters.dirs["ia3"]), "up", True
+        )
+        replaced = await generate(restarted, ids, "up")
+        await asyncio.to_thread(registry.remove, "up")
+        with pytest.raises(ModelNotFoundError):
+            await generate(restarted, ids, "up")
+        return after, replaced
+
+    after, replaced = run(restarted, go)
+    assert after[0] == before[0]
+    assert_matches(adapters, "lora-r8-rs", ids, after[0], after[1])
+    assert_matches(adapters, "ia3", ids, replaced[0], replaced[1])
+    assert not (tmp_path / "cache" / "adapters" / "up").exists()
+
+
+def test_hot_swap_under_traffic(adapters: Adapters, tmp_path: Path):
+    """Replace and delete `hot` in a loop while requests stream: every request finishes either
+    on one version's weights exactly (tokens of version A or of version B, never a mix) or with
+    a clear error after a delete; no deadlock; KV blocks and slot leases return to zero."""
+    engine = adapters.engine(tmp_path, names=[], adapter_slots=3)
+    versions = {"lora-r8-rs": None, "series": None}
+    ids = prompt(400, 6, adapters.vocab)
+    for name in versions:
+        versions[name] = tuple(adapters.greedy(name, ids)[0])
+    stop = threading.Event()
+    swaps = {"n": 0}
+
+    def swapper():
+        order = ["lora-r8-rs", "series"]
+        while not stop.is_set():
+            src = order[swaps["n"] % 2]
+            engine.registry.add_upload(stage_copy(engine, adapters.dirs[src]), "hot", replace=True)
+            swaps["n"] += 1
+            if swaps["n"] % 5 == 0:
+                engine.registry.remove("hot")
+                stop.wait(0.01)
+
+    async def traffic():
+        engine.registry.add_upload(stage_copy(engine, adapters.dirs["series"]), "hot")
+        thread = threading.Thread(target=swapper)
+        thread.start()
+        outcomes = []
+        try:
+            for _ in range(6):
+                batch = [generate(engine, ids, "hot") for _ in range(6)]
+                for result in await asyncio.gather(*batch, return_exceptions=True):
+                    outcomes.append(result)
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join)
+        return outcomes
+
+    outcomes = run(engine, traffic)
+    finished = [o for o in outcomes if not isinstance(o, BaseException)]
+    for o in outcomes:
+        assert isinstance(o, ModelNotFoundError) or not isinstance(o, BaseException), o
+    served = [tuple(tokens) for tokens, _, last in finished if not last.error]
+    errors = [last.error for _, _, last in finished if last.error]
+    assert served, "no request was served"
+    assert all(t in versions.values() for t in served)  # one version's weights, never mixed
+    assert all("does not exist" in e for e in errors)
+    assert swaps["n"] >= 3
+    assert engine.allocator.num_used == 0
+    assert all(e.refs == 0 for e in engine.registry.list())
+    assert all(slot is None or slot.live for slot in engine.registry._slots if slot and slot.refs)
+
+
+def test_unknown_adapter_is_refused(adapters: Adapters, tmp_path: Path):
+    engine = adapters.engine(tmp_path, names=["ia3"])
+    with pytest.raises(ModelNotFoundError):
+        asyncio.run(generate(engine, [5, 6, 7], "nope"))
+
+
+def test_virtual_tokens_count_against_the_context(adapters: Adapters, tmp_path: Path):
+    engine = adapters.engine(tmp_path, names=["prefix"], max_model_len=32)
+    ids = prompt(500, 20, adapters.vocab)
+    with pytest.raises(Exception, match="virtual tokens"):
+        asyncio.run(generate(engine, ids, "prefix", ))  # 5 + 20 + 8 > 32
+    tokens, got, last = run(engine, lambda: generate(engine, ids[:15], "prefix"))
+    assert last.num_prompt_tokens == 15 and len(tokens) == NEW_TOKENS
+
+
+def test_default_model_peft_parity(default_model_dir: Path, tmp_path: Path):
+    """SmolLM2-135M with a LoRA (all targets, rsLoRA), IA3, prefix and prompt tuning saved by
+    peft: greedy text identical and log-probs close to peft's (fp32 through 30 layers: 1e-3)."""
+    configs = {
+        "lora": peft.LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL),
+        "ia3": peft.IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+        ),
+        "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
+        "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
+    }
+    dirs = {
+        name: save_peft(tmp_path / name, default_model_dir, cfg, seed, scale=0.05)
+        for seed, (name, cfg) in enumerate(configs.items())
+    }
+    settings = Settings(
+        model=str(default_model_dir), device="cpu", cache_dir=tmp_path / "cache",
+        adapters=[f"{n}={d}" for n, d in dirs.items()], max_adapter_rank=MAX_RANK,
+        num_kv_blocks=256, max_model_len=1024,
+    )
+    engine = build_engine(settings, Metrics())
+    text = engine.tokenizer.encode("The three primary colors are")
+
+    async def go():
+        models = [*dirs, None]
+        return await asyncio.gather(*[generate(engine, text, m) for m in models])
+
+    results = run(engine, go)
+    outputs = {}
+    for (name, directory), (tokens, got, _) in zip(dirs.items(), results[:-1], strict=True):
+        reference = peft.PeftModel.from_pretrained(hf_model(default_model_dir), str(directory))
+        reference.eval()
+        seq = list(text)
+        with torch.no_grad():
+            for _ in range(NEW_TOKENS):
+                seq.append(int(reference(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+            logits = reference(input_ids=torch.tensor([seq[:-1]])).logits[0]
+        assert tokens == seq[len(text):], name
+        lp = logits[-(len(seq) - 1) :].log_softmax(-1)
+        want = lp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
+        mask = torch.tensor([g is not None for g in got])
+        have = torch.tensor([g or 0.0 for g in got])
+        torch.testing.assert_close(have[mask], want[mask], atol=1e-3, rtol=1e-3)
+        outputs[name] = tokens
+    assert len({tuple(t) for t in outputs.values()} | {tuple(results[-1][0])}) >= 3
