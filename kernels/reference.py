@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +68,16 @@ class Activation(enum.IntEnum):
 
 def activate(h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """h (T, ..., r) fp32, codes (T,) int Activation per token -> f_code[t](h[t])."""
+    present = codes.unique().tolist()  # the few codes in use, not one per token
+    if len(present) == 1:
+        f = _ACTIVATIONS.get(Activation(present[0]))
+        return h if f is None else f(h)
     codes = codes.view(-1, *([1] * (h.dim() - 1)))  # broadcast over the token's row
     out = h
-    for code, f in _ACTIVATIONS.items():  # a fixed handful of codes, not tokens
-        out = torch.where(codes == code, f(h), out)
+    for code in present:
+        f = _ACTIVATIONS.get(Activation(code))
+        if f is not None:
+            out = torch.where(codes == code, f(h), out)
     return out
 
 
@@ -95,6 +102,78 @@ def _version(t: torch.Tensor | None) -> int:
     return -1 if t is None or t.is_inference() else t._version
 
 
+BIG_SEGMENT = 16  # a slot with more tokens in a step (a prefill chunk) gets its own matmuls
+MAX_RUNS = 3  # more runs of consecutive small-segment slots than this: gather their weights
+
+
+@dataclass
+class _Run:
+    """Small segments whose slots `index` selects (a slice: a view of the stacks; a tensor:
+    a gather), blocks [first, first + ns) of the padded layout."""
+
+    index: slice | torch.Tensor
+    first: int
+    ns: int
+    flat: torch.Tensor  # (n,) positions of the run's tokens in the whole padded layout
+    rows: torch.Tensor  # (n,) their token indices
+
+
+@dataclass
+class _Layout:
+    """Adapter tokens by slot. Segments longer than BIG_SEGMENT: (slot, token indices), one
+    pair of matmuls each on views of that slot's weights. The rest: laid out block by block
+    (one block per slot, padded to c, the largest such count) in runs of consecutive slots,
+    so that a run is two batched matmuls on strided views of the stacks (no weight copies)."""
+
+    big: list[tuple[int, torch.Tensor]]
+    runs: list[_Run]
+    c: int
+    blocks: int
+    flat: torch.Tensor  # (n_small,) all small-segment tokens' layout positions
+    rows: torch.Tensor  # (n_small,) their token indices
+
+    @classmethod
+    def build(cls, safe: torch.Tensor, valid: torch.Tensor) -> _Layout:
+        rows = torch.nonzero(valid).squeeze(1)  # (N,)
+        slots = safe[rows]
+        order = torch.argsort(slots, stable=True)
+        rows, slots = rows[order], slots[order]  # grouped by slot
+        uniq, counts = torch.unique_consecutive(slots, return_counts=True)
+        big, small, start = [], [], 0
+        for slot, count in zip(uniq.tolist(), counts.tolist(), strict=True):
+            seg = (slot, start, count)
+            (big if count > BIG_SEGMENT else small).append(seg)
+            start += count
+        big_rows = [(slot, rows[a : a + n]) for slot, a, n in big]
+        c = max((n for _, _, n in small), default=0)
+        groups: list[list[tuple[int, int, int]]] = []
+        for seg in small:  # consecutive slot ids form a run
+            if groups and seg[0] == groups[-1][-1][0] + 1:
+                groups[-1].append(seg)
+            else:
+                groups.append([seg])
+        if len(groups) > MAX_RUNS:
+            groups = [small]
+        runs, flats, all_rows, block = [], [], [], 0
+        for group in groups:
+            flat_parts, row_parts = [], []
+            for i, (_, a, n) in enumerate(group):
+                flat_parts.append(torch.arange(n, device=rows.device) + (block + i) * c)
+                row_parts.append(rows[a : a + n])
+            ids = [slot for slot, _, _ in group]
+            consecutive = ids == list(range(ids[0], ids[0] + len(ids)))
+            index = (slice(ids[0], ids[-1] + 1) if consecutive
+                     else torch.tensor(ids, device=rows.device))
+            flat, run_rows = torch.cat(flat_parts), torch.cat(row_parts)
+            runs.append(_Run(index, block, len(group), flat, run_rows))
+            flats.append(flat)
+            all_rows.append(run_rows)
+            block += len(group)
+        empty = rows.new_zeros(0)
+        return cls(big_rows, runs, c, block, torch.cat(flats) if flats else empty,
+                   torch.cat(all_rows) if all_rows else empty)
+
+
 class _BatchPlan:
     """What every adapter op of one batch shares, computed once per `slot_ids` tensor: the
     distinct slots used (u,), each token's index into them (T,), the tokens with an adapter, and
@@ -108,51 +187,38 @@ class _BatchPlan:
         self.used, self.inverse = torch.unique(self.safe, return_inverse=True)
         self.valid = slot_ids >= 0  # (T,)
         self._factors: dict[tuple, tuple[int, torch.Tensor]] = {}
+        self._layout: _Layout | None = None
 
-    def padded(self) -> tuple[int, int, int, torch.Tensor, torch.Tensor] | None:
-        """Adapter tokens laid out slot by slot over the slot range [lo, hi), each slot padded
-        to the largest count c: (lo, hi, c, flat (N,) position of each adapter token in that
-        (hi - lo) * c layout, rows (N,) their token indices). None when padding would waste
-        too much (the range holds many unused slots, or one slot has most of the tokens)."""
-        if not hasattr(self, "_padded"):
-            self._padded = None
-            rows = torch.nonzero(self.valid).squeeze(1)  # (N,)
-            n = rows.numel()
-            if n:
-                slots = self.safe[rows]  # (N,)
-                lo, hi = int(slots.min()), int(slots.max()) + 1
-                counts = torch.bincount(slots - lo, minlength=hi - lo)  # (hi - lo,)
-                c = int(counts.max())
-                if (hi - lo) * c <= 2 * n + 16:
-                    order = torch.argsort(slots, stable=True)
-                    starts = torch.cumsum(counts, 0) - counts
-                    k = torch.empty_like(order)
-                    k[order] = torch.arange(n, device=order.device) - starts[slots[order] - lo]
-                    self._padded = (lo, hi, c, (slots - lo) * c + k, rows)
-        return self._padded
+    def layout(self) -> _Layout:
+        """The batch's adapter tokens grouped by slot (computed once per batch)."""
+        if self._layout is None:
+            self._layout = _Layout.build(self.safe, self.valid)
+        return self._layout
 
     def slot_factor(
-        self, ranks: torch.Tensor, scalings: torch.Tensor, lo: int, hi: int
+        self, ranks: torch.Tensor, scalings: torch.Tensor, index: slice | torch.Tensor
     ) -> tuple[int, torch.Tensor]:
-        """For slots [lo, hi): the largest rank r among the batch's slots, and the (hi-lo, 1, r)
-        factor scalings[s] * (column < ranks[s]), cached per stack for the batch."""
-        key = ("slot", id(ranks), _version(ranks), id(scalings), _version(scalings), lo, hi)
+        """For the slots `index` picks: the largest rank r among the batch's slots, and the
+        (ns, 1, r) factor scalings[s] * (column < ranks[s]), cached per stack for the batch."""
+        where = (index.start, index.stop) if isinstance(index, slice) else id(index)
+        key = ("slot", id(ranks), _version(ranks), id(scalings), _version(scalings), where)
         found = self._factors.get(key)
         if found is None:
             r = self.factor(ranks, None)[0]
-            live = torch.arange(r, device=ranks.device) < ranks[lo:hi, None]  # (hi-lo, r)
-            found = (r, (live * scalings[lo:hi, None].float())[:, None, :].to(self.safe.device))
+            live = torch.arange(r, device=ranks.device) < ranks[index, None]  # (ns, r)
+            found = (r, (live * scalings[index, None].float())[:, None, :].to(self.safe.device))
             self._factors[key] = found
         return found
 
-    def laid_out(self, u: torch.Tensor, size: int, flat: torch.Tensor, rows: torch.Tensor):
-        """u's adapter-token rows in the padded slot layout (size, in), fp32; reused while the
-        same input tensor comes back (q, k and v share theirs, as do gate and up)."""
+    def laid_out(self, u: torch.Tensor) -> torch.Tensor:
+        """u's rows of the small segments in the padded layout (blocks * c, in), fp32; reused
+        while the same input tensor comes back (q, k and v share theirs, as do gate and up)."""
         cached = getattr(self, "_laid_out", None)
         if cached is not None and cached[0] is u and cached[1] == _version(u):
             return cached[2]
-        xp = torch.zeros(size, u.shape[1], dtype=torch.float32, device=u.device)
-        xp.index_copy_(0, flat, u[rows].float())
+        lay = self.layout()
+        xp = torch.zeros(lay.blocks * lay.c, u.shape[1], dtype=torch.float32, device=u.device)
+        xp.index_copy_(0, lay.flat, u[lay.rows].float())
         self._laid_out = (u, _version(u), xp)
         return xp
 
@@ -281,30 +347,39 @@ def add_delta(
     series); a_stack (S, r_max, in); b_stack (S, out, r_max); ranks, scalings, activations (S,)
     as in lora_shrink (None = identity, LoRA). Semantically lora_shrink then lora_expand.
 
-    CPU form: when the batch's adapter tokens fill a slot range densely, they are laid out slot
-    by slot (padded to the largest count) and two batched matmuls run against strided views of
-    the stacks: no per-token or per-slot weight copies, no Python loop over slots. Otherwise
-    (e.g. one long prefill beside single decode tokens) it falls back to shrink + expand.
+    CPU form (see _Layout): long segments (prefill chunks) run two matmuls on views of their
+    slot's weights; short ones (decode tokens) are laid out slot by slot, padded, and run as
+    batched matmuls over runs of consecutive slots. Weights are read in place, each used slot
+    once, with no Python loop over tokens and none over slots for decode-sized segments.
     """
     plan = _plan(slot_ids)
     out = y.float()
     out = out.clone() if out is y else out  # (T, out) fp32
-    layout = plan.padded()
-    if layout is None:
-        h = lora_shrink(u, a_stack, slot_ids, ranks, scalings, activations)
-        return lora_expand(out, h, b_stack, slot_ids, ranks, 0, b_stack.shape[1]).to(y.dtype)
-    lo, hi, c, flat, rows = layout
-    r, factor = plan.slot_factor(ranks, scalings, lo, hi)
+    r, _ = plan.factor(ranks, None)
     if r == 0:
         return out.to(y.dtype)
-    ns = hi - lo
-    xp = plan.laid_out(u, ns * c, flat, rows)  # (ns * c, in) fp32
-    h = torch.bmm(xp.view(ns, c, -1), a_stack[lo:hi, :r].float().transpose(1, 2))  # (ns, c, r)
-    if activations is not None:
-        h = activate(h, activations[lo:hi])
-    h = h * factor  # scalings[s] * (column < ranks[s])
-    delta = torch.bmm(h, b_stack[lo:hi, :, :r].float().transpose(1, 2))  # (ns, c, out)
-    out.index_add_(0, rows, delta.view(ns * c, -1)[flat])
+    lay = plan.layout()
+    for slot, rows in lay.big:
+        rank = int(ranks[slot])
+        if rank == 0:
+            continue
+        h = u[rows].float() @ a_stack[slot, :rank].float().t()  # (n, rank)
+        if activations is not None:
+            h = activate(h, activations[slot].expand(h.shape[0]))
+        h = h * float(scalings[slot])
+        out.index_add_(0, rows, h @ b_stack[slot, :, :rank].float().t())
+    if lay.runs:
+        xp = plan.laid_out(u)  # (blocks * c, in)
+        for run in lay.runs:
+            ns, c = run.ns, lay.c
+            x_run = xp[run.first * c : (run.first + ns) * c].view(ns, c, -1)
+            a = a_stack[run.index, :r].float()  # (ns, r, in): a view when index is a slice
+            h = torch.bmm(x_run, a.transpose(1, 2))  # (ns, c, r)
+            if activations is not None:
+                h = activate(h, activations[run.index])
+            h = h * plan.slot_factor(ranks, scalings, run.index)[1]
+            delta = torch.bmm(h, b_stack[run.index, :, :r].float().transpose(1, 2))
+            out.index_add_(0, run.rows, delta.view(ns * c, -1)[run.flat - run.first * c])
     return out.to(y.dtype)
 
 

@@ -112,13 +112,33 @@ def test_add_delta_matches_loop(pattern: str, nonlinear: bool, T: int) -> None:
     assert torch.equal(got[slot_ids < 0], y[slot_ids < 0])
 
 
-def test_add_delta_uses_both_layouts() -> None:
-    """The dense slot layout for decode-like batches, the fallback for one long segment beside
-    a token of a far slot; the padded plan reports which one a batch gets."""
-    dense = torch.tensor([1, 0, 2, 1, 0, 2, -1], dtype=torch.int32)
-    sparse = torch.tensor([0] * 30 + [4], dtype=torch.int32)
-    assert reference._plan(dense).padded() is not None
-    assert reference._plan(sparse).padded() is None
+def test_add_delta_layouts() -> None:
+    """Decode-like slots are padded into runs of consecutive slots (views, no copies); a long
+    segment (a prefill chunk) gets its own matmuls; scattered slots are gathered into one run."""
+    lay = reference._plan(torch.tensor([1, 0, 2, 1, 0, 2, -1], dtype=torch.int32)).layout()
+    assert not lay.big and len(lay.runs) == 1 and lay.runs[0].index == slice(0, 3) and lay.c == 2
+    lay = reference._plan(torch.tensor([0] * 30 + [4, 5], dtype=torch.int32)).layout()
+    assert [slot for slot, _ in lay.big] == [0] and lay.runs[0].index == slice(4, 6)
+    lay = reference._plan(torch.tensor([0, 2, 4, 6, 8], dtype=torch.int32)).layout()
+    assert len(lay.runs) == 1 and lay.runs[0].index.tolist() == [0, 2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("pattern", ["mixed_lengths", "scattered"])
+def test_add_delta_long_segments_and_scattered_slots(pattern: str) -> None:
+    gen = torch.Generator().manual_seed(21)
+    pool = make_pool(1, IN, OUT, torch.float32, gen)
+    if pattern == "mixed_lengths":  # a prefill chunk of slot 1 beside decode tokens
+        slot_ids = torch.tensor([0, 2, 4, -1] + [1] * 20 + [3, 2], dtype=torch.int32)
+    else:
+        slot_ids = torch.tensor([4, 0, 2, 4, -1, 0], dtype=torch.int32)
+    T = slot_ids.numel()
+    x = randn(T, IN, dtype=torch.float32, gen=gen)
+    y = randn(T, OUT, dtype=torch.float32, gen=gen)
+    codes = torch.tensor([6, 1, 0, 4, 2], dtype=torch.int32)
+    got = reference.add_delta(y, x, pool.a[0], pool.b[0], slot_ids, pool.ranks, pool.scalings, codes)
+    h = loop_shrink(x, pool.a, slot_ids, pool.ranks, pool.scalings, codes)
+    expected = loop_expand(y, h, pool.b, slot_ids, pool.ranks, [0], [OUT])
+    torch.testing.assert_close(got.double(), expected, **TOLERANCES[torch.float32])
 
 
 def test_triton_add_delta(triton_module, poison_allocations) -> None:
