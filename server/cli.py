@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{description} (env ADAPTERSERVE_{field.upper()})",
         )
+    serve.add_argument(  # not in SERVE_FLAGS: `eval` defines its own --data-dir
+        "--data-dir", dest="data_dir", type=str, default=None,
+        help=f"{Settings.model_fields['data_dir'].description} (env ADAPTERSERVE_DATA_DIR)",
+    )
     for flag, field in SERVE_LIST_FLAGS.items():
         description = Settings.model_fields[field].description or ""
         serve.add_argument(
@@ -90,7 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         for field, _ in SERVE_FLAGS.values()
         if getattr(args, field) is not None
     }
-    for field in SERVE_LIST_FLAGS.values():
+    for field in [*SERVE_LIST_FLAGS.values(), "data_dir"]:
         if getattr(args, field, None) is not None:
             overrides[field] = getattr(args, field)
     return Settings(**overrides)

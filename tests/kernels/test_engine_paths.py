@@ -1,6 +1,6 @@
 """The whole engine on CPU through the Triton kernels (interpreter) gives the reference's tokens.
 
-Base model only for now: the adapter hook points join once the adapters issue defines the pool.
+Base model, and adapters of every kind in one batch.
 """
 
 from __future__ import annotations
@@ -44,3 +44,31 @@ def test_triton_path_matches_reference_path(tiny_model_dir, triton_module, monke
     triton = greedy_tokens(tiny_model_dir)
     assert calls, "the Triton attention kernel was never called"
     assert triton == reference
+
+
+def test_adapters_of_every_kind_through_triton(tmp_path, triton_module, monkeypatch):
+    """LoRA (two), IA3, prefix, prompt, series and parallel adapters beside base requests in one
+    engine: the Triton path (interpreter) gives the reference path's tokens and log-probs."""
+    from tests.engine.test_adapters_engine import Adapters, generate, prompt, run
+
+    adapters = Adapters(tmp_path / "adapters")
+    models = [*adapters.names, None]
+    cases = [(m, prompt(600 + i, 5 + i, adapters.vocab)) for i, m in enumerate(models)]
+    calls = []
+    module = triton_module("bottleneck")
+    original = module.add_delta
+    monkeypatch.setattr(module, "add_delta", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def tokens(kind: str):
+        monkeypatch.setenv("ADAPTERSERVE_KERNELS", kind)
+        engine = adapters.engine(tmp_path / kind)
+        return run(engine, lambda: asyncio.gather(*[generate(engine, p, m) for m, p in cases]))
+
+    reference = tokens("reference")
+    assert not calls
+    triton = tokens("triton")
+    assert calls, "the Triton adapter kernels were never called"
+    for (model, _), (t_ref, lp_ref, _), (t_tri, lp_tri, _) in zip(cases, reference, triton, strict=True):
+        assert t_tri == t_ref, model
+        for a, b in zip(lp_ref, lp_tri, strict=True):
+            assert (a is None) == (b is None) and (a is None or abs(a - b) <= 1e-4), model
