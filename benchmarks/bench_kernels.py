@@ -5,11 +5,12 @@ are memory-bound, so bandwidth (bytes the op must read and write / time) is repo
 of a device-to-device copy measured in the same run. Prints a table per op, writes one JSON.
 
     .venv/bin/python benchmarks/bench_kernels.py [--ops lora,bottleneck,ia3,attention,e2e]
-        [--dtype bfloat16] [--quick] [--e2e-runs base] [--json bench-results/kernels.json]
+        [--dtype bfloat16] [--quick] [--e2e-runs base lora64 mixed] [--json bench-results/kernels.json]
 
 Ops: lora (shrink + expand, per-token and segmented, Llama-2-7B q/k/v, gate/up, down), bottleneck
 (every activation at rank 16), ia3, attention (paged decode), e2e (Llama-2-7B-shaped decode
-tok/s through our model and scheduler; adapter runs wait on issue 3).
+tok/s through our model and scheduler: base only, 64 distinct rank-16 LoRA adapters on all
+seven projections, 64 adapters of six kinds; the adapter runs as ratios to the base run).
 
 Adding an op: write bench_<op>(args, copy_bytes_per_s) -> list[dict] of rows (op, shape,
 times, bandwidth), give it a column list in TABLES, and register it in BENCHES; --ops then
@@ -27,7 +28,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +166,7 @@ def bench_attention(args: argparse.Namespace, copy_bytes_per_s: float) -> list[d
 
 PATTERNS = ("distinct", "uniform", "skewed", "identical")
 DECODE_AIM_FRACTION, DECODE_AIM_SPEEDUP = 0.6, 5.0  # issue 4: decode LoRA op vs copy / reference
+E2E_AIM = 0.8  # issue 4: decode tok/s with 64 distinct LoRA adapters / base-only
 
 
 @dataclass(frozen=True)
@@ -571,6 +573,8 @@ def bench_ia3(args: argparse.Namespace, copy_bytes_per_s: float) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 E2E_RUNS = ("base", "lora64", "mixed")
+E2E_ADAPTERS, E2E_RANK, E2E_VIRTUAL_TOKENS = 64, 16, 16
+E2E_MIXED_KINDS = ("lora", "series", "parallel", "prefix", "prompt", "ia3")
 
 
 def llama2_7b_args():
@@ -601,28 +605,121 @@ def build_random_model(model_args, dtype: torch.dtype, device: str = "cuda", see
     return model
 
 
+def fingerprint_of(model_args):
+    from adapters.spec import BaseFingerprint
+
+    a = model_args
+    return BaseFingerprint(hidden_size=a.dim, num_layers=a.n_layers, num_heads=a.n_heads,
+                           num_kv_heads=a.n_kv_heads, head_dim=a.head_dim,
+                           intermediate_size=a.intermediate_size,
+                           vocab_size=a.vocab_size)  # fmt: skip
+
+
+def random_spec(name: str, kind: str, fingerprint, rank: int, num_virtual: int, seed: int):
+    """A random AdapterSpec of `kind`, shaped like what the format parsers produce:
+    lora on all seven projections; series bottleneck on gate/up (input side) and down (output
+    side); parallel bottleneck on gate, up and down; IA3 on k, v (output) and down (input);
+    prefix K/V and prompt embeddings of `num_virtual` tokens. Weights are small (std 0.02) so
+    deltas are comparable to the random base's activations."""
+    from adapters.spec import (
+        TARGETS,
+        AdapterKind,
+        AdapterSpec,
+        BottleneckWeights,
+        IA3Weights,
+        LoraWeights,
+        adapter_io,
+    )  # fmt: skip
+
+    g = torch.Generator().manual_seed(seed)
+    fp, kind = fingerprint, AdapterKind(kind)
+
+    def randn(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    def bottleneck(target: str, placement: str) -> BottleneckWeights:
+        d_in, d_out = adapter_io(fp, target, placement)
+        return BottleneckWeights(randn(rank, d_in), randn(d_out, rank), 1.0, Activation.TANH,
+                                 placement)  # fmt: skip
+
+    per_layer = {
+        AdapterKind.LORA: lambda: {t: LoraWeights(randn(rank, fp.in_out(t)[0]),
+                                                  randn(fp.in_out(t)[1], rank), 2.0)
+                                   for t in TARGETS},
+        AdapterKind.SERIES: lambda: {"gate": bottleneck("gate", "input"),
+                                     "up": bottleneck("up", "input"),
+                                     "down": bottleneck("down", "output")},
+        AdapterKind.PARALLEL: lambda: {t: bottleneck(t, "parallel") for t in ("gate", "up", "down")},
+        AdapterKind.IA3: lambda: {"k": IA3Weights(1 + randn(fp.kv_dim, std=0.3), "output"),
+                                  "v": IA3Weights(1 + randn(fp.kv_dim, std=0.3), "output"),
+                                  "down": IA3Weights(1 + randn(fp.intermediate_size, std=0.3),
+                                                     "input")},
+    }  # fmt: skip
+    modules, prefix_kv, prompt, nvt = {}, None, None, 0
+    if kind in per_layer:
+        for layer in range(fp.num_layers):
+            modules.update({(layer, t): w for t, w in per_layer[kind]().items()})
+    elif kind is AdapterKind.PREFIX:
+        nvt = num_virtual
+        prefix_kv = randn(fp.num_layers, 2, nvt, fp.num_kv_heads, fp.head_dim, std=1.0)
+    else:
+        nvt, prompt = num_virtual, randn(num_virtual, fp.hidden_size, std=1.0)
+    ranked = kind in (AdapterKind.LORA, AdapterKind.SERIES, AdapterKind.PARALLEL)
+    targets = tuple(sorted({t for _, t in modules}))
+    return AdapterSpec(name, kind, fp, rank if ranked else 0, targets, modules, prefix_kv, prompt,
+                       nvt)  # fmt: skip
+
+
+def e2e_kinds(run: str) -> tuple[str, ...] | None:
+    """The adapter kinds an e2e run spreads over E2E_ADAPTERS adapters (None: base model)."""
+    runs = {"base": None, "lora64": ("lora",), "mixed": E2E_MIXED_KINDS}
+    if run not in runs:
+        raise ValueError(f"unknown e2e run {run!r}; choose from {E2E_RUNS}")
+    return runs[run]
+
+
+def build_pool(model_args, kinds: tuple[str, ...], num_adapters: int, dtype, device):
+    """AdapterPool with `num_adapters` random adapters, kind kinds[i % len(kinds)] in slot i."""
+    from adapters.pool import AdapterPool
+
+    fp = fingerprint_of(model_args)
+    pool = AdapterPool(fp, num_adapters, E2E_RANK, device, dtype)
+    for slot in range(num_adapters):
+        kind = kinds[slot % len(kinds)]
+        pool.load(slot, random_spec(f"{kind}-{slot}", kind, fp, E2E_RANK, E2E_VIRTUAL_TOKENS,
+                                    seed=slot))  # fmt: skip
+    return pool
+
+
 def run_decode(
     model, cache, concurrency: int, prompt_len: int, output_len: int, block_size: int,
-    num_blocks: int, slot_ids: Sequence[int] | None = None, seed: int = 0,
+    num_blocks: int, pool=None, seed: int = 0,
 ) -> dict:  # fmt: skip
     """Admit `concurrency` random prompts at once, decode greedily to `output_len` tokens each.
+    With a `pool`, sequence i uses the adapter in slot i % num_slots, bound as the engine binds
+    it (slot ids for the hook points, prefix K/V placed at admission, prompt embeddings).
 
     Drives Scheduler + Transformer.forward as Engine.step does (no HTTP, no detokenizer)."""
     from server.engine.kv_cache import BlockAllocator
     from server.engine.sampling import SamplingParams
-    from server.engine.scheduler import Scheduler, Sequence
+    from server.engine.scheduler import Scheduler, Sequence, bind_adapter, place_prefix
 
     device = next(model.parameters()).device
     sched = Scheduler(
-        BlockAllocator(num_blocks, block_size), concurrency, concurrency * prompt_len, device
-    )
+        BlockAllocator(num_blocks, block_size), concurrency,
+        concurrency * (prompt_len + E2E_VIRTUAL_TOKENS), device,
+        place_prefix=lambda seq: place_prefix(seq, cache, block_size),
+    )  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     seqs = []
     for i, prompt in enumerate(torch.randint(100, model.args.vocab_size, (concurrency, prompt_len),
                                              generator=g).tolist()):  # fmt: skip
         seq = Sequence(f"r{i}", prompt, params, "bench", None)
-        seq.slot_id = -1 if slot_ids is None else slot_ids[i]
+        if pool is not None:
+            slot = i % pool.num_slots
+            nvt = E2E_VIRTUAL_TOKENS if pool.kinds[slot].value in ("prefix", "prompt") else 0
+            bind_adapter(seq, pool.kinds[slot], slot, nvt, pool)
         seqs.append(seq)
         sched.add(seq)
     prefill_s, decode_steps, decode_tokens, step_ms = 0.0, 0, 0, []
@@ -653,54 +750,59 @@ def run_decode(
         decode_tokens=decode_tokens, decode_tok_s=decode_tokens / decode_s if decode_s else None,
         median_step_ms=statistics.median(step_ms) if step_ms else None,
         total_tok_s=concurrency * output_len / (prefill_s + decode_s),
+        outputs=[seq.output_ids for seq in seqs],
     )  # fmt: skip
 
 
-def e2e_slot_ids(run: str, concurrency: int) -> list[int] | None:
-    """Adapter slot of each sequence for an e2e run (None: base model only)."""
-    if run == "base":
-        return None
-    if run == "lora64":
-        # TODO(issue 3): register 64 distinct rank-16 LoRA adapters (all 7 projections) in the
-        # adapter pool, set model.hooks to the pool's hooks and return slots i % 64 per
-        # sequence; the aim is >= 0.8 of the base-only decode tok/s at the same concurrency.
-        raise NotImplementedError(
-            "e2e run 'lora64' needs the adapter hooks wired into the model (issue 3)"
-        )
-    if run == "mixed":
-        # TODO(issue 3): adapters of every kind (LoRA, series, parallel, prefix, prompt, IA3)
-        # in equal shares over the sequences, same concurrency as the base run.
-        raise NotImplementedError(
-            "e2e run 'mixed' needs the adapter hooks and a pool of every kind (issue 3)"
-        )
-    raise ValueError(f"unknown e2e run {run!r}; choose from {E2E_RUNS}")
-
-
 def bench_e2e(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
-    """Decode tok/s at a fixed concurrency, base model only (adapter runs: issue 3)."""
+    """Decode tok/s at a fixed concurrency: base model only, then each adapter run (E2E_RUNS)
+    with the pool's hooks on the model, as ratios to the base run measured in the same process.
+    `changed` is the share of sequences whose greedy output differs from the base run's: a
+    check that the adapters act at all (it should be close to 1)."""
+    from adapters.hooks import PoolHooks
     from server.model.llama import KVCache
 
     concurrency, prompt_len = args.e2e_concurrency, args.e2e_prompt_len
-    output_len, block_size, dtype = args.e2e_output_len, 16, torch.bfloat16
-    slot_ids = {run: e2e_slot_ids(run, concurrency) for run in args.e2e_runs}  # fail before build
+    output_len, block_size = args.e2e_output_len, 16
+    dtype = getattr(args, "e2e_dtype", torch.bfloat16)
+    runs = list(dict.fromkeys(["base", *args.e2e_runs]))  # the ratios need the base run first
+    kinds = {run: e2e_kinds(run) for run in runs}  # unknown runs fail before the model is built
     model_args = getattr(args, "e2e_model_args", None) or llama2_7b_args()
+    num_adapters = getattr(args, "e2e_adapters", E2E_ADAPTERS)
     model = build_random_model(model_args, dtype, device)
-    num_blocks = concurrency * math.ceil((prompt_len + output_len) / block_size) + concurrency
+    max_len = E2E_VIRTUAL_TOKENS + prompt_len + output_len
+    num_blocks = concurrency * math.ceil(max_len / block_size) + concurrency
     cache = KVCache(model_args, num_blocks, block_size, dtype, device)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    rows = []
+    rows, base = [], None
     print_header("e2e")
-    for run, slots in slot_ids.items():
+    for run in runs:
+        pool = None if kinds[run] is None else build_pool(model_args, kinds[run], num_adapters,
+                                                           dtype, device)  # fmt: skip
+        model.hooks = None if pool is None else PoolHooks(pool)
         # The same run twice: the first compiles the Triton kernels and warms the allocator.
         for _ in range(2):
             result = run_decode(model, cache, concurrency, prompt_len, output_len, block_size,
-                                num_blocks, slots)  # fmt: skip
+                                num_blocks, pool)  # fmt: skip
             sync()
+        outputs = result.pop("outputs")
+        if base is None:
+            base = dict(result, outputs=outputs)
         row = dict(op="e2e", run=run, model=f"random, Llama-2-7B-shaped ({model_args.n_layers} "
-                   f"layers, dim {model_args.dim})", dtype="bfloat16", concurrency=concurrency,
-                   prompt_len=prompt_len, output_len=output_len, **result)  # fmt: skip
+                   f"layers, dim {model_args.dim})", dtype=str(dtype).removeprefix("torch."),
+                   concurrency=concurrency, prompt_len=prompt_len, output_len=output_len,
+                   adapters=0 if pool is None else pool.num_slots,
+                   kinds=",".join(kinds[run] or ()), **result)  # fmt: skip
+        row["vs_base"] = result["decode_tok_s"] / base["decode_tok_s"]
+        row["changed"] = sum(o != b for o, b in zip(outputs, base["outputs"], strict=True)) / len(
+            outputs
+        )
+        row["aim_met"] = row["vs_base"] >= E2E_AIM if run == "lora64" else None
         print_row(row)
         rows.append(row)
+        model.hooks = pool = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
     del model, cache
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -732,9 +834,11 @@ TABLES: dict[str, list[tuple[str, str, int, str]]] = {
                   ("triton_ms", "triton ms", 9, ".3f"), ("single_pass_ms", "1-pass ms", 9, ".3f"),
                   ("reference_ms", "ref ms", 9, ".3f"), *_BW],
     "e2e": [("run", "run", 6, ""), ("concurrency", "conc", 5, ""), ("prompt_len", "prompt", 6, ""),
-            ("output_len", "output", 6, ""), ("decode_tok_s", "decode tok/s", 12, ".0f"),
-            ("median_step_ms", "step ms", 8, ".2f"), ("total_tok_s", "total tok/s", 11, ".0f"),
-            ("prefill_s", "prefill s", 9, ".3f")],
+            ("output_len", "output", 6, ""), ("adapters", "adp", 4, ""),
+            ("decode_tok_s", "decode tok/s", 12, ".0f"), ("median_step_ms", "step ms", 8, ".2f"),
+            ("total_tok_s", "total tok/s", 11, ".0f"), ("prefill_s", "prefill s", 9, ".3f"),
+            ("vs_base", "vs base", 7, ".2f"), ("changed", "changed", 7, ".2f"),
+            ("aim_met", "aim", 5, "")],
 }  # fmt: skip
 
 
@@ -792,17 +896,15 @@ def main() -> None:
     ap.add_argument("--ops", nargs="+", default=list(BENCHES), help=ops_help)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
-    e2e_help = "lora64 and mixed need issue 3 (they raise NotImplementedError)"
-    ap.add_argument("--e2e-runs", nargs="+", choices=E2E_RUNS, default=["base"], help=e2e_help)
+    e2e_help = "adapter runs after the base run (always run: it is the ratios' denominator)"
+    ap.add_argument("--e2e-runs", nargs="+", choices=E2E_RUNS, default=list(E2E_RUNS),
+                    help=e2e_help)
     ap.add_argument("--e2e-concurrency", type=int, default=32)
     ap.add_argument("--e2e-prompt-len", type=int, default=128)
     ap.add_argument("--e2e-output-len", type=int, default=128)
     ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "kernels.json")
     args = ap.parse_args()
     args.ops = parse_ops(args.ops)
-    if "e2e" in args.ops:  # the adapter runs wait on issue 3: fail now, not after the kernels
-        for run in args.e2e_runs:
-            e2e_slot_ids(run, args.e2e_concurrency)
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); "
                  "on CPU, run the kernel tests instead: pytest tests/kernels")  # fmt: skip

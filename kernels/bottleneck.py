@@ -49,6 +49,5 @@ def add_delta(
 ) -> torch.Tensor:
     """Triton kernels.reference.add_delta: one shrink and one expand launch, fp32 accumulation."""
     h = lora_shrink(u, a_stack, slot_ids, ranks, scalings, activations)  # (T, r_max) fp32
-    out = y.float()
-    out = out.clone() if out is y else out
-    return lora_expand(out, h, b_stack, slot_ids, ranks, 0, b_stack.shape[1]).to(y.dtype)
+    # expand adds in fp32 and rounds once into y's dtype, as the reference's (y.float() + d).to()
+    return lora_expand(y.clone(), h, b_stack, slot_ids, ranks, 0, b_stack.shape[1])

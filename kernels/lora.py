@@ -10,13 +10,14 @@ reference's fp32 accumulation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.segments import Segments, segments
+from kernels.segments import Segments, step_segments
 
 SEGMENTED_MIN_TOKENS = 32  # below this (decode), one program per token beats sorting
 BLOCK_R = 16
@@ -374,7 +375,7 @@ def lora_shrink_segmented(
     h starts at zero because base-model tokens are in no segment and are never visited.
     """
     a4 = _check_shrink(x, a_stack, slot_ids, ranks, scalings)
-    segs = segs if segs is not None else segments(slot_ids)
+    segs = segs if segs is not None else step_segments(slot_ids)
     n, T, r_max = a4.shape[0], x.shape[0], a4.shape[2]
     h = torch.zeros(n, T, r_max, dtype=torch.float32, device=x.device)  # (n, T, r_max)
     if segs.max_count:
@@ -425,8 +426,14 @@ def _expand_args(y, h, b_stack, slot_ids, ranks, y_offsets, y_slice_sizes):
         raise ValueError(
             f"slices {list(zip(offsets, sizes, strict=True))} exceed y's {y.shape[1]} columns"
         )
-    as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=y.device)  # noqa: E731
-    return h3, b4, as_tensor(offsets), as_tensor(sizes), max(sizes)
+    return h3, b4, *_slice_tensors(tuple(offsets), tuple(sizes), y.device), max(sizes)
+
+
+@functools.lru_cache(maxsize=256)
+def _slice_tensors(offsets: tuple[int, ...], sizes: tuple[int, ...], device: torch.device):
+    """Per-slice offsets and sizes on the device, made once per shape (not per call: a host to
+    device copy each time the model calls an op)."""
+    return tuple(torch.tensor(v, dtype=torch.int64, device=device) for v in (offsets, sizes))
 
 
 def lora_expand(
@@ -489,7 +496,7 @@ def lora_expand_segmented(
     h3, b4, offsets, sizes, max_size = _expand_args(
         y, h, b_stack, slot_ids, ranks, y_offsets, y_slice_sizes
     )
-    segs = segs if segs is not None else segments(slot_ids)
+    segs = segs if segs is not None else step_segments(slot_ids)
     if segs.max_count:
         block_t, block_n = _block(segs.max_count, 16, 64), _block(max_size, 16, 64)
         col_blocks = triton.cdiv(max_size, block_n)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.segments import version_of
+
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
     """cache (num_blocks, block_size, kvh, d), block_tables (S, nb) -> (S, kvh, max_len, d)."""
@@ -96,12 +98,6 @@ def _stack_slices(stack: torch.Tensor, slot_dims: int) -> torch.Tensor:
     return stack.unsqueeze(0) if stack.dim() == slot_dims else stack
 
 
-def _version(t: torch.Tensor | None) -> int:
-    """In-place modification counter; inference-mode tensors have none (they are never
-    modified in place by the model between the calls that share a plan), nor has None."""
-    return -1 if t is None or t.is_inference() else t._version
-
-
 BIG_SEGMENT = 16  # a slot with more tokens in a step (a prefill chunk) gets its own matmuls
 MAX_RUNS = 3  # more runs of consecutive small-segment slots than this: gather their weights
 
@@ -182,7 +178,7 @@ class _BatchPlan:
     the same slot_ids; recomputing this each time cost more than the matmuls on CPU."""
 
     def __init__(self, slot_ids: torch.Tensor):
-        self.slot_ids, self.version = slot_ids, _version(slot_ids)
+        self.slot_ids, self.version = slot_ids, version_of(slot_ids)
         self.safe = slot_ids.long().clamp(min=0)  # (T,) -1 reads slot 0, masked below
         self.used, self.inverse = torch.unique(self.safe, return_inverse=True)
         self.valid = slot_ids >= 0  # (T,)
@@ -201,7 +197,7 @@ class _BatchPlan:
         """For the slots `index` picks: the largest rank r among the batch's slots, and the
         (ns, 1, r) factor scalings[s] * (column < ranks[s]), cached per stack for the batch."""
         where = (index.start, index.stop) if isinstance(index, slice) else id(index)
-        key = ("slot", id(ranks), _version(ranks), id(scalings), _version(scalings), where)
+        key = ("slot", id(ranks), version_of(ranks), id(scalings), version_of(scalings), where)
         found = self._factors.get(key)
         if found is None:
             r = self.factor(ranks, None)[0]
@@ -214,19 +210,19 @@ class _BatchPlan:
         """u's rows of the small segments in the padded layout (blocks * c, in), fp32; reused
         while the same input tensor comes back (q, k and v share theirs, as do gate and up)."""
         cached = getattr(self, "_laid_out", None)
-        if cached is not None and cached[0] is u and cached[1] == _version(u):
+        if cached is not None and cached[0] is u and cached[1] == version_of(u):
             return cached[2]
         lay = self.layout()
         xp = torch.zeros(lay.blocks * lay.c, u.shape[1], dtype=torch.float32, device=u.device)
         xp.index_copy_(0, lay.flat, u[lay.rows].float())
-        self._laid_out = (u, _version(u), xp)
+        self._laid_out = (u, version_of(u), xp)
         return xp
 
     def matches(self, slot_ids: torch.Tensor) -> bool:
-        return slot_ids is self.slot_ids and _version(slot_ids) == self.version
+        return slot_ids is self.slot_ids and version_of(slot_ids) == self.version
 
     def factor(self, ranks: torch.Tensor, scalings: torch.Tensor | None) -> tuple[int, torch.Tensor]:
-        key = (id(ranks), _version(ranks), id(scalings), _version(scalings))
+        key = (id(ranks), version_of(ranks), id(scalings), version_of(scalings))
         found = self._factors.get(key)
         if found is None:
             token_ranks = ranks.to(self.safe.device)[self.safe]  # (T,)

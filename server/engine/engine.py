@@ -23,7 +23,7 @@ import torch
 from adapters.hooks import PoolHooks
 from adapters.pool import AdapterPool
 from adapters.registry import AdapterRegistry, RegistryError
-from adapters.spec import AdapterFormatError, AdapterKind, BaseFingerprint
+from adapters.spec import AdapterFormatError, BaseFingerprint
 from adapters.store import AdapterStore, StoreError
 from server.config import Settings
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -35,7 +35,14 @@ from server.engine.sampling import (
     sample,
     top_logprobs,
 )
-from server.engine.scheduler import ScheduledStep, Scheduler, Sequence, Status
+from server.engine.scheduler import (
+    ScheduledStep,
+    Scheduler,
+    Sequence,
+    Status,
+    bind_adapter,
+    place_prefix,
+)
 from server.metrics import Metrics
 from server.model.llama import KVCache, ModelArgs, Transformer
 from server.model.tokenizer import Tokenizer
@@ -307,22 +314,11 @@ class Engine:
                                       "virtual tokens no longer fit the context length", 400))
             return False
         seq.lease = lease
-        if entry.uses_slot_ids:
-            seq.slot_id = slot
-        elif entry.kind is AdapterKind.PREFIX:
-            seq.prefix_kv = self.registry.pool.prefix_kv[slot]
-        elif entry.kind is AdapterKind.PROMPT:
-            seq.virtual_embeds = self.registry.pool.prompt_embeddings[slot]
-        if nvt:
-            seq.num_virtual = nvt
-            seq.prompt_ids = [0] * nvt + seq.prompt_ids  # placeholders: never embedded as ids
+        bind_adapter(seq, entry.kind, slot, nvt, self.registry.pool)
         return True
 
     def _place_prefix(self, seq: Sequence) -> None:
-        bs, n = self.allocator.block_size, seq.num_virtual
-        slots = [seq.block_table[p // bs] * bs + p % bs for p in range(n)]
-        flat = torch.tensor(slots, dtype=torch.long, device=self.cache.k.device)
-        self.cache.write_all_layers(flat, seq.prefix_kv)
+        place_prefix(seq, self.cache, self.allocator.block_size)
 
     def _fail_doomed(self) -> None:
         doomed, self._doomed = self._doomed, []

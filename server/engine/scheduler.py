@@ -12,13 +12,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from adapters.spec import AdapterKind
 from server.engine.batch import ForwardBatch, PrefillChunk
 from server.engine.kv_cache import BlockAllocator, OutOfBlocks
 from server.engine.sampling import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from adapters.pool import AdapterPool
+    from server.model.llama import KVCache
 
 
 class Status(enum.Enum):
@@ -124,7 +129,7 @@ class Scheduler:
         work = tuple(decodes + prefills)
         if not work:
             return None
-        return ScheduledStep(work, self._build_batch(work), tuple(preempted))
+        return ScheduledStep(work, self._build_batch(work, len(decodes)), tuple(preempted))
 
     def _schedule_decodes(self, preempted: list[Sequence]) -> list[tuple[Sequence, int]]:
         out: list[tuple[Sequence, int]] = []
@@ -208,12 +213,15 @@ class Scheduler:
         self.waiting.appendleft(victim)
         return victim
 
-    def _build_batch(self, work: tuple[tuple[Sequence, int], ...]) -> ForwardBatch:
+    def _build_batch(self, work: tuple[tuple[Sequence, int], ...], num_decodes: int) -> ForwardBatch:
+        """The first `num_decodes` entries of `work` are decodes (the model attends for them as
+        q[:num_decodes]); every later entry is a prefill chunk, one token long included (a
+        chunk cut by the budget, or a prefix-tuned prompt admitted after its virtual tokens)."""
         bs, tokens, positions, slots, slot_ids = self.allocator.block_size, [], [], [], []
         decode_tables, decode_lens, prefills, logits_rows = [], [], [], []
         embed_rows: list[int] = []
         embed_values: list[torch.Tensor] = []
-        for seq, n in work:
+        for i, (seq, n) in enumerate(work):
             start, ids = len(tokens), seq.all_ids[seq.num_computed : seq.num_computed + n]
             pos = range(seq.num_computed, seq.num_computed + n)
             if seq.virtual_embeds is not None and seq.num_computed < seq.num_virtual:
@@ -226,7 +234,7 @@ class Scheduler:
             slot_ids += [seq.slot_id] * n
             logits_rows += self._logit_rows(seq, start, n)
             table = torch.tensor(seq.block_table, dtype=torch.long)
-            if n == 1 and seq.num_computed > 0:
+            if i < num_decodes:
                 decode_tables.append(table)
                 decode_lens.append(seq.num_computed + 1)
             else:
@@ -262,3 +270,28 @@ class Scheduler:
         for i, t in enumerate(tables):
             out[i, : len(t)] = t
         return out.to(self.device)
+
+
+def bind_adapter(
+    seq: Sequence, kind: AdapterKind, slot: int, num_virtual: int, pool: AdapterPool
+) -> None:
+    """Point `seq` at its adapter's state in `pool` slot `slot`: the slot id its tokens carry to
+    the hook points (LoRA, bottleneck, IA3), or the prefix K/V / prompt embeddings placed at
+    admission, plus `num_virtual` placeholder ids at the front of the prompt."""
+    if kind is AdapterKind.PREFIX:
+        seq.prefix_kv = pool.prefix_kv[slot]
+    elif kind is AdapterKind.PROMPT:
+        seq.virtual_embeds = pool.prompt_embeddings[slot]
+    else:
+        seq.slot_id = slot
+    if num_virtual:
+        seq.num_virtual = num_virtual
+        seq.prompt_ids = [0] * num_virtual + seq.prompt_ids  # placeholders: never embedded
+
+
+def place_prefix(seq: Sequence, cache: KVCache, block_size: int) -> None:
+    """Write a prefix-tuned `seq`'s virtual K/V into its first cache positions (all layers)."""
+    n = seq.num_virtual
+    slots = [seq.block_table[p // block_size] * block_size + p % block_size for p in range(n)]
+    flat = torch.tensor(slots, dtype=torch.long, device=cache.k.device)
+    cache.write_all_layers(flat, seq.prefix_kv)

@@ -139,3 +139,80 @@ def test_e2e_decode_plumbing(bench):
     result = bench.run_decode(model, cache, 3, 5, 4, block_size=4, num_blocks=16)
     assert result["decode_steps"] == 3 and result["decode_tokens"] == 9  # token 1 from prefill
     assert result["decode_tok_s"] > 0 and result["total_tok_s"] > 0
+
+
+def test_e2e_adapter_runs(bench, monkeypatch):
+    """base, lora64 and mixed on a tiny model through the reference ops: one row per run, the
+    adapter runs as ratios to the base run, and adapters that change the greedy outputs."""
+    import argparse
+
+    from server.model.llama import ModelArgs
+
+    monkeypatch.setenv("ADAPTERSERVE_KERNELS", "reference")
+    model_args = ModelArgs(vocab_size=128, dim=32, intermediate_size=64, n_layers=2, n_heads=4,
+                           n_kv_heads=2, head_dim=8)  # fmt: skip
+    args = argparse.Namespace(
+        e2e_concurrency=12, e2e_prompt_len=5, e2e_output_len=6, e2e_runs=["mixed", "lora64"],
+        e2e_model_args=model_args, e2e_adapters=6, e2e_dtype=torch.float32,
+    )  # fmt: skip
+    rows = bench.bench_e2e(args, device="cpu")
+    assert [r["run"] for r in rows] == ["base", "mixed", "lora64"]  # base first: the denominator
+    base, mixed, lora64 = rows
+    assert base["adapters"] == 0 and base["changed"] == 0 and base["vs_base"] == 1.0
+    assert mixed["kinds"] == ",".join(bench.E2E_MIXED_KINDS) and lora64["kinds"] == "lora"
+    for row in (mixed, lora64):
+        assert row["adapters"] == 6 and row["decode_tokens"] == 12 * 5  # token 1 from prefill
+        assert row["vs_base"] == pytest.approx(row["decode_tok_s"] / base["decode_tok_s"])
+        assert row["changed"] > 0  # the adapters act on the outputs
+    assert lora64["aim_met"] == (lora64["vs_base"] >= bench.E2E_AIM) and mixed["aim_met"] is None
+
+
+@pytest.mark.parametrize("kind", ["lora", "series", "parallel", "prefix", "prompt", "ia3"])
+def test_random_spec_loads_into_a_pool(bench, kind):
+    """Every kind's random spec fits the pool the way parsed adapters do."""
+    from adapters.pool import AdapterPool
+    from server.model.llama import ModelArgs
+
+    model_args = ModelArgs(vocab_size=64, dim=16, intermediate_size=40, n_layers=2, n_heads=4,
+                           n_kv_heads=2, head_dim=4)  # fmt: skip
+    fp = bench.fingerprint_of(model_args)
+    spec = bench.random_spec("a", kind, fp, 4, 3, seed=0)
+    pool = AdapterPool(fp, 2, 4, "cpu", torch.float32)
+    pool.load(1, spec)
+    assert pool.kind_of(1).value == kind
+    stacks = [*pool.post.values(), *pool.series_in.values(), *pool.series_out.values(),
+              *pool.ia3_in.values(), *pool.ia3_out.values()]  # fmt: skip
+    if kind in ("prefix", "prompt"):
+        assert not stacks and spec.num_virtual_tokens == 3
+    else:
+        assert stacks and all(1 in s.loaded for s in stacks)
+
+
+def test_e2e_needs_no_web_stack():
+    """The device image has torch and triton but no pydantic or fastapi: the e2e bench (model,
+    scheduler, adapter pool) must run without them. Run in a child with them blocked."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import argparse, importlib.util, sys
+        for name in ("pydantic", "pydantic_settings", "fastapi", "uvicorn", "multipart"):
+            sys.modules[name] = None
+        spec = importlib.util.spec_from_file_location("bench_kernels", {str(SCRIPT)!r})
+        bench = sys.modules["bench_kernels"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        import torch
+        from server.model.llama import ModelArgs
+        model_args = ModelArgs(vocab_size=160, dim=16, intermediate_size=40, n_layers=1,
+                               n_heads=2, n_kv_heads=1, head_dim=8)
+        args = argparse.Namespace(e2e_concurrency=6, e2e_prompt_len=3, e2e_output_len=2,
+                                  e2e_runs=["mixed"], e2e_model_args=model_args,
+                                  e2e_adapters=6, e2e_dtype=torch.float32)
+        rows = bench.bench_e2e(args, device="cpu")
+        assert [r["run"] for r in rows] == ["base", "mixed"], rows
+        print("E2E-OK")
+    """)
+    env = {**os.environ, "ADAPTERSERVE_KERNELS": "reference"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=SCRIPT.parents[1], timeout=300)  # fmt: skip
+    assert "E2E-OK" in done.stdout, done.stderr[-3000:]

@@ -59,6 +59,58 @@ def test_logits_match_transformers(model_pair, chunk):
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
 
 
+def prefix_logits(model, steps: list[tuple[int, list[Sequence]]]) -> dict:
+    """Drive a scheduler (budget per step, sequences added before it) and collect every row's
+    logits per request; sequences with `prefix_kv` get their virtual K/V placed at admission."""
+    from server.engine.scheduler import place_prefix
+
+    cache = KVCache(model.args, 64, 4, torch.float32, "cpu")
+    scheduler = Scheduler(BlockAllocator(64, 4), 4, 1, torch.device("cpu"),
+                          place_prefix=lambda seq: place_prefix(seq, cache, 4))  # fmt: skip
+    rows: dict[str, list[torch.Tensor]] = {}
+    work = []
+    for budget, new in steps:
+        for seq in new:
+            scheduler.add(seq)
+        scheduler.budget = budget
+        step = scheduler.schedule()
+        logits, row = model(step.batch, cache), 0
+        for seq, n in step.work:
+            rows.setdefault(seq.request_id, []).append(logits[row : row + n])
+            row, seq.num_computed = row + n, seq.num_computed + n
+        work.append(" ".join(f"{s.request_id}{n}" for s, n in step.work))
+    return {"work": work, **{k: torch.cat(v) for k, v in rows.items()}}
+
+
+def test_one_token_chunk_after_a_prefill_chunk_is_not_a_decode(model_pair):
+    """A prefix-tuned prompt admitted with one token of budget left gets a one-token chunk with
+    num_computed > 0 (its virtual tokens), after another sequence's prefill chunk. It is still a
+    prefill: the model attends for decodes as q[:num_decodes], and calling it a decode mixed up
+    rows (found as a flaky mixed-adapter engine test). A's rows must match transformers, C's
+    the same prompt computed alone."""
+    ours, theirs = model_pair
+    g = torch.Generator().manual_seed(7)
+    a, c = (torch.randint(0, ours.args.vocab_size, (n,), generator=g).tolist() for n in (5, 4))
+    args = ours.args
+    kv = torch.randn(args.n_layers, 2, 2, args.n_kv_heads, args.head_dim, generator=g)
+
+    def seqs():
+        seq_a = Sequence("A", a, SamplingParams(prompt_logprobs=0), "m", stream=None)
+        seq_c = Sequence("C", [0, 0] + c, SamplingParams(prompt_logprobs=0), "m", stream=None)
+        seq_c.num_virtual, seq_c.prefix_kv = 2, kv
+        return seq_a, seq_c
+
+    seq_a, seq_c = seqs()
+    mixed = prefix_logits(ours, [(6, [seq_a, seq_c])])
+    assert mixed["work"] == ["A5 C1"]
+    alone = prefix_logits(ours, [(8, [seqs()[1]])])
+    assert alone["work"] == ["C4"]
+    torch.testing.assert_close(mixed["C"], alone["C"][:1], atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        want = theirs(torch.tensor([a])).logits[0]
+    torch.testing.assert_close(mixed["A"], want, atol=2e-4, rtol=1e-4)
+
+
 def test_llama3_rope_frequencies_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

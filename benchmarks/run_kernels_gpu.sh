@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 4's GPU benchmark in one command: Triton kernels vs the reference (correctness, then
+# time, bandwidth as a fraction of a device-to-device copy, speedup) and the end-to-end decode
+# of a Llama-2-7B-shaped model: base only vs 64 distinct rank-16 LoRA adapters vs 64 adapters
+# of six kinds. Needs a CUDA GPU with torch and triton; nothing else (no web stack).
+#
+#   bash benchmarks/run_kernels_gpu.sh            # full tables
+#   QUICK=1 bash benchmarks/run_kernels_gpu.sh    # a few shapes per op
+#
+# Interpreter: $PYTHON, else .venv/bin/python when its torch sees a GPU, else python3 (on the
+# lent device machines, python3 holds CUDA torch and triton). JSON goes to $OUT (the device
+# tool's folder) or bench-results/. Two calls, so that each stays well under 10 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ -z "${PYTHON:-}" ]]; then
+  PYTHON=python3
+  if [[ -x .venv/bin/python ]] && .venv/bin/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    PYTHON=.venv/bin/python
+  fi
+fi
+dest=${OUT:-bench-results}
+mkdir -p "$dest"
+export PYTHONUNBUFFERED=1
+quick=()
+[[ -n "${QUICK:-}" ]] && quick=(--quick)
+"$PYTHON" benchmarks/bench_kernels.py --ops lora bottleneck ia3 attention --dtype bfloat16 \
+  "${quick[@]}" --json "$dest/kernels.json"
+"$PYTHON" benchmarks/bench_kernels.py --ops e2e --e2e-runs base lora64 mixed \
+  --json "$dest/kernels_e2e.json"
