@@ -52,10 +52,48 @@ class PoolHooks:
         slots = self._batch_slots(batch)
         if not slots:
             return y
-        key = (layer, target)
-        post = self.pool.post.get(key)
+        post = self.pool.post.get((layer, target))
         if post is not None and post.loaded & slots:
             y = add_delta(y, x, post, batch.slot_ids)
+        return self._after_post(layer, target, y, slots, batch)
+
+    def post_fused(
+        self, layer: int, targets: tuple[str, ...], x: torch.Tensor, fused: torch.Tensor,
+        sizes: tuple[int, ...], batch: SlotBatch,
+    ) -> torch.Tensor:  # fmt: skip
+        """`post` on each target's columns of a fused projection (q|k|v, gate|up) of x. The
+        LoRA / parallel deltas of all the targets are one adapter op over the pool's joint
+        stack when it can serve the batch (no slot whose targets differ in scaling or
+        activation); otherwise, and for what acts after them, target by target."""
+        slots = self._batch_slots(batch)
+        if not slots:
+            return fused
+        group = self.pool.post_groups.get((layer, targets))
+        joint = (group is not None and tuple(sizes) == group.sizes
+                 and not group.mixed & slots)  # fmt: skip
+        if joint and group.loaded & slots:
+            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            activations = group.activations if group.nonlinear & slots else None
+            fused = kernels.add_delta(
+                fused, x, group.a, group.b, batch.slot_ids, group.ranks, group.scalings,
+                activations, offsets, list(sizes),
+            )  # fmt: skip
+        start = 0
+        for target, size in zip(targets, sizes, strict=True):
+            y = fused[:, start : start + size]
+            out = (self._after_post(layer, target, y, slots, batch) if joint
+                   else self.post(layer, target, x, y, batch))  # fmt: skip
+            if out is not y:
+                y.copy_(out)
+            start += size
+        return fused
+
+    def _after_post(
+        self, layer: int, target: str, y: torch.Tensor, slots: frozenset[int], batch: SlotBatch
+    ) -> torch.Tensor:
+        """What acts on a projection's output after its LoRA / parallel delta: series
+        bottleneck on the output side, IA3 output scaling."""
+        key = (layer, target)
         series = self.pool.series_out.get(key)
         if series is not None and series.loaded & slots:
             y = add_delta(y, y, series, batch.slot_ids)

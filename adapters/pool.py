@@ -17,6 +17,11 @@ r = 16 on every target: 52M elements, about 210 MB in fp32 (105 MB in bf16). A s
 allocated the first time an adapter uses its (layer, target, placement) and then kept, so
 memory follows what the served adapters touch and later loads never reallocate.
 
+The post stacks of the model's fused projections (q|k|v, gate|up) are one `PostGroup` per
+layer, allocated together the first time any of them is used (their member stacks are views),
+so that one adapter op covers the fused output. This costs the members no adapter uses, and
+pads B to the widest member (k and v to q's width under GQA).
+
 Rows beyond a slot's rank are kept zero (the reference ops compute on them); `clear` zeroes a
 slot everywhere, `load` clears then copies. Prefix and prompt adapters act at admission (K/V
 and embeddings): the pool keeps their tensors on the device per slot (`prefix_kv`,
@@ -42,6 +47,8 @@ from adapters.spec import (
 from kernels import Activation
 
 SERIES_PLACEMENT = {"gate": "input", "up": "input", "down": "output"}
+FUSED_GROUPS = (("q", "k", "v"), ("gate", "up"))  # the model's fused projections, column order
+GROUP_OF = {target: group for group in FUSED_GROUPS for target in group}
 
 
 @dataclass(eq=False)
@@ -55,6 +62,9 @@ class ModuleStack:
     activations: torch.Tensor  # (S,) int32 Activation codes
     loaded: set[int] = field(default_factory=set)  # slots with rank > 0 here
     nonlinear: set[int] = field(default_factory=set)  # loaded slots with f != identity
+    group: PostGroup | None = None  # the fused projection's joint stack this one is a view of
+    settings: dict[int, tuple[int, float, int]] = field(default_factory=dict)  # host copy:
+    # (rank, scaling, activation) per loaded slot
 
     @classmethod
     def empty(cls, slots: int, r_max: int, d_in: int, d_out: int, device, dtype) -> ModuleStack:
@@ -77,6 +87,9 @@ class ModuleStack:
         self.loaded.add(slot)
         if f != Activation.IDENTITY:
             self.nonlinear.add(slot)
+        self.settings[slot] = (rank, float(scaling), int(f))
+        if self.group is not None:
+            self.group.refresh(slot)
 
     def reset(self, slot: int) -> None:
         self.a[slot].zero_()
@@ -84,6 +97,74 @@ class ModuleStack:
         self.ranks[slot], self.scalings[slot], self.activations[slot] = 0, 0.0, 0
         self.loaded.discard(slot)
         self.nonlinear.discard(slot)
+        self.settings.pop(slot, None)
+        if self.group is not None:
+            self.group.refresh(slot)
+
+
+@dataclass(eq=False)
+class PostGroup:
+    """The `post` stacks of a fused projection (q|k|v or gate|up) in one allocation, so that one
+    adapter op (n slices in one launch) serves them all: A (n, S, r, in), B (n, S, out_max, r)
+    with member i's B rows beyond its out size kept zero. Each member's ModuleStack is a view.
+
+    Shared per slot: `ranks` = the largest rank over the members (a member's rows beyond its own
+    rank are zero, so the extra columns add nothing), `scalings` and `activations` = the
+    members' common values. A slot whose members differ in scaling or activation (rank or alpha
+    patterns) is `mixed`: batches using it go member by member."""
+
+    targets: tuple[str, ...]
+    sizes: tuple[int, ...]  # each member's out features, in the fused output's column order
+    a: torch.Tensor  # (n, S, r_max, in)
+    b: torch.Tensor  # (n, S, out_max, r_max)
+    ranks: torch.Tensor  # (S,) int32
+    scalings: torch.Tensor  # (S,) fp32
+    activations: torch.Tensor  # (S,) int32
+    members: dict[str, ModuleStack] = field(default_factory=dict)
+    loaded: set[int] = field(default_factory=set)  # slots loaded in any member
+    nonlinear: set[int] = field(default_factory=set)
+    mixed: set[int] = field(default_factory=set)
+
+    @classmethod
+    def empty(
+        cls, targets: tuple[str, ...], slots: int, r_max: int, d_in: int, sizes: tuple[int, ...],
+        device, dtype,
+    ) -> PostGroup:  # fmt: skip
+        n, out_max = len(targets), max(sizes)
+        a = torch.zeros(n, slots, r_max, d_in, dtype=dtype, device=device)
+        b = torch.zeros(n, slots, out_max, r_max, dtype=dtype, device=device)
+        group = cls(
+            targets, sizes, a, b,
+            ranks=torch.zeros(slots, dtype=torch.int32, device=device),
+            scalings=torch.zeros(slots, dtype=torch.float32, device=device),
+            activations=torch.zeros(slots, dtype=torch.int32, device=device),
+        )  # fmt: skip
+        for i, (target, size) in enumerate(zip(targets, sizes, strict=True)):
+            group.members[target] = ModuleStack(
+                a=a[i], b=b[i, :, :size],
+                ranks=torch.zeros(slots, dtype=torch.int32, device=device),
+                scalings=torch.zeros(slots, dtype=torch.float32, device=device),
+                activations=torch.zeros(slots, dtype=torch.int32, device=device),
+                group=group,
+            )  # fmt: skip
+        return group
+
+    def refresh(self, slot: int) -> None:
+        """Recompute the slot's shared rank / scaling / activation from its members."""
+        found = [m.settings[slot] for m in self.members.values() if slot in m.settings]
+        for where in (self.loaded, self.nonlinear, self.mixed):
+            where.discard(slot)
+        if not found:
+            self.ranks[slot], self.scalings[slot], self.activations[slot] = 0, 0.0, 0
+            return
+        rank = max(r for r, _, _ in found)
+        scaling, f = found[0][1], found[0][2]
+        self.ranks[slot], self.scalings[slot], self.activations[slot] = rank, scaling, f
+        self.loaded.add(slot)
+        if f != Activation.IDENTITY:
+            self.nonlinear.add(slot)
+        if any((s, g) != (scaling, f) for _, s, g in found):
+            self.mixed.add(slot)
 
 
 @dataclass(eq=False)
@@ -122,6 +203,7 @@ class AdapterPool:
         self.kinds: list[AdapterKind | None] = [None] * num_slots
         self.names: list[str | None] = [None] * num_slots
         self.post: dict[tuple[int, str], ModuleStack] = {}
+        self.post_groups: dict[tuple[int, tuple[str, ...]], PostGroup] = {}  # (layer, targets)
         self.series_in: dict[tuple[int, str], ModuleStack] = {}
         self.series_out: dict[tuple[int, str], ModuleStack] = {}
         self.ia3_in: dict[tuple[int, str], VectorStack] = {}
@@ -133,6 +215,16 @@ class AdapterPool:
         """The stack for `placement` (parallel = post, input, output) at key, allocated once."""
         stacks = {"parallel": self.post, "input": self.series_in, "output": self.series_out}
         found = stacks[placement].get(key)
+        if found is None and placement == "parallel" and key[1] in GROUP_OF:
+            targets = GROUP_OF[key[1]]
+            sizes = tuple(self.fingerprint.in_out(t)[1] for t in targets)
+            d_in = self.fingerprint.in_out(key[1])[0]
+            group = PostGroup.empty(targets, self.num_slots, self.max_rank, d_in, sizes,
+                                    self.device, self.dtype)  # fmt: skip
+            self.post_groups[(key[0], targets)] = group
+            for target, member in group.members.items():
+                self.post[(key[0], target)] = member
+            found = group.members[key[1]]
         if found is None:
             if placement == "parallel":
                 d_in, d_out = self.fingerprint.in_out(key[1])

@@ -7,6 +7,8 @@ exactly one shrink and one expand launch, like LoRA.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from kernels.lora import lora_expand, lora_shrink
@@ -46,8 +48,12 @@ def add_delta(
     ranks: torch.Tensor,
     scalings: torch.Tensor,
     activations: torch.Tensor | None = None,
+    y_offsets: int | Sequence[int] = 0,
+    y_slice_sizes: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Triton kernels.reference.add_delta: one shrink and one expand launch, fp32 accumulation."""
-    h = lora_shrink(u, a_stack, slot_ids, ranks, scalings, activations)  # (T, r_max) fp32
+    """Triton kernels.reference.add_delta: one shrink and one expand launch for all slices,
+    fp32 accumulation."""
+    h = lora_shrink(u, a_stack, slot_ids, ranks, scalings, activations)  # ([n,] T, r_max) fp32
+    sizes = b_stack.shape[-2] if y_slice_sizes is None else y_slice_sizes
     # expand adds in fp32 and rounds once into y's dtype, as the reference's (y.float() + d).to()
-    return lora_expand(y.clone(), h, b_stack, slot_ids, ranks, 0, b_stack.shape[1])
+    return lora_expand(y.clone(), h, b_stack, slot_ids, ranks, y_offsets, sizes)

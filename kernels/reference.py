@@ -112,6 +112,7 @@ class _Run:
     ns: int
     flat: torch.Tensor  # (n,) positions of the run's tokens in the whole padded layout
     rows: torch.Tensor  # (n,) their token indices
+    local: torch.Tensor  # (n,) their positions within the run's own blocks (flat - first * c)
 
 
 @dataclass
@@ -161,7 +162,7 @@ class _Layout:
             index = (slice(ids[0], ids[-1] + 1) if consecutive
                      else torch.tensor(ids, device=rows.device))
             flat, run_rows = torch.cat(flat_parts), torch.cat(row_parts)
-            runs.append(_Run(index, block, len(group), flat, run_rows))
+            runs.append(_Run(index, block, len(group), flat, run_rows, flat - block * c))
             flats.append(flat)
             all_rows.append(run_rows)
             block += len(group)
@@ -183,6 +184,9 @@ class _BatchPlan:
         self.used, self.inverse = torch.unique(self.safe, return_inverse=True)
         self.valid = slot_ids >= 0  # (T,)
         self._factors: dict[tuple, tuple[int, torch.Tensor]] = {}
+        # The tensors whose ids key _factors, held so that no new tensor takes one of their
+        # ids while this plan lives (a batch reused over another pool would read stale factors).
+        self._keep: list[torch.Tensor | None] = []
         self._layout: _Layout | None = None
 
     def layout(self) -> _Layout:
@@ -204,6 +208,7 @@ class _BatchPlan:
             live = torch.arange(r, device=ranks.device) < ranks[index, None]  # (ns, r)
             found = (r, (live * scalings[index, None].float())[:, None, :].to(self.safe.device))
             self._factors[key] = found
+            self._keep += [ranks, scalings, index if isinstance(index, torch.Tensor) else None]
         return found
 
     def laid_out(self, u: torch.Tensor) -> torch.Tensor:
@@ -233,6 +238,7 @@ class _BatchPlan:
             if scalings is not None:
                 f = f * scalings.float().to(f.device)[self.safe, None]
             found = self._factors[key] = (r, f)
+            self._keep += [ranks, scalings]
         return found
 
 
@@ -335,6 +341,8 @@ def add_delta(
     ranks: torch.Tensor,
     scalings: torch.Tensor,
     activations: torch.Tensor | None = None,
+    y_offsets: int | Sequence[int] = 0,
+    y_slice_sizes: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """out[t] = y[t] + scalings[s] * B[s, :, :ranks[s]] f_s(A[s, :ranks[s]] u[t]), s = slot_ids[t];
     out[t] = y[t] where s == -1. A new tensor in y's dtype; the adapter math is fp32.
@@ -342,12 +350,22 @@ def add_delta(
     y (T, out); u (T, in) (the linear's input for LoRA / parallel, y itself for output-side
     series); a_stack (S, r_max, in); b_stack (S, out, r_max); ranks, scalings, activations (S,)
     as in lora_shrink (None = identity, LoRA). Semantically lora_shrink then lora_expand.
+    n slices of a fused projection sharing u (q|k|v, gate|up) in one call: a_stack
+    (n, S, r_max, in), b_stack (n, S, out_max, r_max), y (T, out_total), and slice i adds into
+    y[:, y_offsets[i] : y_offsets[i] + y_slice_sizes[i]] (as lora_expand's slices).
 
     CPU form (see _Layout): long segments (prefill chunks) run two matmuls on views of their
     slot's weights; short ones (decode tokens) are laid out slot by slot, padded, and run as
-    batched matmuls over runs of consecutive slots. Weights are read in place, each used slot
-    once, with no Python loop over tokens and none over slots for decode-sized segments.
+    batched matmuls over runs of consecutive slots, all slices at once. Weights are read in
+    place, each used slot once, with no Python loop over tokens and none over slots for
+    decode-sized segments.
     """
+    a4, b4 = _stack_slices(a_stack, 3), _stack_slices(b_stack, 3)  # (n, S, r, in), (n, S, o, r)
+    offsets = _as_list(y_offsets)
+    sizes = [b4.shape[2]] if y_slice_sizes is None else _as_list(y_slice_sizes)
+    n = a4.shape[0]
+    if not len(offsets) == len(sizes) == n == b4.shape[0]:
+        raise ValueError(f"expected {n} slices of A and B, offsets {offsets} and sizes {sizes}")
     plan = _plan(slot_ids)
     out = y.float()
     out = out.clone() if out is y else out  # (T, out) fp32
@@ -355,27 +373,39 @@ def add_delta(
     if r == 0:
         return out.to(y.dtype)
     lay = plan.layout()
+    slices = list(zip(offsets, sizes, strict=True))
     for slot, rows in lay.big:
         rank = int(ranks[slot])
         if rank == 0:
             continue
-        h = u[rows].float() @ a_stack[slot, :rank].float().t()  # (n, rank)
-        if activations is not None:
-            h = activate(h, activations[slot].expand(h.shape[0]))
-        h = h * float(scalings[slot])
-        out.index_add_(0, rows, h @ b_stack[slot, :, :rank].float().t())
+        x_rows, scaling = u[rows].float(), float(scalings[slot])
+        for i, (off, size) in enumerate(slices):
+            h = x_rows @ a4[i, slot, :rank].float().t()  # (m, rank)
+            if activations is not None:
+                h = activate(h, activations[slot].expand(h.shape[0]))
+            delta = (h * scaling) @ b4[i, slot, :size, :rank].float().t()  # (m, size)
+            out[:, off : off + size].index_add_(0, rows, delta)
     if lay.runs:
         xp = plan.laid_out(u)  # (blocks * c, in)
+        tiled = offsets == [sum(sizes[:i]) for i in range(n)] and sum(sizes) == out.shape[1]
         for run in lay.runs:
             ns, c = run.ns, lay.c
             x_run = xp[run.first * c : (run.first + ns) * c].view(ns, c, -1)
-            a = a_stack[run.index, :r].float()  # (ns, r, in): a view when index is a slice
-            h = torch.bmm(x_run, a.transpose(1, 2))  # (ns, c, r)
-            if activations is not None:
-                h = activate(h, activations[run.index])
-            h = h * plan.slot_factor(ranks, scalings, run.index)[1]
-            delta = torch.bmm(h, b_stack[run.index, :, :r].float().transpose(1, 2))
-            out.index_add_(0, run.rows, delta.view(ns * c, -1)[run.flat - run.first * c])
+            factor = plan.slot_factor(ranks, scalings, run.index)[1]  # (ns, 1, r)
+            deltas = []
+            for i, size in enumerate(sizes):
+                a = a4[i, run.index, :r].float()  # (ns, r, in): a view when index is a slice
+                h = torch.bmm(x_run, a.transpose(1, 2))  # (ns, c, r)
+                if activations is not None:
+                    h = activate(h, activations[run.index])
+                b = b4[i, run.index, :size, :r].float()  # (ns, size, r)
+                deltas.append(torch.bmm(h * factor, b.transpose(1, 2)).view(ns * c, size))
+            if tiled:  # the slices cover y side by side: one scatter of all their columns
+                delta = deltas[0] if n == 1 else torch.cat(deltas, dim=1)
+                out.index_add_(0, run.rows, delta[run.local])
+            else:
+                for (off, size), delta in zip(slices, deltas, strict=True):
+                    out[:, off : off + size].index_add_(0, run.rows, delta[run.local])
     return out.to(y.dtype)
 
 

@@ -75,9 +75,17 @@ class AdapterHooks(Protocol):
         self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor: ...
 
+    def post_fused(
+        self, layer: int, targets: tuple[str, ...], x: torch.Tensor, fused: torch.Tensor,
+        sizes: tuple[int, ...], batch: ForwardBatch,
+    ) -> torch.Tensor:  # fmt: skip
+        """`post` of each of `targets` on its columns of fused = [W_t1 x | W_t2 x | ...] (widths
+        `sizes`), as one call so that the adapters can act on all of them at once."""
+        ...
+
     def acts_before(self, layer: int, targets: tuple[str, ...], batch: ForwardBatch) -> bool:
         """Whether `pre` changes the input of any of `targets` in this batch. When it does not,
-        the model keeps its fused q|k|v and gate|up matmuls and applies `post` to each slice."""
+        the model keeps its fused q|k|v and gate|up matmuls and calls `post_fused`."""
         ...
 
 
@@ -150,7 +158,7 @@ class Attention(nn.Module):
         if hooks is None and self.wqkv is not None:
             out = self.wqkv(x)
         elif self.wqkv is not None and not hooks.acts_before(self.layer, QKV, batch):
-            out = post_slices(self.layer, QKV, self.wqkv(x), self.qkv_sizes, x, batch, hooks)
+            out = hooks.post_fused(self.layer, QKV, x, self.wqkv(x), self.qkv_sizes, batch)
         else:
             projections = (("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj))
             out = torch.cat([project(self.layer, t, lin, x, batch, hooks) for t, lin in projections], dim=-1)
@@ -238,21 +246,6 @@ QKV = ("q", "k", "v")
 GATE_UP = ("gate", "up")
 
 
-def post_slices(
-    layer: int, targets: tuple[str, ...], fused: torch.Tensor, sizes: tuple[int, ...],
-    x: torch.Tensor, batch: ForwardBatch, hooks: AdapterHooks,
-) -> torch.Tensor:
-    """`hooks.post` on each target's columns of a fused projection of x, in place."""
-    start = 0
-    for target, size in zip(targets, sizes, strict=True):
-        y = fused[:, start : start + size]
-        out = hooks.post(layer, target, x, y, batch)
-        if out is not y:
-            y.copy_(out)
-        start += size
-    return fused
-
-
 def project(
     layer: int, target: str, linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     batch: ForwardBatch, hooks: AdapterHooks | None,
@@ -285,7 +278,7 @@ class FeedForward(nn.Module):
             return self.w2(F.silu(gate) * up)
         if self.w13 is not None and not hooks.acts_before(self.layer, GATE_UP, batch):
             inter = self.gate_proj.out_features
-            fused = post_slices(self.layer, GATE_UP, self.w13(x), (inter, inter), x, batch, hooks)
+            fused = hooks.post_fused(self.layer, GATE_UP, x, self.w13(x), (inter, inter), batch)
             gate, up = fused.chunk(2, dim=-1)
         else:
             gate = project(self.layer, "gate", self.gate_proj, x, batch, hooks)

@@ -264,3 +264,68 @@ def test_hooks_skip_work_without_adapter_tokens(setup: Setup):
     )
     assert hooks.pre(1, "q", x, lora_mlp) is x and hooks.post(1, "k", x, y, lora_mlp) is y
     assert hooks.post(1, "up", x, torch.randn(3, 128), lora_mlp).shape == (3, 128)
+
+
+def test_fused_projections_take_one_adapter_op(setup: Setup, monkeypatch):
+    """A batch of the LoRA and parallel adapters: q|k|v and gate|up each get one adapter op
+    per layer over the pool's joint stack (n slices in one call), not one per target. (Series
+    and IA3-input adapters act before gate|up, which then runs unfused, target by target.)"""
+    import kernels
+
+    calls = []
+    real = kernels.add_delta
+
+    def counting(y, u, a_stack, *args, **kwargs):
+        calls.append(a_stack.dim())
+        return real(y, u, a_stack, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "add_delta", counting)
+    vocab = setup.model.args.vocab_size
+    names = ["lora-rslora-all", "lora-attn-patterns", "lora-mlp", "parallel"]
+    run(setup.model, [(prompt(70 + SLOTS[name], 6, vocab), SLOTS[name]) for name in names])
+    n_layers = setup.model.args.n_layers
+    assert calls.count(4) == 2 * n_layers  # joint: q|k|v and gate|up, every layer
+    assert not setup.pool.post_groups[(0, ("q", "k", "v"))].mixed
+
+
+def test_post_fused_equals_target_by_target(setup: Setup):
+    """The joint op == `post` on each slice (the path checked against peft above), on random
+    inputs, for batches of every slot; a slot whose targets differ in scaling makes the whole
+    batch go target by target, and still gives the same result."""
+    from types import SimpleNamespace
+
+    spec = setup.specs["lora-attn-patterns"]
+    modules = dict(spec.modules)
+    for (layer, target), w in spec.modules.items():
+        if target == "v":  # an alpha pattern on v: q and v now differ in scaling
+            modules[(layer, target)] = dataclasses.replace(w, scaling=w.scaling * 3)
+    mixed_slot = len(SLOTS)
+    pool = AdapterPool(setup.fingerprint, len(SLOTS) + 1, MAX_RANK, "cpu", torch.float32)
+    for name, slot in SLOTS.items():
+        pool.load(slot, setup.specs[name])
+    pool.load(mixed_slot, dataclasses.replace(spec, name="mixed", modules=modules))
+    group = pool.post_groups[(0, ("q", "k", "v"))]
+    assert group.mixed == {mixed_slot} and mixed_slot in group.loaded
+    hooks = PoolHooks(pool)
+    fp = setup.fingerprint
+    sizes = {("q", "k", "v"): tuple(fp.in_out(t)[1] for t in "qkv"),
+             ("gate", "up"): (fp.intermediate_size,) * 2}  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    for slots in (list(SLOTS.values()), [*SLOTS.values(), mixed_slot, -1]):
+        slot_ids = torch.tensor(slots * 2, dtype=torch.int32)
+        T = slot_ids.numel()
+        for layer in range(fp.num_layers):
+            for targets, widths in sizes.items():
+                batch = SimpleNamespace(slot_ids=slot_ids.clone())  # a fresh batch: new plan
+                x = torch.randn(T, fp.hidden_size, generator=g)
+                fused = torch.randn(T, sum(widths), generator=g)
+                want, start = fused.clone(), 0
+                for target, width in zip(targets, widths, strict=True):
+                    want[:, start : start + width] = hooks.post(
+                        layer, target, x, fused[:, start : start + width], batch
+                    )
+                    start += width
+                got = hooks.post_fused(layer, targets, x, fused.clone(), widths, batch)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    pool.clear(mixed_slot)
+    assert not group.mixed and mixed_slot not in group.loaded

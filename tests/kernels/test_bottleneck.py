@@ -148,3 +148,83 @@ def test_triton_add_delta(triton_module, poison_allocations) -> None:
     expected = reference.add_delta(y, *args)
     got = triton_module("bottleneck").add_delta(y, *args)
     torch.testing.assert_close(got, expected, **TOLERANCES[torch.float32])
+
+
+# add_delta over n slices of a fused projection (q|k|v): one call, each slice into its columns.
+SLICE_SIZES = [OUT, 20, 20]  # GQA-like: k and v narrower than q, B padded to the widest
+
+
+def sliced_case(pattern: str, T: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    pool = make_pool(3, IN, OUT, dtype, gen)
+    b = pool.b.clone()
+    for i, size in enumerate(SLICE_SIZES):
+        b[i, :, size:] = 0  # rows beyond a slice's width stay zero, as in adapters.pool
+    x = randn(T, IN, dtype=dtype, gen=gen) * 2
+    y = randn(T, sum(SLICE_SIZES), dtype=dtype, gen=gen)
+    codes = torch.tensor([6, 1, 0, 4, 2], dtype=torch.int32, device=DEVICE)
+    return x, y, pool.a, b, pool, slot_ids_for(pattern, T, len(pool.ranks), gen), codes
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("nonlinear", [False, True], ids=["lora", "bottleneck"])
+@pytest.mark.parametrize("T", [7, 40])
+def test_add_delta_slices_match_loop(pattern: str, nonlinear: bool, T: int) -> None:
+    x, y, a, b, pool, slot_ids, codes = sliced_case(pattern, T, torch.float32, seed=31)
+    codes = codes if nonlinear else None
+    offsets = [0, OUT, OUT + 20]
+    got = reference.add_delta(y, x, a, b, slot_ids, pool.ranks, pool.scalings, codes,
+                              offsets, SLICE_SIZES)  # fmt: skip
+    h = loop_shrink(x, a, slot_ids, pool.ranks, pool.scalings, codes)
+    expected = loop_expand(y, h, b, slot_ids, pool.ranks, offsets, SLICE_SIZES)
+    torch.testing.assert_close(got.double().cpu(), expected, **TOLERANCES[torch.float32])
+
+
+def test_add_delta_slices_long_segment_beside_decodes() -> None:
+    """A prefill chunk (its own matmuls per slice) beside decode tokens (runs)."""
+    x, y, a, b, pool, _, codes = sliced_case("uniform", 26, torch.float32, seed=32)
+    slot_ids = torch.tensor([0, 2, 4, -1] + [1] * 20 + [3, 2], dtype=torch.int32, device=DEVICE)
+    offsets = [0, OUT, OUT + 20]
+    got = reference.add_delta(y, x, a, b, slot_ids, pool.ranks, pool.scalings, codes,
+                              offsets, SLICE_SIZES)  # fmt: skip
+    h = loop_shrink(x, a, slot_ids, pool.ranks, pool.scalings, codes)
+    expected = loop_expand(y, h, b, slot_ids, pool.ranks, offsets, SLICE_SIZES)
+    torch.testing.assert_close(got.double().cpu(), expected, **TOLERANCES[torch.float32])
+
+
+def test_add_delta_slices_refuse_a_mismatch() -> None:
+    x, y, a, b, pool, slot_ids, _ = sliced_case("uniform", 5, torch.float32, seed=33)
+    with pytest.raises(ValueError, match="slices"):
+        reference.add_delta(y, x, a, b, slot_ids, pool.ranks, pool.scalings, None, [0, OUT],
+                            SLICE_SIZES[:2])  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [9, 37])  # per-token and segmented launches
+def test_triton_add_delta_slices(triton_module, poison_allocations, dtype, T) -> None:
+    x, y, a, b, pool, slot_ids, codes = sliced_case("with_base", T, dtype, seed=34)
+    args = (x, a, b, slot_ids, pool.ranks, pool.scalings, codes, [0, OUT, OUT + 20], SLICE_SIZES)
+    expected = reference.add_delta(y, *args)
+    got = triton_module("bottleneck").add_delta(y, *args)
+    torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
+
+
+def test_add_delta_batch_reused_over_new_pools() -> None:
+    """One slot_ids tensor (one cached batch plan) used with pool after pool, each freed before
+    the next is made: a new pool's tensors can take a freed one's id, and must not get its
+    cached rank / scaling factors (it did: a benchmark reusing its batch crashed)."""
+    slot_ids = torch.tensor([0, 1, 1, 2, -1, 0], dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator().manual_seed(41)
+    x = randn(6, IN, dtype=torch.float32, gen=gen)
+    y = randn(6, OUT, dtype=torch.float32, gen=gen)
+    for rank in [16, 8, 16, 4, 12, 8, 2, 16]:
+        S = 3
+        ranks = torch.full((S,), rank, dtype=torch.int32, device=DEVICE)
+        scalings = torch.rand(S, generator=gen).to(DEVICE) + 0.5
+        a = randn(1, S, rank, IN, dtype=torch.float32, gen=gen)
+        b = randn(1, S, OUT, rank, dtype=torch.float32, gen=gen)
+        got = reference.add_delta(y, x, a[0], b[0], slot_ids, ranks, scalings)
+        h = loop_shrink(x, a, slot_ids, ranks, scalings)
+        expected = loop_expand(y, h, b, slot_ids, ranks, [0], [OUT])
+        torch.testing.assert_close(got.double().cpu(), expected, **TOLERANCES[torch.float32])
+        del ranks, scalings, a, b
