@@ -68,9 +68,11 @@ class Activation(enum.IntEnum):
     TANH = 6
 
 
-def activate(h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """h (T, ..., r) fp32, codes (T,) int Activation per token -> f_code[t](h[t])."""
-    present = codes.unique().tolist()  # the few codes in use, not one per token
+def activate(h: torch.Tensor, codes: torch.Tensor, present: list[int] | None = None) -> torch.Tensor:
+    """h (T, ..., r) fp32, codes (T,) int Activation per token -> f_code[t](h[t]).
+    `present`: the distinct codes, when the caller knows them (saves a device read)."""
+    if present is None:
+        present = codes.unique().tolist()  # the few codes in use, not one per token
     if len(present) == 1:
         f = _ACTIVATIONS.get(Activation(present[0]))
         return h if f is None else f(h)
@@ -183,7 +185,7 @@ class _BatchPlan:
         self.safe = slot_ids.long().clamp(min=0)  # (T,) -1 reads slot 0, masked below
         self.used, self.inverse = torch.unique(self.safe, return_inverse=True)
         self.valid = slot_ids >= 0  # (T,)
-        self._factors: dict[tuple, tuple[int, torch.Tensor]] = {}
+        self._factors: dict[tuple, tuple] = {}
         # The tensors whose ids key _factors, held so that no new tensor takes one of their
         # ids while this plan lives (a batch reused over another pool would read stale factors).
         self._keep: list[torch.Tensor | None] = []
@@ -209,6 +211,20 @@ class _BatchPlan:
             found = (r, (live * scalings[index, None].float())[:, None, :].to(self.safe.device))
             self._factors[key] = found
             self._keep += [ranks, scalings, index if isinstance(index, torch.Tensor) else None]
+        return found
+
+    def slot_codes(
+        self, activations: torch.Tensor, index: slice | torch.Tensor
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The activation codes of the slots `index` picks and their distinct values, cached
+        per stack for the batch (activate() would read them back at every call)."""
+        where = (index.start, index.stop) if isinstance(index, slice) else id(index)
+        key = ("codes", id(activations), version_of(activations), where)
+        found = self._factors.get(key)
+        if found is None:
+            codes = activations[index]
+            found = self._factors[key] = (codes, codes.unique().tolist())
+            self._keep += [activations, index if isinstance(index, torch.Tensor) else None]
         return found
 
     def laid_out(self, u: torch.Tensor) -> torch.Tensor:
@@ -397,7 +413,7 @@ def add_delta(
                 a = a4[i, run.index, :r].float()  # (ns, r, in): a view when index is a slice
                 h = torch.bmm(x_run, a.transpose(1, 2))  # (ns, c, r)
                 if activations is not None:
-                    h = activate(h, activations[run.index])
+                    h = activate(h, *plan.slot_codes(activations, run.index))
                 b = b4[i, run.index, :size, :r].float()  # (ns, size, r)
                 deltas.append(torch.bmm(h * factor, b.transpose(1, 2)).view(ns * c, size))
             if tiled:  # the slices cover y side by side: one scatter of all their columns
