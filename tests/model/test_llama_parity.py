@@ -168,7 +168,7 @@ def run_batched(model, seqs: list[Sequence], budgets: list[int], num_blocks: int
     return logits, preempted, shapes
 
 
-PREEMPTING_SEEDS = (3, 6, 12, 15)  # with 12 KV blocks their draws run out of blocks
+PREEMPTING_SEEDS = (3, 9, 12)  # with 8 KV blocks their draws run out of blocks
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -188,18 +188,19 @@ def test_random_batches_equal_each_sequence_alone(model_pair, seed):
     seqs = []
     for i in range(randint(3, 7)):
         prompt = torch.randint(0, args.vocab_size, (randint(1, 18),), generator=g).tolist()
-        with_prefix = randint(0, 3) == 0
+        with_prefix = randint(0, 2) == 0
         seq = Sequence(f"s{i}", [0] * 3 * with_prefix + prompt,
                        SamplingParams(prompt_logprobs=0), "m", stream=None)  # fmt: skip
         if with_prefix:
             seq.num_virtual, seq.prefix_kv = 3, prefix_kv
         seqs.append(seq)
-    budgets = torch.randint(1, 25, (7,), generator=g).tolist()
-    num_blocks = 12 if seed % 3 == 0 else 64  # 48 tokens: preemption for the larger draws
+    budgets = torch.randint(1, 13, (7,), generator=g).tolist()
+    num_blocks = 8 if seed % 3 == 0 else 64  # 32 tokens: preemption for the larger draws
     logits, preempted, shapes = run_batched(ours, seqs, budgets, num_blocks, outputs=4)
     # The draws keep exercising what they are for: preemption, decodes beside prefill chunks.
+    # The draws keep exercising what they are for: preemption, decodes beside prefill chunks.
     assert preempted > 0 or seed not in PREEMPTING_SEEDS
-    assert any(d and p for d, p in shapes) or seed == 11
+    assert any(d and p for d, p in shapes)
     for seq in seqs:
         tokens = seq.prompt_ids + seq.output_ids[:-1]
         alone = Sequence("alone", tokens, SamplingParams(prompt_logprobs=0), "m", stream=None)
