@@ -26,6 +26,7 @@ class SlotBatch(Protocol):
     """What the hooks read from the model's ForwardBatch (adapters never import server)."""
 
     slot_ids: torch.Tensor  # (T,) int32, -1 = base model
+    # optional: `adapter_slots`, the distinct slot ids >= 0 computed on the host
 
 
 class PoolHooks:
@@ -112,8 +113,12 @@ class PoolHooks:
     def _batch_slots(self, batch: SlotBatch) -> frozenset[int]:
         """Adapter slots used by the batch's tokens; one device read per batch, not per call."""
         if batch is not self._batch:
-            ids = batch.slot_ids
-            self._slots = frozenset(ids.unique().tolist()) - {-1} if ids.numel() else frozenset()
+            known = getattr(batch, "adapter_slots", None)
+            if known is not None:
+                self._slots = known
+            else:
+                ids = batch.slot_ids
+                self._slots = frozenset(ids.unique().tolist()) - {-1} if ids.numel() else frozenset()
             self._batch = batch
         return self._slots
 

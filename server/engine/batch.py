@@ -38,6 +38,8 @@ class ForwardBatch:
     embed_rows: torch.Tensor | None = None  # (E,) int64
     embed_values: torch.Tensor | None = None  # (E, dim)
     has_adapter_tokens: bool | None = None  # any slot_ids >= 0; None = compute from slot_ids
+    adapter_slots: frozenset[int] | None = None  # the distinct slot_ids >= 0, known on the host
+    # (the hooks then need no device read); None = compute from slot_ids
 
     @property
     def num_decode(self) -> int:

@@ -329,3 +329,21 @@ def test_post_fused_equals_target_by_target(setup: Setup):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     pool.clear(mixed_slot)
     assert not group.mixed and mixed_slot not in group.loaded
+
+
+def test_hooks_take_the_batch_slots_from_the_host(setup: Setup):
+    """The scheduler's `adapter_slots` spares the hooks a device read per step: with slot ids
+    on the meta device (no data to read), an all-base batch still passes untouched."""
+    from types import SimpleNamespace
+
+    hooks = PoolHooks(setup.pool)
+    x = torch.randn(3, 64)
+    batch = SimpleNamespace(slot_ids=torch.empty(3, dtype=torch.int32, device="meta"),
+                            adapter_slots=frozenset())  # fmt: skip
+    assert hooks.pre(0, "q", x, batch) is x
+    sched = Scheduler(BlockAllocator(8, 4), 4, 16, torch.device("cpu"))
+    for i, slot in enumerate([3, -1, 3, 1]):
+        seq = Sequence(f"r{i}", [5, 6], SamplingParams(), "m", stream=None)
+        seq.slot_id = slot
+        sched.add(seq)
+    assert sched.schedule().batch.adapter_slots == {1, 3}
