@@ -171,7 +171,10 @@ def sliced_case(pattern: str, T: int, dtype: torch.dtype, seed: int):
 @pytest.mark.parametrize("T", [7, 40])
 def test_add_delta_slices_match_loop(pattern: str, nonlinear: bool, T: int) -> None:
     x, y, a, b, pool, slot_ids, codes = sliced_case(pattern, T, torch.float32, seed=31)
-    codes = codes if nonlinear else None
+    check_slices_against_loop(x, y, a, b, pool, slot_ids, codes if nonlinear else None)
+
+
+def check_slices_against_loop(x, y, a, b, pool, slot_ids, codes) -> None:
     offsets = [0, OUT, OUT + 20]
     got = reference.add_delta(y, x, a, b, slot_ids, pool.ranks, pool.scalings, codes,
                               offsets, SLICE_SIZES)  # fmt: skip
@@ -184,12 +187,7 @@ def test_add_delta_slices_long_segment_beside_decodes() -> None:
     """A prefill chunk (its own matmuls per slice) beside decode tokens (runs)."""
     x, y, a, b, pool, _, codes = sliced_case("uniform", 26, torch.float32, seed=32)
     slot_ids = torch.tensor([0, 2, 4, -1] + [1] * 20 + [3, 2], dtype=torch.int32, device=DEVICE)
-    offsets = [0, OUT, OUT + 20]
-    got = reference.add_delta(y, x, a, b, slot_ids, pool.ranks, pool.scalings, codes,
-                              offsets, SLICE_SIZES)  # fmt: skip
-    h = loop_shrink(x, a, slot_ids, pool.ranks, pool.scalings, codes)
-    expected = loop_expand(y, h, b, slot_ids, pool.ranks, offsets, SLICE_SIZES)
-    torch.testing.assert_close(got.double().cpu(), expected, **TOLERANCES[torch.float32])
+    check_slices_against_loop(x, y, a, b, pool, slot_ids, codes)
 
 
 def test_add_delta_slices_refuse_a_mismatch() -> None:
