@@ -111,7 +111,8 @@ class PoolHooks:
         return False
 
     def _batch_slots(self, batch: SlotBatch) -> frozenset[int]:
-        """Adapter slots used by the batch's tokens; one device read per batch, not per call."""
+        """Adapter slots used by the batch's tokens: the scheduler's `adapter_slots` when the
+        batch has them, else one device read per batch (not per call)."""
         if batch is not self._batch:
             known = getattr(batch, "adapter_slots", None)
             if known is not None:

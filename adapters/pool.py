@@ -19,8 +19,8 @@ memory follows what the served adapters touch and later loads never reallocate.
 
 The post stacks of the model's fused projections (q|k|v, gate|up) are one `PostGroup` per
 layer, allocated together the first time any of them is used (their member stacks are views),
-so that one adapter op covers the fused output. This costs the members no adapter uses, and
-pads B to the widest member (k and v to q's width under GQA).
+so that one adapter op covers the fused output. The cost: members that no adapter uses still
+take their memory, and B is padded to the widest member (k and v to q's width under GQA).
 
 Rows beyond a slot's rank are kept zero (the reference ops compute on them); `clear` zeroes a
 slot everywhere, `load` clears then copies. Prefix and prompt adapters act at admission (K/V
@@ -63,8 +63,8 @@ class ModuleStack:
     loaded: set[int] = field(default_factory=set)  # slots with rank > 0 here
     nonlinear: set[int] = field(default_factory=set)  # loaded slots with f != identity
     group: PostGroup | None = None  # the fused projection's joint stack this one is a view of
-    settings: dict[int, tuple[int, float, int]] = field(default_factory=dict)  # host copy:
-    # (rank, scaling, activation) per loaded slot
+    # (rank, scaling, activation) per loaded slot, a host copy (PostGroup reads it, no syncs)
+    settings: dict[int, tuple[int, float, int]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, slots: int, r_max: int, d_in: int, d_out: int, device, dtype) -> ModuleStack:
