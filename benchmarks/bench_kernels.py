@@ -7,7 +7,8 @@ of a device-to-device copy measured in the same run. Prints a table per op, writ
     .venv/bin/python benchmarks/bench_kernels.py [--ops lora,bottleneck,ia3,attention,e2e]
         [--dtype bfloat16] [--quick] [--e2e-runs base lora64 mixed] [--json bench-results/kernels.json]
 
-Ops: lora (shrink + expand, per-token and segmented, Llama-2-7B q/k/v, gate/up, down), bottleneck
+Ops: lora (shrink + expand, per-token and segmented, and add_delta -- the op the model calls, all
+slices in one call --, Llama-2-7B q/k/v, gate/up, down), bottleneck
 (every activation at rank 16), ia3, attention (paged decode), e2e (Llama-2-7B-shaped decode
 tok/s through our model and scheduler: base only, 64 distinct rank-16 LoRA adapters on all
 seven projections, 64 adapters of six kinds; the adapter runs as ratios to the base run).
@@ -355,14 +356,29 @@ def bench_lora_case(
     )
     num_bytes = lora_bytes(shape, rank, inp.slot_ids, inp.x.element_size())
     counts = popularity_counts(pattern, batch, num_adapters)
-    rows = []
+    timings = []
     for name, (shrink, expand, kw) in variants.items():
         ms = timer(lambda shrink=shrink, expand=expand, kw=kw: run_lora(
             shrink, expand, timed, timed.y, **kw))  # fmt: skip
-        bytes_per_s = num_bytes / (ms / 1e3)
         # The public op (kernels.lora.lora_shrink/expand) picks this variant at this T; the
         # decode aims are judged on that one.
         dispatched = (name == "per_token") == (batch < lora.SEGMENTED_MIN_TOKENS)
+        timings.append((name, ms, reference_ms, dispatched))
+    # What the model calls: add_delta (shrink, a copy of y, expand; all slices in one op),
+    # against the reference's add_delta, after the same correctness check.
+    sliced = (inp.x, inp.a_stack, inp.b_stack, inp.slot_ids, inp.ranks, inp.scalings, None,
+              inp.offsets, inp.sizes)  # fmt: skip
+    check_close(bottleneck.add_delta(inp.y, *sliced), expected, dtype, f"{what} add_delta")
+    timed_sliced = (timed.x, *sliced[1:5], timed.scalings, *sliced[6:])
+    timings.append((
+        "add_delta",
+        timer(lambda: bottleneck.add_delta(timed.y, *timed_sliced)),
+        timer(lambda: reference.add_delta(timed.y, *timed_sliced)),
+        True,
+    ))  # fmt: skip
+    rows = []
+    for name, ms, reference_ms, dispatched in timings:
+        bytes_per_s = num_bytes / (ms / 1e3)
         row = dict(
             op="lora", shape=shape.name, in_features=shape.in_features,
             out_features=sum(shape.out_sizes), slices=len(shape.out_sizes), rank=rank,

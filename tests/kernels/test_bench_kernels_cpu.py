@@ -69,14 +69,15 @@ def test_lora_case(bench):
     rows = bench.bench_lora_case(
         shape, 5, 6, "skewed", 64, torch.bfloat16, COPY_BYTES_PER_S, "cpu", one_call
     )
-    assert [r["variant"] for r in rows] == ["per_token", "segmented"]
+    assert [r["variant"] for r in rows] == ["per_token", "segmented", "add_delta"]
     expected_bytes = bench.lora_bytes(shape, 5, bench.popularity_slots("skewed", 6, 64), 2)
     for row in rows:
         assert row["bytes"] == expected_bytes and row["distinct"] == 3  # counts 3, 1, 2 -> 3
         assert row["gb_per_s"] == pytest.approx(expected_bytes / 1e-3 / 1e9)
         assert row["speedup"] == 1.0
     # T=6 < SEGMENTED_MIN_TOKENS: the public op runs per-token, and the aims are judged there
-    assert [r["dispatched"] for r in rows] == [True, False]
+    # and on add_delta (the model's op, which picks per-token itself)
+    assert [r["dispatched"] for r in rows] == [True, False, True]
     assert rows[0]["aim_met"] is not None and rows[1]["aim_met"] is None
     assert "MISS" in bench.format_row(rows[0]) or "ok" in bench.format_row(rows[0])
 
@@ -86,7 +87,7 @@ def test_lora_case_single_slice(bench):
     rows = bench.bench_lora_case(
         shape, 4, 3, "distinct", 8, torch.float16, COPY_BYTES_PER_S, "cpu", one_call
     )
-    assert len(rows) == 2 and rows[0]["distinct"] == 3
+    assert len(rows) == 3 and rows[0]["distinct"] == 3
 
 
 def test_lora_check_catches_a_wrong_kernel(bench, monkeypatch):
@@ -100,6 +101,16 @@ def test_lora_check_catches_a_wrong_kernel(bench, monkeypatch):
     with pytest.raises(AssertionError, match="per_token"):
         bench.bench_lora_case(
             shape, 4, 2, "identical", 1, torch.float32, COPY_BYTES_PER_S, "cpu", one_call
+        )
+
+
+def test_lora_check_catches_a_wrong_add_delta(bench, monkeypatch):
+    right = bench.bottleneck.add_delta
+    monkeypatch.setattr(bench.bottleneck, "add_delta", lambda *a, **k: right(*a, **k) + 1.0)
+    shape = bench.LoraShape("tiny_qkv", 16, (8, 4, 4))
+    with pytest.raises(AssertionError, match="add_delta"):
+        bench.bench_lora_case(
+            shape, 4, 3, "uniform", 4, torch.float32, COPY_BYTES_PER_S, "cpu", one_call
         )
 
 
