@@ -4,12 +4,16 @@
 # of a Llama-2-7B-shaped model: base only vs 64 distinct rank-16 LoRA adapters vs 64 adapters
 # of six kinds. Needs a CUDA GPU with torch and triton; nothing else (no web stack).
 #
-#   bash benchmarks/run_kernels_gpu.sh            # full tables
-#   QUICK=1 bash benchmarks/run_kernels_gpu.sh    # a few shapes per op
+#   bash benchmarks/run_kernels_gpu.sh              # everything, full tables
+#   QUICK=1 bash benchmarks/run_kernels_gpu.sh      # a few shapes per op
+#   ONLY=lora bash benchmarks/run_kernels_gpu.sh    # one part: lora | others | e2e
 #
+# Three separate runs (lora; bottleneck, ia3, attention; e2e), each with its own JSON, so that
+# a machine with a per-command time limit (10 minutes on the lent device machines) can take
+# them one call each with ONLY=... (the full lora table is the longest; QUICK=1 shortens it).
 # Interpreter: $PYTHON, else .venv/bin/python when its torch sees a GPU, else python3 (on the
 # lent device machines, python3 holds CUDA torch and triton). JSON goes to $OUT (the device
-# tool's folder) or bench-results/. Two calls, so that each stays well under 10 minutes.
+# tool's folder) or bench-results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
@@ -23,7 +27,17 @@ mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
 quick=()
 [[ -n "${QUICK:-}" ]] && quick=(--quick)
-"$PYTHON" benchmarks/bench_kernels.py --ops lora bottleneck ia3 attention --dtype bfloat16 \
-  "${quick[@]}" --json "$dest/kernels.json"
-"$PYTHON" benchmarks/bench_kernels.py --ops e2e --e2e-runs base lora64 mixed \
-  --json "$dest/kernels_e2e.json"
+only=${ONLY:-all}
+case "$only" in all|lora|others|e2e) ;; *) echo "ONLY must be lora, others or e2e" >&2; exit 2 ;; esac
+if [[ "$only" == all || "$only" == lora ]]; then
+  "$PYTHON" benchmarks/bench_kernels.py --ops lora --dtype bfloat16 "${quick[@]}" \
+    --json "$dest/kernels_lora.json"
+fi
+if [[ "$only" == all || "$only" == others ]]; then
+  "$PYTHON" benchmarks/bench_kernels.py --ops bottleneck ia3 attention --dtype bfloat16 \
+    "${quick[@]}" --json "$dest/kernels_others.json"
+fi
+if [[ "$only" == all || "$only" == e2e ]]; then
+  "$PYTHON" benchmarks/bench_kernels.py --ops e2e --e2e-runs base lora64 mixed \
+    --json "$dest/kernels_e2e.json"
+fi
