@@ -37,9 +37,9 @@ class ForwardBatch:
     # prompt tuning: rows whose input embedding is a virtual token's (not the token id's)
     embed_rows: torch.Tensor | None = None  # (E,) int64
     embed_values: torch.Tensor | None = None  # (E, dim)
-    has_adapter_tokens: bool | None = None  # any slot_ids >= 0; None = compute from slot_ids
-    adapter_slots: frozenset[int] | None = None  # the distinct slot_ids >= 0, known on the host
-    # (the hooks then need no device read); None = compute from slot_ids
+    # the distinct slot_ids >= 0, known on the host (neither the model nor the hooks then read
+    # slot_ids back from the device); None = compute from slot_ids
+    adapter_slots: frozenset[int] | None = None
 
     @property
     def num_decode(self) -> int:

@@ -250,7 +250,6 @@ class Scheduler:
             logits_indices=self._tensor(logits_rows),
             embed_rows=self._tensor(embed_rows) if embed_rows else None,
             embed_values=torch.cat(embed_values) if embed_values else None,
-            has_adapter_tokens=any(s >= 0 for s in slot_ids),
             adapter_slots=frozenset(slot_ids) - {-1},
         )
 

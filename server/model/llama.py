@@ -359,8 +359,9 @@ class Transformer(nn.Module):
         if batch.embed_rows is not None:  # prompt tuning's virtual tokens
             x = x.index_copy(0, batch.embed_rows, batch.embed_values.to(x.dtype))
         rope = self.rope(batch.positions)
-        with_adapters = batch.has_adapter_tokens
-        if with_adapters is None:
+        if batch.adapter_slots is not None:
+            with_adapters = bool(batch.adapter_slots)
+        else:
             with_adapters = bool((batch.slot_ids >= 0).any())
         hooks = self.hooks if self.hooks is not None and with_adapters else None
         for block in self.layers:  # a step with no adapter token keeps the fused fast path
