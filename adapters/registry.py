@@ -10,11 +10,13 @@ Tiers, each an LRU:
   blocking the engine: other requests keep running, and `on_ready` wakes the engine when the
   spec is on the host.
 
-Versions: adding a name that exists (replace) or deleting it retires the old version. Requests
-holding a lease on a retired version finish on its weights (its slot is reclaimed when the last
-lease is released); requests that acquire after the change get the new version, or an
-UnknownAdapterError after a delete. Weights never mix: a slot is only reloaded when no lease
-holds it.
+Versions: adding a name that exists (replace) or deleting it retires the old version. A request
+*holds* the version that is current when it is accepted (`hold`, before its HTTP response
+starts), and is served on that version even if the adapter is replaced or deleted while it
+waits for admission: a retired version keeps its parsed spec while it is held (read from disk
+before its files go, when it was only on disk), and its slot is reclaimed when the last hold is
+released. Requests accepted after the change get the new version, or an UnknownAdapterError
+(404) after a delete. Weights never mix: a slot is only reloaded when no hold is on it.
 
 Threads: registration (`add_upload`, `add_path`, `remove`) runs on any thread and does its file
 work (parse, commit) outside the state lock; `acquire` / `release` and therefore every pool
@@ -96,9 +98,9 @@ class Entry:
     targets: tuple[str, ...]
     num_virtual_tokens: int
     size_bytes: int
-    spec: AdapterSpec | None = None  # host tier
+    spec: AdapterSpec | None = None  # host tier (kept while held after retirement)
     slot: int | None = None  # device tier
-    refs: int = 0  # leases held by requests
+    refs: int = 0  # holds of accepted requests (admitted or not); a held slot is never evicted
     live: bool = True  # False once replaced or deleted
     loading: bool = False
     wanted: bool = False  # a request waits for it: its host copy is not evicted meanwhile
@@ -119,7 +121,7 @@ class Entry:
 
 @dataclass(frozen=True, eq=False)
 class Lease:
-    """A request's hold on one version's device slot, from admission until it finishes."""
+    """A held version's device slot, from admission until the request finishes."""
 
     entry: Entry
     slot: int
@@ -194,6 +196,7 @@ class AdapterRegistry:
             raise
         with self._install_lock:
             self._check_replace(name, replace, staging)
+            self._keep_for_holders(name)
             path = self.store.commit(staging, name, replace)
             return self._install(name, path, "upload", spec)
 
@@ -210,6 +213,7 @@ class AdapterRegistry:
         spec = self.parse(directory, name)
         with self._install_lock:
             self._check_replace(name, replace, None)
+            self._keep_for_holders(name)
             if self.store is not None and self.store.exists(name):
                 self.store.delete(name)  # replacing an upload by a path: the path wins
             return self._install(name, directory, "path", spec)
@@ -221,6 +225,7 @@ class AdapterRegistry:
                 entry = self._entries.get(name)
             if entry is None:
                 raise UnknownAdapterError(name)
+            self._keep_for_holders(name)
             if entry.origin == "upload" and self.store is not None:
                 try:
                     self.store.delete(name)
@@ -282,6 +287,25 @@ class AdapterRegistry:
                 self.store.discard(staging)
             raise RegistryError(409, "name", conflict)
 
+    def _keep_for_holders(self, name: str) -> None:
+        """Before the files of `name`'s current version are replaced or deleted (install lock
+        held): if accepted requests hold it and its weights are only on disk, read them now, so
+        that those requests are served on the version they were accepted for."""
+        with self._lock:
+            entry = self._entries.get(name)
+            needed = entry is not None and entry.refs > 0 and entry.spec is None
+            needed = needed and entry.slot is None
+        if not needed:
+            return
+        try:
+            spec = self.parse(entry.path, entry.name)
+        except Exception as e:  # noqa: BLE001 - the holders get the reason at admission
+            log.warning("adapter %r held by requests could not be kept: %s", entry.name, e)
+            return
+        with self._lock:
+            if entry.spec is None:
+                entry.spec = spec
+
     def _install(
         self, name: str, path: Path, origin: str, spec: AdapterSpec, created: float | None = None
     ) -> Entry:
@@ -330,19 +354,33 @@ class AdapterRegistry:
             return counts
 
     # ---- engine thread ---------------------------------------------------------------------
-    def acquire(self, name: str) -> Lease | None:
-        """A lease on `name`'s current version in a device slot, or None while it is loading
-        (from disk, or waiting for a slot to free up). UnknownAdapterError after a delete;
-        AdapterLoadError when its files cannot be read back."""
+    def hold(self, name: str) -> Entry:
+        """Pin `name`'s current version for a request accepted now (any thread, before its
+        response starts): the request is served on this version even if the adapter is
+        replaced or deleted before it is admitted. UnknownAdapterError when there is none.
+        Every hold is ended by exactly one `release`."""
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
                 raise UnknownAdapterError(name)
+            entry.refs += 1
+            entry.last_used = time.monotonic()
+            return entry
+
+    def acquire(self, entry: Entry) -> Lease | None:
+        """Engine thread: the device slot of a held version, loading it if needed; None while it
+        is loading (from disk, or waiting for a slot to free up). AdapterLoadError when its
+        files cannot be read back (or went away before a retired version was read)."""
+        with self._lock:
+            assert entry.refs > 0, "acquire needs a hold"
             entry.last_used = time.monotonic()
             hit = entry.slot is not None
             if entry.slot is None:
                 entry.wanted = True
                 if entry.spec is None:
+                    if not entry.live:
+                        raise AdapterLoadError(entry.name, "it was replaced or deleted before "
+                                                           "it could be read; retry")
                     self._start_disk_load(entry)
                     return None
                 slot = self._free_slot()
@@ -353,22 +391,23 @@ class AdapterRegistry:
                 entry.slot, self._slots[slot] = slot, entry
                 if self.observer is not None:
                     self.observer.on_adapter_load("host", time.perf_counter() - started)
-                if self.host_capacity == 0:  # no host tier: the device copy is the only one
+                if self.host_capacity == 0 and entry.live:  # the device copy is the only one
                     self._host.pop(id(entry), None)
                     entry.spec = None
                 self._publish_tiers()
             entry.wanted = False
             self._touch_host(entry)
-            entry.refs += 1
             if self.observer is not None:
                 self.observer.on_adapter_acquire(hit)
             return Lease(entry, entry.slot)
 
-    def release(self, lease: Lease) -> None:
+    def release(self, entry: Entry) -> None:
+        """End one hold (the request finished, failed or was never admitted)."""
         with self._lock:
-            entry = lease.entry
             entry.refs -= 1
+            assert entry.refs >= 0, f"adapter {entry.name!r}: more releases than holds"
             if entry.refs == 0 and not entry.live:
+                entry.spec = None
                 self._free(entry)
 
     def _free_slot(self) -> int | None:
@@ -456,8 +495,10 @@ class AdapterRegistry:
     def _retire(self, entry: Entry) -> None:
         entry.live = False
         self._host.pop(id(entry), None)
-        entry.spec = None
-        # its slot is reclaimed on the engine thread, by release() or _free_slot()
+        if entry.refs == 0:
+            entry.spec = None
+        # else its holders still need it; its slot is reclaimed on the engine thread, by
+        # release() or _free_slot()
 
     def _publish_tiers(self) -> None:
         if self.observer is not None:

@@ -166,29 +166,85 @@ class Engine:
         self, prompt_token_ids: list[int], params: SamplingParams, model: str | None = None,
         request_id: str | None = None,
     ) -> RequestStream:
+        return self.add_requests([(prompt_token_ids, params, request_id)], model)[0]
+
+    def add_requests(
+        self, requests: list[tuple[list[int], SamplingParams, str | None]], model: str | None = None,
+    ) -> list[RequestStream]:
+        """Submit (prompt ids, params, request id) for one `model`, all or none.
+
+        Each request holds the adapter version that is current now (see AdapterRegistry.hold),
+        so that it is served even if the adapter is deleted before admission. More requests
+        than the engine could ever take at once (running + queued) is an InvalidRequestError;
+        a queue too full for them right now is QueueFullError (retryable)."""
         adapter = None if model is None or model == self.model_id else model
-        num_virtual = 0
-        if adapter is not None:
-            if self.registry is None or not self.registry.exists(adapter):
-                raise ModelNotFoundError(adapter)
-            num_virtual = self.registry.get(adapter).num_virtual_tokens
-        self._check_request(prompt_token_ids, params, num_virtual)
-        request_id = request_id or uuid.uuid4().hex
-        stream = RequestStream(request_id, self, asyncio.get_running_loop())
+        if len(requests) > self.capacity:
+            raise InvalidRequestError(
+                f"this request needs {len(requests)} sequences, more than the server can ever "
+                f"hold at once ({self.capacity} = max_num_seqs {self.settings.max_num_seqs} + "
+                f"max_queue_len {self.settings.max_queue_len}); send fewer prompts or a lower n",
+                "n",
+            )
+        entries = self._hold(adapter, len(requests))
+        try:
+            num_virtual = entries[0].num_virtual_tokens if entries else 0
+            for prompt, params, _ in requests:
+                self._check_request(prompt, params, num_virtual)
+            self._reserve_queue(len(requests))
+        except BaseException:
+            for entry in entries:
+                self.registry.release(entry)
+            raise
+        loop = asyncio.get_running_loop()
+        streams = []
+        for i, (prompt, params, request_id) in enumerate(requests):
+            seq = self._new_sequence(prompt, params, model, request_id, loop)
+            seq.adapter, seq.entry = adapter, entries[i] if entries else None
+            self._inbox.put(("add", seq))
+            streams.append(seq.stream)
+        self._wake.set()
+        return streams
+
+    @property
+    def capacity(self) -> int:
+        """Sequences the engine can hold at once: running plus waiting."""
+        return self.settings.max_num_seqs + self.settings.max_queue_len
+
+    def _hold(self, adapter: str | None, count: int) -> list:
+        """One hold on the adapter's current version per request (none for the base model)."""
+        if adapter is None:
+            return []
+        if self.registry is None:
+            raise ModelNotFoundError(adapter)
+        entries = []
+        try:
+            for _ in range(count):
+                entries.append(self.registry.hold(adapter))
+        except RegistryError:
+            for entry in entries:
+                self.registry.release(entry)
+            raise ModelNotFoundError(adapter) from None
+        return entries
+
+    def _reserve_queue(self, count: int) -> None:
         with self._lock:
             if not self.healthy or self._stopping:
                 raise EngineDeadError("the engine is not running")
             free_slots = max(0, self.settings.max_num_seqs - self._num_running)
-            if self._num_queued >= self.settings.max_queue_len + free_slots:
+            if self._num_queued + count > self.settings.max_queue_len + free_slots:
                 raise QueueFullError("the server is at capacity; retry later")
-            self._num_queued += 1
-        seq = Sequence(request_id, list(prompt_token_ids), params, model or self.model_id, stream)
-        seq.adapter = adapter
+            self._num_queued += count
+
+    def _new_sequence(
+        self, prompt: list[int], params: SamplingParams, model: str | None,
+        request_id: str | None, loop: asyncio.AbstractEventLoop,
+    ) -> Sequence:  # fmt: skip
+        request_id = request_id or uuid.uuid4().hex
+        stream = RequestStream(request_id, self, loop)
+        seq = Sequence(request_id, list(prompt), params, model or self.model_id, stream)
         if params.seed is not None:
             seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
-        self._inbox.put(("add", seq))
-        self._wake.set()
-        return stream
+        return seq
 
     def _check_request(self, prompt: list[int], params: SamplingParams, num_virtual: int = 0) -> None:
         if not prompt:
@@ -294,27 +350,21 @@ class Engine:
 
     # ---- adapters (engine thread) ---------------------------------------------------------
     def _prepare(self, seq: Sequence) -> bool:
-        """Before admission: hold the adapter's slot (False while it loads), and set up its
-        virtual tokens. A request whose adapter was deleted meanwhile is failed."""
-        if seq.adapter is None or seq.lease is not None:
+        """Before admission: the held adapter version's slot (False while it loads), and its
+        virtual tokens set up."""
+        if seq.entry is None or seq.lease is not None:
             return True
         assert self.registry is not None
         try:
-            lease = self.registry.acquire(seq.adapter)
+            lease = self.registry.acquire(seq.entry)
         except RegistryError as e:
             self._doomed.append((seq, e.message, e.status))
             return False
         if lease is None:
             return False
-        entry, slot = lease.entry, lease.slot
-        nvt = entry.num_virtual_tokens
-        if nvt + seq.num_tokens + seq.params.max_tokens - len(seq.output_ids) > self.max_model_len:
-            self.registry.release(lease)  # replaced by a version with more virtual tokens
-            self._doomed.append((seq, f"the adapter {seq.adapter!r} was replaced by one whose "
-                                      "virtual tokens no longer fit the context length", 400))
-            return False
         seq.lease = lease
-        bind_adapter(seq, entry.kind, slot, nvt, self.registry.pool)
+        bind_adapter(seq, lease.entry.kind, lease.slot, lease.entry.num_virtual_tokens,
+                     self.registry.pool)
         return True
 
     def _place_prefix(self, seq: Sequence) -> None:
@@ -422,9 +472,9 @@ class Engine:
                 self._num_queued -= 1
             self.scheduler.remove(seq)
             self._num_running = len(self.scheduler.running)
-        if seq.lease is not None:
-            lease, seq.lease = seq.lease, None
-            self.registry.release(lease)
+        if seq.entry is not None:
+            entry, seq.entry, seq.lease = seq.entry, None, None
+            self.registry.release(entry)
         self._seqs.pop(seq.request_id, None)
         detok = self._detok.pop(seq.request_id, None)
         if text is None:

@@ -41,7 +41,8 @@ class Sequence:
     stream: Any  # engine-side handle that receives outputs
     slot_id: int = -1  # adapter slot the hook points apply; -1 = none (base model)
     adapter: str | None = None  # adapter name to acquire at admission; None = base model
-    lease: Any = None  # the registry's hold on the adapter's slot, from admission to finish
+    entry: Any = None  # the adapter version held since the request was accepted (until finish)
+    lease: Any = None  # that version's device slot, from admission to finish
     num_virtual: int = 0  # virtual tokens (prefix / prompt tuning) at the front of prompt_ids
     prefix_kv: torch.Tensor | None = None  # (L, 2, num_virtual, kvh, d), placed at admission
     virtual_embeds: torch.Tensor | None = None  # (num_virtual, dim) prompt tuning embeddings

@@ -62,7 +62,7 @@ async def create_chat_completion(
         for i in range(body.n)
     ]
     response_id = new_id("chatcmpl")
-    streams = submit(request, engine, jobs, response_id, settings)
+    streams = submit(request, engine, jobs, response_id, settings, body.n)
     view = _ChatView(body, engine, response_id, request.state.model)
     if body.stream:
         events = event_stream(

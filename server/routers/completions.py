@@ -62,7 +62,7 @@ async def create_completion(
     check_engine_accepting(request, engine, settings)
     jobs = _jobs(body, prompts)
     response_id = new_id("cmpl")
-    streams = submit(request, engine, jobs, response_id, settings)
+    streams = submit(request, engine, jobs, response_id, settings, body.n)
     view = _CompletionView(body, engine, prompts, response_id, request.state.model)
     if body.stream:
         return EventStreamResponse(

@@ -182,25 +182,24 @@ def engine_error(exc: EngineError, settings: Settings) -> APIError:
 
 
 def submit(
-    request: Request, engine: Engine, jobs: list[Job], request_id: str, settings: Settings
+    request: Request, engine: Engine, jobs: list[Job], request_id: str, settings: Settings,
+    n: int = 1,
 ) -> list[RequestStream]:
-    """Add every job to the engine, or none: a refusal aborts the ones already added."""
-    streams: list[RequestStream] = []
+    """Add every job to the engine, or none. A request with more sequences than the server can
+    ever hold at once is a 400 naming the limit (retrying cannot help), not a 503."""
+    if len(jobs) > engine.capacity:
+        raise invalid_request(
+            f"This request needs {len(jobs)} sequences (prompts x n); the server holds at most "
+            f"{engine.capacity} at once (--max-num-seqs {settings.max_num_seqs} + "
+            f"--max-queue-len {settings.max_queue_len}). Send fewer prompts or a lower n.",
+            "n" if n > 1 else "prompt",
+            "too_many_sequences",
+        )
+    requests = [(job.prompt_ids, job.params, f"{request_id}-{job.index}") for job in jobs]
     try:
-        for job in jobs:
-            stream = engine.add_request(
-                job.prompt_ids,
-                job.params,
-                model=request.state.model,
-                request_id=f"{request_id}-{job.index}",
-            )
-            streams.append(stream)
+        streams = engine.add_requests(requests, model=request.state.model)
     except EngineError as exc:
-        abort_all(streams)
         raise engine_error(exc, settings) from None
-    except BaseException:
-        abort_all(streams)
-        raise
     request.state.submitted = True  # the engine counts this request's outcome from now on
     return streams
 

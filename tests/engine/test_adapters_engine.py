@@ -264,9 +264,10 @@ def test_uploads_survive_restart_and_replace_delete(adapters: Adapters, tmp_path
 
 
 def test_hot_swap_under_traffic(adapters: Adapters, tmp_path: Path):
-    """Replace and delete `hot` in a loop while requests stream: every request finishes either
-    on one version's weights exactly (tokens of version A or of version B, never a mix) or with
-    a clear error after a delete; no deadlock; KV blocks and slot leases return to zero."""
+    """Replace and delete `hot` in a loop while requests stream: every request is either
+    refused when it is submitted (404, the adapter is deleted at that moment) or served on one
+    version's weights exactly (tokens of version A or of version B, never a mix), never
+    accepted and then failed; no deadlock; KV blocks and slot holds return to zero."""
     engine = adapters.engine(tmp_path, names=[], adapter_slots=3)
     versions = {"lora-r8-rs": None, "series": None}
     ids = prompt(400, 6, adapters.vocab)
@@ -308,11 +309,50 @@ def test_hot_swap_under_traffic(adapters: Adapters, tmp_path: Path):
     errors = [last.error for _, _, last in finished if last.error]
     assert served, "no request was served"
     assert all(t in versions.values() for t in served)  # one version's weights, never mixed
-    assert all("does not exist" in e for e in errors)
+    assert not errors  # accepted requests are served on the version they were accepted for
     assert swaps["n"] >= 3
     assert engine.allocator.num_used == 0
     assert all(e.refs == 0 for e in engine.registry.list())
     # retired versions (replaced or deleted) are not listed: their slots' leases must be gone too
+    assert all(holder is None or holder.refs == 0 for holder in engine.registry._slots)
+
+
+@pytest.mark.parametrize("host_cache", [0, 64], ids=["on-disk", "on-host"])
+def test_accepted_requests_survive_a_delete_or_replace(
+    adapters: Adapters, tmp_path: Path, host_cache: int
+):
+    """Requests accepted for an adapter that is deleted (or replaced) before the engine admits
+    them are served on the version they were accepted for, not failed after their response
+    started; requests submitted after the delete are refused (404)."""
+    engine = adapters.engine(tmp_path, names=[], host_adapter_cache=host_cache)
+    ids = prompt(450, 7, adapters.vocab)
+    engine.registry.add_upload(stage_copy(engine, adapters.dirs["lora-r8-rs"]), "gone")
+    engine.registry.add_upload(stage_copy(engine, adapters.dirs["series"]), "swapped")
+
+    async def go():
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        held = [engine.add_request(ids, params, model=name) for name in ("gone", "swapped")]
+        await asyncio.to_thread(engine.registry.remove, "gone")
+        new = stage_copy(engine, adapters.dirs["ia3"])
+        await asyncio.to_thread(engine.registry.add_upload, new, "swapped", True)
+        with pytest.raises(ModelNotFoundError):
+            engine.add_request(ids, params, model="gone")
+        await engine.start()  # admission happens only now
+        try:
+            results = []
+            for stream in held:
+                outs = [out async for out in stream]
+                results.append((sum((o.token_ids for o in outs), []), outs[-1]))
+            return results, await generate(engine, ids, "swapped")
+        finally:
+            await engine.stop()
+
+    (gone, swapped), replaced = asyncio.run(asyncio.wait_for(go(), timeout=300))
+    assert gone[1].error is None and swapped[1].error is None, (gone[1], swapped[1])
+    assert gone[0] == adapters.greedy("lora-r8-rs", ids)[0]
+    assert swapped[0] == adapters.greedy("series", ids)[0]
+    assert replaced[0] == adapters.greedy("ia3", ids)[0]  # new requests get the new version
+    assert engine.allocator.num_used == 0
     assert all(holder is None or holder.refs == 0 for holder in engine.registry._slots)
 
 

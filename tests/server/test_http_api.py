@@ -343,6 +343,27 @@ def test_queue_full_is_an_immediate_503_with_retry_after(bigram_server: Server) 
         )
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"prompt": "a", "n": 2}, "n"), ({"prompt": ["a", "b", "c"]}, "prompt")],
+    ids=["n", "prompts"],
+)
+def test_a_request_larger_than_the_server_is_a_400_not_a_503(
+    bigram_server: Server, body: dict, param: str
+) -> None:
+    """The bigram server holds one sequence at a time (no queue): a request for more sequences
+    can never be served, so retrying after a 503 would loop forever. It is a 400 naming the
+    limit, and the server still serves a request that fits."""
+    with httpx.Client(base_url=bigram_server.base_url, timeout=30) as http_client:
+        refused = http_client.post("/v1/completions", json={"max_tokens": 2, **body})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == param and error["code"] == "too_many_sequences", error
+        assert "at most 1 at once" in error["message"] and "--max-num-seqs 1" in error["message"]
+        assert "retry-after" not in refused.headers
+        assert http_client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).is_success
+
+
 def _eventually(condition, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
