@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -39,6 +41,11 @@ SERVE_FLAGS: dict[str, tuple[str, type]] = {
     "--max-upload-bytes": ("max_upload_bytes", int),
     "--adapter-store-dir": ("adapter_store_dir", str),
     "--log-level": ("log_level", str),
+    "--ready-requires-key": ("ready_requires_key", str),
+    "--http-header-timeout-s": ("http_header_timeout_s", float),
+    "--http-body-timeout-s": ("http_body_timeout_s", float),
+    "--max-connections": ("max_connections", int),
+    "--max-connections-per-client": ("max_connections_per_client", int),
 }
 # repeatable flag -> Settings list field (given flags replace the env list)
 SERVE_LIST_FLAGS: dict[str, str] = {
@@ -119,8 +126,11 @@ def check_adapter_flags(settings: Settings) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server that marks the app as draining on SIGTERM/SIGINT (503 for new
-    requests, /ready 503) while in-flight requests finish."""
+    """uvicorn's server with a drain. On SIGTERM/SIGINT the app is marked draining and the
+    listener stays open: clients that arrive get 503 + Retry-After (and /ready 503) instead of
+    "connection refused", while the requests in flight at the signal finish, for up to
+    `shutdown_timeout_s`. Then uvicorn's own shutdown closes the listener and stops the app.
+    A second SIGINT ends the drain at once."""
 
     def __init__(self, config: uvicorn.Config, app: Any) -> None:
         super().__init__(config)
@@ -130,12 +140,29 @@ class _Server(uvicorn.Server):
         self.app.state.draining = True
         super().handle_exit(sig, frame)
 
+    async def main_loop(self) -> None:
+        await super().main_loop()
+        if self.app.state.draining and not self.force_exit:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + float(self.config.timeout_graceful_shutdown or 0)
+        in_flight = set(self.server_state.tasks)  # requests being served at the signal
+        log.info("draining %d request(s) before shutting down", len(in_flight))
+        while any(not task.done() for task in in_flight) and not self.force_exit:
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
+        # uvicorn's shutdown then waits for what is left, within the rest of the time
+        self.config.timeout_graceful_shutdown = max(0.0, deadline - time.monotonic())
+
 
 def serve(settings: Settings) -> int:
     """Run until a signal or a fatal engine fault; returns the process exit status."""
     from server.engine.engine import EngineConfigError, plan_engine
     from server.main import create_app
     from server.model.weights import ModelLoadError
+    from server.transport import guarded_protocol
 
     failure: list[BaseException] = []
     server: _Server | None = None
@@ -157,6 +184,7 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        http=guarded_protocol(settings),  # header timeout, connection caps
         timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]
     )
     server = _Server(config, app)

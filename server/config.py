@@ -52,8 +52,23 @@ class Settings(BaseSettings):
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = None
+    api_key: str | None = Field(None, description="API key; several keys (one per user) comma-separated")
     admin_api_key: str | None = None
+    ready_requires_key: bool = Field(
+        False, description="/ready needs the API key too (default: load balancers probe it without one)"
+    )
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="seconds a client has to send a request's headers (slowloris)"
+    )
+    http_body_timeout_s: float = Field(
+        30.0, gt=0, description="seconds a request body may stall between two reads"
+    )
+    max_connections: int = Field(
+        512, ge=1, description="open HTTP connections in all; past it new ones get 503 and are closed"
+    )
+    max_connections_per_client: int = Field(
+        256, ge=1, description="open HTTP connections from one client address"
+    )
     max_n: int = Field(16, ge=1, le=128, description="cap on `n` choices per request")
     max_prompt_chars: int = Field(1_000_000, ge=1, description="prompt character cap, checked before tokenizing")
     max_request_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="JSON body cap")
@@ -75,6 +90,11 @@ class Settings(BaseSettings):
         if self.eval_max_inflight is None:
             self.eval_max_inflight = max(1, self.max_num_seqs // 2)
         return self
+
+    @property
+    def user_keys(self) -> tuple[str, ...]:
+        """The keys of `api_key` (one, or several separated by commas)."""
+        return tuple(key.strip() for key in (self.api_key or "").split(",") if key.strip())
 
     @property
     def adapter_store(self) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -10,14 +9,12 @@ from fastapi import Request
 from adapters.registry import UnknownAdapterError
 from server.config import Settings
 from server.errors import APIError, model_not_found
+from server.guards import bearer_token, check_key, key_fingerprint, key_matches
 from server.metrics import Metrics
 
 if TYPE_CHECKING:
     from adapters.registry import AdapterRegistry, Entry
     from server.engine.engine import Engine
-
-UNAUTHENTICATED_PATHS = frozenset({"/health"})
-
 
 def get_engine(request: Request) -> Engine:
     return request.app.state.engine
@@ -31,54 +28,28 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def _bearer_token(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def _matches(token: str, key: str | None) -> bool:
-    # Compare bytes: compare_digest on str refuses non-ASCII, which would turn into a 500.
-    return key is not None and hmac.compare_digest(token.encode(), key.encode())
-
-
-def _unauthorized(message: str) -> APIError:
-    return APIError(
-        401,
-        message,
-        "authentication_error",
-        code="invalid_api_key",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
-
-
-def _check_key(request: Request, keys: tuple[str | None, ...]) -> None:
-    if all(key is None for key in keys):
-        return
-    token = _bearer_token(request)
-    if token is None:
-        raise _unauthorized("Missing API key: send the header 'Authorization: Bearer <key>'.")
-    if not any([_matches(token, key) for key in keys]):  # list: compare against every key
-        raise _unauthorized("Invalid API key.")
-
-
-def require_api_key(request: Request) -> None:
-    """Every route but /health needs the API key (or the admin key) once one is configured."""
-    if request.url.path in UNAUTHENTICATED_PATHS:
-        return
-    settings = get_settings(request)
-    if settings.api_key is None:
-        return
-    _check_key(request, (settings.api_key, settings.admin_api_key))
-
-
 def require_admin_key(request: Request) -> None:
-    """Admin routes (adapter upload, delete, load/unload) need the admin key if one is set,
-    otherwise the ordinary API key."""
+    """Admin routes (adapter upload, delete, load/unload, datasets) need the admin key if one
+    is set; otherwise the ordinary API key, which RequestGuard already checked."""
+    admin_key = get_settings(request).admin_api_key
+    if admin_key is not None:
+        check_key(request.headers, (admin_key,))
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the request carries the admin key (every caller does when no key is set)."""
     settings = get_settings(request)
-    if settings.admin_api_key is not None:
-        _check_key(request, (settings.admin_api_key,))
-    else:
-        require_api_key(request)
+    if settings.admin_api_key is None:
+        return not settings.user_keys
+    return key_matches(bearer_token(request.headers), settings.admin_api_key)
+
+
+def caller_key(request: Request) -> str | None:
+    """A fingerprint of the caller's API key (None when keys are off), for ownership."""
+    settings = get_settings(request)
+    if not settings.user_keys and settings.admin_api_key is None:
+        return None
+    return key_fingerprint(bearer_token(request.headers))
 
 
 def get_registry(request: Request) -> AdapterRegistry:

@@ -4,36 +4,26 @@ its companions on `app.state`, and stops it on shutdown."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
-from server.deps import require_api_key
 from server.engine.engine import start_engine
-from server.errors import (
-    APIError,
-    count_rejection,
-    error_response,
-    install_error_handlers,
-    invalid_request,
-)
+from server.errors import install_error_handlers
 from server.evaluation.runner import build_runner
+from server.guards import RequestGuard, body_routes
 from server.metrics import Metrics
 from server.routers import adapters, chat, completions, health, models
 from server.routers import evaluations as evaluations_router
 
 log = logging.getLogger(__name__)
 
-MAX_JSON_DEPTH = 64
 WATCHDOG_INTERVAL_S = 1.0
 
 FatalHandler = Callable[[BaseException], None]
@@ -49,7 +39,6 @@ def create_app(
         title="adapterserve",
         version="0.1.0",
         lifespan=_lifespan,
-        dependencies=[Depends(require_api_key)],
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
@@ -58,11 +47,13 @@ def create_app(
     app.state.on_fatal = on_fatal
     app.state.draining = False
     install_error_handlers(app)
-    for module in (completions, chat, models, adapters, health):
-        app.include_router(module.router)
-    app.include_router(evaluations_router.router)
+    routers = [m.router for m in (completions, chat, models, adapters, health, evaluations_router)]
+    for router in routers:
+        app.include_router(router)
     _add_docs_routes(app)
-    app.add_middleware(JSONBodyGuard, max_body_bytes=settings.max_request_body_bytes)
+    routes = body_routes(route for router in routers for route in router.routes)
+    # keys, content types, body caps and stalls, before routing
+    app.add_middleware(RequestGuard, settings=settings, routes=routes)
     return app
 
 
@@ -115,7 +106,7 @@ async def _watch_engine(app: FastAPI, fatal: asyncio.Event) -> None:
 
 
 def _add_docs_routes(app: FastAPI) -> None:
-    """/openapi.json and /docs behind the same API key as everything else."""
+    """/openapi.json and /docs, behind the same API key as everything else (RequestGuard)."""
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:
@@ -124,135 +115,3 @@ def _add_docs_routes(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="adapterserve")
-
-
-# ---------------------------------------------------------------- body guard
-
-
-class JSONBodyGuard:
-    """Checks request bodies before FastAPI parses them: size cap (413), JSON content type,
-    strict UTF-8, a JSON object, nesting depth, no lone surrogates (400). Multipart bodies
-    (adapter uploads) pass through: their routes apply their own limits."""
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        content_type = _header(scope, b"content-type").split(";")[0].strip().lower()
-        if content_type.startswith("multipart/"):
-            await self.app(scope, receive, send)
-            return
-        try:
-            body = await self._read_body(scope, receive)
-            if body:
-                _check_content_type(content_type)
-                _check_json(body)
-        except APIError as error:
-            count_rejection(scope.get("app"), scope.get("path", ""), "", error.status)
-            await error_response(error)(scope, receive, send)
-            return
-        await self.app(scope, _replay(body, receive), send)
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        declared = _header(scope, b"content-length")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise self._too_large()
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise APIError(400, "The client disconnected while sending the body.")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    def _too_large(self) -> APIError:
-        return APIError(
-            413,
-            f"The request body exceeds {self.max_body_bytes} bytes; send a smaller request.",
-            code="request_too_large",
-        )
-
-
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return ""
-
-
-def _check_content_type(content_type: str) -> None:
-    # A missing content type is read as JSON, as FastAPI does; anything else must say JSON.
-    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-        raise invalid_request(
-            f"Content-Type must be application/json, got {content_type[:60]!r}.",
-            code="unsupported_content_type",
-        )
-
-
-def _check_json(body: bytes) -> None:
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise invalid_request(f"The body is not valid UTF-8 (byte offset {exc.start}).") from None
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise invalid_request(
-            f"JSON nested deeper than {MAX_JSON_DEPTH} levels is not accepted."
-        ) from None
-    except ValueError as exc:
-        raise invalid_request(f"The body is not valid JSON: {str(exc)[:100]}.") from None
-    if not isinstance(value, dict):
-        raise invalid_request(f"The body must be a JSON object, got {type(value).__name__}.")
-    _check_tree(value)
-
-
-def _check_tree(value: Any) -> None:
-    """Nesting depth and lone surrogates (JSON escapes like \\ud800 decode to them, and they
-    cannot be encoded as UTF-8), walked iteratively."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise invalid_request(
-                f"JSON nested deeper than {MAX_JSON_DEPTH} levels is not accepted."
-            )
-        if isinstance(item, dict):
-            stack.extend((k, depth + 1) for k in item)
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-        elif isinstance(item, str):
-            _check_encodable(item)
-
-
-def _check_encodable(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise invalid_request(
-            f"The body contains a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}); send valid Unicode."
-        ) from None
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that yields the buffered body once, then passes through (disconnects)."""
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed

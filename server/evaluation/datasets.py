@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from server import jsontext
 from server.errors import APIError, invalid_request, truncate
 from server.evaluation.extract import LETTERS, AnswerSpec
 
@@ -249,15 +250,12 @@ def answer_spec(kind: str, words: list[str] | None) -> AnswerSpec:
 
 
 def parse_jsonl(text: str) -> list[Any]:
-    """One JSON value per non-blank line; a bad line is a 400 naming its number."""
+    """One JSON value per non-blank line, under the same limits as request bodies (nesting
+    depth, valid Unicode); a bad line is a 400 naming its number."""
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            raise invalid_request(f"jsonl line {number} is not valid JSON.", "jsonl") from None
+        if line.strip():
+            records.append(jsontext.loads(line, f"jsonl line {number}", "jsonl"))
     return records
 
 

@@ -103,6 +103,7 @@ class EvalJob:
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    owner: str | None = None  # fingerprint of the API key that created it (None: keys off)
     task: asyncio.Task | None = field(default=None, repr=False)
 
     @property
@@ -194,8 +195,9 @@ class EvaluationRunner:
                 await self._worker
 
     # ---- API ------------------------------------------------------------------------------
-    def submit(self, options: JobOptions) -> EvalJob:
-        """Validate models, datasets and protocol (404/400), then queue the job."""
+    def submit(self, options: JobOptions, owner: str | None = None) -> EvalJob:
+        """Validate models, datasets and protocol (404/400), then queue the job for `owner`
+        (a fingerprint of the creating API key)."""
         engine_models = self._resolve_models(options.models)
         datasets = [self.catalog.get(name) for name in options.datasets]
         _check_distinct([d.name for d in datasets], "datasets")
@@ -215,7 +217,7 @@ class EvaluationRunner:
             for d in datasets
             for label in options.models
         }
-        job = EvalJob(f"eval-{uuid.uuid4().hex[:24]}", options, engine_models, cells)
+        job = EvalJob(f"eval-{uuid.uuid4().hex[:24]}", options, engine_models, cells, owner=owner)
         self.jobs[job.id] = job
         self._job_dir(job.id).mkdir(parents=True, exist_ok=True)
         self._save(job)
@@ -236,9 +238,15 @@ class EvaluationRunner:
     def list(self) -> list[EvalJob]:
         return sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)
 
-    async def cancel(self, job_id: str) -> EvalJob:
-        """Cancel a queued or running job; a finished job is returned unchanged."""
+    async def cancel(self, job_id: str, caller: str | None = None, admin: bool = True) -> EvalJob:
+        """Cancel a queued or running job; a finished job is returned unchanged. Only the key
+        that created the job (`caller` is its fingerprint) or the admin key may cancel it."""
         job = self.get(job_id)
+        if job.owner is not None and caller != job.owner and not admin:
+            raise APIError(
+                403, "This evaluation job was created with another API key; cancel it with that "
+                "key or the admin key.", code="not_job_owner",
+            )  # fmt: skip
         if job.status == "queued":
             self._finish(job, "cancelled", "cancelled by a client")
         elif job.status == "running":
@@ -476,6 +484,7 @@ class EvaluationRunner:
         record = job.to_dict() | {
             "engine_models": job.engine_models,
             "options": job.options.__dict__,
+            "owner": job.owner,
         }
         _atomic_write(self._job_dir(job.id) / "job.json", json.dumps(record))
 
@@ -505,6 +514,7 @@ class EvaluationRunner:
             record["started_at"],
             record["finished_at"],
             record["error"],
+            record.get("owner"),
         )
         for line in self.iter_results(job.id):  # counts come from the rows, which are the truth
             row = json.loads(line)

@@ -1,9 +1,9 @@
 """Adapter management: multipart uploads into the durable store, listing, cards, deletion, and
 vLLM's load/unload endpoints for adapters already on the server's disk (under its roots).
 
-Uploads never go through FastAPI's form parameters: the body is read through a receive that
-counts bytes and stops at the upload cap (413), the form parser spools file parts to anonymous
-temporary files that are closed on every path, and the store copies them into a staging
+Uploads never go through FastAPI's form parameters: RequestGuard (server/guards.py) hands the
+route a receive that counts bytes and stops at the upload cap (413), the form parser spools
+file parts to anonymous temporary files that are closed on every path, and the store copies them into a staging
 directory of its own (allow-listed names, caps) before the registry validates and commits it.
 """
 
@@ -18,7 +18,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.datastructures import FormData, UploadFile
-from starlette.types import Message, Receive
 
 from adapters.registry import AdapterRegistry, Entry, RegistryError
 from adapters.spec import AdapterFormatError
@@ -40,9 +39,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["adapters"])
 admin = [Depends(require_admin_key)]
 
-# Multipart framing (boundaries, part headers, the `name` field) on top of the file bytes,
-# which the store caps at exactly `max_upload_bytes`.
-MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_FORM_FILES = 8
 MAX_FORM_FIELDS = 4
 MAX_FIELD_BYTES = 1024
@@ -135,44 +131,10 @@ async def _run(registry: AdapterRegistry, settings: Settings, work: Any, *args: 
 # ---------------------------------------------------------------- upload
 
 
-def upload_too_large(limit: int) -> APIError:
-    return APIError(
-        413,
-        f"The upload exceeds {limit} bytes; send a smaller adapter or raise --max-upload-bytes.",
-        code="request_too_large",
-    )
-
-
-def capped_receive(receive: Receive, limit: int) -> Receive:
-    """`receive` that raises 413 as soon as more than `limit` body bytes have arrived."""
-    received = 0
-
-    async def receive_capped() -> Message:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise upload_too_large(limit - MULTIPART_OVERHEAD_BYTES)
-        return message
-
-    return receive_capped
-
-
-async def read_upload_form(request: Request, max_upload_bytes: int) -> FormData:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "multipart/form-data":
-        raise invalid_request(
-            "Upload an adapter as multipart/form-data: a text field 'name' and either "
-            "'files' (adapter_config.json, adapter_model.safetensors) or one 'archive'.",
-            code="unsupported_content_type",
-        )
-    limit = max_upload_bytes + MULTIPART_OVERHEAD_BYTES
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise upload_too_large(max_upload_bytes)
-    capped = Request(request.scope, capped_receive(request.receive, limit))
-    return await capped.form(
+async def read_upload_form(request: Request) -> FormData:
+    """The multipart form; RequestGuard has checked the content type and caps the body
+    (413) and its stalls (408) while the parser reads it."""
+    return await request.form(
         max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FIELD_BYTES
     )
 
@@ -236,7 +198,7 @@ async def upload_adapter(
     settings: Settings = Depends(get_settings),
     engine: Engine = Depends(get_engine),
 ) -> AdapterCard:
-    form = await read_upload_form(request, settings.max_upload_bytes)
+    form = await read_upload_form(request)
     try:
         name, files, archive = _form_parts(form)
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.deps import require_admin_key
+from server.deps import caller_key, is_admin, require_admin_key
 from server.errors import invalid_request
 from server.evaluation.datasets import answer_spec, parse_jsonl, validate_records
 from server.evaluation.runner import EvalJob, EvaluationRunner, JobOptions
@@ -34,7 +34,7 @@ def _job_body(job: EvalJob) -> dict:
     "/v1/evaluations", status_code=202, response_model=EvaluationJob, responses=ERROR_RESPONSES
 )
 async def create_evaluation(
-    body: EvaluationRequest, runner: EvaluationRunner = Depends(get_runner)
+    body: EvaluationRequest, request: Request, runner: EvaluationRunner = Depends(get_runner)
 ) -> JSONResponse:
     options = JobOptions(
         models=body.models,
@@ -45,7 +45,7 @@ async def create_evaluation(
         temperature=body.temperature,
         max_tokens=body.max_tokens,
     )
-    job = runner.submit(options)
+    job = runner.submit(options, owner=caller_key(request))
     return JSONResponse(_job_body(job), status_code=202)
 
 
@@ -77,9 +77,11 @@ async def get_evaluation_results(
 
 @router.delete("/v1/evaluations/{job_id}", response_model=EvaluationJob, responses=ERROR_RESPONSES)
 async def cancel_evaluation(
-    job_id: str, runner: EvaluationRunner = Depends(get_runner)
+    job_id: str, request: Request, runner: EvaluationRunner = Depends(get_runner)
 ) -> JSONResponse:
-    return JSONResponse(_job_body(await runner.cancel(job_id)))
+    """Cancel a job: allowed to the API key that created it, or to the admin key."""
+    job = await runner.cancel(job_id, caller_key(request), is_admin(request))
+    return JSONResponse(_job_body(job))
 
 
 @router.get("/v1/datasets", response_model=DatasetList, responses=ERROR_RESPONSES)

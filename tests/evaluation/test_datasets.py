@@ -144,6 +144,14 @@ GOOD = [{"instruction": "q", "answer": "yes"}]
             },
             "jsonl",
         ),
+        (  # nested past Python's recursion limit: was a RecursionError and a 500
+            {"name": "x", "answer_kind": "number", "jsonl": "[" * 5000 + "]" * 5000},
+            "jsonl",
+        ),
+        (  # past the body limit (64 levels), which every parser of client text shares
+            {"name": "x", "answer_kind": "number", "jsonl": "[" * 65 + "]" * 65},
+            "jsonl",
+        ),
     ],
 )
 def test_malformed_dataset_is_400_naming_the_field(

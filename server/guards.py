@@ -1,0 +1,255 @@
+"""RequestGuard: what every HTTP request must pass before routing, and before its body is read.
+
+1. **API key** (401), unless the path is public (`/health`; `/ready` unless `--ready-requires-key`).
+   Checked before routing, so that a client without a key learns nothing about the routes (no
+   404 / 405 before 401). Admin routes also need the admin key (`deps.require_admin_key`).
+2. **Content type by route**, from the headers alone: a JSON route takes `application/json`
+   (or `+json`, or no content type), the adapter upload takes `multipart/form-data`; anything
+   else is a 415 before a byte of the body is read.
+3. **Size cap while reading**, for every content type: a declared Content-Length over the cap is
+   refused at once, and a body that grows past it is cut off (413) without buffering the rest.
+4. **Stalled bodies**: a body that sends nothing for `http_body_timeout_s` is a 408 and the
+   connection closes (headers are timed by the protocol, server/transport.py).
+5. **JSON routes**: the whole body read and checked (strict UTF-8, a JSON object, nesting depth,
+   no lone surrogates; 400) before FastAPI parses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.config import Settings
+from server.errors import APIError, count_rejection, error_response, invalid_request
+from server.jsontext import loads
+
+UPLOAD_ROUTES = frozenset({"/v1/adapters"})  # multipart/form-data bodies
+# Multipart framing (boundaries, part headers, the `name` field) on top of the file bytes,
+# which the store caps at exactly `max_upload_bytes`.
+UPLOAD_OVERHEAD_BYTES = 64 * 1024
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+# ---------------------------------------------------------------- keys
+
+
+def bearer_token(headers: Headers) -> str | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def key_matches(token: str | None, key: str | None) -> bool:
+    # Compare bytes: compare_digest on str refuses non-ASCII, which would turn into a 500.
+    return token is not None and key is not None and hmac.compare_digest(token.encode(), key.encode())
+
+
+def key_fingerprint(token: str | None) -> str | None:
+    """What a job records about the key that created it (never the key itself)."""
+    return None if token is None else hashlib.sha256(token.encode()).hexdigest()
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(
+        401, message, "authentication_error", code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )  # fmt: skip
+
+
+def check_key(headers: Headers, keys: tuple[str | None, ...]) -> None:
+    """401 unless the bearer token is one of `keys` (no key configured: anything goes)."""
+    if all(key is None for key in keys):
+        return
+    token = bearer_token(headers)
+    if token is None:
+        raise unauthorized("Missing API key: send the header 'Authorization: Bearer <key>'.")
+    if not any([key_matches(token, key) for key in keys]):  # list: compare against every key
+        raise unauthorized("Invalid API key.")
+
+
+def public_paths(settings: Settings) -> frozenset[str]:
+    return frozenset({"/health"} if settings.ready_requires_key else {"/health", "/ready"})
+
+
+# ---------------------------------------------------------------- the middleware
+
+
+BodyRoute = tuple[re.Pattern, frozenset[str], str]  # path regex, methods, 'json' | 'multipart'
+
+
+def body_routes(routes: Iterable[Any]) -> list[BodyRoute]:
+    """The routes that take a body, and which kind, from the APIRoutes of the app's routers."""
+    found = []
+    for route in routes:
+        if getattr(route, "path", None) in UPLOAD_ROUTES:
+            found.append((route.path_regex, frozenset(route.methods), "multipart"))
+        elif getattr(route, "body_field", None) is not None:
+            found.append((route.path_regex, frozenset(route.methods), "json"))
+    return found
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, settings: Settings, routes: list[BodyRoute]) -> None:
+        self.app, self.settings, self.routes = app, settings, routes
+        self.public = public_paths(settings)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            receive = await self._check(scope, receive)
+        except APIError as error:
+            count_rejection(scope.get("app"), scope.get("path", ""), "", error.status)
+            await error_response(error)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _check(self, scope: Scope, receive: Receive) -> Receive:
+        """The receive the app gets (the body replayed, capped or timed), or an APIError."""
+        headers = Headers(scope=scope)
+        settings = self.settings
+        if scope["path"] not in self.public and settings.user_keys:
+            check_key(headers, (*settings.user_keys, settings.admin_api_key))
+        kind = self._body_kind(scope)
+        if kind is None:
+            return receive
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        check_content_type(kind, content_type)
+        limit = self._limit(kind)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(kind, settings)
+        timed = timed_receive(receive, settings.http_body_timeout_s)
+        if kind == "multipart":
+            return capped_receive(timed, limit, kind, settings)
+        body = await read_body(timed, limit, kind, settings)
+        if body:
+            check_json(body)
+        return replay(body, receive)
+
+    def _body_kind(self, scope: Scope) -> str | None:
+        """'json' or 'multipart' for the route this request reaches, None when it takes no
+        body (or matches no route: the router answers 404/405 without reading it)."""
+        if scope["method"] not in BODY_METHODS:
+            return None
+        for path_regex, methods, kind in self.routes:
+            if scope["method"] in methods and path_regex.match(scope["path"]):
+                return kind
+        return None
+
+    def _limit(self, kind: str) -> int:
+        if kind == "multipart":
+            return self.settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
+        return self.settings.max_request_body_bytes
+
+
+def check_content_type(kind: str, content_type: str) -> None:
+    if kind == "multipart":
+        if content_type != "multipart/form-data":
+            raise unsupported_type(
+                content_type,
+                "Upload an adapter as multipart/form-data: a text field 'name' and either "
+                "'files' (adapter_config.json, adapter_model.safetensors) or one 'archive'.",
+            )
+    # A missing content type is read as JSON, as FastAPI does; anything else must say JSON.
+    elif content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        raise unsupported_type(content_type, "Send the body as JSON (Content-Type: application/json).")
+
+
+def unsupported_type(content_type: str, what_to_do: str) -> APIError:
+    return APIError(  # the body is left unread: the connection cannot be reused
+        415, f"This route does not take Content-Type {content_type[:60]!r}. {what_to_do}",
+        code="unsupported_content_type", headers={"Connection": "close"},
+    )  # fmt: skip
+
+
+def too_large(kind: str, settings: Settings) -> APIError:
+    if kind == "multipart":
+        message = (f"The upload exceeds {settings.max_upload_bytes} bytes; send a smaller "
+                   "adapter or raise --max-upload-bytes.")  # fmt: skip
+    else:
+        message = (f"The request body exceeds {settings.max_request_body_bytes} bytes; send a "
+                   "smaller request.")  # fmt: skip
+    return APIError(413, message, code="request_too_large", headers={"Connection": "close"})
+
+
+def timed_receive(receive: Receive, timeout_s: float) -> Receive:
+    """`receive` that raises 408 when the body stalls for `timeout_s`; once the body is
+    complete it passes through untimed (later receives wait for a disconnect)."""
+    complete = False
+
+    async def receive_timed() -> Message:
+        nonlocal complete
+        if complete:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(
+                408, f"The request body stalled for {timeout_s:g} s; send it without pauses.",
+                code="body_timeout", headers={"Connection": "close"},
+            ) from None  # fmt: skip
+        complete = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return receive_timed
+
+
+def capped_receive(receive: Receive, limit: int, kind: str, settings: Settings) -> Receive:
+    """`receive` that raises 413 as soon as more than `limit` body bytes have arrived."""
+    received = 0
+
+    async def receive_capped() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise too_large(kind, settings)
+        return message
+
+    return receive_capped
+
+
+async def read_body(receive: Receive, limit: int, kind: str, settings: Settings) -> bytes:
+    capped = capped_receive(receive, limit, kind, settings)
+    chunks = []
+    while True:
+        message = await capped()
+        if message["type"] == "http.disconnect":
+            raise APIError(400, "The client disconnected while sending the body.")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def check_json(body: bytes) -> Any:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid_request(f"The body is not valid UTF-8 (byte offset {exc.start}).") from None
+    value = loads(text)
+    if not isinstance(value, dict):
+        raise invalid_request(f"The body must be a JSON object, got {type(value).__name__}.")
+    return value
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that yields the buffered body once, then passes through (disconnects)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed

@@ -1,0 +1,276 @@
+"""Issue 11's attacks, each a regression test: bodies refused by content type before they are
+read, stalled bodies and slow headers cut off (slowloris, with raw sockets), connection caps,
+the SIGTERM drain that keeps answering 503, and who may do what with which key."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from server.config import Settings
+from server.main import create_app
+from tests.server.conftest import API_KEY, Server, start_server, stop_server
+
+HEADER_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 1.0
+
+
+def raw_request(server: Server, head: str, body: bytes = b"", source: str = "127.0.0.1",
+                timeout_s: float = 10.0) -> socket.socket:  # fmt: skip
+    """A connected socket from `source` that has sent `head` (+ `body`)."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.settimeout(timeout_s)
+    sock.bind((source, 0))
+    sock.connect((host, int(port)))
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def read_status(sock: socket.socket) -> tuple[int | None, bytes]:
+    """(status, whole response) once the server answers; (None, b"") when it just closes."""
+    data = b""
+    try:
+        while not _complete(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    if not data:
+        return None, b""
+    return int(data.split(b" ", 2)[1]), data
+
+
+def _complete(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return True
+
+
+def post_head(path: str, content_type: str, length: int, key: str | None = API_KEY) -> str:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (f"POST {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: {content_type}\r\n"
+            f"Content-Length: {length}\r\n\r\n")  # fmt: skip
+
+
+# ---------------------------------------------------------------- bodies (rows 13, 22)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/v1/completions", "multipart/form-data; boundary=x"),
+        ("/v1/chat/completions", "text/plain"),
+        ("/v1/adapters", "application/json"),
+    ],
+)
+def test_wrong_content_type_is_415_before_the_body_is_read(
+    server: Server, path: str, content_type: str
+) -> None:
+    """1 GiB declared, 100 bytes sent: the answer comes at once, without waiting for (or
+    buffering) the rest. A JSON route sent as multipart used to buffer the whole body."""
+    sock = raw_request(server, post_head(path, content_type, 2**30), b"x" * 100, timeout_s=5)
+    with sock:
+        status, response = read_status(sock)
+    assert status == 415, response
+    assert b'"code":"unsupported_content_type"' in response
+
+
+def test_body_cap_holds_while_reading_a_chunked_body(server: Server) -> None:
+    """No Content-Length (chunked): the cap holds while the bytes arrive."""
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(200):
+            yield b'{"prompt": "' + b"a" * 4096
+
+    with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=30) as http:
+        response = http.post("/v1/completions", content=chunks(),
+                             headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+# ---------------------------------------------------------------- slow clients (row 23)
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(
+        tiny_model_dir, tmp_path_factory.mktemp("guarded") / "server.log",
+        "--http-header-timeout-s", str(HEADER_TIMEOUT_S),
+        "--http-body-timeout-s", str(BODY_TIMEOUT_S),
+        "--max-connections", "40", "--max-connections-per-client", "20",
+    )  # fmt: skip
+    yield srv
+    stop_server(srv)
+    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+
+
+def trickle(sockets: list[socket.socket], stop: threading.Event) -> None:
+    """A slowloris: one more header byte on every socket, every half second."""
+    while not stop.wait(0.5):
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.send(b"X")
+
+
+def test_slowloris_is_cut_off_and_real_clients_are_served(guarded_server: Server) -> None:
+    attackers = [raw_request(guarded_server, "GET /health HTTP/1.1\r\nHost: a\r\nX-Slow: ",
+                             source="127.0.0.2", timeout_s=HEADER_TIMEOUT_S + 5)
+                 for _ in range(25)]  # fmt: skip
+    stop = threading.Event()
+    thread = threading.Thread(target=trickle, args=(attackers, stop), daemon=True)
+    thread.start()
+    opened = time.monotonic()
+    try:
+        # past the per-client cap (20): refused at once with 503, not left hanging
+        refused = [read_status(sock)[0] for sock in attackers[20:]]
+        assert refused == [503] * 5, refused
+        started = time.monotonic()
+        with httpx.Client(base_url=guarded_server.base_url, timeout=10) as http:
+            assert http.get("/health").status_code == 200
+        assert time.monotonic() - started < 2
+        # the 20 trickling connections are answered 408 and closed after the header timeout
+        outcomes = [read_status(sock)[0] for sock in attackers[:20]]
+        assert outcomes == [408] * 20, outcomes
+        assert time.monotonic() - opened < HEADER_TIMEOUT_S + 4
+    finally:
+        stop.set()
+        thread.join()
+        for sock in attackers:
+            sock.close()
+
+
+def test_connection_cap_keeps_the_server_reachable(guarded_server: Server) -> None:
+    """40 idle connections from two addresses fill the cap: a new client is refused with 503
+    at once (not left without an answer), and served again once the header timeout frees them."""
+    idle = [raw_request(guarded_server, "", source=source)
+            for source in ("127.0.0.3", "127.0.0.4") for _ in range(20)]  # fmt: skip
+    try:
+        time.sleep(0.2)
+        with httpx.Client(base_url=guarded_server.base_url, timeout=10) as http:
+            first = http.get("/health")
+            assert first.status_code == 503 and first.headers["retry-after"] == "1", first.text
+            assert "open connections" in first.json()["error"]["message"]
+            deadline = time.monotonic() + HEADER_TIMEOUT_S + 4
+            while http.get("/health").status_code != 200:
+                assert time.monotonic() < deadline, "the cap never freed up"
+                time.sleep(0.2)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_stalled_body_is_408(guarded_server: Server) -> None:
+    sock = raw_request(guarded_server, post_head("/v1/completions", "application/json", 100, None),
+                       b'{"prompt": ', timeout_s=BODY_TIMEOUT_S + 5)  # fmt: skip
+    with sock:
+        started = time.monotonic()
+        status, response = read_status(sock)
+    assert status == 408, response
+    assert b'"code":"body_timeout"' in response
+    assert time.monotonic() - started < BODY_TIMEOUT_S + 3
+
+
+# ---------------------------------------------------------------- drain (row 18)
+
+
+def test_sigterm_drain_answers_503_while_in_flight_requests_finish(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Clients that arrive during the drain get 503 + Retry-After, not "connection refused";
+    the stream in flight at the signal still finishes."""
+    srv = start_server(tiny_model_dir, tmp_path / "server.log", "--max-model-len", "256")
+    body = {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    try:
+        with (
+            httpx.Client(base_url=srv.base_url, timeout=30) as http,
+            http.stream("POST", "/v1/completions", json=body) as stream,
+        ):
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            srv.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            late = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+            ready = http.get("/ready")
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert late.status_code == 503 and late.headers["retry-after"] == "1", late.text
+        assert late.json()["error"]["code"] == "not_ready"
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+        assert srv.process.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        stop_server(srv)
+    assert "Traceback" not in srv.log()
+
+
+# ---------------------------------------------------------------- keys (row 20)
+
+
+@pytest.fixture(scope="module")
+def keyed_app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """Two user keys and an admin key, in-process."""
+    from tests.evaluation.conftest import eval_settings, make_data_dir
+
+    root = tmp_path_factory.mktemp("keyed")
+    settings = eval_settings(tiny_model_dir, make_data_dir(root / "data", size=40), root / "cache",
+                             api_key="alice-key,bob-key", admin_api_key="root-key",
+                             eval_max_inflight=1)  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def as_key(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def test_ready_is_public_and_everything_else_needs_a_key(keyed_app: TestClient) -> None:
+    assert keyed_app.get("/ready").status_code == 200  # load balancers probe without a key
+    assert keyed_app.get("/health").status_code == 200
+    for method, path in [("GET", "/v1/nothing"), ("DELETE", "/v1/completions"),
+                         ("GET", "/v1/models"), ("POST", "/v1/evaluations")]:  # fmt: skip
+        response = keyed_app.request(method, path)
+        assert response.status_code == 401, (method, path, response.text)
+    assert keyed_app.get("/v1/models", headers=as_key("bob-key")).status_code == 200
+
+
+def test_ready_requires_a_key_when_configured(tiny_model_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(model=str(tiny_model_dir), device="cpu", kv_cache_memory_mb=16,
+                        cache_dir=tmp_path, api_key="k", ready_requires_key=True)  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/ready").status_code == 401
+        assert client.get("/ready", headers=as_key("k")).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+def test_only_the_creating_key_or_the_admin_cancels_a_job(keyed_app: TestClient) -> None:
+    body = {"models": ["base"], "datasets": ["gsm8k"], "max_tokens": 64}
+    jobs = [keyed_app.post("/v1/evaluations", json=body, headers=as_key("alice-key")).json()
+            for _ in range(2)]  # fmt: skip
+    first, second = (job["id"] for job in jobs)
+    refused = keyed_app.delete(f"/v1/evaluations/{first}", headers=as_key("bob-key"))
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["code"] == "not_job_owner"
+    assert keyed_app.get(f"/v1/evaluations/{first}", headers=as_key("bob-key")).json()[
+        "status"] in ("queued", "running")  # fmt: skip
+    own = keyed_app.delete(f"/v1/evaluations/{first}", headers=as_key("alice-key"))
+    assert own.status_code == 200 and own.json()["status"] == "cancelled"
+    admin = keyed_app.delete(f"/v1/evaluations/{second}", headers=as_key("root-key"))
+    assert admin.status_code == 200 and admin.json()["status"] == "cancelled"
