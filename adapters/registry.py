@@ -83,6 +83,8 @@ class RegistryObserver(Protocol):
 
     def on_adapter_acquire(self, hit: bool) -> None: ...
 
+    def on_adapter_removed(self, name: str) -> None: ...
+
 
 @dataclass(eq=False)
 class Entry:
@@ -236,6 +238,8 @@ class AdapterRegistry:
                 del self._entries[name]
                 self._retire(entry)
                 self._publish_tiers()
+            if self.observer is not None:
+                self.observer.on_adapter_removed(name)
             return entry
 
     def load_store(self) -> list[tuple[str, str]]:

@@ -46,6 +46,15 @@ SERVE_FLAGS: dict[str, tuple[str, type]] = {
     "--http-body-timeout-s": ("http_body_timeout_s", float),
     "--max-connections": ("max_connections", int),
     "--max-connections-per-client": ("max_connections_per_client", int),
+    "--max-request-body-bytes": ("max_request_body_bytes", int),
+    "--max-prompt-chars": ("max_prompt_chars", int),
+    "--max-n": ("max_n", int),
+    "--retry-after-s": ("retry_after_s", int),
+    "--shutdown-timeout-s": ("shutdown_timeout_s", float),
+    "--max-queued-evaluations": ("max_queued_evaluations", int),
+    "--max-evaluation-jobs": ("max_evaluation_jobs", int),
+    "--max-datasets": ("max_datasets", int),
+    "--max-dataset-bytes": ("max_dataset_bytes", int),
 }
 # repeatable flag -> Settings list field (given flags replace the env list)
 SERVE_LIST_FLAGS: dict[str, str] = {

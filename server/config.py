@@ -84,6 +84,14 @@ class Settings(BaseSettings):
     eval_max_inflight: int | None = Field(
         None, ge=1, description="engine requests in flight per evaluation job; default max_num_seqs // 2"
     )
+    max_queued_evaluations: int = Field(16, ge=1, description="evaluation jobs waiting to run; past it 429")
+    max_evaluation_jobs: int = Field(
+        256, ge=1, description="evaluation jobs kept (with their results); the oldest finished go first"
+    )
+    max_datasets: int = Field(64, ge=0, description="datasets registered through the API")
+    max_dataset_bytes: int = Field(
+        256 * 2**20, ge=1024, description="bytes of all datasets registered through the API together"
+    )
 
     @model_validator(mode="after")
     def _default_eval_inflight(self) -> Settings:

@@ -129,5 +129,27 @@ class Metrics:
     def on_step_adapters(self, count: int) -> None:
         self.step_adapters.observe(count)
 
+    def forget_model(self, model: str) -> None:
+        """Drop every series labelled with `model` (a deleted adapter), so that label series
+        do not grow with upload/delete cycles."""
+        self._forget("model", model)
+
+    def forget_dataset(self, dataset: str) -> None:
+        self._forget("dataset", dataset)
+
+    def _forget(self, label: str, value: str) -> None:
+        for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft,
+                       self.tpot, self.e2e, self.eval_examples):  # fmt: skip
+            if label not in metric._labelnames:
+                continue
+            where = metric._labelnames.index(label)
+            # prometheus_client has no public way to list a metric's label sets
+            for values in [v for v in metric._metrics if v[where] == value]:
+                metric.remove(*values)
+
+    # RegistryObserver: `name` was deleted
+    def on_adapter_removed(self, name: str) -> None:
+        self.forget_model(name)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -50,6 +50,7 @@ from server.model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 STEP_LOG_LEN = 4096  # steps kept in Engine.step_log
+DELETED_MODEL_LABEL = "(deleted adapter)"  # metrics label of requests that outlive their adapter
 
 
 class EngineError(Exception):
@@ -506,8 +507,11 @@ class Engine:
     def _record(self, seq: Sequence, reason: str) -> None:
         now = time.monotonic()
         ttft = seq.first_token_time - seq.arrival if seq.first_token_time else None
+        model = seq.model
+        if seq.adapter is not None and not self.registry.exists(seq.adapter):
+            model = DELETED_MODEL_LABEL  # its series are gone: one shared label, not one per name
         self.metrics.on_request_done(
-            seq.model, reason, len(seq.prompt_ids) - seq.num_virtual, len(seq.output_ids), ttft,
+            model, reason, len(seq.prompt_ids) - seq.num_virtual, len(seq.output_ids), ttft,
             now - seq.arrival,
         )
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -100,10 +101,15 @@ def dataset_not_found(name: str) -> APIError:
 
 
 class DatasetCatalog:
-    """Built-in sets from `data_dir` plus user-registered sets from `user_dir`."""
+    """Built-in sets from `data_dir` plus user-registered sets from `user_dir`, at most
+    `max_user_sets` of them taking at most `max_user_bytes` together."""
 
-    def __init__(self, data_dir: Path | None, user_dir: Path) -> None:
+    def __init__(
+        self, data_dir: Path | None, user_dir: Path, max_user_sets: int = 64,
+        max_user_bytes: int = 256 * 2**20,
+    ) -> None:  # fmt: skip
         self.data_dir, self.user_dir = data_dir, user_dir
+        self.max_user_sets, self.max_user_bytes = max_user_sets, max_user_bytes
         self._cache: dict[Path, tuple[float, list[Example]]] = {}
 
     def all(self) -> list[Dataset]:
@@ -162,8 +168,10 @@ class DatasetCatalog:
                 param="name",
                 code="dataset_exists",
             )
+        text = json.dumps(records, ensure_ascii=False)
+        self._check_room(name, len(text.encode("utf-8")))
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / "test.json", json.dumps(records, ensure_ascii=False))
+        _atomic_write(folder / "test.json", text)
         meta = {
             "name": name,
             "answer_kind": spec.kind,
@@ -172,6 +180,34 @@ class DatasetCatalog:
         }
         _atomic_write(folder / "dataset.json", json.dumps(meta))
         return Dataset(name, spec, folder / "test.json", "user")
+
+    def delete(self, name: str) -> Dataset:
+        """Remove a registered dataset (built-in ones are data files: 400)."""
+        dataset = next((d for d in self._user_sets() if d.name == name), None)
+        if dataset is None:
+            if any(name.lower() == b.lower() for b in BUILTIN_SPECS):
+                raise invalid_request(f"{name!r} is a built-in dataset; it cannot be deleted.",
+                                      "name")  # fmt: skip
+            raise dataset_not_found(name)
+        folder = dataset.path.parent
+        (folder / "dataset.json").unlink()  # first: the set is gone even if the rest fails
+        self._cache.pop(dataset.path, None)
+        shutil.rmtree(folder, ignore_errors=True)
+        return dataset
+
+    def _check_room(self, name: str, size: int) -> None:
+        """409 when one more set (or `size` more bytes) would pass the caps."""
+        others = [d for d in self._user_sets() if d.name != name]
+        used = sum(d.path.stat().st_size for d in others if d.path.is_file())
+        if len(others) >= self.max_user_sets or used + size > self.max_user_bytes:
+            raise APIError(
+                409,
+                f"This server keeps at most {self.max_user_sets} registered datasets of "
+                f"{self.max_user_bytes} bytes in all ({len(others)} use {used} bytes; this one "
+                f"needs {size}); delete one with DELETE /v1/datasets/{{name}}.",
+                param="name",
+                code="dataset_limit",
+            )
 
     def _builtin_path(self, name: str) -> Path:
         base = self.data_dir if self.data_dir is not None else Path("/nonexistent")

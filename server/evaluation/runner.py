@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,7 +45,8 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 BASE_ALIAS = "base"
-QUEUE_FULL_BACKOFF_S = (0.05, 1.0)  # first and longest wait before resubmitting on 503
+QUEUE_FULL_BACKOFF_S = (0.05, 1.0)
+RETRY_QUEUED_S = 30  # Retry-After when the job queue is full: jobs run for minutes  # first and longest wait before resubmitting on 503
 PAPER_NOTE = (
     "The LLM-Adapters paper decoded with 4-beam search (temperature 0.1, top_p 0.75, top_k 40); "
     "this job decodes {how}, so accuracies can differ from the published ones."
@@ -166,9 +168,12 @@ class EvaluationRunner:
         max_inflight: int,
         metrics: Metrics,
         adapter_exists: Callable[[str], bool] = lambda name: False,
+        max_queued: int = 16,
+        max_jobs: int = 256,
     ) -> None:
         self.engine, self.catalog, self.jobs_dir = engine, catalog, jobs_dir
         self.max_inflight, self.metrics, self.adapter_exists = max_inflight, metrics, adapter_exists
+        self.max_queued, self.max_jobs = max_queued, max_jobs
         self.jobs: dict[str, EvalJob] = {}
         self._pending: asyncio.Queue[str] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
@@ -181,6 +186,7 @@ class EvaluationRunner:
             self.jobs[job.id] = job
             if job.status == "queued":
                 self._pending.put_nowait(job.id)
+        self._prune()
         self._publish_states()
         self._worker = asyncio.ensure_future(self._work())
 
@@ -200,6 +206,7 @@ class EvaluationRunner:
         (a fingerprint of the creating API key)."""
         engine_models = self._resolve_models(options.models)
         datasets = [self.catalog.get(name) for name in options.datasets]
+        self._check_queue_room()
         _check_distinct([d.name for d in datasets], "datasets")
         if options.protocol == "loglikelihood":
             for dataset in datasets:
@@ -222,8 +229,33 @@ class EvaluationRunner:
         self._job_dir(job.id).mkdir(parents=True, exist_ok=True)
         self._save(job)
         self._pending.put_nowait(job.id)
+        self._prune()
         self._publish_states()
         return job
+
+    def _check_queue_room(self) -> None:
+        queued = sum(1 for job in self.jobs.values() if job.status == "queued")
+        if queued >= self.max_queued:
+            raise APIError(
+                429,
+                f"{queued} evaluation jobs are already waiting to run (the limit); retry when "
+                "one has started, or cancel one.",
+                code="evaluation_queue_full",
+                headers={"Retry-After": str(RETRY_QUEUED_S)},
+            )
+
+    def _prune(self) -> None:
+        """Keep at most `max_jobs` jobs: the oldest finished ones (and their rows) go first."""
+        finished = sorted((j for j in self.jobs.values() if j.status in FINAL_STATES),
+                          key=lambda j: j.created)  # fmt: skip
+        for job in finished[: max(0, len(self.jobs) - self.max_jobs)]:
+            del self.jobs[job.id]
+            shutil.rmtree(self._job_dir(job.id), ignore_errors=True)
+
+    def uses_dataset(self, name: str) -> bool:
+        """Whether a queued or running job evaluates the dataset `name`."""
+        return any(name in job.options.datasets for job in self.jobs.values()
+                   if job.status not in FINAL_STATES)  # fmt: skip
 
     def get(self, job_id: str) -> EvalJob:
         job = self.jobs.get(job_id)
@@ -573,8 +605,10 @@ def build_runner(
         registry = getattr(state, "registry", None)
         return registry is not None and bool(registry.exists(name))
 
-    catalog = DatasetCatalog(settings.data_dir, settings.user_datasets_dir)
+    catalog = DatasetCatalog(settings.data_dir, settings.user_datasets_dir,
+                             settings.max_datasets, settings.max_dataset_bytes)  # fmt: skip
     inflight = settings.eval_max_inflight or max(1, settings.max_num_seqs // 2)
     return EvaluationRunner(
-        engine, catalog, settings.eval_jobs_dir, inflight, metrics, adapter_exists
-    )
+        engine, catalog, settings.eval_jobs_dir, inflight, metrics, adapter_exists,
+        settings.max_queued_evaluations, settings.max_evaluation_jobs,
+    )  # fmt: skip

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.deps import caller_key, is_admin, require_admin_key
-from server.errors import invalid_request
+from server.errors import APIError, invalid_request, truncate
 from server.evaluation.datasets import answer_spec, parse_jsonl, validate_records
 from server.evaluation.runner import EvalJob, EvaluationRunner, JobOptions
 from server.routers.generation import ERROR_RESPONSES
@@ -110,3 +110,21 @@ async def register_dataset(
     records = validate_records(raw, spec)
     dataset = runner.catalog.register(body.name, spec, records, replace=body.replace)
     return JSONResponse(dataset.describe(len(records)), status_code=201)
+
+
+@router.delete(
+    "/v1/datasets/{name}",
+    response_model=DatasetInfo,
+    responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},
+    dependencies=[Depends(require_admin_key)],
+)
+async def delete_dataset(name: str, runner: EvaluationRunner = Depends(get_runner)) -> JSONResponse:
+    """Remove a registered dataset (not a built-in one), unless a queued or running job uses it."""
+    if runner.uses_dataset(name):
+        raise APIError(
+            409, f"A queued or running evaluation job uses the dataset {truncate(name)}; cancel "
+            "it or wait for it to finish.", param="name", code="dataset_in_use",
+        )  # fmt: skip
+    dataset = runner.catalog.delete(name)
+    runner.metrics.forget_dataset(dataset.name)
+    return JSONResponse(dataset.describe(None))

@@ -255,6 +255,21 @@ def test_delete_then_404(env: Env) -> None:
     assert error["code"] == "model_not_found" and error["param"] == "model"
 
 
+def test_deleted_adapters_leave_no_metric_series(env: Env) -> None:
+    """Upload/delete cycles must not grow /metrics: a deleted adapter's series go with it."""
+    sizes = []
+    for cycle in range(4):
+        files = folder_files(peft_lora(env.work / f"cycle{cycle}", seed=20 + cycle))
+        assert upload(env, f"cycle{cycle}", files).status_code == 201
+        assert complete(env, f"cycle{cycle}", max_tokens=2).status_code == 200
+        assert f'model="cycle{cycle}"' in env.http.get("/metrics").text
+        assert env.http.delete(f"/v1/adapters/cycle{cycle}", headers=ADMIN).status_code == 200
+        text = env.http.get("/metrics").text
+        assert f'model="cycle{cycle}"' not in text
+        sizes.append(len(text))
+    assert max(sizes) - min(sizes) < 512, sizes  # the same series every cycle
+
+
 def test_vllm_load_and_unload_under_a_root(env: Env) -> None:
     body = {"lora_name": "vllm-a", "lora_path": str(env.roots / "rootlora")}
     response = env.http.post("/v1/load_lora_adapter", json=body, headers=ADMIN)
