@@ -1,7 +1,8 @@
 """Read an adapter directory (config + safetensors only) into a validated AdapterSpec.
 
 Order of checks: file names (allow-list, no links) -> adapter_config.json (a JSON object with a
-supported peft_type) -> the safetensors header (cheap, before any large allocation) -> the
+supported peft_type; every regex in it bounded and RE2-compatible, adapters.formats.patterns)
+-> the safetensors header (cheap, before any large allocation) -> the
 tensors, through the safetensors library only (never pickle) -> the format's own checks
 (shapes against the base fingerprint, rank, finiteness, unsupported options).
 `base_model_name_or_path`, `auto_map`, `auto_mapping` and any other path or code named in the
@@ -19,6 +20,7 @@ import safetensors.torch
 import torch
 
 from adapters.formats import bottleneck, ia3, peft_lora, prefix, prompt
+from adapters.formats.patterns import check_config_patterns
 from adapters.spec import AdapterFormatError, AdapterSpec, BaseFingerprint
 
 __all__ = ["ALLOWED_FILES", "PARSERS", "load_adapter", "read_safetensors"]
@@ -50,6 +52,7 @@ def load_adapter(
     check_files(directory)
     config = read_config(directory / CONFIG_FILE)
     parser = parser_for(config)
+    check_config_patterns(config)
     tensors = read_safetensors(directory / WEIGHTS_FILE)
     return parser(config, tensors, name, fingerprint, max_rank)
 
