@@ -12,7 +12,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from adapters.formats import load_adapter
+import adapters.formats
+from adapters.formats import MAX_HEADER_BYTES, load_adapter, max_tensors
 from adapters.spec import (
     AdapterFormatError,
     AdapterKind,
@@ -510,6 +511,123 @@ def test_refusal_messages_say_expected_and_got(tmp_path: Path, fingerprint: Base
     with pytest.raises(AdapterFormatError) as caught:
         load_adapter(lora_dir(tmp_path / "b", fingerprint, r=32), "b", fingerprint, 8)
     assert "expected a rank <= 8" in str(caught.value) and "got 32" in str(caught.value)
+
+
+# --- caps before parsing -----------------------------------------------------------------------
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def zero_size_tensors(count: int) -> dict:
+    return {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(count)}
+
+
+def test_header_of_300k_zero_size_tensors_is_refused_by_its_length(tmp_path, fingerprint):
+    """20 MB of header: refused by MAX_HEADER_BYTES, never parsed (it took 7-8 s before)."""
+    directory = raw_weights(tmp_path / "a", zero_size_tensors(300_000), b"")
+    header_len = (directory / WEIGHTS).stat().st_size - 8
+    assert header_len > 4 * MAX_HEADER_BYTES  # ~20 MB
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    assert caught.value.param == WEIGHTS
+    message = str(caught.value)
+    assert f"expected a header length <= {4 << 20} bytes" in message, message
+    assert f"got {header_len}" in message, message
+
+
+def test_header_over_the_byte_cap_is_refused_unread(tmp_path, fingerprint, monkeypatch):
+    directory = lora_dir(tmp_path / "a", fingerprint)
+    with (directory / WEIGHTS).open("wb") as f:  # a sparse 50 MiB "header" of zeros
+        f.write((50 << 20).to_bytes(8, "little"))
+        f.truncate(8 + (50 << 20))
+    reads = spy_reads(monkeypatch, WEIGHTS)
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    assert caught.value.param == WEIGHTS
+    assert f"<= {MAX_HEADER_BYTES} bytes" in str(caught.value)
+    assert f"got {50 << 20}" in str(caught.value)
+    assert reads and max(reads) <= 8, reads  # the length prefix only
+
+
+def spy_reads(monkeypatch, name: str) -> list[int]:
+    """Sizes of every read() on files called `name` opened through Path.open."""
+    reads: list[int] = []
+    real_open = Path.open
+
+    class Spy:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def read(self, size: int = -1) -> bytes:
+            data = self.handle.read(size)
+            reads.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def spying_open(self, *args, **kwargs):
+        handle = real_open(self, *args, **kwargs)
+        return Spy(handle) if self.name == name else handle
+
+    monkeypatch.setattr(Path, "open", spying_open)
+    return reads
+
+
+def test_tensor_count_is_capped_before_the_entries_are_read(tmp_path, fingerprint, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("header entries checked one by one despite the tensor cap")
+
+    monkeypatch.setattr(adapters.formats, "check_header_entries", never)
+    cap = max_tensors(fingerprint)
+    assert cap == 2 * 7 * 2 + 8  # layers * projections * (A, B) + slack
+    directory = raw_weights(tmp_path / "a", zero_size_tensors(20_000), b"")
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    assert caught.value.param == WEIGHTS
+    assert f"expected at most {cap} tensors for this base model" in str(caught.value)
+    assert "got 20000" in str(caught.value)
+
+
+def nested(depth: int) -> str:
+    """A JSON list nested `depth` deep."""
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("depth,refused", [(63, False), (64, True), (100_000, True)])
+def test_config_nesting_is_capped(tmp_path, fingerprint, depth: int, refused: bool):
+    """The config object is level 1: a field holding `depth` lists is at 1 + depth."""
+    directory = lora_dir(tmp_path / "a", fingerprint)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    text = json.dumps(config)[:-1] + f', "notes": {nested(depth)}}}'
+    (directory / "adapter_config.json").write_text(text)
+    if not refused:
+        assert load_adapter(directory, "a", fingerprint, 8).kind is AdapterKind.LORA
+        return
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    assert caught.value.param == "adapter_config.json"
+    message = str(caught.value)
+    assert f"expected JSON nested at most 64 levels deep, got {depth + 1}" in message, message
+
+
+def test_header_nesting_is_capped(tmp_path, fingerprint):
+    """A valid LoRA whose header metadata is nested 100 deep (level 1 is the header itself)."""
+    directory = lora_dir(tmp_path / "a", fingerprint)
+    data = (directory / WEIGHTS).read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header["__metadata__"] = {"format": json.loads(nested(100))}
+    raw = json.dumps(header).encode()
+    tensor_bytes = data[8 + header_len :]
+    (directory / WEIGHTS).write_bytes(len(raw).to_bytes(8, "little") + raw + tensor_bytes)
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    assert caught.value.param == WEIGHTS
+    assert "expected JSON nested at most 64 levels deep, got 102" in str(caught.value)
 
 
 def test_no_pickle_reader_is_used(tmp_path: Path, fingerprint, monkeypatch):
