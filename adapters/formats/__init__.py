@@ -1,6 +1,9 @@
 """Read an adapter directory (config + safetensors only) into a validated AdapterSpec.
 
-Order of checks: file names (allow-list, no links) -> adapter_config.json (a JSON object nested
+Order of checks: file names (the allow-listed files must be plain files, never links; every
+other entry, such as a hub download's tokenizer.json, training_args.bin or checkpoint-100/, is
+ignored without being opened, in one log line; pickle weights alone are refused) ->
+adapter_config.json (a JSON object nested
 at most 64 deep with a supported peft_type; every regex in it bounded and RE2-compatible,
 adapters.formats.patterns) -> the safetensors header (its length and tensor count capped before
 it is read and parsed, then every entry checked, all before any large allocation) -> the
@@ -12,8 +15,9 @@ config are never read or followed.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 
 import safetensors.torch
@@ -24,11 +28,24 @@ from adapters.formats.bounded_json import parse_json
 from adapters.formats.patterns import check_config_patterns
 from adapters.spec import TARGETS, AdapterFormatError, AdapterSpec, BaseFingerprint
 
-__all__ = ["ALLOWED_FILES", "PARSERS", "load_adapter", "read_safetensors"]
+__all__ = [
+    "ALLOWED_FILES",
+    "PARSERS",
+    "load_adapter",
+    "pickle_only",
+    "pickle_only_message",
+    "read_safetensors",
+    "shown_names",
+]
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ALLOWED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, "README.md"})
+# Names of files torch.load would read: never opened; named when they are the only weights.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_SHOWN_NAMES = 8
 MAX_CONFIG_BYTES = 1 << 20
 # A header entry is ~130 bytes; the largest real adapter, a LoRA on all 7 projections of an
 # 80-layer model, has 80 * 7 * 2 = 1,120 entries (~150 KB). 4 MiB is far above that, and caps
@@ -59,7 +76,10 @@ def load_adapter(
 ) -> AdapterSpec:
     """Parse and validate the adapter in `directory`; AdapterFormatError names what to fix."""
     directory = Path(directory)
-    check_files(directory)
+    ignored = check_files(directory)
+    if ignored:
+        log.info("adapter %r: ignoring %d entries outside the allow-list %s: %s", name,
+                 len(ignored), sorted(ALLOWED_FILES), shown_names(ignored))  # fmt: skip
     config = read_config(directory / CONFIG_FILE)
     parser = parser_for(config)
     check_config_patterns(config)
@@ -67,20 +87,51 @@ def load_adapter(
     return parser(config, tensors, name, fingerprint, max_rank)
 
 
-def check_files(directory: Path) -> None:
-    """Only allow-listed plain files; both required files present."""
+def check_files(directory: Path) -> list[str]:
+    """The allow-listed files are plain files (never links) and both required ones are there.
+    Returns every other entry (folders end in "/"), ignored: never opened, never followed."""
     if not directory.is_dir():
         raise AdapterFormatError("directory", "expected an adapter directory, got none")
+    ignored = []
     for entry in sorted(directory.iterdir(), key=lambda p: p.name):
-        if entry.name not in ALLOWED_FILES or entry.is_symlink() or not entry.is_file():
+        if entry.name not in ALLOWED_FILES:
+            folder = entry.is_dir() and not entry.is_symlink()
+            ignored.append(entry.name + ("/" if folder else ""))
+        elif entry.is_symlink() or not entry.is_file():
             raise AdapterFormatError(
                 entry.name,
-                f"unexpected file {entry.name!r}: expected only plain files named "
-                f"{sorted(ALLOWED_FILES)} (weights as safetensors, never pickle .bin/.pt)",
+                f"{entry.name}: expected a plain file, got a link, folder or special file",
             )
+    kept = {name for name in ALLOWED_FILES if (directory / name).is_file()}
+    pickles = pickle_only(kept, ignored)
+    if pickles:
+        raise AdapterFormatError(WEIGHTS_FILE, pickle_only_message(pickles))
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / required).is_file():
             raise AdapterFormatError(required, f"missing {required}: expected it in the adapter")
+    return ignored
+
+
+def pickle_only(kept: Collection[str], ignored: Iterable[str]) -> list[str]:
+    """The pickle files among `ignored` when the files `kept` hold no safetensors weights."""
+    if WEIGHTS_FILE in kept:
+        return []
+    return [name for name in ignored if name.lower().endswith(PICKLE_SUFFIXES)]
+
+
+def pickle_only_message(pickles: list[str]) -> str:
+    return (
+        f"missing {WEIGHTS_FILE}: got only pickle weights {shown_names(pickles)}, which are "
+        "never read (weights as safetensors, never pickle .bin/.pt); convert them once, "
+        f"offline, to {WEIGHTS_FILE} (the README shows how)"
+    )
+
+
+def shown_names(names: list[str]) -> str:
+    """Names for a message or a log line: the first MAX_SHOWN_NAMES, each truncated."""
+    shown = [name[:80] + ("..." if len(name) > 80 else "") for name in names[:MAX_SHOWN_NAMES]]
+    more = len(names) - MAX_SHOWN_NAMES
+    return repr(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def max_tensors(fingerprint: BaseFingerprint) -> int:

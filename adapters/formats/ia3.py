@@ -86,6 +86,7 @@ def feedforward_rule(feedforward: object) -> Callable[[str], bool]:
     if len(feedforward) > MAX_PATTERN_KEYS:  # each name is tried on every module
         raise AdapterFormatError(
             "feedforward_modules",
-            f"feedforward_modules: expected at most {MAX_PATTERN_KEYS} names, got {len(feedforward)}",
+            f"feedforward_modules: expected at most {MAX_PATTERN_KEYS} names, "
+            f"got {len(feedforward)}",
         )
     return lambda module: any(module.endswith(f) for f in feedforward)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import io
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -284,19 +287,42 @@ def text_config(path: Path, text: str):
     return path
 
 
-def extra_file(name: str):
+PICKLE = b"\x80\x04K\x01."  # pickle.dumps(1): never opened, let alone loaded
+
+
+def pickle_only(name: str):
+    """A LoRA whose weights are only a pickle `name` (no adapter_model.safetensors)."""
+
     def build(path: Path, fp):
         lora_dir(path, fp)
-        (path / name).write_bytes(b"\x80\x04K\x01.")  # a pickle
+        (path / "adapter_model.safetensors").unlink()
+        (path / name).write_bytes(PICKLE)
         return path
 
     return build
 
 
-def with_symlink(path: Path, fp):
-    lora_dir(path, fp)
-    (path / "README.md").symlink_to("/etc/passwd")
-    return path
+def with_symlink(allowed: str, target: str | None = None):
+    """An allow-listed file replaced by a link (to a valid copy of itself, by default)."""
+
+    def build(path: Path, fp):
+        lora_dir(path, fp)
+        (path / "README.md").write_text("a LoRA")
+        real = path.parent / f"real-{allowed}"
+        (path / allowed).rename(real)
+        (path / allowed).symlink_to(target or real)
+        return path
+
+    return build
+
+
+def as_folder(allowed: str):
+    def build(path: Path, fp):
+        lora_dir(path, fp)
+        (path / allowed).mkdir()
+        return path
+
+    return build
 
 
 def without_weights(path: Path, fp):
@@ -327,11 +353,14 @@ NEGATIVE = {
     "config-not-object": (lambda p, fp: text_config(p, "[1, 2]"), "adapter_config.json"),
     "unknown-peft-type": (lambda p, fp: lora_dir(p, fp, peft_type="LOHA"), "peft_type"),
     "missing-peft-type": (lambda p, fp: text_config(p, '{"r": 4}'), "peft_type"),
-    # files
-    "bin-file": (extra_file("adapter_model.bin"), "adapter_model.bin"),
-    "pt-file": (extra_file("weights.pt"), "weights.pt"),
-    "ckpt-file": (extra_file("model.ckpt"), "model.ckpt"),
-    "symlink": (with_symlink, "README.md"),
+    # files: extra files are ignored (test_extra_files_are_ignored_unopened), but not these
+    "pickle-only-bin": (pickle_only("adapter_model.bin"), "adapter_model.safetensors"),
+    "pickle-only-pt": (pickle_only("weights.pt"), "adapter_model.safetensors"),
+    "pickle-only-ckpt": (pickle_only("model.ckpt"), "adapter_model.safetensors"),
+    "symlink-readme": (with_symlink("README.md", "/etc/passwd"), "README.md"),
+    "symlink-config": (with_symlink("adapter_config.json"), "adapter_config.json"),
+    "symlink-weights": (with_symlink("adapter_model.safetensors"), "adapter_model.safetensors"),
+    "readme-folder": (as_folder("README.md"), "README.md"),
     "missing-weights": (without_weights, "adapter_model.safetensors"),
     # safetensors header (SECURITY row 3)
     "header-offsets-past-eof": (
@@ -628,6 +657,80 @@ def test_header_nesting_is_capped(tmp_path, fingerprint):
         load_adapter(directory, "a", fingerprint, 8)
     assert caught.value.param == WEIGHTS
     assert "expected JSON nested at most 64 levels deep, got 102" in str(caught.value)
+
+
+# --- files outside the allow-list -----------------------------------------------------------
+
+HUB_EXTRAS = {
+    "tokenizer.json": b"{}",
+    "special_tokens_map.json": b"{}",
+    "training_args.bin": PICKLE,
+    "adapter_model.bin": PICKLE,
+    "adapter_model.gguf": b"GGUF",
+}
+
+
+def hub_download(path: Path, fp: BaseFingerprint) -> Path:
+    """A LoRA folder as the hub serves it: tokenizer files, pickles, a checkpoint, a link."""
+    lora_dir(path, fp)
+    for name, data in HUB_EXTRAS.items():
+        (path / name).write_bytes(data)
+    (path / "checkpoint-100").mkdir()
+    (path / "checkpoint-100" / "optimizer.pt").write_bytes(PICKLE)
+    (path / "checkpoint-100" / "adapter_config.json").write_text("not json")
+    (path / "notes.md").symlink_to("/etc/passwd")
+    return path
+
+
+def spy_opened(monkeypatch) -> list[str]:
+    """Names of the files opened through Python's open (pathlib included)."""
+    opened: list[str] = []
+    real_open = io.open
+
+    def spying_open(file, *args, **kwargs):
+        opened.append(Path(os.fsdecode(file)).name if not isinstance(file, int) else "<fd>")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", spying_open)
+    monkeypatch.setattr(builtins, "open", spying_open)
+    return opened
+
+
+def test_extra_files_are_ignored_unopened(tmp_path, fingerprint, monkeypatch, caplog):
+    directory = hub_download(tmp_path / "a", fingerprint)
+    opened = spy_opened(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="adapters.formats"):
+        spec = load_adapter(directory, "hub", fingerprint, 8)
+    assert spec.kind is AdapterKind.LORA and set(spec.modules) == {(0, "q"), (1, "q")}
+    assert opened and set(opened) <= {"adapter_config.json", "adapter_model.safetensors"}
+    ignored = sorted([*HUB_EXTRAS, "checkpoint-100/", "notes.md"])
+    [record] = [r for r in caplog.records if r.name == "adapters.formats"]
+    assert f"'hub': ignoring {len(ignored)} entries outside the allow-list" in record.message
+    assert all(repr(name) in record.message for name in ignored), record.message
+
+
+def test_ignored_names_in_the_log_line_are_truncated(tmp_path, fingerprint, caplog):
+    directory = lora_dir(tmp_path / "a", fingerprint)
+    for i in range(20):
+        (directory / f"{'x' * 150}-{i:02d}.txt").write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="adapters.formats"):
+        load_adapter(directory, "many", fingerprint, 8)
+    [record] = [r for r in caplog.records if r.name == "adapters.formats"]
+    assert "ignoring 20 entries" in record.message and "and 12 more" in record.message
+    assert "-19.txt" not in record.message and len(record.message) < 1200
+
+
+def test_pickle_only_weights_keep_the_conversion_hint(tmp_path, fingerprint, monkeypatch):
+    directory = pickle_only("adapter_model.bin")(tmp_path / "a", fingerprint)
+    (directory / "tokenizer.json").write_bytes(b"{}")
+    opened = spy_opened(monkeypatch)
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    message = str(caught.value)
+    assert caught.value.param == "adapter_model.safetensors"
+    assert "got only pickle weights ['adapter_model.bin']" in message, message
+    assert "never pickle .bin/.pt" in message and "convert them once, offline" in message
+    assert "adapter_model.bin" not in opened
 
 
 def test_no_pickle_reader_is_used(tmp_path: Path, fingerprint, monkeypatch):
