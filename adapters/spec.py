@@ -218,8 +218,10 @@ def refuse_options(config: Mapping, unsupported: Mapping[str, str]) -> None:
 
 # PEFT / LLM-Adapters state-dict key of a Llama-family linear, e.g.
 # "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" -> (3, "q", "lora_A.weight").
+# ASCII digits only ([0-9], not \d): module names stay ASCII, on which the config patterns
+# (adapters.formats.patterns) match the same under RE2 as under Python's `re`.
 MODULE_KEY = re.compile(
-    r"(?:base_model\.model\.)?(?P<module>model\.layers\.(?P<layer>\d+)\."
+    r"(?:base_model\.model\.)?(?P<module>model\.layers\.(?P<layer>[0-9]+)\."
     r"(?:self_attn\.(?P<attn>q|k|v|o)|mlp\.(?P<mlp>gate|up|down))_proj)\.(?P<rest>.+)"
 )
 

@@ -4,12 +4,18 @@ Uploads are unpacked into a fresh staging directory inside the root (`root/.stag
 validated there, and moved into place with a directory rename (same filesystem, so atomic).
 Nothing is ever written outside the staging directory of the upload in progress:
 
-- file names must be bare, allow-listed names (`adapters.formats.ALLOWED_FILES`);
-- archives (.zip / .tar.gz / .tgz) are never `extractall`-ed: every member is checked (no
-  absolute paths, drive letters, backslashes, `..`, NUL, links, devices), then its bytes are
-  read and written by us to `staging/<basename>` with O_EXCL | O_NOFOLLOW;
+- only the allow-listed names (`adapters.formats.ALLOWED_FILES`) are written; any other file
+  with a safe name (a hub download's tokenizer.json, training_args.bin, checkpoint-100/...) is
+  dropped unread and unwritten, and its name returned for the response's `ignored_files`; an
+  unsafe name (absolute path, drive letter, backslash, `..`, NUL) refuses the whole upload, and
+  so do pickle weights without adapter_model.safetensors;
+- archives (.zip / .tar.gz / .tgz) are never `extractall`-ed: every member is checked first (no
+  unsafe names, links, devices) and the adapter's place settled (`_Extractor`), then only the
+  kept members' bytes are read and written by us to `staging/<basename>` with O_EXCL |
+  O_NOFOLLOW;
 - bytes are counted while streaming (upload cap) and while decompressing (extracted cap and
-  member count cap), so a zip / gzip bomb is refused with 413 before it fills the disk.
+  member count cap), so a zip / gzip bomb is refused with 413 before it fills the disk; a
+  dropped zip member is never decompressed, a dropped tar member only to skip it (counted).
 
 Errors are `StoreError(status, param, message)`; messages never contain a server path.
 """
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from adapters.formats import ALLOWED_FILES
+from adapters.formats import ALLOWED_FILES, pickle_only, pickle_only_message, shown_names
 
 __all__ = ["StoreError", "StoredAdapter", "AdapterStore", "NAME_RE", "validate_name"]
 
@@ -83,19 +89,53 @@ def validate_name(name: object) -> str:
     return name
 
 
-def _check_bare_filename(filename: object, param: str) -> str:
-    if not isinstance(filename, str) or filename not in ALLOWED_FILES:
-        shown = _show(filename) if isinstance(filename, str) else type(filename).__name__
-        raise StoreError(
-            400,
-            param,
-            f"unexpected file {shown}: expected only files named {sorted(ALLOWED_FILES)} "
-            "(weights as safetensors, never pickle .bin/.pt/.ckpt), without any folder",
-        )
+def _path_parts(name: str) -> list[str]:
+    """Components of a client-supplied path (an archive member or a file name); ValueError
+    saying why for anything that could escape: empty, NUL, backslash, absolute, '..' or '.'."""
+    if not name or "\x00" in name or "\\" in name:
+        raise ValueError("empty name, NUL or backslash")
+    if name.startswith("/") or _DRIVE_RE.match(name):
+        raise ValueError("absolute path")
+    while name.startswith("./"):
+        name = name[2:]
+    name = name.rstrip("/")
+    if name in ("", "."):
+        return []
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError("'..', '.' or empty path component")
+    return parts
+
+
+def _kept_file_name(filename: object) -> str | None:
+    """An uploaded file's name when the allow-list names it; None (dropped) for another safe
+    name; a 400 for an unsafe one, which refuses the whole upload."""
+    if not isinstance(filename, str):
+        raise StoreError(400, "files", f"unexpected file {type(filename).__name__}")
     # ALLOWED_FILES are plain names, but never trust an allow-list to stay that way.
-    if "/" in filename or "\\" in filename or "\x00" in filename or filename in (".", ".."):
-        raise StoreError(400, param, f"unexpected file name {_show(filename)}")
-    return filename
+    if filename in ALLOWED_FILES and "/" not in filename and "\\" not in filename:
+        return filename
+    try:
+        parts = _path_parts(filename)
+    except ValueError as e:
+        raise StoreError(400, "files", f"unexpected file name {_show(filename)}: {e}") from None
+    if not parts:
+        raise StoreError(400, "files", f"unexpected file name {_show(filename)}: not a file")
+    return None
+
+
+def _settle_kept(kept: Iterable[str], ignored: list[str], param: str) -> list[str]:
+    """Refuse pickle weights without safetensors, or no adapter file at all; -> `ignored`."""
+    kept = set(kept)
+    pickles = pickle_only(kept, ignored)
+    if pickles:
+        raise StoreError(400, param, pickle_only_message(pickles))
+    if not kept:
+        dropped = f"; got only {shown_names(ignored)}" if ignored else ""
+        raise StoreError(
+            400, param, f"no adapter files: expected files named {sorted(ALLOWED_FILES)}{dropped}"
+        )
+    return [name[:200] for name in ignored]
 
 
 def _write_capped(
@@ -146,9 +186,13 @@ class _CappedReader(io.RawIOBase):
 
 
 class _Extractor:
-    """Checks archive members one by one and writes accepted files to `staging/<basename>`.
+    """Checks an archive's members, settles where the adapter's files are, then writes those.
 
-    Layout: all files at the top level, or all inside exactly one top-level folder.
+    First every member is checked (`count`, `check_directory`, `check_file`): a name that could
+    escape refuses the whole archive. `settle` then places the adapter: its files are the
+    allow-listed names at the top level, else inside the one top-level folder that holds some
+    (several such folders: 400). Then `wanted` says which members to write (`file`, to
+    `staging/<basename>`); every other file is dropped, unread, and listed in `ignored`.
     """
 
     def __init__(self, staging: Path, max_bytes: int, max_members: int):
@@ -158,8 +202,11 @@ class _Extractor:
         self.max_bytes = max_bytes
         self.max_members = max_members
         self.members = 0
-        self.folder: str | None = None  # "" = flat layout, else the one top-level folder
-        self.seen: set[str] = set()
+        self.top_level = False  # some allow-listed name at the top level
+        self.folders: set[str] = set()  # top-level folders holding some allow-listed name
+        self.location: str | None = None  # after settle(): "" = top level, else the folder
+        self.kept: set[str] = set()
+        self.ignored: list[str] = []
 
     @staticmethod
     def refuse(member: str, why: str) -> StoreError:
@@ -179,58 +226,101 @@ class _Extractor:
 
     def parts(self, member: str) -> list[str]:
         """Path components of a member name, or a 400 for anything that could escape."""
-        if not member or "\x00" in member or "\\" in member:
-            raise self.refuse(member, "empty name, NUL or backslash")
-        if member.startswith("/") or _DRIVE_RE.match(member):
-            raise self.refuse(member, "absolute path")
-        name = member
-        while name.startswith("./"):
-            name = name[2:]
-        name = name.rstrip("/")
-        if name in ("", "."):
-            return []
-        parts = name.split("/")
-        for part in parts:
-            if part in ("", ".", ".."):
-                raise self.refuse(member, "'..', '.' or empty path component")
-        return parts
+        try:
+            return _path_parts(member)
+        except ValueError as e:
+            raise self.refuse(member, str(e)) from None
 
-    def directory(self, member: str) -> None:
-        parts = self.parts(member)
-        if not parts:
-            return
-        if len(parts) > 1:
-            raise self.refuse(member, "nested folders")
-        self._layout(member, parts[0])
+    def check_directory(self, member: str) -> None:
+        self.parts(member)  # folders decide nothing, but their names must be safe too
 
-    def _layout(self, member: str, folder: str) -> None:
-        if self.folder is None:
-            self.folder = folder
-        elif self.folder != folder:
-            raise self.refuse(member, "files at more than one level or in several folders")
-
-    def file(self, member: str, stream: BinaryIO) -> None:
+    def check_file(self, member: str) -> None:
         parts = self.parts(member)
         if not parts:
             raise self.refuse(member, "not a file name")
-        if len(parts) > 2:
-            raise self.refuse(member, "nested folders")
-        self._layout(member, parts[0] if len(parts) == 2 else "")
-        base = parts[-1]
-        if base not in ALLOWED_FILES:
-            raise self.refuse(member, "file name not allowed (weights as safetensors only)")
-        if base in self.seen:
+        if len(parts) == 1 and parts[0] in ALLOWED_FILES:
+            self.top_level = True
+        elif len(parts) == 2 and parts[1] in ALLOWED_FILES:
+            self.folders.add(parts[0])
+
+    def settle(self) -> None:
+        if not self.top_level and len(self.folders) > 1:
+            raise StoreError(
+                400,
+                "archive",
+                f"adapter files in several top-level folders {shown_names(sorted(self.folders))}"
+                ": expected them at the top level or inside one folder",
+            )
+        self.location = "" if self.top_level else next(iter(self.folders), None)
+
+    def wanted(self, member: str) -> bool:
+        """Whether `member` (a checked file) is one of the adapter's files; else it is dropped."""
+        parts = self.parts(member)
+        place = "" if len(parts) == 1 else parts[0]
+        keep = len(parts) <= 2 and parts[-1] in ALLOWED_FILES and place == self.location
+        if not keep:
+            self.ignored.append(member)
+        return keep
+
+    def file(self, member: str, stream: BinaryIO) -> None:
+        base = self.parts(member)[-1]
+        if base in self.kept:
             raise self.refuse(member, "duplicate file")
-        self.seen.add(base)
+        self.kept.add(base)
         target = self.staging / base
         real = target.resolve()
         if real.parent != self.real_staging or not real.is_relative_to(self.real_staging):
             raise self.refuse(member, "resolves outside the upload")
         _write_capped(target, stream, self.budget, "archive", "archive contents", self.max_bytes)
 
-    def finish(self) -> None:
-        if not self.seen:
-            raise StoreError(400, "archive", "archive holds no adapter files")
+    def finish(self) -> list[str]:
+        return _settle_kept(self.kept, self.ignored, "archive")
+
+
+def _check_zip_member(info: zipfile.ZipInfo, extractor: _Extractor) -> bool:
+    """Refuse links, special files, encryption and unsafe names; -> whether it is a file."""
+    extractor.count()
+    fmt = stat.S_IFMT((info.external_attr >> 16) & 0xFFFF)
+    if fmt == stat.S_IFLNK:
+        raise extractor.refuse(info.filename, "symbolic link")
+    if fmt not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise extractor.refuse(info.filename, "not a regular file")
+    if info.flag_bits & 0x1:
+        raise extractor.refuse(info.filename, "encrypted")
+    if info.is_dir() or fmt == stat.S_IFDIR:
+        if info.file_size:
+            raise extractor.refuse(info.filename, "folder with content")
+        extractor.check_directory(info.filename)
+        return False
+    extractor.check_file(info.filename)
+    return True
+
+
+def _check_tar_member(member: tarfile.TarInfo, extractor: _Extractor) -> None:
+    """Refuse links, devices, fifos, sparse files and unsafe names."""
+    extractor.count()
+    if member.issym() or member.islnk():
+        raise extractor.refuse(member.name, "link")
+    if member.isdir():
+        extractor.check_directory(member.name)
+    elif not member.isreg() or member.sparse is not None:
+        raise extractor.refuse(member.name, "device, fifo or special file")
+    else:
+        extractor.check_file(member.name)
+
+
+def _tar_members(
+    archive: Path, extractor: _Extractor
+) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+    """The members of a .tar.gz, read as a stream through a capped reader, so that neither
+    member data (dropped members are decompressed to be skipped) nor pax headers can expand
+    past the limit before we notice."""
+    overhead = (extractor.max_members + 4) * 2048 + tarfile.RECORDSIZE
+    with gzip.open(archive, "rb") as gz:
+        capped = _CappedReader(gz, extractor.max_bytes + overhead)
+        with tarfile.open(fileobj=capped, mode="r|") as tf:
+            while (member := tf.next()) is not None:
+                yield member, tf
 
 
 class AdapterStore:
@@ -303,25 +393,30 @@ class AdapterStore:
             raise
 
     # ---- uploads --------------------------------------------------------------------------
-    def add_files(self, staging: Path, files: Iterable[tuple[str, BinaryIO]]) -> None:
-        """Store uploaded files under their own (bare, allow-listed) names; cap total bytes."""
+    def add_files(self, staging: Path, files: Iterable[tuple[str, BinaryIO]]) -> list[str]:
+        """Store the uploaded files that the allow-list names (bare names, total bytes capped);
+        other safe names are dropped, unread and unwritten. Returns the dropped names."""
         staging = self._own_staging(staging)
         with self._cleanup_on_error(staging):
             budget = [self.max_upload_bytes]
-            seen: set[str] = set()
+            kept: set[str] = set()
+            ignored: list[str] = []
             for filename, stream in files:
-                _check_bare_filename(filename, "files")
-                if filename in seen:
-                    raise StoreError(400, "files", f"duplicate file {_show(filename)}")
-                seen.add(filename)
+                name = _kept_file_name(filename)
+                if name is None:
+                    ignored.append(filename)
+                    continue
+                if name in kept:
+                    raise StoreError(400, "files", f"duplicate file {_show(name)}")
+                kept.add(name)
                 _write_capped(
-                    staging / filename, stream, budget, "files", "upload", self.max_upload_bytes
+                    staging / name, stream, budget, "files", "upload", self.max_upload_bytes
                 )
-            if not seen:
-                raise StoreError(400, "files", "no files uploaded: expected adapter files")
+            return _settle_kept(kept, ignored, "files")
 
-    def add_archive(self, staging: Path, filename: str, stream: BinaryIO) -> None:
-        """Unpack one .zip / .tar.gz / .tgz archive into `staging` after checking every member."""
+    def add_archive(self, staging: Path, filename: str, stream: BinaryIO) -> list[str]:
+        """Unpack one .zip / .tar.gz / .tgz archive into `staging` after checking every member.
+        Returns the members dropped (files outside the adapter's allow-listed ones)."""
         staging = self._own_staging(staging)
         with self._cleanup_on_error(staging):
             lower = filename.lower() if isinstance(filename, str) else ""
@@ -346,7 +441,7 @@ class AdapterStore:
                     self._unzip(archive, extractor)
                 else:
                     self._untar(archive, extractor)
-                extractor.finish()
+                return extractor.finish()
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     archive.unlink()
@@ -358,7 +453,10 @@ class AdapterStore:
                 if len(infos) > extractor.max_members:
                     extractor.members = len(infos) - 1
                     extractor.count()
-                declared = sum(info.file_size for info in infos)
+                files = [info for info in infos if _check_zip_member(info, extractor)]
+                extractor.settle()
+                wanted = [info for info in files if extractor.wanted(info.filename)]
+                declared = sum(info.file_size for info in wanted)  # dropped ones stay compressed
                 if declared > extractor.max_bytes:
                     raise StoreError(
                         413,
@@ -366,22 +464,7 @@ class AdapterStore:
                         f"archive expands to {declared} bytes: expected at most "
                         f"{extractor.max_bytes}",
                     )
-                for info in infos:
-                    extractor.count()
-                    mode = (info.external_attr >> 16) & 0xFFFF
-                    fmt = stat.S_IFMT(mode)
-                    if fmt == stat.S_IFLNK:
-                        raise extractor.refuse(info.filename, "symbolic link")
-                    if fmt not in (0, stat.S_IFREG, stat.S_IFDIR):
-                        raise extractor.refuse(info.filename, "not a regular file")
-                    if info.flag_bits & 0x1:
-                        raise extractor.refuse(info.filename, "encrypted")
-                    if info.is_dir() or fmt == stat.S_IFDIR:
-                        if info.file_size:
-                            raise extractor.refuse(info.filename, "folder with content")
-                        extractor.directory(info.filename)
-                        continue
-                    extractor.parts(info.filename)  # name checks before decompressing
+                for info in wanted:
                     with zf.open(info) as member:
                         extractor.file(info.filename, member)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError):
@@ -390,38 +473,25 @@ class AdapterStore:
             raise StoreError(400, "archive", "unsupported zip compression method") from None
 
     def _untar(self, archive: Path, extractor: _Extractor) -> None:
-        # Decompress through a capped reader and read the tar as a stream, so neither member
-        # data nor pax headers can expand past the limit before we notice.
-        overhead = (extractor.max_members + 4) * 2048 + tarfile.RECORDSIZE
+        """Two passes over the stream: check every member and settle the layout, then write the
+        wanted ones (a tar.gz has no index; both passes are capped, see _tar_members)."""
         try:
-            with gzip.open(archive, "rb") as gz:
-                capped = _CappedReader(gz, extractor.max_bytes + overhead)
-                with tarfile.open(fileobj=capped, mode="r|") as tf:
-                    while True:
-                        member = tf.next()
-                        if member is None:
-                            break
-                        extractor.count()
-                        name = member.name
-                        if member.issym() or member.islnk():
-                            raise extractor.refuse(name, "link")
-                        if member.isdir():
-                            extractor.directory(name)
-                            continue
-                        if not member.isreg() or member.sparse is not None:
-                            raise extractor.refuse(name, "device, fifo or special file")
-                        extractor.parts(name)
-                        if member.size > extractor.budget[0]:
-                            raise StoreError(
-                                413,
-                                "archive",
-                                f"archive contents too large: expected at most "
-                                f"{extractor.max_bytes} bytes",
-                            )
-                        data = tf.extractfile(member)
-                        if data is None:  # pragma: no cover - isreg() members always have data
-                            raise extractor.refuse(name, "no data")
-                        extractor.file(name, data)
+            for member, _ in _tar_members(archive, extractor):
+                _check_tar_member(member, extractor)
+            extractor.settle()
+            for member, tf in _tar_members(archive, extractor):
+                if member.isreg() and extractor.wanted(member.name):
+                    if member.size > extractor.budget[0]:
+                        raise StoreError(
+                            413,
+                            "archive",
+                            f"archive contents too large: expected at most "
+                            f"{extractor.max_bytes} bytes",
+                        )
+                    data = tf.extractfile(member)
+                    if data is None:  # pragma: no cover - isreg() members always have data
+                        raise extractor.refuse(member.name, "no data")
+                    extractor.file(member.name, data)
         except (tarfile.TarError, gzip.BadGzipFile, zlib.error, EOFError):
             raise StoreError(400, "archive", "unreadable .tar.gz archive") from None
 

@@ -432,6 +432,16 @@ class AdapterCard(BaseModel):
     created: int
 
 
+class AdapterUploadCard(AdapterCard):
+    """POST /v1/adapters: the card of the adapter now served, and the files left out of it."""
+
+    ignored_files: list[str] = Field(
+        default_factory=list,
+        description="uploaded files (or archive members) outside the allow-list "
+        "(adapter_config.json, adapter_model.safetensors, README.md): dropped, never stored",
+    )
+
+
 class AdapterList(BaseModel):
     object: Literal["list"] = "list"
     data: list[AdapterCard]

@@ -1,7 +1,12 @@
 """Read an adapter directory (config + safetensors only) into a validated AdapterSpec.
 
-Order of checks: file names (allow-list, no links) -> adapter_config.json (a JSON object with a
-supported peft_type) -> the safetensors header (cheap, before any large allocation) -> the
+Order of checks: file names (the allow-listed files must be plain files, never links; every
+other entry, such as a hub download's tokenizer.json, training_args.bin or checkpoint-100/, is
+ignored without being opened, in one log line; pickle weights alone are refused) ->
+adapter_config.json (a JSON object nested
+at most 64 deep with a supported peft_type; every regex in it bounded and RE2-compatible,
+adapters.formats.patterns) -> the safetensors header (its length and tensor count capped before
+it is read and parsed, then every entry checked, all before any large allocation) -> the
 tensors, through the safetensors library only (never pickle) -> the format's own checks
 (shapes against the base fingerprint, rank, finiteness, unsupported options).
 `base_model_name_or_path`, `auto_map`, `auto_mapping` and any other path or code named in the
@@ -10,24 +15,48 @@ config are never read or followed.
 
 from __future__ import annotations
 
-import json
+import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from adapters.formats import bottleneck, ia3, peft_lora, prefix, prompt
-from adapters.spec import AdapterFormatError, AdapterSpec, BaseFingerprint
+from adapters.formats.bounded_json import parse_json
+from adapters.formats.patterns import check_config_patterns
+from adapters.spec import TARGETS, AdapterFormatError, AdapterSpec, BaseFingerprint
 
-__all__ = ["ALLOWED_FILES", "PARSERS", "load_adapter", "read_safetensors"]
+__all__ = [
+    "ALLOWED_FILES",
+    "PARSERS",
+    "load_adapter",
+    "pickle_only",
+    "pickle_only_message",
+    "read_safetensors",
+    "shown_names",
+]
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ALLOWED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, "README.md"})
+# Names of files torch.load would read: never opened; named when they are the only weights.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_SHOWN_NAMES = 8
 MAX_CONFIG_BYTES = 1 << 20
-MAX_HEADER_BYTES = 100 * (1 << 20)
+# A header entry is ~130 bytes; the largest real adapter, a LoRA on all 7 projections of an
+# 80-layer model, has 80 * 7 * 2 = 1,120 entries (~150 KB). 4 MiB is far above that, and caps
+# what json.loads parses before the entries are counted (a 20 MB header of 300k zero-size
+# tensors took 7-8 s to refuse and stalled a concurrent stream for 2 s).
+MAX_HEADER_BYTES = 4 << 20
+# Tensors per projection any format stores (LoRA A/B, bottleneck down/up; IA3 has one, prefix and
+# prompt tuning one in all), and slack. The tensor cap is derived from the base (max_tensors)
+# rather than fixed, so that it stays exact for small and large models alike.
+TENSORS_PER_PROJECTION = 2
+TENSOR_SLACK = 8
 MAX_WEIGHTS_BYTES = 4 << 30
 
 Parser = Callable[[Mapping, Mapping[str, torch.Tensor], str, BaseFingerprint, int], AdapterSpec]
@@ -47,37 +76,74 @@ def load_adapter(
 ) -> AdapterSpec:
     """Parse and validate the adapter in `directory`; AdapterFormatError names what to fix."""
     directory = Path(directory)
-    check_files(directory)
+    ignored = check_files(directory)
+    if ignored:
+        log.info("adapter %r: ignoring %d entries outside the allow-list %s: %s", name,
+                 len(ignored), sorted(ALLOWED_FILES), shown_names(ignored))  # fmt: skip
     config = read_config(directory / CONFIG_FILE)
     parser = parser_for(config)
-    tensors = read_safetensors(directory / WEIGHTS_FILE)
+    check_config_patterns(config)
+    tensors = read_safetensors(directory / WEIGHTS_FILE, max_tensors(fingerprint))
     return parser(config, tensors, name, fingerprint, max_rank)
 
 
-def check_files(directory: Path) -> None:
-    """Only allow-listed plain files; both required files present."""
+def check_files(directory: Path) -> list[str]:
+    """The allow-listed files are plain files (never links) and both required ones are there.
+    Returns every other entry (folders end in "/"), ignored: never opened, never followed."""
     if not directory.is_dir():
         raise AdapterFormatError("directory", "expected an adapter directory, got none")
+    ignored = []
     for entry in sorted(directory.iterdir(), key=lambda p: p.name):
-        if entry.name not in ALLOWED_FILES or entry.is_symlink() or not entry.is_file():
+        if entry.name not in ALLOWED_FILES:
+            folder = entry.is_dir() and not entry.is_symlink()
+            ignored.append(entry.name + ("/" if folder else ""))
+        elif entry.is_symlink() or not entry.is_file():
             raise AdapterFormatError(
                 entry.name,
-                f"unexpected file {entry.name!r}: expected only plain files named "
-                f"{sorted(ALLOWED_FILES)} (weights as safetensors, never pickle .bin/.pt)",
+                f"{entry.name}: expected a plain file, got a link, folder or special file",
             )
+    kept = {name for name in ALLOWED_FILES if (directory / name).is_file()}
+    pickles = pickle_only(kept, ignored)
+    if pickles:
+        raise AdapterFormatError(WEIGHTS_FILE, pickle_only_message(pickles))
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / required).is_file():
             raise AdapterFormatError(required, f"missing {required}: expected it in the adapter")
+    return ignored
+
+
+def pickle_only(kept: Collection[str], ignored: Iterable[str]) -> list[str]:
+    """The pickle files among `ignored` when the files `kept` hold no safetensors weights."""
+    if WEIGHTS_FILE in kept:
+        return []
+    return [name for name in ignored if name.lower().endswith(PICKLE_SUFFIXES)]
+
+
+def pickle_only_message(pickles: list[str]) -> str:
+    return (
+        f"missing {WEIGHTS_FILE}: got only pickle weights {shown_names(pickles)}, which are "
+        "never read (weights as safetensors, never pickle .bin/.pt); convert them once, "
+        f"offline, to {WEIGHTS_FILE} (the README shows how)"
+    )
+
+
+def shown_names(names: list[str]) -> str:
+    """Names for a message or a log line: the first MAX_SHOWN_NAMES, each truncated."""
+    shown = [name[:80] + ("..." if len(name) > 80 else "") for name in names[:MAX_SHOWN_NAMES]]
+    more = len(names) - MAX_SHOWN_NAMES
+    return repr(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def max_tensors(fingerprint: BaseFingerprint) -> int:
+    """The most tensor entries an adapter for this base may hold (see TENSORS_PER_PROJECTION)."""
+    return fingerprint.num_layers * len(TARGETS) * TENSORS_PER_PROJECTION + TENSOR_SLACK
 
 
 def read_config(path: Path) -> dict:
-    """adapter_config.json as a dict (size-capped, must be a JSON object)."""
+    """adapter_config.json as a dict (size- and depth-capped, must be a JSON object)."""
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterFormatError(CONFIG_FILE, f"expected at most {MAX_CONFIG_BYTES} bytes")
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise AdapterFormatError(CONFIG_FILE, f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    config = parse_json(path.read_bytes(), CONFIG_FILE, CONFIG_FILE)
     if not isinstance(config, dict):
         raise AdapterFormatError(
             CONFIG_FILE, f"expected a JSON object, got {type(config).__name__}"
@@ -94,33 +160,42 @@ def parser_for(config: Mapping) -> Parser:
     return PARSERS[peft_type.upper()]
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, max_tensors: int) -> dict[str, torch.Tensor]:
     """Validate the header against the file size, then load through the safetensors library."""
-    check_safetensors_header(path)
+    check_safetensors_header(path, max_tensors)
     try:
         return safetensors.torch.load_file(str(path), device="cpu")
     except Exception as e:  # the library's own refusals (SafetensorError and friends)
         raise AdapterFormatError(WEIGHTS_FILE, f"unreadable safetensors: {e}") from None
 
 
-def check_safetensors_header(path: Path) -> None:
-    """Refuse a lying header (SECURITY row 3) reading only the header itself."""
+def check_safetensors_header(path: Path, max_tensors: int) -> None:
+    """Refuse a lying header (SECURITY row 3) reading only the header itself: its length is
+    checked before it is read, its nesting before it is parsed, its tensor count before the
+    entries are."""
     size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise _header_error(f"expected at least 8 bytes, got {len(prefix)}")
         header_len = int.from_bytes(prefix, "little")
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
-            limit = min(MAX_HEADER_BYTES, size - 8)
-            raise _header_error(f"expected a header length <= {limit}, got {header_len}")
+        if header_len > MAX_HEADER_BYTES:
+            raise _header_error(
+                f"expected a header length <= {MAX_HEADER_BYTES} bytes (far above any real "
+                f"adapter's), got {header_len}"
+            )
+        if header_len > size - 8:
+            raise _header_error(f"expected a header length <= {size - 8}, got {header_len}")
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise _header_error("the header is not valid JSON") from None
+    header = parse_json(raw, WEIGHTS_FILE, "invalid safetensors header")
     if not isinstance(header, dict):
         raise _header_error(f"expected a JSON object header, got {type(header).__name__}")
+    count = len(header) - ("__metadata__" in header)
+    if count > max_tensors:
+        raise _header_error(
+            f"expected at most {max_tensors} tensors for this base model "
+            f"({TENSORS_PER_PROJECTION} per projection and layer, {TENSOR_SLACK} more), got {count}"
+        )
     check_header_entries(header, size - 8 - header_len)
 
 

@@ -4,7 +4,8 @@ Read from AGI-Edgerunners/LLM-Adapters, peft/src/peft/tuners/bottleneck.py and
 peft/src/peft/utils/save_and_load.py:
 - BottleneckConfig fields: bottleneck_size (256), non_linearity ("tanh", a key of
   transformers' ACT2FN), adapter_dropout (training only), target_modules (list: module names
-  ending with one; str: re.fullmatch), use_parallel_adapter (False), scaling (float, or
+  ending with one; str: re.fullmatch; here the weights name their modules, and a str is only
+  checked, adapters.formats.patterns), use_parallel_adapter (False), scaling (float, or
   "learned" = an extra nn.Parameter `adapter_scaling`), bias ("none"|"all"|"adapter_only"),
   init_weights (init only), modules_to_save. finetune.py also passes use_adapterp, which only
   selects the targets; placement still follows the target (below), so it needs no handling.

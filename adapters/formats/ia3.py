@@ -1,7 +1,8 @@
 """PEFT IA3 (peft_type IA3): one learned vector `ia3_l` per targeted linear.
 
 From peft 0.21 (tuners/ia3/layer.py, model.py): a module in `feedforward_modules` (list: the
-module name ends with one; str: re.fullmatch) scales its input, ia3_l (1, in), y = W(l * x);
+module name ends with one; str: re.fullmatch, here with RE2 under the bounds of
+adapters.formats.patterns) scales its input, ia3_l (1, in), y = W(l * x);
 any other target scales its output, ia3_l (out, 1), y = l * (W x). For Llama PEFT targets
 k_proj, v_proj (output) and down_proj (feedforward, input). Flat (features,) vectors are
 accepted too.
@@ -10,11 +11,12 @@ accepted too.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 import torch
 
+from adapters.formats.patterns import MAX_PATTERN_KEYS, compile_pattern
 from adapters.spec import (
     TARGETS,
     AdapterFormatError,
@@ -42,9 +44,7 @@ def parse(
     max_rank: int,
 ) -> AdapterSpec:
     refuse_options(config, UNSUPPORTED)
-    feedforward = config.get("feedforward_modules")
-    if feedforward is None:  # PEFT's Llama default
-        feedforward = ["down_proj"]
+    is_feedforward = feedforward_rule(config.get("feedforward_modules"))
     modules = {}
     for key in sorted(tensors):
         module_key = parse_module_key(key, fingerprint)
@@ -52,7 +52,7 @@ def parse(
             raise AdapterFormatError(
                 key, f"tensor {key!r}: expected only ia3_l vectors of q..down projections"
             )
-        is_input = is_feedforward(feedforward, module_key.module)
+        is_input = is_feedforward(module_key.module)
         in_features, out_features = fingerprint.in_out(module_key.target)
         tensor = tensors[key]
         shape = (1, in_features) if is_input else (out_features, 1)
@@ -71,18 +71,22 @@ def parse(
     )
 
 
-def is_feedforward(feedforward: object, module: str) -> bool:
-    """Mirror of peft's IA3Model._check_target_module_feedforward."""
+def feedforward_rule(feedforward: object) -> Callable[[str], bool]:
+    """Mirror of peft's IA3Model._check_target_module_feedforward, as a test of a module name."""
+    if feedforward is None:  # PEFT's Llama default
+        feedforward = ["down_proj"]
     if isinstance(feedforward, str):
-        try:
-            return re.fullmatch(feedforward, module) is not None
-        except re.error as e:
-            raise AdapterFormatError(
-                "feedforward_modules", f"feedforward_modules: invalid pattern: {e}"
-            ) from None
+        regex = compile_pattern("feedforward_modules", feedforward)
+        return lambda module: regex.fullmatch(module) is not None
     if not isinstance(feedforward, list) or not all(isinstance(f, str) for f in feedforward):
         raise AdapterFormatError(
             "feedforward_modules",
-            f"feedforward_modules: expected a list of names or a regex, got {feedforward!r}",
+            f"feedforward_modules: expected a list of names or a regex, got {feedforward!r:.80}",
         )
-    return any(module.endswith(f) for f in feedforward)
+    if len(feedforward) > MAX_PATTERN_KEYS:  # each name is tried on every module
+        raise AdapterFormatError(
+            "feedforward_modules",
+            f"feedforward_modules: expected at most {MAX_PATTERN_KEYS} names, "
+            f"got {len(feedforward)}",
+        )
+    return lambda module: any(module.endswith(f) for f in feedforward)

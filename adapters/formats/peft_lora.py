@@ -3,7 +3,8 @@
 scaling = alpha / r, or alpha / sqrt(r) with use_rslora, where r and alpha are the module's own
 values from rank_pattern / alpha_pattern (else `r` / `lora_alpha`). Pattern keys are regexes
 matched against the end of the module name, as peft.utils.other.get_pattern_key does (peft
-0.21): the first key with re.match(rf"(.*\\.)?({key})$", module_name) wins.
+0.21): the first key with re.match(rf"(.*\\.)?({key})$", module_name) wins. They are matched
+with RE2 under the bounds of adapters.formats.patterns, never with Python's backtracking `re`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from types import MappingProxyType
 
 import torch
 
+from adapters.formats.patterns import first_match, pattern_table
 from adapters.spec import (
     TARGETS,
     AdapterFormatError,
@@ -55,16 +57,16 @@ def parse(
     check_options(config)
     r = check_rank("r", config.get("r", 8), max_rank)
     alpha = check_number("lora_alpha", config.get("lora_alpha", 8))
-    rank_pattern = patterns(config, "rank_pattern", lambda p, v: check_rank(p, v, max_rank))
-    alpha_pattern = patterns(config, "alpha_pattern", check_number)
+    rank_pattern = pattern_table(config, "rank_pattern", lambda p, v: check_rank(p, v, max_rank))
+    alpha_pattern = pattern_table(config, "alpha_pattern", check_number)
     modules = {}
     for (layer, target), (module, a_key, b_key) in pair_tensors(tensors, fingerprint).items():
         check_layer(config, layer, a_key)
-        rank = pattern_value(rank_pattern, module, r)
+        rank = first_match(rank_pattern, module, r)
         in_features, out_features = fingerprint.in_out(target)
         a = check_tensor(a_key, tensors[a_key], (rank, in_features))
         b = check_tensor(b_key, tensors[b_key], (out_features, rank))
-        module_alpha = pattern_value(alpha_pattern, module, alpha)
+        module_alpha = first_match(alpha_pattern, module, alpha)
         scaling = module_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         modules[layer, target] = LoraWeights(a=a, b=b, scaling=scaling)
     return AdapterSpec(
@@ -92,29 +94,6 @@ def check_options(config: Mapping) -> None:
                 "target_modules: expected only q/k/v/o/gate/up/down projections "
                 f"(embedding and lm_head targets are not served), got {target!r}",
             )
-
-
-def patterns(config: Mapping, field: str, check) -> dict[str, float]:
-    """rank_pattern / alpha_pattern: {regex: value}, each regex compiled and value checked."""
-    table = config.get(field) or {}
-    if not isinstance(table, dict):
-        raise AdapterFormatError(field, f"{field}: expected an object, got {table!r}")
-    checked = {}
-    for key, value in table.items():
-        try:
-            re.compile(key)
-        except re.error as e:
-            raise AdapterFormatError(field, f"{field}: invalid pattern {key!r}: {e}") from None
-        checked[key] = check(field, value)
-    return checked
-
-
-def pattern_value(table: Mapping[str, float], module: str, default: float) -> float:
-    """Mirror of peft.utils.other.get_pattern_key: first key matching the module name's end."""
-    for key, value in table.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def pair_tensors(

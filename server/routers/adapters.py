@@ -5,6 +5,8 @@ Uploads never go through FastAPI's form parameters: RequestGuard (server/guards.
 route a receive that counts bytes and stops at the upload cap (413), the form parser spools
 file parts to anonymous temporary files that are closed on every path, and the store copies them into a staging
 directory of its own (allow-listed names, caps) before the registry validates and commits it.
+Files outside the allow-list (a hub download's tokenizer.json, training_args.bin...) are dropped
+unwritten and listed in the response's `ignored_files`; unsafe names still refuse the upload.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.datastructures import FormData, UploadFile
 
+from adapters.formats import shown_names
 from adapters.registry import AdapterRegistry, Entry, RegistryError
 from adapters.spec import AdapterFormatError
 from adapters.store import StoreError, validate_name
@@ -30,6 +33,7 @@ from server.routers.generation import ERROR_RESPONSES
 from server.schemas import (
     AdapterCard,
     AdapterList,
+    AdapterUploadCard,
     LoadLoraAdapterRequest,
     UnloadLoraAdapterRequest,
 )
@@ -60,7 +64,8 @@ UPLOAD_BODY = {
                         "files": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
-                            "description": "adapter_config.json + adapter_model.safetensors",
+                            "description": "adapter_config.json + adapter_model.safetensors "
+                            "(+ README.md); other files are dropped, see ignored_files",
                         },
                         "archive": {
                             "type": "string",
@@ -170,22 +175,23 @@ def _store_upload(
     files: list[UploadFile],
     archive: UploadFile | None,
     replace: bool,
-) -> Entry:
-    """Stage the uploaded bytes in the store, then validate, commit and serve them."""
+) -> tuple[Entry, list[str]]:
+    """Stage the uploaded bytes in the store, then validate, commit and serve them.
+    Returns the entry and the names the store dropped (outside the allow-list)."""
     store = registry.store
     if store is None:
         raise RegistryError(409, None, "this server has no adapter store")
     with store.stage() as staging:  # removed on exit unless committed (renamed away)
         if archive is not None:
-            store.add_archive(staging, archive.filename or "", archive.file)
+            ignored = store.add_archive(staging, archive.filename or "", archive.file)
         else:
-            store.add_files(staging, [(f.filename or "", f.file) for f in files])
-        return registry.add_upload(staging, name, replace)
+            ignored = store.add_files(staging, [(f.filename or "", f.file) for f in files])
+        return registry.add_upload(staging, name, replace), ignored
 
 
 @router.post(
     "/v1/adapters",
-    response_model=AdapterCard,
+    response_model=AdapterUploadCard,
     status_code=201,
     responses=ADMIN_RESPONSES,
     dependencies=admin,
@@ -197,7 +203,7 @@ async def upload_adapter(
     registry: AdapterRegistry = Depends(get_registry),
     settings: Settings = Depends(get_settings),
     engine: Engine = Depends(get_engine),
-) -> AdapterCard:
+) -> AdapterUploadCard:
     form = await read_upload_form(request)
     try:
         name, files, archive = _form_parts(form)
@@ -205,14 +211,15 @@ async def upload_adapter(
             validate_name(name)  # before the store stages anything
         except StoreError as exc:
             raise adapter_api_error(exc) from None
-        entry = await _run(
+        entry, ignored = await _run(
             registry, settings, _store_upload, registry, name, files, archive, replace
         )
     finally:
         await form.close()
-    log.info("adapter %r uploaded (%s, rank %d, version %d)", entry.name, entry.kind.value,
-             entry.rank, entry.version)  # fmt: skip
-    return adapter_card(entry, engine.model_id)
+    log.info("adapter %r uploaded (%s, rank %d, version %d); ignored files: %s", entry.name,
+             entry.kind.value, entry.rank, entry.version, shown_names(ignored))  # fmt: skip
+    card = adapter_card(entry, engine.model_id)
+    return AdapterUploadCard(**card.model_dump(), ignored_files=ignored)
 
 
 # ---------------------------------------------------------------- list, card, delete

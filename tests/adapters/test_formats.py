@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import io
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -12,7 +15,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from adapters.formats import load_adapter
+import adapters.formats
+from adapters.formats import MAX_HEADER_BYTES, load_adapter, max_tensors
 from adapters.spec import (
     AdapterFormatError,
     AdapterKind,
@@ -283,19 +287,42 @@ def text_config(path: Path, text: str):
     return path
 
 
-def extra_file(name: str):
+PICKLE = b"\x80\x04K\x01."  # pickle.dumps(1): never opened, let alone loaded
+
+
+def pickle_only(name: str):
+    """A LoRA whose weights are only a pickle `name` (no adapter_model.safetensors)."""
+
     def build(path: Path, fp):
         lora_dir(path, fp)
-        (path / name).write_bytes(b"\x80\x04K\x01.")  # a pickle
+        (path / "adapter_model.safetensors").unlink()
+        (path / name).write_bytes(PICKLE)
         return path
 
     return build
 
 
-def with_symlink(path: Path, fp):
-    lora_dir(path, fp)
-    (path / "README.md").symlink_to("/etc/passwd")
-    return path
+def with_symlink(allowed: str, target: str | None = None):
+    """An allow-listed file replaced by a link (to a valid copy of itself, by default)."""
+
+    def build(path: Path, fp):
+        lora_dir(path, fp)
+        (path / "README.md").write_text("a LoRA")
+        real = path.parent / f"real-{allowed}"
+        (path / allowed).rename(real)
+        (path / allowed).symlink_to(target or real)
+        return path
+
+    return build
+
+
+def as_folder(allowed: str):
+    def build(path: Path, fp):
+        lora_dir(path, fp)
+        (path / allowed).mkdir()
+        return path
+
+    return build
 
 
 def without_weights(path: Path, fp):
@@ -326,11 +353,14 @@ NEGATIVE = {
     "config-not-object": (lambda p, fp: text_config(p, "[1, 2]"), "adapter_config.json"),
     "unknown-peft-type": (lambda p, fp: lora_dir(p, fp, peft_type="LOHA"), "peft_type"),
     "missing-peft-type": (lambda p, fp: text_config(p, '{"r": 4}'), "peft_type"),
-    # files
-    "bin-file": (extra_file("adapter_model.bin"), "adapter_model.bin"),
-    "pt-file": (extra_file("weights.pt"), "weights.pt"),
-    "ckpt-file": (extra_file("model.ckpt"), "model.ckpt"),
-    "symlink": (with_symlink, "README.md"),
+    # files: extra files are ignored (test_extra_files_are_ignored_unopened), but not these
+    "pickle-only-bin": (pickle_only("adapter_model.bin"), "adapter_model.safetensors"),
+    "pickle-only-pt": (pickle_only("weights.pt"), "adapter_model.safetensors"),
+    "pickle-only-ckpt": (pickle_only("model.ckpt"), "adapter_model.safetensors"),
+    "symlink-readme": (with_symlink("README.md", "/etc/passwd"), "README.md"),
+    "symlink-config": (with_symlink("adapter_config.json"), "adapter_config.json"),
+    "symlink-weights": (with_symlink("adapter_model.safetensors"), "adapter_model.safetensors"),
+    "readme-folder": (as_folder("README.md"), "README.md"),
     "missing-weights": (without_weights, "adapter_model.safetensors"),
     # safetensors header (SECURITY row 3)
     "header-offsets-past-eof": (
@@ -510,6 +540,197 @@ def test_refusal_messages_say_expected_and_got(tmp_path: Path, fingerprint: Base
     with pytest.raises(AdapterFormatError) as caught:
         load_adapter(lora_dir(tmp_path / "b", fingerprint, r=32), "b", fingerprint, 8)
     assert "expected a rank <= 8" in str(caught.value) and "got 32" in str(caught.value)
+
+
+# --- caps before parsing -----------------------------------------------------------------------
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def zero_size_tensors(count: int) -> dict:
+    return {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(count)}
+
+
+def test_header_of_300k_zero_size_tensors_is_refused_by_its_length(tmp_path, fingerprint):
+    """20 MB of header: refused by MAX_HEADER_BYTES, never parsed (it took 7-8 s before)."""
+    directory = raw_weights(tmp_path / "a", zero_size_tensors(300_000), b"")
+    header_len = (directory / WEIGHTS).stat().st_size - 8
+    assert header_len > 4 * MAX_HEADER_BYTES  # ~20 MB
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    assert caught.value.param == WEIGHTS
+    message = str(caught.value)
+    assert f"expected a header length <= {4 << 20} bytes" in message, message
+    assert f"got {header_len}" in message, message
+
+
+def test_header_over_the_byte_cap_is_refused_unread(tmp_path, fingerprint, monkeypatch):
+    directory = lora_dir(tmp_path / "a", fingerprint)
+    with (directory / WEIGHTS).open("wb") as f:  # a sparse 50 MiB "header" of zeros
+        f.write((50 << 20).to_bytes(8, "little"))
+        f.truncate(8 + (50 << 20))
+    reads = spy_reads(monkeypatch, WEIGHTS)
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    assert caught.value.param == WEIGHTS
+    assert f"<= {MAX_HEADER_BYTES} bytes" in str(caught.value)
+    assert f"got {50 << 20}" in str(caught.value)
+    assert reads and max(reads) <= 8, reads  # the length prefix only
+
+
+def spy_reads(monkeypatch, name: str) -> list[int]:
+    """Sizes of every read() on files called `name` opened through Path.open."""
+    reads: list[int] = []
+    real_open = Path.open
+
+    class Spy:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def read(self, size: int = -1) -> bytes:
+            data = self.handle.read(size)
+            reads.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def spying_open(self, *args, **kwargs):
+        handle = real_open(self, *args, **kwargs)
+        return Spy(handle) if self.name == name else handle
+
+    monkeypatch.setattr(Path, "open", spying_open)
+    return reads
+
+
+def test_tensor_count_is_capped_before_the_entries_are_read(tmp_path, fingerprint, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("header entries checked one by one despite the tensor cap")
+
+    monkeypatch.setattr(adapters.formats, "check_header_entries", never)
+    cap = max_tensors(fingerprint)
+    assert cap == 2 * 7 * 2 + 8  # layers * projections * (A, B) + slack
+    directory = raw_weights(tmp_path / "a", zero_size_tensors(20_000), b"")
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    assert caught.value.param == WEIGHTS
+    assert f"expected at most {cap} tensors for this base model" in str(caught.value)
+    assert "got 20000" in str(caught.value)
+
+
+def nested(depth: int) -> str:
+    """A JSON list nested `depth` deep."""
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("depth,refused", [(63, False), (64, True), (100_000, True)])
+def test_config_nesting_is_capped(tmp_path, fingerprint, depth: int, refused: bool):
+    """The config object is level 1: a field holding `depth` lists is at 1 + depth."""
+    directory = lora_dir(tmp_path / "a", fingerprint)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    text = json.dumps(config)[:-1] + f', "notes": {nested(depth)}}}'
+    (directory / "adapter_config.json").write_text(text)
+    if not refused:
+        assert load_adapter(directory, "a", fingerprint, 8).kind is AdapterKind.LORA
+        return
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    assert caught.value.param == "adapter_config.json"
+    message = str(caught.value)
+    assert f"expected JSON nested at most 64 levels deep, got {depth + 1}" in message, message
+
+
+def test_header_nesting_is_capped(tmp_path, fingerprint):
+    """A valid LoRA whose header metadata is nested 100 deep (level 1 is the header itself)."""
+    directory = lora_dir(tmp_path / "a", fingerprint)
+    data = (directory / WEIGHTS).read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header["__metadata__"] = {"format": json.loads(nested(100))}
+    raw = json.dumps(header).encode()
+    tensor_bytes = data[8 + header_len :]
+    (directory / WEIGHTS).write_bytes(len(raw).to_bytes(8, "little") + raw + tensor_bytes)
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    assert caught.value.param == WEIGHTS
+    assert "expected JSON nested at most 64 levels deep, got 102" in str(caught.value)
+
+
+# --- files outside the allow-list -----------------------------------------------------------
+
+HUB_EXTRAS = {
+    "tokenizer.json": b"{}",
+    "special_tokens_map.json": b"{}",
+    "training_args.bin": PICKLE,
+    "adapter_model.bin": PICKLE,
+    "adapter_model.gguf": b"GGUF",
+}
+
+
+def hub_download(path: Path, fp: BaseFingerprint) -> Path:
+    """A LoRA folder as the hub serves it: tokenizer files, pickles, a checkpoint, a link."""
+    lora_dir(path, fp)
+    for name, data in HUB_EXTRAS.items():
+        (path / name).write_bytes(data)
+    (path / "checkpoint-100").mkdir()
+    (path / "checkpoint-100" / "optimizer.pt").write_bytes(PICKLE)
+    (path / "checkpoint-100" / "adapter_config.json").write_text("not json")
+    (path / "notes.md").symlink_to("/etc/passwd")
+    return path
+
+
+def spy_opened(monkeypatch) -> list[str]:
+    """Names of the files opened through Python's open (pathlib included)."""
+    opened: list[str] = []
+    real_open = io.open
+
+    def spying_open(file, *args, **kwargs):
+        opened.append(Path(os.fsdecode(file)).name if not isinstance(file, int) else "<fd>")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", spying_open)
+    monkeypatch.setattr(builtins, "open", spying_open)
+    return opened
+
+
+def test_extra_files_are_ignored_unopened(tmp_path, fingerprint, monkeypatch, caplog):
+    directory = hub_download(tmp_path / "a", fingerprint)
+    opened = spy_opened(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="adapters.formats"):
+        spec = load_adapter(directory, "hub", fingerprint, 8)
+    assert spec.kind is AdapterKind.LORA and set(spec.modules) == {(0, "q"), (1, "q")}
+    assert opened and set(opened) <= {"adapter_config.json", "adapter_model.safetensors"}
+    ignored = sorted([*HUB_EXTRAS, "checkpoint-100/", "notes.md"])
+    [record] = [r for r in caplog.records if r.name == "adapters.formats"]
+    assert f"'hub': ignoring {len(ignored)} entries outside the allow-list" in record.message
+    assert all(repr(name) in record.message for name in ignored), record.message
+
+
+def test_ignored_names_in_the_log_line_are_truncated(tmp_path, fingerprint, caplog):
+    directory = lora_dir(tmp_path / "a", fingerprint)
+    for i in range(20):
+        (directory / f"{'x' * 150}-{i:02d}.txt").write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="adapters.formats"):
+        load_adapter(directory, "many", fingerprint, 8)
+    [record] = [r for r in caplog.records if r.name == "adapters.formats"]
+    assert "ignoring 20 entries" in record.message and "and 12 more" in record.message
+    assert "-19.txt" not in record.message and len(record.message) < 1200
+
+
+def test_pickle_only_weights_keep_the_conversion_hint(tmp_path, fingerprint, monkeypatch):
+    directory = pickle_only("adapter_model.bin")(tmp_path / "a", fingerprint)
+    (directory / "tokenizer.json").write_bytes(b"{}")
+    opened = spy_opened(monkeypatch)
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(directory, "a", fingerprint, 8)
+    message = str(caught.value)
+    assert caught.value.param == "adapter_model.safetensors"
+    assert "got only pickle weights ['adapter_model.bin']" in message, message
+    assert "never pickle .bin/.pt" in message and "convert them once, offline" in message
+    assert "adapter_model.bin" not in opened
 
 
 def test_no_pickle_reader_is_used(tmp_path: Path, fingerprint, monkeypatch):

@@ -1,4 +1,5 @@
-"""AdapterStore: durable layout, atomic commit/replace, and the upload negative table.
+"""AdapterStore: durable layout, atomic commit/replace, the upload negative table, and files
+outside the allow-list (dropped unwritten, reported).
 
 SECURITY.md rows 1, 2, 6, 7: every refused upload gives the stated status and param, leaves
 nothing outside the store (the whole tmp tree is snapshotted, a sentinel folder beside the
@@ -152,6 +153,13 @@ def pax_bomb() -> bytes:
 
 
 LNK = (stat.S_IFLNK | 0o777) << 16
+# What a hub download holds beside the adapter: dropped, never written.
+EXTRAS = [
+    ("tokenizer.json", b"{}"),
+    ("special_tokens_map.json", b"{}"),
+    ("training_args.bin", b"\x80\x04K\x01."),
+    ("adapter_model.bin", b"\x80\x04K\x01."),
+]
 
 # id -> (action, status, param); action is ("files", {...}) or ("archive", filename, bytes)
 # or ("name", name).
@@ -186,8 +194,17 @@ NEGATIVE = {
         400,
         "archive",
     ),
-    "zip-pickle-bin": (
-        ("archive", "a.zip", zip_bytes([*good_members(), ("adapter_model.bin", b"\x80\x04.")])),
+    "zip-pickle-only-bin": (
+        (
+            "archive",
+            "a.zip",
+            zip_bytes([("adapter_config.json", CONFIG), ("adapter_model.bin", b"\x80\x04.")]),
+        ),
+        400,
+        "archive",
+    ),
+    "zip-extras-then-slip": (
+        ("archive", "a.zip", zip_bytes([*good_members(), *EXTRAS, ("x/../../evil", b"x")])),
         400,
         "archive",
     ),
@@ -206,15 +223,6 @@ NEGATIVE = {
             "archive",
             "a.zip",
             zip_bytes([("a/adapter_config.json", CONFIG), ("b/adapter_model.safetensors", b"")]),
-        ),
-        400,
-        "archive",
-    ),
-    "zip-mixed-levels": (
-        (
-            "archive",
-            "a.zip",
-            zip_bytes([("adapter_config.json", CONFIG), ("b/adapter_model.safetensors", b"")]),
         ),
         400,
         "archive",
@@ -285,9 +293,38 @@ NEGATIVE = {
         400,
         "archive",
     ),
-    "tar-pickle-bin": (
-        ("archive", "a.tar.gz", tar_bytes([*good_members(), ("pytorch_model.bin", b"\x80")])),
+    "tar-pickle-only-bin": (
+        (
+            "archive",
+            "a.tar.gz",
+            tar_bytes([("x/adapter_config.json", CONFIG), ("x/pytorch_model.bin", b"\x80")]),
+        ),
         400,
+        "archive",
+    ),
+    "tar-extras-then-device": (
+        (
+            "archive",
+            "a.tar.gz",
+            tar_bytes([*good_members(), *EXTRAS, ("tokenizer.model", b"", tarfile.CHRTYPE)]),
+        ),
+        400,
+        "archive",
+    ),
+    "tar-extras-then-symlink": (
+        (
+            "archive",
+            "a.tar.gz",
+            tar_bytes(
+                [*EXTRAS, ("notes.md", b"", tarfile.SYMTYPE, "/etc/passwd"), *good_members()]
+            ),
+        ),
+        400,
+        "archive",
+    ),
+    "tar-dropped-bomb": (  # dropped members are decompressed to be skipped: still capped
+        ("archive", "a.tar.gz", tar_bytes([*good_members(), ("optimizer.pt", bytes(1 << 20))])),
+        413,
         "archive",
     ),
     "tar-nested-two-folders": (
@@ -307,11 +344,26 @@ NEGATIVE = {
     "archive-plain-tar-extension": (("archive", "a.tar", b""), 400, "archive"),
     "archive-oversize-upload": (("archive", "a.zip", os.urandom(LIMIT + 1)), 413, "archive"),
     "files-pickle-bin": (("files", {"adapter_model.bin": b"\x80\x04."}), 400, "files"),
+    "files-pickle-only-with-config": (
+        ("files", {"adapter_config.json": CONFIG, "adapter_model.bin": b"\x80\x04."}),
+        400,
+        "files",
+    ),
+    "files-extras-then-traversal": (
+        ("files", {**GOOD, "tokenizer.json": b"{}", "../adapter_config.json": CONFIG}),
+        400,
+        "files",
+    ),
+    "files-extras-then-backslash": (
+        ("files", {**GOOD, "training_args.bin": b"\x80", "x\\README.md": b""}),
+        400,
+        "files",
+    ),
     "files-pickle-pt": (("files", {"adapter.pt": b"\x80\x04."}), 400, "files"),
     "files-ckpt": (("files", {"model.ckpt": b"\x80"}), 400, "files"),
     "files-traversal": (("files", {"../adapter_config.json": CONFIG}), 400, "files"),
     "files-absolute": (("files", {"/tmp/adapter_config.json": CONFIG}), 400, "files"),
-    "files-subfolder": (("files", {"x/adapter_config.json": CONFIG}), 400, "files"),
+    "files-only-a-subfolder": (("files", {"x/adapter_config.json": CONFIG}), 400, "files"),
     "files-nul": (("files", {"adapter_config.json\x00.bin": CONFIG}), 400, "files"),
     "files-none": (("files", {}), 400, "files"),
     "files-oversize": (
@@ -501,3 +553,84 @@ def test_stage_removes_uncommitted_and_failed(layout):
     assert not staging.exists()
     with pytest.raises(ValueError):  # only the store's own staging dirs are accepted
         store.add_files(root / "..", [])
+
+
+# ---- files outside the allow-list ------------------------------------------------------------
+def test_extra_files_are_dropped_unwritten(layout):
+    _, root, _ = layout
+    store = make_store(root)
+    extras = [*EXTRAS, ("x/adapter_config.json", b"{}"), ("./README.md", b"hi")]
+    with store.stage() as staging:
+        uploads = [*GOOD.items(), *extras]
+        ignored = store.add_files(staging, [(name, io.BytesIO(data)) for name, data in uploads])
+        path = store.commit(staging, "hub")
+    assert ignored == [name for name, _ in extras]
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == GOOD
+    assert check_files(path) == []
+    assert store.list()[0].size_bytes == sum(len(v) for v in GOOD.values())
+
+
+CHECKPOINT = [("checkpoint-100/adapter_model.safetensors", b"old"), ("checkpoint-100/x.pt", b"")]
+
+
+@pytest.mark.parametrize(
+    "filename,members,ignored",
+    [
+        (
+            "hub.zip",
+            [("checkpoint-100/", b""), *CHECKPOINT, *good_members(), *EXTRAS],
+            [name for name, _ in [*CHECKPOINT, *EXTRAS]],
+        ),
+        (
+            "hub.zip",
+            [*[(f"hub/{n}", d) for n, d in [*EXTRAS, *CHECKPOINT]], *good_members("hub/")],
+            [f"hub/{n}" for n, _ in [*EXTRAS, *CHECKPOINT]],
+        ),
+        (
+            "hub.tar.gz",
+            [*EXTRAS, ("checkpoint-100/", b""), *CHECKPOINT, *good_members()],
+            [name for name, _ in [*EXTRAS, *CHECKPOINT]],
+        ),
+        (  # a folder with adapter files first: the top level still wins
+            "hub.tgz",
+            [("b/adapter_config.json", b"{}"), *good_members()],
+            ["b/adapter_config.json"],
+        ),
+        (
+            "hub.zip",
+            [*good_members("a/b/"), *good_members("c/")],
+            [f"a/b/{n}" for n in GOOD],
+        ),
+    ],
+    ids=["zip-flat", "zip-folder", "tar-flat", "tgz-top-level-wins", "zip-nested-dropped"],
+)
+def test_archive_extras_are_dropped_unwritten(layout, filename, members, ignored):
+    _, root, _ = layout
+    store = make_store(root)
+    data = zip_bytes(members) if filename.endswith(".zip") else tar_bytes(members)
+    with store.stage() as staging:
+        dropped = store.add_archive(staging, filename, io.BytesIO(data))
+        path = store.commit(staging, "hub")
+    assert dropped == ignored
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == GOOD
+    assert [p.name for p in (root / ".staging").iterdir()] == []
+
+
+def test_dropped_zip_members_are_never_decompressed(layout, monkeypatch):
+    """A dropped member far over the extracted cap (1 MiB of zeros, ~1 KiB compressed) is
+    neither decompressed nor counted; only the adapter's files are opened."""
+    _, root, _ = layout
+    store = make_store(root)
+    data = zip_bytes([*good_members(), ("optimizer.pt", bytes(1 << 20))])
+    assert len(data) < LIMIT < 1 << 20
+    opened: list[str] = []
+    real_open = zipfile.ZipFile.open
+
+    def spying_open(self, member, *args, **kwargs):
+        opened.append(member.filename if isinstance(member, zipfile.ZipInfo) else member)
+        return real_open(self, member, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spying_open)
+    path = upload_archive(store, "hub", "hub.zip", data)
+    assert sorted(opened) == sorted(GOOD)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == GOOD

@@ -198,6 +198,7 @@ def test_upload_files_lists_and_serves_the_adapter(env: Env) -> None:
     assert card["origin"] == "upload" and card["tier"] in ("device", "host", "disk")
     assert card["size_bytes"] > 0 and card["num_virtual_tokens"] == 0
     assert str(env.store) not in response.text and "path" not in card
+    assert card.pop("ignored_files") == []  # peft's folder: config, safetensors, README.md
 
     assert env.http.get("/v1/adapters/lora-a").json() == card
     assert "lora-a" in {a["name"] for a in env.http.get("/v1/adapters").json()["data"]}
@@ -229,6 +230,48 @@ def test_upload_zip_in_a_folder_and_tar_gz_bottleneck(env: Env) -> None:
     base = greedy(env, BASE)
     assert_differs(greedy(env, "lora-zip"), base)
     assert_differs(greedy(env, "series-bn"), base)
+
+
+def test_upload_drops_files_outside_the_allow_list(env: Env) -> None:
+    folder = peft_lora(env.work / "hub", seed=13)  # adapter_config.json, safetensors, README.md
+    response = upload(env, "hub", [*folder_files(folder), *HUB_EXTRAS])
+    assert response.status_code == 201, response.text
+    assert response.json()["ignored_files"] == [name for _, (name, _) in HUB_EXTRAS]
+    stored = {p.name: p.read_bytes() for p in (env.store / "hub").iterdir()}
+    assert stored == {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert "ignored_files" not in env.http.get("/v1/adapters/hub").json()
+    assert_differs(greedy(env, "hub"), greedy(env, BASE))
+
+
+def test_upload_archive_drops_a_checkpoint_folder(env: Env) -> None:
+    folder = peft_lora(env.work / "hub-zip", seed=14)
+    members = {f"hub/{p.name}": p.read_bytes() for p in sorted(folder.iterdir())}
+    extras = {
+        "hub/tokenizer.json": b"{}",
+        "hub/checkpoint-100/adapter_model.safetensors": b"not read",
+        "hub/checkpoint-100/optimizer.pt": b"\x80\x04K\x01.",
+    }
+    response = upload(env, "hub-zip", [("archive", ("hub.zip", zip_of({**members, **extras})))])
+    assert response.status_code == 201, response.text
+    assert response.json()["ignored_files"] == list(extras)
+    assert sorted(p.name for p in (env.store / "hub-zip").iterdir()) == sorted(
+        p.name for p in folder.iterdir()
+    )
+    assert_differs(greedy(env, "hub-zip"), greedy(env, BASE))
+
+
+def test_vllm_load_of_a_hub_folder_ignores_the_extras(env: Env) -> None:
+    folder = peft_lora(env.roots / "hubroot", seed=15)
+    for _, (name, data) in HUB_EXTRAS:
+        (folder / name).write_bytes(data)
+    (folder / "checkpoint-100").mkdir()
+    (folder / "checkpoint-100" / "optimizer.pt").write_bytes(b"\x80\x04K\x01.")
+    body = {"lora_name": "vllm-hub", "lora_path": str(folder)}
+    response = env.http.post("/v1/load_lora_adapter", json=body, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    assert_differs(greedy(env, "vllm-hub"), greedy(env, BASE))
+    unload = {"lora_name": "vllm-hub"}
+    assert env.http.post("/v1/unload_lora_adapter", json=unload, headers=ADMIN).status_code == 200
 
 
 def test_replace_serves_the_new_weights(env: Env) -> None:
@@ -376,6 +419,19 @@ def good_members(env: Env) -> dict[str, bytes]:
     return {name: data for _, (name, data) in good_files(env)}
 
 
+def config_only(env: Env) -> list:
+    return [f for f in good_files(env) if f[1][0] == "adapter_config.json"]
+
+
+# What a hub download holds beside the adapter.
+HUB_EXTRAS = [
+    ("files", ("tokenizer.json", b"{}")),
+    ("files", ("special_tokens_map.json", b"{}")),
+    ("files", ("training_args.bin", b"\x80\x04K\x01.")),
+    ("files", ("adapter_model.bin", b"\x80\x04K\x01.")),
+]
+
+
 def send_upload(name: str, files: Callable[[Env], list]) -> Callable[[Env], httpx.Response]:
     return lambda env: upload(env, name, files(env))
 
@@ -476,19 +532,44 @@ NEGATIVE = [
         "archive",
     ),  # fmt: skip
     Row(
-        "pickle-bin-file",
+        "pickle-only-files",
         2,
         send_upload(
             "pickled",
-            lambda env: [*good_files(env), ("files", ("adapter_model.bin", b"\x80\x04K\x01."))],
+            lambda env: [*config_only(env), ("files", ("adapter_model.bin", b"\x80\x04K\x01."))],
         ),
         400,
         "files",
     ),  # fmt: skip
     Row(
-        "pickle-pt-in-zip",
+        "pickle-only-zip",
         2,
-        send_archive("a.zip", zip_with({"weights.pt": b"\x80\x04K\x01."})),
+        send_archive(
+            "a.zip",
+            lambda env: zip_of(
+                {
+                    "adapter_config.json": good_members(env)["adapter_config.json"],
+                    "weights.pt": b"\x80\x04K\x01.",
+                }
+            ),
+        ),
+        400,
+        "archive",
+    ),  # fmt: skip
+    Row(
+        "extras-then-traversal-files",
+        1,
+        send_upload(
+            "unsafe",
+            lambda env: [*good_files(env), *HUB_EXTRAS, ("files", ("../README.md", b"x"))],
+        ),
+        400,
+        "files",
+    ),  # fmt: skip
+    Row(
+        "extras-then-slip-zip",
+        1,
+        send_archive("a.zip", zip_with({"tokenizer.json": b"{}", "a/../../evil": b"x"})),
         400,
         "archive",
     ),  # fmt: skip
