@@ -1,36 +1,34 @@
-"""The slot pool: every adapter's weights stacked per (layer, target) on the device.
+"""The slot pool: every adapter's weights stacked per site on the device.
 
-Hot-swap is a copy into a slot, never a reallocation (vLLM's `set` / `reset` per slot): all
-stacks are allocated once, and a request's tokens carry the slot index (-1 = base model) that
-the kernels gather by.
+Hot-swap is a copy into a slot, never a reallocation (vLLM's `set` / `reset` per slot): a
+request's tokens carry the slot index (-1 = base model) that the ops select by.
 
-Stacks per (layer, target), S = num_slots, r = max_rank, (in, out) = the base linear's shape:
-- `post`: LoRA and parallel bottleneck share one `ModuleStack` A (S, r, in), B (S, out, r):
-  both are y += s * B f(A x) on the linear's input, LoRA being f = identity. One slot holds
-  one adapter, so a slot is either LoRA or parallel on it.
-- `series_in` (gate, up): series bottleneck on the input side (in -> in); `series_out`
-  (down): series bottleneck on the output side (out -> out).
-- `ia3_in` / `ia3_out`: IA3 vectors (S, in) / (S, out), 1.0 where no IA3 adapter is loaded.
-Memory: S * r * (in + out) elements per post stack, S * r * 2d per series stack, S * (in + out)
-for IA3; e.g. SmolLM2-135M (30 layers, hidden 576, kv 192, intermediate 1536) with S = 8,
-r = 16 on every target: 52M elements, about 210 MB in fp32 (105 MB in bf16). A stack is
-allocated the first time an adapter uses its (layer, target, placement) and then kept, so
-memory follows what the served adapters touch and later loads never reallocate.
+The model projects at four sites per layer, q|k|v and gate|up fused (SITES). Per site:
+- `post[(layer, site)]`: LoRA and parallel bottleneck, y += s * B f(A x) on the site's input,
+  one `DeltaStack` with a slice per target (LoRA is f = identity). One op serves the whole
+  fused output.
+- `post_scale[(layer, site)]`: IA3 on outputs, one `VectorStack` over the site's output columns
+  (1.0 where a target or slot has no vector), so q|k|v is scaled in one op.
+Per target, on its input side or after its delta:
+- `series_in[(layer, target)]`: series bottleneck before the projection (gate, up): x += ...;
+- `ia3_in[(layer, target)]`: IA3 on the input (PEFT's feedforward modules, e.g. down);
+- `series_out[(layer, target)]`: series bottleneck on the output (down): y += s * U f(D y).
+A site with any input-side stack computes each target from its own input (the fused matmul is
+split); that is a fact of the pool, not of a batch.
 
-The post stacks of the model's fused projections (q|k|v, gate|up) are one `PostGroup` per
-layer, allocated together the first time any of them is used (their member stacks are views),
-so that one adapter op covers the fused output. The cost: members that no adapter uses still
-take their memory, and B is padded to the widest member (k and v to q's width under GQA).
+A stack is allocated the first time an adapter uses it and then kept; its rank dimension is a
+bucket (a power of two, at least 8) of the largest rank loaded into it so far, and grows (one
+reallocation, contents copied) when a larger adapter arrives. `structure` counts allocations
+and growths: the hooks and a compiled step depend on the pool's structure, never on which
+slots a batch uses. Rows beyond a slot's rank stay zero (the ops may compute over them).
+Memory per post stack: S * R * (in + sum of outs) elements; e.g. SmolLM2-135M, 8 slots, r16 on
+every target: about 42M fp32 elements (170 MB).
 
-Rows beyond a slot's rank are kept zero (the reference ops compute on them); `clear` zeroes a
-slot everywhere, `load` clears then copies. Prefix and prompt adapters act at admission (K/V
-and embeddings): the pool keeps their tensors on the device per slot (`prefix_kv`,
-`prompt_embeddings`) for the engine to place into a sequence's cache or batch.
+Prefix and prompt adapters act at admission (K/V and embeddings): the pool keeps their tensors
+on the device per slot (`prefix_kv`, `prompt_embeddings`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 
@@ -44,138 +42,103 @@ from adapters.spec import (
     LoraWeights,
     adapter_io,
 )
-from kernels import Activation
+from kernels import Activation, DeltaWeights
 
 SERIES_PLACEMENT = {"gate": "input", "up": "input", "down": "output"}
-FUSED_GROUPS = (("q", "k", "v"), ("gate", "up"))  # the model's fused projections, column order
-GROUP_OF = {target: group for group in FUSED_GROUPS for target in group}
+SITES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # the model's projections
+SITE_OF = {target: site for site in SITES for target in site}
+MIN_RANK_BUCKET = 8
 
 
-@dataclass(eq=False)
-class ModuleStack:
-    """y += scalings[s] * B[s] f_s(A[s] u) for the tokens of slot s; A (S, r, d_in), B (S, d_out, r)."""
+def rank_bucket(rank: int) -> int:
+    """The stack rank that holds `rank`: a power of two, at least MIN_RANK_BUCKET."""
+    bucket = MIN_RANK_BUCKET
+    while bucket < rank:
+        bucket *= 2
+    return bucket
 
-    a: torch.Tensor  # (S, r_max, d_in)
-    b: torch.Tensor  # (S, d_out, r_max)
-    ranks: torch.Tensor  # (S,) int32, 0 = nothing loaded for this module
-    scalings: torch.Tensor  # (S,) fp32
-    activations: torch.Tensor  # (S,) int32 Activation codes
-    loaded: set[int] = field(default_factory=set)  # slots with rank > 0 here
-    nonlinear: set[int] = field(default_factory=set)  # loaded slots with f != identity
-    group: PostGroup | None = None  # the fused projection's joint stack this one is a view of
-    # (rank, scaling, activation) per loaded slot, a host copy (PostGroup reads it, no syncs)
-    settings: dict[int, tuple[int, float, int]] = field(default_factory=dict)
 
-    @classmethod
-    def empty(cls, slots: int, r_max: int, d_in: int, d_out: int, device, dtype) -> ModuleStack:
-        def zeros(*shape, dtype=dtype):
-            return torch.zeros(shape, dtype=dtype, device=device)
+class DeltaStack:
+    """n slices of slot-stacked low-rank weights (kernels.DeltaWeights): slice i adds
+    s[i, slot] * f(u @ a[i, slot].T) @ b[i, slot] to its columns. a (n, S, R, d_in), b (n, S, R,
+    d_out_max) rank-major, ranks / scalings / activations (n, S); `codes` are the non-identity
+    activations loaded (host), `loaded` the slots holding any slice."""
 
-        return cls(
-            a=zeros(slots, r_max, d_in),
-            b=zeros(slots, d_out, r_max),
-            ranks=zeros(slots, dtype=torch.int32),
-            scalings=zeros(slots, dtype=torch.float32),
-            activations=zeros(slots, dtype=torch.int32),
-        )
+    def __init__(
+        self, targets: tuple[str, ...], d_in: int, sizes: tuple[int, ...], num_slots: int,
+        rank: int, device: torch.device, dtype: torch.dtype,
+    ) -> None:  # fmt: skip
+        self.targets, self.d_in, self.sizes = targets, d_in, sizes
+        self.device, self.dtype = device, dtype
+        n, S = len(targets), num_slots
+        self.a = torch.zeros(n, S, rank, d_in, dtype=dtype, device=device)
+        self.b = torch.zeros(n, S, rank, max(sizes), dtype=dtype, device=device)
+        self.ranks = torch.zeros(n, S, dtype=torch.int32, device=device)
+        self.scalings = torch.zeros(n, S, dtype=torch.float32, device=device)
+        self.activations = torch.zeros(n, S, dtype=torch.int32, device=device)
+        self.codes: tuple[int, ...] = ()
+        self.loaded: set[int] = set()
+        self._held: dict[tuple[int, int], int] = {}  # (slice, slot) -> activation code
 
-    def set(self, slot: int, down: torch.Tensor, up: torch.Tensor, scaling: float, f: int) -> None:
+    @property
+    def rank(self) -> int:
+        return self.a.shape[2]
+
+    def set(
+        self, i: int, slot: int, down: torch.Tensor, up: torch.Tensor, scaling: float, f: int
+    ) -> bool:
+        """Slice i of `slot` <- down (r, d_in), up (d_out, r). True when the stack had to grow."""
         rank = down.shape[0]
-        self.a[slot, :rank].copy_(down)  # (r, d_in)
-        self.b[slot, :, :rank].copy_(up)  # (d_out, r)
-        self.ranks[slot], self.scalings[slot], self.activations[slot] = rank, scaling, int(f)
+        grew = rank > self.rank
+        if grew:
+            self._grow(rank_bucket(rank))
+        self.a[i, slot].zero_()
+        self.b[i, slot].zero_()
+        self.a[i, slot, :rank].copy_(down)  # (r, d_in)
+        self.b[i, slot, :rank, : up.shape[0]].copy_(up.t())  # (r, d_out): rank-major
+        self.ranks[i, slot], self.scalings[i, slot] = rank, scaling
+        self.activations[i, slot] = int(f)
+        self._held[(i, slot)] = int(f)
         self.loaded.add(slot)
-        if f != Activation.IDENTITY:
-            self.nonlinear.add(slot)
-        self.settings[slot] = (rank, float(scaling), int(f))
-        if self.group is not None:
-            self.group.refresh(slot)
+        self._refresh_codes()
+        return grew
 
     def reset(self, slot: int) -> None:
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.ranks[slot], self.scalings[slot], self.activations[slot] = 0, 0.0, 0
+        self.a[:, slot].zero_()
+        self.b[:, slot].zero_()
+        self.ranks[:, slot], self.scalings[:, slot], self.activations[:, slot] = 0, 0.0, 0
         self.loaded.discard(slot)
-        self.nonlinear.discard(slot)
-        self.settings.pop(slot, None)
-        if self.group is not None:
-            self.group.refresh(slot)
+        for key in [k for k in self._held if k[1] == slot]:
+            del self._held[key]
+        self._refresh_codes()
+
+    def slice(self, i: int) -> DeltaWeights:
+        """Slice i alone, as views (the split path of a fused site)."""
+        part = slice(i, i + 1)
+        return DeltaWeights(self.a[part], self.b[part], self.ranks[part], self.scalings[part],
+                            self.activations[part], self.codes)  # fmt: skip
+
+    def _refresh_codes(self) -> None:
+        self.codes = tuple(sorted({c for c in self._held.values() if c != Activation.IDENTITY}))
+
+    def _grow(self, rank: int) -> None:
+        old_a, old_b = self.a, self.b
+        n, S, R, _ = old_a.shape
+        self.a = torch.zeros(n, S, rank, self.d_in, dtype=self.dtype, device=self.device)
+        self.b = torch.zeros(n, S, rank, old_b.shape[3], dtype=self.dtype, device=self.device)
+        self.a[:, :, :R].copy_(old_a)
+        self.b[:, :, :R].copy_(old_b)
 
 
-@dataclass(eq=False)
-class PostGroup:
-    """The `post` stacks of a fused projection (q|k|v or gate|up) in one allocation, so that one
-    adapter op (n slices in one launch) serves them all: A (n, S, r, in), B (n, S, out_max, r)
-    with member i's B rows beyond its out size kept zero. Each member's ModuleStack is a view.
-
-    Shared per slot: `ranks` = the largest rank over the members (a member's rows beyond its own
-    rank are zero, so the extra columns add nothing), `scalings` and `activations` = the
-    members' common values. A slot whose members differ in scaling or activation (rank or alpha
-    patterns) is `mixed`: batches using it go member by member."""
-
-    targets: tuple[str, ...]
-    sizes: tuple[int, ...]  # each member's out features, in the fused output's column order
-    a: torch.Tensor  # (n, S, r_max, in)
-    b: torch.Tensor  # (n, S, out_max, r_max)
-    ranks: torch.Tensor  # (S,) int32
-    scalings: torch.Tensor  # (S,) fp32
-    activations: torch.Tensor  # (S,) int32
-    members: dict[str, ModuleStack] = field(default_factory=dict)
-    loaded: set[int] = field(default_factory=set)  # slots loaded in any member
-    nonlinear: set[int] = field(default_factory=set)
-    mixed: set[int] = field(default_factory=set)
-
-    @classmethod
-    def empty(
-        cls, targets: tuple[str, ...], slots: int, r_max: int, d_in: int, sizes: tuple[int, ...],
-        device, dtype,
-    ) -> PostGroup:  # fmt: skip
-        n, out_max = len(targets), max(sizes)
-        a = torch.zeros(n, slots, r_max, d_in, dtype=dtype, device=device)
-        b = torch.zeros(n, slots, out_max, r_max, dtype=dtype, device=device)
-        group = cls(
-            targets, sizes, a, b,
-            ranks=torch.zeros(slots, dtype=torch.int32, device=device),
-            scalings=torch.zeros(slots, dtype=torch.float32, device=device),
-            activations=torch.zeros(slots, dtype=torch.int32, device=device),
-        )  # fmt: skip
-        for i, (target, size) in enumerate(zip(targets, sizes, strict=True)):
-            group.members[target] = ModuleStack(
-                a=a[i], b=b[i, :, :size],
-                ranks=torch.zeros(slots, dtype=torch.int32, device=device),
-                scalings=torch.zeros(slots, dtype=torch.float32, device=device),
-                activations=torch.zeros(slots, dtype=torch.int32, device=device),
-                group=group,
-            )  # fmt: skip
-        return group
-
-    def refresh(self, slot: int) -> None:
-        """Recompute the slot's shared rank / scaling / activation from its members."""
-        found = [m.settings[slot] for m in self.members.values() if slot in m.settings]
-        for where in (self.loaded, self.nonlinear, self.mixed):
-            where.discard(slot)
-        if not found:
-            self.ranks[slot], self.scalings[slot], self.activations[slot] = 0, 0.0, 0
-            return
-        rank = max(r for r, _, _ in found)
-        scaling, f = found[0][1], found[0][2]
-        self.ranks[slot], self.scalings[slot], self.activations[slot] = rank, scaling, f
-        self.loaded.add(slot)
-        if f != Activation.IDENTITY:
-            self.nonlinear.add(slot)
-        if any((s, g) != (scaling, f) for _, s, g in found):
-            self.mixed.add(slot)
-
-
-@dataclass(eq=False)
 class VectorStack:
-    """IA3: x[t] * vectors[slot_ids[t]]; vectors (S, d), 1.0 for slots without IA3 here."""
+    """IA3: x[t] * vectors[slot_ids[t]]; vectors (S, d), 1.0 wherever no vector is loaded."""
 
-    vectors: torch.Tensor  # (S, d)
-    loaded: set[int] = field(default_factory=set)
+    def __init__(self, num_slots: int, d: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.vectors = torch.ones(num_slots, d, dtype=dtype, device=device)
+        self.loaded: set[int] = set()
 
-    def set(self, slot: int, vector: torch.Tensor) -> None:
-        self.vectors[slot].copy_(vector)
+    def set(self, slot: int, vector: torch.Tensor, start: int = 0) -> None:
+        self.vectors[slot, start : start + vector.shape[0]].copy_(vector)
         self.loaded.add(slot)
 
     def reset(self, slot: int) -> None:
@@ -183,8 +146,24 @@ class VectorStack:
         self.loaded.discard(slot)
 
 
+class SliceWriter:
+    """What a kind's loader writes one target's weights through: slice `index` of a site's
+    DeltaStack (or a whole single-target stack), or a column range of a VectorStack."""
+
+    def __init__(self, pool: AdapterPool, stack: DeltaStack | VectorStack, index: int = 0,
+                 start: int = 0) -> None:  # fmt: skip
+        self.pool, self.stack, self.index, self.start = pool, stack, index, start
+
+    def set(self, slot: int, *weights) -> None:
+        if isinstance(self.stack, VectorStack):
+            (vector,) = weights
+            self.stack.set(slot, vector, self.start)
+        elif self.stack.set(self.index, slot, *weights):
+            self.pool.structure += 1  # the stack grew: a new rank bucket
+
+
 class AdapterPool:
-    """Preallocated slot stacks for every (layer, target); `load` / `clear` swap slots in place."""
+    """Slot stacks allocated on first use; `load` / `clear` swap slots in place."""
 
     def __init__(
         self,
@@ -202,50 +181,70 @@ class AdapterPool:
         self.device, self.dtype = torch.device(device), dtype
         self.kinds: list[AdapterKind | None] = [None] * num_slots
         self.names: list[str | None] = [None] * num_slots
-        self.post: dict[tuple[int, str], ModuleStack] = {}
-        self.post_groups: dict[tuple[int, tuple[str, ...]], PostGroup] = {}  # (layer, targets)
-        self.series_in: dict[tuple[int, str], ModuleStack] = {}
-        self.series_out: dict[tuple[int, str], ModuleStack] = {}
+        self.post: dict[tuple[int, tuple[str, ...]], DeltaStack] = {}
+        self.post_scale: dict[tuple[int, tuple[str, ...]], VectorStack] = {}
+        self.series_in: dict[tuple[int, str], DeltaStack] = {}
+        self.series_out: dict[tuple[int, str], DeltaStack] = {}
         self.ia3_in: dict[tuple[int, str], VectorStack] = {}
-        self.ia3_out: dict[tuple[int, str], VectorStack] = {}
         self.prefix_kv: list[torch.Tensor | None] = [None] * num_slots  # (L, 2, nvt, kvh, d)
         self.prompt_embeddings: list[torch.Tensor | None] = [None] * num_slots  # (nvt, hidden)
+        self.structure = 0  # bumped whenever a stack is allocated or grows
 
-    def _module_stack(self, key: tuple[int, str], placement: str) -> ModuleStack:
-        """The stack for `placement` (parallel = post, input, output) at key, allocated once."""
-        stacks = {"parallel": self.post, "input": self.series_in, "output": self.series_out}
-        found = stacks[placement].get(key)
-        if found is None and placement == "parallel" and key[1] in GROUP_OF:
-            targets = GROUP_OF[key[1]]
-            sizes = tuple(self.fingerprint.in_out(t)[1] for t in targets)
-            d_in = self.fingerprint.in_out(key[1])[0]
-            group = PostGroup.empty(targets, self.num_slots, self.max_rank, d_in, sizes,
-                                    self.device, self.dtype)  # fmt: skip
-            self.post_groups[(key[0], targets)] = group
-            for target, member in group.members.items():
-                self.post[(key[0], target)] = member
-            found = group.members[key[1]]
-        if found is None:
-            if placement == "parallel":
-                d_in, d_out = self.fingerprint.in_out(key[1])
-            else:
-                d_in = d_out = adapter_io(self.fingerprint, key[1], placement)[0]
-            found = ModuleStack.empty(
-                self.num_slots, self.max_rank, d_in, d_out, self.device, self.dtype
-            )
-            stacks[placement][key] = found
-        return found
+    # ---- stacks, allocated on first use ---------------------------------------------------
+    def module_stack(self, key: tuple[int, str], placement: str, rank: int = 1) -> SliceWriter:
+        """Where a (layer, target) module's low-rank weights go: 'parallel' (LoRA too) -> its
+        slice of the site's post stack; 'input' / 'output' -> a series stack."""
+        layer, target = key
+        if placement == "parallel":
+            site = SITE_OF[target]
+            stack = self._delta((layer, site), self.post, site, rank)
+            return SliceWriter(self, stack, site.index(target))
+        table = self.series_in if placement == "input" else self.series_out
+        d = adapter_io(self.fingerprint, target, placement)[0]
+        stack = table.get(key)
+        if stack is None:
+            stack = table[key] = self._new_delta((target,), d, (d,), rank)
+        return SliceWriter(self, stack)
 
-    def _vector_stack(self, key: tuple[int, str], placement: str) -> VectorStack:
-        stacks = self.ia3_in if placement == "input" else self.ia3_out
-        found = stacks.get(key)
-        if found is None:
-            d_in, d_out = self.fingerprint.in_out(key[1])
-            d = d_in if placement == "input" else d_out
-            found = VectorStack(torch.ones(self.num_slots, d, dtype=self.dtype, device=self.device))
-            stacks[key] = found
-        return found
+    def vector_stack(self, key: tuple[int, str], placement: str) -> SliceWriter:
+        """Where a (layer, target) IA3 vector goes: its columns of the site's output scale, or
+        the target's input scale."""
+        layer, target = key
+        if placement == "input":
+            stack = self.ia3_in.get(key)
+            if stack is None:
+                d = self.fingerprint.in_out(target)[0]
+                stack = self.ia3_in[key] = self._new_vectors(d)
+            return SliceWriter(self, stack)
+        site = SITE_OF[target]
+        sizes = [self.fingerprint.in_out(t)[1] for t in site]
+        stack = self.post_scale.get((layer, site))
+        if stack is None:
+            stack = self.post_scale[(layer, site)] = self._new_vectors(sum(sizes))
+        return SliceWriter(self, stack, start=sum(sizes[: site.index(target)]))
 
+    def _delta(self, key, table: dict, site: tuple[str, ...], rank: int) -> DeltaStack:
+        stack = table.get(key)
+        if stack is None:
+            d_in = self.fingerprint.in_out(site[0])[0]
+            sizes = tuple(self.fingerprint.in_out(t)[1] for t in site)
+            stack = table[key] = self._new_delta(site, d_in, sizes, rank)
+        return stack
+
+    def _new_delta(self, targets, d_in: int, sizes, rank: int) -> DeltaStack:
+        self.structure += 1
+        return DeltaStack(targets, d_in, tuple(sizes), self.num_slots, rank_bucket(rank),
+                          self.device, self.dtype)  # fmt: skip
+
+    def _new_vectors(self, d: int) -> VectorStack:
+        self.structure += 1
+        return VectorStack(self.num_slots, d, self.device, self.dtype)
+
+    def splits(self, layer: int, site: tuple[str, ...]) -> bool:
+        """Whether a target of `site` has an input-side stack: the site's matmul is split."""
+        return any((layer, t) in self.series_in or (layer, t) in self.ia3_in for t in site)
+
+    # ---- slots -----------------------------------------------------------------------------
     def kind_of(self, slot: int) -> AdapterKind | None:
         """The kind loaded in `slot`, None when it is free."""
         self._check_slot(slot)
@@ -268,8 +267,8 @@ class AdapterPool:
     def clear(self, slot: int) -> None:
         """Empty `slot`: zero ranks and weights, IA3 vectors back to 1.0."""
         self._check_slot(slot)
-        for stacks in (self.post, self.series_in, self.series_out, self.ia3_in, self.ia3_out):
-            for stack in stacks.values():
+        for table in (self.post, self.post_scale, self.series_in, self.series_out, self.ia3_in):
+            for stack in table.values():
                 if slot in stack.loaded:
                     stack.reset(slot)
         self.prefix_kv[slot] = self.prompt_embeddings[slot] = None
@@ -278,13 +277,13 @@ class AdapterPool:
     def _set_module(self, slot: int, layer: int, target: str, weights) -> None:
         key = (layer, target)
         if isinstance(weights, LoraWeights):
-            stack = self._module_stack(key, "parallel")
-            stack.set(slot, weights.a, weights.b, weights.scaling, Activation.IDENTITY)
+            writer = self.module_stack(key, "parallel", weights.rank)
+            writer.set(slot, weights.a, weights.b, weights.scaling, Activation.IDENTITY)
         elif isinstance(weights, BottleneckWeights):
-            stack = self._module_stack(key, weights.placement)
-            stack.set(slot, weights.down, weights.up, weights.scaling, weights.activation)
+            writer = self.module_stack(key, weights.placement, weights.rank)
+            writer.set(slot, weights.down, weights.up, weights.scaling, weights.activation)
         elif isinstance(weights, IA3Weights):
-            self._vector_stack(key, weights.placement).set(slot, weights.vector)
+            self.vector_stack(key, weights.placement).set(slot, weights.vector)
         else:
             raise ValueError(f"{layer}.{target}: unsupported module weights {type(weights)}")
 

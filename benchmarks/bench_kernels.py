@@ -7,9 +7,9 @@ of a device-to-device copy measured in the same run. Prints a table per op, writ
     .venv/bin/python benchmarks/bench_kernels.py [--ops lora,bottleneck,ia3,attention,e2e]
         [--dtype bfloat16] [--quick] [--e2e-runs base lora64 mixed] [--json bench-results/kernels.json]
 
-Ops: lora (shrink + expand, per-token and segmented, and add_delta -- the op the model calls, all
-slices in one call --, Llama-2-7B q/k/v, gate/up, down), bottleneck
-(every activation at rank 16), ia3, attention (paged decode), e2e (Llama-2-7B-shaped decode
+Ops: lora (add_delta -- the op the model calls, all slices in one call -- as decode rows
+(per-token kernels) and as prefill chunks (segmented kernels), Llama-2-7B q/k/v, gate/up,
+down), bottleneck (every activation at rank 16), ia3, attention (paged decode), e2e (Llama-2-7B-shaped decode
 tok/s through our model and scheduler: base only, 64 distinct rank-16 LoRA adapters on all
 seven projections, 64 adapters of six kinds; the adapter runs as ratios to the base run).
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -40,9 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.random_adapters import fingerprint_of, random_spec  # noqa: E402
-from kernels import attention, ia3, lora, reference  # noqa: E402
+from kernels import AdapterBatch, DeltaWeights, attention, ia3, reference  # noqa: E402
 from kernels.reference import Activation  # noqa: E402
-from kernels.segments import segments  # noqa: E402
 
 # `kernels.bottleneck` the attribute is the dispatching op; the Triton module itself:
 bottleneck = importlib.import_module("kernels.bottleneck")
@@ -231,24 +231,32 @@ def popularity_slots(pattern: str, batch: int, num_adapters: int, seed: int = 0)
 
 @dataclass
 class LoraInputs:
+    """One projection's adapter op inputs, laid out two ways: every token a decode row (the
+    per-token kernels), or tokens grouped into one prefill chunk per adapter (segmented)."""
+
     shape: LoraShape
     rank: int
-    x: torch.Tensor  # (T, in)
-    a_stack: torch.Tensor  # (S, r, in) or (n, S, r, in) packed
-    b_stack: torch.Tensor  # (S, out, r) or (n, S, out, r) packed
+    u: torch.Tensor  # (T, in)
+    weights: DeltaWeights  # n slices over S slots at `rank`
     y: torch.Tensor  # (T, sum(out_sizes))
-    slot_ids: torch.Tensor  # (T,) int32
-    ranks: torch.Tensor  # (S,) int64
-    scalings: torch.Tensor  # (S,) fp32
+    slot_ids: torch.Tensor  # (T,) int32, host
+    decode: AdapterBatch  # rows in slot_ids order, all decode rows
+    prefill: AdapterBatch  # rows sorted by slot: one segment per adapter
+    order: torch.Tensor  # (T,) the prefill layout's row order
 
     @property
-    def offsets(self) -> int | list[int]:
-        starts = [sum(self.shape.out_sizes[:i]) for i in range(len(self.shape.out_sizes))]
-        return starts if self.shape.packed else 0
+    def offsets(self) -> list[int]:
+        return [sum(self.shape.out_sizes[:i]) for i in range(len(self.shape.out_sizes))]
 
     @property
-    def sizes(self) -> int | list[int]:
-        return list(self.shape.out_sizes) if self.shape.packed else self.shape.out_sizes[0]
+    def sizes(self) -> list[int]:
+        return list(self.shape.out_sizes)
+
+    def rows(self, variant: str) -> tuple[torch.Tensor, torch.Tensor, AdapterBatch]:
+        """(u, y, batch) of a layout: 'decode' or 'prefill'."""
+        if variant == "decode":
+            return self.u, self.y, self.decode
+        return self.u[self.order], self.y[self.order], self.prefill
 
 
 def lora_inputs(
@@ -259,29 +267,33 @@ def lora_inputs(
     device: str | torch.device = "cuda",
     seed: int = 0,
 ) -> LoraInputs:
-    """Random pool of max(slot_ids)+1 adapters of one rank (pool r_max = rank), delta ~ O(1)."""
+    """Random pool of max(slot_ids)+1 adapters of one rank (pool R = rank), delta ~ O(1)."""
     g = torch.Generator(device=device).manual_seed(seed)
     T, S, n = slot_ids.shape[0], int(slot_ids.max()) + 1, len(shape.out_sizes)
-    lead = (n, S) if shape.packed else (S,)
 
     def randn(*size: int, std: float) -> torch.Tensor:
         return (torch.randn(size, generator=g, device=device) * std).to(dtype)
 
-    return LoraInputs(
-        shape=shape,
-        rank=rank,
-        x=randn(T, shape.in_features, std=1.0),
-        a_stack=randn(*lead, rank, shape.in_features, std=shape.in_features**-0.5),
-        b_stack=randn(*lead, max(shape.out_sizes), rank, std=rank**-0.5),
-        y=randn(T, sum(shape.out_sizes), std=1.0),
-        slot_ids=slot_ids.to(device),
-        ranks=torch.full((S,), rank, dtype=torch.int64, device=device),
-        scalings=torch.rand(S, generator=g, device=device) + 0.5,
+    weights = DeltaWeights(
+        a=randn(n, S, rank, shape.in_features, std=shape.in_features**-0.5),
+        b=randn(n, S, rank, max(shape.out_sizes), std=rank**-0.5),
+        ranks=torch.full((n, S), rank, dtype=torch.int32, device=device),
+        scalings=torch.rand(n, S, generator=g, device=device) + 0.5,
+        activations=torch.zeros(n, S, dtype=torch.int32, device=device),
     )
+    order = torch.argsort(slot_ids, stable=True)
+    ids = slot_ids.tolist()
+    return LoraInputs(
+        shape=shape, rank=rank, u=randn(T, shape.in_features, std=1.0), weights=weights,
+        y=randn(T, sum(shape.out_sizes), std=1.0), slot_ids=slot_ids,
+        decode=AdapterBatch.build(ids, S, device=device),
+        prefill=AdapterBatch.build(slot_ids[order].tolist(), S, num_decode=0, device=device),
+        order=order.to(device),
+    )  # fmt: skip
 
 
 def lora_bytes(shape: LoraShape, rank: int, slot_ids: torch.Tensor, element_size: int) -> int:
-    """Bytes a shrink + expand must move: each distinct adapter's A and B up to its rank, x of
+    """Bytes an adapter op must move: each distinct adapter's A and B up to its rank, u of
     every adapter token, and that token's y columns read and written (h, fp32 scratch, left out)."""
     live = slot_ids[slot_ids >= 0]
     adapters, tokens = int(torch.unique(live).numel()), int(live.numel())
@@ -291,32 +303,8 @@ def lora_bytes(shape: LoraShape, rank: int, slot_ids: torch.Tensor, element_size
     return (weights + activations) * element_size
 
 
-def run_lora(shrink: Callable, expand: Callable, inp: LoraInputs, y: torch.Tensor, **kw):
-    """What a layer pays: h = shrink(x), then y += expand(h), in place; returns y."""
-    h = shrink(inp.x, inp.a_stack, inp.slot_ids, inp.ranks, inp.scalings, **kw)
-    return expand(y, h, inp.b_stack, inp.slot_ids, inp.ranks, inp.offsets, inp.sizes, **kw)
-
-
-def lora_reference_fp32(inp: LoraInputs) -> torch.Tensor:
-    """The reference op on fp32 copies of the same inputs: the answer the kernels must match."""
-    f32 = LoraInputs(
-        inp.shape, inp.rank, inp.x.float(), inp.a_stack.float(), inp.b_stack.float(),
-        inp.y.float(), inp.slot_ids, inp.ranks, inp.scalings,
-    )  # fmt: skip
-    return run_lora(reference.lora_shrink, reference.lora_expand, f32, f32.y.clone())
-
-
-def lora_variants(inp: LoraInputs) -> dict[str, tuple[Callable, Callable, dict]]:
-    """Triton variants: per-token (decode) and segmented (prefill; segments built once per step
-    and shared by every layer, so they are built outside the timed call)."""
-    return {
-        "per_token": (lora.lora_shrink_per_token, lora.lora_expand_per_token, {}),
-        "segmented": (
-            lora.lora_shrink_segmented,
-            lora.lora_expand_segmented,
-            {"segs": segments(inp.slot_ids)},
-        ),
-    }
+def fp32(weights: DeltaWeights) -> DeltaWeights:
+    return dataclasses.replace(weights, a=weights.a.float(), b=weights.b.float())
 
 
 def check_close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
@@ -325,6 +313,9 @@ def check_close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, w
         torch.testing.assert_close(out.float(), expected.float(), **TOLERANCES[dtype])
     except AssertionError as e:
         raise AssertionError(f"{what}: Triton output differs from the reference\n{e}") from None
+
+
+LORA_VARIANTS = ("decode", "prefill")  # per-token kernels / segmented kernels
 
 
 def bench_lora_case(
@@ -338,59 +329,41 @@ def bench_lora_case(
     device: str | torch.device = "cuda",
     timer: Timer = time_ms,
 ) -> list[dict]:
-    """Check both Triton variants against the fp32 reference, then time each and the reference
-    op (shrink + expand) on the same inputs. One row per variant."""
+    """add_delta, the op the model calls (all slices in one call), as decode rows and as
+    prefill chunks: check Triton against the fp32 reference on the same inputs, then time both.
+    One row per layout."""
     slot_ids = popularity_slots(pattern, batch, num_adapters)
     inp = lora_inputs(shape, rank, slot_ids, dtype, device)
     what = f"lora {shape.name} r{rank} T{batch} {pattern}/{num_adapters}"
-    expected = lora_reference_fp32(inp)
-    variants = lora_variants(inp)
-    for name, (shrink, expand, kw) in variants.items():
-        out = run_lora(shrink, expand, inp, inp.y.clone(), **kw)
-        check_close(out, expected, dtype, f"{what} {name}")
+    num_bytes = lora_bytes(shape, rank, inp.slot_ids, inp.u.element_size())
+    counts = popularity_counts(pattern, batch, num_adapters)
     # Timed calls accumulate into a scratch y; tiny scalings keep it finite over thousands of
     # calls (fp16) without changing the work done.
-    timed = dataclasses.replace(inp, y=inp.y.clone(), scalings=inp.scalings * 1e-3)
-    reference_ms = timer(
-        lambda: run_lora(reference.lora_shrink, reference.lora_expand, timed, timed.y)
-    )
-    num_bytes = lora_bytes(shape, rank, inp.slot_ids, inp.x.element_size())
-    counts = popularity_counts(pattern, batch, num_adapters)
-    timings = []
-    for name, (shrink, expand, kw) in variants.items():
-        ms = timer(lambda shrink=shrink, expand=expand, kw=kw: run_lora(
-            shrink, expand, timed, timed.y, **kw))  # fmt: skip
-        # The public op (kernels.lora.lora_shrink/expand) picks this variant at this T; the
-        # decode aims are judged on that one.
-        dispatched = (name == "per_token") == (batch < lora.SEGMENTED_MIN_TOKENS)
-        timings.append((name, ms, reference_ms, dispatched))
-    # What the model calls: add_delta (shrink, a copy of y, expand; all slices in one op),
-    # against the reference's add_delta, after the same correctness check.
-    sliced = (inp.x, inp.a_stack, inp.b_stack, inp.slot_ids, inp.ranks, inp.scalings, None,
-              inp.offsets, inp.sizes)  # fmt: skip
-    check_close(bottleneck.add_delta(inp.y, *sliced), expected, dtype, f"{what} add_delta")
-    timed_sliced = (timed.x, *sliced[1:5], timed.scalings, *sliced[6:])
-    timings.append((
-        "add_delta",
-        timer(lambda: bottleneck.add_delta(timed.y, *timed_sliced)),
-        timer(lambda: reference.add_delta(timed.y, *timed_sliced)),
-        True,
-    ))  # fmt: skip
+    timed = dataclasses.replace(inp.weights, scalings=inp.weights.scalings * 1e-3)
     rows = []
-    for name, ms, reference_ms, dispatched in timings:
+    for variant in LORA_VARIANTS:
+        u, y, rows_batch = inp.rows(variant)
+        expected = reference.add_delta(y.float().clone(), u.float(), fp32(inp.weights), rows_batch,
+                                       inp.offsets, inp.sizes)  # fmt: skip
+        got = bottleneck.add_delta(y.clone(), u, inp.weights, rows_batch, inp.offsets, inp.sizes)
+        check_close(got, expected, dtype, f"{what} {variant}")
+        call = (y.clone(), u, timed, rows_batch, inp.offsets, inp.sizes)
+        ms = timer(functools.partial(bottleneck.add_delta, *call))
+        reference_ms = timer(functools.partial(reference.add_delta, *call))
         bytes_per_s = num_bytes / (ms / 1e3)
         row = dict(
             op="lora", shape=shape.name, in_features=shape.in_features,
             out_features=sum(shape.out_sizes), slices=len(shape.out_sizes), rank=rank,
             batch=batch, pattern=pattern, pool_adapters=min(num_adapters, batch),
-            distinct=len(counts), counts=counts, variant=name, dispatched=dispatched,
-            dtype=str(dtype).removeprefix("torch."), triton_ms=ms, reference_ms=reference_ms,
-            bytes=num_bytes, gb_per_s=bytes_per_s / 1e9,
-            fraction_of_copy=bytes_per_s / copy_bytes_per_s, speedup=reference_ms / ms,
+            distinct=len(counts), counts=counts, variant=variant,
+            dispatched=variant == "decode", dtype=str(dtype).removeprefix("torch."),
+            triton_ms=ms, reference_ms=reference_ms, bytes=num_bytes,
+            gb_per_s=bytes_per_s / 1e9, fraction_of_copy=bytes_per_s / copy_bytes_per_s,
+            speedup=reference_ms / ms,
         )  # fmt: skip
         row["aim_met"] = (
             row["fraction_of_copy"] >= DECODE_AIM_FRACTION and row["speedup"] >= DECODE_AIM_SPEEDUP
-            if dispatched
+            if variant == "decode"
             else None
         )
         rows.append(row)
@@ -436,47 +409,6 @@ BOTTLENECK_SHAPES = {  # (in, out): around a hidden-width, an up and a down proj
 }
 
 
-@dataclass
-class BottleneckInputs:
-    x: torch.Tensor  # (T, in)
-    down: torch.Tensor  # (S, r, in)
-    up: torch.Tensor  # (S, out, r)
-    slot_ids: torch.Tensor  # (T,) int32
-    ranks: torch.Tensor  # (S,)
-    scalings: torch.Tensor  # (S,)
-    activations: torch.Tensor  # (S,) int Activation codes
-
-    def args(self, dtype: torch.dtype | None = None) -> tuple:
-        cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
-        return (cast(self.x), cast(self.down), cast(self.up), self.slot_ids, self.ranks,
-                self.scalings, self.activations)  # fmt: skip
-
-
-def bottleneck_inputs(
-    in_features: int,
-    out_features: int,
-    rank: int,
-    slot_ids: torch.Tensor,
-    activation: Activation,
-    dtype: torch.dtype,
-    device: str | torch.device = "cuda",
-    seed: int = 0,
-) -> BottleneckInputs:
-    shape = LoraShape("bottleneck", in_features, (out_features,))
-    lo = lora_inputs(shape, rank, slot_ids, dtype, device, seed)
-    acts = torch.full_like(lo.ranks, int(activation))
-    return BottleneckInputs(lo.x, lo.a_stack, lo.b_stack, lo.slot_ids, lo.ranks, lo.scalings, acts)
-
-
-def bottleneck_bytes(inp: BottleneckInputs) -> int:
-    """Distinct adapters' down and up up to their rank, x read and delta written per token."""
-    live = inp.slot_ids[inp.slot_ids >= 0]
-    adapters, tokens = int(torch.unique(live).numel()), int(live.numel())
-    (out, r), d_in = inp.up.shape[1:], inp.x.shape[1]
-    weights = adapters * r * (d_in + out)
-    return (weights + tokens * d_in + inp.x.shape[0] * out) * inp.x.element_size()
-
-
 def bench_bottleneck_case(
     name: str,
     batch: int,
@@ -489,20 +421,29 @@ def bench_bottleneck_case(
     device: str | torch.device = "cuda",
     timer: Timer = time_ms,
 ) -> dict:
+    """add_delta with an activation (a bottleneck adapter), decode rows."""
     in_features, out_features = BOTTLENECK_SHAPES[name]
+    shape = LoraShape("bottleneck", in_features, (out_features,))
     slot_ids = popularity_slots(pattern, batch, num_adapters)
-    inp = bottleneck_inputs(in_features, out_features, rank, slot_ids, activation, dtype, device)
-    expected = reference.bottleneck(*inp.args(torch.float32))
-    check_close(bottleneck.bottleneck(*inp.args()), expected, dtype, f"bottleneck {name}")
-    reference_ms = timer(lambda: reference.bottleneck(*inp.args()))
-    ms = timer(lambda: bottleneck.bottleneck(*inp.args()))
-    bytes_per_s = bottleneck_bytes(inp) / (ms / 1e3)
+    inp = lora_inputs(shape, rank, slot_ids, dtype, device)
+    weights = dataclasses.replace(
+        inp.weights, activations=torch.full_like(inp.weights.activations, int(activation)),
+        codes=() if activation == Activation.IDENTITY else (int(activation),),
+    )  # fmt: skip
+    expected = reference.add_delta(inp.y.float().clone(), inp.u.float(), fp32(weights), inp.decode)
+    got = bottleneck.add_delta(inp.y.clone(), inp.u, weights, inp.decode)
+    check_close(got, expected, dtype, f"bottleneck {name}")
+    scratch = inp.y.clone()
+    reference_ms = timer(lambda: reference.add_delta(scratch, inp.u, weights, inp.decode))
+    ms = timer(lambda: bottleneck.add_delta(scratch, inp.u, weights, inp.decode))
+    num_bytes = lora_bytes(shape, rank, slot_ids, inp.u.element_size())
+    bytes_per_s = num_bytes / (ms / 1e3)
     return dict(
         op="bottleneck", shape=name, in_features=in_features, out_features=out_features,
         rank=rank, batch=batch, pattern=pattern,
         distinct=len(popularity_counts(pattern, batch, num_adapters)),
         activation=activation.name.lower(), dtype=str(dtype).removeprefix("torch."),
-        triton_ms=ms, reference_ms=reference_ms, bytes=bottleneck_bytes(inp),
+        triton_ms=ms, reference_ms=reference_ms, bytes=num_bytes,
         gb_per_s=bytes_per_s / 1e9, fraction_of_copy=bytes_per_s / copy_bytes_per_s,
         speedup=reference_ms / ms,
     )  # fmt: skip
@@ -557,10 +498,11 @@ def bench_ia3_case(
     x, vectors, slot_ids = ia3_inputs(
         d, popularity_slots(pattern, batch, num_adapters), dtype, device
     )
-    expected = reference.ia3_scale(x.float(), vectors.float(), slot_ids)
-    check_close(ia3.ia3_scale(x, vectors, slot_ids), expected, dtype, f"ia3 d{d}")
-    reference_ms = timer(lambda: reference.ia3_scale(x, vectors, slot_ids))
-    ms = timer(lambda: ia3.ia3_scale(x, vectors, slot_ids))
+    rows = AdapterBatch.build(slot_ids.tolist(), vectors.shape[0], device=device)
+    expected = reference.ia3_scale(x.float(), vectors.float(), rows)
+    check_close(ia3.ia3_scale(x, vectors, rows), expected, dtype, f"ia3 d{d}")
+    reference_ms = timer(lambda: reference.ia3_scale(x, vectors, rows))
+    ms = timer(lambda: ia3.ia3_scale(x, vectors, rows))
     num_bytes = ia3_bytes(x, vectors, slot_ids)
     bytes_per_s = num_bytes / (ms / 1e3)
     return dict(
@@ -651,16 +593,24 @@ def run_decode(
     With a `pool`, sequence i uses the adapter in slot i % num_slots, bound as the engine binds
     it (slot ids for the hook points, prefix K/V placed at admission, prompt embeddings).
 
-    Drives Scheduler + Transformer.forward as Engine.step does (no HTTP, no detokenizer)."""
+    Drives Scheduler + BatchBuilder + Transformer.forward as Engine.step does (no HTTP, no
+    detokenizer)."""
+    from server.engine.batch import BatchBuilder
     from server.engine.kv_cache import BlockAllocator
     from server.engine.sampling import SamplingParams
     from server.engine.scheduler import Scheduler, Sequence, bind_adapter, place_prefix
 
     device = next(model.parameters()).device
+    budget = concurrency * (prompt_len + E2E_VIRTUAL_TOKENS)
     sched = Scheduler(
-        BlockAllocator(num_blocks, block_size), concurrency,
-        concurrency * (prompt_len + E2E_VIRTUAL_TOKENS), device,
+        BlockAllocator(num_blocks, block_size), concurrency, budget,
         place_prefix=lambda seq: place_prefix(seq, cache, block_size),
+    )  # fmt: skip
+    max_len = E2E_VIRTUAL_TOKENS + prompt_len + output_len
+    builder = BatchBuilder(
+        max_num_seqs=concurrency, max_num_batched_tokens=budget, block_size=block_size,
+        max_blocks_per_seq=math.ceil(max_len / block_size), trash_block=cache.trash_block,
+        num_adapter_slots=pool.num_slots if pool is not None else 1, device=device,
     )  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -678,9 +628,9 @@ def run_decode(
     while sched.has_work():
         step = sched.schedule()
         assert step is not None and not step.preempted, "the KV cache is too small for this run"
-        is_decode = not step.batch.prefills
+        is_decode = step.num_decodes == len(step.work)
         start = time.perf_counter()
-        logits = model(step.batch, cache)
+        logits = model(builder.build(step), cache)
         tokens = logits.argmax(-1).tolist()  # syncs, as the engine's sampling does
         elapsed = time.perf_counter() - start
         if is_decode:

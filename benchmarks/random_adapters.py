@@ -1,5 +1,5 @@
 """Random adapters of every kind, shaped like what adapters.formats parses, for benchmarks that
-build an AdapterPool directly (no files): bench_kernels' end-to-end runs, bench_fused_slices."""
+build an AdapterPool directly (no files): bench_kernels' end-to-end runs."""
 
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.batch import AdapterBatch
+
 
 @triton.jit
 def _ia3_kernel(
@@ -43,8 +45,10 @@ def _ia3_kernel(
     tl.store(out_ptrs, out, mask=mask)
 
 
-def ia3_scale(x: torch.Tensor, vectors: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
-    """Triton kernels.reference.ia3_scale: out (T, d) = x * vectors[slot], x where slot == -1."""
+def ia3_scale(x: torch.Tensor, vectors: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+    """Triton kernels.reference.ia3_scale: out (T, d) = x * vectors[slot], x where slot == -1,
+    one program per (row, BLOCK_D columns) for every row of the step."""
+    slot_ids = batch.slot_ids
     if x.dim() != 2 or vectors.dim() != 2 or vectors.shape[1] != x.shape[1]:
         raise ValueError(
             f"expected x (T, d) and vectors (S, d), got {tuple(x.shape)} and {tuple(vectors.shape)}"

@@ -1,25 +1,27 @@
-"""Triton LoRA shrink / expand over the slot pool (SGMV for prefill, BGMV-style for decode).
+"""Triton LoRA shrink / expand over the slot pool: BGMV-style (one program per token) for a
+step's decode rows, SGMV (one program per segment tile) for its prefill chunks.
 
-Same signatures and semantics as kernels.reference.lora_shrink / lora_expand. Each public op
-picks a variant by token count; `*_segmented` and `*_per_token` are exposed for tests and
-benchmarks. In every kernel a slot's own rank bounds the rank loop (no work on the pool's zero
-padding), and tokens with slot -1 do nothing (per-token) or are never visited (segmented).
-Dot products run in fp32 ("ieee"): rank-r ops are memory bound, and TF32 would miss the
-reference's fp32 accumulation.
+`lora_shrink` then `lora_expand` compute kernels.reference.add_delta. In every kernel a
+slot's own rank bounds the rank loop (no work on the pool's zero padding), and tokens with
+slot -1 do nothing (per-token) or are never visited (segmented). Grids come from host facts of
+the step (its decode rows, its segments), never from a device read.
+Tile products (`_dot`) accumulate in fp32: with fp32 inputs exactly ("ieee", as the reference;
+TF32 would miss it), with bf16/fp16 inputs as tensor-core dots of the inputs' own dtype (on a
+GPU an fp32 "ieee" dot is many times slower, and rank-r ops are memory bound anyway).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.segments import Segments, step_segments
+from kernels.batch import AdapterBatch, DeltaWeights
 
-SEGMENTED_MIN_TOKENS = 32  # below this (decode), one program per token beats sorting
 BLOCK_R = 16
 
 
@@ -43,11 +45,22 @@ def _activate(h, code):
 
 
 @triton.jit
-def _shrink_epilogue(acc, offs_r, slot, rank, scaling_ptr, act_ptr, HAS_ACTIVATION: tl.constexpr):
-    """scaling * f(acc), zero on columns >= rank (f(0) need not be 0, e.g. sigmoid)."""
+def _dot(a, b, acc, NATIVE_DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation: a bf16/fp16 `a` as a tensor-core dot of its own dtype
+    (b cast to it) when NATIVE_DOT, else both in fp32 "ieee" (fp32 inputs; Triton's CPU
+    interpreter, whose bf16 dots are not exact)."""
+    if NATIVE_DOT and a.dtype != tl.float32:
+        return tl.dot(a, b.to(a.dtype), acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
+def _shrink_epilogue(acc, offs_r, meta, rank, scaling_ptr, act_ptr, HAS_ACTIVATION: tl.constexpr):
+    """scaling * f(acc), zero on columns >= rank (f(0) need not be 0, e.g. sigmoid); `meta` is
+    the (slice, slot) offset into the (n, S) scaling and activation tables."""
     if HAS_ACTIVATION:
-        acc = _activate(acc, tl.load(act_ptr + slot))
-    scaling = tl.load(scaling_ptr + slot).to(tl.float32)
+        acc = _activate(acc, tl.load(act_ptr + meta))
+    scaling = tl.load(scaling_ptr + meta).to(tl.float32)
     return tl.where(offs_r < rank, acc * scaling, 0.0)
 
 
@@ -74,6 +87,7 @@ def _shrink_per_token_kernel(
     stride_hn,
     stride_ht,
     stride_hr,
+    stride_pn,  # slice stride of the (n, S) ranks / scalings / activations tables
     # meta-parameters
     HAS_ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -81,7 +95,8 @@ def _shrink_per_token_kernel(
 ):
     token, n = tl.program_id(0), tl.program_id(1)
     slot = tl.load(slot_ids_ptr + token)
-    rank = tl.load(ranks_ptr + tl.maximum(slot, 0))
+    meta = n * stride_pn + tl.maximum(slot, 0)
+    rank = tl.load(ranks_ptr + meta)
     rank = tl.where(slot < 0, 0, rank)  # base-model tokens: rank loop empty, zeros stored
     offs_k = tl.arange(0, BLOCK_K)
     h_row = h_ptr + n * stride_hn + token * stride_ht
@@ -95,7 +110,7 @@ def _shrink_per_token_kernel(
             a_mask = (offs_r[:, None] < rank) & (k[None, :] < in_features)
             a = tl.load(a_rows + k[None, :] * stride_ak, mask=a_mask, other=0.0)
             acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-        h = _shrink_epilogue(acc, offs_r, slot, rank, scaling_ptr, act_ptr, HAS_ACTIVATION)
+        h = _shrink_epilogue(acc, offs_r, meta, rank, scaling_ptr, act_ptr, HAS_ACTIVATION)
         tl.store(h_row + offs_r * stride_hr, h, mask=offs_r < r_max)
     for r0 in range(tl.cdiv(rank, BLOCK_R) * BLOCK_R, r_max, BLOCK_R):  # padding columns: 0
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -128,8 +143,10 @@ def _shrink_segmented_kernel(
     stride_hn,
     stride_ht,
     stride_hr,
+    stride_pn,
     # meta-parameters
     HAS_ACTIVATION: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -139,7 +156,8 @@ def _shrink_segmented_kernel(
     if tile * BLOCK_T >= count:  # grid is sized by the largest segment
         return
     slot = tl.load(seg_slots_ptr + seg)
-    rank = tl.load(ranks_ptr + slot)
+    meta = n * stride_pn + slot
+    rank = tl.load(ranks_ptr + meta)
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < count
     tokens = tl.load(order_ptr + tl.load(seg_starts_ptr + seg) + offs_t, mask=t_mask, other=0)
@@ -160,9 +178,9 @@ def _shrink_segmented_kernel(
                 )  # (BLOCK_T, BLOCK_K)
                 a_mask = (k[:, None] < in_features) & (offs_r[None, :] < rank)
                 a = tl.load(a_rows + k[:, None] * stride_ak, mask=a_mask, other=0.0)  # (K, R)
-                acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+                acc = _dot(x, a, acc, NATIVE_DOT)
             acc = _shrink_epilogue(
-                acc, offs_r[None, :], slot, rank, scaling_ptr, act_ptr, HAS_ACTIVATION
+                acc, offs_r[None, :], meta, rank, scaling_ptr, act_ptr, HAS_ACTIVATION
             )
         tl.store(
             h_rows + offs_r[None, :] * stride_hr,
@@ -192,6 +210,7 @@ def _expand_per_token_kernel(
     stride_bs,
     stride_bo,
     stride_br,
+    stride_pn,
     # meta-parameters
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -201,7 +220,7 @@ def _expand_per_token_kernel(
     size = tl.load(sizes_ptr + n)
     if (slot < 0) | (col_block * BLOCK_N >= size):  # base-model token / beyond this slice
         return
-    rank = tl.load(ranks_ptr + slot)
+    rank = tl.load(ranks_ptr + n * stride_pn + slot)
     offs_o = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
@@ -250,7 +269,9 @@ def _expand_segmented_kernel(
     stride_bs,
     stride_bo,
     stride_br,
+    stride_pn,
     # meta-parameters
+    NATIVE_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -262,7 +283,7 @@ def _expand_segmented_kernel(
     if (tile * BLOCK_T >= count) | (col_block * BLOCK_N >= size):
         return
     slot = tl.load(seg_slots_ptr + seg)
-    rank = tl.load(ranks_ptr + slot)
+    rank = tl.load(ranks_ptr + n * stride_pn + slot)
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < count
     tokens = tl.load(order_ptr + tl.load(seg_starts_ptr + seg) + offs_t, mask=t_mask, other=0)
@@ -280,7 +301,7 @@ def _expand_segmented_kernel(
             + offs_o[None, :] * stride_bo
         )  # (BLOCK_R, BLOCK_N) view of B^T
         b = tl.load(b_ptrs, mask=(offs_r[:, None] < rank) & (offs_o[None, :] < size), other=0.0)
-        acc = tl.dot(h.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        acc = _dot(h.to(b.dtype), b, acc, NATIVE_DOT)
     y_ptrs = (
         y_ptr
         + tokens[:, None] * stride_yt
@@ -291,233 +312,98 @@ def _expand_segmented_kernel(
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+def _native_dot(tensor: torch.Tensor) -> bool:
+    """Tensor-core dots for bf16/fp16 on a GPU; the interpreter computes its tiles in fp32."""
+    return tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def _block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _check_shrink(x, a_stack, slot_ids, ranks, scalings) -> torch.Tensor:
-    a4 = a_stack.unsqueeze(0) if a_stack.dim() == 3 else a_stack  # (n, S, r_max, in)
-    if x.dim() != 2 or a4.dim() != 4 or a4.shape[3] != x.shape[1]:
+def _check(u: torch.Tensor, w: DeltaWeights, batch: AdapterBatch) -> None:
+    n, S, R, d_in = w.a.shape
+    if u.dim() != 2 or u.shape[1] != d_in or w.b.shape[:3] != (n, S, R):
         raise ValueError(
-            f"expected x (T, in) and a_stack ([n,] S, r_max, in), got "
-            f"{tuple(x.shape)} and {tuple(a_stack.shape)}"
+            f"expected u (T, {d_in}), a (n, S, R, in) and b (n, S, R, out), got "
+            f"{tuple(u.shape)}, {tuple(w.a.shape)} and {tuple(w.b.shape)}"
         )
-    if (
-        slot_ids.shape != (x.shape[0],)
-        or ranks.shape != (a4.shape[1],)
-        or scalings.shape != ranks.shape
-    ):
-        raise ValueError(
-            f"expected slot_ids ({x.shape[0]},), ranks/scalings ({a4.shape[1]},), "
-            f"got {tuple(slot_ids.shape)}, {tuple(ranks.shape)}, {tuple(scalings.shape)}"
-        )
-    return a4
+    for name in ("ranks", "scalings", "activations"):
+        table = getattr(w, name)
+        if table.shape != (n, S) or not table.is_contiguous():
+            raise ValueError(f"expected contiguous {name} ({n}, {S}), got {tuple(table.shape)}")
+    if batch.slot_ids.shape != (u.shape[0],):
+        raise ValueError(f"expected slot_ids ({u.shape[0]},), got {tuple(batch.slot_ids.shape)}")
 
 
-def lora_shrink(
-    x: torch.Tensor,
-    a_stack: torch.Tensor,
-    slot_ids: torch.Tensor,
-    ranks: torch.Tensor,
-    scalings: torch.Tensor,
-    activations: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Triton kernels.reference.lora_shrink: segmented for prefill-sized T, per-token otherwise."""
-    variant = lora_shrink_segmented if x.shape[0] >= SEGMENTED_MIN_TOKENS else lora_shrink_per_token
-    return variant(x, a_stack, slot_ids, ranks, scalings, activations)
-
-
-def lora_shrink_per_token(
-    x: torch.Tensor,
-    a_stack: torch.Tensor,
-    slot_ids: torch.Tensor,
-    ranks: torch.Tensor,
-    scalings: torch.Tensor,
-    activations: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """BGMV-style lora_shrink: one program per (token, slice); every element of h is written."""
-    a4 = _check_shrink(x, a_stack, slot_ids, ranks, scalings)
-    n, T, r_max = a4.shape[0], x.shape[0], a4.shape[2]
-    h = torch.empty(n, T, r_max, dtype=torch.float32, device=x.device)  # (n, T, r_max)
-    if T:
-        act = activations if activations is not None else ranks  # dummy pointer when unused
-        _shrink_per_token_kernel[(T, n)](
-            x,
-            a4,
-            h,
-            slot_ids,
-            ranks,
-            scalings,
-            act,
-            x.shape[1],
-            r_max,
-            *x.stride(),
-            *a4.stride(),
-            *h.stride(),
-            HAS_ACTIVATION=activations is not None,
-            BLOCK_R=BLOCK_R,
-            BLOCK_K=_block(x.shape[1], 16, 128),
-        )
-    return h[0] if a_stack.dim() == 3 else h
-
-
-def lora_shrink_segmented(
-    x: torch.Tensor,
-    a_stack: torch.Tensor,
-    slot_ids: torch.Tensor,
-    ranks: torch.Tensor,
-    scalings: torch.Tensor,
-    activations: torch.Tensor | None = None,
-    segs: Segments | None = None,
-) -> torch.Tensor:
-    """SGMV lora_shrink: one program per (slot segment, BLOCK_T tokens, slice).
-
-    h starts at zero because base-model tokens are in no segment and are never visited.
-    """
-    a4 = _check_shrink(x, a_stack, slot_ids, ranks, scalings)
-    segs = segs if segs is not None else step_segments(slot_ids)
-    n, T, r_max = a4.shape[0], x.shape[0], a4.shape[2]
-    h = torch.zeros(n, T, r_max, dtype=torch.float32, device=x.device)  # (n, T, r_max)
-    if segs.max_count:
-        block_t = _block(segs.max_count, 16, 64)
-        act = activations if activations is not None else ranks
-        grid = (segs.num_segments, triton.cdiv(segs.max_count, block_t), n)
+def lora_shrink(u: torch.Tensor, weights: DeltaWeights, batch: AdapterBatch) -> torch.Tensor:
+    """h[i, t] = scalings[i, s] * f_{i,s}(u[t] @ A[i, s, :ranks[i, s]].T), s = slot_ids[t]:
+    (n, T, R) fp32, zero beyond each slot's rank and for rows no program visits (base rows
+    of prefill chunks). Decode rows: one program per (row, slice) (BGMV); prefill segments:
+    one per (segment, BLOCK_T rows, slice) (SGMV)."""
+    _check(u, weights, batch)
+    n, S, R, d_in = weights.a.shape
+    T, D = u.shape[0], batch.num_decode
+    h = torch.zeros(n, T, R, dtype=torch.float32, device=u.device)  # (n, T, R)
+    has_act = bool(weights.codes)
+    common = dict(HAS_ACTIVATION=has_act, BLOCK_R=BLOCK_R)
+    pointers = (weights.ranks, weights.scalings, weights.activations)
+    strides = (*u.stride(), *weights.a.stride(), *h.stride(), weights.ranks.stride(0))
+    if D:
+        _shrink_per_token_kernel[(D, n)](
+            u, weights.a, h, batch.slot_ids, *pointers, d_in, R, *strides,
+            BLOCK_K=_block(d_in, 16, 128), **common,
+        )  # fmt: skip
+    if batch.segments:
+        block_t = _block(batch.max_segment, 16, 64)
+        grid = (len(batch.segments), triton.cdiv(batch.max_segment, block_t), n)
         _shrink_segmented_kernel[grid](
-            x,
-            a4,
-            h,
-            segs.order,
-            segs.slots,
-            segs.starts,
-            segs.counts,
-            ranks,
-            scalings,
-            act,
-            x.shape[1],
-            r_max,
-            *x.stride(),
-            *a4.stride(),
-            *h.stride(),
-            HAS_ACTIVATION=activations is not None,
-            BLOCK_T=block_t,
-            BLOCK_R=BLOCK_R,
-            BLOCK_K=_block(x.shape[1], 16, 64),
-        )
-    return h[0] if a_stack.dim() == 3 else h
+            u, weights.a, h, batch.rows, batch.seg_slots, batch.seg_starts, batch.seg_counts,
+            *pointers, d_in, R, *strides, NATIVE_DOT=_native_dot(u), BLOCK_T=block_t,
+            BLOCK_K=_block(d_in, 16, 64), **common,
+        )  # fmt: skip
+    return h
 
 
-def _expand_args(y, h, b_stack, slot_ids, ranks, y_offsets, y_slice_sizes):
-    """Checked (n, T, r), (n, S, out_max, r) views and per-slice offset/size tensors."""
-    h3 = h.unsqueeze(0) if h.dim() == 2 else h
-    b4 = b_stack.unsqueeze(0) if b_stack.dim() == 3 else b_stack
-    offsets = [y_offsets] if isinstance(y_offsets, int) else list(y_offsets)
-    sizes = [y_slice_sizes] if isinstance(y_slice_sizes, int) else list(y_slice_sizes)
-    n = b4.shape[0]
-    if h3.shape[0] != n or len(offsets) != n or len(sizes) != n or h3.shape[1] != y.shape[0]:
+def lora_expand(
+    y: torch.Tensor, h: torch.Tensor, weights: DeltaWeights, batch: AdapterBatch,
+    y_offsets: Sequence[int], y_slice_sizes: Sequence[int],
+) -> torch.Tensor:  # fmt: skip
+    """y[t, off_i : off_i + size_i] += h[i, t, :rank] @ B[i, s, :rank, :size_i], s = slot_ids[t]
+    >= 0; in place on y (returned). Rows of slot -1 and columns outside the slices untouched."""
+    offsets, sizes = _slice_tensors(tuple(y_offsets), tuple(y_slice_sizes), y.device)
+    b = weights.b
+    if h.shape != (b.shape[0], y.shape[0], b.shape[2]) or max(y_slice_sizes) > b.shape[3]:
         raise ValueError(
-            f"expected h (n, T, r), b_stack (n, S, out, r) and n offsets/sizes, got "
-            f"{tuple(h.shape)}, {tuple(b_stack.shape)}, {offsets}, {sizes}"
+            f"expected h (n, T, R) for b {tuple(b.shape)}, y {tuple(y.shape)} and slices of at "
+            f"most {b.shape[3]} columns, got h {tuple(h.shape)} and sizes {list(y_slice_sizes)}"
         )
-    if h3.shape[2] != b4.shape[3] or max(sizes) > b4.shape[2]:
-        raise ValueError(
-            f"rank or slice size mismatch: h {tuple(h.shape)}, b {tuple(b_stack.shape)}, sizes {sizes}"
-        )
-    if any(o < 0 or o + s > y.shape[1] for o, s in zip(offsets, sizes, strict=True)):
-        raise ValueError(
-            f"slices {list(zip(offsets, sizes, strict=True))} exceed y's {y.shape[1]} columns"
-        )
-    return h3, b4, *_slice_tensors(tuple(offsets), tuple(sizes), y.device), max(sizes)
+    max_size = max(y_slice_sizes)
+    # b is rank-major (n, S, R, out); the kernels take (slice, slot, out, rank) strides
+    strides = (*y.stride(), *h.stride(), b.stride(0), b.stride(1), b.stride(3), b.stride(2),
+               weights.ranks.stride(0))  # fmt: skip
+    if batch.num_decode:
+        block_n = _block(max_size, 16, 128)
+        grid = (batch.num_decode, triton.cdiv(max_size, block_n), b.shape[0])
+        _expand_per_token_kernel[grid](
+            y, h, b, batch.slot_ids, weights.ranks, offsets, sizes, *strides,
+            BLOCK_N=block_n, BLOCK_R=BLOCK_R,
+        )  # fmt: skip
+    if batch.segments:
+        block_t, block_n = _block(batch.max_segment, 16, 64), _block(max_size, 16, 64)
+        col_blocks = triton.cdiv(max_size, block_n)
+        grid = (len(batch.segments), triton.cdiv(batch.max_segment, block_t) * col_blocks,
+                b.shape[0])  # fmt: skip
+        _expand_segmented_kernel[grid](
+            y, h, b, batch.rows, batch.seg_slots, batch.seg_starts, batch.seg_counts,
+            weights.ranks, offsets, sizes, col_blocks, *strides, NATIVE_DOT=_native_dot(y),
+            BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=BLOCK_R,
+        )  # fmt: skip
+    return y
 
 
 @functools.lru_cache(maxsize=256)
 def _slice_tensors(offsets: tuple[int, ...], sizes: tuple[int, ...], device: torch.device):
-    """Per-slice offsets and sizes on the device, made once per shape (not per call: a host to
-    device copy each time the model calls an op)."""
+    """Per-slice offsets and sizes on the device, made once per shape (not a host to device
+    copy at every call)."""
     return tuple(torch.tensor(v, dtype=torch.int64, device=device) for v in (offsets, sizes))
-
-
-def lora_expand(
-    y: torch.Tensor,
-    h: torch.Tensor,
-    b_stack: torch.Tensor,
-    slot_ids: torch.Tensor,
-    ranks: torch.Tensor,
-    y_offsets: int | Sequence[int],
-    y_slice_sizes: int | Sequence[int],
-) -> torch.Tensor:
-    """Triton kernels.reference.lora_expand: segmented for prefill-sized T, per-token otherwise."""
-    variant = lora_expand_segmented if y.shape[0] >= SEGMENTED_MIN_TOKENS else lora_expand_per_token
-    return variant(y, h, b_stack, slot_ids, ranks, y_offsets, y_slice_sizes)
-
-
-def lora_expand_per_token(
-    y: torch.Tensor,
-    h: torch.Tensor,
-    b_stack: torch.Tensor,
-    slot_ids: torch.Tensor,
-    ranks: torch.Tensor,
-    y_offsets: int | Sequence[int],
-    y_slice_sizes: int | Sequence[int],
-) -> torch.Tensor:
-    """BGMV-style lora_expand: one program per (token, BLOCK_N output columns, slice)."""
-    h3, b4, offsets, sizes, max_size = _expand_args(
-        y, h, b_stack, slot_ids, ranks, y_offsets, y_slice_sizes
-    )
-    block_n = _block(max_size, 16, 128)
-    if y.shape[0]:
-        _expand_per_token_kernel[(y.shape[0], triton.cdiv(max_size, block_n), b4.shape[0])](
-            y,
-            h3,
-            b4,
-            slot_ids,
-            ranks,
-            offsets,
-            sizes,
-            *y.stride(),
-            *h3.stride(),
-            *b4.stride(),
-            BLOCK_N=block_n,
-            BLOCK_R=BLOCK_R,
-        )
-    return y
-
-
-def lora_expand_segmented(
-    y: torch.Tensor,
-    h: torch.Tensor,
-    b_stack: torch.Tensor,
-    slot_ids: torch.Tensor,
-    ranks: torch.Tensor,
-    y_offsets: int | Sequence[int],
-    y_slice_sizes: int | Sequence[int],
-    segs: Segments | None = None,
-) -> torch.Tensor:
-    """SGMV lora_expand: one program per (slot segment, token tile x column block, slice)."""
-    h3, b4, offsets, sizes, max_size = _expand_args(
-        y, h, b_stack, slot_ids, ranks, y_offsets, y_slice_sizes
-    )
-    segs = segs if segs is not None else step_segments(slot_ids)
-    if segs.max_count:
-        block_t, block_n = _block(segs.max_count, 16, 64), _block(max_size, 16, 64)
-        col_blocks = triton.cdiv(max_size, block_n)
-        grid = (segs.num_segments, triton.cdiv(segs.max_count, block_t) * col_blocks, b4.shape[0])
-        _expand_segmented_kernel[grid](
-            y,
-            h3,
-            b4,
-            segs.order,
-            segs.slots,
-            segs.starts,
-            segs.counts,
-            ranks,
-            offsets,
-            sizes,
-            col_blocks,
-            *y.stride(),
-            *h3.stride(),
-            *b4.stride(),
-            BLOCK_T=block_t,
-            BLOCK_N=block_n,
-            BLOCK_R=BLOCK_R,
-        )
-    return y

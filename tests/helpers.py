@@ -62,3 +62,34 @@ def make_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
             p.normal_(0, 0.08) if p.dim() > 1 else p.uniform_(0.8, 1.2)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+class Stepper:
+    """A Scheduler and a BatchBuilder over one paged KV cache, driven as Engine.step drives
+    them: `step()` schedules and builds the batch (tests that run the model step by step)."""
+
+    def __init__(
+        self, args, num_blocks: int, block_size: int, max_num_seqs: int, budget: int,
+        num_adapter_slots: int = 1, max_model_len: int = 512,
+    ) -> None:  # fmt: skip
+        from server.engine.batch import BatchBuilder
+        from server.engine.kv_cache import BlockAllocator
+        from server.engine.scheduler import Scheduler, place_prefix
+        from server.model.llama import KVCache
+
+        self.cache = KVCache(args, num_blocks, block_size, torch.float32, "cpu")
+        self.scheduler = Scheduler(
+            BlockAllocator(num_blocks, block_size), max_num_seqs, budget,
+            place_prefix=lambda seq: place_prefix(seq, self.cache, block_size),
+        )  # fmt: skip
+        self.builder = BatchBuilder(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max(budget, max_model_len),
+            block_size=block_size, max_blocks_per_seq=-(-max_model_len // block_size),
+            trash_block=self.cache.trash_block, num_adapter_slots=num_adapter_slots,
+            device=torch.device("cpu"),
+        )  # fmt: skip
+
+    def step(self):
+        """(plan, batch), or None when nothing can run this step."""
+        plan = self.scheduler.schedule()
+        return None if plan is None else (plan, self.builder.build(plan))

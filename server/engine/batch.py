@@ -1,13 +1,28 @@
-"""Per-step batch metadata handed from the scheduler to the model (frozen; built once per step)."""
+"""From a StepPlan to the tensors of one forward: ForwardBatch, built by BatchBuilder into
+persistent buffers allocated once (sized by max_num_seqs / max_num_batched_tokens).
+
+A batch is flattened: decode tokens first (one per sequence), then prefill chunks. Example with
+block_size 4: a decoding sequence at position 9 with blocks [7, 2, 5] writes its token to flat
+slot 5*4 + 9%4 = 21 and attends to 10 keys; a new 3-token prompt with block [0] fills slots
+0..2 and attends causally.
+
+Padding rows (a decode step padded up to a compiled batch size) read token 0 at position 0,
+write their K/V into the trash block (the cache's extra last block, never handed to a
+sequence), attend to that one slot, carry adapter slot -1, and have their logits ignored.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
+from kernels import AdapterBatch, runs
+from server.engine.scheduler import Sequence, StepPlan
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class PrefillChunk:
     """One sequence's run of prompt tokens in this step: rows [start, start+length) of the batch."""
 
@@ -17,30 +32,151 @@ class PrefillChunk:
     block_table: torch.Tensor  # (num_blocks,) int64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ForwardBatch:
-    """A flattened step: decode tokens first (one per sequence), then prefill chunks.
-
-    Example with block_size 4: a decoding sequence at position 9 with blocks [7, 2, 5] writes its
-    token to flat slot 5*4 + 9%4 = 21 and attends to 10 keys; a new 3-token prompt with block [0]
-    fills slots 0..2 and attends causally.
-    """
-
     token_ids: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64
     slot_mapping: torch.Tensor  # (T,) int64: flat KV-cache slot each token's K/V is written to
-    slot_ids: torch.Tensor  # (T,) int32: adapter slot per token, -1 = base model
-    decode_block_tables: torch.Tensor  # (D, max_blocks) int64 for the D decode tokens (rows 0..D-1)
+    decode_block_tables: torch.Tensor  # (D, nb) int64 for the D decode rows (rows 0..D-1)
     decode_context_lens: torch.Tensor  # (D,) int64
     prefills: tuple[PrefillChunk, ...]
     logits_indices: torch.Tensor  # (N,) int64: rows whose logits the engine needs
     # prompt tuning: rows whose input embedding is a virtual token's (not the token id's)
     embed_rows: torch.Tensor | None = None  # (E,) int64
     embed_values: torch.Tensor | None = None  # (E, dim)
-    # the distinct slot_ids >= 0, known on the host (neither the model nor the hooks then read
-    # slot_ids back from the device); None = compute from slot_ids
-    adapter_slots: frozenset[int] | None = None
+    adapters: AdapterBatch | None = None  # None: no row has an adapter slot
 
     @property
     def num_decode(self) -> int:
-        return int(self.decode_context_lens.shape[0])
+        return self.decode_context_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+
+class BatchBuilder:
+    """Turns StepPlans into ForwardBatches over buffers allocated once.
+
+    `full_width` keeps decode block tables at their full width (max_model_len / block_size):
+    what captured CUDA graphs need (fixed shapes; the Triton attention stops at each context).
+    Otherwise tables are as wide as the step's longest context, which is what the reference
+    attention gathers."""
+
+    def __init__(
+        self, *, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
+        max_blocks_per_seq: int, trash_block: int, num_adapter_slots: int,
+        device: torch.device, full_width: bool = False,
+    ) -> None:  # fmt: skip
+        self.block_size, self.trash_block = block_size, trash_block
+        self.device, self.full_width = device, full_width
+        tokens = max(max_num_batched_tokens, max_num_seqs)
+        rows = max_num_seqs
+
+        def zeros(*shape, dtype=torch.int64):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.token_ids, self.positions, self.slot_mapping = zeros(tokens), zeros(tokens), zeros(tokens)
+        self.logits_indices = zeros(tokens)
+        self.tables, self.context_lens = zeros(rows, max_blocks_per_seq), zeros(rows)
+        self.slot_ids = zeros(tokens, dtype=torch.int32)
+        self.onehot = zeros(rows, num_adapter_slots, dtype=torch.float32)
+        self.base_rows = zeros(rows, 1, dtype=torch.float32)
+        self.rows = torch.arange(tokens, dtype=torch.int64, device=device)
+
+    @property
+    def max_decode_rows(self) -> int:
+        return self.tables.shape[0]
+
+    def build(self, plan: StepPlan, pad_to: int | None = None) -> ForwardBatch:
+        """The plan's tensors; `pad_to` pads a decode-only plan with padding rows."""
+        bs, D = self.block_size, plan.num_decodes
+        tokens, positions, slots, slot_ids, logit_rows = [], [], [], [], []
+        prefills, embed_rows, embed_values = [], [], []
+        for i, (seq, n) in enumerate(plan.work):
+            start = len(tokens)
+            pos = range(seq.num_computed, seq.num_computed + n)
+            tokens += seq.all_ids[seq.num_computed : seq.num_computed + n]
+            positions += pos
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
+            slot_ids += [seq.slot_id] * n
+            logit_rows += _logit_rows(seq, start, n)
+            if seq.virtual_embeds is not None and seq.num_computed < seq.num_virtual:
+                end = min(seq.num_virtual, seq.num_computed + n)
+                embed_rows += range(start, start + end - seq.num_computed)
+                embed_values.append(seq.virtual_embeds[seq.num_computed : end])
+            if i >= D:
+                table = torch.tensor(seq.block_table, dtype=torch.int64, device=self.device)
+                prefills.append(PrefillChunk(start, n, seq.num_computed + n, table))
+        rows = D
+        if pad_to is not None and pad_to > D:
+            assert not prefills, "only a decode-only plan is padded"
+            rows = pad_to
+            trash = self.trash_block * bs
+            tokens += [0] * (rows - D)
+            positions += [0] * (rows - D)
+            slots += [trash] * (rows - D)
+            slot_ids += [-1] * (rows - D)
+            logit_rows += range(D, rows)
+        T = len(tokens)
+        self._fill(self.token_ids, tokens)
+        self._fill(self.positions, positions)
+        self._fill(self.slot_mapping, slots)
+        self._fill(self.logits_indices, logit_rows)
+        width = self._fill_tables([seq for seq, _ in plan.work[:D]], rows)
+        return ForwardBatch(
+            token_ids=self.token_ids[:T],
+            positions=self.positions[:T],
+            slot_mapping=self.slot_mapping[:T],
+            decode_block_tables=self.tables[:rows, :width],
+            decode_context_lens=self.context_lens[:rows],
+            prefills=tuple(prefills),
+            logits_indices=self.logits_indices[: len(logit_rows)],
+            embed_rows=self._tensor(embed_rows) if embed_rows else None,
+            embed_values=torch.cat(embed_values) if embed_values else None,
+            adapters=self._adapters(slot_ids, rows),
+        )
+
+    def _fill(self, buffer: torch.Tensor, values: Seq[int]) -> None:
+        if values:
+            buffer[: len(values)].copy_(torch.tensor(values, dtype=buffer.dtype), non_blocking=True)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def _fill_tables(self, decodes: list[Sequence], rows: int) -> int:
+        """Decode rows' block tables and context lengths (padding rows: the trash block, one
+        key); returns the width the step's tables use."""
+        width = max((len(s.block_table) for s in decodes), default=1)
+        width = self.tables.shape[1] if self.full_width else width
+        table = [s.block_table + [s.block_table[-1]] * (width - len(s.block_table)) for s in decodes]
+        table += [[self.trash_block] * width] * (rows - len(decodes))
+        if rows:
+            values = torch.tensor(table, dtype=torch.int64)
+            self.tables[:rows, :width].copy_(values, non_blocking=True)
+            lens = [s.num_computed + 1 for s in decodes] + [1] * (rows - len(decodes))
+            self._fill(self.context_lens, lens)
+        return width
+
+    def _adapters(self, slot_ids: list[int], rows: int) -> AdapterBatch | None:
+        """The step's AdapterBatch, or None when no row uses an adapter slot."""
+        if all(s < 0 for s in slot_ids):
+            return None
+        self._fill(self.slot_ids, slot_ids)
+        onehot = torch.zeros(rows, self.onehot.shape[1])
+        for row, slot in enumerate(slot_ids[:rows]):
+            if slot >= 0:
+                onehot[row, slot] = 1.0
+        self.onehot[:rows].copy_(onehot, non_blocking=True)
+        self.base_rows[:rows].copy_(1.0 - onehot.sum(1, keepdim=True), non_blocking=True)
+        return AdapterBatch.assemble(
+            self.slot_ids[: len(slot_ids)], self.onehot[:rows], self.base_rows[:rows],
+            runs(slot_ids, rows), self.rows[: len(slot_ids)],
+        )  # fmt: skip
+
+
+def _logit_rows(seq: Sequence, start: int, n: int) -> list[int]:
+    """Rows needing logits: every row when prompt logprobs are due, else the last if it samples."""
+    if seq.wants_prompt_logprobs:
+        return list(range(start, start + n))
+    return [start + n - 1] if seq.num_computed + n == seq.num_tokens else []

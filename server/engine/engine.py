@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
+import kernels
 from adapters.hooks import PoolHooks
 from adapters.pool import AdapterPool
 from adapters.registry import AdapterRegistry, RegistryError
 from adapters.spec import AdapterFormatError, BaseFingerprint
 from adapters.store import AdapterStore, StoreError
 from server.config import Settings
+from server.engine.batch import BatchBuilder
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator
 from server.engine.sampling import (
@@ -36,10 +38,10 @@ from server.engine.sampling import (
     top_logprobs,
 )
 from server.engine.scheduler import (
-    ScheduledStep,
     Scheduler,
     Sequence,
     Status,
+    StepPlan,
     bind_adapter,
     place_prefix,
 )
@@ -143,8 +145,17 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks, settings.block_size)
         self.registry = registry
         self.scheduler = Scheduler(
-            self.allocator, settings.max_num_seqs, settings.max_num_batched_tokens, device,
+            self.allocator, settings.max_num_seqs, settings.max_num_batched_tokens,
             prepare=self._prepare, place_prefix=self._place_prefix,
+        )
+        self.builder = BatchBuilder(
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            block_size=settings.block_size,
+            max_blocks_per_seq=-(-max_model_len // settings.block_size),
+            trash_block=self.cache.trash_block,
+            num_adapter_slots=registry.pool.num_slots if registry is not None else 1,
+            device=device,
         )
         self._doomed: list[tuple[Sequence, str, int]] = []  # not admissible: fail them
         self.healthy, self.ready = True, False
@@ -331,23 +342,22 @@ class Engine:
                 self._finish(seq, "abort", [])
 
     def step(self) -> None:
-        """One iteration: schedule, forward, sample, emit."""
-        was_waiting = {id(s) for s in self.scheduler.waiting}
-        scheduled = self.scheduler.schedule()
-        self._count_admissions(was_waiting)
+        """One iteration: schedule, build the batch, forward, sample, emit."""
+        plan = self.scheduler.schedule()
+        self._count_admissions(plan)
         self._fail_doomed()
-        if scheduled is None:
+        if plan is None:
             self._wake.wait(0.01)  # blocked on KV blocks: nothing runnable this instant
             return
-        self.step_log.append(tuple((seq.request_id, seq.model) for seq, _ in scheduled.work))
-        if scheduled.preempted:
-            self.metrics.preemptions.inc(len(scheduled.preempted))
+        self.step_log.append(tuple((seq.request_id, seq.model) for seq, _ in plan.work))
+        if plan.preempted:
+            self.metrics.preemptions.inc(len(plan.preempted))
         if self.registry is not None:
-            adapters = {seq.adapter for seq, _ in scheduled.work} - {None}
+            adapters = {seq.adapter for seq, _ in plan.work} - {None}
             self.metrics.on_step_adapters(len(adapters))
-        logits = self.model(scheduled.batch, self.cache)
-        self._process(scheduled, logits)
-        self._publish_stats(scheduled.num_tokens)
+        logits = self.model(self.builder.build(plan), self.cache)
+        self._process(plan, logits)
+        self._publish_stats(plan.num_tokens)
 
     # ---- adapters (engine thread) ---------------------------------------------------------
     def _prepare(self, seq: Sequence) -> bool:
@@ -377,14 +387,13 @@ class Engine:
             if seq.status is not Status.FINISHED:
                 self._finish(seq, "error", [], error=message, error_status=status)
 
-    def _count_admissions(self, was_waiting: set[int]) -> None:
-        admitted = sum(1 for s in self.scheduler.running if id(s) in was_waiting)
-        requeued = sum(1 for s in self.scheduler.waiting if id(s) not in was_waiting)
+    def _count_admissions(self, plan: StepPlan | None) -> None:
+        admitted, requeued = (len(plan.admitted), len(plan.preempted)) if plan else (0, 0)
         with self._lock:
             self._num_queued += requeued - admitted
             self._num_running = len(self.scheduler.running)
 
-    def _process(self, step: ScheduledStep, logits: torch.Tensor) -> None:
+    def _process(self, step: StepPlan, logits: torch.Tensor) -> None:
         row, samplers = 0, []
         for seq, n in step.work:
             seq.num_computed += n
@@ -594,7 +603,9 @@ def build_engine(settings: Settings, metrics: Metrics) -> Engine:
     log.info("serving %s on %s (%s): %d KV blocks of %d tokens", plan.model_id, plan.device,
              plan.dtype, plan.num_blocks, settings.block_size)
     registry = build_registry(settings, plan, metrics)
-    model.hooks = PoolHooks(registry.pool)
+    ops = kernels.ops_for(plan.device)
+    model.use_ops(ops)
+    model.hooks = PoolHooks(registry.pool, ops)
     engine = Engine(model, tokenizer, settings, metrics, plan.model_id, plan.max_model_len,
                     plan.num_blocks, registry)
     registry.on_ready = engine._wake.set

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adapters.spec import AdapterKind
-from server.engine.batch import ForwardBatch, PrefillChunk
 from server.engine.kv_cache import BlockAllocator, OutOfBlocks
 from server.engine.sampling import SamplingParams, TokenLogprob
 
@@ -75,32 +74,36 @@ class Sequence:
 
 
 @dataclass(frozen=True)
-class ScheduledStep:
-    """What one step computes: (sequence, number of tokens) in batch order (decodes first)."""
+class StepPlan:
+    """What one step computes, as plain data: (sequence, number of tokens) in batch order. The
+    first `num_decodes` entries are decodes (one token each, the model attends for them as one
+    batch); every later entry is a prefill chunk, one token long included (a chunk cut by the
+    budget, or a prefix-tuned prompt admitted after its virtual tokens). The batch builder turns
+    it into tensors."""
 
     work: tuple[tuple[Sequence, int], ...]
-    batch: ForwardBatch
-    preempted: tuple[Sequence, ...]
+    num_decodes: int
+    preempted: tuple[Sequence, ...] = ()
+    admitted: tuple[Sequence, ...] = ()
 
     @property
     def num_tokens(self) -> int:
-        return int(self.batch.token_ids.shape[0])
+        return sum(n for _, n in self.work)
 
 
 class Scheduler:
     """`prepare(seq)` is asked before admitting a waiting sequence: False keeps it waiting (its
     adapter is still loading) while later ones are admitted. `place_prefix(seq)` writes a
-    prefix-tuned sequence's virtual K/V into its first cache slots when it is (re)admitted."""
+    prefix-tuned sequence's virtual K/V into its first cache slots when it is (re)admitted.
+    Nothing here touches a tensor: a step is a StepPlan."""
 
     def __init__(
         self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-        device: torch.device,
         prepare: Callable[[Sequence], bool] | None = None,
         place_prefix: Callable[[Sequence], None] | None = None,
     ) -> None:
         self.allocator = allocator
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
-        self.device = device
         self.prepare, self.place_prefix = prepare, place_prefix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -120,17 +123,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledStep | None:
+    def schedule(self) -> StepPlan | None:
         preempted: list[Sequence] = []
         decodes = self._schedule_decodes(preempted)
         budget = self.budget - len(decodes)
         prefills = self._schedule_running_prefills(budget)
         budget -= sum(n for _, n in prefills)
-        prefills += self._admit(budget)
-        work = tuple(decodes + prefills)
+        admitted = self._admit(budget)
+        work = tuple(decodes + prefills + admitted)
         if not work:
             return None
-        return ScheduledStep(work, self._build_batch(work, len(decodes)), tuple(preempted))
+        return StepPlan(work, len(decodes), tuple(preempted), tuple(s for s, _ in admitted))
 
     def _schedule_decodes(self, preempted: list[Sequence]) -> list[tuple[Sequence, int]]:
         out: list[tuple[Sequence, int]] = []
@@ -213,64 +216,6 @@ class Scheduler:
         victim.status = Status.WAITING
         self.waiting.appendleft(victim)
         return victim
-
-    def _build_batch(self, work: tuple[tuple[Sequence, int], ...], num_decodes: int) -> ForwardBatch:
-        """The first `num_decodes` entries of `work` are decodes (the model attends for them as
-        q[:num_decodes]); every later entry is a prefill chunk, one token long included (a
-        chunk cut by the budget, or a prefix-tuned prompt admitted after its virtual tokens)."""
-        bs, tokens, positions, slots, slot_ids = self.allocator.block_size, [], [], [], []
-        decode_tables, decode_lens, prefills, logits_rows = [], [], [], []
-        embed_rows: list[int] = []
-        embed_values: list[torch.Tensor] = []
-        for i, (seq, n) in enumerate(work):
-            start, ids = len(tokens), seq.all_ids[seq.num_computed : seq.num_computed + n]
-            pos = range(seq.num_computed, seq.num_computed + n)
-            if seq.virtual_embeds is not None and seq.num_computed < seq.num_virtual:
-                end = min(seq.num_virtual, seq.num_computed + n)
-                embed_rows += range(start, start + end - seq.num_computed)
-                embed_values.append(seq.virtual_embeds[seq.num_computed : end])
-            tokens += ids
-            positions += pos
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
-            slot_ids += [seq.slot_id] * n
-            logits_rows += self._logit_rows(seq, start, n)
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            if i < num_decodes:
-                decode_tables.append(table)
-                decode_lens.append(seq.num_computed + 1)
-            else:
-                prefills.append(PrefillChunk(start, n, seq.num_computed + n, table.to(self.device)))
-        return ForwardBatch(
-            token_ids=self._tensor(tokens),
-            positions=self._tensor(positions),
-            slot_mapping=self._tensor(slots),
-            slot_ids=torch.tensor(slot_ids, dtype=torch.int32, device=self.device),
-            decode_block_tables=self._pad_tables(decode_tables),
-            decode_context_lens=self._tensor(decode_lens),
-            prefills=tuple(prefills),
-            logits_indices=self._tensor(logits_rows),
-            embed_rows=self._tensor(embed_rows) if embed_rows else None,
-            embed_values=torch.cat(embed_values) if embed_values else None,
-            adapter_slots=frozenset(slot_ids) - {-1},
-        )
-
-    @staticmethod
-    def _logit_rows(seq: Sequence, start: int, n: int) -> list[int]:
-        """Rows needing logits: every row when prompt logprobs are due, else the last if it samples."""
-        completes = seq.num_computed + n == seq.num_tokens
-        if seq.wants_prompt_logprobs:
-            return list(range(start, start + n))
-        return [start + n - 1] if completes else []
-
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    def _pad_tables(self, tables: list[torch.Tensor]) -> torch.Tensor:
-        width = max((len(t) for t in tables), default=0)
-        out = torch.zeros((len(tables), width), dtype=torch.long)
-        for i, t in enumerate(tables):
-            out[i, : len(t)] = t
-        return out.to(self.device)
 
 
 def bind_adapter(

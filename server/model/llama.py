@@ -1,8 +1,10 @@
 """Own compact Llama-family model (Llama 1/2/3, SmolLM, TinyLlama, Mistral-style, Qwen2 qkv bias).
 
-Runs on a flattened, paged batch (`ForwardBatch`): no padding, K/V written into a block cache.
-Adapters plug in through `AdapterHooks`: every linear projection calls `pre` on its input and
-`post` on its output with the batch's per-token `slot_ids`.
+Runs on a flattened, paged batch (`ForwardBatch`), K/V written into a block cache. Adapters
+plug in through `AdapterHooks` at each projection site (q|k|v, o, gate|up, down): `pre` on a
+target's input, `post` on the site's output, with the step's AdapterBatch. A block takes its
+layer's state as arguments (its cache views, its adapter stacks), so one compiled block serves
+every layer (server/model/compiled.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels import AdapterBatch
 from server.engine.batch import ForwardBatch, PrefillChunk
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -67,26 +70,42 @@ class ModelArgs:
 
 
 class AdapterHooks(Protocol):
-    """Where adapters act. `target` is one of TARGETS; tensors are (T, features) over the batch."""
+    """Where adapters act (adapters.hooks.PoolHooks). `layer(i)` is layer i's adapter state
+    (its `sites` in SITE order), passed back to `pre` / `post`."""
 
-    def pre(self, layer: int, target: str, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
+    def layer(self, i: int) -> Any: ...
+
+    def pre(self, site: Any, i: int, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor: ...
 
     def post(
-        self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor, batch: ForwardBatch
-    ) -> torch.Tensor: ...
+        self, site: Any, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor,
+        batch: AdapterBatch,
+    ) -> torch.Tensor: ...  # fmt: skip
 
-    def post_fused(
-        self, layer: int, targets: tuple[str, ...], x: torch.Tensor, fused: torch.Tensor,
-        sizes: tuple[int, ...], batch: ForwardBatch,
-    ) -> torch.Tensor:  # fmt: skip
-        """`post` of each of `targets` on its columns of fused = [W_t1 x | W_t2 x | ...] (widths
-        `sizes`), as one call so that the adapters can act on all of them at once."""
-        ...
 
-    def acts_before(self, layer: int, targets: tuple[str, ...], batch: ForwardBatch) -> bool:
-        """Whether `pre` changes the input of any of `targets` in this batch. When it does not,
-        the model keeps its fused q|k|v and gate|up matmuls and calls `post_fused`."""
-        ...
+@dataclass(frozen=True, eq=False)
+class Adapting:
+    """A layer's adapter state for one step: the hooks, the layer's sites, the step's batch."""
+
+    hooks: AdapterHooks
+    sites: tuple[Any, ...]  # the hooks' per-site state, in SITE order (qkv, o, gate_up, down)
+    batch: AdapterBatch
+
+    def project(self, index: int, linears: tuple[Callable, ...], fused: Callable | None,
+                x: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """A site's output with its adapters: fused into one matmul unless a target needs its
+        own input (an input-side adapter), then split."""
+        site = self.sites[index]
+        if fused is not None and not site.splits:
+            return self.hooks.post(site, x, fused(x), self.batch)
+        inputs = tuple(self.hooks.pre(site, i, x, self.batch) for i in range(len(linears)))
+        if len(inputs) == 1:
+            return self.hooks.post(site, inputs[0], linears[0](inputs[0]), self.batch)
+        y = torch.cat([lin(u) for lin, u in zip(linears, inputs, strict=True)], dim=-1)
+        return self.hooks.post(site, inputs, y, self.batch)
+
+
+SITE_QKV, SITE_O, SITE_GATE_UP, SITE_DOWN = range(4)  # adapters.pool.SITES order
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -143,51 +162,74 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.wqkv: Dense | None = None  # fused q|k|v, built by fuse()
         self.wo: Dense | None = None
+        self.ops = kernels.ops_for("cpu")  # set by Transformer.use_ops
 
     def fuse(self, cpu: bool) -> None:
         """Concatenate q/k/v into one matmul; called once after weights are loaded."""
         linears = (self.q_proj, self.k_proj, self.v_proj)
         bias = fuse_weights([lin.bias for lin in linears]) if self.args.attention_bias else None
         self.wqkv = Dense(fuse_weights([lin.weight for lin in linears]), bias, cpu)
-        self.qkv_sizes = tuple(lin.out_features for lin in linears)
         self.wo = Dense(self.o_proj.weight.detach(), None, cpu)
 
-    def qkv(self, x: torch.Tensor, batch: ForwardBatch, hooks: AdapterHooks | None) -> torch.Tensor:
-        """(T, H + 2*kvh, d): query heads, then key heads, then value heads."""
-        a = self.args
-        if hooks is None and self.wqkv is not None:
-            out = self.wqkv(x)
-        elif self.wqkv is not None and not hooks.acts_before(self.layer, QKV, batch):
-            out = hooks.post_fused(self.layer, QKV, x, self.wqkv(x), self.qkv_sizes, batch)
-        else:
-            projections = (("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj))
-            out = torch.cat([project(self.layer, t, lin, x, batch, hooks) for t, lin in projections], dim=-1)
-        return out.view(x.shape[0], a.n_heads + 2 * a.n_kv_heads, a.head_dim)
-
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
-        batch: ForwardBatch, hooks: AdapterHooks | None,
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: LayerKV,
+        step: AttentionStep, adapting: Adapting | None,
+    ) -> torch.Tensor:  # fmt: skip
         a, T = self.args, x.shape[0]
-        qkv = self.qkv(x, batch, hooks)  # (T, H + 2*kvh, d)
+        qkv = self._project(SITE_QKV, (self.q_proj, self.k_proj, self.v_proj), self.wqkv, x, adapting)
+        qkv = qkv.view(T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
         qk = apply_rope(qkv[:, : a.n_heads + a.n_kv_heads], *rope)  # one rotation for q and k
         q, k = qk[:, : a.n_heads], qk[:, a.n_heads :]  # (T, H, d), (T, kvh, d)
         v = qkv[:, a.n_heads + a.n_kv_heads :]  # (T, kvh, d)
-        k_cache, v_cache = cache.layer(self.layer)
-        cache.write(self.layer, batch.slot_mapping, k, v)
+        self.ops.write_kv(kv.k, kv.v, step.slot_mapping, k, v)
+        out = self._attend(q, k, v, kv, step).view(T, -1)  # (T, H*d)
+        return self._project(SITE_O, (self.o_proj,), self.wo, out, adapting)
+
+    def _project(self, index, linears, fused, x, adapting: Adapting | None) -> torch.Tensor:
+        if adapting is not None:
+            return adapting.project(index, linears, fused, x)
+        if fused is not None:
+            return fused(x)
+        return torch.cat([lin(x) for lin in linears], dim=-1)
+
+    def _attend(self, q, k, v, kv: LayerKV, step: AttentionStep) -> torch.Tensor:
+        """(T, H, d): decode rows against the paged cache, prefill chunks causally."""
         out = q.new_empty(q.shape)  # (T, H, d), contiguous (q is a strided view)
-        scale = 1.0 / math.sqrt(a.head_dim)
-        D = batch.num_decode
+        scale = 1.0 / math.sqrt(self.args.head_dim)
+        D = step.decode_context_lens.shape[0]
         if D:
-            out[:D] = kernels.paged_decode_attention(
-                q[:D], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale
-            )
-        for chunk in batch.prefills:
+            out[:D] = self.ops.paged_decode_attention(
+                q[:D].contiguous(), kv.k, kv.v, step.decode_block_tables, step.decode_context_lens,
+                scale,
+            )  # fmt: skip
+        for chunk in step.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
-            out[rows] = prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
-        if hooks is None and self.wo is not None:
-            return self.wo(out.view(T, -1))
-        return project(self.layer, "o", self.wo or self.o_proj, out.view(T, -1), batch, hooks)
+            out[rows] = prefill_attention(q[rows], k[rows], v[rows], kv.k, kv.v, chunk, scale)
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class LayerKV:
+    """One layer's paged cache: (num_blocks + 1, block_size, kvh, d) each (the last block is
+    the trash block that padding rows write to)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionStep:
+    """What attention needs of a step (the fields of ForwardBatch it reads)."""
+
+    slot_mapping: torch.Tensor  # (T,) int64
+    decode_block_tables: torch.Tensor  # (D, nb) int64
+    decode_context_lens: torch.Tensor  # (D,) int64
+    prefills: tuple[PrefillChunk, ...] = ()
+
+    @classmethod
+    def of(cls, batch: ForwardBatch) -> AttentionStep:
+        return cls(batch.slot_mapping, batch.decode_block_tables, batch.decode_context_lens,
+                   batch.prefills)  # fmt: skip
 
 
 def prefill_attention(
@@ -242,21 +284,6 @@ class Dense:
         return y if self.bias is None else y + self.bias
 
 
-QKV = ("q", "k", "v")
-GATE_UP = ("gate", "up")
-
-
-def project(
-    layer: int, target: str, linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-    batch: ForwardBatch, hooks: AdapterHooks | None,
-) -> torch.Tensor:
-    """y = linear(x) with the adapter hook points around it."""
-    if hooks is None:
-        return linear(x)
-    x_in = hooks.pre(layer, target, x, batch)
-    return hooks.post(layer, target, x_in, linear(x_in), batch)
-
-
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
@@ -272,19 +299,16 @@ class FeedForward(nn.Module):
             self.w13 = Dense(fuse_weights([self.gate_proj.weight, self.up_proj.weight]), None, cpu)
             self.w2 = Dense(self.down_proj.weight.detach(), None, cpu)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, hooks: AdapterHooks | None) -> torch.Tensor:
-        if hooks is None and self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        if self.w13 is not None and not hooks.acts_before(self.layer, GATE_UP, batch):
-            inter = self.gate_proj.out_features
-            fused = hooks.post_fused(self.layer, GATE_UP, x, self.w13(x), (inter, inter), batch)
-            gate, up = fused.chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, adapting: Adapting | None) -> torch.Tensor:
+        linears = (self.gate_proj, self.up_proj)
+        if adapting is None:
+            fused = self.w13(x) if self.w13 is not None else torch.cat([f(x) for f in linears], -1)
         else:
-            gate = project(self.layer, "gate", self.gate_proj, x, batch, hooks)
-            up = project(self.layer, "up", self.up_proj, x, batch, hooks)
+            fused = adapting.project(SITE_GATE_UP, linears, self.w13, x)
+        gate, up = fused.chunk(2, dim=-1)
+        h = F.silu(gate) * up
         down = self.w2 or self.down_proj
-        return project(self.layer, "down", down, F.silu(gate) * up, batch, hooks)
+        return down(h) if adapting is None else adapting.project(SITE_DOWN, (down,), None, h)
 
 
 class TransformerBlock(nn.Module):
@@ -295,19 +319,37 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, cache, batch, hooks) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rope, cache, batch, hooks)
-        return h + self.mlp(self.post_attention_layernorm(h), batch, hooks)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: LayerKV,
+        step: AttentionStep, adapting: Adapting | None,
+    ) -> torch.Tensor:  # fmt: skip
+        h = x + self.self_attn(self.input_layernorm(x), rope, kv, step, adapting)
+        return h + self.mlp(self.post_attention_layernorm(h), adapting)
+
+
+def run_block(
+    block: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV,
+    step: AttentionStep, adapting: Adapting | None,
+) -> torch.Tensor:  # fmt: skip
+    """One block as a plain function of its inputs (the unit server/model/compiled.py compiles:
+    every layer's arguments have the same shapes, so one compiled graph serves them all)."""
+    return block(x, (cos, sin), kv, step, adapting)
 
 
 class KVCache:
-    """Paged K/V: per layer (num_blocks, block_size, kvh, d) buffers, preallocated once."""
+    """Paged K/V: per layer (num_blocks + 1, block_size, kvh, d) buffers, preallocated once. Block
+    `num_blocks` (the last) is the trash block: padding rows write there, no sequence owns it."""
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype, device) -> None:
-        shape = (args.n_layers, num_blocks, block_size, args.n_kv_heads, args.head_dim)
+        shape = (args.n_layers, num_blocks + 1, block_size, args.n_kv_heads, args.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.layers = [LayerKV(self.k[i], self.v[i]) for i in range(args.n_layers)]
+
+    @property
+    def trash_block(self) -> int:
+        return self.num_blocks
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
@@ -318,10 +360,6 @@ class KVCache:
         layers = self.k.shape[0]
         self.k.view(layers, -1, *self.k.shape[3:])[:, slots] = kv[:, 0].to(self.k.dtype)
         self.v.view(layers, -1, *self.v.shape[3:])[:, slots] = kv[:, 1].to(self.v.dtype)
-
-    def write(self, i: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[i].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-        self.v[i].view(-1, *v.shape[1:]).index_copy_(0, slots, v)
 
     @staticmethod
     def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
@@ -352,20 +390,38 @@ class Transformer(nn.Module):
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, d/2)
         return angles.cos(), angles.sin()
 
+    def use_ops(self, ops: kernels.Ops) -> None:
+        """The kernel implementation every layer calls (resolved once, by the engine)."""
+        for block in self.layers:
+            block.self_attn.ops = ops
+
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: KVCache, embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Runs the batch, filling the cache; returns fp32 logits (N, vocab) for batch.logits_indices."""
-        x = self.embed_tokens(batch.token_ids) if embeds is None else embeds  # (T, dim)
+        return self.finish(self.run_layers(self.embed(batch), batch, cache, run_block), batch)
+
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:
+        x = self.embed_tokens(batch.token_ids)  # (T, dim)
         if batch.embed_rows is not None:  # prompt tuning's virtual tokens
             x = x.index_copy(0, batch.embed_rows, batch.embed_values.to(x.dtype))
-        rope = self.rope(batch.positions)
-        if batch.adapter_slots is not None:
-            with_adapters = bool(batch.adapter_slots)
-        else:
-            with_adapters = bool((batch.slot_ids >= 0).any())
-        hooks = self.hooks if self.hooks is not None and with_adapters else None
-        for block in self.layers:  # a step with no adapter token keeps the fused fast path
-            x = block(x, rope, cache, batch, hooks)
+        return x
+
+    def run_layers(
+        self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, block_fn: Callable
+    ) -> torch.Tensor:
+        """Every block through `block_fn` (run_block, or its compiled form). A step with no
+        adapter token runs no hook at all."""
+        cos, sin = self.rope(batch.positions)
+        step = AttentionStep.of(batch)
+        adapters = batch.adapters if self.hooks is not None else None
+        for i, block in enumerate(self.layers):
+            adapting = None
+            if adapters is not None:
+                adapting = Adapting(self.hooks, self.hooks.layer(i).sites, adapters)
+            x = block_fn(block, x, cos, sin, cache.layers[i], step, adapting)
+        return x
+
+    def finish(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x = self.norm(x[batch.logits_indices])  # (N, dim)
         head = self.lm_head if self.head is None else self.head
         return head(x).float()  # (N, vocab)

@@ -23,10 +23,9 @@ from adapters.formats import load_adapter  # noqa: E402
 from adapters.hooks import PoolHooks  # noqa: E402
 from adapters.pool import AdapterPool  # noqa: E402
 from adapters.spec import AdapterKind, AdapterSpec, BaseFingerprint  # noqa: E402
-from server.engine.kv_cache import BlockAllocator  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
-from server.engine.scheduler import Scheduler, Sequence  # noqa: E402
-from server.model.llama import KVCache, Transformer  # noqa: E402
+from server.engine.scheduler import Sequence  # noqa: E402
+from server.model.llama import Transformer  # noqa: E402
 from server.model.weights import load_model  # noqa: E402
 from tests.adapters.conftest import bottleneck_config  # noqa: E402
 from tests.adapters.makers import (  # noqa: E402
@@ -35,7 +34,7 @@ from tests.adapters.makers import (  # noqa: E402
     hf_model,
     save_peft,
 )
-from tests.helpers import make_tiny_llama  # noqa: E402
+from tests.helpers import Stepper, make_tiny_llama  # noqa: E402
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -112,24 +111,21 @@ def prompt(seed: int, length: int, vocab: int) -> list[int]:
 def run(model: Transformer, requests: list[tuple[list[int], int]], budget: int = 512) -> list:
     """Logits at every prompt position of each (prompt, slot) request, all scheduled together
     under a per-step token budget (chunked prefill when it is small)."""
-    block_size = 4
-    cache = KVCache(model.args, 256, block_size, torch.float32, "cpu")
-    scheduler = Scheduler(
-        BlockAllocator(256, block_size), len(requests), budget, torch.device("cpu")
-    )
+    stepper = Stepper(model.args, 256, 4, len(requests), budget,
+                      num_adapter_slots=model.hooks.pool.num_slots)  # fmt: skip
     params = SamplingParams(prompt_logprobs=0)
     seqs = [Sequence(f"r{i}", p, params, "m", None, slot_id=s) for i, (p, s) in enumerate(requests)]
     rows: dict[Sequence, list[torch.Tensor]] = {seq: [] for seq in seqs}
     for seq in seqs:
-        scheduler.add(seq)
-    while scheduler.has_work():
-        step = scheduler.schedule()
-        logits, start = model(step.batch, cache), 0
-        for seq, n in step.work:
+        stepper.scheduler.add(seq)
+    while stepper.scheduler.has_work():
+        plan, batch = stepper.step()
+        logits, start = model(batch, stepper.cache), 0
+        for seq, n in plan.work:
             rows[seq].append(logits[start : start + n])
             start, seq.num_computed = start + n, seq.num_computed + n
             if seq.num_computed == len(seq.prompt_ids):
-                scheduler.remove(seq)  # prompt done: no decode step needed
+                stepper.scheduler.remove(seq)  # prompt done: no decode step needed
     return [torch.cat(rows[seq]) for seq in seqs]
 
 
@@ -178,12 +174,12 @@ def test_mixed_batch_matches_each_alone(setup: Setup):
 
 
 def stack_pointers(pool: AdapterPool) -> dict[tuple, tuple[int, ...]]:
-    """Storage of every allocated stack, by (family, layer, target)."""
+    """Storage of every allocated stack, by (family, layer, site or target)."""
     out: dict[tuple, tuple[int, ...]] = {}
     for family in ("post", "series_in", "series_out"):
         for key, s in getattr(pool, family).items():
             out[(family, *key)] = tuple(t.data_ptr() for t in (s.a, s.b, s.ranks, s.scalings))
-    for family in ("ia3_in", "ia3_out"):
+    for family in ("ia3_in", "post_scale"):
         for key, s in getattr(pool, family).items():
             out[(family, *key)] = (s.vectors.data_ptr(),)
     return out
@@ -250,49 +246,68 @@ def test_triton_interpreter_matches_reference(setup: Setup, monkeypatch):
         close(g, w)
 
 
-def test_hooks_skip_work_without_adapter_tokens(setup: Setup):
-    """All-base batches, and batches whose slots touch no stack of a module, return the very
-    tensors they were given (no op launched, no copy)."""
-    from types import SimpleNamespace
+def record_ops(monkeypatch, hooks: PoolHooks) -> list[tuple]:
+    """Every adapter op the hooks launch, as (op, shapes of its weights, slices)."""
+    calls: list[tuple] = []
+    ops = hooks.ops
 
-    hooks = PoolHooks(setup.pool)
-    x, y = torch.randn(3, 64), torch.randn(3, 32)
-    base = SimpleNamespace(slot_ids=torch.full((3,), -1, dtype=torch.int32))
-    assert hooks.pre(0, "q", x, base) is x and hooks.post(0, "k", x, y, base) is y
-    lora_mlp = SimpleNamespace(
-        slot_ids=torch.tensor([SLOTS["lora-mlp"], -1, -1], dtype=torch.int32)
-    )
-    assert hooks.pre(1, "q", x, lora_mlp) is x and hooks.post(1, "k", x, y, lora_mlp) is y
-    assert hooks.post(1, "up", x, torch.randn(3, 128), lora_mlp).shape == (3, 128)
+    class Recording:
+        def add_delta(self, y, u, weights, batch, *slices):
+            calls.append(("add_delta", tuple(weights.a.shape), tuple(map(tuple, slices))))
+            return ops.add_delta(y, u, weights, batch, *slices)
+
+        def ia3_scale(self, x, vectors, batch):
+            calls.append(("ia3_scale", tuple(vectors.shape)))
+            return ops.ia3_scale(x, vectors, batch)
+
+    monkeypatch.setattr(hooks, "ops", Recording())
+    return calls
+
+
+def test_a_step_without_adapter_tokens_runs_no_hook(setup: Setup, monkeypatch):
+    calls = record_ops(monkeypatch, setup.model.hooks)
+    vocab = setup.model.args.vocab_size
+    run(setup.model, [(prompt(50 + i, 5, vocab), -1) for i in range(3)])
+    assert calls == []
+
+
+def test_op_sequence_depends_on_the_pool_not_the_batch(setup: Setup, monkeypatch):
+    """Batches of entirely different adapters (LoRA only; series and IA3; one parallel token
+    beside base tokens) launch the very same ops with the same weights: what a compiled, captured
+    decode step needs."""
+    calls = record_ops(monkeypatch, setup.model.hooks)
+    vocab = setup.model.args.vocab_size
+    sequences = []
+    for slots in ([SLOTS["lora-rslora-all"]] * 2, [SLOTS["series"], SLOTS["ia3"]],
+                  [SLOTS["parallel"], -1]):  # fmt: skip
+        calls.clear()
+        run(setup.model, [(prompt(60 + i, 1, vocab), slot) for i, slot in enumerate(slots)])
+        sequences.append(list(calls))
+    assert sequences[0] and sequences[0] == sequences[1] == sequences[2]
 
 
 def test_fused_projections_take_one_adapter_op(setup: Setup, monkeypatch):
-    """A batch of the LoRA and parallel adapters: q|k|v and gate|up each get one adapter op
-    per layer over the pool's joint stack (n slices in one call), not one per target. (Series
-    and IA3-input adapters act before gate|up, which then runs unfused, target by target.)"""
-    import kernels
-
-    calls = []
-    real = kernels.add_delta
-
-    def counting(y, u, a_stack, *args, **kwargs):
-        calls.append(a_stack.dim())
-        return real(y, u, a_stack, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "add_delta", counting)
-    vocab = setup.model.args.vocab_size
+    """With LoRA and parallel adapters (no input-side stack), q|k|v and gate|up each get one
+    adapter op per layer over all their targets (n slices in one call), not one per target."""
+    pool = AdapterPool(setup.fingerprint, 4, MAX_RANK, "cpu", torch.float32)
+    model = load_model(setup.base_dir, torch.device("cpu"), torch.float32)
+    model.hooks = PoolHooks(pool)
     names = ["lora-rslora-all", "lora-attn-patterns", "lora-mlp", "parallel"]
-    run(setup.model, [(prompt(70 + SLOTS[name], 6, vocab), SLOTS[name]) for name in names])
-    n_layers = setup.model.args.n_layers
-    assert calls.count(4) == 2 * n_layers  # joint: q|k|v and gate|up, every layer
-    assert not setup.pool.post_groups[(0, ("q", "k", "v"))].mixed
+    for slot, name in enumerate(names):
+        pool.load(slot, setup.specs[name])
+    calls = record_ops(monkeypatch, model.hooks)
+    vocab = model.args.vocab_size
+    run(model, [(prompt(70 + slot, 6, vocab), slot) for slot in range(len(names))])
+    slices = [shape[0] for op, shape, *_ in calls if op == "add_delta"]
+    assert slices.count(3) == slices.count(2) == model.args.n_layers  # q|k|v, gate|up
+    assert slices.count(1) == 2 * model.args.n_layers  # o, down
 
 
-def test_post_fused_equals_target_by_target(setup: Setup):
-    """The joint op == `post` on each slice (the path checked against peft above), on random
-    inputs, for batches of every slot; a slot whose targets differ in scaling makes the whole
-    batch go target by target, and still gives the same result."""
-    from types import SimpleNamespace
+def test_fused_site_equals_target_by_target(setup: Setup):
+    """The joint op over a site == each target's slice alone, on random inputs, for batches of
+    every slot (decode rows and a prefill segment), including a slot whose targets differ in
+    scaling (an alpha pattern: q and v scaled differently) and base rows."""
+    from kernels import AdapterBatch
 
     spec = setup.specs["lora-attn-patterns"]
     modules = dict(spec.modules)
@@ -304,46 +319,19 @@ def test_post_fused_equals_target_by_target(setup: Setup):
     for name, slot in SLOTS.items():
         pool.load(slot, setup.specs[name])
     pool.load(mixed_slot, dataclasses.replace(spec, name="mixed", modules=modules))
-    group = pool.post_groups[(0, ("q", "k", "v"))]
-    assert group.mixed == {mixed_slot} and mixed_slot in group.loaded
     hooks = PoolHooks(pool)
-    fp = setup.fingerprint
-    sizes = {("q", "k", "v"): tuple(fp.in_out(t)[1] for t in "qkv"),
-             ("gate", "up"): (fp.intermediate_size,) * 2}  # fmt: skip
     g = torch.Generator().manual_seed(5)
-    for slots in (list(SLOTS.values()), [*SLOTS.values(), mixed_slot, -1]):
-        slot_ids = torch.tensor(slots * 2, dtype=torch.int32)
-        T = slot_ids.numel()
-        for layer in range(fp.num_layers):
-            for targets, widths in sizes.items():
-                batch = SimpleNamespace(slot_ids=slot_ids.clone())  # a fresh batch: new plan
-                x = torch.randn(T, fp.hidden_size, generator=g)
-                fused = torch.randn(T, sum(widths), generator=g)
-                want, start = fused.clone(), 0
-                for target, width in zip(targets, widths, strict=True):
-                    want[:, start : start + width] = hooks.post(
-                        layer, target, x, fused[:, start : start + width], batch
-                    )
-                    start += width
-                got = hooks.post_fused(layer, targets, x, fused.clone(), widths, batch)
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    pool.clear(mixed_slot)
-    assert not group.mixed and mixed_slot not in group.loaded
-
-
-def test_hooks_take_the_batch_slots_from_the_host(setup: Setup):
-    """The scheduler's `adapter_slots` spares the hooks a device read per step: with slot ids
-    on the meta device (no data to read), an all-base batch still passes untouched."""
-    from types import SimpleNamespace
-
-    hooks = PoolHooks(setup.pool)
-    x = torch.randn(3, 64)
-    batch = SimpleNamespace(slot_ids=torch.empty(3, dtype=torch.int32, device="meta"),
-                            adapter_slots=frozenset())  # fmt: skip
-    assert hooks.pre(0, "q", x, batch) is x
-    sched = Scheduler(BlockAllocator(8, 4), 4, 16, torch.device("cpu"))
-    for i, slot in enumerate([3, -1, 3, 1]):
-        seq = Sequence(f"r{i}", [5, 6], SamplingParams(), "m", stream=None)
-        seq.slot_id = slot
-        sched.add(seq)
-    assert sched.schedule().batch.adapter_slots == {1, 3}
+    slot_ids = [*SLOTS.values(), mixed_slot, -1, mixed_slot, mixed_slot, mixed_slot]
+    batch = AdapterBatch.build(slot_ids, pool.num_slots, num_decode=len(slot_ids) - 3)
+    for layer in range(setup.fingerprint.num_layers):
+        for site in hooks.layer(layer).sites:
+            if site.post is None:
+                continue
+            x = torch.randn(len(slot_ids), site.post.d_in, generator=g)
+            y = torch.randn(len(slot_ids), sum(site.sizes), generator=g)
+            got = hooks.ops.add_delta(y.clone(), x, site.post, batch, site.offsets, site.sizes)
+            want = y.clone()
+            for i, (off, size) in enumerate(zip(site.offsets, site.sizes, strict=True)):
+                hooks.ops.add_delta(want[:, off : off + size], x, site.post.slice(i), batch,
+                                    (0,), (size,))  # fmt: skip
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -1,22 +1,26 @@
-"""Random slot pools and adapter-popularity patterns shared by the kernel tests."""
+"""Random slot pools, adapter-popularity patterns and step layouts shared by the kernel tests,
+with plain per-token fp64 loops as the independent reference."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
+
+from kernels import AdapterBatch, DeltaWeights
+from kernels.reference import Activation
 
 DEVICE = (
     "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 )
 PATTERNS = ["distinct", "uniform", "skewed", "identical", "with_base", "all_base"]
-RANKS = [3, 24, 17, 8, 1]  # mixed ranks; r_max = 24 is not a multiple of BLOCK_R = 16
+LAYOUTS = ["decode", "mixed"]  # every row a decode row; decode rows then prefill chunks
+RANKS = [3, 24, 17, 8, 1]  # mixed ranks; R = 24 is not a multiple of BLOCK_R = 16
 # Output tolerances. fp32 results differ only in summation order (~1e-6 on these sizes).
 # fp16/bf16 results: both paths accumulate the same rounded inputs in fp32 and round once at the
-# end, so they differ by at most one ulp of the output (fp16 2**-10, bf16 2**-7 relative); atol
-# covers one ulp at the |delta| ~ 2 scale of these inputs. fp32 intermediates (shrink's h) use
-# the fp32 tolerance whatever the input dtype, since fp16/bf16 -> fp32 products are exact.
+# end (Triton rounds the rank-r intermediate to the input dtype before its tensor-core product:
+# one more rounding of relative size 2**-11 / 2**-8), so they differ by about one ulp of the
+# output (fp16 2**-10, bf16 2**-7 relative); atol covers that at the |delta| ~ 2 scale here.
 TOLERANCES = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
     torch.float16: dict(atol=4e-3, rtol=2e-3),
@@ -24,8 +28,8 @@ TOLERANCES = {
 }
 
 
-def slot_ids_for(pattern: str, T: int, S: int, gen: torch.Generator) -> torch.Tensor:
-    """(T,) int32 slot ids following an adapter-popularity pattern over S slots (-1 = base)."""
+def slot_ids_for(pattern: str, T: int, S: int, gen: torch.Generator) -> list[int]:
+    """T slot ids following an adapter-popularity pattern over S slots (-1 = base)."""
     if pattern == "distinct":  # every token its own slot as far as slots go, in shuffled order
         ids = torch.arange(T) % S
         ids = ids[torch.randperm(T, generator=gen)]
@@ -44,44 +48,54 @@ def slot_ids_for(pattern: str, T: int, S: int, gen: torch.Generator) -> torch.Te
         ids = torch.full((T,), -1)
     else:
         raise ValueError(pattern)
-    return ids.to(torch.int32).to(DEVICE)
+    return ids.tolist()
 
 
-@dataclass(frozen=True)
-class Pool:
-    """One target's stacked slot weights, zero-padded beyond each slot's rank (as adapters.pool)."""
+def step_rows(pattern: str, layout: str, T: int, S: int, gen: torch.Generator) -> AdapterBatch:
+    """A step of T rows over S slots: all decode rows ('decode'), or 7 decode rows then prefill
+    chunks of 1, 4 and T - 12 rows ('mixed'), each chunk one sequence's (one slot, or base)."""
+    if layout == "decode":
+        return AdapterBatch.build(slot_ids_for(pattern, T, S, gen), S, device=DEVICE)
+    decode = slot_ids_for(pattern, 7, S, gen)
+    chunk_slots = slot_ids_for(pattern, 3, S, gen)
+    ids = decode + [chunk_slots[0]] + [chunk_slots[1]] * 4 + [chunk_slots[2]] * (T - 12)
+    return AdapterBatch.build(ids, S, num_decode=7, device=DEVICE)
 
-    a: torch.Tensor  # (n, S, r_max, in) down / A
-    b: torch.Tensor  # (n, S, out_max, r_max) up / B
-    ranks: torch.Tensor  # (S,) int32
-    scalings: torch.Tensor  # (S,) fp32
+
+def make_weights(
+    n: int, d_in: int, d_out: int, dtype: torch.dtype, gen: torch.Generator,
+    codes: list[list[int]] | None = None,
+) -> DeltaWeights:  # fmt: skip
+    """n slices over len(RANKS) slots, each slice with its own ranks (RANKS rolled by slice) and
+    scalings; zero beyond each rank. `codes` (n, S) Activation codes (default identity)."""
+    S, R = len(RANKS), max(RANKS)
+    ranks = torch.tensor([RANKS[i:] + RANKS[:i] for i in range(n)], dtype=torch.int32)
+    a = torch.randn(n, S, R, d_in, generator=gen) / d_in**0.5
+    b = torch.randn(n, S, R, d_out, generator=gen) / R**0.5
+    for i in range(n):
+        for s in range(S):
+            a[i, s, ranks[i, s] :] = 0
+            b[i, s, ranks[i, s] :] = 0
+    scalings = torch.rand(n, S, generator=gen) + 0.5
+    activations = torch.tensor(codes if codes is not None else [[0] * S] * n, dtype=torch.int32)
+    present = tuple(sorted({c for row in activations.tolist() for c in row} - {0}))
+    return DeltaWeights(a.to(DEVICE, dtype), b.to(DEVICE, dtype), ranks.to(DEVICE),
+                        scalings.to(DEVICE), activations.to(DEVICE), present)  # fmt: skip
 
 
-def make_pool(
-    n: int, in_features: int, out_features: int, dtype: torch.dtype, gen: torch.Generator
-) -> Pool:
-    S, r_max = len(RANKS), max(RANKS)
-    a = torch.randn(n, S, r_max, in_features, generator=gen) / in_features**0.5
-    b = torch.randn(n, S, out_features, r_max, generator=gen) / r_max**0.5
-    for s, r in enumerate(RANKS):
-        a[:, s, r:] = 0
-        b[:, s, :, r:] = 0
-    scalings = torch.rand(S, generator=gen) + 0.5
-    ranks = torch.tensor(RANKS, dtype=torch.int32)
-    return Pool(a.to(DEVICE, dtype), b.to(DEVICE, dtype), ranks.to(DEVICE), scalings.to(DEVICE))
+def poison_padding(w: DeltaWeights) -> DeltaWeights:
+    """The weights with NaN beyond every slot's rank: a kernel that reads there fails. (The
+    reference may compute over the padding, so it never gets poisoned weights.)"""
+    a, b = w.a.clone(), w.b.clone()
+    for i, row in enumerate(w.ranks.tolist()):
+        for s, r in enumerate(row):
+            a[i, s, r:] = float("nan")
+            b[i, s, r:] = float("nan")
+    return DeltaWeights(a, b, w.ranks, w.scalings, w.activations, w.codes)
 
 
 def randn(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
-
-
-def poison_padding(pool: Pool) -> Pool:
-    """The pool with NaN in every slot's padding: a kernel that reads beyond a rank fails."""
-    a, b = pool.a.clone(), pool.b.clone()
-    for s, r in enumerate(RANKS):
-        a[:, s, r:] = float("nan")
-        b[:, s, :, r:] = float("nan")
-    return Pool(a, b, pool.ranks, pool.scalings)
 
 
 _GELU_TANH_C = (2 / torch.pi) ** 0.5
@@ -94,34 +108,30 @@ ACTIVATIONS_FP64 = [  # indexed by kernels.reference.Activation, written out ind
     lambda v: 1 / (1 + torch.exp(-v)),
     torch.tanh,
 ]
+assert len(ACTIVATIONS_FP64) == len(Activation)
 
 
-def loop_shrink(x, a, slot_ids, ranks, scalings, activations=None) -> torch.Tensor:
-    """Plain per-token fp64 loop: h (n, T, r_max)."""
-    n, T, r_max = a.shape[0], x.shape[0], a.shape[2]
-    h = torch.zeros(n, T, r_max, dtype=torch.float64)
+def loop_shrink(u: torch.Tensor, w: DeltaWeights, slot_ids: list[int]) -> torch.Tensor:
+    """Plain per-token fp64 loop: h (n, T, R), zero for base rows and beyond ranks."""
+    n, _, R, _ = w.a.shape
+    h = torch.zeros(n, u.shape[0], R, dtype=torch.float64)
     for i in range(n):
-        for t in range(T):
-            s = int(slot_ids[t])
+        for t, s in enumerate(slot_ids):
             if s < 0:
                 continue
-            r = int(ranks[s])
-            v = a[i, s, :r].double().cpu() @ x[t].double().cpu()
-            if activations is not None:
-                v = ACTIVATIONS_FP64[int(activations[s])](v)
-            h[i, t, :r] = float(scalings[s]) * v
+            r = int(w.ranks[i, s])
+            v = w.a[i, s, :r].double().cpu() @ u[t].double().cpu()
+            v = ACTIVATIONS_FP64[int(w.activations[i, s])](v)
+            h[i, t, :r] = float(w.scalings[i, s]) * v
     return h
 
 
-def loop_expand(y, h, b, slot_ids, ranks, offsets, sizes) -> torch.Tensor:
-    """Plain per-token fp64 loop: y (T, out_total) + each slice's delta, as a new fp64 tensor."""
+def loop_expand(y, h, w: DeltaWeights, slot_ids: list[int], offsets, sizes) -> torch.Tensor:
+    """Plain per-token fp64 loop: y (T, out_total) + each slice's h @ B, as a new fp64 tensor."""
     y = y.double().cpu().clone()
     for i, (off, size) in enumerate(zip(offsets, sizes, strict=True)):
-        for t in range(y.shape[0]):
-            s = int(slot_ids[t])
+        for t, s in enumerate(slot_ids):
             if s >= 0:
-                r = int(ranks[s])
-                y[t, off : off + size] += (
-                    b[i, s, :size, :r].double().cpu() @ h[i, t, :r].double().cpu()
-                )
+                r = int(w.ranks[i, s])
+                y[t, off : off + size] += h[i, t, :r].double().cpu() @ w.b[i, s, :r, :size].double().cpu()
     return y

@@ -4,6 +4,7 @@ replaced by a single call. The numbers themselves need a GPU: benchmarks/bench_k
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -69,15 +70,14 @@ def test_lora_case(bench):
     rows = bench.bench_lora_case(
         shape, 5, 6, "skewed", 64, torch.bfloat16, COPY_BYTES_PER_S, "cpu", one_call
     )
-    assert [r["variant"] for r in rows] == ["per_token", "segmented", "add_delta"]
+    assert [r["variant"] for r in rows] == ["decode", "prefill"]
     expected_bytes = bench.lora_bytes(shape, 5, bench.popularity_slots("skewed", 6, 64), 2)
     for row in rows:
         assert row["bytes"] == expected_bytes and row["distinct"] == 3  # counts 3, 1, 2 -> 3
         assert row["gb_per_s"] == pytest.approx(expected_bytes / 1e-3 / 1e9)
         assert row["speedup"] == 1.0
-    # T=6 < SEGMENTED_MIN_TOKENS: the public op runs per-token, and the aims are judged there
-    # and on add_delta (the model's op, which picks per-token itself)
-    assert [r["dispatched"] for r in rows] == [True, False, True]
+    # decode rows run the per-token kernels, and the decode aims are judged there
+    assert [r["dispatched"] for r in rows] == [True, False]
     assert rows[0]["aim_met"] is not None and rows[1]["aim_met"] is None
     assert "MISS" in bench.format_row(rows[0]) or "ok" in bench.format_row(rows[0])
 
@@ -87,28 +87,23 @@ def test_lora_case_single_slice(bench):
     rows = bench.bench_lora_case(
         shape, 4, 3, "distinct", 8, torch.float16, COPY_BYTES_PER_S, "cpu", one_call
     )
-    assert len(rows) == 3 and rows[0]["distinct"] == 3
+    assert len(rows) == 2 and rows[0]["distinct"] == 3
 
 
-def test_lora_check_catches_a_wrong_kernel(bench, monkeypatch):
-    right_expand = bench.lora.lora_expand_per_token
+@pytest.mark.parametrize("variant", ["decode", "prefill"])
+def test_lora_check_catches_a_wrong_kernel(bench, monkeypatch, variant):
+    """A kernel that is wrong only for one layout (decode rows: per-token; prefill: segmented)
+    is caught, and the error names the layout."""
+    lora = importlib.import_module("kernels.lora")
+    right_expand = lora.lora_expand
 
-    def wrong_expand(y, *args, **kwargs):
-        return right_expand(y, *args, **kwargs).add_(1.0)
+    def wrong_expand(y, h, weights, batch, *args):
+        out = right_expand(y, h, weights, batch, *args)
+        return out.add_(1.0) if bool(batch.segments) == (variant == "prefill") else out
 
-    monkeypatch.setattr(bench.lora, "lora_expand_per_token", wrong_expand)
-    shape = bench.LoraShape("tiny", 16, (8,))
-    with pytest.raises(AssertionError, match="per_token"):
-        bench.bench_lora_case(
-            shape, 4, 2, "identical", 1, torch.float32, COPY_BYTES_PER_S, "cpu", one_call
-        )
-
-
-def test_lora_check_catches_a_wrong_add_delta(bench, monkeypatch):
-    right = bench.bottleneck.add_delta
-    monkeypatch.setattr(bench.bottleneck, "add_delta", lambda *a, **k: right(*a, **k) + 1.0)
+    monkeypatch.setattr(bench.bottleneck, "lora_expand", wrong_expand)
     shape = bench.LoraShape("tiny_qkv", 16, (8, 4, 4))
-    with pytest.raises(AssertionError, match="add_delta"):
+    with pytest.raises(AssertionError, match=variant):
         bench.bench_lora_case(
             shape, 4, 3, "uniform", 4, torch.float32, COPY_BYTES_PER_S, "cpu", one_call
         )
@@ -120,9 +115,10 @@ def test_bottleneck_case(bench, monkeypatch):
         "tiny", 4, bench.Activation.GELU, torch.bfloat16, COPY_BYTES_PER_S, rank=6,
         device="cpu", timer=one_call,
     )  # fmt: skip
-    # uniform over 4 tokens: 2 adapters; each reads down and up at rank 6
+    # uniform over 4 tokens: 2 adapters, each reads down and up at rank 6; every token reads
+    # its input and reads and writes its output row (add_delta is in place)
     assert row["distinct"] == 2
-    assert row["bytes"] == (2 * 6 * (24 + 40) + 4 * 24 + 4 * 40) * 2
+    assert row["bytes"] == (2 * 6 * (24 + 40) + 4 * (24 + 2 * 40)) * 2
 
 
 def test_ia3_case(bench):
@@ -192,7 +188,7 @@ def test_random_spec_loads_into_a_pool(bench, kind):
     pool.load(1, spec)
     assert pool.kind_of(1).value == kind
     stacks = [*pool.post.values(), *pool.series_in.values(), *pool.series_out.values(),
-              *pool.ia3_in.values(), *pool.ia3_out.values()]  # fmt: skip
+              *pool.ia3_in.values(), *pool.post_scale.values()]  # fmt: skip
     if kind in ("prefix", "prompt"):
         assert not stacks and spec.num_virtual_tokens == 3
     else:

@@ -1,4 +1,6 @@
-"""LoRA shrink/expand: reference vs a per-token fp64 loop, Triton (both variants) vs reference."""
+"""Triton LoRA shrink / expand (per-token for decode rows, segmented for prefill chunks) against
+plain per-token fp64 loops, on NaN-padded pools (reading beyond a rank would show), and the
+dispatch point."""
 
 from __future__ import annotations
 
@@ -6,155 +8,123 @@ import pytest
 import torch
 
 import kernels
-from kernels import reference
 from tests.kernels.helpers import (
     DEVICE,
+    LAYOUTS,
     PATTERNS,
     TOLERANCES,
     loop_expand,
     loop_shrink,
-    make_pool,
+    make_weights,
     poison_padding,
     randn,
-    slot_ids_for,
+    step_rows,
 )
 
-IN, OUT = 50, 70  # not multiples of any block size
+IN = 50  # not a multiple of any block size
 SLICE_SIZES, SLICE_OFFSETS, Y_WIDTH = [40, 24, 24], [0, 48, 76], 103  # q/k/v-like, with gaps
 FP32 = TOLERANCES[torch.float32]
-VARIANTS = {"per_token": 13, "segmented": 33}  # variant -> token count (decode-ish / prefill-ish)
+T = 29
 
 
-def shrink_case(pattern: str, T: int, n: int, dtype: torch.dtype, seed: int):
+def case(pattern: str, layout: str, n: int, dtype: torch.dtype, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    pool = make_pool(n, IN, OUT, dtype, gen)
-    x = randn(T, IN, dtype=dtype, gen=gen)  # (T, in)
-    return x, pool, slot_ids_for(pattern, T, len(pool.ranks), gen)
+    weights = make_weights(n, IN, max(SLICE_SIZES), dtype, gen)
+    u = randn(T, IN, dtype=dtype, gen=gen)  # (T, in)
+    return u, weights, step_rows(pattern, layout, T, weights.a.shape[1], gen)
 
 
-def expand_case(pattern: str, T: int, dtype: torch.dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    pool = make_pool(3, IN, max(SLICE_SIZES), dtype, gen)
-    slot_ids = slot_ids_for(pattern, T, len(pool.ranks), gen)
-    h = reference.lora_shrink(
-        randn(T, IN, dtype=dtype, gen=gen), pool.a, slot_ids, pool.ranks, pool.scalings
-    )
-    y = randn(T, Y_WIDTH, dtype=dtype, gen=gen)  # (T, out_total)
-    return y, h, pool, slot_ids
-
-
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_reference_matches_per_token_loop(pattern: str) -> None:
-    x, pool, slot_ids = shrink_case(pattern, 17, 3, torch.float32, seed=1)
-    h = reference.lora_shrink(x, pool.a, slot_ids, pool.ranks, pool.scalings)  # (3, T, r_max)
-    expected_h = loop_shrink(x, pool.a, slot_ids, pool.ranks, pool.scalings)
-    torch.testing.assert_close(h.double().cpu(), expected_h, **FP32)
-    y0 = randn(17, Y_WIDTH, dtype=torch.float32, gen=torch.Generator().manual_seed(2))
-    b = pool.b[:, :, : max(SLICE_SIZES)]
-    y = reference.lora_expand(y0.clone(), h, b, slot_ids, pool.ranks, SLICE_OFFSETS, SLICE_SIZES)
-    expected_y = loop_expand(y0, h, b, slot_ids, pool.ranks, SLICE_OFFSETS, SLICE_SIZES)
-    torch.testing.assert_close(y.double().cpu(), expected_y, **FP32)
-
-
-def test_reference_single_slice_form_matches_stacked() -> None:
-    x, pool, slot_ids = shrink_case("with_base", 9, 1, torch.float32, seed=3)
-    h = reference.lora_shrink(x, pool.a[0], slot_ids, pool.ranks, pool.scalings)  # (T, r_max)
-    torch.testing.assert_close(
-        h, reference.lora_shrink(x, pool.a, slot_ids, pool.ranks, pool.scalings)[0]
-    )
-    y = torch.zeros(9, OUT)
-    reference.lora_expand(y, h, pool.b[0], slot_ids, pool.ranks, 0, OUT)
-    expected = loop_expand(torch.zeros(9, OUT), h[None], pool.b, slot_ids, pool.ranks, [0], [OUT])
-    torch.testing.assert_close(y.double(), expected, **FP32)
-
-
-def run_shrink(lora, variant, x, pool, slot_ids, single_slice=False):
-    """Triton shrink on the NaN-padded pool (reading padding would show)."""
-    a = poison_padding(pool).a
-    op = getattr(lora, f"lora_shrink_{variant}")
-    return op(x, a[0] if single_slice else a, slot_ids, pool.ranks, pool.scalings)
-
-
-@pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_shrink_triton_matches_reference(
-    triton_module, poison_allocations, variant, pattern
-) -> None:
-    x, pool, slot_ids = shrink_case(pattern, VARIANTS[variant], 1, torch.float32, seed=4)
-    got = run_shrink(triton_module("lora"), variant, x, pool, slot_ids, single_slice=True)
-    expected = reference.lora_shrink(x, pool.a[0], slot_ids, pool.ranks, pool.scalings)
-    torch.testing.assert_close(got, expected, **FP32)
+def test_shrink_matches_loop(triton_module, poison_allocations, pattern, layout) -> None:
+    u, weights, batch = case(pattern, layout, 1, torch.float32, seed=4)
+    got = triton_module("lora").lora_shrink(u, poison_padding(weights), batch)  # (1, T, R)
+    expected = loop_shrink(u, weights, batch.slot_ids.tolist())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double().cpu(), expected, **FP32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_shrink_triton_dtypes_and_slices(triton_module, poison_allocations, variant, dtype) -> None:
-    x, pool, slot_ids = shrink_case("with_base", VARIANTS[variant], 2, dtype, seed=5)
-    got = run_shrink(triton_module("lora"), variant, x, pool, slot_ids)  # (2, T, r_max) fp32
-    expected = reference.lora_shrink(x, pool.a, slot_ids, pool.ranks, pool.scalings)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, **FP32)  # fp16/bf16 -> fp32 products are exact
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shrink_dtypes_and_slices(triton_module, poison_allocations, layout, dtype) -> None:
+    u, weights, batch = case("with_base", layout, 2, dtype, seed=5)
+    got = triton_module("lora").lora_shrink(u, poison_padding(weights), batch)  # (2, T, R)
+    expected = loop_shrink(u, weights, batch.slot_ids.tolist())
+    # fp16/bf16 inputs, fp32 products and accumulation: only the summation order differs
+    torch.testing.assert_close(got.double().cpu(), expected, **FP32)
 
 
-def check_expand(lora, variant, pattern, dtype, seed) -> None:
-    y0, h, pool, slot_ids = expand_case(pattern, VARIANTS[variant], dtype, seed)
-    b = pool.b
-    expected = reference.lora_expand(
-        y0.clone(), h, b, slot_ids, pool.ranks, SLICE_OFFSETS, SLICE_SIZES
-    )
+def check_expand(lora, pattern: str, layout: str, dtype: torch.dtype, seed: int) -> None:
+    u, weights, batch = case(pattern, layout, 3, dtype, seed)
+    slot_ids = batch.slot_ids.tolist()
+    h = loop_shrink(u, weights, slot_ids).float().to(DEVICE)  # (3, T, R)
+    y0 = randn(T, Y_WIDTH, dtype=dtype, gen=torch.Generator().manual_seed(seed + 1))
+    expected = loop_expand(y0, h, weights, slot_ids, SLICE_OFFSETS, SLICE_SIZES)
+    ids = batch.slot_ids
     h_poisoned = h.clone()
-    h_poisoned[:, slot_ids < 0] = float("nan")  # base-model rows must never be read
-    for s, r in enumerate(pool.ranks.tolist()):
-        h_poisoned[:, (slot_ids == s), r:] = float("nan")  # nor columns beyond the rank
+    h_poisoned[:, ids < 0] = float("nan")  # base-model rows must never be read
+    for i, row in enumerate(weights.ranks.tolist()):
+        for s, r in enumerate(row):
+            h_poisoned[i, ids == s, r:] = float("nan")  # nor columns beyond the rank
     y = y0.clone()
-    out = getattr(lora, f"lora_expand_{variant}")(
-        y, h_poisoned, poison_padding(pool).b, slot_ids, pool.ranks, SLICE_OFFSETS, SLICE_SIZES
-    )
+    out = lora.lora_expand(y, h_poisoned, poison_padding(weights), batch, SLICE_OFFSETS, SLICE_SIZES)
     assert out is y  # in place
-    torch.testing.assert_close(y, expected, **TOLERANCES[dtype])
-    base = slot_ids < 0
+    torch.testing.assert_close(y.double().cpu(), expected, **TOLERANCES[dtype])
+    base = ids < 0
     assert torch.equal(y[base], y0[base]), "tokens with slot -1 were modified"
     gaps = torch.ones(Y_WIDTH, dtype=torch.bool)
     for off, size in zip(SLICE_OFFSETS, SLICE_SIZES, strict=True):
         gaps[off : off + size] = False
-    assert torch.equal(y[:, gaps.to(DEVICE)], y0[:, gaps.to(DEVICE)]), (
-        "columns outside the slices changed"
-    )
+    assert torch.equal(y[:, gaps.to(DEVICE)], y0[:, gaps.to(DEVICE)]), "columns outside slices"
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_expand_triton_matches_reference(triton_module, variant, pattern) -> None:
-    check_expand(triton_module("lora"), variant, pattern, torch.float32, seed=6)
+def test_expand_matches_loop(triton_module, pattern, layout) -> None:
+    check_expand(triton_module("lora"), pattern, layout, torch.float32, seed=6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_expand_triton_dtypes(triton_module, variant, dtype) -> None:
-    check_expand(triton_module("lora"), variant, "with_base", dtype, seed=7)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_expand_dtypes(triton_module, layout, dtype) -> None:
+    check_expand(triton_module("lora"), "with_base", layout, dtype, seed=7)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_empty_batch(triton_module, variant) -> None:
+def test_empty_batch(triton_module) -> None:
     lora = triton_module("lora")
-    x, pool, slot_ids = shrink_case("uniform", 0, 1, torch.float32, seed=8)
-    h = getattr(lora, f"lora_shrink_{variant}")(x, pool.a[0], slot_ids, pool.ranks, pool.scalings)
-    assert h.shape == (0, max(pool.ranks.tolist()))
-    y = torch.zeros(0, OUT, device=DEVICE)
-    getattr(lora, f"lora_expand_{variant}")(y, h, pool.b[0], slot_ids, pool.ranks, 0, OUT)
+    gen = torch.Generator().manual_seed(8)
+    weights = make_weights(1, IN, 40, torch.float32, gen)
+    batch = kernels.AdapterBatch.build([], weights.a.shape[1], device=DEVICE)
+    h = lora.lora_shrink(torch.zeros(0, IN, device=DEVICE), weights, batch)
+    assert h.shape == (1, 0, weights.a.shape[2])
+    lora.lora_expand(torch.zeros(0, 40, device=DEVICE), h, weights, batch, [0], [40])
+
+
+def test_shapes_are_checked(triton_module) -> None:
+    u, weights, batch = case("uniform", "decode", 1, torch.float32, seed=9)
+    with pytest.raises(ValueError, match="expected u"):
+        triton_module("lora").lora_shrink(u[:, :10], weights, batch)
 
 
 def test_dispatch_follows_environment(triton_module, monkeypatch: pytest.MonkeyPatch) -> None:
-    lora = triton_module("lora")
-    x, pool, slot_ids = shrink_case("uniform", 3, 1, torch.float32, seed=9)
-    args = (x, pool.a[0], slot_ids, pool.ranks, pool.scalings)
-    monkeypatch.setattr(lora, "lora_shrink", lambda *a, **k: "triton")
+    """kernels.ops_for / the module-level ops pick Triton or the reference from the device and
+    ADAPTERSERVE_KERNELS, read at each call."""
+    u, weights, batch = case("uniform", "decode", 1, torch.float32, seed=10)
+    calls = []
+    bottleneck = triton_module("bottleneck")
+    real = bottleneck.add_delta
+    monkeypatch.setattr(bottleneck, "add_delta", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y = randn(T, max(SLICE_SIZES), dtype=torch.float32, gen=torch.Generator().manual_seed(1))
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "triton")
-    assert kernels.lora_shrink(*args) == "triton"
+    assert kernels.ops_for(DEVICE).triton
+    via_triton = kernels.add_delta(y.clone(), u, weights, batch)
+    assert calls == [1]
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "reference")
-    assert isinstance(kernels.lora_shrink(*args), torch.Tensor)
+    via_reference = kernels.add_delta(y.clone(), u, weights, batch)
+    assert calls == [1] and not kernels.ops_for(DEVICE).triton
+    torch.testing.assert_close(via_triton, via_reference, **FP32)
     monkeypatch.delenv("ADAPTERSERVE_KERNELS")
-    assert isinstance(kernels.lora_shrink(*args), torch.Tensor) != x.is_cuda  # CPU -> reference
+    assert kernels.ops_for(DEVICE).triton == (DEVICE == "cuda")
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "cuda")
     with pytest.raises(ValueError, match="got 'cuda'"):
-        kernels.lora_shrink(*args)
+        kernels.ops_for(DEVICE)

@@ -7,12 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.engine.kv_cache import BlockAllocator
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Scheduler, Sequence
-from server.model.llama import KVCache, ModelArgs, rope_inv_freq
+from server.engine.scheduler import Sequence
+from server.model.llama import ModelArgs, rope_inv_freq
 from server.model.weights import load_model
-from tests.helpers import make_tiny_llama
+from tests.helpers import Stepper, make_tiny_llama
 
 CONFIGS = {
     "gqa-untied": {},
@@ -28,15 +27,14 @@ CONFIGS = {
 
 def all_logits(model, prompt: list[int], chunk: int, block_size: int = 4) -> torch.Tensor:
     """Logits at every prompt position computed through the scheduler in chunks of `chunk` tokens."""
-    cache = KVCache(model.args, 64, block_size, torch.float32, "cpu")
-    scheduler = Scheduler(BlockAllocator(64, block_size), 4, chunk, torch.device("cpu"))
+    stepper = Stepper(model.args, 64, block_size, 4, chunk)
     seq = Sequence("r", prompt, SamplingParams(prompt_logprobs=0), "m", stream=None)
-    scheduler.add(seq)
+    stepper.scheduler.add(seq)
     rows = []
     while seq.num_computed < len(prompt):
-        step = scheduler.schedule()
-        rows.append(model(step.batch, cache))
-        seq.num_computed += step.work[0][1]
+        plan, batch = stepper.step()
+        rows.append(model(batch, stepper.cache))
+        seq.num_computed += plan.work[0][1]
     return torch.cat(rows)
 
 
@@ -62,19 +60,15 @@ def test_logits_match_transformers(model_pair, chunk):
 def prefix_logits(model, steps: list[tuple[int, list[Sequence]]]) -> dict:
     """Drive a scheduler (budget per step, sequences added before it) and collect every row's
     logits per request; sequences with `prefix_kv` get their virtual K/V placed at admission."""
-    from server.engine.scheduler import place_prefix
-
-    cache = KVCache(model.args, 64, 4, torch.float32, "cpu")
-    scheduler = Scheduler(BlockAllocator(64, 4), 4, 1, torch.device("cpu"),
-                          place_prefix=lambda seq: place_prefix(seq, cache, 4))  # fmt: skip
+    stepper = Stepper(model.args, 64, 4, 4, 1)
     rows: dict[str, list[torch.Tensor]] = {}
     work = []
     for budget, new in steps:
         for seq in new:
-            scheduler.add(seq)
-        scheduler.budget = budget
-        step = scheduler.schedule()
-        logits, row = model(step.batch, cache), 0
+            stepper.scheduler.add(seq)
+        stepper.scheduler.budget = budget
+        step, batch = stepper.step()
+        logits, row = model(batch, stepper.cache), 0
         for seq, n in step.work:
             rows.setdefault(seq.request_id, []).append(logits[row : row + n])
             row, seq.num_computed = row + n, seq.num_computed + n
@@ -136,11 +130,8 @@ def run_batched(model, seqs: list[Sequence], budgets: list[int], num_blocks: int
     """Drive the scheduler with a budget per step (cycled) until each sequence has `outputs`
     tokens; every row computed is kept as logits[(request, position)] (the last computation
     wins: preempted sequences recompute). Greedy tokens come from the batched logits."""
-    from server.engine.scheduler import place_prefix
-
-    cache = KVCache(model.args, num_blocks, 4, torch.float32, "cpu")
-    scheduler = Scheduler(BlockAllocator(num_blocks, 4), 8, 1, torch.device("cpu"),
-                          place_prefix=lambda seq: place_prefix(seq, cache, 4))  # fmt: skip
+    stepper = Stepper(model.args, num_blocks, 4, 8, 1)
+    scheduler = stepper.scheduler
     for seq in seqs:
         scheduler.add(seq)
     logits: dict[tuple[str, int], torch.Tensor] = {}
@@ -149,12 +140,13 @@ def run_batched(model, seqs: list[Sequence], budgets: list[int], num_blocks: int
         if not scheduler.has_work():
             break
         scheduler.budget = budgets[i % len(budgets)]
-        step = scheduler.schedule()
-        if step is None:
+        scheduled = stepper.step()
+        if scheduled is None:
             continue
+        step, batch = scheduled
         preempted += len(step.preempted)
-        shapes.add((step.batch.decode_block_tables.shape[0], len(step.batch.prefills)))
-        out, row = model(step.batch, cache), 0
+        shapes.add((batch.decode_block_tables.shape[0], len(batch.prefills)))
+        out, row = model(batch, stepper.cache), 0
         for seq, n in step.work:
             for p in range(seq.num_computed, seq.num_computed + n):
                 logits[(seq.request_id, p)] = out[row]
