@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     kv_cache_memory_mb: int = Field(1024, ge=1, description="memory for the paged KV cache")
     num_kv_blocks: int | None = Field(None, ge=1, description="override the block count derived from memory")
     max_queue_len: int = Field(256, ge=0, description="waiting requests before 503")
+    compile: Literal["off", "auto", "on"] = Field(
+        "auto", description="torch.compile the decode step (CUDA: + CUDA graphs); auto = where it wins"
+    )
 
     # adapters
     adapter_slots: int = Field(8, ge=1, le=4096, description="adapters resident on the device at once")

@@ -111,6 +111,7 @@ class BatchBuilder:
         rows = D
         if pad_to is not None and pad_to > D:
             assert not prefills, "only a decode-only plan is padded"
+            assert pad_to <= self.max_decode_rows, f"{pad_to} rows, buffers for {self.max_decode_rows}"
             rows = pad_to
             trash = self.trash_block * bs
             tokens += [0] * (rows - D)
@@ -136,6 +137,10 @@ class BatchBuilder:
             embed_values=torch.cat(embed_values) if embed_values else None,
             adapters=self._adapters(slot_ids, rows),
         )
+
+    def dummy(self, rows: int) -> ForwardBatch:
+        """`rows` padding rows and nothing else (compiling a decode step ahead of traffic)."""
+        return self.build(StepPlan((), 0), pad_to=rows)
 
     def _fill(self, buffer: torch.Tensor, values: Seq[int]) -> None:
         if values:

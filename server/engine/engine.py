@@ -46,13 +46,15 @@ from server.engine.scheduler import (
     place_prefix,
 )
 from server.metrics import Metrics
+from server.model.compiled import CompiledDecode, buckets_for, use_inductor_cache
 from server.model.llama import KVCache, ModelArgs, Transformer
 from server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 STEP_LOG_LEN = 4096  # steps kept in Engine.step_log
-DELETED_MODEL_LABEL = "(deleted adapter)"  # metrics label of requests that outlive their adapter
+DELETED_MODEL_LABEL = "(deleted adapter)"
+AUTO_COMPILE_DEVICES = frozenset({"cuda"})  # --compile auto: where compiling wins (measured)  # metrics label of requests that outlive their adapter
 
 
 class EngineError(Exception):
@@ -157,6 +159,7 @@ class Engine:
             num_adapter_slots=registry.pool.num_slots if registry is not None else 1,
             device=device,
         )
+        self.compiled: CompiledDecode | None = None  # set by enable_compile
         self._doomed: list[tuple[Sequence, str, int]] = []  # not admissible: fail them
         self.healthy, self.ready = True, False
         self.on_fatal: Callable[[BaseException], None] | None = None
@@ -355,9 +358,40 @@ class Engine:
         if self.registry is not None:
             adapters = {seq.adapter for seq, _ in plan.work} - {None}
             self.metrics.on_step_adapters(len(adapters))
-        logits = self.model(self.builder.build(plan), self.cache)
-        self._process(plan, logits)
+        self._process(plan, self._forward(plan))
         self._publish_stats(plan.num_tokens)
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        """Logits of the plan's rows: decode-only steps through the compiled step when there is
+        one (a failure there turns it off for good, with one warning, and the step runs
+        eagerly: rewriting the same K/V slots is harmless)."""
+        compiled = self.compiled
+        if compiled is not None and plan.num_decodes == len(plan.work):
+            try:
+                return compiled.forward(self.builder.build(plan, compiled.pad_to(plan.num_decodes)))
+            except Exception:  # noqa: BLE001 - any compile or run failure: fall back to eager
+                log.warning("the compiled decode step failed; running eagerly from now on",
+                            exc_info=True)  # fmt: skip
+                self.compiled = None
+        return self.model(self.builder.build(plan), self.cache)
+
+    def enable_compile(self) -> None:
+        """Compile the decode step (see server/model/compiled.py) and warm it up on dummy rows;
+        on failure, stay eager and say so once."""
+        device = self.cache.k.device
+        use_inductor_cache(self.settings.cache_dir)
+        buckets = buckets_for(device, self.settings.max_num_seqs)
+        self.builder.full_width = buckets is not None  # captured graphs: fixed table width
+        try:
+            compiled = CompiledDecode(self.model, self.cache, self.builder, buckets)
+            sizes = buckets if buckets is not None else (1, min(2, self.settings.max_num_seqs))
+            seconds = compiled.warm_up(tuple(dict.fromkeys(sizes)))
+        except Exception:  # noqa: BLE001 - a server that cannot compile still serves
+            log.warning("compiling the decode step failed; serving eagerly", exc_info=True)
+            return
+        self.compiled = compiled
+        log.info("decode step compiled in %.1f s (%s)", seconds,
+                 f"CUDA graphs for batch sizes {buckets}" if buckets else "dynamic batch size")
 
     # ---- adapters (engine thread) ---------------------------------------------------------
     def _prepare(self, seq: Sequence) -> bool:
@@ -609,7 +643,16 @@ def build_engine(settings: Settings, metrics: Metrics) -> Engine:
     engine = Engine(model, tokenizer, settings, metrics, plan.model_id, plan.max_model_len,
                     plan.num_blocks, registry)
     registry.on_ready = engine._wake.set
+    if compile_wanted(settings.compile, plan.device):
+        engine.enable_compile()
     return engine
+
+
+def compile_wanted(setting: str, device: torch.device) -> bool:
+    """--compile: on, off, or auto = where it measurably wins (BENCHMARKS.md, compiled decode)."""
+    if setting == "auto":
+        return device.type in AUTO_COMPILE_DEVICES
+    return setting == "on"
 
 
 def parse_adapter_arg(item: str) -> tuple[str, Path]:
