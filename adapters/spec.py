@@ -17,18 +17,10 @@ from typing import Literal
 
 import torch
 
+from adapters.errors import AdapterFormatError
 from kernels import Activation
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-class AdapterFormatError(ValueError):
-    """An adapter directory that we refuse; `param` names the offending config field or file."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-        self.message = message
 
 
 class AdapterKind(str, enum.Enum):

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
+from adapters.errors import AdapterError, UnknownAdapterError
 from adapters.hooks import PoolHooks
 from adapters.pool import AdapterPool
-from adapters.registry import AdapterRegistry, RegistryError
-from adapters.spec import AdapterFormatError, BaseFingerprint
-from adapters.store import AdapterStore, StoreError
+from adapters.registry import AdapterRegistry
+from adapters.spec import BaseFingerprint
+from adapters.store import AdapterStore
 from server.config import Settings
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator
@@ -43,6 +44,7 @@ from server.engine.scheduler import (
     bind_adapter,
     place_prefix,
 )
+from server.errors import adapter_error_status
 from server.metrics import Metrics
 from server.model.llama import KVCache, ModelArgs, Transformer
 from server.model.tokenizer import Tokenizer
@@ -146,7 +148,7 @@ class Engine:
             self.allocator, settings.max_num_seqs, settings.max_num_batched_tokens, device,
             prepare=self._prepare, place_prefix=self._place_prefix,
         )
-        self._doomed: list[tuple[Sequence, str, int]] = []  # not admissible: fail them
+        self._doomed: list[tuple[Sequence, AdapterError]] = []  # not admissible: fail them
         self.healthy, self.ready = True, False
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
@@ -221,7 +223,7 @@ class Engine:
         try:
             for _ in range(count):
                 entries.append(self.registry.hold(adapter))
-        except RegistryError:
+        except UnknownAdapterError:
             for entry in entries:
                 self.registry.release(entry)
             raise ModelNotFoundError(adapter) from None
@@ -358,8 +360,8 @@ class Engine:
         assert self.registry is not None
         try:
             lease = self.registry.acquire(seq.entry)
-        except RegistryError as e:
-            self._doomed.append((seq, e.message, e.status))
+        except AdapterError as e:
+            self._doomed.append((seq, e))
             return False
         if lease is None:
             return False
@@ -373,9 +375,10 @@ class Engine:
 
     def _fail_doomed(self) -> None:
         doomed, self._doomed = self._doomed, []
-        for seq, message, status in doomed:
+        for seq, error in doomed:
             if seq.status is not Status.FINISHED:
-                self._finish(seq, "error", [], error=message, error_status=status)
+                status, _, _ = adapter_error_status(error)
+                self._finish(seq, "error", [], error=error.message, error_status=status)
 
     def _count_admissions(self, was_waiting: set[int]) -> None:
         admitted = sum(1 for s in self.scheduler.running if id(s) in was_waiting)
@@ -631,12 +634,12 @@ def build_registry(settings: Settings, plan: EnginePlan, metrics: Metrics) -> Ad
         for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
             try:
                 registry.add_path(sub.name, sub, replace=True, require_root=False)
-            except (AdapterFormatError, RegistryError, StoreError) as e:
+            except AdapterError as e:
                 log.warning("adapter folder %s skipped: %s", sub.name, e)
     for name, path in named:  # named ones must work: a bad one stops the start
         try:
             registry.add_path(name, path, replace=True, require_root=False)
-        except (AdapterFormatError, RegistryError, StoreError) as e:
+        except AdapterError as e:
             raise EngineConfigError(f"--adapter {name}={path}: {e}") from None
     log.info("adapters: %d registered, %d device slots, max rank %d", len(registry.list()),
              settings.adapter_slots, settings.max_adapter_rank)
