@@ -52,15 +52,13 @@ from adapters.errors import (
     UnknownAdapterError,
 )
 from adapters.formats import load_adapter
+from adapters.kinds import kind_for
 from adapters.pool import AdapterPool
 from adapters.spec import AdapterKind, AdapterSpec
 from adapters.store import AdapterStore, validate_name
 
 log = logging.getLogger(__name__)
 
-MODULE_KINDS = frozenset(
-    {AdapterKind.LORA, AdapterKind.SERIES, AdapterKind.PARALLEL, AdapterKind.IA3}
-)
 TIERS = ("device", "host", "disk")
 
 
@@ -118,7 +116,7 @@ class Entry:
     @property
     def uses_slot_ids(self) -> bool:
         """Whether the adapter acts through the hook points (vs. at admission)."""
-        return self.kind in MODULE_KINDS
+        return kind_for(self.kind).uses_slot_ids
 
 
 @dataclass(frozen=True, eq=False)

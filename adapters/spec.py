@@ -208,6 +208,14 @@ def refuse_options(config: Mapping, unsupported: Mapping[str, str]) -> None:
             )
 
 
+def refuse_bias(config: Mapping) -> None:
+    """Bias training (LoRA's and the bottlenecks' `bias` option) is not served: only "none"."""
+    if config.get("bias", "none") != "none":
+        raise AdapterFormatError(
+            "bias", f"bias: expected 'none' (biases are not served), got {config['bias']!r}"
+        )
+
+
 # PEFT / LLM-Adapters state-dict key of a Llama-family linear, e.g.
 # "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" -> (3, "q", "lora_A.weight").
 # ASCII digits only ([0-9], not \d): module names stay ASCII, on which the config patterns

@@ -1,0 +1,236 @@
+"""adapters.kinds: which kind a config is, and each kind's pool placement, binding and admission
+step (no model: specs are built by hand on the tiny fingerprint)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+import torch
+
+from adapters.kinds import KINDS, Binding, kind_for, kind_for_config
+from adapters.pool import AdapterPool
+from adapters.spec import (
+    AdapterFormatError,
+    AdapterKind,
+    AdapterSpec,
+    BaseFingerprint,
+    BottleneckWeights,
+    IA3Weights,
+    LoraWeights,
+    adapter_io,
+)
+from kernels import Activation
+
+NUM_VIRTUAL = 3
+
+# --- which kind --------------------------------------------------------------------------------
+
+CONFIGS = {
+    "lora": ({"peft_type": "LORA", "r": 4}, AdapterKind.LORA),
+    "lora-lower-case": ({"peft_type": "lora"}, AdapterKind.LORA),
+    "series": ({"peft_type": "BOTTLENECK"}, AdapterKind.SERIES),
+    "series-explicit": ({"peft_type": "BOTTLENECK", "use_parallel_adapter": False}, AdapterKind.SERIES),
+    "parallel": ({"peft_type": "BOTTLENECK", "use_parallel_adapter": True}, AdapterKind.PARALLEL),
+    "prefix": ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3}, AdapterKind.PREFIX),
+    "prompt": ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3}, AdapterKind.PROMPT),
+    "ia3": ({"peft_type": "IA3"}, AdapterKind.IA3),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CONFIGS)
+def test_config_selects_its_kind(case: str):
+    config, expected = CONFIGS[case]
+    assert kind_for_config(config).kind is expected
+
+
+@pytest.mark.parametrize("peft_type", ["LOHA", "", None, 3, ["LORA"]])
+def test_unknown_peft_type_names_the_accepted_ones(peft_type):
+    with pytest.raises(AdapterFormatError) as caught:
+        kind_for_config({"peft_type": peft_type})
+    assert caught.value.param == "peft_type"
+    accepted = ["BOTTLENECK", "IA3", "LORA", "PREFIX_TUNING", "PROMPT_TUNING"]
+    assert str(caught.value) == f"peft_type: expected one of {accepted}, got {peft_type!r}"
+
+
+def test_every_adapter_kind_has_one_registered_class():
+    assert sorted(k.kind.value for k in KINDS) == sorted(k.value for k in AdapterKind)
+    assert all(kind_for(k.kind) is k for k in KINDS)
+    assert {k.kind for k in KINDS if k.uses_slot_ids} == {
+        AdapterKind.LORA, AdapterKind.SERIES, AdapterKind.PARALLEL, AdapterKind.IA3
+    }  # fmt: skip
+
+
+# --- specs by hand -----------------------------------------------------------------------------
+
+
+def module_spec(kind: AdapterKind, fp: BaseFingerprint, modules: dict, rank: int) -> AdapterSpec:
+    targets = tuple(sorted({t for _, t in modules}))
+    return AdapterSpec(kind.value, kind, fp, rank, targets, MappingProxyType(modules))
+
+
+def bottleneck(fp: BaseFingerprint, target: str, placement: str, rank: int = 2):
+    d_in, d_out = adapter_io(fp, target, placement)
+    return BottleneckWeights(torch.randn(rank, d_in), torch.randn(d_out, rank), 0.5,
+                             Activation.TANH, placement)  # fmt: skip
+
+
+def modules_of(kind: AdapterKind, fp: BaseFingerprint) -> dict:
+    """A few modules of `kind`, as its parser would place them."""
+    lora = LoraWeights(torch.randn(2, 64), torch.randn(64, 2), 2.0)
+    return {
+        AdapterKind.LORA: lambda: {(0, "q"): lora},
+        AdapterKind.SERIES: lambda: {(0, "gate"): bottleneck(fp, "gate", "input"),
+                                     (1, "down"): bottleneck(fp, "down", "output")},
+        AdapterKind.PARALLEL: lambda: {(1, "v"): bottleneck(fp, "v", "parallel")},
+        AdapterKind.IA3: lambda: {(0, "k"): IA3Weights(torch.rand(fp.kv_dim), "output"),
+                                  (1, "down"): IA3Weights(torch.rand(128), "input")},
+    }[kind]()  # fmt: skip
+
+
+def spec_of(kind: AdapterKind, fp: BaseFingerprint) -> AdapterSpec:
+    if kind is AdapterKind.PREFIX:
+        kv = torch.randn(fp.num_layers, 2, NUM_VIRTUAL, fp.num_kv_heads, fp.head_dim)
+        return AdapterSpec("prefix", kind, fp, 0, (), MappingProxyType({}), prefix_kv=kv,
+                           num_virtual_tokens=NUM_VIRTUAL)  # fmt: skip
+    if kind is AdapterKind.PROMPT:
+        embeds = torch.randn(NUM_VIRTUAL, fp.hidden_size)
+        return AdapterSpec("prompt", kind, fp, 0, (), MappingProxyType({}),
+                           prompt_embeddings=embeds, num_virtual_tokens=NUM_VIRTUAL)  # fmt: skip
+    rank = 0 if kind is AdapterKind.IA3 else 2
+    return module_spec(kind, fp, modules_of(kind, fp), rank)
+
+
+class RecordingCache:
+    """A KVCacheWriter that records what an admission step writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def write_all_layers(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        self.writes.append((slots, kv))
+
+
+@pytest.fixture
+def pool(fingerprint: BaseFingerprint) -> AdapterPool:
+    return AdapterPool(fingerprint, 3, 4, "cpu", torch.float32)
+
+
+# --- pool placement ----------------------------------------------------------------------------
+
+STACKS = {
+    AdapterKind.LORA: {"post": [(0, "q")]},
+    AdapterKind.SERIES: {"series_in": [(0, "gate")], "series_out": [(1, "down")]},
+    AdapterKind.PARALLEL: {"post": [(1, "v")]},
+    AdapterKind.IA3: {"ia3_out": [(0, "k")], "ia3_in": [(1, "down")]},
+    AdapterKind.PREFIX: {},
+    AdapterKind.PROMPT: {},
+}
+
+
+@pytest.mark.parametrize("kind", list(AdapterKind), ids=lambda k: k.value)
+def test_load_places_each_module_in_its_kinds_stack(pool: AdapterPool, fingerprint, kind):
+    spec = spec_of(kind, fingerprint)
+    pool.load(1, spec)
+    assert pool.kind_of(1) is kind and pool.names[1] == spec.name
+    loaded = {
+        name: sorted(key for key, stack in getattr(pool, name).items() if 1 in stack.loaded)
+        for name in ("post", "series_in", "series_out", "ia3_in", "ia3_out")
+    }
+    assert {name: keys for name, keys in loaded.items() if keys} == STACKS[kind]
+    for key, weights in spec.modules.items():
+        if isinstance(weights, LoraWeights):
+            assert torch.equal(pool.post[key].a[1, :2], weights.a)
+        elif isinstance(weights, IA3Weights):
+            stacks = pool.ia3_in if weights.placement == "input" else pool.ia3_out
+            assert torch.equal(stacks[key].vectors[1], weights.vector)
+        else:
+            stacks = {"input": pool.series_in, "output": pool.series_out, "parallel": pool.post}
+            stack = stacks[weights.placement][key]
+            assert torch.equal(stack.b[1, :, :2], weights.up)
+            assert int(stack.activations[1]) == Activation.TANH
+    assert (pool.prefix_kv[1] is not None) == (kind is AdapterKind.PREFIX)
+    assert (pool.prompt_embeddings[1] is not None) == (kind is AdapterKind.PROMPT)
+
+
+@pytest.mark.parametrize(
+    "kind,modules",
+    [
+        (AdapterKind.SERIES, lambda fp: {(0, "q"): bottleneck(fp, "q", "parallel")}),
+        (AdapterKind.SERIES, lambda fp: {(0, "down"): bottleneck(fp, "down", "input")}),
+        (AdapterKind.PARALLEL, lambda fp: {(0, "up"): bottleneck(fp, "up", "input")}),
+        (AdapterKind.LORA, lambda fp: {(0, "k"): IA3Weights(torch.ones(32), "output")}),
+        (AdapterKind.IA3, lambda fp: {(0, "q"): LoraWeights(torch.ones(2, 64), torch.ones(64, 2), 1.0)}),
+        (AdapterKind.PREFIX, lambda fp: {(0, "k"): IA3Weights(torch.ones(32), "output")}),
+    ],
+    ids=["series-parallel-placement", "series-down-input", "parallel-input", "lora-ia3-weights",
+         "ia3-lora-weights", "prefix-with-modules"],
+)  # fmt: skip
+def test_weights_the_kind_does_not_place_are_refused_untouched(pool, fingerprint, kind, modules):
+    pool.load(2, spec_of(AdapterKind.LORA, fingerprint))
+    with pytest.raises(ValueError):
+        pool.load(2, module_spec(kind, fingerprint, modules(fingerprint), 2))
+    assert pool.kind_of(2) is AdapterKind.LORA and 2 in pool.post[0, "q"].loaded
+
+
+# --- binding and admission ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind", [AdapterKind.LORA, AdapterKind.SERIES, AdapterKind.PARALLEL, AdapterKind.IA3],
+    ids=lambda k: k.value,
+)  # fmt: skip
+def test_hook_kinds_bind_their_slot_and_admit_nothing(pool, fingerprint, kind):
+    pool.load(2, spec_of(kind, fingerprint))
+    binding = kind_for(kind).bind(pool, 2, 0)
+    assert (binding.slot_id, binding.num_virtual) == (2, 0)
+    assert binding.prefix_kv is None and binding.virtual_embeds is None
+    cache = RecordingCache()
+    kind_for(kind).admit(binding, cache, torch.arange(0))
+    assert cache.writes == []
+
+
+def test_prefix_binds_its_kv_and_writes_it_at_admission(pool, fingerprint):
+    pool.load(0, spec_of(AdapterKind.PREFIX, fingerprint))
+    prefix = kind_for(AdapterKind.PREFIX)
+    binding = prefix.bind(pool, 0, NUM_VIRTUAL)
+    assert (binding.slot_id, binding.num_virtual) == (-1, NUM_VIRTUAL)
+    assert binding.prefix_kv is pool.prefix_kv[0] and binding.virtual_embeds is None
+    cache, slots = RecordingCache(), torch.tensor([8, 9, 10])
+    prefix.admit(binding, cache, slots)
+    [(written_slots, kv)] = cache.writes
+    assert written_slots is slots and kv is pool.prefix_kv[0]
+
+
+def test_prompt_binds_its_embeddings_and_admits_nothing(pool, fingerprint):
+    pool.load(1, spec_of(AdapterKind.PROMPT, fingerprint))
+    prompt = kind_for(AdapterKind.PROMPT)
+    binding = prompt.bind(pool, 1, NUM_VIRTUAL)
+    assert (binding.slot_id, binding.num_virtual) == (-1, NUM_VIRTUAL)
+    assert binding.virtual_embeds is pool.prompt_embeddings[1] and binding.prefix_kv is None
+    cache = RecordingCache()
+    prompt.admit(binding, cache, torch.arange(NUM_VIRTUAL))
+    assert cache.writes == []
+
+
+def test_binding_defaults_to_the_base_model():
+    binding = Binding()
+    assert (binding.slot_id, binding.num_virtual) == (-1, 0)
+    assert binding.prefix_kv is None and binding.virtual_embeds is None
+
+
+def test_the_step_path_imports_without_parsing_dependencies():
+    """The benchmark device image has torch and triton only: the pool, the kinds and the
+    scheduler must import without re2 or safetensors (parsing imports them when it runs)."""
+    code = (
+        "import sys\n"
+        "for name in ('re2', 'safetensors', 'pydantic', 'fastapi'): sys.modules[name] = None\n"
+        "import adapters.pool, adapters.hooks, adapters.kinds, server.engine.scheduler\n"
+        "print('IMPORTED')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[2], timeout=120)  # fmt: skip
+    assert "IMPORTED" in done.stdout, done.stderr[-2000:]
