@@ -652,15 +652,21 @@ def run_decode(
     it (slot ids for the hook points, prefix K/V placed at admission, prompt embeddings).
 
     Drives Scheduler + Transformer.forward as Engine.step does (no HTTP, no detokenizer)."""
+    from adapters.kinds import kind_for
+    from adapters.spec import AdapterKind
     from server.engine.kv_cache import BlockAllocator
     from server.engine.sampling import SamplingParams
-    from server.engine.scheduler import Scheduler, Sequence, bind_adapter, place_prefix
+    from server.engine.scheduler import Scheduler, Sequence
+
+    def admit_prefix(seq: Sequence) -> None:  # as Engine._place_prefix does
+        slots = seq.cache_slots(range(seq.num_virtual), block_size)
+        flat = torch.tensor(slots, dtype=torch.long, device=cache.k.device)
+        kind_for(AdapterKind.PREFIX).admit(seq.binding, cache, flat)
 
     device = next(model.parameters()).device
     sched = Scheduler(
         BlockAllocator(num_blocks, block_size), concurrency,
-        concurrency * (prompt_len + E2E_VIRTUAL_TOKENS), device,
-        place_prefix=lambda seq: place_prefix(seq, cache, block_size),
+        concurrency * (prompt_len + E2E_VIRTUAL_TOKENS), device, place_prefix=admit_prefix,
     )  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -671,7 +677,7 @@ def run_decode(
         if pool is not None:
             slot = i % pool.num_slots
             nvt = E2E_VIRTUAL_TOKENS if pool.kinds[slot].value in ("prefix", "prompt") else 0
-            bind_adapter(seq, pool.kinds[slot], slot, nvt, pool)
+            seq.bind(kind_for(pool.kinds[slot]).bind(pool, slot, nvt))
         seqs.append(seq)
         sched.add(seq)
     prefill_s, decode_steps, decode_tokens, step_ms = 0.0, 0, 0, []

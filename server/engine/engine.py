@@ -22,6 +22,7 @@ import torch
 
 from adapters.errors import AdapterError, UnknownAdapterError
 from adapters.hooks import PoolHooks
+from adapters.kinds import kind_for
 from adapters.pool import AdapterPool
 from adapters.registry import AdapterRegistry
 from adapters.spec import BaseFingerprint
@@ -36,14 +37,7 @@ from server.engine.sampling import (
     sample,
     top_logprobs,
 )
-from server.engine.scheduler import (
-    ScheduledStep,
-    Scheduler,
-    Sequence,
-    Status,
-    bind_adapter,
-    place_prefix,
-)
+from server.engine.scheduler import ScheduledStep, Scheduler, Sequence, Status
 from server.errors import adapter_error_status
 from server.metrics import Metrics
 from server.model.llama import KVCache, ModelArgs, Transformer
@@ -353,8 +347,8 @@ class Engine:
 
     # ---- adapters (engine thread) ---------------------------------------------------------
     def _prepare(self, seq: Sequence) -> bool:
-        """Before admission: the held adapter version's slot (False while it loads), and its
-        virtual tokens set up."""
+        """Before admission: the held adapter version's slot (False while it loads), bound by
+        its kind (adapters.kinds), virtual tokens included."""
         if seq.entry is None or seq.lease is not None:
             return True
         assert self.registry is not None
@@ -366,12 +360,16 @@ class Engine:
         if lease is None:
             return False
         seq.lease = lease
-        bind_adapter(seq, lease.entry.kind, lease.slot, lease.entry.num_virtual_tokens,
-                     self.registry.pool)
+        kind = kind_for(lease.kind)
+        seq.bind(kind.bind(self.registry.pool, lease.slot, lease.entry.num_virtual_tokens))
         return True
 
     def _place_prefix(self, seq: Sequence) -> None:
-        place_prefix(seq, self.cache, self.allocator.block_size)
+        """The admission step of the sequence's adapter kind over its first num_virtual cache
+        slots (prefix tuning writes its virtual K/V there)."""
+        slots = seq.cache_slots(range(seq.num_virtual), self.allocator.block_size)
+        flat = torch.tensor(slots, dtype=torch.long, device=self.cache.k.device)
+        kind_for(seq.lease.kind).admit(seq.binding, self.cache, flat)
 
     def _fail_doomed(self) -> None:
         doomed, self._doomed = self._doomed, []

@@ -7,6 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from adapters.kinds import kind_for
+from adapters.spec import AdapterKind
 from server.engine.kv_cache import BlockAllocator
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, Sequence
@@ -24,6 +26,18 @@ CONFIGS = {
                         rope_theta=500000.0),
     "qwen2-bias": dict(model_type="qwen2"),
 }
+
+
+def admit_prefix(cache: KVCache, block_size: int):
+    """The scheduler's `place_prefix` as the engine does it: prefix tuning's admission step over
+    the sequence's first num_virtual cache slots."""
+    prefix = kind_for(AdapterKind.PREFIX)
+
+    def admit(seq: Sequence) -> None:
+        slots = torch.tensor(seq.cache_slots(range(seq.num_virtual), block_size))
+        prefix.admit(seq.binding, cache, slots)
+
+    return admit
 
 
 def all_logits(model, prompt: list[int], chunk: int, block_size: int = 4) -> torch.Tensor:
@@ -62,11 +76,9 @@ def test_logits_match_transformers(model_pair, chunk):
 def prefix_logits(model, steps: list[tuple[int, list[Sequence]]]) -> dict:
     """Drive a scheduler (budget per step, sequences added before it) and collect every row's
     logits per request; sequences with `prefix_kv` get their virtual K/V placed at admission."""
-    from server.engine.scheduler import place_prefix
-
     cache = KVCache(model.args, 64, 4, torch.float32, "cpu")
     scheduler = Scheduler(BlockAllocator(64, 4), 4, 1, torch.device("cpu"),
-                          place_prefix=lambda seq: place_prefix(seq, cache, 4))  # fmt: skip
+                          place_prefix=admit_prefix(cache, 4))  # fmt: skip
     rows: dict[str, list[torch.Tensor]] = {}
     work = []
     for budget, new in steps:
@@ -136,11 +148,9 @@ def run_batched(model, seqs: list[Sequence], budgets: list[int], num_blocks: int
     """Drive the scheduler with a budget per step (cycled) until each sequence has `outputs`
     tokens; every row computed is kept as logits[(request, position)] (the last computation
     wins: preempted sequences recompute). Greedy tokens come from the batched logits."""
-    from server.engine.scheduler import place_prefix
-
     cache = KVCache(model.args, num_blocks, 4, torch.float32, "cpu")
     scheduler = Scheduler(BlockAllocator(num_blocks, 4), 8, 1, torch.device("cpu"),
-                          place_prefix=lambda seq: place_prefix(seq, cache, 4))  # fmt: skip
+                          place_prefix=admit_prefix(cache, 4))  # fmt: skip
     for seq in seqs:
         scheduler.add(seq)
     logits: dict[tuple[str, int], torch.Tensor] = {}
