@@ -179,41 +179,33 @@ def test_weights_the_kind_does_not_place_are_refused_untouched(pool, fingerprint
 # --- binding and admission ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "kind", [AdapterKind.LORA, AdapterKind.SERIES, AdapterKind.PARALLEL, AdapterKind.IA3],
-    ids=lambda k: k.value,
-)  # fmt: skip
-def test_hook_kinds_bind_their_slot_and_admit_nothing(pool, fingerprint, kind):
-    pool.load(2, spec_of(kind, fingerprint))
-    binding = kind_for(kind).bind(pool, 2, 0)
-    assert (binding.slot_id, binding.num_virtual) == (2, 0)
-    assert binding.prefix_kv is None and binding.virtual_embeds is None
-    cache = RecordingCache()
-    kind_for(kind).admit(binding, cache, torch.arange(0))
-    assert cache.writes == []
+# kind -> (the slot id its tokens carry, the Binding field holding the slot's pool tensor)
+BINDINGS = {
+    AdapterKind.LORA: (1, None),
+    AdapterKind.SERIES: (1, None),
+    AdapterKind.PARALLEL: (1, None),
+    AdapterKind.IA3: (1, None),
+    AdapterKind.PREFIX: (-1, "prefix_kv"),
+    AdapterKind.PROMPT: (-1, "virtual_embeds"),
+}
 
 
-def test_prefix_binds_its_kv_and_writes_it_at_admission(pool, fingerprint):
-    pool.load(0, spec_of(AdapterKind.PREFIX, fingerprint))
-    prefix = kind_for(AdapterKind.PREFIX)
-    binding = prefix.bind(pool, 0, NUM_VIRTUAL)
-    assert (binding.slot_id, binding.num_virtual) == (-1, NUM_VIRTUAL)
-    assert binding.prefix_kv is pool.prefix_kv[0] and binding.virtual_embeds is None
-    cache, slots = RecordingCache(), torch.tensor([8, 9, 10])
-    prefix.admit(binding, cache, slots)
-    [(written_slots, kv)] = cache.writes
-    assert written_slots is slots and kv is pool.prefix_kv[0]
-
-
-def test_prompt_binds_its_embeddings_and_admits_nothing(pool, fingerprint):
-    pool.load(1, spec_of(AdapterKind.PROMPT, fingerprint))
-    prompt = kind_for(AdapterKind.PROMPT)
-    binding = prompt.bind(pool, 1, NUM_VIRTUAL)
-    assert (binding.slot_id, binding.num_virtual) == (-1, NUM_VIRTUAL)
-    assert binding.virtual_embeds is pool.prompt_embeddings[1] and binding.prefix_kv is None
-    cache = RecordingCache()
-    prompt.admit(binding, cache, torch.arange(NUM_VIRTUAL))
-    assert cache.writes == []
+@pytest.mark.parametrize("kind", list(AdapterKind), ids=lambda k: k.value)
+def test_bind_and_admit(pool: AdapterPool, fingerprint, kind):
+    """Hook kinds bind their slot id; prefix and prompt tuning bind their virtual tokens and the
+    slot's tensor; only prefix tuning writes at admission (its K/V at the given slots)."""
+    spec = spec_of(kind, fingerprint)
+    pool.load(1, spec)
+    slot_id, field = BINDINGS[kind]
+    binding = kind_for(kind).bind(pool, 1, spec.num_virtual_tokens)
+    assert (binding.slot_id, binding.num_virtual) == (slot_id, spec.num_virtual_tokens)
+    held = {"prefix_kv": pool.prefix_kv[1], "virtual_embeds": pool.prompt_embeddings[1]}
+    for name, tensor in held.items():
+        assert getattr(binding, name) is (tensor if name == field else None), name
+    cache, slots = RecordingCache(), torch.arange(8, 8 + binding.num_virtual)
+    kind_for(kind).admit(binding, cache, slots)
+    written = [(s is slots, kv is pool.prefix_kv[1]) for s, kv in cache.writes]
+    assert written == ([(True, True)] if kind is AdapterKind.PREFIX else [])
 
 
 def test_binding_defaults_to_the_base_model():
