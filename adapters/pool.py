@@ -24,6 +24,8 @@ slots a batch uses. Rows beyond a slot's rank stay zero (the ops may compute ove
 Memory per post stack: S * R * (in + sum of outs) elements; e.g. SmolLM2-135M, 8 slots, r16 on
 every target: about 42M fp32 elements (170 MB).
 
+`clear` zeroes a slot everywhere; `load` clears it, then the spec's kind (adapters.kinds)
+copies each module's weights into the stack its placement names (`set_module`, `set_vector`).
 Prefix and prompt adapters act at admission (K/V and embeddings): the pool keeps their tensors
 on the device per slot (`prefix_kv`, `prompt_embeddings`).
 """
@@ -32,19 +34,10 @@ from __future__ import annotations
 
 import torch
 
-from adapters.spec import (
-    TARGETS,
-    AdapterKind,
-    AdapterSpec,
-    BaseFingerprint,
-    BottleneckWeights,
-    IA3Weights,
-    LoraWeights,
-    adapter_io,
-)
+from adapters.kinds import kind_for
+from adapters.spec import TARGETS, AdapterKind, AdapterSpec, BaseFingerprint, adapter_io
 from kernels import Activation, DeltaWeights
 
-SERIES_PLACEMENT = {"gate": "input", "up": "input", "down": "output"}
 SITES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # the model's projections
 SITE_OF = {target: site for site in SITES for target in site}
 MIN_RANK_BUCKET = 8
@@ -251,17 +244,14 @@ class AdapterPool:
         return self.kinds[slot]
 
     def load(self, slot: int, spec: AdapterSpec) -> None:
-        """Copy `spec` into `slot` (replacing what was there); ValueError when it does not fit."""
+        """Copy `spec` into `slot` (replacing what was there) where its kind places it;
+        ValueError when it does not fit."""
         self._check_slot(slot)
+        kind = kind_for(spec.kind)
         self._check_fits(spec)
+        kind.check_fits(spec)
         self.clear(slot)
-        for (layer, target), weights in spec.modules.items():
-            self._set_module(slot, layer, target, weights)
-        device = dict(device=self.device, dtype=self.dtype)
-        if spec.prefix_kv is not None:
-            self.prefix_kv[slot] = spec.prefix_kv.to(**device)
-        if spec.prompt_embeddings is not None:
-            self.prompt_embeddings[slot] = spec.prompt_embeddings.to(**device)
+        kind.load(self, slot, spec)
         self.kinds[slot], self.names[slot] = spec.kind, spec.name
 
     def clear(self, slot: int) -> None:
@@ -274,18 +264,23 @@ class AdapterPool:
         self.prefix_kv[slot] = self.prompt_embeddings[slot] = None
         self.kinds[slot] = self.names[slot] = None
 
-    def _set_module(self, slot: int, layer: int, target: str, weights) -> None:
-        key = (layer, target)
-        if isinstance(weights, LoraWeights):
-            writer = self.module_stack(key, "parallel", weights.rank)
-            writer.set(slot, weights.a, weights.b, weights.scaling, Activation.IDENTITY)
-        elif isinstance(weights, BottleneckWeights):
-            writer = self.module_stack(key, weights.placement, weights.rank)
-            writer.set(slot, weights.down, weights.up, weights.scaling, weights.activation)
-        elif isinstance(weights, IA3Weights):
-            self.vector_stack(key, weights.placement).set(slot, weights.vector)
-        else:
-            raise ValueError(f"{layer}.{target}: unsupported module weights {type(weights)}")
+    def set_module(
+        self, slot: int, key: tuple[int, str], placement: str, down: torch.Tensor,
+        up: torch.Tensor, scaling: float, activation: int,
+    ) -> None:  # fmt: skip
+        """y += scaling * up f(down u) for `slot` at `key` (layer, target): placement "parallel"
+        (the `post` stacks: LoRA, parallel bottleneck), "input" or "output" (series)."""
+        self.module_stack(key, placement, down.shape[0]).set(slot, down, up, scaling, activation)
+
+    def set_vector(
+        self, slot: int, key: tuple[int, str], placement: str, vector: torch.Tensor
+    ) -> None:
+        """IA3: scale the input ("input") or output ("output") of `key` by `vector` for `slot`."""
+        self.vector_stack(key, placement).set(slot, vector)
+
+    def on_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """A spec's tensor on the pool's device and dtype (prefix K/V, prompt embeddings)."""
+        return None if tensor is None else tensor.to(device=self.device, dtype=self.dtype)
 
     def _check_slot(self, slot: int) -> None:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
@@ -301,14 +296,6 @@ class AdapterPool:
             raise ValueError(
                 f"adapter {spec.name!r}: expected rank <= {self.max_rank}, got {spec.rank}"
             )
-        for (layer, target), weights in spec.modules.items():
+        for layer, target in spec.modules:
             if not 0 <= layer < self.fingerprint.num_layers or target not in TARGETS:
                 raise ValueError(f"adapter {spec.name!r}: no module {layer}.{target} in the base")
-            if isinstance(weights, BottleneckWeights) and weights.placement not in (
-                "parallel",
-                SERIES_PLACEMENT.get(target),
-            ):
-                raise ValueError(
-                    f"adapter {spec.name!r}: {weights.placement} placement on {target} is not "
-                    f"served, expected {SERIES_PLACEMENT.get(target, 'parallel')!r}"
-                )

@@ -16,7 +16,7 @@ starts), and is served on that version even if the adapter is replaced or delete
 waits for admission: a retired version keeps its parsed spec while it is held (read from disk
 before its files go, when it was only on disk), and its slot is reclaimed when the last hold is
 released. Requests accepted after the change get the new version, or an UnknownAdapterError
-(404) after a delete. Weights never mix: a slot is only reloaded when no hold is on it.
+after a delete. Weights never mix: a slot is only reloaded when no hold is on it.
 
 Threads: registration (`add_upload`, `add_path`, `remove`) runs on any thread and does its file
 work (parse, commit) outside the state lock; `acquire` / `release` and therefore every pool
@@ -25,6 +25,7 @@ write run on the engine thread only, so no forward pass ever sees a slot change 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -39,37 +40,34 @@ from typing import Protocol
 
 import torch
 
+from adapters.errors import (
+    AdapterExistsError,
+    AdapterFormatError,
+    AdapterLoadError,
+    AdapterPathNotFoundError,
+    InvalidPathError,
+    NoAdapterRootsError,
+    NoAdapterStoreError,
+    PathNotAllowedError,
+    UnknownAdapterError,
+)
 from adapters.formats import load_adapter
+from adapters.kinds import kind_for
 from adapters.pool import AdapterPool
-from adapters.spec import AdapterFormatError, AdapterKind, AdapterSpec
-from adapters.store import AdapterStore, StoreError, validate_name
+from adapters.spec import AdapterKind, AdapterSpec
+from adapters.store import AdapterStore, validate_name
 
 log = logging.getLogger(__name__)
 
-MODULE_KINDS = frozenset(
-    {AdapterKind.LORA, AdapterKind.SERIES, AdapterKind.PARALLEL, AdapterKind.IA3}
-)
 TIERS = ("device", "host", "disk")
 
 
-class RegistryError(Exception):
-    """A client-facing failure: HTTP `status`, the request field at fault, a message."""
-
-    def __init__(self, status: int, param: str | None, message: str):
-        super().__init__(message)
-        self.status, self.param, self.message = status, param, message
+def _unknown(name: str) -> UnknownAdapterError:
+    return UnknownAdapterError("model", f"adapter {name!r} does not exist")
 
 
-class UnknownAdapterError(RegistryError):
-    def __init__(self, name: str):
-        super().__init__(404, "model", f"adapter {name!r} does not exist")
-
-
-class AdapterLoadError(RegistryError):
-    """The adapter's files could not be read back from disk (changed or removed underneath)."""
-
-    def __init__(self, name: str, reason: str):
-        super().__init__(500, "model", f"adapter {name!r} could not be loaded: {reason}")
+def _load_error(name: str, reason: str) -> AdapterLoadError:
+    return AdapterLoadError("model", f"adapter {name!r} could not be loaded: {reason}")
 
 
 class RegistryObserver(Protocol):
@@ -118,7 +116,7 @@ class Entry:
     @property
     def uses_slot_ids(self) -> bool:
         """Whether the adapter acts through the hook points (vs. at admission)."""
-        return self.kind in MODULE_KINDS
+        return kind_for(self.kind).uses_slot_ids
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,7 +187,7 @@ class AdapterRegistry:
     def add_upload(self, staging: Path, name: str, replace: bool = False) -> Entry:
         """Validate a filled store staging directory, commit it as `name`, serve it."""
         if self.store is None:
-            raise RegistryError(409, None, "this server has no adapter store")
+            raise NoAdapterStoreError(None, "this server has no adapter store")
         validate_name(name)
         try:
             spec = self.parse(staging, name)
@@ -226,14 +224,11 @@ class AdapterRegistry:
             with self._lock:
                 entry = self._entries.get(name)
             if entry is None:
-                raise UnknownAdapterError(name)
+                raise _unknown(name)
             self._keep_for_holders(name)
             if entry.origin == "upload" and self.store is not None:
-                try:
+                with contextlib.suppress(UnknownAdapterError):  # its files went meanwhile
                     self.store.delete(name)
-                except StoreError as e:
-                    if e.status != 404:
-                        raise
             with self._lock:
                 del self._entries[name]
                 self._retire(entry)
@@ -262,20 +257,20 @@ class AdapterRegistry:
     def _resolve(self, path: Path, require_root: bool) -> Path:
         raw = os.fspath(path)
         if not raw or "\x00" in raw:
-            raise RegistryError(400, "lora_path", "expected a directory path")
+            raise InvalidPathError("lora_path", "expected a directory path")
         try:
             directory = Path(raw).resolve(strict=True)
         except (OSError, RuntimeError):
-            raise RegistryError(404, "lora_path", "no adapter directory at that path") from None
+            raise AdapterPathNotFoundError("lora_path", "no adapter directory at that path") from None
         if require_root and not _under(directory, self.roots):
-            raise RegistryError(
-                403 if self.roots else 400,
+            refusal = PathNotAllowedError if self.roots else NoAdapterRootsError
+            raise refusal(
                 "lora_path",
                 "the path is not under a configured adapter root (--adapter-dir / "
                 "ADAPTERSERVE_ADAPTER_ROOTS)",
             )
         if not directory.is_dir():
-            raise RegistryError(400, "lora_path", "expected an adapter directory")
+            raise InvalidPathError("lora_path", "expected an adapter directory")
         return directory
 
     def _check_replace(self, name: str, replace: bool, staging: Path | None) -> None:
@@ -289,7 +284,7 @@ class AdapterRegistry:
         if conflict is not None:
             if staging is not None and self.store is not None:
                 self.store.discard(staging)
-            raise RegistryError(409, "name", conflict)
+            raise AdapterExistsError("name", conflict)
 
     def _keep_for_holders(self, name: str) -> None:
         """Before the files of `name`'s current version are replaced or deleted (install lock
@@ -343,7 +338,7 @@ class AdapterRegistry:
         with self._lock:
             entry = self._entries.get(name)
         if entry is None:
-            raise UnknownAdapterError(name)
+            raise _unknown(name)
         return entry
 
     def list(self) -> list[Entry]:
@@ -366,7 +361,7 @@ class AdapterRegistry:
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
-                raise UnknownAdapterError(name)
+                raise _unknown(name)
             entry.refs += 1
             entry.last_used = time.monotonic()
             return entry
@@ -383,8 +378,8 @@ class AdapterRegistry:
                 entry.wanted = True
                 if entry.spec is None:
                     if not entry.live:
-                        raise AdapterLoadError(entry.name, "it was replaced or deleted before "
-                                                           "it could be read; retry")
+                        raise _load_error(entry.name, "it was replaced or deleted before it "
+                                                      "could be read; retry")
                     self._start_disk_load(entry)
                     return None
                 slot = self._free_slot()
@@ -445,7 +440,7 @@ class AdapterRegistry:
     def _start_disk_load(self, entry: Entry) -> None:
         if entry.error is not None:
             error, entry.error = entry.error, None  # the next request retries
-            raise AdapterLoadError(entry.name, error)
+            raise _load_error(entry.name, error)
         if not entry.loading:
             entry.loading = True
             self._loader.submit(self._load_from_disk, entry)

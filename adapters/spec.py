@@ -17,18 +17,10 @@ from typing import Literal
 
 import torch
 
+from adapters.errors import AdapterFormatError
 from kernels import Activation
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-class AdapterFormatError(ValueError):
-    """An adapter directory that we refuse; `param` names the offending config field or file."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-        self.message = message
 
 
 class AdapterKind(str, enum.Enum):
@@ -214,6 +206,14 @@ def refuse_options(config: Mapping, unsupported: Mapping[str, str]) -> None:
             raise AdapterFormatError(
                 field, f"{field}: not supported ({why}); expected it unset, got {config[field]!r}"
             )
+
+
+def refuse_bias(config: Mapping) -> None:
+    """Bias training (LoRA's and the bottlenecks' `bias` option) is not served: only "none"."""
+    if config.get("bias", "none") != "none":
+        raise AdapterFormatError(
+            "bias", f"bias: expected 'none' (biases are not served), got {config['bias']!r}"
+        )
 
 
 # PEFT / LLM-Adapters state-dict key of a Llama-family linear, e.g.

@@ -14,10 +14,13 @@ Nothing is ever written outside the staging directory of the upload in progress:
   kept members' bytes are read and written by us to `staging/<basename>` with O_EXCL |
   O_NOFOLLOW;
 - bytes are counted while streaming (upload cap) and while decompressing (extracted cap and
-  member count cap), so a zip / gzip bomb is refused with 413 before it fills the disk; a
-  dropped zip member is never decompressed, a dropped tar member only to skip it (counted).
+  member count cap), so a zip / gzip bomb is refused (UploadTooLargeError) before it fills the
+  disk; a dropped zip member is never decompressed, a dropped tar member only to skip it
+  (counted).
 
-Errors are `StoreError(status, param, message)`; messages never contain a server path.
+Refusals are the typed errors of adapters.errors (InvalidUploadError, UploadTooLargeError,
+InvalidNameError, AdapterExistsError, AdapterLimitError, UnknownAdapterError), each with the
+`param` at fault; messages never contain a server path.
 """
 
 from __future__ import annotations
@@ -39,9 +42,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from adapters.errors import (
+    AdapterExistsError,
+    AdapterLimitError,
+    InvalidNameError,
+    InvalidUploadError,
+    UnknownAdapterError,
+    UploadTooLargeError,
+)
 from adapters.formats import ALLOWED_FILES, pickle_only, pickle_only_message, shown_names
 
-__all__ = ["StoreError", "StoredAdapter", "AdapterStore", "NAME_RE", "validate_name"]
+__all__ = ["StoredAdapter", "AdapterStore", "NAME_RE", "validate_name"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CHUNK = 1 << 20
@@ -52,16 +63,6 @@ _STAGING = ".staging"
 _REPLACED = ".replaced"  # old versions moved aside during a replace (restored after a crash)
 _DELETED = ".deleted"  # deleted adapters moved aside before removal (purged after a crash)
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
-
-
-class StoreError(Exception):
-    """A refused store operation; `status` is the HTTP status, `param` the offending field."""
-
-    def __init__(self, status: int, param: str | None, message: str):
-        super().__init__(message)
-        self.status = status
-        self.param = param
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,7 @@ def _show(text: str, limit: int = 80) -> str:
 def validate_name(name: object) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name or "\x00" in name:
         shown = _show(name) if isinstance(name, str) else type(name).__name__
-        raise StoreError(
-            400,
+        raise InvalidNameError(
             "name",
             f"invalid adapter name {shown}: expected 1-64 characters of letters, digits, '.', "
             "'_' or '-', starting with a letter or digit, without '..'",
@@ -109,18 +109,18 @@ def _path_parts(name: str) -> list[str]:
 
 def _kept_file_name(filename: object) -> str | None:
     """An uploaded file's name when the allow-list names it; None (dropped) for another safe
-    name; a 400 for an unsafe one, which refuses the whole upload."""
+    name; InvalidUploadError for an unsafe one, which refuses the whole upload."""
     if not isinstance(filename, str):
-        raise StoreError(400, "files", f"unexpected file {type(filename).__name__}")
+        raise InvalidUploadError("files", f"unexpected file {type(filename).__name__}")
     # ALLOWED_FILES are plain names, but never trust an allow-list to stay that way.
     if filename in ALLOWED_FILES and "/" not in filename and "\\" not in filename:
         return filename
     try:
         parts = _path_parts(filename)
     except ValueError as e:
-        raise StoreError(400, "files", f"unexpected file name {_show(filename)}: {e}") from None
+        raise InvalidUploadError("files", f"unexpected file name {_show(filename)}: {e}") from None
     if not parts:
-        raise StoreError(400, "files", f"unexpected file name {_show(filename)}: not a file")
+        raise InvalidUploadError("files", f"unexpected file name {_show(filename)}: not a file")
     return None
 
 
@@ -129,11 +129,11 @@ def _settle_kept(kept: Iterable[str], ignored: list[str], param: str) -> list[st
     kept = set(kept)
     pickles = pickle_only(kept, ignored)
     if pickles:
-        raise StoreError(400, param, pickle_only_message(pickles))
+        raise InvalidUploadError(param, pickle_only_message(pickles))
     if not kept:
         dropped = f"; got only {shown_names(ignored)}" if ignored else ""
-        raise StoreError(
-            400, param, f"no adapter files: expected files named {sorted(ALLOWED_FILES)}{dropped}"
+        raise InvalidUploadError(
+            param, f"no adapter files: expected files named {sorted(ALLOWED_FILES)}{dropped}"
         )
     return [name[:200] for name in ignored]
 
@@ -151,14 +151,14 @@ def _write_capped(
                 break
             budget[0] -= len(chunk)
             if budget[0] < 0:
-                raise StoreError(413, param, f"{what} too large: expected at most {limit} bytes")
+                raise UploadTooLargeError(param, f"{what} too large: expected at most {limit} bytes")
             out.write(chunk)
         out.flush()
         os.fsync(out.fileno())
 
 
 class _CappedReader(io.RawIOBase):
-    """A read-only stream that raises 413 once more than `limit` bytes have been read."""
+    """A read-only stream that raises UploadTooLargeError past `limit` bytes read."""
 
     def __init__(self, raw: BinaryIO, limit: int):
         self._raw = raw
@@ -174,8 +174,8 @@ class _CappedReader(io.RawIOBase):
         data = self._raw.read(min(size, self._left + 1))
         self._left -= len(data)
         if self._left < 0:
-            raise StoreError(
-                413, "archive", f"archive expands beyond {self._limit} bytes: refusing it"
+            raise UploadTooLargeError(
+                "archive", f"archive expands beyond {self._limit} bytes: refusing it"
             )
         return data
 
@@ -191,7 +191,7 @@ class _Extractor:
     First every member is checked (`count`, `check_directory`, `check_file`): a name that could
     escape refuses the whole archive. `settle` then places the adapter: its files are the
     allow-listed names at the top level, else inside the one top-level folder that holds some
-    (several such folders: 400). Then `wanted` says which members to write (`file`, to
+    (several such folders: refused). Then `wanted` says which members to write (`file`, to
     `staging/<basename>`); every other file is dropped, unread, and listed in `ignored`.
     """
 
@@ -209,9 +209,8 @@ class _Extractor:
         self.ignored: list[str] = []
 
     @staticmethod
-    def refuse(member: str, why: str) -> StoreError:
-        return StoreError(
-            400,
+    def refuse(member: str, why: str) -> InvalidUploadError:
+        return InvalidUploadError(
             "archive",
             f"archive member {_show(member)} refused: {why}; expected {sorted(ALLOWED_FILES)} "
             "at the top level or inside one top-level folder",
@@ -220,12 +219,12 @@ class _Extractor:
     def count(self) -> None:
         self.members += 1
         if self.members > self.max_members:
-            raise StoreError(
-                413, "archive", f"archive has too many members: expected at most {self.max_members}"
+            raise UploadTooLargeError(
+                "archive", f"archive has too many members: expected at most {self.max_members}"
             )
 
     def parts(self, member: str) -> list[str]:
-        """Path components of a member name, or a 400 for anything that could escape."""
+        """Path components of a member name; InvalidUploadError for anything that could escape."""
         try:
             return _path_parts(member)
         except ValueError as e:
@@ -245,8 +244,7 @@ class _Extractor:
 
     def settle(self) -> None:
         if not self.top_level and len(self.folders) > 1:
-            raise StoreError(
-                400,
+            raise InvalidUploadError(
                 "archive",
                 f"adapter files in several top-level folders {shown_names(sorted(self.folders))}"
                 ": expected them at the top level or inside one folder",
@@ -407,7 +405,7 @@ class AdapterStore:
                     ignored.append(filename)
                     continue
                 if name in kept:
-                    raise StoreError(400, "files", f"duplicate file {_show(name)}")
+                    raise InvalidUploadError("files", f"duplicate file {_show(name)}")
                 kept.add(name)
                 _write_capped(
                     staging / name, stream, budget, "files", "upload", self.max_upload_bytes
@@ -426,8 +424,8 @@ class AdapterStore:
                 kind = "tar"
             else:
                 shown = _show(filename) if isinstance(filename, str) else "?"
-                raise StoreError(
-                    400, "archive", f"unsupported archive {shown}: expected .zip, .tar.gz or .tgz"
+                raise InvalidUploadError(
+                    "archive", f"unsupported archive {shown}: expected .zip, .tar.gz or .tgz"
                 )
             # The archive itself lives beside the staging dir while it is unpacked.
             archive = staging.with_name(staging.name + ".upload")
@@ -458,8 +456,7 @@ class AdapterStore:
                 wanted = [info for info in files if extractor.wanted(info.filename)]
                 declared = sum(info.file_size for info in wanted)  # dropped ones stay compressed
                 if declared > extractor.max_bytes:
-                    raise StoreError(
-                        413,
+                    raise UploadTooLargeError(
                         "archive",
                         f"archive expands to {declared} bytes: expected at most "
                         f"{extractor.max_bytes}",
@@ -468,9 +465,9 @@ class AdapterStore:
                     with zf.open(info) as member:
                         extractor.file(info.filename, member)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError):
-            raise StoreError(400, "archive", "unreadable zip archive") from None
+            raise InvalidUploadError("archive", "unreadable zip archive") from None
         except NotImplementedError:
-            raise StoreError(400, "archive", "unsupported zip compression method") from None
+            raise InvalidUploadError("archive", "unsupported zip compression method") from None
 
     def _untar(self, archive: Path, extractor: _Extractor) -> None:
         """Two passes over the stream: check every member and settle the layout, then write the
@@ -482,8 +479,7 @@ class AdapterStore:
             for member, tf in _tar_members(archive, extractor):
                 if member.isreg() and extractor.wanted(member.name):
                     if member.size > extractor.budget[0]:
-                        raise StoreError(
-                            413,
+                        raise UploadTooLargeError(
                             "archive",
                             f"archive contents too large: expected at most "
                             f"{extractor.max_bytes} bytes",
@@ -493,7 +489,7 @@ class AdapterStore:
                         raise extractor.refuse(member.name, "no data")
                     extractor.file(member.name, data)
         except (tarfile.TarError, gzip.BadGzipFile, zlib.error, EOFError):
-            raise StoreError(400, "archive", "unreadable .tar.gz archive") from None
+            raise InvalidUploadError("archive", "unreadable .tar.gz archive") from None
 
     # ---- committed adapters ---------------------------------------------------------------
     def _names(self) -> list[str]:
@@ -504,7 +500,8 @@ class AdapterStore:
         )
 
     def commit(self, staging: Path, name: str, replace: bool = False) -> Path:
-        """Move a filled staging directory to `root/<name>` (409 on duplicate or store full)."""
+        """Move a filled staging directory to `root/<name>` (AdapterExistsError on a duplicate,
+        AdapterLimitError when the store is full)."""
         staging = self._own_staging(staging)
         with self._cleanup_on_error(staging):
             validate_name(name)
@@ -512,16 +509,15 @@ class AdapterStore:
             with self._lock:
                 exists = os.path.lexists(dest)
                 if exists and not replace:
-                    raise StoreError(
-                        409, "name", f"adapter {name!r} already exists: pass replace=true"
+                    raise AdapterExistsError(
+                        "name", f"adapter {name!r} already exists: pass replace=true"
                     )
                 if (
                     not exists
                     and self.max_adapters is not None
                     and len(self._names()) >= self.max_adapters
                 ):
-                    raise StoreError(
-                        409,
+                    raise AdapterLimitError(
                         "name",
                         f"the store is full ({self.max_adapters} adapters): delete one first",
                     )
@@ -554,7 +550,7 @@ class AdapterStore:
         with self._lock:
             dest = self.root / name
             if not dest.is_dir() or dest.is_symlink():
-                raise StoreError(404, "name", f"adapter {name!r} not found")
+                raise UnknownAdapterError("name", f"adapter {name!r} not found")
             holder = self.root / _DELETED / uuid.uuid4().hex
             holder.mkdir(parents=True)
             os.rename(dest, holder / name)
@@ -564,7 +560,7 @@ class AdapterStore:
     def exists(self, name: str) -> bool:
         try:
             self.path(name)
-        except StoreError:
+        except (InvalidNameError, UnknownAdapterError):
             return False
         return True
 
@@ -572,7 +568,7 @@ class AdapterStore:
         validate_name(name)
         dest = self.root / name
         if not dest.is_dir() or dest.is_symlink():
-            raise StoreError(404, "name", f"adapter {name!r} not found")
+            raise UnknownAdapterError("name", f"adapter {name!r} not found")
         return dest
 
     def list(self) -> list[StoredAdapter]:

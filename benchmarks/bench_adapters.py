@@ -4,7 +4,10 @@ base model, when they spread over 8 distinct LoRA adapters, and over 8 adapters 
 LoRA comes in two sizes: r8 on q and v (peft's default targets) and r16 on all seven.
 
 Configurations run interleaved round by round (base, lora, mixed, base, ...) in one engine so
-that machine noise hits them alike; each reports the median over rounds. Adapters get random
+that machine noise hits them alike; each reports the median over rounds. With --compile (the
+default) every configuration runs twice per round, eager and through the compiled decode step
+(the same engine, its compiled step switched off and on between runs), so the two columns
+come from the same process and rounds. Adapters get random
 weights in their real file formats and are registered like `--adapter NAME=PATH`; a warm-up
 round loads every one into a device slot first, so this measures steady-state batching, not
 loading. Greedy, `ignore_eos`: every request makes exactly --output-len tokens.
@@ -171,12 +174,15 @@ async def main_async(args: argparse.Namespace) -> dict:
             groups = pool.apply(make_adapters, (Path(tmp), shapes))
         settings = Settings(
             model=str(model_dir), device=args.device, max_num_seqs=args.concurrency,
-            adapters=[a for g in groups.values() for a in g], adapter_slots=24,
+            adapters=[a for g in groups.values() for a in g], adapter_slots=24,  # every adapter resident: this measures batching, not loading
             max_adapter_rank=32,
             cache_dir=Path(tmp) / "cache", max_model_len=1024,
-            kv_cache_memory_mb=args.kv_cache_memory_mb,
+            kv_cache_memory_mb=args.kv_cache_memory_mb, compile="on" if args.compile else "off",
         )
+        started = time.perf_counter()
         engine = await start_engine(settings, Metrics())
+        startup_s = time.perf_counter() - started
+        modes = {"eager": None, **({"compiled": engine.compiled} if engine.compiled else {})}
         try:
             vocab, rnd = engine.vocab_size, random.Random(0)  # no torch on this thread
             prompts = [[rnd.randrange(100, vocab) for _ in range(args.prompt_len)]
@@ -189,23 +195,33 @@ async def main_async(args: argparse.Namespace) -> dict:
                                                  for i in range(args.concurrency)],
                 "8 mixed kinds": [names["mixed"][i % 8] for i in range(args.concurrency)],
             }
-            for models in configs.values():  # warm-up: every adapter into its slot
-                await run_round(engine, prompts, models, 4)
-            results: dict[str, list[float]] = {k: [] for k in configs}
+            for compiled in modes.values():  # warm-up: adapters into slots, compiled graphs
+                engine.compiled = compiled
+                for models in configs.values():
+                    await run_round(engine, prompts, models, 4)
+            results = {(k, mode): [] for k in configs for mode in modes}
             for r in range(args.rounds):
                 for label, models in configs.items():
-                    tps = await run_round(engine, prompts, models, args.output_len)
-                    results[label].append(tps)
-                    print(f"round {r + 1}: {label:<30} {tps:8.1f} tok/s", flush=True)
+                    for mode, compiled in modes.items():
+                        engine.compiled = compiled  # the engine is idle between runs
+                        tps = await run_round(engine, prompts, models, args.output_len)
+                        results[(label, mode)].append(tps)
+                        print(f"round {r + 1}: {label:<30} {mode:<9} {tps:8.1f} tok/s", flush=True)
         finally:
             await engine.stop()
             engine.registry.close()
-    base = statistics.median(results["base"])
-    rows = {k: {"tok_s_median": statistics.median(v), "tok_s_rounds": v,
-                "ratio_to_base": statistics.median(v) / base} for k, v in results.items()}
+    rows = {}
+    for mode in modes:
+        base = statistics.median(results[("base", mode)])
+        for label in configs:
+            values = results[(label, mode)]
+            rows.setdefault(label, {})[mode] = {
+                "tok_s_median": statistics.median(values), "tok_s_rounds": values,
+                "ratio_to_base": statistics.median(values) / base}
     return {"model": str(model_dir), "device": args.device, "concurrency": args.concurrency,
-            "prompt_len": args.prompt_len, "output_len": args.output_len,
-            "rounds": args.rounds, "torch_threads": torch.get_num_threads(), "results": rows}
+            "prompt_len": args.prompt_len, "output_len": args.output_len, "modes": list(modes),
+            "startup_s": startup_s, "rounds": args.rounds,
+            "torch_threads": torch.get_num_threads(), "results": rows}
 
 
 def main() -> None:
@@ -217,12 +233,22 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kv-cache-memory-mb", type=int, default=256)
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="eager only (no compiled column)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "adapters.json")
     args = parser.parse_args()
     report = asyncio.run(main_async(args))
-    print(f"\n{'configuration':<32}{'tok/s (median)':>16}{'ratio to base':>16}")
+    modes = report["modes"]
+    header = "".join(f"{m + ' tok/s':>16}{m + ' /base':>14}" for m in modes)
+    print(f"\n{'configuration':<32}{header}{'compiled/eager':>16}" if len(modes) > 1
+          else f"\n{'configuration':<32}{header}")
     for label, row in report["results"].items():
-        print(f"{label:<32}{row['tok_s_median']:>16.1f}{row['ratio_to_base']:>16.2f}")
+        cells = "".join(f"{row[m]['tok_s_median']:>16.1f}{row[m]['ratio_to_base']:>14.2f}"
+                        for m in modes)
+        speedup = (f"{row['compiled']['tok_s_median'] / row['eager']['tok_s_median']:>16.2f}"
+                   if len(modes) > 1 else "")
+        print(f"{label:<32}{cells}{speedup}")
+    print(f"engine start-up (incl. compile warm-up): {report['startup_s']:.1f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")

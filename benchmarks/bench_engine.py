@@ -14,8 +14,10 @@ import json
 import multiprocessing
 import os
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -53,18 +55,33 @@ def bench_transformers(model_dir: Path, prompts: list[list[int]], out_len: int) 
     return (out.shape[1] - ids.shape[1]) * ids.shape[0] / elapsed
 
 
-async def bench_engine_inproc(settings: Settings, prompts: list[list[int]], out_len: int) -> float:
+async def bench_engine_inproc(
+    settings: Settings, prompts: list[list[int]], out_len: int, repeats: int
+) -> dict[str, float]:
+    """Output tok/s of `prompts` at once, eager and (when the settings compile) through the
+    compiled decode step of the same engine, alternating `repeats` times (median each), and the
+    engine's start-up seconds (compile warm-up included)."""
+    started = time.perf_counter()
     engine = await start_engine(settings, Metrics())
+    startup_s = time.perf_counter() - started
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    modes = {"eager": None, **({"compiled": engine.compiled} if engine.compiled else {})}
 
     async def one(p):
         return sum([len(o.token_ids) async for o in engine.add_request(p, params)])
 
     try:
-        await one(prompts[0][:8])  # warm-up
-        start = time.perf_counter()
-        tokens = sum(await asyncio.gather(*[one(p) for p in prompts]))
-        return tokens / (time.perf_counter() - start)
+        runs: dict[str, list[float]] = {mode: [] for mode in modes}
+        for compiled in modes.values():  # warm-up (and the compiled step's first graphs)
+            engine.compiled = compiled
+            await asyncio.gather(*[one(p[:8]) for p in prompts])
+        for _ in range(repeats):
+            for mode, compiled in modes.items():
+                engine.compiled = compiled  # the engine is idle between runs
+                start = time.perf_counter()
+                tokens = sum(await asyncio.gather(*[one(p) for p in prompts]))
+                runs[mode].append(tokens / (time.perf_counter() - start))
+        return {"startup_s": startup_s, **{m: statistics.median(v) for m, v in runs.items()}}
     finally:
         await engine.stop()
 
@@ -75,8 +92,10 @@ def isolated(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def engine_tok_s(settings: Settings, prompts: list[list[int]], out_len: int) -> float:
-    return asyncio.run(bench_engine_inproc(settings, prompts, out_len))
+def engine_tok_s(
+    settings: Settings, prompts: list[list[int]], out_len: int, repeats: int = 3
+) -> dict[str, float]:
+    return asyncio.run(bench_engine_inproc(settings, prompts, out_len, repeats))
 
 
 def free_port() -> int:
@@ -146,10 +165,15 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--skip-transformers", action="store_true", help="only our engine (quick iterations)")
+    ap.add_argument("--no-http", dest="http", action="store_false", help="in-process runs only")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="eager only (no compiled column, no compile start-up)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating eager/compiled runs")
     ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "engine.json")
     args = ap.parse_args()
 
-    settings = Settings(model=args.model, max_num_seqs=max(args.concurrency), log_level="warning")
+    settings = Settings(model=args.model, max_num_seqs=max(args.concurrency), log_level="warning",
+                        compile="on" if args.compile else "off")
     model_dir = resolve_model_dir(args.model, settings.cache_dir)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     rows: list[tuple[str, float]] = []
@@ -159,44 +183,57 @@ def main() -> None:
         rows.append(("transformers generate, 1 stream", isolated(bench_transformers, model_dir, one, args.output_len)))
         rows.append(("transformers generate, static batch 16",
                      isolated(bench_transformers, model_dir, sixteen, args.output_len)))
-    for name, prompts in (("1 stream", one), ("16 at once", sixteen)):
-        tok_s = isolated(engine_tok_s, settings, prompts, args.output_len)
-        rows.append((f"adapterserve engine (in-process), {name}", tok_s))
+    startup: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as cache:  # a cold compile cache, then the same warm
+        settings = settings.model_copy(update={"cache_dir": Path(cache)})
+        for name, prompts in (("1 stream", one), ("16 at once", sixteen)):
+            result = isolated(engine_tok_s, settings, prompts, args.output_len, args.repeats)
+            startup["cold" if not startup else "warm"] = result.pop("startup_s")
+            for mode, tok_s in result.items():
+                rows.append((f"adapterserve engine (in-process, {mode}), {name}", tok_s))
 
-    port = free_port()
-    server = start_server(args.model, port, max(args.concurrency))
-    try:
-        for c in args.concurrency:
-            prompts = make_prompts(max(c, 2 * c), args.prompt_len, vocab, seed=c)
-            for stream in (True, False):
-                name = f"adapterserve HTTP, {c} concurrent {'streaming' if stream else 'non-streaming'}"
-                rows.append((name, asyncio.run(bench_http(port, c, prompts, args.output_len, stream))))
-    finally:
-        server.terminate()
-        server.wait(60)
+    if args.http:
+        port = free_port()
+        server = start_server(args.model, port, max(args.concurrency))
+        try:
+            for c in args.concurrency:
+                prompts = make_prompts(max(c, 2 * c), args.prompt_len, vocab, seed=c)
+                for stream in (True, False):
+                    name = f"adapterserve HTTP, {c} concurrent {'streaming' if stream else 'non-streaming'}"
+                    rows.append((name, asyncio.run(bench_http(port, c, prompts, args.output_len, stream))))
+        finally:
+            server.terminate()
+            server.wait(60)
 
-    report(rows, args)
+    report(rows, args, startup)
 
 
-def report(rows: list[tuple[str, float]], args: argparse.Namespace) -> None:
+def report(rows: list[tuple[str, float]], args: argparse.Namespace, startup: dict[str, float]) -> None:
     table = dict(rows)
-    print(f"\n{'run':<52} {'output tok/s':>12}")
+    print(f"\n{'run':<60} {'output tok/s':>12}")
     for name, value in rows:
-        print(f"{name:<52} {value:>12.1f}")
+        print(f"{name:<60} {value:>12.1f}")
     pairs = {
-        "engine_1_stream_vs_hf_1_stream": ("adapterserve engine (in-process), 1 stream", "transformers generate, 1 stream"),
-        "engine_16_vs_hf_static_16": ("adapterserve engine (in-process), 16 at once", "transformers generate, static batch 16"),
+        "engine_1_stream_vs_hf_1_stream": ("adapterserve engine (in-process, eager), 1 stream", "transformers generate, 1 stream"),
+        "compiled_1_stream_vs_hf_1_stream": ("adapterserve engine (in-process, compiled), 1 stream", "transformers generate, 1 stream"),
+        "compiled_vs_eager_1_stream": ("adapterserve engine (in-process, compiled), 1 stream", "adapterserve engine (in-process, eager), 1 stream"),
+        "engine_16_vs_hf_static_16": ("adapterserve engine (in-process, eager), 16 at once", "transformers generate, static batch 16"),
+        "compiled_16_vs_hf_static_16": ("adapterserve engine (in-process, compiled), 16 at once", "transformers generate, static batch 16"),
+        "compiled_vs_eager_16": ("adapterserve engine (in-process, compiled), 16 at once", "adapterserve engine (in-process, eager), 16 at once"),
         "http_1_stream_vs_hf_1_stream": ("adapterserve HTTP, 1 concurrent streaming", "transformers generate, 1 stream"),
         "http_16_streaming_vs_hf_static_16": ("adapterserve HTTP, 16 concurrent streaming", "transformers generate, static batch 16"),
         "http_16_nonstreaming_vs_hf_static_16": ("adapterserve HTTP, 16 concurrent non-streaming", "transformers generate, static batch 16"),
     }
     ratios = {k: table[a] / table[b] for k, (a, b) in pairs.items() if a in table and b in table}
     for name, value in ratios.items():
-        print(f"{name:<52} {value:>12.2f}x")
+        print(f"{name:<60} {value:>12.2f}x")
+    for cache, seconds in startup.items():
+        print(f"{'engine start-up, ' + cache + ' compile cache':<60} {seconds:>11.1f}s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = {"prompt_len": args.prompt_len, "output_len": args.output_len, "torch_threads": torch.get_num_threads(),
             "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()}
-    args.json.write_text(json.dumps({"meta": meta, "tok_per_s": table, "ratios": ratios}, indent=2))
+    args.json.write_text(json.dumps({"meta": meta, "tok_per_s": table, "ratios": ratios,
+                                     "startup_s": startup}, indent=2))
     print(f"wrote {args.json}")
 
 

@@ -595,16 +595,22 @@ def run_decode(
 
     Drives Scheduler + BatchBuilder + Transformer.forward as Engine.step does (no HTTP, no
     detokenizer)."""
+    from adapters.kinds import kind_for
+    from adapters.spec import AdapterKind
     from server.engine.batch import BatchBuilder
     from server.engine.kv_cache import BlockAllocator
     from server.engine.sampling import SamplingParams
-    from server.engine.scheduler import Scheduler, Sequence, bind_adapter, place_prefix
+    from server.engine.scheduler import Scheduler, Sequence
+
+    def admit_prefix(seq: Sequence) -> None:  # as Engine._place_prefix does
+        slots = seq.cache_slots(range(seq.num_virtual), block_size)
+        flat = torch.tensor(slots, dtype=torch.long, device=cache.k.device)
+        kind_for(AdapterKind.PREFIX).admit(seq.binding, cache, flat)
 
     device = next(model.parameters()).device
     budget = concurrency * (prompt_len + E2E_VIRTUAL_TOKENS)
     sched = Scheduler(
-        BlockAllocator(num_blocks, block_size), concurrency, budget,
-        place_prefix=lambda seq: place_prefix(seq, cache, block_size),
+        BlockAllocator(num_blocks, block_size), concurrency, budget, place_prefix=admit_prefix,
     )  # fmt: skip
     max_len = E2E_VIRTUAL_TOKENS + prompt_len + output_len
     builder = BatchBuilder(
@@ -621,7 +627,7 @@ def run_decode(
         if pool is not None:
             slot = i % pool.num_slots
             nvt = E2E_VIRTUAL_TOKENS if pool.kinds[slot].value in ("prefix", "prompt") else 0
-            bind_adapter(seq, pool.kinds[slot], slot, nvt, pool)
+            seq.bind(kind_for(pool.kinds[slot]).bind(pool, slot, nvt))
         seqs.append(seq)
         sched.add(seq)
     prefill_s, decode_steps, decode_tokens, step_ms = 0.0, 0, 0, []

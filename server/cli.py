@@ -119,14 +119,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def check_adapter_flags(settings: Settings) -> None:
     """`--adapter NAME=PATH` and `--adapter-dir` must name usable folders (EngineConfigError)."""
-    from adapters.store import StoreError, validate_name
+    from adapters.errors import InvalidNameError
+    from adapters.store import validate_name
     from server.engine.engine import EngineConfigError, parse_adapter_arg
 
     for item in settings.adapters:
         name, path = parse_adapter_arg(item)
         try:
             validate_name(name)
-        except StoreError as e:
+        except InvalidNameError as e:
             raise EngineConfigError(f"--adapter {item}: {e}") from None
         if not path.is_dir():
             raise EngineConfigError(f"--adapter {item}: {path} is not an adapter directory")

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from adapters.registry import UnknownAdapterError
+from adapters.errors import UnknownAdapterError
 from server.config import Settings
 from server.errors import APIError, model_not_found
 from server.guards import bearer_token, check_key, key_fingerprint, key_matches

@@ -15,6 +15,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.errors import (
+    AdapterError,
+    AdapterExistsError,
+    AdapterFormatError,
+    AdapterLimitError,
+    AdapterLoadError,
+    AdapterPathNotFoundError,
+    InvalidNameError,
+    InvalidPathError,
+    InvalidUploadError,
+    NoAdapterRootsError,
+    NoAdapterStoreError,
+    PathNotAllowedError,
+    UnknownAdapterError,
+    UploadTooLargeError,
+)
+
 log = logging.getLogger(__name__)
 
 MAX_ECHO_CHARS = 80  # longest excerpt of client input quoted back in a message
@@ -31,6 +48,24 @@ _TYPE_BY_STATUS = {
     415: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
+}
+# Every typed refusal of the adapters package -> (HTTP status, OpenAI error type, code). An
+# exception maps as the first class of its MRO listed here: NoAdapterRootsError, a
+# PathNotAllowedError, has its own row (400: the server loads no adapter by path at all).
+ADAPTER_ERRORS: Mapping[type[AdapterError], tuple[int, str, str | None]] = {
+    AdapterFormatError: (400, "invalid_request_error", None),
+    InvalidNameError: (400, "invalid_request_error", None),
+    InvalidUploadError: (400, "invalid_request_error", None),
+    InvalidPathError: (400, "invalid_request_error", None),
+    NoAdapterRootsError: (400, "invalid_request_error", None),
+    PathNotAllowedError: (403, "permission_error", None),
+    UnknownAdapterError: (404, "not_found_error", "model_not_found"),
+    AdapterPathNotFoundError: (404, "not_found_error", "model_not_found"),
+    AdapterExistsError: (409, "conflict_error", None),
+    AdapterLimitError: (409, "conflict_error", None),
+    NoAdapterStoreError: (409, "conflict_error", None),
+    UploadTooLargeError: (413, "invalid_request_error", None),
+    AdapterLoadError: (500, "server_error", None),
 }
 _NOT_AN_OBJECT = frozenset({"model_type", "model_attributes_type", "dict_type"})
 _OUTCOME_BY_STATUS = {
@@ -75,6 +110,21 @@ def model_not_found(name: str) -> APIError:
         param="model",
         code="model_not_found",
     )
+
+
+def adapter_error_status(exc: AdapterError) -> tuple[int, str, str | None]:
+    """(HTTP status, error type, code) of an adapters refusal, from ADAPTER_ERRORS."""
+    for cls in type(exc).__mro__:
+        if cls in ADAPTER_ERRORS:
+            return ADAPTER_ERRORS[cls]
+    raise TypeError(f"no HTTP status for {type(exc).__name__}: add it to ADAPTER_ERRORS")
+
+
+def from_adapter_error(exc: AdapterError, message: str | None = None) -> APIError:
+    """An adapters refusal in OpenAI's shape; `message` replaces the exception's (scrubbed)."""
+    status, openai_type, code = adapter_error_status(exc)
+    text = exc.message if message is None else message
+    return APIError(status, text, openai_type, exc.param, code)
 
 
 def error_type(status: int) -> str:

@@ -72,16 +72,22 @@ class Stepper:
         self, args, num_blocks: int, block_size: int, max_num_seqs: int, budget: int,
         num_adapter_slots: int = 1, max_model_len: int = 512,
     ) -> None:  # fmt: skip
+        from adapters.kinds import kind_for
+        from adapters.spec import AdapterKind
         from server.engine.batch import BatchBuilder
         from server.engine.kv_cache import BlockAllocator
-        from server.engine.scheduler import Scheduler, place_prefix
+        from server.engine.scheduler import Scheduler
         from server.model.llama import KVCache
 
         self.cache = KVCache(args, num_blocks, block_size, torch.float32, "cpu")
-        self.scheduler = Scheduler(
-            BlockAllocator(num_blocks, block_size), max_num_seqs, budget,
-            place_prefix=lambda seq: place_prefix(seq, self.cache, block_size),
-        )  # fmt: skip
+        prefix = kind_for(AdapterKind.PREFIX)
+
+        def admit_prefix(seq) -> None:  # prefix tuning's admission step, as the engine's
+            slots = torch.tensor(seq.cache_slots(range(seq.num_virtual), block_size))
+            prefix.admit(seq.binding, self.cache, slots)
+
+        self.scheduler = Scheduler(BlockAllocator(num_blocks, block_size), max_num_seqs, budget,
+                                   place_prefix=admit_prefix)  # fmt: skip
         self.builder = BatchBuilder(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max(budget, max_model_len),
             block_size=block_size, max_blocks_per_seq=-(-max_model_len // block_size),

@@ -8,7 +8,8 @@ at most 64 deep with a supported peft_type; every regex in it bounded and RE2-co
 adapters.formats.patterns) -> the safetensors header (its length and tensor count capped before
 it is read and parsed, then every entry checked, all before any large allocation) -> the
 tensors, through the safetensors library only (never pickle) -> the format's own checks
-(shapes against the base fingerprint, rank, finiteness, unsupported options).
+(shapes against the base fingerprint, rank, finiteness, unsupported options), which belong to
+the adapter's kind (adapters.kinds), chosen from the config's peft_type.
 `base_model_name_or_path`, `auto_map`, `auto_mapping` and any other path or code named in the
 config are never read or followed.
 """
@@ -17,20 +18,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
-from adapters.formats import bottleneck, ia3, peft_lora, prefix, prompt
 from adapters.formats.bounded_json import parse_json
 from adapters.formats.patterns import check_config_patterns
 from adapters.spec import TARGETS, AdapterFormatError, AdapterSpec, BaseFingerprint
 
 __all__ = [
     "ALLOWED_FILES",
-    "PARSERS",
     "load_adapter",
     "pickle_only",
     "pickle_only_message",
@@ -59,14 +57,6 @@ TENSORS_PER_PROJECTION = 2
 TENSOR_SLACK = 8
 MAX_WEIGHTS_BYTES = 4 << 30
 
-Parser = Callable[[Mapping, Mapping[str, torch.Tensor], str, BaseFingerprint, int], AdapterSpec]
-PARSERS: dict[str, Parser] = {
-    "LORA": peft_lora.parse,
-    "BOTTLENECK": bottleneck.parse,
-    "PREFIX_TUNING": prefix.parse,
-    "PROMPT_TUNING": prompt.parse,
-    "IA3": ia3.parse,
-}
 # Bytes per element of the dtypes an adapter's weights may have (floats only).
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
@@ -75,16 +65,19 @@ def load_adapter(
     directory: Path, name: str, fingerprint: BaseFingerprint, max_rank: int
 ) -> AdapterSpec:
     """Parse and validate the adapter in `directory`; AdapterFormatError names what to fix."""
+    # adapters.kinds imports this package's modules (patterns, modules): imported when used.
+    from adapters.kinds import AdapterFiles, kind_for_config
+
     directory = Path(directory)
     ignored = check_files(directory)
     if ignored:
         log.info("adapter %r: ignoring %d entries outside the allow-list %s: %s", name,
                  len(ignored), sorted(ALLOWED_FILES), shown_names(ignored))  # fmt: skip
     config = read_config(directory / CONFIG_FILE)
-    parser = parser_for(config)
+    kind = kind_for_config(config)
     check_config_patterns(config)
     tensors = read_safetensors(directory / WEIGHTS_FILE, max_tensors(fingerprint))
-    return parser(config, tensors, name, fingerprint, max_rank)
+    return kind.parse(AdapterFiles(config, tensors, name, fingerprint, max_rank))
 
 
 def check_files(directory: Path) -> list[str]:
@@ -151,17 +144,10 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def parser_for(config: Mapping) -> Parser:
-    peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type.upper() not in PARSERS:
-        raise AdapterFormatError(
-            "peft_type", f"peft_type: expected one of {sorted(PARSERS)}, got {peft_type!r}"
-        )
-    return PARSERS[peft_type.upper()]
-
-
 def read_safetensors(path: Path, max_tensors: int) -> dict[str, torch.Tensor]:
     """Validate the header against the file size, then load through the safetensors library."""
+    import safetensors.torch  # here: see adapters.formats.patterns._compile_re2
+
     check_safetensors_header(path, max_tensors)
     try:
         return safetensors.torch.load_file(str(path), device="cpu")

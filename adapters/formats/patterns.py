@@ -22,8 +22,6 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import re2
-
 from adapters.spec import AdapterFormatError
 
 __all__ = ["compile_pattern", "pattern_table", "first_match", "check_config_patterns"]
@@ -69,6 +67,10 @@ def compile_pattern(field: str, pattern: object, template: str = FULL) -> Regex:
 
 
 def _compile_re2(field: str, expression: str, shown: str) -> Regex:
+    # Imported here: the engine's step path (adapters.pool -> adapters.kinds) imports this module
+    # and must run where only torch and triton are installed (the benchmark device image).
+    import re2
+
     options = re2.Options()
     options.log_errors = False  # the refusal below says it; no stderr echo of client input
     try:

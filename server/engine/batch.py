@@ -98,7 +98,7 @@ class BatchBuilder:
             pos = range(seq.num_computed, seq.num_computed + n)
             tokens += seq.all_ids[seq.num_computed : seq.num_computed + n]
             positions += pos
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
+            slots += seq.cache_slots(pos, bs)
             slot_ids += [seq.slot_id] * n
             logit_rows += _logit_rows(seq, start, n)
             if seq.virtual_embeds is not None and seq.num_computed < seq.num_virtual:

@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 
 import kernels
+from adapters.errors import AdapterError, UnknownAdapterError
 from adapters.hooks import PoolHooks
+from adapters.kinds import kind_for
 from adapters.pool import AdapterPool
-from adapters.registry import AdapterRegistry, RegistryError
-from adapters.spec import AdapterFormatError, BaseFingerprint
-from adapters.store import AdapterStore, StoreError
+from adapters.registry import AdapterRegistry
+from adapters.spec import BaseFingerprint
+from adapters.store import AdapterStore
 from server.config import Settings
 from server.engine.batch import BatchBuilder
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -37,14 +39,8 @@ from server.engine.sampling import (
     sample,
     top_logprobs,
 )
-from server.engine.scheduler import (
-    Scheduler,
-    Sequence,
-    Status,
-    StepPlan,
-    bind_adapter,
-    place_prefix,
-)
+from server.engine.scheduler import Scheduler, Sequence, Status, StepPlan
+from server.errors import adapter_error_status
 from server.metrics import Metrics
 from server.model.compiled import CompiledDecode, buckets_for, use_inductor_cache
 from server.model.llama import KVCache, ModelArgs, Transformer
@@ -160,7 +156,7 @@ class Engine:
             device=device,
         )
         self.compiled: CompiledDecode | None = None  # set by enable_compile
-        self._doomed: list[tuple[Sequence, str, int]] = []  # not admissible: fail them
+        self._doomed: list[tuple[Sequence, AdapterError]] = []  # not admissible: fail them
         self.healthy, self.ready = True, False
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
@@ -235,7 +231,7 @@ class Engine:
         try:
             for _ in range(count):
                 entries.append(self.registry.hold(adapter))
-        except RegistryError:
+        except UnknownAdapterError:
             for entry in entries:
                 self.registry.release(entry)
             raise ModelNotFoundError(adapter) from None
@@ -395,31 +391,36 @@ class Engine:
 
     # ---- adapters (engine thread) ---------------------------------------------------------
     def _prepare(self, seq: Sequence) -> bool:
-        """Before admission: the held adapter version's slot (False while it loads), and its
-        virtual tokens set up."""
+        """Before admission: the held adapter version's slot (False while it loads), bound by
+        its kind (adapters.kinds), virtual tokens included."""
         if seq.entry is None or seq.lease is not None:
             return True
         assert self.registry is not None
         try:
             lease = self.registry.acquire(seq.entry)
-        except RegistryError as e:
-            self._doomed.append((seq, e.message, e.status))
+        except AdapterError as e:
+            self._doomed.append((seq, e))
             return False
         if lease is None:
             return False
         seq.lease = lease
-        bind_adapter(seq, lease.entry.kind, lease.slot, lease.entry.num_virtual_tokens,
-                     self.registry.pool)
+        kind = kind_for(lease.kind)
+        seq.bind(kind.bind(self.registry.pool, lease.slot, lease.entry.num_virtual_tokens))
         return True
 
     def _place_prefix(self, seq: Sequence) -> None:
-        place_prefix(seq, self.cache, self.allocator.block_size)
+        """The admission step of the sequence's adapter kind over its first num_virtual cache
+        slots (prefix tuning writes its virtual K/V there)."""
+        slots = seq.cache_slots(range(seq.num_virtual), self.allocator.block_size)
+        flat = torch.tensor(slots, dtype=torch.long, device=self.cache.k.device)
+        kind_for(seq.lease.kind).admit(seq.binding, self.cache, flat)
 
     def _fail_doomed(self) -> None:
         doomed, self._doomed = self._doomed, []
-        for seq, message, status in doomed:
+        for seq, error in doomed:
             if seq.status is not Status.FINISHED:
-                self._finish(seq, "error", [], error=message, error_status=status)
+                status, _, _ = adapter_error_status(error)
+                self._finish(seq, "error", [], error=error.message, error_status=status)
 
     def _count_admissions(self, plan: StepPlan | None) -> None:
         admitted, requeued = (len(plan.admitted), len(plan.preempted)) if plan else (0, 0)
@@ -685,12 +686,12 @@ def build_registry(settings: Settings, plan: EnginePlan, metrics: Metrics) -> Ad
         for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
             try:
                 registry.add_path(sub.name, sub, replace=True, require_root=False)
-            except (AdapterFormatError, RegistryError, StoreError) as e:
+            except AdapterError as e:
                 log.warning("adapter folder %s skipped: %s", sub.name, e)
     for name, path in named:  # named ones must work: a bad one stops the start
         try:
             registry.add_path(name, path, replace=True, require_root=False)
-        except (AdapterFormatError, RegistryError, StoreError) as e:
+        except AdapterError as e:
             raise EngineConfigError(f"--adapter {name}={path}: {e}") from None
     log.info("adapters: %d registered, %d device slots, max rank %d", len(registry.list()),
              settings.adapter_slots, settings.max_adapter_rank)

@@ -12,17 +12,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from adapters.spec import AdapterKind
+from adapters.kinds import Binding
 from server.engine.kv_cache import BlockAllocator, OutOfBlocks
 from server.engine.sampling import SamplingParams, TokenLogprob
-
-if TYPE_CHECKING:
-    from adapters.pool import AdapterPool
-    from server.model.llama import KVCache
 
 
 class Status(enum.Enum):
@@ -71,6 +67,24 @@ class Sequence:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent
+
+    @property
+    def binding(self) -> Binding:
+        """Its adapter's state (adapters.kinds.Binding), as `bind` set it."""
+        return Binding(self.slot_id, self.num_virtual, self.prefix_kv, self.virtual_embeds)
+
+    def bind(self, binding: Binding) -> None:
+        """Take its adapter's state from `binding` (the adapter kind's `bind`), and put
+        `num_virtual` placeholder ids at the front of the prompt (never embedded)."""
+        self.slot_id, self.prefix_kv = binding.slot_id, binding.prefix_kv
+        self.virtual_embeds = binding.virtual_embeds
+        if binding.num_virtual:
+            self.num_virtual = binding.num_virtual
+            self.prompt_ids = [0] * binding.num_virtual + self.prompt_ids
+
+    def cache_slots(self, positions: range, block_size: int) -> list[int]:
+        """Flat KV-cache slots of `positions`, through the block table."""
+        return [self.block_table[p // block_size] * block_size + p % block_size for p in positions]
 
 
 @dataclass(frozen=True)
@@ -216,28 +230,3 @@ class Scheduler:
         victim.status = Status.WAITING
         self.waiting.appendleft(victim)
         return victim
-
-
-def bind_adapter(
-    seq: Sequence, kind: AdapterKind, slot: int, num_virtual: int, pool: AdapterPool
-) -> None:
-    """Point `seq` at its adapter's state in `pool` slot `slot`: the slot id its tokens carry to
-    the hook points (LoRA, bottleneck, IA3), or the prefix K/V / prompt embeddings placed at
-    admission, plus `num_virtual` placeholder ids at the front of the prompt."""
-    if kind is AdapterKind.PREFIX:
-        seq.prefix_kv = pool.prefix_kv[slot]
-    elif kind is AdapterKind.PROMPT:
-        seq.virtual_embeds = pool.prompt_embeddings[slot]
-    else:
-        seq.slot_id = slot
-    if num_virtual:
-        seq.num_virtual = num_virtual
-        seq.prompt_ids = [0] * num_virtual + seq.prompt_ids  # placeholders: never embedded
-
-
-def place_prefix(seq: Sequence, cache: KVCache, block_size: int) -> None:
-    """Write a prefix-tuned `seq`'s virtual K/V into its first cache positions (all layers)."""
-    n = seq.num_virtual
-    slots = [seq.block_table[p // block_size] * block_size + p % block_size for p in range(n)]
-    flat = torch.tensor(slots, dtype=torch.long, device=cache.k.device)
-    cache.write_all_layers(flat, seq.prefix_kv)

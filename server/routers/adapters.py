@@ -21,14 +21,14 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.datastructures import FormData, UploadFile
 
+from adapters.errors import AdapterError, NoAdapterStoreError
 from adapters.formats import shown_names
-from adapters.registry import AdapterRegistry, Entry, RegistryError
-from adapters.spec import AdapterFormatError
-from adapters.store import StoreError, validate_name
+from adapters.registry import AdapterRegistry, Entry
+from adapters.store import validate_name
 from server.config import Settings
 from server.deps import get_engine, get_registry, get_settings, require_admin_key
 from server.engine.engine import Engine
-from server.errors import APIError, invalid_request
+from server.errors import APIError, from_adapter_error, invalid_request
 from server.routers.generation import ERROR_RESPONSES
 from server.schemas import (
     AdapterCard,
@@ -100,22 +100,13 @@ def adapter_card(entry: Entry, base_id: str) -> AdapterCard:
     )
 
 
-def adapter_api_error(exc: Exception, hidden: Iterable[Path] = ()) -> APIError:
-    """A registry / store / format refusal in OpenAI's shape, with server folders scrubbed."""
-    if isinstance(exc, AdapterFormatError):
-        status, param = 400, exc.param
-    elif isinstance(exc, RegistryError | StoreError):
-        status, param = exc.status, exc.param
-    else:
-        raise TypeError(f"not an adapter error: {exc!r}")
+def adapter_api_error(exc: AdapterError, hidden: Iterable[Path] = ()) -> APIError:
+    """A registry / store / format refusal in OpenAI's shape (status and code from
+    server.errors.ADAPTER_ERRORS), with server folders scrubbed from its message."""
     message = str(exc)
     for folder in hidden:
         message = message.replace(str(folder), "<server>")
-    code = "model_not_found" if status == 404 else None
-    return APIError(status, message, param=param, code=code)
-
-
-ADAPTER_ERRORS = (AdapterFormatError, RegistryError, StoreError)
+    return from_adapter_error(exc, message)
 
 
 def _hidden_folders(registry: AdapterRegistry, settings: Settings) -> list[Path]:
@@ -129,7 +120,7 @@ async def _run(registry: AdapterRegistry, settings: Settings, work: Any, *args: 
     """Blocking registry work on a worker thread; its refusals become API errors."""
     try:
         return await asyncio.to_thread(work, *args)
-    except ADAPTER_ERRORS as exc:
+    except AdapterError as exc:
         raise adapter_api_error(exc, _hidden_folders(registry, settings)) from None
 
 
@@ -180,7 +171,7 @@ def _store_upload(
     Returns the entry and the names the store dropped (outside the allow-list)."""
     store = registry.store
     if store is None:
-        raise RegistryError(409, None, "this server has no adapter store")
+        raise NoAdapterStoreError(None, "this server has no adapter store")
     with store.stage() as staging:  # removed on exit unless committed (renamed away)
         if archive is not None:
             ignored = store.add_archive(staging, archive.filename or "", archive.file)
@@ -209,7 +200,7 @@ async def upload_adapter(
         name, files, archive = _form_parts(form)
         try:
             validate_name(name)  # before the store stages anything
-        except StoreError as exc:
+        except AdapterError as exc:
             raise adapter_api_error(exc) from None
         entry, ignored = await _run(
             registry, settings, _store_upload, registry, name, files, archive, replace
@@ -240,7 +231,7 @@ async def get_adapter(
 ) -> AdapterCard:
     try:
         entry = registry.get(name)
-    except RegistryError as exc:
+    except AdapterError as exc:
         raise adapter_api_error(exc) from None
     return adapter_card(entry, engine.model_id)
 

@@ -18,13 +18,20 @@ from pathlib import Path
 
 import pytest
 
+from adapters.errors import AdapterError
 from adapters.formats import check_files
-from adapters.store import AdapterStore, StoreError
+from adapters.store import AdapterStore
+from server.errors import adapter_error_status
 
 CONFIG = b'{"peft_type": "LORA", "r": 4}'
 WEIGHTS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "  # content is not parsed by the store
 GOOD = {"adapter_config.json": CONFIG, "adapter_model.safetensors": WEIGHTS}
 LIMIT = 64 * 1024
+
+
+def status_of(err: AdapterError) -> int:
+    """The HTTP status the API answers this refusal with (server.errors.ADAPTER_ERRORS)."""
+    return adapter_error_status(err)[0]
 
 
 # ---- archive builders (in memory) ----------------------------------------------------------
@@ -392,7 +399,7 @@ def test_refused_uploads(layout, action, status, param):
     before_outside = snapshot(tmp, exclude=root)
     before_existing = snapshot(root / "existing", exclude=root / ".none")
 
-    with pytest.raises(StoreError) as excinfo:
+    with pytest.raises(AdapterError) as excinfo:
         if action[0] == "files":
             upload_files(store, "new", action[1])
         elif action[0] == "archive":
@@ -400,7 +407,7 @@ def test_refused_uploads(layout, action, status, param):
         else:
             upload_files(store, action[1], GOOD)
     err = excinfo.value
-    assert (err.status, err.param) == (status, param), err.message
+    assert (status_of(err), err.param) == (status, param), err.message
     assert str(tmp) not in err.message and str(root) not in err.message
     assert len(err.message) < 400
 
@@ -416,7 +423,7 @@ def test_refusal_names_the_member(layout):
     _, root, _ = layout
     store = make_store(root)
     long_name = "../" + "x" * 500
-    with pytest.raises(StoreError) as excinfo:
+    with pytest.raises(AdapterError) as excinfo:
         upload_archive(store, "a", "a.zip", zip_bytes([(long_name, b"")]))
     assert "../xxx" in excinfo.value.message
     assert len(excinfo.value.message) < 400  # truncated, no echo of huge input
@@ -425,15 +432,15 @@ def test_refusal_names_the_member(layout):
 def test_delete_unknown_is_404(layout):
     _, root, _ = layout
     store = make_store(root)
-    with pytest.raises(StoreError) as excinfo:
+    with pytest.raises(AdapterError) as excinfo:
         store.delete("nope")
-    assert (excinfo.value.status, excinfo.value.param) == (404, "name")
-    with pytest.raises(StoreError) as excinfo:
+    assert (status_of(excinfo.value), excinfo.value.param) == (404, "name")
+    with pytest.raises(AdapterError) as excinfo:
         store.path("nope")
-    assert excinfo.value.status == 404
-    with pytest.raises(StoreError) as excinfo:
+    assert status_of(excinfo.value) == 404
+    with pytest.raises(AdapterError) as excinfo:
         store.delete("../sentinel")
-    assert excinfo.value.status == 400
+    assert status_of(excinfo.value) == 400
 
 
 def test_too_many_adapters_is_409_but_replace_is_allowed(layout):
@@ -441,9 +448,9 @@ def test_too_many_adapters_is_409_but_replace_is_allowed(layout):
     store = make_store(root, max_adapters=2)
     upload_files(store, "a", GOOD)
     upload_files(store, "b", GOOD)
-    with pytest.raises(StoreError) as excinfo:
+    with pytest.raises(AdapterError) as excinfo:
         upload_files(store, "c", GOOD)
-    assert (excinfo.value.status, excinfo.value.param) == (409, "name")
+    assert (status_of(excinfo.value), excinfo.value.param) == (409, "name")
     assert_clean_names = [a.name for a in store.list()]
     assert assert_clean_names == ["a", "b"]
     assert list((root / ".staging").iterdir()) == []
@@ -492,9 +499,9 @@ def test_duplicate_then_replace_swaps_atomically(layout):
     _, root, _ = layout
     store = make_store(root)
     upload_files(store, "a", {**GOOD, "README.md": b"old"})
-    with pytest.raises(StoreError) as excinfo:
+    with pytest.raises(AdapterError) as excinfo:
         upload_files(store, "a", {"adapter_config.json": b"new"})
-    assert excinfo.value.status == 409
+    assert status_of(excinfo.value) == 409
     assert (root / "a" / "README.md").read_bytes() == b"old"
 
     upload_archive(store, "a", "a.zip", zip_bytes([("adapter_config.json", b"new")]), replace=True)

@@ -1,48 +1,46 @@
 """PEFT prompt tuning (peft_type PROMPT_TUNING): `prompt_embeddings` (num_virtual_tokens, hidden).
 
-The virtual token embeddings are prepended to the input embeddings at admission. Only
-decoder-only models (num_transformer_submodules 1) are served.
+The virtual token embeddings replace the embeddings of the request's first num_virtual
+positions (placeholder ids the engine puts in front of the prompt). Only decoder-only models
+(num_transformer_submodules 1) are served. `check_prompt_config` and `prompt_tensor` are shared
+with prefix tuning, which stores its virtual K/V the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 
-from adapters.spec import (
-    AdapterFormatError,
-    AdapterKind,
-    AdapterSpec,
-    BaseFingerprint,
-    check_tensor,
-    refuse_options,
-)
+from adapters.kinds.base import AdapterFiles, Binding, Kind
+from adapters.spec import AdapterFormatError, AdapterKind, AdapterSpec, check_tensor
 
-UNSUPPORTED = {"modules_to_save": "full copies of base modules are not served per request"}
+if TYPE_CHECKING:
+    from adapters.pool import AdapterPool
 
 
-def parse(
-    config: Mapping,
-    tensors: Mapping[str, torch.Tensor],
-    name: str,
-    fingerprint: BaseFingerprint,
-    max_rank: int,
-) -> AdapterSpec:
-    refuse_options(config, UNSUPPORTED)
-    num_virtual_tokens = check_prompt_config(config, "token_dim", fingerprint.hidden_size)
-    embeddings = prompt_tensor(tensors, (num_virtual_tokens, fingerprint.hidden_size))
-    return AdapterSpec(
-        name=name,
-        kind=AdapterKind.PROMPT,
-        fingerprint=fingerprint,
-        rank=0,
-        targets=(),
-        modules=MappingProxyType({}),
-        prompt_embeddings=embeddings,
-        num_virtual_tokens=num_virtual_tokens,
-    )
+class PromptTuning(Kind):
+    kind = AdapterKind.PROMPT
+    peft_type = "PROMPT_TUNING"
+
+    def read(self, files: AdapterFiles) -> AdapterSpec:
+        hidden = files.fingerprint.hidden_size
+        num_virtual = check_prompt_config(files.config, "token_dim", hidden)
+        embeddings = prompt_tensor(files.tensors, (num_virtual, hidden))
+        return AdapterSpec(files.name, self.kind, files.fingerprint, rank=0, targets=(),
+                           modules=MappingProxyType({}), prompt_embeddings=embeddings,
+                           num_virtual_tokens=num_virtual)  # fmt: skip
+
+    def load(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
+        """No stack: the embeddings stay on the device, per slot, until a request binds them."""
+        pool.prompt_embeddings[slot] = pool.on_device(spec.prompt_embeddings)
+
+    def bind(self, pool: AdapterPool, slot: int, num_virtual: int) -> Binding:
+        """The embeddings of the request's virtual positions (its batch rows take them in place
+        of token embeddings); its tokens apply no hook (slot id -1)."""
+        return Binding(num_virtual=num_virtual, virtual_embeds=pool.prompt_embeddings[slot])
 
 
 def check_prompt_config(config: Mapping, dim_field: str, expected_dim: int) -> int:
