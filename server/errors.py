@@ -14,11 +14,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 
 MAX_ECHO_CHARS = 80  # longest excerpt of client input quoted back in a message
 INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -171,9 +173,23 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
         message = f"Method {request.method} is not allowed on {truncate(request.url.path)}."
     else:
         message = str(exc.detail)
-    error = APIError(exc.status_code, message, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+    error = APIError(exc.status_code, message, headers=headers)
     record_rejection(request, error.status)
     return error_response(error)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's own Allow header names only
+    the route that matched the path first: GET for /v1/adapters/{name}, not DELETE."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
 
 
 async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
