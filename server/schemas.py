@@ -1,8 +1,10 @@
 """Pydantic request/response models in OpenAI's shapes (plus vLLM's sampling extras).
 
-Requests: unknown fields are ignored (OpenAI clients send extras), `null` means "default",
-floats must be finite. Checks that need the model (vocabulary, context length, `n` cap)
-happen in the routers.
+Requests: `null` means "default", floats must be finite, and types are strict as the schema
+says (no "5" for 5, no 1 for true; an integral float such as 2.0 is an integer, as in JSON
+Schema). Checks that need the model or the settings (vocabulary, context length, `n` cap) happen
+in the routers; the schema states them with `x-server-limit` placeholders that the served
+/openapi.json fills in with this server's values (server/routers/openapi.py).
 """
 
 from __future__ import annotations
@@ -10,16 +12,52 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_N = 128  # hard schema bound; settings.max_n caps it lower in the routers
+# Key of a schema-only placeholder: {"x-server-limit": {"maximum": "max_n"}} becomes
+# {"maximum": <settings.max_n>} in the served document.
+SERVER_LIMIT = "x-server-limit"
+# An adapter name (adapters/store.py NAME_RE plus its "no '..'" rule, without a lookahead).
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?$"
+ADAPTER_NAME_CHARS = 64
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # server/evaluation/datasets.py
 
+
+def _integral_float_to_int(value: Any) -> Any:
+    # JSON Schema counts 2.0 as an integer; strict pydantic would refuse it.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Last in an Annotated list, after the constraints: placed before them (or given to Field() on an
+# optional field) it makes pydantic print `ge`/`lt` instead of `minimum`/`exclusiveMaximum`.
+INTEGRAL = BeforeValidator(_integral_float_to_int)
+Int = Annotated[int, INTEGRAL]
 Bias = Annotated[float, Field(ge=-100, le=100)]
+# Documented only: the routers check these (they need the model) with messages of their own.
+TokenId = Annotated[
+    int,
+    Field(json_schema_extra={"minimum": 0, SERVER_LIMIT: {"maximum": "max_token_id"}}),
+    INTEGRAL,
+]
+TokenIds = Annotated[
+    list[TokenId],
+    Field(json_schema_extra={"minItems": 1, SERVER_LIMIT: {"maxItems": "max_model_len"}}),
+]
+NonEmptyText = Annotated[str, Field(json_schema_extra={"minLength": 1})]
+PromptText = Annotated[
+    str,
+    Field(json_schema_extra={"minLength": 1, SERVER_LIMIT: {"maxLength": "max_prompt_chars"}}),
+]
+# A prompt has at least one token, so no request gets more new tokens than the context - 1.
+NewTokens = Annotated[
+    int, Field(ge=0, json_schema_extra={SERVER_LIMIT: {"maximum": "max_new_tokens"}}), INTEGRAL
+]
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -39,19 +77,33 @@ class SamplingFields(RequestModel):
     model: str | None = Field(None, description="served model id; omitted = the base model")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1)
-    top_k: int = Field(0, ge=-1, description="vLLM extra; -1 or 0 = off")
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
+    top_k: Int = Field(0, ge=-1, description="vLLM extra; -1 or 0 = off")
+    n: Int = Field(1, ge=1, le=MAX_N, json_schema_extra={SERVER_LIMIT: {"maximum": "max_n"}})
+    stream: bool = Field(False, description="true: text/event-stream of chunks, then [DONE]")
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = Field(None, description="vLLM extra")
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: (
+        NonEmptyText
+        | Annotated[list[NonEmptyText], Field(json_schema_extra={"maxItems": MAX_STOP_SEQUENCES})]
+        | None
+    ) = None
+    stop_token_ids: list[TokenId] | None = Field(None, description="vLLM extra")
+    # Exclusive powers of two: JSON numbers are doubles, and 2**64 - 1 would be printed as
+    # 2**64 in the schema, one more than the server takes.
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64), INTEGRAL] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, Bias] | None = None
+    logit_bias: (
+        Annotated[
+            dict[str, Bias],
+            Field(
+                json_schema_extra={"propertyNames": {SERVER_LIMIT: {"pattern": "token_id_pattern"}}}
+            ),
+        ]
+        | None
+    ) = Field(None, description="token id (decimal) -> bias")
     user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM extra")
-    min_tokens: int = Field(0, ge=0, description="vLLM extra")
+    min_tokens: NewTokens = Field(0, description="vLLM extra")
     include_stop_str_in_output: bool = Field(False, description="vLLM extra")
 
     @field_validator("stop", mode="before")
@@ -78,16 +130,27 @@ class SamplingFields(RequestModel):
 
 
 def _is_int(value: Any) -> bool:
+    if isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=5)
+    prompt: (
+        PromptText
+        | Annotated[list[PromptText], Field(json_schema_extra={"minItems": 1})]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(json_schema_extra={"minItems": 1})]
+    )
+    max_tokens: NewTokens = 16
+    logprobs: Annotated[int, Field(ge=0, le=5), INTEGRAL] | None = None
     echo: bool = False
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1), INTEGRAL] | None = Field(
+        None, description="must equal n (or be omitted)"
+    )
+    suffix: str | None = Field(
+        None, max_length=0, description="not supported: only null or an empty string"
+    )
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -105,7 +168,9 @@ class CompletionRequest(SamplingFields):
     @field_validator("suffix", mode="before")
     @classmethod
     def _refuse_suffix(cls, value: Any) -> Any:
-        raise ValueError("suffix is not supported; remove it")
+        if value != "":
+            raise ValueError("suffix is not supported; remove it or send an empty string")
+        return value
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -126,14 +191,17 @@ def _prompt_item_kind(item: Any) -> str | None:
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] = ""
+    content: (
+        Annotated[str, Field(json_schema_extra={SERVER_LIMIT: {"maxLength": "max_prompt_chars"}})]
+        | list[TextPart]
+    ) = ""
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -153,20 +221,28 @@ class ChatMessage(RequestModel):
         return "\n".join(part.text for part in self.content)
 
 
+class ResponseFormat(RequestModel):
+    type: Literal["text"] = "text"
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(
-        None, ge=0, description="deprecated alias of max_completion_tokens"
+    max_tokens: NewTokens | None = Field(
+        None, description="deprecated alias of max_completion_tokens"
     )
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: NewTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = Field(
+        None, description="used with logprobs: true; ignored otherwise"
+    )
     add_generation_prompt: bool = Field(True, description="vLLM extra")
     # Accepted only to be refused: the model's own template is the only one ever rendered.
-    chat_template: Any = Field(None, description="not supported: always 400")
-    chat_template_kwargs: Any = Field(None, description="not supported: always 400")
-    tools: list[Any] | None = Field(None, description="not supported: a non-empty list is a 400")
-    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
+    chat_template: None = Field(None, description="not supported: only null")
+    chat_template_kwargs: None = Field(None, description="not supported: only null")
+    tools: Annotated[list[Any], Field(json_schema_extra={"maxItems": 0})] | None = Field(
+        None, description="not supported: only null or []"
+    )
+    response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'}")
 
     @field_validator("chat_template", "chat_template_kwargs", mode="before")
     @classmethod
@@ -333,14 +409,22 @@ class HealthStatus(BaseModel):
 class EvaluationRequest(RequestModel):
     """POST /v1/evaluations: models (`base` = the base model, or adapter names) x datasets."""
 
-    models: list[str] = Field(..., min_length=1, max_length=64)
-    datasets: list[str] = Field(..., min_length=1, max_length=64)
-    limit: int | None = Field(None, ge=1, description="first N records of each dataset; default all")
+    # uniqueItems: a model or dataset listed twice is refused (400).
+    models: list[str] = Field(
+        ..., min_length=1, max_length=64, json_schema_extra={"uniqueItems": True}
+    )
+    datasets: list[str] = Field(
+        ..., min_length=1, max_length=64, json_schema_extra={"uniqueItems": True}
+    )
+    limit: Annotated[int, Field(ge=1), INTEGRAL] | None = Field(
+        None, description="first N records of each dataset; default all"
+    )
     protocol: Literal["generate", "loglikelihood"] = "generate"
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # lt a power of two: see SamplingFields.seed
+    seed: Annotated[int, Field(ge=0, lt=2**63), INTEGRAL] | None = None
     temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy (default)")
-    max_tokens: int | None = Field(
-        None, ge=1, le=4096, description="override the paper's max new tokens (256 / 32)"
+    max_tokens: Annotated[int, Field(ge=1, le=4096), INTEGRAL] | None = Field(
+        None, description="override the paper's max new tokens (256 / 32)"
     )
 
 
@@ -387,7 +471,9 @@ class EvaluationList(BaseModel):
 class DatasetUpload(RequestModel):
     """POST /v1/datasets: records as a JSON array (`records`) or JSON Lines text (`jsonl`)."""
 
-    name: str = Field(..., min_length=1, max_length=64)
+    name: str = Field(
+        ..., min_length=1, max_length=64, json_schema_extra={"pattern": DATASET_NAME_PATTERN}
+    )
     answer_kind: Literal["number", "letter", "words"]
     answer_words: list[str] | None = Field(None, description="the answer words of kind 'words'")
     records: list[Any] | None = None
@@ -412,6 +498,16 @@ class DatasetList(BaseModel):
 
 
 # ---------------------------------------------------------------- adapters (issue 3)
+
+# Documented only: the registry checks names with a message of its own.
+AdapterName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=ADAPTER_NAME_CHARS,
+        json_schema_extra={"pattern": ADAPTER_NAME_PATTERN},
+    ),
+]
 
 
 class AdapterCard(BaseModel):
@@ -440,13 +536,15 @@ class AdapterList(BaseModel):
 class LoadLoraAdapterRequest(RequestModel):
     """vLLM's POST /v1/load_lora_adapter body; `lora_path` must lie under an adapter root."""
 
-    lora_name: str = Field(..., min_length=1, max_length=64)
-    lora_path: str = Field(..., min_length=1, max_length=4096)
+    lora_name: AdapterName
+    lora_path: str = Field(
+        ..., min_length=1, max_length=4096, json_schema_extra={"pattern": "^[^\\x00]*$"}
+    )
     load_inplace: bool = Field(False, description="replace an adapter of the same name")
 
 
 class UnloadLoraAdapterRequest(RequestModel):
     """vLLM's POST /v1/unload_lora_adapter body."""
 
-    lora_name: str = Field(..., min_length=1, max_length=64)
-    lora_int_id: int | None = Field(None, description="accepted for vLLM compatibility; unused")
+    lora_name: AdapterName
+    lora_int_id: Int | None = Field(None, description="accepted for vLLM compatibility; unused")

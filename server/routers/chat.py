@@ -80,8 +80,7 @@ async def create_chat_completion(
 
 
 def _check_request(body: ChatCompletionRequest, settings: Settings) -> None:
-    if body.top_logprobs is not None and not body.logprobs:
-        raise invalid_request("top_logprobs requires logprobs: true.", "top_logprobs")
+    # top_logprobs without logprobs: true is ignored, as its schema description says.
     total = sum(len(m.text) for m in body.messages)
     if total > settings.max_prompt_chars:
         raise invalid_request(

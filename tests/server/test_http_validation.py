@@ -112,7 +112,6 @@ CASES = [
     Case(
         "top-logprobs-above-20", 9, CHAT, chat(logprobs=True, top_logprobs=21), param="top_logprobs"
     ),
-    Case("top-logprobs-without-logprobs", 9, CHAT, chat(top_logprobs=2), param="top_logprobs"),
     Case(
         "five-stop-strings",
         9,

@@ -5,6 +5,7 @@ same at random in test_schemathesis.py; these are the cases it found, kept as fi
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -67,3 +68,110 @@ def test_405_lists_every_method_of_the_path(
     assert response.status_code == 405, response.text
     assert {m.strip() for m in response.headers["allow"].split(",")} == allowed
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "model,path,body",
+    [
+        ("CompletionRequest", COMPLETIONS, completion()),
+        ("EvaluationRequest", "/v1/evaluations", {"models": ["base"], "datasets": ["none-such"]}),
+    ],
+)
+def test_the_largest_documented_seed_is_accepted(
+    doc: dict[str, Any], http: httpx.Client, model: str, path: str, body: dict[str, Any]
+) -> None:
+    """Bounds are rendered as JSON numbers, i.e. doubles: 2**63 - 1 printed as 9.2e18 meant
+    2**63, one more than the server took. Exclusive powers of two survive the trip."""
+    seed = branch(prop(doc, model, "seed"), "integer")
+    largest = int(seed["maximum"]) if "maximum" in seed else int(seed["exclusiveMaximum"]) - 1
+    response = http.post(path, json=body | {"seed": largest})
+    assert response.status_code in (200, 404), response.text  # 404: the dataset does not exist
+    assert http.post(path, json=body | {"seed": largest + 1}).status_code == 400
+
+
+# ---------------------------------------------------------------- the schema allows it: accepted
+
+
+def test_an_empty_suffix_is_accepted_and_documented(
+    doc: dict[str, Any], http: httpx.Client
+) -> None:
+    assert branch(prop(doc, "CompletionRequest", "suffix"), "string")["maxLength"] == 0
+    for suffix in ("", None):
+        response = http.post(COMPLETIONS, json=completion(suffix=suffix))
+        assert response.status_code == 200, response.text
+    refused = http.post(COMPLETIONS, json=completion(suffix="tail"))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "suffix"
+
+
+@pytest.mark.parametrize("top_logprobs", [0, 3])
+def test_top_logprobs_without_logprobs_is_ignored(http: httpx.Client, top_logprobs: int) -> None:
+    response = http.post(CHAT, json=chat(logprobs=False, top_logprobs=top_logprobs))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["logprobs"] is None
+
+
+def test_refused_chat_options_are_documented_as_such(
+    doc: dict[str, Any], http: httpx.Client
+) -> None:
+    assert branch(prop(doc, "ChatCompletionRequest", "tools"), "array")["maxItems"] == 0
+    assert prop(doc, "ChatCompletionRequest", "chat_template")["type"] == "null"
+    assert prop(doc, "ChatCompletionRequest", "chat_template_kwargs")["type"] == "null"
+    assert prop(doc, "ResponseFormat", "type")["const"] == "text"
+    accepted = chat(tools=[], response_format={}, chat_template=None, chat_template_kwargs=None)
+    assert http.post(CHAT, json=accepted).status_code == 200
+
+
+def test_stop_limits_are_documented(doc: dict[str, Any]) -> None:
+    stop = prop(doc, "CompletionRequest", "stop")
+    assert branch(stop, "string")["minLength"] == 1
+    listed = branch(stop, "array")
+    assert listed["maxItems"] == 4 and listed["items"]["minLength"] == 1
+
+
+def test_evaluation_lists_are_unique_items(doc: dict[str, Any], http: httpx.Client) -> None:
+    for name in ("models", "datasets"):
+        assert prop(doc, "EvaluationRequest", name)["uniqueItems"] is True
+    body = {"models": ["base", "base"], "datasets": ["gsm8k"]}
+    refused = http.post("/v1/evaluations", json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "models"
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        (COMPLETIONS, completion(n="2"), "n"),
+        (COMPLETIONS, completion(temperature="0.5"), "temperature"),
+        (COMPLETIONS, completion(echo=1), "echo"),
+        (CHAT, chat(stream="false"), "stream"),
+        (CHAT, chat(logprobs="true"), "logprobs"),
+        ("/v1/evaluations", {"models": ["base"], "datasets": ["x"], "limit": "5"}, "limit"),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_refused(
+    http: httpx.Client, path: str, body: dict[str, Any], param: str
+) -> None:
+    """The schema says integer / number / boolean; a string or a number in its place is not
+    silently converted."""
+    response = http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_integral_floats_are_integers(http: httpx.Client) -> None:
+    """JSON Schema counts 2.0 as an integer, so the server takes it as one."""
+    body = completion(n=2.0, max_tokens=1.0, prompt=[1.0, 2])
+    assert http.post(COMPLETIONS, json=body).status_code == 200
+
+
+# ---------------------------------------------------------------- vLLM's load endpoint
+
+
+def test_load_lora_adapter_name_is_documented(doc: dict[str, Any]) -> None:
+    """The registry's rule (1-64 letters, digits, '.', '_', '-', starting with a letter or
+    digit, no '..'), so that a name the schema allows is not refused as invalid."""
+    name = prop(doc, "LoadLoraAdapterRequest", "lora_name")
+    assert name["maxLength"] == 64
+    for valid in ("lora-a.v2_1", "a.", "A", "a.b.c"):
+        assert re.fullmatch(name["pattern"], valid), valid
+    for invalid in ("a..b", ".hidden", "-x", "a/b", "a b", "a\x00"):
+        assert not re.fullmatch(name["pattern"], invalid), invalid
