@@ -188,7 +188,9 @@ def allowed_methods(request: Request) -> list[str]:
     return [
         method
         for method in HTTP_METHODS
-        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
+        )
     ]
 
 

@@ -306,6 +306,14 @@ async def load_lora_adapter(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     """vLLM's endpoint: serve the adapter folder at `lora_path` (under a configured root)."""
+    if not registry.roots:
+        # Refused before the path is looked at: a 404 here would tell whether it exists.
+        raise APIError(
+            403,
+            "Loading adapters by path is disabled on this server: it has no adapter roots "
+            "(start it with --adapter-root DIR), or upload the adapter to POST /v1/adapters.",
+            param="lora_path",
+        )
     if registry.exists(body.lora_name) and not body.load_inplace:
         raise APIError(
             409,

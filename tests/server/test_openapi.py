@@ -175,3 +175,13 @@ def test_load_lora_adapter_name_is_documented(doc: dict[str, Any]) -> None:
         assert re.fullmatch(name["pattern"], valid), valid
     for invalid in ("a..b", ".hidden", "-x", "a/b", "a b", "a\x00"):
         assert not re.fullmatch(name["pattern"], invalid), invalid
+
+
+def test_load_without_adapter_roots_is_403_without_probing_the_path(http: httpx.Client) -> None:
+    """This server has no --adapter-root: loading by path is off, and whether a path exists
+    on the server is not revealed (it used to be 400 for a folder, 404 for nothing)."""
+    for path in ("/", "/no/such/folder"):
+        body = {"lora_name": "probe", "lora_path": path}
+        response = http.post("/v1/load_lora_adapter", json=body)
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["param"] == "lora_path"
