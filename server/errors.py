@@ -34,6 +34,18 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_error",
     503: "service_unavailable_error",
 }
+# What each error status means on this server, for the API description.
+_DESCRIPTION_BY_STATUS = {
+    400: "Invalid request: the message says what to change",
+    401: "Missing or wrong API key",
+    403: "Not allowed by this server's configuration",
+    404: "Unknown model, adapter, evaluation job or dataset",
+    409: "The name is taken: choose another or ask to replace it",
+    413: "The request body exceeds the server's limit",
+    500: "The server failed to process the request",
+    503: "Overloaded, draining or not ready: retry after Retry-After seconds",
+}
+ERROR_SCHEMA_REF = "#/components/schemas/ErrorResponse"
 _NOT_AN_OBJECT = frozenset({"model_type", "model_attributes_type", "dict_type"})
 _OUTCOME_BY_STATUS = {
     400: "invalid_request",
@@ -77,6 +89,13 @@ def model_not_found(name: str) -> APIError:
         param="model",
         code="model_not_found",
     )
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries: each status answers an ErrorResponse as JSON, whatever the
+    route's own media type (server/routers/openapi.py registers the ErrorResponse schema)."""
+    content = {"application/json": {"schema": {"$ref": ERROR_SCHEMA_REF}}}
+    return {s: {"description": _DESCRIPTION_BY_STATUS[s], "content": content} for s in statuses}
 
 
 def error_type(status: int) -> str:

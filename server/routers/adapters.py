@@ -26,8 +26,7 @@ from adapters.store import StoreError, validate_name
 from server.config import Settings
 from server.deps import get_engine, get_registry, get_settings, require_admin_key
 from server.engine.engine import Engine
-from server.errors import APIError, invalid_request
-from server.routers.generation import ERROR_RESPONSES
+from server.errors import APIError, error_responses, invalid_request
 from server.schemas import (
     AdapterCard,
     AdapterList,
@@ -46,11 +45,7 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_FORM_FILES = 8
 MAX_FORM_FIELDS = 4
 MAX_FIELD_BYTES = 1024
-ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **ERROR_RESPONSES,
-    403: ERROR_RESPONSES[400],
-    409: ERROR_RESPONSES[400],
-}
+PLAIN_TEXT_OK = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
 UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -225,7 +220,7 @@ def _store_upload(
     "/v1/adapters",
     response_model=AdapterCard,
     status_code=201,
-    responses=ADMIN_RESPONSES,
+    responses=error_responses(409, 503),
     dependencies=admin,
     openapi_extra=UPLOAD_BODY,
 )
@@ -256,14 +251,14 @@ async def upload_adapter(
 # ---------------------------------------------------------------- list, card, delete
 
 
-@router.get("/v1/adapters", response_model=AdapterList, responses=ERROR_RESPONSES)
+@router.get("/v1/adapters", response_model=AdapterList, responses=error_responses(503))
 async def list_adapters(
     registry: AdapterRegistry = Depends(get_registry), engine: Engine = Depends(get_engine)
 ) -> AdapterList:
     return AdapterList(data=[adapter_card(e, engine.model_id) for e in registry.list()])
 
 
-@router.get("/v1/adapters/{name}", response_model=AdapterCard, responses=ERROR_RESPONSES)
+@router.get("/v1/adapters/{name}", response_model=AdapterCard, responses=error_responses(404, 503))
 async def get_adapter(
     name: str,
     registry: AdapterRegistry = Depends(get_registry),
@@ -277,7 +272,10 @@ async def get_adapter(
 
 
 @router.delete(
-    "/v1/adapters/{name}", response_model=AdapterCard, responses=ADMIN_RESPONSES, dependencies=admin
+    "/v1/adapters/{name}",
+    response_model=AdapterCard,
+    responses=error_responses(404, 503),
+    dependencies=admin,
 )
 async def delete_adapter(
     name: str,
@@ -297,7 +295,7 @@ async def delete_adapter(
 @router.post(
     "/v1/load_lora_adapter",
     response_class=PlainTextResponse,
-    responses=ADMIN_RESPONSES,
+    responses={**PLAIN_TEXT_OK, **error_responses(403, 404, 409, 503)},
     dependencies=admin,
 )
 async def load_lora_adapter(
@@ -340,7 +338,7 @@ async def load_lora_adapter(
 @router.post(
     "/v1/unload_lora_adapter",
     response_class=PlainTextResponse,
-    responses=ADMIN_RESPONSES,
+    responses={**PLAIN_TEXT_OK, **error_responses(404, 503)},
     dependencies=admin,
 )
 async def unload_lora_adapter(

@@ -12,9 +12,9 @@ from server.config import Settings
 from server.deps import get_engine, get_settings, resolve_model
 from server.engine.engine import Engine, EngineError, RequestOutput
 from server.engine.sampling import TokenLogprob
-from server.errors import invalid_request
+from server.errors import error_responses, invalid_request
 from server.routers.generation import (
-    ERROR_RESPONSES,
+    STREAMED,
     ChoiceResult,
     ClientDisconnected,
     EventStreamResponse,
@@ -42,7 +42,9 @@ ROLE_ALIASES = {"developer": "system"}
 
 
 @router.post(
-    "/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={200: {"content": STREAMED}, **error_responses(404, 503)},
 )
 async def create_chat_completion(
     body: ChatCompletionRequest,

@@ -14,9 +14,9 @@ from server.config import Settings
 from server.deps import get_engine, get_settings, resolve_model
 from server.engine.engine import Engine, EngineError, RequestOutput
 from server.engine.sampling import TokenLogprob
-from server.errors import invalid_request
+from server.errors import error_responses, invalid_request
 from server.routers.generation import (
-    ERROR_RESPONSES,
+    STREAMED,
     ChoiceResult,
     ClientDisconnected,
     EventStreamResponse,
@@ -47,7 +47,11 @@ class Prompt:
     text: str  # what `echo` returns
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses={200: {"content": STREAMED}, **error_responses(404, 503)},
+)
 async def create_completion(
     body: CompletionRequest,
     request: Request,

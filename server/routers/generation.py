@@ -32,13 +32,16 @@ from server.engine.engine import (
 )
 from server.engine.sampling import SamplingParams, TokenLogprob
 from server.errors import APIError, error_body, invalid_request, model_not_found
-from server.schemas import ErrorResponse, SamplingFields
+from server.schemas import SamplingFields
 
 log = logging.getLogger(__name__)
 
 MIN_LOGPROB = -9999.0  # stands in for -inf: JSON has no infinities
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)
+# The 200 of /v1/completions and /v1/chat/completions with "stream": true.
+STREAMED = {
+    "text/event-stream": {
+        "schema": {"type": "string", "description": "`data: <chunk>` events, then `data: [DONE]`"}
+    }
 }
 
 

@@ -5,11 +5,16 @@ same at random in test_schemathesis.py; these are the cases it found, kept as fi
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import httpx
 import pytest
+
+from server.config import Settings
+from server.main import create_app
+from server.routers.openapi import decimal_below, openapi_document
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -36,6 +41,10 @@ def branch(schema: dict[str, Any], type_: str) -> dict[str, Any]:
     """The `anyOf` member of `schema` (or `schema` itself) whose type is `type_`."""
     members = schema.get("anyOf", [schema])
     return next(m for m in members if m.get("type") == type_)
+
+
+def operations(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(m, p): op for p, ops in doc["paths"].items() for m, op in ops.items()}
 
 
 def completion(**fields: Any) -> dict[str, Any]:
@@ -185,3 +194,43 @@ def test_load_without_adapter_roots_is_403_without_probing_the_path(http: httpx.
         response = http.post("/v1/load_lora_adapter", json=body)
         assert response.status_code == 403, response.text
         assert response.json()["error"]["param"] == "lora_path"
+
+
+# ---------------------------------------------------------------- the document, in process
+
+
+def served(**settings: Any) -> dict[str, Any]:
+    """The document of an app that was never started (no engine: no model limits)."""
+    return openapi_document(create_app(Settings(**settings)))
+
+
+def test_placeholders_become_the_settings_caps() -> None:
+    doc = served(max_n=3, max_prompt_chars=100)
+    assert prop(doc, "CompletionRequest", "n")["maximum"] == 3
+    assert branch(prop(doc, "CompletionRequest", "prompt"), "string")["maxLength"] == 100
+    assert "x-server-limit" not in json.dumps(doc)  # unknown limits (no model) are dropped
+    assert "maximum" not in branch(prop(doc, "CompletionRequest", "max_tokens"), "integer")
+
+
+def test_401_and_the_bearer_scheme_only_with_a_key() -> None:
+    without = served()
+    assert "securitySchemes" not in without["components"]
+    assert all("401" not in op["responses"] for op in operations(without).values())
+    with_key = served(api_key="k")
+    assert with_key["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert "401" in with_key["paths"]["/v1/models"]["get"]["responses"]
+
+
+def test_error_schemas_are_registered_and_422_is_gone() -> None:
+    doc = served()
+    assert {"ErrorResponse", "ErrorDetail"} <= set(doc["components"]["schemas"])
+    assert all("422" not in op["responses"] for op in operations(doc).values())
+
+
+@pytest.mark.parametrize("limit", [1, 7, 10, 384, 1000, 49152])
+def test_decimal_below_matches_exactly_the_ids_under_the_limit(limit: int) -> None:
+    pattern = decimal_below(limit)
+    for value in range(min(2 * limit + 20, 120_000)):
+        for text in (str(value), f"00{value}"):
+            assert bool(re.fullmatch(pattern, text)) == (value < limit), (pattern, text)
+    assert not any(re.search(pattern, text) for text in ("", "-1", " 1", "1 ", "1e3", "x"))
