@@ -15,6 +15,7 @@ import pytest
 from server.config import Settings
 from server.main import create_app
 from server.routers.openapi import decimal_below, openapi_document
+from tests.server.conftest import MAX_MODEL_LEN, MAX_N
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -77,6 +78,93 @@ def test_405_lists_every_method_of_the_path(
     assert response.status_code == 405, response.text
     assert {m.strip() for m in response.headers["allow"].split(",")} == allowed
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+# What each operation can answer on this server (API key set): 401 from the key check on every
+# route but /health, 400 and 413 from the body guard on routes with a body, 500 from the
+# catch-all handler, and the statuses of the route itself.
+COMMON = {401, 500}
+BODY = COMMON | {400, 413}
+STATUSES = {
+    ("post", COMPLETIONS): BODY | {200, 404, 503},
+    ("post", CHAT): BODY | {200, 404, 503},
+    ("get", "/v1/models"): COMMON | {200},
+    ("get", "/v1/models/{model_id}"): COMMON | {200, 404},
+    ("post", "/v1/adapters"): BODY | {201, 409, 503},
+    ("get", "/v1/adapters"): COMMON | {200, 503},
+    ("get", "/v1/adapters/{name}"): COMMON | {200, 404, 503},
+    ("delete", "/v1/adapters/{name}"): COMMON | {200, 404, 503},
+    ("post", "/v1/load_lora_adapter"): BODY | {200, 403, 404, 409, 503},
+    ("post", "/v1/unload_lora_adapter"): BODY | {200, 404, 503},
+    ("get", "/health"): {200, 500, 503},
+    ("get", "/ready"): COMMON | {200, 503},
+    ("get", "/metrics"): COMMON | {200},
+    ("get", "/v1/evaluations"): COMMON | {200},
+    ("post", "/v1/evaluations"): BODY | {202, 404},
+    ("get", "/v1/evaluations/{job_id}"): COMMON | {200, 404},
+    ("delete", "/v1/evaluations/{job_id}"): COMMON | {200, 404},
+    ("get", "/v1/evaluations/{job_id}/results"): COMMON | {200, 404},
+    ("get", "/v1/datasets"): COMMON | {200},
+    ("post", "/v1/datasets"): BODY | {201, 409},
+}
+
+
+def test_every_operation_documents_exactly_the_statuses_it_can_answer(
+    doc: dict[str, Any],
+) -> None:
+    documented = {key: {int(s) for s in op["responses"]} for key, op in operations(doc).items()}
+    assert documented == STATUSES
+
+
+def test_every_error_response_is_json_in_openais_shape(doc: dict[str, Any]) -> None:
+    for (method, path), op in operations(doc).items():
+        for status, response in op["responses"].items():
+            if int(status) >= 400 and (path, status) not in (("/health", "503"), ("/ready", "503")):
+                assert response["content"] == {"application/json": {"schema": ERROR_REF}}, (
+                    method, path, status,
+                )  # fmt: skip
+    assert "HTTPValidationError" not in doc["components"]["schemas"]  # 422 is never answered
+
+
+def test_streamed_completions_are_documented_as_event_streams(doc: dict[str, Any]) -> None:
+    for path in (COMPLETIONS, CHAT):
+        content = doc["paths"][path]["post"]["responses"]["200"]["content"]
+        assert set(content) == {"application/json", "text/event-stream"}
+
+
+def test_api_key_is_documented_as_a_bearer_scheme(doc: dict[str, Any]) -> None:
+    assert doc["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    for (_, path), op in operations(doc).items():
+        assert op.get("security") == (None if path == "/health" else [{"bearer": []}]), path
+
+
+# ---------------------------------------------------------------- the server's own caps
+
+
+def test_n_maximum_is_the_servers_cap(doc: dict[str, Any], http: httpx.Client) -> None:
+    for model in ("CompletionRequest", "ChatCompletionRequest"):
+        assert prop(doc, model, "n")["maximum"] == MAX_N
+    response = http.post(COMPLETIONS, json=completion(n=MAX_N, max_tokens=1))
+    assert response.status_code == 200, response.text
+
+
+def test_token_ids_and_lengths_carry_the_models_caps(
+    doc: dict[str, Any], http: httpx.Client
+) -> None:
+    vocab = http.get("/v1/models/tiny").json()["vocab_size"]
+    prompt = prop(doc, "CompletionRequest", "prompt")["anyOf"]
+    ids = next(m for m in prompt if m["type"] == "array" and m["items"]["type"] == "integer")
+    assert ids["items"]["maximum"] == vocab - 1 and ids["maxItems"] == MAX_MODEL_LEN
+    assert branch(prop(doc, "CompletionRequest", "max_tokens"), "integer")["maximum"] == (
+        MAX_MODEL_LEN - 1
+    )
+    bias_schema = branch(prop(doc, "CompletionRequest", "logit_bias"), "object")
+    pattern = bias_schema["propertyNames"]["pattern"]
+    bias = {str(vocab - 1): 1, f"00{vocab // 2}": 1}
+    assert http.post(COMPLETIONS, json=completion(logit_bias=bias)).status_code == 200
+    # the documented pattern admits exactly the ids the server takes
+    assert all(re.fullmatch(pattern, key) for key in bias)
+    assert not any(re.fullmatch(pattern, key) for key in (str(vocab), "-1", "1e3", ""))
 
 
 @pytest.mark.parametrize(
