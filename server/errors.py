@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from server.schemas import UNKNOWN_FIELD
+
 log = logging.getLogger(__name__)
 
 MAX_ECHO_CHARS = 80  # longest excerpt of client input quoted back in a message
@@ -146,6 +148,8 @@ def _param_from_loc(loc: Sequence[Any]) -> str | None:
 
 def _describe(error: Mapping[str, Any], param: str | None) -> str:
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if error.get("type") == UNKNOWN_FIELD:
+        return f"{message}."
     if error.get("type") == "missing":
         return f"'{param}' is required." if param else "A JSON request body is required."
     if error.get("type") == "json_invalid":
@@ -164,7 +168,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return invalid_request("The request is invalid.")
     first = errors[0]
-    param = _param_from_loc(first.get("loc", ()))
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") == UNKNOWN_FIELD:  # raised by the model: the field is in its ctx
+        loc += (first["ctx"]["field"],)
+    param = _param_from_loc(loc)
     message = _describe(first, param)
     if len(errors) > 1:
         message += f" ({len(errors) - 1} more error(s) in the request.)"

@@ -2,7 +2,9 @@
 
 Requests: `null` means "default", floats must be finite, and types are strict as the schema
 says (no "5" for 5, no 1 for true; an integral float such as 2.0 is an integer, as in JSON
-Schema). Checks that need the model or the settings (vocabulary, context length, `n` cap) happen
+Schema). Unknown fields: the OpenAI-shaped requests accept them (OpenAI clients send extras)
+and the routers log their names; our own endpoints refuse them (StrictRequestModel), so that
+a misspelt option cannot run a job nobody asked for. Checks that need the model or the settings (vocabulary, context length, `n` cap) happen
 in the routers; the schema states them with `x-server-limit` placeholders that the served
 /openapi.json fills in with this server's values (server/routers/openapi.py).
 """
@@ -13,8 +15,11 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
+UNKNOWN_FIELD = "unknown_field"  # error type; server/errors.py takes `param` from its ctx
+MAX_FIELD_NAME_CHARS = 40  # of a client's field name quoted back
 MAX_N = 128  # hard schema bound; settings.max_n caps it lower in the routers
 # Key of a schema-only placeholder: {"x-server-limit": {"maximum": "max_n"}} becomes
 # {"maximum": <settings.max_n>} in the served document.
@@ -67,12 +72,37 @@ class RequestModel(BaseModel):
         return data
 
 
+class StrictRequestModel(RequestModel):
+    """A request to one of our own endpoints: an unknown field is a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(key for key in data if key not in cls.model_fields)
+            if unknown:
+                raise PydanticCustomError(
+                    UNKNOWN_FIELD,
+                    "Unknown field '{field}': check its spelling; this endpoint accepts {accepted}",
+                    {
+                        "field": unknown[0][:MAX_FIELD_NAME_CHARS],
+                        "accepted": ", ".join(cls.model_fields),
+                    },
+                )
+        return data
+
+
 class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
 class SamplingFields(RequestModel):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions. Unknown fields are kept aside (not
+    used) so that the routers can log their names."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(None, description="served model id; omitted = the base model")
     temperature: float = Field(1.0, ge=0, le=2)
@@ -119,6 +149,10 @@ class SamplingFields(RequestModel):
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return value
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
 
     @property
     def stop_list(self) -> list[str]:
@@ -406,7 +440,7 @@ class HealthStatus(BaseModel):
 # ---------------------------------------------------------------- evaluations (issue 5)
 
 
-class EvaluationRequest(RequestModel):
+class EvaluationRequest(StrictRequestModel):
     """POST /v1/evaluations: models (`base` = the base model, or adapter names) x datasets."""
 
     # uniqueItems: a model or dataset listed twice is refused (400).
@@ -468,7 +502,7 @@ class EvaluationList(BaseModel):
     data: list[EvaluationJob]
 
 
-class DatasetUpload(RequestModel):
+class DatasetUpload(StrictRequestModel):
     """POST /v1/datasets: records as a JSON array (`records`) or JSON Lines text (`jsonl`)."""
 
     name: str = Field(
@@ -533,7 +567,7 @@ class AdapterList(BaseModel):
     data: list[AdapterCard]
 
 
-class LoadLoraAdapterRequest(RequestModel):
+class LoadLoraAdapterRequest(StrictRequestModel):
     """vLLM's POST /v1/load_lora_adapter body; `lora_path` must lie under an adapter root."""
 
     lora_name: AdapterName
@@ -543,7 +577,7 @@ class LoadLoraAdapterRequest(RequestModel):
     load_inplace: bool = Field(False, description="replace an adapter of the same name")
 
 
-class UnloadLoraAdapterRequest(RequestModel):
+class UnloadLoraAdapterRequest(StrictRequestModel):
     """vLLM's POST /v1/unload_lora_adapter body."""
 
     lora_name: AdapterName

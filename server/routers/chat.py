@@ -28,6 +28,7 @@ from server.routers.generation import (
     event_stream,
     failed_output_error,
     finite_logprob,
+    log_ignored_fields,
     new_id,
     sampling_params,
     sse,
@@ -52,6 +53,7 @@ async def create_chat_completion(
     engine: Engine = Depends(get_engine),
     settings: Settings = Depends(get_settings),
 ) -> Response:
+    log_ignored_fields(request, body)
     resolve_model(request, body.model)
     _check_request(body, settings)
     prompt_ids = _render(body, engine)

@@ -30,6 +30,7 @@ from server.routers.generation import (
     event_stream,
     failed_output_error,
     finite_logprob,
+    log_ignored_fields,
     new_id,
     sampling_params,
     sse,
@@ -58,6 +59,7 @@ async def create_completion(
     engine: Engine = Depends(get_engine),
     settings: Settings = Depends(get_settings),
 ) -> Response:
+    log_ignored_fields(request, body)
     resolve_model(request, body.model)
     _check_request(body, settings, engine)
     prompts = _prompts(body, engine, settings)

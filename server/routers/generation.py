@@ -31,12 +31,14 @@ from server.engine.engine import (
     RequestStream,
 )
 from server.engine.sampling import SamplingParams, TokenLogprob
-from server.errors import APIError, error_body, invalid_request, model_not_found
+from server.errors import APIError, error_body, invalid_request, model_not_found, truncate
 from server.schemas import SamplingFields
 
 log = logging.getLogger(__name__)
 
 MIN_LOGPROB = -9999.0  # stands in for -inf: JSON has no infinities
+MAX_LOGGED_FIELDS = 10
+MAX_LOGGED_FIELD_CHARS = 40
 # The 200 of /v1/completions and /v1/chat/completions with "stream": true.
 STREAMED = {
     "text/event-stream": {
@@ -50,6 +52,17 @@ def new_id(prefix: str) -> str:
 
 
 # ---------------------------------------------------------------- checks and parameters
+
+
+def log_ignored_fields(request: Request, body: SamplingFields) -> None:
+    """One line naming the fields of the request that this server ignores: OpenAI clients send
+    extras, but a misspelt option shows up here. Names only: values may be private."""
+    names = body.ignored_fields
+    if not names:
+        return
+    shown = ", ".join(truncate(name, MAX_LOGGED_FIELD_CHARS) for name in names[:MAX_LOGGED_FIELDS])
+    more = f" and {len(names) - MAX_LOGGED_FIELDS} more" if len(names) > MAX_LOGGED_FIELDS else ""
+    log.info("%s ignored unknown fields: %s%s", request.url.path, shown, more)
 
 
 def check_engine_accepting(request: Request, engine: Engine, settings: Settings) -> None:
