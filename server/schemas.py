@@ -61,8 +61,28 @@ NewTokens = Annotated[
 ]
 
 
+def _null_means_default_in_schema(schema: dict[str, Any]) -> None:
+    """Every optional property also takes null, as `_null_means_default` does."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or _takes_null(prop):
+            continue
+        outer = {key: prop.pop(key) for key in ("title", "description", "default") if key in prop}
+        members = prop["anyOf"] if set(prop) == {"anyOf"} else [prop]
+        schema["properties"][name] = {"anyOf": [*members, {"type": "null"}], **outer}
+
+
+def _takes_null(prop: dict[str, Any]) -> bool:
+    return prop.get("type") == "null" or any(m.get("type") == "null" for m in prop.get("anyOf", ()))
+
+
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(
+        extra="ignore",
+        allow_inf_nan=False,
+        strict=True,
+        json_schema_extra=_null_means_default_in_schema,
+    )
 
     @model_validator(mode="before")
     @classmethod

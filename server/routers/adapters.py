@@ -28,6 +28,8 @@ from server.deps import get_engine, get_registry, get_settings, require_admin_ke
 from server.engine.engine import Engine
 from server.errors import APIError, error_responses, invalid_request
 from server.schemas import (
+    ADAPTER_NAME_CHARS,
+    ADAPTER_NAME_PATTERN,
     AdapterCard,
     AdapterList,
     LoadLoraAdapterRequest,
@@ -55,7 +57,13 @@ UPLOAD_BODY = {
                     "type": "object",
                     "required": ["name"],
                     "properties": {
-                        "name": {"type": "string", "description": "the adapter's name"},
+                        "name": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": ADAPTER_NAME_CHARS,
+                            "pattern": ADAPTER_NAME_PATTERN,
+                            "description": "the adapter's name",
+                        },
                         "files": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},

@@ -39,10 +39,20 @@ log = logging.getLogger(__name__)
 MIN_LOGPROB = -9999.0  # stands in for -inf: JSON has no infinities
 MAX_LOGGED_FIELDS = 10
 MAX_LOGGED_FIELD_CHARS = 40
-# The 200 of /v1/completions and /v1/chat/completions with "stream": true.
+# The 200 of /v1/completions and /v1/chat/completions with "stream": true; before OpenAPI 3.2
+# (itemSchema) the schema of an event stream describes one event.
 STREAMED = {
     "text/event-stream": {
-        "schema": {"type": "string", "description": "`data: <chunk>` events, then `data: [DONE]`"}
+        "schema": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "description": "a chunk (JSON), an error ({\"error\": ...}), or [DONE], last",
+                }
+            },
+        }
     }
 }
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 BEARER = {"bearer": {"type": "http", "scheme": "bearer"}}
 BODY_STATUSES = (400, 413)
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 def openapi_document(app: FastAPI) -> dict[str, Any]:
@@ -78,11 +79,16 @@ def served_document(base: dict[str, Any], limits: dict[str, Any], api_key: bool)
 
 
 def fill_limits(node: Any, limits: dict[str, Any]) -> None:
-    """Replace every {"x-server-limit": {keyword: name}} by {keyword: limits[name]}."""
+    """Replace every {"x-server-limit": {keyword: name}} by {keyword: limits[name]}, and print
+    whole-number bounds as integers: FastAPI's models turn them into floats, and a client
+    reading 9.223372036854776e+18 back as a decimal gets 9223372036854776000, not 2**63."""
     if isinstance(node, dict):
         for keyword, name in node.pop(SERVER_LIMIT, {}).items():
             if name in limits:
                 node[keyword] = limits[name]
+        for keyword in BOUNDS:
+            if isinstance(node.get(keyword), float) and node[keyword].is_integer():
+                node[keyword] = int(node[keyword])
         for value in node.values():
             fill_limits(value, limits)
     elif isinstance(node, list):

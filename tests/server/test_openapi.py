@@ -17,6 +17,7 @@ from server.main import create_app
 from server.routers.openapi import decimal_below, openapi_document
 from tests.server.conftest import MAX_MODEL_LEN, MAX_N
 
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "Hi"}]
@@ -127,9 +128,13 @@ def test_every_error_response_is_json_in_openais_shape(doc: dict[str, Any]) -> N
 
 
 def test_streamed_completions_are_documented_as_event_streams(doc: dict[str, Any]) -> None:
+    """Before OpenAPI 3.2 the schema of text/event-stream describes one event: an object whose
+    `data` is the chunk (schemathesis checks every event against it)."""
     for path in (COMPLETIONS, CHAT):
         content = doc["paths"][path]["post"]["responses"]["200"]["content"]
         assert set(content) == {"application/json", "text/event-stream"}
+        event = content["text/event-stream"]["schema"]
+        assert event["required"] == ["data"] and event["properties"]["data"]["type"] == "string"
 
 
 def test_api_key_is_documented_as_a_bearer_scheme(doc: dict[str, Any]) -> None:
@@ -143,7 +148,7 @@ def test_api_key_is_documented_as_a_bearer_scheme(doc: dict[str, Any]) -> None:
 
 def test_n_maximum_is_the_servers_cap(doc: dict[str, Any], http: httpx.Client) -> None:
     for model in ("CompletionRequest", "ChatCompletionRequest"):
-        assert prop(doc, model, "n")["maximum"] == MAX_N
+        assert branch(prop(doc, model, "n"), "integer")["maximum"] == MAX_N
     response = http.post(COMPLETIONS, json=completion(n=MAX_N, max_tokens=1))
     assert response.status_code == 200, response.text
 
@@ -180,13 +185,45 @@ def test_the_largest_documented_seed_is_accepted(
     """Bounds are rendered as JSON numbers, i.e. doubles: 2**63 - 1 printed as 9.2e18 meant
     2**63, one more than the server took. Exclusive powers of two survive the trip."""
     seed = branch(prop(doc, model, "seed"), "integer")
+    assert isinstance(seed["exclusiveMaximum"], int)  # not 9.223372036854776e+18
     largest = int(seed["maximum"]) if "maximum" in seed else int(seed["exclusiveMaximum"]) - 1
     response = http.post(path, json=body | {"seed": largest})
     assert response.status_code in (200, 404), response.text  # 404: the dataset does not exist
     assert http.post(path, json=body | {"seed": largest + 1}).status_code == 400
 
 
+def integer_bounds(node: Any) -> list[Any]:
+    """Every bound of every integer schema in `node`."""
+    if isinstance(node, list):
+        return [bound for item in node for bound in integer_bounds(item)]
+    if not isinstance(node, dict):
+        return []
+    found = [node[key] for key in node if key in BOUNDS] if node.get("type") == "integer" else []
+    return found + [bound for value in node.values() for bound in integer_bounds(value)]
+
+
+def test_integer_bounds_are_printed_as_integers(doc: dict[str, Any]) -> None:
+    bounds = integer_bounds(doc)
+    assert len(bounds) > 20 and all(isinstance(bound, int) for bound in bounds)
+
+
 # ---------------------------------------------------------------- the schema allows it: accepted
+
+
+@pytest.mark.parametrize(
+    "model,path,body",
+    [("CompletionRequest", COMPLETIONS, completion()), ("ChatCompletionRequest", CHAT, chat())],
+)
+def test_null_is_documented_wherever_it_means_default(
+    doc: dict[str, Any], http: httpx.Client, model: str, path: str, body: dict[str, Any]
+) -> None:
+    schema = component(doc, model)
+    optional = set(schema["properties"]) - set(schema["required"])
+    for name in optional:
+        field = schema["properties"][name]
+        assert field.get("type") == "null" or {"type": "null"} in field["anyOf"], name
+    nulls = dict.fromkeys(optional - set(body))
+    assert http.post(path, json=body | nulls).status_code == 200
 
 
 def test_an_empty_suffix_is_accepted_and_documented(
@@ -213,7 +250,7 @@ def test_refused_chat_options_are_documented_as_such(
     assert branch(prop(doc, "ChatCompletionRequest", "tools"), "array")["maxItems"] == 0
     assert prop(doc, "ChatCompletionRequest", "chat_template")["type"] == "null"
     assert prop(doc, "ChatCompletionRequest", "chat_template_kwargs")["type"] == "null"
-    assert prop(doc, "ResponseFormat", "type")["const"] == "text"
+    assert branch(prop(doc, "ResponseFormat", "type"), "string")["const"] == "text"
     accepted = chat(tools=[], response_format={}, chat_template=None, chat_template_kwargs=None)
     assert http.post(CHAT, json=accepted).status_code == 200
 
@@ -274,6 +311,13 @@ def test_load_lora_adapter_name_is_documented(doc: dict[str, Any]) -> None:
         assert not re.fullmatch(name["pattern"], invalid), invalid
 
 
+def test_upload_name_is_documented(doc: dict[str, Any]) -> None:
+    body = doc["paths"]["/v1/adapters"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    name = body["schema"]["properties"]["name"]
+    assert name["pattern"] == prop(doc, "LoadLoraAdapterRequest", "lora_name")["pattern"]
+    assert (name["minLength"], name["maxLength"]) == (1, 64)
+
+
 def test_load_without_adapter_roots_is_403_without_probing_the_path(http: httpx.Client) -> None:
     """This server has no --adapter-root: loading by path is off, and whether a path exists
     on the server is not revealed (it used to be 400 for a folder, 404 for nothing)."""
@@ -294,7 +338,7 @@ def served(**settings: Any) -> dict[str, Any]:
 
 def test_placeholders_become_the_settings_caps() -> None:
     doc = served(max_n=3, max_prompt_chars=100)
-    assert prop(doc, "CompletionRequest", "n")["maximum"] == 3
+    assert branch(prop(doc, "CompletionRequest", "n"), "integer")["maximum"] == 3
     assert branch(prop(doc, "CompletionRequest", "prompt"), "string")["maxLength"] == 100
     assert "x-server-limit" not in json.dumps(doc)  # unknown limits (no model) are dropped
     assert "maximum" not in branch(prop(doc, "CompletionRequest", "max_tokens"), "integer")
