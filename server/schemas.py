@@ -51,6 +51,10 @@ TokenIds = Annotated[
     Field(json_schema_extra={"minItems": 1, SERVER_LIMIT: {"maxItems": "max_model_len"}}),
 ]
 NonEmptyText = Annotated[str, Field(json_schema_extra={"minLength": 1})]
+# The cap is on all the text of a request; no single string can exceed it either.
+PromptChars = Annotated[
+    str, Field(json_schema_extra={SERVER_LIMIT: {"maxLength": "max_prompt_chars"}})
+]
 PromptText = Annotated[
     str,
     Field(json_schema_extra={"minLength": 1, SERVER_LIMIT: {"maxLength": "max_prompt_chars"}}),
@@ -127,7 +131,9 @@ class SamplingFields(RequestModel):
     model: str | None = Field(None, description="served model id; omitted = the base model")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1)
-    top_k: Int = Field(0, ge=-1, description="vLLM extra; -1 or 0 = off")
+    # lt: the sampler packs top_k into an int64 tensor; 2**63 crashed the engine. A top_k above
+    # the vocabulary size keeps every token, like 0.
+    top_k: Int = Field(0, ge=-1, lt=2**31, description="vLLM extra; -1 or 0 = off")
     n: Int = Field(1, ge=1, le=MAX_N, json_schema_extra={SERVER_LIMIT: {"maximum": "max_n"}})
     stream: bool = Field(False, description="true: text/event-stream of chunks, then [DONE]")
     stream_options: StreamOptions | None = None
@@ -247,15 +253,12 @@ def _prompt_item_kind(item: Any) -> str | None:
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
-    text: str
+    text: PromptChars
 
 
 class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: (
-        Annotated[str, Field(json_schema_extra={SERVER_LIMIT: {"maxLength": "max_prompt_chars"}})]
-        | list[TextPart]
-    ) = ""
+    content: PromptChars | list[TextPart] = ""
     name: str | None = None
 
     @field_validator("content", mode="before")

@@ -103,6 +103,10 @@ CASES = [
         ),
         param="frequency_penalty",
     ),
+    # the sampler packs top_k into an int64: 2**63 was a fatal engine fault (the server exited)
+    Case(
+        "top-k-beyond-int64", 9, COMPLETIONS, completion(top_k=2**63, temperature=1), param="top_k"
+    ),
     Case("n-zero", 9, COMPLETIONS, completion(n=0), param="n"),
     Case("n-above-server-cap", 9, COMPLETIONS, completion(n=MAX_N + 1), param="n"),
     Case("n-above-openai-cap", 9, CHAT, chat(n=129), param="n"),
