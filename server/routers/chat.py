@@ -114,6 +114,7 @@ def _render(body: ChatCompletionRequest, engine: Engine) -> list[int]:
 
 def _max_tokens(body: ChatCompletionRequest, num_prompt_tokens: int, max_model_len: int) -> int:
     """The requested limit, checked against the context; no limit = the rest of the context."""
+    _check_never_too_many(body, max_model_len)
     requested = body.max_new_tokens
     if requested is None:
         if num_prompt_tokens >= max_model_len:
@@ -127,6 +128,20 @@ def _max_tokens(body: ChatCompletionRequest, num_prompt_tokens: int, max_model_l
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     check_context(num_prompt_tokens, requested, max_model_len, "messages", param)
     return requested
+
+
+def _check_never_too_many(body: ChatCompletionRequest, max_model_len: int) -> None:
+    """Both limits, even the one max_completion_tokens overrides: the schema says that neither
+    can reach the context length (a prompt has at least one token)."""
+    for param in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, param)
+        if value is not None and value >= max_model_len:
+            raise invalid_request(
+                f"'{param}' is {value}, but this model's context of {max_model_len} tokens also "
+                f"holds the prompt; ask for at most {max_model_len - 1}.",
+                param,
+                "context_length_exceeded",
+            )
 
 
 class _ChatView:

@@ -172,6 +172,18 @@ def test_token_ids_and_lengths_carry_the_models_caps(
     assert not any(re.fullmatch(pattern, key) for key in (str(vocab), "-1", "1e3", ""))
 
 
+def test_an_overridden_max_tokens_is_still_held_to_its_maximum(
+    doc: dict[str, Any], http: httpx.Client
+) -> None:
+    """max_completion_tokens wins over max_tokens, but the schema caps both: a max_tokens that
+    can never fit is refused even beside a valid max_completion_tokens."""
+    cap = branch(prop(doc, "ChatCompletionRequest", "max_tokens"), "integer")["maximum"]
+    response = http.post(CHAT, json=chat(max_tokens=cap + 1, max_completion_tokens=1))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "max_tokens"
+    assert http.post(CHAT, json=chat(max_tokens=cap, max_completion_tokens=1)).status_code == 200
+
+
 @pytest.mark.parametrize(
     "model,path,body",
     [
