@@ -129,7 +129,7 @@ class SamplingFields(RequestModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(None, description="served model id; omitted = the base model")
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: float = Field(1.0, ge=0, le=2, description="0 (or below 1e-5) = greedy")
     top_p: float = Field(1.0, ge=0, le=1)
     # lt: the sampler packs top_k into an int64 tensor; 2**63 crashed the engine. A top_k above
     # the vocabulary size keeps every token, like 0.

@@ -37,6 +37,9 @@ from server.schemas import SamplingFields
 log = logging.getLogger(__name__)
 
 MIN_LOGPROB = -9999.0  # stands in for -inf: JSON has no infinities
+# A lower temperature is greedy: dividing the logits by a subnormal one (1e-309 is 0 in float32)
+# made infinities, NaN probabilities and a fatal engine fault.
+MIN_TEMPERATURE = 1e-5
 MAX_LOGGED_FIELDS = 10
 MAX_LOGGED_FIELD_CHARS = 40
 # The 200 of /v1/completions and /v1/chat/completions with "stream": true; before OpenAPI 3.2
@@ -49,7 +52,7 @@ STREAMED = {
             "properties": {
                 "data": {
                     "type": "string",
-                    "description": "a chunk (JSON), an error ({\"error\": ...}), or [DONE], last",
+                    "description": 'a chunk (JSON), an error ({"error": ...}), or [DONE], last',
                 }
             },
         }
@@ -152,7 +155,7 @@ def sampling_params(
 ) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=body.temperature,
+        temperature=body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0,
         top_p=body.top_p,
         top_k=max(body.top_k, 0),
         seed=seed,
