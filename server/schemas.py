@@ -59,6 +59,8 @@ PromptText = Annotated[
     str,
     Field(json_schema_extra={"minLength": 1, SERVER_LIMIT: {"maxLength": "max_prompt_chars"}}),
 ]
+# Prompts of one request: each runs n times, and the server holds only so many at once.
+PROMPT_LIST = {"minItems": 1, SERVER_LIMIT: {"maxItems": "max_prompts"}}
 # A prompt has at least one token, so no request gets more new tokens than the context - 1.
 NewTokens = Annotated[
     int, Field(ge=0, json_schema_extra={SERVER_LIMIT: {"maximum": "max_new_tokens"}}), INTEGRAL
@@ -198,9 +200,9 @@ def _is_int(value: Any) -> bool:
 class CompletionRequest(SamplingFields):
     prompt: (
         PromptText
-        | Annotated[list[PromptText], Field(json_schema_extra={"minItems": 1})]
+        | Annotated[list[PromptText], Field(json_schema_extra=PROMPT_LIST)]
         | TokenIds
-        | Annotated[list[TokenIds], Field(json_schema_extra={"minItems": 1})]
+        | Annotated[list[TokenIds], Field(json_schema_extra=PROMPT_LIST)]
     )
     max_tokens: NewTokens = 16
     logprobs: Annotated[int, Field(ge=0, le=5), INTEGRAL] | None = None

@@ -89,7 +89,8 @@ def _check_request(body: CompletionRequest, settings: Settings, engine: Engine) 
         raise invalid_request(
             f"best_of must equal n ({body.n}) or be omitted, got {body.best_of}.", "best_of"
         )
-    check_sampling(body, settings, engine.vocab_size, body.max_tokens)
+    num_prompts = len(body.prompt) if isinstance(body.prompt[0], str | list) else 1
+    check_sampling(body, settings, engine.vocab_size, body.max_tokens, num_prompts)
 
 
 def _prompts(body: CompletionRequest, engine: Engine, settings: Settings) -> list[Prompt]:

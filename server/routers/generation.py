@@ -91,14 +91,25 @@ def check_engine_accepting(request: Request, engine: Engine, settings: Settings)
         )
 
 
+def max_choices(settings: Settings) -> int:
+    """Choices (prompts x n) one request may ask for: what an idle server holds at once, in
+    its running batch and its waiting queue."""
+    return settings.max_num_seqs + settings.max_queue_len
+
+
 def check_sampling(
-    body: SamplingFields, settings: Settings, vocab_size: int, max_tokens: int | None
+    body: SamplingFields,
+    settings: Settings,
+    vocab_size: int,
+    max_tokens: int | None,
+    num_prompts: int = 1,
 ) -> None:
     """Checks that need the model or settings; the schema did the rest."""
     if body.n > settings.max_n:
         raise invalid_request(
             f"'n' must be at most {settings.max_n} on this server, got {body.n}.", "n"
         )
+    check_capacity(num_prompts, body.n, settings)
     for key in body.logit_bias or {}:
         if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
             raise invalid_request(
@@ -114,6 +125,19 @@ def check_sampling(
         raise invalid_request(
             f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).",
             "min_tokens",
+        )
+
+
+def check_capacity(num_prompts: int, n: int, settings: Settings) -> None:
+    """More choices than the server can ever hold: a 400 naming the limit, not a 503 that
+    invites a retry doomed to fail the same way (SECURITY.md 25)."""
+    capacity = max_choices(settings)
+    if num_prompts * n > capacity:
+        raise invalid_request(
+            f"The request asks for {num_prompts * n} completions ({num_prompts} prompt(s) x "
+            f"n={n}); this server holds at most {capacity} at once. Send fewer prompts or a "
+            "smaller n.",
+            "n" if n > capacity else "prompt",
         )
 
 

@@ -19,6 +19,7 @@ from pydantic.json_schema import models_json_schema
 from server.config import Settings
 from server.deps import UNAUTHENTICATED_PATHS
 from server.errors import error_responses
+from server.routers.generation import max_choices
 from server.schemas import SERVER_LIMIT, ErrorResponse
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
 def server_limits(settings: Settings, engine: Engine | None) -> dict[str, Any]:
     """Placeholder name -> value; without an engine the model's limits are left out."""
     limits: dict[str, Any] = {
-        "max_n": settings.max_n,
+        "max_n": min(settings.max_n, max_choices(settings)),
+        "max_prompts": max_choices(settings),
         "max_prompt_chars": settings.max_prompt_chars,
     }
     if engine is not None:

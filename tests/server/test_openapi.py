@@ -15,7 +15,7 @@ import pytest
 from server.config import Settings
 from server.main import create_app
 from server.routers.openapi import decimal_below, openapi_document
-from tests.server.conftest import MAX_MODEL_LEN, MAX_N
+from tests.server.conftest import MAX_MODEL_LEN, MAX_N, Server
 
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 COMPLETIONS = "/v1/completions"
@@ -151,6 +151,25 @@ def test_n_maximum_is_the_servers_cap(doc: dict[str, Any], http: httpx.Client) -
         assert branch(prop(doc, model, "n"), "integer")["maximum"] == MAX_N
     response = http.post(COMPLETIONS, json=completion(n=MAX_N, max_tokens=1))
     assert response.status_code == 200, response.text
+
+
+def test_a_request_that_can_never_fit_is_400_not_503(bigram_server: Server) -> None:
+    """The bigram server holds one sequence and queues none: two choices can never run, so
+    the answer is a 400 naming the limit, not a 503 that invites a retry (SECURITY.md 25);
+    the schema says so with n and prompt-list maxima."""
+    with httpx.Client(base_url=bigram_server.base_url, timeout=60) as http:
+        doc = http.get("/openapi.json").json()
+        assert branch(prop(doc, "ChatCompletionRequest", "n"), "integer")["maximum"] == 1
+        prompt = prop(doc, "CompletionRequest", "prompt")["anyOf"]
+        lists = [m for m in prompt if m["type"] == "array" and m["items"]["type"] != "integer"]
+        assert [m["maxItems"] for m in lists] == [1, 1]  # strings, token-id lists
+        for path, body, param in (
+            (CHAT, chat(model="bigram", n=2), "n"),
+            (COMPLETIONS, completion(model="bigram", prompt=["a", "b"]), "prompt"),
+        ):
+            response = http.post(path, json=body)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == param
 
 
 def test_token_ids_and_lengths_carry_the_models_caps(
