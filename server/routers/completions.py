@@ -89,8 +89,12 @@ def _check_request(body: CompletionRequest, settings: Settings, engine: Engine) 
         raise invalid_request(
             f"best_of must equal n ({body.n}) or be omitted, got {body.best_of}.", "best_of"
         )
-    num_prompts = len(body.prompt) if isinstance(body.prompt[0], str | list) else 1
-    check_sampling(body, settings, engine.vocab_size, body.max_tokens, num_prompts)
+    check_sampling(body, settings, engine.vocab_size, body.max_tokens, _num_prompts(body.prompt))
+
+
+def _num_prompts(prompt: str | list) -> int:
+    """A list of texts or of token-id lists holds several prompts; a text or ids, one."""
+    return len(prompt) if isinstance(prompt, list) and isinstance(prompt[0], str | list) else 1
 
 
 def _prompts(body: CompletionRequest, engine: Engine, settings: Settings) -> list[Prompt]:

@@ -166,10 +166,14 @@ def test_a_request_that_can_never_fit_is_400_not_503(bigram_server: Server) -> N
         for path, body, param in (
             (CHAT, chat(model="bigram", n=2), "n"),
             (COMPLETIONS, completion(model="bigram", prompt=["a", "b"]), "prompt"),
+            (COMPLETIONS, completion(model="bigram", prompt=""), "prompt"),  # was a 500
         ):
             response = http.post(path, json=body)
             assert response.status_code == 400, response.text
             assert response.json()["error"]["param"] == param
+        for prompt in ("Hello", [[1, 2, 3]], [1, 2, 3]):  # one prompt each
+            body = completion(model="bigram", prompt=prompt, max_tokens=1)
+            assert http.post(COMPLETIONS, json=body).status_code == 200
 
 
 def test_token_ids_and_lengths_carry_the_models_caps(
