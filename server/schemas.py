@@ -320,7 +320,7 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("response_format", mode="before")
     @classmethod
     def _check_response_format(cls, value: Any) -> Any:
-        if not isinstance(value, dict) or value.get("type", "text") != "text":
+        if not isinstance(value, dict) or value.get("type") not in (None, "text"):  # null: default
             raise ValueError("only {'type': 'text'} is supported")
         return value
 
