@@ -4,9 +4,10 @@ Requests: `null` means "default", floats must be finite, and types are strict as
 says (no "5" for 5, no 1 for true; an integral float such as 2.0 is an integer, as in JSON
 Schema). Unknown fields: the OpenAI-shaped requests accept them (OpenAI clients send extras)
 and the routers log their names; our own endpoints refuse them (StrictRequestModel), so that
-a misspelt option cannot run a job nobody asked for. Checks that need the model or the settings (vocabulary, context length, `n` cap) happen
-in the routers; the schema states them with `x-server-limit` placeholders that the served
-/openapi.json fills in with this server's values (server/routers/openapi.py).
+a misspelt option cannot run a job nobody asked for. Checks that need the model or the
+settings (vocabulary, context length, `n` cap) happen in the routers; the schema states them
+with `x-server-limit` placeholders that the served /openapi.json fills in with this server's
+values (server/routers/openapi.py).
 """
 
 from __future__ import annotations
