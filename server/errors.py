@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from adapters.errors import (
     AdapterError,
@@ -31,11 +32,13 @@ from adapters.errors import (
     UnknownAdapterError,
     UploadTooLargeError,
 )
+from server.schemas import UNKNOWN_FIELD
 
 log = logging.getLogger(__name__)
 
 MAX_ECHO_CHARS = 80  # longest excerpt of client input quoted back in a message
 INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -50,15 +53,14 @@ _TYPE_BY_STATUS = {
     503: "service_unavailable_error",
 }
 # Every typed refusal of the adapters package -> (HTTP status, OpenAI error type, code). An
-# exception maps as the first class of its MRO listed here: NoAdapterRootsError, a
-# PathNotAllowedError, has its own row (400: the server loads no adapter by path at all).
+# exception maps as the first class of its MRO listed here.
 ADAPTER_ERRORS: Mapping[type[AdapterError], tuple[int, str, str | None]] = {
     AdapterFormatError: (400, "invalid_request_error", None),
     InvalidNameError: (400, "invalid_request_error", None),
     InvalidUploadError: (400, "invalid_request_error", None),
     InvalidPathError: (400, "invalid_request_error", None),
-    NoAdapterRootsError: (400, "invalid_request_error", None),
     PathNotAllowedError: (403, "permission_error", None),
+    NoAdapterRootsError: (403, "permission_error", None),  # as the route, before any path look-up
     UnknownAdapterError: (404, "not_found_error", "model_not_found"),
     AdapterPathNotFoundError: (404, "not_found_error", "model_not_found"),
     AdapterExistsError: (409, "conflict_error", None),
@@ -67,6 +69,22 @@ ADAPTER_ERRORS: Mapping[type[AdapterError], tuple[int, str, str | None]] = {
     UploadTooLargeError: (413, "invalid_request_error", None),
     AdapterLoadError: (500, "server_error", None),
 }
+
+# What each error status means on this server, for the API description.
+_DESCRIPTION_BY_STATUS = {
+    400: "Invalid request: the message says what to change",
+    401: "Missing or wrong API key",
+    403: "Not allowed: by this server's configuration, or to this API key",
+    404: "Unknown model, adapter, evaluation job or dataset",
+    408: "The request body stalled: the connection closes",
+    409: "A conflict: the name is taken, a limit is reached, or the resource is in use",
+    413: "The request body exceeds the server's limit",
+    415: "This route does not take the request's Content-Type",
+    429: "Too many evaluation jobs are waiting: retry after Retry-After seconds",
+    500: "The server failed to process the request",
+    503: "Overloaded, draining or not ready: retry after Retry-After seconds",
+}
+ERROR_SCHEMA_REF = "#/components/schemas/ErrorResponse"
 _NOT_AN_OBJECT = frozenset({"model_type", "model_attributes_type", "dict_type"})
 _OUTCOME_BY_STATUS = {
     400: "invalid_request",
@@ -126,6 +144,12 @@ def from_adapter_error(exc: AdapterError, message: str | None = None) -> APIErro
     text = exc.message if message is None else message
     return APIError(status, text, openai_type, exc.param, code)
 
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries: each status answers an ErrorResponse as JSON, whatever the
+    route's own media type (server/routers/openapi.py registers the ErrorResponse schema)."""
+    content = {"application/json": {"schema": {"$ref": ERROR_SCHEMA_REF}}}
+    return {s: {"description": _DESCRIPTION_BY_STATUS[s], "content": content} for s in statuses}
+
 
 def error_type(status: int) -> str:
     return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
@@ -175,6 +199,8 @@ def _param_from_loc(loc: Sequence[Any]) -> str | None:
 
 def _describe(error: Mapping[str, Any], param: str | None) -> str:
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if error.get("type") == UNKNOWN_FIELD:
+        return f"{message}."
     if error.get("type") == "missing":
         return f"'{param}' is required." if param else "A JSON request body is required."
     if error.get("type") == "json_invalid":
@@ -193,7 +219,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return invalid_request("The request is invalid.")
     first = errors[0]
-    param = _param_from_loc(first.get("loc", ()))
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") == UNKNOWN_FIELD:  # raised by the model: the field is in its ctx
+        loc += (first["ctx"]["field"],)
+    param = _param_from_loc(loc)
     message = _describe(first, param)
     if len(errors) > 1:
         message += f" ({len(errors) - 1} more error(s) in the request.)"
@@ -221,9 +250,25 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
         message = f"Method {request.method} is not allowed on {truncate(request.url.path)}."
     else:
         message = str(exc.detail)
-    error = APIError(exc.status_code, message, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+    error = APIError(exc.status_code, message, headers=headers)
     record_rejection(request, error.status)
     return error_response(error)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's own Allow header names only
+    the route that matched the path first: GET for /v1/adapters/{name}, not DELETE."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
+        )
+    ]
 
 
 async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -21,6 +21,7 @@ from server.guards import RequestGuard, body_routes
 from server.metrics import Metrics
 from server.routers import adapters, chat, completions, health, models
 from server.routers import evaluations as evaluations_router
+from server.routers.openapi import openapi_document
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _add_docs_routes(app: FastAPI) -> None:
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:
-        return JSONResponse(app.openapi())
+        return JSONResponse(openapi_document(app))
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:

@@ -1,8 +1,13 @@
 """Pydantic request/response models in OpenAI's shapes (plus vLLM's sampling extras).
 
-Requests: unknown fields are ignored (OpenAI clients send extras), `null` means "default",
-floats must be finite. Checks that need the model (vocabulary, context length, `n` cap)
-happen in the routers.
+Requests: `null` means "default", floats must be finite, and types are strict as the schema
+says (no "5" for 5, no 1 for true; an integral float such as 2.0 is an integer, as in JSON
+Schema). Unknown fields: the OpenAI-shaped requests accept them (OpenAI clients send extras)
+and the routers log their names; our own endpoints refuse them (StrictRequestModel), so that
+a misspelt option cannot run a job nobody asked for. Checks that need the model or the
+settings (vocabulary, context length, `n` cap) happen in the routers; the schema states them
+with `x-server-limit` placeholders that the served /openapi.json fills in with this server's
+values (server/routers/openapi.py).
 """
 
 from __future__ import annotations
@@ -10,16 +15,81 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
+UNKNOWN_FIELD = "unknown_field"  # error type; server/errors.py takes `param` from its ctx
+MAX_FIELD_NAME_CHARS = 40  # of a client's field name quoted back
 MAX_N = 128  # hard schema bound; settings.max_n caps it lower in the routers
+# Key of a schema-only placeholder: {"x-server-limit": {"maximum": "max_n"}} becomes
+# {"maximum": <settings.max_n>} in the served document.
+SERVER_LIMIT = "x-server-limit"
+# An adapter name (adapters/store.py NAME_RE plus its "no '..'" rule, without a lookahead).
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?$"
+ADAPTER_NAME_CHARS = 64
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # server/evaluation/datasets.py
 
+
+def _integral_float_to_int(value: Any) -> Any:
+    # JSON Schema counts 2.0 as an integer; strict pydantic would refuse it.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Last in an Annotated list, after the constraints: placed before them (or given to Field() on an
+# optional field) it makes pydantic print `ge`/`lt` instead of `minimum`/`exclusiveMaximum`.
+INTEGRAL = BeforeValidator(_integral_float_to_int)
+Int = Annotated[int, INTEGRAL]
 Bias = Annotated[float, Field(ge=-100, le=100)]
+# Documented only: the routers check these (they need the model) with messages of their own.
+TokenId = Annotated[
+    int,
+    Field(json_schema_extra={"minimum": 0, SERVER_LIMIT: {"maximum": "max_token_id"}}),
+    INTEGRAL,
+]
+TokenIds = Annotated[
+    list[TokenId],
+    Field(json_schema_extra={"minItems": 1, SERVER_LIMIT: {"maxItems": "max_model_len"}}),
+]
+NonEmptyText = Annotated[str, Field(json_schema_extra={"minLength": 1})]
+# The cap is on all the text of a request; no single string can exceed it either.
+PromptChars = Annotated[
+    str, Field(json_schema_extra={SERVER_LIMIT: {"maxLength": "max_prompt_chars"}})
+]
+PromptText = Annotated[
+    str,
+    Field(json_schema_extra={"minLength": 1, SERVER_LIMIT: {"maxLength": "max_prompt_chars"}}),
+]
+# Prompts of one request: each runs n times, and the server holds only so many at once.
+PROMPT_LIST = {"minItems": 1, SERVER_LIMIT: {"maxItems": "max_prompts"}}
+# A prompt has at least one token, so no request gets more new tokens than the context - 1.
+NewTokens = Annotated[
+    int, Field(ge=0, json_schema_extra={SERVER_LIMIT: {"maximum": "max_new_tokens"}}), INTEGRAL
+]
+
+
+def _null_means_default_in_schema(schema: dict[str, Any]) -> None:
+    """Every optional property also takes null, as `_null_means_default` does."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or _takes_null(prop):
+            continue
+        outer = {key: prop.pop(key) for key in ("title", "description", "default") if key in prop}
+        members = prop["anyOf"] if set(prop) == {"anyOf"} else [prop]
+        schema["properties"][name] = {"anyOf": [*members, {"type": "null"}], **outer}
+
+
+def _takes_null(prop: dict[str, Any]) -> bool:
+    return prop.get("type") == "null" or any(m.get("type") == "null" for m in prop.get("anyOf", ()))
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="ignore",
+        allow_inf_nan=False,
+        strict=True,
+        json_schema_extra=_null_means_default_in_schema,
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -29,29 +99,70 @@ class RequestModel(BaseModel):
         return data
 
 
+class StrictRequestModel(RequestModel):
+    """A request to one of our own endpoints: an unknown field is a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(key for key in data if key not in cls.model_fields)
+            if unknown:
+                raise PydanticCustomError(
+                    UNKNOWN_FIELD,
+                    "Unknown field '{field}': check its spelling; this endpoint accepts {accepted}",
+                    {
+                        "field": unknown[0][:MAX_FIELD_NAME_CHARS],
+                        "accepted": ", ".join(cls.model_fields),
+                    },
+                )
+        return data
+
+
 class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
 class SamplingFields(RequestModel):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions. Unknown fields are kept aside (not
+    used) so that the routers can log their names."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(None, description="served model id; omitted = the base model")
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: float = Field(1.0, ge=0, le=2, description="0 (or below 1e-5) = greedy")
     top_p: float = Field(1.0, ge=0, le=1)
-    top_k: int = Field(0, ge=-1, description="vLLM extra; -1 or 0 = off")
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
+    # lt: the sampler packs top_k into an int64 tensor; 2**63 crashed the engine. A top_k above
+    # the vocabulary size keeps every token, like 0.
+    top_k: Int = Field(0, ge=-1, lt=2**31, description="vLLM extra; -1 or 0 = off")
+    n: Int = Field(1, ge=1, le=MAX_N, json_schema_extra={SERVER_LIMIT: {"maximum": "max_n"}})
+    stream: bool = Field(False, description="true: text/event-stream of chunks, then [DONE]")
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = Field(None, description="vLLM extra")
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: (
+        NonEmptyText
+        | Annotated[list[NonEmptyText], Field(json_schema_extra={"maxItems": MAX_STOP_SEQUENCES})]
+        | None
+    ) = None
+    stop_token_ids: list[TokenId] | None = Field(None, description="vLLM extra")
+    # Exclusive powers of two: JSON numbers are doubles, and 2**64 - 1 would be printed as
+    # 2**64 in the schema, one more than the server takes.
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64), INTEGRAL] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, Bias] | None = None
+    logit_bias: (
+        Annotated[
+            dict[str, Bias],
+            Field(
+                json_schema_extra={"propertyNames": {SERVER_LIMIT: {"pattern": "token_id_pattern"}}}
+            ),
+        ]
+        | None
+    ) = Field(None, description="token id (decimal) -> bias")
     user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM extra")
-    min_tokens: int = Field(0, ge=0, description="vLLM extra")
+    min_tokens: NewTokens = Field(0, description="vLLM extra")
     include_stop_str_in_output: bool = Field(False, description="vLLM extra")
 
     @field_validator("stop", mode="before")
@@ -69,6 +180,10 @@ class SamplingFields(RequestModel):
         return value
 
     @property
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+    @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -78,16 +193,27 @@ class SamplingFields(RequestModel):
 
 
 def _is_int(value: Any) -> bool:
+    if isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=5)
+    prompt: (
+        PromptText
+        | Annotated[list[PromptText], Field(json_schema_extra=PROMPT_LIST)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(json_schema_extra=PROMPT_LIST)]
+    )
+    max_tokens: NewTokens = 16
+    logprobs: Annotated[int, Field(ge=0, le=5), INTEGRAL] | None = None
     echo: bool = False
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1), INTEGRAL] | None = Field(
+        None, description="must equal n (or be omitted)"
+    )
+    suffix: str | None = Field(
+        None, max_length=0, description="not supported: only null or an empty string"
+    )
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -105,7 +231,9 @@ class CompletionRequest(SamplingFields):
     @field_validator("suffix", mode="before")
     @classmethod
     def _refuse_suffix(cls, value: Any) -> Any:
-        raise ValueError("suffix is not supported; remove it")
+        if value != "":
+            raise ValueError("suffix is not supported; remove it or send an empty string")
+        return value
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -126,14 +254,14 @@ def _prompt_item_kind(item: Any) -> str | None:
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
-    text: str
+    text: PromptChars
 
 
 class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] = ""
+    content: PromptChars | list[TextPart] = ""
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -153,20 +281,28 @@ class ChatMessage(RequestModel):
         return "\n".join(part.text for part in self.content)
 
 
+class ResponseFormat(RequestModel):
+    type: Literal["text"] = "text"
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(
-        None, ge=0, description="deprecated alias of max_completion_tokens"
+    max_tokens: NewTokens | None = Field(
+        None, description="deprecated alias of max_completion_tokens"
     )
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: NewTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = Field(
+        None, description="used with logprobs: true; ignored otherwise"
+    )
     add_generation_prompt: bool = Field(True, description="vLLM extra")
     # Accepted only to be refused: the model's own template is the only one ever rendered.
-    chat_template: Any = Field(None, description="not supported: always 400")
-    chat_template_kwargs: Any = Field(None, description="not supported: always 400")
-    tools: list[Any] | None = Field(None, description="not supported: a non-empty list is a 400")
-    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
+    chat_template: None = Field(None, description="not supported: only null")
+    chat_template_kwargs: None = Field(None, description="not supported: only null")
+    tools: Annotated[list[Any], Field(json_schema_extra={"maxItems": 0})] | None = Field(
+        None, description="not supported: only null or []"
+    )
+    response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'}")
 
     @field_validator("chat_template", "chat_template_kwargs", mode="before")
     @classmethod
@@ -185,7 +321,7 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("response_format", mode="before")
     @classmethod
     def _check_response_format(cls, value: Any) -> Any:
-        if not isinstance(value, dict) or value.get("type", "text") != "text":
+        if not isinstance(value, dict) or value.get("type") not in (None, "text"):  # null: default
             raise ValueError("only {'type': 'text'} is supported")
         return value
 
@@ -330,17 +466,25 @@ class HealthStatus(BaseModel):
 # ---------------------------------------------------------------- evaluations (issue 5)
 
 
-class EvaluationRequest(RequestModel):
+class EvaluationRequest(StrictRequestModel):
     """POST /v1/evaluations: models (`base` = the base model, or adapter names) x datasets."""
 
-    models: list[str] = Field(..., min_length=1, max_length=64)
-    datasets: list[str] = Field(..., min_length=1, max_length=64)
-    limit: int | None = Field(None, ge=1, description="first N records of each dataset; default all")
+    # uniqueItems: a model or dataset listed twice is refused (400).
+    models: list[str] = Field(
+        ..., min_length=1, max_length=64, json_schema_extra={"uniqueItems": True}
+    )
+    datasets: list[str] = Field(
+        ..., min_length=1, max_length=64, json_schema_extra={"uniqueItems": True}
+    )
+    limit: Annotated[int, Field(ge=1), INTEGRAL] | None = Field(
+        None, description="first N records of each dataset; default all"
+    )
     protocol: Literal["generate", "loglikelihood"] = "generate"
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # lt a power of two: see SamplingFields.seed
+    seed: Annotated[int, Field(ge=0, lt=2**63), INTEGRAL] | None = None
     temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy (default)")
-    max_tokens: int | None = Field(
-        None, ge=1, le=4096, description="override the paper's max new tokens (256 / 32)"
+    max_tokens: Annotated[int, Field(ge=1, le=4096), INTEGRAL] | None = Field(
+        None, description="override the paper's max new tokens (256 / 32)"
     )
 
 
@@ -384,10 +528,12 @@ class EvaluationList(BaseModel):
     data: list[EvaluationJob]
 
 
-class DatasetUpload(RequestModel):
+class DatasetUpload(StrictRequestModel):
     """POST /v1/datasets: records as a JSON array (`records`) or JSON Lines text (`jsonl`)."""
 
-    name: str = Field(..., min_length=1, max_length=64)
+    name: str = Field(
+        ..., min_length=1, max_length=64, json_schema_extra={"pattern": DATASET_NAME_PATTERN}
+    )
     answer_kind: Literal["number", "letter", "words"]
     answer_words: list[str] | None = Field(None, description="the answer words of kind 'words'")
     records: list[Any] | None = None
@@ -412,6 +558,16 @@ class DatasetList(BaseModel):
 
 
 # ---------------------------------------------------------------- adapters (issue 3)
+
+# Documented only: the registry checks names with a message of its own.
+AdapterName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=ADAPTER_NAME_CHARS,
+        json_schema_extra={"pattern": ADAPTER_NAME_PATTERN},
+    ),
+]
 
 
 class AdapterCard(BaseModel):
@@ -447,16 +603,18 @@ class AdapterList(BaseModel):
     data: list[AdapterCard]
 
 
-class LoadLoraAdapterRequest(RequestModel):
+class LoadLoraAdapterRequest(StrictRequestModel):
     """vLLM's POST /v1/load_lora_adapter body; `lora_path` must lie under an adapter root."""
 
-    lora_name: str = Field(..., min_length=1, max_length=64)
-    lora_path: str = Field(..., min_length=1, max_length=4096)
+    lora_name: AdapterName
+    lora_path: str = Field(
+        ..., min_length=1, max_length=4096, json_schema_extra={"pattern": "^[^\\x00]*$"}
+    )
     load_inplace: bool = Field(False, description="replace an adapter of the same name")
 
 
-class UnloadLoraAdapterRequest(RequestModel):
+class UnloadLoraAdapterRequest(StrictRequestModel):
     """vLLM's POST /v1/unload_lora_adapter body."""
 
-    lora_name: str = Field(..., min_length=1, max_length=64)
-    lora_int_id: int | None = Field(None, description="accepted for vLLM compatibility; unused")
+    lora_name: AdapterName
+    lora_int_id: Int | None = Field(None, description="accepted for vLLM compatibility; unused")

@@ -49,8 +49,8 @@ from server.model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 STEP_LOG_LEN = 4096  # steps kept in Engine.step_log
-DELETED_MODEL_LABEL = "(deleted adapter)"
-AUTO_COMPILE_DEVICES = frozenset({"cuda"})  # --compile auto: where compiling wins (measured)  # metrics label of requests that outlive their adapter
+DELETED_MODEL_LABEL = "(deleted adapter)"  # metrics label of requests that outlive their adapter
+AUTO_COMPILE_DEVICES = frozenset({"cuda"})  # --compile auto: where compiling wins (measured)
 
 
 class EngineError(Exception):

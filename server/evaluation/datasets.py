@@ -186,8 +186,8 @@ class DatasetCatalog:
         dataset = next((d for d in self._user_sets() if d.name == name), None)
         if dataset is None:
             if any(name.lower() == b.lower() for b in BUILTIN_SPECS):
-                raise invalid_request(f"{name!r} is a built-in dataset; it cannot be deleted.",
-                                      "name")  # fmt: skip
+                raise APIError(409, f"{name!r} is a built-in dataset; it cannot be deleted.",
+                               param="name", code="dataset_builtin")  # fmt: skip
             raise dataset_not_found(name)
         folder = dataset.path.parent
         (folder / "dataset.json").unlink()  # first: the set is gone even if the rest fails

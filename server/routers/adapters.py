@@ -28,9 +28,10 @@ from adapters.store import validate_name
 from server.config import Settings
 from server.deps import get_engine, get_registry, get_settings, require_admin_key
 from server.engine.engine import Engine
-from server.errors import APIError, from_adapter_error, invalid_request
-from server.routers.generation import ERROR_RESPONSES
+from server.errors import APIError, error_responses, from_adapter_error, invalid_request
 from server.schemas import (
+    ADAPTER_NAME_CHARS,
+    ADAPTER_NAME_PATTERN,
     AdapterCard,
     AdapterList,
     AdapterUploadCard,
@@ -46,11 +47,7 @@ admin = [Depends(require_admin_key)]
 MAX_FORM_FILES = 8
 MAX_FORM_FIELDS = 4
 MAX_FIELD_BYTES = 1024
-ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **ERROR_RESPONSES,
-    403: ERROR_RESPONSES[400],
-    409: ERROR_RESPONSES[400],
-}
+PLAIN_TEXT_OK = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
 UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -60,7 +57,13 @@ UPLOAD_BODY = {
                     "type": "object",
                     "required": ["name"],
                     "properties": {
-                        "name": {"type": "string", "description": "the adapter's name"},
+                        "name": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": ADAPTER_NAME_CHARS,
+                            "pattern": ADAPTER_NAME_PATTERN,
+                            "description": "the adapter's name",
+                        },
                         "files": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
@@ -184,7 +187,7 @@ def _store_upload(
     "/v1/adapters",
     response_model=AdapterUploadCard,
     status_code=201,
-    responses=ADMIN_RESPONSES,
+    responses=error_responses(409, 503),
     dependencies=admin,
     openapi_extra=UPLOAD_BODY,
 )
@@ -216,14 +219,14 @@ async def upload_adapter(
 # ---------------------------------------------------------------- list, card, delete
 
 
-@router.get("/v1/adapters", response_model=AdapterList, responses=ERROR_RESPONSES)
+@router.get("/v1/adapters", response_model=AdapterList, responses=error_responses(503))
 async def list_adapters(
     registry: AdapterRegistry = Depends(get_registry), engine: Engine = Depends(get_engine)
 ) -> AdapterList:
     return AdapterList(data=[adapter_card(e, engine.model_id) for e in registry.list()])
 
 
-@router.get("/v1/adapters/{name}", response_model=AdapterCard, responses=ERROR_RESPONSES)
+@router.get("/v1/adapters/{name}", response_model=AdapterCard, responses=error_responses(404, 503))
 async def get_adapter(
     name: str,
     registry: AdapterRegistry = Depends(get_registry),
@@ -237,7 +240,10 @@ async def get_adapter(
 
 
 @router.delete(
-    "/v1/adapters/{name}", response_model=AdapterCard, responses=ADMIN_RESPONSES, dependencies=admin
+    "/v1/adapters/{name}",
+    response_model=AdapterCard,
+    responses=error_responses(404, 503),
+    dependencies=admin,
 )
 async def delete_adapter(
     name: str,
@@ -257,7 +263,7 @@ async def delete_adapter(
 @router.post(
     "/v1/load_lora_adapter",
     response_class=PlainTextResponse,
-    responses=ADMIN_RESPONSES,
+    responses={**PLAIN_TEXT_OK, **error_responses(403, 404, 409, 503)},
     dependencies=admin,
 )
 async def load_lora_adapter(
@@ -266,6 +272,14 @@ async def load_lora_adapter(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     """vLLM's endpoint: serve the adapter folder at `lora_path` (under a configured root)."""
+    if not registry.roots:
+        # Refused before the path is looked at: a 404 here would tell whether it exists.
+        raise APIError(
+            403,
+            "Loading adapters by path is disabled on this server: it has no adapter roots "
+            "(start it with --adapter-root DIR), or upload the adapter to POST /v1/adapters.",
+            param="lora_path",
+        )
     if registry.exists(body.lora_name) and not body.load_inplace:
         raise APIError(
             409,
@@ -292,7 +306,7 @@ async def load_lora_adapter(
 @router.post(
     "/v1/unload_lora_adapter",
     response_class=PlainTextResponse,
-    responses=ADMIN_RESPONSES,
+    responses={**PLAIN_TEXT_OK, **error_responses(404, 503)},
     dependencies=admin,
 )
 async def unload_lora_adapter(

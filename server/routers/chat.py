@@ -12,9 +12,9 @@ from server.config import Settings
 from server.deps import get_engine, get_settings, resolve_model
 from server.engine.engine import Engine, EngineError, RequestOutput
 from server.engine.sampling import TokenLogprob
-from server.errors import invalid_request
+from server.errors import error_responses, invalid_request
 from server.routers.generation import (
-    ERROR_RESPONSES,
+    STREAMED,
     ChoiceResult,
     ClientDisconnected,
     EventStreamResponse,
@@ -28,6 +28,7 @@ from server.routers.generation import (
     event_stream,
     failed_output_error,
     finite_logprob,
+    log_ignored_fields,
     new_id,
     sampling_params,
     sse,
@@ -42,7 +43,9 @@ ROLE_ALIASES = {"developer": "system"}
 
 
 @router.post(
-    "/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={200: {"content": STREAMED}, **error_responses(404, 503)},
 )
 async def create_chat_completion(
     body: ChatCompletionRequest,
@@ -50,6 +53,7 @@ async def create_chat_completion(
     engine: Engine = Depends(get_engine),
     settings: Settings = Depends(get_settings),
 ) -> Response:
+    log_ignored_fields(request, body)
     resolve_model(request, body.model)
     _check_request(body, settings)
     prompt_ids = _render(body, engine)
@@ -62,7 +66,7 @@ async def create_chat_completion(
         for i in range(body.n)
     ]
     response_id = new_id("chatcmpl")
-    streams = submit(request, engine, jobs, response_id, settings, body.n)
+    streams = submit(request, engine, jobs, response_id, settings)
     view = _ChatView(body, engine, response_id, request.state.model)
     if body.stream:
         events = event_stream(
@@ -80,8 +84,7 @@ async def create_chat_completion(
 
 
 def _check_request(body: ChatCompletionRequest, settings: Settings) -> None:
-    if body.top_logprobs is not None and not body.logprobs:
-        raise invalid_request("top_logprobs requires logprobs: true.", "top_logprobs")
+    # top_logprobs without logprobs: true is ignored, as its schema description says.
     total = sum(len(m.text) for m in body.messages)
     if total > settings.max_prompt_chars:
         raise invalid_request(
@@ -111,6 +114,7 @@ def _render(body: ChatCompletionRequest, engine: Engine) -> list[int]:
 
 def _max_tokens(body: ChatCompletionRequest, num_prompt_tokens: int, max_model_len: int) -> int:
     """The requested limit, checked against the context; no limit = the rest of the context."""
+    _check_never_too_many(body, max_model_len)
     requested = body.max_new_tokens
     if requested is None:
         if num_prompt_tokens >= max_model_len:
@@ -124,6 +128,20 @@ def _max_tokens(body: ChatCompletionRequest, num_prompt_tokens: int, max_model_l
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     check_context(num_prompt_tokens, requested, max_model_len, "messages", param)
     return requested
+
+
+def _check_never_too_many(body: ChatCompletionRequest, max_model_len: int) -> None:
+    """Both limits, even the one max_completion_tokens overrides: the schema says that neither
+    can reach the context length (a prompt has at least one token)."""
+    for param in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, param)
+        if value is not None and value >= max_model_len:
+            raise invalid_request(
+                f"'{param}' is {value}, but this model's context of {max_model_len} tokens also "
+                f"holds the prompt; ask for at most {max_model_len - 1}.",
+                param,
+                "context_length_exceeded",
+            )
 
 
 class _ChatView:

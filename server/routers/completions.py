@@ -14,9 +14,9 @@ from server.config import Settings
 from server.deps import get_engine, get_settings, resolve_model
 from server.engine.engine import Engine, EngineError, RequestOutput
 from server.engine.sampling import TokenLogprob
-from server.errors import invalid_request
+from server.errors import error_responses, invalid_request
 from server.routers.generation import (
-    ERROR_RESPONSES,
+    STREAMED,
     ChoiceResult,
     ClientDisconnected,
     EventStreamResponse,
@@ -30,6 +30,7 @@ from server.routers.generation import (
     event_stream,
     failed_output_error,
     finite_logprob,
+    log_ignored_fields,
     new_id,
     sampling_params,
     sse,
@@ -47,13 +48,18 @@ class Prompt:
     text: str  # what `echo` returns
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses={200: {"content": STREAMED}, **error_responses(404, 503)},
+)
 async def create_completion(
     body: CompletionRequest,
     request: Request,
     engine: Engine = Depends(get_engine),
     settings: Settings = Depends(get_settings),
 ) -> Response:
+    log_ignored_fields(request, body)
     resolve_model(request, body.model)
     _check_request(body, settings, engine)
     prompts = _prompts(body, engine, settings)
@@ -62,7 +68,7 @@ async def create_completion(
     check_engine_accepting(request, engine, settings)
     jobs = _jobs(body, prompts)
     response_id = new_id("cmpl")
-    streams = submit(request, engine, jobs, response_id, settings, body.n)
+    streams = submit(request, engine, jobs, response_id, settings)
     view = _CompletionView(body, engine, prompts, response_id, request.state.model)
     if body.stream:
         return EventStreamResponse(
@@ -83,7 +89,12 @@ def _check_request(body: CompletionRequest, settings: Settings, engine: Engine) 
         raise invalid_request(
             f"best_of must equal n ({body.n}) or be omitted, got {body.best_of}.", "best_of"
         )
-    check_sampling(body, settings, engine.vocab_size, body.max_tokens)
+    check_sampling(body, settings, engine.vocab_size, body.max_tokens, _num_prompts(body.prompt))
+
+
+def _num_prompts(prompt: str | list) -> int:
+    """A list of texts or of token-id lists holds several prompts; a text or ids, one."""
+    return len(prompt) if isinstance(prompt, list) and isinstance(prompt[0], str | list) else 1
 
 
 def _prompts(body: CompletionRequest, engine: Engine, settings: Settings) -> list[Prompt]:

@@ -6,10 +6,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.deps import caller_key, is_admin, require_admin_key
-from server.errors import APIError, invalid_request, truncate
+from server.errors import APIError, error_responses, invalid_request, truncate
 from server.evaluation.datasets import answer_spec, parse_jsonl, validate_records
 from server.evaluation.runner import EvalJob, EvaluationRunner, JobOptions
-from server.routers.generation import ERROR_RESPONSES
 from server.schemas import (
     DatasetInfo,
     DatasetList,
@@ -31,7 +30,8 @@ def _job_body(job: EvalJob) -> dict:
 
 
 @router.post(
-    "/v1/evaluations", status_code=202, response_model=EvaluationJob, responses=ERROR_RESPONSES
+    "/v1/evaluations", status_code=202, response_model=EvaluationJob,
+    responses=error_responses(404, 429),
 )
 async def create_evaluation(
     body: EvaluationRequest, request: Request, runner: EvaluationRunner = Depends(get_runner)
@@ -49,12 +49,14 @@ async def create_evaluation(
     return JSONResponse(_job_body(job), status_code=202)
 
 
-@router.get("/v1/evaluations", response_model=EvaluationList, responses=ERROR_RESPONSES)
+@router.get("/v1/evaluations", response_model=EvaluationList)
 async def list_evaluations(runner: EvaluationRunner = Depends(get_runner)) -> JSONResponse:
     return JSONResponse({"object": "list", "data": [_job_body(j) for j in runner.list()]})
 
 
-@router.get("/v1/evaluations/{job_id}", response_model=EvaluationJob, responses=ERROR_RESPONSES)
+@router.get(
+    "/v1/evaluations/{job_id}", response_model=EvaluationJob, responses=error_responses(404)
+)
 async def get_evaluation(
     job_id: str, runner: EvaluationRunner = Depends(get_runner)
 ) -> JSONResponse:
@@ -64,7 +66,7 @@ async def get_evaluation(
 @router.get(
     "/v1/evaluations/{job_id}/results",
     response_class=StreamingResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {"application/x-ndjson": {}}}},
+    responses={200: {"content": {"application/x-ndjson": {}}}, **error_responses(404)},
 )
 async def get_evaluation_results(
     job_id: str, runner: EvaluationRunner = Depends(get_runner)
@@ -75,7 +77,9 @@ async def get_evaluation_results(
     return StreamingResponse(runner.iter_results(job_id), media_type="application/x-ndjson")
 
 
-@router.delete("/v1/evaluations/{job_id}", response_model=EvaluationJob, responses=ERROR_RESPONSES)
+@router.delete(
+    "/v1/evaluations/{job_id}", response_model=EvaluationJob, responses=error_responses(403, 404)
+)
 async def cancel_evaluation(
     job_id: str, request: Request, runner: EvaluationRunner = Depends(get_runner)
 ) -> JSONResponse:
@@ -84,7 +88,7 @@ async def cancel_evaluation(
     return JSONResponse(_job_body(job))
 
 
-@router.get("/v1/datasets", response_model=DatasetList, responses=ERROR_RESPONSES)
+@router.get("/v1/datasets", response_model=DatasetList)
 async def list_datasets(runner: EvaluationRunner = Depends(get_runner)) -> JSONResponse:
     return JSONResponse({"object": "list", "data": runner.catalog.describe_all()})
 
@@ -93,7 +97,7 @@ async def list_datasets(runner: EvaluationRunner = Depends(get_runner)) -> JSONR
     "/v1/datasets",
     status_code=201,
     response_model=DatasetInfo,
-    responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},
+    responses=error_responses(409),
     dependencies=[Depends(require_admin_key)],
 )
 async def register_dataset(
@@ -115,7 +119,7 @@ async def register_dataset(
 @router.delete(
     "/v1/datasets/{name}",
     response_model=DatasetInfo,
-    responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},
+    responses=error_responses(404, 409),
     dependencies=[Depends(require_admin_key)],
 )
 async def delete_dataset(name: str, runner: EvaluationRunner = Depends(get_runner)) -> JSONResponse:

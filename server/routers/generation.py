@@ -31,14 +31,32 @@ from server.engine.engine import (
     RequestStream,
 )
 from server.engine.sampling import SamplingParams, TokenLogprob
-from server.errors import APIError, error_body, invalid_request, model_not_found
-from server.schemas import ErrorResponse, SamplingFields
+from server.errors import APIError, error_body, invalid_request, model_not_found, truncate
+from server.schemas import SamplingFields
 
 log = logging.getLogger(__name__)
 
 MIN_LOGPROB = -9999.0  # stands in for -inf: JSON has no infinities
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)
+# A lower temperature is greedy: dividing the logits by a subnormal one (1e-309 is 0 in float32)
+# made infinities, NaN probabilities and a fatal engine fault.
+MIN_TEMPERATURE = 1e-5
+MAX_LOGGED_FIELDS = 10
+MAX_LOGGED_FIELD_CHARS = 40
+# The 200 of /v1/completions and /v1/chat/completions with "stream": true; before OpenAPI 3.2
+# (itemSchema) the schema of an event stream describes one event.
+STREAMED = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "description": 'a chunk (JSON), an error ({"error": ...}), or [DONE], last',
+                }
+            },
+        }
+    }
 }
 
 
@@ -47,6 +65,17 @@ def new_id(prefix: str) -> str:
 
 
 # ---------------------------------------------------------------- checks and parameters
+
+
+def log_ignored_fields(request: Request, body: SamplingFields) -> None:
+    """One line naming the fields of the request that this server ignores: OpenAI clients send
+    extras, but a misspelt option shows up here. Names only: values may be private."""
+    names = body.ignored_fields
+    if not names:
+        return
+    shown = ", ".join(truncate(name, MAX_LOGGED_FIELD_CHARS) for name in names[:MAX_LOGGED_FIELDS])
+    more = f" and {len(names) - MAX_LOGGED_FIELDS} more" if len(names) > MAX_LOGGED_FIELDS else ""
+    log.info("%s ignored unknown fields: %s%s", request.url.path, shown, more)
 
 
 def check_engine_accepting(request: Request, engine: Engine, settings: Settings) -> None:
@@ -62,14 +91,25 @@ def check_engine_accepting(request: Request, engine: Engine, settings: Settings)
         )
 
 
+def max_choices(settings: Settings) -> int:
+    """Choices (prompts x n) one request may ask for: what an idle server holds at once, in
+    its running batch and its waiting queue."""
+    return settings.max_num_seqs + settings.max_queue_len
+
+
 def check_sampling(
-    body: SamplingFields, settings: Settings, vocab_size: int, max_tokens: int | None
+    body: SamplingFields,
+    settings: Settings,
+    vocab_size: int,
+    max_tokens: int | None,
+    num_prompts: int = 1,
 ) -> None:
     """Checks that need the model or settings; the schema did the rest."""
     if body.n > settings.max_n:
         raise invalid_request(
             f"'n' must be at most {settings.max_n} on this server, got {body.n}.", "n"
         )
+    check_capacity(num_prompts, body.n, settings)
     for key in body.logit_bias or {}:
         if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
             raise invalid_request(
@@ -85,6 +125,21 @@ def check_sampling(
         raise invalid_request(
             f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).",
             "min_tokens",
+        )
+
+
+def check_capacity(num_prompts: int, n: int, settings: Settings) -> None:
+    """More choices than the server can ever hold: a 400 naming the limit, not a 503 that
+    invites a retry doomed to fail the same way (SECURITY.md 25)."""
+    capacity = max_choices(settings)
+    if num_prompts * n > capacity:
+        raise invalid_request(
+            f"The request asks for {num_prompts * n} completions ({num_prompts} prompt(s) x "
+            f"n={n}); this server holds at most {capacity} at once (--max-num-seqs "
+            f"{settings.max_num_seqs} + --max-queue-len {settings.max_queue_len}). Send fewer "
+            "prompts or a smaller n.",
+            "n" if n > 1 else "prompt",
+            "too_many_sequences",
         )
 
 
@@ -126,7 +181,7 @@ def sampling_params(
 ) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=body.temperature,
+        temperature=body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0,
         top_p=body.top_p,
         top_k=max(body.top_k, 0),
         seed=seed,
@@ -182,19 +237,9 @@ def engine_error(exc: EngineError, settings: Settings) -> APIError:
 
 
 def submit(
-    request: Request, engine: Engine, jobs: list[Job], request_id: str, settings: Settings,
-    n: int = 1,
+    request: Request, engine: Engine, jobs: list[Job], request_id: str, settings: Settings
 ) -> list[RequestStream]:
-    """Add every job to the engine, or none. A request with more sequences than the server can
-    ever hold at once is a 400 naming the limit (retrying cannot help), not a 503."""
-    if len(jobs) > engine.capacity:
-        raise invalid_request(
-            f"This request needs {len(jobs)} sequences (prompts x n); the server holds at most "
-            f"{engine.capacity} at once (--max-num-seqs {settings.max_num_seqs} + "
-            f"--max-queue-len {settings.max_queue_len}). Send fewer prompts or a lower n.",
-            "n" if n > 1 else "prompt",
-            "too_many_sequences",
-        )
+    """Add every job to the engine, or none (check_capacity refused what can never fit)."""
     requests = [(job.prompt_ids, job.params, f"{request_id}-{job.index}") for job in jobs]
     try:
         streams = engine.add_requests(requests, model=request.state.model)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from adapters.registry import Entry
 from server.deps import get_engine, resolve_model
 from server.engine.engine import Engine
-from server.routers.generation import ERROR_RESPONSES
+from server.errors import error_responses
 from server.schemas import ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
@@ -40,7 +40,7 @@ def _adapter_card(engine: Engine, entry: Entry) -> ModelCard:
     )
 
 
-@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+@router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request, engine: Engine = Depends(get_engine)) -> ModelList:
     cards = [_base_card(engine, request.app.state.started_at)]
     registry = getattr(request.app.state, "registry", None)
@@ -49,7 +49,7 @@ async def list_models(request: Request, engine: Engine = Depends(get_engine)) ->
     return ModelList(data=cards)
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(404))
 async def get_model(
     model_id: str, request: Request, engine: Engine = Depends(get_engine)
 ) -> ModelCard:

@@ -52,7 +52,8 @@ def test_dataset_count_and_bytes_are_capped(capped: TestClient) -> None:
 
 
 def test_dataset_delete_refusals(capped: TestClient) -> None:
-    assert capped.delete("/v1/datasets/gsm8k").status_code == 400  # built-in
+    builtin = capped.delete("/v1/datasets/gsm8k")
+    assert builtin.status_code == 409 and builtin.json()["error"]["code"] == "dataset_builtin"
     missing = capped.delete("/v1/datasets/nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "dataset_not_found"
     assert capped.post("/v1/datasets", json=dataset("busy", size=30)).status_code == 201

@@ -65,10 +65,14 @@ def start_server(
         str(port),
     ]
     command += ["--device", "cpu", "--kv-cache-memory-mb", "16", *flags]
-    # Each server gets its own adapter store unless the test names one: the user's store
-    # (~/.cache/adapterserve/adapters) must neither leak into tests nor receive their uploads.
-    store = {"ADAPTERSERVE_ADAPTER_STORE_DIR": str(log_path.parent / f"adapter-store-{port}")}
-    full_env = os.environ | {"TOKENIZERS_PARALLELISM": "false"} | store | (env or {})
+    # Each server gets its own adapter store and cache dir (evaluation jobs, registered
+    # datasets) unless the test names them: the user's ~/.cache/adapterserve must neither leak
+    # into tests nor receive what they create.
+    private = {
+        "ADAPTERSERVE_ADAPTER_STORE_DIR": str(log_path.parent / f"adapter-store-{port}"),
+        "ADAPTERSERVE_CACHE_DIR": str(log_path.parent / f"cache-{port}"),
+    }
+    full_env = os.environ | {"TOKENIZERS_PARALLELISM": "false"} | private | (env or {})
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT

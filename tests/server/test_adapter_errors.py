@@ -18,7 +18,7 @@ BEFORE = {
     "InvalidNameError": (400, None),  # StoreError(400, "name") from validate_name
     "InvalidUploadError": (400, None),  # StoreError(400, "files" | "archive")
     "InvalidPathError": (400, None),  # RegistryError(400, "lora_path")
-    "NoAdapterRootsError": (400, None),  # RegistryError(403 if roots else 400): no roots
+    "NoAdapterRootsError": (403, None),  # as the route answers before the path is read
     "PathNotAllowedError": (403, None),  # ... roots configured, the path outside them
     "UnknownAdapterError": (404, "model_not_found"),  # every 404 had code model_not_found
     "AdapterPathNotFoundError": (404, "model_not_found"),  # RegistryError(404, "lora_path")

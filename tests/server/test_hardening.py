@@ -196,8 +196,9 @@ def test_sigterm_drain_answers_503_while_in_flight_requests_finish(
 ) -> None:
     """Clients that arrive during the drain get 503 + Retry-After, not "connection refused";
     the stream in flight at the signal still finishes."""
-    srv = start_server(tiny_model_dir, tmp_path / "server.log", "--max-model-len", "256")
-    body = {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    srv = start_server(tiny_model_dir, tmp_path / "server.log", "--max-model-len", "1024")
+    # long enough (about a thousand steps) to be still in flight when the late client arrives
+    body = {"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "stream": True}
     try:
         with (
             httpx.Client(base_url=srv.base_url, timeout=30) as http,
@@ -206,9 +207,11 @@ def test_sigterm_drain_answers_503_while_in_flight_requests_finish(
             lines = stream.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
             srv.process.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            deadline = time.monotonic() + 10
+            while (ready := http.get("/ready")).status_code == 200:  # the signal is handled
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
             late = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
-            ready = http.get("/ready")
             rest = [line for line in lines if line.startswith("data: ")]
         assert late.status_code == 503 and late.headers["retry-after"] == "1", late.text
         assert late.json()["error"]["code"] == "not_ready"

@@ -1,0 +1,111 @@
+"""schemathesis hooks for test_schemathesis.py (loaded by the CLI through schemathesis.toml):
+the few rules of the generation routes that JSON Schema cannot state, applied to positive cases.
+The caps here are the ones the test's server is started with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import schemathesis
+
+MAX_N = 2
+MAX_NUM_SEQS = 4
+MAX_QUEUE_LEN = 4
+CAPACITY = MAX_NUM_SEQS + MAX_QUEUE_LEN  # choices (prompts x n) one request may ask for
+MAX_MODEL_LEN = 256
+MAX_PROMPT_CHARS = 24  # keeps drawn prompts short: every byte may be a token
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+MAX_NEW_TOKENS = 4  # generated tokens per positive case: keeps the run short
+MAX_MESSAGES = 3  # each message adds a few template tokens
+DEFAULT_MAX_TOKENS = 16  # of /v1/completions
+
+
+@schemathesis.hook
+def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwargs: dict) -> None:
+    fit_into_context(case)
+
+
+def fit_into_context(case: schemathesis.Case) -> None:
+    """Rules the schema cannot state, applied to positive generation requests only: the prompt
+    and the new tokens fit the context together; `prompt` (a list) and `messages` hold at most
+    `max_prompt_chars` characters in all; prompts x `n` is at most the server's capacity;
+    `best_of` equals `n`; `min_tokens` is at most the new tokens. Negative cases are sent as
+    drawn."""
+    body = case.body
+    if case.operation.path not in GENERATION_PATHS or not isinstance(body, dict):
+        return
+    if case.meta is None or not case.meta.generation.mode.is_positive:
+        return
+    for key in ("max_tokens", "max_completion_tokens"):
+        if _is_whole(body.get(key)):
+            body[key] = min(int(body[key]), MAX_NEW_TOKENS)
+    if "messages" in body:
+        body["messages"] = _fit_messages(body["messages"])
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            body["max_completion_tokens"] = MAX_NEW_TOKENS  # else: the rest of the context
+        new_tokens = _first_int(body.get("max_completion_tokens"), body.get("max_tokens"))
+    else:
+        body["prompt"] = _fit_prompt(body["prompt"], _first_int(body.get("n"), 1))
+        new_tokens = _first_int(body.get("max_tokens"), DEFAULT_MAX_TOKENS)
+    if _is_whole(body.get("min_tokens")):
+        body["min_tokens"] = min(int(body["min_tokens"]), new_tokens)
+    if _is_whole(body.get("best_of")):
+        body["best_of"] = body.get("n") or 1
+
+
+def _first_int(*values: Any) -> int:
+    """The first whole number among `values` (JSON Schema lets 2.0 stand for 2)."""
+    return next(int(v) for v in values if _is_whole(v))
+
+
+def _is_whole(value: Any) -> bool:
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fit_prompt(prompt: Any, n: int) -> Any:
+    """Token ids leave room for the default max_tokens; texts add up to the character cap
+    (each is within it: the schema says so, and a byte-level token per byte fits); n choices
+    of every prompt fit the server's capacity."""
+    room = MAX_MODEL_LEN - DEFAULT_MAX_TOKENS
+    if not isinstance(prompt, list) or not prompt:
+        return prompt
+    if isinstance(prompt[0], str):
+        return _within_chars(prompt[: CAPACITY // n], len)
+    if isinstance(prompt[0], list):
+        return [ids[:room] for ids in prompt[: CAPACITY // n]]
+    return prompt[:room]
+
+
+def _fit_messages(messages: list[Any]) -> list[Any]:
+    """At most MAX_MESSAGES (each adds a few template tokens), counted as the server counts
+    them: the text parts of a message joined by newlines."""
+    messages = [_fit_parts(m) if isinstance(m, dict) else m for m in messages[:MAX_MESSAGES]]
+    return _within_chars(messages, lambda m: len(_text(m)))
+
+
+def _fit_parts(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if isinstance(content, list):
+        message["content"] = _within_chars(content, lambda p: len(p["text"]) + 1)
+    return message
+
+
+def _text(message: Any) -> str:
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list):
+        return "\n".join(part["text"] for part in content)
+    return content if isinstance(content, str) else ""
+
+
+def _within_chars(items: list[Any], size: Callable[[Any], int]) -> list[Any]:
+    """The first items whose sizes add up to at most MAX_PROMPT_CHARS (at least one)."""
+    kept, total = [], 0
+    for item in items:
+        if kept and total + size(item) > MAX_PROMPT_CHARS:
+            break
+        kept.append(item)
+        total += size(item)
+    return kept
