@@ -24,26 +24,27 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.pool import SITES, AdapterPool, DeltaStack, VectorStack
+from adapters.pool import SITES, AdapterPool, DeltaStack, DeltaStacks, VectorStack
 from kernels import AdapterBatch, Ops, ops_for
 
 
 @dataclass(frozen=True, eq=False)
 class SiteAdapters:
-    """The stacks at one projection site of one layer (None where the pool has none)."""
+    """The stacks at one projection site of one layer: for low-rank adapters one stack per rank
+    class (empty tuples where the pool has none), IA3 vectors or None."""
 
-    post: DeltaStack | None
+    post: tuple[DeltaStack, ...]
     scale: VectorStack | None
-    series_in: tuple[DeltaStack | None, ...]  # per target
+    series_in: tuple[tuple[DeltaStack, ...], ...]  # per target
     ia3_in: tuple[VectorStack | None, ...]  # per target
-    series_out: tuple[DeltaStack | None, ...]  # per target
+    series_out: tuple[tuple[DeltaStack, ...], ...]  # per target
     offsets: tuple[int, ...]  # each target's first column in the site's output
     sizes: tuple[int, ...]
 
     @property
     def splits(self) -> bool:
         """Whether targets need their own inputs (an input-side stack): no fused matmul."""
-        return any(s is not None for s in (*self.series_in, *self.ia3_in))
+        return any(self.series_in) or any(s is not None for s in self.ia3_in)
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,11 +75,11 @@ class PoolHooks:
             sizes = tuple(fingerprint.in_out(t)[1] for t in site)
             offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
             sites.append(SiteAdapters(
-                post=pool.post.get((layer, site)),
+                post=_classes(pool.post.get((layer, site))),
                 scale=pool.post_scale.get((layer, site)),
-                series_in=tuple(pool.series_in.get((layer, t)) for t in site),
+                series_in=tuple(_classes(pool.series_in.get((layer, t))) for t in site),
                 ia3_in=tuple(pool.ia3_in.get((layer, t)) for t in site),
-                series_out=tuple(pool.series_out.get((layer, t)) for t in site),
+                series_out=tuple(_classes(pool.series_out.get((layer, t))) for t in site),
                 offsets=offsets, sizes=sizes,
             ))  # fmt: skip
         return LayerAdapters(tuple(sites))
@@ -87,10 +88,13 @@ class PoolHooks:
         """Target i's input: x with its series input-side delta and IA3 input scale (a new
         tensor when they exist; x is shared by the site's other targets)."""
         series, ia3 = site.series_in[i], site.ia3_in[i]
-        if series is not None:
-            x = self.ops.add_delta(x.clone(), x, series, batch)
+        if series:
+            y = x.clone()
+            for stack in series:
+                self.ops.add_delta(y, x, stack, batch)
+            x = y
         if ia3 is not None:
-            x = self.ops.ia3_scale(x, ia3.vectors, batch)
+            x = self.ops.ia3_scale(x, ia3.vectors, batch, ia3.loaded)
         return x
 
     def post(
@@ -100,17 +104,21 @@ class PoolHooks:
         """The site's output y (T, sum of sizes) from input x (one tensor, or one per target
         when the site splits), with every output-side stack applied; y is updated in place
         where it can be."""
-        if site.post is not None:
+        for stack in site.post:
             if isinstance(x, tuple):
                 for i, (u, off, size) in enumerate(zip(x, site.offsets, site.sizes, strict=True)):
-                    self.ops.add_delta(y[:, off : off + size], u, site.post.slice(i), batch,
+                    self.ops.add_delta(y[:, off : off + size], u, stack.slice(i), batch,
                                        (0,), (size,))  # fmt: skip
             else:
-                self.ops.add_delta(y, x, site.post, batch, site.offsets, site.sizes)
+                self.ops.add_delta(y, x, stack, batch, site.offsets, site.sizes)
         for series, off, size in zip(site.series_out, site.offsets, site.sizes, strict=True):
-            if series is not None:
-                columns = y[:, off : off + size]
-                self.ops.add_delta(columns, columns, series, batch)
+            columns = y[:, off : off + size]
+            for stack in series:  # a row's slot sits in one rank class: the others add zero
+                self.ops.add_delta(columns, columns, stack, batch)
         if site.scale is not None:
-            y = self.ops.ia3_scale(y, site.scale.vectors, batch)
+            y = self.ops.ia3_scale(y, site.scale.vectors, batch, site.scale.loaded)
         return y
+
+
+def _classes(stacks: DeltaStacks | None) -> tuple[DeltaStack, ...]:
+    return () if stacks is None else stacks.stacks()

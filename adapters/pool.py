@@ -16,13 +16,13 @@ Per target, on its input side or after its delta:
 A site with any input-side stack computes each target from its own input (the fused matmul is
 split); that is a fact of the pool, not of a batch.
 
-A stack is allocated the first time an adapter uses it and then kept; its rank dimension is a
-bucket (a power of two, at least 8) of the largest rank loaded into it so far, and grows (one
-reallocation, contents copied) when a larger adapter arrives. `structure` counts allocations
-and growths: the hooks and a compiled step depend on the pool's structure, never on which
-slots a batch uses. Rows beyond a slot's rank stay zero (the ops may compute over them).
-Memory per post stack: S * R * (in + sum of outs) elements; e.g. SmolLM2-135M, 8 slots, r16 on
-every target: about 42M fp32 elements (170 MB).
+Low-rank stacks come per rank class (`DeltaStacks`): an adapter's weights go to the stack of
+its rank rounded up to a power of two (at least 8), so a rank-8 LoRA is never computed over a
+rank-32 adapter's rows. A stack is allocated the first time an adapter uses it and then kept;
+`structure` counts allocations: the hooks and a compiled step depend on the pool's structure,
+never on which slots a batch uses. Rows beyond a slot's rank stay zero (the ops may compute
+over them). Memory per post stack: S * R * (in + sum of outs) elements; e.g. SmolLM2-135M, 8
+slots, r16 on every target: about 42M fp32 elements (170 MB).
 
 `clear` zeroes a slot everywhere; `load` clears it, then the spec's kind (adapters.kinds)
 copies each module's weights into the stack its placement names (`set_module`, `set_vector`).
@@ -44,7 +44,7 @@ MIN_RANK_BUCKET = 8
 
 
 def rank_bucket(rank: int) -> int:
-    """The stack rank that holds `rank`: a power of two, at least MIN_RANK_BUCKET."""
+    """The rank class that holds `rank`: a power of two, at least MIN_RANK_BUCKET."""
     bucket = MIN_RANK_BUCKET
     while bucket < rank:
         bucket *= 2
@@ -52,19 +52,22 @@ def rank_bucket(rank: int) -> int:
 
 
 class DeltaStack:
-    """n slices of slot-stacked low-rank weights (kernels.DeltaWeights): slice i adds
-    s[i, slot] * f(u @ a[i, slot].T) @ b[i, slot] to its columns. a (n, S, R, d_in), b (n, S, R,
-    d_out_max) rank-major, ranks / scalings / activations (n, S); `codes` are the non-identity
-    activations loaded (host), `loaded` the slots holding any slice."""
+    """n slices of slot-stacked low-rank weights at one rank class R (kernels.DeltaWeights):
+    slice i adds s[i, slot] * f(u @ a[i, slot].T) @ b[i, slot] to its columns. a (n, S, R, d_in)
+    is stored slot-major (a[:, s0:s1] of consecutive slots is one contiguous block, all slices
+    of those slots together), b (n, S, R, d_out_max) rank-major; ranks / scalings /
+    activations (n, S). Host facts: `codes`, the non-identity activations loaded, and `loaded`,
+    the slots holding any slice."""
 
     def __init__(
         self, targets: tuple[str, ...], d_in: int, sizes: tuple[int, ...], num_slots: int,
         rank: int, device: torch.device, dtype: torch.dtype,
     ) -> None:  # fmt: skip
         self.targets, self.d_in, self.sizes = targets, d_in, sizes
-        self.device, self.dtype = device, dtype
+        self.offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
         n, S = len(targets), num_slots
-        self.a = torch.zeros(n, S, rank, d_in, dtype=dtype, device=device)
+        slot_major = torch.zeros(S, n, rank, d_in, dtype=dtype, device=device)
+        self.a = slot_major.permute(1, 0, 2, 3)  # (n, S, R, d_in) view
         self.b = torch.zeros(n, S, rank, max(sizes), dtype=dtype, device=device)
         self.ranks = torch.zeros(n, S, dtype=torch.int32, device=device)
         self.scalings = torch.zeros(n, S, dtype=torch.float32, device=device)
@@ -79,12 +82,10 @@ class DeltaStack:
 
     def set(
         self, i: int, slot: int, down: torch.Tensor, up: torch.Tensor, scaling: float, f: int
-    ) -> bool:
-        """Slice i of `slot` <- down (r, d_in), up (d_out, r). True when the stack had to grow."""
+    ) -> None:
+        """Slice i of `slot` <- down (r, d_in), up (d_out, r), r <= R."""
         rank = down.shape[0]
-        grew = rank > self.rank
-        if grew:
-            self._grow(rank_bucket(rank))
+        assert rank <= self.rank, f"rank {rank} in a rank-{self.rank} stack"
         self.a[i, slot].zero_()
         self.b[i, slot].zero_()
         self.a[i, slot, :rank].copy_(down)  # (r, d_in)
@@ -94,7 +95,6 @@ class DeltaStack:
         self._held[(i, slot)] = int(f)
         self.loaded.add(slot)
         self._refresh_codes()
-        return grew
 
     def reset(self, slot: int) -> None:
         self.a[:, slot].zero_()
@@ -109,18 +109,45 @@ class DeltaStack:
         """Slice i alone, as views (the split path of a fused site)."""
         part = slice(i, i + 1)
         return DeltaWeights(self.a[part], self.b[part], self.ranks[part], self.scalings[part],
-                            self.activations[part], self.codes)  # fmt: skip
+                            self.activations[part], self.codes, self.loaded)  # fmt: skip
 
     def _refresh_codes(self) -> None:
         self.codes = tuple(sorted({c for c in self._held.values() if c != Activation.IDENTITY}))
 
-    def _grow(self, rank: int) -> None:
-        old_a, old_b = self.a, self.b
-        n, S, R, _ = old_a.shape
-        self.a = torch.zeros(n, S, rank, self.d_in, dtype=self.dtype, device=self.device)
-        self.b = torch.zeros(n, S, rank, old_b.shape[3], dtype=self.dtype, device=self.device)
-        self.a[:, :, :R].copy_(old_a)
-        self.b[:, :, :R].copy_(old_b)
+
+class DeltaStacks:
+    """One site's (or target's) DeltaStacks, one per rank class: an adapter's weights go to the
+    class of its rank (rank 12 -> the rank-16 stack), so no op computes over a larger adapter's
+    rows. Classes are allocated on first use and kept."""
+
+    def __init__(self, pool: AdapterPool, targets: tuple[str, ...], d_in: int,
+                 sizes: tuple[int, ...]) -> None:  # fmt: skip
+        self.pool, self.targets, self.d_in, self.sizes = pool, targets, d_in, sizes
+        self.classes: dict[int, DeltaStack] = {}
+
+    def set(self, i: int, slot: int, down: torch.Tensor, up: torch.Tensor, scaling: float,
+            f: int) -> None:  # fmt: skip
+        bucket = rank_bucket(down.shape[0])
+        stack = self.classes.get(bucket)
+        if stack is None:
+            pool = self.pool
+            stack = DeltaStack(self.targets, self.d_in, self.sizes, pool.num_slots, bucket,
+                               pool.device, pool.dtype)  # fmt: skip
+            self.classes = dict(sorted({**self.classes, bucket: stack}.items()))
+            pool.structure += 1
+        stack.set(i, slot, down, up, scaling, f)
+
+    def reset(self, slot: int) -> None:
+        for stack in self.classes.values():
+            if slot in stack.loaded:
+                stack.reset(slot)
+
+    @property
+    def loaded(self) -> set[int]:
+        return set().union(*(stack.loaded for stack in self.classes.values()))
+
+    def stacks(self) -> tuple[DeltaStack, ...]:
+        return tuple(self.classes.values())
 
 
 class VectorStack:
@@ -143,7 +170,7 @@ class SliceWriter:
     """What a kind's loader writes one target's weights through: slice `index` of a site's
     DeltaStack (or a whole single-target stack), or a column range of a VectorStack."""
 
-    def __init__(self, pool: AdapterPool, stack: DeltaStack | VectorStack, index: int = 0,
+    def __init__(self, pool: AdapterPool, stack: DeltaStacks | VectorStack, index: int = 0,
                  start: int = 0) -> None:  # fmt: skip
         self.pool, self.stack, self.index, self.start = pool, stack, index, start
 
@@ -151,8 +178,8 @@ class SliceWriter:
         if isinstance(self.stack, VectorStack):
             (vector,) = weights
             self.stack.set(slot, vector, self.start)
-        elif self.stack.set(self.index, slot, *weights):
-            self.pool.structure += 1  # the stack grew: a new rank bucket
+        else:
+            self.stack.set(self.index, slot, *weights)
 
 
 class AdapterPool:
@@ -174,30 +201,34 @@ class AdapterPool:
         self.device, self.dtype = torch.device(device), dtype
         self.kinds: list[AdapterKind | None] = [None] * num_slots
         self.names: list[str | None] = [None] * num_slots
-        self.post: dict[tuple[int, tuple[str, ...]], DeltaStack] = {}
+        self.post: dict[tuple[int, tuple[str, ...]], DeltaStacks] = {}
         self.post_scale: dict[tuple[int, tuple[str, ...]], VectorStack] = {}
-        self.series_in: dict[tuple[int, str], DeltaStack] = {}
-        self.series_out: dict[tuple[int, str], DeltaStack] = {}
+        self.series_in: dict[tuple[int, str], DeltaStacks] = {}
+        self.series_out: dict[tuple[int, str], DeltaStacks] = {}
         self.ia3_in: dict[tuple[int, str], VectorStack] = {}
         self.prefix_kv: list[torch.Tensor | None] = [None] * num_slots  # (L, 2, nvt, kvh, d)
         self.prompt_embeddings: list[torch.Tensor | None] = [None] * num_slots  # (nvt, hidden)
-        self.structure = 0  # bumped whenever a stack is allocated or grows
+        self.structure = 0  # bumped whenever a stack (or a stack's rank class) is allocated
 
     # ---- stacks, allocated on first use ---------------------------------------------------
-    def module_stack(self, key: tuple[int, str], placement: str, rank: int = 1) -> SliceWriter:
+    def module_stack(self, key: tuple[int, str], placement: str) -> SliceWriter:
         """Where a (layer, target) module's low-rank weights go: 'parallel' (LoRA too) -> its
-        slice of the site's post stack; 'input' / 'output' -> a series stack."""
+        slice of the site's post stacks; 'input' / 'output' -> series stacks."""
         layer, target = key
         if placement == "parallel":
             site = SITE_OF[target]
-            stack = self._delta((layer, site), self.post, site, rank)
-            return SliceWriter(self, stack, site.index(target))
+            stacks = self.post.get((layer, site))
+            if stacks is None:
+                d_in = self.fingerprint.in_out(site[0])[0]
+                sizes = tuple(self.fingerprint.in_out(t)[1] for t in site)
+                stacks = self.post[(layer, site)] = self._new_deltas(site, d_in, sizes)
+            return SliceWriter(self, stacks, site.index(target))
         table = self.series_in if placement == "input" else self.series_out
-        d = adapter_io(self.fingerprint, target, placement)[0]
-        stack = table.get(key)
-        if stack is None:
-            stack = table[key] = self._new_delta((target,), d, (d,), rank)
-        return SliceWriter(self, stack)
+        stacks = table.get(key)
+        if stacks is None:
+            d = adapter_io(self.fingerprint, target, placement)[0]
+            stacks = table[key] = self._new_deltas((target,), d, (d,))
+        return SliceWriter(self, stacks)
 
     def vector_stack(self, key: tuple[int, str], placement: str) -> SliceWriter:
         """Where a (layer, target) IA3 vector goes: its columns of the site's output scale, or
@@ -216,18 +247,9 @@ class AdapterPool:
             stack = self.post_scale[(layer, site)] = self._new_vectors(sum(sizes))
         return SliceWriter(self, stack, start=sum(sizes[: site.index(target)]))
 
-    def _delta(self, key, table: dict, site: tuple[str, ...], rank: int) -> DeltaStack:
-        stack = table.get(key)
-        if stack is None:
-            d_in = self.fingerprint.in_out(site[0])[0]
-            sizes = tuple(self.fingerprint.in_out(t)[1] for t in site)
-            stack = table[key] = self._new_delta(site, d_in, sizes, rank)
-        return stack
-
-    def _new_delta(self, targets, d_in: int, sizes, rank: int) -> DeltaStack:
+    def _new_deltas(self, targets, d_in: int, sizes) -> DeltaStacks:
         self.structure += 1
-        return DeltaStack(targets, d_in, tuple(sizes), self.num_slots, rank_bucket(rank),
-                          self.device, self.dtype)  # fmt: skip
+        return DeltaStacks(self, targets, d_in, tuple(sizes))
 
     def _new_vectors(self, d: int) -> VectorStack:
         self.structure += 1
@@ -270,7 +292,7 @@ class AdapterPool:
     ) -> None:  # fmt: skip
         """y += scaling * up f(down u) for `slot` at `key` (layer, target): placement "parallel"
         (the `post` stacks: LoRA, parallel bottleneck), "input" or "output" (series)."""
-        self.module_stack(key, placement, down.shape[0]).set(slot, down, up, scaling, activation)
+        self.module_stack(key, placement).set(slot, down, up, scaling, activation)
 
     def set_vector(
         self, slot: int, key: tuple[int, str], placement: str, vector: torch.Tensor

@@ -174,10 +174,13 @@ class Ops:
         )  # fmt: skip
         return y
 
-    def ia3_scale(self, x: torch.Tensor, vectors: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+    def ia3_scale(
+        self, x: torch.Tensor, vectors: torch.Tensor, batch: AdapterBatch,
+        loaded: frozenset[int] | set[int] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """See kernels.reference.ia3_scale."""
         if not self.triton:
-            return reference.ia3_scale(x, vectors, batch)
+            return reference.ia3_scale(x, vectors, batch, loaded)
         return _ia3_triton_op(x, vectors, batch.slot_ids)
 
     def paged_decode_attention(

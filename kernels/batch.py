@@ -36,6 +36,10 @@ class AdapterBatch:
     seg_counts: torch.Tensor | None = None  # (G,) int64
     rows: torch.Tensor | None = None  # (T,) int64 arange: the segmented kernels' token order
     max_segment: int = 0  # longest segment (sizes the segmented launch grid), 0 when none
+    # The distinct slots of the decode rows, a host fact: ops may skip the slots (and stacks) no
+    # decode row uses. None (a compiled step): every op computes over every slot, so that the
+    # work does not depend on the batch.
+    decode_slots: frozenset[int] | None = None
 
     @property
     def num_decode(self) -> int:
@@ -65,16 +69,18 @@ class AdapterBatch:
         return cls.assemble(
             torch.tensor(ids, dtype=torch.int32, device=device), onehot.to(device),
             (1.0 - onehot.sum(1, keepdim=True)).to(device), segments,
+            decode_slots=frozenset(ids[:num_decode]) - {-1},
         )  # fmt: skip
 
     @classmethod
     def assemble(
         cls, slot_ids: torch.Tensor, onehot: torch.Tensor, base_rows: torch.Tensor,
         segments: tuple[Segment, ...], rows: torch.Tensor | None = None,
+        decode_slots: frozenset[int] | None = None,
     ) -> AdapterBatch:  # fmt: skip
         """The batch with the device copies of `segments` the Triton kernels need."""
         if not segments:
-            return cls(slot_ids, onehot, base_rows)
+            return cls(slot_ids, onehot, base_rows, decode_slots=decode_slots)
         device = slot_ids.device
         slots, starts, counts = (
             torch.tensor(column, dtype=torch.int64, device=device) for column in zip(*segments, strict=True)
@@ -82,7 +88,7 @@ class AdapterBatch:
         if rows is None:
             rows = torch.arange(slot_ids.shape[0], dtype=torch.int64, device=device)
         return cls(slot_ids, onehot, base_rows, segments, slots, starts, counts, rows,
-                   max(count for _, _, count in segments))  # fmt: skip
+                   max(count for _, _, count in segments), decode_slots)  # fmt: skip
 
 
 def runs(slot_ids: Sequence[int], first_row: int) -> tuple[Segment, ...]:
@@ -105,8 +111,9 @@ class DeltaWeights:
     projection, or one target), as the adapter ops read them:
         delta_i[t] = scalings[i, s] * f_{i,s}(u[t] @ a[i, s].T) @ b[i, s],  s = slot_ids[t].
     A slot's rows beyond its rank are zero in both `a` and `b`, so any op may compute over all
-    R rows. `codes` names the non-identity activations present (a host fact kept by the pool),
-    so that the reference applies only those and LoRA-only sites apply none."""
+    R rows. `codes` names the non-identity activations present and `loaded` the slots holding
+    weights (host facts kept by the pool), so that the reference applies only those activations
+    (LoRA-only sites none) and skips slots, or whole stacks, that no row of a batch uses."""
 
     a: torch.Tensor  # (n, S, R, d_in)
     b: torch.Tensor  # (n, S, R, d_out_max): rank-major (B^T per slot), slices padded to the widest
@@ -114,3 +121,4 @@ class DeltaWeights:
     scalings: torch.Tensor  # (n, S) fp32
     activations: torch.Tensor  # (n, S) int32 Activation codes
     codes: tuple[int, ...] = ()  # distinct non-identity codes in `activations`
+    loaded: frozenset[int] | set[int] | None = None  # slots with weights here (None: maybe any)

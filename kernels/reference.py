@@ -99,6 +99,9 @@ def activate(h: torch.Tensor, codes: torch.Tensor, present: Sequence[int]) -> to
     return out
 
 
+MAX_RUNS = 4  # more runs of consecutive used slots than this: one run over their whole range
+
+
 def add_delta(
     y: torch.Tensor,
     u: torch.Tensor,
@@ -114,23 +117,24 @@ def add_delta(
     y itself for output-side series: the delta is computed before it is added); weights: n
     slices (DeltaWeights). Adapter math in fp32, added into y's dtype.
 
-    Decode rows: one matmul of u against every slot's A rows at once (D, n*S*R), the slot mask
-    and scaling, then per slice one matmul against every slot's B: each slot's weights are read
-    once per call, never gathered per token. Prefill segments: two matmuls on their slot's
-    weights.
+    Decode rows: one matmul of u against the A rows of a run of consecutive slots at once (D,
+    slots*n*R), the slot mask and scaling, then per slice one matmul against the same slots' B:
+    weights are read in place (a slot-major A makes a run one contiguous block), once per call,
+    never gathered per token. The runs are the slots decode rows use that hold weights here
+    (`batch.decode_slots`, `weights.loaded`: host facts, so no op runs for a stack no row uses);
+    with `decode_slots` None (a compiled step) one run covers every slot. Prefill segments: two
+    matmuls on their slot's weights.
     """
-    n, S, R, d_in = weights.a.shape
+    n = weights.a.shape[0]
     sizes = list(y_slice_sizes) if y_slice_sizes is not None else [weights.b.shape[-1]] * n
     slices = list(zip(y_offsets, sizes, strict=True))
     D = batch.num_decode
     if D:
-        h = (u[:D].float() @ weights.a.reshape(n * S * R, d_in).float().t()).view(D, n, S, R)
-        h = activate(h, weights.activations[None, :, :, None], weights.codes)
-        h = h * (batch.onehot[:, None, :] * weights.scalings[None])[..., None]  # (D, n, S, R)
-        for i, (off, size) in enumerate(slices):
-            b = weights.b[i].reshape(S * R, -1)[:, :size].float()  # (S*R, size)
-            y[:D, off : off + size] += (h[:, i].reshape(D, S * R) @ b).to(y.dtype)
+        for first, end in slot_runs(weights, batch):
+            _decode_run(y[:D], u[:D], weights, batch.onehot[:, first:end], first, end, slices)
     for slot, start, count in batch.segments:
+        if weights.loaded is not None and slot not in weights.loaded:
+            continue
         rows = slice(start, start + count)
         x = u[rows].float()  # (c, d_in)
         for i, (off, size) in enumerate(slices):
@@ -140,18 +144,59 @@ def add_delta(
     return y
 
 
-def ia3_scale(x: torch.Tensor, vectors: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+def slot_runs(weights: DeltaWeights, batch: AdapterBatch) -> list[tuple[int, int]]:
+    """[first, end) ranges of slots the decode rows need from `weights` (host facts only)."""
+    S = weights.a.shape[1]
+    if batch.decode_slots is None:
+        return [(0, S)]
+    used = batch.decode_slots if weights.loaded is None else batch.decode_slots & weights.loaded
+    found: list[tuple[int, int]] = []
+    for slot in sorted(used):
+        if found and found[-1][1] == slot:
+            found[-1] = (found[-1][0], slot + 1)
+        else:
+            found.append((slot, slot + 1))
+    return found if len(found) <= MAX_RUNS else [(found[0][0], found[-1][1])]
+
+
+def _decode_run(
+    y: torch.Tensor, u: torch.Tensor, weights: DeltaWeights, onehot: torch.Tensor, first: int,
+    end: int, slices: list[tuple[int, int]],
+) -> None:  # fmt: skip
+    """The decode rows' delta from slots [first, end): y (D, out), u (D, d_in), onehot (D, k)."""
+    n, _, R, d_in = weights.a.shape
+    k, D = end - first, u.shape[0]
+    a = weights.a[:, first:end].transpose(0, 1).reshape(k * n * R, d_in)  # a view if slot-major
+    h = (u.float() @ a.float().t()).view(D, k, n, R)
+    h = activate(h, weights.activations[:, first:end].t()[None, :, :, None], weights.codes)
+    h = h * (onehot[:, :, None] * weights.scalings[:, first:end].t()[None])[..., None]
+    for i, (off, size) in enumerate(slices):
+        b = weights.b[i, first:end].reshape(k * R, -1)[:, :size].float()  # (k*R, size)
+        y[:, off : off + size] += (h[:, :, i].reshape(D, k * R) @ b).to(y.dtype)
+
+
+def ia3_scale(
+    x: torch.Tensor, vectors: torch.Tensor, batch: AdapterBatch,
+    loaded: frozenset[int] | set[int] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """out[t] = x[t] * vectors[s] for s = slot_ids[t] >= 0; out[t] = x[t] where s == -1.
 
-    x (T, d); vectors (S, d) (1.0 for slots with no vector here) -> new tensor (T, d) in x's
-    dtype (fp32 product). Decode rows scale by onehot @ vectors (+1 for base rows)."""
+    x (T, d); vectors (S, d) (1.0 for slots with no vector here) -> (T, d) in x's dtype (fp32
+    product). Decode rows scale by onehot @ vectors (+1 for base rows). With host facts (the
+    batch's decode slots, the `loaded` slots) a batch none of whose rows has a vector here
+    returns x itself."""
     D = batch.num_decode
-    scale = batch.onehot @ vectors.float() + batch.base_rows  # (D, d)
-    if not batch.segments:
-        out = x[:D].float() * scale
+    decode = D > 0 and not (batch.decode_slots is not None and loaded is not None
+                            and not batch.decode_slots & loaded)  # fmt: skip
+    segments = [s for s in batch.segments if loaded is None or s[0] in loaded]
+    if not decode and not segments:
+        return x
+    if decode and not segments:
+        out = x[:D].float() * (batch.onehot @ vectors.float() + batch.base_rows)  # (D, d)
         return out.to(x.dtype) if x.shape[0] == D else torch.cat([out.to(x.dtype), x[D:]])
     out = x.float().clone()
-    out[:D] *= scale
-    for slot, start, count in batch.segments:
+    if decode:
+        out[:D] *= batch.onehot @ vectors.float() + batch.base_rows
+    for slot, start, count in segments:
         out[start : start + count] *= vectors[slot].float()
     return out.to(x.dtype)

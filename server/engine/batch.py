@@ -88,8 +88,10 @@ class BatchBuilder:
     def max_decode_rows(self) -> int:
         return self.tables.shape[0]
 
-    def build(self, plan: StepPlan, pad_to: int | None = None) -> ForwardBatch:
-        """The plan's tensors; `pad_to` pads a decode-only plan with padding rows."""
+    def build(self, plan: StepPlan, pad_to: int | None = None, dense: bool = False) -> ForwardBatch:
+        """The plan's tensors; `pad_to` pads a decode-only plan with padding rows. `dense` (a
+        compiled step) leaves out the host facts that let adapter ops skip unused slots, so
+        the work does not depend on the batch."""
         bs, D = self.block_size, plan.num_decodes
         tokens, positions, slots, slot_ids, logit_rows = [], [], [], [], []
         prefills, embed_rows, embed_values = [], [], []
@@ -135,12 +137,12 @@ class BatchBuilder:
             logits_indices=self.logits_indices[: len(logit_rows)],
             embed_rows=self._tensor(embed_rows) if embed_rows else None,
             embed_values=torch.cat(embed_values) if embed_values else None,
-            adapters=self._adapters(slot_ids, rows),
+            adapters=self._adapters(slot_ids, rows, dense),
         )
 
     def dummy(self, rows: int) -> ForwardBatch:
         """`rows` padding rows and nothing else (compiling a decode step ahead of traffic)."""
-        return self.build(StepPlan((), 0), pad_to=rows)
+        return self.build(StepPlan((), 0), pad_to=rows, dense=True)
 
     def _fill(self, buffer: torch.Tensor, values: Seq[int]) -> None:
         if values:
@@ -163,7 +165,7 @@ class BatchBuilder:
             self._fill(self.context_lens, lens)
         return width
 
-    def _adapters(self, slot_ids: list[int], rows: int) -> AdapterBatch | None:
+    def _adapters(self, slot_ids: list[int], rows: int, dense: bool) -> AdapterBatch | None:
         """The step's AdapterBatch, or None when no row uses an adapter slot."""
         if all(s < 0 for s in slot_ids):
             return None
@@ -174,9 +176,10 @@ class BatchBuilder:
                 onehot[row, slot] = 1.0
         self.onehot[:rows].copy_(onehot, non_blocking=True)
         self.base_rows[:rows].copy_(1.0 - onehot.sum(1, keepdim=True), non_blocking=True)
+        decode_slots = None if dense else frozenset(slot_ids[:rows]) - {-1}
         return AdapterBatch.assemble(
             self.slot_ids[: len(slot_ids)], self.onehot[:rows], self.base_rows[:rows],
-            runs(slot_ids, rows), self.rows[: len(slot_ids)],
+            runs(slot_ids, rows), self.rows[: len(slot_ids)], decode_slots,
         )  # fmt: skip
 
 

@@ -364,7 +364,8 @@ class Engine:
         compiled = self.compiled
         if compiled is not None and plan.num_decodes == len(plan.work):
             try:
-                return compiled.forward(self.builder.build(plan, compiled.pad_to(plan.num_decodes)))
+                batch = self.builder.build(plan, compiled.pad_to(plan.num_decodes), dense=True)
+                return compiled.forward(batch)
             except Exception:  # noqa: BLE001 - any compile or run failure: fall back to eager
                 log.warning("the compiled decode step failed; running eagerly from now on",
                             exc_info=True)  # fmt: skip

@@ -133,15 +133,18 @@ STACKS = {  # post and post_scale stacks are per projection site (q|k|v fused), 
 
 
 def placed(pool: AdapterPool, layer: int, target: str, placement: str):
-    """(stack, slice index, first column) where a target's weights of `placement` went."""
+    """(stack, slice index, first column) where a target's weights of `placement` went (these
+    ranks all fall in the smallest rank class)."""
     if placement in ("parallel", "scale"):
         site = SITE_OF[target]
         table = pool.post if placement == "parallel" else pool.post_scale
         sizes = [pool.fingerprint.in_out(t)[1] for t in site]
         i = site.index(target)
-        return table[(layer, site)], i, sum(sizes[:i])
+        found = table[(layer, site)]
+        return (found if placement == "scale" else found.stacks()[0]), i, sum(sizes[:i])
     table = {"input": pool.series_in, "output": pool.series_out, "ia3_in": pool.ia3_in}[placement]
-    return table[(layer, target)], 0, 0
+    found = table[(layer, target)]
+    return (found if placement == "ia3_in" else found.stacks()[0]), 0, 0
 
 
 @pytest.mark.parametrize("kind", list(AdapterKind), ids=lambda k: k.value)

@@ -177,8 +177,10 @@ def stack_pointers(pool: AdapterPool) -> dict[tuple, tuple[int, ...]]:
     """Storage of every allocated stack, by (family, layer, site or target)."""
     out: dict[tuple, tuple[int, ...]] = {}
     for family in ("post", "series_in", "series_out"):
-        for key, s in getattr(pool, family).items():
-            out[(family, *key)] = tuple(t.data_ptr() for t in (s.a, s.b, s.ranks, s.scalings))
+        for key, stacks in getattr(pool, family).items():
+            for s in stacks.stacks():
+                ptrs = tuple(t.data_ptr() for t in (s.a, s.b, s.ranks, s.scalings))
+                out[(family, *key, s.rank)] = ptrs
     for family in ("ia3_in", "post_scale"):
         for key, s in getattr(pool, family).items():
             out[(family, *key)] = (s.vectors.data_ptr(),)
@@ -256,9 +258,9 @@ def record_ops(monkeypatch, hooks: PoolHooks) -> list[tuple]:
             calls.append(("add_delta", tuple(weights.a.shape), tuple(map(tuple, slices))))
             return ops.add_delta(y, u, weights, batch, *slices)
 
-        def ia3_scale(self, x, vectors, batch):
+        def ia3_scale(self, x, vectors, batch, loaded=None):
             calls.append(("ia3_scale", tuple(vectors.shape)))
-            return ops.ia3_scale(x, vectors, batch)
+            return ops.ia3_scale(x, vectors, batch, loaded)
 
     monkeypatch.setattr(hooks, "ops", Recording())
     return calls
@@ -325,13 +327,12 @@ def test_fused_site_equals_target_by_target(setup: Setup):
     batch = AdapterBatch.build(slot_ids, pool.num_slots, num_decode=len(slot_ids) - 3)
     for layer in range(setup.fingerprint.num_layers):
         for site in hooks.layer(layer).sites:
-            if site.post is None:
-                continue
-            x = torch.randn(len(slot_ids), site.post.d_in, generator=g)
-            y = torch.randn(len(slot_ids), sum(site.sizes), generator=g)
-            got = hooks.ops.add_delta(y.clone(), x, site.post, batch, site.offsets, site.sizes)
-            want = y.clone()
-            for i, (off, size) in enumerate(zip(site.offsets, site.sizes, strict=True)):
-                hooks.ops.add_delta(want[:, off : off + size], x, site.post.slice(i), batch,
-                                    (0,), (size,))  # fmt: skip
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            for stack in site.post:
+                x = torch.randn(len(slot_ids), stack.d_in, generator=g)
+                y = torch.randn(len(slot_ids), sum(site.sizes), generator=g)
+                got = hooks.ops.add_delta(y.clone(), x, stack, batch, site.offsets, site.sizes)
+                want = y.clone()
+                for i, (off, size) in enumerate(zip(site.offsets, site.sizes, strict=True)):
+                    hooks.ops.add_delta(want[:, off : off + size], x, stack.slice(i), batch,
+                                        (0,), (size,))  # fmt: skip
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -129,3 +129,31 @@ def test_every_slot_of_a_batch_at_once_with_one_slot_per_row() -> None:
         batch = AdapterBatch.build(ids, 5, device=DEVICE)
         got = reference.add_delta(y.clone(), u, weights, batch)
         torch.testing.assert_close(got.double().cpu(), expected(u, y, weights, batch, 1), **FP32)
+
+
+@pytest.mark.parametrize("ids", [[0, 2, 3, -1, 2, 0], [4, 3, 2, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+def test_host_facts_only_skip_work(ids: list[int]) -> None:
+    """With the batch's decode slots and the stack's loaded slots known, the reference computes
+    only the runs of slots it needs (or nothing): the same result as over every slot."""
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(9)
+    weights = make_weights(3, IN, OUT, torch.float32, gen, [[6, 1, 0, 4, 2]] * 3)
+    loaded = {0, 2, 3}
+    for slot in set(range(5)) - loaded:  # slots without weights here, as the pool keeps them
+        weights.a[:, slot] = 0
+        weights.b[:, slot] = 0
+    weights = dataclasses.replace(weights, loaded=loaded)
+    u = randn(len(ids), IN, dtype=torch.float32, gen=gen)
+    y = randn(len(ids), sum(SLICE_SIZES), dtype=torch.float32, gen=gen)
+    batch = AdapterBatch.build(ids, 5, device=DEVICE)
+    assert batch.decode_slots == frozenset(ids) - {-1}
+    every_slot = dataclasses.replace(batch, decode_slots=None)
+    got = reference.add_delta(y.clone(), u, weights, batch, *slices(3))
+    want = reference.add_delta(y.clone(), u, weights, every_slot, *slices(3))
+    torch.testing.assert_close(got, want, **FP32)
+    assert reference.slot_runs(weights, every_slot) == [(0, 5)]
+    runs = reference.slot_runs(weights, batch)
+    assert all(any(a <= s < b for a, b in runs) for s in batch.decode_slots & loaded)
+    if not batch.decode_slots & loaded:
+        assert runs == [] and torch.equal(got, y)  # nothing to compute

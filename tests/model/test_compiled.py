@@ -50,7 +50,7 @@ class Decoder:
         eager = self.model(self.stepper.builder.build(plan), self.stepper.cache)
         D = plan.num_decodes
         if check and len(plan.work) == D:
-            batch = self.stepper.builder.build(plan, self.compiled.pad_to(D))
+            batch = self.stepper.builder.build(plan, self.compiled.pad_to(D), dense=True)
             got = self.compiled.forward(batch)
             assert got.shape[0] == (self.compiled.pad_to(D) or D)
             torch.testing.assert_close(got[:D], eager[:D], atol=ATOL, rtol=RTOL)
