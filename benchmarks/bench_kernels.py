@@ -585,19 +585,43 @@ def build_pool(model_args, kinds: tuple[str, ...], num_adapters: int, dtype, dev
     return pool
 
 
+def step_forward(model, cache, concurrency: int, max_len: int, pool=None, compiled: bool = False):
+    """plan -> logits as Engine._forward does: a BatchBuilder over the cache, and with
+    `compiled` the compiled decode step for decode-only plans (on CUDA: padded buckets captured
+    as CUDA graphs, captured on each bucket's first use)."""
+    from server.engine.batch import BatchBuilder
+    from server.model.compiled import CompiledDecode, buckets_for
+
+    device = next(model.parameters()).device
+    buckets = buckets_for(device, concurrency) if compiled else None
+    builder = BatchBuilder(
+        max_num_seqs=concurrency, max_num_batched_tokens=concurrency * max_len,
+        block_size=cache.block_size, max_blocks_per_seq=math.ceil(max_len / cache.block_size),
+        trash_block=cache.trash_block, num_adapter_slots=pool.num_slots if pool is not None else 1,
+        device=device, full_width=buckets is not None,
+    )  # fmt: skip
+    decode = CompiledDecode(model, cache, builder, buckets) if compiled else None
+
+    def forward(plan):
+        if decode is not None and plan.num_decodes == len(plan.work):
+            return decode.forward(builder.build(plan, decode.pad_to(plan.num_decodes), dense=True))
+        return model(builder.build(plan), cache)
+
+    return forward
+
+
 def run_decode(
     model, cache, concurrency: int, prompt_len: int, output_len: int, block_size: int,
-    num_blocks: int, pool=None, seed: int = 0,
+    num_blocks: int, pool=None, seed: int = 0, forward=None,
 ) -> dict:  # fmt: skip
     """Admit `concurrency` random prompts at once, decode greedily to `output_len` tokens each.
     With a `pool`, sequence i uses the adapter in slot i % num_slots, bound as the engine binds
     it (slot ids for the hook points, prefix K/V placed at admission, prompt embeddings).
 
-    Drives Scheduler + BatchBuilder + Transformer.forward as Engine.step does (no HTTP, no
+    Drives Scheduler + (by default, eager) step_forward as Engine.step does (no HTTP, no
     detokenizer)."""
     from adapters.kinds import kind_for
     from adapters.spec import AdapterKind
-    from server.engine.batch import BatchBuilder
     from server.engine.kv_cache import BlockAllocator
     from server.engine.sampling import SamplingParams
     from server.engine.scheduler import Scheduler, Sequence
@@ -607,17 +631,12 @@ def run_decode(
         flat = torch.tensor(slots, dtype=torch.long, device=cache.k.device)
         kind_for(AdapterKind.PREFIX).admit(seq.binding, cache, flat)
 
-    device = next(model.parameters()).device
     budget = concurrency * (prompt_len + E2E_VIRTUAL_TOKENS)
     sched = Scheduler(
         BlockAllocator(num_blocks, block_size), concurrency, budget, place_prefix=admit_prefix,
     )  # fmt: skip
     max_len = E2E_VIRTUAL_TOKENS + prompt_len + output_len
-    builder = BatchBuilder(
-        max_num_seqs=concurrency, max_num_batched_tokens=budget, block_size=block_size,
-        max_blocks_per_seq=math.ceil(max_len / block_size), trash_block=cache.trash_block,
-        num_adapter_slots=pool.num_slots if pool is not None else 1, device=device,
-    )  # fmt: skip
+    forward = forward or step_forward(model, cache, concurrency, max_len, pool)
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     seqs = []
@@ -636,7 +655,7 @@ def run_decode(
         assert step is not None and not step.preempted, "the KV cache is too small for this run"
         is_decode = step.num_decodes == len(step.work)
         start = time.perf_counter()
-        logits = model(builder.build(step), cache)
+        logits = forward(step)
         tokens = logits.argmax(-1).tolist()  # syncs, as the engine's sampling does
         elapsed = time.perf_counter() - start
         if is_decode:
@@ -664,9 +683,11 @@ def run_decode(
 
 def bench_e2e(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
     """Decode tok/s at a fixed concurrency: base model only, then each adapter run (E2E_RUNS)
-    with the pool's hooks on the model, as ratios to the base run measured in the same process.
-    `changed` is the share of sequences whose greedy output differs from the base run's: a
-    check that the adapters act at all (it should be close to 1)."""
+    with the pool's hooks on the model, as ratios to the base run measured in the same process,
+    eager and (with --e2e-compile) through the compiled decode step (CUDA graphs per batch
+    bucket), each mode's ratios against its own base run, plus compiled / eager. `changed` is
+    the share of sequences whose greedy output differs from the base run's: a check that the
+    adapters act at all (it should be close to 1)."""
     from adapters.hooks import PoolHooks
     from server.model.llama import KVCache
 
@@ -682,32 +703,36 @@ def bench_e2e(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
     num_blocks = concurrency * math.ceil(max_len / block_size) + concurrency
     cache = KVCache(model_args, num_blocks, block_size, dtype, device)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    rows, base = [], None
+    modes = ("eager", "compiled") if getattr(args, "e2e_compile", False) else ("eager",)
+    rows, base, eager = [], {}, {}
     print_header("e2e")
     for run in runs:
         pool = None if kinds[run] is None else build_pool(model_args, kinds[run], num_adapters,
                                                            dtype, device)  # fmt: skip
         model.hooks = None if pool is None else PoolHooks(pool)
-        # The same run twice: the first compiles the Triton kernels and warms the allocator.
-        for _ in range(2):
-            result = run_decode(model, cache, concurrency, prompt_len, output_len, block_size,
-                                num_blocks, pool)  # fmt: skip
-            sync()
-        outputs = result.pop("outputs")
-        if base is None:
-            base = dict(result, outputs=outputs)
-        row = dict(op="e2e", run=run, model=f"random, Llama-2-7B-shaped ({model_args.n_layers} "
-                   f"layers, dim {model_args.dim})", dtype=str(dtype).removeprefix("torch."),
-                   concurrency=concurrency, prompt_len=prompt_len, output_len=output_len,
-                   adapters=0 if pool is None else pool.num_slots,
-                   kinds=",".join(kinds[run] or ()), **result)  # fmt: skip
-        row["vs_base"] = result["decode_tok_s"] / base["decode_tok_s"]
-        row["changed"] = sum(o != b for o, b in zip(outputs, base["outputs"], strict=True)) / len(
-            outputs
-        )
-        row["aim_met"] = row["vs_base"] >= E2E_AIM if run == "lora64" else None
-        print_row(row)
-        rows.append(row)
+        for mode in modes:
+            forward = step_forward(model, cache, concurrency, max_len, pool, mode == "compiled")
+            # The same run twice: the first compiles (Triton kernels, the compiled step),
+            # captures the CUDA graphs and warms the allocator.
+            for _ in range(2):
+                result = run_decode(model, cache, concurrency, prompt_len, output_len,
+                                    block_size, num_blocks, pool, forward=forward)  # fmt: skip
+                sync()
+            outputs = result.pop("outputs")
+            base.setdefault(mode, dict(result, outputs=outputs))
+            row = dict(op="e2e", run=run, mode=mode, model=f"random, Llama-2-7B-shaped "
+                       f"({model_args.n_layers} layers, dim {model_args.dim})",
+                       dtype=str(dtype).removeprefix("torch."), concurrency=concurrency,
+                       prompt_len=prompt_len, output_len=output_len,
+                       adapters=0 if pool is None else pool.num_slots,
+                       kinds=",".join(kinds[run] or ()), **result)  # fmt: skip
+            row["vs_base"] = result["decode_tok_s"] / base[mode]["decode_tok_s"]
+            row["vs_eager"] = result["decode_tok_s"] / eager.setdefault(run, result["decode_tok_s"])
+            row["changed"] = sum(o != b for o, b in zip(outputs, base[mode]["outputs"],
+                                                        strict=True)) / len(outputs)  # fmt: skip
+            row["aim_met"] = row["vs_base"] >= E2E_AIM if run == "lora64" else None
+            print_row(row)
+            rows.append(row)
         model.hooks = pool = None
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -741,11 +766,13 @@ TABLES: dict[str, list[tuple[str, str, int, str]]] = {
                   ("context", "ctx", 6, ""), ("num_splits", "splits", 6, ""),
                   ("triton_ms", "triton ms", 9, ".3f"), ("single_pass_ms", "1-pass ms", 9, ".3f"),
                   ("reference_ms", "ref ms", 9, ".3f"), *_BW],
-    "e2e": [("run", "run", 6, ""), ("concurrency", "conc", 5, ""), ("prompt_len", "prompt", 6, ""),
+    "e2e": [("run", "run", 6, ""), ("mode", "mode", 8, ""), ("concurrency", "conc", 5, ""),
+            ("prompt_len", "prompt", 6, ""),
             ("output_len", "output", 6, ""), ("adapters", "adp", 4, ""),
             ("decode_tok_s", "decode tok/s", 12, ".0f"), ("median_step_ms", "step ms", 8, ".2f"),
             ("total_tok_s", "total tok/s", 11, ".0f"), ("prefill_s", "prefill s", 9, ".3f"),
-            ("vs_base", "vs base", 7, ".2f"), ("changed", "changed", 7, ".2f"),
+            ("vs_base", "vs base", 7, ".2f"), ("vs_eager", "/eager", 6, ".2f"),
+            ("changed", "changed", 7, ".2f"),
             ("aim_met", "aim", 5, "")],
 }  # fmt: skip
 
@@ -810,6 +837,8 @@ def main() -> None:
     ap.add_argument("--e2e-concurrency", type=int, default=32)
     ap.add_argument("--e2e-prompt-len", type=int, default=128)
     ap.add_argument("--e2e-output-len", type=int, default=128)
+    ap.add_argument("--e2e-compile", action="store_true",
+                    help="also run each e2e configuration through the compiled decode step")
     ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "kernels.json")
     args = ap.parse_args()
     args.ops = parse_ops(args.ops)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Issue 4's GPU benchmark in one command: Triton kernels vs the reference (correctness, then
-# time, bandwidth as a fraction of a device-to-device copy, speedup) and the end-to-end decode
-# of a Llama-2-7B-shaped model: base only vs 64 distinct rank-16 LoRA adapters vs 64 adapters
-# of six kinds. Needs a CUDA GPU with torch and triton; nothing else (no web stack).
+# The GPU benchmark in one command: Triton kernels vs the reference (correctness, then time,
+# bandwidth as a fraction of a device-to-device copy, speedup) and the end-to-end decode of a
+# Llama-2-7B-shaped model: base only vs 64 distinct rank-16 LoRA adapters vs 64 adapters of six
+# kinds, each eager and through the compiled decode step (torch.compile + CUDA graphs per batch
+# bucket; E2E_COMPILE=0 skips it). Needs a CUDA GPU with torch and triton; nothing else (no web
+# stack).
 #
 #   bash benchmarks/run_kernels_gpu.sh              # everything, full tables
 #   QUICK=1 bash benchmarks/run_kernels_gpu.sh      # a few shapes per op
@@ -38,6 +40,8 @@ if [[ "$only" == all || "$only" == others ]]; then
     "${quick[@]}" --json "$dest/kernels_others.json"
 fi
 if [[ "$only" == all || "$only" == e2e ]]; then
-  "$PYTHON" benchmarks/bench_kernels.py --ops e2e --e2e-runs base lora64 mixed \
+  compile=(--e2e-compile)
+  [[ "${E2E_COMPILE:-1}" == 0 ]] && compile=()
+  "$PYTHON" benchmarks/bench_kernels.py --ops e2e --e2e-runs base lora64 mixed "${compile[@]}" \
     --json "$dest/kernels_e2e.json"
 fi

@@ -174,6 +174,30 @@ def test_e2e_adapter_runs(bench, monkeypatch):
     assert lora64["aim_met"] == (lora64["vs_base"] >= bench.E2E_AIM) and mixed["aim_met"] is None
 
 
+def test_e2e_compiled_mode(bench, monkeypatch):
+    """--e2e-compile: each run also through the compiled decode step (CPU: no CUDA graphs),
+    its ratio to eager reported, and its adapters acting on the outputs."""
+    import argparse
+
+    from server.model.llama import ModelArgs
+
+    monkeypatch.setenv("ADAPTERSERVE_KERNELS", "reference")
+    model_args = ModelArgs(vocab_size=128, dim=32, intermediate_size=64, n_layers=2, n_heads=4,
+                           n_kv_heads=2, head_dim=8)  # fmt: skip
+    args = argparse.Namespace(
+        e2e_concurrency=4, e2e_prompt_len=5, e2e_output_len=5, e2e_runs=["lora64"],
+        e2e_model_args=model_args, e2e_adapters=4, e2e_dtype=torch.float32, e2e_compile=True,
+    )  # fmt: skip
+    rows = bench.bench_e2e(args, device="cpu")
+    assert [(r["run"], r["mode"]) for r in rows] == [
+        ("base", "eager"), ("base", "compiled"), ("lora64", "eager"), ("lora64", "compiled")]
+    for row in rows:
+        assert row["decode_tokens"] == 4 * 4
+        assert row["vs_eager"] == (1.0 if row["mode"] == "eager" else pytest.approx(
+            row["decode_tok_s"] / rows[rows.index(row) - 1]["decode_tok_s"]))  # fmt: skip
+    assert rows[3]["changed"] > 0  # compiled adapters act too
+
+
 @pytest.mark.parametrize("kind", ["lora", "series", "parallel", "prefix", "prompt", "ia3"])
 def test_random_spec_loads_into_a_pool(bench, kind):
     """Every kind's random spec fits the pool the way parsed adapters do."""
