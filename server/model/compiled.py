@@ -74,6 +74,7 @@ class CompiledDecode:
         compiled = torch.compile(run_block, fullgraph=True, dynamic=False if buckets else None)
         self.block_fn: Callable = compiled if buckets else dynamic_rows(compiled)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if cache.k.is_cuda else None
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits of every row of a decode-only batch (built padded to a bucket when there are
@@ -93,18 +94,30 @@ class CompiledDecode:
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
         """CUDA: the captured graph of this bucket and variant (captured on first use), replayed
-        over the builder's buffers, which `batch` has just filled."""
+        over the builder's buffers, which `batch` has just filled. Graphs share one memory pool
+        (replays never overlap); those of an older pool structure are dropped."""
         structure = self.model.hooks.pool.structure if self.model.hooks is not None else -1
         key = (batch.num_tokens, batch.adapters is not None, structure)
         if key not in self.graphs:
-            self.run(batch)  # compile outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = self.run(batch)
-            self.graphs[key] = (graph, logits)
+            self.graphs = {k: v for k, v in self.graphs.items() if k[2] == structure}
+            self.graphs[key] = self.capture(batch)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits
+
+    def capture(self, batch: ForwardBatch) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (compiling, Triton autotuning, cuBLAS workspaces stay out
+        of the graph), then capture one step."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.run(batch)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = self.run(batch)
+        return graph, logits
 
     def pad_to(self, num_decodes: int) -> int | None:
         """The bucket a decode step of `num_decodes` rows is padded to (None: no padding)."""
