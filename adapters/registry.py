@@ -408,6 +408,12 @@ class AdapterRegistry:
             if entry.refs == 0 and not entry.live:
                 entry.spec = None
                 self._free(entry)
+            elif entry.refs == 0 and entry.wanted:
+                # its waiting requests went away before the load was acquired: the copy no
+                # longer outstays host_capacity
+                entry.wanted = False
+                self._trim_host()
+                self._publish_tiers()
 
     def _free_slot(self) -> int | None:
         """A slot to load into: an empty one, a retired one, else the LRU unleased one."""
@@ -475,6 +481,10 @@ class AdapterRegistry:
         entry.spec = spec
         self._host[id(entry)] = entry
         self._host.move_to_end(id(entry))
+        self._trim_host()
+
+    def _trim_host(self) -> None:
+        """Evict LRU host copies beyond capacity, except those a waiting request needs."""
         excess = len(self._host) - self.host_capacity
         for key, victim in list(self._host.items()):
             if excess <= 0:

@@ -25,8 +25,9 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.ids.append(token)
+        before = len(self.text)
         self.text += self._decode_delta()
-        if check_stop and self.params.stop and self._truncate_at_stop():
+        if check_stop and self.params.stop and self._truncate_at_stop(before):
             return ""  # flush() hands out the rest up to the stop string
         return self._take(len(self.text) - self._holdback)
 
@@ -51,10 +52,15 @@ class IncrementalDetokenizer:
         self._prefix_offset = self._read_offset = len(self.ids)
         return full[len(prefix) :]
 
-    def _truncate_at_stop(self) -> bool:
-        # only the new tail can hold a stop string that was not there before
-        window_start = max(0, self.emitted - self._holdback)
-        hits = [(i, s) for s in self.params.stop if (i := self.text.find(s, window_start)) >= 0]
+    def _truncate_at_stop(self, before: int) -> bool:
+        """Stop strings that end in this token's text (as vLLM: a stop completed while stops
+        were not checked, under min_tokens, is ignored). Such a stop starts at least
+        len(stop) - 1 characters before `before`, and the holdback kept those unsent, so the cut
+        never falls into text the client already has."""
+        hits = [
+            (i, s) for s in self.params.stop
+            if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0
+        ]
         if not hits:
             return False
         index, stop = min(hits)

@@ -13,6 +13,7 @@ class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._used: set[int] = set()
 
     @property
     def num_free(self) -> int:
@@ -31,10 +32,16 @@ class BlockAllocator:
         need = self.blocks_needed(num_tokens, len(table))
         if need > len(self._free):
             raise OutOfBlocks(f"need {need} blocks, {len(self._free)} free")
-        table.extend(self._free.pop() for _ in range(need))
+        new = [self._free.pop() for _ in range(need)]
+        self._used.update(new)
+        table.extend(new)
 
     def free(self, table: list[int]) -> None:
-        assert len(set(table)) == len(table), "block listed twice"
+        """Return a table's blocks. A block listed twice, freed twice or never handed out is a
+        bookkeeping bug that would give one block two owners: refused, nothing freed."""
+        blocks = set(table)
+        assert len(blocks) == len(table), "block listed twice"
+        assert blocks <= self._used, f"blocks not in use: {sorted(blocks - self._used)}"
+        self._used -= blocks
         self._free.extend(reversed(table))
         table.clear()
-        assert len(self._free) <= self.num_blocks, "block freed twice"

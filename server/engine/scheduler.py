@@ -143,7 +143,10 @@ class Scheduler:
         budget = self.budget - len(decodes)
         prefills = self._schedule_running_prefills(budget)
         budget -= sum(n for _, n in prefills)
-        admitted = self._admit(budget)
+        # A step that had to preempt for blocks admits nobody: the blocks just freed belong to
+        # the running sequences' growth, and re-admitting the victim now would recompute a
+        # chunk that the next step's growth throws away again.
+        admitted = self._admit(budget) if not (preempted and (decodes or prefills)) else []
         work = tuple(decodes + prefills + admitted)
         if not work:
             return None
@@ -187,7 +190,11 @@ class Scheduler:
                 break
             n = self._fit_chunk(seq, budget)
             if n == 0:
-                break  # FCFS: the head waits for blocks, nobody jumps it
+                # FCFS: the head waits for blocks, nobody jumps it. A waiting sequence holds no
+                # blocks (nothing preempts a waiting one), so virtual K/V just placed go back:
+                # they are placed again on admission.
+                self._unplace(seq)
+                break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -206,6 +213,11 @@ class Scheduler:
             self.place_prefix(seq)
         seq.num_computed = seq.num_virtual
         return True
+
+    def _unplace(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.allocator.free(seq.block_table)
+            seq.num_computed = 0
 
     def _fit_chunk(self, seq: Sequence, budget: int) -> int:
         """Largest chunk of the sequence's pending tokens that fits the budget and free blocks."""

@@ -321,11 +321,6 @@ def test_host_tier_is_an_lru_of_host_capacity(make):
     assert slot_value(s.pool, lease.slot) == V1 and b.tier == "disk"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request that waited for a disk load and was released before acquiring leaves "
-    "`wanted` set: the host copy is then kept past host_capacity (here 0) for good",
-)
 def test_an_abandoned_wait_does_not_pin_the_host_copy(make):
     s = make(host=0)
     entry = s.upload("a", V1)
