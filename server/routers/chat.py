@@ -13,7 +13,8 @@ from server.deps import get_engine, get_settings, resolve_model
 from server.engine.engine import Engine, EngineError, RequestOutput
 from server.engine.sampling import TokenLogprob
 from server.errors import error_responses, invalid_request
-from server.routers.generation import (
+from server.schemas import ChatCompletionRequest, ChatCompletionResponse
+from server.serving import (
     STREAMED,
     ChoiceResult,
     ClientDisconnected,
@@ -35,7 +36,6 @@ from server.routers.generation import (
     submit,
     usage_dict,
 )
-from server.schemas import ChatCompletionRequest, ChatCompletionResponse
 
 router = APIRouter(tags=["chat"])
 

@@ -1,6 +1,6 @@
-"""What /v1/completions and /v1/chat/completions share: request checks, sampling parameters,
-submitting one engine request per choice, collecting or streaming their outputs, and
-aborting them all when the client goes away.
+"""What /v1/completions and /v1/chat/completions share (the serving code, not a router):
+request checks, sampling parameters, submitting one engine request per choice, collecting or
+streaming their outputs, and aborting them all when the client goes away.
 """
 
 from __future__ import annotations
