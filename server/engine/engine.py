@@ -2,7 +2,8 @@
 
 Requests enter with `add_request` (from the asyncio side) and leave as `RequestOutput`s on a
 per-request `RequestStream`. Each step schedules a batch, runs the model once, samples, detokenizes
-incrementally, checks stop conditions and frees finished sequences' KV blocks.
+incrementally, checks stop conditions and frees finished sequences' KV blocks. Engines are
+made and started by server/engine/bootstrap.py.
 """
 
 from __future__ import annotations
@@ -16,18 +17,12 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-import kernels
 from adapters.errors import AdapterError, UnknownAdapterError
-from adapters.hooks import PoolHooks
 from adapters.kinds import kind_for
-from adapters.pool import AdapterPool
 from adapters.registry import AdapterRegistry
-from adapters.spec import BaseFingerprint
-from adapters.store import AdapterStore
 from server.config import Settings
 from server.engine.batch import BatchBuilder
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -43,14 +38,13 @@ from server.engine.scheduler import Scheduler, Sequence, Status, StepPlan
 from server.errors import adapter_error_status
 from server.metrics import Metrics
 from server.model.compiled import CompiledDecode, buckets_for, use_inductor_cache
-from server.model.llama import KVCache, ModelArgs, Transformer
+from server.model.llama import KVCache, Transformer
 from server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 STEP_LOG_LEN = 4096  # steps kept in Engine.step_log
 DELETED_MODEL_LABEL = "(deleted adapter)"  # metrics label of requests that outlive their adapter
-AUTO_COMPILE_DEVICES = frozenset({"cuda"})  # --compile auto: where compiling wins (measured)
 
 
 class EngineError(Exception):
@@ -284,17 +278,15 @@ class Engine:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
 
-    async def start(self) -> None:
-        """Run the step loop in a new thread. Servers use `start_engine`, which also builds the
-        model on that thread."""
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
-        self.ready = True
+    def wake(self) -> None:
+        """Run a step soon (an adapter finished loading, a request came in)."""
+        self._wake.set()
 
     def begin_drain(self) -> None:
         self.ready = False
 
     async def stop(self) -> None:
+        """End the step loop; requests still in it finish with "abort"."""
         self.ready = False
         self._stopping = True
         self._wake.set()
@@ -306,7 +298,12 @@ class Engine:
         return self.allocator.num_used
 
     # ---- engine thread --------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self, on_started: Callable[[], None] | None = None) -> None:
+        """The step loop, on the calling thread (bootstrap.start_engine's) until `stop`; a fault
+        in a step fails every request and marks the engine unhealthy."""
+        self._thread, self.ready = threading.current_thread(), True
+        if on_started is not None:
+            on_started()
         try:
             while not self._stopping:
                 self._drain_inbox()
@@ -576,154 +573,3 @@ class Engine:
 def _deliver_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:
     for stream, out in items:
         stream.deliver(out)
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, setting)
-
-
-@dataclass(frozen=True)
-class EnginePlan:
-    """What the settings resolve to before any weight is loaded (checked up front by the CLI)."""
-
-    model_dir: Path
-    config: dict
-    device: torch.device
-    dtype: torch.dtype
-    max_model_len: int
-    num_blocks: int
-    model_id: str
-
-
-class EngineConfigError(ValueError):
-    """The settings cannot work with this model; the message says what to change."""
-
-
-def plan_engine(settings: Settings) -> EnginePlan:
-    """Resolve the model (converting a GGUF once) and size the KV cache, without loading weights."""
-    from server.model.weights import read_config, resolve_model_dir, served_name
-
-    device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
-    model_dir = resolve_model_dir(settings.model, settings.cache_dir)
-    config = read_config(model_dir)
-    args = ModelArgs.from_hf_config(config)
-    max_len = settings.max_model_len or min(args.max_position_embeddings, 8192)
-    block_bytes = KVCache.bytes_per_block(args, settings.block_size, dtype)
-    num_blocks = settings.num_kv_blocks or settings.kv_cache_memory_mb * 2**20 // block_bytes
-    if num_blocks * settings.block_size < max_len:
-        raise EngineConfigError(
-            f"the KV cache ({num_blocks} blocks of {settings.block_size}) holds "
-            f"{num_blocks * settings.block_size} tokens, fewer than max_model_len={max_len}; "
-            "raise --kv-cache-memory-mb or lower --max-model-len"
-        )
-    model_id = settings.served_model_name or served_name(settings.model, model_dir)
-    return EnginePlan(model_dir, config, device, dtype, max_len, num_blocks, model_id)
-
-
-def build_engine(settings: Settings, metrics: Metrics) -> Engine:
-    """Load the model and tokenizer named by the settings and allocate the KV cache."""
-    from server.model.weights import load_model
-
-    plan = plan_engine(settings)
-    model = load_model(plan.model_dir, plan.device, plan.dtype)
-    tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
-    log.info("serving %s on %s (%s): %d KV blocks of %d tokens", plan.model_id, plan.device,
-             plan.dtype, plan.num_blocks, settings.block_size)
-    registry = build_registry(settings, plan, metrics)
-    ops = kernels.ops_for(plan.device)
-    model.use_ops(ops)
-    model.hooks = PoolHooks(registry.pool, ops)
-    engine = Engine(model, tokenizer, settings, metrics, plan.model_id, plan.max_model_len,
-                    plan.num_blocks, registry)
-    registry.on_ready = engine._wake.set
-    if compile_wanted(settings.compile, plan.device):
-        engine.enable_compile()
-    return engine
-
-
-def compile_wanted(setting: str, device: torch.device) -> bool:
-    """--compile: on, off, or auto = where it measurably wins (BENCHMARKS.md, compiled decode)."""
-    if setting == "auto":
-        return device.type in AUTO_COMPILE_DEVICES
-    return setting == "on"
-
-
-def parse_adapter_arg(item: str) -> tuple[str, Path]:
-    """`NAME=PATH` (from --adapter / ADAPTERSERVE_ADAPTERS) -> (name, path)."""
-    name, sep, path = item.partition("=")
-    if not sep or not name or not path:
-        raise EngineConfigError(f"--adapter expects NAME=PATH, got {item!r}")
-    return name, Path(path).expanduser()
-
-
-def build_registry(settings: Settings, plan: EnginePlan, metrics: Metrics) -> AdapterRegistry:
-    """The slot pool and registry: the durable store's uploads, then `--adapter NAME=PATH` and
-    every subfolder of each `--adapter-dir` (these are served, not copied into the store)."""
-    fingerprint = BaseFingerprint.from_hf_config(plan.config)
-    pool = AdapterPool(fingerprint, settings.adapter_slots, settings.max_adapter_rank,
-                       plan.device, plan.dtype)
-    store = AdapterStore(settings.adapter_store, settings.max_upload_bytes, settings.max_adapters)
-    registry = AdapterRegistry(
-        pool, max_rank=settings.max_adapter_rank, store=store,
-        host_capacity=settings.host_adapter_cache,
-        roots=[*settings.adapter_dirs, *settings.adapter_roots], observer=metrics,
-        reserved_names={plan.model_id},
-    )
-    for name, reason in registry.load_store():
-        log.warning("stored adapter %s skipped: %s", name, reason)
-    named = [parse_adapter_arg(item) for item in settings.adapters]
-    for folder in settings.adapter_dirs:
-        if not folder.is_dir():
-            raise EngineConfigError(f"--adapter-dir {folder}: not a directory")
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-            try:
-                registry.add_path(sub.name, sub, replace=True, require_root=False)
-            except AdapterError as e:
-                log.warning("adapter folder %s skipped: %s", sub.name, e)
-    for name, path in named:  # named ones must work: a bad one stops the start
-        try:
-            registry.add_path(name, path, replace=True, require_root=False)
-        except AdapterError as e:
-            raise EngineConfigError(f"--adapter {name}={path}: {e}") from None
-    log.info("adapters: %d registered, %d device slots, max rank %d", len(registry.list()),
-             settings.adapter_slots, settings.max_adapter_rank)
-    return registry
-
-
-async def start_engine(settings: Settings, metrics: Metrics) -> Engine:
-    """Build the engine and run its loop on one dedicated thread.
-
-    All torch work stays on that one OS thread: on CPU, a second thread that has run parallel
-    ops keeps an OpenMP pool alive, and MKL then ran the engine's matmuls ~1.3x slower (measured).
-    """
-    loop = asyncio.get_running_loop()
-    built: asyncio.Future[Engine] = loop.create_future()
-
-    def body() -> None:
-        try:
-            engine = build_engine(settings, metrics)
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(built.set_exception, e)
-            return
-        engine._thread, engine.ready = threading.current_thread(), True
-        loop.call_soon_threadsafe(built.set_result, engine)
-        engine._run()
-
-    threading.Thread(target=body, name="engine", daemon=True).start()
-    return await built
-
-
-def eos_ids(config: dict) -> set[int]:
-    eos = config.get("eos_token_id")
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, list) else {eos}
