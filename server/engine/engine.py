@@ -1,9 +1,12 @@
-"""The engine: a step loop in its own thread, fed and drained through thread-safe queues.
+"""The step loop: request intake, a thread that schedules, builds and runs each step, and the
+hand-over of outputs to the event loop.
 
-Requests enter with `add_request` (from the asyncio side) and leave as `RequestOutput`s on a
-per-request `RequestStream`. Each step schedules a batch, runs the model once, samples, detokenizes
-incrementally, checks stop conditions and frees finished sequences' KV blocks. Engines are
-made and started by server/engine/bootstrap.py.
+Requests enter with `add_requests` (from the asyncio side) and leave as `RequestOutput`s on a
+per-request `RequestStream`. Each step: the scheduler's StepPlan -> the batch builder -> one
+forward (eager or the compiled decode step) -> the output processor (server/engine/output.py:
+sampling, detokenization, every stop rule) -> finished sequences leave the scheduler, their KV
+blocks and adapter holds are freed, and the outputs go out. Engines are made and started by
+server/engine/bootstrap.py.
 """
 
 from __future__ import annotations
@@ -16,24 +19,17 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from adapters.errors import AdapterError, UnknownAdapterError
 from adapters.kinds import kind_for
-from adapters.registry import AdapterRegistry
+from adapters.registry import AdapterRegistry, Entry
 from server.config import Settings
 from server.engine.batch import BatchBuilder
-from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator
-from server.engine.sampling import (
-    SamplingParams,
-    TokenLogprob,
-    apply_penalties,
-    sample,
-    top_logprobs,
-)
+from server.engine.output import OutputProcessor, RequestOutput
+from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, Sequence, Status, StepPlan
 from server.errors import adapter_error_status
 from server.metrics import Metrics
@@ -45,6 +41,7 @@ log = logging.getLogger(__name__)
 
 STEP_LOG_LEN = 4096  # steps kept in Engine.step_log
 DELETED_MODEL_LABEL = "(deleted adapter)"  # metrics label of requests that outlive their adapter
+FATAL_MESSAGE = "internal engine error; the server is restarting"  # no internals to clients
 
 
 class EngineError(Exception):
@@ -71,21 +68,6 @@ class InvalidRequestError(EngineError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    text: str  # new text since the previous output
-    token_ids: list[int]  # new token ids since the previous output
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    finished: bool = False
-    finish_reason: str | None = None  # stop | length | abort | error
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    error: str | None = None
-    error_status: int | None = None  # the client's fault (e.g. 404: its adapter was deleted)
 
 
 class RequestStream:
@@ -149,6 +131,7 @@ class Engine:
             num_adapter_slots=registry.pool.num_slots if registry is not None else 1,
             device=device,
         )
+        self.output = OutputProcessor(tokenizer, max_model_len)
         self.compiled: CompiledDecode | None = None  # set by enable_compile
         self._doomed: list[tuple[Sequence, AdapterError]] = []  # not admissible: fail them
         self.healthy, self.ready = True, False
@@ -160,7 +143,6 @@ class Engine:
         self._num_running = 0  # len(scheduler.running), published under _lock with _num_queued
         self._seqs: dict[str, Sequence] = {}
         self._outbox: list[tuple[RequestStream, RequestOutput]] = []
-        self._detok: dict[str, IncrementalDetokenizer] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         # Observability: (request_id, model) of every sequence in each recent step, newest last.
@@ -215,7 +197,7 @@ class Engine:
         """Sequences the engine can hold at once: running plus waiting."""
         return self.settings.max_num_seqs + self.settings.max_queue_len
 
-    def _hold(self, adapter: str | None, count: int) -> list:
+    def _hold(self, adapter: str | None, count: int) -> list[Entry]:
         """One hold on the adapter's current version per request (none for the base model)."""
         if adapter is None:
             return []
@@ -230,26 +212,6 @@ class Engine:
                 self.registry.release(entry)
             raise ModelNotFoundError(adapter) from None
         return entries
-
-    def _reserve_queue(self, count: int) -> None:
-        with self._lock:
-            if not self.healthy or self._stopping:
-                raise EngineDeadError("the engine is not running")
-            free_slots = max(0, self.settings.max_num_seqs - self._num_running)
-            if self._num_queued + count > self.settings.max_queue_len + free_slots:
-                raise QueueFullError("the server is at capacity; retry later")
-            self._num_queued += count
-
-    def _new_sequence(
-        self, prompt: list[int], params: SamplingParams, model: str | None,
-        request_id: str | None, loop: asyncio.AbstractEventLoop,
-    ) -> Sequence:  # fmt: skip
-        request_id = request_id or uuid.uuid4().hex
-        stream = RequestStream(request_id, self, loop)
-        seq = Sequence(request_id, list(prompt), params, model or self.model_id, stream)
-        if params.seed is not None:
-            seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
-        return seq
 
     def _check_request(self, prompt: list[int], params: SamplingParams, num_virtual: int = 0) -> None:
         if not prompt:
@@ -266,8 +228,29 @@ class Engine:
         if any(t < 0 or t >= vocab for t in prompt):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
 
+    def _reserve_queue(self, count: int) -> None:
+        with self._lock:
+            if not self.healthy or self._stopping:
+                raise EngineDeadError("the engine is not running")
+            free_slots = max(0, self.settings.max_num_seqs - self._num_running)
+            if self._num_queued + count > self.settings.max_queue_len + free_slots:
+                raise QueueFullError("the server is at capacity; retry later")
+            self._num_queued += count
+
+    def _new_sequence(
+        self, prompt: list[int], params: SamplingParams, model: str | None,
+        request_id: str | None, loop: asyncio.AbstractEventLoop,
+    ) -> Sequence:  # fmt: skip
+        request_id = request_id or uuid.uuid4().hex
+        stream = RequestStream(request_id, self, loop)
+        return Sequence(request_id, list(prompt), params, model or self.model_id, stream)
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Run a step soon (an adapter finished loading, a request came in)."""
         self._wake.set()
 
     @property
@@ -277,10 +260,6 @@ class Engine:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
-
-    def wake(self) -> None:
-        """Run a step soon (an adapter finished loading, a request came in)."""
-        self._wake.set()
 
     def begin_drain(self) -> None:
         self.ready = False
@@ -319,7 +298,7 @@ class Engine:
         except BaseException as e:  # noqa: BLE001 - any fault in a step is fatal by design
             log.exception("engine step failed; the engine stops")
             self.healthy = self.ready = False
-            self._fail_all("error", "internal engine error; the server is restarting")
+            self._fail_all("error", FATAL_MESSAGE)
             if self.on_fatal is not None:
                 self.on_fatal(e)
 
@@ -332,13 +311,13 @@ class Engine:
             if kind == "add":
                 seq = item
                 self._seqs[seq.request_id] = seq
-                self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.params)
+                self.output.add(seq)
                 self.scheduler.add(seq)
             elif (seq := self._seqs.get(item)) is not None:
-                self._finish(seq, "abort", [])
+                self._finish(seq, "abort")
 
     def step(self) -> None:
-        """One iteration: schedule, build the batch, forward, sample, emit."""
+        """One iteration: schedule, build the batch, forward, outputs."""
         plan = self.scheduler.schedule()
         self._count_admissions(plan)
         self._fail_doomed()
@@ -351,7 +330,13 @@ class Engine:
         if self.registry is not None:
             adapters = {seq.adapter for seq, _ in plan.work} - {None}
             self.metrics.on_step_adapters(len(adapters))
-        self._process(plan, self._forward(plan))
+        logits = self._forward(plan)
+        for seq, n in plan.work:
+            seq.num_computed += n  # their K/V are in the cache now
+        for seq, out in self.output.process(plan, logits):
+            if out.finished:
+                self._retire(seq, out.finish_reason)
+            self._send(seq, out)
         self._publish_stats(plan.num_tokens)
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
@@ -418,7 +403,7 @@ class Engine:
         for seq, error in doomed:
             if seq.status is not Status.FINISHED:
                 status, _, _ = adapter_error_status(error)
-                self._finish(seq, "error", [], error=error.message, error_status=status)
+                self._finish(seq, "error", error.message, status)
 
     def _count_admissions(self, plan: StepPlan | None) -> None:
         admitted, requeued = (len(plan.admitted), len(plan.preempted)) if plan else (0, 0)
@@ -426,90 +411,18 @@ class Engine:
             self._num_queued += requeued - admitted
             self._num_running = len(self.scheduler.running)
 
-    def _process(self, step: StepPlan, logits: torch.Tensor) -> None:
-        row, samplers = 0, []
-        for seq, n in step.work:
-            seq.num_computed += n
-            used = n if seq.wants_prompt_logprobs else int(seq.num_computed == seq.num_tokens)
-            seq_logits = logits[row : row + used]
-            row += used
-            if seq.wants_prompt_logprobs:
-                self._record_prompt_logprobs(seq, seq_logits, n)
-            if seq.num_computed == seq.num_tokens:
-                if seq.params.max_tokens == 0:
-                    self._finish(seq, "length", [])
-                else:
-                    samplers.append((seq, seq_logits[-1]))
-        if samplers:
-            self._sample(samplers)
-
-    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, n: int) -> None:
-        """Row i predicts token i+1; the first prompt token has no logprob."""
-        start = seq.num_computed - n
-        if seq.prompt_logprobs is None:  # indexed by position; positions before start: None
-            seq.prompt_logprobs = [None] * (start + 1)
-        targets = seq.prompt_ids[start + 1 : start + n + 1]
-        if targets:
-            lp = logits[: len(targets)].log_softmax(dim=-1)
-            k = seq.params.prompt_logprobs or 0
-            seq.prompt_logprobs += top_logprobs(lp, torch.tensor(targets, device=lp.device), k)
-
-    def _sample(self, samplers: list[tuple[Sequence, torch.Tensor]]) -> None:
-        seqs = [s for s, _ in samplers]
-        raw = torch.stack([row for _, row in samplers])  # (B, V) fp32
-        logits = apply_penalties(raw.clone(), [s.output_ids for s in seqs], [s.params for s in seqs])
-        self._mask_early_stops(logits, seqs)
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        logprobs = self._token_logprobs(raw, tokens, seqs)
-        now = time.monotonic()
-        for seq, token, lp in zip(seqs, tokens.tolist(), logprobs, strict=True):
-            seq.first_token_time = seq.first_token_time or now
-            seq.output_ids.append(token)
-            self._emit_token(seq, token, lp)
-
-    def _mask_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        """min_tokens: EOS and stop token ids cannot end a sequence before its minimum length."""
-        for row, seq in enumerate(seqs):
-            if len(seq.output_ids) < seq.params.min_tokens:
-                banned = set(seq.params.stop_token_ids)
-                if not seq.params.ignore_eos:
-                    banned |= self.tokenizer.eos_token_ids
-                logits[row, list(banned)] = float("-inf")
-
-    def _token_logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]):
-        want = [s.params.logprobs for s in seqs]
-        if all(w is None for w in want):
-            return [None] * len(seqs)
-        k = max(w or 0 for w in want)
-        rows = top_logprobs(raw.log_softmax(dim=-1), tokens, k)
-        for row, w in zip(rows, want, strict=True):
-            row.top = dict(list(row.top.items())[: w or 0])
-        return [row if w is not None else None for row, w in zip(rows, want, strict=True)]
-
-    def _emit_token(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> None:
-        detok = self._detok[seq.request_id]
-        text = detok.add(token, check_stop=len(seq.output_ids) >= seq.params.min_tokens)
-        reason = self._stop_reason(seq, token, detok)
-        if reason is not None:
-            self._finish(seq, reason, [token], [lp] if lp else [], text + detok.flush())
-        else:
-            self._send(seq, RequestOutput(seq.request_id, text, [token], [lp] if lp else []))
-
-    def _stop_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
-        p, n = seq.params, len(seq.output_ids)
-        if n >= p.min_tokens:
-            if (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-                return "stop"
-            if detok.stopped:
-                return "stop"
-        if n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
+    # ---- finishing and handing out --------------------------------------------------------
     def _finish(
-        self, seq: Sequence, reason: str, tokens: list[int], lps: list | None = None,
-        text: str | None = None, error: str | None = None, error_status: int | None = None,
+        self, seq: Sequence, reason: str, error: str | None = None, error_status: int | None = None
     ) -> None:
+        """End a sequence from here (abort, error): its last output, then retire it."""
+        out = self.output.finish(seq, reason, error, error_status)
+        self._retire(seq, reason)
+        self._send(seq, out)
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        """A finished sequence leaves the scheduler (its KV blocks freed) and its adapter hold
+        goes; its outcome is counted."""
         with self._lock:
             if seq.status is Status.WAITING:
                 self._num_queued -= 1
@@ -519,22 +432,9 @@ class Engine:
             entry, seq.entry, seq.lease = seq.entry, None, None
             self.registry.release(entry)
         self._seqs.pop(seq.request_id, None)
-        detok = self._detok.pop(seq.request_id, None)
-        if text is None:
-            text = detok.flush() if detok and reason != "abort" else ""
-        out = RequestOutput(seq.request_id, text, tokens, lps or [], finished=True,
-                            finish_reason=reason, error=error, error_status=error_status)
-        self._send(seq, out)
         self._record(seq, reason)
 
     def _send(self, seq: Sequence, out: RequestOutput) -> None:
-        out.num_prompt_tokens = len(seq.prompt_ids) - seq.num_virtual
-        out.num_output_tokens = len(seq.output_ids)
-        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
-            real = seq.prompt_logprobs[seq.num_virtual :]  # the client's own prompt tokens
-            if real and seq.prefix_kv is None:
-                real[0] = None  # like the base model: the first prompt token has no logprob
-            out.prompt_logprobs, seq.prompt_logprobs_sent = real, True
         self._outbox.append((seq.stream, out))
 
     def _flush_outbox(self) -> None:
@@ -560,7 +460,7 @@ class Engine:
     def _fail_all(self, reason: str, error: str | None) -> None:
         self._drain_inbox()
         for seq in list(self._seqs.values()):
-            self._finish(seq, reason, [], error=error)
+            self._finish(seq, reason, error)
         self._flush_outbox()
         self._publish_stats(0)
 
