@@ -7,6 +7,10 @@ forward (eager or the compiled decode step) -> the output processor (server/engi
 sampling, detokenization, every stop rule) -> finished sequences leave the scheduler, their KV
 blocks and adapter holds are freed, and the outputs go out. Engines are made and started by
 server/engine/bootstrap.py.
+
+Requests are validated where they come in (the HTTP routers; the evaluation runner fits its
+own); the engine checks only what it alone knows (an adapter version's virtual tokens against
+the context) and asserts the rest.
 """
 
 from __future__ import annotations
@@ -27,11 +31,18 @@ from adapters.kinds import kind_for
 from adapters.registry import AdapterRegistry, Entry
 from server.config import Settings
 from server.engine.batch import BatchBuilder
+from server.engine.errors import (
+    EngineDeadError,
+    EngineFailure,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestAbortedError,
+)
 from server.engine.kv_cache import BlockAllocator
 from server.engine.output import OutputProcessor, RequestOutput
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, Sequence, Status, StepPlan
-from server.errors import adapter_error_status
 from server.metrics import Metrics
 from server.model.compiled import CompiledDecode, buckets_for, use_inductor_cache
 from server.model.llama import KVCache, Transformer
@@ -42,32 +53,6 @@ log = logging.getLogger(__name__)
 STEP_LOG_LEN = 4096  # steps kept in Engine.step_log
 DELETED_MODEL_LABEL = "(deleted adapter)"  # metrics label of requests that outlive their adapter
 FATAL_MESSAGE = "internal engine error; the server is restarting"  # no internals to clients
-
-
-class EngineError(Exception):
-    """Base of the errors `add_request` raises."""
-
-
-class QueueFullError(EngineError):
-    """The waiting queue is full: answer 503 with Retry-After."""
-
-
-class EngineDeadError(EngineError):
-    """The engine hit a fatal fault or is shutting down."""
-
-
-class ModelNotFoundError(EngineError):
-    """`model` names neither the base model nor a registered adapter."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"the model {name!r} does not exist")
-        self.name = name
-
-
-class InvalidRequestError(EngineError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class RequestStream:
@@ -160,23 +145,20 @@ class Engine:
     ) -> list[RequestStream]:
         """Submit (prompt ids, params, request id) for one `model`, all or none.
 
-        Each request holds the adapter version that is current now (see AdapterRegistry.hold),
-        so that it is served even if the adapter is deleted before admission. More requests
-        than the engine could ever take at once (running + queued) is an InvalidRequestError;
-        a queue too full for them right now is QueueFullError (retryable)."""
+        The caller has checked each request: at most `capacity` of them, prompts of token ids in
+        [0, vocab_size), prompt + max_tokens within the context. Each request holds the adapter
+        version that is current now (see AdapterRegistry.hold), so that it is served even if the
+        adapter is deleted before admission; that version's virtual tokens are counted against
+        the context here (InvalidRequestError). An unknown model is ModelNotFoundError; a queue
+        too full for them right now is QueueFullError (retryable); a stopped engine,
+        EngineDeadError."""
+        assert len(requests) <= self.capacity, "more requests than the engine ever holds"
         adapter = None if model is None or model == self.model_id else model
-        if len(requests) > self.capacity:
-            raise InvalidRequestError(
-                f"this request needs {len(requests)} sequences, more than the server can ever "
-                f"hold at once ({self.capacity} = max_num_seqs {self.settings.max_num_seqs} + "
-                f"max_queue_len {self.settings.max_queue_len}); send fewer prompts or a lower n",
-                "n",
-            )
         entries = self._hold(adapter, len(requests))
         try:
             num_virtual = entries[0].num_virtual_tokens if entries else 0
             for prompt, params, _ in requests:
-                self._check_request(prompt, params, num_virtual)
+                self._check_fits(prompt, params, num_virtual)
             self._reserve_queue(len(requests))
         except BaseException:
             for entry in entries:
@@ -213,20 +195,18 @@ class Engine:
             raise ModelNotFoundError(adapter) from None
         return entries
 
-    def _check_request(self, prompt: list[int], params: SamplingParams, num_virtual: int = 0) -> None:
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty", "prompt")
+    def _check_fits(self, prompt: list[int], params: SamplingParams, num_virtual: int) -> None:
+        """The one check only the engine can make: the held version's virtual tokens count
+        against the context. The rest was checked where the request came in."""
+        assert prompt and min(prompt) >= 0 and max(prompt) < self.vocab_size, "bad prompt ids"
+        assert len(prompt) + params.max_tokens <= self.max_model_len, "over the context"
         if num_virtual + len(prompt) + params.max_tokens > self.max_model_len:
-            virtual = f" + the adapter's virtual tokens ({num_virtual})" if num_virtual else ""
             raise InvalidRequestError(
-                f"prompt ({len(prompt)} tokens){virtual} + max_tokens ({params.max_tokens}) "
-                f"exceeds the context length {self.max_model_len}; shorten the prompt or lower "
-                "max_tokens",
+                f"prompt ({len(prompt)} tokens) + the adapter's virtual tokens ({num_virtual}) + "
+                f"max_tokens ({params.max_tokens}) exceeds the context length "
+                f"{self.max_model_len}; shorten the prompt or lower max_tokens",
                 "max_tokens",
             )
-        vocab = self.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
 
     def _reserve_queue(self, count: int) -> None:
         with self._lock:
@@ -294,11 +274,11 @@ class Engine:
                     continue
                 self.step()
                 self._flush_outbox()
-            self._fail_all("abort", None)
+            self._fail_all("abort", RequestAbortedError("the engine stopped"))
         except BaseException as e:  # noqa: BLE001 - any fault in a step is fatal by design
             log.exception("engine step failed; the engine stops")
             self.healthy = self.ready = False
-            self._fail_all("error", FATAL_MESSAGE)
+            self._fail_all("error", EngineDeadError(FATAL_MESSAGE))
             if self.on_fatal is not None:
                 self.on_fatal(e)
 
@@ -314,7 +294,7 @@ class Engine:
                 self.output.add(seq)
                 self.scheduler.add(seq)
             elif (seq := self._seqs.get(item)) is not None:
-                self._finish(seq, "abort")
+                self._finish(seq, "abort", RequestAbortedError("the client aborted the request"))
 
     def step(self) -> None:
         """One iteration: schedule, build the batch, forward, outputs."""
@@ -402,8 +382,7 @@ class Engine:
         doomed, self._doomed = self._doomed, []
         for seq, error in doomed:
             if seq.status is not Status.FINISHED:
-                status, _, _ = adapter_error_status(error)
-                self._finish(seq, "error", error.message, status)
+                self._finish(seq, "error", error)
 
     def _count_admissions(self, plan: StepPlan | None) -> None:
         admitted, requeued = (len(plan.admitted), len(plan.preempted)) if plan else (0, 0)
@@ -412,11 +391,9 @@ class Engine:
             self._num_running = len(self.scheduler.running)
 
     # ---- finishing and handing out --------------------------------------------------------
-    def _finish(
-        self, seq: Sequence, reason: str, error: str | None = None, error_status: int | None = None
-    ) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: EngineFailure) -> None:
         """End a sequence from here (abort, error): its last output, then retire it."""
-        out = self.output.finish(seq, reason, error, error_status)
+        out = self.output.finish(seq, reason, error)
         self._retire(seq, reason)
         self._send(seq, out)
 
@@ -457,7 +434,7 @@ class Engine:
             now - seq.arrival,
         )
 
-    def _fail_all(self, reason: str, error: str | None) -> None:
+    def _fail_all(self, reason: str, error: EngineFailure) -> None:
         self._drain_inbox()
         for seq in list(self._seqs.values()):
             self._finish(seq, reason, error)

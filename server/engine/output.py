@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from server.engine.detokenizer import Decoder, IncrementalDetokenizer
+from server.engine.errors import EngineFailure
 from server.engine.sampling import (
     SamplingParams,
     TokenLogprob,
@@ -45,8 +46,7 @@ class RequestOutput:
     finish_reason: str | None = None  # stop | length | abort | error
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
-    error: str | None = None
-    error_status: int | None = None  # the client's fault (e.g. 404: its adapter was deleted)
+    error: EngineFailure | None = None  # why it ended: set with finish_reason error or abort
 
 
 @dataclass(frozen=True)
@@ -146,16 +146,12 @@ class OutputProcessor:
             outputs += self._sample(samplers)
         return outputs
 
-    def finish(
-        self, seq: Sequence, reason: str, error: str | None = None, error_status: int | None = None
-    ) -> RequestOutput:
+    def finish(self, seq: Sequence, reason: str, error: EngineFailure | None = None) -> RequestOutput:
         """The last output of a sequence that ends without a new token (an abort hands out no
         more text); its state goes."""
         detok = self._detok.pop(seq.request_id, None)
         text = detok.flush() if detok is not None and reason != "abort" else ""
-        out = self._output(seq, text, [], [], reason)
-        out.error, out.error_status = error, error_status
-        return out
+        return self._output(seq, text, [], [], reason, error)
 
     # ---- sampling -------------------------------------------------------------------------
     def _sample(self, samplers: list[tuple[Sequence, torch.Tensor]]) -> list[tuple[Sequence, RequestOutput]]:
@@ -216,12 +212,12 @@ class OutputProcessor:
 
     def _output(
         self, seq: Sequence, text: str, tokens: list[int], lps: list[TokenLogprob],
-        reason: str | None = None,
+        reason: str | None = None, error: EngineFailure | None = None,
     ) -> RequestOutput:  # fmt: skip
         out = RequestOutput(
             seq.request_id, text, tokens, lps, finished=reason is not None, finish_reason=reason,
             num_prompt_tokens=len(seq.prompt_ids) - seq.num_virtual,
-            num_output_tokens=len(seq.output_ids),
+            num_output_tokens=len(seq.output_ids), error=error,
         )
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
             real = seq.prompt_logprobs[seq.num_virtual :]  # the client's own prompt tokens

@@ -9,7 +9,8 @@ import pytest
 
 from server.config import Settings
 from server.engine.bootstrap import running_engine
-from server.engine.engine import Engine, RequestOutput
+from server.engine.engine import Engine
+from server.engine.output import RequestOutput
 from server.engine.sampling import SamplingParams
 from server.metrics import Metrics
 

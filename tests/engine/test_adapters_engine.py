@@ -21,7 +21,8 @@ import torch
 
 from adapters.spec import BaseFingerprint
 from server.config import Settings
-from server.engine.engine import Engine, InvalidRequestError, ModelNotFoundError
+from server.engine.engine import Engine
+from server.engine.errors import InvalidRequestError, ModelNotFoundError
 from server.engine.sampling import SamplingParams
 from tests.adapters.conftest import bottleneck_config
 from tests.adapters.makers import bottleneck_dir, bottleneck_reference, hf_model, save_peft

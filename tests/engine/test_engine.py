@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.engine.engine import EngineDeadError, QueueFullError
+from server.engine.errors import EngineDeadError, QueueFullError
 from server.engine.sampling import SamplingParams
 from tests.engine.conftest import collect, serve
 
@@ -202,6 +202,6 @@ def test_fatal_fault_fails_every_request_and_marks_unhealthy(engine_settings):
         return outs
 
     outs, engine = serve(engine_settings(), go)
-    assert all(o[-1].finish_reason == "error" and o[-1].error for o in outs)
-    assert "injected" not in outs[0][-1].error  # no internals leak to clients
+    assert all(o[-1].finish_reason == "error" and isinstance(o[-1].error, EngineDeadError) for o in outs)
+    assert "injected" not in str(outs[0][-1].error)  # no internals leak to clients
     assert engine.allocator.num_used == 0 and not engine.healthy and len(fatal) == 1

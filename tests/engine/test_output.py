@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.engine.errors import EngineDeadError
 from server.engine.output import OutputProcessor, RequestOutput
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Sequence, StepPlan
@@ -198,8 +199,9 @@ def test_finish_from_the_engine_abort_and_error():
     assert aborted.finished and aborted.text == "" and aborted.error is None
     other = new_seq(name="e", max_tokens=10, temperature=0.0, stop=("Sz",))
     driver.run(other, [S])
-    failed = driver.proc.finish(other, "error", "gone")
-    assert failed.text == "S" and failed.error == "gone" and failed.finish_reason == "error"
+    error = EngineDeadError("gone")
+    failed = driver.proc.finish(other, "error", error)
+    assert failed.text == "S" and failed.error is error and failed.finish_reason == "error"
 
 
 # ---- prompt logprobs ------------------------------------------------------------------------
