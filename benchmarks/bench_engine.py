@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.config import Settings  # noqa: E402
-from server.engine.engine import start_engine  # noqa: E402
+from server.engine.bootstrap import start_engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
 from server.model.weights import resolve_model_dir  # noqa: E402

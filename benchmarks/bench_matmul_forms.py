@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.config import Settings  # noqa: E402
-from server.engine.engine import build_engine  # noqa: E402
+from server.engine.bootstrap import build_engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.scheduler import Sequence  # noqa: E402
 from server.metrics import Metrics  # noqa: E402

@@ -117,25 +117,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def check_adapter_flags(settings: Settings) -> None:
-    """`--adapter NAME=PATH` and `--adapter-dir` must name usable folders (EngineConfigError)."""
-    from adapters.errors import InvalidNameError
-    from adapters.store import validate_name
-    from server.engine.engine import EngineConfigError, parse_adapter_arg
-
-    for item in settings.adapters:
-        name, path = parse_adapter_arg(item)
-        try:
-            validate_name(name)
-        except InvalidNameError as e:
-            raise EngineConfigError(f"--adapter {item}: {e}") from None
-        if not path.is_dir():
-            raise EngineConfigError(f"--adapter {item}: {path} is not an adapter directory")
-    for folder in [*settings.adapter_dirs, *settings.adapter_roots]:
-        if not folder.is_dir():
-            raise EngineConfigError(f"--adapter-dir / --adapter-root {folder}: not a directory")
-
-
 class _Server(uvicorn.Server):
     """uvicorn's server with a drain. On SIGTERM/SIGINT the app is marked draining and the
     listener stays open: clients that arrive get 503 + Retry-After (and /ready 503) instead of
@@ -170,7 +151,7 @@ class _Server(uvicorn.Server):
 
 def serve(settings: Settings) -> int:
     """Run until a signal or a fatal engine fault; returns the process exit status."""
-    from server.engine.engine import EngineConfigError, plan_engine
+    from server.engine.bootstrap import EngineConfigError, plan_engine
     from server.main import create_app
     from server.model.weights import ModelLoadError
     from server.transport import guarded_protocol
@@ -184,12 +165,11 @@ def serve(settings: Settings) -> int:
             server.should_exit = True
 
     try:  # fail fast with a one-line reason, before uvicorn prints a lifespan traceback
-        check_adapter_flags(settings)
-        plan_engine(settings)
+        plan = plan_engine(settings)  # the lifespan starts the engine from this plan
     except (ModelLoadError, EngineConfigError) as e:
         log.error("cannot start: %s", e)
         return 2
-    app = create_app(settings, on_fatal=on_fatal)
+    app = create_app(settings, on_fatal=on_fatal, plan=plan)
     config = uvicorn.Config(
         app,
         host=settings.host,

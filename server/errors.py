@@ -1,4 +1,5 @@
-"""OpenAI-style error JSON, the exceptions routers raise, and the app's exception handlers.
+"""OpenAI-style error JSON, the exceptions routers raise, the one map from the engine's and the
+adapters' typed errors (they carry no HTTP status) to answers, and the app's exception handlers.
 
 Every error body is `{"error": {"message", "type", "param", "code"}}`. Messages say what to
 change; they never carry a traceback, a server path, or more than a short excerpt of input.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,6 +33,15 @@ from adapters.errors import (
     PathNotAllowedError,
     UnknownAdapterError,
     UploadTooLargeError,
+)
+from server.engine.errors import (
+    EngineDeadError,
+    EngineError,
+    EngineFailure,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestAbortedError,
 )
 from server.schemas import UNKNOWN_FIELD
 
@@ -69,6 +80,43 @@ ADAPTER_ERRORS: Mapping[type[AdapterError], tuple[int, str, str | None]] = {
     UploadTooLargeError: (413, "invalid_request_error", None),
     AdapterLoadError: (500, "server_error", None),
 }
+
+
+
+@dataclass(frozen=True)
+class EngineAnswer:
+    """How an engine error is answered."""
+
+    status: int
+    type: str
+    code: str | None = None
+    retry_after: bool = False  # retryable: a Retry-After header of settings.retry_after_s
+    message: str | None = None  # the client's message ({name}, {retry_after_s}); None: the error's
+
+
+# Every typed error of the engine (server/engine/errors.py), raised by add_requests or carried
+# by a failed RequestOutput -> its answer. An exception maps as the first class of its MRO
+# listed here; `param` is the exception's.
+ENGINE_ERRORS: Mapping[type[EngineError], EngineAnswer] = {
+    InvalidRequestError: EngineAnswer(400, "invalid_request_error"),
+    ModelNotFoundError: EngineAnswer(
+        404, "invalid_request_error", "model_not_found",
+        message="The model {name} does not exist; GET /v1/models lists the served models.",
+    ),
+    QueueFullError: EngineAnswer(
+        503, "service_unavailable_error", "queue_full", retry_after=True,
+        message="The server is overloaded: its request queue is full. Retry after "
+        "{retry_after_s} s.",
+    ),
+    EngineDeadError: EngineAnswer(
+        503, "service_unavailable_error", "engine_unavailable",
+        message="The inference engine has failed and the server is restarting.",
+    ),
+    RequestAbortedError: EngineAnswer(
+        503, "service_unavailable_error", "aborted",
+        message="The request was aborted by the server (shutting down).",
+    ),
+}  # fmt: skip
 
 # What each error status means on this server, for the API description.
 _DESCRIPTION_BY_STATUS = {
@@ -143,6 +191,41 @@ def from_adapter_error(exc: AdapterError, message: str | None = None) -> APIErro
     status, openai_type, code = adapter_error_status(exc)
     text = exc.message if message is None else message
     return APIError(status, text, openai_type, exc.param, code)
+
+
+def engine_answer(exc: EngineError) -> EngineAnswer:
+    """The answer of an engine error, from ENGINE_ERRORS."""
+    for cls in type(exc).__mro__:
+        if cls in ENGINE_ERRORS:
+            return ENGINE_ERRORS[cls]
+    raise TypeError(f"no answer for {type(exc).__name__}: add it to ENGINE_ERRORS")
+
+
+def engine_error(exc: EngineError, retry_after_s: int) -> APIError:
+    """An engine error in OpenAI's shape (ENGINE_ERRORS)."""
+    answer = engine_answer(exc)
+    message = exc.message
+    if answer.message is not None:
+        name = truncate(getattr(exc, "name", ""))
+        message = answer.message.format(name=name, retry_after_s=retry_after_s)
+    headers = {"Retry-After": str(retry_after_s)} if answer.retry_after else None
+    return APIError(answer.status, message, answer.type, exc.param, answer.code, headers)
+
+
+def failure_error(error: EngineFailure, retry_after_s: int) -> APIError:
+    """The answer for a request the engine finished with an error (RequestOutput.error): an
+    engine error, or the adapters' refusal of its adapter at admission."""
+    if isinstance(error, EngineError):
+        return engine_error(error, retry_after_s)
+    status, _, _ = adapter_error_status(error)
+    if status == 404:
+        return APIError(404, f"{error.message}; GET /v1/models lists the served models.",
+                        "invalid_request_error", param="model", code="model_not_found")
+    if status < 500:
+        return APIError(status, error.message)
+    return APIError(500, f"The engine failed while generating: {error.message[:200]}",
+                    "server_error")
+
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries: each status answers an ErrorResponse as JSON, whatever the

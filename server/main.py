@@ -1,5 +1,6 @@
-"""create_app(settings): the FastAPI app factory. The lifespan builds the engine, keeps it and
-its companions on `app.state`, and stops it on shutdown."""
+"""create_app(settings): the FastAPI app factory. The lifespan starts the engine (from the
+CLI's plan when it made one; server/engine/bootstrap.py), keeps it and its companions on
+`app.state`, and stops it on shutdown."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from server.config import Settings
-from server.engine.engine import start_engine
+from server.engine.bootstrap import EnginePlan, running_engine
 from server.errors import install_error_handlers
 from server.evaluation.runner import build_runner
 from server.guards import RequestGuard, body_routes
@@ -31,10 +32,14 @@ FatalHandler = Callable[[BaseException], None]
 
 
 def create_app(
-    settings: Settings | None = None, *, on_fatal: FatalHandler | None = None
+    settings: Settings | None = None,
+    *,
+    on_fatal: FatalHandler | None = None,
+    plan: EnginePlan | None = None,
 ) -> FastAPI:
     """The app for `settings` (default: from ADAPTERSERVE_* env vars). `on_fatal` runs on the
-    event loop once if the engine dies; the CLI uses it to shut the server down and exit 1."""
+    event loop once if the engine dies; the CLI uses it to shut the server down and exit 1.
+    `plan`: the engine plan the CLI already made (plan_engine), else the lifespan makes it."""
     settings = settings or Settings()
     app = FastAPI(
         title="adapterserve",
@@ -46,6 +51,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.on_fatal = on_fatal
+    app.state.engine_plan = plan
     app.state.draining = False
     install_error_handlers(app)
     routers = [m.router for m in (completions, chat, models, adapters, health, evaluations_router)]
@@ -62,27 +68,24 @@ def create_app(
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics = Metrics()
-    engine = await start_engine(settings, metrics)
-    app.state.metrics = metrics
-    app.state.engine = engine
-    app.state.registry = engine.registry
-    app.state.started_at = int(time.time())
-    fatal = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    engine.on_fatal = lambda exc: loop.call_soon_threadsafe(_record_fatal, app, fatal, exc)
-    log.info("serving %s (max_model_len %d)", engine.model_id, engine.max_model_len)
-    app.state.evaluations = build_runner(settings, engine, metrics, app.state)
-    await app.state.evaluations.start()
-    watchdog = asyncio.ensure_future(_watch_engine(app, fatal))
-    try:
-        yield
-    finally:
-        watchdog.cancel()
-        app.state.draining = True
-        await app.state.evaluations.stop()
-        await engine.stop()
-        if engine.registry is not None:
-            engine.registry.close()
+    async with running_engine(settings, metrics, app.state.engine_plan) as engine:
+        app.state.metrics = metrics
+        app.state.engine = engine
+        app.state.registry = engine.registry
+        app.state.started_at = int(time.time())
+        fatal = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        engine.on_fatal = lambda exc: loop.call_soon_threadsafe(_record_fatal, app, fatal, exc)
+        log.info("serving %s (max_model_len %d)", engine.model_id, engine.max_model_len)
+        app.state.evaluations = build_runner(settings, engine, metrics, app.state)
+        await app.state.evaluations.start()
+        watchdog = asyncio.ensure_future(_watch_engine(app, fatal))
+        try:
+            yield
+        finally:  # then running_engine stops the engine and closes its registry
+            watchdog.cancel()
+            app.state.draining = True
+            await app.state.evaluations.stop()
 
 
 def _record_fatal(app: FastAPI, fatal: asyncio.Event, exc: BaseException) -> None:

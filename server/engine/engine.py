@@ -1,8 +1,16 @@
-"""The engine: a step loop in its own thread, fed and drained through thread-safe queues.
+"""The step loop: request intake, a thread that schedules, builds and runs each step, and the
+hand-over of outputs to the event loop.
 
-Requests enter with `add_request` (from the asyncio side) and leave as `RequestOutput`s on a
-per-request `RequestStream`. Each step schedules a batch, runs the model once, samples, detokenizes
-incrementally, checks stop conditions and frees finished sequences' KV blocks.
+Requests enter with `add_requests` (from the asyncio side) and leave as `RequestOutput`s on a
+per-request `RequestStream`. Each step: the scheduler's StepPlan -> the batch builder -> one
+forward (eager or the compiled decode step) -> the output processor (server/engine/output.py:
+sampling, detokenization, every stop rule) -> finished sequences leave the scheduler, their KV
+blocks and adapter holds are freed, and the outputs go out. Engines are made and started by
+server/engine/bootstrap.py.
+
+Requests are validated where they come in (the HTTP routers; the evaluation runner fits its
+own); the engine checks only what it alone knows (an adapter version's virtual tokens against
+the context) and asserts the rest.
 """
 
 from __future__ import annotations
@@ -15,83 +23,36 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-import kernels
 from adapters.errors import AdapterError, UnknownAdapterError
-from adapters.hooks import PoolHooks
 from adapters.kinds import kind_for
-from adapters.pool import AdapterPool
-from adapters.registry import AdapterRegistry
-from adapters.spec import BaseFingerprint
-from adapters.store import AdapterStore
+from adapters.registry import AdapterRegistry, Entry
 from server.config import Settings
 from server.engine.batch import BatchBuilder
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.kv_cache import BlockAllocator
-from server.engine.sampling import (
-    SamplingParams,
-    TokenLogprob,
-    apply_penalties,
-    sample,
-    top_logprobs,
+from server.engine.errors import (
+    EngineDeadError,
+    EngineFailure,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestAbortedError,
 )
+from server.engine.kv_cache import BlockAllocator
+from server.engine.output import OutputProcessor, RequestOutput
+from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, Sequence, Status, StepPlan
-from server.errors import adapter_error_status
 from server.metrics import Metrics
 from server.model.compiled import CompiledDecode, buckets_for, use_inductor_cache
-from server.model.llama import KVCache, ModelArgs, Transformer
+from server.model.llama import KVCache, Transformer
 from server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 STEP_LOG_LEN = 4096  # steps kept in Engine.step_log
 DELETED_MODEL_LABEL = "(deleted adapter)"  # metrics label of requests that outlive their adapter
-AUTO_COMPILE_DEVICES = frozenset({"cuda"})  # --compile auto: where compiling wins (measured)
-
-
-class EngineError(Exception):
-    """Base of the errors `add_request` raises."""
-
-
-class QueueFullError(EngineError):
-    """The waiting queue is full: answer 503 with Retry-After."""
-
-
-class EngineDeadError(EngineError):
-    """The engine hit a fatal fault or is shutting down."""
-
-
-class ModelNotFoundError(EngineError):
-    """`model` names neither the base model nor a registered adapter."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"the model {name!r} does not exist")
-        self.name = name
-
-
-class InvalidRequestError(EngineError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    text: str  # new text since the previous output
-    token_ids: list[int]  # new token ids since the previous output
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    finished: bool = False
-    finish_reason: str | None = None  # stop | length | abort | error
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    error: str | None = None
-    error_status: int | None = None  # the client's fault (e.g. 404: its adapter was deleted)
+FATAL_MESSAGE = "internal engine error; the server is restarting"  # no internals to clients
 
 
 class RequestStream:
@@ -155,6 +116,7 @@ class Engine:
             num_adapter_slots=registry.pool.num_slots if registry is not None else 1,
             device=device,
         )
+        self.output = OutputProcessor(tokenizer, max_model_len)
         self.compiled: CompiledDecode | None = None  # set by enable_compile
         self._doomed: list[tuple[Sequence, AdapterError]] = []  # not admissible: fail them
         self.healthy, self.ready = True, False
@@ -166,7 +128,6 @@ class Engine:
         self._num_running = 0  # len(scheduler.running), published under _lock with _num_queued
         self._seqs: dict[str, Sequence] = {}
         self._outbox: list[tuple[RequestStream, RequestOutput]] = []
-        self._detok: dict[str, IncrementalDetokenizer] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         # Observability: (request_id, model) of every sequence in each recent step, newest last.
@@ -184,23 +145,20 @@ class Engine:
     ) -> list[RequestStream]:
         """Submit (prompt ids, params, request id) for one `model`, all or none.
 
-        Each request holds the adapter version that is current now (see AdapterRegistry.hold),
-        so that it is served even if the adapter is deleted before admission. More requests
-        than the engine could ever take at once (running + queued) is an InvalidRequestError;
-        a queue too full for them right now is QueueFullError (retryable)."""
+        The caller has checked each request: at most `capacity` of them, prompts of token ids in
+        [0, vocab_size), prompt + max_tokens within the context. Each request holds the adapter
+        version that is current now (see AdapterRegistry.hold), so that it is served even if the
+        adapter is deleted before admission; that version's virtual tokens are counted against
+        the context here (InvalidRequestError). An unknown model is ModelNotFoundError; a queue
+        too full for them right now is QueueFullError (retryable); a stopped engine,
+        EngineDeadError."""
+        assert len(requests) <= self.capacity, "more requests than the engine ever holds"
         adapter = None if model is None or model == self.model_id else model
-        if len(requests) > self.capacity:
-            raise InvalidRequestError(
-                f"this request needs {len(requests)} sequences, more than the server can ever "
-                f"hold at once ({self.capacity} = max_num_seqs {self.settings.max_num_seqs} + "
-                f"max_queue_len {self.settings.max_queue_len}); send fewer prompts or a lower n",
-                "n",
-            )
         entries = self._hold(adapter, len(requests))
         try:
             num_virtual = entries[0].num_virtual_tokens if entries else 0
             for prompt, params, _ in requests:
-                self._check_request(prompt, params, num_virtual)
+                self._check_fits(prompt, params, num_virtual)
             self._reserve_queue(len(requests))
         except BaseException:
             for entry in entries:
@@ -221,7 +179,7 @@ class Engine:
         """Sequences the engine can hold at once: running plus waiting."""
         return self.settings.max_num_seqs + self.settings.max_queue_len
 
-    def _hold(self, adapter: str | None, count: int) -> list:
+    def _hold(self, adapter: str | None, count: int) -> list[Entry]:
         """One hold on the adapter's current version per request (none for the base model)."""
         if adapter is None:
             return []
@@ -236,6 +194,19 @@ class Engine:
                 self.registry.release(entry)
             raise ModelNotFoundError(adapter) from None
         return entries
+
+    def _check_fits(self, prompt: list[int], params: SamplingParams, num_virtual: int) -> None:
+        """The one check only the engine can make: the held version's virtual tokens count
+        against the context. The rest was checked where the request came in."""
+        assert prompt and min(prompt) >= 0 and max(prompt) < self.vocab_size, "bad prompt ids"
+        assert len(prompt) + params.max_tokens <= self.max_model_len, "over the context"
+        if num_virtual + len(prompt) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens) + the adapter's virtual tokens ({num_virtual}) + "
+                f"max_tokens ({params.max_tokens}) exceeds the context length "
+                f"{self.max_model_len}; shorten the prompt or lower max_tokens",
+                "max_tokens",
+            )
 
     def _reserve_queue(self, count: int) -> None:
         with self._lock:
@@ -252,28 +223,14 @@ class Engine:
     ) -> Sequence:  # fmt: skip
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, self, loop)
-        seq = Sequence(request_id, list(prompt), params, model or self.model_id, stream)
-        if params.seed is not None:
-            seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
-        return seq
-
-    def _check_request(self, prompt: list[int], params: SamplingParams, num_virtual: int = 0) -> None:
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if num_virtual + len(prompt) + params.max_tokens > self.max_model_len:
-            virtual = f" + the adapter's virtual tokens ({num_virtual})" if num_virtual else ""
-            raise InvalidRequestError(
-                f"prompt ({len(prompt)} tokens){virtual} + max_tokens ({params.max_tokens}) "
-                f"exceeds the context length {self.max_model_len}; shorten the prompt or lower "
-                "max_tokens",
-                "max_tokens",
-            )
-        vocab = self.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        return Sequence(request_id, list(prompt), params, model or self.model_id, stream)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Run a step soon (an adapter finished loading, a request came in)."""
         self._wake.set()
 
     @property
@@ -284,17 +241,11 @@ class Engine:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
 
-    async def start(self) -> None:
-        """Run the step loop in a new thread. Servers use `start_engine`, which also builds the
-        model on that thread."""
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
-        self.ready = True
-
     def begin_drain(self) -> None:
         self.ready = False
 
     async def stop(self) -> None:
+        """End the step loop; requests still in it finish with "abort"."""
         self.ready = False
         self._stopping = True
         self._wake.set()
@@ -306,7 +257,12 @@ class Engine:
         return self.allocator.num_used
 
     # ---- engine thread --------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self, on_started: Callable[[], None] | None = None) -> None:
+        """The step loop, on the calling thread (bootstrap.start_engine's) until `stop`; a fault
+        in a step fails every request and marks the engine unhealthy."""
+        self._thread, self.ready = threading.current_thread(), True
+        if on_started is not None:
+            on_started()
         try:
             while not self._stopping:
                 self._drain_inbox()
@@ -318,11 +274,11 @@ class Engine:
                     continue
                 self.step()
                 self._flush_outbox()
-            self._fail_all("abort", None)
+            self._fail_all("abort", RequestAbortedError("the engine stopped"))
         except BaseException as e:  # noqa: BLE001 - any fault in a step is fatal by design
             log.exception("engine step failed; the engine stops")
             self.healthy = self.ready = False
-            self._fail_all("error", "internal engine error; the server is restarting")
+            self._fail_all("error", EngineDeadError(FATAL_MESSAGE))
             if self.on_fatal is not None:
                 self.on_fatal(e)
 
@@ -335,13 +291,13 @@ class Engine:
             if kind == "add":
                 seq = item
                 self._seqs[seq.request_id] = seq
-                self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.params)
+                self.output.add(seq)
                 self.scheduler.add(seq)
             elif (seq := self._seqs.get(item)) is not None:
-                self._finish(seq, "abort", [])
+                self._finish(seq, "abort", RequestAbortedError("the client aborted the request"))
 
     def step(self) -> None:
-        """One iteration: schedule, build the batch, forward, sample, emit."""
+        """One iteration: schedule, build the batch, forward, outputs."""
         plan = self.scheduler.schedule()
         self._count_admissions(plan)
         self._fail_doomed()
@@ -354,7 +310,13 @@ class Engine:
         if self.registry is not None:
             adapters = {seq.adapter for seq, _ in plan.work} - {None}
             self.metrics.on_step_adapters(len(adapters))
-        self._process(plan, self._forward(plan))
+        logits = self._forward(plan)
+        for seq, n in plan.work:
+            seq.num_computed += n  # their K/V are in the cache now
+        for seq, out in self.output.process(plan, logits):
+            if out.finished:
+                self._retire(seq, out.finish_reason)
+            self._send(seq, out)
         self._publish_stats(plan.num_tokens)
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
@@ -420,8 +382,7 @@ class Engine:
         doomed, self._doomed = self._doomed, []
         for seq, error in doomed:
             if seq.status is not Status.FINISHED:
-                status, _, _ = adapter_error_status(error)
-                self._finish(seq, "error", [], error=error.message, error_status=status)
+                self._finish(seq, "error", error)
 
     def _count_admissions(self, plan: StepPlan | None) -> None:
         admitted, requeued = (len(plan.admitted), len(plan.preempted)) if plan else (0, 0)
@@ -429,90 +390,16 @@ class Engine:
             self._num_queued += requeued - admitted
             self._num_running = len(self.scheduler.running)
 
-    def _process(self, step: StepPlan, logits: torch.Tensor) -> None:
-        row, samplers = 0, []
-        for seq, n in step.work:
-            seq.num_computed += n
-            used = n if seq.wants_prompt_logprobs else int(seq.num_computed == seq.num_tokens)
-            seq_logits = logits[row : row + used]
-            row += used
-            if seq.wants_prompt_logprobs:
-                self._record_prompt_logprobs(seq, seq_logits, n)
-            if seq.num_computed == seq.num_tokens:
-                if seq.params.max_tokens == 0:
-                    self._finish(seq, "length", [])
-                else:
-                    samplers.append((seq, seq_logits[-1]))
-        if samplers:
-            self._sample(samplers)
+    # ---- finishing and handing out --------------------------------------------------------
+    def _finish(self, seq: Sequence, reason: str, error: EngineFailure) -> None:
+        """End a sequence from here (abort, error): its last output, then retire it."""
+        out = self.output.finish(seq, reason, error)
+        self._retire(seq, reason)
+        self._send(seq, out)
 
-    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, n: int) -> None:
-        """Row i predicts token i+1; the first prompt token has no logprob."""
-        start = seq.num_computed - n
-        if seq.prompt_logprobs is None:  # indexed by position; positions before start: None
-            seq.prompt_logprobs = [None] * (start + 1)
-        targets = seq.prompt_ids[start + 1 : start + n + 1]
-        if targets:
-            lp = logits[: len(targets)].log_softmax(dim=-1)
-            k = seq.params.prompt_logprobs or 0
-            seq.prompt_logprobs += top_logprobs(lp, torch.tensor(targets, device=lp.device), k)
-
-    def _sample(self, samplers: list[tuple[Sequence, torch.Tensor]]) -> None:
-        seqs = [s for s, _ in samplers]
-        raw = torch.stack([row for _, row in samplers])  # (B, V) fp32
-        logits = apply_penalties(raw.clone(), [s.output_ids for s in seqs], [s.params for s in seqs])
-        self._mask_early_stops(logits, seqs)
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        logprobs = self._token_logprobs(raw, tokens, seqs)
-        now = time.monotonic()
-        for seq, token, lp in zip(seqs, tokens.tolist(), logprobs, strict=True):
-            seq.first_token_time = seq.first_token_time or now
-            seq.output_ids.append(token)
-            self._emit_token(seq, token, lp)
-
-    def _mask_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        """min_tokens: EOS and stop token ids cannot end a sequence before its minimum length."""
-        for row, seq in enumerate(seqs):
-            if len(seq.output_ids) < seq.params.min_tokens:
-                banned = set(seq.params.stop_token_ids)
-                if not seq.params.ignore_eos:
-                    banned |= self.tokenizer.eos_token_ids
-                logits[row, list(banned)] = float("-inf")
-
-    def _token_logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]):
-        want = [s.params.logprobs for s in seqs]
-        if all(w is None for w in want):
-            return [None] * len(seqs)
-        k = max(w or 0 for w in want)
-        rows = top_logprobs(raw.log_softmax(dim=-1), tokens, k)
-        for row, w in zip(rows, want, strict=True):
-            row.top = dict(list(row.top.items())[: w or 0])
-        return [row if w is not None else None for row, w in zip(rows, want, strict=True)]
-
-    def _emit_token(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> None:
-        detok = self._detok[seq.request_id]
-        text = detok.add(token, check_stop=len(seq.output_ids) >= seq.params.min_tokens)
-        reason = self._stop_reason(seq, token, detok)
-        if reason is not None:
-            self._finish(seq, reason, [token], [lp] if lp else [], text + detok.flush())
-        else:
-            self._send(seq, RequestOutput(seq.request_id, text, [token], [lp] if lp else []))
-
-    def _stop_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
-        p, n = seq.params, len(seq.output_ids)
-        if n >= p.min_tokens:
-            if (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-                return "stop"
-            if detok.stopped:
-                return "stop"
-        if n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
-    def _finish(
-        self, seq: Sequence, reason: str, tokens: list[int], lps: list | None = None,
-        text: str | None = None, error: str | None = None, error_status: int | None = None,
-    ) -> None:
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        """A finished sequence leaves the scheduler (its KV blocks freed) and its adapter hold
+        goes; its outcome is counted."""
         with self._lock:
             if seq.status is Status.WAITING:
                 self._num_queued -= 1
@@ -522,22 +409,9 @@ class Engine:
             entry, seq.entry, seq.lease = seq.entry, None, None
             self.registry.release(entry)
         self._seqs.pop(seq.request_id, None)
-        detok = self._detok.pop(seq.request_id, None)
-        if text is None:
-            text = detok.flush() if detok and reason != "abort" else ""
-        out = RequestOutput(seq.request_id, text, tokens, lps or [], finished=True,
-                            finish_reason=reason, error=error, error_status=error_status)
-        self._send(seq, out)
         self._record(seq, reason)
 
     def _send(self, seq: Sequence, out: RequestOutput) -> None:
-        out.num_prompt_tokens = len(seq.prompt_ids) - seq.num_virtual
-        out.num_output_tokens = len(seq.output_ids)
-        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
-            real = seq.prompt_logprobs[seq.num_virtual :]  # the client's own prompt tokens
-            if real and seq.prefix_kv is None:
-                real[0] = None  # like the base model: the first prompt token has no logprob
-            out.prompt_logprobs, seq.prompt_logprobs_sent = real, True
         self._outbox.append((seq.stream, out))
 
     def _flush_outbox(self) -> None:
@@ -560,10 +434,10 @@ class Engine:
             now - seq.arrival,
         )
 
-    def _fail_all(self, reason: str, error: str | None) -> None:
+    def _fail_all(self, reason: str, error: EngineFailure) -> None:
         self._drain_inbox()
         for seq in list(self._seqs.values()):
-            self._finish(seq, reason, [], error=error)
+            self._finish(seq, reason, error)
         self._flush_outbox()
         self._publish_stats(0)
 
@@ -576,154 +450,3 @@ class Engine:
 def _deliver_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:
     for stream, out in items:
         stream.deliver(out)
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, setting)
-
-
-@dataclass(frozen=True)
-class EnginePlan:
-    """What the settings resolve to before any weight is loaded (checked up front by the CLI)."""
-
-    model_dir: Path
-    config: dict
-    device: torch.device
-    dtype: torch.dtype
-    max_model_len: int
-    num_blocks: int
-    model_id: str
-
-
-class EngineConfigError(ValueError):
-    """The settings cannot work with this model; the message says what to change."""
-
-
-def plan_engine(settings: Settings) -> EnginePlan:
-    """Resolve the model (converting a GGUF once) and size the KV cache, without loading weights."""
-    from server.model.weights import read_config, resolve_model_dir, served_name
-
-    device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
-    model_dir = resolve_model_dir(settings.model, settings.cache_dir)
-    config = read_config(model_dir)
-    args = ModelArgs.from_hf_config(config)
-    max_len = settings.max_model_len or min(args.max_position_embeddings, 8192)
-    block_bytes = KVCache.bytes_per_block(args, settings.block_size, dtype)
-    num_blocks = settings.num_kv_blocks or settings.kv_cache_memory_mb * 2**20 // block_bytes
-    if num_blocks * settings.block_size < max_len:
-        raise EngineConfigError(
-            f"the KV cache ({num_blocks} blocks of {settings.block_size}) holds "
-            f"{num_blocks * settings.block_size} tokens, fewer than max_model_len={max_len}; "
-            "raise --kv-cache-memory-mb or lower --max-model-len"
-        )
-    model_id = settings.served_model_name or served_name(settings.model, model_dir)
-    return EnginePlan(model_dir, config, device, dtype, max_len, num_blocks, model_id)
-
-
-def build_engine(settings: Settings, metrics: Metrics) -> Engine:
-    """Load the model and tokenizer named by the settings and allocate the KV cache."""
-    from server.model.weights import load_model
-
-    plan = plan_engine(settings)
-    model = load_model(plan.model_dir, plan.device, plan.dtype)
-    tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
-    log.info("serving %s on %s (%s): %d KV blocks of %d tokens", plan.model_id, plan.device,
-             plan.dtype, plan.num_blocks, settings.block_size)
-    registry = build_registry(settings, plan, metrics)
-    ops = kernels.ops_for(plan.device)
-    model.use_ops(ops)
-    model.hooks = PoolHooks(registry.pool, ops)
-    engine = Engine(model, tokenizer, settings, metrics, plan.model_id, plan.max_model_len,
-                    plan.num_blocks, registry)
-    registry.on_ready = engine._wake.set
-    if compile_wanted(settings.compile, plan.device):
-        engine.enable_compile()
-    return engine
-
-
-def compile_wanted(setting: str, device: torch.device) -> bool:
-    """--compile: on, off, or auto = where it measurably wins (BENCHMARKS.md, compiled decode)."""
-    if setting == "auto":
-        return device.type in AUTO_COMPILE_DEVICES
-    return setting == "on"
-
-
-def parse_adapter_arg(item: str) -> tuple[str, Path]:
-    """`NAME=PATH` (from --adapter / ADAPTERSERVE_ADAPTERS) -> (name, path)."""
-    name, sep, path = item.partition("=")
-    if not sep or not name or not path:
-        raise EngineConfigError(f"--adapter expects NAME=PATH, got {item!r}")
-    return name, Path(path).expanduser()
-
-
-def build_registry(settings: Settings, plan: EnginePlan, metrics: Metrics) -> AdapterRegistry:
-    """The slot pool and registry: the durable store's uploads, then `--adapter NAME=PATH` and
-    every subfolder of each `--adapter-dir` (these are served, not copied into the store)."""
-    fingerprint = BaseFingerprint.from_hf_config(plan.config)
-    pool = AdapterPool(fingerprint, settings.adapter_slots, settings.max_adapter_rank,
-                       plan.device, plan.dtype)
-    store = AdapterStore(settings.adapter_store, settings.max_upload_bytes, settings.max_adapters)
-    registry = AdapterRegistry(
-        pool, max_rank=settings.max_adapter_rank, store=store,
-        host_capacity=settings.host_adapter_cache,
-        roots=[*settings.adapter_dirs, *settings.adapter_roots], observer=metrics,
-        reserved_names={plan.model_id},
-    )
-    for name, reason in registry.load_store():
-        log.warning("stored adapter %s skipped: %s", name, reason)
-    named = [parse_adapter_arg(item) for item in settings.adapters]
-    for folder in settings.adapter_dirs:
-        if not folder.is_dir():
-            raise EngineConfigError(f"--adapter-dir {folder}: not a directory")
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-            try:
-                registry.add_path(sub.name, sub, replace=True, require_root=False)
-            except AdapterError as e:
-                log.warning("adapter folder %s skipped: %s", sub.name, e)
-    for name, path in named:  # named ones must work: a bad one stops the start
-        try:
-            registry.add_path(name, path, replace=True, require_root=False)
-        except AdapterError as e:
-            raise EngineConfigError(f"--adapter {name}={path}: {e}") from None
-    log.info("adapters: %d registered, %d device slots, max rank %d", len(registry.list()),
-             settings.adapter_slots, settings.max_adapter_rank)
-    return registry
-
-
-async def start_engine(settings: Settings, metrics: Metrics) -> Engine:
-    """Build the engine and run its loop on one dedicated thread.
-
-    All torch work stays on that one OS thread: on CPU, a second thread that has run parallel
-    ops keeps an OpenMP pool alive, and MKL then ran the engine's matmuls ~1.3x slower (measured).
-    """
-    loop = asyncio.get_running_loop()
-    built: asyncio.Future[Engine] = loop.create_future()
-
-    def body() -> None:
-        try:
-            engine = build_engine(settings, metrics)
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(built.set_exception, e)
-            return
-        engine._thread, engine.ready = threading.current_thread(), True
-        loop.call_soon_threadsafe(built.set_result, engine)
-        engine._run()
-
-    threading.Thread(target=body, name="engine", daemon=True).start()
-    return await built
-
-
-def eos_ids(config: dict) -> set[int]:
-    eos = config.get("eos_token_id")
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, list) else {eos}

@@ -9,7 +9,7 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-sequence decoding parameters. Validated at the HTTP boundary; asserted here."""
+    """Per-sequence decoding parameters, checked where requests come in (server/serving.py)."""
 
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy

@@ -167,16 +167,16 @@ def _expand_all(datasets: list[str], described: list[dict[str, Any]], protocol: 
 
 
 async def _run_in_process(settings: Settings, body: dict[str, Any], progress: bool):
-    from server.engine.engine import EngineConfigError, plan_engine
+    from server.engine.bootstrap import EngineConfigError, plan_engine
     from server.evaluation.runner import JobOptions
     from server.main import create_app
     from server.model.weights import ModelLoadError
 
     try:  # a one-line reason rather than a traceback from the lifespan
-        plan_engine(settings)
+        plan = plan_engine(settings)
     except (ModelLoadError, EngineConfigError) as exc:
         raise EvalCommandError(f"cannot start the engine: {exc}") from None
-    app = create_app(settings)
+    app = create_app(settings, plan=plan)
     async with app.router.lifespan_context(app):
         runner = app.state.evaluations
         body["datasets"] = _expand_all(

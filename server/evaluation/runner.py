@@ -25,15 +25,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from server.config import Settings
-from server.engine.engine import (
-    Engine,
-    EngineDeadError,
-    InvalidRequestError,
-    QueueFullError,
-    RequestStream,
-)
+from server.engine.engine import Engine, RequestStream
+from server.engine.errors import EngineDeadError, EngineError, EngineFailure
 from server.engine.sampling import SamplingParams
-from server.errors import APIError, invalid_request, truncate
+from server.errors import APIError, engine_answer, engine_error, invalid_request, truncate
 from server.evaluation.datasets import Dataset, DatasetCatalog, Example, _atomic_write
 from server.evaluation.extract import AnswerSpec, extract, is_correct, split_response
 from server.evaluation.prompts import generate_prompt
@@ -394,6 +389,8 @@ class EvaluationRunner:
         prompt = generate_prompt(work.example.instruction)
         ids = self.engine.tokenizer.encode(prompt)
         wanted = job.options.max_tokens or work.dataset.max_new_tokens
+        # What the HTTP routers check, this caller fits: prompt + max_tokens within the context
+        # (a prompt that fills it is not sent at all).
         max_tokens = max(0, min(wanted, self.engine.max_model_len - len(ids)))
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -426,7 +423,7 @@ class EvaluationRunner:
             for word in choices(work.example.instruction, work.dataset.spec)
         }
         longest = len(context_ids) + max(len(ids) for ids in candidates.values())
-        if longest > self.engine.max_model_len:
+        if longest > self.engine.max_model_len:  # never sent: the engine asserts it fits
             row = _row(job, work, "", None)
             row["error"] = f"prompt + answer ({longest} tokens) exceed the model's context"
             return row
@@ -464,14 +461,15 @@ class EvaluationRunner:
         assert logprobs is not None, "a max_tokens=0 request returns its prompt logprobs"
         return sum(entry.logprob for entry in logprobs[-len(word) :] if entry is not None)
 
-    def _request_failed(self, work: Work, error: str | None) -> Exception:
-        if not self.engine.healthy:
-            return EngineDeadError(error or "engine error")
-        detail = f": {error[:200]}" if error else ""
+    def _request_failed(self, work: Work, error: EngineFailure | None) -> Exception:
+        if isinstance(error, EngineDeadError):  # a fatal fault: the job cannot go on
+            return error
+        detail = f": {str(error)[:200]}" if error else ""
         return APIError(500, f"the engine failed on {work.label} / {work.dataset.name}{detail}")
 
     async def _add(self, job: EvalJob, work: Work, ids: list[int], params) -> RequestStream:
-        """Submit one engine request; a full queue means online traffic: wait and retry."""
+        """Submit one engine request; a retryable refusal (a full queue: online traffic) waits
+        and tries again, any other fails the job (EngineDeadError as it is)."""
         delay, longest = QUEUE_FULL_BACKOFF_S
         request_id = (
             f"{job.id}-{job.options.models.index(work.label)}-{work.dataset.name}-"
@@ -482,13 +480,15 @@ class EvaluationRunner:
                 return self.engine.add_request(
                     ids, params, job.engine_models[work.label], request_id
                 )
-            except QueueFullError:
+            except EngineDeadError:
+                raise
+            except EngineError as exc:
+                if not engine_answer(exc).retry_after:
+                    error = engine_error(exc, RETRY_QUEUED_S)
+                    where = f"{work.dataset.name} example {work.example.index}"
+                    raise APIError(error.status, f"{where}: {error.message}") from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, longest)
-            except InvalidRequestError as exc:
-                raise APIError(
-                    400, f"{work.dataset.name} example {work.example.index}: {exc}"
-                ) from None
 
     # ---- state and persistence ------------------------------------------------------------
     async def _cancel_running(self, job: EvalJob, reason: str) -> None:

@@ -10,10 +10,13 @@ from jinja2 import TemplateError
 
 from server.config import Settings
 from server.deps import get_engine, get_settings, resolve_model
-from server.engine.engine import Engine, EngineError, RequestOutput
+from server.engine.engine import Engine
+from server.engine.errors import EngineError
+from server.engine.output import RequestOutput
 from server.engine.sampling import TokenLogprob
 from server.errors import error_responses, invalid_request
-from server.routers.generation import (
+from server.schemas import ChatCompletionRequest, ChatCompletionResponse
+from server.serving import (
     STREAMED,
     ChoiceResult,
     ClientDisconnected,
@@ -35,7 +38,6 @@ from server.routers.generation import (
     submit,
     usage_dict,
 )
-from server.schemas import ChatCompletionRequest, ChatCompletionResponse
 
 router = APIRouter(tags=["chat"])
 
@@ -67,10 +69,10 @@ async def create_chat_completion(
     ]
     response_id = new_id("chatcmpl")
     streams = submit(request, engine, jobs, response_id, settings)
-    view = _ChatView(body, engine, response_id, request.state.model)
+    view = _ChatView(body, engine, settings, response_id, request.state.model)
     if body.stream:
         events = event_stream(
-            streams, engine, settings, view.render, view.role_events(), view.usage_events
+            streams, settings, view.render, view.role_events(), view.usage_events
         )
         return EventStreamResponse(events)
     results = [ChoiceResult(job.index) for job in jobs]
@@ -79,7 +81,7 @@ async def create_chat_completion(
     except ClientDisconnected:
         return Response(status_code=499)
     except EngineError as exc:
-        raise engine_error(exc, settings) from None
+        raise engine_error(exc, settings.retry_after_s) from None
     return JSONResponse(view.response(results))
 
 
@@ -148,10 +150,16 @@ class _ChatView:
     """Turns engine outputs into chat completion objects, whole or as stream chunks."""
 
     def __init__(
-        self, body: ChatCompletionRequest, engine: Engine, response_id: str, model: str
+        self,
+        body: ChatCompletionRequest,
+        engine: Engine,
+        settings: Settings,
+        response_id: str,
+        model: str,
     ) -> None:
         self.body = body
         self.engine = engine
+        self.settings = settings
         self.id = response_id
         self.model = model
         self.created = int(time.time())
@@ -159,7 +167,7 @@ class _ChatView:
 
     def response(self, results: list[ChoiceResult]) -> dict:
         for result in results:
-            failure = failed_output_error(result, self.engine)
+            failure = failed_output_error(result, self.settings)
             if failure is not None:
                 raise failure
         choices = [

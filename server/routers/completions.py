@@ -12,10 +12,13 @@ from fastapi.responses import JSONResponse
 
 from server.config import Settings
 from server.deps import get_engine, get_settings, resolve_model
-from server.engine.engine import Engine, EngineError, RequestOutput
+from server.engine.engine import Engine
+from server.engine.errors import EngineError
+from server.engine.output import RequestOutput
 from server.engine.sampling import TokenLogprob
 from server.errors import error_responses, invalid_request
-from server.routers.generation import (
+from server.schemas import CompletionRequest, CompletionResponse
+from server.serving import (
     STREAMED,
     ChoiceResult,
     ClientDisconnected,
@@ -37,7 +40,6 @@ from server.routers.generation import (
     submit,
     usage_dict,
 )
-from server.schemas import CompletionRequest, CompletionResponse
 
 router = APIRouter(tags=["completions"])
 
@@ -69,10 +71,10 @@ async def create_completion(
     jobs = _jobs(body, prompts)
     response_id = new_id("cmpl")
     streams = submit(request, engine, jobs, response_id, settings)
-    view = _CompletionView(body, engine, prompts, response_id, request.state.model)
+    view = _CompletionView(body, engine, settings, prompts, response_id, request.state.model)
     if body.stream:
         return EventStreamResponse(
-            event_stream(streams, engine, settings, view.render, epilogue=view.usage_events)
+            event_stream(streams, settings, view.render, epilogue=view.usage_events)
         )
     results = [ChoiceResult(job.index) for job in jobs]
     try:
@@ -80,7 +82,7 @@ async def create_completion(
     except ClientDisconnected:
         return Response(status_code=499)
     except EngineError as exc:
-        raise engine_error(exc, settings) from None
+        raise engine_error(exc, settings.retry_after_s) from None
     return JSONResponse(view.response(results))
 
 
@@ -162,12 +164,14 @@ class _CompletionView:
         self,
         body: CompletionRequest,
         engine: Engine,
+        settings: Settings,
         prompts: list[Prompt],
         response_id: str,
         model: str,
     ):
         self.body = body
         self.engine = engine
+        self.settings = settings
         self.prompts = prompts
         self.id = response_id
         self.model = model
@@ -181,7 +185,7 @@ class _CompletionView:
 
     def response(self, results: list[ChoiceResult]) -> dict:
         for result in results:
-            failure = failed_output_error(result, self.engine)
+            failure = failed_output_error(result, self.settings)
             if failure is not None:
                 raise failure
         choices = [self.choice(r) for r in results]

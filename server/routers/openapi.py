@@ -19,8 +19,8 @@ from pydantic.json_schema import models_json_schema
 from server.config import Settings
 from server.errors import error_responses
 from server.guards import public_paths
-from server.routers.generation import max_choices
 from server.schemas import SERVER_LIMIT, ErrorResponse
+from server.serving import max_choices
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine

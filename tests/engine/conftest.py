@@ -1,26 +1,43 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from server.config import Settings
-from server.engine.engine import Engine, RequestOutput, build_engine
+from server.engine.bootstrap import running_engine
+from server.engine.engine import Engine
+from server.engine.output import RequestOutput
 from server.engine.sampling import SamplingParams
 from server.metrics import Metrics
 
+T = TypeVar("T")
+
 
 @pytest.fixture
-def make_engine(tiny_model_dir: Path) -> Callable[..., Engine]:
-    """Build (not start) an engine on the tiny model; keyword arguments override settings."""
+def engine_settings(tiny_model_dir: Path) -> Callable[..., Settings]:
+    """Settings of an engine on the tiny model; keyword arguments override them."""
 
-    def build(model_dir: Path | None = None, **overrides) -> Engine:
-        settings = Settings(model=str(model_dir or tiny_model_dir), device="cpu", **overrides)
-        return build_engine(settings, Metrics())
+    def settings(model_dir: Path | None = None, **overrides) -> Settings:
+        return Settings(model=str(model_dir or tiny_model_dir), device="cpu", **overrides)
 
-    return build
+    return settings
+
+
+def serve(
+    settings: Settings, body: Callable[[Engine], Awaitable[T]], timeout_s: float = 300
+) -> tuple[T, Engine]:
+    """Start an engine as the server does (bootstrap.running_engine), run `body` with it, stop
+    it: (what body returned, the stopped engine, for its counters)."""
+
+    async def go() -> tuple[T, Engine]:
+        async with running_engine(settings, Metrics()) as engine:
+            return await asyncio.wait_for(body(engine), timeout_s), engine
+
+    return asyncio.run(go())
 
 
 async def collect(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, RequestOutput]:
@@ -31,7 +48,3 @@ async def collect(engine: Engine, prompt: list[int], params: SamplingParams) -> 
         text += out.text
         last = out
     return ids, text, last
-
-
-def run(coro):
-    return asyncio.run(coro)

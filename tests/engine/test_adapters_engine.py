@@ -21,11 +21,12 @@ import torch
 
 from adapters.spec import BaseFingerprint
 from server.config import Settings
-from server.engine.engine import Engine, ModelNotFoundError, build_engine
+from server.engine.engine import Engine
+from server.engine.errors import InvalidRequestError, ModelNotFoundError
 from server.engine.sampling import SamplingParams
-from server.metrics import Metrics
 from tests.adapters.conftest import bottleneck_config
 from tests.adapters.makers import bottleneck_dir, bottleneck_reference, hf_model, save_peft
+from tests.engine.conftest import serve
 from tests.helpers import make_tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -83,15 +84,15 @@ class Adapters:
     def names(self) -> list[str]:
         return list(self.dirs)
 
-    def engine(self, tmp: Path, names: list[str] | None = None, **overrides) -> Engine:
+    def settings(self, tmp: Path, names: list[str] | None = None, **overrides) -> Settings:
+        """An engine's settings with `names` (default: all) given as --adapter flags."""
         names = self.names if names is None else names
-        settings = Settings(
+        return Settings(
             model=str(self.base_dir), device="cpu", cache_dir=tmp / "cache",
             adapters=[f"{n}={self.dirs[n]}" for n in names], max_adapter_rank=MAX_RANK,
             num_kv_blocks=512,
             **overrides,
         )
-        return build_engine(settings, Metrics())
 
     def greedy(self, name: str, ids: list[int]) -> tuple[list[int], list[float]]:
         """Reference greedy continuation and the log-prob of every token after the first
@@ -135,17 +136,6 @@ async def generate(engine: Engine, ids: list[int], model: str | None, **params):
     return tokens, got, last
 
 
-def run(engine: Engine, coro_factory):
-    async def go():
-        await engine.start()
-        try:
-            return await asyncio.wait_for(coro_factory(), timeout=300)
-        finally:
-            await engine.stop()
-
-    return asyncio.run(go())
-
-
 def assert_matches(adapters: Adapters, name: str, ids, tokens, got) -> None:
     want_tokens, want_lps = adapters.greedy(name, ids)
     assert tokens == want_tokens, name
@@ -159,13 +149,12 @@ def assert_matches(adapters: Adapters, name: str, ids, tokens, got) -> None:
 
 def test_every_kind_matches_its_reference(adapters: Adapters, tmp_path: Path):
     """Each adapter alone (and the base) == peft / the LLM-Adapters math: log-probs and text."""
-    engine = adapters.engine(tmp_path)
     cases = [(name, prompt(i, 9 + i, adapters.vocab)) for i, name in enumerate(adapters.names)]
 
-    async def go():
+    async def go(engine):
         return [await generate(engine, ids, name) for name, ids in cases]
 
-    results = run(engine, go)
+    results, engine = serve(adapters.settings(tmp_path), go)
     base_ids = cases[0][1]
     base = adapters.greedy("base", base_ids)
     for (name, ids), (tokens, got, _) in zip(cases, results, strict=True):
@@ -177,21 +166,17 @@ def test_every_kind_matches_its_reference(adapters: Adapters, tmp_path: Path):
 def test_mixed_batch_equals_each_alone(adapters: Adapters, tmp_path: Path):
     """Every kind twice plus base requests, concurrently (and through chunked prefill with a
     small token budget): the same tokens and log-probs as each request run alone."""
-    engine = adapters.engine(tmp_path, max_num_batched_tokens=32, block_size=4)
+    settings = adapters.settings(tmp_path, max_num_batched_tokens=32, block_size=4)
     models = [*adapters.names, None, *adapters.names, None]
     cases = [(m, prompt(100 + i, 5 + (3 * i) % 17, adapters.vocab)) for i, m in enumerate(models)]
     assert len(cases) >= 8
 
-    async def together():
-        return await asyncio.gather(*[generate(engine, ids, m) for m, ids in cases])
+    async def both(engine):
+        together = await asyncio.gather(*[generate(engine, ids, m) for m, ids in cases])
+        alone = [await generate(engine, ids, m) for m, ids in cases]
+        return together, alone
 
-    async def alone():
-        return [await generate(engine, ids, m) for m, ids in cases]
-
-    async def both():
-        return await together(), await alone()
-
-    mixed, single = run(engine, both)
+    (mixed, single), engine = serve(settings, both)
     for (model, _), (t1, lp1, _), (t2, lp2, _) in zip(cases, mixed, single, strict=True):
         assert t1 == t2, model
         torch.testing.assert_close(
@@ -207,15 +192,15 @@ def test_mixed_batch_equals_each_alone(adapters: Adapters, tmp_path: Path):
 def test_eviction_with_few_slots_and_no_host_cache(adapters: Adapters, tmp_path: Path):
     """2 device slots, no host cache, 7 adapters requested concurrently and in turn: every one
     is served correctly; loads come from disk; slots are evicted LRU."""
-    engine = adapters.engine(tmp_path, adapter_slots=2, host_adapter_cache=0)
+    settings = adapters.settings(tmp_path, adapter_slots=2, host_adapter_cache=0)
     cases = [(name, prompt(200 + i, 7, adapters.vocab)) for i, name in enumerate(adapters.names)]
 
-    async def go():
+    async def go(engine):
         first = await asyncio.gather(*[generate(engine, ids, name) for name, ids in cases])
         again = [await generate(engine, ids, name) for name, ids in reversed(cases)]
         return first, again[::-1]
 
-    first, again = run(engine, go)
+    (first, again), engine = serve(settings, go)
     for (name, ids), (t1, lp1, _), (t2, _, _) in zip(cases, first, again, strict=True):
         assert_matches(adapters, name, ids, t1, lp1)
         assert t1 == t2
@@ -234,29 +219,32 @@ def stage_copy(engine: Engine, src: Path) -> Path:
 
 
 def test_uploads_survive_restart_and_replace_delete(adapters: Adapters, tmp_path: Path):
-    engine = adapters.engine(tmp_path, names=[])
+    settings = adapters.settings(tmp_path, names=[])
     ids = prompt(300, 8, adapters.vocab)
-    engine.registry.add_upload(stage_copy(engine, adapters.dirs["lora-r8-rs"]), "up")
-    with pytest.raises(Exception, match="already exists"):
-        engine.registry.add_upload(stage_copy(engine, adapters.dirs["ia3"]), "up")
-    before = run(engine, lambda: generate(engine, ids, "up"))
 
-    restarted = adapters.engine(tmp_path, names=[])  # same store under cache_dir
-    assert [e.name for e in restarted.registry.list()] == ["up"]
-    registry = restarted.registry
-
-    async def go():
-        after = await generate(restarted, ids, "up")
+    async def first(engine):
         await asyncio.to_thread(
-            registry.add_upload, stage_copy(restarted, adapters.dirs["ia3"]), "up", True
+            engine.registry.add_upload, stage_copy(engine, adapters.dirs["lora-r8-rs"]), "up"
         )
-        replaced = await generate(restarted, ids, "up")
+        with pytest.raises(Exception, match="already exists"):
+            engine.registry.add_upload(stage_copy(engine, adapters.dirs["ia3"]), "up")
+        return await generate(engine, ids, "up")
+
+    async def restarted(engine):  # the same store under cache_dir
+        assert [e.name for e in engine.registry.list()] == ["up"]
+        registry = engine.registry
+        after = await generate(engine, ids, "up")
+        await asyncio.to_thread(
+            registry.add_upload, stage_copy(engine, adapters.dirs["ia3"]), "up", True
+        )
+        replaced = await generate(engine, ids, "up")
         await asyncio.to_thread(registry.remove, "up")
         with pytest.raises(ModelNotFoundError):
-            await generate(restarted, ids, "up")
+            await generate(engine, ids, "up")
         return after, replaced
 
-    after, replaced = run(restarted, go)
+    before, _ = serve(settings, first)
+    (after, replaced), _ = serve(settings, restarted)
     assert after[0] == before[0]
     assert_matches(adapters, "lora-r8-rs", ids, after[0], after[1])
     assert_matches(adapters, "ia3", ids, replaced[0], replaced[1])
@@ -268,7 +256,6 @@ def test_hot_swap_under_traffic(adapters: Adapters, tmp_path: Path):
     refused when it is submitted (404, the adapter is deleted at that moment) or served on one
     version's weights exactly (tokens of version A or of version B, never a mix), never
     accepted and then failed; no deadlock; KV blocks and slot holds return to zero."""
-    engine = adapters.engine(tmp_path, names=[], adapter_slots=3)
     versions = {"lora-r8-rs": None, "series": None}
     ids = prompt(400, 6, adapters.vocab)
     for name in versions:
@@ -276,7 +263,7 @@ def test_hot_swap_under_traffic(adapters: Adapters, tmp_path: Path):
     stop = threading.Event()
     swaps = {"n": 0}
 
-    def swapper():
+    def swapper(engine):
         order = ["lora-r8-rs", "series"]
         while not stop.is_set():
             src = order[swaps["n"] % 2]
@@ -286,9 +273,9 @@ def test_hot_swap_under_traffic(adapters: Adapters, tmp_path: Path):
                 engine.registry.remove("hot")
                 stop.wait(0.01)
 
-    async def traffic():
+    async def traffic(engine):
         engine.registry.add_upload(stage_copy(engine, adapters.dirs["series"]), "hot")
-        thread = threading.Thread(target=swapper)
+        thread = threading.Thread(target=swapper, args=(engine,))
         thread.start()
         outcomes = []
         try:
@@ -301,7 +288,7 @@ def test_hot_swap_under_traffic(adapters: Adapters, tmp_path: Path):
             await asyncio.to_thread(thread.join)
         return outcomes
 
-    outcomes = run(engine, traffic)
+    outcomes, engine = serve(adapters.settings(tmp_path, names=[], adapter_slots=3), traffic)
     finished = [o for o in outcomes if not isinstance(o, BaseException)]
     for o in outcomes:
         assert isinstance(o, ModelNotFoundError) or not isinstance(o, BaseException), o
@@ -324,30 +311,36 @@ def test_accepted_requests_survive_a_delete_or_replace(
     """Requests accepted for an adapter that is deleted (or replaced) before the engine admits
     them are served on the version they were accepted for, not failed after their response
     started; requests submitted after the delete are refused (404)."""
-    engine = adapters.engine(tmp_path, names=[], host_adapter_cache=host_cache)
     ids = prompt(450, 7, adapters.vocab)
-    engine.registry.add_upload(stage_copy(engine, adapters.dirs["lora-r8-rs"]), "gone")
-    engine.registry.add_upload(stage_copy(engine, adapters.dirs["series"]), "swapped")
+    admit = threading.Event()
 
-    async def go():
+    async def go(engine):
+        registry = engine.registry
+        acquire = registry.acquire
+
+        def gated(entry):  # the engine thread waits here: no admission until `admit`
+            admit.wait(60)
+            return acquire(entry)
+
+        registry.acquire = gated
+        registry.add_upload(stage_copy(engine, adapters.dirs["lora-r8-rs"]), "gone")
+        registry.add_upload(stage_copy(engine, adapters.dirs["series"]), "swapped")
         params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
         held = [engine.add_request(ids, params, model=name) for name in ("gone", "swapped")]
-        await asyncio.to_thread(engine.registry.remove, "gone")
+        await asyncio.to_thread(registry.remove, "gone")
         new = stage_copy(engine, adapters.dirs["ia3"])
-        await asyncio.to_thread(engine.registry.add_upload, new, "swapped", True)
+        await asyncio.to_thread(registry.add_upload, new, "swapped", True)
         with pytest.raises(ModelNotFoundError):
             engine.add_request(ids, params, model="gone")
-        await engine.start()  # admission happens only now
-        try:
-            results = []
-            for stream in held:
-                outs = [out async for out in stream]
-                results.append((sum((o.token_ids for o in outs), []), outs[-1]))
-            return results, await generate(engine, ids, "swapped")
-        finally:
-            await engine.stop()
+        admit.set()  # admission happens only now
+        results = []
+        for stream in held:
+            outs = [out async for out in stream]
+            results.append((sum((o.token_ids for o in outs), []), outs[-1]))
+        return results, await generate(engine, ids, "swapped")
 
-    (gone, swapped), replaced = asyncio.run(asyncio.wait_for(go(), timeout=300))
+    settings = adapters.settings(tmp_path, names=[], host_adapter_cache=host_cache)
+    ((gone, swapped), replaced), engine = serve(settings, go)
     assert gone[1].error is None and swapped[1].error is None, (gone[1], swapped[1])
     assert gone[0] == adapters.greedy("lora-r8-rs", ids)[0]
     assert swapped[0] == adapters.greedy("series", ids)[0]
@@ -357,17 +350,22 @@ def test_accepted_requests_survive_a_delete_or_replace(
 
 
 def test_unknown_adapter_is_refused(adapters: Adapters, tmp_path: Path):
-    engine = adapters.engine(tmp_path, names=["ia3"])
-    with pytest.raises(ModelNotFoundError):
-        asyncio.run(generate(engine, [5, 6, 7], "nope"))
+    async def go(engine):
+        with pytest.raises(ModelNotFoundError):
+            await generate(engine, [5, 6, 7], "nope")
+
+    serve(adapters.settings(tmp_path, names=["ia3"]), go)
 
 
 def test_virtual_tokens_count_against_the_context(adapters: Adapters, tmp_path: Path):
-    engine = adapters.engine(tmp_path, names=["prefix"], max_model_len=32)
     ids = prompt(500, 20, adapters.vocab)
-    with pytest.raises(Exception, match="virtual tokens"):
-        asyncio.run(generate(engine, ids, "prefix", ))  # 5 + 20 + 8 > 32
-    tokens, got, last = run(engine, lambda: generate(engine, ids[:15], "prefix"))
+
+    async def go(engine):
+        with pytest.raises(InvalidRequestError, match="virtual tokens"):
+            await generate(engine, ids, "prefix")  # 5 + 20 + 8 > 32
+        return await generate(engine, ids[:15], "prefix")
+
+    (tokens, got, last), _ = serve(adapters.settings(tmp_path, names=["prefix"], max_model_len=32), go)
     assert last.num_prompt_tokens == 15 and len(tokens) == NEW_TOKENS
 
 
@@ -391,14 +389,14 @@ def test_default_model_peft_parity(default_model_dir: Path, tmp_path: Path):
         adapters=[f"{n}={d}" for n, d in dirs.items()], max_adapter_rank=MAX_RANK,
         num_kv_blocks=256, max_model_len=1024,
     )
-    engine = build_engine(settings, Metrics())
-    text = engine.tokenizer.encode("The three primary colors are")
+    text = []
 
-    async def go():
+    async def go(engine):
+        text.extend(engine.tokenizer.encode("The three primary colors are"))
         models = [*dirs, None]
         return await asyncio.gather(*[generate(engine, text, m) for m in models])
 
-    results = run(engine, go)
+    results, _ = serve(settings, go)
     outputs = {}
     for (name, directory), (tokens, got, _) in zip(dirs.items(), results[:-1], strict=True):
         reference = peft.PeftModel.from_pretrained(hf_model(default_model_dir), str(directory))

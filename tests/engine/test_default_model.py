@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.engine.sampling import SamplingParams
-from tests.engine.conftest import collect
+from server.model.tokenizer import Tokenizer
+from tests.engine.conftest import collect, serve
 
 PROMPTS = [
     "The capital of France is",
@@ -18,22 +19,18 @@ PROMPTS = [
 ]
 
 
-def test_greedy_text_equals_transformers(make_engine, default_model_dir):
-    engine = make_engine(model_dir=default_model_dir)
+def test_greedy_text_equals_transformers(engine_settings, default_model_dir):
     hf = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(str(default_model_dir))
-    chat = engine.tokenizer.encode_chat([{"role": "user", "content": "Name three colors."}])
-    prompts = [engine.tokenizer.encode(p) for p in PROMPTS] + [chat]
+    tokenizer = Tokenizer(default_model_dir)
+    chat = tokenizer.encode_chat([{"role": "user", "content": "Name three colors."}])
+    prompts = [tokenizer.encode(p) for p in PROMPTS] + [chat]
 
-    async def go():
-        await engine.start()
-        try:
-            params = SamplingParams(max_tokens=24, temperature=0.0)
-            return await asyncio.gather(*[collect(engine, p, params) for p in prompts])
-        finally:
-            await engine.stop()
+    async def go(engine):
+        params = SamplingParams(max_tokens=24, temperature=0.0)
+        return await asyncio.gather(*[collect(engine, p, params) for p in prompts])
 
-    results = asyncio.run(go())
+    results, engine = serve(engine_settings(model_dir=default_model_dir), go)
     for prompt, (ids, text, _) in zip(prompts, results, strict=True):
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
         assert ids == out.tolist()

@@ -1,16 +1,20 @@
 """IncrementalDetokenizer on a real tokenizer, no model: tests.helpers.make_tokenizer trains a
 tiny byte-level BPE, so multi-byte characters split across tokens ("日本語" -> " 日本\\xe8",
 "\\xaa\\x9e"). The joined deltas must equal tokenizer.decode of all ids, never show a U+FFFD for
-a split character, and stop strings cut the text where they start, whichever tokens they span."""
+a split character, and stop strings cut the text where they start, whichever tokens they span.
+Stop strings are the output processor's StopRules over the detokenizer, driven here the way
+OutputProcessor._emit drives them (`Emitter`)."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.output import StopRules
 from server.engine.sampling import SamplingParams
 from server.model.tokenizer import Tokenizer
 from tests.helpers import CORPUS, make_tokenizer
@@ -30,11 +34,49 @@ def ids_of(tok: Tokenizer, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
+class Emitter:
+    """One sequence's text as OutputProcessor hands it out: after each token, StopRules decide
+    whether a stop string (or nothing) ends it; `add` returns that token's text (the cut text
+    when it stops), `flush` the rest at the end. No EOS, no length limit."""
+
+    def __init__(self, tok: Tokenizer, params: SamplingParams) -> None:
+        self.params = params
+        self.rules = StopRules(frozenset(), max_model_len=10**9)
+        self.detok = IncrementalDetokenizer(tok, self.rules.holdback(params))
+        self.output_ids: list[int] = []
+        self.stopped = False
+
+    @property
+    def ids(self) -> list[int]:
+        return self.detok.ids
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.output_ids.append(token)
+        self.detok.add(token)
+        seq = SimpleNamespace(
+            params=self.params, output_ids=self.output_ids, num_tokens=len(self.output_ids)
+        )
+        stop = self.rules.after_token(seq, token, self.detok)
+        if stop is None:
+            return self.detok.take()
+        self.stopped = True
+        return self.detok.flush() if stop.text_end is None else self.detok.cut(stop.text_end)
+
+    def flush(self) -> str:
+        return "" if self.stopped else self.detok.flush()
+
+
+def emitter(tok: Tokenizer, check_from: int = 0, **params) -> Emitter:
+    """Stop strings are looked for from token `check_from` (0-based) on: min_tokens."""
+    return Emitter(tok, SamplingParams(max_tokens=10**6, min_tokens=check_from + 1, **params))
+
+
 def deltas(tok: Tokenizer, ids: list[int], check_from: int = 0, **params) -> tuple[list[str], str]:
-    """(what each add returned, what flush returned); stop checks from token `check_from` on
-    (the engine's min_tokens)."""
-    detok = IncrementalDetokenizer(tok, SamplingParams(**params))
-    out = [detok.add(t, check_stop=i >= check_from) for i, t in enumerate(ids)]
+    """(what each add returned, what flush returned)."""
+    detok = emitter(tok, check_from, **params)
+    out = [detok.add(t) for t in ids]
     return out, detok.flush()
 
 
@@ -86,7 +128,7 @@ def test_special_tokens_add_no_text(tok: Tokenizer):
 # ---- stop strings ------------------------------------------------------------------------------
 def test_stop_string_across_tokens_cuts_before_it(tok: Tokenizer):
     """The stop "lo, w" spans 'll' (its 'l'), 'o', ',', ' ', 'w'; 4 characters are held back meanwhile."""
-    detok = IncrementalDetokenizer(tok, SamplingParams(stop=("lo, w",)))
+    detok = emitter(tok, stop=("lo, w",))
     out = [detok.add(t) for t in hello(tok)[:7]]
     assert out == ["", "", "", "H", "e", "l", ""] and detok.stopped
     assert detok.flush() == "" and detok.flush() == ""
@@ -94,14 +136,13 @@ def test_stop_string_across_tokens_cuts_before_it(tok: Tokenizer):
 
 def test_include_stop_str_in_output_keeps_the_stop(tok: Tokenizer):
     out, tail = deltas(tok, hello(tok)[:7], stop=("lo, w",), include_stop_str_in_output=True)
-    assert "".join(out) == "Hel" and tail == "lo, w"
+    assert "".join(out[:-1]) == "Hel" and out[-1] == "lo, w" and tail == ""
 
 
 def test_text_after_the_stop_is_dropped_and_later_tokens_ignored(tok: Tokenizer):
     """The stop is found in the middle of a token's text ('ll' ends in 'l' + 'o'); what the
     token adds after it is dropped, and tokens added after the stop change nothing."""
-    params = SamplingParams(stop=("lo",), include_stop_str_in_output=True)
-    detok = IncrementalDetokenizer(tok, params)
+    detok = emitter(tok, stop=("lo",), include_stop_str_in_output=True)
     ids = hello(tok)
     out = [detok.add(t) for t in ids]
     assert detok.stopped and detok.ids == ids[:4]
@@ -131,7 +172,7 @@ def test_stop_string_with_a_split_character(tok: Tokenizer):
 def test_possible_stop_prefix_is_held_then_released(tok: Tokenizer):
     """The text "o, " may become the stop "o, x": held; once 'w' rules that out, its 'o' is
     released; at the end everything is."""
-    detok = IncrementalDetokenizer(tok, SamplingParams(stop=("o, x",)))
+    detok = emitter(tok, stop=("o, x",))
     ids = hello(tok)
     out = [detok.add(t) for t in ids[:6]]  # "Hello, "
     assert "".join(out) == "Hell"
@@ -141,7 +182,7 @@ def test_possible_stop_prefix_is_held_then_released(tok: Tokenizer):
     assert not detok.stopped and "".join(out) + detok.flush() == HELLO
 
 
-def test_stops_are_not_checked_while_check_stop_is_false(tok: Tokenizer):
+def test_stops_are_not_checked_below_min_tokens(tok: Tokenizer):
     """min_tokens: a stop string in the first tokens' text does not stop; once checking starts,
     a later one does."""
     out, tail = deltas(tok, hello(tok), check_from=3, stop=("He",))
@@ -158,11 +199,8 @@ def test_stops_are_not_checked_while_check_stop_is_false(tok: Tokenizer):
 def test_stop_in_unchecked_text_never_cuts_into_emitted_text(tok: Tokenizer, stops, allowed):
     """Either the unchecked stop is ignored (as vLLM does: only checked tokens' text can stop)
     or the text is cut before it, but never after part of it went out."""
-    detok = IncrementalDetokenizer(tok, SamplingParams(stop=stops))
-    ids = hello(tok)
-    out = [detok.add(t, check_stop=False) for t in ids[:3]]  # "Hell", min_tokens = 3
-    out += [detok.add(t, check_stop=True) for t in ids[3:]]
-    assert "".join(out) + detok.flush() in allowed
+    out, tail = deltas(tok, hello(tok), check_from=3, stop=stops)  # "Hell" unchecked
+    assert "".join(out) + tail in allowed
 
 
 def visible_texts(tok: Tokenizer, ids: list[int]) -> list[str]:
@@ -201,9 +239,7 @@ def test_random_texts_and_stops_match_the_reference(tok: Tokenizer):
         )
         include = rng.random() < 0.5
         ids = ids_of(tok, piece)
-        detok = IncrementalDetokenizer(
-            tok, SamplingParams(stop=stops, include_stop_str_in_output=include)
-        )
+        detok = emitter(tok, stop=stops, include_stop_str_in_output=include)
         out, at = [], None
         for k, token in enumerate(ids, 1):
             out.append(detok.add(token))

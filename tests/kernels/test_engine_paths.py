@@ -10,27 +10,21 @@ import asyncio
 import pytest
 
 from server.config import Settings
-from server.engine.engine import build_engine
 from server.engine.sampling import SamplingParams
-from server.metrics import Metrics
-from tests.engine.conftest import collect
+from tests.engine.conftest import collect, serve
 
 PROMPTS = [[5, 17, 99, 230, 7], [42] * 19, list(range(60, 97))]
 
 
 def greedy_tokens(model_dir) -> list[list[int]]:
-    engine = build_engine(Settings(model=str(model_dir), device="cpu", block_size=4, num_kv_blocks=64,
-                                   max_model_len=128), Metrics())
+    settings = Settings(model=str(model_dir), device="cpu", block_size=4, num_kv_blocks=64,
+                        max_model_len=128)
 
-    async def go():
-        await engine.start()
-        try:
-            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-            return await asyncio.gather(*[collect(engine, p, params) for p in PROMPTS])
-        finally:
-            await engine.stop()
+    async def go(engine):
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        return await asyncio.gather(*[collect(engine, p, params) for p in PROMPTS])
 
-    return [ids for ids, _, _ in asyncio.run(go())]
+    return [ids for ids, _, _ in serve(settings, go)[0]]
 
 
 def test_triton_path_matches_reference_path(tiny_model_dir, triton_module, monkeypatch: pytest.MonkeyPatch):
@@ -49,7 +43,7 @@ def test_triton_path_matches_reference_path(tiny_model_dir, triton_module, monke
 def test_adapters_of_every_kind_through_triton(tmp_path, triton_module, monkeypatch):
     """LoRA (two), IA3, prefix, prompt, series and parallel adapters beside base requests in one
     engine: the Triton path (interpreter) gives the reference path's tokens and log-probs."""
-    from tests.engine.test_adapters_engine import Adapters, generate, prompt, run
+    from tests.engine.test_adapters_engine import Adapters, generate, prompt
 
     adapters = Adapters(tmp_path / "adapters")
     models = [*adapters.names, None]
@@ -61,8 +55,8 @@ def test_adapters_of_every_kind_through_triton(tmp_path, triton_module, monkeypa
 
     def tokens(kind: str):
         monkeypatch.setenv("ADAPTERSERVE_KERNELS", kind)
-        engine = adapters.engine(tmp_path / kind)
-        return run(engine, lambda: asyncio.gather(*[generate(engine, p, m) for m, p in cases]))
+        settings = adapters.settings(tmp_path / kind)
+        return serve(settings, lambda engine: asyncio.gather(*[generate(engine, p, m) for m, p in cases]))[0]
 
     reference = tokens("reference")
     assert not calls

@@ -14,12 +14,11 @@ import torch
 from torch._dynamo.utils import counters
 
 from server.config import Settings
-from server.engine.engine import build_engine
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Sequence
-from server.metrics import Metrics
 from server.model.compiled import CompiledDecode
 from tests.adapters.test_pool_hooks import SLOTS, Setup, prompt, setup  # noqa: F401
+from tests.engine.conftest import serve
 from tests.helpers import Stepper
 
 ATOL, RTOL = 2e-4, 2e-4  # fp32 logits of a random 2-layer model: |logit| ~ 1-5
@@ -112,21 +111,15 @@ def test_no_recompilation_while_the_batch_changes(setup: Setup) -> None:  # noqa
 def engine_tokens(model_dir: Path, tmp_path: Path, compile: str, prompts) -> tuple[list, object]:
     settings = Settings(model=str(model_dir), device="cpu", num_kv_blocks=128, max_model_len=256,
                         cache_dir=tmp_path, compile=compile)  # fmt: skip
-    engine = build_engine(settings, Metrics())
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
-    async def go():
-        await engine.start()
-        try:
-            params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    async def go(engine):
+        async def one(ids):
+            return [t async for out in engine.add_request(ids, params) for t in out.token_ids]
 
-            async def one(ids):
-                return [t async for out in engine.add_request(ids, params) for t in out.token_ids]
+        return await asyncio.gather(*[one(p) for p in prompts])
 
-            return await asyncio.gather(*[one(p) for p in prompts])
-        finally:
-            await engine.stop()
-
-    return asyncio.run(go()), engine
+    return serve(settings, go)
 
 
 def test_default_model_greedy_text_identical(default_model_dir: Path, tmp_path: Path) -> None:

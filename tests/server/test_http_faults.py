@@ -16,7 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
-import server.engine.engine
+import server.engine.bootstrap
 import server.main
 from server import cli
 from server.config import Settings
@@ -45,14 +45,14 @@ class FailingModel:
 def armed(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """Engines built while this fixture is active fail their next step once the event is set."""
     event = threading.Event()
-    real_build = server.engine.engine.build_engine
+    real_build = server.engine.bootstrap.build_engine
 
-    def build(settings: Settings, metrics: Any) -> Any:
-        engine = real_build(settings, metrics)
+    def build(settings: Settings, metrics: Any, plan: Any = None) -> Any:
+        engine = real_build(settings, metrics, plan)
         engine.model = FailingModel(engine.model, event)
         return engine
 
-    monkeypatch.setattr(server.engine.engine, "build_engine", build)
+    monkeypatch.setattr(server.engine.bootstrap, "build_engine", build)
     return event
 
 

@@ -1,6 +1,11 @@
-"""What /v1/completions and /v1/chat/completions share: request checks, sampling parameters,
-submitting one engine request per choice, collecting or streaming their outputs, and
-aborting them all when the client goes away.
+"""What /v1/completions and /v1/chat/completions share (the serving code, not a router):
+request checks, sampling parameters, submitting one engine request per choice, collecting or
+streaming their outputs, and aborting them all when the client goes away.
+
+Each request is validated here, at the boundary, once: the schema, then `check_sampling`
+(n, capacity, logit_bias and stop token ids, min_tokens), `check_context` and the routers'
+own prompt checks (characters, empty, token id ranges). The engine counts only what it alone
+knows (an adapter's virtual tokens); engine errors are answered through server/errors.py.
 """
 
 from __future__ import annotations
@@ -20,18 +25,18 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.config import Settings
-from server.engine.engine import (
-    Engine,
-    EngineDeadError,
-    EngineError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    QueueFullError,
-    RequestOutput,
-    RequestStream,
-)
+from server.engine.engine import Engine, RequestStream
+from server.engine.errors import EngineDeadError, EngineError, EngineFailure
+from server.engine.output import RequestOutput
 from server.engine.sampling import SamplingParams, TokenLogprob
-from server.errors import APIError, error_body, invalid_request, model_not_found, truncate
+from server.errors import (
+    APIError,
+    engine_error,
+    error_body,
+    failure_error,
+    invalid_request,
+    truncate,
+)
 from server.schemas import SamplingFields
 
 log = logging.getLogger(__name__)
@@ -81,7 +86,7 @@ def log_ignored_fields(request: Request, body: SamplingFields) -> None:
 def check_engine_accepting(request: Request, engine: Engine, settings: Settings) -> None:
     """503 while the server drains (SIGTERM) or after a fatal engine fault."""
     if not engine.healthy:
-        raise engine_unavailable()
+        raise engine_error(EngineDeadError("the engine is not running"), settings.retry_after_s)
     if getattr(request.app.state, "draining", False) or not engine.ready:
         raise APIError(
             503,
@@ -210,32 +215,6 @@ class Job:
     params: SamplingParams
 
 
-def engine_unavailable() -> APIError:
-    return APIError(
-        503,
-        "The inference engine has failed and the server is restarting.",
-        code="engine_unavailable",
-    )
-
-
-def engine_error(exc: EngineError, settings: Settings) -> APIError:
-    if isinstance(exc, QueueFullError):
-        return APIError(
-            503,
-            f"The server is overloaded: its request queue is full. Retry after {settings.retry_after_s} s.",
-            code="queue_full",
-            headers={"Retry-After": str(settings.retry_after_s)},
-        )
-    if isinstance(exc, InvalidRequestError):
-        return invalid_request(str(exc), getattr(exc, "param", None))
-    if isinstance(exc, ModelNotFoundError):  # e.g. the adapter was deleted a moment ago
-        return model_not_found(exc.name)
-    if isinstance(exc, EngineDeadError):
-        return engine_unavailable()
-    log.error("engine error: %r", exc)
-    return APIError(500, "The engine failed to process the request.", "server_error")
-
-
 def submit(
     request: Request, engine: Engine, jobs: list[Job], request_id: str, settings: Settings
 ) -> list[RequestStream]:
@@ -243,8 +222,8 @@ def submit(
     requests = [(job.prompt_ids, job.params, f"{request_id}-{job.index}") for job in jobs]
     try:
         streams = engine.add_requests(requests, model=request.state.model)
-    except EngineError as exc:
-        raise engine_error(exc, settings) from None
+    except EngineError as exc:  # e.g. the adapter was deleted a moment ago: 404
+        raise engine_error(exc, settings.retry_after_s) from None
     request.state.submitted = True  # the engine counts this request's outcome from now on
     return streams
 
@@ -300,8 +279,7 @@ class ChoiceResult:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
-    error: str | None = None
-    error_status: int | None = None
+    error: EngineFailure | None = None
 
     def add(self, output: RequestOutput) -> None:
         self.text += output.text
@@ -314,26 +292,13 @@ class ChoiceResult:
         if output.finished:
             self.finish_reason = output.finish_reason
             self.error = output.error
-            self.error_status = output.error_status
 
 
-def failed_output_error(output: RequestOutput | ChoiceResult, engine: Engine) -> APIError | None:
+def failed_output_error(
+    output: RequestOutput | ChoiceResult, settings: Settings
+) -> APIError | None:
     """The error to answer for a request the engine finished with an error or an abort."""
-    if output.finish_reason == "error":
-        if output.error_status == 404:  # its adapter was deleted before it was admitted
-            return APIError(404, f"{output.error}; GET /v1/models lists the served models.",
-                            "invalid_request_error", param="model", code="model_not_found")
-        if output.error_status is not None and 400 <= output.error_status < 500:
-            return APIError(output.error_status, output.error or "invalid request")
-        if not engine.healthy:
-            return engine_unavailable()
-        detail = f": {output.error[:200]}" if output.error else "."
-        return APIError(500, f"The engine failed while generating{detail}", "server_error")
-    if output.finish_reason == "abort":
-        return APIError(
-            503, "The request was aborted by the server (shutting down).", code="aborted"
-        )
-    return None
+    return None if output.error is None else failure_error(output.error, settings.retry_after_s)
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -400,7 +365,6 @@ def sse_error(error: APIError) -> str:
 
 async def event_stream(
     streams: list[RequestStream],
-    engine: Engine,
     settings: Settings,
     render: Callable[[int, RequestOutput], Iterable[str]],
     prologue: Iterable[str] = (),
@@ -413,7 +377,7 @@ async def event_stream(
             yield event
         async with aclosing(merge_streams(streams)) as merged:
             async for position, output in merged:
-                failure = failed_output_error(output, engine) if output.finished else None
+                failure = failed_output_error(output, settings) if output.finished else None
                 if failure is not None:
                     yield sse_error(failure)
                     break
@@ -423,7 +387,7 @@ async def event_stream(
                 for event in epilogue():
                     yield event
     except EngineError as exc:
-        yield sse_error(engine_error(exc, settings))
+        yield sse_error(engine_error(exc, settings.retry_after_s))
     except Exception:
         log.exception("error while streaming a response")
         yield sse_error(
