@@ -189,10 +189,11 @@ def test_random_batches_equal_each_sequence_alone(model_pair, seed):
     budgets = torch.randint(1, 13, (7,), generator=g).tolist()
     num_blocks = 8 if seed % 3 == 0 else 64  # 32 tokens: preemption for the larger draws
     logits, preempted, shapes = run_batched(ours, seqs, budgets, num_blocks, outputs=4)
-    # The draws keep exercising what they are for: preemption, decodes beside prefill chunks.
-    # The draws keep exercising what they are for: preemption, decodes beside prefill chunks.
+    # The draws keep exercising what they are for: preemption, decodes beside prefill chunks
+    # (but seed 12's: since a step that preempts admits nobody, its 8 blocks never hold a
+    # decode beside a chunk; the other 15 draws cover that).
     assert preempted > 0 or seed not in PREEMPTING_SEEDS
-    assert any(d and p for d, p in shapes)
+    assert any(d and p for d, p in shapes) or seed == 12
     for seq in seqs:
         tokens = seq.prompt_ids + seq.output_ids[:-1]
         alone = Sequence("alone", tokens, SamplingParams(prompt_logprobs=0), "m", stream=None)
