@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     kv_cache_memory_mb: int = Field(1024, ge=1, description="memory for the paged KV cache")
     num_kv_blocks: int | None = Field(None, ge=1, description="override the block count derived from memory")
     max_queue_len: int = Field(256, ge=0, description="waiting requests before 503")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV blocks of prompt prefixes seen before (keyed by content "
+        "and adapter version); false turns it off"
+    )
     compile: Literal["off", "auto", "on"] = Field(
         "auto", description="torch.compile the decode step (CUDA: + CUDA graphs); auto = where it wins"
     )

@@ -43,6 +43,22 @@ class Metrics:
             "adapterserve_step_tokens", "Tokens processed per engine step",
             buckets=_TOKEN_BUCKETS, registry=r,
         )
+        self.prefix_cache_blocks = Gauge(
+            "adapterserve_prefix_cache_blocks", "KV cache blocks by state: used (held by "
+            "sequences), cached (unused, K/V kept for reuse), free", ["state"], registry=r,
+        )
+        self.prefix_cache_queries = Counter(
+            "adapterserve_prefix_cache_queries", "Tokens looked up in the prefix cache at "
+            "admission", registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "adapterserve_prefix_cache_hits", "Tokens found in the prefix cache at admission "
+            "(not computed again)", registry=r,
+        )
+        self.prefix_cache_hit_rate = Gauge(
+            "adapterserve_prefix_cache_hit_rate", "hits / queries since start", registry=r
+        )
+        self._prefix_seen = (0, 0)
         self.preemptions = Counter(
             "adapterserve_preemptions", "Sequences preempted for lack of KV blocks", registry=r
         )
@@ -102,6 +118,18 @@ class Metrics:
         self.waiting.set(waiting)
         self.kv_blocks_used.set(kv_used)
         self.kv_blocks_total.set(kv_total)
+
+    def on_prefix_cache(self, used: int, cached: int, free: int, queries: int, hits: int) -> None:
+        """Block states now, and the totals of tokens queried and hit since start."""
+        for state, count in (("used", used), ("cached", cached), ("free", free)):
+            self.prefix_cache_blocks.labels(state).set(count)
+        seen_queries, seen_hits = self._prefix_seen
+        if queries > seen_queries:
+            self.prefix_cache_queries.inc(queries - seen_queries)
+        if hits > seen_hits:
+            self.prefix_cache_hits.inc(hits - seen_hits)
+        self._prefix_seen = (queries, hits)
+        self.prefix_cache_hit_rate.set(hits / queries if queries else 0.0)
 
     def set_eval_jobs(self, counts: dict[str, int]) -> None:
         """Number of evaluation jobs in each state (queued, running, succeeded, ...)."""

@@ -101,7 +101,8 @@ class Engine:
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         self.cache = KVCache(model.args, num_blocks, settings.block_size, dtype, device)
-        self.allocator = BlockAllocator(num_blocks, settings.block_size)
+        self.allocator = BlockAllocator(num_blocks, settings.block_size,
+                                        caching=settings.enable_prefix_caching)
         self.registry = registry
         self.scheduler = Scheduler(
             self.allocator, settings.max_num_seqs, settings.max_num_batched_tokens,
@@ -367,6 +368,7 @@ class Engine:
         if lease is None:
             return False
         seq.lease = lease
+        seq.cache_identity = f"adapter:{lease.entry.version}"  # versions are never reused
         kind = kind_for(lease.kind)
         seq.bind(kind.bind(self.registry.pool, lease.slot, lease.entry.num_virtual_tokens))
         return True
@@ -443,8 +445,10 @@ class Engine:
 
     def _publish_stats(self, num_tokens: int) -> None:
         s = self.scheduler
-        self.metrics.on_step(num_tokens, len(s.running), len(s.waiting),
-                             self.allocator.num_used, self.allocator.num_blocks)
+        a = self.allocator
+        self.metrics.on_step(num_tokens, len(s.running), len(s.waiting), a.num_used, a.num_blocks)
+        self.metrics.on_prefix_cache(a.num_used, a.num_cached, a.num_free - a.num_cached,
+                                     s.prefix_queries, s.prefix_hits)
 
 
 def _deliver_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:

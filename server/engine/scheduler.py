@@ -3,6 +3,13 @@
 Each step: every running decode gets one token; then unfinished prompt chunks and newly admitted
 requests share what is left of the budget. When the KV cache runs out, the most recently admitted
 sequence is preempted (its blocks freed, recomputed later), as vLLM does.
+
+Prefix caching (server/engine/kv_cache.py): a sequence being admitted first takes the longest
+run of cached blocks whose content keys match its tokens (never its last token, which must be
+computed to sample from; never for a request that wants prompt logprobs, which need every
+prompt row computed), and prefills only the rest. Every block that a planned step fills is
+registered under its key at once, so a sequence admitted later in the same step shares it: the
+step writes each layer's K/V for the whole batch before any row attends.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Any
 import torch
 
 from adapters.kinds import Binding
-from server.engine.kv_cache import BlockAllocator, OutOfBlocks
+from server.engine.kv_cache import BlockAllocator, OutOfBlocks, block_key
 from server.engine.sampling import SamplingParams, TokenLogprob
 
 
@@ -50,6 +57,12 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
     first_token_time: float | None = None
+    # prefix caching: whose weights compute its K/V ("base", or one adapter version), the
+    # content keys of its full blocks (a memo: keys depend on tokens only), and how many of
+    # the blocks in its table are registered under them
+    cache_identity: str = "base"
+    block_keys: list[bytes] = field(default_factory=list)
+    num_registered: int = 0
 
     @property
     def all_ids(self) -> list[int]:
@@ -81,6 +94,18 @@ class Sequence:
         if binding.num_virtual:
             self.num_virtual = binding.num_virtual
             self.prompt_ids = [0] * binding.num_virtual + self.prompt_ids
+
+    def keys_upto(self, num_blocks: int, block_size: int) -> list[bytes]:
+        """The content keys of its first `num_blocks` blocks (they must be full of known
+        tokens)."""
+        ids = None
+        while len(self.block_keys) < num_blocks:
+            ids = ids or self.all_ids
+            k = len(self.block_keys)
+            parent = self.block_keys[-1] if k else None
+            tokens = ids[k * block_size : (k + 1) * block_size]
+            self.block_keys.append(block_key(parent, tokens, self.cache_identity))
+        return self.block_keys[:num_blocks]
 
     def cache_slots(self, positions: range, block_size: int) -> list[int]:
         """Flat KV-cache slots of `positions`, through the block table."""
@@ -121,6 +146,7 @@ class Scheduler:
         self.prepare, self.place_prefix = prepare, place_prefix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prefix_queries = self.prefix_hits = 0  # tokens looked up / found in the cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -131,7 +157,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.allocator.free(seq.block_table)
+        self._free(seq)
         seq.status = Status.FINISHED
 
     def has_work(self) -> bool:
@@ -164,6 +190,7 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 out.append((seq, 1))
+                self._register(seq, seq.num_tokens)
         return out
 
     def _schedule_running_prefills(self, budget: int) -> list[tuple[Sequence, int]]:
@@ -175,6 +202,7 @@ class Scheduler:
                 n = self._fit_chunk(seq, budget)
                 if n:
                     out.append((seq, n))
+                    self._register(seq, seq.num_computed + n)
                     budget -= n
         return out
 
@@ -186,7 +214,10 @@ class Scheduler:
             if self.prepare is not None and not self.prepare(seq):
                 not_ready.append(self.waiting.popleft())
                 continue
+            if seq.num_computed == 0 and not seq.block_table:
+                self._share_cached_prefix(seq)
             if not self._place_prefix(seq):
+                self._unplace(seq)
                 break
             n = self._fit_chunk(seq, budget)
             if n == 0:
@@ -199,6 +230,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.append((seq, n))
+            self._register(seq, seq.num_computed + n)
             budget -= n
         self.waiting.extendleft(reversed(not_ready))
         return out
@@ -216,8 +248,38 @@ class Scheduler:
 
     def _unplace(self, seq: Sequence) -> None:
         if seq.block_table:
-            self.allocator.free(seq.block_table)
+            self._free(seq)
             seq.num_computed = 0
+
+    def _free(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        seq.num_registered = 0
+
+    def _share_cached_prefix(self, seq: Sequence) -> None:
+        """Start the sequence on the cached blocks of its longest cached prefix."""
+        if not self.allocator.caching or seq.wants_prompt_logprobs:
+            return
+        bs = self.allocator.block_size
+        keys = seq.keys_upto((seq.num_tokens - 1) // bs, bs)  # the last token is computed
+        hits = self.allocator.lookup(keys)
+        if seq.prefix_kv is not None and len(hits) * bs < seq.num_virtual:
+            hits = []  # prefix tuning places all its virtual K/V at once, in blocks of its own
+        self.prefix_queries += seq.num_tokens
+        self.prefix_hits += len(hits) * bs
+        self.allocator.share(seq.block_table, hits)
+        seq.num_computed, seq.num_registered = len(hits) * bs, len(hits)
+
+    def _register(self, seq: Sequence, num_tokens: int) -> None:
+        """Register the blocks that hold full, known tokens once `num_tokens` are computed."""
+        if not self.allocator.caching:
+            return
+        bs = self.allocator.block_size
+        full = num_tokens // bs
+        if seq.num_registered < full:
+            keys = seq.keys_upto(full, bs)
+            for k in range(seq.num_registered, full):
+                self.allocator.register(seq.block_table[k], keys[k])
+            seq.num_registered = full
 
     def _fit_chunk(self, seq: Sequence, budget: int) -> int:
         """Largest chunk of the sequence's pending tokens that fits the budget and free blocks."""
@@ -237,7 +299,7 @@ class Scheduler:
 
     def _preempt_newest(self) -> Sequence:
         victim = self.running.pop()
-        self.allocator.free(victim.block_table)
+        self._free(victim)
         victim.num_computed = 0  # recompute prompt + output so far on readmission
         victim.status = Status.WAITING
         self.waiting.appendleft(victim)

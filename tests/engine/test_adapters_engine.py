@@ -87,10 +87,10 @@ class Adapters:
     def settings(self, tmp: Path, names: list[str] | None = None, **overrides) -> Settings:
         """An engine's settings with `names` (default: all) given as --adapter flags."""
         names = self.names if names is None else names
+        overrides.setdefault("num_kv_blocks", 512)
         return Settings(
             model=str(self.base_dir), device="cpu", cache_dir=tmp / "cache",
             adapters=[f"{n}={self.dirs[n]}" for n in names], max_adapter_rank=MAX_RANK,
-            num_kv_blocks=512,
             **overrides,
         )
 

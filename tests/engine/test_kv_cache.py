@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from server.engine.kv_cache import BlockAllocator, OutOfBlocks
+from server.engine.kv_cache import BlockAllocator, OutOfBlocks, block_key
 
 
 @pytest.mark.parametrize(
@@ -158,3 +158,140 @@ def test_double_free_or_foreign_block_is_refused_while_others_are_in_use(bad):
         tables.append(table)
     owned = [block for t in [b, *tables] for block in t]
     assert len(owned) == len(set(owned)) and all(0 <= x < 4 for x in owned), owned
+
+
+# ---- prefix caching --------------------------------------------------------------------------
+def keys_of(tokens: list[int], identity: str = "base", size: int = 4) -> list[bytes]:
+    keys: list[bytes] = []
+    for start in range(0, len(tokens) - size + 1, size):
+        keys.append(block_key(keys[-1] if keys else None, tokens[start : start + size], identity))
+    return keys
+
+
+def test_block_keys_chain_over_everything_before_and_the_identity():
+    a = keys_of([1, 2, 3, 4, 5, 6, 7, 8])
+    assert a == keys_of([1, 2, 3, 4, 5, 6, 7, 8]) and len(set(a)) == 2
+    assert keys_of([9, 2, 3, 4, 5, 6, 7, 8])[1] != a[1]  # same tokens, another prefix
+    assert keys_of([1, 2, 3, 4, 5, 6, 7, 8], "adapter:1")[0] != a[0]
+    assert keys_of([1, 2, 3, 4], "adapter:1") != keys_of([1, 2, 3, 4], "adapter:2")
+    assert keys_of([1, 2, 3, 2**40]) != keys_of([1, 2, 3, 0])  # ids are not truncated
+
+
+def test_a_registered_block_is_cached_when_freed_and_shared_again():
+    allocator = BlockAllocator(4, 4)
+    first: list[int] = []
+    allocator.grow(first, 8)
+    keys = keys_of(list(range(8)))
+    for block, key in zip(first, keys, strict=True):
+        allocator.register(block, key)
+    blocks = list(first)
+    allocator.free(first)
+    assert (allocator.num_used, allocator.num_cached, allocator.num_free) == (0, 2, 4)
+    assert allocator.lookup(keys) == blocks
+    assert allocator.lookup(keys_of([9, 1, 2, 3, 4, 5, 6, 7])) == []  # another first block
+    assert allocator.lookup([keys_of([9, 1, 2, 3])[0], keys[1]]) == []  # a miss ends the run
+    second: list[int] = []
+    allocator.share(second, allocator.lookup(keys[:1]))
+    allocator.grow(second, 9)  # a fresh block for the rest, and one more
+    assert second[0] == blocks[0] and blocks[1] not in second[1:]
+    third: list[int] = []
+    allocator.share(third, allocator.lookup(keys))  # blocks[1] back from the cache
+    assert [allocator.refs(b) for b in blocks] == [2, 1]
+    allocator.free(second)
+    allocator.free(third)
+    assert (allocator.num_used, allocator.num_free) == (0, 4)
+
+
+def test_cached_blocks_are_evicted_least_recently_freed_first_and_after_free_ones():
+    allocator = BlockAllocator(4, 4)
+    tables = []
+    for i in range(3):
+        table: list[int] = []
+        allocator.grow(table, 4)
+        allocator.register(table[0], keys_of([i] * 4)[0])
+        tables.append(table)
+    for table in (tables[1], tables[0], tables[2]):  # freed in this order
+        allocator.free(table)
+    fresh: list[int] = []
+    allocator.grow(fresh, 4)
+    assert fresh == [3] and allocator.evictions == 0  # the never-registered block first
+    allocator.grow(fresh, 8)
+    assert fresh[1] == 1 and allocator.evictions == 1  # then the LRU cached one
+    assert allocator.lookup(keys_of([1] * 4)) == [] and allocator.lookup(keys_of([0] * 4)) == [0]
+
+
+def test_a_key_registered_twice_keeps_the_first_block_and_blocks_not_in_use_are_refused():
+    allocator = BlockAllocator(4, 4)
+    a: list[int] = []
+    b: list[int] = []
+    allocator.grow(a, 4)
+    allocator.grow(b, 4)
+    key = keys_of([5] * 4)[0]
+    allocator.register(a[0], key)
+    allocator.register(b[0], key)  # computed twice in one step: the first stays the cached one
+    assert allocator.lookup([key]) == a
+    allocator.free(b)
+    assert allocator.num_cached == 0  # b's block held no key: plainly free
+    with pytest.raises(AssertionError, match="not in use"):
+        allocator.register(b[0] if b else 1, key)
+
+
+def test_caching_off_registers_nothing():
+    allocator = BlockAllocator(2, 4, caching=False)
+    table: list[int] = []
+    allocator.grow(table, 4)
+    key = keys_of([1] * 4)[0]
+    allocator.register(table[0], key)
+    allocator.free(table)
+    assert allocator.lookup([key]) == [] and allocator.num_cached == 0
+
+
+def test_clear_cache_forgets_cached_blocks_only():
+    allocator = BlockAllocator(3, 4)
+    held: list[int] = []
+    gone: list[int] = []
+    allocator.grow(held, 4)
+    allocator.grow(gone, 4)
+    k1, k2 = keys_of([1] * 4)[0], keys_of([2] * 4)[0]
+    allocator.register(held[0], k1)
+    allocator.register(gone[0], k2)
+    allocator.free(gone)
+    assert allocator.clear_cache() == 1
+    assert allocator.lookup([k2]) == [] and allocator.lookup([k1]) == held
+    assert (allocator.num_cached, allocator.num_free, allocator.num_used) == (0, 2, 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_share_grow_free_keeps_refcounts_exact(seed: int):
+    """Tables built from cached prefixes and fresh blocks, freed in random order: each block's
+    refcount is its number of holders, used + free = total, a cached block's key still maps
+    to it, and everything comes back."""
+    rng = random.Random(seed)
+    allocator = BlockAllocator(12, 4)
+    tables: list[list[int]] = []
+    for _ in range(400):
+        if tables and (rng.random() < 0.4 or allocator.num_free < 3):
+            allocator.free(tables.pop(rng.randrange(len(tables))))
+        else:
+            tokens = [rng.randint(0, 2) for _ in range(rng.randint(1, 12))]
+            keys = keys_of(tokens)
+            table: list[int] = []
+            allocator.share(table, allocator.lookup(keys))
+            try:
+                allocator.grow(table, len(tokens))
+            except OutOfBlocks:
+                allocator.free(table)
+                continue
+            for block, key in zip(table, keys, strict=False):
+                allocator.register(block, key)
+            tables.append(table)
+        holders: dict[int, int] = {}
+        for t in tables:
+            for b in t:
+                holders[b] = holders.get(b, 0) + 1
+        assert all(allocator.refs(b) == n for b, n in holders.items())
+        assert allocator.num_used == len(holders)
+        assert allocator.num_used + allocator.num_free == allocator.num_blocks
+    for table in tables:
+        allocator.free(table)
+    assert allocator.num_used == 0 and allocator.num_free == 12

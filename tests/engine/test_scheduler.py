@@ -2,11 +2,17 @@
 under KV pressure, FCFS admission, `prepare` / `place_prefix`, removal and exact block
 accounting. `Driver.step` does what Engine._process does with a plan: each planned sequence's
 `num_computed` advances by its tokens, and a sequence that completes its prompt (or decode)
-gets one output token; one that has `max_tokens` outputs is removed."""
+gets one output token; one that has `max_tokens` outputs is removed.
+
+The Driver also keeps a fake KV cache: computing position p of a sequence writes (its weights'
+identity, its tokens 0..p) into p's slot, for the whole step before any row "attends"; every
+row then checks that each slot it attends to holds exactly its own prefix. With prefix caching
+on, that is the proof that shared blocks hold what the sequence would have computed."""
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -46,9 +52,12 @@ def check_invariants(scheduler: Scheduler, plan: StepPlan | None) -> None:
     assert all(s.status is Status.RUNNING for s in running)
     assert all(s.status is Status.WAITING for s in waiting)
     assert len(running) <= scheduler.max_num_seqs
-    blocks = [b for s in everyone for b in s.block_table]
-    assert len(blocks) == len(set(blocks)), "a block owned twice"
-    assert allocator.num_used == len(blocks)
+    holders = Counter(b for s in everyone for b in s.block_table)
+    assert all(len(set(s.block_table)) == len(s.block_table) for s in everyone)
+    assert all(allocator.refs(b) == count for b, count in holders.items()), "refcounts"
+    if not allocator.caching:
+        assert all(count == 1 for count in holders.values()), "a block owned twice"
+    assert allocator.num_used == len(holders)
     assert allocator.num_used + allocator.num_free == allocator.num_blocks
     if plan is None:
         return
@@ -79,16 +88,33 @@ def put_running(d: Driver, seq: Sequence, num_computed: int, outputs: int = 0) -
     tokens in its blocks."""
     seq.output_ids = [OUTPUT_TOKEN] * outputs
     d.allocator.grow(seq.block_table, num_computed)
+    d._write(seq, range(num_computed))
     seq.num_computed, seq.status = num_computed, Status.RUNNING
     d.scheduler.running.append(seq)
 
 
 class Driver:
     def __init__(self, num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64,
-                 prepare=None, place_prefix=None) -> None:  # fmt: skip
-        self.allocator = BlockAllocator(num_blocks, BLOCK)
-        self.scheduler = Scheduler(self.allocator, max_num_seqs, budget, prepare, place_prefix)
+                 prepare=None, place_prefix=None, caching: bool = False) -> None:  # fmt: skip
+        self.allocator = BlockAllocator(num_blocks, BLOCK, caching=caching)
+        self.user_place_prefix = place_prefix
+        self.scheduler = Scheduler(
+            self.allocator, max_num_seqs, budget, prepare,
+            self._place_prefix if place_prefix is not None else None,
+        )
         self.finished: list[Sequence] = []
+        self.kv: dict[int, tuple[str, tuple[int, ...]]] = {}  # slot -> what computed it
+
+    def _content(self, seq: Sequence, position: int) -> tuple[str, tuple[int, ...]]:
+        return seq.cache_identity, tuple(seq.all_ids[: position + 1])
+
+    def _write(self, seq: Sequence, positions: range) -> None:
+        for p, slot in zip(positions, seq.cache_slots(positions, BLOCK), strict=True):
+            self.kv[slot] = self._content(seq, p)
+
+    def _place_prefix(self, seq: Sequence) -> None:
+        self._write(seq, range(seq.num_virtual))
+        self.user_place_prefix(seq)
 
     def add(self, *seqs: Sequence) -> None:
         for seq in seqs:
@@ -107,6 +133,12 @@ class Driver:
         return plan
 
     def process(self, plan: StepPlan) -> None:
+        for seq, n in plan.work:  # each layer writes the whole step's K/V, then attends
+            self._write(seq, range(seq.num_computed, seq.num_computed + n))
+        for seq, n in plan.work:
+            context = range(seq.num_computed + n)
+            got = [self.kv.get(slot) for slot in seq.cache_slots(context, BLOCK)]
+            assert got == [self._content(seq, p) for p in context], f"{seq.request_id}: K/V"
         for seq, n in plan.work:
             seq.num_computed += n
             if seq.num_computed == seq.num_tokens:
@@ -417,23 +449,25 @@ def test_everything_removed_returns_every_block():
     assert not d.scheduler.has_work() and all(s.status is Status.FINISHED for s in seqs)
 
 
-def random_traffic(seed: int) -> int:
+def random_traffic(seed: int, caching: bool = False) -> int:
     """Random arrivals, prompt lengths, max_tokens, aborts and adapters that load for a few
     steps, on a cache small enough to preempt: the invariants hold at every step, every
     sequence that is not aborted ends with exactly max_tokens outputs, no block leaks.
     Returns the number of preemptions."""
-    rng = random.Random(seed)
+    rng, identities = random.Random(seed), random.Random(-seed)
     loading: dict[str, int] = {}  # request -> steps until its adapter is ready
 
     def prepare(seq: Sequence) -> bool:
         return loading.get(seq.request_id, 0) <= 0
 
     d = Driver(num_blocks=rng.randint(6, 8), max_num_seqs=rng.randint(2, 5),
-               budget=rng.randint(5, 16), prepare=prepare)  # fmt: skip
+               budget=rng.randint(5, 16), prepare=prepare, caching=caching)  # fmt: skip
     seqs, aborted, preemptions = [], [], 0
     for step in range(300):
         if step < 150 and rng.random() < 0.35:
             seq = make_seq(f"r{len(seqs)}", rng.randint(1, 14), rng.randint(1, 8))
+            # prompts share prefixes (1, 2, 3, ...); three weights' identities must not mix
+            seq.cache_identity = identities.choice(["base", "base", "adapter:1", "adapter:2"])
             if rng.random() < 0.2:
                 loading[seq.request_id] = rng.randint(1, 4)
             seqs.append(seq)
@@ -455,12 +489,14 @@ def random_traffic(seed: int) -> int:
     for seq in d.finished:
         assert len(seq.output_ids) == seq.params.max_tokens and seq.status is Status.FINISHED
     assert d.allocator.num_used == 0 and d.allocator.num_free == d.allocator.num_blocks
+    assert (d.scheduler.prefix_hits > 0) == caching  # the draws do share prefixes
     return preemptions
 
 
+@pytest.mark.parametrize("caching", [False, True], ids=["no-cache", "prefix-cache"])
 @pytest.mark.parametrize("seed", range(8))
-def test_random_traffic_keeps_the_invariants_and_finishes_everything(seed: int):
-    assert random_traffic(seed) > 0  # the cache is small enough that each run preempts
+def test_random_traffic_keeps_the_invariants_and_finishes_everything(seed: int, caching: bool):
+    assert random_traffic(seed, caching) > 0  # the cache is small enough that each run preempts
 
 
 def test_prefix_request_waiting_with_placed_blocks_cannot_livelock_the_cache():

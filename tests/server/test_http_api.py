@@ -61,8 +61,30 @@ def test_health_ready_and_metrics(server: Server, http: httpx.Client) -> None:
         "adapterserve_requests_running",
         "adapterserve_kv_blocks_used",
         "adapterserve_requests_total",
+        "adapterserve_prefix_cache_hits_total",
+        "adapterserve_prefix_cache_queries_total",
+        "adapterserve_prefix_cache_hit_rate",
+        "adapterserve_prefix_cache_blocks",
     ):
         assert name in response.text
+
+
+def test_a_repeated_prompt_hits_the_prefix_cache_in_metrics(client: openai.OpenAI, http: httpx.Client) -> None:
+    """The second identical request reuses the first's full blocks (all but the last token's),
+    and answers the same; /metrics counts it."""
+    text = "alpha beta gamma delta " * 12
+    hits = metric(http, "adapterserve_prefix_cache_hits_total")
+    queries = metric(http, "adapterserve_prefix_cache_queries_total")
+    first = client.completions.create(model="tiny", prompt=text, max_tokens=4, **GREEDY)
+    assert metric(http, "adapterserve_prefix_cache_hits_total") == hits  # new text: no hit
+    second = client.completions.create(model="tiny", prompt=text, max_tokens=4, **GREEDY)
+    assert second.choices[0].text == first.choices[0].text
+    prompt_tokens = first.usage.prompt_tokens
+    gained = metric(http, "adapterserve_prefix_cache_hits_total") - hits
+    assert gained == (prompt_tokens - 1) // 16 * 16 > 0  # block_size 16
+    assert metric(http, "adapterserve_prefix_cache_queries_total") - queries == 2 * prompt_tokens
+    assert 0 < metric(http, "adapterserve_prefix_cache_hit_rate") <= 1
+    assert metric(http, 'adapterserve_prefix_cache_blocks{state="cached"}') > 0
 
 
 def test_openapi_schema_lists_the_routes(http: httpx.Client) -> None:
