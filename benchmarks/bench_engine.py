@@ -104,12 +104,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, port: int, max_num_seqs: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-num-seqs", str(max_num_seqs)]
+def start_server(model: str | None, port: int, max_num_seqs: int, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> subprocess.Popen:  # fmt: skip
+    """`adapterserve serve` with `extra` flags and `env` added, once it is ready."""
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-num-seqs", str(max_num_seqs), *extra]
     if model:
         cmd += ["--model", model]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "ADAPTERSERVE_LOG_LEVEL": "warning"})
-    deadline = time.time() + 300
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "ADAPTERSERVE_LOG_LEVEL": "warning", **(env or {})})
+    deadline = time.time() + 600
     while time.time() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:

@@ -164,7 +164,6 @@ class SamplingFields(RequestModel):
     ignore_eos: bool = Field(False, description="vLLM extra")
     min_tokens: NewTokens = Field(0, description="vLLM extra")
     include_stop_str_in_output: bool = Field(False, description="vLLM extra")
-
     @field_validator("stop", mode="before")
     @classmethod
     def _check_stop(cls, value: Any) -> Any:
@@ -208,11 +207,27 @@ class CompletionRequest(SamplingFields):
     max_tokens: NewTokens = 16
     logprobs: Annotated[int, Field(ge=0, le=5), INTEGRAL] | None = None
     echo: bool = False
-    best_of: Annotated[int, Field(ge=1), INTEGRAL] | None = Field(
-        None, description="must equal n (or be omitted)"
+    best_of: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = Field(
+        None, description="with use_beam_search: the number of beams (default n, at least n); "
+        "otherwise it must equal n (or be omitted)",
+        json_schema_extra={SERVER_LIMIT: {"maximum": "max_n"}},
     )
     suffix: str | None = Field(
         None, max_length=0, description="not supported: only null or an empty string"
+    )
+    use_beam_search: bool = Field(
+        False, description="vLLM extra: beam search over best_of beams "
+        "(default n), the n best returned; deterministic (temperature 0 or omitted, top_p 1, "
+        "top_k off), without logprobs, stop strings, penalties or logit_bias",
+    )
+    length_penalty: float = Field(
+        1.0, ge=-10, le=10, description="beam search: a finished beam scores its summed "
+        "log-probs / length**length_penalty (Hugging Face)",
+    )
+    early_stopping: bool | Literal["never"] = Field(
+        False, description="beam search, as Hugging Face: true stops when best_of beams are "
+        "finished; false stops when no running beam can do better (a heuristic); \"never\": "
+        "only when none can (canonical beam search)",
     )
 
     @field_validator("prompt", mode="before")
@@ -465,6 +480,10 @@ class EvaluationRequest(StrictRequestModel):
     max_tokens: Annotated[int, Field(ge=1, le=4096), INTEGRAL] | None = Field(
         None, description="override the paper's max new tokens (256 / 32)"
     )
+    decoding: Literal["greedy", "beam"] = Field(
+        "greedy", description="protocol generate: 'greedy' decodes by `temperature` (0: "
+        "greedily); 'beam' is the paper's 4-beam search without sampling (temperature 0)",
+    )
 
 
 class EvaluationCell(BaseModel):
@@ -494,6 +513,7 @@ class EvaluationJob(BaseModel):
     seed: int | None
     temperature: float
     max_tokens: int | None
+    decoding: Literal["greedy", "beam"]
     progress: EvaluationProgress
     results: list[EvaluationCell]
     started_at: float | None

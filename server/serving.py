@@ -11,6 +11,7 @@ knows (an adapter's virtual tokens); engine errors are answered through server/e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -148,6 +149,51 @@ def check_capacity(num_prompts: int, n: int, settings: Settings) -> None:
         )
 
 
+def check_beam_search(body: SamplingFields, settings: Settings, num_prompts: int) -> int:
+    """use_beam_search: the beam width (best_of, default n), checked against n, this server's
+    limits and the fields beam search does not take (they would be silently ignored)."""
+    width = getattr(body, "best_of", None) or body.n
+    if body.n > width:
+        raise invalid_request(
+            f"n ({body.n}) must not exceed best_of ({width}): beam search returns the n best "
+            "of best_of beams.", "n",
+        )
+    limit = min(settings.max_n, settings.max_num_seqs, settings.max_num_batched_tokens)
+    if width > limit:
+        raise invalid_request(
+            f"best_of (the number of beams) must be at most {limit} on this server (--max-n, "
+            f"--max-num-seqs, --max-num-batched-tokens), got {width}.", "best_of",
+        )
+    explicit = body.model_fields_set
+    refused = [
+        ("temperature", "temperature" in explicit and body.temperature >= MIN_TEMPERATURE,
+         "0 or omitted"),
+        ("top_p", body.top_p != 1.0, "1"),
+        ("top_k", body.top_k > 0, "0, -1 or omitted"),
+        ("stop", bool(body.stop_list), "omitted (stop_token_ids are supported)"),
+        ("logprobs", getattr(body, "logprobs", None) is not None
+         or bool(getattr(body, "top_logprobs", None)), "omitted"),
+        ("presence_penalty", body.presence_penalty != 0.0, "0"),
+        ("frequency_penalty", body.frequency_penalty != 0.0, "0"),
+        ("logit_bias", bool(body.logit_bias), "omitted"),
+    ]  # fmt: skip
+    for name, bad, allowed in refused:
+        if bad:
+            raise invalid_request(
+                f"Beam search is deterministic and scores the model's own log-probabilities: "
+                f"{name} must be {allowed} with use_beam_search.", name,
+            )
+    check_capacity(num_prompts, width, settings)
+    return width
+
+
+def beam_params(params: SamplingParams, body: SamplingFields, width: int) -> SamplingParams:
+    return dataclasses.replace(
+        params, temperature=0.0, seed=None, beam_width=width, length_penalty=body.length_penalty,
+        early_stopping=body.early_stopping,
+    )  # fmt: skip
+
+
 def check_context(
     num_prompt_tokens: int,
     max_tokens: int,
@@ -226,6 +272,24 @@ def submit(
         raise engine_error(exc, settings.retry_after_s) from None
     request.state.submitted = True  # the engine counts this request's outcome from now on
     return streams
+
+
+def submit_beams(
+    request: Request, engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int,
+    request_id: str, settings: Settings,
+) -> list[RequestStream]:
+    """One beam search per prompt, all or none; the streams of their n answers each, in choice
+    order (prompt p's answer i is choice p * n + i)."""
+    searches = [
+        (ids, params, [f"{request_id}-{p * n + i}" for i in range(n)])
+        for p, ids in enumerate(prompts)
+    ]
+    try:
+        groups = engine.add_beam_searches(searches, model=request.state.model)
+    except EngineError as exc:
+        raise engine_error(exc, settings.retry_after_s) from None
+    request.state.submitted = True
+    return [stream for streams in groups for stream in streams]
 
 
 def abort_all(streams: Iterable[RequestStream]) -> None:

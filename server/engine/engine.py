@@ -16,6 +16,7 @@ the context) and asserts the rest.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -31,6 +32,8 @@ from adapters.kinds import kind_for
 from adapters.registry import AdapterRegistry, Entry
 from server.config import Settings
 from server.engine.batch import BatchBuilder
+from server.engine.beam import BeamGroup, BeamSearch
+from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.errors import (
     EngineDeadError,
     EngineFailure,
@@ -128,6 +131,8 @@ class Engine:
         self._num_queued = 0  # submitted, not yet admitted to the running batch
         self._num_running = 0  # len(scheduler.running), published under _lock with _num_queued
         self._seqs: dict[str, Sequence] = {}
+        self._groups: dict[str, BeamGroup] = {}  # answer stream id -> its beam search
+        self._fork_ids = itertools.count(1)
         self._outbox: list[tuple[RequestStream, RequestOutput]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -155,16 +160,7 @@ class Engine:
         EngineDeadError."""
         assert len(requests) <= self.capacity, "more requests than the engine ever holds"
         adapter = None if model is None or model == self.model_id else model
-        entries = self._hold(adapter, len(requests))
-        try:
-            num_virtual = entries[0].num_virtual_tokens if entries else 0
-            for prompt, params, _ in requests:
-                self._check_fits(prompt, params, num_virtual)
-            self._reserve_queue(len(requests))
-        except BaseException:
-            for entry in entries:
-                self.registry.release(entry)
-            raise
+        entries = self._accept(adapter, [(prompt, params) for prompt, params, _ in requests])
         loop = asyncio.get_running_loop()
         streams = []
         for i, (prompt, params, request_id) in enumerate(requests):
@@ -175,10 +171,60 @@ class Engine:
         self._wake.set()
         return streams
 
+    def add_beam_searches(
+        self, requests: list[tuple[list[int], SamplingParams, list[str]]], model: str | None = None,
+    ) -> list[list[RequestStream]]:
+        """Submit beam searches (prompt ids, params with beam_width, one request id per answer
+        wanted: n <= beam_width) for one `model`, all or none; each answer stream gets one
+        output, the whole answer, when its search ends. Refusals as in `add_requests`; a search
+        whose beams could not all fit the KV cache at full length is InvalidRequestError."""
+        for prompt, params, ids in requests:
+            assert 1 <= len(ids) <= params.beam_width <= self.settings.max_num_seqs
+            need = self.allocator.blocks_needed(len(prompt) + params.max_tokens, 0)
+            if need * params.beam_width > self.allocator.num_blocks:
+                raise InvalidRequestError(
+                    f"{params.beam_width} beams of {len(prompt) + params.max_tokens} tokens need "
+                    f"up to {need * params.beam_width} KV cache blocks; this server has "
+                    f"{self.allocator.num_blocks}. Use fewer beams (best_of) or fewer tokens.",
+                    "best_of",
+                )
+        adapter = None if model is None or model == self.model_id else model
+        entries = self._accept(adapter, [(prompt, params) for prompt, params, _ in requests])
+        loop = asyncio.get_running_loop()
+        out = []
+        for i, (prompt, params, ids) in enumerate(requests):
+            root = Sequence(ids[0], list(prompt), params, model or self.model_id, stream=None)
+            root.adapter, root.entry = adapter, entries[i] if entries else None
+            search = BeamSearch(
+                params.beam_width, params.max_tokens, frozenset(self.output.rules.stop_ids(params)),
+                params.length_penalty, params.early_stopping, params.min_tokens,
+            )  # fmt: skip
+            streams = [RequestStream(request_id, self, loop) for request_id in ids]
+            root.group = BeamGroup(search, streams, root, root.entry, members=[root])
+            self._inbox.put(("add", root))
+            out.append(streams)
+        self._wake.set()
+        return out
+
     @property
     def capacity(self) -> int:
         """Sequences the engine can hold at once: running plus waiting."""
         return self.settings.max_num_seqs + self.settings.max_queue_len
+
+    def _accept(self, adapter: str | None, requests: list[tuple[list[int], SamplingParams]]) -> list[Entry]:
+        """All or none: one hold on the adapter's version per request, each request checked
+        against the context with that version's virtual tokens, queue room reserved."""
+        entries = self._hold(adapter, len(requests))
+        try:
+            num_virtual = entries[0].num_virtual_tokens if entries else 0
+            for prompt, params in requests:
+                self._check_fits(prompt, params, num_virtual)
+            self._reserve_queue(len(requests))
+        except BaseException:
+            for entry in entries:
+                self.registry.release(entry)
+            raise
+        return entries
 
     def _hold(self, adapter: str | None, count: int) -> list[Entry]:
         """One hold on the adapter's current version per request (none for the base model)."""
@@ -292,8 +338,13 @@ class Engine:
             if kind == "add":
                 seq = item
                 self._seqs[seq.request_id] = seq
-                self.output.add(seq)
+                if seq.group is None:
+                    self.output.add(seq)
+                else:
+                    self._groups.update((s.request_id, seq.group) for s in seq.group.streams)
                 self.scheduler.add(seq)
+            elif (group := self._groups.get(item)) is not None:
+                self._end_group(group, "abort", RequestAbortedError("the client aborted the request"))
             elif (seq := self._seqs.get(item)) is not None:
                 self._finish(seq, "abort", RequestAbortedError("the client aborted the request"))
 
@@ -318,6 +369,9 @@ class Engine:
             if out.finished:
                 self._retire(seq, out.finish_reason)
             self._send(seq, out)
+        for group in {id(s.group): s.group for s, _ in plan.work if s.group is not None}.values():
+            if group.ready():
+                self._advance(group)
         self._publish_stats(plan.num_tokens)
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
@@ -392,9 +446,74 @@ class Engine:
             self._num_queued += requeued - admitted
             self._num_running = len(self.scheduler.running)
 
+    # ---- beam search (engine thread) -------------------------------------------------------
+    def _advance(self, group: BeamGroup) -> None:
+        """Every beam has its next-token log-probs: one beam-search step, then the scheduler
+        forks, extends and drops beams as it decided."""
+        decisions = group.search.step(group.take_rows())
+        if group.search.done:
+            self._complete(group)
+            return
+        root_id = group.root.request_id
+        group.members = self.scheduler.extend_beams(
+            group.members, decisions, lambda: f"{root_id}#{next(self._fork_ids)}"
+        )
+        with self._lock:
+            self._num_running = len(self.scheduler.running)
+
+    def _complete(self, group: BeamGroup) -> None:
+        """The search is over: each answer stream gets its hypothesis, whole."""
+        answers = group.search.answers(len(group.streams))
+        stop_ids = group.search.stop_ids
+        root = group.root
+        for stream, hypothesis in zip(group.streams, answers, strict=True):
+            tokens = list(hypothesis.tokens)
+            detok = IncrementalDetokenizer(self.tokenizer)
+            for token in tokens:
+                detok.add(token)
+            reason = "stop" if tokens and tokens[-1] in stop_ids else "length"
+            out = RequestOutput(
+                stream.request_id, detok.flush(), tokens, finished=True, finish_reason=reason,
+                num_prompt_tokens=len(root.prompt_ids) - root.num_virtual,
+                num_output_tokens=len(tokens),
+            )  # fmt: skip
+            self._outbox.append((stream, out))
+            self._record(root, reason, len(tokens))
+        self._end_group(group, None, None)
+
+    def _drop_beam(self, seq: Sequence) -> None:
+        with self._lock:
+            if seq.status is Status.WAITING:
+                self._num_queued -= 1
+            self.scheduler.remove(seq)
+            self._num_running = len(self.scheduler.running)
+
+    def _end_group(self, group: BeamGroup, reason: str | None, error: EngineFailure | None) -> None:
+        """A beam search ends (answered, or `reason`: abort / error for every stream): its
+        beams leave the scheduler, its hold goes, each answer is counted."""
+        for member in group.members:
+            self._drop_beam(member)
+        group.members = []
+        if group.entry is not None:
+            entry, group.entry = group.entry, None
+            self.registry.release(entry)
+        root = group.root
+        self._seqs.pop(root.request_id, None)
+        for stream in group.streams:
+            self._groups.pop(stream.request_id, None)
+            if reason is not None:
+                out = RequestOutput(stream.request_id, "", [], finished=True, finish_reason=reason,
+                                    num_prompt_tokens=len(root.prompt_ids) - root.num_virtual,
+                                    error=error)  # fmt: skip
+                self._outbox.append((stream, out))
+                self._record(root, reason, 0)
+
     # ---- finishing and handing out --------------------------------------------------------
     def _finish(self, seq: Sequence, reason: str, error: EngineFailure) -> None:
         """End a sequence from here (abort, error): its last output, then retire it."""
+        if seq.group is not None:
+            self._end_group(seq.group, reason, error)
+            return
         out = self.output.finish(seq, reason, error)
         self._retire(seq, reason)
         self._send(seq, out)
@@ -425,15 +544,18 @@ class Engine:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_deliver_all, items)
 
-    def _record(self, seq: Sequence, reason: str) -> None:
+    def _record(self, seq: Sequence, reason: str, num_output_tokens: int | None = None) -> None:
+        """Count a finished request (a beam-search answer: its root, its own output length;
+        its first token is its whole answer)."""
         now = time.monotonic()
-        ttft = seq.first_token_time - seq.arrival if seq.first_token_time else None
+        first = seq.first_token_time if seq.group is None else (now if reason in ("stop", "length") else None)
+        ttft = first - seq.arrival if first else None
         model = seq.model
         if seq.adapter is not None and not self.registry.exists(seq.adapter):
             model = DELETED_MODEL_LABEL  # its series are gone: one shared label, not one per name
+        outputs = len(seq.output_ids) if num_output_tokens is None else num_output_tokens
         self.metrics.on_request_done(
-            model, reason, len(seq.prompt_ids) - seq.num_virtual, len(seq.output_ids), ttft,
-            now - seq.arrival,
+            model, reason, len(seq.prompt_ids) - seq.num_virtual, outputs, ttft, now - seq.arrival
         )
 
     def _fail_all(self, reason: str, error: EngineFailure) -> None:

@@ -142,6 +142,9 @@ class OutputProcessor:
                 self._record_prompt_logprobs(seq, rows, n)
             if seq.num_computed < seq.num_tokens:
                 continue  # a prompt chunk with more to come
+            if seq.group is not None:  # a beam: its beam search decides (Engine._advance)
+                seq.group.report(seq, rows[-1])
+                continue
             stop = self.rules.before_sampling(seq)
             if stop is not None:
                 outputs.append((seq, self.finish(seq, stop.reason)))

@@ -26,6 +26,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     include_stop_str_in_output: bool = False
+    # beam search (server/engine/beam.py): a width above 1 turns it on; the sampling fields
+    # above then do not apply (beam search is deterministic)
+    beam_width: int = 1
+    length_penalty: float = 1.0  # a finished beam scores sum(logprobs) / length**length_penalty
+    early_stopping: bool | str = False  # True | False | "never", as Hugging Face defines them
 
     @property
     def greedy(self) -> bool:

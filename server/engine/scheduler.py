@@ -63,6 +63,7 @@ class Sequence:
     cache_identity: str = "base"
     block_keys: list[bytes] = field(default_factory=list)
     num_registered: int = 0
+    group: Any = None  # beam search (server/engine/beam.py BeamGroup): one beam of that group
 
     @property
     def all_ids(self) -> list[int]:
@@ -166,17 +167,83 @@ class Scheduler:
     def schedule(self) -> StepPlan | None:
         preempted: list[Sequence] = []
         decodes = self._schedule_decodes(preempted)
-        budget = self.budget - len(decodes)
-        prefills = self._schedule_running_prefills(budget)
-        budget -= sum(n for _, n in prefills)
-        # A step that had to preempt for blocks admits nobody: the blocks just freed belong to
-        # the running sequences' growth, and re-admitting the victim now would recompute a
-        # chunk that the next step's growth throws away again.
-        admitted = self._admit(budget) if not (preempted and (decodes or prefills)) else []
-        work = tuple(decodes + prefills + admitted)
+        while True:
+            budget = self.budget - len(decodes)
+            prefills = self._schedule_running_prefills(budget)
+            budget -= sum(n for _, n in prefills)
+            # A step that had to preempt for blocks admits nobody: the blocks just freed belong
+            # to the running sequences' growth, and re-admitting the victim now would recompute
+            # a chunk that the next step's growth throws away again.
+            admitted = self._admit(budget) if not (preempted and (decodes or prefills)) else []
+            work = tuple(decodes + prefills + admitted)
+            if work or len(self._units()) < 2:
+                break
+            # Nothing can run: running prompt chunks wait for blocks that beams waiting for
+            # their siblings hold. The newest unit gives its blocks back to the older ones.
+            preempted += self._preempt_newest()
         if not work:
             return None
         return StepPlan(work, len(decodes), tuple(preempted), tuple(s for s, _ in admitted))
+
+    def extend_beams(
+        self, beams: list[Sequence], decisions: list[tuple[int, int]], new_id: Callable[[], str],
+    ) -> list[Sequence]:
+        """One beam-search step of a group whose beams are all running and computed:
+        `decisions` lists the next beams as (index in `beams` of the beam it extends, token).
+        A beam with several continuations forks (`fork`) before it takes its first one in
+        place; a beam with none leaves (its blocks freed). Returns the next beams in
+        `decisions` order."""
+        continuations: dict[int, list[tuple[int, int]]] = {}
+        for position, (parent, token) in enumerate(decisions):
+            continuations.setdefault(parent, []).append((position, token))
+        out: list[Sequence | None] = [None] * len(decisions)
+        for index, beam in enumerate(beams):
+            mine = continuations.get(index, [])
+            if not mine:
+                self.remove(beam)
+                continue
+            for position, token in mine[1:]:
+                out[position] = self.fork(beam, token, new_id())
+            position, token = mine[0]
+            beam.output_ids.append(token)
+            out[position] = beam
+        assert all(beam is not None for beam in out)
+        return out  # type: ignore[return-value]
+
+    def fork(self, parent: Sequence, token: int, request_id: str) -> Sequence:
+        """A new beam: `parent`'s tokens plus `token`, running right after `parent` (its unit).
+        It shares the parent's full blocks (a hold on each, no copy) and computes the rest of
+        its tokens itself, so that no block is ever written by two sequences."""
+        assert parent.status is Status.RUNNING and parent.remaining == 0
+        child = Sequence(
+            request_id, list(parent.prompt_ids), parent.params, parent.model, stream=None,
+            slot_id=parent.slot_id, adapter=parent.adapter, lease=parent.lease,
+            num_virtual=parent.num_virtual, prefix_kv=parent.prefix_kv,
+            virtual_embeds=parent.virtual_embeds, arrival=parent.arrival,
+            output_ids=parent.output_ids + [token], cache_identity=parent.cache_identity,
+            block_keys=list(parent.block_keys), group=parent.group, status=Status.RUNNING,
+        )  # fmt: skip
+        full = parent.num_computed // self.allocator.block_size
+        self.allocator.share(child.block_table, parent.block_table[:full])
+        child.num_computed = full * self.allocator.block_size
+        child.num_registered = min(parent.num_registered, full)
+        self.running.insert(self.running.index(parent) + 1, child)
+        return child
+
+    def _units(self) -> list[list[Sequence]]:
+        """Running sequences by unit: a sequence alone, or all the running beams of one
+        group. Units are preempted and admitted whole."""
+        units: list[list[Sequence]] = []
+        for seq in self.running:
+            if seq.group is not None and units and units[-1][0].group is seq.group:
+                units[-1].append(seq)
+            else:
+                units.append([seq])
+        return units
+
+    def _occupied(self) -> int:
+        """Running slots taken: one per sequence, a beam group's width per group."""
+        return sum(u[0].group.width if u[0].group is not None else 1 for u in self._units())
 
     def _schedule_decodes(self, preempted: list[Sequence]) -> list[tuple[Sequence, int]]:
         out: list[tuple[Sequence, int]] = []
@@ -184,13 +251,17 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted below while making room
             while not self._try_grow(seq, seq.num_tokens):
-                victim = self._preempt_newest()
-                preempted.append(victim)
-                if victim is seq:
+                victims = self._preempt_newest()
+                preempted += victims
+                if seq in victims:
                     break
             if seq.status is Status.RUNNING:
                 out.append((seq, 1))
-                self._register(seq, seq.num_tokens)
+        # a unit preempted for a later decode may hold decodes planned before: drop them, and
+        # register blocks only once nothing planned can be preempted any more
+        out = [(seq, n) for seq, n in out if seq.status is Status.RUNNING]
+        for seq, _ in out:
+            self._register(seq, seq.num_tokens)
         return out
 
     def _schedule_running_prefills(self, budget: int) -> list[tuple[Sequence, int]]:
@@ -199,6 +270,8 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.remaining > 1 or seq.num_computed == 0:
+                if not self._place_prefix(seq):  # a new beam of a prefix-tuned group
+                    continue
                 n = self._fit_chunk(seq, budget)
                 if n:
                     out.append((seq, n))
@@ -209,31 +282,59 @@ class Scheduler:
     def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
         out: list[tuple[Sequence, int]] = []
         not_ready: list[Sequence] = []  # adapter still loading: they keep their place in line
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
+            width = seq.group.width if seq.group is not None else 1
+            if self._occupied() + width > self.max_num_seqs:
+                break
             if self.prepare is not None and not self.prepare(seq):
                 not_ready.append(self.waiting.popleft())
                 continue
-            if seq.num_computed == 0 and not seq.block_table:
-                self._share_cached_prefix(seq)
-            if not self._place_prefix(seq):
-                self._unplace(seq)
+            # a unit: the sequence, or every waiting beam of its group (at the head together)
+            unit = self._waiting_unit(seq)
+            planned: list[tuple[Sequence, int]] = []
+            for i, member in enumerate(unit):
+                later = len(unit) - i - 1  # members after this one: a token of budget each
+                n = self._place_and_fit(member, budget - later)
+                if n == 0:
+                    break
+                planned.append((member, n))
+                budget -= n
+            if len(planned) < len(unit):
+                # FCFS: the head waits for blocks, nobody jumps it. A waiting sequence holds
+                # no blocks (nothing preempts a waiting one): blocks just taken go back.
+                for member in unit:
+                    self._unplace(member)
                 break
-            n = self._fit_chunk(seq, budget)
-            if n == 0:
-                # FCFS: the head waits for blocks, nobody jumps it. A waiting sequence holds no
-                # blocks (nothing preempts a waiting one), so virtual K/V just placed go back:
-                # they are placed again on admission.
-                self._unplace(seq)
-                break
-            self.waiting.popleft()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            out.append((seq, n))
-            self._register(seq, seq.num_computed + n)
-            budget -= n
+            for member, n in planned:
+                self.waiting.popleft()
+                member.status = Status.RUNNING
+                self.running.append(member)
+                out.append((member, n))
+                self._register(member, member.num_computed + n)
         self.waiting.extendleft(reversed(not_ready))
         return out
+
+    def _waiting_unit(self, head: Sequence) -> list[Sequence]:
+        """The head of the waiting line and, for a beam, the rest of its group behind it."""
+        if head.group is None:
+            return [head]
+        unit = []
+        for seq in self.waiting:
+            if seq.group is not head.group:
+                break
+            unit.append(seq)
+        return unit
+
+    def _place_and_fit(self, seq: Sequence, budget: int) -> int:
+        """A waiting sequence's cached prefix, virtual K/V and first chunk (0: no room)."""
+        if budget <= 0:
+            return 0
+        if seq.num_computed == 0 and not seq.block_table:
+            self._share_cached_prefix(seq)
+        if not self._place_prefix(seq):
+            return 0
+        return self._fit_chunk(seq, budget)
 
     def _place_prefix(self, seq: Sequence) -> bool:
         """Prefix tuning: the virtual K/V fill the first cache positions, as if computed."""
@@ -297,10 +398,14 @@ class Scheduler:
             return False
         return True
 
-    def _preempt_newest(self) -> Sequence:
-        victim = self.running.pop()
-        self._free(victim)
-        victim.num_computed = 0  # recompute prompt + output so far on readmission
-        victim.status = Status.WAITING
-        self.waiting.appendleft(victim)
-        return victim
+    def _preempt_newest(self) -> list[Sequence]:
+        """The newest running unit goes back to the head of the waiting line, its blocks
+        freed; it recomputes its prompt and output so far on readmission."""
+        unit = self._units()[-1]
+        for victim in unit:
+            self.running.remove(victim)
+            self._free(victim)
+            victim.num_computed = 0
+            victim.status = Status.WAITING
+        self.waiting.extendleft(reversed(unit))
+        return unit

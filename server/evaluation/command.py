@@ -68,6 +68,12 @@ def add_eval_arguments(
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument(
+        "--decoding",
+        choices=("greedy", "beam"),
+        default="greedy",
+        help="beam: the paper's 4-beam search without sampling (protocol generate)",
+    )
+    parser.add_argument(
         "--max-tokens",
         type=int,
         default=None,
@@ -122,6 +128,7 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "temperature": args.temperature,
         "max_tokens": args.max_tokens,
+        "decoding": args.decoding,
     }
     return {k: v for k, v in body.items() if v is not None}
 
@@ -139,7 +146,7 @@ def run_eval(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     header, table = accuracy_table(job)
     print(plain_text(header, table))
-    print(job["note"])
+    print(f"decoding: {_decoding(job)}; {job['note']}")
     paths = write_reports(job, args.out)
     (args.out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(
@@ -150,6 +157,15 @@ def run_eval(args: argparse.Namespace, settings: Settings) -> int:
         print(f"the job ended {job['status']}: {job['error']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _decoding(job: dict[str, Any]) -> str:
+    """What ran, in a few words."""
+    if job["protocol"] == "loglikelihood":
+        return "none (answer words scored by log-likelihood)"
+    if job.get("decoding") == "beam":
+        return "4-beam search (the paper's)"
+    return "greedy" if job["temperature"] == 0 else f"sampling at temperature {job['temperature']}"
 
 
 def _split(value: str) -> list[str]:

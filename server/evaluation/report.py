@@ -60,6 +60,9 @@ def write_reports(job: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
     paths["csv"].write_text(buffer.getvalue())
-    note = f"\nAccuracy (%), protocol `{job['protocol']}`, limit {job['limit'] or 'none'}. {job['note']}\n"
+    note = (
+        f"\nAccuracy (%), protocol `{job['protocol']}`, decoding `{job.get('decoding', 'greedy')}`, "
+        f"limit {job['limit'] or 'none'}. {job['note']}\n"
+    )
     paths["md"].write_text(markdown(header, rows) + note)
     return paths

@@ -42,9 +42,15 @@ FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 BASE_ALIAS = "base"
 QUEUE_FULL_BACKOFF_S = (0.05, 1.0)
 RETRY_QUEUED_S = 30  # Retry-After when the job queue is full: jobs run for minutes  # first and longest wait before resubmitting on 503
+PAPER_BEAMS = 4  # LLM-Adapters' evaluate.py: generate(num_beams=4), do_sample left False
 PAPER_NOTE = (
-    "The LLM-Adapters paper decoded with 4-beam search (temperature 0.1, top_p 0.75, top_k 40); "
-    "this job decodes {how}, so accuracies can differ from the published ones."
+    "The LLM-Adapters paper decoded with 4-beam search (generate(num_beams=4) without sampling; "
+    "its temperature 0.1, top_p 0.75 and top_k 40 do not apply then); this job decodes {how}, "
+    "so accuracies can differ from the published ones (decoding 'beam' runs the paper's)."
+)
+BEAM_NOTE = (
+    "Decoded as the LLM-Adapters paper did: 4-beam search without sampling, the best beam's "
+    "answer extracted{tokens}."
 )
 LOGLIKELIHOOD_NOTE = (
     "Protocol loglikelihood picks the answer word with the highest log-probability after the "
@@ -65,6 +71,7 @@ class JobOptions:
     seed: int | None = None
     temperature: float = 0.0
     max_tokens: int | None = None  # override of the paper's max new tokens (tests, quick runs)
+    decoding: Literal["greedy", "beam"] = "greedy"  # greedy = temperature (0: greedy)
 
 
 @dataclass
@@ -122,6 +129,11 @@ class EvalJob:
         note = PAPER_NOTE.format(how=how)
         if self.options.protocol == "loglikelihood":
             note = LOGLIKELIHOOD_NOTE
+        elif self.options.decoding == "beam":
+            tokens = "" if self.options.max_tokens is None else (
+                f"; max new tokens {self.options.max_tokens} instead of the paper's"
+            )  # fmt: skip
+            note = BEAM_NOTE.format(tokens=tokens)
         return {
             "id": self.id,
             "object": "evaluation",
@@ -134,6 +146,7 @@ class EvalJob:
             "seed": self.options.seed,
             "temperature": self.options.temperature,
             "max_tokens": self.options.max_tokens,
+            "decoding": self.options.decoding,
             "progress": {"done": self.done, "total": self.total, "eta_s": self.eta_s()},
             "results": [c.to_dict() for c in self.cells.values()],
             "started_at": self.started_at,
@@ -211,6 +224,15 @@ class EvaluationRunner:
                         "evaluated with protocol 'generate'.",
                         "protocol",
                     )
+        if options.decoding == "beam" and options.protocol != "generate":
+            raise invalid_request(
+                "decoding 'beam' generates answers: it needs protocol 'generate'.", "decoding"
+            )
+        if options.decoding == "beam" and options.temperature != 0:
+            raise invalid_request(
+                "decoding 'beam' is deterministic (the paper's 4-beam search without sampling): "
+                "temperature must be 0 or omitted.", "temperature",
+            )
         options = JobOptions(**{**options.__dict__, "datasets": [d.name for d in datasets]})
         cells = {
             (label, d.name): Cell(
@@ -399,6 +421,8 @@ class EvaluationRunner:
             if job.options.seed is None
             else (job.options.seed + work.example.index) % 2**63,
         )
+        if job.options.decoding == "beam":  # the paper's generate(num_beams=4), best beam
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, beam_width=PAPER_BEAMS)
         text = "" if max_tokens == 0 else await self._generate(job, work, ids, params, slots)
         response = split_response(prompt + text)
         extracted = extract(response, work.dataset.spec)
@@ -475,11 +499,13 @@ class EvaluationRunner:
             f"{job.id}-{job.options.models.index(work.label)}-{work.dataset.name}-"
             f"{work.example.index}-{uuid.uuid4().hex[:8]}"
         )
+        model = job.engine_models[work.label]
         while True:
             try:
-                return self.engine.add_request(
-                    ids, params, job.engine_models[work.label], request_id
-                )
+                if params.beam_width > 1:  # the best beam's answer only
+                    [[stream]] = self.engine.add_beam_searches([(ids, params, [request_id])], model)
+                    return stream
+                return self.engine.add_request(ids, params, model, request_id)
             except EngineDeadError:
                 raise
             except EngineError as exc:

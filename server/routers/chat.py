@@ -86,6 +86,11 @@ async def create_chat_completion(
 
 
 def _check_request(body: ChatCompletionRequest, settings: Settings) -> None:
+    if (body.model_extra or {}).get("use_beam_search"):  # not in this schema: never ignored
+        raise invalid_request(
+            "use_beam_search is available on /v1/completions (send the chat template's text "
+            "there); chat completions sample or decode greedily.", "use_beam_search",
+        )
     # top_logprobs without logprobs: true is ignored, as its schema description says.
     total = sum(len(m.text) for m in body.messages)
     if total > settings.max_prompt_chars:

@@ -24,6 +24,8 @@ from server.serving import (
     ClientDisconnected,
     EventStreamResponse,
     Job,
+    beam_params,
+    check_beam_search,
     check_context,
     check_engine_accepting,
     check_sampling,
@@ -38,6 +40,7 @@ from server.serving import (
     sampling_params,
     sse,
     submit,
+    submit_beams,
     usage_dict,
 )
 
@@ -70,7 +73,12 @@ async def create_completion(
     check_engine_accepting(request, engine, settings)
     jobs = _jobs(body, prompts)
     response_id = new_id("cmpl")
-    streams = submit(request, engine, jobs, response_id, settings)
+    if body.use_beam_search and (body.best_of or body.n) > 1:
+        params = beam_params(jobs[0].params, body, body.best_of or body.n)
+        prompt_ids = [p.token_ids for p in prompts]
+        streams = submit_beams(request, engine, prompt_ids, params, body.n, response_id, settings)
+    else:
+        streams = submit(request, engine, jobs, response_id, settings)
     view = _CompletionView(body, engine, settings, prompts, response_id, request.state.model)
     if body.stream:
         return EventStreamResponse(
@@ -87,9 +95,14 @@ async def create_completion(
 
 
 def _check_request(body: CompletionRequest, settings: Settings, engine: Engine) -> None:
-    if body.best_of is not None and body.best_of != body.n:
+    if body.use_beam_search:
+        check_beam_search(body, settings, _num_prompts(body.prompt))
+        if body.max_tokens < 1:
+            raise invalid_request("Beam search generates: max_tokens must be at least 1.", "max_tokens")
+    elif body.best_of is not None and body.best_of != body.n:
         raise invalid_request(
-            f"best_of must equal n ({body.n}) or be omitted, got {body.best_of}.", "best_of"
+            f"best_of must equal n ({body.n}) or be omitted (or set use_beam_search), got "
+            f"{body.best_of}.", "best_of",
         )
     check_sampling(body, settings, engine.vocab_size, body.max_tokens, _num_prompts(body.prompt))
 
@@ -143,7 +156,11 @@ def _checked_ids(ids: list[int], engine: Engine) -> list[int]:
 
 
 def _jobs(body: CompletionRequest, prompts: list[Prompt]) -> list[Job]:
+    """One engine request per choice. One beam is greedy decoding (as `generate(num_beams=1)`
+    is); wider beam searches take the first job's parameters as theirs."""
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    if body.use_beam_search:
+        body = body.model_copy(update={"temperature": 0.0})
     return [
         Job(
             index=p * body.n + i,

@@ -44,6 +44,7 @@ async def create_evaluation(
         seed=body.seed,
         temperature=body.temperature,
         max_tokens=body.max_tokens,
+        decoding=body.decoding,
     )
     job = runner.submit(options, owner=caller_key(request))
     return JSONResponse(_job_body(job), status_code=202)

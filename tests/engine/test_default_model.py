@@ -36,3 +36,26 @@ def test_greedy_text_equals_transformers(engine_settings, default_model_dir):
         assert ids == out.tolist()
         assert text == hf_tok.decode(out, skip_special_tokens=True)
     assert engine.allocator.num_used == 0
+
+
+def test_beam_search_equals_transformers(engine_settings, default_model_dir):
+    """generate(num_beams=k, do_sample=False), k = 2 and 4 (the LLM-Adapters protocol), the n
+    best beams, EOS included: token for token (fp32 both; the prompts were not picked for it)."""
+    from tests.engine.test_beam_search import beam_answers, hf_beams
+
+    hf = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32).eval()
+    tokenizer = Tokenizer(default_model_dir)
+    chat = tokenizer.encode_chat([{"role": "user", "content": "What is 3 + 4? Answer briefly."}])
+    cases = [(tokenizer.encode(PROMPTS[0]), 2, 2), (tokenizer.encode(PROMPTS[3]), 4, 1), (chat, 4, 2)]
+
+    async def go(engine):
+        return await asyncio.gather(*[
+            beam_answers(engine, ids, k, 20, n=n, tag=f"b{i}") for i, (ids, k, n) in enumerate(cases)
+        ])  # fmt: skip
+
+    results, engine = serve(engine_settings(model_dir=default_model_dir), go)
+    eos = hf.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    for (ids, k, n), got in zip(cases, results, strict=True):
+        assert got == hf_beams(hf, ids, k, 20, eos, n=n), (ids, k)
+    assert engine.allocator.num_used == 0

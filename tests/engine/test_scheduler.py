@@ -55,8 +55,12 @@ def check_invariants(scheduler: Scheduler, plan: StepPlan | None) -> None:
     holders = Counter(b for s in everyone for b in s.block_table)
     assert all(len(set(s.block_table)) == len(s.block_table) for s in everyone)
     assert all(allocator.refs(b) == count for b, count in holders.items()), "refcounts"
-    if not allocator.caching:
-        assert all(count == 1 for count in holders.values()), "a block owned twice"
+    if not allocator.caching:  # only the beams of one group share blocks (forks)
+        owners: dict[int, set[int]] = {}
+        for s in everyone:
+            for b in s.block_table:
+                owners.setdefault(b, set()).add(id(s.group) if s.group is not None else id(s))
+        assert all(len(o) == 1 for o in owners.values()), "a block owned twice"
     assert allocator.num_used == len(holders)
     assert allocator.num_used + allocator.num_free == allocator.num_blocks
     if plan is None:
@@ -81,6 +85,10 @@ def check_invariants(scheduler: Scheduler, plan: StepPlan | None) -> None:
         if seq not in plan.admitted:
             assert seq in scheduler.waiting and seq.num_computed == 0 and not seq.block_table
     assert all(s in running for s in plan.admitted)
+    assert scheduler._occupied() <= scheduler.max_num_seqs
+    for group in {id(s.group): s.group for s in everyone if s.group is not None}.values():
+        places = {s.status for s in group.members}
+        assert len(places) == 1, "a beam group split between running and waiting"
 
 
 def put_running(d: Driver, seq: Sequence, num_computed: int, outputs: int = 0) -> None:
@@ -139,13 +147,20 @@ class Driver:
             context = range(seq.num_computed + n)
             got = [self.kv.get(slot) for slot in seq.cache_slots(context, BLOCK)]
             assert got == [self._content(seq, p) for p in context], f"{seq.request_id}: K/V"
+        groups = {}
         for seq, n in plan.work:
             seq.num_computed += n
-            if seq.num_computed == seq.num_tokens:
+            if seq.num_computed == seq.num_tokens and seq.group is not None:
+                seq.group.reported.add(id(seq))  # a beam: its group decides (below)
+                groups[id(seq.group)] = seq.group
+            elif seq.num_computed == seq.num_tokens:
                 seq.output_ids.append(OUTPUT_TOKEN)
                 if len(seq.output_ids) >= seq.params.max_tokens:
                     self.scheduler.remove(seq)
                     self.finished.append(seq)
+        for group in groups.values():
+            if group.ready():
+                group.advance(self.scheduler)
 
     def run(self, max_steps: int = 500) -> list[StepPlan | None]:
         plans = []
@@ -153,6 +168,42 @@ class Driver:
             assert len(plans) < max_steps, "no progress"
             plans.append(self.step())
         return plans
+
+
+class FakeBeams:
+    """What Engine._advance does with a beam group, with random decisions instead of a
+    BeamSearch: when every beam has computed its tokens, 1..width next beams extend random
+    beams by random tokens (scheduler.extend_beams), for `steps` steps; then all leave."""
+
+    def __init__(self, width: int, steps: int, rng: random.Random) -> None:
+        self.width, self.steps, self.rng = width, steps, rng
+        self.members: list[Sequence] = []
+        self.reported: set[int] = set()
+        self.done = False
+        self.forks = 0
+
+    def ready(self) -> bool:
+        return bool(self.members) and all(id(m) in self.reported for m in self.members)
+
+    def advance(self, scheduler: Scheduler) -> None:
+        self.reported.clear()
+        if self.steps == 0:
+            self.end(scheduler)
+            return
+        self.steps -= 1
+        decisions = [(self.rng.randrange(len(self.members)), self.rng.randint(1, 3))
+                     for _ in range(self.rng.randint(1, self.width))]  # fmt: skip
+
+        def new_id() -> str:
+            self.forks += 1
+            return f"{self.members[0].request_id}#{self.forks}"
+
+        self.members = scheduler.extend_beams(self.members, decisions, new_id)
+
+    def end(self, scheduler: Scheduler) -> None:
+        for member in self.members:
+            scheduler.remove(member)
+        self.members, self.done = [], True
 
 
 # ---- token budget ----------------------------------------------------------------------------
@@ -506,3 +557,49 @@ def test_prefix_request_waiting_with_placed_blocks_cannot_livelock_the_cache():
     d.add(a, p)
     d.run(max_steps=100)
     assert d.finished == [a, p]
+
+
+def random_beam_traffic(seed: int, caching: bool) -> tuple[int, int]:
+    """Single requests and beam groups (FakeBeams: random forks and drops every step) arrive at
+    random, some aborted, on a cache that preempts: the invariants hold at every step (the fake
+    KV check proves that forked beams attend to their own tokens through shared blocks), groups
+    stay whole units, everything ends, no block leaks. (forks, preemptions)."""
+    rng = random.Random(seed)
+    d = Driver(num_blocks=rng.randint(6, 8), max_num_seqs=rng.randint(3, 6),
+               budget=rng.randint(5, 12), caching=caching)  # fmt: skip
+    singles, groups, aborted, preemptions = [], [], [], 0
+    for step in range(300):
+        if step < 150 and rng.random() < 0.4:
+            if rng.random() < 0.5:  # a beam group: width beams of at most 8 tokens fit the cache
+                width = rng.randint(2, min(3, d.scheduler.max_num_seqs))
+                group = FakeBeams(width, rng.randint(0, 4), rng)
+                root = make_seq(f"g{len(groups)}", rng.randint(1, 4), 8)
+                root.group = group
+                group.members = [root]
+                groups.append(group)
+                d.add(root)
+            else:
+                seq = make_seq(f"r{len(singles)}", rng.randint(1, 14), rng.randint(1, 8))
+                singles.append(seq)
+                d.add(seq)
+        if rng.random() < 0.03 and d.scheduler.has_work():
+            victim = rng.choice(d.scheduler.running + list(d.scheduler.waiting))
+            if victim.group is not None:
+                victim.group.end(d.scheduler)
+            else:
+                d.scheduler.remove(victim)
+                aborted.append(victim)
+        plan = d.step()
+        preemptions += len(plan.preempted) if plan else 0
+    d.run(max_steps=1000)
+    assert all(g.done for g in groups) and len(groups) > 10
+    assert {id(s) for s in d.finished} | {id(s) for s in aborted} == {id(s) for s in singles}
+    assert d.allocator.num_used == 0 and d.allocator.num_free == d.allocator.num_blocks
+    return sum(g.forks for g in groups), preemptions
+
+
+@pytest.mark.parametrize("caching", [False, True], ids=["no-cache", "prefix-cache"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5, 7, 8])  # 6: the cached run never preempts
+def test_beam_groups_fork_share_blocks_and_move_as_units(seed: int, caching: bool):
+    forks, preemptions = random_beam_traffic(seed, caching)
+    assert forks > 10 and preemptions > 0

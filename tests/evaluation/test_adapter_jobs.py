@@ -70,3 +70,50 @@ def test_adapters_are_evaluated_in_shared_steps(adapter_client: TestClient) -> N
     assert set(ADAPTER_NAMES) <= served  # every adapter really ran, under its own name
     by_model = {m: [r["response"] for r in rows if r["model"] == m] for m in models}
     assert any(by_model[name] != by_model["base"] for name in ADAPTER_NAMES)
+
+
+def test_a_beam_job_answers_as_transformers_beam_search(
+    adapter_client: TestClient, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """decoding 'beam': each row's response is the paper's split of prompt + the best beam of
+    generate(num_beams=4, do_sample=False) on the same model (the peft model for an adapter),
+    computed here per example."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.evaluation.extract import split_response
+    from server.evaluation.prompts import generate_prompt
+
+    torch.set_num_threads(1)  # the engine thread has the cores
+    models = ["base", "lora", "ia3"]
+    body = {"models": models, "datasets": ["gsm8k", "boolq"], "limit": 3, "max_tokens": 8,
+            "decoding": "beam"}  # fmt: skip
+    job = wait_for(adapter_client, adapter_client.post("/v1/evaluations", json=body).json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["decoding"] == "beam" and "Decoded as the LLM-Adapters paper did" in job["note"]
+    assert "can differ" not in job["note"]
+    rows = results(adapter_client, job["id"])
+    assert len(rows) == 3 * 2 * 3
+    engine_tokenizer = adapter_client.app.state.engine.tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    dirs = make_adapters(tmp_path, tiny_model_dir)  # the same seeds: the same weights
+    for name in models:
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+        if name != "base":
+            model = peft.PeftModel.from_pretrained(model, str(dirs[name])).eval()
+        eos = model.generation_config.eos_token_id
+        for row in (r for r in rows if r["model"] == name):
+            prompt = generate_prompt(row["instruction"])
+            ids = engine_tokenizer.encode(prompt)
+            with torch.no_grad():
+                out = model.generate(input_ids=torch.tensor([ids]), num_beams=4, do_sample=False,
+                                     max_new_tokens=8, pad_token_id=0)[0, len(ids) :].tolist()  # fmt: skip
+            out = out[: out.index(eos)] if eos in out else out
+            assert row["response"] == split_response(prompt + tokenizer.decode(out)), (name, row)
+
+
+def test_beam_decoding_refuses_what_it_cannot_run(adapter_client: TestClient) -> None:
+    for extra, param in (({"temperature": 0.5}, "temperature"), ({"protocol": "loglikelihood"}, "decoding")):
+        body = {"models": ["base"], "datasets": ["boolq"], "decoding": "beam", **extra}
+        response = adapter_client.post("/v1/evaluations", json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param

@@ -34,7 +34,12 @@ def check_reports(out: Path, models: list[str], datasets: list[str], rows: int) 
     assert len((out / "results.jsonl").read_text().splitlines()) == rows
 
 
+@pytest.mark.parametrize(
+    ("decoding", "shown"), [("greedy", "decoding: greedy;"), ("beam", "decoding: 4-beam search")]
+)
 def test_eval_in_process(
+    decoding: str,
+    shown: str,
     tiny_model_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -68,11 +73,15 @@ def test_eval_in_process(
         "--out",
         str(out),
         "--no-progress",
+        "--decoding",
+        decoding,
     ]
     assert run_cli(argv) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split() == ["model", "gsm8k", "boolq", "Average"]
-    assert "4-beam search" in printed
+    assert shown in printed  # which decoding ran
+    assert ("can differ from the published" in printed) == (decoding == "greedy")
+    assert f"decoding `{decoding}`" in (out / "results.md").read_text()
     check_reports(out, ["base", "tiny"], ["gsm8k", "boolq"], rows=8)
 
 

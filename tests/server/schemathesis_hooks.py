@@ -19,6 +19,8 @@ GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 MAX_NEW_TOKENS = 4  # generated tokens per positive case: keeps the run short
 MAX_MESSAGES = 3  # each message adds a few template tokens
 DEFAULT_MAX_TOKENS = 16  # of /v1/completions
+BEAM_REFUSES = ("temperature", "top_p", "top_k", "stop", "logprobs", "presence_penalty",
+                "frequency_penalty", "logit_bias")  # fmt: skip
 
 
 @schemathesis.hook
@@ -30,7 +32,8 @@ def fit_into_context(case: schemathesis.Case) -> None:
     """Rules the schema cannot state, applied to positive generation requests only: the prompt
     and the new tokens fit the context together; `prompt` (a list) and `messages` hold at most
     `max_prompt_chars` characters in all; prompts x `n` is at most the server's capacity;
-    `best_of` equals `n`; `min_tokens` is at most the new tokens. Negative cases are sent as
+    `best_of` equals `n`; `min_tokens` is at most the new tokens; beam search comes without
+    the fields it refuses (sampling, penalties, logprobs, stop strings). Negative cases are sent as
     drawn."""
     body = case.body
     if case.operation.path not in GENERATION_PATHS or not isinstance(body, dict):
@@ -52,6 +55,9 @@ def fit_into_context(case: schemathesis.Case) -> None:
         body["min_tokens"] = min(int(body["min_tokens"]), new_tokens)
     if _is_whole(body.get("best_of")):
         body["best_of"] = body.get("n") or 1
+    if body.get("use_beam_search") is True:  # deterministic: no sampling fields, no logprobs
+        for key in BEAM_REFUSES:
+            body.pop(key, None)
 
 
 def _first_int(*values: Any) -> int:

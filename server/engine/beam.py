@@ -1,0 +1,159 @@
+"""Beam search, as Hugging Face `generate(num_beams=k, do_sample=False)` defines it.
+
+`BeamSearch` is the decision procedure alone (no model, no cache): given the next-token
+log-probabilities of each live beam, it picks the next live beams and keeps the best finished
+hypotheses. Its rules are those of transformers' beam search (the one the LLM-Adapters
+evaluation ran through `generate`):
+
+- Each step ranks every (beam, token) continuation by its beam's summed log-probability plus
+  the token's, and keeps the best 2k candidates. A candidate that ends with a stop token (EOS,
+  `stop_token_ids`) or reaches `max_tokens` is *finishing*; the best k non-finishing ones
+  continue (in score order: the next step's beam order).
+- A finishing candidate among the k best is offered to the finished set (k entries) with the
+  score sum(logprobs) / generated_length ** length_penalty, unless `early_stopping=True` and the
+  set is already full of finished hypotheses, or the early-stop heuristic has ruled out any
+  improvement.
+- The heuristic: once all k finished entries are filled, stop when the best running beam's
+  score, at its current length (with `early_stopping="never"` and a positive length penalty: at
+  `max_tokens`), cannot beat the worst finished one. The search also ends when every candidate
+  finishes, or (`early_stopping=True`) as soon as k hypotheses are finished.
+- The answer: the best `n` finished hypotheses, best first.
+
+Scores are fp32, like the reference's tensors, so that ties and rounding fall the same way.
+`BeamGroup` is the engine's side of one beam-search request: its live beams are Sequences that
+share KV blocks (server/engine/scheduler.py `fork`), the streams of its `n` answers, and its
+adapter hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+NEG = -1.0e9  # what the reference adds to rule a score out (fp32: it swallows small scores)
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    tokens: tuple[int, ...]
+    score: float  # length-penalized
+    finished: bool  # False: a placeholder or a ruled-out candidate (never an answer in practice)
+
+
+class BeamSearch:
+    """The beam-search decisions for one prompt (batch of one)."""
+
+    def __init__(
+        self, width: int, max_tokens: int, stop_ids: frozenset[int], length_penalty: float = 1.0,
+        early_stopping: bool | str = False, min_tokens: int = 0,
+    ) -> None:  # fmt: skip
+        assert width >= 1 and max_tokens >= 1
+        self.k, self.max_tokens, self.stop_ids = width, max_tokens, stop_ids
+        self.length_penalty, self.early_stopping, self.min_tokens = (
+            length_penalty, early_stopping, min_tokens
+        )  # fmt: skip
+        self.live: list[tuple[int, ...]] = [()]  # generated tokens of each live beam, best first
+        self.scores = torch.zeros(1)  # (live,) fp32 summed log-probs
+        self.best_running = 0.0  # the best running score, a ruled-out one included
+        self.finished = [Hypothesis((), NEG, False)] * width  # best first
+        self.improvable = True  # the early-stop heuristic has not ruled out a better answer
+        self.generated = 0  # tokens each live beam has
+        self.done = False
+
+    def step(self, log_probs: torch.Tensor) -> list[tuple[int, int]]:
+        """`log_probs`: (live, V) fp32 log-softmax of each live beam's next token, in `live`
+        order. Returns the new live beams as (index of the beam it extends, token), best first;
+        `done` tells whether the search is over (then `answers`)."""
+        assert not self.done and log_probs.shape[0] == len(self.live)
+        log_probs = log_probs.float()
+        if self.generated < self.min_tokens and self.stop_ids:
+            log_probs = log_probs.clone()
+            log_probs[:, sorted(self.stop_ids)] = float("-inf")
+        vocab = log_probs.shape[1]
+        totals = (log_probs + self.scores[:, None]).reshape(-1)
+        values, flat = torch.topk(totals, min(2 * self.k, totals.numel()))
+        beams, tokens = (flat // vocab).tolist(), (flat % vocab).tolist()
+        length = self.generated + 1
+        ends = [t in self.stop_ids or length >= self.max_tokens for t in tokens]
+        candidates = [(self.live[b] + (t,), b, t) for b, t in zip(beams, tokens, strict=True)]
+
+        # the next live beams: the best k that do not finish (ruled-out ones fill the rest)
+        order = sorted(range(len(candidates)), key=lambda i: ends[i])  # stable: score order kept
+        chosen = order[: self.k]
+        self.best_running = float(values[chosen[0]] + (NEG if ends[chosen[0]] else 0.0))
+        keep = [i for i in chosen if not ends[i]]
+
+        # finishing candidates among the k best, offered to the finished set
+        penalized = values / (length**self.length_penalty)  # fp32, as the reference divides
+        full = all(h.finished for h in self.finished) and self.early_stopping is True
+        offered = []
+        for i in range(len(candidates)):
+            finishing = i < self.k and ends[i]
+            score = penalized[i]  # each rule adds NEG on its own, in fp32, as the reference does
+            for ruled_out in (full, not self.improvable, not finishing):
+                score = score + NEG if ruled_out else score
+            offered.append(Hypothesis(candidates[i][0], float(score), finishing))
+        merged = self.finished + offered  # ties: the older entry first, like the reference
+        ranked = sorted(range(len(merged)), key=lambda i: -merged[i].score)
+        self.finished = [merged[i] for i in ranked[: self.k]]
+
+        self.live = [candidates[i][0] for i in keep]
+        self.scores = values[keep].clone() if keep else torch.zeros(0)
+        self.generated = length
+        self._update_heuristic()
+        self.done = (
+            not keep
+            or not self.improvable
+            or (self.early_stopping is True and all(h.finished for h in self.finished))
+            or all(ends)
+        )
+        return [(candidates[i][1], candidates[i][2]) for i in keep]
+
+    def _update_heuristic(self) -> None:
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
+            best_length = self.max_tokens
+        else:
+            best_length = self.generated
+        best_possible = float(torch.tensor(self.best_running) / (best_length**self.length_penalty))
+        if all(h.finished for h in self.finished):
+            worst = float(torch.tensor(min(h.score for h in self.finished)))
+        else:
+            worst = NEG
+        self.improvable = self.improvable and best_possible > worst
+
+    def answers(self, n: int) -> list[Hypothesis]:
+        """The best `n` finished hypotheses, best first."""
+        assert self.done
+        return self.finished[:n]
+
+
+@dataclass(eq=False)
+class BeamGroup:
+    """One beam-search request in the engine: `width` KV-sharing beams (`members`, in the
+    search's live order), `n` answer streams, one adapter hold for all of them."""
+
+    search: BeamSearch
+    streams: list[Any]  # RequestStream per answer
+    root: Any  # the first Sequence (the prompt); its request id names the group
+    entry: Any = None  # the adapter version held for the whole search (None: base)
+    members: list[Any] = field(default_factory=list)
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # id(member) -> log-probs
+
+    @property
+    def width(self) -> int:
+        """Running slots the group reserves while any of its beams runs."""
+        return self.search.k
+
+    def report(self, member: Any, logits: torch.Tensor) -> None:
+        self.rows[id(member)] = logits.float().log_softmax(-1)
+
+    def ready(self) -> bool:
+        """Every live beam has its next-token log-probs (the beams move in lockstep)."""
+        return bool(self.members) and all(id(m) in self.rows for m in self.members)
+
+    def take_rows(self) -> torch.Tensor:
+        rows = torch.stack([self.rows[id(m)] for m in self.members])
+        self.rows.clear()
+        return rows
