@@ -32,6 +32,7 @@ SERVE_FLAGS: dict[str, tuple[str, type]] = {
     "--kv-cache-memory-mb": ("kv_cache_memory_mb", int),
     "--max-queue-len": ("max_queue_len", int),
     "--compile": ("compile", str),
+    "--quantization": ("quantization", str),
     "--enable-prefix-caching": ("enable_prefix_caching", str),
     "--served-model-name": ("served_model_name", str),
     "--api-key": ("api_key", str),

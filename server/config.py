@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         True, description="reuse the KV blocks of prompt prefixes seen before (keyed by content "
         "and adapter version); false turns it off"
     )
+    quantization: Literal["auto", "none", "int8", "int4"] = Field(
+        "auto", description="weight-only quantized base projections and LM head (adapters stay "
+        "full precision): int8 per channel, int4 in groups of 32; auto = a GGUF on CPU as it "
+        "ships (Q4_1 -> int4, Q8_0 -> int8), otherwise none"
+    )
     compile: Literal["off", "auto", "on"] = Field(
         "auto", description="torch.compile the decode step (CUDA: + CUDA graphs); auto = where it wins"
     )

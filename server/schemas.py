@@ -435,6 +435,10 @@ class ModelCard(BaseModel):
     num_key_value_heads: int | None = None
     intermediate_size: int | None = None
     vocab_size: int | None = None
+    quantization: Literal["none", "int8", "int4"] | None = Field(
+        None, description="base model only: its projections' weight-only quantization (adapters "
+        "are always full precision)",
+    )
 
 
 class ModelList(BaseModel):

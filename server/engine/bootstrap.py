@@ -32,6 +32,7 @@ from server.config import Settings
 from server.engine.engine import Engine
 from server.metrics import Metrics
 from server.model.llama import KVCache, ModelArgs
+from server.model.quant import Mode
 from server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class EnginePlan:
     max_model_len: int
     num_blocks: int
     model_id: str
+    quantization: Mode = "none"
+    gguf: Path | None = None  # the file a GGUF model came from
 
 
 def pick_device(setting: str) -> torch.device:
@@ -66,6 +69,26 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, setting)
+
+
+def pick_quantization(setting: str, device: torch.device, gguf: Path | None) -> Mode:
+    """--quantization: auto = a GGUF on CPU served as it ships (all seven projections of every
+    layer Q4_1 -> int4, Q8_0 -> int8), otherwise none; int8 / int4 need the device's bf16
+    weight-only kernels."""
+    from server.model.gguf_quant import projection_types
+    from server.model.quant import compute_supported
+
+    if setting == "auto":
+        if gguf is None or device.type != "cpu" or not compute_supported(device):
+            return "none"
+        types = set(projection_types(gguf).values())
+        return {frozenset({"Q4_1"}): "int4", frozenset({"Q8_0"}): "int8"}.get(frozenset(types), "none")
+    if setting != "none" and not compute_supported(device):
+        raise EngineConfigError(
+            f"--quantization {setting}: this device ({device}) lacks the bfloat16 weight-only "
+            "kernels (torch's _weight_int8pack_mm / _weight_int4pack_mm); use --quantization none"
+        )
+    return setting  # type: ignore[return-value]
 
 
 def compile_wanted(setting: str, device: torch.device) -> bool:
@@ -94,7 +117,7 @@ def parse_adapter_arg(item: str) -> tuple[str, Path]:
 def plan_engine(settings: Settings) -> EnginePlan:
     """Check the adapter flags, resolve the model (converting a GGUF once) and size the KV
     cache, without loading weights."""
-    from server.model.weights import read_config, resolve_model_dir, served_name
+    from server.model.weights import default_model_path, read_config, resolve_model_dir, served_name
 
     check_adapter_flags(settings)
     device = pick_device(settings.device)
@@ -112,7 +135,11 @@ def plan_engine(settings: Settings) -> EnginePlan:
             "raise --kv-cache-memory-mb or lower --max-model-len"
         )
     model_id = settings.served_model_name or served_name(settings.model, model_dir)
-    return EnginePlan(model_dir, config, device, dtype, max_len, num_blocks, model_id)
+    source = default_model_path() if settings.model is None else Path(settings.model).expanduser()
+    gguf = source if source.suffix == ".gguf" and source.is_file() else None
+    quantization = pick_quantization(settings.quantization, device, gguf)
+    return EnginePlan(model_dir, config, device, dtype, max_len, num_blocks, model_id, quantization,
+                      gguf)  # fmt: skip
 
 
 def check_adapter_flags(settings: Settings) -> None:
@@ -137,10 +164,11 @@ def build_engine(settings: Settings, metrics: Metrics, plan: EnginePlan | None =
     from server.model.weights import load_model
 
     plan = plan or plan_engine(settings)
-    model = load_model(plan.model_dir, plan.device, plan.dtype)
+    model = load_model(plan.model_dir, plan.device, plan.dtype, plan.quantization, plan.gguf)
     tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
-    log.info("serving %s on %s (%s): %d KV blocks of %d tokens", plan.model_id, plan.device,
-             plan.dtype, plan.num_blocks, settings.block_size)
+    log.info("serving %s on %s (%s, quantization %s): %d KV blocks of %d tokens; a decode step "
+             "reads %.1f MB of weights", plan.model_id, plan.device, plan.dtype, plan.quantization,
+             plan.num_blocks, settings.block_size, model.decode_weight_bytes() / 1e6)
     registry = build_registry(settings, plan, metrics)
     ops = kernels.ops_for(plan.device)
     model.use_ops(ops)

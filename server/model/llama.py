@@ -21,6 +21,7 @@ from torch import nn
 import kernels
 from kernels import AdapterBatch
 from server.engine.batch import ForwardBatch, PrefillChunk
+from server.model.quant import Int4Codes, Int8Linear, Mode, QuantLinear, quantize_group
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -166,10 +167,21 @@ class Attention(nn.Module):
 
     def fuse(self, cpu: bool) -> None:
         """Concatenate q/k/v into one matmul; called once after weights are loaded."""
+        if isinstance(self.wqkv, QuantLinear):
+            return
         linears = (self.q_proj, self.k_proj, self.v_proj)
         bias = fuse_weights([lin.bias for lin in linears]) if self.args.attention_bias else None
         self.wqkv = Dense(fuse_weights([lin.weight for lin in linears]), bias, cpu)
         self.wo = Dense(self.o_proj.weight.detach(), None, cpu)
+
+    def quantize(self, mode: Mode, sources: dict[str, Int4Codes], device: torch.device) -> None:
+        """Quantized fused q|k|v and o (and per-target layers for the split path); `sources`:
+        int4 codes read as they ship, by target name, else the loaded float weights."""
+        names = ("q_proj", "k_proj", "v_proj")
+        self.wqkv, parts = _quantized(self, names, sources, mode, device)
+        for name, part in zip(names, parts, strict=True):
+            setattr(self, name, part)
+        self.wo, [self.o_proj] = _quantized(self, ("o_proj",), sources, mode, device)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: LayerKV,
@@ -295,9 +307,17 @@ class FeedForward(nn.Module):
         self.w2: Dense | None = None
 
     def fuse(self, cpu: bool) -> None:
+        if isinstance(self.w13, QuantLinear):
+            return
         if self.gate_proj.bias is None:
             self.w13 = Dense(fuse_weights([self.gate_proj.weight, self.up_proj.weight]), None, cpu)
             self.w2 = Dense(self.down_proj.weight.detach(), None, cpu)
+
+    def quantize(self, mode: Mode, sources: dict[str, Int4Codes], device: torch.device) -> None:
+        names = ("gate_proj", "up_proj")
+        self.w13, parts = _quantized(self, names, sources, mode, device)
+        self.gate_proj, self.up_proj = parts
+        self.w2, [self.down_proj] = _quantized(self, ("down_proj",), sources, mode, device)
 
     def forward(self, x: torch.Tensor, adapting: Adapting | None) -> torch.Tensor:
         linears = (self.gate_proj, self.up_proj)
@@ -309,6 +329,13 @@ class FeedForward(nn.Module):
         h = F.silu(gate) * up
         down = self.w2 or self.down_proj
         return down(h) if adapting is None else adapting.project(SITE_DOWN, (down,), None, h)
+
+
+def _quantized(module: nn.Module, names: tuple[str, ...], sources: dict[str, Int4Codes], mode: Mode,
+               device: torch.device) -> tuple[QuantLinear, list[QuantLinear]]:  # fmt: skip
+    linears = [getattr(module, name) for name in names]
+    weights = [sources.get(n, lin.weight) for n, lin in zip(names, linears, strict=True)]
+    return quantize_group(weights, [lin.bias for lin in linears], mode, device)
 
 
 class TransformerBlock(nn.Module):
@@ -377,6 +404,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.hooks: AdapterHooks | None = None
         self.head: Dense | None = None
+        self.quantization: Mode = "none"
         self.register_buffer("inv_freq", rope_inv_freq(args).float(), persistent=False)
 
     def fuse(self, cpu: bool = False) -> None:
@@ -384,7 +412,44 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.self_attn.fuse(cpu)
             block.mlp.fuse(cpu)
-        self.head = Dense(self.lm_head.weight.detach(), None, cpu)
+        if not isinstance(self.head, QuantLinear):
+            self.head = Dense(self.lm_head.weight.detach(), None, cpu)
+
+    def quantize(self, mode: Mode, sources: dict[str, Int4Codes], device: torch.device) -> None:
+        """Every projection `mode` (int4 codes from `sources`, keyed `layers.3.mlp.up_proj`, as
+        they ship; the rest quantized from the loaded float weights) and the LM head int8 per
+        output channel (its rows are the vocabulary: groups of 32 would not pay there). The
+        float projection weights are dropped; embeddings and norms stay as loaded."""
+        for i, block in enumerate(self.layers):
+            mine = {k.removeprefix(f"layers.{i}."): v for k, v in sources.items()
+                    if k.startswith(f"layers.{i}.")}  # fmt: skip
+            for part, module in (("self_attn.", block.self_attn), ("mlp.", block.mlp)):
+                module.quantize(mode, {k.removeprefix(part): v for k, v in mine.items()
+                                       if k.startswith(part)}, device)  # fmt: skip
+        self.head = Int8Linear.quantize(self.lm_head.weight.detach().to(device))
+        self.quantization = mode
+        if not self.args.tie_word_embeddings:
+            self.lm_head = self.head  # the float head is not kept
+
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads: every projection, the LM head, the norms
+        (embeddings: one row per token, not counted)."""
+
+        def size(layer) -> int:
+            if isinstance(layer, QuantLinear):
+                return layer.weight_bytes
+            return layer.weight.numel() * layer.weight.element_size()
+
+        layers = []
+        for block in self.layers:
+            attn, mlp = block.self_attn, block.mlp
+            layers += [attn.wqkv, attn.wo] if attn.wqkv is not None else [attn.q_proj, attn.k_proj,
+                                                                        attn.v_proj, attn.o_proj]
+            layers += [mlp.w13, mlp.w2] if mlp.w13 is not None else [mlp.gate_proj, mlp.up_proj,
+                                                                   mlp.down_proj]  # fmt: skip
+        total = sum(size(layer) for layer in layers)
+        norms = sum(p.numel() * p.element_size() for n, p in self.named_parameters() if "norm" in n)
+        return total + size(self.head) + norms
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, d/2)

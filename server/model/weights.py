@@ -19,7 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from server.model.gguf_quant import read_q4_1
 from server.model.llama import ModelArgs, Transformer, rope_inv_freq
+from server.model.quant import Mode
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +126,23 @@ def _hf_name(key: str) -> str:
     return key.removeprefix("model.")
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Build the Transformer and copy every checkpoint tensor in, checking names and shapes."""
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quantization: Mode = "none",
+               gguf: Path | None = None) -> Transformer:  # fmt: skip
+    """Build the Transformer and copy every checkpoint tensor in, checking names and shapes.
+    `quantization` int8 / int4 replaces the projections (and the LM head) with weight-only
+    quantized layers; with int4 and a `gguf` file, its Q4_1 projections are read as they ship
+    and their float copies in `model_dir` are never loaded."""
     args = ModelArgs.from_hf_config(read_config(model_dir))
     with torch.device("meta"):
         model = Transformer(args)
     expected = dict(model.state_dict())
     if args.tie_word_embeddings:
         expected.pop("lm_head.weight")
+    sources = {}
+    if quantization == "int4" and gguf is not None:
+        sources = read_q4_1(gguf)
+        for name in sources:
+            expected.pop(f"{name}.weight")
     loaded: dict[str, torch.Tensor] = {}
     for file in _safetensors_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -141,9 +152,15 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Tra
                     loaded[name] = f.get_tensor(key).to(dtype)
     _check_state(expected, loaded)
     model.load_state_dict(loaded, strict=False, assign=True)
+    del loaded
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(args).float()  # non-persistent buffer: still on meta
+    if quantization != "none":
+        try:
+            model.quantize(quantization, sources, device)
+        except ValueError as exc:
+            raise ModelLoadError(f"--quantization {quantization}: {exc}") from None
     model.to(device)
     model.fuse(cpu=device.type == "cpu")
     return model.eval()

@@ -27,6 +27,7 @@ def _base_card(engine: Engine, created: int) -> ModelCard:
         num_key_value_heads=args.n_kv_heads,
         intermediate_size=args.intermediate_size,
         vocab_size=args.vocab_size,
+        quantization=engine.model.quantization,
     )
 
 

@@ -88,8 +88,9 @@ class Adapters:
         """An engine's settings with `names` (default: all) given as --adapter flags."""
         names = self.names if names is None else names
         overrides.setdefault("num_kv_blocks", 512)
+        overrides.setdefault("model", str(self.base_dir))
         return Settings(
-            model=str(self.base_dir), device="cpu", cache_dir=tmp / "cache",
+            device="cpu", cache_dir=tmp / "cache",
             adapters=[f"{n}={self.dirs[n]}" for n in names], max_adapter_rank=MAX_RANK,
             **overrides,
         )

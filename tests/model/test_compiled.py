@@ -108,9 +108,10 @@ def test_no_recompilation_while_the_batch_changes(setup: Setup) -> None:  # noqa
     assert graphs() == compiled_so_far, "a decode step recompiled"
 
 
-def engine_tokens(model_dir: Path, tmp_path: Path, compile: str, prompts) -> tuple[list, object]:
+def engine_tokens(model_dir: Path, tmp_path: Path, compile: str, prompts,
+                  quantization: str = "auto") -> tuple[list, object]:  # fmt: skip
     settings = Settings(model=str(model_dir), device="cpu", num_kv_blocks=128, max_model_len=256,
-                        cache_dir=tmp_path, compile=compile)  # fmt: skip
+                        cache_dir=tmp_path, compile=compile, quantization=quantization)  # fmt: skip
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
     async def go(engine):
@@ -129,6 +130,16 @@ def test_default_model_greedy_text_identical(default_model_dir: Path, tmp_path: 
     assert engine.compiled is not None, "the decode step did not compile"
     assert compiled == eager
     assert any((tmp_path / "compiled" / "inductor").rglob("*")), "no inductor cache written"
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_a_quantized_base_compiles_to_the_same_tokens(tiny_model_dir: Path, tmp_path: Path, quantization) -> None:
+    """torch's weight-only kernels inside the compiled block: the same greedy tokens as eager."""
+    prompts = [[1, 50, 34, 28, 46, 31], [2, 95, 29], [7, 7, 7, 7, 7, 7, 7, 7, 11]]
+    eager, _ = engine_tokens(tiny_model_dir, tmp_path / "eager", "off", prompts, quantization)
+    compiled, engine = engine_tokens(tiny_model_dir, tmp_path / "compiled", "on", prompts, quantization)
+    assert engine.compiled is not None and engine.model.quantization == quantization
+    assert compiled == eager
 
 
 def test_a_failing_compiled_step_falls_back_to_eager(

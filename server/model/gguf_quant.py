@@ -1,0 +1,87 @@
+"""GGUF projections served as they ship: Q4_1 blocks read straight into int4 codes, scales and
+zero points (no float round trip), for the base's seven projections per layer.
+
+A Q4_1 block holds 32 weights along the input: fp16 `d`, fp16 `m`, then 16 bytes whose low
+nibbles are weights 0-15 and high nibbles weights 16-31; w = d * q + m. As an `Int4Linear`
+(group 32): scale = d, zero = m + 8 d. llama.cpp stores a llama's q and k rows permuted for
+its RoPE layout; they are put back in the order transformers' GGUF reader uses (rows only, so
+blocks stay whole). Tensors of any other type are not read here: the model loads them from
+the converted float checkpoint as before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.model.quant import Int4Codes
+
+Q4_1_BLOCK = 32
+Q4_1_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
+TARGETS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}  # fmt: skip
+
+
+def projection_types(path: Path) -> dict[str, str]:
+    """GGUF type name (Q4_1, Q8_0, F16, ...) of each layer projection in the file."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors
+            if t.name.split(".")[2:3] and t.name.split(".")[2] in TARGETS}  # fmt: skip
+
+
+def read_q4_1(path: Path) -> dict[str, Int4Codes]:
+    """Every Q4_1 projection of the file, keyed by our module name (`layers.3.mlp.up_proj`)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    heads = _field(reader, f"{arch}.attention.head_count")
+    kv_heads = _field(reader, f"{arch}.attention.head_count_kv") or heads
+    out: dict[str, Int4Codes] = {}
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")  # blk.3.ffn_up.weight
+        if (tensor.tensor_type.name != "Q4_1" or len(parts) != 4 or parts[0] != "blk"
+                or parts[2] not in TARGETS or parts[3] != "weight"):  # fmt: skip
+            continue
+        codes = q4_1_blocks(np.asarray(tensor.data))
+        if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
+            codes = _unpermute(codes, heads, heads if parts[2] == "attn_q" else kv_heads)
+        out[f"layers.{parts[1]}.{TARGETS[parts[2]]}"] = codes
+    return out
+
+
+def q4_1_blocks(data: np.ndarray) -> Int4Codes:
+    """(out, in / 32 * 20) bytes of Q4_1 blocks -> Int4Codes."""
+    rows = data.shape[0]
+    blocks = data.reshape(rows, -1, Q4_1_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., 4:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # (out, blocks, 32)
+    scales, zeros = torch.from_numpy(d), torch.from_numpy(m + 8 * d)
+    return Int4Codes(torch.from_numpy(q.reshape(rows, -1).copy()), scales, zeros, Q4_1_BLOCK)
+
+
+def _unpermute(codes: Int4Codes, n_head: int, num_kv_heads: int) -> Int4Codes:
+    """transformers' reverse permutation of q/k rows, applied to codes, scales and zeros."""
+    rows = codes.codes.shape[0]
+    heads = num_kv_heads  # transformers: the k rows of a GQA model use the kv head count
+    order = torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
+    # row i of the result is row order[i] of the file (the inverse of llama.cpp's permute)
+    return Int4Codes(codes.codes[order], codes.scales[order], codes.zeros[order], codes.group_size)
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0].name == "STRING":
+        return bytes(value).decode()
+    return int(value[0])

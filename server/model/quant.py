@@ -1,0 +1,244 @@
+"""Weight-only quantized linear layers for the base model's projections and LM head.
+
+Adapters stay full precision: a quantized layer replaces only the base matmul, so every hook
+(LoRA deltas on the output, bottleneck and IA3 inputs, prefix and prompt tuning) runs as on a
+float base.
+
+- `int8`: one int8 code per weight, one scale per output channel (symmetric, absmax / 127).
+- `int4`: unsigned 4-bit codes in groups of `group_size` along the input, one scale and one
+  zero point per group: w = (q - 8) * scale + zero, q in [0, 15]. This is exactly GGUF's Q4_1
+  (w = d * q + m, 32 per block) with scale = d, zero = m + 8 d, so a Q4_1 tensor loads as it
+  ships (server/model/gguf_quant.py).
+
+The matmuls are torch's own weight-only kernels (`_weight_int8pack_mm`, and
+`_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` on CUDA): they take bfloat16
+activations for their fast paths (fp32 activations fall back to a slow reference loop, 10-20x
+slower on this CPU), so a quantized layer computes in bf16 (scales included) and returns the
+caller's dtype. The bf16 rounding of activations, scales and outputs (2**-9 relative) is the
+error a quantized layer adds on top of its codes; tests bound it as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Mode = Literal["none", "int8", "int4"]
+COMPUTE_DTYPE = torch.bfloat16
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT4_ROW_MULTIPLE = 16  # the CPU packing's block of output rows (CUDA needs 8)
+
+
+@dataclass(frozen=True)
+class Int4Codes:
+    """One projection's int4 representation: codes (out, in) integers in [0, 15]; scales and
+    zeros (out, in / group_size) float32; w = (q - 8) * scale + zero."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int = 32) -> Int4Codes:
+        """Asymmetric min/max quantization per group of `group_size` inputs."""
+        w = weight.detach().float()
+        out_features, in_features = w.shape
+        if group_size not in INT4_GROUP_SIZES or in_features % group_size:
+            raise ValueError(
+                f"int4 needs an input size ({in_features}) that is a multiple of the group size "
+                f"({group_size}, one of {INT4_GROUP_SIZES})"
+            )
+        groups = w.view(out_features, in_features // group_size, group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scales = ((high - low) / 15).clamp(min=1e-12)
+        codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15)
+        return cls(codes.view(out_features, in_features).to(torch.uint8), scales, low + 8 * scales,
+                   group_size)  # fmt: skip
+
+    def dequantize(self) -> torch.Tensor:
+        out_features, in_features = self.codes.shape
+        q = self.codes.float().view(out_features, -1, self.group_size)
+        w = (q - 8) * self.scales[..., None] + self.zeros[..., None]
+        return w.view(out_features, in_features)
+
+    @staticmethod
+    def cat(parts: list[Int4Codes]) -> Int4Codes:
+        """Rows of `parts` one after the other (one fused layer)."""
+        assert len({p.group_size for p in parts}) == 1
+        return Int4Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                         torch.cat([p.zeros for p in parts]), parts[0].group_size)  # fmt: skip
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W)^T (+ b), computed by a weight-only kernel; a drop-in for `Dense` and
+    for one target's `nn.Linear` (split projections)."""
+
+    mode: Mode = "none"
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._mm(x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous())
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weights (out, in) the codes stand for, with fp32 scales."""
+        raise NotImplementedError
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes a matmul reads: codes and scales (and zero points)."""
+        raise NotImplementedError
+
+
+class Int8Linear(QuantLinear):
+    mode: Mode = "int8"
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__(codes.shape[0], codes.shape[1], bias)
+        assert codes.dtype == torch.int8 and scales.shape == (codes.shape[0],)
+        self.codes = codes.contiguous()  # (out, in)
+        if self.bias is not None:
+            self.bias = self.bias.to(codes.device)
+        self.scales = scales.float()  # (out,), kept exact for dequantize()
+        self.kernel_scales = scales.to(COMPUTE_DTYPE)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # symmetric, per output channel
+        codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(codes, scales, bias)
+
+    def rows(self, start: int, stop: int, bias: torch.Tensor | None = None) -> Int8Linear:
+        """Output rows [start, stop) as a layer of their own, sharing this one's memory."""
+        part = Int8Linear.__new__(Int8Linear)
+        QuantLinear.__init__(part, stop - start, self.in_features, bias)
+        part.codes, part.scales = self.codes[start:stop], self.scales[start:stop]
+        part.kernel_scales = self.kernel_scales[start:stop]
+        return part
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.kernel_scales)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scales[:, None]
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.codes.numel() + self.kernel_scales.numel() * 2
+
+
+class Int4Linear(QuantLinear):
+    mode: Mode = "int4"
+
+    def __init__(self, source: Int4Codes, bias: torch.Tensor | None = None,
+                 device: torch.device | None = None) -> None:  # fmt: skip
+        out_features, in_features = source.codes.shape
+        super().__init__(out_features, in_features, bias)
+        if source.group_size not in INT4_GROUP_SIZES or in_features % source.group_size:
+            raise ValueError(f"bad int4 group size {source.group_size} for {in_features} inputs")
+        device = device or source.codes.device
+        if out_features % INT4_ROW_MULTIPLE or in_features % 32:
+            raise ValueError(
+                f"int4 kernels need outputs a multiple of {INT4_ROW_MULTIPLE} and inputs a "
+                f"multiple of 32, got a {out_features} x {in_features} projection"
+            )
+        self.group_size = source.group_size
+        self.scales, self.zeros = source.scales.float().to(device), source.zeros.float().to(device)
+        sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1)  # (in/g, out, 2)
+        self.scales_and_zeros = sz.to(COMPUTE_DTYPE).contiguous()
+        q = source.codes.to(device=device, dtype=torch.int32)
+        if device.type == "cuda":
+            packed_bytes = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(packed_bytes, tiles)
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        if self.bias is not None:
+            self.bias = self.bias.to(device)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int = 32, bias: torch.Tensor | None = None) -> Int4Linear:
+        return cls(Int4Codes.quantize(weight, group_size), bias)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda":
+            return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes back from the packed layout (for tests): the kernel applied to the
+        identity with scale 1 and zero 8 (so w = q), every code exact in bf16."""
+        eye = torch.eye(self.in_features, dtype=COMPUTE_DTYPE, device=self.packed.device)
+        unit = torch.ones_like(self.scales_and_zeros)
+        unit[..., 1] = 8
+        q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, unit) \
+            if eye.device.type != "cuda" else \
+            torch.ops.aten._weight_int4pack_mm(eye, self.packed, self.group_size, unit)  # fmt: skip
+        return q.float().t().round().to(torch.uint8)
+
+    def dequantize(self) -> torch.Tensor:
+        return Int4Codes(self.codes(), self.scales, self.zeros, self.group_size).dequantize()
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.out_features * self.in_features // 2 + self.scales_and_zeros.numel() * 2
+
+
+def quantize_group(
+    weights: list[torch.Tensor | Int4Codes], biases: list[torch.Tensor | None], mode: Mode,
+    device: torch.device, group_size: int = 32,
+) -> tuple[QuantLinear, list[QuantLinear]]:  # fmt: skip
+    """One fused layer over the rows of `weights` (float, or int4 codes read as they ship) and
+    one layer per part, for the split path of input-side adapters. int8: the parts are row
+    views of the fused layer; int4: packed apart (the packed layout cannot be sliced), the
+    same codes. A single part is its own fused layer."""
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases]).to(device)
+    if mode == "int8":
+        floats = [w.dequantize() if isinstance(w, Int4Codes) else w.detach().float() for w in weights]
+        fused = Int8Linear.quantize(torch.cat(floats).to(device), bias)
+        parts, start = [], 0
+        for w, b in zip(floats, biases, strict=True):
+            parts.append(fused.rows(start, start + w.shape[0], None if b is None else b.to(device)))
+            start += w.shape[0]
+        return (fused, [fused]) if len(parts) == 1 else (fused, parts)
+    if mode != "int4":
+        raise ValueError(f"quantization must be int8 or int4, got {mode!r}")
+    codes = [w if isinstance(w, Int4Codes) else Int4Codes.quantize(w, group_size) for w in weights]
+    fused = Int4Linear(Int4Codes.cat(codes), bias, device)
+    if len(codes) == 1:
+        return fused, [fused]
+    parts = [Int4Linear(c, b, device) for c, b in zip(codes, biases, strict=True)]
+    return fused, parts
+
+
+def quantize_weight(weight: torch.Tensor, mode: Mode, bias: torch.Tensor | None = None,
+                    group_size: int = 32) -> QuantLinear:  # fmt: skip
+    if mode == "int8":
+        return Int8Linear.quantize(weight, bias)
+    if mode == "int4":
+        return Int4Linear.quantize(weight, group_size, bias)
+    raise ValueError(f"quantization must be int8 or int4, got {mode!r}")
+
+
+def compute_supported(device: torch.device) -> bool:
+    """Whether this device runs the bf16 weight-only kernels (a bf16 matmul works)."""
+    try:
+        x = torch.ones(1, 32, dtype=COMPUTE_DTYPE, device=device)
+        torch.ops.aten._weight_int8pack_mm(x, torch.ones(8, 32, dtype=torch.int8, device=device),
+                                           torch.ones(8, dtype=COMPUTE_DTYPE, device=device))  # fmt: skip
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
