@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     quantization: Literal["auto", "none", "int8", "int4"] = Field(
         "auto", description="weight-only quantized base projections and LM head (adapters stay "
         "full precision): int8 per channel, int4 in groups of 32; auto = a GGUF on CPU as it "
-        "ships (Q4_1 -> int4, Q8_0 -> int8), otherwise none"
+        "ships (Q4_0 / Q4_1 -> int4 as they are, Q8_0 -> int8 per channel), otherwise none"
     )
     compile: Literal["off", "auto", "on"] = Field(
         "auto", description="torch.compile the decode step (CUDA: + CUDA graphs); auto = where it wins"

@@ -72,17 +72,19 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 def pick_quantization(setting: str, device: torch.device, gguf: Path | None) -> Mode:
-    """--quantization: auto = a GGUF on CPU served as it ships (all seven projections of every
-    layer Q4_1 -> int4, Q8_0 -> int8), otherwise none; int8 / int4 need the device's bf16
+    """--quantization: auto = a GGUF on CPU served as it ships (every projection Q4_0 / Q4_1
+    -> int4, read as it is; all Q8_0 -> int8, requantized per channel), otherwise none; int8 / int4 need the device's bf16
     weight-only kernels."""
-    from server.model.gguf_quant import projection_types
+    from server.model.gguf_quant import INT4_TYPES, projection_types
     from server.model.quant import compute_supported
 
     if setting == "auto":
         if gguf is None or device.type != "cpu" or not compute_supported(device):
             return "none"
         types = set(projection_types(gguf).values())
-        return {frozenset({"Q4_1"}): "int4", frozenset({"Q8_0"}): "int8"}.get(frozenset(types), "none")
+        if types and types <= INT4_TYPES:
+            return "int4"
+        return "int8" if types == {"Q8_0"} else "none"
     if setting != "none" and not compute_supported(device):
         raise EngineConfigError(
             f"--quantization {setting}: this device ({device}) lacks the bfloat16 weight-only "
@@ -164,7 +166,8 @@ def build_engine(settings: Settings, metrics: Metrics, plan: EnginePlan | None =
     from server.model.weights import load_model
 
     plan = plan or plan_engine(settings)
-    model = load_model(plan.model_dir, plan.device, plan.dtype, plan.quantization, plan.gguf)
+    model = load_model(plan.model_dir, plan.device, plan.dtype, plan.quantization, plan.gguf,
+                       settings.cache_dir)
     tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
     log.info("serving %s on %s (%s, quantization %s): %d KV blocks of %d tokens; a decode step "
              "reads %.1f MB of weights", plan.model_id, plan.device, plan.dtype, plan.quantization,

@@ -1,9 +1,9 @@
-"""GGUF projections served as they ship: Q4_1 blocks read straight into int4 codes, scales and
-zero points (no float round trip), for the base's seven projections per layer.
+"""GGUF projections served as they ship: Q4_0 and Q4_1 blocks read straight into int4 codes,
+scales and zero points (no float round trip), for the base's seven projections per layer.
 
-A Q4_1 block holds 32 weights along the input: fp16 `d`, fp16 `m`, then 16 bytes whose low
-nibbles are weights 0-15 and high nibbles weights 16-31; w = d * q + m. As an `Int4Linear`
-(group 32): scale = d, zero = m + 8 d. llama.cpp stores a llama's q and k rows permuted for
+A block holds 32 weights along the input: fp16 `d` (Q4_1: then fp16 `m`), then 16 bytes whose
+low nibbles are weights 0-15 and high nibbles weights 16-31. Q4_1: w = d * q + m, so as an
+`Int4Linear` (group 32) scale = d, zero = m + 8 d; Q4_0: w = d * (q - 8), scale = d, zero = 0. llama.cpp stores a llama's q and k rows permuted for
 its RoPE layout; they are put back in the order transformers' GGUF reader uses (rows only, so
 blocks stay whole). Tensors of any other type are not read here: the model loads them from
 the converted float checkpoint as before.
@@ -18,8 +18,9 @@ import torch
 
 from server.model.quant import Int4Codes
 
-Q4_1_BLOCK = 32
-Q4_1_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
+BLOCK = 32
+HEADER_BYTES = {"Q4_0": 2, "Q4_1": 4}  # fp16 d (and fp16 m), then 16 bytes of nibbles
+INT4_TYPES = frozenset(HEADER_BYTES)
 TARGETS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -35,8 +36,9 @@ def projection_types(path: Path) -> dict[str, str]:
             if t.name.split(".")[2:3] and t.name.split(".")[2] in TARGETS}  # fmt: skip
 
 
-def read_q4_1(path: Path) -> dict[str, Int4Codes]:
-    """Every Q4_1 projection of the file, keyed by our module name (`layers.3.mlp.up_proj`)."""
+def read_int4(path: Path) -> dict[str, Int4Codes]:
+    """Every Q4_0 / Q4_1 projection of the file, keyed by our module name
+    (`layers.3.mlp.up_proj`)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -46,26 +48,31 @@ def read_q4_1(path: Path) -> dict[str, Int4Codes]:
     out: dict[str, Int4Codes] = {}
     for tensor in reader.tensors:
         parts = tensor.name.split(".")  # blk.3.ffn_up.weight
-        if (tensor.tensor_type.name != "Q4_1" or len(parts) != 4 or parts[0] != "blk"
+        kind = tensor.tensor_type.name
+        if (kind not in INT4_TYPES or len(parts) != 4 or parts[0] != "blk"
                 or parts[2] not in TARGETS or parts[3] != "weight"):  # fmt: skip
             continue
-        codes = q4_1_blocks(np.asarray(tensor.data))
+        codes = int4_blocks(np.asarray(tensor.data), kind)
         if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
             codes = _unpermute(codes, heads, heads if parts[2] == "attn_q" else kv_heads)
         out[f"layers.{parts[1]}.{TARGETS[parts[2]]}"] = codes
     return out
 
 
-def q4_1_blocks(data: np.ndarray) -> Int4Codes:
-    """(out, in / 32 * 20) bytes of Q4_1 blocks -> Int4Codes."""
-    rows = data.shape[0]
-    blocks = data.reshape(rows, -1, Q4_1_BYTES)
+def int4_blocks(data: np.ndarray, kind: str) -> Int4Codes:
+    """(out, in / 32 * block bytes) bytes of Q4_0 or Q4_1 blocks -> Int4Codes."""
+    rows, header = data.shape[0], HEADER_BYTES[kind]
+    blocks = data.reshape(rows, -1, header + BLOCK // 2)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    nibbles = blocks[..., 4:]
+    nibbles = blocks[..., header:]
     q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # (out, blocks, 32)
-    scales, zeros = torch.from_numpy(d), torch.from_numpy(m + 8 * d)
-    return Int4Codes(torch.from_numpy(q.reshape(rows, -1).copy()), scales, zeros, Q4_1_BLOCK)
+    if kind == "Q4_1":
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        zeros = m + 8 * d
+    else:
+        zeros = np.zeros_like(d)
+    return Int4Codes(torch.from_numpy(q.reshape(rows, -1).copy()), torch.from_numpy(d),
+                     torch.from_numpy(zeros), BLOCK)  # fmt: skip
 
 
 def _unpermute(codes: Int4Codes, n_head: int, num_kv_heads: int) -> Int4Codes:

@@ -21,7 +21,7 @@ from torch import nn
 import kernels
 from kernels import AdapterBatch
 from server.engine.batch import ForwardBatch, PrefillChunk
-from server.model.quant import Int4Codes, Int8Linear, Mode, QuantLinear, quantize_group
+from server.model.quant import Codes, Int8Linear, Mode, QuantLinear, codes_for, quantize_group
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -174,7 +174,7 @@ class Attention(nn.Module):
         self.wqkv = Dense(fuse_weights([lin.weight for lin in linears]), bias, cpu)
         self.wo = Dense(self.o_proj.weight.detach(), None, cpu)
 
-    def quantize(self, mode: Mode, sources: dict[str, Int4Codes], device: torch.device) -> None:
+    def quantize(self, mode: Mode, sources: dict[str, Codes], device: torch.device) -> None:
         """Quantized fused q|k|v and o (and per-target layers for the split path); `sources`:
         int4 codes read as they ship, by target name, else the loaded float weights."""
         names = ("q_proj", "k_proj", "v_proj")
@@ -313,7 +313,7 @@ class FeedForward(nn.Module):
             self.w13 = Dense(fuse_weights([self.gate_proj.weight, self.up_proj.weight]), None, cpu)
             self.w2 = Dense(self.down_proj.weight.detach(), None, cpu)
 
-    def quantize(self, mode: Mode, sources: dict[str, Int4Codes], device: torch.device) -> None:
+    def quantize(self, mode: Mode, sources: dict[str, Codes], device: torch.device) -> None:
         names = ("gate_proj", "up_proj")
         self.w13, parts = _quantized(self, names, sources, mode, device)
         self.gate_proj, self.up_proj = parts
@@ -331,7 +331,7 @@ class FeedForward(nn.Module):
         return down(h) if adapting is None else adapting.project(SITE_DOWN, (down,), None, h)
 
 
-def _quantized(module: nn.Module, names: tuple[str, ...], sources: dict[str, Int4Codes], mode: Mode,
+def _quantized(module: nn.Module, names: tuple[str, ...], sources: dict[str, Codes], mode: Mode,
                device: torch.device) -> tuple[QuantLinear, list[QuantLinear]]:  # fmt: skip
     linears = [getattr(module, name) for name in names]
     weights = [sources.get(n, lin.weight) for n, lin in zip(names, linears, strict=True)]
@@ -415,9 +415,10 @@ class Transformer(nn.Module):
         if not isinstance(self.head, QuantLinear):
             self.head = Dense(self.lm_head.weight.detach(), None, cpu)
 
-    def quantize(self, mode: Mode, sources: dict[str, Int4Codes], device: torch.device) -> None:
-        """Every projection `mode` (int4 codes from `sources`, keyed `layers.3.mlp.up_proj`, as
-        they ship; the rest quantized from the loaded float weights) and the LM head int8 per
+    def quantize(self, mode: Mode, sources: dict[str, Codes], device: torch.device) -> None:
+        """Every projection `mode` (codes from `sources`, keyed `layers.3.mlp.up_proj` and
+        `lm_head`: as they ship, or cached; the rest quantized from the loaded float weights)
+        and the LM head int8 per
         output channel (its rows are the vocabulary: groups of 32 would not pay there). The
         float projection weights are dropped; embeddings and norms stay as loaded."""
         for i, block in enumerate(self.layers):
@@ -426,7 +427,8 @@ class Transformer(nn.Module):
             for part, module in (("self_attn.", block.self_attn), ("mlp.", block.mlp)):
                 module.quantize(mode, {k.removeprefix(part): v for k, v in mine.items()
                                        if k.startswith(part)}, device)  # fmt: skip
-        self.head = Int8Linear.quantize(self.lm_head.weight.detach().to(device))
+        head = sources.get("lm_head", self.lm_head.weight)
+        self.head = Int8Linear.of(codes_for(head, "int8"), None, device)
         self.quantization = mode
         if not self.args.tie_word_embeddings:
             self.lm_head = self.head  # the float head is not kept

@@ -73,6 +73,46 @@ class Int4Codes:
                          torch.cat([p.zeros for p in parts]), parts[0].group_size)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Int8Codes:
+    """One projection's int8 representation: codes (out, in) int8, scales (out,) float32;
+    w = q * scale (symmetric, per output channel: absmax / 127)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Codes:
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        return cls(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scales[:, None]
+
+    @staticmethod
+    def cat(parts: list[Int8Codes]) -> Int8Codes:
+        return Int8Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]))
+
+
+Codes = Int8Codes | Int4Codes
+
+
+def codes_for(weight: torch.Tensor | Codes, mode: Mode, group_size: int = 32) -> Codes:
+    """`weight` (float, or codes already) as `mode` codes: int8 from int4 codes goes through
+    their float values."""
+    if mode == "int8":
+        if isinstance(weight, Int8Codes):
+            return weight
+        return Int8Codes.quantize(weight.dequantize() if isinstance(weight, Int4Codes) else weight)
+    if mode == "int4":
+        if isinstance(weight, Int4Codes):
+            return weight
+        return Int4Codes.quantize(weight.dequantize() if isinstance(weight, Int8Codes) else weight,
+                                  group_size)  # fmt: skip
+    raise ValueError(f"quantization must be int8 or int4, got {mode!r}")
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(W)^T (+ b), computed by a weight-only kernel; a drop-in for `Dense` and
     for one target's `nn.Linear` (split projections)."""
@@ -116,10 +156,13 @@ class Int8Linear(QuantLinear):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
-        w = weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # symmetric, per output channel
-        codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(codes, scales, bias)
+        return cls.of(Int8Codes.quantize(weight), bias)
+
+    @classmethod
+    def of(cls, source: Int8Codes, bias: torch.Tensor | None = None,
+           device: torch.device | None = None) -> Int8Linear:  # fmt: skip
+        device = device or source.codes.device
+        return cls(source.codes.to(device), source.scales.to(device), bias)
 
     def rows(self, start: int, stop: int, bias: torch.Tensor | None = None) -> Int8Linear:
         """Output rows [start, stop) as a layer of their own, sharing this one's memory."""
@@ -198,25 +241,24 @@ class Int4Linear(QuantLinear):
 
 
 def quantize_group(
-    weights: list[torch.Tensor | Int4Codes], biases: list[torch.Tensor | None], mode: Mode,
+    weights: list[torch.Tensor | Codes], biases: list[torch.Tensor | None], mode: Mode,
     device: torch.device, group_size: int = 32,
 ) -> tuple[QuantLinear, list[QuantLinear]]:  # fmt: skip
-    """One fused layer over the rows of `weights` (float, or int4 codes read as they ship) and
-    one layer per part, for the split path of input-side adapters. int8: the parts are row
-    views of the fused layer; int4: packed apart (the packed layout cannot be sliced), the
-    same codes. A single part is its own fused layer."""
+    """One fused layer over the rows of `weights` (float, or codes: read as they ship or from
+    the cache) and one layer per part, for the split path of input-side adapters. int8: the
+    parts are row views of the fused layer; int4: packed apart (the packed layout cannot be
+    sliced), the same codes. A single part is its own fused layer. Both schemes quantize each
+    output row on its own, so fused and apart give the same codes."""
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases]).to(device)
+    codes = [codes_for(w, mode, group_size) for w in weights]
     if mode == "int8":
-        floats = [w.dequantize() if isinstance(w, Int4Codes) else w.detach().float() for w in weights]
-        fused = Int8Linear.quantize(torch.cat(floats).to(device), bias)
+        fused = Int8Linear.of(Int8Codes.cat(codes), bias, device)
         parts, start = [], 0
-        for w, b in zip(floats, biases, strict=True):
-            parts.append(fused.rows(start, start + w.shape[0], None if b is None else b.to(device)))
-            start += w.shape[0]
+        for c, b in zip(codes, biases, strict=True):
+            rows = c.codes.shape[0]
+            parts.append(fused.rows(start, start + rows, None if b is None else b.to(device)))
+            start += rows
         return (fused, [fused]) if len(parts) == 1 else (fused, parts)
-    if mode != "int4":
-        raise ValueError(f"quantization must be int8 or int4, got {mode!r}")
-    codes = [w if isinstance(w, Int4Codes) else Int4Codes.quantize(w, group_size) for w in weights]
     fused = Int4Linear(Int4Codes.cat(codes), bias, device)
     if len(codes) == 1:
         return fused, [fused]

@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from server.model.gguf_quant import read_q4_1
+from server.model.gguf_quant import read_int4
 from server.model.llama import ModelArgs, Transformer, rope_inv_freq
-from server.model.quant import Mode
+from server.model.quant import Codes, Int4Codes, Int8Codes, Mode, codes_for
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ def convert_gguf(path: Path, cache_dir: Path) -> Path:
     except OSError:
         if not (target / "config.json").is_file():  # another process may have won the race
             raise
+    except Exception as exc:  # the reader's own refusal (type, architecture, a damaged file)
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path.name} cannot be read as a GGUF model: {first}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -127,22 +130,30 @@ def _hf_name(key: str) -> str:
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quantization: Mode = "none",
-               gguf: Path | None = None) -> Transformer:  # fmt: skip
+               gguf: Path | None = None, cache_dir: Path | None = None) -> Transformer:  # fmt: skip
     """Build the Transformer and copy every checkpoint tensor in, checking names and shapes.
     `quantization` int8 / int4 replaces the projections (and the LM head) with weight-only
-    quantized layers; with int4 and a `gguf` file, its Q4_1 projections are read as they ship
-    and their float copies in `model_dir` are never loaded."""
+    quantized layers. Their codes come, first found: from `cache_dir`/quantized (written by
+    an earlier start of the same files and mode), from the `gguf` file (int4: its Q4_0 / Q4_1
+    projections as they ship), else from quantizing the loaded float weights; projections with
+    codes are never loaded as floats. Fresh codes are cached for the next start."""
     args = ModelArgs.from_hf_config(read_config(model_dir))
     with torch.device("meta"):
         model = Transformer(args)
     expected = dict(model.state_dict())
     if args.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    sources = {}
-    if quantization == "int4" and gguf is not None:
-        sources = read_q4_1(gguf)
+    sources: dict[str, Codes] = {}
+    cache = None
+    if quantization != "none":
+        cache = _quant_cache_path(model_dir, gguf, quantization, cache_dir) if cache_dir else None
+        if cache is not None and cache.is_file():
+            sources = _read_codes(cache)
+            log.info("quantized weights from the cache: %s", cache)
+        elif quantization == "int4" and gguf is not None:
+            sources = read_int4(gguf)
         for name in sources:
-            expected.pop(f"{name}.weight")
+            expected.pop(f"{name}.weight", None)
     loaded: dict[str, torch.Tensor] = {}
     for file in _safetensors_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -158,12 +169,83 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quanti
     model.inv_freq = rope_inv_freq(args).float()  # non-persistent buffer: still on meta
     if quantization != "none":
         try:
+            fresh = _complete_codes(model, sources, quantization)
+            if fresh and cache is not None:
+                _write_codes(cache, sources)
             model.quantize(quantization, sources, device)
         except ValueError as exc:
             raise ModelLoadError(f"--quantization {quantization}: {exc}") from None
     model.to(device)
     model.fuse(cpu=device.type == "cpu")
     return model.eval()
+
+
+QUANT_CACHE_VERSION = 1
+
+
+def _quant_cache_path(model_dir: Path, gguf: Path | None, mode: Mode, cache_dir: Path) -> Path:
+    """One file per (weights, mode): keyed by the checkpoint files' names, sizes and times and
+    the GGUF file's, so new weights never meet old codes."""
+    files = [model_dir / "config.json", *_safetensors_files(model_dir), *([gguf] if gguf else [])]
+    ident = [str(model_dir.resolve()), mode, QUANT_CACHE_VERSION]
+    ident += [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]
+    return cache_dir / "quantized" / f"{model_dir.name}-{mode}-{digest}.safetensors"
+
+
+def _projection_names(model: Transformer) -> list[str]:
+    names = []
+    for i in range(len(model.layers)):
+        names += [f"layers.{i}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        names += [f"layers.{i}.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+    return names
+
+
+def _complete_codes(model: Transformer, sources: dict[str, Codes], mode: Mode) -> bool:
+    """Codes for every projection and the head (int8) into `sources`; whether any was new."""
+    fresh = False
+    for name in [*_projection_names(model), "lm_head"]:
+        if name not in sources:
+            weight = model.get_submodule(name).weight
+            sources[name] = codes_for(weight, "int8" if name == "lm_head" else mode)
+            fresh = True
+    return fresh
+
+
+def _write_codes(path: Path, sources: dict[str, Codes]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[str, str] = {}
+    for name, codes in sources.items():
+        tensors[f"{name}.codes"] = codes.codes.contiguous()
+        tensors[f"{name}.scales"] = codes.scales.contiguous()
+        if isinstance(codes, Int4Codes):
+            tensors[f"{name}.zeros"] = codes.zeros.contiguous()
+            groups[name] = str(codes.group_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        save_file(tensors, str(tmp), metadata={"int4_group_sizes": json.dumps(groups)})
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache: the next start quantizes again
+        log.warning("quantized weights not cached (%s)", exc)
+        tmp.unlink(missing_ok=True)
+
+
+def _read_codes(path: Path) -> dict[str, Codes]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        groups = json.loads((f.metadata() or {}).get("int4_group_sizes", "{}"))
+        names = {key.rsplit(".", 1)[0] for key in f.keys()}  # noqa: SIM118
+        out: dict[str, Codes] = {}
+        for name in names:
+            # owned copies: a tensor read here may view the file's memory map, which goes
+            # when the file closes (the int8 kernel crashed reading such codes)
+            codes, scales = f.get_tensor(f"{name}.codes").clone(), f.get_tensor(f"{name}.scales").clone()
+            if name in groups:
+                zeros = f.get_tensor(f"{name}.zeros").clone()
+                out[name] = Int4Codes(codes, scales, zeros, int(groups[name]))
+            else:
+                out[name] = Int8Codes(codes, scales)
+    return out
 
 
 def _check_state(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> None:

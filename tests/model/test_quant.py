@@ -109,9 +109,9 @@ def default_gguf() -> Path:
 def test_q4_1_projections_dequantize_bit_for_bit_to_transformers(default_gguf, default_model_dir):
     """Every Q4_1 projection read as int4 codes, (q - 8) * d + (m + 8 d), equals what
     transformers' GGUF reader wrote for it (d * q + m, q/k rows un-permuted) exactly."""
-    from server.model.gguf_quant import projection_types, read_q4_1
+    from server.model.gguf_quant import projection_types, read_int4
 
-    codes = read_q4_1(default_gguf)
+    codes = read_int4(default_gguf)
     assert len(codes) == sum(t == "Q4_1" for t in projection_types(default_gguf).values()) == 210
     tensors = load_file(str(default_model_dir / "model.safetensors"))
     for name, source in codes.items():
@@ -258,3 +258,71 @@ def test_the_model_card_shows_the_quantization(tmp_path):
         card = client.get("/v1/models").json()["data"][0]
         assert card["quantization"] == "int8"
     assert json.loads((model / "config.json").read_text())["hidden_size"] == card["hidden_size"]
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_int4_blocks_dequantize_bit_for_bit_to_gguf_py(kind):
+    """Q4_0 and Q4_1 blocks made by gguf-py's own quantizer (the reader transformers uses):
+    our codes, scales and zeros dequantize to exactly what gguf-py dequantizes them to, and an
+    Int4Linear made from them keeps every code."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from server.model.gguf_quant import int4_blocks
+
+    kind_id = GGMLQuantizationType[kind]
+    weights = np.random.default_rng(3).standard_normal((48, 128)).astype(np.float32) * 0.05
+    raw = quantize(weights, kind_id)
+    codes = int4_blocks(raw, kind)
+    assert torch.equal(codes.dequantize(), torch.from_numpy(dequantize(raw, kind_id)))
+    assert torch.equal(Int4Linear(codes).codes(), codes.codes)
+
+
+@pytest.mark.parametrize("content", [b"not a gguf file at all", b"GGUF" + bytes(60)])
+def test_an_unreadable_gguf_is_one_line_and_exit_2(content, tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(content)
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(path)],
+        capture_output=True, text=True, timeout=120,
+        env={"ADAPTERSERVE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in run.stderr and len(lines) <= 2, run.stderr
+    assert "broken.gguf" in run.stderr
+
+
+def test_quantized_codes_are_cached_and_the_next_start_reuses_them(tmp_path, monkeypatch):
+    """The first int8 / int4 start of a float checkpoint writes its codes under cache_dir;
+    the next start of the same files builds the same layers from them without quantizing
+    anything; new weights get a new file."""
+    from server.model.quant import Int8Codes
+    from server.model.weights import load_model
+    from tests.helpers import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "m", seed=4)
+    cpu, x = torch.device("cpu"), torch.randn(3, 64)
+    for mode in ("int8", "int4"):
+        first = load_model(model_dir, cpu, torch.float32, mode, None, tmp_path / "cache")
+        [cached] = (tmp_path / "cache" / "quantized").glob(f"*-{mode}-*.safetensors")
+
+        def refuse(*_a, **_k):
+            raise AssertionError("quantized again instead of reading the cache")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Int8Codes, "quantize", refuse)
+            patch.setattr(Int4Codes, "quantize", refuse)
+            second = load_model(model_dir, cpu, torch.float32, mode, None, tmp_path / "cache")
+        for a, b in ((first.layers[1].self_attn.wqkv, second.layers[1].self_attn.wqkv),
+                     (first.layers[0].mlp.w2, second.layers[0].mlp.w2), (first.head, second.head)):
+            assert torch.equal(a(x if a.in_features == 64 else torch.randn(3, a.in_features)),
+                               b(x if b.in_features == 64 else torch.randn(3, b.in_features))) or \
+                torch.equal(a.dequantize(), b.dequantize())  # fmt: skip
+            assert torch.equal(a.dequantize(), b.dequantize())
+        assert second.quantization == mode and cached.stat().st_size > 0
+    make_tiny_llama(tmp_path / "m2", seed=5)
+    shutil.copy(tmp_path / "m2" / "model.safetensors", model_dir / "model.safetensors")
+    load_model(model_dir, cpu, torch.float32, "int8", None, tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "quantized").glob("*-int8-*.safetensors"))) == 2
