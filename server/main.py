@@ -20,7 +20,7 @@ from server.errors import install_error_handlers
 from server.evaluation.runner import build_runner
 from server.guards import RequestGuard, body_routes
 from server.metrics import Metrics
-from server.routers import adapters, chat, completions, health, models
+from server.routers import adapters, chat, completions, health, models, tokenize
 from server.routers import evaluations as evaluations_router
 from server.routers.openapi import openapi_document
 
@@ -54,7 +54,8 @@ def create_app(
     app.state.engine_plan = plan
     app.state.draining = False
     install_error_handlers(app)
-    routers = [m.router for m in (completions, chat, models, adapters, health, evaluations_router)]
+    routers = [m.router for m in (completions, chat, models, adapters, health, tokenize,
+                                  evaluations_router)]
     for router in routers:
         app.include_router(router)
     _add_docs_routes(app)

@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
 from starlette.types import Receive, Scope, Send
 
 from server.config import Settings
@@ -38,7 +39,9 @@ from server.errors import (
     invalid_request,
     truncate,
 )
-from server.schemas import SamplingFields
+from server.schemas import ChatMessage, SamplingFields
+
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name, rendered as templates know it
 
 log = logging.getLogger(__name__)
 
@@ -485,3 +488,17 @@ class EventStreamResponse(StreamingResponse):
                 await aclose()
         if not sender.cancelled() and isinstance(sender.exception(), Exception):
             log.info("stream ended early: %r", sender.exception())
+
+
+def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, engine: Engine,
+                add_special_tokens: bool = False) -> list[int]:  # fmt: skip
+    """Token ids of a conversation through the model's own chat template (never a request's),
+    as /v1/chat/completions and /tokenize render it; a template that refuses it is a 400."""
+    plain = [{"role": ROLE_ALIASES.get(m.role, m.role), "content": m.text} for m in messages]
+    try:
+        return engine.tokenizer.encode_chat(plain, add_generation_prompt, add_special_tokens)
+    except (ValueError, TemplateError) as exc:
+        raise invalid_request(
+            f"The messages cannot be rendered with this model's chat template: {str(exc)[:200]}",
+            "messages",
+        ) from None

@@ -47,13 +47,16 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.hf.chat_template)
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False) -> list[int]:  # fmt: skip
+        """The rendered template's tokens; `add_special_tokens` adds the tokenizer's own
+        (BOS, ...) on top of those the template writes (vLLM's /tokenize option)."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use /v1/completions")
         text = self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         """Display text of one token (logprobs); cached since the vocabulary is fixed."""

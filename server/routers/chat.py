@@ -6,7 +6,6 @@ import time
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from jinja2 import TemplateError
 
 from server.config import Settings
 from server.deps import get_engine, get_settings, resolve_model
@@ -33,6 +32,7 @@ from server.serving import (
     finite_logprob,
     log_ignored_fields,
     new_id,
+    render_chat,
     sampling_params,
     sse,
     submit,
@@ -41,7 +41,6 @@ from server.serving import (
 
 router = APIRouter(tags=["chat"])
 
-ROLE_ALIASES = {"developer": "system"}
 
 
 @router.post(
@@ -102,18 +101,7 @@ def _check_request(body: ChatCompletionRequest, settings: Settings) -> None:
 
 def _render(body: ChatCompletionRequest, engine: Engine) -> list[int]:
     """Token ids of the conversation through the model's own template (never the request's)."""
-    messages = [
-        {"role": ROLE_ALIASES.get(m.role, m.role), "content": m.text} for m in body.messages
-    ]
-    try:
-        ids = engine.tokenizer.encode_chat(
-            messages, add_generation_prompt=body.add_generation_prompt
-        )
-    except (ValueError, TemplateError) as exc:
-        raise invalid_request(
-            f"The messages cannot be rendered with this model's chat template: {str(exc)[:200]}",
-            "messages",
-        ) from None
+    ids = render_chat(body.messages, body.add_generation_prompt, engine)
     if not ids:
         raise invalid_request("The conversation renders to an empty prompt.", "messages")
     return ids

@@ -36,9 +36,13 @@ def fit_into_context(case: schemathesis.Case) -> None:
     the fields it refuses (sampling, penalties, logprobs, stop strings). Negative cases are sent as
     drawn."""
     body = case.body
-    if case.operation.path not in GENERATION_PATHS or not isinstance(body, dict):
+    if case.operation.path not in (*GENERATION_PATHS, "/tokenize") or not isinstance(body, dict):
         return
     if case.meta is None or not case.meta.generation.mode.is_positive:
+        return
+    if case.operation.path == "/tokenize":  # the same character cap as generation prompts
+        if isinstance(body.get("messages"), list):
+            body["messages"] = _fit_messages(body["messages"])
         return
     for key in ("max_tokens", "max_completion_tokens"):
         if _is_whole(body.get(key)):

@@ -108,6 +108,9 @@ STATUSES = {
     ("get", "/v1/datasets"): COMMON | {200},
     ("post", "/v1/datasets"): BODY | {201, 409},
     ("delete", "/v1/datasets/{name}"): COMMON | {200, 404, 409},  # 409: built-in, or in use
+    ("post", "/tokenize"): BODY | {200, 404},
+    ("post", "/detokenize"): BODY | {200, 404},
+    ("get", "/tokenizer_info"): COMMON | {200},
 }
 
 

@@ -1,0 +1,86 @@
+"""vLLM's tokenizer endpoints: POST /tokenize, POST /detokenize, GET /tokenizer_info, so that a
+client (lm-evaluation-harness's remote tokenizer) tokenizes exactly as the server does without
+a local copy. Served at the root, as vLLM does, behind the API key like every other route. The
+base model and its adapters share one tokenizer; `model` is checked (404) all the same."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from server.config import Settings
+from server.deps import get_engine, get_settings, resolve_model
+from server.engine.engine import Engine
+from server.errors import error_responses, invalid_request
+from server.schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+)
+from server.serving import render_chat
+
+router = APIRouter(tags=["tokenizer"])
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(404))
+async def tokenize(
+    body: TokenizeRequest,
+    request: Request,
+    engine: Engine = Depends(get_engine),
+    settings: Settings = Depends(get_settings),
+) -> JSONResponse:
+    resolve_model(request, body.model)
+    if body.prompt is not None:
+        _check_chars(len(body.prompt), settings, "prompt")
+        special = True if body.add_special_tokens is None else body.add_special_tokens
+        ids = engine.tokenizer.encode(body.prompt, add_special_tokens=special)
+    else:
+        _check_chars(sum(len(m.text) for m in body.messages), settings, "messages")
+        ids = render_chat(body.messages, body.add_generation_prompt, engine,
+                          bool(body.add_special_tokens))  # fmt: skip
+    strs = engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return JSONResponse({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
+                         "token_strs": strs})  # fmt: skip
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(404))
+async def detokenize(
+    body: DetokenizeRequest, request: Request, engine: Engine = Depends(get_engine)
+) -> JSONResponse:
+    resolve_model(request, body.model)
+    if len(body.tokens) > engine.max_model_len:
+        raise invalid_request(
+            f"{len(body.tokens)} tokens; at most this model's context ({engine.max_model_len}) "
+            "are decoded at once.", "tokens",
+        )  # fmt: skip
+    bad = next((t for t in body.tokens if not 0 <= t < engine.vocab_size), None)
+    if bad is not None:
+        raise invalid_request(f"Token ids must be in [0, {engine.vocab_size}), got {bad}.", "tokens")
+    # special tokens kept: a round trip of /tokenize's ids gives back its text
+    return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfo)
+async def tokenizer_info(engine: Engine = Depends(get_engine)) -> JSONResponse:
+    hf = engine.tokenizer.hf
+    return JSONResponse({
+        "tokenizer_class": type(hf).__name__,
+        "vocab_size": engine.tokenizer.vocab_size,
+        "model_max_length": engine.max_model_len,
+        "eos_token": hf.eos_token,
+        "bos_token": hf.bos_token,
+        "pad_token": hf.pad_token,
+        "unk_token": hf.unk_token,
+        "eos_token_ids": sorted(engine.tokenizer.eos_token_ids),
+        "chat_template": hf.chat_template if isinstance(hf.chat_template, str) else None,
+    })  # fmt: skip
+
+
+def _check_chars(count: int, settings: Settings, param: str) -> None:
+    if count > settings.max_prompt_chars:
+        raise invalid_request(
+            f"The {param} has {count} characters; this server accepts at most "
+            f"{settings.max_prompt_chars}.", param,
+        )  # fmt: skip
