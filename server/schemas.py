@@ -125,6 +125,39 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(RequestModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object"}, alias="schema",
+        description="the JSON Schema every output must validate against",
+    )
+    strict: bool | None = Field(None, description="accepted; outputs always follow the schema")
+
+
+def _schema_needs_json_schema(schema: dict[str, Any]) -> None:
+    _null_means_default_in_schema(schema)
+    schema["if"] = {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]}
+    schema["then"] = {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}
+
+
+class ResponseFormat(RequestModel):
+    model_config = ConfigDict(json_schema_extra=_schema_needs_json_schema)
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError("missing", "type 'json_schema' needs a 'json_schema' object")
+        return self
+
+
 class SamplingFields(RequestModel):
     """Fields shared by completions and chat completions. Unknown fields are kept aside (not
     used) so that the routers can log their names."""
@@ -164,6 +197,19 @@ class SamplingFields(RequestModel):
     ignore_eos: bool = Field(False, description="vLLM extra")
     min_tokens: NewTokens = Field(0, description="vLLM extra")
     include_stop_str_in_output: bool = Field(False, description="vLLM extra")
+    # structured outputs: at most one of these (server/engine/constraint.py)
+    response_format: ResponseFormat | None = Field(
+        None, description="text (default), json_object, or json_schema: every output follows it"
+    )
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM extra: a JSON schema")
+    guided_regex: str | None = Field(None, max_length=4096, description="vLLM extra: a regex")
+    guided_choice: (
+        Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]],
+                  Field(min_length=1, max_length=256)] | None
+    ) = Field(None, description="vLLM extra: the output is one of these strings")  # fmt: skip
+    guided_grammar: str | None = Field(
+        None, max_length=65536, description="vLLM extra: a Lark or GBNF grammar"
+    )
     @field_validator("stop", mode="before")
     @classmethod
     def _check_stop(cls, value: Any) -> Any:
@@ -296,10 +342,6 @@ class ChatMessage(RequestModel):
         return "\n".join(part.text for part in self.content)
 
 
-class ResponseFormat(RequestModel):
-    type: Literal["text"] = "text"
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NewTokens | None = Field(
@@ -317,8 +359,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: Annotated[list[Any], Field(json_schema_extra={"maxItems": 0})] | None = Field(
         None, description="not supported: only null or []"
     )
-    response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'}")
-
     @field_validator("chat_template", "chat_template_kwargs", mode="before")
     @classmethod
     def _refuse_template(cls, value: Any) -> Any:
@@ -333,12 +373,6 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("tool calling is not supported; remove 'tools'")
         return value
 
-    @field_validator("response_format", mode="before")
-    @classmethod
-    def _check_response_format(cls, value: Any) -> Any:
-        if not isinstance(value, dict) or value.get("type") not in (None, "text"):  # null: default
-            raise ValueError("only {'type': 'text'} is supported")
-        return value
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -27,6 +27,7 @@ from jinja2 import TemplateError
 from starlette.types import Receive, Scope, Send
 
 from server.config import Settings
+from server.engine.constraint import GrammarError
 from server.engine.engine import Engine, RequestStream
 from server.engine.errors import EngineDeadError, EngineError, EngineFailure
 from server.engine.output import RequestOutput
@@ -265,9 +266,14 @@ class Job:
 
 
 def submit(
-    request: Request, engine: Engine, jobs: list[Job], request_id: str, settings: Settings
-) -> list[RequestStream]:
-    """Add every job to the engine, or none (check_capacity refused what can never fit)."""
+    request: Request, engine: Engine, jobs: list[Job], request_id: str, settings: Settings,
+    grammar: str | None = None,
+) -> list[RequestStream]:  # fmt: skip
+    """Add every job to the engine, or none (check_capacity refused what can never fit); with a
+    structured-output `grammar`, each job gets its own matcher."""
+    if grammar is not None:
+        jobs = [dataclasses.replace(job, params=dataclasses.replace(
+            job.params, constraint=engine.grammars.constraint(grammar))) for job in jobs]  # fmt: skip
     requests = [(job.prompt_ids, job.params, f"{request_id}-{job.index}") for job in jobs]
     try:
         streams = engine.add_requests(requests, model=request.state.model)
@@ -502,3 +508,39 @@ def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, engine
             f"The messages cannot be rendered with this model's chat template: {str(exc)[:200]}",
             "messages",
         ) from None
+
+
+GUIDED = (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+          ("guided_grammar", "grammar"))  # fmt: skip
+
+
+def constraint_grammar(body: SamplingFields, engine: Engine, beam: bool = False) -> str | None:
+    """The request's structured-output grammar (response_format or one guided_* field),
+    compiled and checked against the model's tokenizer here, before anything is submitted: a
+    second constraint, one beam search or min_tokens cannot honour, or a grammar that does not
+    compile is a 400 naming the field."""
+    found = []
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("json_object", None, "response_format"))
+    elif fmt is not None and fmt.type == "json_schema":
+        found.append(("json_schema", fmt.json_schema.schema_, "response_format"))
+    found += [(kind, getattr(body, name), name) for name, kind in GUIDED
+              if getattr(body, name) is not None]  # fmt: skip
+    if not found:
+        return None
+    kind, spec, param = found[0]
+    if len(found) > 1:
+        names = ", ".join(p for _, _, p in found)
+        raise invalid_request(f"Give one structured-output constraint, got {names}.", found[1][2])
+    if beam:
+        raise invalid_request(f"{param} cannot be combined with use_beam_search.", param)
+    if body.min_tokens:
+        raise invalid_request(
+            f"min_tokens cannot be combined with {param}: the grammar decides where the output "
+            "ends.", "min_tokens",
+        )  # fmt: skip
+    try:
+        return engine.grammars.compile(kind, spec)
+    except GrammarError as exc:
+        raise invalid_request(f"{param} cannot be compiled: {exc}", param) from None

@@ -16,6 +16,7 @@ the context) and asserts the rest.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import queue
@@ -33,6 +34,7 @@ from adapters.registry import AdapterRegistry, Entry
 from server.config import Settings
 from server.engine.batch import BatchBuilder
 from server.engine.beam import BeamGroup, BeamSearch
+from server.engine.constraint import Grammars
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.errors import (
     EngineDeadError,
@@ -205,6 +207,12 @@ class Engine:
             out.append(streams)
         self._wake.set()
         return out
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """Structured-output grammars compiled against this model's tokenizer (built on first
+        use: a server that never sees a constraint never builds the matcher's tokenizer)."""
+        return Grammars(self.tokenizer.hf, self.vocab_size)
 
     @property
     def capacity(self) -> int:

@@ -64,6 +64,7 @@ class StopRules:
     - None of these before `min_tokens` output tokens: EOS and stop ids are masked until then,
       and stop strings are looked for only from then on.
     - `max_tokens` output tokens (0: none, the prompt only), or the context full: "length".
+    - A structured-output grammar complete (its end consumed): "stop", even with `ignore_eos`.
     """
 
     def __init__(self, eos_token_ids: frozenset[int] | set[int], max_model_len: int) -> None:
@@ -89,6 +90,8 @@ class StopRules:
     def after_token(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> Stop | None:
         """After `token` was appended to the output and to `detok`."""
         p, n = seq.params, len(seq.output_ids)
+        if p.constraint is not None and p.constraint.done:
+            return Stop("stop")
         if n >= p.min_tokens:
             text_end = self._stop_string_end(p, detok)
             if text_end is not None:
@@ -171,7 +174,12 @@ class OutputProcessor:
             banned = self.rules.banned(seq)
             if banned:
                 logits[row, list(banned)] = float("-inf")
+            if seq.params.constraint is not None:
+                seq.params.constraint.mask(logits[row], self.rules.eos_token_ids)
         tokens = sample(logits, params, [seq.generator for seq in seqs])  # (B,)
+        for seq, token in zip(seqs, tokens.tolist(), strict=True):
+            if seq.params.constraint is not None:
+                seq.params.constraint.consume(token)
         logprobs = self._token_logprobs(raw, tokens, params)  # of the model, before penalties
         now = time.monotonic()
         outputs = []

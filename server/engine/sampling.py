@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +32,9 @@ class SamplingParams:
     beam_width: int = 1
     length_penalty: float = 1.0  # a finished beam scores sum(logprobs) / length**length_penalty
     early_stopping: bool | str = False  # True | False | "never", as Hugging Face defines them
+    # structured outputs (server/engine/constraint.py): this sequence's own grammar matcher,
+    # made where the request came in; not part of the parameters' identity
+    constraint: Any = field(default=None, compare=False, repr=False)
 
     @property
     def greedy(self) -> bool:

@@ -26,6 +26,7 @@ from server.serving import (
     check_sampling,
     choice_seed,
     collect,
+    constraint_grammar,
     engine_error,
     event_stream,
     failed_output_error,
@@ -60,6 +61,7 @@ async def create_chat_completion(
     prompt_ids = _render(body, engine)
     max_tokens = _max_tokens(body, len(prompt_ids), engine.max_model_len)
     check_sampling(body, settings, engine.vocab_size, max_tokens)
+    grammar = constraint_grammar(body, engine)
     check_engine_accepting(request, engine, settings)
     top = (body.top_logprobs or 0) if body.logprobs else None
     jobs = [
@@ -67,7 +69,7 @@ async def create_chat_completion(
         for i in range(body.n)
     ]
     response_id = new_id("chatcmpl")
-    streams = submit(request, engine, jobs, response_id, settings)
+    streams = submit(request, engine, jobs, response_id, settings, grammar)
     view = _ChatView(body, engine, settings, response_id, request.state.model)
     if body.stream:
         events = event_stream(

@@ -31,6 +31,7 @@ from server.serving import (
     check_sampling,
     choice_seed,
     collect,
+    constraint_grammar,
     engine_error,
     event_stream,
     failed_output_error,
@@ -67,6 +68,7 @@ async def create_completion(
     log_ignored_fields(request, body)
     resolve_model(request, body.model)
     _check_request(body, settings, engine)
+    grammar = constraint_grammar(body, engine, beam=body.use_beam_search and (body.best_of or body.n) > 1)
     prompts = _prompts(body, engine, settings)
     for prompt in prompts:
         check_context(len(prompt.token_ids), body.max_tokens, engine.max_model_len, "prompt")
@@ -78,7 +80,7 @@ async def create_completion(
         prompt_ids = [p.token_ids for p in prompts]
         streams = submit_beams(request, engine, prompt_ids, params, body.n, response_id, settings)
     else:
-        streams = submit(request, engine, jobs, response_id, settings)
+        streams = submit(request, engine, jobs, response_id, settings, grammar)
     view = _CompletionView(body, engine, settings, prompts, response_id, request.state.model)
     if body.stream:
         return EventStreamResponse(

@@ -62,6 +62,7 @@ def fit_into_context(case: schemathesis.Case) -> None:
     if body.get("use_beam_search") is True:  # deterministic: no sampling fields, no logprobs
         for key in BEAM_REFUSES:
             body.pop(key, None)
+    _fit_constraint(body)
 
 
 def _first_int(*values: Any) -> int:
@@ -119,3 +120,31 @@ def _within_chars(items: list[Any], size: Callable[[Any], int]) -> list[Any]:
         kept.append(item)
         total += size(item)
     return kept
+
+
+COMPILABLE = {  # drawn text is rarely a grammar that compiles: one that does, per field
+    "guided_json": {"type": "object"},
+    "guided_regex": "[a-z]{1,4}",
+    "guided_choice": ["yes", "no"],
+    "guided_grammar": 'start: "a"+',
+}
+
+
+def _fit_constraint(body: dict[str, Any]) -> None:
+    """At most one structured-output constraint, one that compiles, and none with beam search
+    or min_tokens (the grammar decides the end)."""
+    fmt = body.get("response_format")
+    constrained = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+    if constrained and fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+        fmt["json_schema"]["schema"] = {"type": "object"}
+    for key, value in COMPILABLE.items():
+        if body.get(key) is None:
+            continue
+        if constrained or body.get("use_beam_search") is True:
+            body.pop(key)
+        else:
+            body[key], constrained = value, True
+    if constrained and body.get("use_beam_search") is True:
+        body.pop("response_format", None)
+    elif constrained:
+        body.pop("min_tokens", None)
