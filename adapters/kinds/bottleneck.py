@@ -6,7 +6,9 @@ peft/src/peft/utils/save_and_load.py:
   transformers' ACT2FN), adapter_dropout (training only), target_modules (list: module names
   ending with one; str: re.fullmatch; here the weights name their modules, and a str is only
   checked, adapters.formats.patterns), use_parallel_adapter (False), scaling (float, or
-  "learned" = an extra nn.Parameter `adapter_scaling`), bias ("none"|"all"|"adapter_only"),
+  "learned" = an nn.Parameter `adapter_scaling` of shape (1,) per module, initialized to 1,
+  trained and saved with the weights as "<module>.adapter_scaling": served as that module's
+  scaling), bias ("none"|"all"|"adapter_only"),
   init_weights (init only), modules_to_save. finetune.py also passes use_adapterp, which only
   selects the targets; placement still follows the target (adapters.kinds.series), so it needs
   no handling.
@@ -64,6 +66,15 @@ LAYOUT = ModuleLayout(
     ),
     empty="expected adapter_down/adapter_up weights, got none",
 )
+LEARNED_LAYOUT = ModuleLayout(  # scaling "learned": a trained scalar beside the two weights
+    weight=re.compile(r"(?P<name>adapter_(?:down|up)(?=\.weight$)|adapter_scaling$)(?:\.weight)?"),
+    names=("adapter_down", "adapter_up", "adapter_scaling"),
+    unexpected=lambda key: (
+        f"tensor {key!r}: expected only adapter_down/adapter_up weights and adapter_scaling "
+        "(scaling: 'learned') of q/k/v/o/gate/up/down projections"
+    ),
+    empty="expected adapter_down/adapter_up weights, got none",
+)
 
 
 def uses_parallel_adapter(config: Mapping[str, Any]) -> bool:
@@ -82,11 +93,15 @@ class Bottleneck(Kind):
         config = files.config
         size = check_rank("bottleneck_size", config.get("bottleneck_size", 256), files.max_rank)
         activation = parse_activation(config.get("non_linearity", "tanh"))
-        scaling = parse_scaling(config.get("scaling", 1.0))
+        learned = config.get("scaling", 1.0) == "learned"
+        scaling = 1.0 if learned else parse_scaling(config.get("scaling", 1.0))
         refuse_bias(config)
         modules = {}
-        grouped = group_modules(files.tensors, files.fingerprint, LAYOUT)
+        grouped = group_modules(files.tensors, files.fingerprint, LEARNED_LAYOUT if learned else LAYOUT)
         for (layer, target), found in grouped.items():
+            if learned:
+                key = found.keys["adapter_scaling"]
+                scaling = float(check_tensor(key, files.tensors[key], (1,))[0])
             down_key, up_key = found.keys["adapter_down"], found.keys["adapter_up"]
             if target not in self.placements:
                 raise AdapterFormatError(
@@ -126,8 +141,5 @@ def parse_activation(non_linearity: object) -> Activation:
 
 
 def parse_scaling(scaling: object) -> float:
-    if scaling == "learned":
-        raise AdapterFormatError(
-            "scaling", "scaling: 'learned' is not served; expected a number, got 'learned'"
-        )
+    """A number ("learned" is read per module, from the weights)."""
     return check_number("scaling", scaling)

@@ -48,24 +48,32 @@ def bottleneck_dir(path: Path, fingerprint: BaseFingerprint, config: dict, seed:
     series = {"mlp.gate_proj": (hidden, hidden), "mlp.up_proj": (hidden, hidden)}
     series["mlp.down_proj"] = (hidden, hidden)
     targets = parallel if config["use_parallel_adapter"] else series
-    tensors = bottleneck_tensors(fingerprint, config["bottleneck_size"], targets, seed)
-    return write_adapter(path, config, {k: 0.1 * v for k, v in tensors.items()})
+    tensors = {k: 0.1 * v for k, v in bottleneck_tensors(fingerprint, config["bottleneck_size"],
+                                                         targets, seed).items()}  # fmt: skip
+    if config["scaling"] == "learned":  # a trained scalar per module, away from its init 1
+        g = torch.Generator().manual_seed(seed + 1000)
+        for key in [k for k in tensors if k.endswith(".adapter_down.weight")]:
+            module = key.removesuffix(".adapter_down.weight")
+            tensors[f"{module}.adapter_scaling"] = 0.25 + 2 * torch.rand(1, generator=g)
+    return write_adapter(path, config, tensors)
 
 
 def bottleneck_reference(base_dir: Path, adapter_dir: Path):
     """transformers' Llama with the LLM-Adapters math in torch hooks, written independently:
     series on gate/up: y = W(x + s U f(D x)); on down: z = W x, y = z + s U f(D z);
-    parallel: y = W x + s U f(D x)."""
+    parallel: y = W x + s U f(D x); s the config's scaling, or with scaling "learned" the
+    module's own `adapter_scaling` tensor (multiplied after up, as LLM-Adapters does)."""
     import safetensors.torch
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     tensors = safetensors.torch.load_file(str(adapter_dir / "adapter_model.safetensors"))
-    f, s = ACTIVATIONS[config["non_linearity"]], config["scaling"]
+    f, scaling = ACTIVATIONS[config["non_linearity"]], config["scaling"]
     model = hf_model(base_dir)
 
     def delta(prefix: str, u: torch.Tensor) -> torch.Tensor:
         down, up = tensors[f"{prefix}.adapter_down.weight"], tensors[f"{prefix}.adapter_up.weight"]
-        return s * F.linear(f(F.linear(u, down)), up)
+        s = tensors[f"{prefix}.adapter_scaling"] if scaling == "learned" else scaling  # (1,)
+        return F.linear(f(F.linear(u, down)), up) * s
 
     for name, module in model.named_modules():
         prefix = f"base_model.model.{name}"

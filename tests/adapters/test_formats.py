@@ -331,10 +331,14 @@ def without_weights(path: Path, fp):
     return path
 
 
-def bottleneck_dir(path: Path, fp, targets=None, size=8, **config):
+def bottleneck_dir(path: Path, fp, targets=None, size=8, extra=None, **config):
     targets = targets or {"mlp.up_proj": (64, 64)}
-    tensors = bottleneck_tensors(fp, size, targets)
+    tensors = bottleneck_tensors(fp, size, targets) | (extra or {})
     return write_adapter(path, bottleneck_config(bottleneck_size=size, **config), tensors)
+
+
+UP = "base_model.model.model.layers.0.mlp.up_proj"
+UP1 = "base_model.model.model.layers.1.mlp.up_proj"
 
 
 def prompt_dir(path: Path, fp, kind="PROMPT_TUNING", shape=(3, 64), **config):
@@ -468,7 +472,26 @@ NEGATIVE = {
         lambda p, fp: bottleneck_dir(p, fp, non_linearity="leaky_softmax"),
         "non_linearity",
     ),
-    "learned-scaling": (lambda p, fp: bottleneck_dir(p, fp, scaling="learned"), "scaling"),
+    "learned-scaling-missing": (
+        lambda p, fp: bottleneck_dir(p, fp, scaling="learned"), f"{UP}.adapter_down.weight"
+    ),
+    "learned-scaling-shape": (
+        lambda p, fp: bottleneck_dir(p, fp, scaling="learned",
+                                     extra={f"{UP}.adapter_scaling": torch.ones(2),
+                                            f"{UP1}.adapter_scaling": torch.ones(1)}),
+        f"{UP}.adapter_scaling",
+    ),  # fmt: skip
+    "learned-scaling-nan": (
+        lambda p, fp: bottleneck_dir(p, fp, scaling="learned",
+                                     extra={f"{UP}.adapter_scaling": torch.tensor([float("nan")]),
+                                            f"{UP1}.adapter_scaling": torch.ones(1)}),
+        f"{UP}.adapter_scaling",
+    ),  # fmt: skip
+    "scaling-tensor-with-fixed-scaling": (
+        lambda p, fp: bottleneck_dir(p, fp, extra={f"{UP}.adapter_scaling": torch.ones(1)}),
+        f"{UP}.adapter_scaling",
+    ),
+    "scaling-string": (lambda p, fp: bottleneck_dir(p, fp, scaling="learnt"), "scaling"),
     "bottleneck-size-above-max": (lambda p, fp: bottleneck_dir(p, fp, size=32), "bottleneck_size"),
     "bottleneck-bias": (lambda p, fp: bottleneck_dir(p, fp, bias="adapter_only"), "bias"),
     "series-on-attention": (

@@ -57,6 +57,7 @@ BOTTLENECKS = {
         bottleneck_size=12, non_linearity="relu", scaling=2.0, use_parallel_adapter=True,
         target_modules=["q_proj", "v_proj", "down_proj"],
     ),
+    "series-learned": bottleneck_config(bottleneck_size=4, non_linearity="gelu", scaling="learned"),
 }
 
 
