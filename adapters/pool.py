@@ -32,6 +32,8 @@ on the device per slot (`prefix_kv`, `prompt_embeddings`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from adapters.kinds import kind_for
@@ -209,6 +211,9 @@ class AdapterPool:
         self.prefix_kv: list[torch.Tensor | None] = [None] * num_slots  # (L, 2, nvt, kvh, d)
         self.prompt_embeddings: list[torch.Tensor | None] = [None] * num_slots  # (nvt, hidden)
         self.structure = 0  # bumped whenever a stack (or a stack's rank class) is allocated
+        # the base model's float weight of (layer, target), for what adapters derive from it
+        # (DoRA's norms); set by the server, which owns the model
+        self.base_weight: Callable[[int, str], torch.Tensor] | None = None
 
     # ---- stacks, allocated on first use ---------------------------------------------------
     def module_stack(self, key: tuple[int, str], placement: str) -> SliceWriter:

@@ -182,7 +182,8 @@ class AdapterRegistry:
         """
         if threading.get_ident() != self._owner_thread:
             torch.set_num_threads(1)  # this thread's OpenMP setting only
-        return load_adapter(directory, name, self.pool.fingerprint, self.max_rank)
+        return load_adapter(directory, name, self.pool.fingerprint, self.max_rank,
+                            self.pool.base_weight)  # fmt: skip
 
     def add_upload(self, staging: Path, name: str, replace: bool = False) -> Entry:
         """Validate a filled store staging directory, commit it as `name`, serve it."""

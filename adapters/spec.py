@@ -82,11 +82,14 @@ class BaseFingerprint:
 
 @dataclass(frozen=True, eq=False)
 class LoraWeights:
-    """y = W x + scaling * b @ (a @ x); a (r, in), b (out, r)."""
+    """y = W x + scaling * b @ (a @ x); a (r, in), b (out, r). DoRA: y = g * (W x + scaling *
+    b @ (a @ x)) with g (out,) = magnitude / ||W + scaling * b @ a|| per output row, computed
+    once from the base weights when the adapter is read."""
 
     a: torch.Tensor
     b: torch.Tensor
     scaling: float
+    output_scale: torch.Tensor | None = None  # DoRA's g
 
     @property
     def rank(self) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -62,8 +62,9 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 def load_adapter(
-    directory: Path, name: str, fingerprint: BaseFingerprint, max_rank: int
-) -> AdapterSpec:
+    directory: Path, name: str, fingerprint: BaseFingerprint, max_rank: int,
+    base_weight: Callable[[int, str], torch.Tensor] | None = None,
+) -> AdapterSpec:  # fmt: skip
     """Parse and validate the adapter in `directory`; AdapterFormatError names what to fix."""
     # adapters.kinds imports this package's modules (patterns, modules): imported when used.
     from adapters.kinds import AdapterFiles, kind_for_config
@@ -77,7 +78,7 @@ def load_adapter(
     kind = kind_for_config(config)
     check_config_patterns(config)
     tensors = read_safetensors(directory / WEIGHTS_FILE, max_tensors(fingerprint))
-    return kind.parse(AdapterFiles(config, tensors, name, fingerprint, max_rank))
+    return kind.parse(AdapterFiles(config, tensors, name, fingerprint, max_rank, base_weight))
 
 
 def check_files(directory: Path) -> list[str]:

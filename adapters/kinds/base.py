@@ -14,7 +14,7 @@ here; prefix and prompt tuning override them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -69,6 +69,9 @@ class AdapterFiles:
     name: str
     fingerprint: BaseFingerprint
     max_rank: int
+    # the base model's float weight (out, in) of (layer, target), dequantized if need be: what
+    # DoRA's norms are taken of; None where no model is at hand (offline validation)
+    base_weight: Callable[[int, str], torch.Tensor] | None = None
 
 
 class Kind(ABC):

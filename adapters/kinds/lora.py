@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+import torch
+
 from adapters.formats.modules import ModuleLayout, group_modules
 from adapters.formats.patterns import first_match, pattern_table
 from adapters.kinds.base import NOT_SERVED, AdapterFiles, Kind
@@ -51,13 +53,20 @@ LAYOUT = ModuleLayout(
     unexpected=unexpected_key,
     empty="expected lora_A/lora_B weights, got no tensors",
 )
+DORA_LAYOUT = ModuleLayout(  # use_dora: a magnitude vector (out,) beside A and B
+    weight=re.compile(
+        r"(?P<name>lora_A|lora_B|lora_magnitude_vector)(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?"
+    ),
+    names=("lora_A", "lora_B", "lora_magnitude_vector"),
+    unexpected=unexpected_key,
+    empty="expected lora_A/lora_B weights, got no tensors",
+)
 
 
 class Lora(Kind):
     kind = AdapterKind.LORA
     peft_type = "LORA"
     unsupported = MappingProxyType({
-        "use_dora": "DoRA needs a per-module magnitude vector this server does not apply",
         **NOT_SERVED,
         "lora_bias": "LoRA B biases are not served",
         "layer_replication": "layer replication changes the base model",
@@ -78,8 +87,14 @@ class Lora(Kind):
             config, "rank_pattern", lambda p, v: check_rank(p, v, max_rank)
         )
         alpha_pattern = pattern_table(config, "alpha_pattern", check_number)
+        dora = bool(config.get("use_dora"))
+        if dora and files.base_weight is None:
+            raise AdapterFormatError(
+                "use_dora", "use_dora: DoRA's norms need the base model's weights, which this "
+                "reader has not got (it validates an adapter without a model)",
+            )  # fmt: skip
         modules = {}
-        grouped = group_modules(files.tensors, files.fingerprint, LAYOUT)
+        grouped = group_modules(files.tensors, files.fingerprint, DORA_LAYOUT if dora else LAYOUT)
         for (layer, target), found in grouped.items():
             a_key, b_key = found.keys["lora_A"], found.keys["lora_B"]
             check_layer(config, layer, a_key)
@@ -89,7 +104,13 @@ class Lora(Kind):
             b = check_tensor(b_key, files.tensors[b_key], (out_features, rank))
             module_alpha = first_match(alpha_pattern, found.module, alpha)
             scaling = module_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            modules[layer, target] = LoraWeights(a=a, b=b, scaling=scaling)
+            output_scale = None
+            if dora:
+                m_key = found.keys["lora_magnitude_vector"]
+                magnitude = check_tensor(m_key, files.tensors[m_key], (out_features,))
+                output_scale = dora_scale(files.base_weight(layer, target), a, b, scaling,
+                                          magnitude, m_key)  # fmt: skip
+            modules[layer, target] = LoraWeights(a=a, b=b, scaling=scaling, output_scale=output_scale)
         return self.module_spec(files, modules, rank=max(w.rank for w in modules.values()))
 
     def load_module(
@@ -97,6 +118,20 @@ class Lora(Kind):
     ) -> None:
         pool.set_module(slot, key, "parallel", weights.a, weights.b, weights.scaling,
                         Activation.IDENTITY)  # fmt: skip
+        if weights.output_scale is not None:  # DoRA: the site's output scale, after the delta
+            pool.set_vector(slot, key, "output", weights.output_scale)
+
+
+def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+               magnitude: torch.Tensor, key: str) -> torch.Tensor:  # fmt: skip
+    """DoRA's g = magnitude / ||W + scaling * b @ a|| per output row, as peft computes it at
+    inference (tuners/lora/dora.py: the norm of the merged weight over its input dim, detached),
+    in float64 so that a near-zero norm is seen, not rounded to one."""
+    merged = weight.double() + scaling * (b.double() @ a.double())
+    norm = torch.linalg.norm(merged, dim=1)
+    if not bool((norm > 0).all()):
+        raise AdapterFormatError(key, f"tensor {key!r}: a row of W + scaling * B A is zero")
+    return (magnitude.double() / norm).float()
 
 
 def check_targets(config: Mapping) -> None:

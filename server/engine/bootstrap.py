@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +172,7 @@ def build_engine(settings: Settings, metrics: Metrics, plan: EnginePlan | None =
     log.info("serving %s on %s (%s, quantization %s): %d KV blocks of %d tokens; a decode step "
              "reads %.1f MB of weights", plan.model_id, plan.device, plan.dtype, plan.quantization,
              plan.num_blocks, settings.block_size, model.decode_weight_bytes() / 1e6)
-    registry = build_registry(settings, plan, metrics)
+    registry = build_registry(settings, plan, metrics, model.base_weight)
     ops = kernels.ops_for(plan.device)
     model.use_ops(ops)
     model.hooks = PoolHooks(registry.pool, ops)
@@ -184,12 +184,14 @@ def build_engine(settings: Settings, metrics: Metrics, plan: EnginePlan | None =
     return engine
 
 
-def build_registry(settings: Settings, plan: EnginePlan, metrics: Metrics) -> AdapterRegistry:
+def build_registry(settings: Settings, plan: EnginePlan, metrics: Metrics,
+                   base_weight: Callable[[int, str], torch.Tensor] | None = None) -> AdapterRegistry:  # fmt: skip
     """The slot pool and registry: the durable store's uploads, then `--adapter NAME=PATH` and
     every subfolder of each `--adapter-dir` (these are served, not copied into the store)."""
     fingerprint = BaseFingerprint.from_hf_config(plan.config)
     pool = AdapterPool(fingerprint, settings.adapter_slots, settings.max_adapter_rank,
                        plan.device, plan.dtype)
+    pool.base_weight = base_weight  # before the store's adapters are read: DoRA needs it
     store = AdapterStore(settings.adapter_store, settings.max_upload_bytes, settings.max_adapters)
     registry = AdapterRegistry(
         pool, max_rank=settings.max_adapter_rank, store=store,

@@ -433,6 +433,18 @@ class Transformer(nn.Module):
         if not self.args.tie_word_embeddings:
             self.lm_head = self.head  # the float head is not kept
 
+    def base_weight(self, layer: int, target: str) -> torch.Tensor:
+        """A projection's float32 weight (out, in) on the CPU (dequantized when the base is
+        quantized): what adapters that derive from the base (DoRA's norms) read."""
+        block = self.layers[layer]
+        module = {
+            "q": block.self_attn.q_proj, "k": block.self_attn.k_proj, "v": block.self_attn.v_proj,
+            "o": block.self_attn.o_proj, "gate": block.mlp.gate_proj, "up": block.mlp.up_proj,
+            "down": block.mlp.down_proj,
+        }[target]  # fmt: skip
+        weight = module.dequantize() if isinstance(module, QuantLinear) else module.weight
+        return weight.detach().to(device="cpu", dtype=torch.float32)
+
     def decode_weight_bytes(self) -> int:
         """Bytes of weights one decode step reads: every projection, the LM head, the norms
         (embeddings: one row per token, not counted)."""

@@ -32,7 +32,10 @@ def save_peft(path: Path, base_dir: Path, config, seed: int, scale: float = 0.15
         for name, param in model.named_parameters():
             if param.requires_grad:
                 noise = torch.randn(param.shape, generator=generator)
-                param.copy_(1 + 0.3 * noise if "ia3_l" in name else scale * noise)
+                if "lora_magnitude_vector" in name:  # DoRA: around its init, the row norms
+                    param.mul_(1 + 0.3 * noise)
+                else:
+                    param.copy_(1 + 0.3 * noise if "ia3_l" in name else scale * noise)
     model.save_pretrained(str(path), safe_serialization=True)
     return path
 

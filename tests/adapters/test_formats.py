@@ -780,3 +780,44 @@ def test_key_variants_and_frozen_spec(tmp_path: Path, fingerprint: BaseFingerpri
         spec.rank = 2
     with pytest.raises(TypeError):
         spec.modules[0, "k"] = spec.modules[0, "q"]
+
+
+def test_dora_reads_magnitudes_against_the_base_weights(tmp_path: Path, fingerprint: BaseFingerprint):
+    """use_dora with the base's weights at hand: g = m / ||W + s B A|| per output row (checked
+    against that formula in float64); a missing or misshaped magnitude, or no base weights,
+    is refused naming what to fix."""
+    g = torch.Generator().manual_seed(0)
+    bases = {layer: torch.randn(64, 64, generator=g) for layer in range(fingerprint.num_layers)}
+
+    def base_weight(layer: int, target: str) -> torch.Tensor:
+        assert target == "q"
+        return bases[layer]
+
+    def with_magnitudes(shape):
+        def add(tensors):
+            return {**tensors, **{f"{Q.format(layer)}.lora_magnitude_vector": torch.rand(shape) + 0.5
+                                  for layer in range(fingerprint.num_layers)}}  # fmt: skip
+        return add
+
+    good = lora_dir(tmp_path / "ok", fingerprint, use_dora=True, tensors=with_magnitudes((64,)))
+    spec = load_adapter(good, "dora", fingerprint, max_rank=8, base_weight=base_weight)
+    tensors = safetensors.torch.load_file(str(good / "adapter_model.safetensors"))
+    for layer in range(fingerprint.num_layers):
+        a, b = tensors[f"{Q.format(layer)}.lora_A.weight"], tensors[f"{Q.format(layer)}.lora_B.weight"]
+        merged = bases[layer].double() + 2.0 * (b.double() @ a.double())  # alpha / r = 8 / 4
+        want = tensors[f"{Q.format(layer)}.lora_magnitude_vector"].double() / merged.norm(dim=1)
+        got = spec.modules[layer, "q"].output_scale
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(good, "dora", fingerprint, max_rank=8)  # no model to take norms of
+    assert caught.value.param == "use_dora"
+    bad = lora_dir(tmp_path / "bad", fingerprint, use_dora=True, tensors=with_magnitudes((32,)))
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(bad, "dora", fingerprint, max_rank=8, base_weight=base_weight)
+    assert caught.value.param == f"{Q.format(0)}.lora_magnitude_vector"
+    missing = lora_dir(tmp_path / "missing", fingerprint, use_dora=True)
+    with pytest.raises(AdapterFormatError, match="lora_magnitude_vector"):
+        load_adapter(missing, "dora", fingerprint, max_rank=8, base_weight=base_weight)
+    stray = lora_dir(tmp_path / "stray", fingerprint, tensors=with_magnitudes((64,)))  # no use_dora
+    with pytest.raises(AdapterFormatError, match="lora_magnitude_vector"):
+        load_adapter(stray, "lora", fingerprint, max_rank=8, base_weight=base_weight)

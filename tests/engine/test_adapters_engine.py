@@ -48,6 +48,8 @@ def peft_configs() -> dict:
         ),
         "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
         "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "dora": peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]),
     }
 
 

@@ -59,3 +59,30 @@ def test_beam_search_equals_transformers(engine_settings, default_model_dir):
     for (ids, k, n), got in zip(cases, results, strict=True):
         assert got == hf_beams(hf, ids, k, 20, eos, n=n), (ids, k)
     assert engine.allocator.num_used == 0
+
+
+def test_dora_adapter_equals_peft(engine_settings, default_model_dir, tmp_path):
+    """A DoRA adapter (r 8 on q, v, down) on the embedded model: greedy tokens equal peft's."""
+    import peft
+
+    from tests.adapters.makers import save_peft
+
+    config = peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])
+    adapter = save_peft(tmp_path / "dora", default_model_dir, config, seed=5, scale=0.05)
+    tokenizer = Tokenizer(default_model_dir)
+    ids = tokenizer.encode(PROMPTS[0])
+
+    async def go(engine):
+        params = SamplingParams(max_tokens=16, temperature=0.0)
+        return [t async for out in engine.add_request(ids, params, "dora") for t in out.token_ids]
+
+    settings = engine_settings(model_dir=default_model_dir).model_copy(
+        update={"adapters": [f"dora={adapter}"], "max_adapter_rank": 8}
+    )
+    got, engine = serve(settings, go)
+    hf = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(hf, str(adapter)).eval()
+    with torch.no_grad():
+        want = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+    assert got == want[0, len(ids) :].tolist()
+    assert engine.allocator.num_used == 0

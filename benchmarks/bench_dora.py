@@ -1,0 +1,86 @@
+"""DoRA vs LoRA vs base, side by side in one run: output tok/s of 16 streams over 8 distinct
+rank-16 adapters (q, k, v, o of every layer, loadtest.synthetic's LoRA), the same adapters with
+`use_dora` and a magnitude vector per module, and the base model alone; the default model as
+`serve` runs it (in-process engine, each measurement in a fresh process, median of 3).
+
+    .venv/bin/python benchmarks/bench_dora.py [--output-len 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_engine import isolated, make_prompts  # noqa: E402
+from benchmarks.bench_quant import run  # noqa: E402
+from loadtest.synthetic import BaseDims, make_adapter, write_adapter  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.model.weights import resolve_model_dir  # noqa: E402
+
+
+def write_adapters(folder: Path, model_dir: Path, count: int, rank: int) -> dict[str, list[str]]:
+    """`count` LoRA adapters and their DoRA twins (same A, B; magnitude = the merged weight's
+    row norms x (1 + noise), as a trained DoRA's stays near its init)."""
+    dims = BaseDims.from_config(json.loads((model_dir / "config.json").read_text()))
+    base = load_file(str(next(model_dir.glob("*.safetensors"))))
+    flags: dict[str, list[str]] = {"lora": [], "dora": []}
+    for i in range(count):
+        config, tensors = make_adapter(dims, "lora", rank, seed=700 + i)
+        flags["lora"].append(f"lora{i}={write_adapter(folder / f'lora{i}', config, tensors)}")
+        rng = np.random.default_rng(900 + i)
+        dora = dict(tensors)
+        for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+            module = key.removesuffix(".lora_A.weight")
+            weight = base[module.removeprefix("base_model.model.") + ".weight"].astype(np.float64)
+            merged = weight + 2.0 * tensors[f"{module}.lora_B.weight"] @ tensors[key]  # alpha/r = 2
+            norms = np.linalg.norm(merged, axis=1) * (1 + 0.1 * rng.standard_normal(merged.shape[0]))
+            dora[f"{module}.lora_magnitude_vector"] = norms.astype(np.float32)
+        path = write_adapter(folder / f"dora{i}", {**config, "use_dora": True}, dora)
+        flags["dora"].append(f"dora{i}={path}")
+    return flags
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "dora.json")
+    args = ap.parse_args()
+    base = Settings(device="cpu", log_level="warning", compile="off", max_num_seqs=16,
+                    adapter_slots=2 * args.adapters)  # fmt: skip
+    model_dir = resolve_model_dir(None, base.cache_dir)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompts = make_prompts(16, args.prompt_len, vocab, 1)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = write_adapters(Path(tmp), model_dir, args.adapters, args.rank)
+        settings = base.model_copy(update={"adapters": flags["lora"] + flags["dora"]})
+        for label, names in (("base", [None] * 16),
+                             ("lora", [f"lora{i % args.adapters}" for i in range(16)]),
+                             ("dora", [f"dora{i % args.adapters}" for i in range(16)])):  # fmt: skip
+            rows[label] = isolated(run, settings, prompts, names, args.output_len, args.repeats)
+    print(f"\n{'16 streams':<40} {'tok/s':>8} {'x base':>7}")
+    for label, row in rows.items():
+        print(f"{label:<40} {row['tok_s']:>8.1f} {row['tok_s'] / rows['base']['tok_s']:>7.2f}")
+    ratio = rows["dora"]["tok_s"] / rows["lora"]["tok_s"]
+    print(f"{'dora / lora':<40} {ratio:>8.2f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"rows": rows, "dora_over_lora": ratio,
+                                     "quantization": rows["base"]["quantization"]}, indent=1))  # fmt: skip
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
