@@ -28,6 +28,7 @@ ENGINE_FLAGS = (
     "--model",
     "--device",
     "--dtype",
+    "--quantization",
     "--max-num-seqs",
     "--max-model-len",
     "--max-num-batched-tokens",
