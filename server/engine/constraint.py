@@ -32,17 +32,19 @@ class Constraint:
     """One sequence's matcher: masks the next token's logits, consumes the sampled token."""
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
+        import llguidance.torch as llt
+
         self.matcher, self.vocab_size = matcher, vocab_size
+        self._bitmask = llt.allocate_token_bitmask(1, vocab_size)  # reused every step
 
     def mask(self, logits: torch.Tensor, eos_token_ids: frozenset[int]) -> None:
         """Set every token the grammar does not allow next to -inf, in place (one row). A
         matcher that allows nothing (it failed) lets the sequence end: EOS only."""
         import llguidance.torch as llt
 
-        bitmask = llt.allocate_token_bitmask(1, self.vocab_size)
-        llt.fill_next_token_bitmask(self.matcher, bitmask, 0)
+        llt.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
         row = logits[None, : self.vocab_size]
-        llt.apply_token_bitmask_inplace(row, bitmask)
+        llt.apply_token_bitmask_inplace(row, self._bitmask)
         logits[self.vocab_size :] = float("-inf")  # rows past the tokenizer: never text
         if not torch.isfinite(logits).any():
             logits[sorted(eos_token_ids)] = 0.0

@@ -216,10 +216,11 @@ class Int4Linear(QuantLinear):
     def quantize(cls, weight: torch.Tensor, group_size: int = 32, bias: torch.Tensor | None = None) -> Int4Linear:
         return cls(Int4Codes.quantize(weight, group_size), bias)
 
-    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+    def _mm(self, x: torch.Tensor, scales_and_zeros: torch.Tensor | None = None) -> torch.Tensor:
+        sz = self.scales_and_zeros if scales_and_zeros is None else scales_and_zeros
         if x.device.type == "cuda":
-            return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+            return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, sz)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, sz)
 
     def codes(self) -> torch.Tensor:
         """The 4-bit codes back from the packed layout (for tests): the kernel applied to the
@@ -227,10 +228,7 @@ class Int4Linear(QuantLinear):
         eye = torch.eye(self.in_features, dtype=COMPUTE_DTYPE, device=self.packed.device)
         unit = torch.ones_like(self.scales_and_zeros)
         unit[..., 1] = 8
-        q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, unit) \
-            if eye.device.type != "cuda" else \
-            torch.ops.aten._weight_int4pack_mm(eye, self.packed, self.group_size, unit)  # fmt: skip
-        return q.float().t().round().to(torch.uint8)
+        return self._mm(eye, unit).float().t().round().to(torch.uint8)
 
     def dequantize(self) -> torch.Tensor:
         return Int4Codes(self.codes(), self.scales, self.zeros, self.group_size).dequantize()
@@ -264,15 +262,6 @@ def quantize_group(
         return fused, [fused]
     parts = [Int4Linear(c, b, device) for c, b in zip(codes, biases, strict=True)]
     return fused, parts
-
-
-def quantize_weight(weight: torch.Tensor, mode: Mode, bias: torch.Tensor | None = None,
-                    group_size: int = 32) -> QuantLinear:  # fmt: skip
-    if mode == "int8":
-        return Int8Linear.quantize(weight, bias)
-    if mode == "int4":
-        return Int4Linear.quantize(weight, group_size, bias)
-    raise ValueError(f"quantization must be int8 or int4, got {mode!r}")
 
 
 def compute_supported(device: torch.device) -> bool:
