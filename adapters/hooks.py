@@ -120,5 +120,24 @@ class PoolHooks:
         return y
 
 
+    def embed(self, x: torch.Tensor, token_ids: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        """Token embeddings x (T, hidden) with each token's embed_tokens LoRA delta (in place):
+        per rank class, the token's A column of its slot gathered, then expanded by its B."""
+        embed = self.pool.embed
+        if embed is None:
+            return x
+        slots = batch.slot_ids.clamp(min=0).long()  # rows of slot -1 add zero (no onehot, no segment)
+        for rows, stack in embed.classes.values():
+            self.ops.add_delta(x, rows[slots, token_ids], stack, batch)
+        return x
+
+    def head(self, logits: torch.Tensor, h: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        """Logits (N, vocab) with the lm_head LoRA delta of each row's slot, from the rows' final
+        hidden states h (N, hidden); `batch` is over those N rows (ForwardBatch.head_adapters)."""
+        for stack in _classes(self.pool.head):
+            self.ops.add_delta(logits, h, stack, batch)
+        return logits
+
+
 def _classes(stacks: DeltaStacks | None) -> tuple[DeltaStack, ...]:
     return () if stacks is None else stacks.stacks()

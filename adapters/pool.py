@@ -28,6 +28,12 @@ slots, r16 on every target: about 42M fp32 elements (170 MB).
 copies each module's weights into the stack its placement names (`set_module`, `set_vector`).
 Prefix and prompt adapters act at admission (K/V and embeddings): the pool keeps their tensors
 on the device per slot (`prefix_kv`, `prompt_embeddings`).
+
+LoRA on the model-level modules: `head` (lm_head) is a DeltaStacks over the final hidden state
+with the vocabulary as its output, applied to the rows whose logits are computed; `embed`
+(embed_tokens) is an `EmbeddingDeltas`: per rank class, a table of each slot's A columns per
+token id (S, vocab, R) gathered by token, then the usual expand through a DeltaStack whose A is
+the identity (so the same add_delta op, reference or Triton, applies B per token's slot).
 """
 
 from __future__ import annotations
@@ -37,7 +43,14 @@ from collections.abc import Callable
 import torch
 
 from adapters.kinds import kind_for
-from adapters.spec import TARGETS, AdapterKind, AdapterSpec, BaseFingerprint, adapter_io
+from adapters.spec import (
+    MODEL_TARGETS,
+    TARGETS,
+    AdapterKind,
+    AdapterSpec,
+    BaseFingerprint,
+    adapter_io,
+)
 from kernels import Activation, DeltaWeights
 
 SITES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # the model's projections
@@ -168,6 +181,44 @@ class VectorStack:
         self.loaded.discard(slot)
 
 
+class EmbeddingDeltas:
+    """LoRA on the token embeddings: delta[t] = s * B[slot] @ A[slot][:, token_t]. Per rank class R
+    (allocated on first use, as DeltaStacks): `rows` (S, vocab, R), the slot's A transposed (what
+    a token gathers), and a DeltaStack of d_in R whose A is the identity and whose B is the
+    slot's B: add_delta(x, rows[slot_ids, token_ids], stack) is the delta."""
+
+    def __init__(self, pool: AdapterPool, vocab: int, hidden: int) -> None:
+        self.pool, self.vocab, self.hidden = pool, vocab, hidden
+        self.classes: dict[int, tuple[torch.Tensor, DeltaStack]] = {}
+
+    def set(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """a (r, vocab), b (hidden, r)."""
+        rank = a.shape[0]
+        bucket = rank_bucket(rank)
+        if bucket not in self.classes:
+            pool = self.pool
+            rows = torch.zeros(pool.num_slots, self.vocab, bucket, dtype=pool.dtype,
+                               device=pool.device)  # fmt: skip
+            stack = DeltaStack(("embed_tokens",), bucket, (self.hidden,), pool.num_slots, bucket,
+                               pool.device, pool.dtype)  # fmt: skip
+            self.classes = dict(sorted({**self.classes, bucket: (rows, stack)}.items()))
+            pool.structure += 1
+        rows, stack = self.classes[bucket]
+        rows[slot].zero_()
+        rows[slot, :, :rank].copy_(a.t())
+        stack.set(0, slot, torch.eye(rank, bucket), b, scaling, Activation.IDENTITY)
+
+    def reset(self, slot: int) -> None:
+        for rows, stack in self.classes.values():
+            if slot in stack.loaded:
+                rows[slot].zero_()
+                stack.reset(slot)
+
+    @property
+    def loaded(self) -> set[int]:
+        return set().union(*(stack.loaded for _, stack in self.classes.values()))
+
+
 class SliceWriter:
     """What a kind's loader writes one target's weights through: slice `index` of a site's
     DeltaStack (or a whole single-target stack), or a column range of a VectorStack."""
@@ -210,6 +261,8 @@ class AdapterPool:
         self.ia3_in: dict[tuple[int, str], VectorStack] = {}
         self.prefix_kv: list[torch.Tensor | None] = [None] * num_slots  # (L, 2, nvt, kvh, d)
         self.prompt_embeddings: list[torch.Tensor | None] = [None] * num_slots  # (nvt, hidden)
+        self.embed: EmbeddingDeltas | None = None  # LoRA on embed_tokens
+        self.head: DeltaStacks | None = None  # LoRA on lm_head
         self.structure = 0  # bumped whenever a stack (or a stack's rank class) is allocated
         # the base model's float weight of (layer, target), for what adapters derive from it
         # (DoRA's norms); set by the server, which owns the model
@@ -252,6 +305,23 @@ class AdapterPool:
             stack = self.post_scale[(layer, site)] = self._new_vectors(sum(sizes))
         return SliceWriter(self, stack, start=sum(sizes[: site.index(target)]))
 
+    def set_model_lora(
+        self, slot: int, target: str, a: torch.Tensor, b: torch.Tensor, scaling: float
+    ) -> None:
+        """LoRA on a model-level module for `slot` (adapters.spec.AdapterSpec.model_modules)."""
+        hidden, vocab = self.fingerprint.hidden_size, self.fingerprint.vocab_size
+        if target == "embed_tokens":
+            if self.embed is None:
+                self.embed = EmbeddingDeltas(self, vocab, hidden)
+                self.structure += 1
+            self.embed.set(slot, a, b, scaling)
+        elif target == "lm_head":
+            if self.head is None:
+                self.head = self._new_deltas(("lm_head",), hidden, (vocab,))
+            self.head.set(0, slot, a, b, scaling, Activation.IDENTITY)
+        else:
+            raise ValueError(f"no model-level module {target!r}")
+
     def _new_deltas(self, targets, d_in: int, sizes) -> DeltaStacks:
         self.structure += 1
         return DeltaStacks(self, targets, d_in, tuple(sizes))
@@ -288,6 +358,9 @@ class AdapterPool:
             for stack in table.values():
                 if slot in stack.loaded:
                     stack.reset(slot)
+        for model_stack in (self.embed, self.head):
+            if model_stack is not None and slot in model_stack.loaded:
+                model_stack.reset(slot)
         self.prefix_kv[slot] = self.prompt_embeddings[slot] = None
         self.kinds[slot] = self.names[slot] = None
 
@@ -326,3 +399,6 @@ class AdapterPool:
         for layer, target in spec.modules:
             if not 0 <= layer < self.fingerprint.num_layers or target not in TARGETS:
                 raise ValueError(f"adapter {spec.name!r}: no module {layer}.{target} in the base")
+        for target in spec.model_modules:
+            if target not in MODEL_TARGETS:
+                raise ValueError(f"adapter {spec.name!r}: no module {target} in the base")

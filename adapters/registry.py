@@ -54,7 +54,7 @@ from adapters.errors import (
 from adapters.formats import load_adapter
 from adapters.kinds import kind_for
 from adapters.pool import AdapterPool
-from adapters.spec import AdapterKind, AdapterSpec
+from adapters.spec import MODEL_TARGETS, AdapterKind, AdapterSpec
 from adapters.store import AdapterStore, validate_name
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,9 @@ class Lease:
 def _targets(spec: AdapterSpec) -> tuple[str, ...]:
     order = ("q", "k", "v", "o", "gate", "up", "down")
     found = {target for _, target in spec.modules}
-    return tuple(t for t in order if t in found)
+    return tuple(t for t in order if t in found) + tuple(
+        t for t in MODEL_TARGETS if t in spec.model_modules
+    )
 
 
 def _under(path: Path, roots: Iterable[Path]) -> bool:

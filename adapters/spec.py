@@ -8,11 +8,13 @@ placement, see `BottleneckWeights`).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -21,6 +23,10 @@ from adapters.errors import AdapterFormatError
 from kernels import Activation
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# LoRA's model-level targets, outside the layers (peft's module names): the token embeddings
+# (lora_embedding_A (r, vocab) / lora_embedding_B (hidden, r), a gathered delta) and the LM head
+# (lora_A (r, hidden) / lora_B (vocab, r), a delta on the logits)
+MODEL_TARGETS = ("embed_tokens", "lm_head")
 
 
 class AdapterKind(str, enum.Enum):
@@ -144,6 +150,9 @@ class AdapterSpec:
     """One adapter, validated against a base model. Exactly one kind per adapter.
 
     modules: (layer, target) -> weights for lora / series / parallel / ia3 (empty otherwise).
+    model_modules: LoRA on MODEL_TARGETS, name -> LoraWeights: "embed_tokens" with a (r, vocab)
+        and b (hidden, r) (delta[t] = scaling * b @ a[:, token_t]); "lm_head" with a (r, hidden)
+        and b (vocab, r) (logits += scaling * b @ a @ h).
     prefix_kv: (num_layers, 2, num_virtual_tokens, num_kv_heads, head_dim), [:, 0] keys and
         [:, 1] values, for prefix tuning. prompt_embeddings: (num_virtual_tokens, hidden) for
         prompt tuning. rank: largest rank / bottleneck size over modules (0 for the others).
@@ -158,10 +167,11 @@ class AdapterSpec:
     prefix_kv: torch.Tensor | None = None
     prompt_embeddings: torch.Tensor | None = None
     num_virtual_tokens: int = 0
+    model_modules: Mapping[str, LoraWeights] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
     def tensors(self) -> list[torch.Tensor]:
         found = [self.prefix_kv, self.prompt_embeddings]
-        for weights in self.modules.values():
+        for weights in [*self.modules.values(), *self.model_modules.values()]:
             found += [getattr(weights, field, None) for field in ("a", "b", "down", "up", "vector")]
         return [t for t in found if t is not None]
 

@@ -1,7 +1,8 @@
 """DoRA vs LoRA vs base, side by side in one run: output tok/s of 16 streams over 8 distinct
 rank-16 adapters (q, k, v, o of every layer, loadtest.synthetic's LoRA), the same adapters with
-`use_dora` and a magnitude vector per module, and the base model alone; the default model as
-`serve` runs it (in-process engine, each measurement in a fresh process, median of 3).
+`use_dora` and a magnitude vector per module, the same adapters with LoRA on embed_tokens and
+lm_head too, and the base model alone; the default model as `serve` runs it (in-process engine,
+each measurement in a fresh process, median of 3).
 
     .venv/bin/python benchmarks/bench_dora.py [--output-len 64] [--json out.json]
 """
@@ -32,7 +33,7 @@ def write_adapters(folder: Path, model_dir: Path, count: int, rank: int) -> dict
     row norms x (1 + noise), as a trained DoRA's stays near its init)."""
     dims = BaseDims.from_config(json.loads((model_dir / "config.json").read_text()))
     base = load_file(str(next(model_dir.glob("*.safetensors"))))
-    flags: dict[str, list[str]] = {"lora": [], "dora": []}
+    flags: dict[str, list[str]] = {"lora": [], "dora": [], "embed-head": []}
     for i in range(count):
         config, tensors = make_adapter(dims, "lora", rank, seed=700 + i)
         flags["lora"].append(f"lora{i}={write_adapter(folder / f'lora{i}', config, tensors)}")
@@ -46,6 +47,19 @@ def write_adapters(folder: Path, model_dir: Path, count: int, rank: int) -> dict
             dora[f"{module}.lora_magnitude_vector"] = norms.astype(np.float32)
         path = write_adapter(folder / f"dora{i}", {**config, "use_dora": True}, dora)
         flags["dora"].append(f"dora{i}={path}")
+        vocab, hidden = dims.vocab_size, dims.hidden_size
+        shapes = {
+            "base_model.model.model.embed_tokens.lora_embedding_A": (rank, vocab),
+            "base_model.model.model.embed_tokens.lora_embedding_B": (hidden, rank),
+            "base_model.model.lm_head.lora_A.weight": (rank, hidden),
+            "base_model.model.lm_head.lora_B.weight": (vocab, rank),
+        }
+        model_level = {key: (0.01 * rng.standard_normal(shape)).astype(np.float32)
+                       for key, shape in shapes.items()}  # fmt: skip
+        targets = [*config["target_modules"], "embed_tokens", "lm_head"]
+        path = write_adapter(folder / f"emb{i}", {**config, "target_modules": targets},
+                             {**tensors, **model_level})  # fmt: skip
+        flags["embed-head"].append(f"emb{i}={path}")
     return flags
 
 
@@ -59,25 +73,30 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "dora.json")
     args = ap.parse_args()
     base = Settings(device="cpu", log_level="warning", compile="off", max_num_seqs=16,
-                    adapter_slots=2 * args.adapters)  # fmt: skip
+                    adapter_slots=3 * args.adapters)  # fmt: skip
     model_dir = resolve_model_dir(None, base.cache_dir)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(16, args.prompt_len, vocab, 1)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         flags = write_adapters(Path(tmp), model_dir, args.adapters, args.rank)
-        settings = base.model_copy(update={"adapters": flags["lora"] + flags["dora"]})
+        settings = base.model_copy(update={"adapters": [f for v in flags.values() for f in v]})
         for label, names in (("base", [None] * 16),
                              ("lora", [f"lora{i % args.adapters}" for i in range(16)]),
-                             ("dora", [f"dora{i % args.adapters}" for i in range(16)])):  # fmt: skip
+                             ("dora", [f"dora{i % args.adapters}" for i in range(16)]),
+                             ("lora + embed_tokens + lm_head",
+                              [f"emb{i % args.adapters}" for i in range(16)])):  # fmt: skip
             rows[label] = isolated(run, settings, prompts, names, args.output_len, args.repeats)
     print(f"\n{'16 streams':<40} {'tok/s':>8} {'x base':>7}")
     for label, row in rows.items():
         print(f"{label:<40} {row['tok_s']:>8.1f} {row['tok_s'] / rows['base']['tok_s']:>7.2f}")
     ratio = rows["dora"]["tok_s"] / rows["lora"]["tok_s"]
     print(f"{'dora / lora':<40} {ratio:>8.2f}")
+    model_level = rows["lora + embed_tokens + lm_head"]["tok_s"] / rows["lora"]["tok_s"]
+    print(f"{'(lora + embed_tokens + lm_head) / lora':<40} {model_level:>8.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "dora_over_lora": ratio,
+                                     "embed_head_over_lora": model_level,
                                      "quantization": rows["base"]["quantization"]}, indent=1))  # fmt: skip
     print(f"wrote {args.json}")
 

@@ -616,7 +616,7 @@ class AdapterCard(BaseModel):
     parent: str = Field(..., description="the base model's id")
     kind: Literal["lora", "series", "parallel", "prefix", "prompt", "ia3"]
     rank: int = Field(..., description="LoRA rank or bottleneck size (0 for prefix/prompt/ia3)")
-    targets: list[str] = Field(..., description="base linears it acts on: q,k,v,o,gate,up,down")
+    targets: list[str] = Field(..., description="base modules it acts on: q,k,v,o,gate,up,down, embed_tokens, lm_head")
     num_virtual_tokens: int
     size_bytes: int
     tier: Literal["device", "host", "disk"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from adapters.formats.modules import ModuleLayout, group_modules
 from adapters.formats.patterns import first_match, pattern_table
 from adapters.kinds.base import NOT_SERVED, AdapterFiles, Kind
 from adapters.spec import (
+    MODEL_TARGETS,
     AdapterFormatError,
     AdapterKind,
     AdapterSpec,
@@ -38,12 +40,35 @@ if TYPE_CHECKING:
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed")
 
+# LoRA on the model-level modules (adapters.spec.MODEL_TARGETS), e.g.
+# "base_model.model.model.embed_tokens.lora_embedding_A" and
+# "base_model.model.lm_head.lora_A.weight". peft also saves a copy of the base embedding or head
+# beside them ("<module>.base_layer.weight", save_embedding_layers): its shape is checked (a
+# resized vocabulary is refused) and its values are not used: the server serves its own base.
+MODEL_KEY = re.compile(
+    r"(?:base_model\.model\.)?(?P<module>model\.embed_tokens|lm_head)\.(?P<rest>.+)"
+)
+MODEL_WEIGHTS = {
+    "embed_tokens": re.compile(r"(?P<name>lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_-]+)?"),
+    "lm_head": re.compile(r"(?P<name>lora_A|lora_B)(?:\.[A-Za-z0-9_-]+)?\.weight"),
+}
+DORA_MODEL_REFUSAL = (
+    "tensor {key}: DoRA on embed_tokens / lm_head is not served (DoRA is served on the seven "
+    "projections)"
+)
+MODEL_NAMES = {"embed_tokens": ("lora_embedding_A", "lora_embedding_B"), "lm_head": ("lora_A", "lora_B")}
+
 
 def unexpected_key(key: str) -> str:
-    what = "embedding/lm_head" if any(e in key for e in EMBEDDING_MODULES) else "unknown"
+    if any(e in key for e in EMBEDDING_MODULES):
+        return (
+            f"tensor {key!r}: not a LoRA weight of embed_tokens (lora_embedding_A/B) or lm_head "
+            "(lora_A/B); full copies of modules (modules_to_save) and trainable token rows are "
+            "not served"
+        )
     return (
-        f"tensor {key!r}: {what} module; expected lora_A/lora_B weights of "
-        "q/k/v/o/gate/up/down projections only"
+        f"tensor {key!r}: unknown module; expected lora_A/lora_B weights of q/k/v/o/gate/up/down "
+        "projections, or LoRA on embed_tokens / lm_head"
     )
 
 
@@ -94,7 +119,14 @@ class Lora(Kind):
                 "reader has not got (it validates an adapter without a model)",
             )  # fmt: skip
         modules = {}
-        grouped = group_modules(files.tensors, files.fingerprint, DORA_LAYOUT if dora else LAYOUT)
+        layer_tensors, model_keys = split_model_keys(files.tensors)
+        if dora and model_keys:
+            key = next(iter(next(iter(model_keys.values())).values()))
+            raise AdapterFormatError(key, DORA_MODEL_REFUSAL.format(key=repr(key)))
+        grouped = {}
+        if layer_tensors or not model_keys:
+            grouped = group_modules(layer_tensors, files.fingerprint,
+                                    DORA_LAYOUT if dora else LAYOUT)  # fmt: skip
         for (layer, target), found in grouped.items():
             a_key, b_key = found.keys["lora_A"], found.keys["lora_B"]
             check_layer(config, layer, a_key)
@@ -111,7 +143,20 @@ class Lora(Kind):
                 output_scale = dora_scale(files.base_weight(layer, target), a, b, scaling,
                                           magnitude, m_key)  # fmt: skip
             modules[layer, target] = LoraWeights(a=a, b=b, scaling=scaling, output_scale=output_scale)
-        return self.module_spec(files, modules, rank=max(w.rank for w in modules.values()))
+        model_modules = {}
+        for target, keys in model_keys.items():
+            module = "model.embed_tokens" if target == "embed_tokens" else "lm_head"
+            rank = first_match(rank_pattern, module, r)
+            alpha_ = first_match(alpha_pattern, module, alpha)
+            model_modules[target] = model_weights(files, target, keys, rank, alpha_ / (
+                math.sqrt(rank) if config.get("use_rslora") else rank))  # fmt: skip
+        spec = self.module_spec(
+            files, modules, rank=max(w.rank for w in [*modules.values(), *model_modules.values()])
+        )
+        if not model_modules:
+            return spec
+        return replace(spec, targets=spec.targets + tuple(t for t in MODEL_TARGETS if t in model_modules),
+                       model_modules=MappingProxyType(model_modules))  # fmt: skip
 
     def load_module(
         self, pool: AdapterPool, slot: int, key: tuple[int, str], weights: LoraWeights
@@ -120,6 +165,54 @@ class Lora(Kind):
                         Activation.IDENTITY)  # fmt: skip
         if weights.output_scale is not None:  # DoRA: the site's output scale, after the delta
             pool.set_vector(slot, key, "output", weights.output_scale)
+
+    def load(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
+        super().load(pool, slot, spec)
+        for target, weights in spec.model_modules.items():
+            pool.set_model_lora(slot, target, weights.a, weights.b, weights.scaling)
+
+
+def split_model_keys(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, str]]]:
+    """(the per-layer tensors, {model target: {weight name or "base_layer": key}})."""
+    layers: dict[str, torch.Tensor] = {}
+    found: dict[str, dict[str, str]] = {}
+    for key, tensor in tensors.items():
+        match = MODEL_KEY.fullmatch(key)
+        if match is None:
+            layers[key] = tensor
+            continue
+        target = match["module"].removeprefix("model.")
+        if match["rest"] == "base_layer.weight":
+            found.setdefault(target, {})["base_layer"] = key
+            continue
+        weight = MODEL_WEIGHTS[target].fullmatch(match["rest"])
+        if weight is None and match["rest"].startswith("lora_magnitude_vector"):
+            raise AdapterFormatError(key, DORA_MODEL_REFUSAL.format(key=repr(key)))
+        if weight is None:
+            raise AdapterFormatError(key, unexpected_key(key))
+        found.setdefault(target, {})[weight["name"]] = key
+    return layers, found
+
+
+def model_weights(files: AdapterFiles, target: str, keys: Mapping[str, str], rank: int,
+                  scaling: float) -> LoraWeights:  # fmt: skip
+    """LoRA on embed_tokens or lm_head, checked against the base's vocabulary and width."""
+    vocab, hidden = files.fingerprint.vocab_size, files.fingerprint.hidden_size
+    names = MODEL_NAMES[target]
+    if "base_layer" in keys:  # the base's own copy: only its shape is checked
+        check_tensor(keys["base_layer"], files.tensors[keys["base_layer"]], (vocab, hidden))
+    missing = [name for name in names if name not in keys]
+    if missing:
+        where = next(iter(keys.values()))
+        raise AdapterFormatError(where, f"tensor {where!r}: expected a {target} {missing[0]} "
+                                        "weight beside it, got none")  # fmt: skip
+    a_shape, b_shape = ((rank, vocab), (hidden, rank)) if target == "embed_tokens" else (
+        (rank, hidden), (vocab, rank))  # fmt: skip
+    a = check_tensor(keys[names[0]], files.tensors[keys[names[0]]], a_shape)
+    b = check_tensor(keys[names[1]], files.tensors[keys[names[1]]], b_shape)
+    return LoraWeights(a=a, b=b, scaling=scaling)
 
 
 def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -135,14 +228,17 @@ def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: 
 
 
 def check_targets(config: Mapping) -> None:
+    """Embedding-like targets other than embed_tokens and lm_head (wte, embed_in, ...) name
+    modules this server's Llama family does not have."""
     targets = config.get("target_modules")
     names = [targets] if isinstance(targets, str) else list(targets or [])
     for target in names:
-        if isinstance(target, str) and any(e in target for e in EMBEDDING_MODULES):
+        if (isinstance(target, str) and any(e in target for e in EMBEDDING_MODULES)
+                and target.split(".")[-1] not in MODEL_TARGETS):  # fmt: skip
             raise AdapterFormatError(
                 "target_modules",
-                "target_modules: expected only q/k/v/o/gate/up/down projections "
-                f"(embedding and lm_head targets are not served), got {target!r}",
+                "target_modules: expected q/k/v/o/gate/up/down projections, embed_tokens or "
+                f"lm_head, got {target!r}",
             )
 
 

@@ -45,6 +45,9 @@ class ForwardBatch:
     embed_rows: torch.Tensor | None = None  # (E,) int64
     embed_values: torch.Tensor | None = None  # (E, dim)
     adapters: AdapterBatch | None = None  # None: no row has an adapter slot
+    # over the logits rows (LoRA on lm_head): their decode rows first, as in `adapters`, then
+    # the prefill rows that need logits; None when no logits row has an adapter slot
+    head_adapters: AdapterBatch | None = None
 
     @property
     def num_decode(self) -> int:
@@ -80,6 +83,7 @@ class BatchBuilder:
         self.logits_indices = zeros(tokens)
         self.tables, self.context_lens = zeros(rows, max_blocks_per_seq), zeros(rows)
         self.slot_ids = zeros(tokens, dtype=torch.int32)
+        self.head_slot_ids = zeros(tokens, dtype=torch.int32)
         self.onehot = zeros(rows, num_adapter_slots, dtype=torch.float32)
         self.base_rows = zeros(rows, 1, dtype=torch.float32)
         self.rows = torch.arange(tokens, dtype=torch.int64, device=device)
@@ -127,6 +131,7 @@ class BatchBuilder:
         self._fill(self.slot_mapping, slots)
         self._fill(self.logits_indices, logit_rows)
         width = self._fill_tables([seq for seq, _ in plan.work[:D]], rows)
+        adapters = self._adapters(slot_ids, rows, dense)
         return ForwardBatch(
             token_ids=self.token_ids[:T],
             positions=self.positions[:T],
@@ -137,7 +142,8 @@ class BatchBuilder:
             logits_indices=self.logits_indices[: len(logit_rows)],
             embed_rows=self._tensor(embed_rows) if embed_rows else None,
             embed_values=torch.cat(embed_values) if embed_values else None,
-            adapters=self._adapters(slot_ids, rows, dense),
+            adapters=adapters,
+            head_adapters=self._head_adapters(adapters, slot_ids, logit_rows, rows),
         )
 
     def dummy(self, rows: int) -> ForwardBatch:
@@ -180,6 +186,26 @@ class BatchBuilder:
         return AdapterBatch.assemble(
             self.slot_ids[: len(slot_ids)], self.onehot[:rows], self.base_rows[:rows],
             runs(slot_ids, rows), self.rows[: len(slot_ids)], decode_slots,
+        )  # fmt: skip
+
+
+    def _head_adapters(
+        self, adapters: AdapterBatch | None, slot_ids: list[int], logit_rows: list[int], rows: int
+    ) -> AdapterBatch | None:
+        """The logits rows' AdapterBatch: the step's own when the logits rows are its rows (a
+        decode-only step); else the decode rows (which lead both) and the prefill rows' slots
+        as segments over the logits rows."""
+        if adapters is None:
+            return None
+        if len(logit_rows) == len(slot_ids):  # every row: [0, T) in order
+            return adapters
+        ids = [slot_ids[row] for row in logit_rows]
+        if all(s < 0 for s in ids):
+            return None
+        self._fill(self.head_slot_ids, ids)
+        return AdapterBatch.assemble(
+            self.head_slot_ids[: len(ids)], adapters.onehot, adapters.base_rows, runs(ids, rows),
+            self.rows[: len(ids)], adapters.decode_slots,
         )  # fmt: skip
 
 

@@ -83,6 +83,14 @@ class AdapterHooks(Protocol):
         batch: AdapterBatch,
     ) -> torch.Tensor: ...  # fmt: skip
 
+    def embed(self, x: torch.Tensor, token_ids: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        """The token embeddings with LoRA on embed_tokens applied."""
+        ...
+
+    def head(self, logits: torch.Tensor, h: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        """The logits with LoRA on lm_head applied (batch: over the logits' rows)."""
+        ...
+
 
 @dataclass(frozen=True, eq=False)
 class Adapting:
@@ -481,6 +489,8 @@ class Transformer(nn.Module):
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.token_ids)  # (T, dim)
+        if self.hooks is not None and batch.adapters is not None:  # LoRA on embed_tokens
+            x = self.hooks.embed(x, batch.token_ids, batch.adapters)
         if batch.embed_rows is not None:  # prompt tuning's virtual tokens
             x = x.index_copy(0, batch.embed_rows, batch.embed_values.to(x.dtype))
         return x
@@ -503,4 +513,7 @@ class Transformer(nn.Module):
     def finish(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x = self.norm(x[batch.logits_indices])  # (N, dim)
         head = self.lm_head if self.head is None else self.head
-        return head(x).float()  # (N, vocab)
+        logits = head(x).float()  # (N, vocab)
+        if self.hooks is not None and batch.head_adapters is not None:  # LoRA on lm_head
+            logits = self.hooks.head(logits, x, batch.head_adapters)
+        return logits

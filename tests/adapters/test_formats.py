@@ -250,6 +250,16 @@ def with_tensor(key: str, value):
     return lambda tensors: {**tensors, key: value}
 
 
+def with_tensors(extra: dict):
+    return lambda tensors: {**tensors, **extra}
+
+
+EMB_A = "base_model.model.model.embed_tokens.lora_embedding_A"
+EMB_B = "base_model.model.model.embed_tokens.lora_embedding_B"
+HEAD_A = "base_model.model.lm_head.lora_A.weight"
+HEAD_B = "base_model.model.lm_head.lora_B.weight"
+
+
 def poisoned(value: float):
     def poison(tensors):
         tensor = tensors[f"{Q.format(1)}.lora_B.weight"].clone()
@@ -433,15 +443,30 @@ NEGATIVE = {
         ),
         "base_model.model.model.layers.0.self_attn.rotary.lora_A.weight",
     ),  # fmt: skip
-    "embedding-weights": (
-        lambda p, fp: lora_dir(
-            p,
-            fp,
-            tensors=with_tensor(
-                "base_model.model.model.embed_tokens.lora_embedding_A", torch.ones(4, 384)
-            ),
-        ),
-        "base_model.model.model.embed_tokens.lora_embedding_A",
+    "embedding-a-without-b": (
+        lambda p, fp: lora_dir(p, fp, tensors=with_tensor(EMB_A, torch.ones(4, 384))),
+        EMB_A,
+    ),  # fmt: skip
+    "embedding-a-vocab-mismatch": (
+        lambda p, fp: lora_dir(p, fp, tensors=with_tensors(
+            {EMB_A: torch.ones(4, 383), EMB_B: torch.ones(64, 4)})),
+        EMB_A,
+    ),  # fmt: skip
+    "lm-head-b-rank-mismatch": (
+        lambda p, fp: lora_dir(p, fp, tensors=with_tensors(
+            {HEAD_A: torch.ones(4, 64), HEAD_B: torch.ones(384, 3)})),
+        HEAD_B,
+    ),  # fmt: skip
+    "resized-vocabulary-base-copy": (  # peft's saved copy of a resized embedding
+        lambda p, fp: lora_dir(p, fp, tensors=with_tensors(
+            {EMB_A: torch.ones(4, 384), EMB_B: torch.ones(64, 4),
+             "base_model.model.model.embed_tokens.base_layer.weight": torch.ones(390, 64)})),
+        "base_model.model.model.embed_tokens.base_layer.weight",
+    ),  # fmt: skip
+    "modules-to-save-tensor": (
+        lambda p, fp: lora_dir(p, fp, tensors=with_tensor(
+            "base_model.model.lm_head.modules_to_save.default.weight", torch.ones(384, 64))),
+        "base_model.model.lm_head.modules_to_save.default.weight",
     ),  # fmt: skip
     "lora-bias-tensor": (
         lambda p, fp: lora_dir(
@@ -455,14 +480,10 @@ NEGATIVE = {
         lambda p, fp: lora_dir(p, fp, modules_to_save=["lm_head"]),
         "modules_to_save",
     ),  # fmt: skip
-    "embedding-target": (
-        lambda p, fp: lora_dir(p, fp, target_modules=["q_proj", "embed_tokens"]),
+    "wte-target": (  # an embedding name the Llama family does not have
+        lambda p, fp: lora_dir(p, fp, target_modules=["q_proj", "wte"]),
         "target_modules",
     ),
-    "lm-head-target": (
-        lambda p, fp: lora_dir(p, fp, target_modules=["lm_head"]),
-        "target_modules",
-    ),  # fmt: skip
     "bias-all": (lambda p, fp: lora_dir(p, fp, bias="all"), "bias"),
     "fan-in-fan-out": (lambda p, fp: lora_dir(p, fp, fan_in_fan_out=True), "fan_in_fan_out"),
     "layers-to-transform": (lambda p, fp: lora_dir(p, fp, layers_to_transform=[1]), A0),

@@ -40,10 +40,12 @@ def serve(
     return asyncio.run(go())
 
 
-async def collect(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, RequestOutput]:
+async def collect(
+    engine: Engine, prompt: list[int], params: SamplingParams, model: str | None = None
+) -> tuple[list[int], str, RequestOutput]:
     """Run one request to the end: (all token ids, joined text, last output)."""
     ids, text, last = [], "", None
-    async for out in engine.add_request(prompt, params):
+    async for out in engine.add_request(prompt, params, model=model):
         ids += out.token_ids
         text += out.text
         last = out

@@ -50,6 +50,8 @@ def peft_configs() -> dict:
         "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
         "dora": peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
                                 target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]),
+        "lora-embed-head": peft.LoraConfig(r=4, lora_alpha=8,
+                                           target_modules=["embed_tokens", "lm_head", "k_proj"]),
     }
 
 
@@ -75,7 +77,9 @@ class Adapters:
         self.dirs: dict[str, Path] = {}
         self.references: dict[str, torch.nn.Module] = {"base": hf_model(self.base_dir)}
         for seed, (name, cfg) in enumerate(peft_configs().items()):
-            self.dirs[name] = save_peft(root / name, self.base_dir, cfg, seed, scale=0.3)
+            # the embedding / head LoRA at 0.3 would swamp the base (one token repeated)
+            scale = 0.1 if name == "lora-embed-head" else 0.3
+            self.dirs[name] = save_peft(root / name, self.base_dir, cfg, seed, scale=scale)
             self.references[name] = peft.PeftModel.from_pretrained(
                 hf_model(self.base_dir), str(self.dirs[name])
             ).eval()
@@ -374,10 +378,13 @@ def test_virtual_tokens_count_against_the_context(adapters: Adapters, tmp_path: 
 
 
 def test_default_model_peft_parity(default_model_dir: Path, tmp_path: Path):
-    """SmolLM2-135M with a LoRA (all targets, rsLoRA), IA3, prefix and prompt tuning saved by
-    peft: greedy text identical and log-probs close to peft's (fp32 through 30 layers: 1e-3)."""
+    """SmolLM2-135M with a LoRA (all targets, rsLoRA), a LoRA on its tied embeddings and LM head
+    (peft's ensure_weight_tying), IA3, prefix and prompt tuning saved by peft: greedy text
+    identical and log-probs close to peft's (fp32 through 30 layers: 1e-3)."""
     configs = {
         "lora": peft.LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL),
+        "embed-head": peft.LoraConfig(r=8, lora_alpha=16, ensure_weight_tying=True,
+                                      target_modules=["embed_tokens", "lm_head", "v_proj"]),
         "ia3": peft.IA3Config(
             target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
         ),
