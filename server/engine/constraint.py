@@ -12,11 +12,19 @@ A grammar is compiled and checked where the request comes in (server/serving.py)
 per sequence made there too; the engine only asks each matcher for the next token mask and
 feeds it the sampled token (OutputProcessor). Preemption keeps the matcher: a recomputed
 sequence's tokens are the ones it already consumed.
+
+Masks overlap the forward: as soon as a matcher has consumed a token (or is made), the bitmask
+of its next token is filled on a small worker pool (llguidance drops the GIL while it fills),
+while the engine thread runs the next step's forward; `mask` waits for that fill, and only
+applies it. A row's mask thus costs the engine thread the wait for what the forward did not
+hide, not the whole fill.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -28,21 +36,45 @@ class GrammarError(ValueError):
     """The grammar cannot be compiled; the message says why (a 400 at the HTTP boundary)."""
 
 
+# fills next-token bitmasks beside the engine thread: a few workers, at most half the cores (the
+# rest is the forward's)
+_FILLS = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)),
+                            thread_name_prefix="grammar-mask")  # fmt: skip
+
+
 class Constraint:
-    """One sequence's matcher: masks the next token's logits, consumes the sampled token."""
+    """One sequence's matcher: masks the next token's logits, consumes the sampled token. The
+    next mask is filled in the background from the moment the state that decides it is known
+    (made, or a token consumed)."""
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         import llguidance.torch as llt
 
         self.matcher, self.vocab_size = matcher, vocab_size
         self._bitmask = llt.allocate_token_bitmask(1, vocab_size)  # reused every step
+        self._fill: Future | None = None
+        self._next()
+
+    def _next(self) -> None:
+        """With no fill in flight (the matcher is the caller's alone): note whether it is done,
+        and if not, start filling its next mask. Nothing else touches the matcher until that
+        fill is waited for."""
+        import llguidance.torch as llt
+
+        self._done = self.matcher.is_stopped() or self.matcher.is_error()
+        if not self._done:
+            self._fill = _FILLS.submit(llt.fill_next_token_bitmask, self.matcher, self._bitmask, 0)
 
     def mask(self, logits: torch.Tensor, eos_token_ids: frozenset[int]) -> None:
         """Set every token the grammar does not allow next to -inf, in place (one row). A
         matcher that allows nothing (it failed) lets the sequence end: EOS only."""
         import llguidance.torch as llt
 
-        llt.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            fill.result()
+        else:
+            llt.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
         row = logits[None, : self.vocab_size]
         llt.apply_token_bitmask_inplace(row, self._bitmask)
         logits[self.vocab_size :] = float("-inf")  # rows past the tokenizer: never text
@@ -51,13 +83,18 @@ class Constraint:
 
     def consume(self, token: int) -> None:
         """Advance past the sampled token (allowed by the mask, or EOS after a failure)."""
+        if self._fill is not None:  # masked by something else (it cannot be: defensive)
+            self._fill.result()
+            self._fill = None
         if not self.matcher.is_stopped():
             self.matcher.consume_token(token)
+        self._next()
 
     @property
     def done(self) -> bool:
-        """The grammar is complete (and its end consumed), or failed: nothing more follows."""
-        return self.matcher.is_stopped() or self.matcher.is_error()
+        """The grammar is complete (and its end consumed), or failed: nothing more follows (as
+        of the last token consumed: read while the next mask may be filling)."""
+        return self._done
 
 
 class Grammars:
