@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -98,10 +100,16 @@ class Constraint:
 
 
 class Grammars:
-    """Compiles request grammars against one tokenizer (built once, lazily)."""
+    """Compiles request grammars against one tokenizer (built once, lazily). The last
+    COMPILED_CACHE distinct constraints are kept compiled (or refused): clients such as agent
+    frameworks send the same schema with every call."""
+
+    COMPILED_CACHE = 256
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int) -> None:
         self._hf, self.vocab_size, self._tokenizer = hf_tokenizer, vocab_size, None
+        self._compiled: OrderedDict[tuple[str, str], str | GrammarError] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def tokenizer(self) -> Any:
@@ -113,7 +121,26 @@ class Grammars:
 
     def compile(self, kind: str, spec: Any) -> str:
         """The llguidance grammar for a request's constraint, checked against the tokenizer:
-        GrammarError says what is wrong."""
+        GrammarError says what is wrong. Cached by (kind, the spec's canonical JSON)."""
+        key = (kind, json.dumps(spec, sort_keys=True, separators=(",", ":")))
+        with self._lock:
+            found = self._compiled.get(key)
+            if found is not None:
+                self._compiled.move_to_end(key)
+        if found is None:
+            try:
+                found = self._compile(kind, spec)
+            except GrammarError as exc:
+                found = exc
+            with self._lock:
+                self._compiled[key] = found
+                while len(self._compiled) > self.COMPILED_CACHE:
+                    self._compiled.popitem(last=False)
+        if isinstance(found, GrammarError):
+            raise GrammarError(str(found))
+        return found
+
+    def _compile(self, kind: str, spec: Any) -> str:
         import llguidance
 
         try:

@@ -177,3 +177,30 @@ def test_refusals_name_the_field(server: Server, extra, param) -> None:
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert param in (error["param"] or "") + error["message"], error
+
+
+def test_compiled_grammars_are_cached(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same constraint twice (keys in another order) is compiled and validated once; a
+    refused one is refused again from the cache with the same message; the cache is bounded."""
+    import llguidance
+
+    from server.engine.constraint import GrammarError, Grammars
+    from server.model.tokenizer import Tokenizer
+
+    grammars = Grammars(Tokenizer(tiny_model_dir).hf, 384)
+    calls = []
+    validate = llguidance.LLMatcher.validate_grammar_with_warnings
+    monkeypatch.setattr(llguidance.LLMatcher, "validate_grammar_with_warnings",
+                        lambda *a: calls.append(1) or validate(*a))  # fmt: skip
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    first = grammars.compile("json_schema", schema)
+    again = grammars.compile("json_schema", dict(reversed(list(schema.items()))))
+    assert first == again and len(calls) == 1
+    for _ in range(2):
+        with pytest.raises(GrammarError) as caught:
+            grammars.compile("regex", "(")
+    assert len(calls) <= 2 and caught.value.args[0]
+    grammars.COMPILED_CACHE = 3
+    for i in range(5):
+        grammars.compile("choice", [f"x{i}"])
+    assert len(grammars._compiled) == 3
