@@ -243,23 +243,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class CompletionRequest(SamplingFields):
-    prompt: (
-        PromptText
-        | Annotated[list[PromptText], Field(json_schema_extra=PROMPT_LIST)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(json_schema_extra=PROMPT_LIST)]
-    )
-    max_tokens: NewTokens = 16
-    logprobs: Annotated[int, Field(ge=0, le=5), INTEGRAL] | None = None
-    echo: bool = False
+class BeamFields(SamplingFields):
+    """SamplingFields and vLLM's beam-search extras: what completions and chat completions
+    share."""
+
     best_of: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = Field(
         None, description="with use_beam_search: the number of beams (default n, at least n); "
         "otherwise it must equal n (or be omitted)",
         json_schema_extra={SERVER_LIMIT: {"maximum": "max_n"}},
-    )
-    suffix: str | None = Field(
-        None, max_length=0, description="not supported: only null or an empty string"
     )
     use_beam_search: bool = Field(
         False, description="vLLM extra: beam search over best_of beams "
@@ -274,6 +265,21 @@ class CompletionRequest(SamplingFields):
         False, description="beam search, as Hugging Face: true stops when best_of beams are "
         "finished; false stops when no running beam can do better (a heuristic); \"never\": "
         "only when none can (canonical beam search)",
+    )
+
+
+class CompletionRequest(BeamFields):
+    prompt: (
+        PromptText
+        | Annotated[list[PromptText], Field(json_schema_extra=PROMPT_LIST)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(json_schema_extra=PROMPT_LIST)]
+    )
+    max_tokens: NewTokens = 16
+    logprobs: Annotated[int, Field(ge=0, le=5), INTEGRAL] | None = None
+    echo: bool = False
+    suffix: str | None = Field(
+        None, max_length=0, description="not supported: only null or an empty string"
     )
 
     @field_validator("prompt", mode="before")
@@ -342,7 +348,7 @@ class ChatMessage(RequestModel):
         return "\n".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(BeamFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NewTokens | None = Field(
         None, description="deprecated alias of max_completion_tokens"

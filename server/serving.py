@@ -175,8 +175,7 @@ def check_beam_search(body: SamplingFields, settings: Settings, num_prompts: int
         ("top_p", body.top_p != 1.0, "1"),
         ("top_k", body.top_k > 0, "0, -1 or omitted"),
         ("stop", bool(body.stop_list), "omitted (stop_token_ids are supported)"),
-        ("logprobs", getattr(body, "logprobs", None) is not None
-         or bool(getattr(body, "top_logprobs", None)), "omitted"),
+        ("logprobs", _asks_logprobs(body), "omitted"),
         ("presence_penalty", body.presence_penalty != 0.0, "0"),
         ("frequency_penalty", body.frequency_penalty != 0.0, "0"),
         ("logit_bias", bool(body.logit_bias), "omitted"),
@@ -189,6 +188,12 @@ def check_beam_search(body: SamplingFields, settings: Settings, num_prompts: int
             )
     check_capacity(num_prompts, width, settings)
     return width
+
+
+def _asks_logprobs(body: SamplingFields) -> bool:
+    """Completions' logprobs is an int (0 asks too), chat's a bool with top_logprobs beside it."""
+    logprobs = getattr(body, "logprobs", None)
+    return (logprobs is not None and logprobs is not False) or bool(getattr(body, "top_logprobs", None))
 
 
 def beam_params(params: SamplingParams, body: SamplingFields, width: int) -> SamplingParams:

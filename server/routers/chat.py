@@ -21,6 +21,8 @@ from server.serving import (
     ClientDisconnected,
     EventStreamResponse,
     Job,
+    beam_params,
+    check_beam_search,
     check_context,
     check_engine_accepting,
     check_sampling,
@@ -37,6 +39,7 @@ from server.serving import (
     sampling_params,
     sse,
     submit,
+    submit_beams,
     usage_dict,
 )
 
@@ -61,15 +64,22 @@ async def create_chat_completion(
     prompt_ids = _render(body, engine)
     max_tokens = _max_tokens(body, len(prompt_ids), engine.max_model_len)
     check_sampling(body, settings, engine.vocab_size, max_tokens)
-    grammar = constraint_grammar(body, engine)
+    width = (body.best_of or body.n) if body.use_beam_search else 0
+    grammar = constraint_grammar(body, engine, beam=width > 1)
     check_engine_accepting(request, engine, settings)
     top = (body.top_logprobs or 0) if body.logprobs else None
+    if body.use_beam_search:  # one beam is greedy decoding, as generate(num_beams=1) is
+        body = body.model_copy(update={"temperature": 0.0})
     jobs = [
         Job(i, prompt_ids, sampling_params(body, max_tokens, choice_seed(body.seed, i), top))
         for i in range(body.n)
     ]
     response_id = new_id("chatcmpl")
-    streams = submit(request, engine, jobs, response_id, settings, grammar)
+    if width > 1:
+        params = beam_params(jobs[0].params, body, width)
+        streams = submit_beams(request, engine, [prompt_ids], params, body.n, response_id, settings)
+    else:
+        streams = submit(request, engine, jobs, response_id, settings, grammar)
     view = _ChatView(body, engine, settings, response_id, request.state.model)
     if body.stream:
         events = event_stream(
@@ -87,10 +97,15 @@ async def create_chat_completion(
 
 
 def _check_request(body: ChatCompletionRequest, settings: Settings) -> None:
-    if (body.model_extra or {}).get("use_beam_search"):  # not in this schema: never ignored
+    if body.use_beam_search:
+        check_beam_search(body, settings, 1)
+        if body.max_new_tokens == 0:
+            param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            raise invalid_request(f"Beam search generates: {param} must be at least 1.", param)
+    elif body.best_of is not None and body.best_of != body.n:
         raise invalid_request(
-            "use_beam_search is available on /v1/completions (send the chat template's text "
-            "there); chat completions sample or decode greedily.", "use_beam_search",
+            f"best_of must equal n ({body.n}) or be omitted (or set use_beam_search), got "
+            f"{body.best_of}.", "best_of",
         )
     # top_logprobs without logprobs: true is ignored, as its schema description says.
     total = sum(len(m.text) for m in body.messages)

@@ -19,8 +19,8 @@ GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 MAX_NEW_TOKENS = 4  # generated tokens per positive case: keeps the run short
 MAX_MESSAGES = 3  # each message adds a few template tokens
 DEFAULT_MAX_TOKENS = 16  # of /v1/completions
-BEAM_REFUSES = ("temperature", "top_p", "top_k", "stop", "logprobs", "presence_penalty",
-                "frequency_penalty", "logit_bias")  # fmt: skip
+BEAM_REFUSES = ("temperature", "top_p", "top_k", "stop", "logprobs", "top_logprobs",
+                "presence_penalty", "frequency_penalty", "logit_bias")  # fmt: skip
 
 
 @schemathesis.hook
@@ -62,6 +62,9 @@ def fit_into_context(case: schemathesis.Case) -> None:
     if body.get("use_beam_search") is True:  # deterministic: no sampling fields, no logprobs
         for key in BEAM_REFUSES:
             body.pop(key, None)
+        for key in ("max_tokens", "max_completion_tokens"):  # a beam search generates
+            if _is_whole(body.get(key)) and int(body[key]) == 0:
+                body[key] = 1
     _fit_constraint(body)
 
 

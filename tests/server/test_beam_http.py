@@ -124,13 +124,59 @@ def test_what_beam_search_refuses_is_a_400_naming_the_field(http: httpx.Client, 
     assert param in (error["param"] or "") + error["message"], error
 
 
-def test_chat_refuses_beam_search_instead_of_ignoring_it(http: httpx.Client) -> None:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "use_beam_search": True}
+CHAT = [{"role": "user", "content": "Tell me about the sea"}]
+
+
+@pytest.mark.parametrize(("k", "n", "extra"), [(3, 2, {}), (2, 2, {"length_penalty": 0.5})])
+def test_chat_beam_search_equals_transformers(client: openai.OpenAI, http: httpx.Client, reference,
+                                             k, n, extra) -> None:  # fmt: skip
+    """Chat: the conversation through the model's template (as /tokenize renders it), then
+    generate(num_beams=k)'s n best; streamed, the same messages."""
+    model, tokenizer = reference
+    ids = http.post("/tokenize", json={"model": "tiny", "messages": CHAT}).json()["tokens"]
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 8, "n": n}
+    beams = {"use_beam_search": True, "best_of": k, **extra}
+    out = client.chat.completions.create(**body, extra_body=beams)
+    want = hf_answers(model, ids, k, 8, n, **extra)
+    eos = model.generation_config.eos_token_id
+    assert [c.index for c in out.choices] == list(range(n))
+    for choice, tokens in zip(out.choices, want, strict=True):
+        ended = tokens[-1] == eos
+        assert choice.message.content == tokenizer.decode(tokens[:-1] if ended else tokens)
+        assert choice.finish_reason == ("stop" if ended else "length")
+    assert out.usage.prompt_tokens == len(ids)
+    texts: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**body, extra_body=beams, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert [texts[c.index] for c in out.choices] == [c.message.content for c in out.choices]
+
+
+def test_chat_one_beam_is_greedy(client: openai.OpenAI) -> None:
+    greedy = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8,
+                                            temperature=0)  # fmt: skip
+    out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8,
+                                         extra_body={"use_beam_search": True})  # fmt: skip
+    assert out.choices[0].message.content == greedy.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"use_beam_search": True, "best_of": 2, "logprobs": True}, "logprobs"),
+        ({"use_beam_search": True, "best_of": 2, "temperature": 0.5}, "temperature"),
+        ({"use_beam_search": True, "best_of": 2, "max_tokens": 0}, "max_tokens"),
+        ({"use_beam_search": True, "best_of": 2,
+          "response_format": {"type": "json_object"}}, "response_format"),
+        ({"best_of": 2}, "best_of"),  # without beam search best_of must equal n
+    ],
+)  # fmt: skip
+def test_chat_beam_refusals(http: httpx.Client, fields, param) -> None:
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 4, **fields}
     response = http.post("/v1/chat/completions", json=body)
-    assert response.status_code == 400
-    assert response.json()["error"]["param"] == "use_beam_search"
-    body["use_beam_search"] = False  # an unknown field that asks for nothing: ignored
-    assert http.post("/v1/chat/completions", json=body | {"max_tokens": 2}).status_code == 200
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert param in (error["param"] or "") + error["message"], error
 
 
 def test_n_choices_share_the_prompt_blocks_in_one_step(client: openai.OpenAI, http: httpx.Client) -> None:
