@@ -14,6 +14,7 @@ import shutil
 import signal
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -242,7 +243,7 @@ def test_playground_streams_three_answers_equal_to_the_api(page, server: Server)
     assert len(set(texts.values())) == 3  # the adapters change the answers
     stats = page.locator(".column .stats")
     for i in range(3):
-        assert re.search(r"TTFT \d+\.\d+ s · 12 tokens · \d+\.\d tok/s", stats.nth(i).text_content())
+        assert re.search(r"TTFT \d+\.\d+ s · 12 tokens · (\d+\.\d|-) tok/s", stats.nth(i).text_content())
     screenshot(page, "playground")
 
 
@@ -274,7 +275,8 @@ def test_a_refused_request_shows_the_servers_message(page) -> None:
 
 
 def test_evaluation_job_finishes_with_its_table(page, server: Server) -> None:
-    """A dataset registered with markup in an instruction: the rows show it as text."""
+    """Protocol loglikelihood (a random model scores near chance, not 0), and a dataset
+    registered with markup in its instructions: the rows show it as text."""
     records = [{"instruction": f"{XSS} Is {i} even? Answer yes or no.", "answer": "yes"}
                for i in range(2)]  # fmt: skip
     body = {"name": "xss-set", "answer_kind": "words", "answer_words": ["yes", "no"], "records": records}
@@ -282,17 +284,17 @@ def test_evaluation_job_finishes_with_its_table(page, server: Server) -> None:
     open_tab(page, "evaluations")
     for model in ("base", "lora-a"):
         page.locator(f'#eval-models input[value="{model}"]').check()
-    for dataset in ("gsm8k", "boolq", "xss-set"):
+    for dataset in ("boolq", "piqa", "xss-set"):
         page.locator(f'#eval-datasets input[value="{dataset}"]').check()
     page.fill("#eval-limit", "2")
-    page.fill("#eval-max-tokens", "8")
+    page.select_option("#eval-protocol", "loglikelihood")
     page.click("#eval-start")
     expect(page.locator("#eval-detail")).to_have_attribute("data-status", "succeeded")
     job_id = page.locator("#eval-title").text_content().split(" ")[0]
     job = httpx.get(f"{server.base_url}/v1/evaluations/{job_id}").json()
     assert job["status"] == "succeeded" and job["progress"]["done"] == 12
     header = page.locator("#eval-table thead th").all_text_contents()
-    assert header == ["model", "gsm8k", "boolq", "xss-set", "Average"]
+    assert header == ["model", "boolq", "piqa", "xss-set", "Average"]
     table = [row.locator("th, td").all_text_contents()
              for row in page.locator("#eval-table tbody tr").all()]  # fmt: skip
     assert table == expected_table(job)
@@ -334,17 +336,25 @@ def test_cancel_a_running_job(page, server: Server) -> None:
 # ---------------------------------------------------------------- metrics, layout
 
 
-def test_live_metrics(page) -> None:
+def test_live_metrics(page, server: Server) -> None:
+    """While streams on three models run, the tiles show tokens per second and adapters per
+    step; the adapters table shows requests served (from /metrics)."""
     open_tab(page, "metrics")
     expect(page.locator('[data-metric="kv"] .value')).to_contain_text(" / ")
     expect(page.locator("#metric-tiers")).to_contain_text("device")
-    expect(page.locator("[data-metric] svg polyline")).to_have_count(9)  # after two polls
+    with ThreadPoolExecutor(6) as pool:
+        load = [pool.submit(api_completion, server, model, max_tokens=300, ignore_eos=True)
+                for model in [BASE, "lora-a", "lora-b"] * 2]  # fmt: skip
+        expect(page.locator('[data-metric="gen-tps"] .value')).not_to_have_text("0.0")
+        expect(page.locator('[data-metric="step-adapters"] .value')).not_to_have_text("0.00")
+        page.wait_for_timeout(2500)  # one more point on each sparkline
+        screenshot(page, "metrics")
+        for future in load:
+            future.result()
+    expect(page.locator("[data-metric] svg polyline")).to_have_count(9)
     open_tab(page, "adapters")
     served = page.locator('#adapters-table tr[data-name="lora-a"] td.num').nth(3)
-    expect(served).not_to_have_text("-")  # requests served, from /metrics
-    open_tab(page, "metrics")
-    expect(page.locator("[data-metric] svg polyline")).to_have_count(9)
-    screenshot(page, "metrics")
+    expect(served).not_to_have_text("-")
 
 
 def test_a_narrow_window_has_no_sideways_scroll(page) -> None:

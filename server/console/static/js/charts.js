@@ -7,6 +7,7 @@ export function sparkline(values, { width = 240, height = 48, max } = {}) {
   const step = values.length > 1 ? width / (values.length - 1) : width;
   const points = values.map((v, i) => `${(i * step).toFixed(1)},${(height - 2 - (v / top) * (height - 4)).toFixed(1)}`);
   const chart = svg('svg', { viewBox: `0 0 ${width} ${height}`, class: 'spark', preserveAspectRatio: 'none', role: 'img' });
+  chart.append(svg('line', { class: 'base', x1: 0, x2: width, y1: height - 1, y2: height - 1 }));
   if (points.length) {
     chart.append(svg('polygon', { class: 'area', points: `0,${height} ${points.join(' ')} ${((values.length - 1) * step).toFixed(1)},${height}` }));
     chart.append(svg('polyline', { class: 'line', points: points.join(' ') }));

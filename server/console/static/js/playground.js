@@ -64,15 +64,16 @@ function column(model) {
   return { node, stats, output, error };
 }
 
+// Decode speed: tokens after the first over the time after the first; shown only when they
+// were spread over a measurable time (a stream can arrive in one burst).
 function showStats(view, timing) {
   const parts = [];
   if (timing.first !== null) parts.push(`TTFT ${((timing.first - timing.start) / 1000).toFixed(2)} s`);
   if (timing.tokens !== null) {
     const end = timing.end ?? performance.now();
-    const decode = timing.tokens > 1 && timing.first !== null
-      ? (timing.tokens - 1) / ((end - timing.first) / 1000)
-      : timing.tokens / ((end - timing.start) / 1000);
-    parts.push(`${timing.tokens} tokens`, `${decode.toFixed(1)} tok/s`);
+    const decodeSeconds = timing.first === null ? 0 : (end - timing.first) / 1000;
+    const speed = timing.tokens > 1 && decodeSeconds >= 0.02 ? ((timing.tokens - 1) / decodeSeconds).toFixed(1) : '-';
+    parts.push(`${timing.tokens} tokens`, `${speed} tok/s`);
   }
   if (timing.finish) parts.push(`finish: ${timing.finish}`);
   view.stats.textContent = parts.join(' · ') || 'streaming…';
