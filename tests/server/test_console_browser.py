@@ -40,6 +40,7 @@ LAUNCH_ARGS = [
 ]  # fmt: skip
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "console"
 DOCS_IMG = REPO_ROOT / "docs" / "img"
+DOCS_SCREENS = ("adapters", "playground", "evaluations", "metrics", "narrow")
 BASE = "tiny"
 USER_KEY, ADMIN_KEY = "user-key", "admin-key"
 XSS = "<img src=x onerror=window.__xss=1>"
@@ -107,7 +108,7 @@ def page(browser, server: Server) -> Iterator:
 def screenshot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-    if os.environ.get("CONSOLE_SCREENSHOTS_TO_DOCS") == "1":
+    if os.environ.get("CONSOLE_SCREENSHOTS_TO_DOCS") == "1" and name in DOCS_SCREENS:
         DOCS_IMG.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(DOCS_IMG / f"console-{name}.png"))
 
@@ -345,13 +346,14 @@ def test_live_metrics(page, server: Server) -> None:
     with ThreadPoolExecutor(6) as pool:
         load = [pool.submit(api_completion, server, model, max_tokens=300, ignore_eos=True)
                 for model in [BASE, "lora-a", "lora-b"] * 2]  # fmt: skip
-        expect(page.locator('[data-metric="gen-tps"] .value')).not_to_have_text("0.0")
+        expect(page.locator('[data-metric="step-tps"] .value')).not_to_have_text("0.0")
         expect(page.locator('[data-metric="step-adapters"] .value')).not_to_have_text("0.00")
-        page.wait_for_timeout(2500)  # one more point on each sparkline
+        expect(page.locator('[data-metric="running"] .value')).not_to_have_text("0")
+        page.wait_for_timeout(4500)  # more points on each sparkline, still under load
         screenshot(page, "metrics")
         for future in load:
             future.result()
-    expect(page.locator("[data-metric] svg polyline")).to_have_count(9)
+    expect(page.locator("[data-metric] svg polyline")).to_have_count(10)
     open_tab(page, "adapters")
     served = page.locator('#adapters-table tr[data-name="lora-a"] td.num').nth(3)
     expect(served).not_to_have_text("-")

@@ -13,8 +13,11 @@ const HISTORY = 60;
 
 // Each tile: what it shows, from the samples now and at the previous poll (dt seconds apart).
 const TILES = [
-  { id: 'gen-tps', title: 'generated tokens / s', digits: 1, value: (now, prev, dt) => rate(now, prev, dt, 'adapterserve_generation_tokens_total') },
-  { id: 'prompt-tps', title: 'prompt tokens / s', digits: 1, value: (now, prev, dt) => rate(now, prev, dt, 'adapterserve_prompt_tokens_total') },
+  // live: every engine step observes the tokens it ran (prompt chunks + one per decode)
+  { id: 'step-tps', title: 'tokens / s (engine steps)', digits: 1, value: (now, prev, dt) => rate(now, prev, dt, 'adapterserve_step_tokens_sum') },
+  { id: 'steps', title: 'engine steps / s', digits: 1, value: (now, prev, dt) => rate(now, prev, dt, 'adapterserve_step_tokens_count') },
+  // counted when a request finishes
+  { id: 'gen-tps', title: 'generated tokens / s (finished requests)', digits: 1, value: (now, prev, dt) => rate(now, prev, dt, 'adapterserve_generation_tokens_total') },
   { id: 'req-rate', title: 'requests finished / s', digits: 2, value: (now, prev, dt) => rate(now, prev, dt, 'adapterserve_requests_total') },
   { id: 'running', title: 'requests running', value: (now) => total(now, 'adapterserve_requests_running') },
   { id: 'waiting', title: 'requests waiting', value: (now) => total(now, 'adapterserve_requests_waiting') },
