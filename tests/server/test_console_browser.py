@@ -114,8 +114,10 @@ def screenshot(page, name: str) -> None:
 
 
 def open_tab(page, tab: str) -> None:
+    """Also on the page already open: a new #hash alone switches the tab (no reload)."""
     page.goto(f"/ui/#{tab}")
     expect(page.locator("#server-status")).to_contain_text(BASE)
+    expect(page.locator(f"#tab-{tab}")).to_be_visible()
 
 
 def assert_no_injection(page) -> None:

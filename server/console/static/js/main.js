@@ -66,6 +66,7 @@ function init() {
     button.addEventListener('click', () => showTab(button.dataset.tab));
   }
   showTab(location.hash.slice(1));
+  window.addEventListener('hashchange', () => showTab(location.hash.slice(1)));
   initKey();
   adapters.init();
   playground.init();
