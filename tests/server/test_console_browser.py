@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -196,6 +197,21 @@ def test_drop_an_archive_then_replace_and_delete(page, server: Server, work: dic
     assert httpx.get(f"{server.base_url}/v1/adapters/my-ia3").status_code == 404
 
 
+def test_choose_a_folder(page, server: Server, work: dict) -> None:
+    """The folder picker: named after the folder, only the adapter's files are sent."""
+    folder = work["root"] / "picked" / "folder-lora"
+    shutil.copytree(work["lora-b"], folder)
+    (folder / "training_args.bin").write_bytes(b"not sent")
+    open_tab(page, "adapters")
+    page.set_input_files("#upload-folder", str(folder))
+    expect(page.locator("#upload-name")).to_have_value("folder-lora")
+    expect(page.locator("#upload-chosen")).to_contain_text("left out")
+    expect(page.locator("#upload-chosen")).to_contain_text("training_args.bin")
+    page.click("#upload-send")
+    expect(page.locator("#upload-status")).to_contain_text("Uploaded folder-lora: lora")
+    assert httpx.get(f"{server.base_url}/v1/adapters/folder-lora").status_code == 200
+
+
 def test_an_adapter_name_with_markup_is_shown_as_text(page, work: dict) -> None:
     """Names allow no markup: the server refuses this one, and its message (which quotes the
     name) is shown as it is, as text."""
@@ -330,6 +346,7 @@ def test_cancel_a_running_job(page, server: Server) -> None:
     page.fill("#eval-max-tokens", "64")
     page.click("#eval-start")
     expect(page.locator("#eval-form-status")).to_contain_text("Started")
+    expect(page.locator("#eval-table tbody progress")).to_have_count(1)  # the cell's progress
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#eval-cancel")
     expect(page.locator("#eval-detail")).to_have_attribute("data-status", "cancelled")
@@ -345,20 +362,48 @@ def test_live_metrics(page, server: Server) -> None:
     open_tab(page, "metrics")
     expect(page.locator('[data-metric="kv"] .value')).to_contain_text(" / ")
     expect(page.locator("#metric-tiers")).to_contain_text("device")
+    stop = threading.Event()
+
+    def keep_busy(model: str) -> None:  # streams until the checks are done
+        while not stop.is_set():
+            api_completion(server, model, max_tokens=200, ignore_eos=True)
+
     with ThreadPoolExecutor(6) as pool:
-        load = [pool.submit(api_completion, server, model, max_tokens=300, ignore_eos=True)
-                for model in [BASE, "lora-a", "lora-b"] * 2]  # fmt: skip
-        expect(page.locator('[data-metric="step-tps"] .value')).not_to_have_text("0.0")
-        expect(page.locator('[data-metric="step-adapters"] .value')).not_to_have_text("0.00")
-        expect(page.locator('[data-metric="running"] .value')).not_to_have_text("0")
-        page.wait_for_timeout(4500)  # more points on each sparkline, still under load
-        screenshot(page, "metrics")
+        load = [pool.submit(keep_busy, model) for model in [BASE, "lora-a", "lora-b"] * 2]
+        try:
+            for metric in ("step-tps", "step-adapters", "running"):
+                expect(page.locator(f'[data-metric="{metric}"] .value')).not_to_have_text(
+                    re.compile(r"^0(\.0+)?$")
+                )
+            page.wait_for_timeout(4500)  # more points on each sparkline, still under load
+            screenshot(page, "metrics")
+        finally:
+            stop.set()
         for future in load:
             future.result()
     expect(page.locator("[data-metric] svg polyline")).to_have_count(10)
     open_tab(page, "adapters")
     served = page.locator('#adapters-table tr[data-name="lora-a"] td.num').nth(3)
     expect(served).not_to_have_text("-")
+
+
+def test_prometheus_text_parser(page) -> None:
+    open_tab(page, "metrics")
+    text = (
+        '# HELP x_total a counter\n# TYPE x_total counter\n'
+        'x_total{model="a",outcome="ok"} 3.0\nx_total{model="a",outcome="error"} 1\n'
+        'x_total{model="q\\"\\\\n",outcome="ok"} 2e3\ny 7\n'
+    )
+    result = page.evaluate(
+        """async (text) => {
+            const prom = await import('/ui/js/prom.js');
+            const samples = prom.parse(text);
+            return [samples.length, prom.total(samples, 'x_total', { model: 'a' }),
+                    prom.byLabel(samples, 'x_total', 'model'), prom.total(samples, 'y')];
+        }""",
+        text,
+    )
+    assert result == [4, 4, {"a": 4, 'q"\\n': 2000}, 7]
 
 
 def test_a_narrow_window_has_no_sideways_scroll(page) -> None:

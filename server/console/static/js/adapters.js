@@ -220,6 +220,8 @@ async function remove(name) {
 }
 
 export function init() {
+  // A file dropped beside the zone must not make the browser leave the page to open it.
+  for (const type of ['dragover', 'drop']) window.addEventListener(type, (event) => event.preventDefault());
   const zone = $('#drop-zone');
   for (const type of ['dragenter', 'dragover']) {
     zone.addEventListener(type, (event) => { event.preventDefault(); zone.classList.add('over'); });
