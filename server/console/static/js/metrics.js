@@ -40,6 +40,7 @@ const TILES = [
 let previous = null;
 let previousAt = 0;
 let timer = null;
+let run = 0; // start() begins a new run; a poll of an older run schedules nothing
 const history = Object.fromEntries(TILES.map((tile) => [tile.id, []]));
 const views = {};
 
@@ -94,32 +95,34 @@ function servedByModel(now) {
   return served;
 }
 
-async function poll() {
+async function poll(current) {
   let now;
   try {
     now = parse(await api.getText('/metrics'));
   } catch (error) {
-    if (error.status === 401) return; // the key panel is open; start() runs again after it
-    timer = setTimeout(poll, POLL_MS);
+    // 401: the key panel is open, and start() runs again once a key is given
+    if (error.status !== 401 && current === run) timer = setTimeout(() => poll(current), POLL_MS);
     return;
   }
+  if (current !== run) return;
   const at = performance.now();
   render(now, (at - previousAt) / 1000);
   previous = now;
   previousAt = at;
   state.served = servedByModel(now);
   emit('metrics');
-  timer = setTimeout(poll, POLL_MS);
+  timer = setTimeout(() => poll(current), POLL_MS);
 }
 
 export function start() {
   stop();
-  poll();
+  poll(run);
 }
 
 export function stop() {
   clearTimeout(timer);
   timer = null;
+  run += 1;
 }
 
 export function init() {
