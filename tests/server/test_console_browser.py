@@ -27,11 +27,11 @@ from tests.server.conftest import REPO_ROOT, Server, start_server, stop_server
 sync_api = pytest.importorskip("playwright.sync_api")
 peft = pytest.importorskip("peft")
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = os.environ.get("CONSOLE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
     pytest.skip(
-        "no chromium: the console's browser tests drive Debian's chromium "
-        "(`make test` installs it: apt-get install chromium)",
+        f"no chromium at {CHROMIUM}: the console's browser tests drive Debian's chromium "
+        "(`make test` installs it with apt-get install chromium where it can)",
         allow_module_level=True,
     )
 

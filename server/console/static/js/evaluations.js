@@ -56,9 +56,11 @@ async function start(event) {
     datasets: [...checkedDatasets],
     limit: optionalNumber('#eval-limit'),
     protocol: $('#eval-protocol').value,
-    max_tokens: optionalNumber('#eval-max-tokens'),
   };
-  if (body.protocol === 'generate') body.decoding = $('#eval-decoding').value;
+  if (body.protocol === 'generate') {
+    body.decoding = $('#eval-decoding').value;
+    body.max_tokens = optionalNumber('#eval-max-tokens');
+  }
   try {
     const job = await api.request('POST', '/v1/evaluations', body).then((r) => r.json());
     setStatus(status, `Started ${job.id}.`, 'ok');
@@ -122,8 +124,8 @@ async function poll() {
 function renderJob(job) {
   $('#eval-title').textContent = `${job.id} · ${job.status}`;
   $('#eval-detail').dataset.status = job.status;
-  const decoding = job.protocol === 'generate' ? `, decoding ${job.decoding}` : '';
-  $('#eval-meta').textContent = `protocol ${job.protocol}${decoding}, limit ${job.limit ?? 'all'}, max_tokens ${job.max_tokens ?? "paper's"}. ${job.note}`;
+  const decoding = job.protocol === 'generate' ? `, decoding ${job.decoding}, max_tokens ${job.max_tokens ?? "the paper's"}` : '';
+  $('#eval-meta').textContent = `protocol ${job.protocol}${decoding}, limit ${job.limit ?? 'all'}. ${job.note}`;
   const eta = job.progress.eta_s !== null ? `, about ${Math.ceil(job.progress.eta_s)} s left` : '';
   const text = `${job.progress.done} / ${job.progress.total} examples${eta}${job.error ? ` · ${job.error}` : ''}`;
   setStatus($('#eval-status'), text, job.status === 'failed' ? 'error' : '');
@@ -255,6 +257,11 @@ async function cancel() {
 
 export function init() {
   $('#eval-form').addEventListener('submit', start);
+  $('#eval-protocol').addEventListener('change', () => {
+    const generate = $('#eval-protocol').value === 'generate'; // loglikelihood generates nothing
+    $('#eval-decoding').disabled = !generate;
+    $('#eval-max-tokens').disabled = !generate;
+  });
   $('#eval-refresh').addEventListener('click', () => refresh().catch((error) => setStatus($('#eval-form-status'), error.message, 'error')));
   $('#eval-cancel').addEventListener('click', cancel);
   $('#eval-csv').addEventListener('click', () => {
