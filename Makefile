@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint bench
+.PHONY: install browser serve test lint bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,13 +17,19 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The console's browser tests (tests/server/test_console_browser.py) drive Debian's Chromium
+# through Playwright; never a browser build of Playwright's own. Without it they skip.
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium) \
+		|| echo "chromium could not be installed: the console's browser tests will skip"
+
 serve: install
 	$(VENV)/bin/adapterserve serve $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check server kernels adapters loadtest tests benchmarks
 
-test: install lint
+test: install browser lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: install

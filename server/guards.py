@@ -1,6 +1,8 @@
 """RequestGuard: what every HTTP request must pass before routing, and before its body is read.
 
-1. **API key** (401), unless the path is public (`/health`; `/ready` unless `--ready-requires-key`).
+1. **API key** (401), unless the path is public (`/health`; `/ready` unless `--ready-requires-key`;
+   the console's static files under `/ui` and the redirect to them at `/`, which hold no data:
+   the page asks its user for the key).
    Checked before routing, so that a client without a key learns nothing about the routes (no
    404 / 405 before 401). Admin routes also need the admin key (`deps.require_admin_key`).
 2. **Content type by route**, from the headers alone: a JSON route takes `application/json`
@@ -27,6 +29,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
+from server.console import is_console_path
 from server.errors import APIError, count_rejection, error_response, invalid_request
 from server.jsontext import loads
 
@@ -115,7 +118,8 @@ class RequestGuard:
         """The receive the app gets (the body replayed, capped or timed), or an APIError."""
         headers = Headers(scope=scope)
         settings = self.settings
-        if scope["path"] not in self.public and settings.user_keys:
+        path = scope["path"]
+        if path not in self.public and not is_console_path(path) and settings.user_keys:
             check_key(headers, (*settings.user_keys, settings.admin_api_key))
         kind = self._body_kind(scope)
         if kind is None:

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from server import console
 from server.config import Settings
 from server.engine.bootstrap import EnginePlan, running_engine
 from server.errors import install_error_handlers
@@ -59,6 +60,7 @@ def create_app(
     for router in routers:
         app.include_router(router)
     _add_docs_routes(app)
+    app.include_router(console.build_router())  # the web console at /ui, linked from /
     routes = body_routes(route for router in routers for route in router.routes)
     # keys, content types, body caps and stalls, before routing
     app.add_middleware(RequestGuard, settings=settings, routes=routes)
