@@ -1,9 +1,14 @@
-"""GGUF projections served as they ship: Q4_0 and Q4_1 blocks read straight into int4 codes,
-scales and zero points (no float round trip), for the base's seven projections per layer.
+"""GGUF projections served as they ship: Q4_0, Q4_1 and Q4_K blocks read straight into int4
+codes, scales and zero points (no float round trip), for the base's seven projections per layer.
 
-A block holds 32 weights along the input: fp16 `d` (Q4_1: then fp16 `m`), then 16 bytes whose
-low nibbles are weights 0-15 and high nibbles weights 16-31. Q4_1: w = d * q + m, so as an
-`Int4Linear` (group 32) scale = d, zero = m + 8 d; Q4_0: w = d * (q - 8), scale = d, zero = 0. llama.cpp stores a llama's q and k rows permuted for
+Q4_0 / Q4_1: a block holds 32 weights along the input: fp16 `d` (Q4_1: then fp16 `m`), then 16
+bytes whose low nibbles are weights 0-15 and high nibbles weights 16-31. Q4_1: w = d * q + m, so
+as an `Int4Linear` (group 32) scale = d, zero = m + 8 d; Q4_0: w = d * (q - 8), scale = d,
+zero = 0. Q4_K (llama.cpp's k-quant, the 4-bit half of the common Q4_K_M files): a super-block
+of 256 weights is fp16 `d` and `dmin`, 12 bytes of eight 6-bit (scale, min) pairs, then 128
+bytes of nibbles, 32 bytes per 64 weights (low nibbles the first 32, high the next); sub-block
+j of 32 weights is w = d * sc_j * q - dmin * m_j: group 32 again, scale = d sc_j, zero =
+8 d sc_j - dmin m_j. llama.cpp stores a llama's q and k rows permuted for
 its RoPE layout; they are put back in the order transformers' GGUF reader uses (rows only, so
 blocks stay whole). Tensors of any other type are not read here: the model loads them from
 the converted float checkpoint as before.
@@ -20,7 +25,8 @@ from server.model.quant import Int4Codes
 
 BLOCK = 32
 HEADER_BYTES = {"Q4_0": 2, "Q4_1": 4}  # fp16 d (and fp16 m), then 16 bytes of nibbles
-INT4_TYPES = frozenset(HEADER_BYTES)
+Q4_K_BYTES, Q4_K_WEIGHTS = 144, 256  # fp16 d, fp16 dmin, 12 bytes of scales, 128 of nibbles
+INT4_TYPES = frozenset({*HEADER_BYTES, "Q4_K"})
 TARGETS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -60,7 +66,10 @@ def read_int4(path: Path) -> dict[str, Int4Codes]:
 
 
 def int4_blocks(data: np.ndarray, kind: str) -> Int4Codes:
-    """(out, in / 32 * block bytes) bytes of Q4_0 or Q4_1 blocks -> Int4Codes."""
+    """(out, in / 32 * block bytes) bytes of Q4_0 or Q4_1 blocks (or Q4_K super-blocks) ->
+    Int4Codes."""
+    if kind == "Q4_K":
+        return _q4_k_blocks(data)
     rows, header = data.shape[0], HEADER_BYTES[kind]
     blocks = data.reshape(rows, -1, header + BLOCK // 2)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
@@ -73,6 +82,30 @@ def int4_blocks(data: np.ndarray, kind: str) -> Int4Codes:
         zeros = np.zeros_like(d)
     return Int4Codes(torch.from_numpy(q.reshape(rows, -1).copy()), torch.from_numpy(d),
                      torch.from_numpy(zeros), BLOCK)  # fmt: skip
+
+
+def _q4_k_blocks(data: np.ndarray) -> Int4Codes:
+    rows = data.shape[0]
+    blocks = data.reshape(rows, -1, Q4_K_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (out, supers)
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc, mins = _q4_k_scales(blocks[..., 4:16])  # (out, supers, 8) each, 6-bit
+    nibbles = blocks[..., 16:].reshape(rows, -1, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
+    q = (nibbles & 0x0F).reshape(rows, -1)  # sub-blocks: chunk 0 low, chunk 0 high, chunk 1 ...
+    scales = (d[..., None] * sc.astype(np.float32)).reshape(rows, -1)  # exact: 11 x 6 bits
+    offsets = (dmin[..., None] * mins.astype(np.float32)).reshape(rows, -1)
+    return Int4Codes(torch.from_numpy(q.copy()), torch.from_numpy(scales),
+                     torch.from_numpy(8 * scales - offsets), BLOCK)  # fmt: skip
+
+
+def _q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """12 bytes -> eight 6-bit scales and mins: bytes 0-3 hold scales 0-3 (low 6 bits) and the
+    high 2 bits of scales 4-7, bytes 4-7 the same for mins, bytes 8-11 the low 4 bits of scale
+    (low nibble) and min (high nibble) 4-7."""
+    low, mid, high = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([low & 0x3F, (high & 0x0F) | ((low >> 2) & 0x30)], axis=-1)
+    mins = np.concatenate([mid & 0x3F, (high >> 4) | ((mid >> 2) & 0x30)], axis=-1)
+    return sc, mins
 
 
 def _unpermute(codes: Int4Codes, n_head: int, num_kv_heads: int) -> Int4Codes:

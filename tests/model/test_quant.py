@@ -279,6 +279,29 @@ def test_int4_blocks_dequantize_bit_for_bit_to_gguf_py(kind):
     assert torch.equal(Int4Linear(codes).codes(), codes.codes)
 
 
+def test_q4_k_blocks_dequantize_bit_for_bit_to_gguf_py():
+    """Q4_K super-blocks of random bytes (finite fp16 d and dmin, every 6-bit scale and min
+    and nibble drawn): our codes, scales and zeros dequantize to exactly what gguf-py's
+    reader does, and an Int4Linear made from them keeps every code."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from server.model.gguf_quant import int4_blocks
+
+    rng = np.random.default_rng(11)
+    rows, supers = 32, 3  # 768 inputs
+    raw = rng.integers(0, 256, (rows, supers, 144), dtype=np.uint8)
+    d = (rng.random((rows, supers, 2)) * [1e-3, 1e-3]).astype(np.float16)
+    raw[..., 0:4] = d.view(np.uint8).reshape(rows, supers, 4)
+    raw = raw.reshape(rows, -1)
+    codes = int4_blocks(raw, "Q4_K")
+    want = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_K))
+    assert codes.codes.shape == (rows, 768) and int(codes.codes.max()) <= 15
+    assert torch.equal(codes.dequantize(), want)
+    assert torch.equal(Int4Linear(codes).codes(), codes.codes)
+
+
 @pytest.mark.parametrize("content", [b"not a gguf file at all", b"GGUF" + bytes(60)])
 def test_an_unreadable_gguf_is_one_line_and_exit_2(content, tmp_path):
     path = tmp_path / "broken.gguf"
