@@ -180,7 +180,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quanti
     return model.eval()
 
 
-QUANT_CACHE_VERSION = 1
+QUANT_CACHE_VERSION = 2  # 2: int4 codes packed two to a byte
 
 
 def _quant_cache_path(model_dir: Path, gguf: Path | None, mode: Mode, cache_dir: Path) -> Path:
@@ -218,7 +218,9 @@ def _write_codes(path: Path, sources: dict[str, Codes]) -> None:
     for name, codes in sources.items():
         tensors[f"{name}.codes"] = codes.codes.contiguous()
         tensors[f"{name}.scales"] = codes.scales.contiguous()
-        if isinstance(codes, Int4Codes):
+        if isinstance(codes, Int4Codes):  # two codes a byte: weight 2i low nibble, 2i+1 high
+            q = codes.codes.to(torch.uint8)
+            tensors[f"{name}.codes"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
             tensors[f"{name}.zeros"] = codes.zeros.contiguous()
             groups[name] = str(codes.group_size)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +244,7 @@ def _read_codes(path: Path) -> dict[str, Codes]:
             codes, scales = f.get_tensor(f"{name}.codes").clone(), f.get_tensor(f"{name}.scales").clone()
             if name in groups:
                 zeros = f.get_tensor(f"{name}.zeros").clone()
+                codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).flatten(1)  # unpacked
                 out[name] = Int4Codes(codes, scales, zeros, int(groups[name]))
             else:
                 out[name] = Int8Codes(codes, scales)

@@ -343,6 +343,12 @@ def test_quantized_codes_are_cached_and_the_next_start_reuses_them(tmp_path, mon
             x = torch.randn(3, a.in_features)
             assert torch.equal(a(x), b(x)) and torch.equal(a.dequantize(), b.dequantize())
         assert second.quantization == mode and cached.stat().st_size > 0
+        if mode == "int4":  # two codes a byte on disk
+            from safetensors import safe_open
+
+            with safe_open(str(cached), framework="pt") as f:
+                stored = f.get_tensor("layers.0.mlp.down_proj.codes")
+            assert stored.shape[1] * 2 == first.layers[0].mlp.w2.in_features
     make_tiny_llama(tmp_path / "m2", seed=5)
     shutil.copy(tmp_path / "m2" / "model.safetensors", model_dir / "model.safetensors")
     load_model(model_dir, cpu, torch.float32, "int8", None, tmp_path / "cache")
