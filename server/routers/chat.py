@@ -69,7 +69,7 @@ async def create_chat_completion(
         for i in range(body.n)
     ]
     response_id = new_id("chatcmpl")
-    streams = submit(request, engine, jobs, response_id, settings, grammar)
+    streams = await submit(request, engine, jobs, response_id, settings, grammar)
     view = _ChatView(body, engine, settings, response_id, request.state.model)
     if body.stream:
         events = event_stream(
