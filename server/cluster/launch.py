@@ -26,6 +26,11 @@ def start(settings: Settings, **ray_init: object) -> None:
     if not ray.is_initialized():
         ray.init(address=settings.ray_address, **ray_init)
     serve.start(http_options={"host": settings.host, "port": settings.port})
+    deploy(settings)
+
+
+def deploy(settings: Settings) -> None:
+    """Run (or update in place) the application on the running Serve instance."""
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
 
 

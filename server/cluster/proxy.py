@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,8 @@ from server.model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 ADMIN_CALL_TIMEOUT_S = 300.0
+RESUBMITS = 3  # a call not yet accepted by a replica is issued again this often
+RESUBMIT_DELAY_S = 0.5
 REPORTS_CACHE_S = 0.2  # reports are read at most this often
 
 
@@ -85,10 +87,13 @@ class ProxyStream:
 
 class RemoteCall:
     """One streaming call to a replica (EngineReplica.generate / beam_search) and the streams
-    it feeds: a pump task reads the replica's items and hands each output to its stream."""
+    it feeds: a pump task reads the replica's items and hands each output to its stream. A
+    call that fails before the replica accepted it (a dead replica Ray had not yet noticed)
+    is issued again, up to RESUBMITS times: nothing of it ran."""
 
-    def __init__(self, response: Any, request_ids: list[str], retry_after_s: int) -> None:
-        self.response, self.retry_after_s = response, retry_after_s
+    def __init__(self, issue: Callable[[], Any], request_ids: list[str]) -> None:
+        self._issue = issue
+        self.response = issue()
         self.streams = [ProxyStream(self, request_id) for request_id in request_ids]
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._open = {id(s) for s in self.streams}  # not finished, not abandoned
@@ -96,25 +101,34 @@ class RemoteCall:
         self.task = asyncio.ensure_future(self._pump())
 
     async def _pump(self) -> None:
-        try:
-            async for kind, payload in self.response:
-                if kind == "accepted":
-                    self.accepted.set_result(None)
-                elif kind == "refused":
-                    self.accepted.set_exception(payload)
+        for attempt in range(RESUBMITS + 1):
+            try:
+                await self._read()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Ray's actor / task errors: replica gone
+                log.warning("engine replica call failed: %r", exc)
+                if self.accepted.done() or attempt == RESUBMITS:
+                    self._lose(ReplicaLostError("the replica serving the request went away"))
                     return
-                else:
-                    for position, output in payload:
-                        if output.finished:
-                            self._delivered.add(position)
-                        self.streams[position].deliver(output)
-            if len(self._delivered) < len(self.streams):
-                self._lose(ReplicaLostError("the replica ended the call early"))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Ray's actor / task errors: the replica is gone
-            log.warning("engine replica call failed: %r", exc)
-            self._lose(ReplicaLostError("the replica serving the request went away"))
+            await asyncio.sleep(RESUBMIT_DELAY_S * (attempt + 1))
+            self.response = self._issue()
+
+    async def _read(self) -> None:
+        async for kind, payload in self.response:
+            if kind == "accepted":
+                self.accepted.set_result(None)
+            elif kind == "refused":
+                self.accepted.set_exception(payload)
+                return
+            else:
+                for position, output in payload:
+                    if output.finished:
+                        self._delivered.add(position)
+                    self.streams[position].deliver(output)
+        if len(self._delivered) < len(self.streams):
+            self._lose(ReplicaLostError("the replica ended the call early"))
 
     def _lose(self, error: EngineError) -> None:
         if not self.accepted.done():
@@ -356,15 +370,18 @@ class ClusterEngine:
         grammar = grammars.pop() if grammars else None
         plain = [(list(ids), _without_constraint(params), rid or _new_id())
                  for ids, params, rid in requests]  # fmt: skip
-        response = self._handle_for(model).generate.remote(plain, model, grammar)
-        return self._start(response, [rid for _, _, rid in plain]).streams
+        handle = self._handle_for(model)
+        call = self._start(lambda: handle.generate.remote(plain, model, grammar),
+                           [rid for _, _, rid in plain])  # fmt: skip
+        return call.streams
 
     def add_beam_searches(
         self, requests: list[tuple[list[int], SamplingParams, list[str]]], model: str | None = None,
     ) -> list[list[ProxyStream]]:
         model = model or self.model_id
-        response = self._handle_for(model).beam_search.remote(requests, model)
-        call = self._start(response, [rid for _, _, ids in requests for rid in ids])
+        handle = self._handle_for(model)
+        call = self._start(lambda: handle.beam_search.remote(requests, model),
+                           [rid for _, _, ids in requests for rid in ids])  # fmt: skip
         streams = iter(call.streams)
         return [[next(streams) for _ in ids] for _, _, ids in requests]
 
@@ -379,8 +396,8 @@ class ClusterEngine:
             handle = handle.options(multiplexed_model_id=model)
         return handle
 
-    def _start(self, response: Any, request_ids: list[str]) -> RemoteCall:
-        call = RemoteCall(response, request_ids, self.settings.retry_after_s)
+    def _start(self, issue: Callable[[], Any], request_ids: list[str]) -> RemoteCall:
+        call = RemoteCall(issue, request_ids)
         self._calls.add(call)
         call.task.add_done_callback(lambda _: self._calls.discard(call))
         return call
