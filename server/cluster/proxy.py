@@ -120,7 +120,7 @@ class RemoteCall:
             if kind == "accepted":
                 self.accepted.set_result(None)
             elif kind == "refused":
-                self.accepted.set_exception(payload)
+                self._fail(payload)
                 return
             else:
                 for position, output in payload:
@@ -132,12 +132,21 @@ class RemoteCall:
 
     def _lose(self, error: EngineError) -> None:
         if not self.accepted.done():
-            self.accepted.set_exception(error)
+            self._fail(error)
             return
         for position, stream in enumerate(self.streams):
             if position not in self._delivered:
                 stream.deliver(RequestOutput(stream.request_id, "", [], finished=True,
                                              finish_reason="error", error=error))  # fmt: skip
+
+    def _fail(self, error: Exception) -> None:
+        """Refused (or lost) before acceptance: `confirm` raises the error, and a stream read
+        without confirm ends with it instead of waiting forever."""
+        self.accepted.set_exception(error)
+        self.accepted.exception()  # retrieved: no "never retrieved" warning without confirm
+        for stream in self.streams:
+            stream.deliver(RequestOutput(stream.request_id, "", [], finished=True,
+                                         finish_reason="error", error=error))  # fmt: skip
 
     def abandon(self, stream: ProxyStream) -> None:
         """A stream was aborted; once all are finished or aborted, cancel the call (the

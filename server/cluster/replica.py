@@ -3,7 +3,8 @@ own adapter pool, server/engine/bootstrap.py) and answers the ingress's ClusterE
 
 Requests arrive through a DeploymentHandle; adapter requests carry the adapter's name as
 their multiplexed model id, so Ray Serve sends them to replicas that reported it as loaded
-(`_resident`, an LRU of `adapter_slots` names: the same size as the device slot pool). The
+(`_resident`, an LRU of adapter_slots + host_adapter_cache names: what the replica holds in
+its device slots and host tier). The
 adapter state is the durable store every replica reads: before an adapter request is taken,
 the replica adopts the store's current state of that adapter (one stat; a read when another
 replica uploaded, replaced or deleted it), so a change is served everywhere once it returns.
@@ -74,7 +75,12 @@ class EngineReplica:
         async def load(name: str) -> _Resident:
             return _Resident(name)
 
-        self._resident = serve.multiplexed(max_num_models_per_replica=settings.adapter_slots)(load)
+        # A replica claims the adapters it holds cheaply: in a device slot or parsed in host
+        # memory (a host copy is a slot write, no disk read). Ray Serve sends an adapter that
+        # no replica claims to one that claims the fewest, which spreads adapters evenly, and
+        # keeps sending it there while the claim lasts.
+        claims = settings.adapter_slots + settings.host_adapter_cache
+        self._resident = serve.multiplexed(max_num_models_per_replica=claims)(load)
         self._reporter = asyncio.ensure_future(self._report_loop())
         log.info("engine replica %s (pid %d) serving %s", self.replica, os.getpid(),
                  self.engine.model_id)  # fmt: skip
