@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,10 +49,32 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of `name` in the ingress's /metrics."""
+    out = []
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.partition("}")[0]))
+            out.append((labels, float(line.rsplit(" ", 1)[1])))
+    return out
+
+
 def adapter_loads(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("adapterserve_adapter_loads_total"))  # fmt: skip
+    return sum(value for _, value in samples(url, "adapterserve_adapter_loads_total"))
+
+
+def placement(url: str) -> dict:
+    """How the trace's adapters spread over the replicas, and the routing hit rate."""
+    served: dict[str, set[str]] = {}
+    for labels, value in samples(url, "adapterserve_requests_total"):
+        if value and labels.get("replica") and labels.get("model", "").startswith("lt"):
+            served.setdefault(labels["model"], set()).add(labels["replica"])
+    routing = {"hit": 0.0, "miss": 0.0}
+    for labels, value in samples(url, "adapterserve_cluster_routing_total"):
+        routing[labels["result"]] += value
+    total = routing["hit"] + routing["miss"]
+    return {"adapters_on_several_replicas": sum(len(r) > 1 for r in served.values()),
+            "routing_hit_rate": routing["hit"] / total if total else None}  # fmt: skip
 
 
 def wait_ready(url: str, settings: Settings, replicas: int, exclude: set[str]) -> None:
@@ -116,7 +139,8 @@ def main() -> None:
             time.sleep(1.5)  # the replicas' last reports
             loads = adapter_loads(url) - before
             row = {"config": label, "replicas": replicas, "affinity": affinity, **summary(document),
-                   "adapter_loads": loads, "loads_per_request": loads / args.num_requests}  # fmt: skip
+                   "adapter_loads": loads, "loads_per_request": loads / args.num_requests,
+                   **placement(url)}  # fmt: skip
             results.append(row)
             print(f"{label}: {row}", file=sys.stderr)
     finally:
@@ -132,12 +156,15 @@ def print_table(args: argparse.Namespace, results: list[dict]) -> None:
     print(f"\nworkload A: {args.num_adapters} adapters, {args.num_requests} requests at "
           f"{args.rate} req/s, input {args.input_len}, output {args.output_len}, "
           f"{args.slots} slots per replica")  # fmt: skip
-    print("| config | req/s | output tok/s | TTFT p99 ms | adapter loads | loads / request | failed |")
-    print("|---|---|---|---|---|---|---|")
+    print("| config | req/s | output tok/s | TTFT p99 ms | adapter loads | loads / request | "
+          "routing hit rate | adapters on both replicas | failed |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        hit_rate = "-" if r["routing_hit_rate"] is None else f"{r['routing_hit_rate']:.2f}"
         print(f"| {r['config']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
               f"{r['ttft_p99_s'] * 1000:.0f} | {r['adapter_loads']:.0f} | "
-              f"{r['loads_per_request']:.2f} | {r['failed']} |")  # fmt: skip
+              f"{r['loads_per_request']:.2f} | {hit_rate} | "
+              f"{r['adapters_on_several_replicas']} | {r['failed']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -293,6 +293,12 @@ class ClusterRegistry:
 # ---------------------------------------------------------------- metrics
 
 
+# What the ingress itself counts; the rest of its Metrics (engine gauges, histograms) stays
+# empty there, and only the replicas' series of those are shown.
+INGRESS_FAMILIES = ("adapterserve_requests_total", "adapterserve_requests_created",
+                    "adapterserve_evaluation_")
+
+
 class ClusterMetrics(Metrics):
     """The ingress's metrics (requests refused here, evaluation jobs) and every fresh
     replica's engine metrics with a `replica` label, as one Prometheus exposition."""
@@ -304,6 +310,8 @@ class ClusterMetrics(Metrics):
     def render(self) -> bytes:
         families: dict[str, list[str]] = {}
         _collect(families, super().render().decode(), None)
+        for name in [n for n in families if not n.startswith(INGRESS_FAMILIES)]:
+            del families[name]
         for report in self.engine.reports() if self.engine is not None else ():
             _collect(families, report.metrics, report.replica)
         return "".join(line + "\n" for lines in families.values() for line in lines).encode()
@@ -345,8 +353,9 @@ class ClusterEngine:
         args = ModelArgs.from_hf_config(plan.config)
         self.model = SimpleNamespace(args=args, quantization=plan.quantization)
         self.grammars = RemoteGrammars(Grammars(self.tokenizer.hf, args.vocab_size))
-        self.healthy, self.ready = True, True
+        self.healthy = True  # the ingress itself; Ray Serve restarts engine replicas
         self.on_fatal = None
+        self._draining = False
         self.registry = ClusterRegistry(
             self, AdapterStore(settings.adapter_store, settings.max_upload_bytes,
                                settings.max_adapters),
@@ -432,11 +441,17 @@ class ClusterEngine:
             self._reports = (time.monotonic(), reports)
         return reports
 
+    @property
+    def ready(self) -> bool:
+        """Not draining, and some engine replica reported lately (/ready, and new requests
+        get 503 + Retry-After while none is up)."""
+        return not self._draining and bool(self.reports())
+
     def begin_drain(self) -> None:
-        self.ready = False
+        self._draining = True
 
     async def stop(self) -> None:
-        self.ready = False
+        self._draining = True
         for call in list(self._calls):
             call.close()
 
