@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -227,6 +229,7 @@ class ClusterRegistry:
         self.engine, self.store = engine, store
         self.roots: tuple[Path, ...] = ()
         self._recent: dict[str, tuple[float, ClusterEntry | None]] = {}
+        self._cached: tuple[float, dict[str, ClusterEntry]] = (0.0, {})
 
     def list(self) -> list[ClusterEntry]:
         entries = self._view()
@@ -242,6 +245,14 @@ class ClusterRegistry:
         return entry
 
     def _view(self) -> dict[str, ClusterEntry]:
+        """Built at most every REPORTS_CACHE_S (every request's `model` is looked up here)."""
+        built_at, view = self._cached
+        if time.monotonic() - built_at > REPORTS_CACHE_S:
+            view = self._build_view()
+            self._cached = (time.monotonic(), view)
+        return view
+
+    def _build_view(self) -> dict[str, ClusterEntry]:
         by_name: dict[str, list[tuple[str, AdapterState]]] = {}
         for report in self.engine.reports():
             for state in report.adapters:
@@ -285,6 +296,7 @@ class ClusterRegistry:
     def _remember(self, name: str, entry: ClusterEntry | None) -> None:
         """Until the replicas' reports show it (a few report intervals)."""
         self._recent[name] = (time.monotonic() + 10.0, entry)
+        self._cached = (0.0, {})
 
     def close(self) -> None:
         pass
@@ -457,14 +469,10 @@ class ClusterEngine:
 
 
 def _without_constraint(params: SamplingParams) -> SamplingParams:
-    import dataclasses
-
     return dataclasses.replace(params, constraint=None) if params.constraint is not None else params
 
 
 def _new_id() -> str:
-    import uuid
-
     return uuid.uuid4().hex
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -43,6 +45,7 @@ from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+SYNC_EVERY = 4  # reports between two scans of the whole store
 Item = tuple[str, Any]  # ("accepted", None) | ("refused", error) | ("outputs", [(i, output)])
 
 
@@ -159,10 +162,13 @@ class EngineReplica:
         )  # fmt: skip
 
     async def _report_loop(self) -> None:
+        """A report every REPORT_INTERVAL_S; every SYNC_EVERY-th one first adopts every store
+        change (requests adopt their own adapter's at once; this keeps the views current)."""
         state_dir = self.settings.cluster_state_dir
-        while True:
+        for tick in itertools.count():
             try:
-                await asyncio.to_thread(self.registry.sync_store)
+                if tick % SYNC_EVERY == 0:
+                    await asyncio.to_thread(self.registry.sync_store)
                 write_report(state_dir, self.report())
             except Exception:  # noqa: BLE001 - a report is best effort; the next one may work
                 log.warning("replica report failed", exc_info=True)
@@ -180,8 +186,6 @@ class EngineReplica:
 
 
 def _constrained(params: SamplingParams, engine: Engine, grammar: str) -> SamplingParams:
-    import dataclasses
-
     return dataclasses.replace(params, constraint=engine.grammars.constraint(grammar))
 
 

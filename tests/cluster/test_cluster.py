@@ -76,6 +76,14 @@ BOTTLENECKS = {
 }
 
 
+EXTRA_REQUESTS = {  # beam search and a structured output, on the base model
+    "beam": {"model": BASE, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "use_beam_search": True,
+             "best_of": 3, "n": 1, "ignore_eos": True},
+    "choice": {"model": BASE, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+               "guided_choice": ["yes", "no", "maybe"]},
+}  # fmt: skip
+
+
 @dataclass
 class Cluster:
     root: Path
@@ -99,6 +107,8 @@ def one_process_outputs(settings: Settings, models: list[str]) -> dict[tuple[str
     torch.set_num_threads(1)
     out = {}
     with TestClient(create_app(settings)) as client:
+        for kind, body in EXTRA_REQUESTS.items():
+            out[BASE, kind] = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
         for model in models:
             out[model, "completion"] = client.post("/v1/completions", json=completion(model)).json()["choices"][0]["text"]
             out[model, "chat"] = client.post("/v1/chat/completions", json=chat(model)).json()["choices"][0]["message"]["content"]  # fmt: skip
@@ -251,6 +261,14 @@ def test_every_kind_equals_one_process(cluster: Cluster):
         )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert text == cluster.expected[model, "chat"], model
+
+
+def test_beam_search_and_structured_outputs_equal_one_process(cluster: Cluster):
+    for kind, body in EXTRA_REQUESTS.items():
+        got = cluster.http.post("/v1/completions", json=body)
+        assert got.status_code == 200, got.text
+        assert got.json()["choices"][0]["text"] == cluster.expected[BASE, kind], kind
+    assert cluster.expected[BASE, "choice"] in ("yes", "no", "maybe")
 
 
 def test_errors_are_the_servers(cluster: Cluster):
