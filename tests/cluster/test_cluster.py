@@ -349,16 +349,21 @@ def test_upload_replace_delete_seen_by_every_replica(cluster: Cluster):
 
 
 def test_a_killed_replica_costs_only_its_running_requests(cluster: Cluster):
+    """Half the requests stream: a stream cut by the kill ends with an error event and [DONE]."""
     reports = _wait_for_replicas(cluster.settings, 2)
     victim = reports[0]
-    statuses: list[int] = []
-    bodies: list[httpx.Response] = []
+    plain: list[httpx.Response] = []
+    streamed: list[list[str]] = []
 
     def send(i: int) -> None:
-        model = cluster.trace_adapters[i % len(cluster.trace_adapters)]
-        response = cluster.http.post("/v1/completions", json=completion(model, max_tokens=24))
-        statuses.append(response.status_code)
-        bodies.append(response)
+        body = completion(cluster.trace_adapters[i % len(cluster.trace_adapters)], max_tokens=24)
+        if i % 2:
+            plain.append(cluster.http.post("/v1/completions", json=body))
+            return
+        with cluster.http.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+            assert r.status_code == 200 or r.status_code == 503, r.status_code
+            streamed.append([line for line in r.iter_lines() if line] if r.status_code == 200
+                            else ["503"])  # fmt: skip
 
     with ThreadPoolExecutor(TRACE_CONCURRENCY) as pool:
         futures = [pool.submit(send, i) for i in range(48)]
@@ -367,13 +372,21 @@ def test_a_killed_replica_costs_only_its_running_requests(cluster: Cluster):
         started = time.monotonic()
         for future in futures:
             future.result(timeout=120)  # never a hang
-    failed = [r for r in bodies if r.status_code != 200]
-    print(f"killed replica {victim.replica}: {len(failed)} of {len(bodies)} requests failed")
+    failed = [r for r in plain if r.status_code != 200]
     for response in failed:
         assert response.status_code == 503, response.text
         assert response.headers.get("retry-after")
         assert response.json()["error"]["code"] == "replica_unavailable"
-    assert len(failed) <= TRACE_CONCURRENCY  # only what was running on it
+    cut = [events for events in streamed if any('"error"' in e for e in events) or events == ["503"]]
+    for events in cut:
+        if events != ["503"]:
+            error = json.loads(events[-2].removeprefix("data: "))["error"]
+            assert error["code"] == "replica_unavailable" and events[-1] == "data: [DONE]"
+    for events in streamed:
+        assert events[-1] in ("data: [DONE]", "503")
+    print(f"killed replica {victim.replica}: {len(failed)} of {len(plain)} plain and {len(cut)} "
+          f"of {len(streamed)} streamed requests failed")  # fmt: skip
+    assert len(failed) + len(cut) <= TRACE_CONCURRENCY  # only what was running on it
     for model in [BASE, "t0"]:  # served at once by the surviving replica
         got = cluster.http.post("/v1/completions", json=completion(model))
         assert got.status_code == 200, got.text
