@@ -171,6 +171,7 @@ class AdapterRegistry:
         self._slots: list[Entry | None] = [None] * pool.num_slots
         self._host: OrderedDict[int, Entry] = OrderedDict()  # id(entry) -> entry, LRU first
         self._versions = itertools.count(1)
+        self._refused: dict[str, tuple[int, ...]] = {}  # stored folders sync_stored could not read
         self._owner_thread = threading.get_ident()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-load")
 
@@ -269,6 +270,8 @@ class AdapterRegistry:
         if entry is not None and entry.origin != "upload":
             return False
         stamp = self.store.stamp(name)
+        if entry is None and stamp is not None and self._refused.get(name) == stamp:
+            return False  # this folder was read and refused once; a new commit changes it
         return stamp != (entry.stamp if entry is not None else None)
 
     def sync_stored(self, name: str) -> None:
@@ -285,7 +288,9 @@ class AdapterRegistry:
                     spec = self.parse(self.store.path(name), name)
                 except (AdapterError, OSError, ValueError) as e:
                     log.warning("stored adapter %r changed and is not served: %s", name, e)
+                    self._refused[name] = stamp
             if spec is not None:
+                self._refused.pop(name, None)
                 self._install(name, self.store.path(name), "upload", spec, stamp=stamp)
             else:
                 self._forget(name)
