@@ -33,6 +33,11 @@ class AdapterError(Exception):
         self.param = param
         self.message = message
 
+    def __reduce__(self):
+        # Rebuilt from (param, message): a cluster replica hands these to the ingress (pickle
+        # of our own objects between our own processes; never user data).
+        return type(self), (self.param, self.message)
+
 
 class AdapterFormatError(AdapterError, ValueError):
     """An adapter directory that we refuse; `param` names the offending config field or file."""

@@ -41,6 +41,7 @@ from typing import Protocol
 import torch
 
 from adapters.errors import (
+    AdapterError,
     AdapterExistsError,
     AdapterFormatError,
     AdapterLoadError,
@@ -106,6 +107,7 @@ class Entry:
     wanted: bool = False  # a request waits for it: its host copy is not evicted meanwhile
     error: str | None = None
     last_used: float = field(default_factory=time.monotonic)
+    stamp: tuple[int, ...] | None = None  # the store folder's AdapterStore.stamp (uploads)
 
     @property
     def tier(self) -> str:
@@ -171,6 +173,7 @@ class AdapterRegistry:
         self._slots: list[Entry | None] = [None] * pool.num_slots
         self._host: OrderedDict[int, Entry] = OrderedDict()  # id(entry) -> entry, LRU first
         self._versions = itertools.count(1)
+        self._refused: dict[str, tuple[int, ...]] = {}  # stored folders sync_stored could not read
         self._owner_thread = threading.get_ident()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-load")
 
@@ -201,7 +204,7 @@ class AdapterRegistry:
             self._check_replace(name, replace, staging)
             self._keep_for_holders(name)
             path = self.store.commit(staging, name, replace)
-            return self._install(name, path, "upload", spec)
+            return self._install(name, path, "upload", spec, stamp=self.store.stamp(name))
 
     def add_path(
         self, name: str, path: Path, *, replace: bool = False, require_root: bool = True
@@ -254,8 +257,64 @@ class AdapterRegistry:
                 log.warning("stored adapter %r is not served: %s", stored.name, e)
                 continue
             with self._install_lock:
-                self._install(stored.name, stored.path, "upload", spec, created=stored.created)
+                self._install(stored.name, stored.path, "upload", spec, created=stored.created,
+                              stamp=self.store.stamp(stored.name))
         return skipped
+
+    # ---- a store shared with other processes (cluster replicas) ------------------------------
+    def store_changed(self, name: str) -> bool:
+        """Whether the store holds another state of `name` than this registry serves: another
+        process uploaded, replaced or deleted it (one stat; any thread)."""
+        if self.store is None or name in self.reserved_names:
+            return False
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is not None and entry.origin != "upload":
+            return False
+        stamp = self.store.stamp(name)
+        if entry is None and stamp is not None and self._refused.get(name) == stamp:
+            return False  # this folder was read and refused once; a new commit changes it
+        return stamp != (entry.stamp if entry is not None else None)
+
+    def sync_stored(self, name: str) -> None:
+        """Serve the store's current state of `name` (see store_changed): a new or replaced
+        folder is read and installed, a vanished one forgotten (its files are gone already).
+        Requests that hold the old version finish on it, as after a local replace or delete."""
+        with self._install_lock:
+            if not self.store_changed(name):
+                return
+            stamp = self.store.stamp(name)
+            spec = None
+            if stamp is not None:
+                try:
+                    spec = self.parse(self.store.path(name), name)
+                except (AdapterError, OSError, ValueError) as e:
+                    log.warning("stored adapter %r changed and is not served: %s", name, e)
+                    self._refused[name] = stamp
+            if spec is not None:
+                self._refused.pop(name, None)
+                self._install(name, self.store.path(name), "upload", spec, stamp=stamp)
+            else:
+                self._forget(name)
+
+    def sync_store(self) -> None:
+        """sync_stored for every stored name and every upload this registry serves."""
+        if self.store is None:
+            return
+        with self._lock:
+            served = [e.name for e in self._entries.values() if e.origin == "upload"]
+        for name in sorted({*served, *(s.name for s in self.store.list())}):
+            self.sync_stored(name)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            entry = self._entries.pop(name, None)
+            if entry is None:
+                return
+            self._retire(entry)
+            self._publish_tiers()
+        if self.observer is not None:
+            self.observer.on_adapter_removed(name)
 
     def _resolve(self, path: Path, require_root: bool) -> Path:
         raw = os.fspath(path)
@@ -309,8 +368,9 @@ class AdapterRegistry:
                 entry.spec = spec
 
     def _install(
-        self, name: str, path: Path, origin: str, spec: AdapterSpec, created: float | None = None
-    ) -> Entry:
+        self, name: str, path: Path, origin: str, spec: AdapterSpec, created: float | None = None,
+        stamp: tuple[int, ...] | None = None,
+    ) -> Entry:  # fmt: skip
         entry = Entry(
             name=name,
             version=next(self._versions),
@@ -322,6 +382,7 @@ class AdapterRegistry:
             targets=_targets(spec),
             num_virtual_tokens=spec.num_virtual_tokens,
             size_bytes=spec.size_bytes,
+            stamp=stamp,
         )
         with self._lock:
             old = self._entries.get(name)

@@ -564,6 +564,19 @@ class AdapterStore:
             return False
         return True
 
+    def stamp(self, name: str) -> tuple[int, ...] | None:
+        """What identifies the committed folder of `name` (None when there is none): every
+        commit renames a fresh staging folder into place, so a replace changes it. Processes
+        that share the store (cluster replicas) compare stamps to see each other's changes."""
+        try:
+            validate_name(name)
+            info = os.lstat(self.root / name)
+        except (InvalidNameError, OSError):
+            return None
+        if not stat.S_ISDIR(info.st_mode):
+            return None
+        return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
+
     def path(self, name: str) -> Path:
         validate_name(name)
         dest = self.root / name

@@ -58,6 +58,12 @@ SERVE_FLAGS: dict[str, tuple[str, type]] = {
     "--max-evaluation-jobs": ("max_evaluation_jobs", int),
     "--max-datasets": ("max_datasets", int),
     "--max-dataset-bytes": ("max_dataset_bytes", int),
+    "--replicas": ("replicas", int),
+    "--ray-address": ("ray_address", str),
+    "--replica-num-cpus": ("replica_num_cpus", float),
+    "--replica-num-gpus": ("replica_num_gpus", float),
+    "--cluster-affinity": ("cluster_affinity", str),
+    "--cluster-dir": ("cluster_dir", str),
 }
 # repeatable flag -> Settings list field (given flags replace the env list)
 SERVE_LIST_FLAGS: dict[str, str] = {
@@ -171,6 +177,8 @@ def serve(settings: Settings) -> int:
     except (ModelLoadError, EngineConfigError) as e:
         log.error("cannot start: %s", e)
         return 2
+    if settings.replicas or settings.ray_address:
+        return _serve_cluster(settings)
     app = create_app(settings, on_fatal=on_fatal, plan=plan)
     config = uvicorn.Config(
         app,
@@ -186,6 +194,17 @@ def serve(settings: Settings) -> int:
         log.critical("exiting after a fatal engine fault: %r", failure[0])
         return 1
     return 0 if server.started else 1
+
+
+def _serve_cluster(settings: Settings) -> int:
+    """Ray Serve: --replicas N engine replicas behind one ingress (server/cluster)."""
+    try:
+        from server.cluster.launch import serve_cluster
+    except ImportError as e:
+        log.error("cannot start: --replicas / --ray-address need the ray extra "
+                  "(pip install 'adapterserve[ray]'): %s", e)  # fmt: skip
+        return 2
+    return serve_cluster(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

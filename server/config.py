@@ -88,6 +88,21 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, description="drain time for in-flight requests on SIGTERM")
     log_level: str = "info"
 
+    # cluster (server/cluster, the `ray` extra): replicas > 0 serves through Ray Serve
+    replicas: int = Field(0, ge=0, le=1024, description="engine replicas on Ray Serve; 0 = one process, no Ray")
+    ray_address: str | None = Field(
+        None, description="join this Ray cluster (auto | ray://host:port); default: start a local one"
+    )
+    replica_num_cpus: float = Field(1.0, gt=0, description="CPUs per engine replica (also its torch threads)")
+    replica_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica")
+    cluster_affinity: bool = Field(
+        True, description="route adapter requests to replicas holding the adapter (Ray Serve model "
+        "multiplexing); false = Ray's plain load balancing"
+    )
+    cluster_dir: Path | None = Field(
+        None, description="state every replica shares (replica reports); default <cache_dir>/cluster"
+    )
+
     # evaluation
     data_dir: Path | None = Field(
         default_factory=default_data_dir,
@@ -119,6 +134,10 @@ class Settings(BaseSettings):
     @property
     def adapter_store(self) -> Path:
         return self.adapter_store_dir or self.cache_dir / "adapters"
+
+    @property
+    def cluster_state_dir(self) -> Path:
+        return self.cluster_dir or self.cache_dir / "cluster"
 
     @property
     def eval_jobs_dir(self) -> Path:

@@ -41,6 +41,7 @@ from server.engine.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     QueueFullError,
+    ReplicaLostError,
     RequestAbortedError,
 )
 from server.schemas import UNKNOWN_FIELD
@@ -111,6 +112,10 @@ ENGINE_ERRORS: Mapping[type[EngineError], EngineAnswer] = {
     EngineDeadError: EngineAnswer(
         503, "service_unavailable_error", "engine_unavailable",
         message="The inference engine has failed and the server is restarting.",
+    ),
+    ReplicaLostError: EngineAnswer(
+        503, "service_unavailable_error", "replica_unavailable", retry_after=True,
+        message="The replica serving this request went away; retry after {retry_after_s} s.",
     ),
     RequestAbortedError: EngineAnswer(
         503, "service_unavailable_error", "aborted",

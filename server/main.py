@@ -8,7 +8,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 WATCHDOG_INTERVAL_S = 1.0
 
 FatalHandler = Callable[[BaseException], None]
+# What the lifespan serves through: running_engine (one process) or the cluster's engine proxy
+# (server/cluster/proxy.py), an async context manager yielding an object with the Engine's
+# interface that the routers use.
+Backend = Callable[[Settings, Metrics, "EnginePlan | None"], AbstractAsyncContextManager[Any]]
 
 
 def create_app(
@@ -37,10 +42,14 @@ def create_app(
     *,
     on_fatal: FatalHandler | None = None,
     plan: EnginePlan | None = None,
+    backend: Backend | None = None,
+    metrics_factory: Callable[[], Metrics] = Metrics,
 ) -> FastAPI:
     """The app for `settings` (default: from ADAPTERSERVE_* env vars). `on_fatal` runs on the
     event loop once if the engine dies; the CLI uses it to shut the server down and exit 1.
-    `plan`: the engine plan the CLI already made (plan_engine), else the lifespan makes it."""
+    `plan`: the engine plan the CLI already made (plan_engine), else the lifespan makes it.
+    `backend`: what serves the requests (default running_engine: an engine in this process);
+    `metrics_factory` makes the app's Metrics (the cluster's also renders its replicas')."""
     settings = settings or Settings()
     app = FastAPI(
         title="adapterserve",
@@ -53,6 +62,8 @@ def create_app(
     app.state.settings = settings
     app.state.on_fatal = on_fatal
     app.state.engine_plan = plan
+    app.state.backend = backend or running_engine
+    app.state.metrics_factory = metrics_factory
     app.state.draining = False
     install_error_handlers(app)
     routers = [m.router for m in (completions, chat, models, adapters, health, tokenize,
@@ -70,8 +81,8 @@ def create_app(
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    metrics = Metrics()
-    async with running_engine(settings, metrics, app.state.engine_plan) as engine:
+    metrics = app.state.metrics_factory()
+    async with app.state.backend(settings, metrics, app.state.engine_plan) as engine:
         app.state.metrics = metrics
         app.state.engine = engine
         app.state.registry = engine.registry

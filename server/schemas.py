@@ -479,6 +479,10 @@ class ModelCard(BaseModel):
         None, description="base model only: its projections' weight-only quantization (adapters "
         "are always full precision)",
     )
+    replicas: dict[str, str] | None = Field(
+        None, description="cluster only (server/cluster): the tier of this adapter on each engine "
+        "replica that reports it (device = in a slot, host, disk); absent in one process",
+    )
 
 
 class ModelList(BaseModel):
@@ -629,6 +633,10 @@ class AdapterCard(BaseModel):
     origin: Literal["upload", "path"]
     version: int
     created: int
+    replicas: dict[str, str] | None = Field(
+        None, description="cluster only (server/cluster): the tier of this adapter on each engine "
+        "replica that reports it (device = in a slot, host, disk); absent in one process",
+    )
 
 
 class AdapterUploadCard(AdapterCard):

@@ -270,7 +270,7 @@ class Job:
     params: SamplingParams
 
 
-def submit(
+async def submit(
     request: Request, engine: Engine, jobs: list[Job], request_id: str, settings: Settings,
     grammar: str | None = None,
 ) -> list[RequestStream]:  # fmt: skip
@@ -282,13 +282,14 @@ def submit(
     requests = [(job.prompt_ids, job.params, f"{request_id}-{job.index}") for job in jobs]
     try:
         streams = engine.add_requests(requests, model=request.state.model)
+        await confirmed(engine, streams)
     except EngineError as exc:  # e.g. the adapter was deleted a moment ago: 404
         raise engine_error(exc, settings.retry_after_s) from None
     request.state.submitted = True  # the engine counts this request's outcome from now on
     return streams
 
 
-def submit_beams(
+async def submit_beams(
     request: Request, engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int,
     request_id: str, settings: Settings,
 ) -> list[RequestStream]:
@@ -300,10 +301,21 @@ def submit_beams(
     ]
     try:
         groups = engine.add_beam_searches(searches, model=request.state.model)
+        await confirmed(engine, [stream for streams in groups for stream in streams])
     except EngineError as exc:
         raise engine_error(exc, settings.retry_after_s) from None
     request.state.submitted = True
     return [stream for streams in groups for stream in streams]
+
+
+async def confirmed(engine: Engine, streams: list[RequestStream]) -> None:
+    """The engine's acceptance of `streams` (Engine.confirm); on a refusal, or when the
+    client goes away meanwhile, every stream is aborted."""
+    try:
+        await engine.confirm(streams)
+    except BaseException:
+        abort_all(streams)
+        raise
 
 
 def abort_all(streams: Iterable[RequestStream]) -> None:

@@ -208,6 +208,10 @@ class Engine:
         self._wake.set()
         return out
 
+    async def confirm(self, streams: list[RequestStream]) -> None:
+        """Wait until the streams' requests are accepted (or raise the refusal). Here they are
+        once add_requests returns; the cluster's engine proxy (server/cluster) answers later."""
+
     @functools.cached_property
     def grammars(self) -> Grammars:
         """Structured-output grammars compiled against this model's tokenizer (built on first

@@ -40,6 +40,11 @@ class EngineDeadError(EngineError):
     error of every request that a fatal fault ended."""
 
 
+class ReplicaLostError(EngineError):
+    """A cluster replica serving the request died or could not be reached (server/cluster):
+    retryable, another replica serves it."""
+
+
 class RequestAbortedError(EngineError):
     """The engine stopped (or the client left) before the request finished."""
 

@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 from server.config import Settings
 from server.engine.engine import Engine, RequestStream
-from server.engine.errors import EngineDeadError, EngineError, EngineFailure
+from server.engine.errors import EngineDeadError, EngineError, EngineFailure, ReplicaLostError
+from server.engine.output import RequestOutput
 from server.engine.sampling import SamplingParams
 from server.errors import APIError, engine_answer, engine_error, invalid_request, truncate
 from server.evaluation.datasets import Dataset, DatasetCatalog, Example, _atomic_write
@@ -42,6 +43,7 @@ FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 BASE_ALIAS = "base"
 QUEUE_FULL_BACKOFF_S = (0.05, 1.0)
 RETRY_QUEUED_S = 30  # Retry-After when the job queue is full: jobs run for minutes  # first and longest wait before resubmitting on 503
+LOST_REPLICA_RETRIES = 3  # a request whose cluster replica died runs again this often
 PAPER_BEAMS = 4  # LLM-Adapters' evaluate.py: generate(num_beams=4), do_sample left False
 PAPER_NOTE = (
     "The LLM-Adapters paper decoded with 4-beam search (generate(num_beams=4) without sampling; "
@@ -462,28 +464,37 @@ class EvaluationRunner:
     async def _generate(
         self, job, work: Work, ids: list[int], params: SamplingParams, slots
     ) -> str:
-        text = ""
-        async with slots:
-            stream = await self._add(job, work, ids, params)
-            async for output in stream:
-                text += output.text
-                if output.finished and output.finish_reason == "error":
-                    raise self._request_failed(work, output.error)
-        return text
+        outputs = await self._request(job, work, ids, params, slots)
+        return "".join(output.text for output in outputs)
 
     async def _loglikelihood(
         self, job, work: Work, context: list[int], word: list[int], slots
     ) -> float:
         params = SamplingParams(max_tokens=0, prompt_logprobs=0)
-        logprobs = None
-        async with slots:
-            stream = await self._add(job, work, context + word, params)
-            async for output in stream:
-                logprobs = output.prompt_logprobs or logprobs
-                if output.finished and output.finish_reason == "error":
-                    raise self._request_failed(work, output.error)
+        outputs = await self._request(job, work, context + word, params, slots)
+        logprobs = next((o.prompt_logprobs for o in reversed(outputs) if o.prompt_logprobs), None)
         assert logprobs is not None, "a max_tokens=0 request returns its prompt logprobs"
         return sum(entry.logprob for entry in logprobs[-len(word) :] if entry is not None)
+
+    async def _request(
+        self, job, work: Work, ids: list[int], params: SamplingParams, slots
+    ) -> list[RequestOutput]:
+        """One engine request's outputs. A request whose cluster replica died
+        (ReplicaLostError) runs again, on another replica, up to LOST_REPLICA_RETRIES times."""
+        for attempt in range(LOST_REPLICA_RETRIES + 1):
+            outputs = []
+            async with slots:
+                stream = await self._add(job, work, ids, params)
+                async for output in stream:
+                    outputs.append(output)
+            last = outputs[-1]
+            if last.finish_reason != "error":
+                return outputs
+            if not isinstance(last.error, ReplicaLostError) or attempt == LOST_REPLICA_RETRIES:
+                raise self._request_failed(work, last.error)
+            log.warning("evaluation job %s: a replica was lost; running %s / %s example %d "
+                        "again", job.id, work.label, work.dataset.name, work.example.index)  # fmt: skip
+        raise AssertionError("unreachable")
 
     def _request_failed(self, work: Work, error: EngineFailure | None) -> Exception:
         if isinstance(error, EngineDeadError):  # a fatal fault: the job cannot go on
@@ -504,8 +515,11 @@ class EvaluationRunner:
             try:
                 if params.beam_width > 1:  # the best beam's answer only
                     [[stream]] = self.engine.add_beam_searches([(ids, params, [request_id])], model)
+                    await self.engine.confirm([stream])
                     return stream
-                return self.engine.add_request(ids, params, model, request_id)
+                stream = self.engine.add_request(ids, params, model, request_id)
+                await self.engine.confirm([stream])  # a cluster's refusals arrive here
+                return stream
             except EngineDeadError:
                 raise
             except EngineError as exc:

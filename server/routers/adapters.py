@@ -100,6 +100,7 @@ def adapter_card(entry: Entry, base_id: str) -> AdapterCard:
         origin=entry.origin,
         version=entry.version,
         created=int(entry.created),
+        replicas=getattr(entry, "replicas", None),  # a cluster's view (server/cluster)
     )
 
 

@@ -77,9 +77,10 @@ async def create_chat_completion(
     response_id = new_id("chatcmpl")
     if width > 1:
         params = beam_params(jobs[0].params, body, width)
-        streams = submit_beams(request, engine, [prompt_ids], params, body.n, response_id, settings)
+        streams = await submit_beams(request, engine, [prompt_ids], params, body.n, response_id,
+                                     settings)  # fmt: skip
     else:
-        streams = submit(request, engine, jobs, response_id, settings, grammar)
+        streams = await submit(request, engine, jobs, response_id, settings, grammar)
     view = _ChatView(body, engine, settings, response_id, request.state.model)
     if body.stream:
         events = event_stream(

@@ -78,9 +78,9 @@ async def create_completion(
     if body.use_beam_search and (body.best_of or body.n) > 1:
         params = beam_params(jobs[0].params, body, body.best_of or body.n)
         prompt_ids = [p.token_ids for p in prompts]
-        streams = submit_beams(request, engine, prompt_ids, params, body.n, response_id, settings)
+        streams = await submit_beams(request, engine, prompt_ids, params, body.n, response_id, settings)
     else:
-        streams = submit(request, engine, jobs, response_id, settings, grammar)
+        streams = await submit(request, engine, jobs, response_id, settings, grammar)
     view = _CompletionView(body, engine, settings, prompts, response_id, request.state.model)
     if body.stream:
         return EventStreamResponse(

@@ -38,6 +38,7 @@ def _adapter_card(engine: Engine, entry: Entry) -> ModelCard:
         root=entry.name,
         parent=engine.model_id,
         max_model_len=engine.max_model_len,
+        replicas=getattr(entry, "replicas", None),  # a cluster's view (server/cluster)
     )
 
 

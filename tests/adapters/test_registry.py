@@ -348,3 +348,34 @@ def test_every_hold_released_leaves_no_refs_and_live_slots_only(make):
     assert all(e.refs == 0 for e in live.values())
     holders = [h for h in s.registry._slots if h is not None]
     assert all(h.live for h in holders) and {h.name for h in holders} == {"b"}
+
+
+# ---- a store shared by several registries (cluster replicas) -----------------------------------
+def test_a_registry_adopts_what_another_did_to_the_shared_store(make):
+    a, b = make(slots=2), make(slots=2)
+    b.registry.store = b.store = AdapterStore(a.store.root, max_upload_bytes=1 << 24)
+    a.upload("x", V1)
+    assert b.registry.store_changed("x") and not b.registry.exists("x")
+    b.registry.sync_stored("x")
+    assert not b.registry.store_changed("x")
+    old_held = b.registry.hold("x")
+    a.upload("x", V2, replace=True)
+    assert b.registry.store_changed("x")
+    b.registry.sync_stored("x")
+    new_lease = b.registry.acquire(b.registry.hold("x"))
+    old_lease = b.registry.acquire(old_held)  # accepted before the replace: the old weights
+    assert slot_value(b.pool, new_lease.slot) == V2 and slot_value(b.pool, old_lease.slot) == V1
+    a.registry.remove("x")
+    b.registry.sync_store()
+    assert not b.registry.exists("x") and not b.registry.store_changed("x")
+    with pytest.raises(UnknownAdapterError):
+        b.registry.hold("x")
+
+
+def test_a_stored_folder_that_does_not_validate_is_read_once(make):
+    a, b = make(slots=2), make(slots=2)
+    b.registry.store = b.store = AdapterStore(a.store.root, max_upload_bytes=1 << 24)
+    a.upload("x", V1)
+    (a.store.root / "x" / "adapter_config.json").write_text("{not json")
+    b.registry.sync_stored("x")
+    assert not b.registry.exists("x") and not b.registry.store_changed("x")

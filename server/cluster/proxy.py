@@ -1,0 +1,494 @@
+"""ClusterEngine: the engine the ingress's routers use, over the engine replicas.
+
+It has the interface of server/engine/engine.py's Engine that the routers, server/serving.py
+and the evaluation runner use (add_requests / add_beam_searches -> streams of RequestOutput,
+confirm, tokenizer, model_id, max_model_len, grammars, healthy / ready, registry), so the
+HTTP API is the same code in one process and in a cluster:
+
+- requests: one DeploymentHandle call per add_requests (streaming), with the adapter's name as
+  multiplexed model id (affinity on); `confirm` waits for the replica's acceptance, so that its
+  refusals (404, 503 queue full, 400) are answered before a response starts. A replica that
+  dies ends the requests it was running with ReplicaLostError (503 + Retry-After), never a hang.
+- tokenizer, chat template, grammar compiling: here, from the same model folder.
+- adapters: ClusterRegistry, a view of the replicas' reports (server/cluster/reports.py) that
+  forwards uploads and deletes to one replica (the store is shared).
+- metrics: ClusterMetrics renders the ingress's own metrics and every fresh replica's, with a
+  `replica` label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from adapters.errors import AdapterError, NoAdapterRootsError, UnknownAdapterError
+from adapters.spec import AdapterKind
+from adapters.store import AdapterStore
+from server.cluster.reports import AdapterState, Report, read_reports
+from server.config import Settings
+from server.engine.bootstrap import EnginePlan, eos_ids, plan_engine
+from server.engine.constraint import Grammars
+from server.engine.errors import EngineError, ReplicaLostError
+from server.engine.output import RequestOutput
+from server.engine.sampling import SamplingParams
+from server.metrics import Metrics
+from server.model.llama import ModelArgs
+from server.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+ADMIN_CALL_TIMEOUT_S = 300.0
+RESUBMITS = 3  # a call not yet accepted by a replica is issued again this often
+RESUBMIT_DELAY_S = 0.5
+REPORTS_CACHE_S = 0.2  # reports are read at most this often
+
+
+# ---------------------------------------------------------------- requests
+
+
+class ProxyStream:
+    """One request's outputs, as RequestStream: async iterator, abort()."""
+
+    def __init__(self, call: RemoteCall, request_id: str) -> None:
+        self.request_id, self._call = request_id, call
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    def deliver(self, output: RequestOutput) -> None:
+        self._queue.put_nowait(output)
+
+    def __aiter__(self) -> ProxyStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self._queue.get()
+        except BaseException:
+            self.abort()
+            raise
+        self.finished = out.finished
+        return out
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._call.abandon(self)
+
+
+class RemoteCall:
+    """One streaming call to a replica (EngineReplica.generate / beam_search) and the streams
+    it feeds: a pump task reads the replica's items and hands each output to its stream. A
+    call that fails before the replica accepted it (a dead replica Ray had not yet noticed)
+    is issued again, up to RESUBMITS times: nothing of it ran."""
+
+    def __init__(self, issue: Callable[[], Any], request_ids: list[str]) -> None:
+        self._issue = issue
+        self.response = issue()
+        self.streams = [ProxyStream(self, request_id) for request_id in request_ids]
+        self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._open = {id(s) for s in self.streams}  # not finished, not abandoned
+        self._delivered: set[int] = set()  # positions whose final output arrived
+        self.task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        for attempt in range(RESUBMITS + 1):
+            try:
+                await self._read()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Ray's actor / task errors: replica gone
+                log.warning("engine replica call failed: %r", exc)
+                if self.accepted.done() or attempt == RESUBMITS:
+                    self._lose(ReplicaLostError("the replica serving the request went away"))
+                    return
+            await asyncio.sleep(RESUBMIT_DELAY_S * (attempt + 1))
+            self.response = self._issue()
+
+    async def _read(self) -> None:
+        async for kind, payload in self.response:
+            if kind == "accepted":
+                self.accepted.set_result(None)
+            elif kind == "refused":
+                self._fail(payload)
+                return
+            else:
+                for position, output in payload:
+                    if output.finished:
+                        self._delivered.add(position)
+                    self.streams[position].deliver(output)
+        if len(self._delivered) < len(self.streams):
+            self._lose(ReplicaLostError("the replica ended the call early"))
+
+    def _lose(self, error: EngineError) -> None:
+        if not self.accepted.done():
+            self._fail(error)
+            return
+        for position, stream in enumerate(self.streams):
+            if position not in self._delivered:
+                stream.deliver(RequestOutput(stream.request_id, "", [], finished=True,
+                                             finish_reason="error", error=error))  # fmt: skip
+
+    def _fail(self, error: Exception) -> None:
+        """Refused (or lost) before acceptance: `confirm` raises the error, and a stream read
+        without confirm ends with it instead of waiting forever."""
+        self.accepted.set_exception(error)
+        self.accepted.exception()  # retrieved: no "never retrieved" warning without confirm
+        for stream in self.streams:
+            stream.deliver(RequestOutput(stream.request_id, "", [], finished=True,
+                                         finish_reason="error", error=error))  # fmt: skip
+
+    def abandon(self, stream: ProxyStream) -> None:
+        """A stream was aborted; once all are finished or aborted, cancel the call (the
+        replica's generator then aborts its engine requests)."""
+        self._open.discard(id(stream))
+        if not any(id(s) in self._open and not s.finished for s in self.streams):
+            self.close()
+
+    def close(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(Exception):
+                self.response.cancel()
+
+
+class RemoteGrammars:
+    """Grammars compiled (and checked) here; the matcher is built on the replica, which gets
+    the grammar text (a matcher does not cross processes)."""
+
+    def __init__(self, grammars: Grammars) -> None:
+        self._grammars = grammars
+
+    def compile(self, kind: str, spec: Any) -> str:
+        return self._grammars.compile(kind, spec)
+
+    def constraint(self, grammar: str) -> GrammarText:
+        return GrammarText(grammar)
+
+
+@dataclass(frozen=True)
+class GrammarText:
+    """SamplingParams.constraint on the ingress side: the grammar the replica compiles."""
+
+    grammar: str
+
+
+# ---------------------------------------------------------------- adapters
+
+
+@dataclass(eq=False)
+class ClusterEntry:
+    """An adapter as the cluster serves it (the card fields of adapters.registry.Entry) and
+    its tier on each replica that reports it."""
+
+    name: str
+    version: int
+    origin: str
+    created: float
+    kind: AdapterKind
+    rank: int
+    targets: tuple[str, ...]
+    num_virtual_tokens: int
+    size_bytes: int
+    tier: str
+    replicas: dict[str, str]
+
+    @classmethod
+    def of(cls, state: AdapterState, replicas: dict[str, str]) -> ClusterEntry:
+        return cls(state.name, state.version, state.origin, state.created, AdapterKind(state.kind),
+                   state.rank, state.targets, state.num_virtual_tokens, state.size_bytes,
+                   _best_tier(replicas.values()) if replicas else state.tier, replicas)  # fmt: skip
+
+
+def _best_tier(tiers: Any) -> str:
+    tiers = set(tiers)
+    return next(t for t in ("device", "host", "disk") if t in tiers or t == "disk")
+
+
+class ClusterRegistry:
+    """The adapters of the whole cluster, as the routers use an AdapterRegistry.
+
+    Reads come from the replicas' reports, overlaid with what this ingress changed since
+    (`_recent`) and checked against the shared store (a delete shows at once). Uploads are
+    staged here in the shared store and committed by one replica; deletes go to one replica.
+    Loading by path (vLLM's load_lora_adapter) is refused: a path is one machine's."""
+
+    def __init__(self, engine: ClusterEngine, store: AdapterStore) -> None:
+        self.engine, self.store = engine, store
+        self.roots: tuple[Path, ...] = ()
+        self._recent: dict[str, tuple[float, ClusterEntry | None]] = {}
+        self._cached: tuple[float, dict[str, ClusterEntry]] = (0.0, {})
+
+    def list(self) -> list[ClusterEntry]:
+        entries = self._view()
+        return sorted(entries.values(), key=lambda e: (e.created, e.name))
+
+    def exists(self, name: str) -> bool:
+        return name in self._view()
+
+    def get(self, name: str) -> ClusterEntry:
+        entry = self._view().get(name)
+        if entry is None:
+            raise UnknownAdapterError("model", f"adapter {name!r} does not exist")
+        return entry
+
+    def _view(self) -> dict[str, ClusterEntry]:
+        """Built at most every REPORTS_CACHE_S (every request's `model` is looked up here)."""
+        built_at, view = self._cached
+        if time.monotonic() - built_at > REPORTS_CACHE_S:
+            view = self._build_view()
+            self._cached = (time.monotonic(), view)
+        return view
+
+    def _build_view(self) -> dict[str, ClusterEntry]:
+        by_name: dict[str, list[tuple[str, AdapterState]]] = {}
+        for report in self.engine.reports():
+            for state in report.adapters:
+                by_name.setdefault(state.name, []).append((report.replica, state))
+        view = {}
+        for name, held in by_name.items():
+            newest = max(held, key=lambda item: item[1].version)[1]
+            if newest.origin == "upload" and not self.store.exists(name):
+                continue  # deleted; the replicas forget it on their next sync
+            view[name] = ClusterEntry.of(newest, {replica: s.tier for replica, s in held})
+        now = time.monotonic()
+        for name, (until, entry) in list(self._recent.items()):
+            if now > until:
+                del self._recent[name]
+            elif entry is None:
+                view.pop(name, None)
+            elif name not in view or view[name].created < entry.created:
+                view[name] = entry
+        return view
+
+    def add_upload(self, staging: Path, name: str, replace: bool = False) -> ClusterEntry:
+        """(worker thread) One replica validates and commits the staged upload."""
+        state = self.engine.admin_call("install_upload", str(staging), name, replace)
+        entry = ClusterEntry.of(state, {})
+        self._remember(name, entry)
+        return entry
+
+    def remove(self, name: str) -> ClusterEntry:
+        if not self.exists(name):
+            raise UnknownAdapterError("model", f"adapter {name!r} does not exist")
+        state = self.engine.admin_call("remove_adapter", name)
+        self._remember(name, None)
+        return ClusterEntry.of(state, {})
+
+    def add_path(self, name: str, path: Path, **_: Any) -> ClusterEntry:
+        raise NoAdapterRootsError(
+            "lora_path", "loading by path is not available on a cluster; upload the adapter to "
+            "POST /v1/adapters (every replica reads the shared store)",
+        )  # fmt: skip
+
+    def _remember(self, name: str, entry: ClusterEntry | None) -> None:
+        """Until the replicas' reports show it (a few report intervals)."""
+        self._recent[name] = (time.monotonic() + 10.0, entry)
+        self._cached = (0.0, {})
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- metrics
+
+
+# What the ingress itself counts; the rest of its Metrics (engine gauges, histograms) stays
+# empty there, and only the replicas' series of those are shown.
+INGRESS_FAMILIES = ("adapterserve_requests_total", "adapterserve_requests_created",
+                    "adapterserve_evaluation_")
+
+
+class ClusterMetrics(Metrics):
+    """The ingress's metrics (requests refused here, evaluation jobs) and every fresh
+    replica's engine metrics with a `replica` label, as one Prometheus exposition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine: ClusterEngine | None = None
+
+    def render(self) -> bytes:
+        families: dict[str, list[str]] = {}
+        _collect(families, super().render().decode(), None)
+        for name in [n for n in families if not n.startswith(INGRESS_FAMILIES)]:
+            del families[name]
+        for report in self.engine.reports() if self.engine is not None else ():
+            _collect(families, report.metrics, report.replica)
+        return "".join(line + "\n" for lines in families.values() for line in lines).encode()
+
+
+def _collect(families: dict[str, list[str]], text: str, replica: str | None) -> None:
+    """Merge one exposition into `families` (name -> HELP, TYPE, samples): a family's
+    samples from every source stay together under one HELP / TYPE."""
+    current = None
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            current = line.split(" ", 3)[2]
+            lines = families.setdefault(current, [])
+            if not any(existing.startswith(line[:7]) for existing in lines):
+                lines.append(line)
+        elif line and not line.startswith("#") and current is not None:
+            families[current].append(_labelled(line, replica))
+
+
+def _labelled(sample: str, replica: str | None) -> str:
+    if replica is None:
+        return sample
+    name, brace, rest = sample.partition("{")
+    label = f'replica="{replica}"'
+    if brace:
+        return f"{name}{{{label},{rest}"
+    name, _, value = sample.partition(" ")
+    return f"{name}{{{label}}} {value}"
+
+
+# ---------------------------------------------------------------- the engine proxy
+
+
+class ClusterEngine:
+    def __init__(self, settings: Settings, plan: EnginePlan, handle: Any, metrics: Metrics) -> None:
+        self.settings, self.metrics, self.handle = settings, metrics, handle
+        self.model_id, self.max_model_len = plan.model_id, plan.max_model_len
+        self.tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
+        args = ModelArgs.from_hf_config(plan.config)
+        self.model = SimpleNamespace(args=args, quantization=plan.quantization)
+        self.grammars = RemoteGrammars(Grammars(self.tokenizer.hf, args.vocab_size))
+        self.healthy = True  # the ingress itself; Ray Serve restarts engine replicas
+        self.on_fatal = None
+        self._draining = False
+        self.registry = ClusterRegistry(
+            self, AdapterStore(settings.adapter_store, settings.max_upload_bytes,
+                               settings.max_adapters),
+        )  # fmt: skip
+        self._loop = asyncio.get_running_loop()
+        self._reports: tuple[float, list[Report]] = (0.0, [])
+        self._calls: set[RemoteCall] = set()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.args.vocab_size
+
+    @property
+    def capacity(self) -> int:
+        return self.settings.max_num_seqs + self.settings.max_queue_len
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_text(token_id)
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    model: str | None = None, request_id: str | None = None) -> ProxyStream:  # fmt: skip
+        return self.add_requests([(prompt_token_ids, params, request_id)], model)[0]
+
+    def add_requests(
+        self, requests: list[tuple[list[int], SamplingParams, str | None]], model: str | None = None,
+    ) -> list[ProxyStream]:
+        model = model or self.model_id
+        grammars = {p.constraint.grammar for _, p, _ in requests if isinstance(p.constraint, GrammarText)}
+        grammar = grammars.pop() if grammars else None
+        plain = [(list(ids), _without_constraint(params), rid or _new_id())
+                 for ids, params, rid in requests]  # fmt: skip
+        handle = self._handle_for(model)
+        call = self._start(lambda: handle.generate.remote(plain, model, grammar),
+                           [rid for _, _, rid in plain])  # fmt: skip
+        return call.streams
+
+    def add_beam_searches(
+        self, requests: list[tuple[list[int], SamplingParams, list[str]]], model: str | None = None,
+    ) -> list[list[ProxyStream]]:
+        model = model or self.model_id
+        handle = self._handle_for(model)
+        call = self._start(lambda: handle.beam_search.remote(requests, model),
+                           [rid for _, _, ids in requests for rid in ids])  # fmt: skip
+        streams = iter(call.streams)
+        return [[next(streams) for _ in ids] for _, _, ids in requests]
+
+    async def confirm(self, streams: list[ProxyStream]) -> None:
+        """Wait for the replicas' acceptance; their refusal (or loss) is raised here."""
+        for call in {id(s._call): s._call for s in streams}.values():
+            await asyncio.shield(call.accepted)
+
+    def _handle_for(self, model: str) -> Any:
+        handle = self.handle.options(stream=True)
+        if self.settings.cluster_affinity and model != self.model_id:
+            handle = handle.options(multiplexed_model_id=model)
+        return handle
+
+    def _start(self, issue: Callable[[], Any], request_ids: list[str]) -> RemoteCall:
+        call = RemoteCall(issue, request_ids)
+        self._calls.add(call)
+        call.task.add_done_callback(lambda _: self._calls.discard(call))
+        return call
+
+    # ---- adapters and state -----------------------------------------------------------------
+    def admin_call(self, method: str, *args: Any) -> AdapterState:
+        """(worker thread) One replica runs `method`; its AdapterError is raised here."""
+        async def call() -> tuple[str, Any]:
+            return await getattr(self.handle, method).remote(*args)
+
+        future = asyncio.run_coroutine_threadsafe(call(), self._loop)
+        kind, payload = future.result(ADMIN_CALL_TIMEOUT_S)
+        if kind == "error":
+            assert isinstance(payload, AdapterError)
+            raise payload
+        return payload
+
+    def reports(self) -> list[Report]:
+        """The fresh replica reports (read at most every REPORTS_CACHE_S)."""
+        read_at, reports = self._reports
+        if time.monotonic() - read_at > REPORTS_CACHE_S:
+            reports = read_reports(self.settings.cluster_state_dir)
+            self._reports = (time.monotonic(), reports)
+        return reports
+
+    @property
+    def ready(self) -> bool:
+        """Not draining, and some engine replica reported lately (/ready, and new requests
+        get 503 + Retry-After while none is up)."""
+        return not self._draining and bool(self.reports())
+
+    def begin_drain(self) -> None:
+        self._draining = True
+
+    async def stop(self) -> None:
+        self._draining = True
+        for call in list(self._calls):
+            call.close()
+
+
+def _without_constraint(params: SamplingParams) -> SamplingParams:
+    return dataclasses.replace(params, constraint=None) if params.constraint is not None else params
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def cluster_backend(handle: Any) -> Any:
+    """The create_app backend (server/main.py) that serves through the engine replicas."""
+
+    @asynccontextmanager
+    async def backend(settings: Settings, metrics: Metrics,
+                      plan: EnginePlan | None) -> AsyncIterator[ClusterEngine]:  # fmt: skip
+        plan = plan or await asyncio.to_thread(plan_engine, settings)
+        engine = ClusterEngine(settings, plan, handle, metrics)
+        if isinstance(metrics, ClusterMetrics):
+            metrics.engine = engine
+        try:
+            yield engine
+        finally:
+            await engine.stop()
+
+    return backend
