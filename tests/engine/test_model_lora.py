@@ -122,11 +122,10 @@ def test_adapters_act(base: Base):
             assert (model(input_ids=torch.tensor([ids])).logits - want).abs().max() > 1e-2, name
 
 
+@pytest.mark.parametrize("base", [True], indirect=True, ids=["tied"])
 def test_tied_head_lora_is_the_embeddings(base: Base):
     """With ensure_weight_tying peft saves the head's LoRA as the embedding's, transposed and
     swapped; the reader serves both as saved."""
-    if "tied-ensure" not in base.dirs:
-        pytest.skip("untied base")
     fingerprint = BaseFingerprint.from_hf_config(hf_model(base.dir).config.to_dict())
     spec = load_adapter(base.dirs["tied-ensure"], "t", fingerprint, max_rank=16)
     embed, head = spec.model_modules["embed_tokens"], spec.model_modules["lm_head"]
