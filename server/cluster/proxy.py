@@ -228,6 +228,7 @@ class ClusterRegistry:
     def __init__(self, engine: ClusterEngine, store: AdapterStore) -> None:
         self.engine, self.store = engine, store
         self.roots: tuple[Path, ...] = ()
+        self.clustered = True  # the routers' cue: loading by path is refused as a cluster's
         self._recent: dict[str, tuple[float, ClusterEntry | None]] = {}
         self._cached: tuple[float, dict[str, ClusterEntry]] = (0.0, {})
 

@@ -273,6 +273,13 @@ async def load_lora_adapter(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     """vLLM's endpoint: serve the adapter folder at `lora_path` (under a configured root)."""
+    if getattr(registry, "clustered", False):  # a path is one machine's; replicas share the store
+        raise APIError(
+            403,
+            "Loading adapters by path is not available on a cluster (--replicas): a path is "
+            "one machine's; upload the adapter to POST /v1/adapters.",
+            param="lora_path",
+        )
     if not registry.roots:
         # Refused before the path is looked at: a 404 here would tell whether it exists.
         raise APIError(

@@ -279,7 +279,7 @@ def test_errors_are_the_servers(cluster: Cluster):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
     by_path = cluster.http.post("/v1/load_lora_adapter",
                                 json={"lora_name": "x", "lora_path": str(cluster.root)})  # fmt: skip
-    assert by_path.status_code == 403
+    assert by_path.status_code == 403 and "cluster" in by_path.json()["error"]["message"]
 
 
 def test_views_and_metrics_cover_every_replica(cluster: Cluster):
