@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-SCHEMA = {
+SCHEMA = {  # long enough to run bench_structured's whole budget: short strings and numbers
     "type": "object",
     "properties": {"items": {"type": "array", "items": {
         "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},

@@ -19,20 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_grammar_engines import SCHEMA  # noqa: E402  (one schema for both)
 from server.config import Settings  # noqa: E402
 from server.engine import constraint as constraint_module  # noqa: E402
 from server.engine.bootstrap import start_engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
-
-SCHEMA = {  # long enough to run the whole budget: a list of short strings and numbers
-    "type": "object",
-    "properties": {"items": {"type": "array", "items": {
-        "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                         "count": {"type": "integer", "minimum": 0}},
-        "required": ["name", "count"]}}},
-    "required": ["items"],
-}  # fmt: skip
 
 
 class MaskTimer:

@@ -38,6 +38,7 @@ from server.cluster.reports import AdapterState, Report, read_reports
 from server.config import Settings
 from server.engine.bootstrap import EnginePlan, eos_ids, plan_engine
 from server.engine.constraint import Grammars
+from server.engine.engine import OutputStream
 from server.engine.errors import EngineError, ReplicaLostError
 from server.engine.output import RequestOutput
 from server.engine.sampling import SamplingParams
@@ -56,30 +57,12 @@ REPORTS_CACHE_S = 0.2  # reports are read at most this often
 # ---------------------------------------------------------------- requests
 
 
-class ProxyStream:
+class ProxyStream(OutputStream):
     """One request's outputs, as RequestStream: async iterator, abort()."""
 
     def __init__(self, call: RemoteCall, request_id: str) -> None:
-        self.request_id, self._call = request_id, call
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.finished = False
-
-    def deliver(self, output: RequestOutput) -> None:
-        self._queue.put_nowait(output)
-
-    def __aiter__(self) -> ProxyStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        try:
-            out = await self._queue.get()
-        except BaseException:
-            self.abort()
-            raise
-        self.finished = out.finished
-        return out
+        super().__init__(request_id)
+        self._call = call
 
     def abort(self) -> None:
         if not self.finished:

@@ -60,23 +60,19 @@ DELETED_MODEL_LABEL = "(deleted adapter)"  # metrics label of requests that outl
 FATAL_MESSAGE = "internal engine error; the server is restarting"  # no internals to clients
 
 
-class RequestStream:
-    """Async iterator of one request's outputs; aborting it frees the request's blocks."""
+class OutputStream:
+    """Async iterator of one request's outputs, fed by `deliver` on the event loop; leaving it
+    early (cancelled: the client went away) calls `abort`, which subclasses define."""
 
-    def __init__(self, request_id: str, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
-        self.request_id, self._engine, self._loop = request_id, engine, loop
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
     def deliver(self, out: RequestOutput) -> None:
-        """Runs on the event loop (see Engine._flush_outbox)."""
         self._queue.put_nowait(out)
 
-    def __aiter__(self) -> RequestStream:
+    def __aiter__(self) -> OutputStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
@@ -89,6 +85,22 @@ class RequestStream:
             raise
         self.finished = out.finished
         return out
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+
+class RequestStream(OutputStream):
+    """One engine request's outputs (delivered by Engine._flush_outbox on the event loop);
+    aborting it frees the request's blocks."""
+
+    def __init__(self, request_id: str, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(request_id)
+        self._engine, self._loop = engine, loop
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
 
     def abort(self) -> None:
         if not self.finished:
