@@ -687,7 +687,17 @@ def bench_e2e(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
     eager and (with --e2e-compile) through the compiled decode step (CUDA graphs per batch
     bucket), each mode's ratios against its own base run, plus compiled / eager. `changed` is
     the share of sequences whose greedy output differs from the base run's: a check that the
-    adapters act at all (it should be close to 1)."""
+    adapters act at all (it should be close to 1). With --e2e-quantization, the whole set again
+    for each weight-only mode (the random projections quantized int8 / int4, the head int8, as
+    `--quantization` serves them), `vs_none` against the same run and mode unquantized."""
+    rows: list[dict] = []
+    for quantization in getattr(args, "e2e_quantization", None) or ["none"]:
+        rows += _bench_e2e(args, device, quantization, rows)
+    return rows
+
+
+def _bench_e2e(args: argparse.Namespace, device: str, quantization: str,
+               earlier: list[dict]) -> list[dict]:  # fmt: skip
     from adapters.hooks import PoolHooks
     from server.model.llama import KVCache
 
@@ -699,11 +709,15 @@ def bench_e2e(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
     model_args = getattr(args, "e2e_model_args", None) or llama2_7b_args()
     num_adapters = getattr(args, "e2e_adapters", E2E_ADAPTERS)
     model = build_random_model(model_args, dtype, device)
+    if quantization != "none":
+        model.quantize(quantization, {}, torch.device(device))  # from the random float weights
     max_len = E2E_VIRTUAL_TOKENS + prompt_len + output_len
     num_blocks = concurrency * math.ceil(max_len / block_size) + concurrency
     cache = KVCache(model_args, num_blocks, block_size, dtype, device)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     modes = ("eager", "compiled") if getattr(args, "e2e_compile", False) else ("eager",)
+    unquantized = {(r["run"], r["mode"]): r["decode_tok_s"] for r in earlier
+                   if r.get("quantization") == "none"}  # fmt: skip
     rows, base, eager = [], {}, {}
     print_header("e2e")
     for run in runs:
@@ -722,12 +736,14 @@ def bench_e2e(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
             base.setdefault(mode, dict(result, outputs=outputs))
             row = dict(op="e2e", run=run, mode=mode, model=f"random, Llama-2-7B-shaped "
                        f"({model_args.n_layers} layers, dim {model_args.dim})",
-                       dtype=str(dtype).removeprefix("torch."), concurrency=concurrency,
-                       prompt_len=prompt_len, output_len=output_len,
+                       dtype=str(dtype).removeprefix("torch."), quantization=quantization,
+                       concurrency=concurrency, prompt_len=prompt_len, output_len=output_len,
                        adapters=0 if pool is None else pool.num_slots,
                        kinds=",".join(kinds[run] or ()), **result)  # fmt: skip
             row["vs_base"] = result["decode_tok_s"] / base[mode]["decode_tok_s"]
             row["vs_eager"] = result["decode_tok_s"] / eager.setdefault(run, result["decode_tok_s"])
+            reference = result["decode_tok_s"] if quantization == "none" else unquantized.get((run, mode))
+            row["vs_none"] = None if reference is None else result["decode_tok_s"] / reference
             row["changed"] = sum(o != b for o, b in zip(outputs, base[mode]["outputs"],
                                                         strict=True)) / len(outputs)  # fmt: skip
             row["aim_met"] = row["vs_base"] >= E2E_AIM if run == "lora64" else None
@@ -766,12 +782,14 @@ TABLES: dict[str, list[tuple[str, str, int, str]]] = {
                   ("context", "ctx", 6, ""), ("num_splits", "splits", 6, ""),
                   ("triton_ms", "triton ms", 9, ".3f"), ("single_pass_ms", "1-pass ms", 9, ".3f"),
                   ("reference_ms", "ref ms", 9, ".3f"), *_BW],
-    "e2e": [("run", "run", 6, ""), ("mode", "mode", 8, ""), ("concurrency", "conc", 5, ""),
+    "e2e": [("run", "run", 6, ""), ("mode", "mode", 8, ""), ("quantization", "quant", 5, ""),
+            ("concurrency", "conc", 5, ""),
             ("prompt_len", "prompt", 6, ""),
             ("output_len", "output", 6, ""), ("adapters", "adp", 4, ""),
             ("decode_tok_s", "decode tok/s", 12, ".0f"), ("median_step_ms", "step ms", 8, ".2f"),
             ("total_tok_s", "total tok/s", 11, ".0f"), ("prefill_s", "prefill s", 9, ".3f"),
             ("vs_base", "vs base", 7, ".2f"), ("vs_eager", "/eager", 6, ".2f"),
+            ("vs_none", "/none", 6, ".2f"),
             ("changed", "changed", 7, ".2f"),
             ("aim_met", "aim", 5, "")],
 }  # fmt: skip
@@ -835,6 +853,8 @@ def main() -> None:
     ap.add_argument("--e2e-runs", nargs="+", choices=E2E_RUNS, default=list(E2E_RUNS),
                     help=e2e_help)
     ap.add_argument("--e2e-concurrency", type=int, default=32)
+    ap.add_argument("--e2e-quantization", nargs="+", choices=("none", "int8", "int4"),
+                    default=["none"], help="e2e: weight-only modes to run (none first for /none)")
     ap.add_argument("--e2e-prompt-len", type=int, default=128)
     ap.add_argument("--e2e-output-len", type=int, default=128)
     ap.add_argument("--e2e-compile", action="store_true",

@@ -8,7 +8,11 @@
 #
 #   bash benchmarks/run_kernels_gpu.sh              # everything, full tables
 #   QUICK=1 bash benchmarks/run_kernels_gpu.sh      # a few shapes per op
-#   ONLY=lora bash benchmarks/run_kernels_gpu.sh    # one part: lora | others | e2e
+#   ONLY=lora bash benchmarks/run_kernels_gpu.sh    # one part: lora | others | e2e | quant
+#
+# quant (issue 14): the same 7B-shaped decode, bf16 vs int8 vs int4 weight-only (projections
+# quantized as --quantization serves them, head int8), base and 64 LoRA, at batch 1 and 32,
+# eager (the CUDA int4/int8 paths have never run: this is their first check).
 #
 # Three separate runs (lora; bottleneck, ia3, attention; e2e), each with its own JSON, so that
 # a machine with a per-command time limit (10 minutes on the lent device machines) can take
@@ -30,7 +34,7 @@ export PYTHONUNBUFFERED=1
 quick=()
 [[ -n "${QUICK:-}" ]] && quick=(--quick)
 only=${ONLY:-all}
-case "$only" in all|lora|others|e2e) ;; *) echo "ONLY must be lora, others or e2e" >&2; exit 2 ;; esac
+case "$only" in all|lora|others|e2e|quant) ;; *) echo "ONLY must be lora, others, e2e or quant" >&2; exit 2 ;; esac
 if [[ "$only" == all || "$only" == lora ]]; then
   "$PYTHON" benchmarks/bench_kernels.py --ops lora --dtype bfloat16 "${quick[@]}" \
     --json "$dest/kernels_lora.json"
@@ -44,4 +48,10 @@ if [[ "$only" == all || "$only" == e2e ]]; then
   [[ "${E2E_COMPILE:-1}" == 0 ]] && compile=()
   "$PYTHON" benchmarks/bench_kernels.py --ops e2e --e2e-runs base lora64 mixed "${compile[@]}" \
     --json "$dest/kernels_e2e.json"
+fi
+if [[ "$only" == all || "$only" == quant ]]; then
+  for conc in 1 32; do
+    "$PYTHON" benchmarks/bench_kernels.py --ops e2e --e2e-runs base lora64 --e2e-concurrency "$conc" \
+      --e2e-quantization none int8 int4 --json "$dest/quant_e2e_c$conc.json"
+  done
 fi

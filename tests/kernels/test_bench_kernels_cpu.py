@@ -174,6 +174,40 @@ def test_e2e_adapter_runs(bench, monkeypatch):
     assert lora64["aim_met"] == (lora64["vs_base"] >= bench.E2E_AIM) and mixed["aim_met"] is None
 
 
+def test_e2e_quantized_runs(bench, monkeypatch):
+    """--e2e-quantization none int8 int4: the runs again on the model quantized as served, each
+    row naming its mode, /none the ratio to the same unquantized run; the quantized layers are
+    really in place."""
+    import argparse
+
+    from server.model.llama import ModelArgs
+    from server.model.quant import QuantLinear
+
+    monkeypatch.setenv("ADAPTERSERVE_KERNELS", "reference")
+    model_args = ModelArgs(vocab_size=128, dim=64, intermediate_size=128, n_layers=2, n_heads=4,
+                           n_kv_heads=2, head_dim=16)  # fmt: skip
+    built = []
+    build = bench.build_random_model
+    monkeypatch.setattr(bench, "build_random_model", lambda *a, **k: built.append(build(*a, **k))
+                        or built[-1])  # fmt: skip
+    args = argparse.Namespace(
+        e2e_concurrency=3, e2e_prompt_len=5, e2e_output_len=4, e2e_runs=["lora64"],
+        e2e_model_args=model_args, e2e_adapters=3, e2e_dtype=torch.float32,
+        e2e_quantization=["none", "int8", "int4"],
+    )  # fmt: skip
+    rows = bench.bench_e2e(args, device="cpu")
+    assert [(r["quantization"], r["run"]) for r in rows] == [
+        (q, run) for q in ("none", "int8", "int4") for run in ("base", "lora64")]
+    for row in rows:
+        assert row["decode_tokens"] == 3 * 3
+        want = 1.0 if row["quantization"] == "none" else None
+        none = next(r for r in rows if r["quantization"] == "none" and r["run"] == row["run"])
+        assert row["vs_none"] == (want or pytest.approx(row["decode_tok_s"] / none["decode_tok_s"]))
+    assert [type(m.layers[0].mlp.w13).__name__ for m in built] == ["Dense", "Int8Linear",
+                                                                    "Int4Linear"]  # fmt: skip
+    assert all(isinstance(m.head, QuantLinear) for m in built[1:])
+
+
 def test_e2e_compiled_mode(bench, monkeypatch):
     """--e2e-compile: each run also through the compiled decode step (CPU: no CUDA graphs),
     its ratio to eager reported, and its adapters acting on the outputs."""
