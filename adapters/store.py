@@ -26,6 +26,7 @@ InvalidNameError, AdapterExistsError, AdapterLimitError, UnknownAdapterError), e
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import io
 import os
@@ -34,6 +35,7 @@ import shutil
 import stat
 import tarfile
 import threading
+import time
 import uuid
 import zipfile
 import zlib
@@ -62,6 +64,10 @@ TAR_SUFFIXES = (".tar.gz", ".tgz")
 _STAGING = ".staging"
 _REPLACED = ".replaced"  # old versions moved aside during a replace (restored after a crash)
 _DELETED = ".deleted"  # deleted adapters moved aside before removal (purged after a crash)
+_LOCK = ".lock"  # flock'ed by whoever changes the store or recovers it (processes share a root)
+# A staging directory untouched this long is a crashed upload's; younger ones may be another
+# process's upload in progress (cluster replicas share the store) and are left alone.
+STAGING_STALE_S = 3600.0
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
 
@@ -321,6 +327,46 @@ def _tar_members(
                 yield member, tf
 
 
+def _stale(entry: Path) -> bool:
+    """Whether nothing in a staging entry (itself, or a file directly in it) changed within
+    STAGING_STALE_S."""
+    try:
+        times = [entry.lstat().st_mtime]
+        if entry.is_dir() and not entry.is_symlink():
+            times += [child.lstat().st_mtime for child in entry.iterdir()]
+    except OSError:
+        return False
+    return time.time() - max(times) > STAGING_STALE_S
+
+
+class _StoreLock:
+    """The store's changes (commit, delete) and its crash recovery, one at a time: across this
+    process's threads (a lock) and across the processes that share the root (an exclusive flock
+    on `root/.lock`: the replicas of a cluster)."""
+
+    def __init__(self, root: Path) -> None:
+        self._thread, self._path, self._fd = threading.Lock(), root / _LOCK, -1
+
+    def __enter__(self) -> _StoreLock:
+        self._thread.acquire()
+        try:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._thread.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            os.close(self._fd)  # closing drops the flock
+        finally:
+            self._fd = -1
+            self._thread.release()
+
+
 class AdapterStore:
     def __init__(
         self,
@@ -340,23 +386,34 @@ class AdapterStore:
             max_upload_bytes if max_extracted_bytes is None else max_extracted_bytes
         )
         self.max_archive_members = max_archive_members
-        self._lock = threading.Lock()
+        self._lock = _StoreLock(self.root)
         self._recover()
 
     # ---- crash recovery -------------------------------------------------------------------
     def _recover(self) -> None:
-        """Drop leftover staging and deletions; put back an old version whose replace crashed."""
-        shutil.rmtree(self.root / _STAGING, ignore_errors=True)
-        shutil.rmtree(self.root / _DELETED, ignore_errors=True)
-        replaced = self.root / _REPLACED
-        if replaced.is_dir():
-            for holder in replaced.iterdir():
-                for old in holder.iterdir() if holder.is_dir() else ():
-                    dest = self.root / old.name
-                    if NAME_RE.fullmatch(old.name) and not os.path.lexists(dest):
-                        os.rename(old, dest)
-            shutil.rmtree(replaced, ignore_errors=True)
-        (self.root / _STAGING).mkdir(exist_ok=True)
+        """Drop stale staging and leftover deletions; put back an old version whose replace
+        crashed. Under the store's lock, so that a process starting beside others that share
+        the root never sees a replace or delete half done; staging younger than
+        STAGING_STALE_S may be another process's upload in progress and stays."""
+        with self._lock:
+            staging = self.root / _STAGING
+            for entry in staging.iterdir() if staging.is_dir() else ():
+                if _stale(entry):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            entry.unlink()
+            shutil.rmtree(self.root / _DELETED, ignore_errors=True)
+            replaced = self.root / _REPLACED
+            if replaced.is_dir():
+                for holder in replaced.iterdir():
+                    for old in holder.iterdir() if holder.is_dir() else ():
+                        dest = self.root / old.name
+                        if NAME_RE.fullmatch(old.name) and not os.path.lexists(dest):
+                            os.rename(old, dest)
+                shutil.rmtree(replaced, ignore_errors=True)
+            staging.mkdir(exist_ok=True)
 
     # ---- staging --------------------------------------------------------------------------
     def new_staging(self) -> Path:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
 import tarfile
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 
 from adapters.errors import AdapterError
 from adapters.formats import check_files
-from adapters.store import AdapterStore
+from adapters.store import STAGING_STALE_S, AdapterStore
 from server.errors import adapter_error_status
 
 CONFIG = b'{"peft_type": "LORA", "r": 4}'
@@ -129,7 +131,7 @@ def assert_clean(store: AdapterStore) -> None:
     """No staging leftovers and no half-written adapters in the root."""
     leftovers = [p.name for p in (store.root / ".staging").iterdir()]
     assert leftovers == []
-    assert {p.name for p in store.root.iterdir()} <= {".staging", "existing"}
+    assert {p.name for p in store.root.iterdir()} <= {".staging", ".lock", "existing"}
 
 
 # ---- the negative table --------------------------------------------------------------------
@@ -509,6 +511,7 @@ def test_duplicate_then_replace_swaps_atomically(layout):
         "adapter_config.json": b"new"
     }
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [
+        ".lock",
         ".replaced",
         ".staging",
     ]
@@ -536,6 +539,11 @@ def test_survives_restart_and_cleans_leftovers(layout):
     leftover = store.new_staging()
     (leftover / "adapter_config.json").write_bytes(b"partial")
     (root / ".staging" / "x.upload").write_bytes(b"partial archive")
+    old = time.time() - STAGING_STALE_S - 60  # untouched since: a crashed upload's
+    for path in (leftover / "adapter_config.json", leftover, root / ".staging" / "x.upload"):
+        os.utime(path, (old, old))
+    in_progress = store.new_staging()  # another process's upload (cluster replicas share it)
+    (in_progress / "adapter_config.json").write_bytes(b"being written")
     (root / ".deleted" / "u1" / "gone").mkdir(parents=True)
     (root / ".replaced" / "u2" / "swapped").mkdir(parents=True)
     (root / ".replaced" / "u2" / "swapped" / "adapter_config.json").write_bytes(b"old")
@@ -545,8 +553,34 @@ def test_survives_restart_and_cleans_leftovers(layout):
     assert [a.name for a in again.list()] == ["keep", "swapped"]
     assert (root / "swapped" / "adapter_config.json").read_bytes() == b"old"
     assert {p.name: p.read_bytes() for p in (root / "keep").iterdir()} == GOOD
-    assert list((root / ".staging").iterdir()) == []
+    assert list((root / ".staging").iterdir()) == [in_progress]
     assert not (root / ".deleted").exists() and not (root / ".replaced").exists()
+
+
+def test_a_replace_in_progress_elsewhere_is_not_undone_by_a_starting_store(layout):
+    """Processes sharing a root (cluster replicas): a store starting while another holds the
+    lock mid-replace (old version aside, new not yet in) waits for it instead of putting the
+    old version back."""
+    import threading
+
+    _, root, _ = layout
+    store = make_store(root)
+    upload_files(store, "swap", GOOD)
+    started = []
+    with store._lock:  # as commit(replace=True) holds it between its two renames
+        holder = root / ".replaced" / "u9"
+        holder.mkdir(parents=True)
+        os.rename(root / "swap", holder / "swap")
+        thread = threading.Thread(target=lambda: started.append(make_store(root)))
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive()  # the new store's recovery waits for the lock
+        staging = store.new_staging()
+        (staging / "adapter_config.json").write_bytes(b"new")
+        os.rename(staging, root / "swap")
+        shutil.rmtree(root / ".replaced")
+    thread.join(10)
+    assert started and (root / "swap" / "adapter_config.json").read_bytes() == b"new"
 
 
 def test_stage_removes_uncommitted_and_failed(layout):
