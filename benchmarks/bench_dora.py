@@ -9,7 +9,6 @@ each measurement in a fresh process, median of 3).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_engine import isolated, make_prompts  # noqa: E402
-from benchmarks.bench_quant import run  # noqa: E402
+from benchmarks.bench_quant import run, stream_args  # noqa: E402
 from loadtest.synthetic import BaseDims, make_adapter, write_adapter  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.model.weights import resolve_model_dir  # noqa: E402
@@ -64,14 +63,7 @@ def write_adapters(folder: Path, model_dir: Path, count: int, rank: int) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--adapters", type=int, default=8)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "dora.json")
-    args = ap.parse_args()
+    args = stream_args(__doc__, "dora.json").parse_args()
     base = Settings(device="cpu", log_level="warning", compile="off", max_num_seqs=16,
                     adapter_slots=3 * args.adapters)  # fmt: skip
     model_dir = resolve_model_dir(None, base.cache_dir)

@@ -74,15 +74,21 @@ def run(settings: Settings, prompts, models, out_len: int, repeats: int) -> dict
     return asyncio.run(measure(settings, prompts, models, out_len, repeats))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def stream_args(doc: str | None, json_name: str) -> argparse.ArgumentParser:
+    """The options the in-process stream benchmarks share (this one, bench_dora)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / json_name)
+    return ap
+
+
+def main() -> None:
+    ap = stream_args(__doc__, "quant.json")
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "quant.json")
     args = ap.parse_args()
 
     base = Settings(device="cpu", log_level="warning", compile="off", max_num_seqs=16)

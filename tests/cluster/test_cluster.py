@@ -37,12 +37,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from adapters.spec import BaseFingerprint  # noqa: E402
 from server.cluster import launch  # noqa: E402
+from server.cluster.proxy import REPORTS_CACHE_S  # noqa: E402
 from server.cluster.reports import read_reports  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.main import create_app  # noqa: E402
 from tests.adapters.conftest import bottleneck_config  # noqa: E402
 from tests.adapters.makers import bottleneck_dir, save_peft  # noqa: E402
-from tests.evaluation.conftest import make_data_dir, results, wait_for  # noqa: E402
+from tests.evaluation.conftest import TERMINAL, make_data_dir, results, wait_for  # noqa: E402
 from tests.helpers import make_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -190,8 +191,21 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def wait_for_fresh_reports(settings: Settings, count: int = 2, timeout_s: float = 30.0) -> None:
+    """Until `count` replicas have written a report after now (their counters as of now), and
+    the ingress's report cache (REPORTS_CACHE_S) has had time to expire."""
+    since = time.time()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sum(r.time > since for r in read_reports(settings.cluster_state_dir)) >= count:
+            time.sleep(REPORTS_CACHE_S)
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{count} replicas did not report within {timeout_s} s")
+
+
 def fresh_metrics(cluster: Cluster) -> str:
-    time.sleep(1.2)  # two report intervals: every replica's latest counters
+    wait_for_fresh_reports(cluster.settings)
     return cluster.http.get("/metrics").text
 
 
@@ -288,7 +302,7 @@ def test_views_and_metrics_cover_every_replica(cluster: Cluster):
     assert cluster.http.post("/v1/completions", json=completion("lora", 1)).status_code == 200
     reports = _wait_for_replicas(cluster.settings, 2)
     replicas = {r.replica for r in reports}
-    time.sleep(1.2)  # the replicas' next reports
+    wait_for_fresh_reports(cluster.settings)
     cards = {c["id"]: c for c in cluster.http.get("/v1/adapters").json()["data"]}
     assert set(cluster.kinds) <= set(cards)
     assert set(cards["lora"]["replicas"]) == replicas  # every replica reports every adapter
@@ -401,7 +415,9 @@ def test_an_evaluation_job_runs_through_the_cluster_and_outlives_a_replica(clust
     job = cluster.http.post("/v1/evaluations", json=body)
     assert job.status_code == 202, job.text
     victim = _wait_for_replicas(cluster.settings, 2)[1]
-    time.sleep(1.0)
+    mid = wait_for(cluster.http, job.json()["id"], timeout_s=120,
+                   done=lambda j: j["progress"]["done"] >= 1 or j["status"] in TERMINAL)
+    assert mid["status"] == "running", mid  # killed mid-job: its first answers are in
     os.kill(victim.pid, signal.SIGKILL)
     job = wait_for(cluster.http, job.json()["id"], timeout_s=240)
     assert job["status"] == "succeeded", job
