@@ -40,6 +40,12 @@ class AdapterBatch:
     # decode row uses. None (a compiled step): every op computes over every slot, so that the
     # work does not depend on the batch.
     decode_slots: frozenset[int] | None = None
+    # With decode_slots: the decode rows grouped by slot, for the reference's grouped matmuls
+    # (each row against its own slot's weights only, not every slot's). group_rows (S, P) int64:
+    # row s lists the decode rows of slot s, padded with row 0 to P = the most rows any slot
+    # has; group_mask (S, P) fp32: 1.0 at real rows, 0.0 at padding.
+    group_rows: torch.Tensor | None = None
+    group_mask: torch.Tensor | None = None
 
     @property
     def num_decode(self) -> int:
@@ -69,26 +75,47 @@ class AdapterBatch:
         return cls.assemble(
             torch.tensor(ids, dtype=torch.int32, device=device), onehot.to(device),
             (1.0 - onehot.sum(1, keepdim=True)).to(device), segments,
-            decode_slots=frozenset(ids[:num_decode]) - {-1},
+            decode_slots=frozenset(ids[:num_decode]) - {-1}, decode_ids=ids[:num_decode],
         )  # fmt: skip
 
     @classmethod
     def assemble(
         cls, slot_ids: torch.Tensor, onehot: torch.Tensor, base_rows: torch.Tensor,
         segments: tuple[Segment, ...], rows: torch.Tensor | None = None,
-        decode_slots: frozenset[int] | None = None,
+        decode_slots: frozenset[int] | None = None, decode_ids: Sequence[int] | None = None,
     ) -> AdapterBatch:  # fmt: skip
-        """The batch with the device copies of `segments` the Triton kernels need."""
-        if not segments:
-            return cls(slot_ids, onehot, base_rows, decode_slots=decode_slots)
+        """The batch with the device copies of `segments` the Triton kernels need, and with
+        `decode_ids` (the decode rows' host slot ids, given with `decode_slots`) the groups."""
         device = slot_ids.device
+        groups = (None, None)
+        if decode_slots is not None and decode_ids is not None:
+            groups = decode_groups(decode_ids, onehot.shape[1], device)
+        if not segments:
+            return cls(slot_ids, onehot, base_rows, decode_slots=decode_slots,
+                       group_rows=groups[0], group_mask=groups[1])  # fmt: skip
         slots, starts, counts = (
             torch.tensor(column, dtype=torch.int64, device=device) for column in zip(*segments, strict=True)
         )
         if rows is None:
             rows = torch.arange(slot_ids.shape[0], dtype=torch.int64, device=device)
         return cls(slot_ids, onehot, base_rows, segments, slots, starts, counts, rows,
-                   max(count for _, _, count in segments), decode_slots)  # fmt: skip
+                   max(count for _, _, count in segments), decode_slots, *groups)  # fmt: skip
+
+
+def decode_groups(
+    decode_ids: Sequence[int], num_slots: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group_rows, group_mask) of AdapterBatch for decode rows with host slot ids
+    `decode_ids` (-1: base rows, in no group)."""
+    members: list[list[int]] = [[] for _ in range(num_slots)]
+    for row, slot in enumerate(decode_ids):
+        if slot >= 0:
+            members[slot].append(row)
+    width = max(1, max(len(m) for m in members))
+    rows = [m + [0] * (width - len(m)) for m in members]
+    mask = [[1.0] * len(m) + [0.0] * (width - len(m)) for m in members]
+    return (torch.tensor(rows, dtype=torch.int64, device=device),
+            torch.tensor(mask, dtype=torch.float32, device=device))  # fmt: skip
 
 
 def runs(slot_ids: Sequence[int], first_row: int) -> tuple[Segment, ...]:

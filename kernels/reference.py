@@ -20,7 +20,9 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> 
     """cache (num_blocks, block_size, kvh, d), block_tables (S, nb) -> (S, kvh, max_len, d)."""
     # index_select, not cache[block_tables]: the same copy, 2-4x faster on CPU at decode sizes
     blocks = cache.index_select(0, block_tables.reshape(-1)).view(*block_tables.shape, *cache.shape[1:])
-    seqs = blocks.flatten(1, 2)[:, :max_len]  # (S, L, kvh, d)
+    seqs = blocks.flatten(1, 2)  # (S, nb * block_size, kvh, d)
+    if seqs.shape[1] != max_len:
+        seqs = seqs[:, :max_len]  # (S, L, kvh, d)
     return seqs.transpose(1, 2)
 
 
@@ -40,19 +42,22 @@ def paged_decode_attention(
     (nb * block_size, masked past each context), so no length is read back to the host: the
     caller sizes nb to the step's longest context.
     """
+    S, H, d = q.shape
     max_len = block_tables.shape[1] * k_cache.shape[1]
-    keys = gather_kv(k_cache, block_tables, max_len)  # (S, kvh, L, d)
-    values = gather_kv(v_cache, block_tables, max_len)
-    valid = torch.arange(max_len, device=q.device) < context_lens.unsqueeze(1)  # (S, L)
+    keys = _fp32(gather_kv(k_cache, block_tables, max_len))  # (S, kvh, L, d)
+    values = _fp32(gather_kv(v_cache, block_tables, max_len))
+    valid = torch.arange(max_len, device=q.device) < context_lens[:, None]  # (S, L)
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(2).float(),
-        keys.float(),
-        values.float(),
-        attn_mask=valid[:, None, None, :],
-        scale=scale,
-        enable_gqa=True,
+        _fp32(q.reshape(S, H, 1, d)), keys, values, attn_mask=valid.view(S, 1, 1, max_len),
+        scale=scale, enable_gqa=True,
     )  # (S, H, 1, d)
-    return out.squeeze(2).to(q.dtype)
+    out = out.view(S, H, d)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 (a decode step calls these ops 30+ times: no call at all when it is)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def write_kv(
@@ -60,8 +65,8 @@ def write_kv(
     v: torch.Tensor,
 ) -> None:  # fmt: skip
     """k_cache.flat[slots[t]] = k[t] (and v), in place; k_cache (num_blocks, bs, kvh, d), k (T, kvh, d)."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(v_cache.dtype))
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +137,10 @@ def add_delta(
     D = batch.num_decode
     if D:
         for first, end in slot_runs(weights, batch):
-            _decode_run(y[:D], u[:D], weights, batch.onehot[:, first:end], first, end, slices)
+            if batch.group_rows is not None:
+                _grouped_run(y[:D], u[:D], weights, batch, first, end, slices)
+            else:
+                _decode_run(y[:D], u[:D], weights, batch.onehot[:, first:end], first, end, slices)
     for slot, start, count in batch.segments:
         if weights.loaded is not None and slot not in weights.loaded:
             continue
@@ -174,6 +182,29 @@ def _decode_run(
     for i, (off, size) in enumerate(slices):
         b = weights.b[i, first:end].reshape(k * R, -1)[:, :size].float()  # (k*R, size)
         y[:, off : off + size] += (h[:, :, i].reshape(D, k * R) @ b).to(y.dtype)
+
+
+def _grouped_run(
+    y: torch.Tensor, u: torch.Tensor, weights: DeltaWeights, batch: AdapterBatch, first: int,
+    end: int, slices: list[tuple[int, int]],
+) -> None:  # fmt: skip
+    """_decode_run with the rows grouped by slot (batch.group_rows): one batched matmul per
+    factor, each slot's rows against that slot's weights only, so the work is the rows' own
+    (padded to the largest group), not every row times every slot of the run; the weights are
+    still read in place, once. Padding rows are row 0 again, masked to a zero delta."""
+    n, _, R, d_in = weights.a.shape
+    k = end - first
+    rows = batch.group_rows[first:end]  # (k, P)
+    P = rows.shape[1]
+    flat = rows.reshape(-1)
+    x = u.index_select(0, flat).view(k, P, d_in).float()
+    a = weights.a[:, first:end].transpose(0, 1).reshape(k, n * R, d_in)  # a view if slot-major
+    h = torch.bmm(x, a.float().transpose(1, 2)).view(k, P, n, R)
+    h = activate(h, weights.activations[:, first:end].t()[:, None, :, None], weights.codes)
+    h = h * (batch.group_mask[first:end, :, None] * weights.scalings[:, first:end].t()[:, None])[..., None]
+    for i, (off, size) in enumerate(slices):
+        delta = torch.bmm(h[:, :, i], weights.b[i, first:end, :, :size].float())  # (k, P, size)
+        y[:, off : off + size].index_add_(0, flat, delta.view(k * P, size).to(y.dtype))
 
 
 def ia3_scale(

@@ -186,6 +186,7 @@ class BatchBuilder:
         return AdapterBatch.assemble(
             self.slot_ids[: len(slot_ids)], self.onehot[:rows], self.base_rows[:rows],
             runs(slot_ids, rows), self.rows[: len(slot_ids)], decode_slots,
+            None if dense else slot_ids[:rows],
         )  # fmt: skip
 
 
@@ -206,6 +207,7 @@ class BatchBuilder:
         return AdapterBatch.assemble(
             self.head_slot_ids[: len(ids)], adapters.onehot, adapters.base_rows, runs(ids, rows),
             self.rows[: len(ids)], adapters.decode_slots,
+            None if adapters.decode_slots is None else ids[:rows],
         )  # fmt: skip
 
 

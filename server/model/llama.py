@@ -144,10 +144,12 @@ def _llama3_scale(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, d) in HF's half-split layout; cos/sin (T, d/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (T, h, d/2) each
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, d/2)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    """x (T, heads, d) in HF's half-split layout; cos (T, 1, d) = [cos, cos] and sin (T, 1, d) =
+    [-sin, sin] per position (Transformer.rope): [x1 cos - x2 sin, x2 cos + x1 sin] as four
+    ops, the halves swapped by a roll (a - b == a + (-b) exactly, so HF's values bit for bit)."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    out = xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -157,6 +159,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one op: same math
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # fp32 statistics, as HF does
         return self.weight * h.to(x.dtype)
 
@@ -214,9 +218,13 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, kv: LayerKV, step: AttentionStep) -> torch.Tensor:
         """(T, H, d): decode rows against the paged cache, prefill chunks causally."""
-        out = q.new_empty(q.shape)  # (T, H, d), contiguous (q is a strided view)
         scale = 1.0 / math.sqrt(self.args.head_dim)
         D = step.decode_context_lens.shape[0]
+        if not step.prefills:  # decode rows only: the op's output is the whole result
+            return self.ops.paged_decode_attention(
+                q.contiguous(), kv.k, kv.v, step.decode_block_tables, step.decode_context_lens, scale
+            )  # fmt: skip
+        out = q.new_empty(q.shape)  # (T, H, d), contiguous (q is a strided view)
         if D:
             out[:D] = self.ops.paged_decode_attention(
                 q[:D].contiguous(), kv.k, kv.v, step.decode_block_tables, step.decode_context_lens,
@@ -474,8 +482,10 @@ class Transformer(nn.Module):
         return total + size(self.head) + norms
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every row's angles in apply_rope's layout, once per step: (T, 1, d)."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, d/2)
-        return angles.cos(), angles.sin()
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
     def use_ops(self, ops: kernels.Ops) -> None:
         """The kernel implementation every layer calls (resolved once, by the engine)."""

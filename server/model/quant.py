@@ -125,8 +125,9 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._mm(x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous())
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if x.dim() != 2:  # the model's activations are (tokens, features): one op less each way
+            return self.forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        y = self._mm(x.to(COMPUTE_DTYPE).contiguous()).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ per-token fp64 loop, for every popularity pattern, decode rows and prefill chunk
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -62,13 +64,19 @@ def test_reference_every_activation(activation: Activation, layout: str) -> None
     torch.testing.assert_close(got.double().cpu(), want, **FP32)
 
 
+@pytest.mark.parametrize("form", ["grouped", "dense"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("nonlinear", [False, True], ids=["lora", "bottleneck"])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_reference_slices(pattern: str, nonlinear: bool, layout: str) -> None:
-    """Three slices (q|k|v-like) with their own ranks, scalings and activations per slot."""
+def test_reference_slices(pattern: str, nonlinear: bool, layout: str, form: str) -> None:
+    """Three slices (q|k|v-like) with their own ranks, scalings and activations per slot;
+    decode rows grouped by slot (eager steps) or against every slot of a run, masked (a batch
+    without the groups: compiled steps)."""
     codes = [[6, 1, 0, 4, 2], [0, 0, 5, 3, 1], [2, 2, 2, 0, 6]] if nonlinear else None
     u, y, weights, batch = case(pattern, layout, 3, torch.float32, codes, seed=2)
+    assert batch.group_rows is not None
+    if form == "dense":
+        batch = dataclasses.replace(batch, group_rows=None, group_mask=None)
     want = expected(u, y, weights, batch, 3)
     before = y.clone()
     got = reference.add_delta(y, u, weights, batch, *slices(3))
@@ -135,8 +143,6 @@ def test_every_slot_of_a_batch_at_once_with_one_slot_per_row() -> None:
 def test_host_facts_only_skip_work(ids: list[int]) -> None:
     """With the batch's decode slots and the stack's loaded slots known, the reference computes
     only the runs of slots it needs (or nothing): the same result as over every slot."""
-    import dataclasses
-
     gen = torch.Generator().manual_seed(9)
     weights = make_weights(3, IN, OUT, torch.float32, gen, [[6, 1, 0, 4, 2]] * 3)
     loaded = {0, 2, 3}
