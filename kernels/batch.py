@@ -9,10 +9,12 @@ chunks, each a contiguous run of one sequence's tokens. Example, 4 slots, block 
     base_rows  = [[0], [1], [0], [0]]                           1 where a decode row has no slot
     segments   = ((1, 4, 3),)                                   (slot, first row, count)
 
-Decode rows are computed over every slot at once (the CPU reference: one matmul against all
-slots' stacked weights, masked by `onehot`; Triton: one program per token reading its own
-slot), so the op sequence of a decode step never depends on which adapters it holds. Prefill
-chunks are few and long: each runs on its slot's weights alone.
+Decode rows: in an eager step the CPU reference groups them by slot (`group_rows`, built from
+host slot ids) and runs one batched matmul per factor, each slot's rows against its own weights;
+in a compiled step (no host facts) it computes every row against every slot's stacked weights,
+masked by `onehot`, so the op sequence never depends on which adapters the step holds. Triton:
+one program per token reading its own slot. Prefill chunks are few and long: each runs on its
+slot's weights alone.
 """
 
 from __future__ import annotations
