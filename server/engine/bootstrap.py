@@ -73,8 +73,8 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 def pick_quantization(setting: str, device: torch.device, gguf: Path | None) -> Mode:
     """--quantization: auto = a GGUF on CPU served as it ships (every projection Q4_0 / Q4_1 /
-    Q4_K -> int4, read as it is; all Q8_0 -> int8, requantized per channel), otherwise none; int8 / int4 need the device's bf16
-    weight-only kernels."""
+    Q4_K -> int4; all Q8_0 -> int8 with Q8_0's block scales), otherwise none; int8 / int4 need
+    the device's bf16 weight-only kernels."""
     from server.model.gguf_quant import INT4_TYPES, projection_types
     from server.model.quant import compute_supported
 

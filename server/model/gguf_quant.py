@@ -1,5 +1,9 @@
 """GGUF projections served as they ship: Q4_0, Q4_1 and Q4_K blocks read straight into int4
-codes, scales and zero points (no float round trip), for the base's seven projections per layer.
+codes, scales and zero points, Q8_0 blocks into group-scaled int8 codes (no float round trip),
+for the base's seven projections per layer.
+
+Q8_0: a block holds 32 weights along the input: fp16 `d`, then 32 int8 `q`; w = d * q, so an
+`Int8Codes` with group 32 and scale d (served by `Int8GroupLinear`).
 
 Q4_0 / Q4_1: a block holds 32 weights along the input: fp16 `d` (Q4_1: then fp16 `m`), then 16
 bytes whose low nibbles are weights 0-15 and high nibbles weights 16-31. Q4_1: w = d * q + m, so
@@ -21,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.model.quant import Int4Codes
+from server.model.quant import Codes, Int4Codes, Int8Codes, Mode
 
 BLOCK = 32
 HEADER_BYTES = {"Q4_0": 2, "Q4_1": 4}  # fp16 d (and fp16 m), then 16 bytes of nibbles
 Q4_K_BYTES, Q4_K_WEIGHTS = 144, 256  # fp16 d, fp16 dmin, 12 bytes of scales, 128 of nibbles
 INT4_TYPES = frozenset({*HEADER_BYTES, "Q4_K"})
+Q8_0_BYTES = 2 + BLOCK  # fp16 d, then 32 int8 codes
+INT8_TYPES = frozenset({"Q8_0"})
 TARGETS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -42,23 +48,32 @@ def projection_types(path: Path) -> dict[str, str]:
             if t.name.split(".")[2:3] and t.name.split(".")[2] in TARGETS}  # fmt: skip
 
 
-def read_int4(path: Path) -> dict[str, Int4Codes]:
-    """Every Q4_0 / Q4_1 projection of the file, keyed by our module name
+def read_int4(path: Path) -> dict[str, Codes]:
+    """Every Q4_0 / Q4_1 / Q4_K projection of the file as int4 codes, keyed by our module name
     (`layers.3.mlp.up_proj`)."""
+    return read_codes(path, "int4")
+
+
+def read_codes(path: Path, mode: Mode) -> dict[str, Codes]:
+    """Every projection of the file whose type `mode` serves as it ships (int4: Q4_0, Q4_1,
+    Q4_K; int8: Q8_0), keyed by our module name."""
     from gguf import GGUFReader
+
+    types = {"int4": INT4_TYPES, "int8": INT8_TYPES}.get(mode, frozenset())
 
     reader = GGUFReader(str(path))
     arch = _field(reader, "general.architecture")
     heads = _field(reader, f"{arch}.attention.head_count")
     kv_heads = _field(reader, f"{arch}.attention.head_count_kv") or heads
-    out: dict[str, Int4Codes] = {}
+    out: dict[str, Codes] = {}
     for tensor in reader.tensors:
         parts = tensor.name.split(".")  # blk.3.ffn_up.weight
         kind = tensor.tensor_type.name
-        if (kind not in INT4_TYPES or len(parts) != 4 or parts[0] != "blk"
+        if (kind not in types or len(parts) != 4 or parts[0] != "blk"
                 or parts[2] not in TARGETS or parts[3] != "weight"):  # fmt: skip
             continue
-        codes = int4_blocks(np.asarray(tensor.data), kind)
+        data = np.asarray(tensor.data)
+        codes = int8_blocks(data) if kind in INT8_TYPES else int4_blocks(data, kind)
         if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
             codes = _unpermute(codes, heads, heads if parts[2] == "attn_q" else kv_heads)
         out[f"layers.{parts[1]}.{TARGETS[parts[2]]}"] = codes
@@ -82,6 +97,15 @@ def int4_blocks(data: np.ndarray, kind: str) -> Int4Codes:
         zeros = np.zeros_like(d)
     return Int4Codes(torch.from_numpy(q.reshape(rows, -1).copy()), torch.from_numpy(d),
                      torch.from_numpy(zeros), BLOCK)  # fmt: skip
+
+
+def int8_blocks(data: np.ndarray) -> Int8Codes:
+    """(out, in / 32 * 34) bytes of Q8_0 blocks -> Int8Codes with a scale per group of 32."""
+    rows = data.shape[0]
+    blocks = data.reshape(rows, -1, Q8_0_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (out, blocks)
+    q = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
+    return Int8Codes(torch.from_numpy(q), torch.from_numpy(d), BLOCK)
 
 
 def _q4_k_blocks(data: np.ndarray) -> Int4Codes:
@@ -108,12 +132,14 @@ def _q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mins
 
 
-def _unpermute(codes: Int4Codes, n_head: int, num_kv_heads: int) -> Int4Codes:
-    """transformers' reverse permutation of q/k rows, applied to codes, scales and zeros."""
+def _unpermute(codes: Codes, n_head: int, num_kv_heads: int) -> Codes:
+    """transformers' reverse permutation of q/k rows, applied to codes, scales (and zeros)."""
     rows = codes.codes.shape[0]
     heads = num_kv_heads  # transformers: the k rows of a GQA model use the kv head count
     order = torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
     # row i of the result is row order[i] of the file (the inverse of llama.cpp's permute)
+    if isinstance(codes, Int8Codes):
+        return Int8Codes(codes.codes[order], codes.scales[order], codes.group_size)
     return Int4Codes(codes.codes[order], codes.scales[order], codes.zeros[order], codes.group_size)
 
 

@@ -75,11 +75,14 @@ class Int4Codes:
 
 @dataclass(frozen=True)
 class Int8Codes:
-    """One projection's int8 representation: codes (out, in) int8, scales (out,) float32;
-    w = q * scale (symmetric, per output channel: absmax / 127)."""
+    """One projection's int8 representation: codes (out, in) int8 and float32 scales, either
+    one per output channel, scales (out,) (symmetric, absmax / 127: what `quantize` makes), or
+    one per group of `group_size` inputs, scales (out, in / group_size) (GGUF's Q8_0, read as
+    it ships: group 32); w = q * scale."""
 
     codes: torch.Tensor
     scales: torch.Tensor
+    group_size: int | None = None  # None: per output channel
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8Codes:
@@ -88,11 +91,41 @@ class Int8Codes:
         return cls(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales)
 
     def dequantize(self) -> torch.Tensor:
-        return self.codes.float() * self.scales[:, None]
+        if self.group_size is None:
+            return self.codes.float() * self.scales[:, None]
+        out_features, in_features = self.codes.shape
+        q = self.codes.float().view(out_features, -1, self.group_size)
+        return (q * self.scales[..., None]).view(out_features, in_features)
+
+    def grouped(self, group_size: int = 32) -> Int8Codes:
+        """The same weights with a scale per group (a channel's scale repeated: exact)."""
+        if self.group_size is not None:
+            if self.group_size != group_size:
+                raise ValueError(f"int8 groups of {self.group_size} and {group_size} cannot be fused")
+            return self
+        out_features, in_features = self.codes.shape
+        if in_features % group_size:
+            raise ValueError(f"{in_features} inputs are not a multiple of the group size {group_size}")
+        scales = self.scales[:, None].expand(out_features, in_features // group_size)
+        return Int8Codes(self.codes, scales.contiguous(), group_size)
+
+    def planes(self) -> Int4Codes:
+        """The group-scaled codes as int4 codes over twice the inputs, for the int4 kernel:
+        q = 16 hi + lo (hi = q >> 4 in [-8, 7], lo = q & 15 in [0, 15]); the first half holds
+        hi + 8 with scale 16 s and zero 0, the second lo with scale s and zero 8 s, so that
+        x @ W^T = [x, x] @ [W_hi, W_lo]^T with every code kept."""
+        assert self.group_size is not None
+        q = self.codes.to(torch.int16)
+        codes = torch.cat([(q >> 4) + 8, q & 15], dim=1).to(torch.uint8)
+        s = self.scales.float()
+        return Int4Codes(codes, torch.cat([16 * s, s], dim=1),
+                         torch.cat([torch.zeros_like(s), 8 * s], dim=1), self.group_size)  # fmt: skip
 
     @staticmethod
     def cat(parts: list[Int8Codes]) -> Int8Codes:
-        return Int8Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]))
+        assert len({p.group_size for p in parts}) == 1
+        return Int8Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                         parts[0].group_size)  # fmt: skip
 
 
 Codes = Int8Codes | Int4Codes
@@ -239,6 +272,46 @@ class Int4Linear(QuantLinear):
         return self.out_features * self.in_features // 2 + self.scales_and_zeros.numel() * 2
 
 
+class Int8GroupLinear(Int4Linear):
+    """int8 codes with a scale per group of inputs (GGUF's Q8_0 as it ships), computed by the
+    int4 kernel over two 4-bit planes of the codes (`Int8Codes.planes`): one call on [x, x].
+    Torch has no group-scaled int8 kernel; this one reads as many code bytes as int8 and
+    keeps every code and block scale (the scales in bf16, as for int4)."""
+
+    mode: Mode = "int8"
+
+    def __init__(self, source: Int8Codes, bias: torch.Tensor | None = None,
+                 device: torch.device | None = None) -> None:  # fmt: skip
+        super().__init__(source.planes(), bias, device)
+        self.in_features = source.codes.shape[1]
+        self.scales8 = source.scales.float().to(self.scales.device)
+        self.group_size8 = source.group_size
+
+    def _mm(self, x: torch.Tensor, scales_and_zeros: torch.Tensor | None = None) -> torch.Tensor:
+        if scales_and_zeros is None:
+            x = torch.cat([x, x], dim=1)
+        return super()._mm(x, scales_and_zeros)
+
+    def codes(self) -> torch.Tensor:
+        """The plane codes (out, 2 in), as Int4Linear.codes reads them."""
+        eye = torch.eye(2 * self.in_features, dtype=COMPUTE_DTYPE, device=self.packed.device)
+        unit = torch.ones_like(self.scales_and_zeros)
+        unit[..., 1] = 8
+        return super()._mm(eye, unit).float().t().round().to(torch.uint8)
+
+    def int8_codes(self) -> Int8Codes:
+        planes = self.codes().to(torch.int16)
+        q = 16 * (planes[:, : self.in_features] - 8) + planes[:, self.in_features :]
+        return Int8Codes(q.to(torch.int8), self.scales8, self.group_size8)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.int8_codes().dequantize()
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.out_features * self.in_features + self.scales_and_zeros.numel() * 2
+
+
 def quantize_group(
     weights: list[torch.Tensor | Codes], biases: list[torch.Tensor | None], mode: Mode,
     device: torch.device, group_size: int = 32,
@@ -250,6 +323,12 @@ def quantize_group(
     output row on its own, so fused and apart give the same codes."""
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases]).to(device)
     codes = [codes_for(w, mode, group_size) for w in weights]
+    if mode == "int8" and any(c.group_size is not None for c in codes):  # a Q8_0 part: all grouped
+        grouped = [c.grouped(next(c.group_size for c in codes if c.group_size)) for c in codes]
+        fused8 = Int8GroupLinear(Int8Codes.cat(grouped), bias, device)
+        if len(grouped) == 1:
+            return fused8, [fused8]
+        return fused8, [Int8GroupLinear(c, b, device) for c, b in zip(grouped, biases, strict=True)]
     if mode == "int8":
         fused = Int8Linear.of(Int8Codes.cat(codes), bias, device)
         parts, start = [], 0

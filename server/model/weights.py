@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from server.model.gguf_quant import read_int4
+from server.model.gguf_quant import read_codes
 from server.model.llama import ModelArgs, Transformer, rope_inv_freq
 from server.model.quant import Codes, Int4Codes, Int8Codes, Mode, codes_for
 
@@ -134,8 +134,9 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quanti
     """Build the Transformer and copy every checkpoint tensor in, checking names and shapes.
     `quantization` int8 / int4 replaces the projections (and the LM head) with weight-only
     quantized layers. Their codes come, first found: from `cache_dir`/quantized (written by
-    an earlier start of the same files and mode), from the `gguf` file (int4: its Q4_0 / Q4_1
-    projections as they ship), else from quantizing the loaded float weights; projections with
+    an earlier start of the same files and mode), from the `gguf` file (int4: its Q4_0 / Q4_1 /
+    Q4_K projections, int8: its Q8_0 ones, as they ship), else from quantizing the loaded float
+    weights; projections with
     codes are never loaded as floats. Fresh codes are cached for the next start."""
     args = ModelArgs.from_hf_config(read_config(model_dir))
     with torch.device("meta"):
@@ -150,8 +151,8 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quanti
         if cache is not None and cache.is_file():
             sources = _read_codes(cache)
             log.info("quantized weights from the cache: %s", cache)
-        elif quantization == "int4" and gguf is not None:
-            sources = read_int4(gguf)
+        elif gguf is not None:
+            sources = read_codes(gguf, quantization)
         for name in sources:
             expected.pop(f"{name}.weight", None)
     loaded: dict[str, torch.Tensor] = {}
@@ -180,7 +181,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quanti
     return model.eval()
 
 
-QUANT_CACHE_VERSION = 2  # 2: int4 codes packed two to a byte
+QUANT_CACHE_VERSION = 3  # 2: int4 codes packed two to a byte; 3: Q8_0 kept group-scaled
 
 
 def _quant_cache_path(model_dir: Path, gguf: Path | None, mode: Mode, cache_dir: Path) -> Path:
@@ -215,9 +216,12 @@ def _complete_codes(model: Transformer, sources: dict[str, Codes], mode: Mode) -
 def _write_codes(path: Path, sources: dict[str, Codes]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, str] = {}
+    groups8: dict[str, str] = {}
     for name, codes in sources.items():
         tensors[f"{name}.codes"] = codes.codes.contiguous()
         tensors[f"{name}.scales"] = codes.scales.contiguous()
+        if isinstance(codes, Int8Codes) and codes.group_size is not None:
+            groups8[name] = str(codes.group_size)
         if isinstance(codes, Int4Codes):  # two codes a byte: weight 2i low nibble, 2i+1 high
             q = codes.codes.to(torch.uint8)
             tensors[f"{name}.codes"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
@@ -226,7 +230,8 @@ def _write_codes(path: Path, sources: dict[str, Codes]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        save_file(tensors, str(tmp), metadata={"int4_group_sizes": json.dumps(groups)})
+        metadata = {"int4_group_sizes": json.dumps(groups), "int8_group_sizes": json.dumps(groups8)}
+        save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache: the next start quantizes again
         log.warning("quantized weights not cached (%s)", exc)
@@ -236,6 +241,7 @@ def _write_codes(path: Path, sources: dict[str, Codes]) -> None:
 def _read_codes(path: Path) -> dict[str, Codes]:
     with safe_open(str(path), framework="pt", device="cpu") as f:
         groups = json.loads((f.metadata() or {}).get("int4_group_sizes", "{}"))
+        groups8 = json.loads((f.metadata() or {}).get("int8_group_sizes", "{}"))
         names = {key.rsplit(".", 1)[0] for key in f.keys()}  # noqa: SIM118
         out: dict[str, Codes] = {}
         for name in names:
@@ -247,7 +253,7 @@ def _read_codes(path: Path) -> dict[str, Codes]:
                 codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).flatten(1)  # unpacked
                 out[name] = Int4Codes(codes, scales, zeros, int(groups[name]))
             else:
-                out[name] = Int8Codes(codes, scales)
+                out[name] = Int8Codes(codes, scales, int(groups8[name]) if name in groups8 else None)
     return out
 
 
