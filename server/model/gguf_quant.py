@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.model.quant import Codes, Int4Codes, Int8Codes, Mode
+from server.model.quant import INT4_ROW_MULTIPLE, Codes, Int4Codes, Int8Codes, Mode
 
 BLOCK = 32
 HEADER_BYTES = {"Q4_0": 2, "Q4_1": 4}  # fp16 d (and fp16 m), then 16 bytes of nibbles
@@ -54,9 +54,10 @@ def read_int4(path: Path) -> dict[str, Codes]:
     return read_codes(path, "int4")
 
 
-def read_codes(path: Path, mode: Mode) -> dict[str, Codes]:
+def read_codes(path: Path, mode: Mode, tied: bool = False) -> dict[str, Codes]:
     """Every projection of the file whose type `mode` serves as it ships (int4: Q4_0, Q4_1,
-    Q4_K; int8: Q8_0), keyed by our module name."""
+    Q4_K; int8: Q8_0), keyed by our module name; and, under either mode (the head is int8 in
+    both), the LM head as `lm_head` when it is Q8_0 in the file (`tied`: the embeddings)."""
     from gguf import GGUFReader
 
     types = {"int4": INT4_TYPES, "int8": INT8_TYPES}.get(mode, frozenset())
@@ -77,6 +78,10 @@ def read_codes(path: Path, mode: Mode) -> dict[str, Codes]:
         if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
             codes = _unpermute(codes, heads if parts[2] == "attn_q" else kv_heads)
         out[f"layers.{parts[1]}.{TARGETS[parts[2]]}"] = codes
+    head = next((t for t in reader.tensors if t.name == ("token_embd.weight" if tied else "output.weight")), None)
+    if (mode in ("int4", "int8") and head is not None and head.tensor_type.name in INT8_TYPES
+            and head.data.shape[0] % INT4_ROW_MULTIPLE == 0):  # fmt: skip
+        out["lm_head"] = int8_blocks(np.asarray(head.data))
     return out
 
 

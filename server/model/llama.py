@@ -21,7 +21,15 @@ from torch import nn
 import kernels
 from kernels import AdapterBatch
 from server.engine.batch import ForwardBatch, PrefillChunk
-from server.model.quant import Codes, Int8Linear, Mode, QuantLinear, codes_for, quantize_group
+from server.model.quant import (
+    Codes,
+    Int8GroupLinear,
+    Int8Linear,
+    Mode,
+    QuantLinear,
+    codes_for,
+    quantize_group,
+)
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -435,7 +443,8 @@ class Transformer(nn.Module):
         """Every projection `mode` (codes from `sources`, keyed `layers.3.mlp.up_proj` and
         `lm_head`: as they ship, or cached; the rest quantized from the loaded float weights)
         and the LM head int8 per
-        output channel (its rows are the vocabulary: groups of 32 would not pay there). The
+        output channel (its rows are the vocabulary: groups of 32 would not pay there), or with
+        the GGUF's Q8_0 block scales when the file has it so. The
         float projection weights are dropped; embeddings and norms stay as loaded."""
         for i, block in enumerate(self.layers):
             mine = {k.removeprefix(f"layers.{i}."): v for k, v in sources.items()
@@ -443,8 +452,11 @@ class Transformer(nn.Module):
             for part, module in (("self_attn.", block.self_attn), ("mlp.", block.mlp)):
                 module.quantize(mode, {k.removeprefix(part): v for k, v in mine.items()
                                        if k.startswith(part)}, device)  # fmt: skip
-        head = sources.get("lm_head", self.lm_head.weight)
-        self.head = Int8Linear.of(codes_for(head, "int8"), None, device)
+        head = codes_for(sources.get("lm_head", self.lm_head.weight), "int8")
+        if head.group_size is not None:  # a GGUF's Q8_0 head (or embeddings), as it ships
+            self.head = Int8GroupLinear(head, None, device)
+        else:
+            self.head = Int8Linear.of(head, None, device)
         self.quantization = mode
         if not self.args.tie_word_embeddings:
             self.lm_head = self.head  # the float head is not kept

@@ -166,7 +166,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quanti
             sources = _read_codes(cache)
             log.info("quantized weights from the cache: %s", cache)
         elif gguf is not None:
-            sources = read_codes(gguf, quantization)
+            sources = read_codes(gguf, quantization, args.tie_word_embeddings)
         for name in sources:
             expected.pop(f"{name}.weight", None)
     loaded: dict[str, torch.Tensor] = {}

@@ -188,8 +188,9 @@ def test_every_adapter_kind_on_a_quantized_base_equals_the_dequantized_base(adap
 
 def test_the_default_model_served_as_it_ships(default_gguf, default_model_dir, tmp_path):
     """The embedded GGUF, --quantization auto on CPU: Q4_1 projections as int4, the head
-    int8. Against transformers in fp32 on the dequantized weights (the same int4 projections;
-    the head differs by its int8 rounding), teacher-forced log-probs of a chat prompt. The
+    (tied: the file's Q8_0 embeddings) int8 with its block scales. Against transformers in fp32
+    on the dequantized weights (the same codes: only bf16 scales and activations differ),
+    teacher-forced log-probs of a chat prompt. The
     bound is the dtype's own: our layers take bf16 inputs, so the yardstick is transformers
     computing the same prompt in bfloat16 end to end, whose gap to its fp32 run we measure here
     (0.29 nats at most, 0.06 on average, on this prompt); ours must stay within 1.5x of it. The
@@ -203,7 +204,15 @@ def test_the_default_model_served_as_it_ships(default_gguf, default_model_dir, t
     settings = Settings(device="cpu", quantization="auto", cache_dir=tmp_path, compile="off")
 
     async def go(engine):
+        from gguf import GGUFReader
+
+        from server.model.gguf_quant import int8_blocks
+        from server.model.quant import Int8GroupLinear
+
         assert engine.model.quantization == "int4"
+        embd = next(t for t in GGUFReader(str(default_gguf)).tensors if t.name == "token_embd.weight")
+        assert isinstance(engine.model.head, Int8GroupLinear)
+        assert torch.equal(engine.model.head.int8_codes().codes, int8_blocks(embd.data).codes)
         params = SamplingParams(max_tokens=12, temperature=0.0, prompt_logprobs=0)
         tokens, logprobs = [], None
         async for out in engine.add_request(ids, params):
@@ -449,9 +458,9 @@ def two_layer_q8_0_gguf(source: Path, out: Path) -> Path:
 def test_a_q8_0_gguf_is_served_as_it_ships(default_gguf, tmp_path):
     """A Q8_0 GGUF (the default model cut to two blocks, projections in Q8_0): `auto` serves
     it int8 with every projection's codes and block scales as the file has them (no per-channel
-    re-rounding), and its teacher-forced log-probs stay within the bf16 yardstick of
-    transformers reading the same file (fp32 vs bf16, as for the int4 default model), given the
-    head we serve (int8 per channel: a head change of its own, not under test here)."""
+    re-rounding), the head too (the file's Q8_0 embeddings), and its teacher-forced log-probs
+    stay within the bf16 yardstick of transformers reading the same file (fp32 vs bf16, as for
+    the int4 default model)."""
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
@@ -472,6 +481,8 @@ def test_a_q8_0_gguf_is_served_as_it_ships(default_gguf, tmp_path):
         down = int8_blocks(raw["blk.1.ffn_down.weight"])  # not permuted: compare as read
         assert torch.equal(model.layers[1].mlp.w2.int8_codes().codes, down.codes)
         assert torch.equal(model.layers[1].mlp.w2.scales8, down.scales)
+        assert isinstance(model.head, Int8GroupLinear)  # tied: the file's Q8_0 embeddings
+        assert torch.equal(model.head.int8_codes().codes, int8_blocks(raw["token_embd.weight"]).codes)
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         async for out in engine.add_request(ids, params):
             if out.prompt_logprobs:
@@ -482,8 +493,6 @@ def test_a_q8_0_gguf_is_served_as_it_ships(default_gguf, tmp_path):
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
         hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
-        head = Int8Linear.quantize(hf.lm_head.weight.detach().float()).dequantize()
-        hf.lm_head.weight = torch.nn.Parameter(head.to(dtype))  # untied from the embeddings
         with torch.no_grad():
             logits = hf(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
         runs[dtype] = logits.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
