@@ -77,11 +77,15 @@ def pick_quantization(setting: str, device: torch.device, gguf: Path | None) -> 
     the device's bf16 weight-only kernels."""
     from server.model.gguf_quant import INT4_TYPES, projection_types
     from server.model.quant import compute_supported
+    from server.model.weights import unreadable_gguf
 
     if setting == "auto":
         if gguf is None or device.type != "cpu" or not compute_supported(device):
             return "none"
-        types = set(projection_types(gguf).values())
+        try:
+            types = set(projection_types(gguf).values())
+        except Exception as exc:  # a damaged or foreign file: the reader's reason, one line
+            raise unreadable_gguf(gguf, exc) from None
         if types and types <= INT4_TYPES:
             return "int4"
         return "int8" if types == {"Q8_0"} else "none"
@@ -124,7 +128,12 @@ def plan_engine(settings: Settings) -> EnginePlan:
     check_adapter_flags(settings)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    model_dir = resolve_model_dir(settings.model, settings.cache_dir, complete=False)
+    source = default_model_path() if settings.model is None else Path(settings.model).expanduser()
+    gguf = source if source.suffix == ".gguf" and source.is_file() else None
+    quantization = pick_quantization(settings.quantization, device, gguf)
+    # served quantized, a GGUF's projections are read from the file as codes (or cached codes):
+    # its conversion need not hold them; served as floats, they are converted once and cached
+    model_dir = resolve_model_dir(settings.model, settings.cache_dir, complete=quantization == "none")
     config = read_config(model_dir)
     args = ModelArgs.from_hf_config(config)
     max_len = settings.max_model_len or min(args.max_position_embeddings, 8192)
@@ -137,9 +146,6 @@ def plan_engine(settings: Settings) -> EnginePlan:
             "raise --kv-cache-memory-mb or lower --max-model-len"
         )
     model_id = settings.served_model_name or served_name(settings.model, model_dir)
-    source = default_model_path() if settings.model is None else Path(settings.model).expanduser()
-    gguf = source if source.suffix == ".gguf" and source.is_file() else None
-    quantization = pick_quantization(settings.quantization, device, gguf)
     return EnginePlan(model_dir, config, device, dtype, max_len, num_blocks, model_id, quantization,
                       gguf)  # fmt: skip
 

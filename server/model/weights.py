@@ -2,10 +2,12 @@
 
 A GGUF file is converted once through transformers' GGUF reader and cached as a HF directory
 (config.json + model.safetensors + tokenizer files) under the cache dir; later starts load that.
-The server's conversion leaves out the layers' projection weights (the bulk of the file): they
-are read from the GGUF itself at load, as codes (served as they ship, or quantized) or as
-floats (`--quantization none`). Tools that want a complete HF checkpoint (transformers
-baselines, tests) ask `resolve_model_dir(..., complete=True)`.
+A server that serves the GGUF quantized converts it without the layers' projection weights (the
+bulk of the file): they are read from the GGUF itself at load, as codes (as they ship, or
+quantized, then cached as codes), and as floats only for what the codes do not cover. Served
+as floats (`--quantization none`), and for tools that want a complete HF checkpoint
+(transformers baselines, tests), the conversion is complete (`complete=True`): a large model
+is not dequantized again at every start.
 """
 
 from __future__ import annotations
@@ -93,11 +95,16 @@ def convert_gguf(path: Path, cache_dir: Path, complete: bool = True) -> Path:
         if not (target / "config.json").is_file():  # another process may have won the race
             raise
     except Exception as exc:  # the reader's own refusal (type, architecture, a damaged file)
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path.name} cannot be read as a GGUF model: {first}") from None
+        raise unreadable_gguf(path, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def unreadable_gguf(path: Path, exc: Exception) -> ModelLoadError:
+    """One line for a GGUF file a reader refused, with the first line of its reason."""
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return ModelLoadError(f"{path.name} cannot be read as a GGUF model: {first}")
 
 
 def _write_hf_dir(gguf_path: Path, out: Path, complete: bool = True) -> None:

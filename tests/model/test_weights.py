@@ -147,3 +147,18 @@ def _is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+@pytest.mark.parametrize(("quantization", "complete"), [("auto", False), ("int8", False), ("none", True)])
+def test_the_server_converts_a_gguf_completely_only_to_serve_it_as_floats(
+    default_model_dir, monkeypatch, tmp_path, quantization, complete
+):
+    """Served quantized, the GGUF's conversion leaves the projections in the file (read as
+    codes); served as floats it is complete (converted once, not dequantized at every start)."""
+    from server.config import Settings
+    from server.engine.bootstrap import plan_engine
+
+    asked = []
+    monkeypatch.setattr(weights, "convert_gguf", lambda _p, _c, complete=True: asked.append(complete) or default_model_dir)
+    plan = plan_engine(Settings(device="cpu", quantization=quantization, cache_dir=tmp_path))
+    assert asked == [complete] and plan.quantization == ("int4" if quantization == "auto" else quantization)
