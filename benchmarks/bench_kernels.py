@@ -696,6 +696,37 @@ def bench_e2e(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
     return rows
 
 
+def check_quant_layers(device: str) -> None:
+    """Before the first quantized decode on a device: each weight-only layer (int8 per channel,
+    int4 groups of 32, group-scaled int8 as GGUF's Q8_0 is served) at 1 and 32 rows against x @
+    W^T in fp32 over its own dequantized weights. The bound, 2**-6 of the output's scale, is
+    bf16's (activations and scales rounded to bf16, 2**-9 each, plus the output's rounding)
+    with room for accumulation order; a wrong packing or layout misses it by orders of
+    magnitude. Raises on a miss, so no number is reported for a broken kernel."""
+    from server.model.quant import Int4Codes, Int4Linear, Int8Codes, Int8GroupLinear, Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(256, 512, generator=g)
+    grouped = Int8Codes(torch.randint(-128, 128, (256, 512), generator=g, dtype=torch.int8),
+                        torch.rand(256, 16, generator=g) * 1e-2, 32)  # fmt: skip
+    at = torch.device(device)
+    int8, int4 = Int8Codes.quantize(weight), Int4Codes.quantize(weight)
+    layers = {"int8": (Int8Linear.of(int8, None, at), int8),
+              "int4": (Int4Linear(int4, None, at), int4),
+              "int8 group 32 (Q8_0)": (Int8GroupLinear(grouped, None, at), grouped)}  # fmt: skip
+    for name, (layer, source) in layers.items():
+        w = source.dequantize()  # the codes' own weights, computed without the kernel
+        errors = []
+        for rows in (1, 32):
+            x = torch.randn(rows, 512, generator=g)
+            want = x.bfloat16().float() @ w.t()
+            got = layer(x.to(at)).float().cpu()
+            errors.append(((got - want).abs().max() / want.abs().max()).item())
+        if max(errors) > 2**-6:
+            raise AssertionError(f"{name} on {device}: relative error {max(errors):.2e} > {2**-6:.2e}")
+        print(f"quantized layer {name} on {device}: max relative error {max(errors):.1e} (bound {2**-6:.1e})")
+
+
 def _bench_e2e(args: argparse.Namespace, device: str, quantization: str,
                earlier: list[dict]) -> list[dict]:  # fmt: skip
     from adapters.hooks import PoolHooks
@@ -710,6 +741,8 @@ def _bench_e2e(args: argparse.Namespace, device: str, quantization: str,
     num_adapters = getattr(args, "e2e_adapters", E2E_ADAPTERS)
     model = build_random_model(model_args, dtype, device)
     if quantization != "none":
+        if not earlier or all(r.get("quantization") == "none" for r in earlier):
+            check_quant_layers(device)  # once, before the first quantized run
         model.quantize(quantization, {}, torch.device(device))  # from the random float weights
     max_len = E2E_VIRTUAL_TOKENS + prompt_len + output_len
     num_blocks = concurrency * math.ceil(max_len / block_size) + concurrency

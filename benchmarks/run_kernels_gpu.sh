@@ -12,7 +12,9 @@
 #
 # quant (issue 14): the same 7B-shaped decode, bf16 vs int8 vs int4 weight-only (projections
 # quantized as --quantization serves them, head int8), base and 64 LoRA, at batch 1 and 32,
-# eager (the CUDA int4/int8 paths have never run: this is their first check).
+# eager (the CUDA int4/int8 paths have never run: this is their first check; bench_kernels first
+# checks each quantized layer, Q8_0's group-scaled int8 included, against its dequantized
+# weights on the GPU and stops on a miss).
 #
 # Three separate runs (lora; bottleneck, ia3, attention; e2e), each with its own JSON, so that
 # a machine with a per-command time limit (10 minutes on the lent device machines) can take

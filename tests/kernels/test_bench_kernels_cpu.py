@@ -281,3 +281,16 @@ def test_e2e_needs_no_web_stack():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=SCRIPT.parents[1], timeout=300)  # fmt: skip
     assert "E2E-OK" in done.stdout, done.stderr[-3000:]
+
+
+def test_the_quantized_layer_check_stops_a_broken_kernel(bench, monkeypatch, capsys):
+    """The check before a quantized decode passes the real layers (here on the CPU) and stops
+    on one whose kernel computes the wrong thing (its packing read transposed, say)."""
+    from server.model.quant import Int4Linear
+
+    bench.check_quant_layers("cpu")
+    assert capsys.readouterr().out.count("max relative error") == 3
+    real = Int4Linear._mm
+    monkeypatch.setattr(Int4Linear, "_mm", lambda self, x, sz=None: real(self, x.flip(-1), sz))
+    with pytest.raises(AssertionError, match="int4 on cpu"):
+        bench.check_quant_layers("cpu")
