@@ -43,15 +43,14 @@ mkdir -p "$OUT"
 STORE=$(mktemp -d "${TMPDIR:-/tmp}/loadtest-store.XXXXXX")  # fresh adapter stores per run
 HF_MODEL_DIR=${HF_MODEL_DIR:-${MODEL:-}}
 if [[ -z "${HF_MODEL_DIR:-}" ]]; then
-  # adapterserve converts the embedded GGUF once into ~/.cache/adapterserve/gguf/<name>-<hash>/
-  for dir in $(ls -td "$HOME"/.cache/adapterserve/gguf/SmolLM2-135M-Instruct*/ 2>/dev/null); do
-    if [[ -f "$dir/model.safetensors" ]]; then HF_MODEL_DIR=$dir; break; fi
-  done
-fi
-if [[ -z "${HF_MODEL_DIR:-}" ]]; then
-  echo "no converted default model under ~/.cache/adapterserve/gguf: start 'adapterserve serve'" \
-       "once (it converts the GGUF), or set HF_MODEL_DIR to an HF model directory" >&2
-  exit 2
+  # the embedded GGUF as a complete HF checkpoint (converted once under the cache dir; the
+  # server's own conversion of a quantized start leaves the projections in the GGUF)
+  HF_MODEL_DIR=$(.venv/bin/python -c 'from server.config import Settings
+from server.model.weights import resolve_model_dir
+print(resolve_model_dir(None, Settings().cache_dir, complete=True))') || {
+    echo "the default model could not be converted; set HF_MODEL_DIR to an HF model directory" >&2
+    exit 2
+  }
 fi
 
 PIDS=()
