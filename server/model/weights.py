@@ -205,7 +205,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quanti
     return model.eval()
 
 
-QUANT_CACHE_VERSION = 3  # 2: int4 codes packed two to a byte; 3: Q8_0 kept group-scaled
+QUANT_CACHE_VERSION = 4  # 2: int4 codes packed two to a byte; 3: Q8_0 kept group-scaled; 4: the head too
 
 
 def _quant_cache_path(model_dir: Path, gguf: Path | None, mode: Mode, cache_dir: Path) -> Path:
