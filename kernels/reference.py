@@ -202,8 +202,13 @@ def _grouped_run(
     h = torch.bmm(x, a.float().transpose(1, 2)).view(k, P, n, R)
     h = activate(h, weights.activations[:, first:end].t()[:, None, :, None], weights.codes)
     h = h * (batch.group_mask[first:end, :, None] * weights.scalings[:, first:end].t()[:, None])[..., None]
-    for i, (off, size) in enumerate(slices):
-        delta = torch.bmm(h[:, :, i], weights.b[i, first:end, :, :size].float())  # (k, P, size)
+    deltas = [torch.bmm(h[:, :, i], weights.b[i, first:end, :, :size].float())  # (k, P, size)
+              for i, (_, size) in enumerate(slices)]  # fmt: skip
+    if [off for off, _ in slices] == [sum(sz for _, sz in slices[:i]) for i in range(n)] and \
+            sum(sz for _, sz in slices) == y.shape[1]:  # the slices tile y: one add into it whole
+        y.index_add_(0, flat, torch.cat(deltas, dim=-1).view(k * P, -1).to(y.dtype))
+        return
+    for (off, size), delta in zip(slices, deltas, strict=True):  # index_add_ on a column slice
         y[:, off : off + size].index_add_(0, flat, delta.view(k * P, size).to(y.dtype))
 
 

@@ -86,6 +86,23 @@ def test_reference_slices(pattern: str, nonlinear: bool, layout: str, form: str)
     assert torch.equal(got[base], before[base])
 
 
+@pytest.mark.parametrize("form", ["grouped", "dense"])
+def test_reference_slices_that_do_not_tile_y(form: str) -> None:
+    """Slices with gaps and out of order in a wider y (the grouped form adds each slice on its
+    own then, instead of one add over the whole row): columns outside every slice untouched."""
+    u, _, weights, batch = case("with_base", "mixed", 3, torch.float32, None, seed=5)
+    if form == "dense":
+        batch = dataclasses.replace(batch, group_rows=None, group_mask=None)
+    offsets, sizes = [60, 4, 30], SLICE_SIZES  # [60, 104), [4, 24), [30, 50) of 110 columns
+    y = randn(T, 110, dtype=torch.float32, gen=torch.Generator().manual_seed(6))
+    ids = batch.slot_ids.tolist()
+    want = loop_expand(y, loop_shrink(u, weights, ids), weights, ids, offsets, sizes)
+    got = reference.add_delta(y.clone(), u, weights, batch, offsets, sizes)
+    torch.testing.assert_close(got.double().cpu(), want, **FP32)
+    for lo, hi in ((0, 4), (24, 30), (50, 60), (104, 110)):
+        assert torch.equal(got[:, lo:hi], y[:, lo:hi])
+
+
 def test_reference_series_output_reads_y_before_adding() -> None:
     """Output-side series: u is y itself; the delta comes from y as it was."""
     u, y, weights, batch = case("uniform", "mixed", 1, torch.float32, [[6] * 5], seed=3)
