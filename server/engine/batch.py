@@ -13,6 +13,7 @@ sequence), attend to that one slot, carry adapter slot -1, and have their logits
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -204,11 +205,12 @@ class BatchBuilder:
         if all(s < 0 for s in ids):
             return None
         self._fill(self.head_slot_ids, ids)
-        return AdapterBatch.assemble(
+        head = AdapterBatch.assemble(
             self.head_slot_ids[: len(ids)], adapters.onehot, adapters.base_rows, runs(ids, rows),
             self.rows[: len(ids)], adapters.decode_slots,
-            None if adapters.decode_slots is None else ids[:rows],
         )  # fmt: skip
+        # the same decode rows lead both: the step's groups, not built twice
+        return dataclasses.replace(head, group_rows=adapters.group_rows, group_mask=adapters.group_mask)
 
 
 def _logit_rows(seq: Sequence, start: int, n: int) -> list[int]:

@@ -195,7 +195,6 @@ def test_the_default_model_served_as_it_ships(default_gguf, default_model_dir, t
     computing the same prompt in bfloat16 end to end, whose gap to its fp32 run we measure here
     (0.29 nats at most, 0.06 on average, on this prompt); ours must stay within 1.5x of it. The
     greedy continuation is reported with the point where it leaves transformers'."""
-    from transformers import AutoModelForCausalLM
 
     from server.model.tokenizer import Tokenizer
 
@@ -221,23 +220,33 @@ def test_the_default_model_served_as_it_ships(default_gguf, default_model_dir, t
         return tokens, torch.tensor([e.logprob for e in logprobs[1:]])
 
     (tokens, ours), _ = serve(settings, go)
-    runs = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        hf = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=dtype).eval()
-        with torch.no_grad():
-            logits = hf(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
-            runs[dtype] = logits.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-            if dtype == torch.float32:
-                greedy = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
-    want = runs[torch.float32]
-    gap, yardstick = (ours - want).abs(), (runs[torch.bfloat16] - want).abs()
+    hf = within_transformers_bf16_gap(ours, default_model_dir, ids, "int4")
+    with torch.no_grad():
+        greedy = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
     same = next((i for i, (a, b) in enumerate(zip(tokens, greedy[0, len(ids) :].tolist(), strict=False)) if a != b),
                 len(tokens))  # fmt: skip
-    print(f"int4 gap to fp32 max {gap.max():.4f} mean {gap.mean():.4f}; transformers bf16 max "
-          f"{yardstick.max():.4f} mean {yardstick.mean():.4f}; greedy equal for {same} of "
-          f"{len(tokens)} tokens")  # fmt: skip
-    assert gap.max() <= 1.5 * yardstick.max() and gap.mean() <= 1.5 * yardstick.mean()
+    print(f"greedy equal to transformers' for {same} of {len(tokens)} tokens")
     assert same >= 4
+
+
+def within_transformers_bf16_gap(ours: torch.Tensor, model_dir: Path, ids: list[int], label: str):
+    """`ours` (teacher-forced log-probs of ids[1:]) against transformers fp32 on `model_dir`:
+    the gap, max and mean, at most 1.5x transformers' own bf16 run's gap to its fp32 run (the
+    dtype's yardstick). Returns the fp32 model."""
+    from transformers import AutoModelForCausalLM
+
+    runs, models = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        models[dtype] = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+        with torch.no_grad():
+            logits = models[dtype](input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+        runs[dtype] = logits.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    want = runs[torch.float32]
+    gap, yardstick = (ours - want).abs(), (runs[torch.bfloat16] - want).abs()
+    print(f"{label} gap to fp32 max {gap.max():.4f} mean {gap.mean():.4f}; transformers bf16 max "
+          f"{yardstick.max():.4f} mean {yardstick.mean():.4f}")  # fmt: skip
+    assert gap.max() <= 1.5 * yardstick.max() and gap.mean() <= 1.5 * yardstick.mean()
+    return models[torch.float32]
 
 
 @pytest.mark.parametrize(
@@ -462,7 +471,6 @@ def test_a_q8_0_gguf_is_served_as_it_ships(default_gguf, tmp_path):
     stay within the bf16 yardstick of transformers reading the same file (fp32 vs bf16, as for
     the int4 default model)."""
     from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM
 
     from server.model.gguf_quant import int8_blocks
     from server.model.quant import Int8GroupLinear
@@ -489,17 +497,7 @@ def test_a_q8_0_gguf_is_served_as_it_ships(default_gguf, tmp_path):
                 return torch.tensor([e.logprob for e in out.prompt_logprobs[1:]])
 
     ours, _ = serve(settings, go)
-    model_dir = resolve_model_dir(str(path), tmp_path / "c")
-    runs = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
-        with torch.no_grad():
-            logits = hf(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
-        runs[dtype] = logits.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    gap, yardstick = (ours - runs[torch.float32]).abs(), (runs[torch.bfloat16] - runs[torch.float32]).abs()
-    print(f"Q8_0 gap max {gap.max():.4f} mean {gap.mean():.4f}; transformers bf16 max "
-          f"{yardstick.max():.4f} mean {yardstick.mean():.4f}")  # fmt: skip
-    assert gap.max() <= 1.5 * yardstick.max() and gap.mean() <= 1.5 * yardstick.mean()
+    within_transformers_bf16_gap(ours, resolve_model_dir(str(path), tmp_path / "c"), ids, "Q8_0")
 
 
 def test_group_scaled_int8_codes_survive_the_cache(tmp_path):
