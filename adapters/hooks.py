@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.pool import SITES, AdapterPool, DeltaStack, DeltaStacks, VectorStack
-from kernels import AdapterBatch, Ops, ops_for
+from adapterserve.adapters.pool import SITES, AdapterPool, DeltaStack, DeltaStacks, VectorStack
+from adapterserve.kernels import AdapterBatch, Ops, ops_for
 
 
 @dataclass(frozen=True, eq=False)

@@ -42,8 +42,8 @@ from collections.abc import Callable
 
 import torch
 
-from adapters.kinds import kind_for
-from adapters.spec import (
+from adapterserve.adapters.kinds import kind_for
+from adapterserve.adapters.spec import (
     MODEL_TARGETS,
     TARGETS,
     AdapterKind,
@@ -51,7 +51,7 @@ from adapters.spec import (
     BaseFingerprint,
     adapter_io,
 )
-from kernels import Activation, DeltaWeights
+from adapterserve.kernels import Activation, DeltaWeights
 
 SITES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # the model's projections
 SITE_OF = {target: site for site in SITES for target in site}

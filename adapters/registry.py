@@ -40,7 +40,7 @@ from typing import Protocol
 
 import torch
 
-from adapters.errors import (
+from adapterserve.adapters.errors import (
     AdapterError,
     AdapterExistsError,
     AdapterFormatError,
@@ -52,11 +52,11 @@ from adapters.errors import (
     PathNotAllowedError,
     UnknownAdapterError,
 )
-from adapters.formats import load_adapter
-from adapters.kinds import kind_for
-from adapters.pool import AdapterPool
-from adapters.spec import MODEL_TARGETS, AdapterKind, AdapterSpec
-from adapters.store import AdapterStore, validate_name
+from adapterserve.adapters.formats import load_adapter
+from adapterserve.adapters.kinds import kind_for
+from adapterserve.adapters.pool import AdapterPool
+from adapterserve.adapters.spec import MODEL_TARGETS, AdapterKind, AdapterSpec
+from adapterserve.adapters.store import AdapterStore, validate_name
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Literal
 
 import torch
 
-from adapters.errors import AdapterFormatError
-from kernels import Activation
+from adapterserve.adapters.errors import AdapterFormatError
+from adapterserve.kernels import Activation
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # LoRA's model-level targets, outside the layers (peft's module names): the token embeddings

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from adapters.errors import (
+from adapterserve.adapters.errors import (
     AdapterExistsError,
     AdapterLimitError,
     InvalidNameError,
@@ -52,7 +52,12 @@ from adapters.errors import (
     UnknownAdapterError,
     UploadTooLargeError,
 )
-from adapters.formats import ALLOWED_FILES, pickle_only, pickle_only_message, shown_names
+from adapterserve.adapters.formats import (
+    ALLOWED_FILES,
+    pickle_only,
+    pickle_only_message,
+    shown_names,
+)
 
 __all__ = ["StoredAdapter", "AdapterStore", "NAME_RE", "validate_name"]
 

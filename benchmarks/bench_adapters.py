@@ -32,14 +32,14 @@ import safetensors.torch
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # siblings; never the root (its kernels/ shadows HF's)
 
-from server.config import Settings  # noqa: E402
-from server.engine.bootstrap import start_engine  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
-from server.model.weights import read_config, resolve_model_dir  # noqa: E402
+from adapterserve.server.config import Settings  # noqa: E402
+from adapterserve.server.engine.bootstrap import start_engine  # noqa: E402
+from adapterserve.server.engine.engine import Engine  # noqa: E402
+from adapterserve.server.engine.sampling import SamplingParams  # noqa: E402
+from adapterserve.server.metrics import Metrics  # noqa: E402
+from adapterserve.server.model.weights import read_config, resolve_model_dir  # noqa: E402
 
 ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
         "o": "self_attn.o_proj"}

@@ -25,11 +25,11 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # siblings; never the root (its kernels/ shadows HF's)
 
-from server.cluster import launch  # noqa: E402
-from server.cluster.reports import read_reports  # noqa: E402
-from server.config import Settings  # noqa: E402
+from adapterserve.server.cluster import launch  # noqa: E402
+from adapterserve.server.cluster.reports import read_reports  # noqa: E402
+from adapterserve.server.config import Settings  # noqa: E402
 
 CONFIGS = (("1 replica", 1, True), ("2 replicas", 2, True), ("2 replicas, affinity off", 2, False))
 
@@ -89,7 +89,7 @@ def wait_ready(url: str, settings: Settings, replicas: int, exclude: set[str]) -
 
 def loadtest(args: argparse.Namespace, url: str, name: str, out_dir: Path, setup: bool) -> dict:
     command = [
-        sys.executable, "-m", "loadtest", "run", "--workload", "A", "--url", url,
+        sys.executable, "-P", "-m", "adapterserve.loadtest", "run", "--workload", "A", "--url", url,
         "--num-adapters", str(args.num_adapters), "--num-requests", str(args.num_requests),
         "--rate", str(args.rate), "--seed", "0", "--input-len", args.input_len,
         "--output-len", args.output_len, "--out-dir", str(out_dir), "--name", name,

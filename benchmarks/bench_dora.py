@@ -18,13 +18,14 @@ import numpy as np
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # siblings; never the root (its kernels/ shadows HF's)
 
-from benchmarks.bench_engine import isolated, make_prompts  # noqa: E402
-from benchmarks.bench_quant import run, stream_args  # noqa: E402
-from loadtest.synthetic import BaseDims, make_adapter, write_adapter  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.model.weights import resolve_model_dir  # noqa: E402
+from bench_engine import isolated, make_prompts  # noqa: E402
+from bench_quant import run, stream_args  # noqa: E402
+
+from adapterserve.loadtest.synthetic import BaseDims, make_adapter, write_adapter  # noqa: E402
+from adapterserve.server.config import Settings  # noqa: E402
+from adapterserve.server.model.weights import resolve_model_dir  # noqa: E402
 
 
 def write_adapters(folder: Path, model_dir: Path, count: int, rank: int) -> dict[str, list[str]]:

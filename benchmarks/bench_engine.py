@@ -26,13 +26,13 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # siblings; never the root (its kernels/ shadows HF's)
 
-from server.config import Settings  # noqa: E402
-from server.engine.bootstrap import start_engine  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
-from server.model.weights import resolve_model_dir  # noqa: E402
+from adapterserve.server.config import Settings  # noqa: E402
+from adapterserve.server.engine.bootstrap import start_engine  # noqa: E402
+from adapterserve.server.engine.sampling import SamplingParams  # noqa: E402
+from adapterserve.server.metrics import Metrics  # noqa: E402
+from adapterserve.server.model.weights import resolve_model_dir  # noqa: E402
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -107,7 +107,7 @@ def free_port() -> int:
 def start_server(model: str | None, port: int, max_num_seqs: int, extra: tuple[str, ...] = (),
                  env: dict[str, str] | None = None) -> subprocess.Popen:  # fmt: skip
     """`adapterserve serve` with `extra` flags and `env` added, once it is ready."""
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-num-seqs", str(max_num_seqs), *extra]
+    cmd = [sys.executable, "-P", "-m", "adapterserve.server.cli", "serve", "--port", str(port), "--max-num-seqs", str(max_num_seqs), *extra]
     if model:
         cmd += ["--model", model]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "ADAPTERSERVE_LOG_LEVEL": "warning", **(env or {})})

@@ -38,14 +38,15 @@ import torch
 import triton.testing
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # siblings; never the root (its kernels/ shadows HF's)
 
-from benchmarks.random_adapters import fingerprint_of, random_spec  # noqa: E402
-from kernels import AdapterBatch, DeltaWeights, attention, ia3, reference  # noqa: E402
-from kernels.reference import Activation  # noqa: E402
+from random_adapters import fingerprint_of, random_spec  # noqa: E402
+
+from adapterserve.kernels import AdapterBatch, DeltaWeights, attention, ia3, reference  # noqa: E402
+from adapterserve.kernels.reference import Activation  # noqa: E402
 
 # `kernels.bottleneck` the attribute is the dispatching op; the Triton module itself:
-bottleneck = importlib.import_module("kernels.bottleneck")
+bottleneck = importlib.import_module("adapterserve.kernels.bottleneck")
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 CHECK_SEQS = 8  # correctness is checked on the first sequences only: rows are independent
@@ -537,7 +538,7 @@ E2E_MIXED_KINDS = ("lora", "series", "parallel", "prefix", "prompt", "ia3")
 
 
 def llama2_7b_args():
-    from server.model.llama import ModelArgs
+    from adapterserve.server.model.llama import ModelArgs
 
     return ModelArgs(
         vocab_size=32000, dim=4096, intermediate_size=11008, n_layers=32, n_heads=32,
@@ -547,7 +548,7 @@ def llama2_7b_args():
 
 def build_random_model(model_args, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
     """Our Transformer on the meta device, materialized on `device`, random weights, fused."""
-    from server.model.llama import Transformer, rope_inv_freq
+    from adapterserve.server.model.llama import Transformer, rope_inv_freq
 
     with torch.device("meta"):
         model = Transformer(model_args)
@@ -574,7 +575,7 @@ def e2e_kinds(run: str) -> tuple[str, ...] | None:
 
 def build_pool(model_args, kinds: tuple[str, ...], num_adapters: int, dtype, device):
     """AdapterPool with `num_adapters` random adapters, kind kinds[i % len(kinds)] in slot i."""
-    from adapters.pool import AdapterPool
+    from adapterserve.adapters.pool import AdapterPool
 
     fp = fingerprint_of(model_args)
     pool = AdapterPool(fp, num_adapters, E2E_RANK, device, dtype)
@@ -589,8 +590,8 @@ def step_forward(model, cache, concurrency: int, max_len: int, pool=None, compil
     """plan -> logits as Engine._forward does: a BatchBuilder over the cache, and with
     `compiled` the compiled decode step for decode-only plans (on CUDA: padded buckets captured
     as CUDA graphs, captured on each bucket's first use)."""
-    from server.engine.batch import BatchBuilder
-    from server.model.compiled import CompiledDecode, buckets_for
+    from adapterserve.server.engine.batch import BatchBuilder
+    from adapterserve.server.model.compiled import CompiledDecode, buckets_for
 
     device = next(model.parameters()).device
     buckets = buckets_for(device, concurrency) if compiled else None
@@ -620,11 +621,11 @@ def run_decode(
 
     Drives Scheduler + (by default, eager) step_forward as Engine.step does (no HTTP, no
     detokenizer)."""
-    from adapters.kinds import kind_for
-    from adapters.spec import AdapterKind
-    from server.engine.kv_cache import BlockAllocator
-    from server.engine.sampling import SamplingParams
-    from server.engine.scheduler import Scheduler, Sequence
+    from adapterserve.adapters.kinds import kind_for
+    from adapterserve.adapters.spec import AdapterKind
+    from adapterserve.server.engine.kv_cache import BlockAllocator
+    from adapterserve.server.engine.sampling import SamplingParams
+    from adapterserve.server.engine.scheduler import Scheduler, Sequence
 
     def admit_prefix(seq: Sequence) -> None:  # as Engine._place_prefix does
         slots = seq.cache_slots(range(seq.num_virtual), block_size)
@@ -703,7 +704,13 @@ def check_quant_layers(device: str) -> None:
     bf16's (activations and scales rounded to bf16, 2**-9 each, plus the output's rounding)
     with room for accumulation order; a wrong packing or layout misses it by orders of
     magnitude. Raises on a miss, so no number is reported for a broken kernel."""
-    from server.model.quant import Int4Codes, Int4Linear, Int8Codes, Int8GroupLinear, Int8Linear
+    from adapterserve.server.model.quant import (
+        Int4Codes,
+        Int4Linear,
+        Int8Codes,
+        Int8GroupLinear,
+        Int8Linear,
+    )
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(256, 512, generator=g)
@@ -729,8 +736,8 @@ def check_quant_layers(device: str) -> None:
 
 def _bench_e2e(args: argparse.Namespace, device: str, quantization: str,
                earlier: list[dict]) -> list[dict]:  # fmt: skip
-    from adapters.hooks import PoolHooks
-    from server.model.llama import KVCache
+    from adapterserve.adapters.hooks import PoolHooks
+    from adapterserve.server.model.llama import KVCache
 
     concurrency, prompt_len = args.e2e_concurrency, args.e2e_prompt_len
     output_len, block_size = args.e2e_output_len, 16

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # siblings; never the root (its kernels/ shadows HF's)
 
-from server.config import Settings  # noqa: E402
-from server.engine.bootstrap import build_engine  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
-from server.engine.scheduler import Sequence  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
+from adapterserve.server.config import Settings  # noqa: E402
+from adapterserve.server.engine.bootstrap import build_engine  # noqa: E402
+from adapterserve.server.engine.sampling import SamplingParams  # noqa: E402
+from adapterserve.server.engine.scheduler import Sequence  # noqa: E402
+from adapterserve.server.metrics import Metrics  # noqa: E402
 
 
 def median_decode_step_ms(engine, batch: int, steps: int) -> float:

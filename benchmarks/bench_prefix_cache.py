@@ -29,10 +29,11 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # siblings; never the root (its kernels/ shadows HF's)
 
-from benchmarks.bench_engine import free_port, start_server  # noqa: E402
-from loadtest.synthetic import BaseDims, adapter_files, make_adapter, upload_adapter  # noqa: E402
+from bench_engine import free_port, start_server  # noqa: E402
+
+from adapterserve.loadtest.synthetic import BaseDims, adapter_files, make_adapter, upload_adapter  # noqa: E402
 
 SYSTEM = ("You are a careful assistant for a team that fine-tunes many task adapters. Answer "
           "briefly, say when you are unsure, and never invent numbers. ") * 3  # fmt: skip

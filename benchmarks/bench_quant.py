@@ -22,20 +22,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # siblings; never the root (its kernels/ shadows HF's)
 
-from benchmarks.bench_engine import bench_transformers, isolated, make_prompts  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.engine.bootstrap import start_engine  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
-from server.model.weights import resolve_model_dir  # noqa: E402
+from bench_engine import bench_transformers, isolated, make_prompts  # noqa: E402
+
+from adapterserve.server.config import Settings  # noqa: E402
+from adapterserve.server.engine.bootstrap import start_engine  # noqa: E402
+from adapterserve.server.engine.sampling import SamplingParams  # noqa: E402
+from adapterserve.server.metrics import Metrics  # noqa: E402
+from adapterserve.server.model.weights import resolve_model_dir  # noqa: E402
 
 MODES = ("none", "int8", "int4")
 
 
 def write_loras(folder: Path, model_dir: Path, count: int, rank: int) -> list[str]:
-    from loadtest.synthetic import BaseDims, make_adapter, write_adapter
+    from adapterserve.loadtest.synthetic import BaseDims, make_adapter, write_adapter
 
     dims = BaseDims.from_config(json.loads((model_dir / "config.json").read_text()))
     flags = []

@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # siblings; never the root (its kernels/ shadows HF's)
 
-from benchmarks.bench_grammar_engines import SCHEMA  # noqa: E402  (one schema for both)
-from server.config import Settings  # noqa: E402
-from server.engine import constraint as constraint_module  # noqa: E402
-from server.engine.bootstrap import start_engine  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
+from bench_grammar_engines import SCHEMA  # noqa: E402  (one schema for both)
+
+from adapterserve.server.config import Settings  # noqa: E402
+from adapterserve.server.engine import constraint as constraint_module  # noqa: E402
+from adapterserve.server.engine.bootstrap import start_engine  # noqa: E402
+from adapterserve.server.engine.sampling import SamplingParams  # noqa: E402
+from adapterserve.server.metrics import Metrics  # noqa: E402
 
 
 class MaskTimer:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import Activation
+from adapterserve.kernels.reference import Activation
 
 
 def fingerprint_of(model_args):
-    from adapters.spec import BaseFingerprint
+    from adapterserve.adapters.spec import BaseFingerprint
 
     a = model_args
     return BaseFingerprint(hidden_size=a.dim, num_layers=a.n_layers, num_heads=a.n_heads,
@@ -28,7 +28,7 @@ def random_spec(
     (output) and down (input);
     prefix K/V and prompt embeddings of `num_virtual` tokens. Weights are small (std 0.02) so
     deltas are comparable to the random base's activations."""
-    from adapters.spec import (
+    from adapterserve.adapters.spec import (
         TARGETS,
         AdapterKind,
         AdapterSpec,

@@ -35,7 +35,7 @@ common=(--models "$MODELS" --device "$DEVICE" --max-num-seqs "$MAX_NUM_SEQS"
 started=$(date +%s)
 for protocol in generate loglikelihood; do
   echo "== protocol $protocol" >&2
-  "$PYTHON" -m server.cli eval --datasets all --protocol "$protocol" "${common[@]}" \
+  "$PYTHON" -P -m adapterserve eval --datasets all --protocol "$protocol" "${common[@]}" \
     --out "$OUT/$protocol"
 done
 elapsed=$(( $(date +%s) - started ))

@@ -45,8 +45,8 @@ HF_MODEL_DIR=${HF_MODEL_DIR:-${MODEL:-}}
 if [[ -z "${HF_MODEL_DIR:-}" ]]; then
   # the embedded GGUF as a complete HF checkpoint (converted once under the cache dir; the
   # server's own conversion of a quantized start leaves the projections in the GGUF)
-  HF_MODEL_DIR=$(.venv/bin/python -c 'from server.config import Settings
-from server.model.weights import resolve_model_dir
+  HF_MODEL_DIR=$(.venv/bin/python -P -c 'from adapterserve.server.config import Settings
+from adapterserve.server.model.weights import resolve_model_dir
 print(resolve_model_dir(None, Settings().cache_dir, complete=True))') || {
     echo "the default model could not be converted; set HF_MODEL_DIR to an HF model directory" >&2
     exit 2
@@ -75,12 +75,12 @@ BASE_NAME=SmolLM2-135M-Instruct  # the baseline reports the same base id as adap
 if [[ -n "${MODEL:-}" ]]; then BASE_NAME=$(basename "$MODEL"); fi
 OURS=http://127.0.0.1:$OURS_PORT
 PEFT=http://127.0.0.1:$PEFT_PORT
-"$PYTHON" -m server.cli serve ${MODEL:+--model "$MODEL"} --port "$OURS_PORT" --device "$DEVICE" \
+"$PYTHON" -P -m adapterserve serve ${MODEL:+--model "$MODEL"} --port "$OURS_PORT" --device "$DEVICE" \
   --adapter-slots "$SLOTS" \
   --adapter-store-dir "$STORE/ours" --log-level warning >"$OUT/ours-server.log" 2>&1 &
 PIDS+=($!)
 wait_healthy "$OURS" "${PIDS[-1]}" "$OUT/ours-server.log"
-"$PYTHON" -m loadtest.baselines.peft_server --model "$HF_MODEL_DIR" --port "$PEFT_PORT" \
+"$PYTHON" -P -m adapterserve.loadtest.baselines.peft_server --model "$HF_MODEL_DIR" --port "$PEFT_PORT" \
   --device "$DEVICE" --served-model-name "$BASE_NAME" --storage-dir "$STORE/peft" \
   --log-level warning >"$OUT/peft-server.log" 2>&1 &
 PIDS+=($!)
@@ -89,7 +89,7 @@ wait_healthy "$PEFT" "${PIDS[-1]}" "$OUT/peft-server.log"
 COMPARE="ours=$OURS,base=$OURS#base-only,peft=$PEFT"
 COMMON=(--compare "$COMPARE" --setup --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN"
         --seed 0 --out-dir "$OUT")
-run() { echo "+ loadtest $*" >&2; "$PYTHON" -m loadtest run "$@" | tee -a "$OUT/tables.txt"; }
+run() { echo "+ loadtest $*" >&2; "$PYTHON" -P -m adapterserve.loadtest run "$@" | tee -a "$OUT/tables.txt"; }
 
 : >"$OUT/tables.txt"
 # A: Gamma arrivals at RATE (CV), power-law popularity, LoRA ranks 64/32/16/8 round-robin.

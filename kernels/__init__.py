@@ -3,7 +3,7 @@
 ADAPTERSERVE_KERNELS=triton|reference forces a path; unset, CUDA tensors go through Triton
 (when it is installed) and CPU tensors through the PyTorch reference. Triton on CPU tensors
 needs TRITON_INTERPRET=1 (set before triton is first imported). triton is imported lazily, so
-`import kernels` works without it.
+`import adapterserve.kernels` works without it.
 
 `ops_for(device)` resolves the choice once (an engine does this when it is built) into an
 `Ops` table whose functions torch.compile traces without a graph break: the reference adapter
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import reference
-from kernels.batch import AdapterBatch, DeltaWeights, Segment, runs
-from kernels.reference import Activation, gather_kv
+from adapterserve.kernels import reference
+from adapterserve.kernels.batch import AdapterBatch, DeltaWeights, Segment, runs
+from adapterserve.kernels.reference import Activation, gather_kv
 
 __all__ = [
     "Activation",
@@ -76,7 +76,7 @@ def _triton_for(device_type: str) -> bool:
 
 
 def _triton(module: str, name: str) -> Callable:
-    return getattr(importlib.import_module(f"kernels.{module}"), name)
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
 # ---------------------------------------------------------------- custom ops

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.batch import AdapterBatch, DeltaWeights
-from kernels.lora import lora_expand, lora_shrink
+from adapterserve.kernels.batch import AdapterBatch, DeltaWeights
+from adapterserve.kernels.lora import lora_expand, lora_shrink
 
 
 def add_delta(

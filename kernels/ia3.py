@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.batch import AdapterBatch
+from adapterserve.kernels.batch import AdapterBatch
 
 
 @triton.jit

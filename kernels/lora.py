@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.batch import AdapterBatch, DeltaWeights
+from adapterserve.kernels.batch import AdapterBatch, DeltaWeights
 
 BLOCK_R = 16
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels.batch import AdapterBatch, DeltaWeights
+from adapterserve.kernels.batch import AdapterBatch, DeltaWeights
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:

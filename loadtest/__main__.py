@@ -1,6 +1,6 @@
-"""`python -m loadtest ...` is the `adapterserve-loadtest` console script."""
+"""`python -m adapterserve.loadtest ...` is the `adapterserve-loadtest` console script."""
 
-from loadtest.cli import main
+from adapterserve.loadtest.cli import main
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
-"""`adapterserve-loadtest` / `python -m loadtest`: workloads A/B/C against one or more servers.
+"""`adapterserve-loadtest` (or `python -m adapterserve.loadtest`): workloads A/B/C against one or more servers.
 
-python -m loadtest run --workload A --rate 2 --duration 60 --num-adapters 8,32 --setup
-python -m loadtest run --workload B --mix distinct,identical --num-requests 64 --concurrency 8
-python -m loadtest setup --num-adapters 32 --kinds lora,ia3
+adapterserve-loadtest run --workload A --rate 2 --duration 60 --num-adapters 8,32 --setup
+adapterserve-loadtest run --workload B --mix distinct,identical --num-requests 64 --concurrency 8
+adapterserve-loadtest setup --num-adapters 32 --kinds lora,ia3
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from loadtest import report, synthetic
-from loadtest.client import RequestResult, Target, run_closed_loop, run_open_loop
-from loadtest.discovery import scrape_metrics, served_models
-from loadtest.prometheus import MetricNames, adapter_metrics, parse_prometheus
-from loadtest.workloads import (
+from adapterserve.loadtest import report, synthetic
+from adapterserve.loadtest.client import RequestResult, Target, run_closed_loop, run_open_loop
+from adapterserve.loadtest.discovery import scrape_metrics, served_models
+from adapterserve.loadtest.prometheus import MetricNames, adapter_metrics, parse_prometheus
+from adapterserve.loadtest.workloads import (
     MIXES,
     TraceConfig,
     build_trace,
@@ -496,7 +496,7 @@ async def run_all(args: argparse.Namespace) -> dict:
 def write_plots(
     args: argparse.Namespace, document: dict, plot_inputs: dict[str, list]
 ) -> list[str]:
-    from loadtest import plots  # matplotlib is slow to import: only when plotting
+    from adapterserve.loadtest import plots  # matplotlib is slow to import: only when plotting
 
     paths = []
     for key, pairs in plot_inputs.items():

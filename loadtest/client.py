@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from loadtest.workloads import TraceRequest
+from adapterserve.loadtest.workloads import TraceRequest
 
 REJECTED_STATUSES = (429, 503)
 WORDS = ("the", "of", "and", "a", "to", "in", "is", "it", "that", "for")

@@ -11,7 +11,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from loadtest.client import RequestResult
+from adapterserve.loadtest.client import RequestResult
 
 LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 # metric path -> higher is better? (for ratio wording)

@@ -14,7 +14,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from server.config import Settings
+from adapterserve.server.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{description}; repeatable (env ADAPTERSERVE_{field.upper()}, a JSON list)",
         )
-    from server.evaluation.command import add_eval_arguments
+    from adapterserve.server.evaluation.command import add_eval_arguments
 
     evaluate = commands.add_parser(
         "eval", help="run the LLM-Adapters reasoning evaluation (in-process or against --url)"
@@ -159,10 +159,10 @@ class _Server(uvicorn.Server):
 
 def serve(settings: Settings) -> int:
     """Run until a signal or a fatal engine fault; returns the process exit status."""
-    from server.engine.bootstrap import EngineConfigError, plan_engine
-    from server.main import create_app
-    from server.model.weights import ModelLoadError
-    from server.transport import guarded_protocol
+    from adapterserve.server.engine.bootstrap import EngineConfigError, plan_engine
+    from adapterserve.server.main import create_app
+    from adapterserve.server.model.weights import ModelLoadError
+    from adapterserve.server.transport import guarded_protocol
 
     failure: list[BaseException] = []
     server: _Server | None = None
@@ -199,7 +199,7 @@ def serve(settings: Settings) -> int:
 def _serve_cluster(settings: Settings) -> int:
     """Ray Serve: --replicas N engine replicas behind one ingress (server/cluster)."""
     try:
-        from server.cluster.launch import serve_cluster
+        from adapterserve.server.cluster.launch import serve_cluster
     except ImportError as e:
         log.error("cannot start: --replicas / --ray-address need the ray extra "
                   "(pip install 'adapterserve[ray]'): %s", e)  # fmt: skip
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`adapterserve eval`: see server/evaluation/command.py."""
-    from server.evaluation.command import run_eval, settings_for_eval
+    from adapterserve.server.evaluation.command import run_eval, settings_for_eval
 
     try:
         settings = settings_for_eval(args, SERVE_FLAGS)

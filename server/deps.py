@@ -6,15 +6,15 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from adapters.errors import UnknownAdapterError
-from server.config import Settings
-from server.errors import APIError, model_not_found
-from server.guards import bearer_token, check_key, key_fingerprint, key_matches
-from server.metrics import Metrics
+from adapterserve.adapters.errors import UnknownAdapterError
+from adapterserve.server.config import Settings
+from adapterserve.server.errors import APIError, model_not_found
+from adapterserve.server.guards import bearer_token, check_key, key_fingerprint, key_matches
+from adapterserve.server.metrics import Metrics
 
 if TYPE_CHECKING:
-    from adapters.registry import AdapterRegistry, Entry
-    from server.engine.engine import Engine
+    from adapterserve.adapters.registry import AdapterRegistry, Entry
+    from adapterserve.server.engine.engine import Engine
 
 def get_engine(request: Request) -> Engine:
     return request.app.state.engine

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from adapters.errors import (
+from adapterserve.adapters.errors import (
     AdapterError,
     AdapterExistsError,
     AdapterFormatError,
@@ -34,7 +34,7 @@ from adapters.errors import (
     UnknownAdapterError,
     UploadTooLargeError,
 )
-from server.engine.errors import (
+from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineError,
     EngineFailure,
@@ -44,7 +44,7 @@ from server.engine.errors import (
     ReplicaLostError,
     RequestAbortedError,
 )
-from server.schemas import UNKNOWN_FIELD
+from adapterserve.server.schemas import UNKNOWN_FIELD
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.config import Settings
-from server.console import is_console_path
-from server.errors import APIError, count_rejection, error_response, invalid_request
-from server.jsontext import loads
+from adapterserve.server.config import Settings
+from adapterserve.server.console import is_console_path
+from adapterserve.server.errors import APIError, count_rejection, error_response, invalid_request
+from adapterserve.server.jsontext import loads
 
 UPLOAD_ROUTES = frozenset({"/v1/adapters"})  # multipart/form-data bodies
 # Multipart framing (boundaries, part headers, the `name` field) on top of the file bytes,
@@ -195,7 +195,7 @@ def timed_receive(receive: Receive, timeout_s: float) -> Receive:
             return await receive()
         try:
             message = await asyncio.wait_for(receive(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise APIError(
                 408, f"The request body stalled for {timeout_s:g} s; send it without pauses.",
                 code="body_timeout", headers={"Connection": "close"},

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.errors import invalid_request
+from adapterserve.server.errors import invalid_request
 
 MAX_JSON_DEPTH = 64
 

@@ -15,16 +15,16 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from server import console
-from server.config import Settings
-from server.engine.bootstrap import EnginePlan, running_engine
-from server.errors import install_error_handlers
-from server.evaluation.runner import build_runner
-from server.guards import RequestGuard, body_routes
-from server.metrics import Metrics
-from server.routers import adapters, chat, completions, health, models, tokenize
-from server.routers import evaluations as evaluations_router
-from server.routers.openapi import openapi_document
+from adapterserve.server import console
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.bootstrap import EnginePlan, running_engine
+from adapterserve.server.errors import install_error_handlers
+from adapterserve.server.evaluation.runner import build_runner
+from adapterserve.server.guards import RequestGuard, body_routes
+from adapterserve.server.metrics import Metrics
+from adapterserve.server.routers import adapters, chat, completions, health, models, tokenize
+from adapterserve.server.routers import evaluations as evaluations_router
+from adapterserve.server.routers.openapi import openapi_document
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from starlette.types import Receive, Scope, Send
 
-from server.config import Settings
-from server.engine.constraint import GrammarError
-from server.engine.engine import Engine, RequestStream
-from server.engine.errors import EngineDeadError, EngineError, EngineFailure
-from server.engine.output import RequestOutput
-from server.engine.sampling import SamplingParams, TokenLogprob
-from server.errors import (
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.constraint import GrammarError
+from adapterserve.server.engine.engine import Engine, RequestStream
+from adapterserve.server.engine.errors import EngineDeadError, EngineError, EngineFailure
+from adapterserve.server.engine.output import RequestOutput
+from adapterserve.server.engine.sampling import SamplingParams, TokenLogprob
+from adapterserve.server.errors import (
     APIError,
     engine_error,
     error_body,
@@ -40,7 +40,7 @@ from server.errors import (
     invalid_request,
     truncate,
 )
-from server.schemas import ChatMessage, SamplingFields
+from adapterserve.server.schemas import ChatMessage, SamplingFields
 
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name, rendered as templates know it
 

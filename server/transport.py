@@ -20,8 +20,8 @@ import json
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from server.config import Settings
-from server.errors import error_body
+from adapterserve.server.config import Settings
+from adapterserve.server.errors import error_body
 
 
 def raw_response(status: int, reason: str, message: str, retry_after: int | None = None) -> bytes:

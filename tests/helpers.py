@@ -72,12 +72,12 @@ class Stepper:
         self, args, num_blocks: int, block_size: int, max_num_seqs: int, budget: int,
         num_adapter_slots: int = 1, max_model_len: int = 512,
     ) -> None:  # fmt: skip
-        from adapters.kinds import kind_for
-        from adapters.spec import AdapterKind
-        from server.engine.batch import BatchBuilder
-        from server.engine.kv_cache import BlockAllocator
-        from server.engine.scheduler import Scheduler
-        from server.model.llama import KVCache
+        from adapterserve.adapters.kinds import kind_for
+        from adapterserve.adapters.spec import AdapterKind
+        from adapterserve.server.engine.batch import BatchBuilder
+        from adapterserve.server.engine.kv_cache import BlockAllocator
+        from adapterserve.server.engine.scheduler import Scheduler
+        from adapterserve.server.model.llama import KVCache
 
         self.cache = KVCache(args, num_blocks, block_size, torch.float32, "cpu")
         prefix = kind_for(AdapterKind.PREFIX)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from adapters.formats.bounded_json import parse_json
-from adapters.formats.patterns import check_config_patterns
-from adapters.spec import TARGETS, AdapterFormatError, AdapterSpec, BaseFingerprint
+from adapterserve.adapters.formats.bounded_json import parse_json
+from adapterserve.adapters.formats.patterns import check_config_patterns
+from adapterserve.adapters.spec import TARGETS, AdapterFormatError, AdapterSpec, BaseFingerprint
 
 __all__ = [
     "ALLOWED_FILES",
@@ -67,7 +67,7 @@ def load_adapter(
 ) -> AdapterSpec:  # fmt: skip
     """Parse and validate the adapter in `directory`; AdapterFormatError names what to fix."""
     # adapters.kinds imports this package's modules (patterns, modules): imported when used.
-    from adapters.kinds import AdapterFiles, kind_for_config
+    from adapterserve.adapters.kinds import AdapterFiles, kind_for_config
 
     directory = Path(directory)
     ignored = check_files(directory)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 
-from adapters.spec import AdapterFormatError
+from adapterserve.adapters.spec import AdapterFormatError
 
 __all__ = ["MAX_JSON_DEPTH", "json_depth", "parse_json"]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.formats import WEIGHTS_FILE
-from adapters.spec import AdapterFormatError, BaseFingerprint, parse_module_key
+from adapterserve.adapters.formats import WEIGHTS_FILE
+from adapterserve.adapters.spec import AdapterFormatError, BaseFingerprint, parse_module_key
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from adapters.spec import AdapterFormatError
+from adapterserve.adapters.spec import AdapterFormatError
 
 __all__ = ["compile_pattern", "pattern_table", "first_match", "check_config_patterns"]
 

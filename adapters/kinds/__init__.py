@@ -13,14 +13,14 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from adapters.kinds.base import AdapterFiles, Binding, Kind, KVCacheWriter
-from adapters.kinds.ia3 import IA3
-from adapters.kinds.lora import Lora
-from adapters.kinds.parallel import ParallelBottleneck
-from adapters.kinds.prefix import PrefixTuning
-from adapters.kinds.prompt import PromptTuning
-from adapters.kinds.series import SeriesBottleneck
-from adapters.spec import AdapterFormatError, AdapterKind
+from adapterserve.adapters.kinds.base import AdapterFiles, Binding, Kind, KVCacheWriter
+from adapterserve.adapters.kinds.ia3 import IA3
+from adapterserve.adapters.kinds.lora import Lora
+from adapterserve.adapters.kinds.parallel import ParallelBottleneck
+from adapterserve.adapters.kinds.prefix import PrefixTuning
+from adapterserve.adapters.kinds.prompt import PromptTuning
+from adapterserve.adapters.kinds.series import SeriesBottleneck
+from adapterserve.adapters.spec import AdapterFormatError, AdapterKind
 
 __all__ = ["KINDS", "AdapterFiles", "Binding", "Kind", "KVCacheWriter", "kind_for",
            "kind_for_config"]  # fmt: skip

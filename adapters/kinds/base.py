@@ -21,10 +21,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-from adapters.spec import TARGETS, AdapterKind, AdapterSpec, BaseFingerprint, refuse_options
+from adapterserve.adapters.spec import (
+    TARGETS,
+    AdapterKind,
+    AdapterSpec,
+    BaseFingerprint,
+    refuse_options,
+)
 
 if TYPE_CHECKING:
-    from adapters.pool import AdapterPool
+    from adapterserve.adapters.pool import AdapterPool
 
 __all__ = ["AdapterFiles", "Binding", "KVCacheWriter", "Kind", "NOT_SERVED"]
 

@@ -25,9 +25,9 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from adapters.formats.modules import ModuleLayout, group_modules
-from adapters.kinds.base import AdapterFiles, Kind
-from adapters.spec import (
+from adapterserve.adapters.formats.modules import ModuleLayout, group_modules
+from adapterserve.adapters.kinds.base import AdapterFiles, Kind
+from adapterserve.adapters.spec import (
     AdapterFormatError,
     AdapterSpec,
     BottleneckWeights,
@@ -38,10 +38,10 @@ from adapters.spec import (
     check_tensor,
     refuse_bias,
 )
-from kernels import Activation
+from adapterserve.kernels import Activation
 
 if TYPE_CHECKING:
-    from adapters.pool import AdapterPool
+    from adapterserve.adapters.pool import AdapterPool
 
 # transformers ACT2FN names -> the kernels' activation codes (same math: gelu is exact erf;
 # gelu_new and gelu_pytorch_tanh are the tanh approximation; swish is silu).

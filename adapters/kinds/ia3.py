@@ -15,13 +15,19 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from adapters.formats.modules import ModuleLayout, group_modules
-from adapters.formats.patterns import MAX_PATTERN_KEYS, compile_pattern
-from adapters.kinds.base import NOT_SERVED, AdapterFiles, Kind
-from adapters.spec import AdapterFormatError, AdapterKind, AdapterSpec, IA3Weights, check_tensor
+from adapterserve.adapters.formats.modules import ModuleLayout, group_modules
+from adapterserve.adapters.formats.patterns import MAX_PATTERN_KEYS, compile_pattern
+from adapterserve.adapters.kinds.base import NOT_SERVED, AdapterFiles, Kind
+from adapterserve.adapters.spec import (
+    AdapterFormatError,
+    AdapterKind,
+    AdapterSpec,
+    IA3Weights,
+    check_tensor,
+)
 
 if TYPE_CHECKING:
-    from adapters.pool import AdapterPool
+    from adapterserve.adapters.pool import AdapterPool
 
 LAYOUT = ModuleLayout(
     weight=re.compile(r"(?P<name>ia3_l)(?:\.[A-Za-z0-9_-]+)?"),

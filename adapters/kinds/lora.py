@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adapters.formats.modules import ModuleLayout, group_modules
-from adapters.formats.patterns import first_match, pattern_table
-from adapters.kinds.base import NOT_SERVED, AdapterFiles, Kind
-from adapters.spec import (
+from adapterserve.adapters.formats.modules import ModuleLayout, group_modules
+from adapterserve.adapters.formats.patterns import first_match, pattern_table
+from adapterserve.adapters.kinds.base import NOT_SERVED, AdapterFiles, Kind
+from adapterserve.adapters.spec import (
     MODEL_TARGETS,
     AdapterFormatError,
     AdapterKind,
@@ -33,10 +33,10 @@ from adapters.spec import (
     check_tensor,
     refuse_bias,
 )
-from kernels import Activation
+from adapterserve.kernels import Activation
 
 if TYPE_CHECKING:
-    from adapters.pool import AdapterPool
+    from adapterserve.adapters.pool import AdapterPool
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed")
 

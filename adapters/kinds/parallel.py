@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from adapters.kinds.bottleneck import Bottleneck, uses_parallel_adapter
-from adapters.spec import TARGETS, AdapterKind
+from adapterserve.adapters.kinds.bottleneck import Bottleneck, uses_parallel_adapter
+from adapterserve.adapters.spec import TARGETS, AdapterKind
 
 
 class ParallelBottleneck(Bottleneck):

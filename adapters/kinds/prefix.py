@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adapters.kinds.base import NOT_SERVED, AdapterFiles, Binding, Kind, KVCacheWriter
-from adapters.kinds.prompt import check_prompt_config, prompt_tensor
-from adapters.spec import AdapterFormatError, AdapterKind, AdapterSpec, BaseFingerprint
+from adapterserve.adapters.kinds.base import NOT_SERVED, AdapterFiles, Binding, Kind, KVCacheWriter
+from adapterserve.adapters.kinds.prompt import check_prompt_config, prompt_tensor
+from adapterserve.adapters.spec import AdapterFormatError, AdapterKind, AdapterSpec, BaseFingerprint
 
 if TYPE_CHECKING:
-    from adapters.pool import AdapterPool
+    from adapterserve.adapters.pool import AdapterPool
 
 
 class PrefixTuning(Kind):

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adapters.kinds.base import AdapterFiles, Binding, Kind
-from adapters.spec import AdapterFormatError, AdapterKind, AdapterSpec, check_tensor
+from adapterserve.adapters.kinds.base import AdapterFiles, Binding, Kind
+from adapterserve.adapters.spec import AdapterFormatError, AdapterKind, AdapterSpec, check_tensor
 
 if TYPE_CHECKING:
-    from adapters.pool import AdapterPool
+    from adapterserve.adapters.pool import AdapterPool
 
 
 class PromptTuning(Kind):

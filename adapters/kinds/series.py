@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from adapters.kinds.bottleneck import Bottleneck, uses_parallel_adapter
-from adapters.spec import AdapterKind
+from adapterserve.adapters.kinds.bottleneck import Bottleneck, uses_parallel_adapter
+from adapterserve.adapters.spec import AdapterKind
 
 SERIES_PLACEMENT = MappingProxyType({"gate": "input", "up": "input", "down": "output"})
 

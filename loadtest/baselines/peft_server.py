@@ -1,7 +1,7 @@
 """The "HF PEFT" baseline: transformers + PEFT behind the same OpenAI subset, one request at a
 time, switching the active adapter per request with `set_adapter`.
 
-    python -m loadtest.baselines.peft_server --model HF_DIR --port 8001 [--adapter-dir DIR]
+    python -m adapterserve.loadtest.baselines.peft_server --model HF_DIR --port 8001 [--adapter-dir DIR]
 
 Serves GET /v1/models, POST /v1/completions (with `stream: true` SSE chunks, `ignore_eos`,
 `stream_options.include_usage`), POST/GET/DELETE /v1/adapters (same multipart shape as

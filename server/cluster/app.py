@@ -18,9 +18,9 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
-from server.cluster.proxy import ClusterMetrics, cluster_backend
-from server.cluster.replica import EngineReplica
-from server.config import Settings
+from adapterserve.server.cluster.proxy import ClusterMetrics, cluster_backend
+from adapterserve.server.cluster.replica import EngineReplica
+from adapterserve.server.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Ingress:
         self.settings, self.engine = settings, engine
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        from server.main import create_app
+        from adapterserve.server.main import create_app
 
         return create_app(self.settings, backend=cluster_backend(self.engine),
                           metrics_factory=ClusterMetrics)  # fmt: skip
@@ -73,7 +73,7 @@ def build_app(settings: Settings) -> Application:
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """`serve run` entry point: `import_path: server.cluster.app:app_builder`, with
+    """`serve run` entry point: `import_path: adapterserve.server.cluster.app:app_builder`, with
     `args: {settings: {model: ..., replicas: 2, ...}}` over the ADAPTERSERVE_* environment."""
     settings = Settings(**(args or {}).get("settings", {}))
     return build_app(settings)

@@ -12,8 +12,8 @@ from types import FrameType
 import ray
 from ray import serve
 
-from server.cluster.app import build_app
-from server.config import Settings
+from adapterserve.server.cluster.app import build_app
+from adapterserve.server.config import Settings
 
 log = logging.getLogger(__name__)
 

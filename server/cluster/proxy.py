@@ -31,20 +31,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from adapters.errors import AdapterError, NoAdapterRootsError, UnknownAdapterError
-from adapters.spec import AdapterKind
-from adapters.store import AdapterStore
-from server.cluster.reports import AdapterState, Report, read_reports
-from server.config import Settings
-from server.engine.bootstrap import EnginePlan, eos_ids, plan_engine
-from server.engine.constraint import Grammars
-from server.engine.engine import OutputStream
-from server.engine.errors import EngineError, ReplicaLostError
-from server.engine.output import RequestOutput
-from server.engine.sampling import SamplingParams
-from server.metrics import Metrics
-from server.model.llama import ModelArgs
-from server.model.tokenizer import Tokenizer
+from adapterserve.adapters.errors import AdapterError, NoAdapterRootsError, UnknownAdapterError
+from adapterserve.adapters.spec import AdapterKind
+from adapterserve.adapters.store import AdapterStore
+from adapterserve.server.cluster.reports import AdapterState, Report, read_reports
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.bootstrap import EnginePlan, eos_ids, plan_engine
+from adapterserve.server.engine.constraint import Grammars
+from adapterserve.server.engine.engine import OutputStream
+from adapterserve.server.engine.errors import EngineError, ReplicaLostError
+from adapterserve.server.engine.output import RequestOutput
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.metrics import Metrics
+from adapterserve.server.model.llama import ModelArgs
+from adapterserve.server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -27,21 +27,21 @@ import torch
 from prometheus_client import Counter
 from ray import serve
 
-from adapters.errors import AdapterError
-from server.cluster.reports import (
+from adapterserve.adapters.errors import AdapterError
+from adapterserve.server.cluster.reports import (
     REPORT_INTERVAL_S,
     AdapterState,
     Report,
     remove_report,
     write_report,
 )
-from server.config import Settings
-from server.engine.bootstrap import running_engine
-from server.engine.engine import Engine, RequestStream
-from server.engine.errors import EngineError
-from server.engine.output import RequestOutput
-from server.engine.sampling import SamplingParams
-from server.metrics import Metrics
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.bootstrap import running_engine
+from adapterserve.server.engine.engine import Engine, RequestStream
+from adapterserve.server.engine.errors import EngineError
+from adapterserve.server.engine.output import RequestOutput
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adapters.registry import Entry
+from adapterserve.adapters.registry import Entry
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import AdapterBatch, runs
-from server.engine.scheduler import Sequence, StepPlan
+from adapterserve.kernels import AdapterBatch, runs
+from adapterserve.server.engine.scheduler import Sequence, StepPlan
 
 
 @dataclass(frozen=True, eq=False)

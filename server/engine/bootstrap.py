@@ -21,19 +21,19 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from adapters.errors import AdapterError, InvalidNameError
-from adapters.hooks import PoolHooks
-from adapters.pool import AdapterPool
-from adapters.registry import AdapterRegistry
-from adapters.spec import BaseFingerprint
-from adapters.store import AdapterStore, validate_name
-from server.config import Settings
-from server.engine.engine import Engine
-from server.metrics import Metrics
-from server.model.llama import KVCache, ModelArgs
-from server.model.quant import Mode
-from server.model.tokenizer import Tokenizer
+from adapterserve import kernels
+from adapterserve.adapters.errors import AdapterError, InvalidNameError
+from adapterserve.adapters.hooks import PoolHooks
+from adapterserve.adapters.pool import AdapterPool
+from adapterserve.adapters.registry import AdapterRegistry
+from adapterserve.adapters.spec import BaseFingerprint
+from adapterserve.adapters.store import AdapterStore, validate_name
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.engine import Engine
+from adapterserve.server.metrics import Metrics
+from adapterserve.server.model.llama import KVCache, ModelArgs
+from adapterserve.server.model.quant import Mode
+from adapterserve.server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ def pick_quantization(setting: str, device: torch.device, gguf: Path | None) -> 
     """--quantization: auto = a GGUF on CPU served as it ships (every projection Q4_0 / Q4_1 /
     Q4_K -> int4; all Q8_0 -> int8 with Q8_0's block scales), otherwise none; int8 / int4 need
     the device's bf16 weight-only kernels."""
-    from server.model.gguf_quant import INT4_TYPES, projection_types
-    from server.model.quant import compute_supported
-    from server.model.weights import unreadable_gguf
+    from adapterserve.server.model.gguf_quant import INT4_TYPES, projection_types
+    from adapterserve.server.model.quant import compute_supported
+    from adapterserve.server.model.weights import unreadable_gguf
 
     if setting == "auto":
         if gguf is None or device.type != "cpu" or not compute_supported(device):
@@ -123,7 +123,12 @@ def parse_adapter_arg(item: str) -> tuple[str, Path]:
 def plan_engine(settings: Settings) -> EnginePlan:
     """Check the adapter flags, resolve the model (converting a GGUF once) and size the KV
     cache, without loading weights."""
-    from server.model.weights import default_model_path, read_config, resolve_model_dir, served_name
+    from adapterserve.server.model.weights import (
+        default_model_path,
+        read_config,
+        resolve_model_dir,
+        served_name,
+    )
 
     check_adapter_flags(settings)
     device = pick_device(settings.device)
@@ -169,7 +174,7 @@ def check_adapter_flags(settings: Settings) -> None:
 def build_engine(settings: Settings, metrics: Metrics, plan: EnginePlan | None = None) -> Engine:
     """Load the model and tokenizer of the plan (made here when not given), build the adapter
     registry and allocate the KV cache. The engine is not running yet."""
-    from server.model.weights import load_model
+    from adapterserve.server.model.weights import load_model
 
     plan = plan or plan_engine(settings)
     model = load_model(plan.model_dir, plan.device, plan.dtype, plan.quantization, plan.gguf,

@@ -28,15 +28,15 @@ from collections.abc import Callable
 
 import torch
 
-from adapters.errors import AdapterError, UnknownAdapterError
-from adapters.kinds import kind_for
-from adapters.registry import AdapterRegistry, Entry
-from server.config import Settings
-from server.engine.batch import BatchBuilder
-from server.engine.beam import BeamGroup, BeamSearch
-from server.engine.constraint import Grammars
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.errors import (
+from adapterserve.adapters.errors import AdapterError, UnknownAdapterError
+from adapterserve.adapters.kinds import kind_for
+from adapterserve.adapters.registry import AdapterRegistry, Entry
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.batch import BatchBuilder
+from adapterserve.server.engine.beam import BeamGroup, BeamSearch
+from adapterserve.server.engine.constraint import Grammars
+from adapterserve.server.engine.detokenizer import IncrementalDetokenizer
+from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineFailure,
     InvalidRequestError,
@@ -44,14 +44,14 @@ from server.engine.errors import (
     QueueFullError,
     RequestAbortedError,
 )
-from server.engine.kv_cache import BlockAllocator
-from server.engine.output import OutputProcessor, RequestOutput
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Scheduler, Sequence, Status, StepPlan
-from server.metrics import Metrics
-from server.model.compiled import CompiledDecode, buckets_for, use_inductor_cache
-from server.model.llama import KVCache, Transformer
-from server.model.tokenizer import Tokenizer
+from adapterserve.server.engine.kv_cache import BlockAllocator
+from adapterserve.server.engine.output import OutputProcessor, RequestOutput
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.engine.scheduler import Scheduler, Sequence, Status, StepPlan
+from adapterserve.server.metrics import Metrics
+from adapterserve.server.model.compiled import CompiledDecode, buckets_for, use_inductor_cache
+from adapterserve.server.model.llama import KVCache, Transformer
+from adapterserve.server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

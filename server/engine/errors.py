@@ -8,7 +8,7 @@ adapters' `AdapterError` when its adapter could not be loaded at admission).
 
 from __future__ import annotations
 
-from adapters.errors import AdapterError
+from adapterserve.adapters.errors import AdapterError
 
 
 class EngineError(Exception):

@@ -15,16 +15,16 @@ from typing import Protocol
 
 import torch
 
-from server.engine.detokenizer import Decoder, IncrementalDetokenizer
-from server.engine.errors import EngineFailure
-from server.engine.sampling import (
+from adapterserve.server.engine.detokenizer import Decoder, IncrementalDetokenizer
+from adapterserve.server.engine.errors import EngineFailure
+from adapterserve.server.engine.sampling import (
     SamplingParams,
     TokenLogprob,
     apply_penalties,
     sample,
     top_logprobs,
 )
-from server.engine.scheduler import Sequence, StepPlan
+from adapterserve.server.engine.scheduler import Sequence, StepPlan
 
 
 class TokenizerLike(Decoder, Protocol):

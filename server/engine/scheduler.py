@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from adapters.kinds import Binding
-from server.engine.kv_cache import BlockAllocator, OutOfBlocks, block_key
-from server.engine.sampling import SamplingParams, TokenLogprob
+from adapterserve.adapters.kinds import Binding
+from adapterserve.server.engine.kv_cache import BlockAllocator, OutOfBlocks, block_key
+from adapterserve.server.engine.sampling import SamplingParams, TokenLogprob
 
 
 class Status(enum.Enum):

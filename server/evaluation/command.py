@@ -17,9 +17,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from server.config import Settings
-from server.errors import APIError
-from server.evaluation.report import accuracy_table, plain_text, write_reports
+from adapterserve.server.config import Settings
+from adapterserve.server.errors import APIError
+from adapterserve.server.evaluation.report import accuracy_table, plain_text, write_reports
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,10 @@ def _expand_all(datasets: list[str], described: list[dict[str, Any]], protocol: 
 
 
 async def _run_in_process(settings: Settings, body: dict[str, Any], progress: bool):
-    from server.engine.bootstrap import EngineConfigError, plan_engine
-    from server.evaluation.runner import JobOptions
-    from server.main import create_app
-    from server.model.weights import ModelLoadError
+    from adapterserve.server.engine.bootstrap import EngineConfigError, plan_engine
+    from adapterserve.server.evaluation.runner import JobOptions
+    from adapterserve.server.main import create_app
+    from adapterserve.server.model.weights import ModelLoadError
 
     try:  # a one-line reason rather than a traceback from the lifespan
         plan = plan_engine(settings)

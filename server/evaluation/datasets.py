@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from server import jsontext
-from server.errors import APIError, invalid_request, truncate
-from server.evaluation.extract import LETTERS, AnswerSpec
+from adapterserve.server import jsontext
+from adapterserve.server.errors import APIError, invalid_request, truncate
+from adapterserve.server.evaluation.extract import LETTERS, AnswerSpec
 
 ARITHMETIC_SETS = ("gsm8k", "AQuA", "AddSub", "MultiArith", "SingleEq", "SVAMP")
 BUILTIN_SPECS: dict[str, AnswerSpec] = {

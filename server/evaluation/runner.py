@@ -24,16 +24,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from server.config import Settings
-from server.engine.engine import Engine, RequestStream
-from server.engine.errors import EngineDeadError, EngineError, EngineFailure, ReplicaLostError
-from server.engine.output import RequestOutput
-from server.engine.sampling import SamplingParams
-from server.errors import APIError, engine_answer, engine_error, invalid_request, truncate
-from server.evaluation.datasets import Dataset, DatasetCatalog, Example, _atomic_write
-from server.evaluation.extract import AnswerSpec, extract, is_correct, split_response
-from server.evaluation.prompts import generate_prompt
-from server.metrics import Metrics
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.engine import Engine, RequestStream
+from adapterserve.server.engine.errors import (
+    EngineDeadError,
+    EngineError,
+    EngineFailure,
+    ReplicaLostError,
+)
+from adapterserve.server.engine.output import RequestOutput
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.errors import (
+    APIError,
+    engine_answer,
+    engine_error,
+    invalid_request,
+    truncate,
+)
+from adapterserve.server.evaluation.datasets import Dataset, DatasetCatalog, Example, _atomic_write
+from adapterserve.server.evaluation.extract import AnswerSpec, extract, is_correct, split_response
+from adapterserve.server.evaluation.prompts import generate_prompt
+from adapterserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-from server.engine.batch import BatchBuilder, ForwardBatch
-from server.model.llama import KVCache, Transformer, run_block
+from adapterserve.server.engine.batch import BatchBuilder, ForwardBatch
+from adapterserve.server.model.llama import KVCache, Transformer, run_block
 
 log = logging.getLogger(__name__)
 

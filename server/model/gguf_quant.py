@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.model.quant import INT4_ROW_MULTIPLE, Codes, Int4Codes, Int8Codes, Mode
+from adapterserve.server.model.quant import INT4_ROW_MULTIPLE, Codes, Int4Codes, Int8Codes, Mode
 
 BLOCK = 32
 HEADER_BYTES = {"Q4_0": 2, "Q4_1": 4}  # fp16 d (and fp16 m), then 16 bytes of nibbles

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from kernels import AdapterBatch
-from server.engine.batch import ForwardBatch, PrefillChunk
-from server.model.quant import (
+from adapterserve import kernels
+from adapterserve.kernels import AdapterBatch
+from adapterserve.server.engine.batch import ForwardBatch, PrefillChunk
+from adapterserve.server.model.quant import (
     Codes,
     Int8GroupLinear,
     Int8Linear,

@@ -26,9 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from server.model.gguf_quant import read_codes, read_floats
-from server.model.llama import ModelArgs, Transformer, rope_inv_freq
-from server.model.quant import Codes, Int4Codes, Int8Codes, Mode, codes_for
+from adapterserve.server.model.gguf_quant import read_codes, read_floats
+from adapterserve.server.model.llama import ModelArgs, Transformer, rope_inv_freq
+from adapterserve.server.model.quant import Codes, Int4Codes, Int8Codes, Mode, codes_for
 
 log = logging.getLogger(__name__)
 

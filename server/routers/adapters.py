@@ -21,15 +21,20 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.datastructures import FormData, UploadFile
 
-from adapters.errors import AdapterError, NoAdapterStoreError
-from adapters.formats import shown_names
-from adapters.registry import AdapterRegistry, Entry
-from adapters.store import validate_name
-from server.config import Settings
-from server.deps import get_engine, get_registry, get_settings, require_admin_key
-from server.engine.engine import Engine
-from server.errors import APIError, error_responses, from_adapter_error, invalid_request
-from server.schemas import (
+from adapterserve.adapters.errors import AdapterError, NoAdapterStoreError
+from adapterserve.adapters.formats import shown_names
+from adapterserve.adapters.registry import AdapterRegistry, Entry
+from adapterserve.adapters.store import validate_name
+from adapterserve.server.config import Settings
+from adapterserve.server.deps import get_engine, get_registry, get_settings, require_admin_key
+from adapterserve.server.engine.engine import Engine
+from adapterserve.server.errors import (
+    APIError,
+    error_responses,
+    from_adapter_error,
+    invalid_request,
+)
+from adapterserve.server.schemas import (
     ADAPTER_NAME_CHARS,
     ADAPTER_NAME_PATTERN,
     AdapterCard,

@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from server.config import Settings
-from server.deps import get_engine, get_settings, resolve_model
-from server.engine.engine import Engine
-from server.engine.errors import EngineError
-from server.engine.output import RequestOutput
-from server.engine.sampling import TokenLogprob
-from server.errors import error_responses, invalid_request
-from server.schemas import CompletionRequest, CompletionResponse
-from server.serving import (
+from adapterserve.server.config import Settings
+from adapterserve.server.deps import get_engine, get_settings, resolve_model
+from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.errors import EngineError
+from adapterserve.server.engine.output import RequestOutput
+from adapterserve.server.engine.sampling import TokenLogprob
+from adapterserve.server.errors import error_responses, invalid_request
+from adapterserve.server.schemas import CompletionRequest, CompletionResponse
+from adapterserve.server.serving import (
     STREAMED,
     ChoiceResult,
     ClientDisconnected,

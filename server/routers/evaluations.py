@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.deps import caller_key, is_admin, require_admin_key
-from server.errors import APIError, error_responses, invalid_request, truncate
-from server.evaluation.datasets import answer_spec, parse_jsonl, validate_records
-from server.evaluation.runner import EvalJob, EvaluationRunner, JobOptions
-from server.schemas import (
+from adapterserve.server.deps import caller_key, is_admin, require_admin_key
+from adapterserve.server.errors import APIError, error_responses, invalid_request, truncate
+from adapterserve.server.evaluation.datasets import answer_spec, parse_jsonl, validate_records
+from adapterserve.server.evaluation.runner import EvalJob, EvaluationRunner, JobOptions
+from adapterserve.server.schemas import (
     DatasetInfo,
     DatasetList,
     DatasetUpload,

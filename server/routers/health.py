@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.deps import get_engine, get_metrics
-from server.engine.engine import Engine
-from server.metrics import Metrics
-from server.schemas import HealthStatus
+from adapterserve.server.deps import get_engine, get_metrics
+from adapterserve.server.engine.engine import Engine
+from adapterserve.server.metrics import Metrics
+from adapterserve.server.schemas import HealthStatus
 
 router = APIRouter(tags=["health"])
 

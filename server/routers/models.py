@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from adapters.registry import Entry
-from server.deps import get_engine, resolve_model
-from server.engine.engine import Engine
-from server.errors import error_responses
-from server.schemas import ModelCard, ModelList
+from adapterserve.adapters.registry import Entry
+from adapterserve.server.deps import get_engine, resolve_model
+from adapterserve.server.engine.engine import Engine
+from adapterserve.server.errors import error_responses
+from adapterserve.server.schemas import ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
 

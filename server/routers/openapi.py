@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
-from server.config import Settings
-from server.errors import error_responses
-from server.guards import public_paths
-from server.schemas import SERVER_LIMIT, ErrorResponse
-from server.serving import max_choices
+from adapterserve.server.config import Settings
+from adapterserve.server.errors import error_responses
+from adapterserve.server.guards import public_paths
+from adapterserve.server.schemas import SERVER_LIMIT, ErrorResponse
+from adapterserve.server.serving import max_choices
 
 if TYPE_CHECKING:
-    from server.engine.engine import Engine
+    from adapterserve.server.engine.engine import Engine
 
 BEARER = {"bearer": {"type": "http", "scheme": "bearer"}}
 BODY_STATUSES = (400, 408, 413, 415)  # RequestGuard: bad JSON, stalled, too large, wrong type

@@ -8,18 +8,18 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from server.config import Settings
-from server.deps import get_engine, get_settings, resolve_model
-from server.engine.engine import Engine
-from server.errors import error_responses, invalid_request
-from server.schemas import (
+from adapterserve.server.config import Settings
+from adapterserve.server.deps import get_engine, get_settings, resolve_model
+from adapterserve.server.engine.engine import Engine
+from adapterserve.server.errors import error_responses, invalid_request
+from adapterserve.server.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
 )
-from server.serving import render_chat
+from adapterserve.server.serving import render_chat
 
 router = APIRouter(tags=["tokenizer"])
 

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from adapters.spec import BaseFingerprint
+from adapterserve.adapters.spec import BaseFingerprint
 
 TINY = dict(
     hidden_size=64,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adapters.spec import BaseFingerprint
+from adapterserve.adapters.spec import BaseFingerprint
 from tests.adapters.conftest import bottleneck_tensors, write_adapter
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu}

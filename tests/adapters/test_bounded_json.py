@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from adapters.formats.bounded_json import MAX_JSON_DEPTH, json_depth, parse_json
-from adapters.spec import AdapterFormatError
+from adapterserve.adapters.formats.bounded_json import MAX_JSON_DEPTH, json_depth, parse_json
+from adapterserve.adapters.spec import AdapterFormatError
 
 
 def reference_depth(value: object) -> int:

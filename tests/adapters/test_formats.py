@@ -15,9 +15,9 @@ import pytest
 import safetensors.torch
 import torch
 
-import adapters.formats
-from adapters.formats import MAX_HEADER_BYTES, load_adapter, max_tensors
-from adapters.spec import (
+from adapterserve.adapters import formats as adapter_formats
+from adapterserve.adapters.formats import MAX_HEADER_BYTES, load_adapter, max_tensors
+from adapterserve.adapters.spec import (
     AdapterFormatError,
     AdapterKind,
     BaseFingerprint,
@@ -25,7 +25,7 @@ from adapters.spec import (
     IA3Weights,
     LoraWeights,
 )
-from kernels import Activation
+from adapterserve.kernels import Activation
 from tests.adapters.conftest import (
     MAX_RANK,
     TINY,
@@ -654,7 +654,7 @@ def test_tensor_count_is_capped_before_the_entries_are_read(tmp_path, fingerprin
     def never(*args, **kwargs):
         raise AssertionError("header entries checked one by one despite the tensor cap")
 
-    monkeypatch.setattr(adapters.formats, "check_header_entries", never)
+    monkeypatch.setattr(adapter_formats, "check_header_entries", never)
     cap = max_tensors(fingerprint)
     assert cap == 2 * 7 * 2 + 8  # layers * projections * (A, B) + slack
     directory = raw_weights(tmp_path / "a", zero_size_tensors(20_000), b"")
@@ -743,12 +743,12 @@ def spy_opened(monkeypatch) -> list[str]:
 def test_extra_files_are_ignored_unopened(tmp_path, fingerprint, monkeypatch, caplog):
     directory = hub_download(tmp_path / "a", fingerprint)
     opened = spy_opened(monkeypatch)
-    with caplog.at_level(logging.INFO, logger="adapters.formats"):
+    with caplog.at_level(logging.INFO, logger="adapterserve.adapters.formats"):
         spec = load_adapter(directory, "hub", fingerprint, 8)
     assert spec.kind is AdapterKind.LORA and set(spec.modules) == {(0, "q"), (1, "q")}
     assert opened and set(opened) <= {"adapter_config.json", "adapter_model.safetensors"}
     ignored = sorted([*HUB_EXTRAS, "checkpoint-100/", "notes.md"])
-    [record] = [r for r in caplog.records if r.name == "adapters.formats"]
+    [record] = [r for r in caplog.records if r.name == "adapterserve.adapters.formats"]
     assert f"'hub': ignoring {len(ignored)} entries outside the allow-list" in record.message
     assert all(repr(name) in record.message for name in ignored), record.message
 
@@ -757,9 +757,9 @@ def test_ignored_names_in_the_log_line_are_truncated(tmp_path, fingerprint, capl
     directory = lora_dir(tmp_path / "a", fingerprint)
     for i in range(20):
         (directory / f"{'x' * 150}-{i:02d}.txt").write_bytes(b"")
-    with caplog.at_level(logging.INFO, logger="adapters.formats"):
+    with caplog.at_level(logging.INFO, logger="adapterserve.adapters.formats"):
         load_adapter(directory, "many", fingerprint, 8)
-    [record] = [r for r in caplog.records if r.name == "adapters.formats"]
+    [record] = [r for r in caplog.records if r.name == "adapterserve.adapters.formats"]
     assert "ignoring 20 entries" in record.message and "and 12 more" in record.message
     assert "-19.txt" not in record.message and len(record.message) < 1200
 

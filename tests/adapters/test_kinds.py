@@ -1,4 +1,4 @@
-"""adapters.kinds: which kind a config is, and each kind's pool placement, binding and admission
+"""adapterserve.adapters.kinds: which kind a config is, and each kind's pool placement, binding and admission
 step (no model: specs are built by hand on the tiny fingerprint)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from adapters.kinds import KINDS, Binding, kind_for, kind_for_config
-from adapters.pool import SITE_OF, AdapterPool
-from adapters.spec import (
+from adapterserve.adapters.kinds import KINDS, Binding, kind_for, kind_for_config
+from adapterserve.adapters.pool import SITE_OF, AdapterPool
+from adapterserve.adapters.spec import (
     AdapterFormatError,
     AdapterKind,
     AdapterSpec,
@@ -23,7 +23,7 @@ from adapters.spec import (
     LoraWeights,
     adapter_io,
 )
-from kernels import Activation
+from adapterserve.kernels import Activation
 
 NUM_VIRTUAL = 3
 
@@ -239,9 +239,9 @@ def test_the_step_path_imports_without_parsing_dependencies():
     code = (
         "import sys\n"
         "for name in ('re2', 'safetensors', 'pydantic', 'fastapi'): sys.modules[name] = None\n"
-        "import adapters.pool, adapters.hooks, adapters.kinds, server.engine.scheduler\n"
+        "import adapterserve.adapters.pool, adapterserve.adapters.hooks, adapterserve.adapters.kinds, adapterserve.server.engine.scheduler\n"
         "print('IMPORTED')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).parents[2], timeout=120)  # fmt: skip
     assert "IMPORTED" in done.stdout, done.stderr[-2000:]

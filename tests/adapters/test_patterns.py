@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.formats import load_adapter
-from adapters.formats.patterns import FULL, PEFT_KEY, compile_pattern, first_match
-from adapters.spec import AdapterFormatError, AdapterKind, BaseFingerprint
+from adapterserve.adapters.formats import load_adapter
+from adapterserve.adapters.formats.patterns import FULL, PEFT_KEY, compile_pattern, first_match
+from adapterserve.adapters.spec import AdapterFormatError, AdapterKind, BaseFingerprint
 from tests.adapters.conftest import bottleneck_config, bottleneck_tensors, write_adapter
 from tests.adapters.test_formats import ia3_dir, lora_dir
 
@@ -45,8 +45,8 @@ def test_crafted_rank_pattern_parses_promptly(tmp_path: Path, fingerprint: BaseF
     code = textwrap.dedent(
         f"""
         from pathlib import Path
-        from adapters.formats import load_adapter
-        from adapters.spec import BaseFingerprint
+        from adapterserve.adapters.formats import load_adapter
+        from adapterserve.adapters.spec import BaseFingerprint
         fingerprint = BaseFingerprint(*{dataclasses.astuple(fingerprint)!r})
         spec = load_adapter(Path({str(directory)!r}), "a", fingerprint, 8)
         print(spec.kind.value, spec.rank)
@@ -54,7 +54,7 @@ def test_crafted_rank_pattern_parses_promptly(tmp_path: Path, fingerprint: BaseF
     )
     try:
         done = subprocess.run(
-            [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=20
+            [sys.executable, "-P", "-c", code], cwd=REPO, capture_output=True, text=True, timeout=20
         )
     except subprocess.TimeoutExpired:
         pytest.fail("parsing an adapter with a crafted rank_pattern key took over 20 s")

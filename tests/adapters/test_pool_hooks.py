@@ -19,14 +19,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from adapters.formats import load_adapter  # noqa: E402
-from adapters.hooks import PoolHooks  # noqa: E402
-from adapters.pool import AdapterPool  # noqa: E402
-from adapters.spec import AdapterKind, AdapterSpec, BaseFingerprint  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
-from server.engine.scheduler import Sequence  # noqa: E402
-from server.model.llama import Transformer  # noqa: E402
-from server.model.weights import load_model  # noqa: E402
+from adapterserve.adapters.formats import load_adapter  # noqa: E402
+from adapterserve.adapters.hooks import PoolHooks  # noqa: E402
+from adapterserve.adapters.pool import AdapterPool  # noqa: E402
+from adapterserve.adapters.spec import AdapterKind, AdapterSpec, BaseFingerprint  # noqa: E402
+from adapterserve.server.engine.sampling import SamplingParams  # noqa: E402
+from adapterserve.server.engine.scheduler import Sequence  # noqa: E402
+from adapterserve.server.model.llama import Transformer  # noqa: E402
+from adapterserve.server.model.weights import load_model  # noqa: E402
 from tests.adapters.conftest import bottleneck_config  # noqa: E402
 from tests.adapters.makers import (  # noqa: E402
     bottleneck_dir,
@@ -309,7 +309,7 @@ def test_fused_site_equals_target_by_target(setup: Setup):
     """The joint op over a site == each target's slice alone, on random inputs, for batches of
     every slot (decode rows and a prefill segment), including a slot whose targets differ in
     scaling (an alpha pattern: q and v scaled differently) and base rows."""
-    from kernels import AdapterBatch
+    from adapterserve.kernels import AdapterBatch
 
     spec = setup.specs["lora-attn-patterns"]
     modules = dict(spec.modules)

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.errors import AdapterLoadError, UnknownAdapterError
-from adapters.pool import AdapterPool
-from adapters.registry import AdapterRegistry, Entry, Lease
-from adapters.spec import BaseFingerprint
-from adapters.store import AdapterStore
+from adapterserve.adapters.errors import AdapterLoadError, UnknownAdapterError
+from adapterserve.adapters.pool import AdapterPool
+from adapterserve.adapters.registry import AdapterRegistry, Entry, Lease
+from adapterserve.adapters.spec import BaseFingerprint
+from adapterserve.adapters.store import AdapterStore
 from tests.adapters.conftest import MAX_RANK, write_adapter
 
 RANK = 2

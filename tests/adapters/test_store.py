@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from adapters.errors import AdapterError
-from adapters.formats import check_files
-from adapters.store import STAGING_STALE_S, AdapterStore
-from server.errors import adapter_error_status
+from adapterserve.adapters.errors import AdapterError
+from adapterserve.adapters.formats import check_files
+from adapterserve.adapters.store import STAGING_STALE_S, AdapterStore
+from adapterserve.server.errors import adapter_error_status
 
 CONFIG = b'{"peft_type": "LORA", "r": 4}'
 WEIGHTS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "  # content is not parsed by the store

@@ -35,12 +35,12 @@ openai = pytest.importorskip("openai")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from adapters.spec import BaseFingerprint  # noqa: E402
-from server.cluster import launch  # noqa: E402
-from server.cluster.proxy import REPORTS_CACHE_S  # noqa: E402
-from server.cluster.reports import read_reports  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.main import create_app  # noqa: E402
+from adapterserve.adapters.spec import BaseFingerprint  # noqa: E402
+from adapterserve.server.cluster import launch  # noqa: E402
+from adapterserve.server.cluster.proxy import REPORTS_CACHE_S  # noqa: E402
+from adapterserve.server.cluster.reports import read_reports  # noqa: E402
+from adapterserve.server.config import Settings  # noqa: E402
+from adapterserve.server.main import create_app  # noqa: E402
 from tests.adapters.conftest import bottleneck_config  # noqa: E402
 from tests.adapters.makers import bottleneck_dir, save_peft  # noqa: E402
 from tests.evaluation.conftest import TERMINAL, make_data_dir, results, wait_for  # noqa: E402

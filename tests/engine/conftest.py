@@ -7,12 +7,12 @@ from typing import TypeVar
 
 import pytest
 
-from server.config import Settings
-from server.engine.bootstrap import running_engine
-from server.engine.engine import Engine
-from server.engine.output import RequestOutput
-from server.engine.sampling import SamplingParams
-from server.metrics import Metrics
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.bootstrap import running_engine
+from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.output import RequestOutput
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.metrics import Metrics
 
 T = TypeVar("T")
 

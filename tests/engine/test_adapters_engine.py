@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.spec import BaseFingerprint
-from server.config import Settings
-from server.engine.engine import Engine
-from server.engine.errors import InvalidRequestError, ModelNotFoundError
-from server.engine.sampling import SamplingParams
+from adapterserve.adapters.spec import BaseFingerprint
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.errors import InvalidRequestError, ModelNotFoundError
+from adapterserve.server.engine.sampling import SamplingParams
 from tests.adapters.conftest import bottleneck_config
 from tests.adapters.makers import bottleneck_dir, bottleneck_reference, hf_model, save_peft
 from tests.engine.conftest import serve

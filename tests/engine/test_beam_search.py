@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.config import Settings
-from server.engine.beam import BeamSearch
-from server.engine.engine import Engine
-from server.engine.errors import InvalidRequestError
-from server.engine.sampling import SamplingParams
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.beam import BeamSearch
+from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.errors import InvalidRequestError
+from adapterserve.server.engine.sampling import SamplingParams
 from tests.engine.conftest import serve
 from tests.engine.test_adapters_engine import Adapters, prompt
 from tests.helpers import make_tiny_llama

@@ -7,8 +7,8 @@ import asyncio
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.engine.sampling import SamplingParams
-from server.model.tokenizer import Tokenizer
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.model.tokenizer import Tokenizer
 from tests.engine.conftest import collect, serve
 
 PROMPTS = [

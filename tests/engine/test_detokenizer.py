@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.output import StopRules
-from server.engine.sampling import SamplingParams
-from server.model.tokenizer import Tokenizer
+from adapterserve.server.engine.detokenizer import IncrementalDetokenizer
+from adapterserve.server.engine.output import StopRules
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.model.tokenizer import Tokenizer
 from tests.helpers import CORPUS, make_tokenizer
 
 HELLO = "Hello, world."

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.engine.errors import EngineDeadError, QueueFullError
-from server.engine.sampling import SamplingParams
+from adapterserve.server.engine.errors import EngineDeadError, QueueFullError
+from adapterserve.server.engine.sampling import SamplingParams
 from tests.engine.conftest import collect, serve
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from server.engine.kv_cache import BlockAllocator, OutOfBlocks, block_key
+from adapterserve.server.engine.kv_cache import BlockAllocator, OutOfBlocks, block_key
 
 
 @pytest.mark.parametrize(

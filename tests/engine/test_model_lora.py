@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.errors import AdapterFormatError
-from adapters.formats import load_adapter
-from adapters.spec import BaseFingerprint
-from server.config import Settings
-from server.engine.sampling import SamplingParams
+from adapterserve.adapters.errors import AdapterFormatError
+from adapterserve.adapters.formats import load_adapter
+from adapterserve.adapters.spec import BaseFingerprint
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.sampling import SamplingParams
 from tests.adapters.makers import hf_model, save_peft
 from tests.engine.conftest import collect, serve
 from tests.engine.test_adapters_engine import NEW_TOKENS, generate, prompt

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.errors import EngineDeadError
-from server.engine.output import OutputProcessor, RequestOutput
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Sequence, StepPlan
+from adapterserve.server.engine.errors import EngineDeadError
+from adapterserve.server.engine.output import OutputProcessor, RequestOutput
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.engine.scheduler import Sequence, StepPlan
 
 PIECES = ["", "a", "b", "c", "S", "T", "OP", " ", "z"]  # id 0: EOS, decoded as nothing
 V = len(PIECES)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.engine.engine import Engine
-from server.engine.sampling import SamplingParams
+from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.sampling import SamplingParams
 from tests.engine.conftest import serve
 from tests.engine.test_adapters_engine import Adapters, prompt, stage_copy
 

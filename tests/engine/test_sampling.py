@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.sampling import SamplingParams, _filter_top_k_top_p, apply_penalties, sample
+from adapterserve.server.engine.sampling import (
+    SamplingParams,
+    _filter_top_k_top_p,
+    apply_penalties,
+    sample,
+)
 
 
 def reference_keep(row: torch.Tensor, k: int, p: float) -> set[int]:

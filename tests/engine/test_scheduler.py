@@ -17,10 +17,10 @@ from collections import Counter
 import pytest
 import torch
 
-from adapters.kinds import Binding
-from server.engine.kv_cache import BlockAllocator
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Scheduler, Sequence, Status, StepPlan
+from adapterserve.adapters.kinds import Binding
+from adapterserve.server.engine.kv_cache import BlockAllocator
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.engine.scheduler import Scheduler, Sequence, Status, StepPlan
 
 BLOCK = 4
 OUTPUT_TOKEN = 7

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from adapters.kinds import Binding, kind_for
-from adapters.spec import AdapterKind
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Sequence
-from server.model.llama import KVCache, ModelArgs
+from adapterserve.adapters.kinds import Binding, kind_for
+from adapterserve.adapters.spec import AdapterKind
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.engine.scheduler import Sequence
+from adapterserve.server.model.llama import KVCache, ModelArgs
 
 ARGS = ModelArgs(vocab_size=64, dim=16, intermediate_size=40, n_layers=2, n_heads=4, n_kv_heads=2,
                  head_dim=4)  # fmt: skip

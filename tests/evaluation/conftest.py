@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.config import Settings
-from server.main import create_app
+from adapterserve.server.config import Settings
+from adapterserve.server.main import create_app
 
 SERVED_NAME = "tiny"
 TERMINAL = ("succeeded", "failed", "cancelled")

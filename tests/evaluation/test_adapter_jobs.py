@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.spec import BaseFingerprint
-from server.main import create_app
+from adapterserve.adapters.spec import BaseFingerprint
+from adapterserve.server.main import create_app
 from tests.adapters.conftest import bottleneck_config
 from tests.adapters.makers import bottleneck_dir, save_peft
 from tests.evaluation.conftest import eval_settings, make_data_dir, results, wait_for
@@ -81,8 +81,8 @@ def test_a_beam_job_answers_as_transformers_beam_search(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.evaluation.extract import split_response
-    from server.evaluation.prompts import generate_prompt
+    from adapterserve.server.evaluation.extract import split_response
+    from adapterserve.server.evaluation.prompts import generate_prompt
 
     torch.set_num_threads(1)  # the engine thread has the cores
     models = ["base", "lora", "ia3"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server import cli
+from adapterserve.server import cli
 from tests.evaluation.conftest import make_data_dir
 from tests.server.conftest import start_server, stop_server
 

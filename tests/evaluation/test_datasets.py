@@ -8,7 +8,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from server.evaluation.datasets import ARITHMETIC_SETS, BUILTIN_SPECS
+from adapterserve.server.evaluation.datasets import ARITHMETIC_SETS, BUILTIN_SPECS
 from tests.evaluation.conftest import results, wait_for
 
 WORDS = {"answer_kind": "words", "answer_words": ["yes", "no"]}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.config import Settings
-from server.main import create_app
+from adapterserve.server.config import Settings
+from adapterserve.server.main import create_app
 from tests.evaluation.conftest import results, wait_for
 
 LIMIT = 20

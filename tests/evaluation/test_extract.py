@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from server.evaluation.datasets import BUILTIN_SPECS
-from server.evaluation.extract import AnswerSpec, extract, is_correct, split_response
-from server.evaluation.prompts import generate_prompt
-from server.evaluation.runner import choices
+from adapterserve.server.evaluation.datasets import BUILTIN_SPECS
+from adapterserve.server.evaluation.extract import AnswerSpec, extract, is_correct, split_response
+from adapterserve.server.evaluation.prompts import generate_prompt
+from adapterserve.server.evaluation.runner import choices
 
 NUMBER = AnswerSpec("number")
 LETTER = AnswerSpec("letter")

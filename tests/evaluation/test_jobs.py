@@ -8,9 +8,9 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from server.evaluation.datasets import BUILTIN_SPECS
-from server.evaluation.extract import extract, is_correct, split_response
-from server.evaluation.prompts import generate_prompt
+from adapterserve.server.evaluation.datasets import BUILTIN_SPECS
+from adapterserve.server.evaluation.extract import extract, is_correct, split_response
+from adapterserve.server.evaluation.prompts import generate_prompt
 from tests.evaluation.conftest import SERVED_NAME, results, wait_for
 
 # The models of the shared-steps job. Today only the base model exists (under its alias and

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.main import create_app
+from adapterserve.server.main import create_app
 from tests.evaluation.conftest import eval_settings, make_data_dir, wait_for
 
 MAX_BYTES = 4096

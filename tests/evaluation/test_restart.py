@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from server.main import create_app
+from adapterserve.server.main import create_app
 from tests.evaluation.conftest import eval_settings, make_data_dir, results, wait_for
 
 

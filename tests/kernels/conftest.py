@@ -26,7 +26,7 @@ def triton_module():
     """Import kernels.<name> (a Triton file), or skip the test when triton is not installed."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed: Triton kernels untested (reference tests still run)")
-    return lambda name: importlib.import_module(f"kernels.{name}")
+    return lambda name: importlib.import_module(f"adapterserve.kernels.{name}")
 
 
 @pytest.fixture

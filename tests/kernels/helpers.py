@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from kernels import AdapterBatch, DeltaWeights
-from kernels.reference import Activation
+from adapterserve.kernels import AdapterBatch, DeltaWeights
+from adapterserve.kernels.reference import Activation
 
 DEVICE = (
     "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels import attention, reference  # noqa: E402
+from adapterserve.kernels import attention, reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
 # fp32: both paths accumulate in fp32 and differ only in summation order (measured ~2e-7).

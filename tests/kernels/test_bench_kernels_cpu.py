@@ -94,7 +94,7 @@ def test_lora_case_single_slice(bench):
 def test_lora_check_catches_a_wrong_kernel(bench, monkeypatch, variant):
     """A kernel that is wrong only for one layout (decode rows: per-token; prefill: segmented)
     is caught, and the error names the layout."""
-    lora = importlib.import_module("kernels.lora")
+    lora = importlib.import_module("adapterserve.kernels.lora")
     right_expand = lora.lora_expand
 
     def wrong_expand(y, h, weights, batch, *args):
@@ -136,7 +136,7 @@ def test_tables_cover_rows(bench):
 
 def test_e2e_decode_plumbing(bench):
     """The e2e driver (random model on meta -> device, scheduler, greedy decode) on a tiny model."""
-    from server.model.llama import KVCache, ModelArgs
+    from adapterserve.server.model.llama import KVCache, ModelArgs
 
     args = ModelArgs(vocab_size=128, dim=32, intermediate_size=64, n_layers=2, n_heads=4,
                      n_kv_heads=2, head_dim=8)  # fmt: skip
@@ -153,7 +153,7 @@ def test_e2e_adapter_runs(bench, monkeypatch):
     adapter runs as ratios to the base run, and adapters that change the greedy outputs."""
     import argparse
 
-    from server.model.llama import ModelArgs
+    from adapterserve.server.model.llama import ModelArgs
 
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "reference")
     model_args = ModelArgs(vocab_size=128, dim=32, intermediate_size=64, n_layers=2, n_heads=4,
@@ -180,8 +180,8 @@ def test_e2e_quantized_runs(bench, monkeypatch):
     really in place."""
     import argparse
 
-    from server.model.llama import ModelArgs
-    from server.model.quant import QuantLinear
+    from adapterserve.server.model.llama import ModelArgs
+    from adapterserve.server.model.quant import QuantLinear
 
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "reference")
     model_args = ModelArgs(vocab_size=128, dim=64, intermediate_size=128, n_layers=2, n_heads=4,
@@ -213,7 +213,7 @@ def test_e2e_compiled_mode(bench, monkeypatch):
     its ratio to eager reported, and its adapters acting on the outputs."""
     import argparse
 
-    from server.model.llama import ModelArgs
+    from adapterserve.server.model.llama import ModelArgs
 
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "reference")
     model_args = ModelArgs(vocab_size=128, dim=32, intermediate_size=64, n_layers=2, n_heads=4,
@@ -235,8 +235,8 @@ def test_e2e_compiled_mode(bench, monkeypatch):
 @pytest.mark.parametrize("kind", ["lora", "series", "parallel", "prefix", "prompt", "ia3"])
 def test_random_spec_loads_into_a_pool(bench, kind):
     """Every kind's random spec fits the pool the way parsed adapters do."""
-    from adapters.pool import AdapterPool
-    from server.model.llama import ModelArgs
+    from adapterserve.adapters.pool import AdapterPool
+    from adapterserve.server.model.llama import ModelArgs
 
     model_args = ModelArgs(vocab_size=64, dim=16, intermediate_size=40, n_layers=2, n_heads=4,
                            n_kv_heads=2, head_dim=4)  # fmt: skip
@@ -267,7 +267,7 @@ def test_e2e_needs_no_web_stack():
         bench = sys.modules["bench_kernels"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)
         import torch
-        from server.model.llama import ModelArgs
+        from adapterserve.server.model.llama import ModelArgs
         model_args = ModelArgs(vocab_size=160, dim=16, intermediate_size=40, n_layers=1,
                                n_heads=2, n_kv_heads=1, head_dim=8)
         args = argparse.Namespace(e2e_concurrency=6, e2e_prompt_len=3, e2e_output_len=2,
@@ -278,7 +278,7 @@ def test_e2e_needs_no_web_stack():
         print("E2E-OK")
     """)
     env = {**os.environ, "ADAPTERSERVE_KERNELS": "reference"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=env,
                           cwd=SCRIPT.parents[1], timeout=300)  # fmt: skip
     assert "E2E-OK" in done.stdout, done.stderr[-3000:]
 
@@ -286,7 +286,7 @@ def test_e2e_needs_no_web_stack():
 def test_the_quantized_layer_check_stops_a_broken_kernel(bench, monkeypatch, capsys):
     """The check before a quantized decode passes the real layers (here on the CPU) and stops
     on one whose kernel computes the wrong thing (its packing read transposed, say)."""
-    from server.model.quant import Int4Linear
+    from adapterserve.server.model.quant import Int4Linear
 
     bench.check_quant_layers("cpu")
     assert capsys.readouterr().out.count("max relative error") == 3

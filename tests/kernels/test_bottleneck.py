@@ -9,8 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from kernels import AdapterBatch, reference
-from kernels.reference import Activation
+from adapterserve.kernels import AdapterBatch, reference
+from adapterserve.kernels.reference import Activation
 from tests.kernels.helpers import (
     DEVICE,
     LAYOUTS,

@@ -9,8 +9,8 @@ import asyncio
 
 import pytest
 
-from server.config import Settings
-from server.engine.sampling import SamplingParams
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.sampling import SamplingParams
 from tests.engine.conftest import collect, serve
 
 PROMPTS = [[5, 17, 99, 230, 7], [42] * 19, list(range(60, 97))]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import AdapterBatch, reference
+from adapterserve.kernels import AdapterBatch, reference
 from tests.kernels.helpers import DEVICE, LAYOUTS, PATTERNS, TOLERANCES, randn, step_rows
 
 S, D = 5, 75  # D not a multiple of any block size

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+from adapterserve import kernels
 from tests.kernels.helpers import (
     DEVICE,
     LAYOUTS,

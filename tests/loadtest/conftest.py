@@ -14,10 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import cli
-from loadtest.synthetic import KINDS, BaseDims, make_adapter, plan_adapters, write_adapter
+from adapterserve.loadtest import cli
+from adapterserve.loadtest.synthetic import (
+    KINDS,
+    BaseDims,
+    make_adapter,
+    plan_adapters,
+    write_adapter,
+)
 from tests.server.conftest import (
-    REPO_ROOT,
     Server,
     _wait_healthy,
     free_port,
@@ -84,8 +89,9 @@ def launch_peft(model_dir: Path, adapter_dir: Path, root: Path) -> Server:
     port = free_port()
     command = [
         sys.executable,
+        "-P",
         "-m",
-        "loadtest.baselines.peft_server",
+        "adapterserve.loadtest.baselines.peft_server",
         "--model",
         str(model_dir),
         "--port",
@@ -101,12 +107,12 @@ def launch_peft(model_dir: Path, adapter_dir: Path, root: Path) -> Server:
     ]
     log_path = root / "peft.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT)
     return Server(f"http://127.0.0.1:{port}", process, log_path, None)
 
 
 def run_loadtest(capsys: pytest.CaptureFixture, *args: str) -> tuple[str, str]:
-    """`python -m loadtest ARGS` in-process (saves an interpreter start); (stdout, stderr)."""
+    """`adapterserve-loadtest ARGS` in-process (saves an interpreter start); (stdout, stderr)."""
     cli.main(list(args))
     captured = capsys.readouterr()
     return captured.out, captured.err

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import cli
-from loadtest.synthetic import KINDS, plan_adapters
+from adapterserve.loadtest import cli
+from adapterserve.loadtest.synthetic import KINDS, plan_adapters
 from tests.loadtest.conftest import Servers, run_loadtest
 
 LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2e_s")

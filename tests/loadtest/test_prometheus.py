@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loadtest.prometheus import MetricNames, adapter_metrics, parse_prometheus, total
+from adapterserve.loadtest.prometheus import MetricNames, adapter_metrics, parse_prometheus, total
 
 BEFORE = """\
 # HELP adapterserve_adapter_loads_total Adapter loads

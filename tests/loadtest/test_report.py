@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.client import RequestResult, Target
-from loadtest.report import Slo, ratios, summarize
+from adapterserve.loadtest.client import RequestResult, Target
+from adapterserve.loadtest.report import Slo, ratios, summarize
 
 
 def result(

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from adapters.formats import load_adapter
-from adapters.spec import AdapterKind, BaseFingerprint
-from loadtest.synthetic import KINDS, BaseDims, make_adapter, plan_adapters, write_adapter
+from adapterserve.adapters.formats import load_adapter
+from adapterserve.adapters.spec import AdapterKind, BaseFingerprint
+from adapterserve.loadtest.synthetic import (
+    KINDS,
+    BaseDims,
+    make_adapter,
+    plan_adapters,
+    write_adapter,
+)
 
 TINY = dict(
     hidden_size=64,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from loadtest.workloads import (
+from adapterserve.loadtest.workloads import (
     TraceConfig,
     build_trace,
     gamma_intervals,

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from server.config import Settings
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Sequence
-from server.model.compiled import CompiledDecode
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.engine.scheduler import Sequence
+from adapterserve.server.model.compiled import CompiledDecode
 from tests.adapters.test_pool_hooks import SLOTS, Setup, prompt, setup  # noqa: F401
 from tests.engine.conftest import serve
 from tests.helpers import Stepper

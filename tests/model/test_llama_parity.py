@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Sequence
-from server.model.llama import ModelArgs, rope_inv_freq
-from server.model.weights import load_model
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.engine.scheduler import Sequence
+from adapterserve.server.model.llama import ModelArgs, rope_inv_freq
+from adapterserve.server.model.weights import load_model
 from tests.helpers import Stepper, make_tiny_llama
 
 CONFIGS = {

@@ -22,9 +22,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.config import Settings
-from server.engine.sampling import SamplingParams
-from server.model.quant import COMPUTE_DTYPE, Int4Codes, Int4Linear, Int8Linear, quantize_group
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.model.quant import (
+    COMPUTE_DTYPE,
+    Int4Codes,
+    Int4Linear,
+    Int8Linear,
+    quantize_group,
+)
 from tests.engine.conftest import serve
 
 BF16_EPS = 2.0**-8  # bf16 keeps 8 significant bits: a rounded value is within 2**-9, twice that
@@ -98,7 +104,7 @@ def test_bad_int4_shapes_are_refused():
 
 @pytest.fixture(scope="module")
 def default_gguf() -> Path:
-    from server.model.weights import ModelLoadError, default_model_path
+    from adapterserve.server.model.weights import ModelLoadError, default_model_path
 
     try:
         return default_model_path()
@@ -109,7 +115,7 @@ def default_gguf() -> Path:
 def test_q4_1_projections_dequantize_bit_for_bit_to_transformers(default_gguf, default_model_dir):
     """Every Q4_1 projection read as int4 codes, (q - 8) * d + (m + 8 d), equals what
     transformers' GGUF reader wrote for it (d * q + m, q/k rows un-permuted) exactly."""
-    from server.model.gguf_quant import projection_types, read_int4
+    from adapterserve.server.model.gguf_quant import projection_types, read_int4
 
     codes = read_int4(default_gguf)
     assert len(codes) == sum(t == "Q4_1" for t in projection_types(default_gguf).values()) == 210
@@ -196,7 +202,7 @@ def test_the_default_model_served_as_it_ships(default_gguf, default_model_dir, t
     (0.29 nats at most, 0.06 on average, on this prompt); ours must stay within 1.5x of it. The
     greedy continuation is reported with the point where it leaves transformers'."""
 
-    from server.model.tokenizer import Tokenizer
+    from adapterserve.server.model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(default_model_dir)
     ids = tokenizer.encode_chat([{"role": "user", "content": "Name three colors of the sea."}])
@@ -205,8 +211,8 @@ def test_the_default_model_served_as_it_ships(default_gguf, default_model_dir, t
     async def go(engine):
         from gguf import GGUFReader
 
-        from server.model.gguf_quant import int8_blocks
-        from server.model.quant import Int8GroupLinear
+        from adapterserve.server.model.gguf_quant import int8_blocks
+        from adapterserve.server.model.quant import Int8GroupLinear
 
         assert engine.model.quantization == "int4"
         embd = next(t for t in GGUFReader(str(default_gguf)).tensors if t.name == "token_embd.weight")
@@ -255,7 +261,7 @@ def within_transformers_bf16_gap(ours: torch.Tensor, model_dir: Path, ids: list[
 )
 def test_a_bad_quantization_value_is_one_line_and_exit_2(flag, message, tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--quantization", flag],
+        [sys.executable, "-P", "-m", "adapterserve.server.cli", "serve", "--quantization", flag],
         capture_output=True, text=True, timeout=120,
         env={"ADAPTERSERVE_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
@@ -267,7 +273,7 @@ def test_a_bad_quantization_value_is_one_line_and_exit_2(flag, message, tmp_path
 def test_the_model_card_shows_the_quantization(tmp_path):
     from fastapi.testclient import TestClient
 
-    from server.main import create_app
+    from adapterserve.server.main import create_app
     from tests.helpers import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "m", seed=2)
@@ -287,7 +293,7 @@ def test_int4_blocks_dequantize_bit_for_bit_to_gguf_py(kind):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
-    from server.model.gguf_quant import int4_blocks
+    from adapterserve.server.model.gguf_quant import int4_blocks
 
     kind_id = GGMLQuantizationType[kind]
     weights = np.random.default_rng(3).standard_normal((48, 128)).astype(np.float32) * 0.05
@@ -305,7 +311,7 @@ def test_q4_k_blocks_dequantize_bit_for_bit_to_gguf_py():
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    from server.model.gguf_quant import int4_blocks
+    from adapterserve.server.model.gguf_quant import int4_blocks
 
     rng = np.random.default_rng(11)
     rows, supers = 32, 3  # 768 inputs
@@ -325,7 +331,7 @@ def test_an_unreadable_gguf_is_one_line_and_exit_2(content, tmp_path):
     path = tmp_path / "broken.gguf"
     path.write_bytes(content)
     run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(path)],
+        [sys.executable, "-P", "-m", "adapterserve.server.cli", "serve", "--model", str(path)],
         capture_output=True, text=True, timeout=120,
         env={"ADAPTERSERVE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
@@ -339,8 +345,8 @@ def test_quantized_codes_are_cached_and_the_next_start_reuses_them(tmp_path, mon
     """The first int8 / int4 start of a float checkpoint writes its codes under cache_dir;
     the next start of the same files builds the same layers from them without quantizing
     anything; new weights get a new file."""
-    from server.model.quant import Int8Codes
-    from server.model.weights import load_model
+    from adapterserve.server.model.quant import Int8Codes
+    from adapterserve.server.model.weights import load_model
     from tests.helpers import make_tiny_llama
 
     model_dir = make_tiny_llama(tmp_path / "m", seed=4)
@@ -385,8 +391,8 @@ def test_q8_0_blocks_dequantize_bit_for_bit_to_gguf_py():
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
-    from server.model.gguf_quant import int8_blocks
-    from server.model.quant import Int8GroupLinear
+    from adapterserve.server.model.gguf_quant import int8_blocks
+    from adapterserve.server.model.quant import Int8GroupLinear
 
     rng = np.random.default_rng(12)
     made = quantize(rng.standard_normal((48, 128)).astype(np.float32) * 0.05, GGMLQuantizationType.Q8_0)
@@ -414,7 +420,7 @@ def test_a_fused_group_with_a_q8_0_part_keeps_its_block_scales():
     """q|k|v where one part is Q8_0 and the others float: the fused layer is group-scaled,
     the Q8_0 part's codes and scales are kept exactly, the float parts get per-channel int8
     (repeated per group: the same weights), and fused == its parts."""
-    from server.model.quant import Int8Codes, Int8GroupLinear
+    from adapterserve.server.model.quant import Int8Codes, Int8GroupLinear
 
     g = torch.Generator().manual_seed(13)
     q8 = Int8Codes(torch.randint(-127, 128, (64, 64), generator=g, dtype=torch.int8),
@@ -435,7 +441,7 @@ def two_layer_q8_0_gguf(source: Path, out: Path) -> Path:
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
     from gguf.quants import dequantize, quantize
 
-    from server.model.gguf_quant import TARGETS
+    from adapterserve.server.model.gguf_quant import TARGETS
 
     reader = GGUFReader(str(source))
     writer = GGUFWriter(str(out), arch="llama")
@@ -472,9 +478,9 @@ def test_a_q8_0_gguf_is_served_as_it_ships(default_gguf, tmp_path):
     the int4 default model)."""
     from gguf import GGUFReader
 
-    from server.model.gguf_quant import int8_blocks
-    from server.model.quant import Int8GroupLinear
-    from server.model.weights import resolve_model_dir
+    from adapterserve.server.model.gguf_quant import int8_blocks
+    from adapterserve.server.model.quant import Int8GroupLinear
+    from adapterserve.server.model.weights import resolve_model_dir
 
     path = two_layer_q8_0_gguf(default_gguf, tmp_path / "two-q8.gguf")
     raw = {t.name: t.data for t in GGUFReader(str(path)).tensors}
@@ -502,8 +508,8 @@ def test_a_q8_0_gguf_is_served_as_it_ships(default_gguf, tmp_path):
 
 def test_group_scaled_int8_codes_survive_the_cache(tmp_path):
     """The codes cache keeps Q8_0's block scales (and per-channel int8 stays per channel)."""
-    from server.model.quant import Int8Codes
-    from server.model.weights import _read_codes, _write_codes
+    from adapterserve.server.model.quant import Int8Codes
+    from adapterserve.server.model.weights import _read_codes, _write_codes
 
     g = torch.Generator().manual_seed(14)
     grouped = Int8Codes(torch.randint(-128, 128, (16, 64), generator=g, dtype=torch.int8),

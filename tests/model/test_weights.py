@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.model import weights
-from server.model.weights import ModelLoadError, load_model, resolve_model_dir
+from adapterserve.server.model import weights
+from adapterserve.server.model.weights import ModelLoadError, load_model, resolve_model_dir
 from tests.helpers import make_tiny_llama
 
 
@@ -25,7 +25,7 @@ def test_gguf_conversion_is_cached(default_model_dir, tmp_path, monkeypatch):
         raise AssertionError("converted twice")
 
     monkeypatch.setattr(weights, "_write_hf_dir", no_conversion)
-    from server.config import Settings
+    from adapterserve.server.config import Settings
 
     assert resolve_model_dir(None, Settings().cache_dir) == default_model_dir
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -49,7 +49,7 @@ def test_gguf_projections_read_as_floats_equal_transformers(default_model_dir):
     """Every projection read from the GGUF as floats (what a server conversion, which leaves
     them out, loads for --quantization none) equals transformers' reader's tensor bit for bit,
     q/k rows un-permuted as transformers does."""
-    from server.model.gguf_quant import read_floats
+    from adapterserve.server.model.gguf_quant import read_floats
 
     tensors = load_file(str(default_model_dir / "model.safetensors"))
     names = {k.removeprefix("model.").removesuffix(".weight") for k in tensors
@@ -130,7 +130,7 @@ def test_not_a_model_is_refused(tmp_path):
 
 
 def test_token_bytes_rebuild_multibyte_text(default_model_dir, tiny_model_dir):
-    from server.model.tokenizer import Tokenizer
+    from adapterserve.server.model.tokenizer import Tokenizer
 
     for path in (default_model_dir, tiny_model_dir):
         tok = Tokenizer(path)
@@ -155,8 +155,8 @@ def test_the_server_converts_a_gguf_completely_only_to_serve_it_as_floats(
 ):
     """Served quantized, the GGUF's conversion leaves the projections in the file (read as
     codes); served as floats it is complete (converted once, not dequantized at every start)."""
-    from server.config import Settings
-    from server.engine.bootstrap import plan_engine
+    from adapterserve.server.config import Settings
+    from adapterserve.server.engine.bootstrap import plan_engine
 
     asked = []
     monkeypatch.setattr(weights, "convert_gguf", lambda _p, _c, complete=True: asked.append(complete) or default_model_dir)

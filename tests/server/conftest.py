@@ -56,8 +56,9 @@ def start_server(
     port = free_port()
     command = [
         sys.executable,
+        "-P",  # the repository's kernels/ must not shadow Hugging Face's `kernels`
         "-m",
-        "server.cli",
+        "adapterserve.server.cli",
         "serve",
         "--model",
         str(model_dir),
@@ -75,7 +76,7 @@ def start_server(
     full_env = os.environ | {"TOKENIZERS_PARALLELISM": "false"} | private | (env or {})
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=log_path.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
     api_key = next((flags[i + 1] for i, f in enumerate(flags) if f == "--api-key"), None)
     server = Server(f"http://127.0.0.1:{port}", process, log_path, api_key)

@@ -1,4 +1,4 @@
-"""server.errors.ADAPTER_ERRORS: every typed refusal of the adapters package answers with the
+"""adapterserve.server.errors.ADAPTER_ERRORS: every typed refusal of the adapters package answers with the
 HTTP status, error type and code the API gave before the refusals lost their `.status`."""
 
 from __future__ import annotations
@@ -7,9 +7,14 @@ import inspect
 
 import pytest
 
-import adapters.errors
-from adapters.errors import AdapterError
-from server.errors import ADAPTER_ERRORS, adapter_error_status, error_type, from_adapter_error
+from adapterserve.adapters import errors as adapter_errors
+from adapterserve.adapters.errors import AdapterError
+from adapterserve.server.errors import (
+    ADAPTER_ERRORS,
+    adapter_error_status,
+    error_type,
+    from_adapter_error,
+)
 
 # type -> (status, code) as the API answered it when the exceptions carried their status
 # (RegistryError / StoreError), and AdapterFormatError's fixed 400.
@@ -33,7 +38,7 @@ BEFORE = {
 def typed_errors() -> list[type[AdapterError]]:
     return [
         cls
-        for _, cls in inspect.getmembers(adapters.errors, inspect.isclass)
+        for _, cls in inspect.getmembers(adapter_errors, inspect.isclass)
         if issubclass(cls, AdapterError) and cls is not AdapterError
     ]
 
@@ -56,7 +61,7 @@ def test_status_type_and_code_are_as_before(cls: type[AdapterError]) -> None:
 
 
 def test_a_subclass_maps_as_its_nearest_listed_base() -> None:
-    class Narrower(adapters.errors.UploadTooLargeError):
+    class Narrower(adapter_errors.UploadTooLargeError):
         pass
 
     assert adapter_error_status(Narrower("files", "x"))[0] == 413
@@ -66,4 +71,4 @@ def test_a_subclass_maps_as_its_nearest_listed_base() -> None:
 
 def test_format_errors_stay_value_errors() -> None:
     """Callers that catch ValueError around a parse (registry.load_store) still catch them."""
-    assert issubclass(adapters.errors.AdapterFormatError, ValueError)
+    assert issubclass(adapter_errors.AdapterFormatError, ValueError)

@@ -21,9 +21,9 @@ import httpx
 import pytest
 import torch
 
-from adapters.spec import BaseFingerprint
-from server import cli
-from server.config import Settings
+from adapterserve.adapters.spec import BaseFingerprint
+from adapterserve.server import cli
+from adapterserve.server.config import Settings
 from tests.adapters.conftest import (
     TINY,
     bottleneck_config,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server import cli
-from server.config import Settings
+from adapterserve.server import cli
+from adapterserve.server.config import Settings
 
 
 def test_missing_model_exits_2_with_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.config import Settings
-from server.console import CSP, STATIC_DIR, build_router, is_console_path, load_files
-from server.main import create_app
+from adapterserve.server.config import Settings
+from adapterserve.server.console import CSP, STATIC_DIR, build_router, is_console_path, load_files
+from adapterserve.server.main import create_app
 
 KEY = "user-key"
 

@@ -334,7 +334,7 @@ def test_evaluation_job_finishes_with_its_table(page, server: Server) -> None:
 
 
 def expected_table(job: dict) -> list[list[str]]:
-    from server.evaluation.report import accuracy_table
+    from adapterserve.server.evaluation.report import accuracy_table
 
     return accuracy_table(job)[1]
 

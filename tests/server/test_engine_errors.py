@@ -1,4 +1,4 @@
-"""server.errors.ENGINE_ERRORS: every typed error of the engine answers with the status, type,
+"""adapterserve.server.errors.ENGINE_ERRORS: every typed error of the engine answers with the status, type,
 param, code, message and Retry-After the API gave when the routers mapped engine exceptions
 themselves (and failed outputs carried an HTTP status)."""
 
@@ -8,9 +8,9 @@ import inspect
 
 import pytest
 
-import server.engine.errors
-from adapters.errors import AdapterFormatError, AdapterLoadError, UnknownAdapterError
-from server.engine.errors import (
+from adapterserve.adapters.errors import AdapterFormatError, AdapterLoadError, UnknownAdapterError
+from adapterserve.server.engine import errors as engine_errors_module
+from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineError,
     InvalidRequestError,
@@ -18,7 +18,7 @@ from server.engine.errors import (
     QueueFullError,
     RequestAbortedError,
 )
-from server.errors import ENGINE_ERRORS, engine_error, failure_error
+from adapterserve.server.errors import ENGINE_ERRORS, engine_error, failure_error
 
 RETRY_AFTER_S = 7
 LISTS = "GET /v1/models lists the served models."
@@ -53,7 +53,7 @@ BEFORE = [
 def engine_errors() -> list[type[EngineError]]:
     return [
         cls
-        for _, cls in inspect.getmembers(server.engine.errors, inspect.isclass)
+        for _, cls in inspect.getmembers(engine_errors_module, inspect.isclass)
         if issubclass(cls, EngineError) and cls is not EngineError
     ]
 

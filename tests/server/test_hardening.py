@@ -17,8 +17,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from server.config import Settings
-from server.main import create_app
+from adapterserve.server.config import Settings
+from adapterserve.server.main import create_app
 from tests.server.conftest import API_KEY, Server, start_server, stop_server
 
 HEADER_TIMEOUT_S = 2.0

@@ -16,11 +16,10 @@ import httpx
 import pytest
 import uvicorn
 
-import server.engine.bootstrap
-import server.main
-from server import cli
-from server.config import Settings
-from server.main import create_app
+from adapterserve.server import cli
+from adapterserve.server.config import Settings
+from adapterserve.server.engine import bootstrap
+from adapterserve.server.main import create_app
 from tests.server.conftest import free_port, start_server, stop_server
 
 LONG = {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
@@ -45,14 +44,14 @@ class FailingModel:
 def armed(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """Engines built while this fixture is active fail their next step once the event is set."""
     event = threading.Event()
-    real_build = server.engine.bootstrap.build_engine
+    real_build = bootstrap.build_engine
 
     def build(settings: Settings, metrics: Any, plan: Any = None) -> Any:
         engine = real_build(settings, metrics, plan)
         engine.model = FailingModel(engine.model, event)
         return engine
 
-    monkeypatch.setattr(server.engine.bootstrap, "build_engine", build)
+    monkeypatch.setattr(bootstrap, "build_engine", build)
     return event
 
 

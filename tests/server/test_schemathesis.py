@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.server import schemathesis_hooks as hooks
-from tests.server.conftest import REPO_ROOT, start_server, stop_server
+from tests.server.conftest import start_server, stop_server
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 TIMEOUT_S = 600
@@ -48,7 +48,8 @@ def test_the_server_does_what_its_schema_says(tiny_model_dir: Path, tmp_path: Pa
 def run_schemathesis(url: str, workdir: Path) -> subprocess.CompletedProcess[str]:
     workdir.mkdir()
     command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run", url]
-    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    hooks_dir = Path(__file__).resolve().parent  # not the repo root: its kernels/ shadows HF's
+    path = os.pathsep.join(filter(None, [str(hooks_dir), os.environ.get("PYTHONPATH")]))
     env = os.environ | {"PYTHONPATH": path, "NO_COLOR": "1"}  # PYTHONPATH: to import the hooks
     run = subprocess.run(
         command,

@@ -182,8 +182,8 @@ def test_refusals_name_the_field(server: Server, extra, param) -> None:
 def test_compiled_grammars_are_cached(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same constraint twice (keys in another order) is compiled once; a refused one is
     refused again from the cache with the same message; the cache is bounded."""
-    from server.engine.constraint import GrammarError, Grammars
-    from server.model.tokenizer import Tokenizer
+    from adapterserve.server.engine.constraint import GrammarError, Grammars
+    from adapterserve.server.model.tokenizer import Tokenizer
 
     grammars = Grammars(Tokenizer(tiny_model_dir).hf, 384)
     calls: list[str] = []
