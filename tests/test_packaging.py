@@ -233,8 +233,10 @@ def test_make_serve_s_command_serves_the_default_model(default_model_dir, tmp_pa
 
 
 def make_dry_run(tmp_path: Path) -> str:
+    # Not as a sub-make of `make test` (it would print "Entering directory" lines).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     done = subprocess.run(["make", "-n", "install"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+                          text=True, timeout=60, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
 
