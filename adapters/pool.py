@@ -19,8 +19,9 @@ split); that is a fact of the pool, not of a batch.
 Low-rank stacks come per rank class (`DeltaStacks`): an adapter's weights go to the stack of
 its rank rounded up to a power of two (at least 8), so a rank-8 LoRA is never computed over a
 rank-32 adapter's rows. A stack is allocated the first time an adapter uses it and then kept;
-`structure` counts allocations: the hooks and a compiled step depend on the pool's structure,
-never on which slots a batch uses. Rows beyond a slot's rank stay zero (the ops may compute
+`structure` counts allocations and changes of the activations a stack holds (its `codes`, traced
+into a compiled step): the hooks and a compiled step depend on the pool's structure, never on
+which slots a batch uses. Rows beyond a slot's rank stay zero (the ops may compute
 over them). Memory per post stack: S * R * (in + sum of outs) elements; e.g. SmolLM2-135M, 8
 slots, r16 on every target: about 42M fp32 elements (170 MB).
 
@@ -150,12 +151,23 @@ class DeltaStacks:
                                pool.device, pool.dtype)  # fmt: skip
             self.classes = dict(sorted({**self.classes, bucket: stack}.items()))
             pool.structure += 1
+        codes = stack.codes
         stack.set(i, slot, down, up, scaling, f)
+        self._structure_follows(stack, codes)
 
     def reset(self, slot: int) -> None:
         for stack in self.classes.values():
             if slot in stack.loaded:
+                codes = stack.codes
                 stack.reset(slot)
+                self._structure_follows(stack, codes)
+
+    def _structure_follows(self, stack: DeltaStack, codes_before: tuple[int, ...]) -> None:
+        """A stack's `codes` are traced into a compiled step (whether and which activations
+        run: the Triton kernels' HAS_ACTIVATION, the reference's `activate`), so a change of
+        them is a change of structure: a CUDA graph captured before must not be replayed."""
+        if stack.codes != codes_before:
+            self.pool.structure += 1
 
     @property
     def loaded(self) -> set[int]:
@@ -263,7 +275,9 @@ class AdapterPool:
         self.prompt_embeddings: list[torch.Tensor | None] = [None] * num_slots  # (nvt, hidden)
         self.embed: EmbeddingDeltas | None = None  # LoRA on embed_tokens
         self.head: DeltaStacks | None = None  # LoRA on lm_head
-        self.structure = 0  # bumped whenever a stack (or a stack's rank class) is allocated
+        # bumped whenever a stack (or a stack's rank class) is allocated, and whenever the
+        # activations a stack holds (its `codes`) change
+        self.structure = 0
         # the base model's float weight of (layer, target), for what adapters derive from it
         # (DoRA's norms); set by the server, which owns the model
         self.base_weight: Callable[[int, str], torch.Tensor] | None = None

@@ -42,7 +42,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # siblings; never the root (its ke
 
 from random_adapters import fingerprint_of, random_spec  # noqa: E402
 
-from adapterserve.kernels import AdapterBatch, DeltaWeights, attention, ia3, reference  # noqa: E402
+from adapterserve.kernels import (  # noqa: E402
+    AdapterBatch,
+    DeltaWeights,
+    attention,
+    ia3,
+    ops_for,
+    reference,
+)
 from adapterserve.kernels.reference import Activation  # noqa: E402
 
 # `kernels.bottleneck` the attribute is the dispatching op; the Triton module itself:
@@ -562,6 +569,9 @@ def build_random_model(model_args, dtype: torch.dtype, device: str = "cuda", see
                 param.normal_(0.0, 0.02, generator=g)
         model.inv_freq = rope_inv_freq(model_args).float().to(device)  # a non-persistent buffer
     model.fuse(cpu=device == "cpu")
+    # as the engine's bootstrap does: layers start on the CPU table (reference attention and
+    # KV writes), so without this a CUDA model would time the reference, not the Triton kernels
+    model.use_ops(ops_for(device))
     return model
 
 

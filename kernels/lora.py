@@ -402,8 +402,10 @@ def lora_expand(
     return y
 
 
-@functools.lru_cache(maxsize=256)
+@functools.cache
 def _slice_tensors(offsets: tuple[int, ...], sizes: tuple[int, ...], device: torch.device):
     """Per-slice offsets and sizes on the device, made once per shape (not a host to device
-    copy at every call)."""
+    copy at every call). Kept for the life of the process, never evicted: a captured CUDA graph
+    reads these tensors by address, so freeing one would leave a graph reading freed memory.
+    The keys are the model's fused-site layouts (q|k|v, gate|up, ...): a handful per model."""
     return tuple(torch.tensor(v, dtype=torch.int64, device=device) for v in (offsets, sizes))

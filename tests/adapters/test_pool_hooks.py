@@ -336,3 +336,29 @@ def test_fused_site_equals_target_by_target(setup: Setup):
                     hooks.ops.add_delta(want[:, off : off + size], x, stack.slice(i), batch,
                                         (0,), (size,))  # fmt: skip
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_structure_changes_whenever_a_stack_s_activations_change(setup: Setup):
+    """A compiled step (a CUDA graph) is keyed by `pool.structure`, and whether a stack's
+    activation runs is traced from its `codes`: loading a relu bottleneck into stacks that
+    already exist, or clearing it, must change the structure although nothing is allocated."""
+    pool = AdapterPool(setup.fingerprint, 2, MAX_RANK, "cpu", torch.float32)
+
+    def codes() -> dict[tuple, tuple[int, ...]]:
+        return {(key, stack.rank): stack.codes for table in (pool.post, pool.series_in, pool.series_out)
+                for key, stacks in table.items() for stack in stacks.stacks()}  # fmt: skip
+
+    pool.load(1, setup.specs["parallel"])
+    pool.clear(1)  # its stacks stay allocated, now without the relu
+    quiet = codes()
+    assert not any(quiet.values())
+    for step in ("load", "clear"):
+        before = pool.structure
+        if step == "load":
+            pool.load(1, setup.specs["parallel"])
+        else:
+            pool.clear(1)
+        now = codes()
+        assert now.keys() == quiet.keys(), "nothing was allocated"
+        assert (now != quiet) == (step == "load")
+        assert pool.structure != before, step

@@ -134,6 +134,21 @@ def test_tables_cover_rows(bench):
         bench.parse_ops(["nope"])
 
 
+def test_the_benchmark_model_runs_the_ops_of_its_device(bench, monkeypatch):
+    """Layers start on the CPU op table; the engine's bootstrap hands them `ops_for(device)`,
+    and so must the benchmark's model, or a CUDA run would time the reference attention and KV
+    writes instead of the Triton kernels."""
+    from adapterserve.server.model.llama import ModelArgs, Transformer
+
+    handed = []
+    monkeypatch.setattr(Transformer, "use_ops", lambda self, ops: handed.append(ops))
+    monkeypatch.setattr(bench, "ops_for", lambda device: ("ops for", str(device)))
+    args = ModelArgs(vocab_size=64, dim=16, intermediate_size=32, n_layers=1, n_heads=2,
+                     n_kv_heads=1, head_dim=8)  # fmt: skip
+    bench.build_random_model(args, torch.float32, device="cpu")
+    assert handed == [("ops for", "cpu")]
+
+
 def test_e2e_decode_plumbing(bench):
     """The e2e driver (random model on meta -> device, scheduler, greedy decode) on a tiny model."""
     from adapterserve.server.model.llama import KVCache, ModelArgs

@@ -128,3 +128,15 @@ def test_dispatch_follows_environment(triton_module, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "cuda")
     with pytest.raises(ValueError, match="got 'cuda'"):
         kernels.ops_for(DEVICE)
+
+
+def test_slice_tensors_are_never_evicted(triton_module) -> None:
+    """A captured CUDA graph reads the per-slice offset tensors by address: the cache that owns
+    them must keep every one for the life of the process, however many layouts pass through."""
+    lora = triton_module("lora")
+    first = lora._slice_tensors((0, 64), (64, 32), torch.device("cpu"))
+    for n in range(1, 400):  # more layouts than any bounded cache of a few hundred keeps
+        lora._slice_tensors((0, n), (n, 7), torch.device("cpu"))
+    again = lora._slice_tensors((0, 64), (64, 32), torch.device("cpu"))
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    assert [t.tolist() for t in again] == [[0, 64], [64, 32]]
