@@ -24,6 +24,12 @@ from adapterserve.kernels.batch import AdapterBatch, DeltaWeights
 
 BLOCK_R = 16
 
+# _INT64_NOTE: every kernel turns `slot` and the slice index `n` into int64 before they meet a
+# stride. Each stride fits in int32, but slot * stride need not: an lm_head LoRA's B stack is
+# (1, S, R, vocab), and slot 224 * (64 * 150k) passes 2^31. Triton multiplies two int32s in
+# int32 on the GPU, where it wraps to a wrong address (the interpreter computes in int64, so
+# the CPU tests cannot show it; tests/kernels/test_lora.py reads the compiled TTIR instead).
+
 
 @triton.jit
 def _activate(h, code):
@@ -93,8 +99,8 @@ def _shrink_per_token_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    token, n = tl.program_id(0), tl.program_id(1)
-    slot = tl.load(slot_ids_ptr + token)
+    token, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    slot = tl.load(slot_ids_ptr + token).to(tl.int64)  # int64 offsets: see _INT64_NOTE
     meta = n * stride_pn + tl.maximum(slot, 0)
     rank = tl.load(ranks_ptr + meta)
     rank = tl.where(slot < 0, 0, rank)  # base-model tokens: rank loop empty, zeros stored
@@ -151,11 +157,11 @@ def _shrink_segmented_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    seg, tile, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seg, tile, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     count = tl.load(seg_counts_ptr + seg)
     if tile * BLOCK_T >= count:  # grid is sized by the largest segment
         return
-    slot = tl.load(seg_slots_ptr + seg)
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)  # int64 offsets: see _INT64_NOTE
     meta = n * stride_pn + slot
     rank = tl.load(ranks_ptr + meta)
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -215,8 +221,8 @@ def _expand_per_token_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    token, col_block, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    slot = tl.load(slot_ids_ptr + token)
+    token, col_block, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    slot = tl.load(slot_ids_ptr + token).to(tl.int64)  # int64 offsets: see _INT64_NOTE
     size = tl.load(sizes_ptr + n)
     if (slot < 0) | (col_block * BLOCK_N >= size):  # base-model token / beyond this slice
         return
@@ -276,13 +282,13 @@ def _expand_segmented_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    seg, tile_col, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seg, tile_col, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     tile, col_block = tile_col // col_blocks, tile_col % col_blocks
     count = tl.load(seg_counts_ptr + seg)
     size = tl.load(sizes_ptr + n)
     if (tile * BLOCK_T >= count) | (col_block * BLOCK_N >= size):
         return
-    slot = tl.load(seg_slots_ptr + seg)
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)  # int64 offsets: see _INT64_NOTE
     rank = tl.load(ranks_ptr + n * stride_pn + slot)
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < count

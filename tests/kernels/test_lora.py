@@ -140,3 +140,67 @@ def test_slice_tensors_are_never_evicted(triton_module) -> None:
     again = lora._slice_tensors((0, 64), (64, 32), torch.device("cpu"))
     assert all(a is b for a, b in zip(first, again, strict=True))
     assert [t.tolist() for t in again] == [[0, 64], [64, 32]]
+
+
+COMPILE_FOR_SM90 = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from adapterserve.kernels import lora
+
+INT_PTRS = {"slot_ids_ptr", "seg_slots_ptr", "seg_starts_ptr", "seg_counts_ptr", "order_ptr",
+            "ranks_ptr", "act_ptr"}
+out = {}
+for name in sys.argv[1:]:
+    kernel = getattr(lora, name)
+    signature, constexprs = {}, {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = {"HAS_ACTIVATION": True, "NATIVE_DOT": False}.get(p.name, 16)
+        elif p.name.endswith("_ptr"):
+            signature[p.name] = ("*i32" if p.name in INT_PTRS else
+                                 "*i64" if p.name in ("offsets_ptr", "sizes_ptr") else "*fp32")
+        else:
+            signature[p.name] = "i32"  # every stride fits int32; a product of two need not
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    out[name] = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ttir"]
+json.dump(out, sys.stdout)
+"""
+SLOT_STRIDES = {  # kernel -> the strides a slot index and a slice index multiply
+    "_shrink_per_token_kernel": ("stride_as", "stride_an"),
+    "_shrink_segmented_kernel": ("stride_as", "stride_an"),
+    "_expand_per_token_kernel": ("stride_bs", "stride_bn"),
+    "_expand_segmented_kernel": ("stride_bs", "stride_bn"),
+}
+
+
+def test_slot_offsets_are_int64_in_the_compiled_kernels(triton_module, tmp_path) -> None:
+    """slot * stride passes 2^31 for a large stack (an lm_head LoRA: slot 224 of a
+    (1, S, 64, 150k) B stack). The interpreter computes in int64, so only the code Triton
+    compiles for a GPU shows the width: each kernel is compiled for sm_90 here (no GPU needed)
+    and its TTIR must multiply those strides in int64, never in int32."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    triton_module("lora")
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton has no NVIDIA backend to compile for")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    done = subprocess.run([sys.executable, "-P", "-c", COMPILE_FOR_SM90, *SLOT_STRIDES],
+                          capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ttir = json.loads(done.stdout)
+    for kernel, strides in SLOT_STRIDES.items():
+        lines = ttir[kernel].splitlines()
+        for stride in strides:
+            narrow = [line for line in lines
+                      if "arith.muli" in line and f"%{stride} " in line and ": i32" in line]
+            assert not narrow, (kernel, narrow)
+            assert any(f"arith.extsi %{stride} : i32 to i64" in line for line in lines), kernel
