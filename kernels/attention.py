@@ -15,6 +15,11 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 TILE_ELEMENTS = 8192  # BLOCK_G * BLOCK_N * BLOCK_D held at once in the broadcast product
 MAX_BLOCK_N = 64
+# Above this many tile elements a program runs 8 warps, not 4: compiled for sm_90a, a tile of
+# 8192 at 4 warps spills (MHA d128 BLOCK_N 64: 1140 bytes of spill stores per thread; GQA group 4
+# d64 BLOCK_N 32: 76), and at 8 warps none of the tiles this module picks does.
+# `benchmarks/attention_spills.py` prints the table (BENCHMARKS.md, "Paged attention spills").
+WIDE_TILE = 4096
 MIN_SPLIT_TOKENS = 512  # a split below this many keys costs more in merging than it saves
 
 
@@ -190,8 +195,7 @@ def paged_decode_attention_split(
     if S == 0:
         return out
     group_size = H // kvh
-    BLOCK_G, BLOCK_D = triton.next_power_of_2(group_size), triton.next_power_of_2(d)
-    BLOCK_N = max(1, min(MAX_BLOCK_N, TILE_ELEMENTS // (BLOCK_G * BLOCK_D)))
+    BLOCK_G, BLOCK_N, BLOCK_D, num_warps = launch_config(group_size, d)
     max_len = block_tables.shape[1] * block_size  # bound on ctx without a device sync
     split_len = triton.cdiv(triton.cdiv(max_len, num_splits), BLOCK_N) * BLOCK_N
     split = num_splits > 1
@@ -210,7 +214,7 @@ def paged_decode_attention_split(
         partial.stride(0), partial.stride(1), partial.stride(2),
         lse.stride(0), lse.stride(1),
         scale * LOG2E,
-        BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT=split,
+        BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT=split, num_warps=num_warps,
     )  # fmt: skip
     if split:
         _merge_splits_kernel[(S, H)](
@@ -222,6 +226,14 @@ def paged_decode_attention_split(
             BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
         )  # fmt: skip
     return out
+
+
+def launch_config(group_size: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_G, BLOCK_N, BLOCK_D, num_warps) of the decode kernel for a GQA group and head_dim:
+    a tile of at most TILE_ELEMENTS, and 8 warps for a tile above WIDE_TILE (no spills)."""
+    block_g, block_d = triton.next_power_of_2(group_size), triton.next_power_of_2(head_dim)
+    block_n = max(1, min(MAX_BLOCK_N, TILE_ELEMENTS // (block_g * block_d)))
+    return block_g, block_n, block_d, 8 if block_g * block_n * block_d > WIDE_TILE else 4
 
 
 def _check_shapes(
