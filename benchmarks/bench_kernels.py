@@ -744,6 +744,32 @@ def check_quant_layers(device: str) -> None:
         print(f"quantized layer {name} on {device}: max relative error {max(errors):.1e} (bound {2**-6:.1e})")
 
 
+def time_int8_paths(device: str, rows_list=(1, 4, 16, 64, 256, 1024), features: int = 4096,
+                    timer: Callable[[Callable[[], object]], float] = time_ms) -> list[dict]:  # fmt: skip
+    """One 7B-shaped (4096 x 4096) int8 layer: torch's weight-only kernel vs the bf16 matmul over
+    weights dequantized for the call (what Int8Linear runs on CUDA from CUDA_DEQUANT_ROWS rows)
+    vs plain bf16, by rows; ms per call. Where the kernel stops winning is CUDA_DEQUANT_ROWS."""
+    from adapterserve.server.model.quant import CUDA_DEQUANT_ROWS, Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(features, features, generator=g)
+    layer = Int8Linear.quantize(weight.to(device))
+    dense = layer.dequantize().to(device, torch.bfloat16)
+    table = []
+    for rows in rows_list:
+        x = torch.randn(rows, features, generator=g).to(device, torch.bfloat16)
+        kernel = timer(lambda x=x: torch.ops.aten._weight_int8pack_mm(x, layer.codes, layer.kernel_scales))
+        dequantized = timer(lambda x=x: layer._dequantized_mm(x))
+        bf16 = timer(lambda x=x: x @ dense.t())
+        table.append({"rows": rows, "int8_kernel_ms": kernel, "int8_dequantized_ms": dequantized,
+                      "bf16_ms": bf16, "path": "dequantized" if rows >= CUDA_DEQUANT_ROWS
+                      and device == "cuda" else "kernel"})  # fmt: skip
+        print(f"int8 layer {features}x{features} on {device}, {rows} rows: kernel {kernel:.3f} ms, "
+              f"dequantized {dequantized:.3f} ms, bf16 {bf16:.3f} ms (served: {table[-1]['path']})",
+              flush=True)  # fmt: skip
+    return table
+
+
 def _bench_e2e(args: argparse.Namespace, device: str, quantization: str,
                earlier: list[dict]) -> list[dict]:  # fmt: skip
     from adapterserve.adapters.hooks import PoolHooks
@@ -760,6 +786,8 @@ def _bench_e2e(args: argparse.Namespace, device: str, quantization: str,
     if quantization != "none":
         if not earlier or all(r.get("quantization") == "none" for r in earlier):
             check_quant_layers(device)  # once, before the first quantized run
+        if quantization == "int8" and device == "cuda":
+            time_int8_paths(device)  # where torch's naive CUDA int8 kernel loses (issue 28)
         model.quantize(quantization, {}, torch.device(device))  # from the random float weights
     max_len = E2E_VIRTUAL_TOKENS + prompt_len + output_len
     num_blocks = concurrency * math.ceil(max_len / block_size) + concurrency

@@ -176,6 +176,19 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
 
+# On CUDA, torch's `_weight_int8pack_mm` is a naive kernel (one thread per output, a scalar loop
+# over K, the weights read uncoalesced): fine for a decode row or a few, seconds for a long
+# prefill. From this many rows on (prefill chunks), an int8 layer on CUDA dequantizes its weights
+# to bf16 for the call and multiplies on cuBLAS instead. Where the kernel starts to lose is for
+# a GPU to measure (`bench_kernels.time_int8_paths`, run by benchmarks/run_kernels_gpu.sh).
+CUDA_DEQUANT_ROWS = 16
+
+
+def dequantizes(device_type: str, rows: int) -> bool:
+    """Whether an int8 matmul of `rows` rows on `device_type` takes the dequantized bf16 path."""
+    return device_type == "cuda" and rows >= CUDA_DEQUANT_ROWS
+
+
 class Int8Linear(QuantLinear):
     mode: Mode = "int8"
 
@@ -207,7 +220,14 @@ class Int8Linear(QuantLinear):
         return part
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if dequantizes(x.device.type, x.shape[0]):
+            return self._dequantized_mm(x)
         return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.kernel_scales)
+
+    def _dequantized_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ (codes * scales)^T with the weights in x's dtype for this call (codes are exact in
+        bf16; each product rounds once, as the kernel's output does)."""
+        return x @ (self.codes.to(x.dtype) * self.kernel_scales[:, None].to(x.dtype)).t()
 
     def dequantize(self) -> torch.Tensor:
         return self.codes.float() * self.scales[:, None]

@@ -309,3 +309,13 @@ def test_the_quantized_layer_check_stops_a_broken_kernel(bench, monkeypatch, cap
     monkeypatch.setattr(Int4Linear, "_mm", lambda self, x, sz=None: real(self, x.flip(-1), sz))
     with pytest.raises(AssertionError, match="int4 on cpu"):
         bench.check_quant_layers("cpu")
+
+
+def test_the_int8_paths_table_times_each_path_and_names_the_served_one(bench):
+    """The GPU run's answer to where torch's naive CUDA int8 kernel loses: here on the CPU with
+    a stand-in timer (each path runs once), a small layer."""
+    table = bench.time_int8_paths("cpu", rows_list=(1, 32), features=64, timer=one_call)
+    assert [row["rows"] for row in table] == [1, 32]
+    assert all(row[k] == 1.0 for row in table
+               for k in ("int8_kernel_ms", "int8_dequantized_ms", "bf16_ms"))  # fmt: skip
+    assert {row["path"] for row in table} == {"kernel"}  # only CUDA takes the dequantized path

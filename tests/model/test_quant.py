@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.sampling import SamplingParams
+from adapterserve.server.model import quant
 from adapterserve.server.model.quant import (
     COMPUTE_DTYPE,
     Int4Codes,
@@ -48,18 +49,33 @@ def within_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
     assert err <= BF16_EPS, f"relative error {err:.2e} > {BF16_EPS:.2e}"
 
 
+@pytest.mark.parametrize("path", ["kernel", "dequantized"])
 @pytest.mark.parametrize("rows", [1, 3, 16, 33])
-def test_int8_layer_equals_its_dequantized_weights(rows):
+def test_int8_layer_equals_its_dequantized_weights(rows, path, monkeypatch):
+    """Both int8 paths: torch's weight-only kernel, and the bf16 matmul over weights dequantized
+    for the call that long CUDA prefills take (forced here on the CPU)."""
+    monkeypatch.setattr(quant, "dequantizes", lambda device_type, rows: path == "dequantized")
     g = torch.Generator().manual_seed(rows)
     weight, bias = torch.randn(96, 160, generator=g), torch.randn(96, generator=g)
     layer = Int8Linear.quantize(weight, bias)
     assert layer.codes.dtype == torch.int8 and layer.codes.abs().max() == 127
     effective = layer.codes.double() * layer.kernel_scales.double()[:, None]  # bf16 scales
+    if path == "dequantized":  # its weights are bf16: each code x scale rounded once
+        effective = effective.to(torch.bfloat16).double()
     assert (layer.dequantize() - weight).abs().max() <= layer.scales.max() / 2 + 1e-6  # rounding
     x = torch.randn(rows, 160, generator=g)
     got = layer(x)
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
     within_bf16(got - bias, reference(x, effective))
+
+
+def test_int8_takes_cuda_s_naive_kernel_only_for_a_few_rows():
+    """torch's CUDA int8 weight-only kernel is one thread per output: prefill chunks go through
+    dequantized bf16 weights on CUDA; the CPU kernel (a real one) serves every size."""
+    limit = quant.CUDA_DEQUANT_ROWS
+    assert not quant.dequantizes("cuda", 1) and not quant.dequantizes("cuda", limit - 1)
+    assert quant.dequantizes("cuda", limit) and quant.dequantizes("cuda", 4096)
+    assert not any(quant.dequantizes("cpu", rows) for rows in (1, limit, 4096))
 
 
 @pytest.mark.parametrize(("rows", "group"), [(1, 32), (5, 64), (16, 32), (40, 128)])
