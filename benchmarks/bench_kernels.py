@@ -744,6 +744,53 @@ def check_quant_layers(device: str) -> None:
         print(f"quantized layer {name} on {device}: max relative error {max(errors):.1e} (bound {2**-6:.1e})")
 
 
+# A run's logits through the device's ops against the reference ops on the same model, cache
+# and adapters, relative to the logits' scale. Summation order over 32 bf16 layers stays far
+# below it; a kernel reading the wrong slot, layout or block misses it by an order of magnitude.
+E2E_CHECK_BOUND = 2.0**-4
+
+
+def check_e2e(model, cache, pool, device: str, concurrency: int, prompt_len: int,
+              block_size: int, num_blocks: int, what: str) -> float:  # fmt: skip
+    """Before a run is timed: its first two steps (prefill, one decode) through ops_for(device)
+    (Triton on CUDA) vs the PyTorch reference, up to 6 sequences (every kind of a mixed run).
+    Raises on a miss, so no number is reported for a broken step; returns the relative error."""
+    from adapterserve import kernels
+
+    sequences = min(concurrency, len(E2E_MIXED_KINDS))
+    max_len = E2E_VIRTUAL_TOKENS + prompt_len + 2
+
+    def logits_with(ops) -> list[torch.Tensor]:
+        model.use_ops(ops)
+        forward, seen = step_forward(model, cache, sequences, max_len, pool), []
+
+        def recording(step):
+            logits = forward(step)
+            seen.append(logits.float().cpu())
+            return logits
+
+        run_decode(model, cache, sequences, prompt_len, 2, block_size, num_blocks, pool,
+                   forward=recording)  # fmt: skip
+        return seen
+
+    device_ops = kernels.ops_for(device)
+    try:
+        want = logits_with(kernels.Ops(False))
+    finally:
+        model.use_ops(device_ops)
+    got = logits_with(device_ops)
+    # the decode step compares only when the prefill chose the same tokens
+    steps = 2 if torch.equal(got[0].argmax(-1), want[0].argmax(-1)) else 1
+    error = max(((g - w).abs().max() / w.abs().max().clamp(min=1e-6)).item()
+                for g, w in zip(got[:steps], want[:steps], strict=True))  # fmt: skip
+    if not error <= E2E_CHECK_BOUND:
+        raise AssertionError(f"e2e {what} on {device}: logits through {device_ops} vs the reference: "
+                             f"relative error {error:.2e} > {E2E_CHECK_BOUND:.2e}")
+    print(f"e2e {what} on {device}: logits vs the reference ops, relative error {error:.1e} "
+          f"(bound {E2E_CHECK_BOUND:.1e})", flush=True)  # fmt: skip
+    return error
+
+
 def time_int8_paths(device: str, rows_list=(1, 4, 16, 64, 256, 1024), features: int = 4096,
                     timer: Callable[[Callable[[], object]], float] = time_ms) -> list[dict]:  # fmt: skip
     """One 7B-shaped (4096 x 4096) int8 layer: torch's weight-only kernel vs the bf16 matmul over
@@ -802,6 +849,8 @@ def _bench_e2e(args: argparse.Namespace, device: str, quantization: str,
         pool = None if kinds[run] is None else build_pool(model_args, kinds[run], num_adapters,
                                                            dtype, device)  # fmt: skip
         model.hooks = None if pool is None else PoolHooks(pool)
+        check_e2e(model, cache, pool, device, concurrency, prompt_len, block_size, num_blocks,
+                  f"{run} ({quantization})")  # fmt: skip
         for mode in modes:
             forward = step_forward(model, cache, concurrency, max_len, pool, mode == "compiled")
             # The same run twice: the first compiles (Triton kernels, the compiled step),

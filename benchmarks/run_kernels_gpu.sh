@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command: Triton kernels vs the reference (correctness, then time,
-# bandwidth as a fraction of a device-to-device copy, speedup) and the end-to-end decode of a
-# Llama-2-7B-shaped model: base only vs 64 distinct rank-16 LoRA adapters vs 64 adapters of six
-# kinds, each eager and through the compiled decode step (torch.compile + CUDA graphs per batch
-# bucket; E2E_COMPILE=0 skips it). Needs a CUDA GPU with torch and triton; nothing else (no web
-# stack).
+# The GPU benchmark, staged for a lent GPU's short budget (15 minutes of device time, 10 per
+# command): stages run in the order below, most telling first, each bounded by STAGE_TIMEOUT_S
+# (default 240 s) so that one slow stage cannot eat the rest. Every stage checks its numbers
+# before it times anything (Triton vs the reference per op; the e2e step's logits through the
+# Triton ops vs the reference ops; each quantized layer vs its own dequantized weights) and
+# stops on a miss. Output is appended to $OUT/gpu_stages.log as it comes and each stage writes
+# its JSON when it ends, so a run cut off anywhere still leaves the figures of what finished.
 #
-#   bash benchmarks/run_kernels_gpu.sh              # everything, full tables
-#   QUICK=1 bash benchmarks/run_kernels_gpu.sh      # a few shapes per op
-#   ONLY=lora bash benchmarks/run_kernels_gpu.sh    # one part: lora | others | e2e | quant
+#   bash benchmarks/run_kernels_gpu.sh              # every stage, in order, QUICK tables
+#   STAGE=e2e bash benchmarks/run_kernels_gpu.sh    # one stage (names below)
+#   QUICK=0 bash benchmarks/run_kernels_gpu.sh      # the full kernel tables (lora: 240 cases)
 #
-# quant (issue 14): the same 7B-shaped decode, bf16 vs int8 vs int4 weight-only (projections
-# quantized as --quantization serves them, head int8), base and 64 LoRA, at batch 1 and 32,
-# eager (the CUDA int4/int8 paths have never run: this is their first check; bench_kernels first
-# checks each quantized layer, Q8_0's group-scaled int8 included, against its dequantized
-# weights on the GPU and stops on a miss).
+# Stages, in order:
+#   e2e           Llama-2-7B-shaped decode, eager: base vs 64 rank-16 LoRA vs 64 adapters of six
+#                 kinds (the Triton attention and adapter kernels in the model, issue 28 item 2)
+#   quant1        the same at batch 1, bf16 vs int8 vs int4 weight-only; before int8, the int8
+#                 kernel vs dequantized-bf16 vs bf16 table by rows (where torch's naive CUDA int8
+#                 kernel loses, issue 28 item 4)
+#   others        bottleneck, IA3, paged attention kernels vs the reference
+#   lora          the LoRA shrink/expand kernels vs the reference
+#   quant32       the quantized decode at batch 32
+#   compiled      the e2e runs through torch.compile + CUDA graphs per batch bucket
 #
-# Three separate runs (lora; bottleneck, ia3, attention; e2e), each with its own JSON, so that
-# a machine with a per-command time limit (10 minutes on the lent device machines) can take
-# them one call each with ONLY=... (the full lora table is the longest; QUICK=1 shortens it).
 # Interpreter: $PYTHON, else .venv/bin/python when its torch sees a GPU, else python3 (on the
-# lent device machines, python3 holds CUDA torch and triton). JSON goes to $OUT (the device
+# lent device machines, python3 holds CUDA torch and triton). Output goes to $OUT (the device
 # tool's folder) or bench-results/.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+set -uo pipefail
+script="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$script")/.."
 if [[ -z "${PYTHON:-}" ]]; then
   PYTHON=python3
   if [[ -x .venv/bin/python ]] && .venv/bin/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
@@ -31,29 +35,53 @@ if [[ -z "${PYTHON:-}" ]]; then
   fi
 fi
 dest=${OUT:-bench-results}
+export PYTHON OUT=$dest
 mkdir -p "$dest"
+log="$dest/gpu_stages.log"
 export PYTHONUNBUFFERED=1
+STAGES=(e2e quant1 others lora quant32 compiled)
 quick=()
-[[ -n "${QUICK:-}" ]] && quick=(--quick)
-only=${ONLY:-all}
-case "$only" in all|lora|others|e2e|quant) ;; *) echo "ONLY must be lora, others, e2e or quant" >&2; exit 2 ;; esac
-if [[ "$only" == all || "$only" == lora ]]; then
-  "$PYTHON" benchmarks/bench_kernels.py --ops lora --dtype bfloat16 "${quick[@]}" \
-    --json "$dest/kernels_lora.json"
+[[ "${QUICK:-1}" != 0 ]] && quick=(--quick)
+limit=${STAGE_TIMEOUT_S:-240}
+stage=${STAGE:-${ONLY:-all}}
+if [[ "$stage" != all && ! " ${STAGES[*]} " =~ " $stage " ]]; then
+  echo "STAGE must be one of: ${STAGES[*]} (or unset for all, in that order)" >&2
+  exit 2
 fi
-if [[ "$only" == all || "$only" == others ]]; then
-  "$PYTHON" benchmarks/bench_kernels.py --ops bottleneck ia3 attention --dtype bfloat16 \
-    "${quick[@]}" --json "$dest/kernels_others.json"
+
+bench() { "$PYTHON" benchmarks/bench_kernels.py "$@"; }
+run_stage() {
+  case "$1" in
+    e2e) bench --ops e2e --e2e-runs base lora64 mixed --json "$dest/kernels_e2e.json" ;;
+    quant1) bench --ops e2e --e2e-runs base lora64 --e2e-concurrency 1 \
+              --e2e-quantization none int8 int4 --json "$dest/quant_e2e_c1.json" ;;
+    others) bench --ops bottleneck ia3 attention --dtype bfloat16 "${quick[@]}" \
+              --json "$dest/kernels_others.json" ;;
+    lora) bench --ops lora --dtype bfloat16 "${quick[@]}" --json "$dest/kernels_lora.json" ;;
+    quant32) bench --ops e2e --e2e-runs base lora64 --e2e-concurrency 32 \
+               --e2e-quantization none int8 int4 --json "$dest/quant_e2e_c32.json" ;;
+    compiled) bench --ops e2e --e2e-runs base lora64 mixed --e2e-compile \
+                --json "$dest/kernels_e2e_compiled.json" ;;
+  esac
+}
+
+if [[ "${1:-}" == __stage ]]; then  # one stage, in a child that `timeout` can stop whole
+  run_stage "$2"
+  exit $?
 fi
-if [[ "$only" == all || "$only" == e2e ]]; then
-  compile=(--e2e-compile)
-  [[ "${E2E_COMPILE:-1}" == 0 ]] && compile=()
-  "$PYTHON" benchmarks/bench_kernels.py --ops e2e --e2e-runs base lora64 mixed "${compile[@]}" \
-    --json "$dest/kernels_e2e.json"
-fi
-if [[ "$only" == all || "$only" == quant ]]; then
-  for conc in 1 32; do
-    "$PYTHON" benchmarks/bench_kernels.py --ops e2e --e2e-runs base lora64 --e2e-concurrency "$conc" \
-      --e2e-quantization none int8 int4 --json "$dest/quant_e2e_c$conc.json"
-  done
-fi
+
+echo "GPU stages, in order: ${STAGES[*]} (each at most ${limit} s; STAGE=name runs one)" | tee -a "$log"
+failed=0
+for name in "${STAGES[@]}"; do
+  [[ "$stage" != all && "$stage" != "$name" ]] && continue
+  echo "=== stage $name ($(date -u +%H:%M:%S))" | tee -a "$log"
+  start=$SECONDS
+  timeout --signal=INT --kill-after=15 "$limit" bash "$script" __stage "$name" 2>&1 | tee -a "$log"
+  status=${PIPESTATUS[0]}
+  case "$status" in
+    0) echo "=== stage $name done in $((SECONDS - start)) s" | tee -a "$log" ;;
+    124|130|137) echo "=== stage $name cut off at ${limit} s (status $status)" | tee -a "$log"; failed=1 ;;
+    *) echo "=== stage $name FAILED (status $status): its check or run stopped it" | tee -a "$log"; failed=1 ;;
+  esac
+done
+exit "$failed"

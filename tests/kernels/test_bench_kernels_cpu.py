@@ -319,3 +319,67 @@ def test_the_int8_paths_table_times_each_path_and_names_the_served_one(bench):
     assert all(row[k] == 1.0 for row in table
                for k in ("int8_kernel_ms", "int8_dequantized_ms", "bf16_ms"))  # fmt: skip
     assert {row["path"] for row in table} == {"kernel"}  # only CUDA takes the dequantized path
+
+
+def e2e_setup(bench):
+    from adapterserve.adapters.hooks import PoolHooks
+    from adapterserve.server.model.llama import KVCache, ModelArgs
+
+    args = ModelArgs(vocab_size=160, dim=32, intermediate_size=64, n_layers=2, n_heads=4,
+                     n_kv_heads=2, head_dim=8)  # fmt: skip
+    model = bench.build_random_model(args, torch.float32, device="cpu")
+    pool = bench.build_pool(args, bench.E2E_MIXED_KINDS, 6, torch.float32, "cpu")
+    model.hooks = PoolHooks(pool)
+    block_size, prompt_len = 16, 5
+    max_len = bench.E2E_VIRTUAL_TOKENS + prompt_len + 2
+    num_blocks = 6 * -(-max_len // block_size) + 6
+    cache = KVCache(args, num_blocks, block_size, torch.float32, "cpu")
+    return model, cache, pool, (6, prompt_len, block_size, num_blocks)
+
+
+def test_the_e2e_check_compares_the_triton_step_with_the_reference(bench, monkeypatch):
+    """Before an e2e run is timed, its first steps through the device's ops (here Triton, in the
+    interpreter) must equal the reference ops' on every kind of a mixed run; a broken kernel
+    (attention returning zeros) stops the run."""
+    model, cache, pool, sizes = e2e_setup(bench)
+    monkeypatch.setenv("ADAPTERSERVE_KERNELS", "triton")  # ops_for("cpu") is then Triton
+    error = bench.check_e2e(model, cache, pool, "cpu", *sizes, "mixed")
+    assert error < 1e-4  # fp32: summation order only
+    attention = importlib.import_module("adapterserve.kernels.attention")
+    monkeypatch.setattr(attention, "paged_decode_attention",
+                        lambda q, *args: torch.zeros_like(q))  # fmt: skip
+    with pytest.raises(AssertionError, match="relative error"):
+        bench.check_e2e(model, cache, pool, "cpu", *sizes, "mixed")
+
+
+def test_the_gpu_script_runs_bounded_stages_in_order_and_keeps_what_finished(tmp_path):
+    """benchmarks/run_kernels_gpu.sh with a stand-in interpreter: every stage runs in the
+    printed order, QUICK by default; a stage past its time is cut off and the next ones still
+    run; the log holds each stage's output as it came."""
+    import subprocess
+
+    stub = tmp_path / "python"
+    stub.write_text("#!/usr/bin/env bash\n"
+                    'echo "bench $*"\n'
+                    'if [[ " $* " == *" lora "* ]]; then sleep 30; fi\n')  # fmt: skip
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"),
+           "STAGE_TIMEOUT_S": "3"}  # fmt: skip
+    env.pop("QUICK", None)
+    done = subprocess.run(["bash", str(SCRIPT.with_name("run_kernels_gpu.sh"))], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1, done.stderr  # one stage cut off
+    log = (tmp_path / "out" / "gpu_stages.log").read_text()
+    order = ["e2e", "quant1", "others", "lora", "quant32", "compiled"]
+    assert log.splitlines()[0].startswith(f"GPU stages, in order: {' '.join(order)}")
+    starts = [line.split()[2] for line in log.splitlines() if line.startswith("=== stage ")
+              and "(" in line and "done" not in line and "cut off" not in line]  # fmt: skip
+    assert starts == order, log
+    assert "=== stage lora cut off at 3 s" in log, log
+    assert "=== stage compiled done" in log, log
+    benches = [line for line in log.splitlines() if line.startswith("bench ")]
+    assert "--ops lora --dtype bfloat16 --quick" in benches[3], benches
+    assert "--e2e-quantization none int8 int4" in benches[1] and "--e2e-compile" in benches[-1]
+    one = subprocess.run(["bash", str(SCRIPT.with_name("run_kernels_gpu.sh"))],
+                         env={**env, "STAGE": "nope"}, capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 2 and "STAGE must be one of" in one.stderr
