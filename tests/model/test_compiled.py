@@ -156,3 +156,34 @@ def test_a_failing_compiled_step_falls_back_to_eager(
     got, engine = engine_tokens(tiny_model_dir, tmp_path / "broken", "on", prompts)
     assert got == eager and engine.compiled is None
     assert sum("running eagerly from now on" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("buckets", [None, (3, 8)], ids=["dynamic", "padded"])
+def test_an_activation_adapter_loaded_into_a_warm_rank_class(setup: Setup, buckets) -> None:  # noqa: F811
+    """The step is compiled (and, padded, bucketed as CUDA graphs are) while its rank classes
+    hold only a LoRA; then a relu bottleneck joins the same classes: the compiled step must apply
+    its activation, as the eager one does (on CUDA a graph replayed from before would not: the
+    pool's structure changes with the stacks' activations, issue 28)."""
+    import dataclasses
+
+    from adapterserve.adapters.hooks import PoolHooks
+    from adapterserve.adapters.pool import AdapterPool
+
+    pool = AdapterPool(setup.fingerprint, 2, setup.pool.max_rank, "cpu", torch.float32)
+    pool.load(0, setup.specs["parallel"])
+    pool.clear(0)  # its stacks stay allocated: the relu leaves them
+    pool.load(0, setup.specs["lora-attn-patterns"])
+    saved = setup.model.hooks
+    setup.model.hooks = PoolHooks(pool)
+    try:
+        decoder = Decoder(dataclasses.replace(setup, pool=pool), buckets)
+        vocab = setup.model.args.vocab_size
+        decoder.add(prompt(60, 4, vocab), 0, "lora")
+        assert sum(decoder.step() for _ in range(4)) >= 3  # compiled and compared, LoRA only
+        structure = pool.structure
+        pool.load(1, setup.specs["parallel"])
+        assert pool.structure != structure
+        decoder.add(prompt(61, 4, vocab), 1, "relu")
+        assert sum(decoder.step() for _ in range(6)) >= 8  # both rows, compared
+    finally:
+        setup.model.hooks = saved
