@@ -50,10 +50,11 @@ MAX_CONFIG_BYTES = 1 << 20
 # what json.loads parses before the entries are counted (a 20 MB header of 300k zero-size
 # tensors took 7-8 s to refuse and stalled a concurrent stream for 2 s).
 MAX_HEADER_BYTES = 4 << 20
-# Tensors per projection any format stores (LoRA A/B, bottleneck down/up; IA3 has one, prefix and
-# prompt tuning one in all), and slack. The tensor cap is derived from the base (max_tensors)
-# rather than fixed, so that it stays exact for small and large models alike.
-TENSORS_PER_PROJECTION = 2
+# Tensors per projection any format stores (DoRA: A, B and the magnitude vector; LoRA A/B,
+# bottleneck down/up; IA3 has one, prefix and prompt tuning one in all), and slack. The tensor
+# cap is derived from the base (max_tensors) rather than fixed, so that it stays exact for small
+# and large models alike.
+TENSORS_PER_PROJECTION = 3
 TENSOR_SLACK = 8
 MAX_WEIGHTS_BYTES = 4 << 30
 

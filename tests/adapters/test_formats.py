@@ -32,6 +32,7 @@ from tests.adapters.conftest import (
     bottleneck_config,
     bottleneck_tensors,
     save_peft_adapter,
+    tiny_llama,
     write_adapter,
 )
 
@@ -656,7 +657,7 @@ def test_tensor_count_is_capped_before_the_entries_are_read(tmp_path, fingerprin
 
     monkeypatch.setattr(adapter_formats, "check_header_entries", never)
     cap = max_tensors(fingerprint)
-    assert cap == 2 * 7 * 2 + 8  # layers * projections * (A, B) + slack
+    assert cap == 2 * 7 * 3 + 8  # layers * projections * (DoRA's A, B, magnitude) + slack
     directory = raw_weights(tmp_path / "a", zero_size_tensors(20_000), b"")
     with pytest.raises(AdapterFormatError) as caught:
         load_adapter(directory, "a", fingerprint, 8)
@@ -842,3 +843,21 @@ def test_dora_reads_magnitudes_against_the_base_weights(tmp_path: Path, fingerpr
     stray = lora_dir(tmp_path / "stray", fingerprint, tensors=with_magnitudes((64,)))  # no use_dora
     with pytest.raises(AdapterFormatError, match="lora_magnitude_vector"):
         load_adapter(stray, "lora", fingerprint, max_rank=8, base_weight=base_weight)
+
+
+def test_dora_on_every_projection_of_every_layer_fits_the_tensor_cap(tmp_path, fingerprint):
+    """DoRA stores three tensors per projection (A, B and the magnitude vector): an adapter on
+    all 7 projections of every layer was refused by the header's tensor cap (2 per projection)."""
+    peft = pytest.importorskip("peft")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=targets)
+    directory, _ = save_peft_adapter(tmp_path / "dora", config)
+    with safetensors.safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
+        assert len(list(f.keys())) == fingerprint.num_layers * len(targets) * 3
+    base = tiny_llama(0).state_dict()  # the base save_peft_adapter put the adapter on
+
+    def base_weight(layer: int, target: str) -> torch.Tensor:
+        return base[f"model.layers.{layer}.{SHORT[target]}.weight"]
+
+    spec = load_adapter(directory, "dora", fingerprint, 8, base_weight=base_weight)
+    assert len(spec.modules) == fingerprint.num_layers * len(targets)
