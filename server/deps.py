@@ -9,7 +9,12 @@ from fastapi import Request
 from adapterserve.adapters.errors import UnknownAdapterError
 from adapterserve.server.config import Settings
 from adapterserve.server.errors import APIError, model_not_found
-from adapterserve.server.guards import bearer_token, check_key, key_fingerprint, key_matches
+from adapterserve.server.guards import (
+    bearer_token,
+    check_admin_key,
+    key_fingerprint,
+    key_matches,
+)
 from adapterserve.server.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -31,9 +36,7 @@ def get_metrics(request: Request) -> Metrics:
 def require_admin_key(request: Request) -> None:
     """Admin routes (adapter upload, delete, load/unload, datasets) need the admin key if one
     is set; otherwise the ordinary API key, which RequestGuard already checked."""
-    admin_key = get_settings(request).admin_api_key
-    if admin_key is not None:
-        check_key(request.headers, (admin_key,))
+    check_admin_key(request.headers, get_settings(request))
 
 
 def is_admin(request: Request) -> bool:

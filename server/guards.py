@@ -4,7 +4,8 @@
    the console's static files under `/ui` and the redirect to them at `/`, which hold no data:
    the page asks its user for the key).
    Checked before routing, so that a client without a key learns nothing about the routes (no
-   404 / 405 before 401). Admin routes also need the admin key (`deps.require_admin_key`).
+   404 / 405 before 401). Admin routes also need the admin key (`deps.require_admin_key`,
+   checked here too, before the content type): a valid user key without that role is a 403.
 2. **Content type by route**, from the headers alone: a JSON route takes `application/json`
    (or `+json`, or no content type), the adapter upload takes `multipart/form-data`; anything
    else is a 415 before a byte of the body is read.
@@ -76,6 +77,24 @@ def check_key(headers: Headers, keys: tuple[str | None, ...]) -> None:
         raise unauthorized("Invalid API key.")
 
 
+def forbidden(message: str) -> APIError:
+    return APIError(403, message, "permission_error", code="admin_key_required")
+
+
+def check_admin_key(headers: Headers, settings: Settings) -> None:
+    """An admin route with an admin key configured: that key, else 403 for a valid user key
+    (it is a key, without the role) and 401 for anything else."""
+    if settings.admin_api_key is None:
+        return
+    token = bearer_token(headers)
+    if token is not None and key_matches(token, settings.admin_api_key):
+        return
+    if token is not None and any([key_matches(token, key) for key in settings.user_keys]):
+        raise forbidden("This key may not change adapters, datasets or other shared state: "
+                        "send the admin key ('Authorization: Bearer <admin key>').")  # fmt: skip
+    check_key(headers, (settings.admin_api_key,))  # 401: missing or not a key of ours
+
+
 def public_paths(settings: Settings) -> frozenset[str]:
     return frozenset({"/health"} if settings.ready_requires_key else {"/health", "/ready"})
 
@@ -84,6 +103,16 @@ def public_paths(settings: Settings) -> frozenset[str]:
 
 
 BodyRoute = tuple[re.Pattern, frozenset[str], str]  # path regex, methods, 'json' | 'multipart'
+
+
+Route = tuple[re.Pattern, frozenset[str]]  # path regex, methods
+
+
+def routes_depending_on(routes: Iterable[Any], dependency: Any) -> list[Route]:
+    """The APIRoutes among `routes` that declare `dependency` (e.g. the admin key's check)."""
+    return [(route.path_regex, frozenset(route.methods)) for route in routes
+            if any(d.call is dependency for d in getattr(getattr(route, "dependant", None),
+                                                         "dependencies", ()))]  # fmt: skip
 
 
 def body_routes(routes: Iterable[Any]) -> list[BodyRoute]:
@@ -98,8 +127,10 @@ def body_routes(routes: Iterable[Any]) -> list[BodyRoute]:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, settings: Settings, routes: list[BodyRoute]) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, routes: list[BodyRoute],
+                 admin_routes: list[Route] = ()) -> None:  # fmt: skip
         self.app, self.settings, self.routes = app, settings, routes
+        self.admin_routes = list(admin_routes)
         self.public = public_paths(settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -121,6 +152,9 @@ class RequestGuard:
         path = scope["path"]
         if path not in self.public and not is_console_path(path) and settings.user_keys:
             check_key(headers, (*settings.user_keys, settings.admin_api_key))
+        if any(scope["method"] in methods and regex.match(path)
+               for regex, methods in self.admin_routes):  # fmt: skip
+            check_admin_key(headers, settings)  # the role before the content type (403, 415)
         kind = self._body_kind(scope)
         if kind is None:
             return receive

@@ -17,10 +17,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from adapterserve.server import console
 from adapterserve.server.config import Settings
+from adapterserve.server.deps import require_admin_key
 from adapterserve.server.engine.bootstrap import EnginePlan, running_engine
 from adapterserve.server.errors import install_error_handlers
 from adapterserve.server.evaluation.runner import build_runner
-from adapterserve.server.guards import RequestGuard, body_routes
+from adapterserve.server.guards import RequestGuard, body_routes, routes_depending_on
 from adapterserve.server.metrics import Metrics
 from adapterserve.server.routers import adapters, chat, completions, health, models, tokenize
 from adapterserve.server.routers import evaluations as evaluations_router
@@ -72,9 +73,10 @@ def create_app(
         app.include_router(router)
     _add_docs_routes(app)
     app.include_router(console.build_router())  # the web console at /ui, linked from /
-    routes = body_routes(route for router in routers for route in router.routes)
-    # keys, content types, body caps and stalls, before routing
-    app.add_middleware(RequestGuard, settings=settings, routes=routes)
+    every_route = [route for router in routers for route in router.routes]
+    # keys (the admin key's role too), content types, body caps and stalls, before routing
+    app.add_middleware(RequestGuard, settings=settings, routes=body_routes(every_route),
+                       admin_routes=routes_depending_on(every_route, require_admin_key))  # fmt: skip
     return app
 
 

@@ -193,7 +193,7 @@ def _store_upload(
     "/v1/adapters",
     response_model=AdapterUploadCard,
     status_code=201,
-    responses=error_responses(409, 503),
+    responses=error_responses(403, 409, 503),
     dependencies=admin,
     openapi_extra=UPLOAD_BODY,
 )
@@ -248,7 +248,7 @@ async def get_adapter(
 @router.delete(
     "/v1/adapters/{name}",
     response_model=AdapterCard,
-    responses=error_responses(404, 503),
+    responses=error_responses(403, 404, 503),
     dependencies=admin,
 )
 async def delete_adapter(
@@ -319,7 +319,7 @@ async def load_lora_adapter(
 @router.post(
     "/v1/unload_lora_adapter",
     response_class=PlainTextResponse,
-    responses={**PLAIN_TEXT_OK, **error_responses(404, 503)},
+    responses={**PLAIN_TEXT_OK, **error_responses(403, 404, 503)},
     dependencies=admin,
 )
 async def unload_lora_adapter(

@@ -98,7 +98,7 @@ async def list_datasets(runner: EvaluationRunner = Depends(get_runner)) -> JSONR
     "/v1/datasets",
     status_code=201,
     response_model=DatasetInfo,
-    responses=error_responses(409),
+    responses=error_responses(403, 409),
     dependencies=[Depends(require_admin_key)],
 )
 async def register_dataset(
@@ -120,7 +120,7 @@ async def register_dataset(
 @router.delete(
     "/v1/datasets/{name}",
     response_model=DatasetInfo,
-    responses=error_responses(404, 409),
+    responses=error_responses(403, 404, 409),
     dependencies=[Depends(require_admin_key)],
 )
 async def delete_dataset(name: str, runner: EvaluationRunner = Depends(get_runner)) -> JSONResponse:

@@ -277,3 +277,28 @@ def test_only_the_creating_key_or_the_admin_cancels_a_job(keyed_app: TestClient)
     assert own.status_code == 200 and own.json()["status"] == "cancelled"
     admin = keyed_app.delete(f"/v1/evaluations/{second}", headers=as_key("root-key"))
     assert admin.status_code == 200 and admin.json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs"),
+    [
+        ("POST", "/v1/adapters", {"json": {"name": "x"}}),  # not multipart: 415 came first
+        ("DELETE", "/v1/adapters/nothing", {}),
+        ("POST", "/v1/load_lora_adapter", {"json": {"lora_name": "x", "lora_path": "/x"}}),
+        ("POST", "/v1/datasets", {"json": {"name": "x"}}),
+    ],
+    ids=["upload", "delete", "load", "dataset"],
+)
+def test_a_user_key_on_an_admin_route_is_403_before_anything_else(keyed_app: TestClient, method,
+                                                                   path, kwargs) -> None:  # fmt: skip
+    """A valid key without the admin role: 403 permission_error (it was 401 "Invalid API key",
+    or 415 for an upload sent as JSON). No key, or not a key of ours: 401. The admin key passes
+    the guard (whatever the route then answers)."""
+    user = keyed_app.request(method, path, headers=as_key("bob-key"), **kwargs)
+    assert user.status_code == 403, user.text
+    assert user.json()["error"]["type"] == "permission_error"
+    assert "admin key" in user.json()["error"]["message"]
+    for key in (None, "nobody"):
+        assert keyed_app.request(method, path, headers=as_key(key), **kwargs).status_code == 401
+    admin = keyed_app.request(method, path, headers=as_key("root-key"), **kwargs)
+    assert admin.status_code != 401 and "admin key" not in admin.text, admin.text

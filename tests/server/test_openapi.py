@@ -91,12 +91,12 @@ STATUSES = {
     ("post", CHAT): BODY | {200, 404, 503},
     ("get", "/v1/models"): COMMON | {200},
     ("get", "/v1/models/{model_id}"): COMMON | {200, 404},
-    ("post", "/v1/adapters"): BODY | {201, 409, 503},
+    ("post", "/v1/adapters"): BODY | {201, 403, 409, 503},  # 403: a user key, not the admin
     ("get", "/v1/adapters"): COMMON | {200, 503},
     ("get", "/v1/adapters/{name}"): COMMON | {200, 404, 503},
-    ("delete", "/v1/adapters/{name}"): COMMON | {200, 404, 503},
+    ("delete", "/v1/adapters/{name}"): COMMON | {200, 403, 404, 503},
     ("post", "/v1/load_lora_adapter"): BODY | {200, 403, 404, 409, 503},
-    ("post", "/v1/unload_lora_adapter"): BODY | {200, 404, 503},
+    ("post", "/v1/unload_lora_adapter"): BODY | {200, 403, 404, 503},
     ("get", "/health"): {200, 500, 503},
     ("get", "/ready"): {200, 500, 503},  # public: load balancers probe it without a key
     ("get", "/metrics"): COMMON | {200},
@@ -106,8 +106,8 @@ STATUSES = {
     ("delete", "/v1/evaluations/{job_id}"): COMMON | {200, 403, 404},  # 403: not its creator
     ("get", "/v1/evaluations/{job_id}/results"): COMMON | {200, 404},
     ("get", "/v1/datasets"): COMMON | {200},
-    ("post", "/v1/datasets"): BODY | {201, 409},
-    ("delete", "/v1/datasets/{name}"): COMMON | {200, 404, 409},  # 409: built-in, or in use
+    ("post", "/v1/datasets"): BODY | {201, 403, 409},
+    ("delete", "/v1/datasets/{name}"): COMMON | {200, 403, 404, 409},  # 409: built-in, or in use
     ("post", "/tokenize"): BODY | {200, 404},
     ("post", "/detokenize"): BODY | {200, 404},
     ("get", "/tokenizer_info"): COMMON | {200},

@@ -40,9 +40,22 @@ export function errorMessage(status, text) {
   return text || `HTTP ${status}`;
 }
 
+// A 403 whose code is admin_key_required: a valid key without the admin role (an upload, a
+// delete): the key panel asks for another key, as for a 401.
+function needsAnotherKey(status, text) {
+  if (status === 401) return true;
+  if (status !== 403) return false;
+  try {
+    const body = JSON.parse(text);
+    return Boolean(body && body.error && body.error.code === 'admin_key_required');
+  } catch {
+    return false;
+  }
+}
+
 function failure(status, text) {
   const error = new ApiError(status, errorMessage(status, text));
-  if (status === 401) unauthorized(error.message);
+  if (needsAnotherKey(status, text)) unauthorized(error.message);
   return error;
 }
 
