@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     )
     max_n: int = Field(16, ge=1, le=128, description="cap on `n` choices per request")
     max_prompt_chars: int = Field(1_000_000, ge=1, description="prompt character cap, checked before tokenizing")
+    grammar_workers: int = Field(
+        2, ge=1, le=64, description="processes that compile client grammars (the grammar sandbox)"
+    )
+    grammar_timeout_s: float = Field(
+        2.0, gt=0, description="seconds one client grammar may take to compile; past it a 400"
+    )
+    grammar_memory_mb: int = Field(
+        1024, ge=64, description="memory a grammar sandbox worker may take for one compile (RLIMIT_AS)"
+    )
     max_request_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="JSON body cap")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header on 503")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="drain time for in-flight requests on SIGTERM")

@@ -27,7 +27,7 @@ from jinja2 import TemplateError
 from starlette.types import Receive, Scope, Send
 
 from adapterserve.server.config import Settings
-from adapterserve.server.engine.constraint import GrammarError
+from adapterserve.server.engine.constraint import GrammarError, GrammarUnavailable
 from adapterserve.server.engine.engine import Engine, RequestStream
 from adapterserve.server.engine.errors import EngineDeadError, EngineError, EngineFailure
 from adapterserve.server.engine.output import RequestOutput
@@ -203,6 +203,45 @@ def beam_params(params: SamplingParams, body: SamplingFields, width: int) -> Sam
     )  # fmt: skip
 
 
+# Texts up to this many characters are tokenized on the event loop (well under a millisecond);
+# longer ones on a worker thread (the tokenizer drops the GIL), so no stream waits for them.
+INLINE_TOKENIZE_CHARS = 8192
+
+
+def prompt_char_cap(settings: Settings, engine: Engine) -> int:
+    """The most characters a prompt may have: --max-prompt-chars, and no more than the context
+    can hold at the longest token's length (Tokenizer.max_token_chars), so a prompt that cannot
+    fit is refused before it is tokenized."""
+    return min(settings.max_prompt_chars, engine.max_model_len * engine.tokenizer.max_token_chars)
+
+
+def check_prompt_chars(
+    count: int, settings: Settings, engine: Engine, param: str, longest: int | None = None
+) -> None:
+    """A 400 before any tokenizing for `count` characters (a request's text, all its prompts
+    together) over --max-prompt-chars, or for one prompt (`longest`, default all of it) that
+    the context cannot hold."""
+    if count > settings.max_prompt_chars:
+        raise invalid_request(
+            f"The {param} has {count} characters; this server accepts at most "
+            f"{settings.max_prompt_chars}.", param,
+        )  # fmt: skip
+    per_token, longest = engine.tokenizer.max_token_chars, count if longest is None else longest
+    if longest > engine.max_model_len * per_token:
+        raise invalid_request(
+            f"The {param} has {longest} characters: more than this model's maximum context length "
+            f"of {engine.max_model_len} tokens can hold (a token is at most {per_token} "
+            "characters). Shorten it.", param, "context_length_exceeded",
+        )  # fmt: skip
+
+
+async def off_loop(work: Callable[[], Any], chars: int) -> Any:
+    """Run tokenizer `work` over `chars` characters: inline when short, else on a thread."""
+    if chars <= INLINE_TOKENIZE_CHARS:
+        return work()
+    return await asyncio.to_thread(work)
+
+
 def check_context(
     num_prompt_tokens: int,
     max_tokens: int,
@@ -276,9 +315,10 @@ async def submit(
 ) -> list[RequestStream]:  # fmt: skip
     """Add every job to the engine, or none (check_capacity refused what can never fit); with a
     structured-output `grammar`, each job gets its own matcher."""
-    if grammar is not None:
-        jobs = [dataclasses.replace(job, params=dataclasses.replace(
-            job.params, constraint=engine.grammars.constraint(grammar))) for job in jobs]  # fmt: skip
+    if grammar is not None:  # matchers built off the event loop (a big grammar takes a while)
+        constraints = await engine.grammars.constraints_async(grammar, len(jobs))
+        jobs = [dataclasses.replace(job, params=dataclasses.replace(job.params, constraint=c))
+                for job, c in zip(jobs, constraints, strict=True)]  # fmt: skip
     requests = [(job.prompt_ids, job.params, f"{request_id}-{job.index}") for job in jobs]
     try:
         streams = engine.add_requests(requests, model=request.state.model)
@@ -513,13 +553,17 @@ class EventStreamResponse(StreamingResponse):
             log.info("stream ended early: %r", sender.exception())
 
 
-def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, engine: Engine,
-                add_special_tokens: bool = False) -> list[int]:  # fmt: skip
+async def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, engine: Engine,
+                      add_special_tokens: bool = False) -> list[int]:  # fmt: skip
     """Token ids of a conversation through the model's own chat template (never a request's),
-    as /v1/chat/completions and /tokenize render it; a template that refuses it is a 400."""
+    as /v1/chat/completions and /tokenize render it; a template that refuses it is a 400.
+    Long conversations render and tokenize off the event loop (check_prompt_chars first)."""
     plain = [{"role": ROLE_ALIASES.get(m.role, m.role), "content": m.text} for m in messages]
+    chars = sum(len(m["content"]) for m in plain)
     try:
-        return engine.tokenizer.encode_chat(plain, add_generation_prompt, add_special_tokens)
+        return await off_loop(
+            lambda: engine.tokenizer.encode_chat(plain, add_generation_prompt, add_special_tokens), chars
+        )  # fmt: skip
     except (ValueError, TemplateError) as exc:
         raise invalid_request(
             f"The messages cannot be rendered with this model's chat template: {str(exc)[:200]}",
@@ -531,11 +575,13 @@ GUIDED = (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_ch
           ("guided_grammar", "grammar"))  # fmt: skip
 
 
-def constraint_grammar(body: SamplingFields, engine: Engine, beam: bool = False) -> str | None:
+async def constraint_grammar(body: SamplingFields, engine: Engine, beam: bool = False) -> str | None:
     """The request's structured-output grammar (response_format or one guided_* field),
-    compiled and checked against the model's tokenizer here, before anything is submitted: a
-    second constraint, one beam search or min_tokens cannot honour, or a grammar that does not
-    compile is a 400 naming the field."""
+    compiled and checked against the model's tokenizer in the grammar sandbox
+    (server/engine/constraint.py), before anything is submitted: a second constraint, one
+    beam search or min_tokens cannot honour, or a grammar that does not compile, crashes the
+    compiler or overruns its deadline is a 400 naming the field; a sandbox that cannot start
+    is a 503."""
     found = []
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_object":
@@ -558,6 +604,9 @@ def constraint_grammar(body: SamplingFields, engine: Engine, beam: bool = False)
             "ends.", "min_tokens",
         )  # fmt: skip
     try:
-        return engine.grammars.compile(kind, spec)
+        return await engine.grammars.compile_async(kind, spec)
     except GrammarError as exc:
         raise invalid_request(f"{param} cannot be compiled: {exc}", param) from None
+    except GrammarUnavailable as exc:
+        raise APIError(503, f"Structured outputs are unavailable for now: {exc}.",
+                       code="grammar_sandbox_unavailable", headers={"Retry-After": "5"}) from None  # fmt: skip

@@ -37,7 +37,7 @@ from adapterserve.adapters.store import AdapterStore
 from adapterserve.server.cluster.reports import AdapterState, Report, read_reports
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.bootstrap import EnginePlan, eos_ids, plan_engine
-from adapterserve.server.engine.constraint import Grammars
+from adapterserve.server.engine.constraint import Grammars, sandbox_limits
 from adapterserve.server.engine.engine import OutputStream
 from adapterserve.server.engine.errors import EngineError, ReplicaLostError
 from adapterserve.server.engine.output import RequestOutput
@@ -157,8 +157,17 @@ class RemoteGrammars:
     def compile(self, kind: str, spec: Any) -> str:
         return self._grammars.compile(kind, spec)
 
+    async def compile_async(self, kind: str, spec: Any) -> str:
+        return await self._grammars.compile_async(kind, spec)
+
     def constraint(self, grammar: str) -> GrammarText:
         return GrammarText(grammar)
+
+    async def constraints_async(self, grammar: str, count: int) -> list[GrammarText]:
+        return [GrammarText(grammar)] * count
+
+    def close(self) -> None:
+        self._grammars.close()
 
 
 @dataclass(frozen=True)
@@ -348,7 +357,7 @@ class ClusterEngine:
         self.tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
         args = ModelArgs.from_hf_config(plan.config)
         self.model = SimpleNamespace(args=args, quantization=plan.quantization)
-        self.grammars = RemoteGrammars(Grammars(self.tokenizer.hf, args.vocab_size))
+        self.grammars = RemoteGrammars(Grammars(self.tokenizer.hf, args.vocab_size, sandbox_limits(settings)))
         self.healthy = True  # the ingress itself; Ray Serve restarts engine replicas
         self.on_fatal = None
         self._draining = False
@@ -450,6 +459,7 @@ class ClusterEngine:
         self._draining = True
         for call in list(self._calls):
             call.close()
+        self.grammars.close()
 
 
 def _without_constraint(params: SamplingParams) -> SamplingParams:

@@ -97,9 +97,10 @@ class EngineReplica:
         output), ...]) until every request finished. Cancelling the call aborts them."""
         try:
             await self._prepare(model)
-            if grammar is not None:
-                requests = [(ids, _constrained(params, self.engine, grammar), rid)
-                            for ids, params, rid in requests]  # fmt: skip
+            if grammar is not None:  # checked in the ingress's sandbox; built off the event loop
+                constraints = await self.engine.grammars.constraints_async(grammar, len(requests))
+                requests = [(ids, dataclasses.replace(params, constraint=c), rid)
+                            for (ids, params, rid), c in zip(requests, constraints, strict=True)]  # fmt: skip
             streams = self.engine.add_requests(requests, model=model)
         except (EngineError, AdapterError) as exc:
             yield "refused", exc
@@ -183,10 +184,6 @@ class EngineReplica:
         self._reporter.cancel()
         remove_report(self.settings.cluster_state_dir, self.replica)
         await self._stack.aclose()
-
-
-def _constrained(params: SamplingParams, engine: Engine, grammar: str) -> SamplingParams:
-    return dataclasses.replace(params, constraint=engine.grammars.constraint(grammar))
 
 
 async def _answer(work: Any) -> Item:

@@ -34,7 +34,7 @@ from adapterserve.adapters.registry import AdapterRegistry, Entry
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.batch import BatchBuilder
 from adapterserve.server.engine.beam import BeamGroup, BeamSearch
-from adapterserve.server.engine.constraint import Grammars
+from adapterserve.server.engine.constraint import Grammars, sandbox_limits
 from adapterserve.server.engine.detokenizer import IncrementalDetokenizer
 from adapterserve.server.engine.errors import (
     EngineDeadError,
@@ -228,7 +228,7 @@ class Engine:
     def grammars(self) -> Grammars:
         """Structured-output grammars compiled against this model's tokenizer (built on first
         use: a server that never sees a constraint never builds the matcher's tokenizer)."""
-        return Grammars(self.tokenizer.hf, self.vocab_size)
+        return Grammars(self.tokenizer.hf, self.vocab_size, sandbox_limits(self.settings))
 
     @property
     def capacity(self) -> int:
@@ -322,6 +322,8 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, self.settings.shutdown_timeout_s)
+        if "grammars" in self.__dict__:  # its sandbox's worker processes
+            self.grammars.close()
 
     @property
     def num_kv_blocks_used(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -57,6 +58,14 @@ class Tokenizer:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         return self.encode(text, add_special_tokens=add_special_tokens)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: the longest vocabulary entry as the
+        vocabulary writes it (byte-level 'Ġ' for a space, a byte fallback '<0x41>' for one byte:
+        never shorter than the text it decodes to). A text of more than context x this many
+        characters has more tokens than the context holds: it is refused untokenized."""
+        return max(len(piece) for piece in self.hf.get_vocab()) or 1
 
     def token_text(self, token_id: int) -> str:
         """Display text of one token (logprobs); cached since the vocabulary is fixed."""

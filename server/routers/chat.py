@@ -25,6 +25,7 @@ from adapterserve.server.serving import (
     check_beam_search,
     check_context,
     check_engine_accepting,
+    check_prompt_chars,
     check_sampling,
     choice_seed,
     collect,
@@ -60,12 +61,12 @@ async def create_chat_completion(
 ) -> Response:
     log_ignored_fields(request, body)
     resolve_model(request, body.model)
-    _check_request(body, settings)
-    prompt_ids = _render(body, engine)
+    _check_request(body, settings, engine)
+    prompt_ids = await _render(body, engine)
     max_tokens = _max_tokens(body, len(prompt_ids), engine.max_model_len)
     check_sampling(body, settings, engine.vocab_size, max_tokens)
     width = (body.best_of or body.n) if body.use_beam_search else 0
-    grammar = constraint_grammar(body, engine, beam=width > 1)
+    grammar = await constraint_grammar(body, engine, beam=width > 1)
     check_engine_accepting(request, engine, settings)
     top = (body.top_logprobs or 0) if body.logprobs else None
     if body.use_beam_search:  # one beam is greedy decoding, as generate(num_beams=1) is
@@ -97,7 +98,7 @@ async def create_chat_completion(
     return JSONResponse(view.response(results))
 
 
-def _check_request(body: ChatCompletionRequest, settings: Settings) -> None:
+def _check_request(body: ChatCompletionRequest, settings: Settings, engine: Engine) -> None:
     if body.use_beam_search:
         check_beam_search(body, settings, 1)
         if body.max_new_tokens == 0:
@@ -109,17 +110,12 @@ def _check_request(body: ChatCompletionRequest, settings: Settings) -> None:
             f"{body.best_of}.", "best_of",
         )
     # top_logprobs without logprobs: true is ignored, as its schema description says.
-    total = sum(len(m.text) for m in body.messages)
-    if total > settings.max_prompt_chars:
-        raise invalid_request(
-            f"The messages have {total} characters; this server accepts at most {settings.max_prompt_chars}.",
-            "messages",
-        )
+    check_prompt_chars(sum(len(m.text) for m in body.messages), settings, engine, "messages")
 
 
-def _render(body: ChatCompletionRequest, engine: Engine) -> list[int]:
+async def _render(body: ChatCompletionRequest, engine: Engine) -> list[int]:
     """Token ids of the conversation through the model's own template (never the request's)."""
-    ids = render_chat(body.messages, body.add_generation_prompt, engine)
+    ids = await render_chat(body.messages, body.add_generation_prompt, engine)
     if not ids:
         raise invalid_request("The conversation renders to an empty prompt.", "messages")
     return ids

@@ -28,6 +28,7 @@ from adapterserve.server.serving import (
     check_beam_search,
     check_context,
     check_engine_accepting,
+    check_prompt_chars,
     check_sampling,
     choice_seed,
     collect,
@@ -38,6 +39,7 @@ from adapterserve.server.serving import (
     finite_logprob,
     log_ignored_fields,
     new_id,
+    off_loop,
     sampling_params,
     sse,
     submit,
@@ -68,8 +70,8 @@ async def create_completion(
     log_ignored_fields(request, body)
     resolve_model(request, body.model)
     _check_request(body, settings, engine)
-    grammar = constraint_grammar(body, engine, beam=body.use_beam_search and (body.best_of or body.n) > 1)
-    prompts = _prompts(body, engine, settings)
+    grammar = await constraint_grammar(body, engine, beam=body.use_beam_search and (body.best_of or body.n) > 1)
+    prompts = await _prompts(body, engine, settings)
     for prompt in prompts:
         check_context(len(prompt.token_ids), body.max_tokens, engine.max_model_len, "prompt")
     check_engine_accepting(request, engine, settings)
@@ -114,18 +116,18 @@ def _num_prompts(prompt: str | list) -> int:
     return len(prompt) if isinstance(prompt, list) and isinstance(prompt[0], str | list) else 1
 
 
-def _prompts(body: CompletionRequest, engine: Engine, settings: Settings) -> list[Prompt]:
-    """Token ids (and echo text) per prompt; text length is capped before tokenizing."""
+async def _prompts(body: CompletionRequest, engine: Engine, settings: Settings) -> list[Prompt]:
+    """Token ids (and echo text) per prompt; text length is capped before tokenizing (each
+    prompt by what the context holds, all by --max-prompt-chars), long texts tokenized off the
+    event loop."""
     raw = body.prompt
     if isinstance(raw, str) or isinstance(raw[0], str):
         texts = [raw] if isinstance(raw, str) else list(raw)
-        total = sum(len(t) for t in texts)
-        if total > settings.max_prompt_chars:
-            raise invalid_request(
-                f"The prompt has {total} characters; this server accepts at most {settings.max_prompt_chars}.",
-                "prompt",
-            )
-        prompts = [Prompt(engine.tokenizer.encode(t), t) for t in texts]
+        check_prompt_chars(sum(len(t) for t in texts), settings, engine, "prompt",
+                           longest=max(len(t) for t in texts))  # fmt: skip
+        encode = engine.tokenizer.encode
+        ids = await off_loop(lambda: [encode(t) for t in texts], sum(len(t) for t in texts))
+        prompts = [Prompt(i, t) for i, t in zip(ids, texts, strict=True)]
     else:
         id_lists = [raw] if isinstance(raw[0], int) else raw
         prompts = [Prompt(_checked_ids(ids, engine), "") for ids in id_lists]

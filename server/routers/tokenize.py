@@ -19,7 +19,7 @@ from adapterserve.server.schemas import (
     TokenizeResponse,
     TokenizerInfo,
 )
-from adapterserve.server.serving import render_chat
+from adapterserve.server.serving import check_prompt_chars, off_loop, render_chat
 
 router = APIRouter(tags=["tokenizer"])
 
@@ -33,13 +33,14 @@ async def tokenize(
 ) -> JSONResponse:
     resolve_model(request, body.model)
     if body.prompt is not None:
-        _check_chars(len(body.prompt), settings, "prompt")
+        prompt = body.prompt
+        check_prompt_chars(len(prompt), settings, engine, "prompt")
         special = True if body.add_special_tokens is None else body.add_special_tokens
-        ids = engine.tokenizer.encode(body.prompt, add_special_tokens=special)
+        ids = await off_loop(lambda: engine.tokenizer.encode(prompt, add_special_tokens=special), len(prompt))
     else:
-        _check_chars(sum(len(m.text) for m in body.messages), settings, "messages")
-        ids = render_chat(body.messages, body.add_generation_prompt, engine,
-                          bool(body.add_special_tokens))  # fmt: skip
+        check_prompt_chars(sum(len(m.text) for m in body.messages), settings, engine, "messages")
+        ids = await render_chat(body.messages, body.add_generation_prompt, engine,
+                                bool(body.add_special_tokens))  # fmt: skip
     strs = engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return JSONResponse({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
                          "token_strs": strs})  # fmt: skip
@@ -77,10 +78,3 @@ async def tokenizer_info(engine: Engine = Depends(get_engine)) -> JSONResponse:
         "chat_template": hf.chat_template if isinstance(hf.chat_template, str) else None,
     })  # fmt: skip
 
-
-def _check_chars(count: int, settings: Settings, param: str) -> None:
-    if count > settings.max_prompt_chars:
-        raise invalid_request(
-            f"The {param} has {count} characters; this server accepts at most "
-            f"{settings.max_prompt_chars}.", param,
-        )  # fmt: skip

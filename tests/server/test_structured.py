@@ -179,16 +179,18 @@ def test_refusals_name_the_field(server: Server, extra, param) -> None:
     assert param in (error["param"] or "") + error["message"], error
 
 
-def test_compiled_grammars_are_cached(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_grammars_are_cached(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                      request: pytest.FixtureRequest) -> None:  # fmt: skip
     """The same constraint twice (keys in another order) is compiled once; a refused one is
     refused again from the cache with the same message; the cache is bounded."""
-    from adapterserve.server.engine.constraint import GrammarError, Grammars
+    from adapterserve.server.engine.constraint import GrammarError, Grammars, GrammarSandbox
     from adapterserve.server.model.tokenizer import Tokenizer
 
     grammars = Grammars(Tokenizer(tiny_model_dir).hf, 384)
+    request.addfinalizer(grammars.close)
     calls: list[str] = []
-    compile_ = Grammars._compile
-    monkeypatch.setattr(Grammars, "_compile",
+    compile_ = GrammarSandbox.compile
+    monkeypatch.setattr(GrammarSandbox, "compile",
                         lambda self, kind, spec: calls.append(kind) or compile_(self, kind, spec))  # fmt: skip
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     first = grammars.compile("json_schema", schema)
