@@ -12,8 +12,8 @@ registered under its key at once, so a sequence admitted later in the same step 
 step writes each layer's K/V for the whole batch before any row attends.
 
 Fair share (`max_request_share`): a request (one `add_requests` / `add_beam_searches` call: the
-`n` choices of a prompt, or a beam group, share its `owner`) may hold at most `share_cap`
-running slots while a request of another owner waits. Past its share it admits no more (its
+`n` choices of a prompt, or a beam group, share its `owner`) grows past `share_cap` running
+slots only while no request of another owner waits. Past its share it admits no more (its
 waiting sequences keep their place; others behind them go first), and when the first waiting
 request that may run finds no free slot, the request holding the most slots, if it holds at
 least its share and more than the waiter would, gives back its newest units (a beam group

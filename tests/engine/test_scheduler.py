@@ -656,6 +656,27 @@ def test_a_request_runs_in_its_first_step_beside_two_beam_groups_that_fill_the_s
     assert a.group.done and b.group.done and d.allocator.num_used == 0
 
 
+def test_requests_arriving_together_beside_full_beam_groups_all_run_in_one_step():
+    """Two plain requests arrive to slots full of two 16-beam groups: the newer group gives its
+    16 slots back (whole, however many beams it has live) and both run in that step (the group is held back while they are admitted);
+    it cannot come back while they run, and takes no slot from the older group (equal holds)."""
+    d = Driver(num_blocks=1024, max_num_seqs=32, budget=64, share=0.5)
+    a, b = beam_group("a", 16, 20), beam_group("b", 16, 20)
+    d.add(a, b)
+    for _ in range(3):
+        d.step()
+    c, e = make_seq("c", 3, 4), make_seq("e", 2, 4)
+    d.add(c, e)
+    plan = d.step()
+    assert names(plan.admitted) == ["c", "e"] and {s.group for s in plan.preempted} == {b.group}
+    assert all(s.group is b.group for s in d.scheduler.waiting)
+    for _ in range(3):
+        assert d.step().preempted == ()
+    assert d.finished == [c, e] and d.scheduler.share_yields == len(plan.preempted)
+    d.run()
+    assert a.group.done and b.group.done
+
+
 def test_one_request_alone_takes_every_slot():
     """No lost throughput: with nobody else waiting, one request's choices, or one beam group,
     take every running slot whatever the share."""
