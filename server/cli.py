@@ -31,6 +31,7 @@ SERVE_FLAGS: dict[str, tuple[str, type]] = {
     "--block-size": ("block_size", int),
     "--kv-cache-memory-mb": ("kv_cache_memory_mb", int),
     "--max-queue-len": ("max_queue_len", int),
+    "--max-request-share": ("max_request_share", float),
     "--compile": ("compile", str),
     "--quantization": ("quantization", str),
     "--enable-prefix-caching": ("enable_prefix_caching", str),

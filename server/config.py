@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     kv_cache_memory_mb: int = Field(1024, ge=1, description="memory for the paged KV cache")
     num_kv_blocks: int | None = Field(None, ge=1, description="override the block count derived from memory")
     max_queue_len: int = Field(256, ge=0, description="waiting requests before 503")
+    max_request_share: float = Field(
+        0.5, gt=0, le=1, description="share of the running slots (max_num_seqs) one request (its "
+        "n choices, or a beam group) may hold while another request waits; past it the request "
+        "yields its newest sequences (a beam group whole) to the waiter; 1 = no limit"
+    )
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV blocks of prompt prefixes seen before (keyed by content "
         "and adapter version); false turns it off"

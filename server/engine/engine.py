@@ -124,6 +124,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.allocator, settings.max_num_seqs, settings.max_num_batched_tokens,
             prepare=self._prepare, place_prefix=self._place_prefix,
+            max_request_share=settings.max_request_share,
         )
         self.builder = BatchBuilder(
             max_num_seqs=settings.max_num_seqs,
@@ -177,9 +178,11 @@ class Engine:
         entries = self._accept(adapter, [(prompt, params) for prompt, params, _ in requests])
         loop = asyncio.get_running_loop()
         streams = []
+        owner = object()  # one call is one request: its choices share one fair share
         for i, (prompt, params, request_id) in enumerate(requests):
             seq = self._new_sequence(prompt, params, model, request_id, loop)
             seq.adapter, seq.entry = adapter, entries[i] if entries else None
+            seq.owner = owner
             self._inbox.put(("add", seq))
             streams.append(seq.stream)
         self._wake.set()
@@ -206,9 +209,10 @@ class Engine:
         entries = self._accept(adapter, [(prompt, params) for prompt, params, _ in requests])
         loop = asyncio.get_running_loop()
         out = []
+        owner = object()  # one call is one request: its searches share one fair share
         for i, (prompt, params, ids) in enumerate(requests):
             root = Sequence(ids[0], list(prompt), params, model or self.model_id, stream=None)
-            root.adapter, root.entry = adapter, entries[i] if entries else None
+            root.adapter, root.entry, root.owner = adapter, entries[i] if entries else None, owner
             search = BeamSearch(
                 params.beam_width, params.max_tokens, frozenset(self.output.rules.stop_ids(params)),
                 params.length_penalty, params.early_stopping, params.min_tokens,

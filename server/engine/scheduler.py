@@ -10,6 +10,15 @@ computed to sample from; never for a request that wants prompt logprobs, which n
 prompt row computed), and prefills only the rest. Every block that a planned step fills is
 registered under its key at once, so a sequence admitted later in the same step shares it: the
 step writes each layer's K/V for the whole batch before any row attends.
+
+Fair share (`max_request_share`): a request (one `add_requests` / `add_beam_searches` call: the
+`n` choices of a prompt, or a beam group, share its `owner`) grows past `share_cap` running
+slots only while no request of another owner waits. Past its share it admits no more (its
+waiting sequences keep their place; others behind them go first), and when the first waiting
+request that may run finds no free slot, the request holding the most slots, if it holds at
+least its share and more than the waiter would, gives back its newest units (a beam group
+whole, recomputed later) until the waiter fits: it runs in that very step. Nobody waiting: one
+request may take every slot.
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ class Sequence:
     block_keys: list[bytes] = field(default_factory=list)
     num_registered: int = 0
     group: Any = None  # beam search (server/engine/beam.py BeamGroup): one beam of that group
+    owner: Any = None  # the request it belongs to, for the fair share (None: itself, or its group)
 
     @property
     def all_ids(self) -> list[int]:
@@ -72,6 +82,19 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def share_owner(self) -> Any:
+        """Whose share its running slot counts against: its request's, else its beam group's
+        or its own."""
+        if self.owner is not None:
+            return self.owner
+        return self.group if self.group is not None else self
+
+    @property
+    def width(self) -> int:
+        """Running slots its unit takes: a beam group's width, else one."""
+        return self.group.width if self.group is not None else 1
 
     @property
     def remaining(self) -> int:
@@ -140,14 +163,19 @@ class Scheduler:
     def __init__(
         self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
         prepare: Callable[[Sequence], bool] | None = None,
-        place_prefix: Callable[[Sequence], None] | None = None,
-    ) -> None:
+        place_prefix: Callable[[Sequence], None] | None = None, max_request_share: float = 1.0,
+    ) -> None:  # fmt: skip
+        assert 0.0 < max_request_share <= 1.0
         self.allocator = allocator
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
+        # running slots one request may hold while another waits (None: no limit)
+        share = int(max_request_share * max_num_seqs)
+        self.share_cap = max(1, share) if max_request_share < 1.0 else None
         self.prepare, self.place_prefix = prepare, place_prefix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefix_queries = self.prefix_hits = 0  # tokens looked up / found in the cache
+        self.share_yields = 0  # sequences given back to a waiting request (fair share)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -165,7 +193,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan | None:
-        preempted: list[Sequence] = []
+        yielded = self._yield_to_waiting()  # fair share: slots given back to a waiting request
+        preempted: list[Sequence] = []  # for KV blocks
         decodes = self._schedule_decodes(preempted)
         while True:
             budget = self.budget - len(decodes)
@@ -174,7 +203,8 @@ class Scheduler:
             # A step that had to preempt for blocks admits nobody: the blocks just freed belong
             # to the running sequences' growth, and re-admitting the victim now would recompute
             # a chunk that the next step's growth throws away again.
-            admitted = self._admit(budget) if not (preempted and (decodes or prefills)) else []
+            blocked = preempted and (decodes or prefills)
+            admitted = self._admit(budget, yielded) if not blocked else []
             work = tuple(decodes + prefills + admitted)
             if work or len(self._units()) < 2:
                 break
@@ -183,7 +213,8 @@ class Scheduler:
             preempted += self._preempt_newest()
         if not work:
             return None
-        return StepPlan(work, len(decodes), tuple(preempted), tuple(s for s, _ in admitted))
+        admitted_seqs = tuple(s for s, _ in admitted)
+        return StepPlan(work, len(decodes), tuple(yielded + preempted), admitted_seqs)
 
     def extend_beams(
         self, beams: list[Sequence], decisions: list[tuple[int, int]], new_id: Callable[[], str],
@@ -221,7 +252,8 @@ class Scheduler:
             num_virtual=parent.num_virtual, prefix_kv=parent.prefix_kv,
             virtual_embeds=parent.virtual_embeds, arrival=parent.arrival,
             output_ids=parent.output_ids + [token], cache_identity=parent.cache_identity,
-            block_keys=list(parent.block_keys), group=parent.group, status=Status.RUNNING,
+            block_keys=list(parent.block_keys), group=parent.group, owner=parent.owner,
+            status=Status.RUNNING,
         )  # fmt: skip
         full = parent.num_computed // self.allocator.block_size
         self.allocator.share(child.block_table, parent.block_table[:full])
@@ -243,7 +275,68 @@ class Scheduler:
 
     def _occupied(self) -> int:
         """Running slots taken: one per sequence, a beam group's width per group."""
-        return sum(u[0].group.width if u[0].group is not None else 1 for u in self._units())
+        return sum(u[0].width for u in self._units())
+
+    def _held(self) -> dict[Any, int]:
+        """Running slots by request (share owner)."""
+        held: dict[Any, int] = {}
+        for unit in self._units():
+            owner = unit[0].share_owner
+            held[owner] = held.get(owner, 0) + unit[0].width
+        return held
+
+    def _over_share(self, seq: Sequence, held: dict[Any, int], waiting: set[Any]) -> bool:
+        """Fair share: a waiting unit whose request already holds running slots, and would hold
+        more than its share with it, while a request of another owner waits. (A request that
+        holds nothing always may: a beam group wider than the share still runs.)"""
+        if self.share_cap is None:
+            return False
+        owner = seq.share_owner
+        mine = held.get(owner, 0)
+        return mine > 0 and mine + seq.width > self.share_cap and bool(waiting - {owner})
+
+    def _yield_to_waiting(self) -> list[Sequence]:
+        """Fair share: the first waiting unit that may run (not over its share), when no slot
+        is free for it, gets room from the running request holding the most slots (the newest
+        on a tie) if that request holds at least its share and more than the waiter's request
+        would hold with it: its newest units go back to the waiting line, right behind the
+        waiter, until the waiter fits. The second condition rules out ping-pong: to take a unit
+        back, the request that gave it would need the waiter's to hold more than it held
+        itself."""
+        if self.share_cap is None or not self.waiting:
+            return []
+        held, waiting = self._held(), {s.share_owner for s in self.waiting}
+        claimant = next((s for s in self.waiting if not self._over_share(s, held, waiting)), None)
+        if claimant is None or self._occupied() + claimant.width <= self.max_num_seqs:
+            return []
+        victims = self._victims_for(claimant, held)
+        if not victims or (self.prepare is not None and not self.prepare(claimant)):
+            return []
+        yielded = [seq for unit in victims for seq in self._preempt(unit, requeue=False)]
+        self.share_yields += len(yielded)
+        behind = self.waiting.index(claimant) + len(self._waiting_unit(claimant))
+        for seq in reversed(yielded):
+            self.waiting.insert(behind, seq)
+        return yielded
+
+    def _victims_for(self, claimant: Sequence, held: dict[Any, int]) -> list[list[Sequence]]:
+        """The running units to give back so that `claimant` fits (none: it cannot be made to)."""
+        held, units = dict(held), self._units()
+        wanted = claimant.share_owner
+        want = held.get(wanted, 0) + claimant.width  # what the waiter's request would hold
+        free = self.max_num_seqs - self._occupied()
+        victims: list[list[Sequence]] = []
+        while free < claimant.width:
+            newest = {u[0].share_owner: i for i, u in enumerate(units)}  # owner -> newest unit
+            able = [o for o in newest if o is not wanted and held[o] >= self.share_cap
+                    and held[o] > want]  # fmt: skip
+            if not able:
+                return []
+            unit = units.pop(newest[max(able, key=lambda o: (held[o], newest[o]))])
+            victims.append(unit)
+            held[unit[0].share_owner] -= unit[0].width
+            free += unit[0].width
+        return victims
 
     def _schedule_decodes(self, preempted: list[Sequence]) -> list[tuple[Sequence, int]]:
         out: list[tuple[Sequence, int]] = []
@@ -279,16 +372,21 @@ class Scheduler:
                     budget -= n
         return out
 
-    def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
+    def _admit(self, budget: int, yielded: list[Sequence]) -> list[tuple[Sequence, int]]:
         out: list[tuple[Sequence, int]] = []
-        not_ready: list[Sequence] = []  # adapter still loading: they keep their place in line
+        # adapter still loading, over its share, or yielded its slots in this step: they keep
+        # their place in line while later ones are admitted
+        held_back: list[Sequence] = []
+        held, waiting = self._held(), {s.share_owner for s in self.waiting}
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            width = seq.group.width if seq.group is not None else 1
-            if self._occupied() + width > self.max_num_seqs:
+            if seq in yielded or self._over_share(seq, held, waiting):
+                held_back += [self.waiting.popleft() for _ in self._waiting_unit(seq)]
+                continue
+            if self._occupied() + seq.width > self.max_num_seqs:
                 break
             if self.prepare is not None and not self.prepare(seq):
-                not_ready.append(self.waiting.popleft())
+                held_back.append(self.waiting.popleft())
                 continue
             # a unit: the sequence, or every waiting beam of its group (at the head together)
             unit = self._waiting_unit(seq)
@@ -312,7 +410,8 @@ class Scheduler:
                 self.running.append(member)
                 out.append((member, n))
                 self._register(member, member.num_computed + n)
-        self.waiting.extendleft(reversed(not_ready))
+            held[seq.share_owner] = held.get(seq.share_owner, 0) + seq.width
+        self.waiting.extendleft(reversed(held_back))
         return out
 
     def _waiting_unit(self, head: Sequence) -> list[Sequence]:
@@ -401,11 +500,16 @@ class Scheduler:
     def _preempt_newest(self) -> list[Sequence]:
         """The newest running unit goes back to the head of the waiting line, its blocks
         freed; it recomputes its prompt and output so far on readmission."""
-        unit = self._units()[-1]
+        return self._preempt(self._units()[-1])
+
+    def _preempt(self, unit: list[Sequence], requeue: bool = True) -> list[Sequence]:
+        """A running unit stops, its blocks freed (at the head of the waiting line, or where
+        the caller puts it)."""
         for victim in unit:
             self.running.remove(victim)
             self._free(victim)
             victim.num_computed = 0
             victim.status = Status.WAITING
-        self.waiting.extendleft(reversed(unit))
+        if requeue:
+            self.waiting.extendleft(reversed(unit))
         return unit

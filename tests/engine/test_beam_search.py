@@ -107,20 +107,23 @@ async def beam_answers(engine: Engine, ids, k, max_new, stop_ids=(), lp=1.0, es=
 
 
 @pytest.mark.parametrize(
-    ("block_size", "num_blocks", "caching"),
-    [(4, 512, True), (4, 36, True), (2, 72, False), (1, 144, True)],
-    ids=["roomy", "tight-cache", "tight-no-prefix-cache", "block-1"],
+    ("block_size", "num_blocks", "caching", "share"),
+    [(4, 512, True, 1.0), (4, 36, True, 1.0), (2, 72, False, 1.0), (1, 144, True, 1.0),
+     (4, 512, True, 0.1)],  # fmt: skip
+    ids=["roomy", "tight-cache", "tight-no-prefix-cache", "block-1", "fair-share"],
 )
-def test_engine_beams_equal_transformers(tiny, tmp_path, block_size, num_blocks, caching):
+def test_engine_beams_equal_transformers(tiny, tmp_path, block_size, num_blocks, caching, share):
     """12 searches at once beside 6 sampled requests, through chunked prefill (32-token steps)
-    and, on the tight caches, preemption of whole beam groups: every answer is the reference's."""
+    and, on the tight caches, preemption of whole beam groups (fair-share: groups give their
+    slots back to waiting requests, a share of 2 of the 24 slots): every answer is the
+    reference's."""
     path, model = tiny
     cases = list(draws(12, seed=1))
     extra_eos = [frequent_token(model, c[0]) for c in cases]
     settings = Settings(
         model=str(path), device="cpu", cache_dir=tmp_path, block_size=block_size,
         num_kv_blocks=num_blocks, max_model_len=64, max_num_batched_tokens=32, max_num_seqs=24,
-        enable_prefix_caching=caching,
+        enable_prefix_caching=caching, max_request_share=share,
     )  # fmt: skip
 
     async def go(engine):
@@ -142,6 +145,7 @@ def test_engine_beams_equal_transformers(tiny, tmp_path, block_size, num_blocks,
     if num_blocks < 100:
         text = engine.metrics.render().decode()
         assert "adapterserve_preemptions_total 0.0" not in text  # whole groups were preempted
+    assert (engine.scheduler.share_yields > 0) == (share < 1.0)
 
 
 def test_a_search_too_wide_for_the_cache_is_refused(tiny, tmp_path):
@@ -178,6 +182,38 @@ def test_aborting_a_search_frees_every_beam(tiny, tmp_path):
     outs, engine = serve(settings, go)
     assert [o.finish_reason for o in outs] == ["abort"]
     assert engine.allocator.num_used == 0 and not engine._groups and engine._num_queued == 0
+
+
+def test_a_request_beside_two_searches_that_fill_the_slots_runs_at_once(tiny, tmp_path):
+    """Issue 24 item 5 through the engine, default share (0.5): two 16-beam searches of 200
+    tokens (no EOS) hold all 32 running slots; a plain request sent then finishes while both
+    searches still run (before, it waited in line until one of them ended)."""
+    path, _ = tiny
+    settings = Settings(model=str(path), device="cpu", cache_dir=tmp_path, max_num_seqs=32)
+
+    async def drain(stream) -> None:
+        async for _ in stream:
+            pass
+
+    async def go(engine):
+        params = SamplingParams(max_tokens=200, temperature=0.0, beam_width=16, ignore_eos=True)
+        searches = [engine.add_beam_searches([(prompt(i, 9, 300), params, [f"b{i}-0"])])[0][0]
+                    for i in range(2)]  # fmt: skip
+        tasks = [asyncio.ensure_future(drain(stream)) for stream in searches]
+        while engine._num_running < 32:  # both groups at full width
+            await asyncio.sleep(0.002)
+        plain = SamplingParams(max_tokens=4, temperature=0.0)
+        ids = [out.token_ids async for out in engine.add_request(prompt(7, 5, 300), plain)]
+        searching = [not task.done() for task in tasks]
+        for stream in searches:
+            stream.abort()
+        await asyncio.gather(*tasks)
+        return searching, sum(len(t) for t in ids)
+
+    (searching, num_tokens), engine = serve(settings, go)
+    assert searching == [True, True] and num_tokens == 4
+    assert engine.scheduler.share_yields == 16  # the newer group, whole, once
+    assert engine.allocator.num_used == 0 and not engine._groups
 
 
 @pytest.fixture(scope="module")

@@ -103,12 +103,13 @@ def put_running(d: Driver, seq: Sequence, num_computed: int, outputs: int = 0) -
 
 class Driver:
     def __init__(self, num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64,
-                 prepare=None, place_prefix=None, caching: bool = False) -> None:  # fmt: skip
+                 prepare=None, place_prefix=None, caching: bool = False,
+                 share: float = 1.0) -> None:  # fmt: skip
         self.allocator = BlockAllocator(num_blocks, BLOCK, caching=caching)
         self.user_place_prefix = place_prefix
         self.scheduler = Scheduler(
             self.allocator, max_num_seqs, budget, prepare,
-            self._place_prefix if place_prefix is not None else None,
+            self._place_prefix if place_prefix is not None else None, max_request_share=share,
         )
         self.finished: list[Sequence] = []
         self.kv: dict[int, tuple[str, tuple[int, ...]]] = {}  # slot -> what computed it
@@ -204,6 +205,24 @@ class FakeBeams:
         for member in self.members:
             scheduler.remove(member)
         self.members, self.done = [], True
+
+
+def beam_group(name: str, width: int, steps: int, prompt_len: int = 3,
+               rng: random.Random | None = None) -> Sequence:  # fmt: skip
+    """The root of a new FakeBeams group of `width` beams that decides for `steps` steps."""
+    group = FakeBeams(width, steps, rng or random.Random(name))
+    root = make_seq(name, prompt_len, 8)
+    root.group, group.members = group, [root]
+    return root
+
+
+def choices(name: str, n: int, prompt_len: int = 2, max_tokens: int = 6) -> list[Sequence]:
+    """The `n` choices of one request (one owner): `name`-0 ... `name`-(n-1)."""
+    owner = object()
+    seqs = [make_seq(f"{name}-{i}", prompt_len, max_tokens) for i in range(n)]
+    for seq in seqs:
+        seq.owner = owner
+    return seqs
 
 
 # ---- token budget ----------------------------------------------------------------------------
@@ -559,29 +578,32 @@ def test_prefix_request_waiting_with_placed_blocks_cannot_livelock_the_cache():
     assert d.finished == [a, p]
 
 
-def random_beam_traffic(seed: int, caching: bool) -> tuple[int, int]:
-    """Single requests and beam groups (FakeBeams: random forks and drops every step) arrive at
-    random, some aborted, on a cache that preempts: the invariants hold at every step (the fake
-    KV check proves that forked beams attend to their own tokens through shared blocks), groups
-    stay whole units, everything ends, no block leaks. (forks, preemptions)."""
+def random_beam_traffic(seed: int, caching: bool, share: float = 1.0,
+                        num_blocks: tuple[int, int] = (6, 8)) -> tuple[int, int, int]:  # fmt: skip
+    """Single requests (some several choices of one request) and beam groups (FakeBeams: random
+    forks and drops every step) arrive at random, some aborted, on a cache that preempts: the
+    invariants hold at every step (the fake KV check proves that forked beams attend to their
+    own tokens through shared blocks), groups stay whole units, everything ends, no block
+    leaks. (forks, preemptions, sequences that yielded slots for the share)."""
     rng = random.Random(seed)
-    d = Driver(num_blocks=rng.randint(6, 8), max_num_seqs=rng.randint(3, 6),
-               budget=rng.randint(5, 12), caching=caching)  # fmt: skip
+    d = Driver(num_blocks=rng.randint(*num_blocks), max_num_seqs=rng.randint(3, 6),
+               budget=rng.randint(5, 12), caching=caching, share=share)  # fmt: skip
+    fanout = random.Random(-seed)  # apart from rng: the draws without a share stay as they were
     singles, groups, aborted, preemptions = [], [], [], 0
     for step in range(300):
         if step < 150 and rng.random() < 0.4:
             if rng.random() < 0.5:  # a beam group: width beams of at most 8 tokens fit the cache
                 width = rng.randint(2, min(3, d.scheduler.max_num_seqs))
-                group = FakeBeams(width, rng.randint(0, 4), rng)
-                root = make_seq(f"g{len(groups)}", rng.randint(1, 4), 8)
-                root.group = group
-                group.members = [root]
-                groups.append(group)
+                root = beam_group(f"g{len(groups)}", width, rng.randint(0, 4), rng.randint(1, 4), rng)
+                groups.append(root.group)
                 d.add(root)
             else:
-                seq = make_seq(f"r{len(singles)}", rng.randint(1, 14), rng.randint(1, 8))
-                singles.append(seq)
-                d.add(seq)
+                owner = object()  # the choices of one request
+                for _ in range(fanout.choice([1, 1, 2, 4]) if share < 1.0 else 1):
+                    seq = make_seq(f"r{len(singles)}", rng.randint(1, 14), rng.randint(1, 8))
+                    seq.owner = owner
+                    singles.append(seq)
+                    d.add(seq)
         if rng.random() < 0.03 and d.scheduler.has_work():
             victim = rng.choice(d.scheduler.running + list(d.scheduler.waiting))
             if victim.group is not None:
@@ -595,11 +617,137 @@ def random_beam_traffic(seed: int, caching: bool) -> tuple[int, int]:
     assert all(g.done for g in groups) and len(groups) > 10
     assert {id(s) for s in d.finished} | {id(s) for s in aborted} == {id(s) for s in singles}
     assert d.allocator.num_used == 0 and d.allocator.num_free == d.allocator.num_blocks
-    return sum(g.forks for g in groups), preemptions
+    return sum(g.forks for g in groups), preemptions, d.scheduler.share_yields
 
 
 @pytest.mark.parametrize("caching", [False, True], ids=["no-cache", "prefix-cache"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5, 7, 8])  # 6: the cached run never preempts
 def test_beam_groups_fork_share_blocks_and_move_as_units(seed: int, caching: bool):
-    forks, preemptions = random_beam_traffic(seed, caching)
+    forks, preemptions, _ = random_beam_traffic(seed, caching)
     assert forks > 10 and preemptions > 0
+
+
+# ---- fair share (max_request_share) -------------------------------------------------------------
+def test_a_request_runs_in_its_first_step_beside_two_beam_groups_that_fill_the_slots():
+    """Issue 24 item 5: two 16-beam searches hold all 32 running slots (nobody waited when they
+    came); a third request starts in the first step after it arrives: the newer group gives its
+    slots back, whole, and waits behind it, while the older one keeps running. The group that
+    yielded takes nothing back while the third runs (it would hold no more than the older group
+    does), and everyone finishes."""
+    d = Driver(num_blocks=1024, max_num_seqs=32, budget=64, share=0.5)
+    a, b = beam_group("a", 16, 30), beam_group("b", 16, 30)
+    d.add(a, b)
+    for _ in range(3):
+        d.step()
+    assert d.scheduler._occupied() == 32 and not d.scheduler.waiting
+    c = make_seq("c", 5, 6)
+    d.add(c)
+    plan = d.step()
+    assert c in plan.admitted and c.status is Status.RUNNING
+    assert plan.preempted and all(s.group is b.group for s in plan.preempted)
+    assert all(s.status is Status.WAITING for s in b.group.members)
+    assert all(s.status is Status.RUNNING for s in a.group.members)
+    while c.status is Status.RUNNING:
+        plan = d.step()
+        assert plan.preempted == () and plan.admitted == ()
+    assert d.finished == [c] and len(c.output_ids) == 6
+    assert b.group.members[0] in d.step().admitted  # c's slot is free: b is back
+    d.run()
+    assert a.group.done and b.group.done and d.allocator.num_used == 0
+
+
+def test_requests_arriving_together_beside_full_beam_groups_all_run_in_one_step():
+    """Two plain requests arrive to slots full of two 16-beam groups: the newer group gives its
+    16 slots back (whole, however many beams it has live) and both run in that step (the group is held back while they are admitted);
+    it cannot come back while they run, and takes no slot from the older group (equal holds)."""
+    d = Driver(num_blocks=1024, max_num_seqs=32, budget=64, share=0.5)
+    a, b = beam_group("a", 16, 20), beam_group("b", 16, 20)
+    d.add(a, b)
+    for _ in range(3):
+        d.step()
+    c, e = make_seq("c", 3, 4), make_seq("e", 2, 4)
+    d.add(c, e)
+    plan = d.step()
+    assert names(plan.admitted) == ["c", "e"] and {s.group for s in plan.preempted} == {b.group}
+    assert all(s.group is b.group for s in d.scheduler.waiting)
+    for _ in range(3):
+        assert d.step().preempted == ()
+    assert d.finished == [c, e] and d.scheduler.share_yields == len(plan.preempted)
+    d.run()
+    assert a.group.done and b.group.done
+
+
+def test_one_request_alone_takes_every_slot():
+    """No lost throughput: with nobody else waiting, one request's choices, or one beam group,
+    take every running slot whatever the share."""
+    d = Driver(max_num_seqs=8, budget=64, share=0.25)
+    xs = choices("x", 8)
+    d.add(*xs)
+    assert d.step().admitted == tuple(xs)
+    d.run()
+    d = Driver(num_blocks=256, max_num_seqs=8, budget=64, share=0.25)
+    g = beam_group("g", 8, 3)
+    d.add(g)
+    assert names(d.step().admitted) == ["g"] and d.scheduler._occupied() == 8
+
+
+def test_the_choices_of_one_request_stop_at_its_share_while_another_waits():
+    """Eight choices of x and a request y arrive together (8 slots, share 4): x takes 4, y runs
+    beside them; with nobody else waiting x fills the free slots; when z then arrives to full
+    slots, x (7 slots) gives its newest choice back and z runs at once."""
+    d = Driver(max_num_seqs=8, budget=64, share=0.5)
+    xs, y = choices("x", 8), make_seq("y", 2, 6)
+    d.add(*xs, y)
+    plan = d.step()
+    assert names(plan.admitted) == ["x-0", "x-1", "x-2", "x-3", "y"]
+    assert names(d.scheduler.waiting) == ["x-4", "x-5", "x-6", "x-7"]  # in their order
+    plan = d.step()
+    assert names(plan.admitted) == ["x-4", "x-5", "x-6"] and plan.preempted == ()
+    z = make_seq("z", 2, 2)
+    d.add(z)
+    plan = d.step()
+    assert names(plan.preempted) == ["x-6"] and names(plan.admitted) == ["z"]
+    assert names(d.scheduler.waiting) == ["x-7", "x-6"]
+    d.run()
+    assert len(d.finished) == 10 and d.allocator.num_used == 0
+
+
+def test_a_beam_group_wider_than_the_share_runs_when_its_request_holds_nothing():
+    """A group of 6 beams (share 4 of 8) is admitted while another request waits (its request
+    holds nothing: it could never run otherwise), and later gives its slots back whole to a
+    request that finds the slots full; it runs again once 6 are free."""
+    d = Driver(num_blocks=256, max_num_seqs=8, budget=64, share=0.5)
+    g, p = beam_group("g", 6, 12), make_seq("p", 2, 3)
+    d.add(g, p)
+    assert names(d.step().admitted) == ["g", "p"]
+    q, r = make_seq("q", 2, 3), make_seq("r", 2, 3)
+    d.add(q, r)
+    plan = d.step()
+    assert names(plan.admitted) == ["q"]  # 7 slots held: q fits; r finds them full
+    plan = d.step()
+    assert names(plan.admitted) == ["r"] and {s.group for s in plan.preempted} == {g.group}
+    d.run()
+    assert g.group.done and d.finished == [p, q, r] and d.allocator.num_used == 0
+
+
+def test_without_a_share_a_request_waits_for_the_slots_as_before():
+    """max_request_share 1: nobody gives slots back (the old first-come, first-served)."""
+    d = Driver(num_blocks=1024, max_num_seqs=32, budget=64, share=1.0)
+    a, b = beam_group("a", 16, 5), beam_group("b", 16, 5)
+    d.add(a, b)
+    d.step()
+    c = make_seq("c", 5, 2)
+    d.add(c)
+    plans = [d.step() for _ in range(4)]
+    assert c.status is Status.WAITING and all(p.preempted == () for p in plans)
+    d.run()
+    assert d.finished == [c] and d.scheduler.share_yields == 0
+
+
+@pytest.mark.parametrize("caching", [False, True], ids=["no-cache", "prefix-cache"])
+@pytest.mark.parametrize("seed", range(6))
+def test_fair_share_traffic_keeps_the_invariants_and_finishes_everything(seed: int, caching: bool):
+    """Random traffic as above, with several-choice requests and a share of a third: requests
+    yield slots to waiters (whole beam groups included) and still everything finishes."""
+    forks, _, yields = random_beam_traffic(seed, caching, share=0.34, num_blocks=(24, 32))
+    assert forks > 10 and yields > 0

@@ -30,3 +30,13 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     args = cli.build_parser().parse_args(["serve", "--port", "9002"])
     settings = cli.settings_from_args(args)
     assert settings.max_num_seqs == 7 and settings.port == 9002
+
+
+def test_max_request_share_flag_and_its_bounds() -> None:
+    args = cli.build_parser().parse_args(["serve", "--max-request-share", "0.25"])
+    assert cli.settings_from_args(args).max_request_share == 0.25
+    assert Settings().max_request_share == 0.5
+    for bad in ("0", "1.5"):
+        args = cli.build_parser().parse_args(["serve", "--max-request-share", bad])
+        with pytest.raises(ValueError, match="max_request_share"):
+            cli.settings_from_args(args)
