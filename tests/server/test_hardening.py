@@ -357,20 +357,56 @@ def test_ready_requires_a_key_when_configured(tiny_model_dir: Path, tmp_path: Pa
         assert client.get("/health").status_code == 200
 
 
+EVAL_BODY = {"models": ["base"], "datasets": ["gsm8k"], "max_tokens": 64}
+
+
 def test_only_the_creating_key_or_the_admin_cancels_a_job(keyed_app: TestClient) -> None:
-    body = {"models": ["base"], "datasets": ["gsm8k"], "max_tokens": 64}
-    jobs = [keyed_app.post("/v1/evaluations", json=body, headers=as_key("alice-key")).json()
+    """Another key's DELETE is a 404, as a job that does not exist (it was a 403 that told
+    the job was there); the job goes on."""
+    jobs = [keyed_app.post("/v1/evaluations", json=EVAL_BODY, headers=as_key("alice-key")).json()
             for _ in range(2)]  # fmt: skip
     first, second = (job["id"] for job in jobs)
     refused = keyed_app.delete(f"/v1/evaluations/{first}", headers=as_key("bob-key"))
-    assert refused.status_code == 403, refused.text
-    assert refused.json()["error"]["code"] == "not_job_owner"
-    assert keyed_app.get(f"/v1/evaluations/{first}", headers=as_key("bob-key")).json()[
+    assert refused.status_code == 404, refused.text
+    assert refused.json()["error"]["code"] == "evaluation_not_found"
+    assert keyed_app.get(f"/v1/evaluations/{first}", headers=as_key("alice-key")).json()[
         "status"] in ("queued", "running")  # fmt: skip
     own = keyed_app.delete(f"/v1/evaluations/{first}", headers=as_key("alice-key"))
     assert own.status_code == 200 and own.json()["status"] == "cancelled"
     admin = keyed_app.delete(f"/v1/evaluations/{second}", headers=as_key("root-key"))
     assert admin.status_code == 200 and admin.json()["status"] == "cancelled"
+
+
+def test_a_key_sees_only_its_own_evaluation_jobs(keyed_app: TestClient) -> None:
+    """Row 30: a user key lists, reads and streams the results of the jobs it created; another
+    key's job answers exactly as an unknown one (404); the admin key sees every job. Any key
+    read every job before."""
+    created = {key: keyed_app.post("/v1/evaluations", json=EVAL_BODY, headers=as_key(key)).json()["id"]
+               for key in ("alice-key", "bob-key")}  # fmt: skip
+    alice, bob = created["alice-key"], created["bob-key"]
+    unknown = "eval-" + "0" * 24
+
+    def listed(key: str) -> set[str]:
+        response = keyed_app.get("/v1/evaluations", headers=as_key(key))
+        return {job["id"] for job in response.json()["data"]}
+
+    try:
+        assert alice in listed("alice-key") and bob not in listed("alice-key")
+        assert bob in listed("bob-key") and alice not in listed("bob-key")
+        assert {alice, bob} <= listed("root-key")
+        for suffix in ("", "/results"):
+            for key in ("alice-key", "root-key"):
+                own = keyed_app.get(f"/v1/evaluations/{alice}{suffix}", headers=as_key(key))
+                assert own.status_code == 200, (key, suffix, own.text)
+            other = keyed_app.get(f"/v1/evaluations/{alice}{suffix}", headers=as_key("bob-key"))
+            missing = keyed_app.get(f"/v1/evaluations/{unknown}{suffix}", headers=as_key("bob-key"))
+            assert other.status_code == missing.status_code == 404, other.text
+            assert (other.json()["error"]["message"].replace(alice, "ID")
+                    == missing.json()["error"]["message"].replace(unknown, "ID"))  # fmt: skip
+            assert other.json()["error"]["code"] == "evaluation_not_found"
+    finally:
+        for job in (alice, bob):
+            keyed_app.delete(f"/v1/evaluations/{job}", headers=as_key("root-key"))
 
 
 @pytest.mark.parametrize(
