@@ -80,11 +80,25 @@ class Settings(BaseSettings):
     http_body_timeout_s: float = Field(
         30.0, gt=0, description="seconds a request body may stall between two reads"
     )
+    http_body_grace_s: float = Field(
+        10.0, gt=0, description="seconds a request body has before --http-body-min-rate counts"
+    )
+    http_body_min_rate: float = Field(
+        1024.0, gt=0, description="bytes/s a request body must average after the grace "
+        "(each this many bytes buy one more second; slow-body trickles)"
+    )
+    http_body_deadline_s: float = Field(
+        300.0, gt=0, description="seconds a request body (an upload too) must be complete within"
+    )
     max_connections: int = Field(
         512, ge=1, description="open HTTP connections in all; past it new ones get 503 and are closed"
     )
     max_connections_per_client: int = Field(
         256, ge=1, description="open HTTP connections from one client address"
+    )
+    probe_connections: int = Field(
+        16, ge=0, description="connections past --max-connections kept for /health and /ready "
+        "(a probe still gets through when the cap is full)"
     )
     max_n: int = Field(16, ge=1, le=128, description="cap on `n` choices per request")
     max_prompt_chars: int = Field(1_000_000, ge=1, description="prompt character cap, checked before tokenizing")

@@ -11,8 +11,11 @@
    else is a 415 before a byte of the body is read.
 3. **Size cap while reading**, for every content type: a declared Content-Length over the cap is
    refused at once, and a body that grows past it is cut off (413) without buffering the rest.
-4. **Stalled bodies**: a body that sends nothing for `http_body_timeout_s` is a 408 and the
-   connection closes (headers are timed by the protocol, server/transport.py).
+4. **Slow bodies**: a body must keep coming and must arrive in time (`BodyClock`): a body that
+   sends nothing for `http_body_timeout_s`, that falls under `http_body_min_rate` bytes/s once
+   `http_body_grace_s` are spent, or that is not complete within `http_body_deadline_s`, is a
+   408, logged, and the connection closes (headers are timed by the protocol,
+   server/transport.py).
 5. **JSON routes**: the whole body read and checked (strict UTF-8, a JSON object, nesting depth,
    no lone surrogates; 400) before FastAPI parses it.
 """
@@ -22,8 +25,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import re
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -33,6 +39,8 @@ from adapterserve.server.config import Settings
 from adapterserve.server.console import is_console_path
 from adapterserve.server.errors import APIError, count_rejection, error_response, invalid_request
 from adapterserve.server.jsontext import loads
+
+log = logging.getLogger(__name__)
 
 UPLOAD_ROUTES = frozenset({"/v1/adapters"})  # multipart/form-data bodies
 # Multipart framing (boundaries, part headers, the `name` field) on top of the file bytes,
@@ -164,7 +172,7 @@ class RequestGuard:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_large(kind, settings)
-        timed = timed_receive(receive, settings.http_body_timeout_s)
+        timed = timed_receive(receive, BodyClock.from_settings(settings), client_name(scope))
         if kind == "multipart":
             return capped_receive(timed, limit, kind, settings)
         body = await read_body(timed, limit, kind, settings)
@@ -218,24 +226,73 @@ def too_large(kind: str, settings: Settings) -> APIError:
     return APIError(413, message, code="request_too_large", headers={"Connection": "close"})
 
 
-def timed_receive(receive: Receive, timeout_s: float) -> Receive:
-    """`receive` that raises 408 when the body stalls for `timeout_s`; once the body is
-    complete it passes through untimed (later receives wait for a disconnect)."""
+@dataclass(frozen=True)
+class BodyClock:
+    """When a request body must have arrived, counted from the end of its headers (Apache's
+    mod_reqtimeout `body=grace,MinRate=rate`, with a stall timeout and a hard cap): each
+    `min_rate` bytes received buy one second past `grace_s`, never past `deadline_s`; and no
+    read may wait longer than `stall_s`. A client trickling a byte every few seconds is cut off
+    after about `grace_s`, one at the minimum rate after `deadline_s`."""
+
+    stall_s: float
+    grace_s: float
+    min_rate: float  # bytes per second
+    deadline_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BodyClock:
+        return cls(settings.http_body_timeout_s, settings.http_body_grace_s,
+                   settings.http_body_min_rate, settings.http_body_deadline_s)  # fmt: skip
+
+    def allowed_s(self, received: int) -> float:
+        """Seconds since the headers within which the body must be complete, so far."""
+        return min(self.deadline_s, self.grace_s + received / self.min_rate)
+
+    def wait_s(self, received: int, elapsed_s: float) -> float:
+        """How long the next read may wait."""
+        return max(0.0, min(self.stall_s, self.allowed_s(received) - elapsed_s))
+
+    def reason(self, received: int, waited_from_s: float) -> str:
+        """Why a read that began at `waited_from_s` and waited `wait_s` got nothing."""
+        if self.stall_s < self.allowed_s(received) - waited_from_s:
+            return f"The request body stalled for {self.stall_s:g} s; send it without pauses."
+        if self.allowed_s(received) >= self.deadline_s:
+            return (f"The request body did not arrive within {self.deadline_s:g} s; send it "
+                    "faster or in smaller requests.")  # fmt: skip
+        return (f"The request body came slower than {self.min_rate:g} bytes/s after "
+                f"{self.grace_s:g} s ({received} bytes); send it without pauses.")  # fmt: skip
+
+
+def client_name(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "unknown client"
+
+
+def timed_receive(receive: Receive, clock: BodyClock, client: str = "") -> Receive:
+    """`receive` that raises 408 when the body stalls, falls under the minimum rate or runs
+    past its deadline (`clock`); once the body is complete it passes through untimed (later
+    receives wait for a disconnect)."""
     complete = False
+    started, received = time.monotonic(), 0
 
     async def receive_timed() -> Message:
-        nonlocal complete
+        nonlocal complete, received
         if complete:
             return await receive()
+        waited_from = elapsed()
         try:
-            message = await asyncio.wait_for(receive(), timeout_s)
+            message = await asyncio.wait_for(receive(), clock.wait_s(received, waited_from))
         except TimeoutError:
-            raise APIError(
-                408, f"The request body stalled for {timeout_s:g} s; send it without pauses.",
-                code="body_timeout", headers={"Connection": "close"},
-            ) from None  # fmt: skip
+            reason = clock.reason(received, waited_from)
+            log.warning("closing the connection of %s: %d body bytes in %.1f s. %s", client,
+                        received, elapsed(), reason)  # fmt: skip
+            raise APIError(408, reason, code="body_timeout", headers={"Connection": "close"}) from None
+        received += len(message.get("body", b""))
         complete = message["type"] != "http.request" or not message.get("more_body", False)
         return message
+
+    def elapsed() -> float:
+        return time.monotonic() - started
 
     return receive_timed
 

@@ -6,11 +6,18 @@ descriptors, so that accept fails and health probes time out. `guarded_protocol(
 uvicorn's h11 protocol with:
 - a header timeout: a request's headers must be complete within `http_header_timeout_s` of the
   connection opening (or of the previous response on a kept-alive connection); otherwise the
-  client gets a 408 and the connection closes. Bodies are timed per read by RequestGuard;
-- connection caps: past `max_connections` open connections in all, or
-  `max_connections_per_client` from one address, a new connection gets a 503 + Retry-After at
+  client gets a 408 and the connection closes. Bodies are timed by RequestGuard (a stall
+  timeout, a minimum rate, a deadline: server/guards.py);
+- connection caps: past `max_connections_per_client` connections from one address, or
+  `max_connections + probe_connections` in all, a new connection gets a 503 + Retry-After at
   once and is closed, so descriptors stay available for other clients and for the server's own
-  files.
+  files;
+- probe headroom: the caps count connections before a request line is read, so a full cap
+  would refuse a load balancer's `/health` or `/ready` too (two addresses at the per-client cap
+  filled the whole of it). The `probe_connections` past `max_connections` are kept for probes:
+  such a connection is served `/health` and `/ready` only (anything else is the cap's 503), at
+  most PROBES_PER_CLIENT of them from one address, so that the addresses that filled the cap
+  cannot take the headroom too.
 """
 
 from __future__ import annotations
@@ -18,10 +25,14 @@ from __future__ import annotations
 import asyncio
 import json
 
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from adapterserve.server.config import Settings
 from adapterserve.server.errors import error_body
+
+PROBE_PATHS = frozenset({"/health", "/ready"})
+PROBES_PER_CLIENT = 2  # headroom connections one address may hold (a prober needs one)
 
 
 def raw_response(status: int, reason: str, message: str, retry_after: int | None = None) -> bytes:
@@ -35,6 +46,22 @@ def raw_response(status: int, reason: str, message: str, retry_after: int | None
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+def probe_only(app: ASGIApp, message: str, retry_after_s: int) -> ASGIApp:
+    """`app` for PROBE_PATHS; the connection cap's 503 (closing) for every other path."""
+    refusal = raw_response(503, "Service Unavailable", message, retry_after_s)
+    head, _, body = refusal.partition(b"\r\n\r\n")
+    headers = [tuple(line.lower().split(b": ", 1)) for line in head.split(b"\r\n")[1:]]
+
+    async def gate(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            await app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return gate
+
+
 def guarded_protocol(settings: Settings) -> type[H11Protocol]:
     """uvicorn's h11 protocol class with the header timeout and connection caps of `settings`."""
 
@@ -42,7 +69,9 @@ def guarded_protocol(settings: Settings) -> type[H11Protocol]:
         header_timeout_s = settings.http_header_timeout_s
         max_connections = settings.max_connections
         max_per_client = settings.max_connections_per_client
+        probe_headroom = settings.probe_connections
         retry_after_s = settings.retry_after_s
+        probe_only = False  # a connection in the headroom: /health and /ready only
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -54,18 +83,28 @@ def guarded_protocol(settings: Settings) -> type[H11Protocol]:
                     503, "Service Unavailable", refusal, self.retry_after_s))  # fmt: skip
                 self.transport.close()
                 return
+            if len(self.connections) > self.max_connections:
+                self.probe_only = True
+                self.app = probe_only(self.app, self._cap_message(), self.retry_after_s)
             self._start_header_timer()
 
         def _over_cap(self) -> str | None:
-            if len(self.connections) > self.max_connections:
-                return (f"The server has {self.max_connections} open connections, its limit; "
-                        "retry later.")  # fmt: skip
+            """Why this new connection is refused, or None (then it may be a probe's)."""
             host = self.client[0] if self.client else None
-            same = sum(1 for c in self.connections if c.client and c.client[0] == host)
-            if host is not None and same > self.max_per_client:
+            peers = [c for c in self.connections if c.client and c.client[0] == host]
+            if host is not None and len(peers) > self.max_per_client:
                 return (f"This client has {self.max_per_client} open connections, the limit per "
                         "client; reuse a connection or retry later.")  # fmt: skip
+            if len(self.connections) <= self.max_connections:
+                return None
+            probes = sum(1 for c in peers if getattr(c, "probe_only", False))
+            if (len(self.connections) > self.max_connections + self.probe_headroom
+                    or probes >= PROBES_PER_CLIENT):  # fmt: skip
+                return self._cap_message()
             return None
+
+        def _cap_message(self) -> str:
+            return f"The server has {self.max_connections} open connections, its limit; retry later."
 
         def _start_header_timer(self) -> None:
             self._stop_header_timer()

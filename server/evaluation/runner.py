@@ -287,9 +287,11 @@ class EvaluationRunner:
         return any(name in job.options.datasets for job in self.jobs.values()
                    if job.status not in FINAL_STATES)  # fmt: skip
 
-    def get(self, job_id: str) -> EvalJob:
+    def get(self, job_id: str, caller: str | None = None, admin: bool = True) -> EvalJob:
+        """The job `job_id` if the caller may see it (see `visible`), else 404: another key's
+        job answers as one that does not exist."""
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or not visible(job, caller, admin):
             raise APIError(
                 404,
                 f"No evaluation job {truncate(job_id)}; GET /v1/evaluations lists them.",
@@ -297,18 +299,16 @@ class EvaluationRunner:
             )
         return job
 
-    def list(self) -> list[EvalJob]:
-        return sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)
+    def list(self, caller: str | None = None, admin: bool = True) -> list[EvalJob]:
+        """The jobs the caller may see, newest first."""
+        jobs = [job for job in self.jobs.values() if visible(job, caller, admin)]
+        return sorted(jobs, key=lambda j: j.created, reverse=True)
 
     async def cancel(self, job_id: str, caller: str | None = None, admin: bool = True) -> EvalJob:
         """Cancel a queued or running job; a finished job is returned unchanged. Only the key
-        that created the job (`caller` is its fingerprint) or the admin key may cancel it."""
-        job = self.get(job_id)
-        if job.owner is not None and caller != job.owner and not admin:
-            raise APIError(
-                403, "This evaluation job was created with another API key; cancel it with that "
-                "key or the admin key.", code="not_job_owner",
-            )  # fmt: skip
+        that created the job (`caller` is its fingerprint) or the admin key sees it, so only
+        they may cancel it (404 for anyone else)."""
+        job = self.get(job_id, caller, admin)
         if job.status == "queued":
             self._finish(job, "cancelled", "cancelled by a client")
         elif job.status == "running":
@@ -609,6 +609,13 @@ class EvaluationRunner:
             job.finished_at = time.time()
             self._save(job)
         return job
+
+
+def visible(job: EvalJob, caller: str | None, admin: bool) -> bool:
+    """A job is seen (listed, read, its results streamed, cancelled) by the key that created it
+    (`caller`: a key fingerprint) and by the admin key (every caller, with keys off). A job
+    created while keys were off (no owner) is the admin's alone once keys are on."""
+    return admin or (job.owner is not None and job.owner == caller)
 
 
 def choices(instruction: str, spec: AnswerSpec) -> list[str]:

@@ -51,17 +51,22 @@ async def create_evaluation(
 
 
 @router.get("/v1/evaluations", response_model=EvaluationList)
-async def list_evaluations(runner: EvaluationRunner = Depends(get_runner)) -> JSONResponse:
-    return JSONResponse({"object": "list", "data": [_job_body(j) for j in runner.list()]})
+async def list_evaluations(
+    request: Request, runner: EvaluationRunner = Depends(get_runner)
+) -> JSONResponse:
+    """The jobs this API key created (every job for the admin key)."""
+    jobs = runner.list(caller_key(request), is_admin(request))
+    return JSONResponse({"object": "list", "data": [_job_body(j) for j in jobs]})
 
 
 @router.get(
     "/v1/evaluations/{job_id}", response_model=EvaluationJob, responses=error_responses(404)
 )
 async def get_evaluation(
-    job_id: str, runner: EvaluationRunner = Depends(get_runner)
+    job_id: str, request: Request, runner: EvaluationRunner = Depends(get_runner)
 ) -> JSONResponse:
-    return JSONResponse(_job_body(runner.get(job_id)))
+    """A job this API key created (any job for the admin key); 404 for another key's job."""
+    return JSONResponse(_job_body(runner.get(job_id, caller_key(request), is_admin(request))))
 
 
 @router.get(
@@ -70,21 +75,23 @@ async def get_evaluation(
     responses={200: {"content": {"application/x-ndjson": {}}}, **error_responses(404)},
 )
 async def get_evaluation_results(
-    job_id: str, runner: EvaluationRunner = Depends(get_runner)
+    job_id: str, request: Request, runner: EvaluationRunner = Depends(get_runner)
 ) -> StreamingResponse:
     """One JSON object per scored example (model, dataset, index, instruction, response,
-    extracted, gold, correct), in the order they finished."""
-    runner.get(job_id)
+    extracted, gold, correct), in the order they finished; for the key that created the job
+    and the admin key (404 for another key)."""
+    runner.get(job_id, caller_key(request), is_admin(request))
     return StreamingResponse(runner.iter_results(job_id), media_type="application/x-ndjson")
 
 
 @router.delete(
-    "/v1/evaluations/{job_id}", response_model=EvaluationJob, responses=error_responses(403, 404)
+    "/v1/evaluations/{job_id}", response_model=EvaluationJob, responses=error_responses(404)
 )
 async def cancel_evaluation(
     job_id: str, request: Request, runner: EvaluationRunner = Depends(get_runner)
 ) -> JSONResponse:
-    """Cancel a job: allowed to the API key that created it, or to the admin key."""
+    """Cancel a job: allowed to the API key that created it, or to the admin key (404 for
+    another key, as for reading it)."""
     job = await runner.cancel(job_id, caller_key(request), is_admin(request))
     return JSONResponse(_job_body(job))
 

@@ -1,5 +1,6 @@
 """Issue 11's attacks, each a regression test: bodies refused by content type before they are
-read, stalled bodies and slow headers cut off (slowloris, with raw sockets), connection caps,
+read, stalled or trickled bodies and slow headers cut off (slowloris, with raw sockets),
+connection caps and the probe headroom past them (issue 24),
 the SIGTERM drain that keeps answering 503, and who may do what with which key."""
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from tests.server.conftest import API_KEY, Server, start_server, stop_server
 
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 1.0
+BODY_GRACE_S = 1.5
+BODY_MIN_RATE = 200  # bytes/s
+BODY_DEADLINE_S = 4.0
 
 
 def raw_request(server: Server, head: str, body: bytes = b"", source: str = "127.0.0.1",
@@ -115,6 +119,8 @@ def guarded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
         tiny_model_dir, tmp_path_factory.mktemp("guarded") / "server.log",
         "--http-header-timeout-s", str(HEADER_TIMEOUT_S),
         "--http-body-timeout-s", str(BODY_TIMEOUT_S),
+        "--http-body-grace-s", str(BODY_GRACE_S), "--http-body-min-rate", str(BODY_MIN_RATE),
+        "--http-body-deadline-s", str(BODY_DEADLINE_S),
         "--max-connections", "40", "--max-connections-per-client", "20",
     )  # fmt: skip
     yield srv
@@ -122,12 +128,26 @@ def guarded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
 
 
-def trickle(sockets: list[socket.socket], stop: threading.Event) -> None:
-    """A slowloris: one more header byte on every socket, every half second."""
-    while not stop.wait(0.5):
+def trickle(sockets: list[socket.socket], stop: threading.Event, every_s: float = 0.5,
+            data: bytes = b"X") -> None:  # fmt: skip
+    """A slowloris: `data` (one more header or body byte) on every socket, every `every_s`."""
+    while not stop.wait(every_s):
         for sock in sockets:
             with contextlib.suppress(OSError):
-                sock.send(b"X")
+                sock.send(data)
+
+
+@contextlib.contextmanager
+def trickling(sockets: list[socket.socket], every_s: float = 0.5,
+              data: bytes = b"X") -> Iterator[None]:  # fmt: skip
+    stop = threading.Event()
+    thread = threading.Thread(target=trickle, args=(sockets, stop, every_s, data), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_slowloris_is_cut_off_and_real_clients_are_served(guarded_server: Server) -> None:
@@ -158,18 +178,20 @@ def test_slowloris_is_cut_off_and_real_clients_are_served(guarded_server: Server
 
 
 def test_connection_cap_keeps_the_server_reachable(guarded_server: Server) -> None:
-    """40 idle connections from two addresses fill the cap: a new client is refused with 503
-    at once (not left without an answer), and served again once the header timeout frees them."""
+    """40 idle connections from two addresses fill the cap: a new client's request is refused
+    with 503 at once (not left without an answer), its /health is served through the probe
+    headroom, and its requests are served again once the header timeout frees the cap."""
     idle = [raw_request(guarded_server, "", source=source)
             for source in ("127.0.0.3", "127.0.0.4") for _ in range(20)]  # fmt: skip
     try:
         time.sleep(0.2)
         with httpx.Client(base_url=guarded_server.base_url, timeout=10) as http:
-            first = http.get("/health")
+            first = http.get("/v1/models")
             assert first.status_code == 503 and first.headers["retry-after"] == "1", first.text
             assert "open connections" in first.json()["error"]["message"]
+            assert http.get("/health").status_code == 200
             deadline = time.monotonic() + HEADER_TIMEOUT_S + 4
-            while http.get("/health").status_code != 200:
+            while http.get("/v1/models").status_code != 200:
                 assert time.monotonic() < deadline, "the cap never freed up"
                 time.sleep(0.2)
     finally:
@@ -186,6 +208,78 @@ def test_a_stalled_body_is_408(guarded_server: Server) -> None:
     assert status == 408, response
     assert b'"code":"body_timeout"' in response
     assert time.monotonic() - started < BODY_TIMEOUT_S + 3
+
+
+def test_a_trickled_body_is_cut_off_after_the_grace(guarded_server: Server) -> None:
+    """A byte every half second never stalls a read for BODY_TIMEOUT_S, which was the only
+    timer: such a body held its connection until its declared length arrived (1000 bytes,
+    over 8 minutes). Under the minimum rate once the grace is spent: 408, logged, closed."""
+    sock = raw_request(guarded_server, post_head("/v1/completions", "application/json", 1000, None),
+                       b"{", timeout_s=BODY_GRACE_S + 10)  # fmt: skip
+    started, port = time.monotonic(), sock.getsockname()[1]
+    with sock, trickling([sock]):
+        status, response = read_status(sock)
+    assert status == 408, response
+    assert b'"code":"body_timeout"' in response and b"bytes/s" in response
+    assert time.monotonic() - started < BODY_GRACE_S + 3
+    assert any(f"closing the connection of 127.0.0.1:{port}" in line and "bytes/s" in line
+               for line in guarded_server.log().splitlines()), guarded_server.log()[-2000:]  # fmt: skip
+
+
+def test_a_body_at_the_minimum_rate_still_has_a_deadline(guarded_server: Server) -> None:
+    """400 bytes/s is over the minimum rate, but a body declared at 1 MB does not arrive within
+    BODY_DEADLINE_S at that rate: 408 at the deadline, not when its last byte would come."""
+    sock = raw_request(guarded_server, post_head("/v1/completions", "application/json", 10**6, None),
+                       b"{", timeout_s=BODY_DEADLINE_S + 10)  # fmt: skip
+    started = time.monotonic()
+    with sock, trickling([sock], every_s=0.25, data=b" " * 100):
+        status, response = read_status(sock)
+    elapsed = time.monotonic() - started
+    assert status == 408, response
+    assert f"within {BODY_DEADLINE_S:g} s".encode() in response
+    assert BODY_DEADLINE_S - 0.5 < elapsed < BODY_DEADLINE_S + 3
+
+
+@pytest.fixture(scope="module")
+def crowded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Default connection caps and body timers (512 in all, 256 per address, 16 for probes)."""
+    srv = start_server(tiny_model_dir, tmp_path_factory.mktemp("crowded") / "server.log")
+    yield srv
+    stop_server(srv)
+    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+
+
+def test_two_addresses_at_their_cap_do_not_lock_out_health_and_ready(crowded_server: Server) -> None:
+    """2 x 256 connections trickling request bodies (a byte every 2 s: under every default
+    timer for a while) fill max_connections. A third address's probes still answer 200 (they
+    were 503); its other requests, and more connections from the two, get the cap's 503. One
+    address holds at most PROBES_PER_CLIENT connections of the headroom."""
+    head = post_head("/v1/completions", "application/json", 1000, None)
+    held = [raw_request(crowded_server, head, b"{", source=source)
+            for source in ("127.0.0.2", "127.0.0.3") for _ in range(256)]  # fmt: skip
+    try:
+        with trickling(held, every_s=2.0):
+            more = raw_request(crowded_server, "", source="127.0.0.2")
+            assert read_status(more)[0] == 503
+            time.sleep(0.2)
+            with httpx.Client(base_url=crowded_server.base_url, timeout=5,
+                              transport=httpx.HTTPTransport(local_address="127.0.0.4")) as http:  # fmt: skip
+                assert http.get("/health").status_code == 200
+                assert http.get("/ready").status_code == 200
+                other = http.get("/v1/models")
+                assert other.status_code == 503, other.text
+                assert "open connections" in other.json()["error"]["message"]
+            probes = [raw_request(crowded_server, "", source="127.0.0.5") for _ in range(3)]
+            assert read_status(probes[2])[0] == 503  # PROBES_PER_CLIENT = 2
+            for probe in probes[:2]:
+                probe.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert read_status(probe)[0] == 200
+            for probe in probes:
+                probe.close()
+            more.close()
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # ---------------------------------------------------------------- drain (row 18)
@@ -263,20 +357,56 @@ def test_ready_requires_a_key_when_configured(tiny_model_dir: Path, tmp_path: Pa
         assert client.get("/health").status_code == 200
 
 
+EVAL_BODY = {"models": ["base"], "datasets": ["gsm8k"], "max_tokens": 64}
+
+
 def test_only_the_creating_key_or_the_admin_cancels_a_job(keyed_app: TestClient) -> None:
-    body = {"models": ["base"], "datasets": ["gsm8k"], "max_tokens": 64}
-    jobs = [keyed_app.post("/v1/evaluations", json=body, headers=as_key("alice-key")).json()
+    """Another key's DELETE is a 404, as a job that does not exist (it was a 403 that told
+    the job was there); the job goes on."""
+    jobs = [keyed_app.post("/v1/evaluations", json=EVAL_BODY, headers=as_key("alice-key")).json()
             for _ in range(2)]  # fmt: skip
     first, second = (job["id"] for job in jobs)
     refused = keyed_app.delete(f"/v1/evaluations/{first}", headers=as_key("bob-key"))
-    assert refused.status_code == 403, refused.text
-    assert refused.json()["error"]["code"] == "not_job_owner"
-    assert keyed_app.get(f"/v1/evaluations/{first}", headers=as_key("bob-key")).json()[
+    assert refused.status_code == 404, refused.text
+    assert refused.json()["error"]["code"] == "evaluation_not_found"
+    assert keyed_app.get(f"/v1/evaluations/{first}", headers=as_key("alice-key")).json()[
         "status"] in ("queued", "running")  # fmt: skip
     own = keyed_app.delete(f"/v1/evaluations/{first}", headers=as_key("alice-key"))
     assert own.status_code == 200 and own.json()["status"] == "cancelled"
     admin = keyed_app.delete(f"/v1/evaluations/{second}", headers=as_key("root-key"))
     assert admin.status_code == 200 and admin.json()["status"] == "cancelled"
+
+
+def test_a_key_sees_only_its_own_evaluation_jobs(keyed_app: TestClient) -> None:
+    """Row 30: a user key lists, reads and streams the results of the jobs it created; another
+    key's job answers exactly as an unknown one (404); the admin key sees every job. Any key
+    read every job before."""
+    created = {key: keyed_app.post("/v1/evaluations", json=EVAL_BODY, headers=as_key(key)).json()["id"]
+               for key in ("alice-key", "bob-key")}  # fmt: skip
+    alice, bob = created["alice-key"], created["bob-key"]
+    unknown = "eval-" + "0" * 24
+
+    def listed(key: str) -> set[str]:
+        response = keyed_app.get("/v1/evaluations", headers=as_key(key))
+        return {job["id"] for job in response.json()["data"]}
+
+    try:
+        assert alice in listed("alice-key") and bob not in listed("alice-key")
+        assert bob in listed("bob-key") and alice not in listed("bob-key")
+        assert {alice, bob} <= listed("root-key")
+        for suffix in ("", "/results"):
+            for key in ("alice-key", "root-key"):
+                own = keyed_app.get(f"/v1/evaluations/{alice}{suffix}", headers=as_key(key))
+                assert own.status_code == 200, (key, suffix, own.text)
+            other = keyed_app.get(f"/v1/evaluations/{alice}{suffix}", headers=as_key("bob-key"))
+            missing = keyed_app.get(f"/v1/evaluations/{unknown}{suffix}", headers=as_key("bob-key"))
+            assert other.status_code == missing.status_code == 404, other.text
+            assert (other.json()["error"]["message"].replace(alice, "ID")
+                    == missing.json()["error"]["message"].replace(unknown, "ID"))  # fmt: skip
+            assert other.json()["error"]["code"] == "evaluation_not_found"
+    finally:
+        for job in (alice, bob):
+            keyed_app.delete(f"/v1/evaluations/{job}", headers=as_key("root-key"))
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,7 @@ STATUSES = {
     ("get", "/v1/evaluations"): COMMON | {200},
     ("post", "/v1/evaluations"): BODY | {202, 404, 429},
     ("get", "/v1/evaluations/{job_id}"): COMMON | {200, 404},
-    ("delete", "/v1/evaluations/{job_id}"): COMMON | {200, 403, 404},  # 403: not its creator
+    ("delete", "/v1/evaluations/{job_id}"): COMMON | {200, 404},  # 404: not its creator either
     ("get", "/v1/evaluations/{job_id}/results"): COMMON | {200, 404},
     ("get", "/v1/datasets"): COMMON | {200},
     ("post", "/v1/datasets"): BODY | {201, 403, 409},
