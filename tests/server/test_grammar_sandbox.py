@@ -206,3 +206,28 @@ def test_long_texts_are_tokenized_off_the_event_loop(app: TestClient, encodes, r
     short, long = encodes[0], encodes[-1]
     assert short[1] and not long[1], encodes
 
+
+
+def test_a_large_json_body_is_checked_off_the_event_loop(app: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard's parse and walk of a body (depth, lone surrogates) runs on a thread past
+    INLINE_JSON_BYTES: an 8 MiB list of token ids took 3 s on the loop."""
+    from adapterserve.server import guards
+
+    seen: list[tuple[int, bool]] = []
+    loads = guards.loads
+
+    def spy(text: str, *args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        seen.append((len(text), on_loop))
+        return loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(guards, "loads", spy)
+    small = {"prompt": "hi", "max_tokens": 1}
+    big = {"prompt": "hi", "max_tokens": 1, "stop_token_ids": [1] * (guards.INLINE_JSON_BYTES // 2)}
+    assert app.post("/v1/completions", json={**small, "model": "m"}).status_code == 200
+    app.post("/v1/completions", json=big)
+    assert [on_loop for _, on_loop in seen] == [True, False], seen
