@@ -334,6 +334,7 @@ class Engine:
         the compiled step's warm-up (then `ready`); a fault in a step fails every request and
         marks the engine unhealthy."""
         self._thread = threading.current_thread()
+        self.ready = self.compiled is None  # nothing to warm up: ready before start_engine returns
         if on_started is not None:
             on_started()
         try:
