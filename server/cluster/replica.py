@@ -74,8 +74,7 @@ class EngineReplica:
         )
         # Ray Serve routes to a replica once __init__ returns: not while its compiled decode
         # step is still warming up (the engine turns ready after that, engine.run).
-        while not self.engine.ready and self.engine.healthy:
-            await asyncio.sleep(0.1)
+        await self.engine.until_ready()
         self.registry = self.engine.registry
         assert self.registry is not None, "an engine replica always has a registry"
 

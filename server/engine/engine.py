@@ -313,6 +313,11 @@ class Engine:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
 
+    async def until_ready(self, poll_s: float = 0.05) -> None:
+        """Returns once the engine is ready (its compiled step warmed up), stopping or failed."""
+        while not self.ready and self.healthy and not self._stopping:
+            await asyncio.sleep(poll_s)
+
     def begin_drain(self) -> None:
         self.ready = False
 
