@@ -72,6 +72,9 @@ class EngineReplica:
         self.engine: Engine = await self._stack.enter_async_context(
             running_engine(settings, self.metrics)
         )
+        # Ray Serve routes to a replica once __init__ returns: not while its compiled decode
+        # step is still warming up (the engine turns ready after that, engine.run).
+        await self.engine.until_ready()
         self.registry = self.engine.registry
         assert self.registry is not None, "an engine replica always has a registry"
 

@@ -93,10 +93,12 @@ class BatchBuilder:
     def max_decode_rows(self) -> int:
         return self.tables.shape[0]
 
-    def build(self, plan: StepPlan, pad_to: int | None = None, dense: bool = False) -> ForwardBatch:
+    def build(self, plan: StepPlan, pad_to: int | None = None, dense: bool = False,
+              min_width: int = 1) -> ForwardBatch:  # fmt: skip
         """The plan's tensors; `pad_to` pads a decode-only plan with padding rows. `dense` (a
         compiled step) leaves out the host facts that let adapter ops skip unused slots, so
-        the work does not depend on the batch."""
+        the work does not depend on the batch. `min_width`: decode block tables at least this
+        wide (padding rows' extra columns: the trash block)."""
         bs, D = self.block_size, plan.num_decodes
         tokens, positions, slots, slot_ids, logit_rows = [], [], [], [], []
         prefills, embed_rows, embed_values = [], [], []
@@ -131,7 +133,7 @@ class BatchBuilder:
         self._fill(self.positions, positions)
         self._fill(self.slot_mapping, slots)
         self._fill(self.logits_indices, logit_rows)
-        width = self._fill_tables([seq for seq, _ in plan.work[:D]], rows)
+        width = self._fill_tables([seq for seq, _ in plan.work[:D]], rows, min_width)
         adapters = self._adapters(slot_ids, rows, dense)
         return ForwardBatch(
             token_ids=self.token_ids[:T],
@@ -147,9 +149,10 @@ class BatchBuilder:
             head_adapters=self._head_adapters(adapters, slot_ids, logit_rows, rows),
         )
 
-    def dummy(self, rows: int) -> ForwardBatch:
-        """`rows` padding rows and nothing else (compiling a decode step ahead of traffic)."""
-        return self.build(StepPlan((), 0), pad_to=rows, dense=True)
+    def dummy(self, rows: int, width: int = 1) -> ForwardBatch:
+        """`rows` padding rows with block tables `width` wide, and nothing else (compiling a
+        decode step ahead of traffic)."""
+        return self.build(StepPlan((), 0), pad_to=rows, dense=True, min_width=width)
 
     def _fill(self, buffer: torch.Tensor, values: Seq[int]) -> None:
         if values:
@@ -158,10 +161,11 @@ class BatchBuilder:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-    def _fill_tables(self, decodes: list[Sequence], rows: int) -> int:
+    def _fill_tables(self, decodes: list[Sequence], rows: int, min_width: int = 1) -> int:
         """Decode rows' block tables and context lengths (padding rows: the trash block, one
         key); returns the width the step's tables use."""
         width = max((len(s.block_table) for s in decodes), default=1)
+        width = max(width, min(min_width, self.tables.shape[1]))
         width = self.tables.shape[1] if self.full_width else width
         table = [s.block_table + [s.block_table[-1]] * (width - len(s.block_table)) for s in decodes]
         table += [[self.trash_block] * width] * (rows - len(decodes))

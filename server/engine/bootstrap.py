@@ -236,7 +236,9 @@ async def start_engine(
     settings: Settings, metrics: Metrics, plan: EnginePlan | None = None
 ) -> Engine:
     """Build the engine and run its step loop, both on one dedicated thread; returns once it
-    is built and running. Stop it with `engine.stop()` (or use `running_engine`).
+    is built and its loop has begun: with a compiled decode step, the loop first warms up its
+    shapes, and `engine.ready` turns true (so /ready 200) only after that; requests submitted
+    meanwhile wait. Stop it with `engine.stop()` (or use `running_engine`).
 
     All torch work stays on that one OS thread: on CPU, a second thread that has run parallel
     ops keeps an OpenMP pool alive, and MKL then ran the engine's matmuls ~1.3x slower (measured).

@@ -139,6 +139,7 @@ class Engine:
         self.compiled: CompiledDecode | None = None  # set by enable_compile
         self._doomed: list[tuple[Sequence, AdapterError]] = []  # not admissible: fail them
         self.healthy, self.ready = True, False
+        self.warming = False  # compiling the decode step's shapes (run, before ready)
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._wake = threading.Event()
@@ -316,6 +317,11 @@ class Engine:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
 
+    async def until_ready(self, poll_s: float = 0.05) -> None:
+        """Returns once the engine is ready (its compiled step warmed up), stopping or failed."""
+        while not self.ready and self.healthy and not self._stopping:
+            await asyncio.sleep(poll_s)
+
     def begin_drain(self) -> None:
         self.ready = False
 
@@ -335,12 +341,16 @@ class Engine:
 
     # ---- engine thread --------------------------------------------------------------------
     def run(self, on_started: Callable[[], None] | None = None) -> None:
-        """The step loop, on the calling thread (bootstrap.start_engine's) until `stop`; a fault
-        in a step fails every request and marks the engine unhealthy."""
-        self._thread, self.ready = threading.current_thread(), True
+        """The step loop, on the calling thread (bootstrap.start_engine's) until `stop`, after
+        the compiled step's warm-up (then `ready`); a fault in a step fails every request and
+        marks the engine unhealthy."""
+        self._thread = threading.current_thread()
+        self.ready = self.compiled is None  # nothing to warm up: ready before start_engine returns
         if on_started is not None:
             on_started()
         try:
+            self._warm_up()  # before `ready`: /ready and new requests answer 503 until then
+            self.ready = not self._stopping
             while not self._stopping:
                 self._drain_inbox()
                 self._flush_outbox()
@@ -420,21 +430,34 @@ class Engine:
         return self.model(self.builder.build(plan), self.cache)
 
     def enable_compile(self) -> None:
-        """Compile the decode step (see server/model/compiled.py) and warm it up on dummy rows;
-        on failure, stay eager and say so once."""
+        """Set up the compiled decode step (see server/model/compiled.py); `run` warms it up
+        before the engine is ready. On failure, stay eager and say so once."""
         device = self.cache.k.device
         use_inductor_cache(self.settings.cache_dir)
         buckets = buckets_for(device, self.settings.max_num_seqs)
         self.builder.full_width = buckets is not None  # captured graphs: fixed table width
         try:
-            compiled = CompiledDecode(self.model, self.cache, self.builder, buckets)
-            sizes = buckets if buckets is not None else (1, min(2, self.settings.max_num_seqs))
-            seconds = compiled.warm_up(tuple(dict.fromkeys(sizes)))
+            self.compiled = CompiledDecode(self.model, self.cache, self.builder, buckets)
         except Exception:  # noqa: BLE001 - a server that cannot compile still serves
             log.warning("compiling the decode step failed; serving eagerly", exc_info=True)
+
+    def _warm_up(self) -> None:
+        """Compile every shape of the decode step now (engine thread, before `ready`), not
+        under the first streams; on failure, stay eager and say so once."""
+        compiled = self.compiled
+        if compiled is None:
             return
-        self.compiled = compiled
-        log.info("decode step compiled in %.1f s (%s)", seconds,
+        self.warming = True
+        try:
+            count, seconds = compiled.warm_up()
+        except Exception:  # noqa: BLE001 - a server that cannot compile still serves
+            log.warning("compiling the decode step failed; serving eagerly", exc_info=True)
+            self.compiled = None
+            return
+        finally:
+            self.warming = False
+        buckets = compiled.buckets
+        log.info("warmed %d compiled shapes in %.1f s (%s)", count, seconds,
                  f"CUDA graphs for batch sizes {buckets}" if buckets else "dynamic batch size")
 
     # ---- adapters (engine thread) ---------------------------------------------------------

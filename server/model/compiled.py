@@ -11,7 +11,15 @@ KV writes as custom ops. So the step compiles once and is reused:
   write their K/V into the trash block) and each bucket's whole step is captured as a CUDA
   graph, with the batch builder's buffers as its fixed inputs. On CPU there is nothing to
   capture: the batch dimension is marked dynamic, so one graph serves every size (0 and 1 are
-  specialized by torch, so a single-row step is a second graph).
+  specialized by torch, so a single-row step is a second graph). Block tables are as wide as
+  the step's longest context, a dynamic size too: a width of 1 (every context within one
+  block) is its own graph again.
+- *Warm-up*: `warm_up` compiles every one of these shapes (`warm_shapes`) on padding rows
+  before the engine says it is ready; a shape first met under traffic compiled on the engine
+  thread and froze every stream (5.2 s on a fresh server, 38 s once under load). Not warmed:
+  the adapter variant, whose graph follows the pool's structure (the stacks that loaded
+  adapters allocate), so the first decode with an adapter row after a start or a structure
+  change still compiles under traffic (19 s of frozen streams on the default model, CPU).
 - *Variants*: a step with no adapter token runs no hook (one graph); a step with adapters runs
   every stack the pool holds (another). A change in the pool's structure (a stack allocated
   or grown) changes the traced code's guards: one recompile, then steady again.
@@ -123,15 +131,27 @@ class CompiledDecode:
         """The bucket a decode step of `num_decodes` rows is padded to (None: no padding)."""
         return None if self.buckets is None else bucket(num_decodes, self.buckets)
 
-    def warm_up(self, sizes: tuple[int, ...]) -> float:
-        """Compile (and on CUDA capture) the no-adapter step for each of `sizes` rows on dummy
-        rows; returns the seconds it took."""
+    def warm_shapes(self) -> list[tuple[int, int]]:
+        """(rows, block table width) of every graph a no-adapter decode step can need. Buckets:
+        one each (tables at full width). Dynamic: rows and width are symbolic sizes, but torch
+        specializes a size of 1, so 1 or 2 rows by 1 or 2 table columns (a first decode past
+        `block_size` tokens of context compiled anew)."""
+        if self.buckets is not None:
+            return [(size, 1) for size in self.buckets]
+        rows = dict.fromkeys((1, min(2, self.builder.max_decode_rows)))
+        widths = dict.fromkeys((1, min(2, self.builder.tables.shape[1])))
+        return [(r, w) for r in rows for w in widths]
+
+    def warm_up(self) -> tuple[int, float]:
+        """Compile (and on CUDA capture) the no-adapter step for each of `warm_shapes` on
+        padding rows; returns how many shapes and the seconds it took."""
         started = time.perf_counter()
-        for size in sizes:
-            self.forward(self.builder.dummy(self.pad_to(size) or size))
+        shapes = self.warm_shapes()
+        for rows, width in shapes:
+            self.forward(self.builder.dummy(self.pad_to(rows) or rows, width))
         if self.cache.k.is_cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - started
+        return len(shapes), time.perf_counter() - started
 
 
 def dynamic_rows(block_fn: Callable) -> Callable:

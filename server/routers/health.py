@@ -25,11 +25,13 @@ async def health(engine: Engine = Depends(get_engine)) -> JSONResponse:
 
 @router.get("/ready", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
 async def ready(request: Request, engine: Engine = Depends(get_engine)) -> JSONResponse:
-    """200 when the engine is started and the server is not draining; load balancers poll this."""
+    """200 when the engine is started (its compiled shapes warmed up) and the server is not
+    draining; load balancers poll this."""
     draining = getattr(request.app.state, "draining", False)
     if engine.healthy and engine.ready and not draining:
         return JSONResponse({"status": "ready"})
-    status = "draining" if draining else "not_ready"
+    warming = getattr(engine, "warming", False)  # the cluster's engine proxy has no warm-up
+    status = "draining" if draining else "warming_up" if warming else "not_ready"
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
 

@@ -151,7 +151,7 @@ def test_a_failing_compiled_step_falls_back_to_eager(
     def broken(self, batch):
         raise RuntimeError("injected compile failure")
 
-    monkeypatch.setattr(CompiledDecode, "warm_up", lambda self, sizes: 0.0)
+    monkeypatch.setattr(CompiledDecode, "warm_up", lambda self: (0, 0.0))
     monkeypatch.setattr(CompiledDecode, "forward", broken)
     got, engine = engine_tokens(tiny_model_dir, tmp_path / "broken", "on", prompts)
     assert got == eager and engine.compiled is None

@@ -242,16 +242,18 @@ def test_a_body_at_the_minimum_rate_still_has_a_deadline(guarded_server: Server)
 
 @pytest.fixture(scope="module")
 def crowded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Default connection caps and body timers (512 in all, 256 per address, 16 for probes)."""
-    srv = start_server(tiny_model_dir, tmp_path_factory.mktemp("crowded") / "server.log")
+    """Default connection caps (512 in all, 256 per address, 16 for probes); a body grace long
+    enough that the trickling connections are still held on a slow machine (by default they
+    are cut off after 10 s, benchmarks/slow_clients.py)."""
+    srv = start_server(tiny_model_dir, tmp_path_factory.mktemp("crowded") / "server.log",
+                       "--http-body-grace-s", "120")  # fmt: skip
     yield srv
     stop_server(srv)
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
 
 
 def test_two_addresses_at_their_cap_do_not_lock_out_health_and_ready(crowded_server: Server) -> None:
-    """2 x 256 connections trickling request bodies (a byte every 2 s: under every default
-    timer for a while) fill max_connections. A third address's probes still answer 200 (they
+    """2 x 256 connections trickling request bodies (a byte every 2 s) fill max_connections. A third address's probes still answer 200 (they
     were 503); its other requests, and more connections from the two, get the cap's 503. One
     address holds at most PROBES_PER_CLIENT connections of the headroom."""
     head = post_head("/v1/completions", "application/json", 1000, None)
