@@ -79,18 +79,19 @@ def attend(
     bits in a whole prefill, a one-token chunk after a prefix-cache hit, or a decode step beside
     a longer sequence (torch's SDPA splits its queries and keys by their counts).
     """
-    G, M, d = q.shape
     q = _fp32(q) * scale
-    m = q.new_full((G, M), float("-inf"))  # running max
-    total = q.new_zeros(G, M)  # running sum of exp(score - m)
-    acc = q.new_zeros(G, M, d)
     for start in range(0, keys.shape[1], KEY_TILE):
         k, v = (_tile(_fp32(t[:, start : start + KEY_TILE])) for t in (keys, values))  # (G, KT, d)
-        s = rows_bmm(q, k.transpose(1, 2))  # (G, M, KT)
+        s = rows_bmm(q, k.transpose(1, 2).contiguous())  # (G, M, KT)
         index = torch.arange(start, start + KEY_TILE, device=q.device)
         s = s.masked_fill(index > last_key[..., None], float("-inf"))
+        if start == 0:  # key 0 is every row's: the max is finite (the general step, with m = -inf)
+            m = s.amax(-1)  # running max (G, M)
+            p = torch.exp(s - m[..., None])  # (G, M, KT)
+            total, acc = p.sum(-1), rows_bmm(p, v)  # running sum of exp(score - m); (G, M, d)
+            continue
         m_new = torch.maximum(m, s.amax(-1))
-        p = torch.exp(s - m_new[..., None])  # (G, M, KT)
+        p = torch.exp(s - m_new[..., None])
         alpha = torch.exp(m - m_new)
         total = total * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + rows_bmm(p, v)
@@ -99,9 +100,11 @@ def attend(
 
 
 def _tile(t: torch.Tensor) -> torch.Tensor:
-    """t (G, n, d) zero-padded to KEY_TILE rows."""
+    """t (G, n, d) zero-padded to KEY_TILE rows, contiguous."""
     short = KEY_TILE - t.shape[1]
-    return t if short == 0 else torch.cat([t, t.new_zeros(t.shape[0], short, t.shape[2])], dim=1)
+    if short == 0:
+        return t.contiguous()
+    return torch.cat([t, t.new_zeros(t.shape[0], short, t.shape[2])], dim=1)
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
@@ -176,7 +179,9 @@ def rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def rows_bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """torch.bmm(x, w) as `rows_mm` computes each row: x (G, M, K), w (G, K, N) -> (G, M, N),
-    every row of group g from one (ROW_TILE, K) @ (K, N) product against w[g]."""
+    every row of group g from one (ROW_TILE, K) @ (K, N) product against w[g]. With G > 1 the
+    products read a contiguous copy of w, with G == 1 w as given: a caller whose G depends on
+    the batch passes w contiguous, so that the GEMM sees one layout."""
     G, M, K = x.shape
     tiles = (M + ROW_TILE - 1) // ROW_TILE
     x = torch.cat([x, x.new_zeros(G, tiles * ROW_TILE - M, K)], dim=1)  # (G, tiles * ROW_TILE, K)
@@ -277,10 +282,10 @@ def _grouped_run(
     flat = rows.reshape(-1)
     x = u.index_select(0, flat).view(k, P, d_in).float()
     a = weights.a[:, first:end].transpose(0, 1).reshape(k, n * R, d_in)  # a view if slot-major
-    h = rows_bmm(x, a.float().transpose(1, 2)).view(k, P, n, R)
+    h = rows_bmm(x, a.float().transpose(1, 2).contiguous()).view(k, P, n, R)
     h = activate(h, weights.activations[:, first:end].t()[:, None, :, None], weights.codes)
     h = h * (batch.group_mask[first:end, :, None] * weights.scalings[:, first:end].t()[:, None])[..., None]
-    deltas = [rows_bmm(h[:, :, i], weights.b[i, first:end, :, :size].float())  # (k, P, size)
+    deltas = [rows_bmm(h[:, :, i], weights.b[i, first:end, :, :size].float().contiguous())
               for i, (_, size) in enumerate(slices)]  # fmt: skip
     if [off for off, _ in slices] == [sum(sz for _, sz in slices[:i]) for i in range(n)] and \
             sum(sz for _, sz in slices) == y.shape[1]:  # the slices tile y: one add into it whole
