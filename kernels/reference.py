@@ -55,7 +55,7 @@ def paged_decode_attention(
     keys = gather_kv(k_cache, block_tables, max_len).reshape(S * kvh, max_len, d)  # (S*kvh, L, d)
     values = gather_kv(v_cache, block_tables, max_len).reshape(S * kvh, max_len, d)
     last_key = (context_lens - 1).repeat_interleave(kvh)[:, None]  # (S*kvh, 1)
-    out = attend(q.reshape(S * kvh, H // kvh, d), keys, values, last_key, scale)  # (S*kvh, g, d)
+    out = attend_rows(q.reshape(S * kvh, H // kvh, d), keys, values, last_key, scale)  # (S*kvh, g, d)
     out = out.view(S, H, d)
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
@@ -76,8 +76,8 @@ def attend(
     `rows_bmm`'s fixed-shape GEMMs (the last tile zero-padded), its sums fixed-length reductions,
     and tiles fold in in key order. A tile past a row's last key adds exactly nothing (its max is
     -inf, its weights 0, the running sums scaled by exp(0) = 1), so the same row gives the same
-    bits in a whole prefill, a one-token chunk after a prefix-cache hit, or a decode step beside
-    a longer sequence (torch's SDPA splits its queries and keys by their counts).
+    bits in a whole prefill or in a one-token chunk after a prefix-cache hit (torch's SDPA
+    splits its queries and keys by their counts). Decode attention uses `attend_rows`.
     """
     q = _fp32(q) * scale
     for start in range(0, keys.shape[1], KEY_TILE):
@@ -99,9 +99,31 @@ def attend(
     return acc / total[..., None]
 
 
-def _tile(t: torch.Tensor) -> torch.Tensor:
-    """t (G, n, d) zero-padded to KEY_TILE rows, contiguous."""
-    short = KEY_TILE - t.shape[1]
+def attend_rows(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last_key: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`attend` for calls whose row count per group M never changes (decode: one token's query
+    heads per KV head), every key tile at once: each (group, key tile) is one (M, d) @ (d, KT)
+    GEMM, the softmax takes the row's max over all keys (exact in any order), each tile's sum
+    has a fixed length and the tiles add up in key order (a cumulative sum), so trailing tiles
+    (a longer sequence beside it) add exact zeros. A constant number of ops, not one loop step
+    per key tile: decode attention is ~30 calls a step."""
+    G, M, d = q.shape
+    tiles = (keys.shape[1] + KEY_TILE - 1) // KEY_TILE
+    k, v = (_tile(_fp32(t), tiles * KEY_TILE).view(G * tiles, KEY_TILE, d) for t in (keys, values))
+    q = (_fp32(q) * scale)[:, None].expand(G, tiles, M, d).reshape(G * tiles, M, d)
+    s = torch.bmm(q, k.transpose(1, 2)).view(G, tiles, M, KEY_TILE)
+    index = torch.arange(tiles * KEY_TILE, device=q.device).view(tiles, 1, KEY_TILE)
+    s = s.masked_fill(index > last_key[:, None, :, None], float("-inf"))
+    p = torch.exp(s - s.amax(dim=(1, 3))[:, None, :, None])  # (G, tiles, M, KT)
+    total = p.sum(-1).cumsum(1)[:, -1]  # (G, M)
+    acc = torch.bmm(p.view(G * tiles, M, KEY_TILE), v).view(G, tiles, M, d).cumsum(1)[:, -1]
+    return acc / total[..., None]
+
+
+def _tile(t: torch.Tensor, length: int = KEY_TILE) -> torch.Tensor:
+    """t (G, n, d) zero-padded to `length` rows, contiguous."""
+    short = length - t.shape[1]
     if short == 0:
         return t.contiguous()
     return torch.cat([t, t.new_zeros(t.shape[0], short, t.shape[2])], dim=1)
