@@ -28,7 +28,7 @@ import torch
 
 from adapterserve.kernels import reference
 from adapterserve.kernels.batch import AdapterBatch, DeltaWeights, Segment, runs
-from adapterserve.kernels.reference import Activation, gather_kv
+from adapterserve.kernels.reference import Activation, attend, gather_kv, rows_mm
 
 __all__ = [
     "Activation",
@@ -37,10 +37,12 @@ __all__ = [
     "Ops",
     "Segment",
     "add_delta",
+    "attend",
     "gather_kv",
     "ia3_scale",
     "ops_for",
     "paged_decode_attention",
+    "rows_mm",
     "runs",
     "use_triton",
     "write_kv",

@@ -3,6 +3,13 @@
 Every op takes what it needs as arguments (the step's AdapterBatch, a site's DeltaWeights): no
 state survives a call, and no op reads a tensor back to the host, so a decode step runs the
 same sequence of ops whatever adapters it holds, and torch.compile traces it whole.
+
+Batch invariance (eager steps): a row's result does not depend, bit for bit, on the other rows
+of its step, so a token's log-prob is the same alone or beside others, in a whole prefill or a
+chunk, after a prefix-cache hit or not. Every matmul whose rows are tokens goes through
+`rows_mm` / `rows_bmm` (one GEMM shape per call, whatever the row count) and attention through
+`attend` (keys in fixed tiles from key 0). The dense form a compiled decode step traces
+(`_decode_run`) is inductor's to lower and is not held to this.
 """
 
 from __future__ import annotations
@@ -44,15 +51,82 @@ def paged_decode_attention(
     """
     S, H, d = q.shape
     max_len = block_tables.shape[1] * k_cache.shape[1]
-    keys = _fp32(gather_kv(k_cache, block_tables, max_len))  # (S, kvh, L, d)
-    values = _fp32(gather_kv(v_cache, block_tables, max_len))
-    valid = torch.arange(max_len, device=q.device) < context_lens[:, None]  # (S, L)
-    out = F.scaled_dot_product_attention(
-        _fp32(q.reshape(S, H, 1, d)), keys, values, attn_mask=valid.view(S, 1, 1, max_len),
-        scale=scale, enable_gqa=True,
-    )  # (S, H, 1, d)
+    kvh = k_cache.shape[2]
+    keys = gather_kv(k_cache, block_tables, max_len).reshape(S * kvh, max_len, d)  # (S*kvh, L, d)
+    values = gather_kv(v_cache, block_tables, max_len).reshape(S * kvh, max_len, d)
+    last_key = (context_lens - 1).repeat_interleave(kvh)[:, None]  # (S*kvh, 1)
+    out = attend_rows(q.reshape(S * kvh, H // kvh, d), keys, values, last_key, scale)  # (S*kvh, g, d)
     out = out.view(S, H, d)
     return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+KEY_TILE = 64  # keys per step of `attend`'s online softmax
+
+
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last_key: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Softmax attention of each query row over its group's keys [0, last_key], every row's
+    result bit for bit independent of how many rows and keys the call holds (batch invariance).
+
+    out[g, r] = softmax(q[g, r] . keys[g, :last_key[g, r] + 1] * scale) @ values[g, :last_key[g, r] + 1]
+    q (G, M, d); keys, values (G, L, d); last_key (G or 1, M) int -> (G, M, d) fp32.
+
+    Flash attention's online softmax over tiles of KEY_TILE keys from key 0: a tile's products are
+    `rows_bmm`'s fixed-shape GEMMs (the last tile zero-padded), its sums fixed-length reductions,
+    and tiles fold in in key order. A tile past a row's last key adds exactly nothing (its max is
+    -inf, its weights 0, the running sums scaled by exp(0) = 1), so the same row gives the same
+    bits in a whole prefill or in a one-token chunk after a prefix-cache hit (torch's SDPA
+    splits its queries and keys by their counts). Decode attention uses `attend_rows`.
+    """
+    q = _fp32(q) * scale
+    for start in range(0, keys.shape[1], KEY_TILE):
+        k, v = (_tile(_fp32(t[:, start : start + KEY_TILE])) for t in (keys, values))  # (G, KT, d)
+        s = rows_bmm(q, k.transpose(1, 2).contiguous())  # (G, M, KT)
+        index = torch.arange(start, start + KEY_TILE, device=q.device)
+        s = s.masked_fill(index > last_key[..., None], float("-inf"))
+        if start == 0:  # key 0 is every row's: the max is finite (the general step, with m = -inf)
+            m = s.amax(-1)  # running max (G, M)
+            p = torch.exp(s - m[..., None])  # (G, M, KT)
+            total, acc = p.sum(-1), rows_bmm(p, v)  # running sum of exp(score - m); (G, M, d)
+            continue
+        m_new = torch.maximum(m, s.amax(-1))
+        p = torch.exp(s - m_new[..., None])
+        alpha = torch.exp(m - m_new)
+        total = total * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + rows_bmm(p, v)
+        m = m_new
+    return acc / total[..., None]
+
+
+def attend_rows(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last_key: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`attend` for calls whose row count per group M never changes (decode: one token's query
+    heads per KV head), every key tile at once: each (group, key tile) is one (M, d) @ (d, KT)
+    GEMM, the softmax takes the row's max over all keys (exact in any order), each tile's sum
+    has a fixed length and the tiles add up in key order (a cumulative sum), so trailing tiles
+    (a longer sequence beside it) add exact zeros. A constant number of ops, not one loop step
+    per key tile: decode attention is ~30 calls a step."""
+    G, M, d = q.shape
+    tiles = (keys.shape[1] + KEY_TILE - 1) // KEY_TILE
+    k, v = (_tile(_fp32(t), tiles * KEY_TILE).view(G * tiles, KEY_TILE, d) for t in (keys, values))
+    q = (_fp32(q) * scale)[:, None].expand(G, tiles, M, d).reshape(G * tiles, M, d)
+    s = torch.bmm(q, k.transpose(1, 2)).view(G, tiles, M, KEY_TILE)
+    index = torch.arange(tiles * KEY_TILE, device=q.device).view(tiles, 1, KEY_TILE)
+    s = s.masked_fill(index > last_key[:, None, :, None], float("-inf"))
+    p = torch.exp(s - s.amax(dim=(1, 3))[:, None, :, None])  # (G, tiles, M, KT)
+    total = p.sum(-1).cumsum(1)[:, -1]  # (G, M)
+    acc = torch.bmm(p.view(G * tiles, M, KEY_TILE), v).view(G, tiles, M, d).cumsum(1)[:, -1]
+    return acc / total[..., None]
+
+
+def _tile(t: torch.Tensor, length: int = KEY_TILE) -> torch.Tensor:
+    """t (G, n, d) zero-padded to `length` rows, contiguous."""
+    short = length - t.shape[1]
+    if short == 0:
+        return t.contiguous()
+    return torch.cat([t, t.new_zeros(t.shape[0], short, t.shape[2])], dim=1)
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
@@ -107,6 +181,37 @@ def activate(h: torch.Tensor, codes: torch.Tensor, present: Sequence[int]) -> to
 
 MAX_RUNS = 4  # more runs of consecutive used slots than this: one run over their whole range
 
+# Rows per matmul call in `rows_mm` / `rows_bmm`: every call multiplies this many rows, so that
+# a row's result never depends on how many rows its step has (batch invariance).
+ROW_TILE = 16
+
+
+def rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w, each row's result bit for bit independent of how many rows x has.
+
+    x (M, K), w (K, N) -> (M, N). A BLAS picks its kernel and blocking by the sizes: MKL on this
+    CPU runs a GEMV for one row and other kernels for a few rows, which sum over K in another
+    order, so a prompt's last token computed alone (a prefix-cache hit) and inside a whole
+    prefill differed in the last bits. Here every call is the same GEMM, (ROW_TILE, K) @ (K, N):
+    the rows go in tiles of ROW_TILE (the last one zero-padded), one batched matmul over the
+    tiles against w broadcast (not copied).
+    """
+    return rows_bmm(x[None], w[None])[0]
+
+
+def rows_bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """torch.bmm(x, w) as `rows_mm` computes each row: x (G, M, K), w (G, K, N) -> (G, M, N),
+    every row of group g from one (ROW_TILE, K) @ (K, N) product against w[g]. With G > 1 the
+    products read a contiguous copy of w, with G == 1 w as given: a caller whose G depends on
+    the batch passes w contiguous, so that the GEMM sees one layout."""
+    G, M, K = x.shape
+    tiles = (M + ROW_TILE - 1) // ROW_TILE
+    x = torch.cat([x, x.new_zeros(G, tiles * ROW_TILE - M, K)], dim=1)  # (G, tiles * ROW_TILE, K)
+    N = w.shape[-1]
+    w = w[:, None].expand(G, tiles, K, N).reshape(G * tiles, K, N)  # a view when G == 1
+    out = torch.bmm(x.view(G * tiles, ROW_TILE, K), w)  # (G * tiles, ROW_TILE, N)
+    return out.view(G, tiles * ROW_TILE, N)[:, :M]
+
 
 def add_delta(
     y: torch.Tensor,
@@ -147,9 +252,9 @@ def add_delta(
         rows = slice(start, start + count)
         x = u[rows].float()  # (c, d_in)
         for i, (off, size) in enumerate(slices):
-            h = activate(x @ weights.a[i, slot].float().t(), weights.activations[i, slot],
+            h = activate(rows_mm(x, weights.a[i, slot].float().t()), weights.activations[i, slot],
                          weights.codes) * weights.scalings[i, slot]  # fmt: skip  (c, R)
-            y[rows, off : off + size] += (h @ weights.b[i, slot, :, :size].float()).to(y.dtype)
+            y[rows, off : off + size] += rows_mm(h, weights.b[i, slot, :, :size].float()).to(y.dtype)
     return y
 
 
@@ -199,10 +304,10 @@ def _grouped_run(
     flat = rows.reshape(-1)
     x = u.index_select(0, flat).view(k, P, d_in).float()
     a = weights.a[:, first:end].transpose(0, 1).reshape(k, n * R, d_in)  # a view if slot-major
-    h = torch.bmm(x, a.float().transpose(1, 2)).view(k, P, n, R)
+    h = rows_bmm(x, a.float().transpose(1, 2).contiguous()).view(k, P, n, R)
     h = activate(h, weights.activations[:, first:end].t()[:, None, :, None], weights.codes)
     h = h * (batch.group_mask[first:end, :, None] * weights.scalings[:, first:end].t()[:, None])[..., None]
-    deltas = [torch.bmm(h[:, :, i], weights.b[i, first:end, :, :size].float())  # (k, P, size)
+    deltas = [rows_bmm(h[:, :, i], weights.b[i, first:end, :, :size].float().contiguous())
               for i, (_, size) in enumerate(slices)]  # fmt: skip
     if [off for off, _ in slices] == [sum(sz for _, sz in slices[:i]) for i in range(n)] and \
             sum(sz for _, sz in slices) == y.shape[1]:  # the slices tile y: one add into it whole

@@ -183,6 +183,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.wqkv: Dense | None = None  # fused q|k|v, built by fuse()
         self.wo: Dense | None = None
+        self.targets: tuple[Callable, ...] | None = None  # q, k, v apart (split path), by fuse()
         self.ops = kernels.ops_for("cpu")  # set by Transformer.use_ops
 
     def fuse(self, cpu: bool) -> None:
@@ -193,6 +194,7 @@ class Attention(nn.Module):
         bias = fuse_weights([lin.bias for lin in linears]) if self.args.attention_bias else None
         self.wqkv = Dense(fuse_weights([lin.weight for lin in linears]), bias, cpu)
         self.wo = Dense(self.o_proj.weight.detach(), None, cpu)
+        self.targets = _parts(self.wqkv, [lin.out_features for lin in linears])
 
     def quantize(self, mode: Mode, sources: dict[str, Codes], device: torch.device) -> None:
         """Quantized fused q|k|v and o (and per-target layers for the split path); `sources`:
@@ -201,6 +203,7 @@ class Attention(nn.Module):
         self.wqkv, parts = _quantized(self, names, sources, mode, device)
         for name, part in zip(names, parts, strict=True):
             setattr(self, name, part)
+        self.targets = tuple(parts)
         self.wo, [self.o_proj] = _quantized(self, ("o_proj",), sources, mode, device)
 
     def forward(
@@ -208,14 +211,15 @@ class Attention(nn.Module):
         step: AttentionStep, adapting: Adapting | None,
     ) -> torch.Tensor:  # fmt: skip
         a, T = self.args, x.shape[0]
-        qkv = self._project(SITE_QKV, (self.q_proj, self.k_proj, self.v_proj), self.wqkv, x, adapting)
+        targets = self.targets or (self.q_proj, self.k_proj, self.v_proj)
+        qkv = self._project(SITE_QKV, targets, self.wqkv, x, adapting)
         qkv = qkv.view(T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
         qk = apply_rope(qkv[:, : a.n_heads + a.n_kv_heads], *rope)  # one rotation for q and k
         q, k = qk[:, : a.n_heads], qk[:, a.n_heads :]  # (T, H, d), (T, kvh, d)
         v = qkv[:, a.n_heads + a.n_kv_heads :]  # (T, kvh, d)
         self.ops.write_kv(kv.k, kv.v, step.slot_mapping, k, v)
         out = self._attend(q, k, v, kv, step).view(T, -1)  # (T, H*d)
-        return self._project(SITE_O, (self.o_proj,), self.wo, out, adapting)
+        return self._project(SITE_O, (self.wo or self.o_proj,), self.wo, out, adapting)
 
     def _project(self, index, linears, fused, x, adapting: Adapting | None) -> torch.Tensor:
         if adapting is not None:
@@ -272,8 +276,11 @@ def prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     v_cache: torch.Tensor, chunk: PrefillChunk, scale: float,
 ) -> torch.Tensor:
-    """Causal attention of one prompt chunk; earlier chunks' keys come from the paged cache."""
+    """Causal attention of one prompt chunk; earlier chunks' keys come from the paged cache.
+    On CPU every row is computed as `kernels.attend` does (the same bits whatever the chunk)."""
     past = chunk.context_len - chunk.length
+    if q.device.type == "cpu":
+        return _invariant_prefill_attention(q, k, v, k_cache, v_cache, chunk, scale)
     if past == 0:  # whole prompt in this step: keys are the chunk itself
         keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
     else:
@@ -288,6 +295,24 @@ def prefill_attention(
     return out.transpose(0, 1)
 
 
+def _invariant_prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, chunk: PrefillChunk, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """prefill_attention through kernels.attend: q (Tc, H, d) -> (Tc, H, d) in q's dtype."""
+    Tc, H, d = q.shape
+    kvh, past = k.shape[1], chunk.context_len - chunk.length
+    if past == 0:  # whole prompt in this step: keys are the chunk itself
+        keys, values = k.transpose(0, 1), v.transpose(0, 1)  # (kvh, Tc, d)
+    else:
+        keys = kernels.gather_kv(k_cache, chunk.block_table[None], chunk.context_len)[0]  # (kvh, L, d)
+        values = kernels.gather_kv(v_cache, chunk.block_table[None], chunk.context_len)[0]
+    rows = q.transpose(0, 1).reshape(kvh, H // kvh * Tc, d)  # a KV head's query heads, stacked
+    positions = torch.arange(past, chunk.context_len, device=q.device).repeat(H // kvh)[None]
+    out = kernels.attend(rows, keys, values, positions, scale)  # (kvh, g * Tc, d)
+    return out.view(H, Tc, d).transpose(0, 1).to(q.dtype)
+
+
 def fuse_weights(params: list[nn.Parameter]) -> torch.Tensor:
     """Concatenate along dim 0 and re-point each parameter at its slice (no second copy)."""
     fused = torch.cat([p.detach() for p in params])
@@ -299,12 +324,13 @@ def fuse_weights(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 class Dense:
-    """y = x @ W^T + b for the fused fast path (no adapter hooks).
+    """y = x @ W^T + b for a float base's projections and LM head.
 
-    On CPU it picks the MKL call that measured fastest for the row count (AVX2, 2 threads,
-    `benchmarks/bench_engine.py`): one row reads an in-major copy of W (x @ W^T as a GEMV, ~1.4x
-    faster); more rows compute (W @ x^T)^T on the row-major W (1.3-2.5x faster at 2-32 rows
-    than F.linear). The in-major copy doubles weight memory on CPU only.
+    On CPU every row is computed the same way whatever the step's row count (batch invariance:
+    a prompt's last token alone after a prefix-cache hit, or inside a whole prefill, gives the
+    same bits): `kernels.rows_mm` over an in-major copy of W, in tiles of a fixed number of
+    rows. MKL's fastest call by row count (a GEMV for one row, (W @ x^T)^T for a few) sums in
+    another order for each. The in-major copy doubles weight memory on CPU only.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, cpu: bool) -> None:
@@ -314,10 +340,17 @@ class Dense:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_major is None:
             return F.linear(x, self.weight, self.bias)
-        if x.shape[0] == 1:
-            return F.linear(x, self.in_major, self.bias)
-        y = torch.mm(self.weight, x.t()).t().contiguous()  # (T, out)
+        y = kernels.rows_mm(x, self.in_major.t())  # (T, out)
         return y if self.bias is None else y + self.bias
+
+    def rows(self, start: int, stop: int) -> Dense:
+        """Output rows [start, stop) as a layer of their own (views: one target of a fused
+        layer, for the split path of input-side adapters)."""
+        part = Dense.__new__(Dense)
+        part.weight = self.weight[start:stop]
+        part.bias = None if self.bias is None else self.bias[start:stop]
+        part.in_major = None if self.in_major is None else self.in_major[start:stop]
+        return part
 
 
 class FeedForward(nn.Module):
@@ -329,6 +362,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
         self.w13: Dense | None = None  # fused gate|up, built by fuse()
         self.w2: Dense | None = None
+        self.targets: tuple[Callable, ...] | None = None  # gate, up apart (split path)
 
     def fuse(self, cpu: bool) -> None:
         if isinstance(self.w13, QuantLinear):
@@ -336,15 +370,17 @@ class FeedForward(nn.Module):
         if self.gate_proj.bias is None:
             self.w13 = Dense(fuse_weights([self.gate_proj.weight, self.up_proj.weight]), None, cpu)
             self.w2 = Dense(self.down_proj.weight.detach(), None, cpu)
+            self.targets = _parts(self.w13, [self.gate_proj.out_features, self.up_proj.out_features])
 
     def quantize(self, mode: Mode, sources: dict[str, Codes], device: torch.device) -> None:
         names = ("gate_proj", "up_proj")
         self.w13, parts = _quantized(self, names, sources, mode, device)
         self.gate_proj, self.up_proj = parts
+        self.targets = tuple(parts)
         self.w2, [self.down_proj] = _quantized(self, ("down_proj",), sources, mode, device)
 
     def forward(self, x: torch.Tensor, adapting: Adapting | None) -> torch.Tensor:
-        linears = (self.gate_proj, self.up_proj)
+        linears = self.targets or (self.gate_proj, self.up_proj)
         if adapting is None:
             fused = self.w13(x) if self.w13 is not None else torch.cat([f(x) for f in linears], -1)
         else:
@@ -353,6 +389,12 @@ class FeedForward(nn.Module):
         h = F.silu(gate) * up
         down = self.w2 or self.down_proj
         return down(h) if adapting is None else adapting.project(SITE_DOWN, (down,), None, h)
+
+
+def _parts(fused: Dense, sizes: list[int]) -> tuple[Dense, ...]:
+    """The fused layer's targets apart, as views of its rows."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return tuple(fused.rows(start, start + size) for start, size in zip(starts, sizes, strict=True))
 
 
 def _quantized(module: nn.Module, names: tuple[str, ...], sources: dict[str, Codes], mode: Mode,
