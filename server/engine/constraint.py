@@ -71,6 +71,17 @@ _FILLS = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) // 2
                             thread_name_prefix="grammar-mask")  # fmt: skip
 
 
+_BIT = torch.arange(32, dtype=torch.int32)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """-inf where bit (t % 32) of word t // 32 of llguidance's bitmask is 0, in place (one row).
+    Not llguidance.torch.apply_token_bitmask_inplace: that is a torch.compile'd function, and
+    its first call compiled for 2.9 s on the engine thread with every stream waiting."""
+    allowed = ((bitmask[:, None] >> _BIT) & 1).reshape(-1)[: logits.shape[0]]
+    logits.masked_fill_(allowed == 0, float("-inf"))
+
+
 class Constraint:
     """One sequence's matcher: masks the next token's logits, consumes the sampled token. The
     next mask is filled in the background from the moment the state that decides it is known
@@ -94,6 +105,11 @@ class Constraint:
         if not self._done:
             self._fill = _FILLS.submit(llt.fill_next_token_bitmask, self.matcher, self._bitmask, 0)
 
+    def wait_fill(self) -> None:
+        """Block until the mask being filled is ready (mask() then only applies it)."""
+        if self._fill is not None:
+            self._fill.result()
+
     def mask(self, logits: torch.Tensor, eos_token_ids: frozenset[int]) -> None:
         """Set every token the grammar does not allow next to -inf, in place (one row). A
         matcher that allows nothing (it failed) lets the sequence end: EOS only."""
@@ -104,8 +120,7 @@ class Constraint:
             fill.result()
         else:
             llt.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
-        row = logits[None, : self.vocab_size]
-        llt.apply_token_bitmask_inplace(row, self._bitmask)
+        apply_bitmask(logits[: self.vocab_size], self._bitmask[0])
         logits[self.vocab_size :] = float("-inf")  # rows past the tokenizer: never text
         if not torch.isfinite(logits).any():
             logits[sorted(eos_token_ids)] = 0.0
@@ -437,7 +452,10 @@ class Grammars:
         if matcher.is_error():
             raise GrammarError(str(matcher.get_error())[:500])
         matchers = [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
-        return [Constraint(m, self.vocab_size) for m in matchers]
+        constraints = [Constraint(m, self.vocab_size) for m in matchers]
+        for constraint in constraints:  # the first mask can take seconds (a 5000-way anyOf: 3.6 s):
+            constraint.wait_fill()  # here, never on the engine thread with every stream waiting
+        return constraints
 
     async def constraints_async(self, grammar: str, count: int) -> list[Constraint]:
         return await asyncio.to_thread(self.constraints, grammar, count)

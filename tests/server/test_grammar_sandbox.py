@@ -231,3 +231,60 @@ def test_a_large_json_body_is_checked_off_the_event_loop(app: TestClient, monkey
     assert app.post("/v1/completions", json={**small, "model": "m"}).status_code == 200
     app.post("/v1/completions", json=big)
     assert [on_loop for _, on_loop in seen] == [True, False], seen
+
+
+def test_a_matcher_is_handed_over_with_its_first_mask_filled(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             request: pytest.FixtureRequest) -> None:  # fmt: skip
+    """The first mask of a big grammar can take seconds (a 5000-way anyOf: 3.6 s in the serving
+    process, after the sandbox passed it): it is filled before the request reaches the engine,
+    whose thread would otherwise wait for it with every stream in the step."""
+    import llguidance.torch as llt
+
+    from adapterserve.server.engine.constraint import Grammars
+    from adapterserve.server.model.tokenizer import Tokenizer
+
+    fill = llt.fill_next_token_bitmask
+
+    def slow_fill(*args):
+        time.sleep(0.3)
+        return fill(*args)
+
+    grammars = Grammars(Tokenizer(tiny_model_dir).hf, 384)
+    request.addfinalizer(grammars.close)
+    grammar = grammars.compile("json_schema", {"type": "object", "properties": {"a": {"type": "integer"}}})
+    monkeypatch.setattr(llt, "fill_next_token_bitmask", slow_fill)
+    constraints = grammars.constraints(grammar, 3)
+    assert all(c._fill is None or c._fill.done() for c in constraints)
+
+
+def test_masks_apply_as_llguidance_does_without_its_compiled_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llguidance.torch.apply_token_bitmask_inplace is torch.compile'd: its first call compiled
+    for 2.9 s on the engine thread, every stream waiting. Ours gives the same -inf pattern on
+    random bitmasks (sizes not a multiple of 32, negative words), and mask() never calls it."""
+    import llguidance.torch as llt
+    import torch
+
+    from adapterserve.server.engine.constraint import Constraint, apply_bitmask
+
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (1, 31, 32, 33, 384, 49152):
+        bitmask = torch.randint(-(2**31), 2**31 - 1, (1, (vocab + 31) // 32), dtype=torch.int32,
+                                generator=generator)  # fmt: skip
+        logits = torch.randn(vocab, generator=generator)
+        ours, theirs = logits.clone(), logits.clone()
+        apply_bitmask(ours, bitmask[0])
+        llt.apply_token_bitmask_inplace(theirs[None], bitmask)
+        assert torch.equal(ours, theirs), vocab
+
+    def refuse(*args):
+        raise AssertionError("the compiled llguidance kernel was called")
+
+    monkeypatch.setattr(llt, "apply_token_bitmask_inplace", refuse)
+    constraint = Constraint.__new__(Constraint)
+    constraint.vocab_size, constraint._fill = 40, None
+    constraint._bitmask = torch.tensor([[0b101, 0]], dtype=torch.int32)
+    constraint.matcher = None
+    monkeypatch.setattr(llt, "fill_next_token_bitmask", lambda *args: None)
+    logits = torch.zeros(48)
+    constraint.mask(logits, frozenset({1}))
+    assert torch.isfinite(logits).nonzero().flatten().tolist() == [0, 2]
