@@ -51,6 +51,7 @@ CASES = [  # (name, path, body)
     ("GBNF chain 3000 (guided_grammar)", "/v1/completions", {"guided_grammar": chain(3000, True)}),
     ("enum of 20k objects, 0.7 MB", "/v1/completions",
      schema({"enum": [{"k": i, "v": f"x{i}"} for i in range(20_000)]})),
+    ("a small schema (the first that compiles)", "/v1/completions", schema({"type": "object"})),
     ("anyOf 5000 objects", "/v1/completions", schema(any_of(5000))),
     ("same enum again (cached refusal)", "/v1/completions",
      schema({"enum": [{"k": i, "v": f"x{i}"} for i in range(20_000)]})),

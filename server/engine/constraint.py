@@ -71,13 +71,24 @@ _FILLS = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) // 2
                             thread_name_prefix="grammar-mask")  # fmt: skip
 
 
+# llguidance's token bitmask, without llguidance.torch: importing that module imports torch's
+# compiler (1.8 s, every stream stalled on the first structured request), and its apply is a
+# torch.compile'd function whose first call compiled for 2.9 s on the engine thread.
 _BIT = torch.arange(32, dtype=torch.int32)
 
 
+def allocate_bitmask(vocab_size: int) -> torch.Tensor:
+    """One row of llguidance's bitmask: bit (t % 32) of int32 word t // 32 allows token t."""
+    return torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
+
+
+def fill_bitmask(matcher: Any, bitmask: torch.Tensor) -> None:
+    """The matcher's next-token mask into `bitmask` (llguidance drops the GIL while it fills)."""
+    matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * bitmask.element_size())
+
+
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """-inf where bit (t % 32) of word t // 32 of llguidance's bitmask is 0, in place (one row).
-    Not llguidance.torch.apply_token_bitmask_inplace: that is a torch.compile'd function, and
-    its first call compiled for 2.9 s on the engine thread with every stream waiting."""
+    """-inf, in place, on every token of `logits` (one row) that `bitmask` does not allow."""
     allowed = ((bitmask[:, None] >> _BIT) & 1).reshape(-1)[: logits.shape[0]]
     logits.masked_fill_(allowed == 0, float("-inf"))
 
@@ -88,10 +99,8 @@ class Constraint:
     (made, or a token consumed)."""
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
-        import llguidance.torch as llt
-
         self.matcher, self.vocab_size = matcher, vocab_size
-        self._bitmask = llt.allocate_token_bitmask(1, vocab_size)  # reused every step
+        self._bitmask = allocate_bitmask(vocab_size)  # reused every step
         self._fill: Future | None = None
         self._next()
 
@@ -99,11 +108,9 @@ class Constraint:
         """With no fill in flight (the matcher is the caller's alone): note whether it is done,
         and if not, start filling its next mask. Nothing else touches the matcher until that
         fill is waited for."""
-        import llguidance.torch as llt
-
         self._done = self.matcher.is_stopped() or self.matcher.is_error()
         if not self._done:
-            self._fill = _FILLS.submit(llt.fill_next_token_bitmask, self.matcher, self._bitmask, 0)
+            self._fill = _FILLS.submit(fill_bitmask, self.matcher, self._bitmask)
 
     def wait_fill(self) -> None:
         """Block until the mask being filled is ready (mask() then only applies it)."""
@@ -113,14 +120,12 @@ class Constraint:
     def mask(self, logits: torch.Tensor, eos_token_ids: frozenset[int]) -> None:
         """Set every token the grammar does not allow next to -inf, in place (one row). A
         matcher that allows nothing (it failed) lets the sequence end: EOS only."""
-        import llguidance.torch as llt
-
         fill, self._fill = self._fill, None
         if fill is not None:
             fill.result()
         else:
-            llt.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
-        apply_bitmask(logits[: self.vocab_size], self._bitmask[0])
+            fill_bitmask(self.matcher, self._bitmask)
+        apply_bitmask(logits[: self.vocab_size], self._bitmask)
         logits[self.vocab_size :] = float("-inf")  # rows past the tokenizer: never text
         if not torch.isfinite(logits).any():
             logits[sorted(eos_token_ids)] = 0.0

@@ -238,12 +238,11 @@ def test_a_matcher_is_handed_over_with_its_first_mask_filled(tiny_model_dir: Pat
     """The first mask of a big grammar can take seconds (a 5000-way anyOf: 3.6 s in the serving
     process, after the sandbox passed it): it is filled before the request reaches the engine,
     whose thread would otherwise wait for it with every stream in the step."""
-    import llguidance.torch as llt
-
+    from adapterserve.server.engine import constraint
     from adapterserve.server.engine.constraint import Grammars
     from adapterserve.server.model.tokenizer import Tokenizer
 
-    fill = llt.fill_next_token_bitmask
+    fill = constraint.fill_bitmask
 
     def slow_fill(*args):
         time.sleep(0.3)
@@ -252,7 +251,7 @@ def test_a_matcher_is_handed_over_with_its_first_mask_filled(tiny_model_dir: Pat
     grammars = Grammars(Tokenizer(tiny_model_dir).hf, 384)
     request.addfinalizer(grammars.close)
     grammar = grammars.compile("json_schema", {"type": "object", "properties": {"a": {"type": "integer"}}})
-    monkeypatch.setattr(llt, "fill_next_token_bitmask", slow_fill)
+    monkeypatch.setattr(constraint, "fill_bitmask", slow_fill)
     constraints = grammars.constraints(grammar, 3)
     assert all(c._fill is None or c._fill.done() for c in constraints)
 
@@ -264,6 +263,7 @@ def test_masks_apply_as_llguidance_does_without_its_compiled_kernel(monkeypatch:
     import llguidance.torch as llt
     import torch
 
+    from adapterserve.server.engine import constraint as module
     from adapterserve.server.engine.constraint import Constraint, apply_bitmask
 
     generator = torch.Generator().manual_seed(0)
@@ -282,9 +282,33 @@ def test_masks_apply_as_llguidance_does_without_its_compiled_kernel(monkeypatch:
     monkeypatch.setattr(llt, "apply_token_bitmask_inplace", refuse)
     constraint = Constraint.__new__(Constraint)
     constraint.vocab_size, constraint._fill = 40, None
-    constraint._bitmask = torch.tensor([[0b101, 0]], dtype=torch.int32)
+    constraint._bitmask = torch.tensor([0b101, 0], dtype=torch.int32)
     constraint.matcher = None
-    monkeypatch.setattr(llt, "fill_next_token_bitmask", lambda *args: None)
+    monkeypatch.setattr(module, "fill_bitmask", lambda *args: None)
     logits = torch.zeros(48)
     constraint.mask(logits, frozenset({1}))
     assert torch.isfinite(logits).nonzero().flatten().tolist() == [0, 2]
+
+
+def test_structured_outputs_never_import_torchs_compiler(tiny_model_dir: Path) -> None:
+    """`import llguidance.torch` imports torch's compiler (1.8 s, every stream stalled on a
+    server's first structured request): a constrained sequence's whole life, made, masked and
+    fed, goes without it (a fresh interpreter, as a server is)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, torch
+from adapterserve.server.engine.constraint import Grammars
+from adapterserve.server.model.tokenizer import Tokenizer
+grammars = Grammars(Tokenizer({str(tiny_model_dir)!r}).hf, 384)
+c = grammars.constraints(grammars.compile("regex", "ab+"), 2)[0]
+logits = torch.zeros(384)
+c.mask(logits, frozenset())
+c.consume(int(logits.argmax()))
+grammars.close()
+print(sorted(m for m in sys.modules if m.startswith(("llguidance.torch", "torch._dynamo", "torch._inductor"))))
+"""
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
