@@ -165,19 +165,23 @@ def encodes(app: TestClient, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int,
     """Every call of the engine's tokenizer: (characters, whether it ran on the event loop)."""
     tokenizer = app.app.state.engine.tokenizer
     calls: list[tuple[int, bool]] = []
-    encode = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", recording(tokenizer.encode, calls))
+    return calls
 
-    def spy(text: str, *args, **kwargs) -> list[int]:
+
+def recording(parse, calls: list[tuple[int, bool]]):
+    """`parse(text, ...)` that first notes (len(text), whether it runs on an event loop)."""
+
+    def spy(text: str, *args, **kwargs):
         try:
             asyncio.get_running_loop()
             on_loop = True
         except RuntimeError:
             on_loop = False
         calls.append((len(text), on_loop))
-        return encode(text, *args, **kwargs)
+        return parse(text, *args, **kwargs)
 
-    monkeypatch.setattr(tokenizer, "encode", spy)
-    return calls
+    return spy
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
@@ -214,18 +218,7 @@ def test_a_large_json_body_is_checked_off_the_event_loop(app: TestClient, monkey
     from adapterserve.server import guards
 
     seen: list[tuple[int, bool]] = []
-    loads = guards.loads
-
-    def spy(text: str, *args, **kwargs):
-        try:
-            asyncio.get_running_loop()
-            on_loop = True
-        except RuntimeError:
-            on_loop = False
-        seen.append((len(text), on_loop))
-        return loads(text, *args, **kwargs)
-
-    monkeypatch.setattr(guards, "loads", spy)
+    monkeypatch.setattr(guards, "loads", recording(guards.loads, seen))
     small = {"prompt": "hi", "max_tokens": 1}
     big = {"prompt": "hi", "max_tokens": 1, "stop_token_ids": [1] * (guards.INLINE_JSON_BYTES // 2)}
     assert app.post("/v1/completions", json={**small, "model": "m"}).status_code == 200
