@@ -38,6 +38,7 @@ from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineError,
     EngineFailure,
+    EngineRestartingError,
     InvalidRequestError,
     ModelNotFoundError,
     QueueFullError,
@@ -112,6 +113,10 @@ ENGINE_ERRORS: Mapping[type[EngineError], EngineAnswer] = {
     EngineDeadError: EngineAnswer(
         503, "service_unavailable_error", "engine_unavailable",
         message="The inference engine has failed and the server is restarting.",
+    ),
+    EngineRestartingError: EngineAnswer(
+        503, "service_unavailable_error", "engine_restarting", retry_after=True,
+        message="The inference engine stopped and is restarting; retry after {retry_after_s} s.",
     ),
     ReplicaLostError: EngineAnswer(
         503, "service_unavailable_error", "replica_unavailable", retry_after=True,

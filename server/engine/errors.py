@@ -45,6 +45,11 @@ class ReplicaLostError(EngineError):
     retryable, another replica serves it."""
 
 
+class EngineRestartingError(ReplicaLostError):
+    """The engine core process serving the request died and is being restarted
+    (server/engine/process.py): retryable once it is up again (/ready)."""
+
+
 class RequestAbortedError(EngineError):
     """The engine stopped (or the client left) before the request finished."""
 
