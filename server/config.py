@@ -51,6 +51,17 @@ class Settings(BaseSettings):
         "full precision): int8 per channel, int4 in groups of 32; auto = a GGUF on CPU as it "
         "ships (Q4_0 / Q4_1 -> int4 as they are, Q8_0 -> int8 per channel), otherwise none"
     )
+    engine_process: bool = Field(
+        True, description="run the engine core (scheduler, model, adapter pool) in a child "
+        "process that is restarted when it dies; false = on a thread of the server's process"
+    )
+    engine_heartbeat_timeout_s: float = Field(
+        30.0, gt=0, description="an engine core process silent this long is killed and restarted"
+    )
+    engine_max_restarts: int = Field(
+        5, ge=0, description="engine core deaths within 60 s past which the server stops "
+        "restarting it and exits"
+    )
     compile: Literal["off", "auto", "on"] = Field(
         "auto", description="torch.compile the decode step (CUDA: + CUDA graphs); auto = where it wins"
     )

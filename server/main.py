@@ -19,6 +19,7 @@ from adapterserve.server import console
 from adapterserve.server.config import Settings
 from adapterserve.server.deps import require_admin_key
 from adapterserve.server.engine.bootstrap import EnginePlan, running_engine
+from adapterserve.server.engine.process import ProcessMetrics, engine_process
 from adapterserve.server.errors import install_error_handlers
 from adapterserve.server.evaluation.runner import build_runner
 from adapterserve.server.guards import RequestGuard, body_routes, routes_depending_on
@@ -32,9 +33,9 @@ log = logging.getLogger(__name__)
 WATCHDOG_INTERVAL_S = 1.0
 
 FatalHandler = Callable[[BaseException], None]
-# What the lifespan serves through: running_engine (one process) or the cluster's engine proxy
-# (server/cluster/proxy.py), an async context manager yielding an object with the Engine's
-# interface that the routers use.
+# What the lifespan serves through: an async context manager yielding an EngineClient
+# (server/engine/client.py): running_engine (in this process), engine_process (an engine core
+# process, server/engine/process.py) or the cluster's (server/cluster/proxy.py).
 Backend = Callable[[Settings, Metrics, "EnginePlan | None"], AbstractAsyncContextManager[Any]]
 
 
@@ -44,13 +45,15 @@ def create_app(
     on_fatal: FatalHandler | None = None,
     plan: EnginePlan | None = None,
     backend: Backend | None = None,
-    metrics_factory: Callable[[], Metrics] = Metrics,
+    metrics_factory: Callable[[], Metrics] | None = None,
 ) -> FastAPI:
     """The app for `settings` (default: from ADAPTERSERVE_* env vars). `on_fatal` runs on the
     event loop once if the engine dies; the CLI uses it to shut the server down and exit 1.
     `plan`: the engine plan the CLI already made (plan_engine), else the lifespan makes it.
-    `backend`: what serves the requests (default running_engine: an engine in this process);
-    `metrics_factory` makes the app's Metrics (the cluster's also renders its replicas')."""
+    `backend`: what serves the requests (default: settings.engine_process ? engine_process, an
+    engine core in a child process : running_engine, an engine on a thread of this one);
+    `metrics_factory` makes the app's Metrics (a remote engine's client also renders the
+    engine's)."""
     settings = settings or Settings()
     app = FastAPI(
         title="adapterserve",
@@ -63,8 +66,12 @@ def create_app(
     app.state.settings = settings
     app.state.on_fatal = on_fatal
     app.state.engine_plan = plan
-    app.state.backend = backend or running_engine
-    app.state.metrics_factory = metrics_factory
+    if backend is None:
+        backend = engine_process if settings.engine_process else running_engine
+        if metrics_factory is None and settings.engine_process:
+            metrics_factory = ProcessMetrics
+    app.state.backend = backend
+    app.state.metrics_factory = metrics_factory or Metrics
     app.state.draining = False
     install_error_handlers(app)
     routers = [m.router for m in (completions, chat, models, adapters, health, tokenize,

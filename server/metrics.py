@@ -59,6 +59,10 @@ class Metrics:
             "adapterserve_prefix_cache_hit_rate", "hits / queries since start", registry=r
         )
         self._prefix_seen = (0, 0)
+        self.engine_restarts = Counter(
+            "adapterserve_engine_restarts", "Engine core processes started again after one died",
+            registry=r,
+        )
         self.preemptions = Counter(
             "adapterserve_preemptions", "Sequences preempted for lack of KV blocks", registry=r
         )

@@ -29,7 +29,12 @@ from starlette.types import Receive, Scope, Send
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.constraint import GrammarError, GrammarUnavailable
 from adapterserve.server.engine.engine import Engine, RequestStream
-from adapterserve.server.engine.errors import EngineDeadError, EngineError, EngineFailure
+from adapterserve.server.engine.errors import (
+    EngineDeadError,
+    EngineError,
+    EngineFailure,
+    EngineRestartingError,
+)
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.sampling import SamplingParams, TokenLogprob
 from adapterserve.server.errors import (
@@ -92,6 +97,8 @@ def check_engine_accepting(request: Request, engine: Engine, settings: Settings)
     """503 while the server drains (SIGTERM) or after a fatal engine fault."""
     if not engine.healthy:
         raise engine_error(EngineDeadError("the engine is not running"), settings.retry_after_s)
+    if engine.restarting:
+        raise engine_error(EngineRestartingError("the engine is restarting"), settings.retry_after_s)
     if getattr(request.app.state, "draining", False) or not engine.ready:
         raise APIError(
             503,

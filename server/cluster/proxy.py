@@ -10,7 +10,7 @@ HTTP API is the same code in one process and in a cluster:
   refusals (404, 503 queue full, 400) are answered before a response starts. A replica that
   dies ends the requests it was running with ReplicaLostError (503 + Retry-After), never a hang.
 - tokenizer, chat template, grammar compiling: here, from the same model folder.
-- adapters: ClusterRegistry, a view of the replicas' reports (server/cluster/reports.py) that
+- adapters: ClusterRegistry (server/engine/remote.py's RemoteRegistry), a view of the replicas' reports (server/cluster/reports.py) that
   forwards uploads and deletes to one replica (the store is shared).
 - metrics: ClusterMetrics renders the ingress's own metrics and every fresh replica's, with a
   `replica` label.
@@ -26,21 +26,26 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from adapterserve.adapters.errors import AdapterError, NoAdapterRootsError, UnknownAdapterError
-from adapterserve.adapters.spec import AdapterKind
+from adapterserve.adapters.errors import AdapterError, NoAdapterRootsError
 from adapterserve.adapters.store import AdapterStore
-from adapterserve.server.cluster.reports import AdapterState, Report, read_reports
+from adapterserve.server.cluster.reports import Report, read_reports
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.bootstrap import EnginePlan, eos_ids, plan_engine
 from adapterserve.server.engine.constraint import Grammars, sandbox_limits
 from adapterserve.server.engine.engine import OutputStream
 from adapterserve.server.engine.errors import EngineError, ReplicaLostError
 from adapterserve.server.engine.output import RequestOutput
+from adapterserve.server.engine.remote import (
+    AdapterState,
+    ModelFacts,
+    RemoteEntry,
+    RemoteGrammars,
+    RemoteRegistry,
+    one_grammar,
+)
 from adapterserve.server.engine.sampling import SamplingParams
 from adapterserve.server.metrics import Metrics
 from adapterserve.server.model.llama import ModelArgs
@@ -147,105 +152,19 @@ class RemoteCall:
                 self.response.cancel()
 
 
-class RemoteGrammars:
-    """Grammars compiled (and checked) here; the matcher is built on the replica, which gets
-    the grammar text (a matcher does not cross processes)."""
+class ClusterRegistry(RemoteRegistry):
+    """The adapters of the whole cluster: the replicas' reports merged (the newest version of
+    each name, its tier on each replica). Uploads are committed and deletes made by one
+    replica (the store is shared); loading by path (vLLM's load_lora_adapter) is refused: a
+    path is one machine's."""
 
-    def __init__(self, grammars: Grammars) -> None:
-        self._grammars = grammars
-
-    def compile(self, kind: str, spec: Any) -> str:
-        return self._grammars.compile(kind, spec)
-
-    async def compile_async(self, kind: str, spec: Any) -> str:
-        return await self._grammars.compile_async(kind, spec)
-
-    def constraint(self, grammar: str) -> GrammarText:
-        return GrammarText(grammar)
-
-    async def constraints_async(self, grammar: str, count: int) -> list[GrammarText]:
-        return [GrammarText(grammar)] * count
-
-    def close(self) -> None:
-        self._grammars.close()
-
-
-@dataclass(frozen=True)
-class GrammarText:
-    """SamplingParams.constraint on the ingress side: the grammar the replica compiles."""
-
-    grammar: str
-
-
-# ---------------------------------------------------------------- adapters
-
-
-@dataclass(eq=False)
-class ClusterEntry:
-    """An adapter as the cluster serves it (the card fields of adapters.registry.Entry) and
-    its tier on each replica that reports it."""
-
-    name: str
-    version: int
-    origin: str
-    created: float
-    kind: AdapterKind
-    rank: int
-    targets: tuple[str, ...]
-    num_virtual_tokens: int
-    size_bytes: int
-    tier: str
-    replicas: dict[str, str]
-
-    @classmethod
-    def of(cls, state: AdapterState, replicas: dict[str, str]) -> ClusterEntry:
-        return cls(state.name, state.version, state.origin, state.created, AdapterKind(state.kind),
-                   state.rank, state.targets, state.num_virtual_tokens, state.size_bytes,
-                   _best_tier(replicas.values()) if replicas else state.tier, replicas)  # fmt: skip
-
-
-def _best_tier(tiers: Any) -> str:
-    tiers = set(tiers)
-    return next(t for t in ("device", "host", "disk") if t in tiers or t == "disk")
-
-
-class ClusterRegistry:
-    """The adapters of the whole cluster, as the routers use an AdapterRegistry.
-
-    Reads come from the replicas' reports, overlaid with what this ingress changed since
-    (`_recent`) and checked against the shared store (a delete shows at once). Uploads are
-    staged here in the shared store and committed by one replica; deletes go to one replica.
-    Loading by path (vLLM's load_lora_adapter) is refused: a path is one machine's."""
+    clustered = True
 
     def __init__(self, engine: ClusterEngine, store: AdapterStore) -> None:
-        self.engine, self.store = engine, store
-        self.roots: tuple[Path, ...] = ()
-        self.clustered = True  # the routers' cue: loading by path is refused as a cluster's
-        self._recent: dict[str, tuple[float, ClusterEntry | None]] = {}
-        self._cached: tuple[float, dict[str, ClusterEntry]] = (0.0, {})
+        super().__init__(store)
+        self.engine = engine
 
-    def list(self) -> list[ClusterEntry]:
-        entries = self._view()
-        return sorted(entries.values(), key=lambda e: (e.created, e.name))
-
-    def exists(self, name: str) -> bool:
-        return name in self._view()
-
-    def get(self, name: str) -> ClusterEntry:
-        entry = self._view().get(name)
-        if entry is None:
-            raise UnknownAdapterError("model", f"adapter {name!r} does not exist")
-        return entry
-
-    def _view(self) -> dict[str, ClusterEntry]:
-        """Built at most every REPORTS_CACHE_S (every request's `model` is looked up here)."""
-        built_at, view = self._cached
-        if time.monotonic() - built_at > REPORTS_CACHE_S:
-            view = self._build_view()
-            self._cached = (time.monotonic(), view)
-        return view
-
-    def _build_view(self) -> dict[str, ClusterEntry]:
+    def _states(self) -> dict[str, RemoteEntry]:
         by_name: dict[str, list[tuple[str, AdapterState]]] = {}
         for report in self.engine.reports():
             for state in report.adapters:
@@ -253,46 +172,19 @@ class ClusterRegistry:
         view = {}
         for name, held in by_name.items():
             newest = max(held, key=lambda item: item[1].version)[1]
-            if newest.origin == "upload" and not self.store.exists(name):
-                continue  # deleted; the replicas forget it on their next sync
-            view[name] = ClusterEntry.of(newest, {replica: s.tier for replica, s in held})
-        now = time.monotonic()
-        for name, (until, entry) in list(self._recent.items()):
-            if now > until:
-                del self._recent[name]
-            elif entry is None:
-                view.pop(name, None)
-            elif name not in view or view[name].created < entry.created:
-                view[name] = entry
+            view[name] = RemoteEntry.of(newest, {replica: s.tier for replica, s in held})
         return view
 
-    def add_upload(self, staging: Path, name: str, replace: bool = False) -> ClusterEntry:
-        """(worker thread) One replica validates and commits the staged upload."""
-        state = self.engine.admin_call("install_upload", str(staging), name, replace)
-        entry = ClusterEntry.of(state, {})
-        self._remember(name, entry)
-        return entry
+    def _admin(self, method: str, *args: Any) -> AdapterState:
+        replica_method = {"add_upload": "install_upload", "remove": "remove_adapter"}[method]
+        return self.engine.admin_call(replica_method, *args)
 
-    def remove(self, name: str) -> ClusterEntry:
-        if not self.exists(name):
-            raise UnknownAdapterError("model", f"adapter {name!r} does not exist")
-        state = self.engine.admin_call("remove_adapter", name)
-        self._remember(name, None)
-        return ClusterEntry.of(state, {})
-
-    def add_path(self, name: str, path: Path, **_: Any) -> ClusterEntry:
+    def add_path(self, name: str, path: Path, replace: bool = False,
+                 require_root: bool = True) -> RemoteEntry:  # fmt: skip
         raise NoAdapterRootsError(
             "lora_path", "loading by path is not available on a cluster; upload the adapter to "
             "POST /v1/adapters (every replica reads the shared store)",
         )  # fmt: skip
-
-    def _remember(self, name: str, entry: ClusterEntry | None) -> None:
-        """Until the replicas' reports show it (a few report intervals)."""
-        self._recent[name] = (time.monotonic() + 10.0, entry)
-        self._cached = (0.0, {})
-
-    def close(self) -> None:
-        pass
 
 
 # ---------------------------------------------------------------- metrics
@@ -356,9 +248,10 @@ class ClusterEngine:
         self.model_id, self.max_model_len = plan.model_id, plan.max_model_len
         self.tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
         args = ModelArgs.from_hf_config(plan.config)
-        self.model = SimpleNamespace(args=args, quantization=plan.quantization)
+        self.model = ModelFacts(args, plan.quantization)
         self.grammars = RemoteGrammars(Grammars(self.tokenizer.hf, args.vocab_size, sandbox_limits(settings)))
         self.healthy = True  # the ingress itself; Ray Serve restarts engine replicas
+        self.warming = self.restarting = False  # Ray Serve routes to ready replicas only
         self.on_fatal = None
         self._draining = False
         self.registry = ClusterRegistry(
@@ -389,8 +282,7 @@ class ClusterEngine:
         self, requests: list[tuple[list[int], SamplingParams, str | None]], model: str | None = None,
     ) -> list[ProxyStream]:
         model = model or self.model_id
-        grammars = {p.constraint.grammar for _, p, _ in requests if isinstance(p.constraint, GrammarText)}
-        grammar = grammars.pop() if grammars else None
+        grammar = one_grammar([params.constraint for _, params, _ in requests])
         plain = [(list(ids), _without_constraint(params), rid or _new_id())
                  for ids, params, rid in requests]  # fmt: skip
         handle = self._handle_for(model)
@@ -452,8 +344,9 @@ class ClusterEngine:
         get 503 + Retry-After while none is up)."""
         return not self._draining and bool(self.reports())
 
-    def begin_drain(self) -> None:
-        self._draining = True
+    async def until_ready(self, poll_s: float = 0.05) -> None:
+        while not self.ready and not self._draining:
+            await asyncio.sleep(poll_s)
 
     async def stop(self) -> None:
         self._draining = True

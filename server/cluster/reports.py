@@ -16,34 +16,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adapterserve.adapters.registry import Entry
+from adapterserve.server.engine.remote import AdapterState
 
 log = logging.getLogger(__name__)
 
 REPORT_INTERVAL_S = 0.5
 STALE_AFTER_S = 5.0
-
-
-@dataclass(frozen=True)
-class AdapterState:
-    """One adapter as one replica serves it (the fields of an adapter card)."""
-
-    name: str
-    version: int
-    origin: str
-    created: float
-    kind: str
-    rank: int
-    targets: tuple[str, ...]
-    num_virtual_tokens: int
-    size_bytes: int
-    tier: str
-
-    @classmethod
-    def of(cls, entry: Entry) -> AdapterState:
-        return cls(entry.name, entry.version, entry.origin, entry.created, entry.kind.value,
-                   entry.rank, tuple(entry.targets), entry.num_virtual_tokens, entry.size_bytes,
-                   entry.tier)  # fmt: skip
 
 
 @dataclass(frozen=True)

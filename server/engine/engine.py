@@ -140,6 +140,7 @@ class Engine:
         self._doomed: list[tuple[Sequence, AdapterError]] = []  # not admissible: fail them
         self.healthy, self.ready = True, False
         self.warming = False  # compiling the decode step's shapes (run, before ready)
+        self.restarting = False  # EngineClient: an engine in this process is never restarted
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._wake = threading.Event()
@@ -321,9 +322,6 @@ class Engine:
         """Returns once the engine is ready (its compiled step warmed up), stopping or failed."""
         while not self.ready and self.healthy and not self._stopping:
             await asyncio.sleep(poll_s)
-
-    def begin_drain(self) -> None:
-        self.ready = False
 
     async def stop(self) -> None:
         """End the step loop; requests still in it finish with "abort"."""

@@ -18,6 +18,19 @@ class EngineError(Exception):
         super().__init__(message)
         self.message, self.param = message, param
 
+    def __reduce__(self):
+        # Rebuilt whole (a subclass's own fields too): the engine core process and cluster
+        # replicas hand these to the front end (pickle of our own objects between our own
+        # processes; never user data).
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[EngineError], args: tuple, state: dict) -> EngineError:
+    error = Exception.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidRequestError(EngineError):
     """A request the engine can never serve (its adapter's virtual tokens overflow the context)."""

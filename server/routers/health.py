@@ -30,8 +30,8 @@ async def ready(request: Request, engine: Engine = Depends(get_engine)) -> JSONR
     draining = getattr(request.app.state, "draining", False)
     if engine.healthy and engine.ready and not draining:
         return JSONResponse({"status": "ready"})
-    warming = getattr(engine, "warming", False)  # the cluster's engine proxy has no warm-up
-    status = "draining" if draining else "warming_up" if warming else "not_ready"
+    status = ("draining" if draining else "restarting" if engine.restarting
+              else "warming_up" if engine.warming else "not_ready")  # fmt: skip
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
 
