@@ -344,6 +344,9 @@ class ClusterEngine:
         get 503 + Retry-After while none is up)."""
         return not self._draining and bool(self.reports())
 
+    async def sync_metrics(self) -> None:
+        """EngineClient: ClusterMetrics reads the replicas' reports when it renders."""
+
     async def until_ready(self, poll_s: float = 0.05) -> None:
         while not self.ready and not self._draining:
             await asyncio.sleep(poll_s)

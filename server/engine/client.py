@@ -124,4 +124,7 @@ class EngineClient(Protocol):
 
     async def until_ready(self, poll_s: float = 0.05) -> None: ...
 
+    async def sync_metrics(self) -> None:
+        """Before /metrics renders: bring a remote engine's series up to date."""
+
     async def stop(self) -> None: ...

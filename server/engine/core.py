@@ -8,6 +8,7 @@ commands on its event loop:
   ("accepted", call) or ("refused", call, error);
 - ("abort", request ids); ("admin", call, method, args): an adapter registry change, answered
   ("admin", call, ("ok", AdapterState) | ("error", AdapterError));
+- ("report",): a report now (the front end's /metrics);
 - ("stop",): the engine stops (requests still in it end with "abort") and the process exits.
 Upward: ("outputs", [(request id, RequestOutput), ...]) once per step, a ("report", adapters,
 metrics text, ready, warming) every REPORT_INTERVAL_S (the heartbeat), and ("fatal", reason)
@@ -98,6 +99,8 @@ class Core:
                             stream.abort()
                 elif kind == "admin":
                     asyncio.ensure_future(self._admin(*message[1:]))
+                elif kind == "report":  # the front end's /metrics wants it fresh
+                    self.report()
                 elif kind == "stop":
                     self.stopped.set()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -176,6 +179,7 @@ async def run_core(sock: socket.socket) -> int:
             engine.on_fatal = lambda exc: loop.call_soon_threadsafe(
                 lambda: fatal.done() or fatal.set_result(exc))
             core = Core(engine, metrics, writer)
+            core.report()  # first: ready (nothing to warm up) before the front end says so
             core.send(("started",))
             serving = asyncio.ensure_future(core.serve(reader))
             await asyncio.wait({serving, fatal}, return_when=asyncio.FIRST_COMPLETED)

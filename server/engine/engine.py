@@ -318,6 +318,9 @@ class Engine:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
 
+    async def sync_metrics(self) -> None:
+        """EngineClient: this engine writes the app's Metrics itself."""
+
     async def until_ready(self, poll_s: float = 0.05) -> None:
         """Returns once the engine is ready (its compiled step warmed up), stopping or failed."""
         while not self.ready and self.healthy and not self._stopping:

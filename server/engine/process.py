@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 REPORT_INTERVAL_S = 0.5  # the core's report (and heartbeat) period
 RESTART_WINDOW_S = 60.0  # more than engine_max_restarts deaths in this window: give up
 ADMIN_CALL_TIMEOUT_S = 300.0
+METRICS_WAIT_S = 2.0  # /metrics waits this long at most for the core's fresh report
 HEADER = 4  # bytes of a frame's length
 MAX_FRAME = 2**31
 
@@ -196,6 +197,7 @@ class EngineProcessClient:
         self._streams: dict[str, CoreStream] = {}
         self._calls: dict[int, tuple[asyncio.Future, list[CoreStream]]] = {}
         self._admin: dict[int, asyncio.Future] = {}
+        self._report_waiters: list[asyncio.Future] = []
         self._ids = itertools.count(1)
         self._deaths: deque[float] = deque()
         self._last_frame = time.monotonic()
@@ -292,6 +294,17 @@ class EngineProcessClient:
     def _send(self, message: tuple) -> None:
         assert self._writer is not None
         self._writer.write(encode(message))
+
+    async def sync_metrics(self) -> None:
+        """Ask the core for a report now and wait for it (briefly), so that /metrics shows
+        every request answered before it."""
+        if self._writer is None:
+            return
+        waiter = self._loop.create_future()
+        self._report_waiters.append(waiter)
+        self._send(("report",))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, METRICS_WAIT_S)
 
     # ---- adapters (worker threads) ----------------------------------------------------------
     def admin_call(self, method: str, *args: Any) -> AdapterState:
@@ -416,6 +429,10 @@ class EngineProcessClient:
             if ready and not self._core_ready:
                 self._core_ready = True
                 self._up.set()
+            waiters, self._report_waiters = self._report_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         elif kind == "admin":
             _, call_id, result = message
             future = self._admin.pop(call_id, None)

@@ -36,5 +36,8 @@ async def ready(request: Request, engine: Engine = Depends(get_engine)) -> JSONR
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(metrics: Metrics = Depends(get_metrics)) -> Response:
+async def metrics(
+    metrics: Metrics = Depends(get_metrics), engine: Engine = Depends(get_engine)
+) -> Response:
+    await engine.sync_metrics()
     return Response(metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
