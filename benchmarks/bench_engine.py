@@ -195,20 +195,24 @@ def main() -> None:
             for mode, tok_s in result.items():
                 rows.append((f"adapterserve engine (in-process, {mode}), {name}", tok_s))
 
-    if args.http:
-        port = free_port()
-        server = start_server(args.model, port, max(args.concurrency))
-        try:
-            for c in args.concurrency:
-                prompts = make_prompts(max(c, 2 * c), args.prompt_len, vocab, seed=c)
-                for stream in (True, False):
-                    name = f"adapterserve HTTP, {c} concurrent {'streaming' if stream else 'non-streaming'}"
-                    rows.append((name, asyncio.run(bench_http(port, c, prompts, args.output_len, stream))))
-        finally:
-            server.terminate()
-            server.wait(60)
+    if args.http:  # the default server (engine core process), then --engine-process false
+        for label, extra in HTTP_MODES:
+            port = free_port()
+            server = start_server(args.model, port, max(args.concurrency), extra)
+            try:
+                for c in args.concurrency:
+                    prompts = make_prompts(max(c, 2 * c), args.prompt_len, vocab, seed=c)
+                    for stream in (True, False):
+                        name = f"adapterserve HTTP{label}, {c} concurrent {'streaming' if stream else 'non-streaming'}"
+                        rows.append((name, asyncio.run(bench_http(port, c, prompts, args.output_len, stream))))
+            finally:
+                server.terminate()
+                server.wait(60)
 
     report(rows, args, startup)
+
+
+HTTP_MODES = (("", ()), (" (one process)", ("--engine-process", "false")))
 
 
 def report(rows: list[tuple[str, float]], args: argparse.Namespace, startup: dict[str, float]) -> None:
@@ -226,6 +230,12 @@ def report(rows: list[tuple[str, float]], args: argparse.Namespace, startup: dic
         "http_1_stream_vs_hf_1_stream": ("adapterserve HTTP, 1 concurrent streaming", "transformers generate, 1 stream"),
         "http_16_streaming_vs_hf_static_16": ("adapterserve HTTP, 16 concurrent streaming", "transformers generate, static batch 16"),
         "http_16_nonstreaming_vs_hf_static_16": ("adapterserve HTTP, 16 concurrent non-streaming", "transformers generate, static batch 16"),
+        "http_1_stream_vs_in_process_1_stream": ("adapterserve HTTP, 1 concurrent streaming", "adapterserve engine (in-process, eager), 1 stream"),
+        "http_16_streaming_vs_in_process_16": ("adapterserve HTTP, 16 concurrent streaming", "adapterserve engine (in-process, eager), 16 at once"),
+        "one_process_http_1_stream_vs_in_process_1_stream": ("adapterserve HTTP (one process), 1 concurrent streaming", "adapterserve engine (in-process, eager), 1 stream"),
+        "one_process_http_16_streaming_vs_in_process_16": ("adapterserve HTTP (one process), 16 concurrent streaming", "adapterserve engine (in-process, eager), 16 at once"),
+        "http_1_stream_engine_process_vs_one_process": ("adapterserve HTTP, 1 concurrent streaming", "adapterserve HTTP (one process), 1 concurrent streaming"),
+        "http_16_streaming_engine_process_vs_one_process": ("adapterserve HTTP, 16 concurrent streaming", "adapterserve HTTP (one process), 16 concurrent streaming"),
     }
     ratios = {k: table[a] / table[b] for k, (a, b) in pairs.items() if a in table and b in table}
     for name, value in ratios.items():

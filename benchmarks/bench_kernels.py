@@ -637,15 +637,13 @@ def run_decode(
     from adapterserve.server.engine.sampling import SamplingParams
     from adapterserve.server.engine.scheduler import Scheduler, Sequence
 
-    def admit_prefix(seq: Sequence) -> None:  # as Engine._place_prefix does
+    def admit_prefix(seq: Sequence) -> None:  # as ModelRunner.write_prefix does
         slots = seq.cache_slots(range(seq.num_virtual), block_size)
         flat = torch.tensor(slots, dtype=torch.long, device=cache.k.device)
         kind_for(AdapterKind.PREFIX).admit(seq.binding, cache, flat)
 
     budget = concurrency * (prompt_len + E2E_VIRTUAL_TOKENS)
-    sched = Scheduler(
-        BlockAllocator(num_blocks, block_size), concurrency, budget, place_prefix=admit_prefix,
-    )  # fmt: skip
+    sched = Scheduler(BlockAllocator(num_blocks, block_size), concurrency, budget)
     max_len = E2E_VIRTUAL_TOKENS + prompt_len + output_len
     forward = forward or step_forward(model, cache, concurrency, max_len, pool)
     g = torch.Generator().manual_seed(seed)
@@ -665,6 +663,8 @@ def run_decode(
         step = sched.schedule()
         assert step is not None and not step.preempted, "the KV cache is too small for this run"
         is_decode = step.num_decodes == len(step.work)
+        for seq in step.prefix_writes:
+            admit_prefix(seq)
         start = time.perf_counter()
         logits = forward(step)
         tokens = logits.argmax(-1).tolist()  # syncs, as the engine's sampling does

@@ -86,8 +86,8 @@ class Stepper:
             slots = torch.tensor(seq.cache_slots(range(seq.num_virtual), block_size))
             prefix.admit(seq.binding, self.cache, slots)
 
-        self.scheduler = Scheduler(BlockAllocator(num_blocks, block_size), max_num_seqs, budget,
-                                   place_prefix=admit_prefix)  # fmt: skip
+        self.admit_prefix = admit_prefix
+        self.scheduler = Scheduler(BlockAllocator(num_blocks, block_size), max_num_seqs, budget)
         self.builder = BatchBuilder(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max(budget, max_model_len),
             block_size=block_size, max_blocks_per_seq=-(-max_model_len // block_size),
@@ -98,4 +98,8 @@ class Stepper:
     def step(self):
         """(plan, batch), or None when nothing can run this step."""
         plan = self.scheduler.schedule()
-        return None if plan is None else (plan, self.builder.build(plan))
+        if plan is None:
+            return None
+        for seq in plan.prefix_writes:  # as the engine's ModelRunner does before a forward
+            self.admit_prefix(seq)
+        return plan, self.builder.build(plan)

@@ -26,13 +26,10 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 
-import torch
-
 from adapterserve.adapters.errors import AdapterError, UnknownAdapterError
 from adapterserve.adapters.kinds import kind_for
 from adapterserve.adapters.registry import AdapterRegistry, Entry
 from adapterserve.server.config import Settings
-from adapterserve.server.engine.batch import BatchBuilder
 from adapterserve.server.engine.beam import BeamGroup, BeamSearch
 from adapterserve.server.engine.constraint import Grammars, sandbox_limits
 from adapterserve.server.engine.detokenizer import IncrementalDetokenizer
@@ -46,11 +43,12 @@ from adapterserve.server.engine.errors import (
 )
 from adapterserve.server.engine.kv_cache import BlockAllocator
 from adapterserve.server.engine.output import OutputProcessor, RequestOutput
+from adapterserve.server.engine.runner import ModelRunner
 from adapterserve.server.engine.sampling import SamplingParams
 from adapterserve.server.engine.scheduler import Scheduler, Sequence, Status, StepPlan
 from adapterserve.server.metrics import Metrics
-from adapterserve.server.model.compiled import CompiledDecode, buckets_for, use_inductor_cache
-from adapterserve.server.model.llama import KVCache, Transformer
+from adapterserve.server.model.compiled import CompiledDecode
+from adapterserve.server.model.llama import Transformer
 from adapterserve.server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -115,31 +113,18 @@ class Engine:
     ) -> None:
         self.model, self.tokenizer, self.settings, self.metrics = model, tokenizer, settings, metrics
         self.model_id, self.max_model_len = model_id, max_model_len
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        self.cache = KVCache(model.args, num_blocks, settings.block_size, dtype, device)
         self.allocator = BlockAllocator(num_blocks, settings.block_size,
                                         caching=settings.enable_prefix_caching)
         self.registry = registry
         self.scheduler = Scheduler(
             self.allocator, settings.max_num_seqs, settings.max_num_batched_tokens,
-            prepare=self._prepare, place_prefix=self._place_prefix,
-            max_request_share=settings.max_request_share,
+            prepare=self._prepare, max_request_share=settings.max_request_share,
         )
-        self.builder = BatchBuilder(
-            max_num_seqs=settings.max_num_seqs,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            block_size=settings.block_size,
-            max_blocks_per_seq=-(-max_model_len // settings.block_size),
-            trash_block=self.cache.trash_block,
-            num_adapter_slots=registry.pool.num_slots if registry is not None else 1,
-            device=device,
-        )
+        self.runner = ModelRunner(model, settings, max_model_len, num_blocks,
+                                  registry.pool.num_slots if registry is not None else 1)  # fmt: skip
         self.output = OutputProcessor(tokenizer, max_model_len)
-        self.compiled: CompiledDecode | None = None  # set by enable_compile
         self._doomed: list[tuple[Sequence, AdapterError]] = []  # not admissible: fail them
         self.healthy, self.ready = True, False
-        self.warming = False  # compiling the decode step's shapes (run, before ready)
         self.restarting = False  # EngineClient: an engine in this process is never restarted
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
@@ -350,7 +335,7 @@ class Engine:
         if on_started is not None:
             on_started()
         try:
-            self._warm_up()  # before `ready`: /ready and new requests answer 503 until then
+            self.runner.warm_up()  # before `ready`: /ready and new requests answer 503 until then
             self.ready = not self._stopping
             while not self._stopping:
                 self._drain_inbox()
@@ -403,7 +388,7 @@ class Engine:
         if self.registry is not None:
             adapters = {seq.adapter for seq, _ in plan.work} - {None}
             self.metrics.on_step_adapters(len(adapters))
-        logits = self._forward(plan)
+        logits = self.runner.forward(plan)
         for seq, n in plan.work:
             seq.num_computed += n  # their K/V are in the cache now
         for seq, out in self.output.process(plan, logits):
@@ -415,51 +400,22 @@ class Engine:
                 self._advance(group)
         self._publish_stats(plan.num_tokens)
 
-    def _forward(self, plan: StepPlan) -> torch.Tensor:
-        """Logits of the plan's rows: decode-only steps through the compiled step when there is
-        one (a failure there turns it off for good, with one warning, and the step runs
-        eagerly: rewriting the same K/V slots is harmless)."""
-        compiled = self.compiled
-        if compiled is not None and plan.num_decodes == len(plan.work):
-            try:
-                batch = self.builder.build(plan, compiled.pad_to(plan.num_decodes), dense=True)
-                return compiled.forward(batch)
-            except Exception:  # noqa: BLE001 - any compile or run failure: fall back to eager
-                log.warning("the compiled decode step failed; running eagerly from now on",
-                            exc_info=True)  # fmt: skip
-                self.compiled = None
-        return self.model(self.builder.build(plan), self.cache)
+    @property
+    def compiled(self) -> CompiledDecode | None:
+        """The compiled decode step, when there is one (the benchmarks switch it off and on)."""
+        return self.runner.compiled
+
+    @compiled.setter
+    def compiled(self, compiled: CompiledDecode | None) -> None:
+        self.runner.compiled = compiled
+
+    @property
+    def warming(self) -> bool:
+        """Compiling the decode step's shapes (run, before ready)."""
+        return self.runner.warming
 
     def enable_compile(self) -> None:
-        """Set up the compiled decode step (see server/model/compiled.py); `run` warms it up
-        before the engine is ready. On failure, stay eager and say so once."""
-        device = self.cache.k.device
-        use_inductor_cache(self.settings.cache_dir)
-        buckets = buckets_for(device, self.settings.max_num_seqs)
-        self.builder.full_width = buckets is not None  # captured graphs: fixed table width
-        try:
-            self.compiled = CompiledDecode(self.model, self.cache, self.builder, buckets)
-        except Exception:  # noqa: BLE001 - a server that cannot compile still serves
-            log.warning("compiling the decode step failed; serving eagerly", exc_info=True)
-
-    def _warm_up(self) -> None:
-        """Compile every shape of the decode step now (engine thread, before `ready`), not
-        under the first streams; on failure, stay eager and say so once."""
-        compiled = self.compiled
-        if compiled is None:
-            return
-        self.warming = True
-        try:
-            count, seconds = compiled.warm_up()
-        except Exception:  # noqa: BLE001 - a server that cannot compile still serves
-            log.warning("compiling the decode step failed; serving eagerly", exc_info=True)
-            self.compiled = None
-            return
-        finally:
-            self.warming = False
-        buckets = compiled.buckets
-        log.info("warmed %d compiled shapes in %.1f s (%s)", count, seconds,
-                 f"CUDA graphs for batch sizes {buckets}" if buckets else "dynamic batch size")
+        self.runner.enable_compile()
 
     # ---- adapters (engine thread) ---------------------------------------------------------
     def _prepare(self, seq: Sequence) -> bool:
@@ -480,13 +436,6 @@ class Engine:
         kind = kind_for(lease.kind)
         seq.bind(kind.bind(self.registry.pool, lease.slot, lease.entry.num_virtual_tokens))
         return True
-
-    def _place_prefix(self, seq: Sequence) -> None:
-        """The admission step of the sequence's adapter kind over its first num_virtual cache
-        slots (prefix tuning writes its virtual K/V there)."""
-        slots = seq.cache_slots(range(seq.num_virtual), self.allocator.block_size)
-        flat = torch.tensor(slots, dtype=torch.long, device=self.cache.k.device)
-        kind_for(seq.lease.kind).admit(seq.binding, self.cache, flat)
 
     def _fail_doomed(self) -> None:
         doomed, self._doomed = self._doomed, []

@@ -148,6 +148,9 @@ class StepPlan:
     num_decodes: int
     preempted: tuple[Sequence, ...] = ()
     admitted: tuple[Sequence, ...] = ()
+    # prefix-tuned sequences (re)admitted since the last plan: their virtual K/V go into their
+    # first cache slots before this step's forward (ModelRunner.forward)
+    prefix_writes: tuple[Sequence, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -156,14 +159,13 @@ class StepPlan:
 
 class Scheduler:
     """`prepare(seq)` is asked before admitting a waiting sequence: False keeps it waiting (its
-    adapter is still loading) while later ones are admitted. `place_prefix(seq)` writes a
-    prefix-tuned sequence's virtual K/V into its first cache slots when it is (re)admitted.
-    Nothing here touches a tensor: a step is a StepPlan."""
+    adapter is still loading) while later ones are admitted. A prefix-tuned sequence's virtual
+    K/V count as computed when it is (re)admitted; the plan names it in `prefix_writes`, and
+    the model runner writes them. Nothing here touches a tensor: a step is a StepPlan."""
 
     def __init__(
         self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-        prepare: Callable[[Sequence], bool] | None = None,
-        place_prefix: Callable[[Sequence], None] | None = None, max_request_share: float = 1.0,
+        prepare: Callable[[Sequence], bool] | None = None, max_request_share: float = 1.0,
     ) -> None:  # fmt: skip
         assert 0.0 < max_request_share <= 1.0
         self.allocator = allocator
@@ -171,7 +173,8 @@ class Scheduler:
         # running slots one request may hold while another waits (None: no limit)
         share = int(max_request_share * max_num_seqs)
         self.share_cap = max(1, share) if max_request_share < 1.0 else None
-        self.prepare, self.place_prefix = prepare, place_prefix
+        self.prepare = prepare
+        self._prefix_writes: list[Sequence] = []  # placed, not yet handed out in a plan
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefix_queries = self.prefix_hits = 0  # tokens looked up / found in the cache
@@ -214,7 +217,8 @@ class Scheduler:
         if not work:
             return None
         admitted_seqs = tuple(s for s, _ in admitted)
-        return StepPlan(work, len(decodes), tuple(yielded + preempted), admitted_seqs)
+        writes, self._prefix_writes = tuple(self._prefix_writes), []
+        return StepPlan(work, len(decodes), tuple(yielded + preempted), admitted_seqs, writes)
 
     def extend_beams(
         self, beams: list[Sequence], decisions: list[tuple[int, int]], new_id: Callable[[], str],
@@ -441,8 +445,7 @@ class Scheduler:
             return True
         if not self._try_grow(seq, seq.num_virtual):
             return False
-        if self.place_prefix is not None:
-            self.place_prefix(seq)
+        self._prefix_writes.append(seq)
         seq.num_computed = seq.num_virtual
         return True
 
@@ -452,6 +455,8 @@ class Scheduler:
             seq.num_computed = 0
 
     def _free(self, seq: Sequence) -> None:
+        if seq in self._prefix_writes:  # its blocks go: nothing to write
+            self._prefix_writes.remove(seq)
         self.allocator.free(seq.block_table)
         seq.num_registered = 0
 

@@ -158,7 +158,8 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quanti
     an earlier start of the same files and mode), from the `gguf` file (int4: its Q4_0 / Q4_1 /
     Q4_K projections, int8: its Q8_0 ones, as they ship), else from quantizing the loaded float
     weights; projections with
-    codes are never loaded as floats. Fresh codes are cached for the next start."""
+    codes are never loaded as floats. Codes not read from the cache are cached for the next
+    start (an engine core's restart among them): reading a GGUF parses its whole metadata."""
     args = ModelArgs.from_hf_config(read_config(model_dir))
     with torch.device("meta"):
         model = Transformer(args)
@@ -195,8 +196,8 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quanti
     if quantization != "none":
         try:
             fresh = _complete_codes(model, sources, quantization)
-            if fresh and cache is not None:
-                _write_codes(cache, sources)
+            if cache is not None and (fresh or not cache.is_file()):  # a GGUF's codes too:
+                _write_codes(cache, sources)  # reading them back skips parsing the file
             model.quantize(quantization, sources, device)
         except ValueError as exc:
             raise ModelLoadError(f"--quantization {quantization}: {exc}") from None

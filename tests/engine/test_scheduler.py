@@ -107,10 +107,8 @@ class Driver:
                  share: float = 1.0) -> None:  # fmt: skip
         self.allocator = BlockAllocator(num_blocks, BLOCK, caching=caching)
         self.user_place_prefix = place_prefix
-        self.scheduler = Scheduler(
-            self.allocator, max_num_seqs, budget, prepare,
-            self._place_prefix if place_prefix is not None else None, max_request_share=share,
-        )
+        self.scheduler = Scheduler(self.allocator, max_num_seqs, budget, prepare,
+                                   max_request_share=share)  # fmt: skip
         self.finished: list[Sequence] = []
         self.kv: dict[int, tuple[str, tuple[int, ...]]] = {}  # slot -> what computed it
 
@@ -122,8 +120,10 @@ class Driver:
             self.kv[slot] = self._content(seq, p)
 
     def _place_prefix(self, seq: Sequence) -> None:
+        """What the model runner does for each of a plan's `prefix_writes`."""
         self._write(seq, range(seq.num_virtual))
-        self.user_place_prefix(seq)
+        if self.user_place_prefix is not None:
+            self.user_place_prefix(seq)
 
     def add(self, *seqs: Sequence) -> None:
         for seq in seqs:
@@ -133,6 +133,8 @@ class Driver:
         """Schedule one step and check the invariants, without computing it."""
         plan = self.scheduler.schedule()
         check_invariants(self.scheduler, plan)
+        for seq in plan.prefix_writes if plan is not None else ():
+            self._place_prefix(seq)
         return plan
 
     def step(self) -> StepPlan | None:
@@ -454,7 +456,7 @@ def test_prepare_is_not_asked_when_nothing_could_be_admitted():
 def test_place_prefix_counts_virtual_tokens_as_computed_on_every_admission():
     placed = []
 
-    def place_prefix(seq: Sequence) -> None:  # its blocks are there when it is called
+    def place_prefix(seq: Sequence) -> None:  # a plan's prefix_writes: its blocks are there
         placed.append((seq.request_id, list(seq.block_table), seq.num_computed))
 
     d = Driver(num_blocks=4, budget=4, place_prefix=place_prefix)
@@ -462,14 +464,15 @@ def test_place_prefix_counts_virtual_tokens_as_computed_on_every_admission():
     d.add(plain, p)
     plan = d.step()  # virtual tokens are not part of the budget: 1 + 3 real tokens
     assert work(plan) == [("plain", 1), ("p", 3)]
-    assert placed == [("p", [1, 2], 0)] and p.num_computed == 9  # 6 virtual + 3
+    assert placed == [("p", [1, 2, 3], 6)]  # written before the step: 6 virtual counted
+    assert p.num_computed == 9  # 6 virtual + 3
     assert p.block_table == [1, 2, 3]
     plans = d.run()
     preempted = sum(p in plan.preempted for plan in plans)
     readmitted = [plan for plan in plans if p in plan.admitted]
     assert preempted >= 1 and len(readmitted) == preempted
     assert [name for name, *_ in placed] == ["p"] * (1 + preempted)
-    assert all(table and len(table) * BLOCK >= 6 and computed == 0 for _, table, computed in placed)
+    assert all(len(table) * BLOCK >= 6 and computed == 6 for _, table, computed in placed)
     for plan in readmitted:  # counted as computed again: the chunk starts after them
         assert dict(work(plan))["p"] <= p.num_tokens - 6
     assert p.output_ids == [OUTPUT_TOKEN] * 8 and p.prompt_ids == [0] * 6 + [1, 2, 3]

@@ -4,6 +4,8 @@ scored; a job that was running when the process died comes back failed."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -40,3 +42,22 @@ def test_restart_keeps_finished_results(tiny_model_dir: Path, tmp_path: Path) ->
         assert died["progress"]["done"] == cut["progress"]["done"]
         listed = {j["id"] for j in client.get("/v1/evaluations").json()["data"]}
         assert {finished["id"], cut["id"]} <= listed
+
+
+def test_a_job_runs_on_when_its_engine_core_is_killed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The engine core process dies mid-job: the examples it cut are run again on the new
+    core, and the job ends succeeded with every example scored once."""
+    data_dir = make_data_dir(tmp_path / "data", size=24)
+    settings = eval_settings(tiny_model_dir, data_dir, tmp_path / "cache", eval_max_inflight=2,
+                             engine_process=True)  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        engine = client.app.state.engine
+        body = {"models": ["base"], "datasets": ["gsm8k"], "max_tokens": 48}
+        job = client.post("/v1/evaluations", json=body).json()
+        wait_for(client, job["id"], lambda j: j["progress"]["done"] >= 2)
+        os.kill(engine.core_pid, signal.SIGKILL)
+        done = wait_for(client, job["id"], timeout_s=300)
+        assert engine.restarts == 1
+        assert done["status"] == "succeeded", done
+        rows = results(client, job["id"])
+        assert sorted(row["index"] for row in rows) == list(range(24))

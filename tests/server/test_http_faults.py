@@ -64,6 +64,7 @@ def settings_for(model_dir: Path) -> Settings:
         max_model_len=256,
         shutdown_timeout_s=5,
         log_level="warning",
+        engine_process=False,  # the fault is injected into this process's engine
     )
 
 
