@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-from adapterserve.server.engine.batch import BatchBuilder, ForwardBatch
+from adapterserve.server.engine.batch import BatchBuilder
+from adapterserve.server.model.batch import ForwardBatch
 from adapterserve.server.model.llama import KVCache, Transformer, run_block
 
 log = logging.getLogger(__name__)
