@@ -49,6 +49,10 @@ class BatchBuilder:
     def max_decode_rows(self) -> int:
         return self.tables.shape[0]
 
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return self.tables.shape[1]
+
     def build(self, plan: StepPlan, pad_to: int | None = None, dense: bool = False,
               min_width: int = 1) -> ForwardBatch:  # fmt: skip
         """The plan's tensors; `pad_to` pads a decode-only plan with padding rows. `dense` (a
