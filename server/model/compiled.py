@@ -35,11 +35,12 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch._dynamo
 
-from adapterserve.server.engine.batch import BatchBuilder, ForwardBatch
+from adapterserve.server.model.batch import ForwardBatch
 from adapterserve.server.model.llama import KVCache, Transformer, run_block
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,25 @@ def bucket(size: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= size)
 
 
+class DummyBatches(Protocol):
+    """What the compiled step needs of the engine's BatchBuilder (server/engine/batch.py):
+    batches of padding rows to compile and capture ahead of traffic. They must fill the same
+    buffers as the steps that follow: a captured CUDA graph replays over those tensors."""
+
+    @property
+    def max_decode_rows(self) -> int: ...
+
+    @property
+    def max_blocks_per_seq(self) -> int: ...
+
+    def dummy(self, rows: int, width: int = 1) -> ForwardBatch: ...
+
+
 class CompiledDecode:
     """Runs decode-only steps through the compiled blocks (see the module docstring)."""
 
     def __init__(
-        self, model: Transformer, cache: KVCache, builder: BatchBuilder,
+        self, model: Transformer, cache: KVCache, builder: DummyBatches,
         buckets: tuple[int, ...] | None,
     ) -> None:  # fmt: skip
         torch._dynamo.config.recompile_limit = max(
@@ -139,7 +154,7 @@ class CompiledDecode:
         if self.buckets is not None:
             return [(size, 1) for size in self.buckets]
         rows = dict.fromkeys((1, min(2, self.builder.max_decode_rows)))
-        widths = dict.fromkeys((1, min(2, self.builder.tables.shape[1])))
+        widths = dict.fromkeys((1, min(2, self.builder.max_blocks_per_seq)))
         return [(r, w) for r in rows for w in widths]
 
     def warm_up(self) -> tuple[int, float]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from adapterserve import kernels
 from adapterserve.kernels import AdapterBatch
-from adapterserve.server.engine.batch import ForwardBatch, PrefillChunk
+from adapterserve.server.model.batch import ForwardBatch, PrefillChunk
 from adapterserve.server.model.quant import (
     Codes,
     Int8GroupLinear,

@@ -11,7 +11,7 @@ import torch
 
 from adapterserve.kernels import AdapterBatch, DeltaWeights
 from adapterserve.kernels import reference as ref
-from adapterserve.server.engine.batch import PrefillChunk
+from adapterserve.server.model.batch import PrefillChunk
 from adapterserve.server.model.llama import Dense, prefill_attention
 
 D_IN = 576  # SmolLM2-135M's hidden size
