@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from adapterserve.server.config import Settings
-from adapterserve.server.errors import APIError
+from adapterserve.server.evaluation.errors import EvaluationError
 from adapterserve.server.evaluation.report import accuracy_table, plain_text, write_reports
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ async def _run_in_process(settings: Settings, body: dict[str, Any], progress: bo
         )
         try:
             job = runner.submit(JobOptions(**body))
-        except APIError as exc:
+        except EvaluationError as exc:
             raise EvalCommandError(exc.message) from None
         with tqdm(total=job.total, unit="ex", disable=not progress, file=sys.stderr) as bar:
             while job.status not in FINAL:

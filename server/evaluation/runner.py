@@ -30,18 +30,21 @@ from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineError,
     EngineFailure,
+    QueueFullError,
     ReplicaLostError,
 )
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.sampling import SamplingParams
-from adapterserve.server.errors import (
-    APIError,
-    engine_answer,
-    engine_error,
-    invalid_request,
-    truncate,
-)
 from adapterserve.server.evaluation.datasets import Dataset, DatasetCatalog, Example, _atomic_write
+from adapterserve.server.evaluation.errors import (
+    EvaluationError,
+    ExampleFailedError,
+    InvalidJobError,
+    JobModelNotFoundError,
+    JobNotFoundError,
+    JobQueueFullError,
+    quoted,
+)
 from adapterserve.server.evaluation.extract import AnswerSpec, extract, is_correct, split_response
 from adapterserve.server.evaluation.prompts import generate_prompt
 from adapterserve.server.metrics import Metrics
@@ -53,7 +56,11 @@ STATES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "ca
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 BASE_ALIAS = "base"
 QUEUE_FULL_BACKOFF_S = (0.05, 1.0)
-RETRY_QUEUED_S = 30  # Retry-After when the job queue is full: jobs run for minutes  # first and longest wait before resubmitting on 503
+RETRY_QUEUED_S = 30  # seconds to wait when the job queue is full: jobs run for minutes
+# Engine refusals that pass: a full queue (online traffic), a lost replica or a restarting
+# engine (EngineRestartingError is a ReplicaLostError). server/errors.py answers the same ones
+# with Retry-After (ENGINE_ERRORS); tests/evaluation/test_errors.py keeps the two in step.
+RETRYABLE_ENGINE_ERRORS = (QueueFullError, ReplicaLostError)
 LOST_REPLICA_RETRIES = 3  # a request whose cluster replica died runs again this often
 PAPER_BEAMS = 4  # LLM-Adapters' evaluate.py: generate(num_beams=4), do_sample left False
 PAPER_NOTE = (
@@ -223,8 +230,9 @@ class EvaluationRunner:
 
     # ---- API ------------------------------------------------------------------------------
     def submit(self, options: JobOptions, owner: str | None = None) -> EvalJob:
-        """Validate models, datasets and protocol (404/400), then queue the job for `owner`
-        (a fingerprint of the creating API key)."""
+        """Validate models, datasets and protocol (JobModelNotFoundError, DatasetNotFoundError,
+        InvalidJobError), then queue the job for `owner` (a fingerprint of the creating API key);
+        JobQueueFullError when too many jobs wait."""
         engine_models = self._resolve_models(options.models)
         datasets = [self.catalog.get(name) for name in options.datasets]
         self._check_queue_room()
@@ -232,17 +240,17 @@ class EvaluationRunner:
         if options.protocol == "loglikelihood":
             for dataset in datasets:
                 if not dataset.spec.multiple_choice:
-                    raise invalid_request(
+                    raise InvalidJobError(
                         f"The dataset {dataset.name!r} has numeric answers: it can only be "
                         "evaluated with protocol 'generate'.",
                         "protocol",
                     )
         if options.decoding == "beam" and options.protocol != "generate":
-            raise invalid_request(
+            raise InvalidJobError(
                 "decoding 'beam' generates answers: it needs protocol 'generate'.", "decoding"
             )
         if options.decoding == "beam" and options.temperature != 0:
-            raise invalid_request(
+            raise InvalidJobError(
                 "decoding 'beam' is deterministic (the paper's 4-beam search without sampling): "
                 "temperature must be 0 or omitted.", "temperature",
             )
@@ -266,12 +274,10 @@ class EvaluationRunner:
     def _check_queue_room(self) -> None:
         queued = sum(1 for job in self.jobs.values() if job.status == "queued")
         if queued >= self.max_queued:
-            raise APIError(
-                429,
+            raise JobQueueFullError(
                 f"{queued} evaluation jobs are already waiting to run (the limit); retry when "
                 "one has started, or cancel one.",
-                code="evaluation_queue_full",
-                headers={"Retry-After": str(RETRY_QUEUED_S)},
+                RETRY_QUEUED_S,
             )
 
     def _prune(self) -> None:
@@ -288,14 +294,12 @@ class EvaluationRunner:
                    if job.status not in FINAL_STATES)  # fmt: skip
 
     def get(self, job_id: str, caller: str | None = None, admin: bool = True) -> EvalJob:
-        """The job `job_id` if the caller may see it (see `visible`), else 404: another key's
-        job answers as one that does not exist."""
+        """The job `job_id` if the caller may see it (see `visible`), else JobNotFoundError:
+        another key's job answers as one that does not exist."""
         job = self.jobs.get(job_id)
         if job is None or not visible(job, caller, admin):
-            raise APIError(
-                404,
-                f"No evaluation job {truncate(job_id)}; GET /v1/evaluations lists them.",
-                code="evaluation_not_found",
+            raise JobNotFoundError(
+                f"No evaluation job {quoted(job_id)}; GET /v1/evaluations lists them."
             )
         return job
 
@@ -307,7 +311,7 @@ class EvaluationRunner:
     async def cancel(self, job_id: str, caller: str | None = None, admin: bool = True) -> EvalJob:
         """Cancel a queued or running job; a finished job is returned unchanged. Only the key
         that created the job (`caller` is its fingerprint) or the admin key sees it, so only
-        they may cancel it (404 for anyone else)."""
+        they may cancel it (JobNotFoundError for anyone else)."""
         job = self.get(job_id, caller, admin)
         if job.status == "queued":
             self._finish(job, "cancelled", "cancelled by a client")
@@ -338,12 +342,10 @@ class EvaluationRunner:
             elif self.adapter_exists(label):
                 resolved[label] = label
             else:
-                raise APIError(
-                    404,
-                    f"The model {truncate(label)} does not exist; GET /v1/models lists the "
+                raise JobModelNotFoundError(
+                    f"The model {quoted(label)} does not exist; GET /v1/models lists the "
                     f"served models ('{BASE_ALIAS}' selects the base model).",
-                    param="models",
-                    code="model_not_found",
+                    "models",
                 )
         return resolved
 
@@ -364,7 +366,7 @@ class EvaluationRunner:
             await self._run_examples(job)
         except asyncio.CancelledError:
             return  # whoever cancelled the task records the outcome
-        except APIError as exc:
+        except EvaluationError as exc:
             self._finish(job, "failed", exc.message)
         except EngineDeadError:
             self._finish(job, "failed", "the inference engine stopped")
@@ -511,11 +513,13 @@ class EvaluationRunner:
         if isinstance(error, EngineDeadError):  # a fatal fault: the job cannot go on
             return error
         detail = f": {str(error)[:200]}" if error else ""
-        return APIError(500, f"the engine failed on {work.label} / {work.dataset.name}{detail}")
+        where = f"{work.label} / {work.dataset.name}"
+        return ExampleFailedError(f"the engine failed on {where}{detail}")
 
     async def _add(self, job: EvalJob, work: Work, ids: list[int], params) -> RequestStream:
-        """Submit one engine request; a retryable refusal (a full queue: online traffic) waits
-        and tries again, any other fails the job (EngineDeadError as it is)."""
+        """Submit one engine request; a retryable refusal (RETRYABLE_ENGINE_ERRORS: a full queue
+        from online traffic, a lost replica) waits and tries again, any other fails the job
+        (ExampleFailedError; EngineDeadError as it is)."""
         delay, longest = QUEUE_FULL_BACKOFF_S
         request_id = (
             f"{job.id}-{job.options.models.index(work.label)}-{work.dataset.name}-"
@@ -534,10 +538,9 @@ class EvaluationRunner:
             except EngineDeadError:
                 raise
             except EngineError as exc:
-                if not engine_answer(exc).retry_after:
-                    error = engine_error(exc, RETRY_QUEUED_S)
+                if not isinstance(exc, RETRYABLE_ENGINE_ERRORS):
                     where = f"{work.dataset.name} example {work.example.index}"
-                    raise APIError(error.status, f"{where}: {error.message}") from None
+                    raise ExampleFailedError(f"{where}: {exc.message}") from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, longest)
 
@@ -651,7 +654,7 @@ def _count(available: int, limit: int | None) -> int:
 def _check_distinct(names: list[str], param: str) -> None:
     seen = {n for n in names if names.count(n) > 1}
     if seen:
-        raise invalid_request(f"'{param}' lists {truncate(sorted(seen)[0])} more than once.", param)
+        raise InvalidJobError(f"'{param}' lists {quoted(sorted(seen)[0])} more than once.", param)
 
 
 def build_runner(
