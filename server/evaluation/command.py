@@ -185,7 +185,7 @@ def _expand_all(datasets: list[str], described: list[dict[str, Any]], protocol: 
 
 async def _run_in_process(settings: Settings, body: dict[str, Any], progress: bool):
     from adapterserve.server.engine.bootstrap import EngineConfigError, plan_engine
-    from adapterserve.server.evaluation.runner import JobOptions
+    from adapterserve.server.evaluation.jobs import JobOptions
     from adapterserve.server.main import create_app
     from adapterserve.server.model.weights import ModelLoadError
 

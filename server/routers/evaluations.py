@@ -11,7 +11,8 @@ from adapterserve.server import jsontext
 from adapterserve.server.deps import caller_key, is_admin, require_admin_key
 from adapterserve.server.errors import APIError, error_responses, invalid_request, truncate
 from adapterserve.server.evaluation.datasets import answer_spec, validate_records
-from adapterserve.server.evaluation.runner import EvalJob, EvaluationRunner, JobOptions
+from adapterserve.server.evaluation.jobs import EvalJob, JobOptions
+from adapterserve.server.evaluation.runner import EvaluationRunner
 from adapterserve.server.schemas import (
     DatasetInfo,
     DatasetList,

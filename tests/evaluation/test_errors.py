@@ -8,7 +8,8 @@ import pytest
 from adapterserve.server.engine import errors as engine_errors
 from adapterserve.server.errors import ENGINE_ERRORS, EVALUATION_ERRORS, evaluation_error, truncate
 from adapterserve.server.evaluation import errors
-from adapterserve.server.evaluation.runner import RETRY_QUEUED_S, RETRYABLE_ENGINE_ERRORS
+from adapterserve.server.evaluation.runner import RETRY_QUEUED_S
+from adapterserve.server.evaluation.worker import RETRYABLE_ENGINE_ERRORS
 
 # What the evaluation API answered for each refusal before the typed errors: (status, type, code)
 ANSWERED = {

@@ -20,7 +20,8 @@ from adapterserve.server.engine.errors import (
 )
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.evaluation.datasets import DatasetCatalog
-from adapterserve.server.evaluation.runner import EvaluationRunner, JobOptions
+from adapterserve.server.evaluation.jobs import JobOptions
+from adapterserve.server.evaluation.runner import EvaluationRunner
 from adapterserve.server.metrics import Metrics
 from tests.evaluation.conftest import TERMINAL, make_data_dir
 
