@@ -1,5 +1,6 @@
-"""OpenAI-style error JSON, the exceptions routers raise, the one map from the engine's and the
-adapters' typed errors (they carry no HTTP status) to answers, and the app's exception handlers.
+"""OpenAI-style error JSON, the exceptions routers raise, the one map from the engine's, the
+adapters' and the evaluations' typed errors (they carry no HTTP status) to answers, and the app's
+exception handlers.
 
 Every error body is `{"error": {"message", "type", "param", "code"}}`. Messages say what to
 change; they never carry a traceback, a server path, or more than a short excerpt of input.
@@ -45,6 +46,20 @@ from adapterserve.server.engine.errors import (
     ReplicaLostError,
     RequestAbortedError,
 )
+from adapterserve.server.evaluation.errors import (
+    BuiltinDatasetError,
+    DatasetExistsError,
+    DatasetFileError,
+    DatasetLimitError,
+    DatasetNotFoundError,
+    EvaluationError,
+    ExampleFailedError,
+    InvalidDatasetError,
+    InvalidJobError,
+    JobModelNotFoundError,
+    JobNotFoundError,
+    JobQueueFullError,
+)
 from adapterserve.server.schemas import UNKNOWN_FIELD
 
 log = logging.getLogger(__name__)
@@ -82,7 +97,22 @@ ADAPTER_ERRORS: Mapping[type[AdapterError], tuple[int, str, str | None]] = {
     UploadTooLargeError: (413, "invalid_request_error", None),
     AdapterLoadError: (500, "server_error", None),
 }
-
+# Every typed error of evaluation jobs and datasets (server/evaluation/errors.py) -> (HTTP
+# status, OpenAI error type, code); `param` is the exception's, and one that carries
+# `retry_after_s` (JobQueueFullError) is answered with that Retry-After.
+EVALUATION_ERRORS: Mapping[type[EvaluationError], tuple[int, str, str | None]] = {
+    InvalidJobError: (400, "invalid_request_error", None),
+    InvalidDatasetError: (400, "invalid_request_error", None),
+    JobNotFoundError: (404, "not_found_error", "evaluation_not_found"),
+    JobModelNotFoundError: (404, "not_found_error", "model_not_found"),
+    DatasetNotFoundError: (404, "not_found_error", "dataset_not_found"),
+    DatasetExistsError: (409, "conflict_error", "dataset_exists"),
+    BuiltinDatasetError: (409, "conflict_error", "dataset_builtin"),
+    DatasetLimitError: (409, "conflict_error", "dataset_limit"),
+    JobQueueFullError: (429, "rate_limit_error", "evaluation_queue_full"),
+    DatasetFileError: (500, "server_error", None),
+    ExampleFailedError: (500, "server_error", None),  # fails its job; never an HTTP answer today
+}
 
 
 @dataclass(frozen=True)
@@ -201,6 +231,17 @@ def from_adapter_error(exc: AdapterError, message: str | None = None) -> APIErro
     status, openai_type, code = adapter_error_status(exc)
     text = exc.message if message is None else message
     return APIError(status, text, openai_type, exc.param, code)
+
+
+def evaluation_error(exc: EvaluationError) -> APIError:
+    """An evaluation refusal in OpenAI's shape (EVALUATION_ERRORS)."""
+    answer = next((EVALUATION_ERRORS[c] for c in type(exc).__mro__ if c in EVALUATION_ERRORS), None)
+    if answer is None:
+        raise TypeError(f"no HTTP status for {type(exc).__name__}: add it to EVALUATION_ERRORS")
+    status, openai_type, code = answer
+    retry_after = exc.retry_after_s
+    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+    return APIError(status, exc.message, openai_type, exc.param, code, headers)
 
 
 def engine_answer(exc: EngineError) -> EngineAnswer:
@@ -328,6 +369,13 @@ async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
+async def _evaluation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, EvaluationError)
+    error = evaluation_error(exc)
+    record_rejection(request, error.status)
+    return error_response(error)
+
+
 async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     error = validation_error(exc)
@@ -374,6 +422,7 @@ async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every error, including unknown routes and crashes, in OpenAI's shape."""
     app.add_exception_handler(APIError, _api_error_handler)
+    app.add_exception_handler(EvaluationError, _evaluation_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(Exception, _unhandled_handler)

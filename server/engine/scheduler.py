@@ -28,13 +28,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from adapterserve.adapters.kinds import Binding
 from adapterserve.server.engine.kv_cache import BlockAllocator, OutOfBlocks, block_key
 from adapterserve.server.engine.sampling import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:  # what a sequence refers to (their modules import this one)
+    from adapterserve.adapters.registry import Entry, Lease
+    from adapterserve.server.engine.beam import BeamGroup
+    from adapterserve.server.engine.engine import OutputStream
 
 
 class Status(enum.Enum):
@@ -49,11 +54,11 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     model: str
-    stream: Any  # engine-side handle that receives outputs
+    stream: OutputStream | None  # receives its outputs (None: a beam; its group's streams do)
     slot_id: int = -1  # adapter slot the hook points apply; -1 = none (base model)
     adapter: str | None = None  # adapter name to acquire at admission; None = base model
-    entry: Any = None  # the adapter version held since the request was accepted (until finish)
-    lease: Any = None  # that version's device slot, from admission to finish
+    entry: Entry | None = None  # the adapter version held since the request was accepted (until finish)
+    lease: Lease | None = None  # that version's device slot, from admission to finish
     num_virtual: int = 0  # virtual tokens (prefix / prompt tuning) at the front of prompt_ids
     prefix_kv: torch.Tensor | None = None  # (L, 2, num_virtual, kvh, d), placed at admission
     virtual_embeds: torch.Tensor | None = None  # (num_virtual, dim) prompt tuning embeddings
@@ -72,8 +77,8 @@ class Sequence:
     cache_identity: str = "base"
     block_keys: list[bytes] = field(default_factory=list)
     num_registered: int = 0
-    group: Any = None  # beam search (server/engine/beam.py BeamGroup): one beam of that group
-    owner: Any = None  # the request it belongs to, for the fair share (None: itself, or its group)
+    group: BeamGroup | None = None  # beam search (server/engine/beam.py BeamGroup): one beam of that group
+    owner: object | None = None  # the request it belongs to, for the fair share (None: itself, or its group)
 
     @property
     def all_ids(self) -> list[int]:

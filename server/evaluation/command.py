@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from adapterserve.server.config import Settings
-from adapterserve.server.errors import APIError
+from adapterserve.server.evaluation.errors import EvaluationError
 from adapterserve.server.evaluation.report import accuracy_table, plain_text, write_reports
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def _expand_all(datasets: list[str], described: list[dict[str, Any]], protocol: 
 
 async def _run_in_process(settings: Settings, body: dict[str, Any], progress: bool):
     from adapterserve.server.engine.bootstrap import EngineConfigError, plan_engine
-    from adapterserve.server.evaluation.runner import JobOptions
+    from adapterserve.server.evaluation.jobs import JobOptions
     from adapterserve.server.main import create_app
     from adapterserve.server.model.weights import ModelLoadError
 
@@ -201,7 +201,7 @@ async def _run_in_process(settings: Settings, body: dict[str, Any], progress: bo
         )
         try:
             job = runner.submit(JobOptions(**body))
-        except APIError as exc:
+        except EvaluationError as exc:
             raise EvalCommandError(exc.message) from None
         with tqdm(total=job.total, unit="ex", disable=not progress, file=sys.stderr) as bar:
             while job.status not in FINAL:

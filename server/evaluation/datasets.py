@@ -18,8 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from adapterserve.server import jsontext
-from adapterserve.server.errors import APIError, invalid_request, truncate
+from adapterserve.server.evaluation.errors import (
+    BuiltinDatasetError,
+    DatasetExistsError,
+    DatasetFileError,
+    DatasetLimitError,
+    DatasetNotFoundError,
+    InvalidDatasetError,
+    quoted,
+)
 from adapterserve.server.evaluation.extract import LETTERS, AnswerSpec
 
 ARITHMETIC_SETS = ("gsm8k", "AQuA", "AddSub", "MultiArith", "SingleEq", "SVAMP")
@@ -91,12 +98,9 @@ class Dataset:
         }
 
 
-def dataset_not_found(name: str) -> APIError:
-    return APIError(
-        404,
-        f"The dataset {truncate(name)} does not exist; GET /v1/datasets lists them.",
-        param="datasets",
-        code="dataset_not_found",
+def dataset_not_found(name: str) -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        f"The dataset {quoted(name)} does not exist; GET /v1/datasets lists them.", "datasets"
     )
 
 
@@ -120,19 +124,18 @@ class DatasetCatalog:
         return builtin + self._user_sets()
 
     def get(self, name: str) -> Dataset:
-        """The dataset called `name` (exact, else case-insensitive); 404 if unknown or missing."""
+        """The dataset called `name` (exact, else case-insensitive); DatasetNotFoundError if
+        unknown or missing."""
         sets = self.all()
         match = next((d for d in sets if d.name == name), None)
         match = match or next((d for d in sets if d.name.lower() == name.lower()), None)
         if match is None:
             raise dataset_not_found(name)
         if not match.available:
-            raise APIError(
-                404,
+            raise DatasetNotFoundError(
                 f"The dataset {match.name!r} has no data on this server; put its test.json under "
                 f"{match.name}/ in the data directory (--data-dir).",
-                param="datasets",
-                code="dataset_not_found",
+                "datasets",
             )
         return match
 
@@ -154,19 +157,13 @@ class DatasetCatalog:
         """Store already validated records as a user dataset (atomic writes)."""
         _check_name(name)
         if any(name.lower() == b.lower() for b in BUILTIN_SPECS):
-            raise APIError(
-                409,
-                f"{name!r} is a built-in dataset name; pick another name.",
-                param="name",
-                code="dataset_exists",
+            raise DatasetExistsError(
+                f"{name!r} is a built-in dataset name; pick another name.", "name"
             )
         folder = self.user_dir / name
         if (folder / "dataset.json").is_file() and not replace:
-            raise APIError(
-                409,
-                f"A dataset named {name!r} exists; send replace=true to replace it.",
-                param="name",
-                code="dataset_exists",
+            raise DatasetExistsError(
+                f"A dataset named {name!r} exists; send replace=true to replace it.", "name"
             )
         text = json.dumps(records, ensure_ascii=False)
         self._check_room(name, len(text.encode("utf-8")))
@@ -182,12 +179,12 @@ class DatasetCatalog:
         return Dataset(name, spec, folder / "test.json", "user")
 
     def delete(self, name: str) -> Dataset:
-        """Remove a registered dataset (built-in ones are data files: 400)."""
+        """Remove a registered dataset (a built-in one is a data file: BuiltinDatasetError)."""
         dataset = next((d for d in self._user_sets() if d.name == name), None)
         if dataset is None:
             if any(name.lower() == b.lower() for b in BUILTIN_SPECS):
-                raise APIError(409, f"{name!r} is a built-in dataset; it cannot be deleted.",
-                               param="name", code="dataset_builtin")  # fmt: skip
+                raise BuiltinDatasetError(f"{name!r} is a built-in dataset; it cannot be deleted.",
+                                          "name")  # fmt: skip
             raise dataset_not_found(name)
         folder = dataset.path.parent
         (folder / "dataset.json").unlink()  # first: the set is gone even if the rest fails
@@ -196,17 +193,15 @@ class DatasetCatalog:
         return dataset
 
     def _check_room(self, name: str, size: int) -> None:
-        """409 when one more set (or `size` more bytes) would pass the caps."""
+        """DatasetLimitError when one more set (or `size` more bytes) would pass the caps."""
         others = [d for d in self._user_sets() if d.name != name]
         used = sum(d.path.stat().st_size for d in others if d.path.is_file())
         if len(others) >= self.max_user_sets or used + size > self.max_user_bytes:
-            raise APIError(
-                409,
+            raise DatasetLimitError(
                 f"This server keeps at most {self.max_user_sets} registered datasets of "
                 f"{self.max_user_bytes} bytes in all ({len(others)} use {used} bytes; this one "
                 f"needs {size}); delete one with DELETE /v1/datasets/{{name}}.",
-                param="name",
-                code="dataset_limit",
+                "name",
             )
 
     def _builtin_path(self, name: str) -> Path:
@@ -227,9 +222,7 @@ class DatasetCatalog:
 def _read_examples(dataset: Dataset) -> list[Example]:
     records = json.loads(dataset.path.read_text(encoding="utf-8"))
     if not isinstance(records, list):
-        raise APIError(
-            500, f"The data file of {dataset.name!r} is not a JSON array.", "server_error"
-        )
+        raise DatasetFileError(f"The data file of {dataset.name!r} is not a JSON array.")
     return [Example(i, str(r["instruction"]), str(r["answer"])) for i, r in enumerate(records)]
 
 
@@ -249,9 +242,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _check_name(name: str) -> None:
     if not NAME_PATTERN.fullmatch(name):
-        raise invalid_request(
+        raise InvalidDatasetError(
             f"'name' must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a "
-            f"letter or digit; got {truncate(name)}.",
+            f"letter or digit; got {quoted(name)}.",
             "name",
         )
 
@@ -260,66 +253,59 @@ def answer_spec(kind: str, words: list[str] | None) -> AnswerSpec:
     """The declared answer kind of an upload, checked."""
     if kind in ("number", "letter"):
         if words:
-            raise invalid_request(
+            raise InvalidDatasetError(
                 f"'answer_words' is only for answer_kind 'words', not {kind!r}.", "answer_words"
             )
         return AnswerSpec(kind)  # type: ignore[arg-type]
     if kind != "words":
-        raise invalid_request(
-            f"'answer_kind' must be number, letter or words; got {truncate(kind)}.", "answer_kind"
+        raise InvalidDatasetError(
+            f"'answer_kind' must be number, letter or words; got {quoted(kind)}.", "answer_kind"
         )
     if not words or len(words) < 2 or len(words) > MAX_ANSWER_WORDS:
-        raise invalid_request(
+        raise InvalidDatasetError(
             f"answer_kind 'words' needs 'answer_words': 2 to {MAX_ANSWER_WORDS} strings.",
             "answer_words",
         )
     for i, word in enumerate(words):
         if not word.strip() or len(word) > MAX_WORD_CHARS or word != word.strip():
-            raise invalid_request(
+            raise InvalidDatasetError(
                 f"answer_words[{i}] must be 1-{MAX_WORD_CHARS} characters without surrounding "
-                f"whitespace; got {truncate(word)}.",
+                f"whitespace; got {quoted(word)}.",
                 f"answer_words[{i}]",
             )
     if len(set(words)) != len(words):
-        raise invalid_request("'answer_words' must not repeat a word.", "answer_words")
+        raise InvalidDatasetError("'answer_words' must not repeat a word.", "answer_words")
     return AnswerSpec("words", tuple(words))
 
 
-def parse_jsonl(text: str) -> list[Any]:
-    """One JSON value per non-blank line, under the same limits as request bodies (nesting
-    depth, valid Unicode); a bad line is a 400 naming its number."""
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            records.append(jsontext.loads(line, f"jsonl line {number}", "jsonl"))
-    return records
-
-
 def validate_records(raw: list[Any], spec: AnswerSpec) -> list[dict[str, str]]:
-    """Records as stored: instruction, empty input, gold answer; 400s name the bad field."""
+    """Records as stored: instruction, empty input, gold answer; InvalidDatasetError names
+    the bad field."""
     if not raw:
-        raise invalid_request("The dataset has no records; send at least one.", "records")
+        raise InvalidDatasetError("The dataset has no records; send at least one.", "records")
     if len(raw) > MAX_RECORDS:
-        raise invalid_request(f"At most {MAX_RECORDS} records, got {len(raw)}.", "records")
+        raise InvalidDatasetError(f"At most {MAX_RECORDS} records, got {len(raw)}.", "records")
     return [_validate_record(i, record, spec) for i, record in enumerate(raw)]
 
 
 def _validate_record(i: int, record: Any, spec: AnswerSpec) -> dict[str, str]:
     where = f"records[{i}]"
     if not isinstance(record, dict):
-        raise invalid_request(f"{where} must be an object with 'instruction' and 'answer'.", where)
+        raise InvalidDatasetError(
+            f"{where} must be an object with 'instruction' and 'answer'.", where
+        )
     instruction = record.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
-        raise invalid_request(
+        raise InvalidDatasetError(
             f"{where}.instruction must be a non-empty string.", f"{where}.instruction"
         )
     if len(instruction) > MAX_INSTRUCTION_CHARS:
-        raise invalid_request(
+        raise InvalidDatasetError(
             f"{where}.instruction is longer than {MAX_INSTRUCTION_CHARS} characters.",
             f"{where}.instruction",
         )
     if record.get("input") not in (None, ""):
-        raise invalid_request(
+        raise InvalidDatasetError(
             f"{where}.input must be empty: the protocol's prompt has no input section; put it into "
             "the instruction.",
             f"{where}.input",
@@ -336,18 +322,18 @@ def _gold(answer: Any, spec: AnswerSpec, where: str) -> str:
     if spec.kind == "number" and isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str) or not answer.strip():
-        raise invalid_request(f"{param} must be a non-empty string.", param)
+        raise InvalidDatasetError(f"{param} must be a non-empty string.", param)
     if spec.kind == "number":
         try:
             value = float(answer.replace(",", ""))
         except ValueError:
             value = math.nan
         if not math.isfinite(value):
-            raise invalid_request(
-                f"{param} must be a number for answer_kind 'number'; got {truncate(answer)}.", param
+            raise InvalidDatasetError(
+                f"{param} must be a number for answer_kind 'number'; got {quoted(answer)}.", param
             )
         return answer.replace(",", "")
     if answer not in spec.words:
         allowed = ", ".join(LETTERS if spec.kind == "letter" else spec.words)
-        raise invalid_request(f"{param} must be one of {allowed}; got {truncate(answer)}.", param)
+        raise InvalidDatasetError(f"{param} must be one of {allowed}; got {quoted(answer)}.", param)
     return answer

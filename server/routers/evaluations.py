@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from adapterserve.server import jsontext
 from adapterserve.server.deps import caller_key, is_admin, require_admin_key
 from adapterserve.server.errors import APIError, error_responses, invalid_request, truncate
-from adapterserve.server.evaluation.datasets import answer_spec, parse_jsonl, validate_records
-from adapterserve.server.evaluation.runner import EvalJob, EvaluationRunner, JobOptions
+from adapterserve.server.evaluation.datasets import answer_spec, validate_records
+from adapterserve.server.evaluation.jobs import EvalJob, JobOptions
+from adapterserve.server.evaluation.runner import EvaluationRunner
 from adapterserve.server.schemas import (
     DatasetInfo,
     DatasetList,
@@ -23,6 +27,16 @@ router = APIRouter(tags=["evaluations"])
 
 def get_runner(request: Request) -> EvaluationRunner:
     return request.app.state.evaluations
+
+
+def parse_jsonl(text: str) -> list[Any]:
+    """One JSON value per non-blank line, under the same limits as request bodies (nesting
+    depth, valid Unicode); a bad line is a 400 naming its number."""
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            records.append(jsontext.loads(line, f"jsonl line {number}", "jsonl"))
+    return records
 
 
 def _job_body(job: EvalJob) -> dict:

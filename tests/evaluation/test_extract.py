@@ -7,7 +7,7 @@ import pytest
 from adapterserve.server.evaluation.datasets import BUILTIN_SPECS
 from adapterserve.server.evaluation.extract import AnswerSpec, extract, is_correct, split_response
 from adapterserve.server.evaluation.prompts import generate_prompt
-from adapterserve.server.evaluation.runner import choices
+from adapterserve.server.evaluation.scoring import choices
 
 NUMBER = AnswerSpec("number")
 LETTER = AnswerSpec("letter")
