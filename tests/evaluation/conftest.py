@@ -101,7 +101,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir: Path, data_dir: Path, cache_dir: Path) -> Iterator[TestClient]:
-    app = create_app(eval_settings(tiny_model_dir, data_dir, cache_dir))
+    # in this process: tests look inside the engine (its step_log, its KV blocks); the
+    # engine core process runs the jobs of test_restart.py, test_limits.py, test_error_answers.py
+    app = create_app(eval_settings(tiny_model_dir, data_dir, cache_dir, engine_process=False))
     with TestClient(app) as test_client:
         yield test_client
 

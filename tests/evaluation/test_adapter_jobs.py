@@ -49,6 +49,7 @@ def adapter_client(
         max_adapter_rank=16,
         max_num_seqs=16,
         eval_max_inflight=8,
+        engine_process=False,  # the tests read the engine's step_log
     )
     with TestClient(create_app(settings)) as client:
         yield client
