@@ -150,6 +150,8 @@ def _under(path: Path, roots: Iterable[Path]) -> bool:
 
 
 class AdapterRegistry:
+    clustered = False  # EngineClient's catalog: a cluster's (server/cluster) refuses loading by path
+
     def __init__(
         self,
         pool: AdapterPool,

@@ -144,16 +144,22 @@ async def http_request(client: httpx.AsyncClient, model_id: str, prompt: list[in
     return tokens
 
 
-async def bench_http(port: int, concurrency: int, prompts: list[list[int]], out_len: int, stream: bool) -> float:
+async def bench_http(port: int, concurrency: int, prompts: list[list[int]], out_len: int, stream: bool,
+                     adapters: list[str] | None = None) -> float:  # fmt: skip
+    """Output tok/s of `concurrency` clients sending `prompts`; with `adapters`, request i
+    names adapter i mod len(adapters) (each warmed into a device slot first)."""
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-        model_id = (await client.get("/v1/models")).json()["data"][0]["id"]
-        await http_request(client, model_id, prompts[0][:8], 4, stream)  # warm-up
-        queue = list(prompts)
+        base = (await client.get("/v1/models")).json()["data"][0]["id"]
+        models = adapters or [base]
+        for model in models:  # warm-up (an adapter: loaded into its slot)
+            await http_request(client, model, prompts[0][:8], 4, stream)
+        queue = [(prompt, models[i % len(models)]) for i, prompt in enumerate(prompts)]
 
         async def worker() -> int:
             done = 0
             while queue:
-                done += await http_request(client, model_id, queue.pop(), out_len, stream)
+                prompt, model = queue.pop()
+                done += await http_request(client, model, prompt, out_len, stream)
             return done
 
         start = time.perf_counter()
@@ -171,6 +177,9 @@ def main() -> None:
     ap.add_argument("--no-http", dest="http", action="store_false", help="in-process runs only")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="eager only (no compiled column, no compile start-up)")
+    ap.add_argument("--loras", type=int, default=0,
+                    help="also serve this many random LoRA r16 (all projections) over HTTP and run "
+                    "16 streams spread over them (ratio to base in the same server)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating eager/compiled runs")
     ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "engine.json")
     args = ap.parse_args()
@@ -196,23 +205,44 @@ def main() -> None:
                 rows.append((f"adapterserve engine (in-process, {mode}), {name}", tok_s))
 
     if args.http:  # the default server (engine core process), then --engine-process false
+        loras = tempfile.TemporaryDirectory()
+        flags = write_loras(Path(loras.name), model_dir, args.loras, 16) if args.loras else []
+        names = [flag.split("=", 1)[0] for flag in flags]
         for label, extra in HTTP_MODES:
             port = free_port()
-            server = start_server(args.model, port, max(args.concurrency), extra)
+            adapter_flags = tuple(item for flag in flags for item in ("--adapter", flag))
+            server = start_server(args.model, port, max(args.concurrency), extra + adapter_flags)
             try:
                 for c in args.concurrency:
                     prompts = make_prompts(max(c, 2 * c), args.prompt_len, vocab, seed=c)
                     for stream in (True, False):
                         name = f"adapterserve HTTP{label}, {c} concurrent {'streaming' if stream else 'non-streaming'}"
                         rows.append((name, asyncio.run(bench_http(port, c, prompts, args.output_len, stream))))
+                if names:
+                    prompts = make_prompts(32, args.prompt_len, vocab, seed=16)
+                    name = f"adapterserve HTTP{label}, 16 concurrent streaming, {len(names)} LoRA r16"
+                    rows.append((name, asyncio.run(bench_http(port, 16, prompts, args.output_len, True, names))))
             finally:
                 server.terminate()
                 server.wait(60)
+        loras.cleanup()
 
     report(rows, args, startup)
 
 
 HTTP_MODES = (("", ()), (" (one process)", ("--engine-process", "false")))
+
+
+def write_loras(folder: Path, model_dir: Path, count: int, rank: int) -> list[str]:
+    """`count` random LoRA of `rank` on all seven projections; their `--adapter` values."""
+    from adapterserve.loadtest.synthetic import BaseDims, make_adapter, write_adapter
+
+    dims = BaseDims.from_config(json.loads((model_dir / "config.json").read_text()))
+    flags = []
+    for i in range(count):
+        config, tensors = make_adapter(dims, "lora", rank, seed=500 + i)
+        flags.append(f"lora{i}={write_adapter(folder / f'lora{i}', config, tensors)}")
+    return flags
 
 
 def report(rows: list[tuple[str, float]], args: argparse.Namespace, startup: dict[str, float]) -> None:
@@ -234,6 +264,8 @@ def report(rows: list[tuple[str, float]], args: argparse.Namespace, startup: dic
         "http_16_streaming_vs_in_process_16": ("adapterserve HTTP, 16 concurrent streaming", "adapterserve engine (in-process, eager), 16 at once"),
         "one_process_http_1_stream_vs_in_process_1_stream": ("adapterserve HTTP (one process), 1 concurrent streaming", "adapterserve engine (in-process, eager), 1 stream"),
         "one_process_http_16_streaming_vs_in_process_16": ("adapterserve HTTP (one process), 16 concurrent streaming", "adapterserve engine (in-process, eager), 16 at once"),
+        "http_8_lora_vs_base_16_streaming": ("adapterserve HTTP, 16 concurrent streaming, 8 LoRA r16", "adapterserve HTTP, 16 concurrent streaming"),
+        "one_process_http_8_lora_vs_base_16_streaming": ("adapterserve HTTP (one process), 16 concurrent streaming, 8 LoRA r16", "adapterserve HTTP (one process), 16 concurrent streaming"),
         "http_1_stream_engine_process_vs_one_process": ("adapterserve HTTP, 1 concurrent streaming", "adapterserve HTTP (one process), 1 concurrent streaming"),
         "http_16_streaming_engine_process_vs_one_process": ("adapterserve HTTP, 16 concurrent streaming", "adapterserve HTTP (one process), 16 concurrent streaming"),
     }

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # siblings; never the root (its kernels/ shadows HF's)
 
-from bench_engine import bench_transformers, isolated, make_prompts  # noqa: E402
+from bench_engine import bench_transformers, isolated, make_prompts, write_loras  # noqa: E402
 
 from adapterserve.server.config import Settings  # noqa: E402
 from adapterserve.server.engine.bootstrap import start_engine  # noqa: E402
@@ -33,17 +33,6 @@ from adapterserve.server.metrics import Metrics  # noqa: E402
 from adapterserve.server.model.weights import resolve_model_dir  # noqa: E402
 
 MODES = ("none", "int8", "int4")
-
-
-def write_loras(folder: Path, model_dir: Path, count: int, rank: int) -> list[str]:
-    from adapterserve.loadtest.synthetic import BaseDims, make_adapter, write_adapter
-
-    dims = BaseDims.from_config(json.loads((model_dir / "config.json").read_text()))
-    flags = []
-    for i in range(count):
-        config, tensors = make_adapter(dims, "lora", rank, seed=500 + i)
-        flags.append(f"lora{i}={write_adapter(folder / f'lora{i}', config, tensors)}")
-    return flags
 
 
 async def measure(settings: Settings, prompts: list[list[int]], models: list[str | None],

@@ -19,9 +19,9 @@ from adapterserve.server.metrics import Metrics
 
 if TYPE_CHECKING:
     from adapterserve.adapters.registry import AdapterRegistry, Entry
-    from adapterserve.server.engine.engine import Engine
+    from adapterserve.server.engine.client import EngineClient
 
-def get_engine(request: Request) -> Engine:
+def get_engine(request: Request) -> EngineClient:
     return request.app.state.engine
 
 

@@ -27,8 +27,9 @@ from jinja2 import TemplateError
 from starlette.types import Receive, Scope, Send
 
 from adapterserve.server.config import Settings
+from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.constraint import GrammarError, GrammarUnavailable
-from adapterserve.server.engine.engine import Engine, RequestStream
+from adapterserve.server.engine.engine import RequestStream
 from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineError,
@@ -93,7 +94,7 @@ def log_ignored_fields(request: Request, body: SamplingFields) -> None:
     log.info("%s ignored unknown fields: %s%s", request.url.path, shown, more)
 
 
-def check_engine_accepting(request: Request, engine: Engine, settings: Settings) -> None:
+def check_engine_accepting(request: Request, engine: EngineClient, settings: Settings) -> None:
     """503 while the server drains (SIGTERM) or after a fatal engine fault."""
     if not engine.healthy:
         raise engine_error(EngineDeadError("the engine is not running"), settings.retry_after_s)
@@ -215,7 +216,7 @@ def beam_params(params: SamplingParams, body: SamplingFields, width: int) -> Sam
 INLINE_TOKENIZE_CHARS = 8192
 
 
-def prompt_char_cap(settings: Settings, engine: Engine) -> int:
+def prompt_char_cap(settings: Settings, engine: EngineClient) -> int:
     """The most characters a prompt may have: --max-prompt-chars, and no more than the context
     can hold at the longest token's length (Tokenizer.max_token_chars), so a prompt that cannot
     fit is refused before it is tokenized."""
@@ -223,7 +224,7 @@ def prompt_char_cap(settings: Settings, engine: Engine) -> int:
 
 
 def check_prompt_chars(
-    count: int, settings: Settings, engine: Engine, param: str, longest: int | None = None
+    count: int, settings: Settings, engine: EngineClient, param: str, longest: int | None = None
 ) -> None:
     """A 400 before any tokenizing for `count` characters (a request's text, all its prompts
     together) over --max-prompt-chars, or for one prompt (`longest`, default all of it) that
@@ -317,7 +318,7 @@ class Job:
 
 
 async def submit(
-    request: Request, engine: Engine, jobs: list[Job], request_id: str, settings: Settings,
+    request: Request, engine: EngineClient, jobs: list[Job], request_id: str, settings: Settings,
     grammar: str | None = None,
 ) -> list[RequestStream]:  # fmt: skip
     """Add every job to the engine, or none (check_capacity refused what can never fit); with a
@@ -337,7 +338,7 @@ async def submit(
 
 
 async def submit_beams(
-    request: Request, engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int,
+    request: Request, engine: EngineClient, prompts: list[list[int]], params: SamplingParams, n: int,
     request_id: str, settings: Settings,
 ) -> list[RequestStream]:
     """One beam search per prompt, all or none; the streams of their n answers each, in choice
@@ -355,7 +356,7 @@ async def submit_beams(
     return [stream for streams in groups for stream in streams]
 
 
-async def confirmed(engine: Engine, streams: list[RequestStream]) -> None:
+async def confirmed(engine: EngineClient, streams: list[RequestStream]) -> None:
     """The engine's acceptance of `streams` (Engine.confirm); on a refusal, or when the
     client goes away meanwhile, every stream is aborted."""
     try:
@@ -560,7 +561,7 @@ class EventStreamResponse(StreamingResponse):
             log.info("stream ended early: %r", sender.exception())
 
 
-async def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, engine: Engine,
+async def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, engine: EngineClient,
                       add_special_tokens: bool = False) -> list[int]:  # fmt: skip
     """Token ids of a conversation through the model's own chat template (never a request's),
     as /v1/chat/completions and /tokenize render it; a template that refuses it is a 400.
@@ -582,7 +583,7 @@ GUIDED = (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_ch
           ("guided_grammar", "grammar"))  # fmt: skip
 
 
-async def constraint_grammar(body: SamplingFields, engine: Engine, beam: bool = False) -> str | None:
+async def constraint_grammar(body: SamplingFields, engine: EngineClient, beam: bool = False) -> str | None:
     """The request's structured-output grammar (response_format or one guided_* field),
     compiled and checked against the model's tokenizer in the grammar sandbox
     (server/engine/constraint.py), before anything is submitted: a second constraint, one

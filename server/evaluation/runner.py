@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterserve.server.config import Settings
-from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.errors import EngineDeadError
 from adapterserve.server.evaluation.datasets import DatasetCatalog
 from adapterserve.server.evaluation.errors import (
@@ -54,7 +54,7 @@ class EvaluationRunner:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineClient,
         catalog: DatasetCatalog,
         jobs_dir: Path,
         max_inflight: int,
@@ -266,7 +266,7 @@ def _check_distinct(names: list[str], param: str) -> None:
 
 
 def build_runner(
-    settings: Settings, engine: Engine, metrics: Metrics, state: Any
+    settings: Settings, engine: EngineClient, metrics: Metrics, state: Any
 ) -> EvaluationRunner:
     """The runner of one app; adapters are looked up in `state.registry` when there is one."""
 

@@ -16,7 +16,8 @@ import uuid
 from collections.abc import Iterator
 from typing import IO
 
-from adapterserve.server.engine.engine import Engine, RequestStream
+from adapterserve.server.engine.client import EngineClient
+from adapterserve.server.engine.engine import RequestStream
 from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineError,
@@ -54,7 +55,7 @@ class ExampleWorker:
     """Scores the examples of one job at a time (`run`); the runner owns the job's state."""
 
     def __init__(
-        self, engine: Engine, catalog: DatasetCatalog, store: JobStore, metrics: Metrics,
+        self, engine: EngineClient, catalog: DatasetCatalog, store: JobStore, metrics: Metrics,
         max_inflight: int,
     ) -> None:  # fmt: skip
         self.engine, self.catalog, self.store = engine, catalog, store

@@ -27,7 +27,8 @@ from adapterserve.adapters.registry import AdapterRegistry, Entry
 from adapterserve.adapters.store import validate_name
 from adapterserve.server.config import Settings
 from adapterserve.server.deps import get_engine, get_registry, get_settings, require_admin_key
-from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.client import EngineClient
+from adapterserve.server.engine.remote import RemoteEntry
 from adapterserve.server.errors import (
     APIError,
     error_responses,
@@ -105,7 +106,7 @@ def adapter_card(entry: Entry, base_id: str) -> AdapterCard:
         origin=entry.origin,
         version=entry.version,
         created=int(entry.created),
-        replicas=getattr(entry, "replicas", None),  # a cluster's view (server/cluster)
+        replicas=entry.replicas if isinstance(entry, RemoteEntry) else None,  # a cluster's view
     )
 
 
@@ -202,7 +203,7 @@ async def upload_adapter(
     replace: bool = Query(False, description="replace an adapter of the same name"),
     registry: AdapterRegistry = Depends(get_registry),
     settings: Settings = Depends(get_settings),
-    engine: Engine = Depends(get_engine),
+    engine: EngineClient = Depends(get_engine),
 ) -> AdapterUploadCard:
     form = await read_upload_form(request)
     try:
@@ -227,7 +228,7 @@ async def upload_adapter(
 
 @router.get("/v1/adapters", response_model=AdapterList, responses=error_responses(503))
 async def list_adapters(
-    registry: AdapterRegistry = Depends(get_registry), engine: Engine = Depends(get_engine)
+    registry: AdapterRegistry = Depends(get_registry), engine: EngineClient = Depends(get_engine)
 ) -> AdapterList:
     return AdapterList(data=[adapter_card(e, engine.model_id) for e in registry.list()])
 
@@ -236,7 +237,7 @@ async def list_adapters(
 async def get_adapter(
     name: str,
     registry: AdapterRegistry = Depends(get_registry),
-    engine: Engine = Depends(get_engine),
+    engine: EngineClient = Depends(get_engine),
 ) -> AdapterCard:
     try:
         entry = registry.get(name)
@@ -255,7 +256,7 @@ async def delete_adapter(
     name: str,
     registry: AdapterRegistry = Depends(get_registry),
     settings: Settings = Depends(get_settings),
-    engine: Engine = Depends(get_engine),
+    engine: EngineClient = Depends(get_engine),
 ) -> AdapterCard:
     """Stop serving `name` (and delete its uploaded files); in-flight requests finish on it."""
     entry = await _run(registry, settings, registry.remove, name)
@@ -278,7 +279,7 @@ async def load_lora_adapter(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     """vLLM's endpoint: serve the adapter folder at `lora_path` (under a configured root)."""
-    if getattr(registry, "clustered", False):  # a path is one machine's; replicas share the store
+    if registry.clustered:  # a path is one machine's; replicas share the store
         raise APIError(
             403,
             "Loading adapters by path is not available on a cluster (--replicas): a path is "

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from adapterserve.server.config import Settings
 from adapterserve.server.deps import get_engine, get_settings, resolve_model
-from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.errors import EngineError
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.sampling import TokenLogprob
@@ -56,7 +56,7 @@ router = APIRouter(tags=["chat"])
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
-    engine: Engine = Depends(get_engine),
+    engine: EngineClient = Depends(get_engine),
     settings: Settings = Depends(get_settings),
 ) -> Response:
     log_ignored_fields(request, body)
@@ -98,7 +98,7 @@ async def create_chat_completion(
     return JSONResponse(view.response(results))
 
 
-def _check_request(body: ChatCompletionRequest, settings: Settings, engine: Engine) -> None:
+def _check_request(body: ChatCompletionRequest, settings: Settings, engine: EngineClient) -> None:
     if body.use_beam_search:
         check_beam_search(body, settings, 1)
         if body.max_new_tokens == 0:
@@ -113,7 +113,7 @@ def _check_request(body: ChatCompletionRequest, settings: Settings, engine: Engi
     check_prompt_chars(sum(len(m.text) for m in body.messages), settings, engine, "messages")
 
 
-async def _render(body: ChatCompletionRequest, engine: Engine) -> list[int]:
+async def _render(body: ChatCompletionRequest, engine: EngineClient) -> list[int]:
     """Token ids of the conversation through the model's own template (never the request's)."""
     ids = await render_chat(body.messages, body.add_generation_prompt, engine)
     if not ids:
@@ -159,7 +159,7 @@ class _ChatView:
     def __init__(
         self,
         body: ChatCompletionRequest,
-        engine: Engine,
+        engine: EngineClient,
         settings: Settings,
         response_id: str,
         model: str,

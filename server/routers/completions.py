@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from adapterserve.server.config import Settings
 from adapterserve.server.deps import get_engine, get_settings, resolve_model
-from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.errors import EngineError
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.sampling import TokenLogprob
@@ -64,7 +64,7 @@ class Prompt:
 async def create_completion(
     body: CompletionRequest,
     request: Request,
-    engine: Engine = Depends(get_engine),
+    engine: EngineClient = Depends(get_engine),
     settings: Settings = Depends(get_settings),
 ) -> Response:
     log_ignored_fields(request, body)
@@ -98,7 +98,7 @@ async def create_completion(
     return JSONResponse(view.response(results))
 
 
-def _check_request(body: CompletionRequest, settings: Settings, engine: Engine) -> None:
+def _check_request(body: CompletionRequest, settings: Settings, engine: EngineClient) -> None:
     if body.use_beam_search:
         check_beam_search(body, settings, _num_prompts(body.prompt))
         if body.max_tokens < 1:
@@ -116,7 +116,7 @@ def _num_prompts(prompt: str | list) -> int:
     return len(prompt) if isinstance(prompt, list) and isinstance(prompt[0], str | list) else 1
 
 
-async def _prompts(body: CompletionRequest, engine: Engine, settings: Settings) -> list[Prompt]:
+async def _prompts(body: CompletionRequest, engine: EngineClient, settings: Settings) -> list[Prompt]:
     """Token ids (and echo text) per prompt; text length is capped before tokenizing (each
     prompt by what the context holds, all by --max-prompt-chars), long texts tokenized off the
     event loop."""
@@ -143,7 +143,7 @@ async def _prompts(body: CompletionRequest, engine: Engine, settings: Settings) 
     return prompts
 
 
-def _checked_ids(ids: list[int], engine: Engine) -> list[int]:
+def _checked_ids(ids: list[int], engine: EngineClient) -> list[int]:
     vocab_size = engine.vocab_size
     if len(ids) > engine.max_model_len:
         raise invalid_request(
@@ -184,7 +184,7 @@ class _CompletionView:
     def __init__(
         self,
         body: CompletionRequest,
-        engine: Engine,
+        engine: EngineClient,
         settings: Settings,
         prompts: list[Prompt],
         response_id: str,

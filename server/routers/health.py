@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from adapterserve.server.deps import get_engine, get_metrics
-from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.metrics import Metrics
 from adapterserve.server.schemas import HealthStatus
 
@@ -16,7 +16,7 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @router.get("/health", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
-async def health(engine: Engine = Depends(get_engine)) -> JSONResponse:
+async def health(engine: EngineClient = Depends(get_engine)) -> JSONResponse:
     """200 while the engine can serve; 503 after a fatal fault (the process is exiting)."""
     if engine.healthy:
         return JSONResponse({"status": "ok"})
@@ -24,7 +24,7 @@ async def health(engine: Engine = Depends(get_engine)) -> JSONResponse:
 
 
 @router.get("/ready", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
-async def ready(request: Request, engine: Engine = Depends(get_engine)) -> JSONResponse:
+async def ready(request: Request, engine: EngineClient = Depends(get_engine)) -> JSONResponse:
     """200 when the engine is started (its compiled shapes warmed up) and the server is not
     draining; load balancers poll this."""
     draining = getattr(request.app.state, "draining", False)
@@ -37,7 +37,7 @@ async def ready(request: Request, engine: Engine = Depends(get_engine)) -> JSONR
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(
-    metrics: Metrics = Depends(get_metrics), engine: Engine = Depends(get_engine)
+    metrics: Metrics = Depends(get_metrics), engine: EngineClient = Depends(get_engine)
 ) -> Response:
     await engine.sync_metrics()
     return Response(metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)

@@ -6,14 +6,15 @@ from fastapi import APIRouter, Depends, Request
 
 from adapterserve.adapters.registry import Entry
 from adapterserve.server.deps import get_engine, resolve_model
-from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.client import EngineClient
+from adapterserve.server.engine.remote import RemoteEntry
 from adapterserve.server.errors import error_responses
 from adapterserve.server.schemas import ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
 
 
-def _base_card(engine: Engine, created: int) -> ModelCard:
+def _base_card(engine: EngineClient, created: int) -> ModelCard:
     """The base model, with the dimensions a client needs to train adapters that fit it."""
     args = engine.model.args
     return ModelCard(
@@ -31,19 +32,19 @@ def _base_card(engine: Engine, created: int) -> ModelCard:
     )
 
 
-def _adapter_card(engine: Engine, entry: Entry) -> ModelCard:
+def _adapter_card(engine: EngineClient, entry: Entry) -> ModelCard:
     return ModelCard(
         id=entry.name,
         created=int(entry.created),
         root=entry.name,
         parent=engine.model_id,
         max_model_len=engine.max_model_len,
-        replicas=getattr(entry, "replicas", None),  # a cluster's view (server/cluster)
+        replicas=entry.replicas if isinstance(entry, RemoteEntry) else None,  # a cluster's view
     )
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(request: Request, engine: Engine = Depends(get_engine)) -> ModelList:
+async def list_models(request: Request, engine: EngineClient = Depends(get_engine)) -> ModelList:
     cards = [_base_card(engine, request.app.state.started_at)]
     registry = getattr(request.app.state, "registry", None)
     if registry is not None:
@@ -53,7 +54,7 @@ async def list_models(request: Request, engine: Engine = Depends(get_engine)) ->
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(404))
 async def get_model(
-    model_id: str, request: Request, engine: Engine = Depends(get_engine)
+    model_id: str, request: Request, engine: EngineClient = Depends(get_engine)
 ) -> ModelCard:
     entry = resolve_model(request, model_id)
     if entry is None:

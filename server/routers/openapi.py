@@ -23,7 +23,7 @@ from adapterserve.server.schemas import SERVER_LIMIT, ErrorResponse
 from adapterserve.server.serving import max_choices
 
 if TYPE_CHECKING:
-    from adapterserve.server.engine.engine import Engine
+    from adapterserve.server.engine.client import EngineClient
 
 BEARER = {"bearer": {"type": "http", "scheme": "bearer"}}
 BODY_STATUSES = (400, 408, 413, 415)  # RequestGuard: bad JSON, stalled, too large, wrong type
@@ -36,7 +36,7 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     if cached is not None:
         return cached
     settings: Settings = app.state.settings
-    engine: Engine | None = getattr(app.state, "engine", None)
+    engine: EngineClient | None = getattr(app.state, "engine", None)
     limits = server_limits(settings, engine)
     document = served_document(app.openapi(), limits, settings)
     if engine is not None:
@@ -44,7 +44,7 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     return document
 
 
-def server_limits(settings: Settings, engine: Engine | None) -> dict[str, Any]:
+def server_limits(settings: Settings, engine: EngineClient | None) -> dict[str, Any]:
     """Placeholder name -> value; without an engine the model's limits are left out."""
     limits: dict[str, Any] = {
         "max_n": min(settings.max_n, max_choices(settings)),

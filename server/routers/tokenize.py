@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from adapterserve.server.config import Settings
 from adapterserve.server.deps import get_engine, get_settings, resolve_model
-from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.errors import error_responses, invalid_request
 from adapterserve.server.schemas import (
     DetokenizeRequest,
@@ -28,7 +28,7 @@ router = APIRouter(tags=["tokenizer"])
 async def tokenize(
     body: TokenizeRequest,
     request: Request,
-    engine: Engine = Depends(get_engine),
+    engine: EngineClient = Depends(get_engine),
     settings: Settings = Depends(get_settings),
 ) -> JSONResponse:
     resolve_model(request, body.model)
@@ -48,7 +48,7 @@ async def tokenize(
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(404))
 async def detokenize(
-    body: DetokenizeRequest, request: Request, engine: Engine = Depends(get_engine)
+    body: DetokenizeRequest, request: Request, engine: EngineClient = Depends(get_engine)
 ) -> JSONResponse:
     resolve_model(request, body.model)
     if len(body.tokens) > engine.max_model_len:
@@ -64,7 +64,7 @@ async def detokenize(
 
 
 @router.get("/tokenizer_info", response_model=TokenizerInfo)
-async def tokenizer_info(engine: Engine = Depends(get_engine)) -> JSONResponse:
+async def tokenizer_info(engine: EngineClient = Depends(get_engine)) -> JSONResponse:
     hf = engine.tokenizer.hf
     return JSONResponse({
         "tokenizer_class": type(hf).__name__,
