@@ -49,6 +49,7 @@ serve: install
 
 lint: install
 	$(VENV)/bin/ruff check adapterserve server kernels adapters loadtest tests benchmarks
+	$(VENV)/bin/ruff format --check adapterserve server kernels adapters loadtest tests benchmarks
 
 # -P: the repository root is not put on sys.path, so `kernels` is Hugging Face's package and
 # ours imports only as adapterserve.kernels (pytest runs with --import-mode=importlib).

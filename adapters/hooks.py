@@ -119,14 +119,15 @@ class PoolHooks:
             y = self.ops.ia3_scale(y, site.scale.vectors, batch, site.scale.loaded)
         return y
 
-
     def embed(self, x: torch.Tensor, token_ids: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
         """Token embeddings x (T, hidden) with each token's embed_tokens LoRA delta (in place):
         per rank class, the token's A column of its slot gathered, then expanded by its B."""
         embed = self.pool.embed
         if embed is None:
             return x
-        slots = batch.slot_ids.clamp(min=0).long()  # rows of slot -1 add zero (no onehot, no segment)
+        slots = batch.slot_ids.clamp(
+            min=0
+        ).long()  # rows of slot -1 add zero (no onehot, no segment)
         for rows, stack in embed.classes.values():
             self.ops.add_delta(x, rows[slots, token_ids], stack, batch)
         return x

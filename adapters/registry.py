@@ -150,7 +150,9 @@ def _under(path: Path, roots: Iterable[Path]) -> bool:
 
 
 class AdapterRegistry:
-    clustered = False  # EngineClient's catalog: a cluster's (server/cluster) refuses loading by path
+    clustered = (
+        False  # EngineClient's catalog: a cluster's (server/cluster) refuses loading by path
+    )
 
     def __init__(
         self,
@@ -259,8 +261,14 @@ class AdapterRegistry:
                 log.warning("stored adapter %r is not served: %s", stored.name, e)
                 continue
             with self._install_lock:
-                self._install(stored.name, stored.path, "upload", spec, created=stored.created,
-                              stamp=self.store.stamp(stored.name))
+                self._install(
+                    stored.name,
+                    stored.path,
+                    "upload",
+                    spec,
+                    created=stored.created,
+                    stamp=self.store.stamp(stored.name),
+                )
         return skipped
 
     # ---- a store shared with other processes (cluster replicas) ------------------------------
@@ -325,7 +333,9 @@ class AdapterRegistry:
         try:
             directory = Path(raw).resolve(strict=True)
         except (OSError, RuntimeError):
-            raise AdapterPathNotFoundError("lora_path", "no adapter directory at that path") from None
+            raise AdapterPathNotFoundError(
+                "lora_path", "no adapter directory at that path"
+            ) from None
         if require_root and not _under(directory, self.roots):
             refusal = PathNotAllowedError if self.roots else NoAdapterRootsError
             raise refusal(
@@ -444,8 +454,9 @@ class AdapterRegistry:
                 entry.wanted = True
                 if entry.spec is None:
                     if not entry.live:
-                        raise _load_error(entry.name, "it was replaced or deleted before it "
-                                                      "could be read; retry")
+                        raise _load_error(
+                            entry.name, "it was replaced or deleted before it could be read; retry"
+                        )
                     self._start_disk_load(entry)
                     return None
                 slot = self._free_slot()

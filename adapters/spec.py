@@ -167,7 +167,9 @@ class AdapterSpec:
     prefix_kv: torch.Tensor | None = None
     prompt_embeddings: torch.Tensor | None = None
     num_virtual_tokens: int = 0
-    model_modules: Mapping[str, LoraWeights] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    model_modules: Mapping[str, LoraWeights] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     def tensors(self) -> list[torch.Tensor]:
         found = [self.prefix_kv, self.prompt_embeddings]

@@ -162,7 +162,9 @@ def _write_capped(
                 break
             budget[0] -= len(chunk)
             if budget[0] < 0:
-                raise UploadTooLargeError(param, f"{what} too large: expected at most {limit} bytes")
+                raise UploadTooLargeError(
+                    param, f"{what} too large: expected at most {limit} bytes"
+                )
             out.write(chunk)
         out.flush()
         os.fsync(out.fileno())

@@ -41,8 +41,12 @@ from adapterserve.server.engine.sampling import SamplingParams  # noqa: E402
 from adapterserve.server.metrics import Metrics  # noqa: E402
 from adapterserve.server.model.weights import read_config, resolve_model_dir  # noqa: E402
 
-ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-        "o": "self_attn.o_proj"}
+ATTN = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+}
 MLP = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 MODULES = {**ATTN, **MLP}
 
@@ -58,15 +62,23 @@ class Shapes:
 
     def in_out(self, target: str) -> tuple[int, int]:
         h, kv, i = self.hidden, self.kv_dim, self.inter
-        return {"q": (h, h), "k": (h, kv), "v": (h, kv), "o": (h, h), "gate": (h, i),
-                "up": (h, i), "down": (i, h)}[target]
+        return {
+            "q": (h, h),
+            "k": (h, kv),
+            "v": (h, kv),
+            "o": (h, h),
+            "gate": (h, i),
+            "up": (h, i),
+            "down": (i, h),
+        }[target]
 
 
 def write(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "adapter_config.json").write_text(json.dumps({"task_type": "CAUSAL_LM", **config}))
-    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()},
-                                str(path / "adapter_model.safetensors"))
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors")
+    )
     return path
 
 
@@ -82,8 +94,13 @@ def lora(path: Path, s: Shapes, r: int, targets: list[str]) -> Path:
             key = f"base_model.model.model.layers.{layer}.{MODULES[t]}"
             tensors[f"{key}.lora_A.weight"] = rand(r, d_in)
             tensors[f"{key}.lora_B.weight"] = rand(d_out, r)
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "bias": "none",
-              "target_modules": [MODULES[t].split(".")[1] for t in targets]}
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "bias": "none",
+        "target_modules": [MODULES[t].split(".")[1] for t in targets],
+    }
     return write(path, config, tensors)
 
 
@@ -97,9 +114,15 @@ def bottleneck(path: Path, s: Shapes, size: int, parallel: bool, targets: list[s
             key = f"base_model.model.model.layers.{layer}.{MODULES[t]}"
             tensors[f"{key}.adapter_down.weight"] = rand(size, d_in, std=0.05)
             tensors[f"{key}.adapter_up.weight"] = rand(d_out, size, std=0.05)
-    config = {"peft_type": "BOTTLENECK", "bottleneck_size": size, "non_linearity": "tanh",
-              "adapter_dropout": 0.0, "use_parallel_adapter": parallel, "scaling": 1.0,
-              "target_modules": [MODULES[t].split(".")[1] for t in targets]}
+    config = {
+        "peft_type": "BOTTLENECK",
+        "bottleneck_size": size,
+        "non_linearity": "tanh",
+        "adapter_dropout": 0.0,
+        "use_parallel_adapter": parallel,
+        "scaling": 1.0,
+        "target_modules": [MODULES[t].split(".")[1] for t in targets],
+    }
     return write(path, config, tensors)
 
 
@@ -110,15 +133,23 @@ def ia3(path: Path, s: Shapes) -> Path:
         tensors[f"{key}.self_attn.k_proj.ia3_l.weight"] = 1 + rand(s.kv_dim, 1, std=0.1)
         tensors[f"{key}.self_attn.v_proj.ia3_l.weight"] = 1 + rand(s.kv_dim, 1, std=0.1)
         tensors[f"{key}.mlp.down_proj.ia3_l.weight"] = 1 + rand(1, s.inter, std=0.1)
-    config = {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"],
-              "feedforward_modules": ["down_proj"]}
+    config = {
+        "peft_type": "IA3",
+        "target_modules": ["k_proj", "v_proj", "down_proj"],
+        "feedforward_modules": ["down_proj"],
+    }
     return write(path, config, tensors)
 
 
 def prefix(path: Path, s: Shapes, nvt: int) -> Path:
-    config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": nvt, "prefix_projection": False,
-              "num_layers": s.layers, "token_dim": s.kv_dim,
-              "num_attention_heads": s.kv_heads}  # peft stores K/V sizes here (GQA)
+    config = {
+        "peft_type": "PREFIX_TUNING",
+        "num_virtual_tokens": nvt,
+        "prefix_projection": False,
+        "num_layers": s.layers,
+        "token_dim": s.kv_dim,
+        "num_attention_heads": s.kv_heads,
+    }  # peft stores K/V sizes here (GQA)
     return write(path, config, {"prompt_embeddings": rand(nvt, 2 * s.layers * s.kv_dim, std=1.0)})
 
 
@@ -143,13 +174,16 @@ def make_adapters(root: Path, s: Shapes) -> dict[str, list[str]]:
         "m-prompt": prompt(root / "m-prompt", s, 10),
         "m-ia3": ia3(root / "m-ia3", s),
     }
-    return {"lora": [f"{n}={p}" for n, p in loras.items()],
-            "light": [f"{n}={p}" for n, p in light.items()],
-            "mixed": [f"{n}={p}" for n, p in mixed.items()]}
+    return {
+        "lora": [f"{n}={p}" for n, p in loras.items()],
+        "light": [f"{n}={p}" for n, p in light.items()],
+        "mixed": [f"{n}={p}" for n, p in mixed.items()],
+    }
 
 
-async def run_round(engine: Engine, prompts: list[list[int]], models: list[str | None],
-                    out_len: int) -> float:
+async def run_round(
+    engine: Engine, prompts: list[list[int]], models: list[str | None], out_len: int
+) -> float:
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
 
     async def one(p: list[int], model: str | None) -> int:
@@ -174,11 +208,16 @@ async def main_async(args: argparse.Namespace) -> dict:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             groups = pool.apply(make_adapters, (Path(tmp), shapes))
         settings = Settings(
-            model=str(model_dir), device=args.device, max_num_seqs=args.concurrency,
-            adapters=[a for g in groups.values() for a in g], adapter_slots=24,  # every adapter resident: this measures batching, not loading
+            model=str(model_dir),
+            device=args.device,
+            max_num_seqs=args.concurrency,
+            adapters=[a for g in groups.values() for a in g],
+            adapter_slots=24,  # every adapter resident: this measures batching, not loading
             max_adapter_rank=32,
-            cache_dir=Path(tmp) / "cache", max_model_len=1024,
-            kv_cache_memory_mb=args.kv_cache_memory_mb, compile="on" if args.compile else "off",
+            cache_dir=Path(tmp) / "cache",
+            max_model_len=1024,
+            kv_cache_memory_mb=args.kv_cache_memory_mb,
+            compile="on" if args.compile else "off",
         )
         started = time.perf_counter()
         engine = await start_engine(settings, Metrics())
@@ -186,14 +225,17 @@ async def main_async(args: argparse.Namespace) -> dict:
         modes = {"eager": None, **({"compiled": engine.compiled} if engine.compiled else {})}
         try:
             vocab, rnd = engine.vocab_size, random.Random(0)  # no torch on this thread
-            prompts = [[rnd.randrange(100, vocab) for _ in range(args.prompt_len)]
-                       for _ in range(args.concurrency)]
+            prompts = [
+                [rnd.randrange(100, vocab) for _ in range(args.prompt_len)]
+                for _ in range(args.concurrency)
+            ]
             names = {k: [item.split("=", 1)[0] for item in v] for k, v in groups.items()}
             configs = {
                 "base": [None] * args.concurrency,
                 "8 LoRA r8 (q, v)": [names["light"][i % 8] for i in range(args.concurrency)],
-                "8 LoRA r16 (all projections)": [names["lora"][i % 8]
-                                                 for i in range(args.concurrency)],
+                "8 LoRA r16 (all projections)": [
+                    names["lora"][i % 8] for i in range(args.concurrency)
+                ],
                 "8 mixed kinds": [names["mixed"][i % 8] for i in range(args.concurrency)],
             }
             for compiled in modes.values():  # warm-up: adapters into slots, compiled graphs
@@ -217,12 +259,22 @@ async def main_async(args: argparse.Namespace) -> dict:
         for label in configs:
             values = results[(label, mode)]
             rows.setdefault(label, {})[mode] = {
-                "tok_s_median": statistics.median(values), "tok_s_rounds": values,
-                "ratio_to_base": statistics.median(values) / base}
-    return {"model": str(model_dir), "device": args.device, "concurrency": args.concurrency,
-            "prompt_len": args.prompt_len, "output_len": args.output_len, "modes": list(modes),
-            "startup_s": startup_s, "rounds": args.rounds,
-            "torch_threads": torch.get_num_threads(), "results": rows}
+                "tok_s_median": statistics.median(values),
+                "tok_s_rounds": values,
+                "ratio_to_base": statistics.median(values) / base,
+            }
+    return {
+        "model": str(model_dir),
+        "device": args.device,
+        "concurrency": args.concurrency,
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "modes": list(modes),
+        "startup_s": startup_s,
+        "rounds": args.rounds,
+        "torch_threads": torch.get_num_threads(),
+        "results": rows,
+    }
 
 
 def main() -> None:
@@ -234,20 +286,28 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kv-cache-memory-mb", type=int, default=256)
-    parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="eager only (no compiled column)")
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="eager only (no compiled column)"
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "adapters.json")
     args = parser.parse_args()
     report = asyncio.run(main_async(args))
     modes = report["modes"]
     header = "".join(f"{m + ' tok/s':>16}{m + ' /base':>14}" for m in modes)
-    print(f"\n{'configuration':<32}{header}{'compiled/eager':>16}" if len(modes) > 1
-          else f"\n{'configuration':<32}{header}")
+    print(
+        f"\n{'configuration':<32}{header}{'compiled/eager':>16}"
+        if len(modes) > 1
+        else f"\n{'configuration':<32}{header}"
+    )
     for label, row in report["results"].items():
-        cells = "".join(f"{row[m]['tok_s_median']:>16.1f}{row[m]['ratio_to_base']:>14.2f}"
-                        for m in modes)
-        speedup = (f"{row['compiled']['tok_s_median'] / row['eager']['tok_s_median']:>16.2f}"
-                   if len(modes) > 1 else "")
+        cells = "".join(
+            f"{row[m]['tok_s_median']:>16.1f}{row[m]['ratio_to_base']:>14.2f}" for m in modes
+        )
+        speedup = (
+            f"{row['compiled']['tok_s_median'] / row['eager']['tok_s_median']:>16.2f}"
+            if len(modes) > 1
+            else ""
+        )
         print(f"{label:<32}{cells}{speedup}")
     print(f"engine start-up (incl. compile warm-up): {report['startup_s']:.1f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)

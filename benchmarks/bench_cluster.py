@@ -125,9 +125,15 @@ def main() -> None:
     try:
         seen: set[str] = set()
         for i, (label, replicas, affinity) in enumerate(CONFIGS):
-            settings = Settings(model=args.model, port=args.port, replicas=replicas,
-                                cluster_affinity=affinity, adapter_slots=args.slots,
-                                cluster_dir=work / "cluster", adapter_store_dir=work / "store")
+            settings = Settings(
+                model=args.model,
+                port=args.port,
+                replicas=replicas,
+                cluster_affinity=affinity,
+                adapter_slots=args.slots,
+                cluster_dir=work / "cluster",
+                adapter_store_dir=work / "store",
+            )
             if i == 0:
                 launch.start(settings)
             else:
@@ -156,8 +162,10 @@ def print_table(args: argparse.Namespace, results: list[dict]) -> None:
     print(f"\nworkload A: {args.num_adapters} adapters, {args.num_requests} requests at "
           f"{args.rate} req/s, input {args.input_len}, output {args.output_len}, "
           f"{args.slots} slots per replica")  # fmt: skip
-    print("| config | req/s | output tok/s | TTFT p99 ms | adapter loads | loads / request | "
-          "routing hit rate | adapters on both replicas | failed |")
+    print(
+        "| config | req/s | output tok/s | TTFT p99 ms | adapter loads | loads / request | "
+        "routing hit rate | adapters on both replicas | failed |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         hit_rate = "-" if r["routing_hit_rate"] is None else f"{r['routing_hit_rate']:.2f}"

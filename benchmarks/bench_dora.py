@@ -43,7 +43,9 @@ def write_adapters(folder: Path, model_dir: Path, count: int, rank: int) -> dict
             module = key.removesuffix(".lora_A.weight")
             weight = base[module.removeprefix("base_model.model.") + ".weight"].astype(np.float64)
             merged = weight + 2.0 * tensors[f"{module}.lora_B.weight"] @ tensors[key]  # alpha/r = 2
-            norms = np.linalg.norm(merged, axis=1) * (1 + 0.1 * rng.standard_normal(merged.shape[0]))
+            norms = np.linalg.norm(merged, axis=1) * (
+                1 + 0.1 * rng.standard_normal(merged.shape[0])
+            )
             dora[f"{module}.lora_magnitude_vector"] = norms.astype(np.float32)
         path = write_adapter(folder / f"dora{i}", {**config, "use_dora": True}, dora)
         flags["dora"].append(f"dora{i}={path}")

@@ -45,8 +45,13 @@ def bench_transformers(model_dir: Path, prompts: list[list[int]], out_len: int) 
 
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     ids = torch.tensor(prompts)
-    kwargs = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
-                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+    kwargs = dict(
+        max_new_tokens=out_len,
+        min_new_tokens=out_len,
+        do_sample=False,
+        attention_mask=torch.ones_like(ids),
+        pad_token_id=0,
+    )
     hf.generate(ids[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
     start = time.perf_counter()
     with torch.inference_mode():
@@ -108,10 +113,23 @@ def free_port() -> int:
 def start_server(model: str | None, port: int, max_num_seqs: int, extra: tuple[str, ...] = (),
                  env: dict[str, str] | None = None) -> subprocess.Popen:  # fmt: skip
     """`adapterserve serve` with `extra` flags and `env` added, once it is ready."""
-    cmd = [sys.executable, "-P", "-m", "adapterserve.server.cli", "serve", "--port", str(port), "--max-num-seqs", str(max_num_seqs), *extra]
+    cmd = [
+        sys.executable,
+        "-P",
+        "-m",
+        "adapterserve.server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(max_num_seqs),
+        *extra,
+    ]
     if model:
         cmd += ["--model", model]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "ADAPTERSERVE_LOG_LEVEL": "warning", **(env or {})})
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, "ADAPTERSERVE_LOG_LEVEL": "warning", **(env or {})}
+    )
     deadline = time.time() + 600
     while time.time() < deadline:
         try:
@@ -126,9 +144,16 @@ def start_server(model: str | None, port: int, max_num_seqs: int, extra: tuple[s
     raise RuntimeError("server did not become ready")
 
 
-async def http_request(client: httpx.AsyncClient, model_id: str, prompt: list[int], out_len: int,
-                       stream: bool) -> int:
-    body = {"model": model_id, "prompt": prompt, "max_tokens": out_len, "temperature": 0, "ignore_eos": True}
+async def http_request(
+    client: httpx.AsyncClient, model_id: str, prompt: list[int], out_len: int, stream: bool
+) -> int:
+    body = {
+        "model": model_id,
+        "prompt": prompt,
+        "max_tokens": out_len,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     if not stream:
         resp = await client.post("/v1/completions", json=body)
         resp.raise_for_status()
@@ -168,33 +193,63 @@ async def bench_http(port: int, concurrency: int, prompts: list[list[int]], out_
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF dir or .gguf; default: embedded SmolLM2-135M-Instruct")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default=None, help="HF dir or .gguf; default: embedded SmolLM2-135M-Instruct"
+    )
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
-    ap.add_argument("--skip-transformers", action="store_true", help="only our engine (quick iterations)")
+    ap.add_argument(
+        "--skip-transformers", action="store_true", help="only our engine (quick iterations)"
+    )
     ap.add_argument("--no-http", dest="http", action="store_false", help="in-process runs only")
-    ap.add_argument("--no-compile", dest="compile", action="store_false",
-                    help="eager only (no compiled column, no compile start-up)")
-    ap.add_argument("--loras", type=int, default=0,
-                    help="also serve this many random LoRA r16 (all projections) over HTTP and run "
-                    "16 streams spread over them (ratio to base in the same server)")
+    ap.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="eager only (no compiled column, no compile start-up)",
+    )
+    ap.add_argument(
+        "--loras",
+        type=int,
+        default=0,
+        help="also serve this many random LoRA r16 (all projections) over HTTP and run "
+        "16 streams spread over them (ratio to base in the same server)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="alternating eager/compiled runs")
     ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "engine.json")
     args = ap.parse_args()
 
-    settings = Settings(model=args.model, max_num_seqs=max(args.concurrency), log_level="warning",
-                        compile="on" if args.compile else "off")
+    settings = Settings(
+        model=args.model,
+        max_num_seqs=max(args.concurrency),
+        log_level="warning",
+        compile="on" if args.compile else "off",
+    )
     model_dir = resolve_model_dir(args.model, settings.cache_dir)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     rows: list[tuple[str, float]] = []
 
-    one, sixteen = make_prompts(1, args.prompt_len, vocab), make_prompts(16, args.prompt_len, vocab, 1)
+    one, sixteen = (
+        make_prompts(1, args.prompt_len, vocab),
+        make_prompts(16, args.prompt_len, vocab, 1),
+    )
     if not args.skip_transformers:
-        rows.append(("transformers generate, 1 stream", isolated(bench_transformers, model_dir, one, args.output_len)))
-        rows.append(("transformers generate, static batch 16",
-                     isolated(bench_transformers, model_dir, sixteen, args.output_len)))
+        rows.append(
+            (
+                "transformers generate, 1 stream",
+                isolated(bench_transformers, model_dir, one, args.output_len),
+            )
+        )
+        rows.append(
+            (
+                "transformers generate, static batch 16",
+                isolated(bench_transformers, model_dir, sixteen, args.output_len),
+            )
+        )
     startup: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as cache:  # a cold compile cache, then the same warm
         settings = settings.model_copy(update={"cache_dir": Path(cache)})
@@ -217,11 +272,25 @@ def main() -> None:
                     prompts = make_prompts(max(c, 2 * c), args.prompt_len, vocab, seed=c)
                     for stream in (True, False):
                         name = f"adapterserve HTTP{label}, {c} concurrent {'streaming' if stream else 'non-streaming'}"
-                        rows.append((name, asyncio.run(bench_http(port, c, prompts, args.output_len, stream))))
+                        rows.append(
+                            (
+                                name,
+                                asyncio.run(bench_http(port, c, prompts, args.output_len, stream)),
+                            )
+                        )
                 if names:
                     prompts = make_prompts(32, args.prompt_len, vocab, seed=16)
-                    name = f"adapterserve HTTP{label}, 16 concurrent streaming, {len(names)} LoRA r16"
-                    rows.append((name, asyncio.run(bench_http(port, 16, prompts, args.output_len, True, names))))
+                    name = (
+                        f"adapterserve HTTP{label}, 16 concurrent streaming, {len(names)} LoRA r16"
+                    )
+                    rows.append(
+                        (
+                            name,
+                            asyncio.run(
+                                bench_http(port, 16, prompts, args.output_len, True, names)
+                            ),
+                        )
+                    )
             finally:
                 server.terminate()
                 server.wait(60)
@@ -245,29 +314,82 @@ def write_loras(folder: Path, model_dir: Path, count: int, rank: int) -> list[st
     return flags
 
 
-def report(rows: list[tuple[str, float]], args: argparse.Namespace, startup: dict[str, float]) -> None:
+def report(
+    rows: list[tuple[str, float]], args: argparse.Namespace, startup: dict[str, float]
+) -> None:
     table = dict(rows)
     print(f"\n{'run':<60} {'output tok/s':>12}")
     for name, value in rows:
         print(f"{name:<60} {value:>12.1f}")
     pairs = {
-        "engine_1_stream_vs_hf_1_stream": ("adapterserve engine (in-process, eager), 1 stream", "transformers generate, 1 stream"),
-        "compiled_1_stream_vs_hf_1_stream": ("adapterserve engine (in-process, compiled), 1 stream", "transformers generate, 1 stream"),
-        "compiled_vs_eager_1_stream": ("adapterserve engine (in-process, compiled), 1 stream", "adapterserve engine (in-process, eager), 1 stream"),
-        "engine_16_vs_hf_static_16": ("adapterserve engine (in-process, eager), 16 at once", "transformers generate, static batch 16"),
-        "compiled_16_vs_hf_static_16": ("adapterserve engine (in-process, compiled), 16 at once", "transformers generate, static batch 16"),
-        "compiled_vs_eager_16": ("adapterserve engine (in-process, compiled), 16 at once", "adapterserve engine (in-process, eager), 16 at once"),
-        "http_1_stream_vs_hf_1_stream": ("adapterserve HTTP, 1 concurrent streaming", "transformers generate, 1 stream"),
-        "http_16_streaming_vs_hf_static_16": ("adapterserve HTTP, 16 concurrent streaming", "transformers generate, static batch 16"),
-        "http_16_nonstreaming_vs_hf_static_16": ("adapterserve HTTP, 16 concurrent non-streaming", "transformers generate, static batch 16"),
-        "http_1_stream_vs_in_process_1_stream": ("adapterserve HTTP, 1 concurrent streaming", "adapterserve engine (in-process, eager), 1 stream"),
-        "http_16_streaming_vs_in_process_16": ("adapterserve HTTP, 16 concurrent streaming", "adapterserve engine (in-process, eager), 16 at once"),
-        "one_process_http_1_stream_vs_in_process_1_stream": ("adapterserve HTTP (one process), 1 concurrent streaming", "adapterserve engine (in-process, eager), 1 stream"),
-        "one_process_http_16_streaming_vs_in_process_16": ("adapterserve HTTP (one process), 16 concurrent streaming", "adapterserve engine (in-process, eager), 16 at once"),
-        "http_8_lora_vs_base_16_streaming": ("adapterserve HTTP, 16 concurrent streaming, 8 LoRA r16", "adapterserve HTTP, 16 concurrent streaming"),
-        "one_process_http_8_lora_vs_base_16_streaming": ("adapterserve HTTP (one process), 16 concurrent streaming, 8 LoRA r16", "adapterserve HTTP (one process), 16 concurrent streaming"),
-        "http_1_stream_engine_process_vs_one_process": ("adapterserve HTTP, 1 concurrent streaming", "adapterserve HTTP (one process), 1 concurrent streaming"),
-        "http_16_streaming_engine_process_vs_one_process": ("adapterserve HTTP, 16 concurrent streaming", "adapterserve HTTP (one process), 16 concurrent streaming"),
+        "engine_1_stream_vs_hf_1_stream": (
+            "adapterserve engine (in-process, eager), 1 stream",
+            "transformers generate, 1 stream",
+        ),
+        "compiled_1_stream_vs_hf_1_stream": (
+            "adapterserve engine (in-process, compiled), 1 stream",
+            "transformers generate, 1 stream",
+        ),
+        "compiled_vs_eager_1_stream": (
+            "adapterserve engine (in-process, compiled), 1 stream",
+            "adapterserve engine (in-process, eager), 1 stream",
+        ),
+        "engine_16_vs_hf_static_16": (
+            "adapterserve engine (in-process, eager), 16 at once",
+            "transformers generate, static batch 16",
+        ),
+        "compiled_16_vs_hf_static_16": (
+            "adapterserve engine (in-process, compiled), 16 at once",
+            "transformers generate, static batch 16",
+        ),
+        "compiled_vs_eager_16": (
+            "adapterserve engine (in-process, compiled), 16 at once",
+            "adapterserve engine (in-process, eager), 16 at once",
+        ),
+        "http_1_stream_vs_hf_1_stream": (
+            "adapterserve HTTP, 1 concurrent streaming",
+            "transformers generate, 1 stream",
+        ),
+        "http_16_streaming_vs_hf_static_16": (
+            "adapterserve HTTP, 16 concurrent streaming",
+            "transformers generate, static batch 16",
+        ),
+        "http_16_nonstreaming_vs_hf_static_16": (
+            "adapterserve HTTP, 16 concurrent non-streaming",
+            "transformers generate, static batch 16",
+        ),
+        "http_1_stream_vs_in_process_1_stream": (
+            "adapterserve HTTP, 1 concurrent streaming",
+            "adapterserve engine (in-process, eager), 1 stream",
+        ),
+        "http_16_streaming_vs_in_process_16": (
+            "adapterserve HTTP, 16 concurrent streaming",
+            "adapterserve engine (in-process, eager), 16 at once",
+        ),
+        "one_process_http_1_stream_vs_in_process_1_stream": (
+            "adapterserve HTTP (one process), 1 concurrent streaming",
+            "adapterserve engine (in-process, eager), 1 stream",
+        ),
+        "one_process_http_16_streaming_vs_in_process_16": (
+            "adapterserve HTTP (one process), 16 concurrent streaming",
+            "adapterserve engine (in-process, eager), 16 at once",
+        ),
+        "http_8_lora_vs_base_16_streaming": (
+            "adapterserve HTTP, 16 concurrent streaming, 8 LoRA r16",
+            "adapterserve HTTP, 16 concurrent streaming",
+        ),
+        "one_process_http_8_lora_vs_base_16_streaming": (
+            "adapterserve HTTP (one process), 16 concurrent streaming, 8 LoRA r16",
+            "adapterserve HTTP (one process), 16 concurrent streaming",
+        ),
+        "http_1_stream_engine_process_vs_one_process": (
+            "adapterserve HTTP, 1 concurrent streaming",
+            "adapterserve HTTP (one process), 1 concurrent streaming",
+        ),
+        "http_16_streaming_engine_process_vs_one_process": (
+            "adapterserve HTTP, 16 concurrent streaming",
+            "adapterserve HTTP (one process), 16 concurrent streaming",
+        ),
     }
     ratios = {k: table[a] / table[b] for k, (a, b) in pairs.items() if a in table and b in table}
     for name, value in ratios.items():
@@ -275,10 +397,17 @@ def report(rows: list[tuple[str, float]], args: argparse.Namespace, startup: dic
     for cache, seconds in startup.items():
         print(f"{'engine start-up, ' + cache + ' compile cache':<60} {seconds:>11.1f}s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"prompt_len": args.prompt_len, "output_len": args.output_len, "torch_threads": torch.get_num_threads(),
-            "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()}
-    args.json.write_text(json.dumps({"meta": meta, "tok_per_s": table, "ratios": ratios,
-                                     "startup_s": startup}, indent=2))
+    meta = {
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+    }
+    args.json.write_text(
+        json.dumps(
+            {"meta": meta, "tok_per_s": table, "ratios": ratios, "startup_s": startup}, indent=2
+        )
+    )
     print(f"wrote {args.json}")
 
 

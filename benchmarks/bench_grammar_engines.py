@@ -74,8 +74,9 @@ def bench_xgrammar(hf, ids: list[int], vocab: int, repeats: int) -> dict:
     info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab)
     compiler = xgr.GrammarCompiler(info, max_threads=1)
     started = time.perf_counter()
-    compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False,
-                                           separators=(",", ":"))  # as llguidance: compact
+    compiled = compiler.compile_json_schema(
+        json.dumps(SCHEMA), any_whitespace=False, separators=(",", ":")
+    )  # as llguidance: compact
     compile_s = time.perf_counter() - started
     bitmask = xgr.allocate_token_bitmask(1, vocab)
     fills, advances, makes = [], [], []
@@ -111,7 +112,9 @@ def summary(name: str, compile_s: float, makes: list[float], fills: list[float],
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tokenizer", type=Path, required=True, help="a folder with tokenizer files")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)

@@ -740,8 +740,12 @@ def check_quant_layers(device: str) -> None:
             got = layer(x.to(at)).float().cpu()
             errors.append(((got - want).abs().max() / want.abs().max()).item())
         if max(errors) > 2**-6:
-            raise AssertionError(f"{name} on {device}: relative error {max(errors):.2e} > {2**-6:.2e}")
-        print(f"quantized layer {name} on {device}: max relative error {max(errors):.1e} (bound {2**-6:.1e})")
+            raise AssertionError(
+                f"{name} on {device}: relative error {max(errors):.2e} > {2**-6:.2e}"
+            )
+        print(
+            f"quantized layer {name} on {device}: max relative error {max(errors):.1e} (bound {2**-6:.1e})"
+        )
 
 
 # A run's logits through the device's ops against the reference ops on the same model, cache
@@ -784,8 +788,10 @@ def check_e2e(model, cache, pool, device: str, concurrency: int, prompt_len: int
     error = max(((g - w).abs().max() / w.abs().max().clamp(min=1e-6)).item()
                 for g, w in zip(got[:steps], want[:steps], strict=True))  # fmt: skip
     if not error <= E2E_CHECK_BOUND:
-        raise AssertionError(f"e2e {what} on {device}: logits through {device_ops} vs the reference: "
-                             f"relative error {error:.2e} > {E2E_CHECK_BOUND:.2e}")
+        raise AssertionError(
+            f"e2e {what} on {device}: logits through {device_ops} vs the reference: "
+            f"relative error {error:.2e} > {E2E_CHECK_BOUND:.2e}"
+        )
     print(f"e2e {what} on {device}: logits vs the reference ops, relative error {error:.1e} "
           f"(bound {E2E_CHECK_BOUND:.1e})", flush=True)  # fmt: skip
     return error
@@ -805,7 +811,9 @@ def time_int8_paths(device: str, rows_list=(1, 4, 16, 64, 256, 1024), features: 
     table = []
     for rows in rows_list:
         x = torch.randn(rows, features, generator=g).to(device, torch.bfloat16)
-        kernel = timer(lambda x=x: torch.ops.aten._weight_int8pack_mm(x, layer.codes, layer.kernel_scales))
+        kernel = timer(
+            lambda x=x: torch.ops.aten._weight_int8pack_mm(x, layer.codes, layer.kernel_scales)
+        )
         dequantized = timer(lambda x=x: layer._dequantized_mm(x))
         bf16 = timer(lambda x=x: x @ dense.t())
         table.append({"rows": rows, "int8_kernel_ms": kernel, "int8_dequantized_ms": dequantized,
@@ -869,7 +877,9 @@ def _bench_e2e(args: argparse.Namespace, device: str, quantization: str,
                        kinds=",".join(kinds[run] or ()), **result)  # fmt: skip
             row["vs_base"] = result["decode_tok_s"] / base[mode]["decode_tok_s"]
             row["vs_eager"] = result["decode_tok_s"] / eager.setdefault(run, result["decode_tok_s"])
-            reference = result["decode_tok_s"] if quantization == "none" else unquantized.get((run, mode))
+            reference = (
+                result["decode_tok_s"] if quantization == "none" else unquantized.get((run, mode))
+            )
             row["vs_none"] = None if reference is None else result["decode_tok_s"] / reference
             row["changed"] = sum(o != b for o, b in zip(outputs, base[mode]["outputs"],
                                                         strict=True)) / len(outputs)  # fmt: skip
@@ -977,15 +987,24 @@ def main() -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     e2e_help = "adapter runs after the base run (always run: it is the ratios' denominator)"
-    ap.add_argument("--e2e-runs", nargs="+", choices=E2E_RUNS, default=list(E2E_RUNS),
-                    help=e2e_help)
+    ap.add_argument(
+        "--e2e-runs", nargs="+", choices=E2E_RUNS, default=list(E2E_RUNS), help=e2e_help
+    )
     ap.add_argument("--e2e-concurrency", type=int, default=32)
-    ap.add_argument("--e2e-quantization", nargs="+", choices=("none", "int8", "int4"),
-                    default=["none"], help="e2e: weight-only modes to run (none first for /none)")
+    ap.add_argument(
+        "--e2e-quantization",
+        nargs="+",
+        choices=("none", "int8", "int4"),
+        default=["none"],
+        help="e2e: weight-only modes to run (none first for /none)",
+    )
     ap.add_argument("--e2e-prompt-len", type=int, default=128)
     ap.add_argument("--e2e-output-len", type=int, default=128)
-    ap.add_argument("--e2e-compile", action="store_true",
-                    help="also run each e2e configuration through the compiled decode step")
+    ap.add_argument(
+        "--e2e-compile",
+        action="store_true",
+        help="also run each e2e configuration through the compiled decode step",
+    )
     ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "kernels.json")
     args = ap.parse_args()
     args.ops = parse_ops(args.ops)

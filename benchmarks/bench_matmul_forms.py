@@ -27,7 +27,9 @@ def median_decode_step_ms(engine, batch: int, steps: int) -> float:
     params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         prompt = list(range(100 + i, 132 + i))
-        engine._inbox.put(("add", Sequence(f"ab-{time.monotonic_ns()}-{i}", prompt, params, "m", stream=None)))
+        engine._inbox.put(
+            ("add", Sequence(f"ab-{time.monotonic_ns()}-{i}", prompt, params, "m", stream=None))
+        )
     engine._drain_inbox()  # driven synchronously: no engine thread, outputs dropped below
     engine.step()
     times = []
@@ -40,7 +42,9 @@ def median_decode_step_ms(engine, batch: int, steps: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--steps", type=int, default=24)

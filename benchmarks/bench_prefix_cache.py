@@ -80,7 +80,11 @@ class Window:
         d = self.delta
         queries = d.get("adapterserve_prefix_cache_queries_total", 0.0)
         ttft_count = d.get("adapterserve_time_to_first_token_seconds_count", 0.0)
-        server_ttft = d.get("adapterserve_time_to_first_token_seconds_sum", 0.0) / ttft_count if ttft_count else None
+        server_ttft = (
+            d.get("adapterserve_time_to_first_token_seconds_sum", 0.0) / ttft_count
+            if ttft_count
+            else None
+        )
         out = d.get("adapterserve_generation_tokens_total", 0.0)
         return {
             "seconds": round(self.seconds, 2),
@@ -143,7 +147,9 @@ async def stream(client: httpx.AsyncClient, path: str, body: dict) -> tuple[floa
     return (first if first is not None else time.perf_counter() - started), text
 
 
-async def chat(client: httpx.AsyncClient, model: str, users: int, turns: int, max_tokens: int) -> dict:
+async def chat(
+    client: httpx.AsyncClient, model: str, users: int, turns: int, max_tokens: int
+) -> dict:
     ttfts: list[float] = []
 
     async def conversation(user: int) -> None:
@@ -152,7 +158,12 @@ async def chat(client: httpx.AsyncClient, model: str, users: int, turns: int, ma
         for turn in range(turns):
             ask = " ".join(rng.choice(WORDS) for _ in range(24))
             messages.append({"role": "user", "content": f"Turn {turn}: tell me about {ask}."})
-            body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+            body = {
+                "model": model,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }
             seconds, text = await stream(client, "/v1/chat/completions", body)
             ttfts.append(seconds)
             messages.append({"role": "assistant", "content": text})
@@ -189,7 +200,9 @@ async def workloads(args, port: int) -> dict:
             names = await upload(client, args.adapters, args.rank)
             results["a"] = await eval_job(client, names, args.eval_limit)
         if "b" in args.only:
-            results["b"] = await chat(client, base, args.chat_users, args.chat_turns, args.chat_max_tokens)
+            results["b"] = await chat(
+                client, base, args.chat_users, args.chat_turns, args.chat_max_tokens
+            )
         if "c" in args.only:
             results["c"] = await n_choices(client, base, args.n_requests, args.n_concurrency,
                                            args.n_prompt_words, args.n_max_tokens)  # fmt: skip
@@ -200,7 +213,9 @@ LABELS = {"a": "(a) eval job, boolq x adapters", "b": "(b) multi-turn chat", "c"
 
 
 def table(runs: dict[str, dict]) -> str:
-    lines = [f"{'workload':34} {'cache':5} {'s':>7} {'out tok/s':>9} {'TTFT s':>7} {'hit rate':>8} {'x off':>6}"]
+    lines = [
+        f"{'workload':34} {'cache':5} {'s':>7} {'out tok/s':>9} {'TTFT s':>7} {'hit rate':>8} {'x off':>6}"
+    ]
     for key, label in LABELS.items():
         if key not in runs["on"]:
             continue

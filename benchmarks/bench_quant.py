@@ -44,11 +44,15 @@ async def measure(settings: Settings, prompts: list[list[int]], models: list[str
         return sum([len(o.token_ids) async for o in engine.add_request(prompt, params, model)])
 
     try:
-        await asyncio.gather(*[one(p[:8], m) for p, m in zip(prompts, models, strict=True)])  # warm-up
+        await asyncio.gather(
+            *[one(p[:8], m) for p, m in zip(prompts, models, strict=True)]
+        )  # warm-up
         runs = []
         for _ in range(repeats):
             start = time.perf_counter()
-            tokens = sum(await asyncio.gather(*[one(p, m) for p, m in zip(prompts, models, strict=True)]))
+            tokens = sum(
+                await asyncio.gather(*[one(p, m) for p, m in zip(prompts, models, strict=True)])
+            )
             runs.append(tokens / (time.perf_counter() - start))
         return {
             "tok_s": statistics.median(runs),
@@ -66,7 +70,9 @@ def run(settings: Settings, prompts, models, out_len: int, repeats: int) -> dict
 
 def stream_args(doc: str | None, json_name: str) -> argparse.ArgumentParser:
     """The options the in-process stream benchmarks share (this one, bench_dora)."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=8)
@@ -84,7 +90,10 @@ def main() -> None:
     base = Settings(device="cpu", log_level="warning", compile="off", max_num_seqs=16)
     model_dir = resolve_model_dir(None, base.cache_dir)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    one, sixteen = make_prompts(1, args.prompt_len, vocab), make_prompts(16, args.prompt_len, vocab, 1)
+    one, sixteen = (
+        make_prompts(1, args.prompt_len, vocab),
+        make_prompts(16, args.prompt_len, vocab, 1),
+    )
     rows: list[dict] = []
     if not args.skip_transformers:
         for name, prompts in (("1 stream", one), ("16 at once (static)", sixteen)):

@@ -69,7 +69,11 @@ async def run(args) -> dict:
             for mode in rows:
                 timer.seconds, timer.calls = 0.0, 0
                 start = time.perf_counter()
-                tokens = sum(await asyncio.gather(*[one(i, mode == "json_schema") for i in range(args.streams)]))
+                tokens = sum(
+                    await asyncio.gather(
+                        *[one(i, mode == "json_schema") for i in range(args.streams)]
+                    )
+                )
                 elapsed = time.perf_counter() - start
                 rows[mode].append(tokens / elapsed)
                 if mode == "json_schema":
@@ -88,7 +92,9 @@ async def run(args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -98,7 +104,9 @@ def main() -> None:
     ratio = result["json_schema_tok_s"] / result["free_tok_s"]
     print(f"{'run':<40} {'value':>10}")
     print(f"{f'{args.streams} streams, free, tok/s':<40} {result['free_tok_s']:>10.1f}")
-    print(f"{f'{args.streams} streams, json_schema, tok/s':<40} {result['json_schema_tok_s']:>10.1f}")
+    print(
+        f"{f'{args.streams} streams, json_schema, tok/s':<40} {result['json_schema_tok_s']:>10.1f}"
+    )
     print(f"{'json_schema / free':<40} {ratio:>10.2f}")
     print(f"{'mask ms per constrained row':<40} {result['mask_ms_per_row']:>10.3f}")
     print(f"{'masks, share of the constrained run':<40} {result['mask_share_of_time']:>10.1%}")

@@ -75,8 +75,15 @@ async def replay(base: str) -> list[dict]:
             arrivals: list[float] = []
             started = asyncio.Event()
 
-            async def stream(arrivals: list[float] = arrivals, started: asyncio.Event = started) -> None:
-                body = {"prompt": "Tell me a story.", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+            async def stream(
+                arrivals: list[float] = arrivals, started: asyncio.Event = started
+            ) -> None:
+                body = {
+                    "prompt": "Tell me a story.",
+                    "max_tokens": 4000,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
                 async with client.stream("POST", "/v1/completions", json=body) as response:
                     async for line in response.aiter_lines():
                         if line.startswith("data: {"):
@@ -92,7 +99,11 @@ async def replay(base: str) -> list[dict]:
             end = time.monotonic()
             await asyncio.sleep(0.3)  # the gap that spans the answer closes with the next token
             streaming.cancel()
-            gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if b >= begin and a <= end]
+            gaps = [
+                b - a
+                for a, b in zip(arrivals, arrivals[1:], strict=False)
+                if b >= begin and a <= end
+            ]
             error = (answer.json().get("error") or {}) if answer.status_code != 200 else {}
             rows.append({"request": name, "status": answer.status_code, "seconds": round(end - begin, 3),
                          "worst_stream_gap_s": round(max(gaps, default=end - begin), 3),

@@ -40,7 +40,9 @@ def make_loras(root: Path) -> list[Path]:
     for seed in (1, 2):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
-        config = peft.LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False)
+        config = peft.LoraConfig(
+            r=8, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False
+        )
         peft.get_peft_model(model, config).save_pretrained(str(root / f"lora{seed}"))
         paths.append(root / f"lora{seed}")
     return paths
@@ -60,7 +62,9 @@ def wait_ready(base: str, server: subprocess.Popen, timeout_s: float = 600) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=Path("bench-results/replay_cache_repeat.json"))
+    parser.add_argument(
+        "--output", type=Path, default=Path("bench-results/replay_cache_repeat.json")
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
     adapters = [f"a{i}={path}" for i, path in enumerate(make_loras(root), 1)]
@@ -77,12 +81,20 @@ def main() -> None:
         wait_ready(base, server)
         for model in ("a1", "a2"):
             for prompt in PROMPTS:
-                body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0, "logprobs": 1}
+                body = {
+                    "model": model,
+                    "prompt": prompt,
+                    "max_tokens": 16,
+                    "temperature": 0,
+                    "logprobs": 1,
+                }
                 first, repeat = (httpx.post(base + "/v1/completions", json=body, timeout=120).json()["choices"][0]
                                  for _ in range(2))  # fmt: skip
                 a, b = first["logprobs"]["token_logprobs"], repeat["logprobs"]["token_logprobs"]
                 same = a == b and first["text"] == repeat["text"]
-                print(f"{model} {prompt[:24]!r}: {'identical' if same else 'DIFFERENT'}  {a[:3]} / {b[:3]}")
+                print(
+                    f"{model} {prompt[:24]!r}: {'identical' if same else 'DIFFERENT'}  {a[:3]} / {b[:3]}"
+                )
                 results[f"{model}: {prompt[:30]}"] = {"identical": same, "first": a, "repeat": b}
     finally:
         server.terminate()

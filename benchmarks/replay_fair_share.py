@@ -41,17 +41,27 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--best-of", type=int, default=16, help="beams per search")
     parser.add_argument("--beam-max-tokens", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=16, help="the third client's")
-    parser.add_argument("--share", type=float, default=None, help="--max-request-share; default: the server's")
-    parser.add_argument("--compare", action="store_true", help="also run with --max-request-share 1")
+    parser.add_argument(
+        "--share", type=float, default=None, help="--max-request-share; default: the server's"
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="also run with --max-request-share 1"
+    )
     parser.add_argument("--give-up-s", type=float, default=60.0, help="the third client's patience")
-    parser.add_argument("--fill-timeout-s", type=float, default=300.0, help="wait for the beams to fill the slots")
-    parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "replay_fair_share.json")
+    parser.add_argument(
+        "--fill-timeout-s", type=float, default=300.0, help="wait for the beams to fill the slots"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=ROOT / "bench-results" / "replay_fair_share.json"
+    )
     return parser.parse_args()
 
 
 async def running(client: httpx.AsyncClient) -> tuple[int, int]:
     metrics = scrape((await client.get("/metrics")).text)
-    return int(metrics.get("adapterserve_requests_running", 0)), int(metrics.get("adapterserve_requests_waiting", 0))
+    return int(metrics.get("adapterserve_requests_running", 0)), int(
+        metrics.get("adapterserve_requests_waiting", 0)
+    )
 
 
 async def beam_search(client: httpx.AsyncClient, model: str, args: argparse.Namespace) -> None:
@@ -61,7 +71,9 @@ async def beam_search(client: httpx.AsyncClient, model: str, args: argparse.Name
     response.raise_for_status()
 
 
-async def first_token(client: httpx.AsyncClient, model: str, max_tokens: int) -> tuple[float, float, int]:
+async def first_token(
+    client: httpx.AsyncClient, model: str, max_tokens: int
+) -> tuple[float, float, int]:
     """The third client: (seconds to the first streamed token, to the end, tokens)."""
     body = {"model": model, "prompt": THIRD_PROMPT, "max_tokens": max_tokens, "temperature": 0,
             "stream": True}  # fmt: skip

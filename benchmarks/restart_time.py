@@ -50,8 +50,12 @@ def first_answer(url: str, deadline_s: float = 300.0) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF dir or .gguf; default: embedded SmolLM2-135M-Instruct")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default=None, help="HF dir or .gguf; default: embedded SmolLM2-135M-Instruct"
+    )
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--json", type=Path, default=ROOT / "bench-results" / "restart_time.json")
     args = ap.parse_args()

@@ -47,7 +47,9 @@ class Trickler:
                 self._ended(sock)
         for sock in self.open:
             sock.close()
-        self.longest_s = max([self.longest_s, *(time.monotonic() - o for o, _ in self.open.values())])
+        self.longest_s = max(
+            [self.longest_s, *(time.monotonic() - o for o, _ in self.open.values())]
+        )
 
     def _connect(self) -> bool:
         sock = socket.socket()

@@ -89,7 +89,11 @@ def _attention_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, triton: bool,
 ) -> torch.Tensor:  # fmt: skip
-    impl = _triton("attention", "paged_decode_attention") if triton else reference.paged_decode_attention
+    impl = (
+        _triton("attention", "paged_decode_attention")
+        if triton
+        else reference.paged_decode_attention
+    )
     return impl(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 

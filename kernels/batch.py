@@ -96,7 +96,8 @@ class AdapterBatch:
             return cls(slot_ids, onehot, base_rows, decode_slots=decode_slots,
                        group_rows=groups[0], group_mask=groups[1])  # fmt: skip
         slots, starts, counts = (
-            torch.tensor(column, dtype=torch.int64, device=device) for column in zip(*segments, strict=True)
+            torch.tensor(column, dtype=torch.int64, device=device)
+            for column in zip(*segments, strict=True)
         )
         if rows is None:
             rows = torch.arange(slot_ids.shape[0], dtype=torch.int64, device=device)

@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{description} (env ADAPTERSERVE_{field.upper()})",
         )
     serve.add_argument(  # not in SERVE_FLAGS: `eval` defines its own --data-dir
-        "--data-dir", dest="data_dir", type=str, default=None,
+        "--data-dir",
+        dest="data_dir",
+        type=str,
+        default=None,
         help=f"{Settings.model_fields['data_dir'].description} (env ADAPTERSERVE_DATA_DIR)",
     )
     for flag, field in SERVE_LIST_FLAGS.items():
@@ -244,9 +247,7 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         settings = settings_for_eval(args, SERVE_FLAGS)
     except ValidationError as exc:
-        parser.error(
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        )
+        parser.error("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -23,67 +23,101 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ADAPTERSERVE_", extra="ignore")
 
     # model
-    model: str | None = Field(None, description="HF model dir or .gguf file; None = embedded SmolLM2-135M-Instruct")
-    served_model_name: str | None = Field(None, description="id reported by /v1/models; default = model dir name")
+    model: str | None = Field(
+        None, description="HF model dir or .gguf file; None = embedded SmolLM2-135M-Instruct"
+    )
+    served_model_name: str | None = Field(
+        None, description="id reported by /v1/models; default = model dir name"
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: Path = Field(default_factory=default_cache_dir, description="GGUF conversion cache")
 
     # engine
     max_num_seqs: int = Field(32, ge=1, le=4096, description="running sequences per step")
-    max_model_len: int | None = Field(None, ge=16, description="context length cap; default min(model, 8192)")
+    max_model_len: int | None = Field(
+        None, ge=16, description="context length cap; default min(model, 8192)"
+    )
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     kv_cache_memory_mb: int = Field(1024, ge=1, description="memory for the paged KV cache")
-    num_kv_blocks: int | None = Field(None, ge=1, description="override the block count derived from memory")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="override the block count derived from memory"
+    )
     max_queue_len: int = Field(256, ge=0, description="waiting requests before 503")
     max_request_share: float = Field(
-        0.5, gt=0, le=1, description="share of the running slots (max_num_seqs) one request (its "
+        0.5,
+        gt=0,
+        le=1,
+        description="share of the running slots (max_num_seqs) one request (its "
         "n choices, or a beam group) may hold while another request waits; past it the request "
-        "yields its newest sequences (a beam group whole) to the waiter; 1 = no limit"
+        "yields its newest sequences (a beam group whole) to the waiter; 1 = no limit",
     )
     enable_prefix_caching: bool = Field(
-        True, description="reuse the KV blocks of prompt prefixes seen before (keyed by content "
-        "and adapter version); false turns it off"
+        True,
+        description="reuse the KV blocks of prompt prefixes seen before (keyed by content "
+        "and adapter version); false turns it off",
     )
     quantization: Literal["auto", "none", "int8", "int4"] = Field(
-        "auto", description="weight-only quantized base projections and LM head (adapters stay "
+        "auto",
+        description="weight-only quantized base projections and LM head (adapters stay "
         "full precision): int8 per channel, int4 in groups of 32; auto = a GGUF on CPU as it "
-        "ships (Q4_0 / Q4_1 -> int4 as they are, Q8_0 -> int8 per channel), otherwise none"
+        "ships (Q4_0 / Q4_1 -> int4 as they are, Q8_0 -> int8 per channel), otherwise none",
     )
     engine_process: bool = Field(
-        True, description="run the engine core (scheduler, model, adapter pool) in a child "
-        "process that is restarted when it dies; false = on a thread of the server's process"
+        True,
+        description="run the engine core (scheduler, model, adapter pool) in a child "
+        "process that is restarted when it dies; false = on a thread of the server's process",
     )
     engine_heartbeat_timeout_s: float = Field(
         30.0, gt=0, description="an engine core process silent this long is killed and restarted"
     )
     engine_max_restarts: int = Field(
-        5, ge=0, description="engine core deaths within 60 s past which the server stops "
-        "restarting it and exits"
+        5,
+        ge=0,
+        description="engine core deaths within 60 s past which the server stops "
+        "restarting it and exits",
     )
     compile: Literal["off", "auto", "on"] = Field(
-        "auto", description="torch.compile the decode step (CUDA: + CUDA graphs); auto = where it wins"
+        "auto",
+        description="torch.compile the decode step (CUDA: + CUDA graphs); auto = where it wins",
     )
 
     # adapters
-    adapter_slots: int = Field(8, ge=1, le=4096, description="adapters resident on the device at once")
-    max_adapter_rank: int = Field(64, ge=1, le=4096, description="largest LoRA rank / bottleneck size served")
-    host_adapter_cache: int = Field(64, ge=0, description="parsed adapters kept in host memory (LRU)")
-    adapter_store_dir: Path | None = Field(None, description="durable store for uploads; default <cache_dir>/adapters")
+    adapter_slots: int = Field(
+        8, ge=1, le=4096, description="adapters resident on the device at once"
+    )
+    max_adapter_rank: int = Field(
+        64, ge=1, le=4096, description="largest LoRA rank / bottleneck size served"
+    )
+    host_adapter_cache: int = Field(
+        64, ge=0, description="parsed adapters kept in host memory (LRU)"
+    )
+    adapter_store_dir: Path | None = Field(
+        None, description="durable store for uploads; default <cache_dir>/adapters"
+    )
     max_upload_bytes: int = Field(512 * 2**20, ge=1024, description="cap on an adapter upload body")
     max_adapters: int = Field(1024, ge=1, description="adapters kept in the store")
-    adapters: list[str] = Field(default_factory=list, description="NAME=PATH adapters served at start")
-    adapter_dirs: list[Path] = Field(default_factory=list, description="every subfolder served as an adapter")
-    adapter_roots: list[Path] = Field(default_factory=list, description="where load_lora_adapter may read")
+    adapters: list[str] = Field(
+        default_factory=list, description="NAME=PATH adapters served at start"
+    )
+    adapter_dirs: list[Path] = Field(
+        default_factory=list, description="every subfolder served as an adapter"
+    )
+    adapter_roots: list[Path] = Field(
+        default_factory=list, description="where load_lora_adapter may read"
+    )
 
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = Field(None, description="API key; several keys (one per user) comma-separated")
+    api_key: str | None = Field(
+        None, description="API key; several keys (one per user) comma-separated"
+    )
     admin_api_key: str | None = None
     ready_requires_key: bool = Field(
-        False, description="/ready needs the API key too (default: load balancers probe it without one)"
+        False,
+        description="/ready needs the API key too (default: load balancers probe it without one)",
     )
     http_header_timeout_s: float = Field(
         10.0, gt=0, description="seconds a client has to send a request's headers (slowloris)"
@@ -95,24 +129,32 @@ class Settings(BaseSettings):
         10.0, gt=0, description="seconds a request body has before --http-body-min-rate counts"
     )
     http_body_min_rate: float = Field(
-        1024.0, gt=0, description="bytes/s a request body must average after the grace "
-        "(each this many bytes buy one more second; slow-body trickles)"
+        1024.0,
+        gt=0,
+        description="bytes/s a request body must average after the grace "
+        "(each this many bytes buy one more second; slow-body trickles)",
     )
     http_body_deadline_s: float = Field(
         300.0, gt=0, description="seconds a request body (an upload too) must be complete within"
     )
     max_connections: int = Field(
-        512, ge=1, description="open HTTP connections in all; past it new ones get 503 and are closed"
+        512,
+        ge=1,
+        description="open HTTP connections in all; past it new ones get 503 and are closed",
     )
     max_connections_per_client: int = Field(
         256, ge=1, description="open HTTP connections from one client address"
     )
     probe_connections: int = Field(
-        16, ge=0, description="connections past --max-connections kept for /health and /ready "
-        "(a probe still gets through when the cap is full)"
+        16,
+        ge=0,
+        description="connections past --max-connections kept for /health and /ready "
+        "(a probe still gets through when the cap is full)",
     )
     max_n: int = Field(16, ge=1, le=128, description="cap on `n` choices per request")
-    max_prompt_chars: int = Field(1_000_000, ge=1, description="prompt character cap, checked before tokenizing")
+    max_prompt_chars: int = Field(
+        1_000_000, ge=1, description="prompt character cap, checked before tokenizing"
+    )
     grammar_workers: int = Field(
         2, ge=1, le=64, description="processes that compile client grammars (the grammar sandbox)"
     )
@@ -120,26 +162,37 @@ class Settings(BaseSettings):
         2.0, gt=0, description="seconds one client grammar may take to compile; past it a 400"
     )
     grammar_memory_mb: int = Field(
-        1024, ge=64, description="memory a grammar sandbox worker may take for one compile (RLIMIT_AS)"
+        1024,
+        ge=64,
+        description="memory a grammar sandbox worker may take for one compile (RLIMIT_AS)",
     )
     max_request_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="JSON body cap")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header on 503")
-    shutdown_timeout_s: float = Field(30.0, ge=0, description="drain time for in-flight requests on SIGTERM")
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="drain time for in-flight requests on SIGTERM"
+    )
     log_level: str = "info"
 
     # cluster (server/cluster, the `ray` extra): replicas > 0 serves through Ray Serve
-    replicas: int = Field(0, ge=0, le=1024, description="engine replicas on Ray Serve; 0 = one process, no Ray")
-    ray_address: str | None = Field(
-        None, description="join this Ray cluster (auto | ray://host:port); default: start a local one"
+    replicas: int = Field(
+        0, ge=0, le=1024, description="engine replicas on Ray Serve; 0 = one process, no Ray"
     )
-    replica_num_cpus: float = Field(1.0, gt=0, description="CPUs per engine replica (also its torch threads)")
+    ray_address: str | None = Field(
+        None,
+        description="join this Ray cluster (auto | ray://host:port); default: start a local one",
+    )
+    replica_num_cpus: float = Field(
+        1.0, gt=0, description="CPUs per engine replica (also its torch threads)"
+    )
     replica_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica")
     cluster_affinity: bool = Field(
-        True, description="route adapter requests to replicas holding the adapter (Ray Serve model "
-        "multiplexing); false = Ray's plain load balancing"
+        True,
+        description="route adapter requests to replicas holding the adapter (Ray Serve model "
+        "multiplexing); false = Ray's plain load balancing",
     )
     cluster_dir: Path | None = Field(
-        None, description="state every replica shares (replica reports); default <cache_dir>/cluster"
+        None,
+        description="state every replica shares (replica reports); default <cache_dir>/cluster",
     )
 
     # evaluation
@@ -148,15 +201,23 @@ class Settings(BaseSettings):
         description="evaluation data: <dataset>/test.json; default ../shared/datasets/llm-adapters",
     )
     eval_max_inflight: int | None = Field(
-        None, ge=1, description="engine requests in flight per evaluation job; default max_num_seqs // 2"
+        None,
+        ge=1,
+        description="engine requests in flight per evaluation job; default max_num_seqs // 2",
     )
-    max_queued_evaluations: int = Field(16, ge=1, description="evaluation jobs waiting to run; past it 429")
+    max_queued_evaluations: int = Field(
+        16, ge=1, description="evaluation jobs waiting to run; past it 429"
+    )
     max_evaluation_jobs: int = Field(
-        256, ge=1, description="evaluation jobs kept (with their results); the oldest finished go first"
+        256,
+        ge=1,
+        description="evaluation jobs kept (with their results); the oldest finished go first",
     )
     max_datasets: int = Field(64, ge=0, description="datasets registered through the API")
     max_dataset_bytes: int = Field(
-        256 * 2**20, ge=1024, description="bytes of all datasets registered through the API together"
+        256 * 2**20,
+        ge=1024,
+        description="bytes of all datasets registered through the API together",
     )
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from adapterserve.adapters.registry import AdapterRegistry, Entry
     from adapterserve.server.engine.client import EngineClient
 
+
 def get_engine(request: Request) -> EngineClient:
     return request.app.state.engine
 

@@ -270,12 +270,18 @@ def failure_error(error: EngineFailure, retry_after_s: int) -> APIError:
         return engine_error(error, retry_after_s)
     status, _, _ = adapter_error_status(error)
     if status == 404:
-        return APIError(404, f"{error.message}; GET /v1/models lists the served models.",
-                        "invalid_request_error", param="model", code="model_not_found")
+        return APIError(
+            404,
+            f"{error.message}; GET /v1/models lists the served models.",
+            "invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
     if status < 500:
         return APIError(status, error.message)
-    return APIError(500, f"The engine failed while generating: {error.message[:200]}",
-                    "server_error")
+    return APIError(
+        500, f"The engine failed while generating: {error.message[:200]}", "server_error"
+    )
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -59,7 +59,9 @@ def bearer_token(headers: Headers) -> str | None:
 
 def key_matches(token: str | None, key: str | None) -> bool:
     # Compare bytes: compare_digest on str refuses non-ASCII, which would turn into a 500.
-    return token is not None and key is not None and hmac.compare_digest(token.encode(), key.encode())
+    return (
+        token is not None and key is not None and hmac.compare_digest(token.encode(), key.encode())
+    )
 
 
 def key_fingerprint(token: str | None) -> str | None:
@@ -208,7 +210,9 @@ def check_content_type(kind: str, content_type: str) -> None:
             )
     # A missing content type is read as JSON, as FastAPI does; anything else must say JSON.
     elif content_type and content_type != "application/json" and not content_type.endswith("+json"):
-        raise unsupported_type(content_type, "Send the body as JSON (Content-Type: application/json).")
+        raise unsupported_type(
+            content_type, "Send the body as JSON (Content-Type: application/json)."
+        )
 
 
 def unsupported_type(content_type: str, what_to_do: str) -> APIError:
@@ -288,7 +292,9 @@ def timed_receive(receive: Receive, clock: BodyClock, client: str = "") -> Recei
             reason = clock.reason(received, waited_from)
             log.warning("closing the connection of %s: %d body bytes in %.1f s. %s", client,
                         received, elapsed(), reason)  # fmt: skip
-            raise APIError(408, reason, code="body_timeout", headers={"Connection": "close"}) from None
+            raise APIError(
+                408, reason, code="body_timeout", headers={"Connection": "close"}
+            ) from None
         received += len(message.get("body", b""))
         complete = message["type"] != "http.request" or not message.get("more_body", False)
         return message

@@ -74,8 +74,10 @@ def create_app(
     app.state.metrics_factory = metrics_factory or Metrics
     app.state.draining = False
     install_error_handlers(app)
-    routers = [m.router for m in (completions, chat, models, adapters, health, tokenize,
-                                  evaluations_router)]
+    routers = [
+        m.router
+        for m in (completions, chat, models, adapters, health, tokenize, evaluations_router)
+    ]
     for router in routers:
         app.include_router(router)
     _add_docs_routes(app)

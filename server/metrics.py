@@ -24,43 +24,68 @@ class Metrics:
             "adapterserve_generation_tokens", "Tokens generated", ["model"], registry=r
         )
         self.ttft = Histogram(
-            "adapterserve_time_to_first_token_seconds", "Arrival to first output token",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            "adapterserve_time_to_first_token_seconds",
+            "Arrival to first output token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.tpot = Histogram(
-            "adapterserve_time_per_output_token_seconds", "Mean time between output tokens per request",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            "adapterserve_time_per_output_token_seconds",
+            "Mean time between output tokens per request",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.e2e = Histogram(
-            "adapterserve_e2e_request_latency_seconds", "Arrival to finish",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            "adapterserve_e2e_request_latency_seconds",
+            "Arrival to finish",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
-        self.running = Gauge("adapterserve_requests_running", "Sequences in the running batch", registry=r)
-        self.waiting = Gauge("adapterserve_requests_waiting", "Sequences waiting for admission", registry=r)
-        self.kv_blocks_used = Gauge("adapterserve_kv_blocks_used", "KV cache blocks in use", registry=r)
-        self.kv_blocks_total = Gauge("adapterserve_kv_blocks_total", "KV cache blocks in all", registry=r)
+        self.running = Gauge(
+            "adapterserve_requests_running", "Sequences in the running batch", registry=r
+        )
+        self.waiting = Gauge(
+            "adapterserve_requests_waiting", "Sequences waiting for admission", registry=r
+        )
+        self.kv_blocks_used = Gauge(
+            "adapterserve_kv_blocks_used", "KV cache blocks in use", registry=r
+        )
+        self.kv_blocks_total = Gauge(
+            "adapterserve_kv_blocks_total", "KV cache blocks in all", registry=r
+        )
         self.step_tokens = Histogram(
-            "adapterserve_step_tokens", "Tokens processed per engine step",
-            buckets=_TOKEN_BUCKETS, registry=r,
+            "adapterserve_step_tokens",
+            "Tokens processed per engine step",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.prefix_cache_blocks = Gauge(
-            "adapterserve_prefix_cache_blocks", "KV cache blocks by state: used (held by "
-            "sequences), cached (unused, K/V kept for reuse), free", ["state"], registry=r,
+            "adapterserve_prefix_cache_blocks",
+            "KV cache blocks by state: used (held by "
+            "sequences), cached (unused, K/V kept for reuse), free",
+            ["state"],
+            registry=r,
         )
         self.prefix_cache_queries = Counter(
-            "adapterserve_prefix_cache_queries", "Tokens looked up in the prefix cache at "
-            "admission", registry=r,
+            "adapterserve_prefix_cache_queries",
+            "Tokens looked up in the prefix cache at admission",
+            registry=r,
         )
         self.prefix_cache_hits = Counter(
-            "adapterserve_prefix_cache_hits", "Tokens found in the prefix cache at admission "
-            "(not computed again)", registry=r,
+            "adapterserve_prefix_cache_hits",
+            "Tokens found in the prefix cache at admission (not computed again)",
+            registry=r,
         )
         self.prefix_cache_hit_rate = Gauge(
             "adapterserve_prefix_cache_hit_rate", "hits / queries since start", registry=r
         )
         self._prefix_seen = (0, 0)
         self.engine_restarts = Counter(
-            "adapterserve_engine_restarts", "Engine core processes started again after one died",
+            "adapterserve_engine_restarts",
+            "Engine core processes started again after one died",
             registry=r,
         )
         self.preemptions = Counter(
@@ -68,40 +93,62 @@ class Metrics:
         )
         # adapters
         self.adapters = Gauge(
-            "adapterserve_adapters", "Registered adapters by tier (device slot, host, disk)",
-            ["tier"], registry=r,
+            "adapterserve_adapters",
+            "Registered adapters by tier (device slot, host, disk)",
+            ["tier"],
+            registry=r,
         )
         self.adapter_loads = Counter(
-            "adapterserve_adapter_loads", "Adapter loads into a device slot, by where they came "
-            "from (host: a copy; disk: parsed first)", ["source"], registry=r,
+            "adapterserve_adapter_loads",
+            "Adapter loads into a device slot, by where they came "
+            "from (host: a copy; disk: parsed first)",
+            ["source"],
+            registry=r,
         )
         self.adapter_load_seconds = Histogram(
-            "adapterserve_adapter_load_seconds", "Time to load an adapter (disk: parse; host: "
-            "copy into a slot)", ["source"], buckets=_LATENCY_BUCKETS, registry=r,
+            "adapterserve_adapter_load_seconds",
+            "Time to load an adapter (disk: parse; host: copy into a slot)",
+            ["source"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.adapter_evictions = Counter(
-            "adapterserve_adapter_evictions", "Adapters evicted from a tier (LRU)", ["tier"],
+            "adapterserve_adapter_evictions",
+            "Adapters evicted from a tier (LRU)",
+            ["tier"],
             registry=r,
         )
         self.adapter_acquires = Counter(
-            "adapterserve_adapter_acquires", "Requests admitted with an adapter, by whether it was "
-            "already in a device slot (hit) or had to be loaded (miss)", ["result"], registry=r,
+            "adapterserve_adapter_acquires",
+            "Requests admitted with an adapter, by whether it was "
+            "already in a device slot (hit) or had to be loaded (miss)",
+            ["result"],
+            registry=r,
         )
         self.step_adapters = Histogram(
-            "adapterserve_step_distinct_adapters", "Distinct adapters in an engine step",
-            buckets=_TOKEN_BUCKETS, registry=r,
+            "adapterserve_step_distinct_adapters",
+            "Distinct adapters in an engine step",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.eval_jobs = Gauge(
             "adapterserve_evaluation_jobs", "Evaluation jobs by state", ["state"], registry=r
         )
         self.eval_examples = Counter(
-            "adapterserve_evaluation_examples_scored", "Evaluation examples scored",
-            ["model", "dataset"], registry=r,
+            "adapterserve_evaluation_examples_scored",
+            "Evaluation examples scored",
+            ["model", "dataset"],
+            registry=r,
         )
 
     def on_request_done(
-        self, model: str, outcome: str, prompt_tokens: int, output_tokens: int,
-        ttft: float | None, e2e: float,
+        self,
+        model: str,
+        outcome: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        ttft: float | None,
+        e2e: float,
     ) -> None:
         self.requests.labels(model, outcome).inc()
         self.prompt_tokens.labels(model).inc(prompt_tokens)
@@ -116,7 +163,9 @@ class Metrics:
         """A request refused before reaching the engine (validation error, queue full, ...)."""
         self.requests.labels(model, outcome).inc()
 
-    def on_step(self, num_tokens: int, running: int, waiting: int, kv_used: int, kv_total: int) -> None:
+    def on_step(
+        self, num_tokens: int, running: int, waiting: int, kv_used: int, kv_total: int
+    ) -> None:
         self.step_tokens.observe(num_tokens)
         self.running.set(running)
         self.waiting.set(waiting)

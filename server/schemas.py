@@ -133,7 +133,8 @@ class JsonSchemaSpec(RequestModel):
     name: str = Field("response", max_length=64)
     description: str | None = None
     schema_: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "object"}, alias="schema",
+        default_factory=lambda: {"type": "object"},
+        alias="schema",
         description="the JSON Schema every output must validate against",
     )
     strict: bool | None = Field(None, description="accepted; outputs always follow the schema")
@@ -142,7 +143,10 @@ class JsonSchemaSpec(RequestModel):
 def _schema_needs_json_schema(schema: dict[str, Any]) -> None:
     _null_means_default_in_schema(schema)
     schema["if"] = {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]}
-    schema["then"] = {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}
+    schema["then"] = {
+        "required": ["json_schema"],
+        "properties": {"json_schema": {"type": "object"}},
+    }
 
 
 class ResponseFormat(RequestModel):
@@ -210,6 +214,7 @@ class SamplingFields(RequestModel):
     guided_grammar: str | None = Field(
         None, max_length=65536, description="vLLM extra: a Lark or GBNF grammar"
     )
+
     @field_validator("stop", mode="before")
     @classmethod
     def _check_stop(cls, value: Any) -> Any:
@@ -248,22 +253,28 @@ class BeamFields(SamplingFields):
     share."""
 
     best_of: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = Field(
-        None, description="with use_beam_search: the number of beams (default n, at least n); "
+        None,
+        description="with use_beam_search: the number of beams (default n, at least n); "
         "otherwise it must equal n (or be omitted)",
         json_schema_extra={SERVER_LIMIT: {"maximum": "max_n"}},
     )
     use_beam_search: bool = Field(
-        False, description="vLLM extra: beam search over best_of beams "
+        False,
+        description="vLLM extra: beam search over best_of beams "
         "(default n), the n best returned; deterministic (temperature 0 or omitted, top_p 1, "
         "top_k off), without logprobs, stop strings, penalties or logit_bias",
     )
     length_penalty: float = Field(
-        1.0, ge=-10, le=10, description="beam search: a finished beam scores its summed "
+        1.0,
+        ge=-10,
+        le=10,
+        description="beam search: a finished beam scores its summed "
         "log-probs / length**length_penalty (Hugging Face)",
     )
     early_stopping: bool | Literal["never"] = Field(
-        False, description="beam search, as Hugging Face: true stops when best_of beams are "
-        "finished; false stops when no running beam can do better (a heuristic); \"never\": "
+        False,
+        description="beam search, as Hugging Face: true stops when best_of beams are "
+        'finished; false stops when no running beam can do better (a heuristic); "never": '
         "only when none can (canonical beam search)",
     )
 
@@ -365,6 +376,7 @@ class ChatCompletionRequest(BeamFields):
     tools: Annotated[list[Any], Field(json_schema_extra={"maxItems": 0})] | None = Field(
         None, description="not supported: only null or []"
     )
+
     @field_validator("chat_template", "chat_template_kwargs", mode="before")
     @classmethod
     def _refuse_template(cls, value: Any) -> Any:
@@ -378,7 +390,6 @@ class ChatCompletionRequest(BeamFields):
         if value:
             raise ValueError("tool calling is not supported; remove 'tools'")
         return value
-
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -476,11 +487,13 @@ class ModelCard(BaseModel):
     intermediate_size: int | None = None
     vocab_size: int | None = None
     quantization: Literal["none", "int8", "int4"] | None = Field(
-        None, description="base model only: its projections' weight-only quantization (adapters "
+        None,
+        description="base model only: its projections' weight-only quantization (adapters "
         "are always full precision)",
     )
     replicas: dict[str, str] | None = Field(
-        None, description="cluster only (server/cluster): the tier of this adapter on each engine "
+        None,
+        description="cluster only (server/cluster): the tier of this adapter on each engine "
         "replica that reports it (device = in a slot, host, disk); absent in one process",
     )
 
@@ -529,7 +542,8 @@ class EvaluationRequest(StrictRequestModel):
         None, description="override the paper's max new tokens (256 / 32)"
     )
     decoding: Literal["greedy", "beam"] = Field(
-        "greedy", description="protocol generate: 'greedy' decodes by `temperature` (0: "
+        "greedy",
+        description="protocol generate: 'greedy' decodes by `temperature` (0: "
         "greedily); 'beam' is the paper's 4-beam search without sampling (temperature 0)",
     )
 
@@ -626,7 +640,9 @@ class AdapterCard(BaseModel):
     parent: str = Field(..., description="the base model's id")
     kind: Literal["lora", "series", "parallel", "prefix", "prompt", "ia3"]
     rank: int = Field(..., description="LoRA rank or bottleneck size (0 for prefix/prompt/ia3)")
-    targets: list[str] = Field(..., description="base modules it acts on: q,k,v,o,gate,up,down, embed_tokens, lm_head")
+    targets: list[str] = Field(
+        ..., description="base modules it acts on: q,k,v,o,gate,up,down, embed_tokens, lm_head"
+    )
     num_virtual_tokens: int
     size_bytes: int
     tier: Literal["device", "host", "disk"]
@@ -634,7 +650,8 @@ class AdapterCard(BaseModel):
     version: int
     created: int
     replicas: dict[str, str] | None = Field(
-        None, description="cluster only (server/cluster): the tier of this adapter on each engine "
+        None,
+        description="cluster only (server/cluster): the tier of this adapter on each engine "
         "replica that reports it (device = in a slot, host, disk); absent in one process",
     )
 
@@ -678,8 +695,14 @@ def _prompt_or_messages_in_schema(schema: dict[str, Any]) -> None:
     """Exactly one of `prompt` and `messages` (the other absent or null), said in the schema."""
     _null_means_default_in_schema(schema)
     schema["oneOf"] = [
-        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
-        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}},
+        {
+            "required": ["prompt"],
+            "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}},
+        },
+        {
+            "required": ["messages"],
+            "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}},
+        },
     ]
 
 
@@ -714,7 +737,9 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(StrictRequestModel):
     model: str | None = None
-    tokens: Annotated[list[TokenId], Field(json_schema_extra={SERVER_LIMIT: {"maxItems": "max_model_len"}})]
+    tokens: Annotated[
+        list[TokenId], Field(json_schema_extra={SERVER_LIMIT: {"maxItems": "max_model_len"}})
+    ]
 
 
 class DetokenizeResponse(BaseModel):

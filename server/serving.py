@@ -99,7 +99,9 @@ def check_engine_accepting(request: Request, engine: EngineClient, settings: Set
     if not engine.healthy:
         raise engine_error(EngineDeadError("the engine is not running"), settings.retry_after_s)
     if engine.restarting:
-        raise engine_error(EngineRestartingError("the engine is restarting"), settings.retry_after_s)
+        raise engine_error(
+            EngineRestartingError("the engine is restarting"), settings.retry_after_s
+        )
     if getattr(request.app.state, "draining", False) or not engine.ready:
         raise APIError(
             503,
@@ -168,13 +170,15 @@ def check_beam_search(body: SamplingFields, settings: Settings, num_prompts: int
     if body.n > width:
         raise invalid_request(
             f"n ({body.n}) must not exceed best_of ({width}): beam search returns the n best "
-            "of best_of beams.", "n",
+            "of best_of beams.",
+            "n",
         )
     limit = min(settings.max_n, settings.max_num_seqs, settings.max_num_batched_tokens)
     if width > limit:
         raise invalid_request(
             f"best_of (the number of beams) must be at most {limit} on this server (--max-n, "
-            f"--max-num-seqs, --max-num-batched-tokens), got {width}.", "best_of",
+            f"--max-num-seqs, --max-num-batched-tokens), got {width}.",
+            "best_of",
         )
     explicit = body.model_fields_set
     refused = [
@@ -192,7 +196,8 @@ def check_beam_search(body: SamplingFields, settings: Settings, num_prompts: int
         if bad:
             raise invalid_request(
                 f"Beam search is deterministic and scores the model's own log-probabilities: "
-                f"{name} must be {allowed} with use_beam_search.", name,
+                f"{name} must be {allowed} with use_beam_search.",
+                name,
             )
     check_capacity(num_prompts, width, settings)
     return width
@@ -201,7 +206,9 @@ def check_beam_search(body: SamplingFields, settings: Settings, num_prompts: int
 def _asks_logprobs(body: SamplingFields) -> bool:
     """Completions' logprobs is an int (0 asks too), chat's a bool with top_logprobs beside it."""
     logprobs = getattr(body, "logprobs", None)
-    return (logprobs is not None and logprobs is not False) or bool(getattr(body, "top_logprobs", None))
+    return (logprobs is not None and logprobs is not False) or bool(
+        getattr(body, "top_logprobs", None)
+    )
 
 
 def beam_params(params: SamplingParams, body: SamplingFields, width: int) -> SamplingParams:
@@ -338,8 +345,13 @@ async def submit(
 
 
 async def submit_beams(
-    request: Request, engine: EngineClient, prompts: list[list[int]], params: SamplingParams, n: int,
-    request_id: str, settings: Settings,
+    request: Request,
+    engine: EngineClient,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    n: int,
+    request_id: str,
+    settings: Settings,
 ) -> list[RequestStream]:
     """One beam search per prompt, all or none; the streams of their n answers each, in choice
     order (prompt p's answer i is choice p * n + i)."""
@@ -583,7 +595,9 @@ GUIDED = (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_ch
           ("guided_grammar", "grammar"))  # fmt: skip
 
 
-async def constraint_grammar(body: SamplingFields, engine: EngineClient, beam: bool = False) -> str | None:
+async def constraint_grammar(
+    body: SamplingFields, engine: EngineClient, beam: bool = False
+) -> str | None:
     """The request's structured-output grammar (response_format or one guided_* field),
     compiled and checked against the model's tokenizer in the grammar sandbox
     (server/engine/constraint.py), before anything is submitted: a second constraint, one

@@ -104,7 +104,9 @@ def guarded_protocol(settings: Settings) -> type[H11Protocol]:
             return None
 
         def _cap_message(self) -> str:
-            return f"The server has {self.max_connections} open connections, its limit; retry later."
+            return (
+                f"The server has {self.max_connections} open connections, its limit; retry later."
+            )
 
         def _start_header_timer(self) -> None:
             self._stop_header_timer()

@@ -27,14 +27,19 @@ def make_tokenizer(path: Path, vocab_size: int = 384) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(str(path / "tokenizer.json"))
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
-        "bos_token": None, "pad_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "bos_token": None,
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATE,
         "model_max_length": 512,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(config))
@@ -49,13 +54,23 @@ def make_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
     vocab = make_tokenizer(path)
     qwen = overrides.pop("model_type", "llama") == "qwen2"
     cfg = dict(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False, eos_token_id=2, bos_token_id=None, pad_token_id=0,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        bos_token_id=None,
+        pad_token_id=0,
     )
     cfg.update(overrides)
     torch.manual_seed(seed)
-    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if qwen else (LlamaConfig, LlamaForCausalLM)
+    config_cls, model_cls = (
+        (Qwen2Config, Qwen2ForCausalLM) if qwen else (LlamaConfig, LlamaForCausalLM)
+    )
     model = model_cls(config_cls(**cfg))
     with torch.no_grad():  # larger random weights than HF's init so that logits are not flat
         for p in model.parameters():

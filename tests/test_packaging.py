@@ -161,7 +161,8 @@ def test_a_built_wheel_holds_only_adapterserve(tmp_path):
         names = archive.namelist()
         archive.extractall(tmp_path / "site")
     assert {name.split("/")[0] for name in names} == {
-        "adapterserve", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"
+        "adapterserve",
+        f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info",
     }
     assert "adapterserve/server/console/static/index.html" in names
     assert "adapterserve/kernels/lora.py" in names

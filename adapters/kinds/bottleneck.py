@@ -97,7 +97,9 @@ class Bottleneck(Kind):
         scaling = 1.0 if learned else parse_scaling(config.get("scaling", 1.0))
         refuse_bias(config)
         modules = {}
-        grouped = group_modules(files.tensors, files.fingerprint, LEARNED_LAYOUT if learned else LAYOUT)
+        grouped = group_modules(
+            files.tensors, files.fingerprint, LEARNED_LAYOUT if learned else LAYOUT
+        )
         for (layer, target), found in grouped.items():
             if learned:
                 key = found.keys["adapter_scaling"]

@@ -56,7 +56,10 @@ DORA_MODEL_REFUSAL = (
     "tensor {key}: DoRA on embed_tokens / lm_head is not served (DoRA is served on the seven "
     "projections)"
 )
-MODEL_NAMES = {"embed_tokens": ("lora_embedding_A", "lora_embedding_B"), "lm_head": ("lora_A", "lora_B")}
+MODEL_NAMES = {
+    "embed_tokens": ("lora_embedding_A", "lora_embedding_B"),
+    "lm_head": ("lora_A", "lora_B"),
+}
 
 
 def unexpected_key(key: str) -> str:
@@ -142,7 +145,9 @@ class Lora(Kind):
                 magnitude = check_tensor(m_key, files.tensors[m_key], (out_features,))
                 output_scale = dora_scale(files.base_weight(layer, target), a, b, scaling,
                                           magnitude, m_key)  # fmt: skip
-            modules[layer, target] = LoraWeights(a=a, b=b, scaling=scaling, output_scale=output_scale)
+            modules[layer, target] = LoraWeights(
+                a=a, b=b, scaling=scaling, output_scale=output_scale
+            )
         model_modules = {}
         for target, keys in model_keys.items():
             module = "model.embed_tokens" if target == "embed_tokens" else "lm_head"

@@ -192,8 +192,11 @@ class ClusterRegistry(RemoteRegistry):
 
 # What the ingress itself counts; the rest of its Metrics (engine gauges, histograms) stays
 # empty there, and only the replicas' series of those are shown.
-INGRESS_FAMILIES = ("adapterserve_requests_total", "adapterserve_requests_created",
-                    "adapterserve_evaluation_")
+INGRESS_FAMILIES = (
+    "adapterserve_requests_total",
+    "adapterserve_requests_created",
+    "adapterserve_evaluation_",
+)
 
 
 class ClusterMetrics(Metrics):
@@ -249,7 +252,9 @@ class ClusterEngine:
         self.tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
         args = ModelArgs.from_hf_config(plan.config)
         self.model = ModelFacts(args, plan.quantization)
-        self.grammars = RemoteGrammars(Grammars(self.tokenizer.hf, args.vocab_size, sandbox_limits(settings)))
+        self.grammars = RemoteGrammars(
+            Grammars(self.tokenizer.hf, args.vocab_size, sandbox_limits(settings))
+        )
         self.healthy = True  # the ingress itself; Ray Serve restarts engine replicas
         self.warming = self.restarting = False  # Ray Serve routes to ready replicas only
         self.on_fatal = None
@@ -279,7 +284,9 @@ class ClusterEngine:
         return self.add_requests([(prompt_token_ids, params, request_id)], model)[0]
 
     def add_requests(
-        self, requests: list[tuple[list[int], SamplingParams, str | None]], model: str | None = None,
+        self,
+        requests: list[tuple[list[int], SamplingParams, str | None]],
+        model: str | None = None,
     ) -> list[ProxyStream]:
         model = model or self.model_id
         grammar = one_grammar([params.constraint for _, params, _ in requests])
@@ -291,7 +298,9 @@ class ClusterEngine:
         return call.streams
 
     def add_beam_searches(
-        self, requests: list[tuple[list[int], SamplingParams, list[str]]], model: str | None = None,
+        self,
+        requests: list[tuple[list[int], SamplingParams, list[str]]],
+        model: str | None = None,
     ) -> list[list[ProxyStream]]:
         model = model or self.model_id
         handle = self._handle_for(model)
@@ -320,6 +329,7 @@ class ClusterEngine:
     # ---- adapters and state -----------------------------------------------------------------
     def admin_call(self, method: str, *args: Any) -> AdapterState:
         """(worker thread) One replica runs `method`; its AdapterError is raised here."""
+
         async def call() -> tuple[str, Any]:
             return await getattr(self.handle, method).remote(*args)
 

@@ -143,6 +143,7 @@ class EngineReplica:
     # ---- adapters (any replica; the store is shared) ---------------------------------------
     async def install_upload(self, staging: str, name: str, replace: bool) -> Item:
         """Validate the ingress's staged upload, commit it to the store and serve it here."""
+
         def work() -> AdapterState:
             self.registry.sync_stored(name)  # what another replica did to `name` first
             return AdapterState.of(self.registry.add_upload(Path(staging), name, replace))
@@ -151,6 +152,7 @@ class EngineReplica:
 
     async def remove_adapter(self, name: str) -> Item:
         """Delete an upload from the store (or stop serving a path adapter here)."""
+
         def work() -> AdapterState:
             self.registry.sync_stored(name)
             return AdapterState.of(self.registry.remove(name))

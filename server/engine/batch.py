@@ -36,7 +36,11 @@ class BatchBuilder:
         def zeros(*shape, dtype=torch.int64):
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.token_ids, self.positions, self.slot_mapping = zeros(tokens), zeros(tokens), zeros(tokens)
+        self.token_ids, self.positions, self.slot_mapping = (
+            zeros(tokens),
+            zeros(tokens),
+            zeros(tokens),
+        )
         self.logits_indices = zeros(tokens)
         self.tables, self.context_lens = zeros(rows, max_blocks_per_seq), zeros(rows)
         self.slot_ids = zeros(tokens, dtype=torch.int32)
@@ -80,7 +84,9 @@ class BatchBuilder:
         rows = D
         if pad_to is not None and pad_to > D:
             assert not prefills, "only a decode-only plan is padded"
-            assert pad_to <= self.max_decode_rows, f"{pad_to} rows, buffers for {self.max_decode_rows}"
+            assert pad_to <= self.max_decode_rows, (
+                f"{pad_to} rows, buffers for {self.max_decode_rows}"
+            )
             rows = pad_to
             trash = self.trash_block * bs
             tokens += [0] * (rows - D)
@@ -127,7 +133,9 @@ class BatchBuilder:
         width = max((len(s.block_table) for s in decodes), default=1)
         width = max(width, min(min_width, self.tables.shape[1]))
         width = self.tables.shape[1] if self.full_width else width
-        table = [s.block_table + [s.block_table[-1]] * (width - len(s.block_table)) for s in decodes]
+        table = [
+            s.block_table + [s.block_table[-1]] * (width - len(s.block_table)) for s in decodes
+        ]
         table += [[self.trash_block] * width] * (rows - len(decodes))
         if rows:
             values = torch.tensor(table, dtype=torch.int64)
@@ -154,7 +162,6 @@ class BatchBuilder:
             None if dense else slot_ids[:rows],
         )  # fmt: skip
 
-
     def _head_adapters(
         self, adapters: AdapterBatch | None, slot_ids: list[int], logit_rows: list[int], rows: int
     ) -> AdapterBatch | None:
@@ -174,7 +181,9 @@ class BatchBuilder:
             self.rows[: len(ids)], adapters.decode_slots,
         )  # fmt: skip
         # the same decode rows lead both: the step's groups, not built twice
-        return dataclasses.replace(head, group_rows=adapters.group_rows, group_mask=adapters.group_mask)
+        return dataclasses.replace(
+            head, group_rows=adapters.group_rows, group_mask=adapters.group_mask
+        )
 
 
 def _logit_rows(seq: Sequence, start: int, n: int) -> list[int]:

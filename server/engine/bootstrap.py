@@ -138,7 +138,9 @@ def plan_engine(settings: Settings) -> EnginePlan:
     quantization = pick_quantization(settings.quantization, device, gguf)
     # served quantized, a GGUF's projections are read from the file as codes (or cached codes):
     # its conversion need not hold them; served as floats, they are converted once and cached
-    model_dir = resolve_model_dir(settings.model, settings.cache_dir, complete=quantization == "none")
+    model_dir = resolve_model_dir(
+        settings.model, settings.cache_dir, complete=quantization == "none"
+    )
     config = read_config(model_dir)
     args = ModelArgs.from_hf_config(config)
     max_len = settings.max_model_len or min(args.max_position_embeddings, 8192)
@@ -177,18 +179,35 @@ def build_engine(settings: Settings, metrics: Metrics, plan: EnginePlan | None =
     from adapterserve.server.model.weights import load_model
 
     plan = plan or plan_engine(settings)
-    model = load_model(plan.model_dir, plan.device, plan.dtype, plan.quantization, plan.gguf,
-                       settings.cache_dir)
+    model = load_model(
+        plan.model_dir, plan.device, plan.dtype, plan.quantization, plan.gguf, settings.cache_dir
+    )
     tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
-    log.info("serving %s on %s (%s, quantization %s): %d KV blocks of %d tokens; a decode step "
-             "reads %.1f MB of weights", plan.model_id, plan.device, plan.dtype, plan.quantization,
-             plan.num_blocks, settings.block_size, model.decode_weight_bytes() / 1e6)
+    log.info(
+        "serving %s on %s (%s, quantization %s): %d KV blocks of %d tokens; a decode step "
+        "reads %.1f MB of weights",
+        plan.model_id,
+        plan.device,
+        plan.dtype,
+        plan.quantization,
+        plan.num_blocks,
+        settings.block_size,
+        model.decode_weight_bytes() / 1e6,
+    )
     registry = build_registry(settings, plan, metrics, model.base_weight)
     ops = kernels.ops_for(plan.device)
     model.use_ops(ops)
     model.hooks = PoolHooks(registry.pool, ops)
-    engine = Engine(model, tokenizer, settings, metrics, plan.model_id, plan.max_model_len,
-                    plan.num_blocks, registry)
+    engine = Engine(
+        model,
+        tokenizer,
+        settings,
+        metrics,
+        plan.model_id,
+        plan.max_model_len,
+        plan.num_blocks,
+        registry,
+    )
     registry.on_ready = engine.wake
     if compile_wanted(settings.compile, plan.device):
         engine.enable_compile()
@@ -200,14 +219,18 @@ def build_registry(settings: Settings, plan: EnginePlan, metrics: Metrics,
     """The slot pool and registry: the durable store's uploads, then `--adapter NAME=PATH` and
     every subfolder of each `--adapter-dir` (these are served, not copied into the store)."""
     fingerprint = BaseFingerprint.from_hf_config(plan.config)
-    pool = AdapterPool(fingerprint, settings.adapter_slots, settings.max_adapter_rank,
-                       plan.device, plan.dtype)
+    pool = AdapterPool(
+        fingerprint, settings.adapter_slots, settings.max_adapter_rank, plan.device, plan.dtype
+    )
     pool.base_weight = base_weight  # before the store's adapters are read: DoRA needs it
     store = AdapterStore(settings.adapter_store, settings.max_upload_bytes, settings.max_adapters)
     registry = AdapterRegistry(
-        pool, max_rank=settings.max_adapter_rank, store=store,
+        pool,
+        max_rank=settings.max_adapter_rank,
+        store=store,
         host_capacity=settings.host_adapter_cache,
-        roots=[*settings.adapter_dirs, *settings.adapter_roots], observer=metrics,
+        roots=[*settings.adapter_dirs, *settings.adapter_roots],
+        observer=metrics,
         reserved_names={plan.model_id},
     )
     for name, reason in registry.load_store():
@@ -226,8 +249,12 @@ def build_registry(settings: Settings, plan: EnginePlan, metrics: Metrics,
             registry.add_path(name, path, replace=True, require_root=False)
         except AdapterError as e:
             raise EngineConfigError(f"--adapter {name}={path}: {e}") from None
-    log.info("adapters: %d registered, %d device slots, max rank %d", len(registry.list()),
-             settings.adapter_slots, settings.max_adapter_rank)
+    log.info(
+        "adapters: %d registered, %d device slots, max rank %d",
+        len(registry.list()),
+        settings.adapter_slots,
+        settings.max_adapter_rank,
+    )
     return registry
 
 

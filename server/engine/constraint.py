@@ -163,7 +163,9 @@ class SandboxLimits:
 def sandbox_limits(settings: Any) -> SandboxLimits:
     """The sandbox's limits from the server's settings (--grammar-workers, --grammar-timeout-s,
     --grammar-memory-mb)."""
-    return SandboxLimits(settings.grammar_workers, settings.grammar_timeout_s, settings.grammar_memory_mb)
+    return SandboxLimits(
+        settings.grammar_workers, settings.grammar_timeout_s, settings.grammar_memory_mb
+    )
 
 
 # llguidance's own limits, set explicitly (its defaults, but for terse errors: the client's
@@ -379,7 +381,9 @@ class Grammars:
     COMPILED_CACHE = 256
     COMPILED_CACHE_BYTES = 64 * 2**20
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, limits: SandboxLimits = SandboxLimits()) -> None:
+    def __init__(
+        self, hf_tokenizer: Any, vocab_size: int, limits: SandboxLimits = SandboxLimits()
+    ) -> None:
         self._hf, self.vocab_size, self.limits = hf_tokenizer, vocab_size, limits
         self._tokenizer: Any = None
         self._sandbox: GrammarSandbox | None = None
@@ -395,7 +399,9 @@ class Grammars:
                 import llguidance
 
                 self._tokenizer = llguidance.LLTokenizer(
-                    tokenizer_json(self._hf), n_vocab=self.vocab_size, eos_token=self._hf.eos_token_id
+                    tokenizer_json(self._hf),
+                    n_vocab=self.vocab_size,
+                    eos_token=self._hf.eos_token_id,
                 )
             return self._tokenizer
 
@@ -404,7 +410,9 @@ class Grammars:
         with self._lock:
             if self._sandbox is None:
                 eos = [] if self._hf.eos_token_id is None else [self._hf.eos_token_id]
-                self._sandbox = GrammarSandbox(tokenizer_json(self._hf), self.vocab_size, eos, self.limits)
+                self._sandbox = GrammarSandbox(
+                    tokenizer_json(self._hf), self.vocab_size, eos, self.limits
+                )
             return self._sandbox
 
     def compile(self, kind: str, spec: Any) -> str:
@@ -434,7 +442,10 @@ class Grammars:
                 return
             self._compiled[key] = found
             self._cached_bytes += size
-            while len(self._compiled) > self.COMPILED_CACHE or self._cached_bytes > self.COMPILED_CACHE_BYTES:
+            while (
+                len(self._compiled) > self.COMPILED_CACHE
+                or self._cached_bytes > self.COMPILED_CACHE_BYTES
+            ):
                 _, old = self._compiled.popitem(last=False)
                 self._cached_bytes -= len(old) if isinstance(old, str) else 0
 

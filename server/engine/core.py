@@ -177,7 +177,8 @@ async def run_core(sock: socket.socket) -> int:
         async with running_engine(settings, metrics, plan) as engine:
             loop = asyncio.get_running_loop()
             engine.on_fatal = lambda exc: loop.call_soon_threadsafe(
-                lambda: fatal.done() or fatal.set_result(exc))
+                lambda: fatal.done() or fatal.set_result(exc)
+            )
             core = Core(engine, metrics, writer)
             core.report()  # first: ready (nothing to warm up) before the front end says so
             core.send(("started",))

@@ -108,17 +108,33 @@ class RequestStream(OutputStream):
 
 class Engine:
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, settings: Settings, metrics: Metrics,
-        model_id: str, max_model_len: int, num_blocks: int, registry: AdapterRegistry | None = None,
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        settings: Settings,
+        metrics: Metrics,
+        model_id: str,
+        max_model_len: int,
+        num_blocks: int,
+        registry: AdapterRegistry | None = None,
     ) -> None:
-        self.model, self.tokenizer, self.settings, self.metrics = model, tokenizer, settings, metrics
+        self.model, self.tokenizer, self.settings, self.metrics = (
+            model,
+            tokenizer,
+            settings,
+            metrics,
+        )
         self.model_id, self.max_model_len = model_id, max_model_len
-        self.allocator = BlockAllocator(num_blocks, settings.block_size,
-                                        caching=settings.enable_prefix_caching)
+        self.allocator = BlockAllocator(
+            num_blocks, settings.block_size, caching=settings.enable_prefix_caching
+        )
         self.registry = registry
         self.scheduler = Scheduler(
-            self.allocator, settings.max_num_seqs, settings.max_num_batched_tokens,
-            prepare=self._prepare, max_request_share=settings.max_request_share,
+            self.allocator,
+            settings.max_num_seqs,
+            settings.max_num_batched_tokens,
+            prepare=self._prepare,
+            max_request_share=settings.max_request_share,
         )
         self.runner = ModelRunner(model, settings, max_model_len, num_blocks,
                                   registry.pool.num_slots if registry is not None else 1)  # fmt: skip
@@ -143,13 +159,18 @@ class Engine:
 
     # ---- asyncio side ---------------------------------------------------------------------
     def add_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, model: str | None = None,
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        model: str | None = None,
         request_id: str | None = None,
     ) -> RequestStream:
         return self.add_requests([(prompt_token_ids, params, request_id)], model)[0]
 
     def add_requests(
-        self, requests: list[tuple[list[int], SamplingParams, str | None]], model: str | None = None,
+        self,
+        requests: list[tuple[list[int], SamplingParams, str | None]],
+        model: str | None = None,
     ) -> list[RequestStream]:
         """Submit (prompt ids, params, request id) for one `model`, all or none.
 
@@ -176,7 +197,9 @@ class Engine:
         return streams
 
     def add_beam_searches(
-        self, requests: list[tuple[list[int], SamplingParams, list[str]]], model: str | None = None,
+        self,
+        requests: list[tuple[list[int], SamplingParams, list[str]]],
+        model: str | None = None,
     ) -> list[list[RequestStream]]:
         """Submit beam searches (prompt ids, params with beam_width, one request id per answer
         wanted: n <= beam_width) for one `model`, all or none; each answer stream gets one
@@ -226,7 +249,9 @@ class Engine:
         """Sequences the engine can hold at once: running plus waiting."""
         return self.settings.max_num_seqs + self.settings.max_queue_len
 
-    def _accept(self, adapter: str | None, requests: list[tuple[list[int], SamplingParams]]) -> list[Entry]:
+    def _accept(
+        self, adapter: str | None, requests: list[tuple[list[int], SamplingParams]]
+    ) -> list[Entry]:
         """All or none: one hold on the adapter's version per request, each request checked
         against the context with that version's virtual tokens, queue room reserved."""
         entries = self._hold(adapter, len(requests))
@@ -370,7 +395,9 @@ class Engine:
                     self._groups.update((s.request_id, seq.group) for s in seq.group.streams)
                 self.scheduler.add(seq)
             elif (group := self._groups.get(item)) is not None:
-                self._end_group(group, "abort", RequestAbortedError("the client aborted the request"))
+                self._end_group(
+                    group, "abort", RequestAbortedError("the client aborted the request")
+                )
             elif (seq := self._seqs.get(item)) is not None:
                 self._finish(seq, "abort", RequestAbortedError("the client aborted the request"))
 
@@ -551,7 +578,11 @@ class Engine:
         """Count a finished request (a beam-search answer: its root, its own output length;
         its first token is its whole answer)."""
         now = time.monotonic()
-        first = seq.first_token_time if seq.group is None else (now if reason in ("stop", "length") else None)
+        first = (
+            seq.first_token_time
+            if seq.group is None
+            else (now if reason in ("stop", "length") else None)
+        )
         ttft = first - seq.arrival if first else None
         model = seq.model
         if seq.adapter is not None and not self.registry.exists(seq.adapter):
@@ -572,8 +603,9 @@ class Engine:
         s = self.scheduler
         a = self.allocator
         self.metrics.on_step(num_tokens, len(s.running), len(s.waiting), a.num_used, a.num_blocks)
-        self.metrics.on_prefix_cache(a.num_used, a.num_cached, a.num_free - a.num_cached,
-                                     s.prefix_queries, s.prefix_hits)
+        self.metrics.on_prefix_cache(
+            a.num_used, a.num_cached, a.num_free - a.num_cached, s.prefix_queries, s.prefix_hits
+        )
 
 
 def _deliver_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:

@@ -70,7 +70,9 @@ def compile_grammar(kind: str, spec: Any, tokenizer: Any, limits: Any) -> dict[s
             return {"error": f"unknown constraint kind {kind!r}"}
     except (ValueError, TypeError, RecursionError) as exc:
         return {"error": str(exc)[:500] or type(exc).__name__}
-    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer, limits=limits)
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        grammar, tokenizer, limits=limits
+    )
     if failed:
         return {"error": "; ".join(str(m).strip() for m in messages)[:500] or "invalid grammar"}
     matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=limits)
@@ -111,7 +113,9 @@ def main() -> None:
         return
     import llguidance
 
-    tokenizer = llguidance.LLTokenizer(init["tokenizer"], n_vocab=init["n_vocab"], eos_token=init["eos"])
+    tokenizer = llguidance.LLTokenizer(
+        init["tokenizer"], n_vocab=init["n_vocab"], eos_token=init["eos"]
+    )
     limits = llguidance.LLParserLimits(**init["limits"])
     threading.stack_size(init["stack_bytes"])
     with open("/proc/self/statm") as statm:

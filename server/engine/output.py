@@ -110,7 +110,8 @@ class StopRules:
         # most len(stop) - 1 characters before that text, which the holdback kept unsent: the
         # cut never falls into text the client already has.
         hits = [
-            (i, s) for s in p.stop
+            (i, s)
+            for s in p.stop
             if (i := detok.text.find(s, max(0, detok.new_from - len(s) + 1))) >= 0
         ]
         if not hits:
@@ -157,7 +158,9 @@ class OutputProcessor:
             outputs += self._sample(samplers)
         return outputs
 
-    def finish(self, seq: Sequence, reason: str, error: EngineFailure | None = None) -> RequestOutput:
+    def finish(
+        self, seq: Sequence, reason: str, error: EngineFailure | None = None
+    ) -> RequestOutput:
         """The last output of a sequence that ends without a new token (an abort hands out no
         more text); its state goes."""
         detok = self._detok.pop(seq.request_id, None)
@@ -165,7 +168,9 @@ class OutputProcessor:
         return self._output(seq, text, [], [], reason, error)
 
     # ---- sampling -------------------------------------------------------------------------
-    def _sample(self, samplers: list[tuple[Sequence, torch.Tensor]]) -> list[tuple[Sequence, RequestOutput]]:
+    def _sample(
+        self, samplers: list[tuple[Sequence, torch.Tensor]]
+    ) -> list[tuple[Sequence, RequestOutput]]:
         seqs = [seq for seq, _ in samplers]
         params = [seq.params for seq in seqs]
         raw = torch.stack([row for _, row in samplers])  # (B, V) fp32
@@ -231,9 +236,15 @@ class OutputProcessor:
         reason: str | None = None, error: EngineFailure | None = None,
     ) -> RequestOutput:  # fmt: skip
         out = RequestOutput(
-            seq.request_id, text, tokens, lps, finished=reason is not None, finish_reason=reason,
+            seq.request_id,
+            text,
+            tokens,
+            lps,
+            finished=reason is not None,
+            finish_reason=reason,
             num_prompt_tokens=len(seq.prompt_ids) - seq.num_virtual,
-            num_output_tokens=len(seq.output_ids), error=error,
+            num_output_tokens=len(seq.output_ids),
+            error=error,
         )
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
             real = seq.prompt_logprobs[seq.num_virtual :]  # the client's own prompt tokens

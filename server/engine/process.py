@@ -162,7 +162,9 @@ def merge_expositions(*texts: str) -> str:
                     values[key] += float(value)
     out = []
     for lines in families.values():
-        out += [line if line.startswith("#") else f"{line} {_number(values[line])}" for line in lines]
+        out += [
+            line if line.startswith("#") else f"{line} {_number(values[line])}" for line in lines
+        ]
     return "".join(line + "\n" for line in out)
 
 
@@ -182,7 +184,9 @@ class EngineProcessClient:
         self.model = ModelFacts(args, plan.quantization)
         self.grammars = RemoteGrammars(Grammars(self.tokenizer.hf, args.vocab_size,
                                                 sandbox_limits(settings)))  # fmt: skip
-        store = AdapterStore(settings.adapter_store, settings.max_upload_bytes, settings.max_adapters)
+        store = AdapterStore(
+            settings.adapter_store, settings.max_upload_bytes, settings.max_adapters
+        )
         roots = tuple([*settings.adapter_dirs, *settings.adapter_roots])
         self.registry = ProcessRegistry(self, store, roots)
         self.on_fatal: Callable[[BaseException], None] | None = None
@@ -245,7 +249,9 @@ class EngineProcessClient:
         return self.add_requests([(prompt_token_ids, params, request_id)], model)[0]
 
     def add_requests(
-        self, requests: list[tuple[list[int], SamplingParams, str | None]], model: str | None = None,
+        self,
+        requests: list[tuple[list[int], SamplingParams, str | None]],
+        model: str | None = None,
     ) -> list[CoreStream]:
         """Submit one call's requests (all or none, as Engine.add_requests); the core's
         refusal is raised by `confirm` (and ends the streams)."""
@@ -256,7 +262,9 @@ class EngineProcessClient:
                             [rid for _, _, rid in plain])  # fmt: skip
 
     def add_beam_searches(
-        self, requests: list[tuple[list[int], SamplingParams, list[str]]], model: str | None = None,
+        self,
+        requests: list[tuple[list[int], SamplingParams, list[str]]],
+        model: str | None = None,
     ) -> list[list[CoreStream]]:
         searches = [(list(ids), params, list(rids)) for ids, params, rids in requests]
         streams = iter(self._submit(("beam", searches, model or self.model_id),
@@ -309,6 +317,7 @@ class EngineProcessClient:
     # ---- adapters (worker threads) ----------------------------------------------------------
     def admin_call(self, method: str, *args: Any) -> AdapterState:
         """The core runs the registry's `method`; its AdapterError is raised here."""
+
         async def call() -> tuple[str, Any]:
             if not self._up.is_set():
                 await asyncio.wait_for(self._up.wait(), ADMIN_CALL_TIMEOUT_S)
@@ -363,7 +372,13 @@ class EngineProcessClient:
         """Start a core and wait for its "started" frame (its engine built)."""
         parent, child = socket.socketpair()
         env = {**os.environ, "ADAPTERSERVE_CORE_PARENT": str(os.getpid())}
-        command = [sys.executable, "-P", "-m", "adapterserve.server.engine.core", str(child.fileno())]
+        command = [
+            sys.executable,
+            "-P",
+            "-m",
+            "adapterserve.server.engine.core",
+            str(child.fileno()),
+        ]
         self._proc = subprocess.Popen(command, pass_fds=(child.fileno(),), env=env,
                                       stdin=subprocess.DEVNULL)  # fmt: skip
         child.close()
@@ -382,8 +397,10 @@ class EngineProcessClient:
         except (asyncio.IncompleteReadError, ConnectionError):
             await asyncio.to_thread(self._proc.wait)
             self._writer = None
-            raise RuntimeError(f"the engine core exited while starting ({describe_exit(self._proc.returncode)})"
-                               f"{self._last_error_suffix()}") from None
+            raise RuntimeError(
+                f"the engine core exited while starting ({describe_exit(self._proc.returncode)})"
+                f"{self._last_error_suffix()}"
+            ) from None
         except BaseException:
             self._kill()
             self._writer = None

@@ -90,5 +90,9 @@ class ModelRunner:
         finally:
             self.warming = False
         buckets = compiled.buckets
-        log.info("warmed %d compiled shapes in %.1f s (%s)", count, seconds,
-                 f"CUDA graphs for batch sizes {buckets}" if buckets else "dynamic batch size")
+        log.info(
+            "warmed %d compiled shapes in %.1f s (%s)",
+            count,
+            seconds,
+            f"CUDA graphs for batch sizes {buckets}" if buckets else "dynamic batch size",
+        )

@@ -57,7 +57,9 @@ def apply_penalties(
     for row, (ids, p) in enumerate(zip(output_ids, params, strict=True)):
         if p.logit_bias:
             idx = torch.tensor([t for t, _ in p.logit_bias], device=logits.device)
-            val = torch.tensor([b for _, b in p.logit_bias], dtype=logits.dtype, device=logits.device)
+            val = torch.tensor(
+                [b for _, b in p.logit_bias], dtype=logits.dtype, device=logits.device
+            )
             logits[row].index_add_(0, idx, val)
         if ids and (p.presence_penalty or p.frequency_penalty):
             tokens, counts = torch.tensor(ids, device=logits.device).unique(return_counts=True)
@@ -66,7 +68,9 @@ def apply_penalties(
     return logits
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _filter_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """Mask logits outside each row's top-k and nucleus top-p; rows keep at least one token."""
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)  # (B, V)
     vocab = logits.shape[-1]
@@ -87,7 +91,9 @@ def sample(
     greedy_tokens = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         return greedy_tokens
-    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
+    temperature = torch.tensor(
+        [p.temperature if not p.greedy else 1.0 for p in params], device=logits.device
+    )
     top_k = torch.tensor([p.top_k for p in params], device=logits.device)
     top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
     probs = _filter_top_k_top_p(logits / temperature.unsqueeze(1), top_k, top_p).softmax(dim=-1)
@@ -103,7 +109,13 @@ def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[T
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
     if k > 0:
         top_val, top_idx = logprobs.topk(k, dim=-1)
-        tops = [dict(zip(i, v, strict=True)) for i, v in zip(top_idx.tolist(), top_val.tolist(), strict=True)]
+        tops = [
+            dict(zip(i, v, strict=True))
+            for i, v in zip(top_idx.tolist(), top_val.tolist(), strict=True)
+        ]
     else:
         tops = [{} for _ in chosen_lp]
-    return [TokenLogprob(t, lp, top) for t, lp, top in zip(chosen.tolist(), chosen_lp, tops, strict=True)]
+    return [
+        TokenLogprob(t, lp, top)
+        for t, lp, top in zip(chosen.tolist(), chosen_lp, tops, strict=True)
+    ]

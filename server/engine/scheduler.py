@@ -57,7 +57,9 @@ class Sequence:
     stream: OutputStream | None  # receives its outputs (None: a beam; its group's streams do)
     slot_id: int = -1  # adapter slot the hook points apply; -1 = none (base model)
     adapter: str | None = None  # adapter name to acquire at admission; None = base model
-    entry: Entry | None = None  # the adapter version held since the request was accepted (until finish)
+    entry: Entry | None = (
+        None  # the adapter version held since the request was accepted (until finish)
+    )
     lease: Lease | None = None  # that version's device slot, from admission to finish
     num_virtual: int = 0  # virtual tokens (prefix / prompt tuning) at the front of prompt_ids
     prefix_kv: torch.Tensor | None = None  # (L, 2, num_virtual, kvh, d), placed at admission
@@ -77,8 +79,12 @@ class Sequence:
     cache_identity: str = "base"
     block_keys: list[bytes] = field(default_factory=list)
     num_registered: int = 0
-    group: BeamGroup | None = None  # beam search (server/engine/beam.py BeamGroup): one beam of that group
-    owner: object | None = None  # the request it belongs to, for the fair share (None: itself, or its group)
+    group: BeamGroup | None = (
+        None  # beam search (server/engine/beam.py BeamGroup): one beam of that group
+    )
+    owner: object | None = (
+        None  # the request it belongs to, for the fair share (None: itself, or its group)
+    )
 
     @property
     def all_ids(self) -> list[int]:
@@ -226,7 +232,10 @@ class Scheduler:
         return StepPlan(work, len(decodes), tuple(yielded + preempted), admitted_seqs, writes)
 
     def extend_beams(
-        self, beams: list[Sequence], decisions: list[tuple[int, int]], new_id: Callable[[], str],
+        self,
+        beams: list[Sequence],
+        decisions: list[tuple[int, int]],
+        new_id: Callable[[], str],
     ) -> list[Sequence]:
         """One beam-search step of a group whose beams are all running and computed:
         `decisions` lists the next beams as (index in `beams` of the beam it extends, token).

@@ -118,7 +118,8 @@ class EvaluationRunner:
         if options.decoding == "beam" and options.temperature != 0:
             raise InvalidJobError(
                 "decoding 'beam' is deterministic (the paper's 4-beam search without sampling): "
-                "temperature must be 0 or omitted.", "temperature",
+                "temperature must be 0 or omitted.",
+                "temperature",
             )
         options = JobOptions(**{**options.__dict__, "datasets": [d.name for d in datasets]})
         cells = {

@@ -78,7 +78,10 @@ def read_codes(path: Path, mode: Mode, tied: bool = False) -> dict[str, Codes]:
         if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
             codes = _unpermute(codes, heads if parts[2] == "attn_q" else kv_heads)
         out[f"layers.{parts[1]}.{TARGETS[parts[2]]}"] = codes
-    head = next((t for t in reader.tensors if t.name == ("token_embd.weight" if tied else "output.weight")), None)
+    head = next(
+        (t for t in reader.tensors if t.name == ("token_embd.weight" if tied else "output.weight")),
+        None,
+    )
     if (mode in ("int4", "int8") and head is not None and head.tensor_type.name in INT8_TYPES
             and head.data.shape[0] % INT4_ROW_MULTIPLE == 0):  # fmt: skip
         out["lm_head"] = int8_blocks(np.asarray(head.data))
@@ -107,7 +110,9 @@ def read_floats(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
             continue
         weight = torch.from_numpy(np.array(dequantize(np.asarray(tensor.data), tensor.tensor_type)))
         if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
-            weight = weight[_unpermute_order(weight.shape[0], heads if parts[2] == "attn_q" else kv_heads)]
+            weight = weight[
+                _unpermute_order(weight.shape[0], heads if parts[2] == "attn_q" else kv_heads)
+            ]
         out[name] = weight
     return out
 

@@ -273,8 +273,13 @@ class AttentionStep:
 
 
 def prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, chunk: PrefillChunk, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    scale: float,
 ) -> torch.Tensor:
     """Causal attention of one prompt chunk; earlier chunks' keys come from the paged cache.
     On CPU every row is computed as `kernels.attend` does (the same bits whatever the chunk)."""
@@ -284,13 +289,21 @@ def prefill_attention(
     if past == 0:  # whole prompt in this step: keys are the chunk itself
         keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
     else:
-        keys = kernels.gather_kv(k_cache, chunk.block_table[None], chunk.context_len)[0]  # (kvh, L, d)
+        keys = kernels.gather_kv(k_cache, chunk.block_table[None], chunk.context_len)[
+            0
+        ]  # (kvh, L, d)
         values = kernels.gather_kv(v_cache, chunk.block_table[None], chunk.context_len)[0]
         query_pos = torch.arange(past, chunk.context_len, device=q.device)
         mask = torch.arange(chunk.context_len, device=q.device)[None, :] <= query_pos[:, None]
         causal = False
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+        q.transpose(0, 1),
+        keys,
+        values,
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=True,
     )  # (H, Tc, d)
     return out.transpose(0, 1)
 
@@ -305,7 +318,9 @@ def _invariant_prefill_attention(
     if past == 0:  # whole prompt in this step: keys are the chunk itself
         keys, values = k.transpose(0, 1), v.transpose(0, 1)  # (kvh, Tc, d)
     else:
-        keys = kernels.gather_kv(k_cache, chunk.block_table[None], chunk.context_len)[0]  # (kvh, L, d)
+        keys = kernels.gather_kv(k_cache, chunk.block_table[None], chunk.context_len)[
+            0
+        ]  # (kvh, L, d)
         values = kernels.gather_kv(v_cache, chunk.block_table[None], chunk.context_len)[0]
     rows = q.transpose(0, 1).reshape(kvh, H // kvh * Tc, d)  # a KV head's query heads, stacked
     positions = torch.arange(past, chunk.context_len, device=q.device).repeat(H // kvh)[None]
@@ -370,7 +385,9 @@ class FeedForward(nn.Module):
         if self.gate_proj.bias is None:
             self.w13 = Dense(fuse_weights([self.gate_proj.weight, self.up_proj.weight]), None, cpu)
             self.w2 = Dense(self.down_proj.weight.detach(), None, cpu)
-            self.targets = _parts(self.w13, [self.gate_proj.out_features, self.up_proj.out_features])
+            self.targets = _parts(
+                self.w13, [self.gate_proj.out_features, self.up_proj.out_features]
+            )
 
     def quantize(self, mode: Mode, sources: dict[str, Codes], device: torch.device) -> None:
         names = ("gate_proj", "up_proj")
@@ -527,8 +544,11 @@ class Transformer(nn.Module):
         layers = []
         for block in self.layers:
             attn, mlp = block.self_attn, block.mlp
-            layers += [attn.wqkv, attn.wo] if attn.wqkv is not None else [attn.q_proj, attn.k_proj,
-                                                                        attn.v_proj, attn.o_proj]
+            layers += (
+                [attn.wqkv, attn.wo]
+                if attn.wqkv is not None
+                else [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+            )
             layers += [mlp.w13, mlp.w2] if mlp.w13 is not None else [mlp.gate_proj, mlp.up_proj,
                                                                    mlp.down_proj]  # fmt: skip
         total = sum(size(layer) for layer in layers)

@@ -101,11 +101,15 @@ class Int8Codes:
         """The same weights with a scale per group (a channel's scale repeated: exact)."""
         if self.group_size is not None:
             if self.group_size != group_size:
-                raise ValueError(f"int8 groups of {self.group_size} and {group_size} cannot be fused")
+                raise ValueError(
+                    f"int8 groups of {self.group_size} and {group_size} cannot be fused"
+                )
             return self
         out_features, in_features = self.codes.shape
         if in_features % group_size:
-            raise ValueError(f"{in_features} inputs are not a multiple of the group size {group_size}")
+            raise ValueError(
+                f"{in_features} inputs are not a multiple of the group size {group_size}"
+            )
         scales = self.scales[:, None].expand(out_features, in_features // group_size)
         return Int8Codes(self.codes, scales.contiguous(), group_size)
 
@@ -159,7 +163,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:  # the model's activations are (tokens, features): one op less each way
-            return self.forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+            return self.forward(x.reshape(-1, self.in_features)).reshape(
+                *x.shape[:-1], self.out_features
+            )
         y = self._mm(x.to(COMPUTE_DTYPE).contiguous()).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -192,7 +198,9 @@ def dequantizes(device_type: str, rows: int) -> bool:
 class Int8Linear(QuantLinear):
     mode: Mode = "int8"
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> None:
         super().__init__(codes.shape[0], codes.shape[1], bias)
         assert codes.dtype == torch.int8 and scales.shape == (codes.shape[0],)
         self.codes = codes.contiguous()  # (out, in)
@@ -267,7 +275,9 @@ class Int4Linear(QuantLinear):
             self.bias = self.bias.to(device)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int = 32, bias: torch.Tensor | None = None) -> Int4Linear:
+    def quantize(
+        cls, weight: torch.Tensor, group_size: int = 32, bias: torch.Tensor | None = None
+    ) -> Int4Linear:
         return cls(Int4Codes.quantize(weight, group_size), bias)
 
     def _mm(self, x: torch.Tensor, scales_and_zeros: torch.Tensor | None = None) -> torch.Tensor:

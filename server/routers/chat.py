@@ -47,7 +47,6 @@ from adapterserve.server.serving import (
 router = APIRouter(tags=["chat"])
 
 
-
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
@@ -84,9 +83,7 @@ async def create_chat_completion(
         streams = await submit(request, engine, jobs, response_id, settings, grammar)
     view = _ChatView(body, engine, settings, response_id, request.state.model)
     if body.stream:
-        events = event_stream(
-            streams, settings, view.render, view.role_events(), view.usage_events
-        )
+        events = event_stream(streams, settings, view.render, view.role_events(), view.usage_events)
         return EventStreamResponse(events)
     results = [ChoiceResult(job.index) for job in jobs]
     try:
@@ -102,12 +99,15 @@ def _check_request(body: ChatCompletionRequest, settings: Settings, engine: Engi
     if body.use_beam_search:
         check_beam_search(body, settings, 1)
         if body.max_new_tokens == 0:
-            param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            param = (
+                "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            )
             raise invalid_request(f"Beam search generates: {param} must be at least 1.", param)
     elif body.best_of is not None and body.best_of != body.n:
         raise invalid_request(
             f"best_of must equal n ({body.n}) or be omitted (or set use_beam_search), got "
-            f"{body.best_of}.", "best_of",
+            f"{body.best_of}.",
+            "best_of",
         )
     # top_logprobs without logprobs: true is ignored, as its schema description says.
     check_prompt_chars(sum(len(m.text) for m in body.messages), settings, engine, "messages")

@@ -70,7 +70,9 @@ async def create_completion(
     log_ignored_fields(request, body)
     resolve_model(request, body.model)
     _check_request(body, settings, engine)
-    grammar = await constraint_grammar(body, engine, beam=body.use_beam_search and (body.best_of or body.n) > 1)
+    grammar = await constraint_grammar(
+        body, engine, beam=body.use_beam_search and (body.best_of or body.n) > 1
+    )
     prompts = await _prompts(body, engine, settings)
     for prompt in prompts:
         check_context(len(prompt.token_ids), body.max_tokens, engine.max_model_len, "prompt")
@@ -80,7 +82,9 @@ async def create_completion(
     if body.use_beam_search and (body.best_of or body.n) > 1:
         params = beam_params(jobs[0].params, body, body.best_of or body.n)
         prompt_ids = [p.token_ids for p in prompts]
-        streams = await submit_beams(request, engine, prompt_ids, params, body.n, response_id, settings)
+        streams = await submit_beams(
+            request, engine, prompt_ids, params, body.n, response_id, settings
+        )
     else:
         streams = await submit(request, engine, jobs, response_id, settings, grammar)
     view = _CompletionView(body, engine, settings, prompts, response_id, request.state.model)
@@ -102,11 +106,14 @@ def _check_request(body: CompletionRequest, settings: Settings, engine: EngineCl
     if body.use_beam_search:
         check_beam_search(body, settings, _num_prompts(body.prompt))
         if body.max_tokens < 1:
-            raise invalid_request("Beam search generates: max_tokens must be at least 1.", "max_tokens")
+            raise invalid_request(
+                "Beam search generates: max_tokens must be at least 1.", "max_tokens"
+            )
     elif body.best_of is not None and body.best_of != body.n:
         raise invalid_request(
             f"best_of must equal n ({body.n}) or be omitted (or set use_beam_search), got "
-            f"{body.best_of}.", "best_of",
+            f"{body.best_of}.",
+            "best_of",
         )
     check_sampling(body, settings, engine.vocab_size, body.max_tokens, _num_prompts(body.prompt))
 
@@ -116,7 +123,9 @@ def _num_prompts(prompt: str | list) -> int:
     return len(prompt) if isinstance(prompt, list) and isinstance(prompt[0], str | list) else 1
 
 
-async def _prompts(body: CompletionRequest, engine: EngineClient, settings: Settings) -> list[Prompt]:
+async def _prompts(
+    body: CompletionRequest, engine: EngineClient, settings: Settings
+) -> list[Prompt]:
     """Token ids (and echo text) per prompt; text length is capped before tokenizing (each
     prompt by what the context holds, all by --max-prompt-chars), long texts tokenized off the
     event loop."""

@@ -44,7 +44,9 @@ def _job_body(job: EvalJob) -> dict:
 
 
 @router.post(
-    "/v1/evaluations", status_code=202, response_model=EvaluationJob,
+    "/v1/evaluations",
+    status_code=202,
+    response_model=EvaluationJob,
     responses=error_responses(404, 429),
 )
 async def create_evaluation(

@@ -62,7 +62,9 @@ def server_limits(settings: Settings, engine: EngineClient | None) -> dict[str, 
     return limits
 
 
-def served_document(base: dict[str, Any], limits: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def served_document(
+    base: dict[str, Any], limits: dict[str, Any], settings: Settings
+) -> dict[str, Any]:
     document = copy.deepcopy(base)  # FastAPI caches `base`
     fill_limits(document, limits)
     schemas = document.setdefault("components", {}).setdefault("schemas", {})

@@ -36,7 +36,9 @@ async def tokenize(
         prompt = body.prompt
         check_prompt_chars(len(prompt), settings, engine, "prompt")
         special = True if body.add_special_tokens is None else body.add_special_tokens
-        ids = await off_loop(lambda: engine.tokenizer.encode(prompt, add_special_tokens=special), len(prompt))
+        ids = await off_loop(
+            lambda: engine.tokenizer.encode(prompt, add_special_tokens=special), len(prompt)
+        )
     else:
         check_prompt_chars(sum(len(m.text) for m in body.messages), settings, engine, "messages")
         ids = await render_chat(body.messages, body.add_generation_prompt, engine,
@@ -58,7 +60,9 @@ async def detokenize(
         )  # fmt: skip
     bad = next((t for t in body.tokens if not 0 <= t < engine.vocab_size), None)
     if bad is not None:
-        raise invalid_request(f"Token ids must be in [0, {engine.vocab_size}), got {bad}.", "tokens")
+        raise invalid_request(
+            f"Token ids must be in [0, {engine.vocab_size}), got {bad}.", "tokens"
+        )
     # special tokens kept: a round trip of /tokenize's ids gives back its text
     return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
@@ -77,4 +81,3 @@ async def tokenizer_info(engine: EngineClient = Depends(get_engine)) -> JSONResp
         "eos_token_ids": sorted(engine.tokenizer.eos_token_ids),
         "chat_template": hf.chat_template if isinstance(hf.chat_template, str) else None,
     })  # fmt: skip
-

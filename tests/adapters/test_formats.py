@@ -449,24 +449,39 @@ NEGATIVE = {
         EMB_A,
     ),  # fmt: skip
     "embedding-a-vocab-mismatch": (
-        lambda p, fp: lora_dir(p, fp, tensors=with_tensors(
-            {EMB_A: torch.ones(4, 383), EMB_B: torch.ones(64, 4)})),
+        lambda p, fp: lora_dir(
+            p, fp, tensors=with_tensors({EMB_A: torch.ones(4, 383), EMB_B: torch.ones(64, 4)})
+        ),
         EMB_A,
     ),  # fmt: skip
     "lm-head-b-rank-mismatch": (
-        lambda p, fp: lora_dir(p, fp, tensors=with_tensors(
-            {HEAD_A: torch.ones(4, 64), HEAD_B: torch.ones(384, 3)})),
+        lambda p, fp: lora_dir(
+            p, fp, tensors=with_tensors({HEAD_A: torch.ones(4, 64), HEAD_B: torch.ones(384, 3)})
+        ),
         HEAD_B,
     ),  # fmt: skip
     "resized-vocabulary-base-copy": (  # peft's saved copy of a resized embedding
-        lambda p, fp: lora_dir(p, fp, tensors=with_tensors(
-            {EMB_A: torch.ones(4, 384), EMB_B: torch.ones(64, 4),
-             "base_model.model.model.embed_tokens.base_layer.weight": torch.ones(390, 64)})),
+        lambda p, fp: lora_dir(
+            p,
+            fp,
+            tensors=with_tensors(
+                {
+                    EMB_A: torch.ones(4, 384),
+                    EMB_B: torch.ones(64, 4),
+                    "base_model.model.model.embed_tokens.base_layer.weight": torch.ones(390, 64),
+                }
+            ),
+        ),
         "base_model.model.model.embed_tokens.base_layer.weight",
     ),  # fmt: skip
     "modules-to-save-tensor": (
-        lambda p, fp: lora_dir(p, fp, tensors=with_tensor(
-            "base_model.model.lm_head.modules_to_save.default.weight", torch.ones(384, 64))),
+        lambda p, fp: lora_dir(
+            p,
+            fp,
+            tensors=with_tensor(
+                "base_model.model.lm_head.modules_to_save.default.weight", torch.ones(384, 64)
+            ),
+        ),
         "base_model.model.lm_head.modules_to_save.default.weight",
     ),  # fmt: skip
     "lora-bias-tensor": (
@@ -495,18 +510,28 @@ NEGATIVE = {
         "non_linearity",
     ),
     "learned-scaling-missing": (
-        lambda p, fp: bottleneck_dir(p, fp, scaling="learned"), f"{UP}.adapter_down.weight"
+        lambda p, fp: bottleneck_dir(p, fp, scaling="learned"),
+        f"{UP}.adapter_down.weight",
     ),
     "learned-scaling-shape": (
-        lambda p, fp: bottleneck_dir(p, fp, scaling="learned",
-                                     extra={f"{UP}.adapter_scaling": torch.ones(2),
-                                            f"{UP1}.adapter_scaling": torch.ones(1)}),
+        lambda p, fp: bottleneck_dir(
+            p,
+            fp,
+            scaling="learned",
+            extra={f"{UP}.adapter_scaling": torch.ones(2), f"{UP1}.adapter_scaling": torch.ones(1)},
+        ),
         f"{UP}.adapter_scaling",
     ),  # fmt: skip
     "learned-scaling-nan": (
-        lambda p, fp: bottleneck_dir(p, fp, scaling="learned",
-                                     extra={f"{UP}.adapter_scaling": torch.tensor([float("nan")]),
-                                            f"{UP1}.adapter_scaling": torch.ones(1)}),
+        lambda p, fp: bottleneck_dir(
+            p,
+            fp,
+            scaling="learned",
+            extra={
+                f"{UP}.adapter_scaling": torch.tensor([float("nan")]),
+                f"{UP1}.adapter_scaling": torch.ones(1),
+            },
+        ),
         f"{UP}.adapter_scaling",
     ),  # fmt: skip
     "scaling-tensor-with-fixed-scaling": (
@@ -804,7 +829,9 @@ def test_key_variants_and_frozen_spec(tmp_path: Path, fingerprint: BaseFingerpri
         spec.modules[0, "k"] = spec.modules[0, "q"]
 
 
-def test_dora_reads_magnitudes_against_the_base_weights(tmp_path: Path, fingerprint: BaseFingerprint):
+def test_dora_reads_magnitudes_against_the_base_weights(
+    tmp_path: Path, fingerprint: BaseFingerprint
+):
     """use_dora with the base's weights at hand: g = m / ||W + s B A|| per output row (checked
     against that formula in float64); a missing or misshaped magnitude, or no base weights,
     is refused naming what to fix."""
@@ -819,13 +846,17 @@ def test_dora_reads_magnitudes_against_the_base_weights(tmp_path: Path, fingerpr
         def add(tensors):
             return {**tensors, **{f"{Q.format(layer)}.lora_magnitude_vector": torch.rand(shape) + 0.5
                                   for layer in range(fingerprint.num_layers)}}  # fmt: skip
+
         return add
 
     good = lora_dir(tmp_path / "ok", fingerprint, use_dora=True, tensors=with_magnitudes((64,)))
     spec = load_adapter(good, "dora", fingerprint, max_rank=8, base_weight=base_weight)
     tensors = safetensors.torch.load_file(str(good / "adapter_model.safetensors"))
     for layer in range(fingerprint.num_layers):
-        a, b = tensors[f"{Q.format(layer)}.lora_A.weight"], tensors[f"{Q.format(layer)}.lora_B.weight"]
+        a, b = (
+            tensors[f"{Q.format(layer)}.lora_A.weight"],
+            tensors[f"{Q.format(layer)}.lora_B.weight"],
+        )
         merged = bases[layer].double() + 2.0 * (b.double() @ a.double())  # alpha / r = 8 / 4
         want = tensors[f"{Q.format(layer)}.lora_magnitude_vector"].double() / merged.norm(dim=1)
         got = spec.modules[layer, "q"].output_scale

@@ -67,6 +67,8 @@ BOTTLENECK_CONFIGS = {
     ),
 }
 SLOTS = {name: slot for slot, name in enumerate([*PEFT_CONFIGS, *BOTTLENECK_CONFIGS])}
+
+
 @dataclasses.dataclass
 class Setup:
     base_dir: Path

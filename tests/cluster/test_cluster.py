@@ -71,7 +71,10 @@ def kind_configs() -> dict:
 BOTTLENECKS = {
     "series": bottleneck_config(bottleneck_size=6, non_linearity="tanh", scaling=0.5),
     "parallel": bottleneck_config(
-        bottleneck_size=8, non_linearity="relu", scaling=2.0, use_parallel_adapter=True,
+        bottleneck_size=8,
+        non_linearity="relu",
+        scaling=2.0,
+        use_parallel_adapter=True,
         target_modules=["q_proj", "v_proj", "down_proj"],
     ),
 }
@@ -111,7 +114,9 @@ def one_process_outputs(settings: Settings, models: list[str]) -> dict[tuple[str
         for kind, body in EXTRA_REQUESTS.items():
             out[BASE, kind] = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
         for model in models:
-            out[model, "completion"] = client.post("/v1/completions", json=completion(model)).json()["choices"][0]["text"]
+            out[model, "completion"] = client.post(
+                "/v1/completions", json=completion(model)
+            ).json()["choices"][0]["text"]
             out[model, "chat"] = client.post("/v1/chat/completions", json=chat(model)).json()["choices"][0]["message"]["content"]  # fmt: skip
     return out
 
@@ -136,7 +141,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     kinds |= {name: bottleneck_dir(root / name, fingerprint, cfg, seed)
               for seed, (name, cfg) in enumerate(BOTTLENECKS.items())}  # fmt: skip
     trace = {f"t{i}": lora(root / f"t{i}", base, 100 + i) for i in range(8)}
-    uploads = {"up-v1": lora(root / "up-v1", base, 200), "up-v2": lora(root / "up-v2", base, 201, r=8)}
+    uploads = {
+        "up-v1": lora(root / "up-v1", base, 200),
+        "up-v2": lora(root / "up-v2", base, 201, r=8),
+    }
     served = {**kinds, **trace}
     common = dict(model=str(base), served_model_name=BASE, device="cpu", num_kv_blocks=256,
                   max_adapter_rank=16, adapter_slots=SLOTS, host_adapter_cache=16)  # fmt: skip
@@ -255,23 +263,40 @@ def test_affinity_keeps_adapter_loads_low(cluster: Cluster):
 def test_every_kind_equals_one_process(cluster: Cluster):
     for model in [BASE, *cluster.kinds]:
         done = cluster.client.completions.create(
-            model=model, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0,
+            model=model,
+            prompt=PROMPT,
+            max_tokens=NEW_TOKENS,
+            temperature=0,
             extra_body={"ignore_eos": True},
         )
         assert done.choices[0].text == cluster.expected[model, "completion"], model
         reply = cluster.client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=NEW_TOKENS,
-            temperature=0, extra_body={"ignore_eos": True},
+            model=model,
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=NEW_TOKENS,
+            temperature=0,
+            extra_body={"ignore_eos": True},
         )
         assert reply.choices[0].message.content == cluster.expected[model, "chat"], model
         stream = cluster.client.completions.create(
-            model=model, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0, stream=True,
+            model=model,
+            prompt=PROMPT,
+            max_tokens=NEW_TOKENS,
+            temperature=0,
+            stream=True,
             extra_body={"ignore_eos": True},
         )
-        assert "".join(c.choices[0].text for c in stream if c.choices) == cluster.expected[model, "completion"]
+        assert (
+            "".join(c.choices[0].text for c in stream if c.choices)
+            == cluster.expected[model, "completion"]
+        )
         stream = cluster.client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=NEW_TOKENS,
-            temperature=0, stream=True, extra_body={"ignore_eos": True},
+            model=model,
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=NEW_TOKENS,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
         )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert text == cluster.expected[model, "chat"], model
@@ -391,7 +416,9 @@ def test_a_killed_replica_costs_only_its_running_requests(cluster: Cluster):
         assert response.status_code == 503, response.text
         assert response.headers.get("retry-after")
         assert response.json()["error"]["code"] == "replica_unavailable"
-    cut = [events for events in streamed if any('"error"' in e for e in events) or events == ["503"]]
+    cut = [
+        events for events in streamed if any('"error"' in e for e in events) or events == ["503"]
+    ]
     for events in cut:
         if events != ["503"]:
             error = json.loads(events[-2].removeprefix("data: "))["error"]
@@ -415,8 +442,12 @@ def test_an_evaluation_job_runs_through_the_cluster_and_outlives_a_replica(clust
     job = cluster.http.post("/v1/evaluations", json=body)
     assert job.status_code == 202, job.text
     victim = _wait_for_replicas(cluster.settings, 2)[1]
-    mid = wait_for(cluster.http, job.json()["id"], timeout_s=120,
-                   done=lambda j: j["progress"]["done"] >= 1 or j["status"] in TERMINAL)
+    mid = wait_for(
+        cluster.http,
+        job.json()["id"],
+        timeout_s=120,
+        done=lambda j: j["progress"]["done"] >= 1 or j["status"] in TERMINAL,
+    )
     assert mid["status"] == "running", mid  # killed mid-job: its first answers are in
     os.kill(victim.pid, signal.SIGKILL)
     job = wait_for(cluster.http, job.json()["id"], timeout_s=240)
@@ -450,6 +481,8 @@ def test_affinity_off_loads_more_and_uploads_serve_on_both(cluster: Cluster):
             "/v1/completions", json=completion("both")).json(), range(24)))  # fmt: skip
     assert {a["choices"][0]["text"] for a in answers} == {cluster.expected["up-v1", "completion"]}
     text = fresh_metrics(cluster)
-    served = [metric(text, "adapterserve_requests_total", model="both", replica=r.replica)
-              for r in read_reports(settings.cluster_state_dir)]
+    served = [
+        metric(text, "adapterserve_requests_total", model="both", replica=r.replica)
+        for r in read_reports(settings.cluster_state_dir)
+    ]
     assert sum(served) == 24 and all(n > 0 for n in served), served

@@ -40,25 +40,36 @@ def peft_configs() -> dict:
     return {
         "lora-r8-rs": peft.LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL),
         "lora-r4-pat": peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
-            rank_pattern={"o_proj": 2}, alpha_pattern={"v_proj": 3},
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "o_proj"],
+            rank_pattern={"o_proj": 2},
+            alpha_pattern={"v_proj": 3},
         ),
         "ia3": peft.IA3Config(
             target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
         ),
         "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
         "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-        "dora": peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
-                                target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]),
-        "lora-embed-head": peft.LoraConfig(r=4, lora_alpha=8,
-                                           target_modules=["embed_tokens", "lm_head", "k_proj"]),
+        "dora": peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_dora=True,
+            target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+        ),
+        "lora-embed-head": peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "k_proj"]
+        ),
     }
 
 
 BOTTLENECKS = {
     "series": bottleneck_config(bottleneck_size=6, non_linearity="tanh", scaling=0.5),
     "parallel": bottleneck_config(
-        bottleneck_size=12, non_linearity="relu", scaling=2.0, use_parallel_adapter=True,
+        bottleneck_size=12,
+        non_linearity="relu",
+        scaling=2.0,
+        use_parallel_adapter=True,
         target_modules=["q_proj", "v_proj", "down_proj"],
     ),
     "series-learned": bottleneck_config(bottleneck_size=4, non_linearity="gelu", scaling="learned"),
@@ -97,8 +108,10 @@ class Adapters:
         overrides.setdefault("num_kv_blocks", 512)
         overrides.setdefault("model", str(self.base_dir))
         return Settings(
-            device="cpu", cache_dir=tmp / "cache",
-            adapters=[f"{n}={self.dirs[n]}" for n in names], max_adapter_rank=MAX_RANK,
+            device="cpu",
+            cache_dir=tmp / "cache",
+            adapters=[f"{n}={self.dirs[n]}" for n in names],
+            max_adapter_rank=MAX_RANK,
             **overrides,
         )
 
@@ -113,7 +126,7 @@ class Adapters:
             logits = model(input_ids=torch.tensor([seq[:-1]])).logits[0]
         logits = logits[-(len(seq) - 1) :]  # prompt tuning's output also has its virtual rows
         lp = logits.float().log_softmax(-1)
-        return seq[len(ids):], lp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])].tolist()
+        return seq[len(ids) :], lp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +141,14 @@ def prompt(seed: int, length: int, vocab: int) -> list[int]:
 
 async def generate(engine: Engine, ids: list[int], model: str | None, **params):
     """(tokens, logprobs of prompt tokens 1.. then generated tokens, last output)."""
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
-                            logprobs=0, prompt_logprobs=0, **params)
+    params = SamplingParams(
+        max_tokens=NEW_TOKENS,
+        temperature=0.0,
+        ignore_eos=True,
+        logprobs=0,
+        prompt_logprobs=0,
+        **params,
+    )
     tokens, lps, prompt_lps, last = [], [], None, None
     async for out in engine.add_request(ids, params, model=model):
         tokens += out.token_ids
@@ -188,8 +207,10 @@ def test_mixed_batch_equals_each_alone(adapters: Adapters, tmp_path: Path):
     for (model, _), (t1, lp1, _), (t2, lp2, _) in zip(cases, mixed, single, strict=True):
         assert t1 == t2, model
         torch.testing.assert_close(
-            torch.tensor([x or 0.0 for x in lp1]), torch.tensor([x or 0.0 for x in lp2]),
-            atol=2e-4, rtol=2e-4,
+            torch.tensor([x or 0.0 for x in lp1]),
+            torch.tensor([x or 0.0 for x in lp2]),
+            atol=2e-4,
+            rtol=2e-4,
         )
     steps = [{m for _, m in step} for step in engine.step_log]
     assert max(len(s) for s in steps) >= 6  # many adapters really shared steps
@@ -373,7 +394,9 @@ def test_virtual_tokens_count_against_the_context(adapters: Adapters, tmp_path: 
             await generate(engine, ids, "prefix")  # 5 + 20 + 8 > 32
         return await generate(engine, ids[:15], "prefix")
 
-    (tokens, got, last), _ = serve(adapters.settings(tmp_path, names=["prefix"], max_model_len=32), go)
+    (tokens, got, last), _ = serve(
+        adapters.settings(tmp_path, names=["prefix"], max_model_len=32), go
+    )
     assert last.num_prompt_tokens == 15 and len(tokens) == NEW_TOKENS
 
 
@@ -383,8 +406,12 @@ def test_default_model_peft_parity(default_model_dir: Path, tmp_path: Path):
     identical and log-probs close to peft's (fp32 through 30 layers: 1e-3)."""
     configs = {
         "lora": peft.LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL),
-        "embed-head": peft.LoraConfig(r=8, lora_alpha=16, ensure_weight_tying=True,
-                                      target_modules=["embed_tokens", "lm_head", "v_proj"]),
+        "embed-head": peft.LoraConfig(
+            r=8,
+            lora_alpha=16,
+            ensure_weight_tying=True,
+            target_modules=["embed_tokens", "lm_head", "v_proj"],
+        ),
         "ia3": peft.IA3Config(
             target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
         ),
@@ -396,9 +423,13 @@ def test_default_model_peft_parity(default_model_dir: Path, tmp_path: Path):
         for seed, (name, cfg) in enumerate(configs.items())
     }
     settings = Settings(
-        model=str(default_model_dir), device="cpu", cache_dir=tmp_path / "cache",
-        adapters=[f"{n}={d}" for n, d in dirs.items()], max_adapter_rank=MAX_RANK,
-        num_kv_blocks=256, max_model_len=1024,
+        model=str(default_model_dir),
+        device="cpu",
+        cache_dir=tmp_path / "cache",
+        adapters=[f"{n}={d}" for n, d in dirs.items()],
+        max_adapter_rank=MAX_RANK,
+        num_kv_blocks=256,
+        max_model_len=1024,
     )
     text = []
 
@@ -417,7 +448,7 @@ def test_default_model_peft_parity(default_model_dir: Path, tmp_path: Path):
             for _ in range(NEW_TOKENS):
                 seq.append(int(reference(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
             logits = reference(input_ids=torch.tensor([seq[:-1]])).logits[0]
-        assert tokens == seq[len(text):], name
+        assert tokens == seq[len(text) :], name
         lp = logits[-(len(seq) - 1) :].log_softmax(-1)
         want = lp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
         mask = torch.tensor([g is not None for g in got])

@@ -51,7 +51,7 @@ def record_prefills(engine: Engine) -> dict[str, int]:
 
     def recording():
         plan = schedule()
-        for seq, _ in (plan.work[plan.num_decodes :] if plan is not None else ()):
+        for seq, _ in plan.work[plan.num_decodes :] if plan is not None else ():
             counts[seq.request_id] = counts.get(seq.request_id, 0) + 1
         return plan
 
@@ -76,16 +76,22 @@ def test_logprobs_are_bitwise_equal_alone_mixed_chunked_and_cached(
 
     def request(engine: Engine, i: int):
         model, ids = cases[i]
-        return run(engine, ids, model, max_tokens=4, prompt_logprobs=0 if i in with_prompt_lps else None)
+        return run(
+            engine, ids, model, max_tokens=4, prompt_logprobs=0 if i in with_prompt_lps else None
+        )
 
     async def alone(engine: Engine):
         return [await request(engine, i) for i in range(REQUESTS)]
 
-    want, _ = serve(adapters.settings(tmp_path / "alone", enable_prefix_caching=False, **common), alone)
+    want, _ = serve(
+        adapters.settings(tmp_path / "alone", enable_prefix_caching=False, **common), alone
+    )
 
     async def waves(engine: Engine):
         prefills = record_prefills(engine)
-        order = rng.sample(range(REQUESTS), REQUESTS) * 2  # each twice: the second can hit the cache
+        order = (
+            rng.sample(range(REQUESTS), REQUESTS) * 2
+        )  # each twice: the second can hit the cache
         got, start = [], 0
         while start < len(order):
             wave = order[start : start + rng.randint(2, 8)]

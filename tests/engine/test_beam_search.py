@@ -75,7 +75,9 @@ def search_over(model, ids, k, max_new, eos, lp=1.0, es=False, n=1, min_new=0) -
     search = BeamSearch(k, max_new, frozenset(eos), lp, es, min_new)
     while not search.done:
         with torch.no_grad():
-            rows = [model(input_ids=torch.tensor([ids + list(b)])).logits[0, -1] for b in search.live]
+            rows = [
+                model(input_ids=torch.tensor([ids + list(b)])).logits[0, -1] for b in search.live
+            ]
         search.step(torch.stack(rows).float().log_softmax(-1))
     return [list(h.tokens) for h in search.answers(n)]
 
@@ -108,8 +110,13 @@ async def beam_answers(engine: Engine, ids, k, max_new, stop_ids=(), lp=1.0, es=
 
 @pytest.mark.parametrize(
     ("block_size", "num_blocks", "caching", "share"),
-    [(4, 512, True, 1.0), (4, 36, True, 1.0), (2, 72, False, 1.0), (1, 144, True, 1.0),
-     (4, 512, True, 0.1)],  # fmt: skip
+    [
+        (4, 512, True, 1.0),
+        (4, 36, True, 1.0),
+        (2, 72, False, 1.0),
+        (1, 144, True, 1.0),
+        (4, 512, True, 0.1),
+    ],  # fmt: skip
     ids=["roomy", "tight-cache", "tight-no-prefix-cache", "block-1", "fair-share"],
 )
 def test_engine_beams_equal_transformers(tiny, tmp_path, block_size, num_blocks, caching, share):
@@ -134,12 +141,16 @@ def test_engine_beams_equal_transformers(tiny, tmp_path, block_size, num_blocks,
 
         searches = [
             beam_answers(engine, ids, k, m, (eos,), lp, es, n, mn, tag=f"s{i}")
-            for i, ((ids, k, m, lp, es, n, mn), eos) in enumerate(zip(cases, extra_eos, strict=True))
+            for i, ((ids, k, m, lp, es, n, mn), eos) in enumerate(
+                zip(cases, extra_eos, strict=True)
+            )
         ]
         return await asyncio.gather(*searches, *[sampled(i) for i in range(6)])
 
     results, engine = serve(settings, go)
-    for (ids, k, m, lp, es, n, mn), eos, got in zip(cases, extra_eos, results[: len(cases)], strict=True):
+    for (ids, k, m, lp, es, n, mn), eos, got in zip(
+        cases, extra_eos, results[: len(cases)], strict=True
+    ):
         assert got == hf_beams(model, ids, k, m, {EOS, eos}, lp, es, n, mn), (ids, k, lp, es)
     assert engine.allocator.num_used == 0 and not engine._groups and not engine._seqs
     if num_blocks < 100:

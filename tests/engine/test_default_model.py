@@ -32,7 +32,9 @@ def test_greedy_text_equals_transformers(engine_settings, default_model_dir):
 
     results, engine = serve(engine_settings(model_dir=default_model_dir), go)
     for prompt, (ids, text, _) in zip(prompts, results, strict=True):
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[
+            0, len(prompt) :
+        ]
         assert ids == out.tolist()
         assert text == hf_tok.decode(out, skip_special_tokens=True)
     assert engine.allocator.num_used == 0
@@ -46,7 +48,11 @@ def test_beam_search_equals_transformers(engine_settings, default_model_dir):
     hf = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32).eval()
     tokenizer = Tokenizer(default_model_dir)
     chat = tokenizer.encode_chat([{"role": "user", "content": "What is 3 + 4? Answer briefly."}])
-    cases = [(tokenizer.encode(PROMPTS[0]), 2, 2), (tokenizer.encode(PROMPTS[3]), 4, 1), (chat, 4, 2)]
+    cases = [
+        (tokenizer.encode(PROMPTS[0]), 2, 2),
+        (tokenizer.encode(PROMPTS[3]), 4, 1),
+        (chat, 4, 2),
+    ]
 
     async def go(engine):
         return await asyncio.gather(*[
@@ -67,7 +73,9 @@ def test_dora_adapter_equals_peft(engine_settings, default_model_dir, tmp_path):
 
     from tests.adapters.makers import save_peft
 
-    config = peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])
+    config = peft.LoraConfig(
+        r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]
+    )
     adapter = save_peft(tmp_path / "dora", default_model_dir, config, seed=5, scale=0.05)
     tokenizer = Tokenizer(default_model_dir)
     ids = tokenizer.encode(PROMPTS[0])

@@ -18,8 +18,12 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 def prompts(n: int, vocab: int = 384) -> list[list[int]]:
     g = torch.Generator().manual_seed(n)
-    return [torch.randint(3, vocab, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(
+            3, vocab, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g
+        ).tolist()
+        for _ in range(n)
+    ]
 
 
 def alone_and_together(settings, ps, params):
@@ -61,12 +65,14 @@ def test_greedy_matches_transformers_generate(engine_settings, tiny_model_dir):
     ps = prompts(4)
 
     async def go(engine):
-        return await asyncio.gather(*[collect(engine, p, SamplingParams(max_tokens=16, **GREEDY)) for p in ps])
+        return await asyncio.gather(
+            *[collect(engine, p, SamplingParams(max_tokens=16, **GREEDY)) for p in ps]
+        )
 
     results, _ = serve(engine_settings(), go)
     for p, (ids, _, _) in zip(ps, results, strict=True):
         want = hf.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
-        assert ids == want[0, len(p):].tolist()
+        assert ids == want[0, len(p) :].tolist()
 
 
 def test_prompt_logprobs_equal_transformers_log_softmax(engine_settings, tiny_model_dir):
@@ -105,11 +111,15 @@ def test_generated_logprobs_are_the_chosen_tokens(engine_settings):
 
 def test_seeded_sampling_is_reproducible_in_any_batch(engine_settings):
     p = prompts(1)[0]
-    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True
+    )
 
     async def go(engine):
         alone = (await collect(engine, p, params))[0]
-        others = [collect(engine, q, SamplingParams(max_tokens=12, temperature=1.0)) for q in prompts(5)]
+        others = [
+            collect(engine, q, SamplingParams(max_tokens=12, temperature=1.0)) for q in prompts(5)
+        ]
         together = await asyncio.gather(collect(engine, p, params), *others)
         other_seed = (await collect(engine, p, SamplingParams(**{**params.__dict__, "seed": 8})))[0]
         return alone, together[0][0], other_seed
@@ -125,19 +135,27 @@ def test_stop_strings_min_tokens_and_eos(engine_settings):
     async def go(engine):
         _, full_text, _ = await collect(engine, p, SamplingParams(max_tokens=30, **GREEDY))
         stop = full_text[5:8]
-        _, cut, out = await collect(engine, p, SamplingParams(max_tokens=30, stop=(stop,), **GREEDY))
+        _, cut, out = await collect(
+            engine, p, SamplingParams(max_tokens=30, stop=(stop,), **GREEDY)
+        )
         _, kept, _ = await collect(
-            engine, p, SamplingParams(max_tokens=30, stop=(stop,), include_stop_str_in_output=True, **GREEDY)
+            engine,
+            p,
+            SamplingParams(max_tokens=30, stop=(stop,), include_stop_str_in_output=True, **GREEDY),
         )
         eos_first = list(engine.tokenizer.eos_token_ids)[0]
         bias = ((eos_first, 100.0),)
-        ids_eos, _, o_eos = await collect(engine, p, SamplingParams(max_tokens=10, temperature=0.0, logit_bias=bias))
+        ids_eos, _, o_eos = await collect(
+            engine, p, SamplingParams(max_tokens=10, temperature=0.0, logit_bias=bias)
+        )
         ids_min, _, o_min = await collect(
             engine, p, SamplingParams(max_tokens=10, temperature=0.0, logit_bias=bias, min_tokens=4)
         )
         return full_text, stop, cut, out, kept, (ids_eos, o_eos), (ids_min, o_min)
 
-    (full_text, stop, cut, out, kept, (ids_eos, o_eos), (ids_min, o_min)), _ = serve(engine_settings(), go)
+    (full_text, stop, cut, out, kept, (ids_eos, o_eos), (ids_min, o_min)), _ = serve(
+        engine_settings(), go
+    )
     assert cut == full_text[: full_text.index(stop)] and out.finish_reason == "stop"
     assert kept == full_text[: full_text.index(stop) + len(stop)]
     assert len(ids_eos) == 1 and o_eos.finish_reason == "stop"  # EOS forced first, ends at once
@@ -146,7 +164,9 @@ def test_stop_strings_min_tokens_and_eos(engine_settings):
 
 def test_blocks_return_to_zero_after_aborts(engine_settings):
     async def go(engine):
-        streams = [engine.add_request(p, SamplingParams(max_tokens=200, **GREEDY)) for p in prompts(8)]
+        streams = [
+            engine.add_request(p, SamplingParams(max_tokens=200, **GREEDY)) for p in prompts(8)
+        ]
         for s in streams[:4]:
             await s.__anext__()
             s.abort()
@@ -195,13 +215,19 @@ def test_fatal_fault_fails_every_request_and_marks_unhealthy(engine_settings):
 
         engine.model.forward = flaky
         engine.on_fatal = fatal.append
-        outs = await asyncio.gather(*[collect_stream(engine.add_request(p, SamplingParams(max_tokens=50, **GREEDY)))
-                                      for p in prompts(4)])
+        outs = await asyncio.gather(
+            *[
+                collect_stream(engine.add_request(p, SamplingParams(max_tokens=50, **GREEDY)))
+                for p in prompts(4)
+            ]
+        )
         with pytest.raises(EngineDeadError):
             engine.add_request([5], SamplingParams())
         return outs
 
     outs, engine = serve(engine_settings(), go)
-    assert all(o[-1].finish_reason == "error" and isinstance(o[-1].error, EngineDeadError) for o in outs)
+    assert all(
+        o[-1].finish_reason == "error" and isinstance(o[-1].error, EngineDeadError) for o in outs
+    )
     assert "injected" not in str(outs[0][-1].error)  # no internals leak to clients
     assert engine.allocator.num_used == 0 and not engine.healthy and len(fatal) == 1

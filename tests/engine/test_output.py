@@ -173,7 +173,9 @@ def test_min_tokens_masks_eos_and_stop_ids():
 
 
 def test_min_tokens_defers_stop_strings():
-    outs = Driver().run(new_seq(max_tokens=10, temperature=0.0, stop=("S",), min_tokens=2), [S, A, S])
+    outs = Driver().run(
+        new_seq(max_tokens=10, temperature=0.0, stop=("S",), min_tokens=2), [S, A, S]
+    )
     ids, text = joined(outs)
     assert ids == [S, A, S] and text == "Sa" and outs[-1].finish_reason == "stop"
 

@@ -66,7 +66,9 @@ def assert_same(a, b, what) -> None:
                                    torch.tensor([x or 0.0 for x in p2]), **TOL, msg=str(what))  # fmt: skip
 
 
-def shared_prefix_cases(adapters: Adapters, count: int, seed: int) -> list[tuple[str | None, list[int]]]:
+def shared_prefix_cases(
+    adapters: Adapters, count: int, seed: int
+) -> list[tuple[str | None, list[int]]]:
     """Prompts cut from three stems (so that many share their first blocks, some are exact
     repeats) plus random tails, each for the base or a random adapter of any kind."""
     rng = random.Random(seed)
@@ -75,7 +77,9 @@ def shared_prefix_cases(adapters: Adapters, count: int, seed: int) -> list[tuple
     for i in range(count):
         stem = rng.choice(stems)
         head = stem[: rng.randint(len(stem) // 2, len(stem))]
-        tail = prompt(seed * 1000 + i, rng.randint(0, 5), adapters.vocab) if rng.random() < 0.7 else []
+        tail = (
+            prompt(seed * 1000 + i, rng.randint(0, 5), adapters.vocab) if rng.random() < 0.7 else []
+        )
         cases.append((rng.choice([None, *adapters.names]), head + tail))
     return cases
 
@@ -99,8 +103,9 @@ def test_cache_on_equals_cache_off_over_every_kind_with_preemption_and_chunks(
             ])  # fmt: skip
         return out
 
-    small = dict(block_size=4, max_num_batched_tokens=24, num_kv_blocks=20, max_num_seqs=8,
-                 max_model_len=64)
+    small = dict(
+        block_size=4, max_num_batched_tokens=24, num_kv_blocks=20, max_num_seqs=8, max_model_len=64
+    )
     on, engine_on = serve(adapters.settings(tmp_path / "on", **small), waves)
     off, engine_off = serve(
         adapters.settings(tmp_path / "off", enable_prefix_caching=False, **small), waves
@@ -165,7 +170,9 @@ def test_no_block_is_shared_across_adapters_or_adapter_versions(adapters: Adapte
     (out, cold, after_replace, warm), _ = serve(settings, go)
     assert cold == 0 and after_replace == 0  # no sharing across weights
     assert warm == (len(ids) - 1) // 4 * 4  # the replaced version's own blocks are shared
-    fresh = adapters.settings(tmp_path / "fresh", names=["lora-r8-rs", "series", "ia3"], block_size=4)
+    fresh = adapters.settings(
+        tmp_path / "fresh", names=["lora-r8-rs", "series", "ia3"], block_size=4
+    )
 
     async def reference(engine):
         return {m: await run(engine, ids, m) for m in (None, "lora-r8-rs", "series", "ia3")}
@@ -204,7 +211,9 @@ def test_a_thousand_requests_with_aborts_leave_only_cached_and_free_blocks(
         for _ in range(20):
             wave = []
             for _ in range(50):
-                ids = rng.choice(stems)[: rng.randint(1, 40)] + prompt(rng.randrange(10**6), rng.randint(0, 6), adapters.vocab)
+                ids = rng.choice(stems)[: rng.randint(1, 40)] + prompt(
+                    rng.randrange(10**6), rng.randint(0, 6), adapters.vocab
+                )
                 abort_after = rng.randint(1, 3) if rng.random() < 0.25 else 0
                 model = rng.choice([None, "lora-r8-rs", "prefix"])
                 wave.append(one(engine, ids, model, rng.randint(1, 6), abort_after))

@@ -40,7 +40,10 @@ def test_top_k_top_p_keep_the_reference_set(k, p):
 
 def test_penalties_and_logit_bias():
     logits = torch.zeros(2, 10)
-    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((9, 3.0),)), SamplingParams()]
+    params = [
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((9, 3.0),)),
+        SamplingParams(),
+    ]
     out = apply_penalties(logits, [[1, 1, 2], [1]], params)
     want = torch.zeros(2, 10)
     want[0, 1], want[0, 2], want[0, 9] = -(0.5 + 0.5), -(0.5 + 0.25), 3.0
@@ -55,4 +58,7 @@ def test_temperature_sampling_follows_the_distribution():
     freq = torch.bincount(tokens, minlength=3).float() / 4000
     want = (logits[0] / 0.5).softmax(-1)
     assert torch.allclose(freq, want, atol=0.03)  # ~4 sigma at n=4000
-    assert torch.equal(sample(logits[:3], [SamplingParams(temperature=0.0)] * 3, [None] * 3), torch.tensor([2, 2, 2]))
+    assert torch.equal(
+        sample(logits[:3], [SamplingParams(temperature=0.0)] * 3, [None] * 3),
+        torch.tensor([2, 2, 2]),
+    )

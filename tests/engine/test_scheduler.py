@@ -597,7 +597,9 @@ def random_beam_traffic(seed: int, caching: bool, share: float = 1.0,
         if step < 150 and rng.random() < 0.4:
             if rng.random() < 0.5:  # a beam group: width beams of at most 8 tokens fit the cache
                 width = rng.randint(2, min(3, d.scheduler.max_num_seqs))
-                root = beam_group(f"g{len(groups)}", width, rng.randint(0, 4), rng.randint(1, 4), rng)
+                root = beam_group(
+                    f"g{len(groups)}", width, rng.randint(0, 4), rng.randint(1, 4), rng
+                )
                 groups.append(root.group)
                 d.add(root)
             else:

@@ -114,7 +114,10 @@ def test_a_beam_job_answers_as_transformers_beam_search(
 
 
 def test_beam_decoding_refuses_what_it_cannot_run(adapter_client: TestClient) -> None:
-    for extra, param in (({"temperature": 0.5}, "temperature"), ({"protocol": "loglikelihood"}, "decoding")):
+    for extra, param in (
+        ({"temperature": 0.5}, "temperature"),
+        ({"protocol": "loglikelihood"}, "decoding"),
+    ):
         body = {"models": ["base"], "datasets": ["boolq"], "decoding": "beam", **extra}
         response = adapter_client.post("/v1/evaluations", json=body)
         assert response.status_code == 400 and response.json()["error"]["param"] == param

@@ -133,5 +133,7 @@ def loop_expand(y, h, w: DeltaWeights, slot_ids: list[int], offsets, sizes) -> t
         for t, s in enumerate(slot_ids):
             if s >= 0:
                 r = int(w.ranks[i, s])
-                y[t, off : off + size] += h[i, t, :r].double().cpu() @ w.b[i, s, :r, :size].double().cpu()
+                y[t, off : off + size] += (
+                    h[i, t, :r].double().cpu() @ w.b[i, s, :r, :size].double().cpu()
+                )
     return y

@@ -17,7 +17,9 @@ from adapterserve.server.model.llama import Dense, prefill_attention
 D_IN = 576  # SmolLM2-135M's hidden size
 
 
-def lora_weights(gen: torch.Generator, slots: int = 3, rank: int = 16, out: int = 96) -> DeltaWeights:
+def lora_weights(
+    gen: torch.Generator, slots: int = 3, rank: int = 16, out: int = 96
+) -> DeltaWeights:
     a = torch.randn(1, slots, rank, D_IN, generator=gen) / D_IN**0.5
     b = torch.randn(1, slots, rank, out, generator=gen) / rank**0.5
     return DeltaWeights(a, b, torch.full((1, slots), rank, dtype=torch.int32),
@@ -30,7 +32,10 @@ def test_a_float_layer_gives_a_row_the_same_bits_at_any_row_count():
     x = torch.randn(40, D_IN, generator=gen)
     whole = dense(x)
     for first, count in [(39, 1), (0, 1), (5, 3), (10, 13), (3, 17), (0, 40)]:
-        assert torch.equal(dense(x[first : first + count]), whole[first : first + count]), (first, count)
+        assert torch.equal(dense(x[first : first + count]), whole[first : first + count]), (
+            first,
+            count,
+        )
 
 
 def test_an_adapter_delta_gives_a_prefill_row_the_same_bits_in_any_segment():

@@ -213,7 +213,8 @@ def test_e2e_quantized_runs(bench, monkeypatch):
     )  # fmt: skip
     rows = bench.bench_e2e(args, device="cpu")
     assert [(r["quantization"], r["run"]) for r in rows] == [
-        (q, run) for q in ("none", "int8", "int4") for run in ("base", "lora64")]
+        (q, run) for q in ("none", "int8", "int4") for run in ("base", "lora64")
+    ]
     for row in rows:
         assert row["decode_tokens"] == 3 * 3
         want = 1.0 if row["quantization"] == "none" else None
@@ -240,7 +241,11 @@ def test_e2e_compiled_mode(bench, monkeypatch):
     )  # fmt: skip
     rows = bench.bench_e2e(args, device="cpu")
     assert [(r["run"], r["mode"]) for r in rows] == [
-        ("base", "eager"), ("base", "compiled"), ("lora64", "eager"), ("lora64", "compiled")]
+        ("base", "eager"),
+        ("base", "compiled"),
+        ("lora64", "eager"),
+        ("lora64", "compiled"),
+    ]
     for row in rows:
         assert row["decode_tokens"] == 4 * 4
         assert row["vs_eager"] == (1.0 if row["mode"] == "eager" else pytest.approx(

@@ -17,8 +17,9 @@ PROMPTS = [[5, 17, 99, 230, 7], [42] * 19, list(range(60, 97))]
 
 
 def greedy_tokens(model_dir) -> list[list[int]]:
-    settings = Settings(model=str(model_dir), device="cpu", block_size=4, num_kv_blocks=64,
-                        max_model_len=128)
+    settings = Settings(
+        model=str(model_dir), device="cpu", block_size=4, num_kv_blocks=64, max_model_len=128
+    )
 
     async def go(engine):
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -27,11 +28,15 @@ def greedy_tokens(model_dir) -> list[list[int]]:
     return [ids for ids, _, _ in serve(settings, go)[0]]
 
 
-def test_triton_path_matches_reference_path(tiny_model_dir, triton_module, monkeypatch: pytest.MonkeyPatch):
+def test_triton_path_matches_reference_path(
+    tiny_model_dir, triton_module, monkeypatch: pytest.MonkeyPatch
+):
     calls = []
     attention = triton_module("attention")
     original = attention.paged_decode_attention
-    monkeypatch.setattr(attention, "paged_decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        attention, "paged_decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "reference")
     reference = greedy_tokens(tiny_model_dir)
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "triton")
@@ -56,13 +61,17 @@ def test_adapters_of_every_kind_through_triton(tmp_path, triton_module, monkeypa
     def tokens(kind: str):
         monkeypatch.setenv("ADAPTERSERVE_KERNELS", kind)
         settings = adapters.settings(tmp_path / kind)
-        return serve(settings, lambda engine: asyncio.gather(*[generate(engine, p, m) for m, p in cases]))[0]
+        return serve(
+            settings, lambda engine: asyncio.gather(*[generate(engine, p, m) for m, p in cases])
+        )[0]
 
     reference = tokens("reference")
     assert not calls
     triton = tokens("triton")
     assert calls, "the Triton adapter kernels were never called"
-    for (model, _), (t_ref, lp_ref, _), (t_tri, lp_tri, _) in zip(cases, reference, triton, strict=True):
+    for (model, _), (t_ref, lp_ref, _), (t_tri, lp_tri, _) in zip(
+        cases, reference, triton, strict=True
+    ):
         assert t_tri == t_ref, model
         for a, b in zip(lp_ref, lp_tri, strict=True):
             assert (a is None) == (b is None) and (a is None or abs(a - b) <= 1e-4), model

@@ -37,7 +37,9 @@ def test_reference_matches_per_token_loop(pattern: str, layout: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_triton_matches_reference(triton_module, poison_allocations, pattern, layout, dtype) -> None:
+def test_triton_matches_reference(
+    triton_module, poison_allocations, pattern, layout, dtype
+) -> None:
     x, vectors, batch = case(pattern, layout, dtype, seed=2)
     got = triton_module("ia3").ia3_scale(x, vectors, batch)
     assert got.dtype == dtype

@@ -67,7 +67,9 @@ def check_expand(lora, pattern: str, layout: str, dtype: torch.dtype, seed: int)
         for s, r in enumerate(row):
             h_poisoned[i, ids == s, r:] = float("nan")  # nor columns beyond the rank
     y = y0.clone()
-    out = lora.lora_expand(y, h_poisoned, poison_padding(weights), batch, SLICE_OFFSETS, SLICE_SIZES)
+    out = lora.lora_expand(
+        y, h_poisoned, poison_padding(weights), batch, SLICE_OFFSETS, SLICE_SIZES
+    )
     assert out is y  # in place
     torch.testing.assert_close(y.double().cpu(), expected, **TOLERANCES[dtype])
     base = ids < 0
@@ -200,7 +202,10 @@ def test_slot_offsets_are_int64_in_the_compiled_kernels(triton_module, tmp_path)
     for kernel, strides in SLOT_STRIDES.items():
         lines = ttir[kernel].splitlines()
         for stride in strides:
-            narrow = [line for line in lines
-                      if "arith.muli" in line and f"%{stride} " in line and ": i32" in line]
+            narrow = [
+                line
+                for line in lines
+                if "arith.muli" in line and f"%{stride} " in line and ": i32" in line
+            ]
             assert not narrow, (kernel, narrow)
             assert any(f"arith.extsi %{stride} : i32 to i64" in line for line in lines), kernel

@@ -99,7 +99,9 @@ def test_no_recompilation_while_the_batch_changes(setup: Setup) -> None:  # noqa
     while steps < 50:
         running = decoder.stepper.scheduler.running
         if len(running) > 2 and int(torch.randint(3, (1,), generator=g)) == 0:
-            decoder.stepper.scheduler.remove(running[int(torch.randint(len(running), (1,), generator=g))])
+            decoder.stepper.scheduler.remove(
+                running[int(torch.randint(len(running), (1,), generator=g))]
+            )
         if len(running) < 7:
             slot = SLOT_CHOICES[int(torch.randint(len(SLOT_CHOICES), (1,), generator=g))]
             decoder.add(prompt(100 + steps, 2, vocab), slot, f"n{steps}")
@@ -133,11 +135,15 @@ def test_default_model_greedy_text_identical(default_model_dir: Path, tmp_path: 
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_a_quantized_base_compiles_to_the_same_tokens(tiny_model_dir: Path, tmp_path: Path, quantization) -> None:
+def test_a_quantized_base_compiles_to_the_same_tokens(
+    tiny_model_dir: Path, tmp_path: Path, quantization
+) -> None:
     """torch's weight-only kernels inside the compiled block: the same greedy tokens as eager."""
     prompts = [[1, 50, 34, 28, 46, 31], [2, 95, 29], [7, 7, 7, 7, 7, 7, 7, 7, 11]]
     eager, _ = engine_tokens(tiny_model_dir, tmp_path / "eager", "off", prompts, quantization)
-    compiled, engine = engine_tokens(tiny_model_dir, tmp_path / "compiled", "on", prompts, quantization)
+    compiled, engine = engine_tokens(
+        tiny_model_dir, tmp_path / "compiled", "on", prompts, quantization
+    )
     assert engine.compiled is not None and engine.model.quantization == quantization
     assert compiled == eager
 

@@ -16,11 +16,23 @@ from tests.helpers import Stepper, make_tiny_llama
 CONFIGS = {
     "gqa-untied": {},
     "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
-    "odd-sizes": dict(hidden_size=72, num_attention_heads=3, num_key_value_heads=1, intermediate_size=100,
-                      num_hidden_layers=3),
-    "llama3-rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-                        rope_theta=500000.0),
+    "odd-sizes": dict(
+        hidden_size=72,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        intermediate_size=100,
+        num_hidden_layers=3,
+    ),
+    "llama3-rope": dict(
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        rope_theta=500000.0,
+    ),
     "qwen2-bias": dict(model_type="qwen2"),
 }
 
@@ -49,7 +61,9 @@ def model_pair(request, tmp_path_factory):
 @pytest.mark.parametrize("chunk", [64, 5, 1])
 def test_logits_match_transformers(model_pair, chunk):
     ours, theirs = model_pair
-    prompt = torch.randint(0, ours.args.vocab_size, (23,), generator=torch.Generator().manual_seed(chunk))
+    prompt = torch.randint(
+        0, ours.args.vocab_size, (23,), generator=torch.Generator().manual_seed(chunk)
+    )
     got = all_logits(ours, prompt.tolist(), chunk)
     with torch.no_grad():
         want = theirs(prompt[None]).logits[0]
@@ -110,7 +124,9 @@ def test_llama3_rope_frequencies_match_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     scaling = CONFIGS["llama3-rope"]["rope_scaling"]
-    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500000.0, rope_scaling=scaling)
+    cfg = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, rope_theta=500000.0, rope_scaling=scaling
+    )
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     args = ModelArgs.from_hf_config(cfg.to_dict())
     torch.testing.assert_close(rope_inv_freq(args).float(), want.float())
@@ -118,8 +134,12 @@ def test_llama3_rope_frequencies_match_transformers():
 
 def test_default_model_logits_match(default_model_dir):
     ours = load_model(default_model_dir, torch.device("cpu"), torch.float32)
-    theirs = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32).eval()
-    prompt = torch.randint(0, ours.args.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    theirs = AutoModelForCausalLM.from_pretrained(
+        str(default_model_dir), dtype=torch.float32
+    ).eval()
+    prompt = torch.randint(
+        0, ours.args.vocab_size, (40,), generator=torch.Generator().manual_seed(0)
+    )
     got = all_logits(ours, prompt.tolist(), chunk=16, block_size=16)
     with torch.no_grad():
         want = theirs(prompt[None]).logits[0]

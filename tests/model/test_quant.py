@@ -184,7 +184,9 @@ def adapters(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_every_adapter_kind_on_a_quantized_base_equals_the_dequantized_base(adapters, tmp_path, mode):
+def test_every_adapter_kind_on_a_quantized_base_equals_the_dequantized_base(
+    adapters, tmp_path, mode
+):
     """Base and every kind, mixed in one batch: the quantized engine's prompt log-probs equal
     the float engine's on the dequantized weights within the bf16 rounding of each matmul's
     inputs and output (2 layers here: a few 1e-3 nats); and the quantized engine gives each
@@ -231,7 +233,9 @@ def test_the_default_model_served_as_it_ships(default_gguf, default_model_dir, t
         from adapterserve.server.model.quant import Int8GroupLinear
 
         assert engine.model.quantization == "int4"
-        embd = next(t for t in GGUFReader(str(default_gguf)).tensors if t.name == "token_embd.weight")
+        embd = next(
+            t for t in GGUFReader(str(default_gguf)).tensors if t.name == "token_embd.weight"
+        )
         assert isinstance(engine.model.head, Int8GroupLinear)
         assert torch.equal(engine.model.head.int8_codes().codes, int8_blocks(embd.data).codes)
         params = SamplingParams(max_tokens=12, temperature=0.0, prompt_logprobs=0)
@@ -261,7 +265,9 @@ def within_transformers_bf16_gap(ours: torch.Tensor, model_dir: Path, ids: list[
     for dtype in (torch.float32, torch.bfloat16):
         models[dtype] = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
         with torch.no_grad():
-            logits = models[dtype](input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+            logits = (
+                models[dtype](input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+            )
         runs[dtype] = logits.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     want = runs[torch.float32]
     gap, yardstick = (ours - want).abs(), (runs[torch.bfloat16] - want).abs()
@@ -293,7 +299,9 @@ def test_the_model_card_shows_the_quantization(tmp_path):
     from tests.helpers import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "m", seed=2)
-    settings = Settings(model=str(model), device="cpu", cache_dir=tmp_path / "c", quantization="int8")
+    settings = Settings(
+        model=str(model), device="cpu", cache_dir=tmp_path / "c", quantization="int8"
+    )
     with TestClient(create_app(settings)) as client:
         card = client.get("/v1/models").json()["data"][0]
         assert card["quantization"] == "int8"
@@ -378,8 +386,11 @@ def test_quantized_codes_are_cached_and_the_next_start_reuses_them(tmp_path, mon
             patch.setattr(Int8Codes, "quantize", refuse)
             patch.setattr(Int4Codes, "quantize", refuse)
             second = load_model(model_dir, cpu, torch.float32, mode, None, tmp_path / "cache")
-        for a, b in ((first.layers[1].self_attn.wqkv, second.layers[1].self_attn.wqkv),
-                     (first.layers[0].mlp.w2, second.layers[0].mlp.w2), (first.head, second.head)):
+        for a, b in (
+            (first.layers[1].self_attn.wqkv, second.layers[1].self_attn.wqkv),
+            (first.layers[0].mlp.w2, second.layers[0].mlp.w2),
+            (first.head, second.head),
+        ):
             x = torch.randn(3, a.in_features)
             assert torch.equal(a(x), b(x)) and torch.equal(a.dequantize(), b.dequantize())
         assert second.quantization == mode and cached.stat().st_size > 0
@@ -411,20 +422,26 @@ def test_q8_0_blocks_dequantize_bit_for_bit_to_gguf_py():
     from adapterserve.server.model.quant import Int8GroupLinear
 
     rng = np.random.default_rng(12)
-    made = quantize(rng.standard_normal((48, 128)).astype(np.float32) * 0.05, GGMLQuantizationType.Q8_0)
+    made = quantize(
+        rng.standard_normal((48, 128)).astype(np.float32) * 0.05, GGMLQuantizationType.Q8_0
+    )
     drawn = rng.integers(0, 256, (32, 5, 34), dtype=np.uint8)
     drawn[..., 0:2] = (rng.random((32, 5, 1)) * 1e-2).astype(np.float16).view(np.uint8)
     for raw in (made, drawn.reshape(32, -1)):
         codes = int8_blocks(raw)
         assert codes.group_size == 32 and codes.scales.shape == (raw.shape[0], raw.shape[1] // 34)
-        assert torch.equal(codes.dequantize(), torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q8_0)))
+        assert torch.equal(
+            codes.dequantize(), torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q8_0))
+        )
         layer = Int8GroupLinear(codes)
         assert torch.equal(layer.int8_codes().codes, codes.codes)  # both planes, every code
         assert torch.equal(layer.dequantize(), codes.dequantize())
         out_features, in_features = codes.codes.shape
         sz = layer.scales_and_zeros.double()  # (2 in / 32, out, 2): the planes' bf16 scales, zeros
         planes = layer.codes().double().view(out_features, -1, 32)
-        both = ((planes - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).view(out_features, -1)
+        both = ((planes - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).view(
+            out_features, -1
+        )
         effective = both[:, :in_features] + both[:, in_features:]
         assert int(codes.codes.min()) < -64 and int(codes.codes.max()) > 64
         for rows in (1, 7, 16):
@@ -512,7 +529,9 @@ def test_a_q8_0_gguf_is_served_as_it_ships(default_gguf, tmp_path):
         assert torch.equal(model.layers[1].mlp.w2.int8_codes().codes, down.codes)
         assert torch.equal(model.layers[1].mlp.w2.scales8, down.scales)
         assert isinstance(model.head, Int8GroupLinear)  # tied: the file's Q8_0 embeddings
-        assert torch.equal(model.head.int8_codes().codes, int8_blocks(raw["token_embd.weight"]).codes)
+        assert torch.equal(
+            model.head.int8_codes().codes, int8_blocks(raw["token_embd.weight"]).codes
+        )
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         async for out in engine.add_request(ids, params):
             if out.prompt_logprobs:
@@ -535,4 +554,6 @@ def test_group_scaled_int8_codes_survive_the_cache(tmp_path):
     back = _read_codes(tmp_path / "c.safetensors")
     assert back["a"].group_size == 32 and back["b"].group_size is None
     for name, codes in (("a", grouped), ("b", channel)):
-        assert torch.equal(back[name].codes, codes.codes) and torch.equal(back[name].scales, codes.scales)
+        assert torch.equal(back[name].codes, codes.codes) and torch.equal(
+            back[name].scales, codes.scales
+        )

@@ -60,7 +60,9 @@ def test_gguf_projections_read_as_floats_equal_transformers(default_model_dir):
         assert torch.equal(weight, tensors[f"model.{name}.weight"]), name
 
 
-def test_the_server_conversion_leaves_the_projections_in_the_gguf(default_model_dir, tmp_path, monkeypatch):
+def test_the_server_conversion_leaves_the_projections_in_the_gguf(
+    default_model_dir, tmp_path, monkeypatch
+):
     """The server's conversion (complete=False) holds no projection weights; the model loaded
     from it and the GGUF in fp32 equals the one loaded from the complete conversion; and a
     complete conversion, when present, serves the server's request too (no second one)."""
@@ -149,7 +151,9 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
-@pytest.mark.parametrize(("quantization", "complete"), [("auto", False), ("int8", False), ("none", True)])
+@pytest.mark.parametrize(
+    ("quantization", "complete"), [("auto", False), ("int8", False), ("none", True)]
+)
 def test_the_server_converts_a_gguf_completely_only_to_serve_it_as_floats(
     default_model_dir, monkeypatch, tmp_path, quantization, complete
 ):
@@ -159,6 +163,12 @@ def test_the_server_converts_a_gguf_completely_only_to_serve_it_as_floats(
     from adapterserve.server.engine.bootstrap import plan_engine
 
     asked = []
-    monkeypatch.setattr(weights, "convert_gguf", lambda _p, _c, complete=True: asked.append(complete) or default_model_dir)
+    monkeypatch.setattr(
+        weights,
+        "convert_gguf",
+        lambda _p, _c, complete=True: asked.append(complete) or default_model_dir,
+    )
     plan = plan_engine(Settings(device="cpu", quantization=quantization, cache_dir=tmp_path))
-    assert asked == [complete] and plan.quantization == ("int4" if quantization == "auto" else quantization)
+    assert asked == [complete] and plan.quantization == (
+        "int4" if quantization == "auto" else quantization
+    )

@@ -138,7 +138,11 @@ def _fit_constraint(body: dict[str, Any]) -> None:
     or min_tokens (the grammar decides the end)."""
     fmt = body.get("response_format")
     constrained = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
-    if constrained and fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+    if (
+        constrained
+        and fmt.get("type") == "json_schema"
+        and isinstance(fmt.get("json_schema"), dict)
+    ):
         fmt["json_schema"]["schema"] = {"type": "object"}
     for key, value in COMPILABLE.items():
         if body.get(key) is None:

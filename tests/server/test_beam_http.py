@@ -43,7 +43,9 @@ def prompt_ids(seed: int, length: int) -> list[int]:
     [(2, 1, {}), (4, 2, {"length_penalty": 2.0}), (4, 4, {"early_stopping": True}),
      (3, 2, {"length_penalty": -0.5, "early_stopping": "never"})],
 )  # fmt: skip
-def test_beam_search_answers_equal_transformers(client: openai.OpenAI, reference, k, n, extra) -> None:
+def test_beam_search_answers_equal_transformers(
+    client: openai.OpenAI, reference, k, n, extra
+) -> None:
     model, tokenizer = reference
     eos = model.generation_config.eos_token_id
     for seed in range(3):
@@ -115,7 +117,9 @@ def test_a_prompt_batch_searches_each_prompt(client: openai.OpenAI, reference) -
         ({"best_of": 9}, "best_of"),  # above the server's --max-n 8
     ],
 )
-def test_what_beam_search_refuses_is_a_400_naming_the_field(http: httpx.Client, fields, param) -> None:
+def test_what_beam_search_refuses_is_a_400_naming_the_field(
+    http: httpx.Client, fields, param
+) -> None:
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "use_beam_search": True, **fields}
     response = http.post("/v1/completions", json=body)
     assert response.status_code == 400, response.text
@@ -179,11 +183,16 @@ def test_chat_beam_refusals(http: httpx.Client, fields, param) -> None:
     assert param in (error["param"] or "") + error["message"], error
 
 
-def test_n_choices_share_the_prompt_blocks_in_one_step(client: openai.OpenAI, http: httpx.Client) -> None:
+def test_n_choices_share_the_prompt_blocks_in_one_step(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
     """n = 4 sampled choices of a new prompt: the first prefills it, the other three (admitted
     in the same step) reuse its full blocks, all but the last token's."""
     ids = prompt_ids(991, 70)
     hits = metric(http, "adapterserve_prefix_cache_hits_total")
     out = client.completions.create(model="tiny", prompt=ids, max_tokens=3, n=4, seed=5)
     assert len(out.choices) == 4
-    assert metric(http, "adapterserve_prefix_cache_hits_total") - hits == 3 * (69 // BLOCK_SIZE) * BLOCK_SIZE
+    assert (
+        metric(http, "adapterserve_prefix_cache_hits_total") - hits
+        == 3 * (69 // BLOCK_SIZE) * BLOCK_SIZE
+    )

@@ -11,14 +11,20 @@ from adapterserve.server import cli
 from adapterserve.server.config import Settings
 
 
-def test_missing_model_exits_2_with_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_model_exits_2_with_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.ERROR):
         assert cli.serve(Settings(model=str(tmp_path / "nope"), port=0)) == 2
     assert "neither a .gguf file nor a directory with config.json" in caplog.text
 
 
-def test_kv_cache_smaller_than_context_exits_2(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    settings = Settings(model=str(tiny_model_dir), port=0, max_model_len=512, num_kv_blocks=4, block_size=16)
+def test_kv_cache_smaller_than_context_exits_2(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(
+        model=str(tiny_model_dir), port=0, max_model_len=512, num_kv_blocks=4, block_size=16
+    )
     with caplog.at_level(logging.ERROR):
         assert cli.serve(settings) == 2
     assert "fewer than max_model_len=512" in caplog.text

@@ -147,7 +147,9 @@ def test_upload_through_the_page_lists_the_adapter(page, server: Server, work: d
     expect(page.locator("#base-card")).to_contain_text("vocabulary")
     expect(page.locator('#adapters-table tr[data-name="lora-b"]')).to_be_visible()
     page.fill("#upload-name", "lora-a")
-    page.set_input_files("#upload-files", [*adapter_files(work["lora-a"]), str(work["root"] / "server.log")])
+    page.set_input_files(
+        "#upload-files", [*adapter_files(work["lora-a"]), str(work["root"] / "server.log")]
+    )
     expect(page.locator("#upload-chosen")).to_contain_text("left out")  # server.log is not sent
     page.click("#upload-send")
     expect(page.locator("#upload-status")).to_contain_text("Uploaded lora-a: lora, rank 4, version")
@@ -188,7 +190,9 @@ def test_drop_an_archive_then_replace_and_delete(page, server: Server, work: dic
     with page.expect_file_chooser() as chooser:
         row.locator("button.replace").click()
     chooser.value.set_files(adapter_files(work["lora-a"]))
-    expect(page.locator("#adapters-status")).to_contain_text("Replaced my-ia3: lora, rank 4, version")
+    expect(page.locator("#adapters-status")).to_contain_text(
+        "Replaced my-ia3: lora, rank 4, version"
+    )
     expect(row.locator("td").nth(1)).to_have_text("lora")
     row.locator("button.delete").click()
     expect(page.locator("#adapters-status")).to_contain_text("Deleted my-ia3.")
@@ -262,7 +266,9 @@ def test_playground_streams_three_answers_equal_to_the_api(page, server: Server)
     assert len(set(texts.values())) == 3  # the adapters change the answers
     stats = page.locator(".column .stats")
     for i in range(3):
-        assert re.search(r"TTFT \d+\.\d+ s · 12 tokens · (\d+\.\d|-) tok/s", stats.nth(i).text_content())
+        assert re.search(
+            r"TTFT \d+\.\d+ s · 12 tokens · (\d+\.\d|-) tok/s", stats.nth(i).text_content()
+        )
     screenshot(page, "playground")
 
 
@@ -298,7 +304,12 @@ def test_evaluation_job_finishes_with_its_table(page, server: Server) -> None:
     registered with markup in its instructions: the rows show it as text."""
     records = [{"instruction": f"{XSS} Is {i} even? Answer yes or no.", "answer": "yes"}
                for i in range(2)]  # fmt: skip
-    body = {"name": "xss-set", "answer_kind": "words", "answer_words": ["yes", "no"], "records": records}
+    body = {
+        "name": "xss-set",
+        "answer_kind": "words",
+        "answer_words": ["yes", "no"],
+        "records": records,
+    }
     assert httpx.post(f"{server.base_url}/v1/datasets", json=body).status_code == 201
     open_tab(page, "evaluations")
     for model in ("base", "lora-a"):
@@ -390,7 +401,7 @@ def test_live_metrics(page, server: Server) -> None:
 def test_prometheus_text_parser(page) -> None:
     open_tab(page, "metrics")
     text = (
-        '# HELP x_total a counter\n# TYPE x_total counter\n'
+        "# HELP x_total a counter\n# TYPE x_total counter\n"
         'x_total{model="a",outcome="ok"} 3.0\nx_total{model="a",outcome="error"} 1\n'
         'x_total{model="q\\"\\\\n",outcome="ok"} 2e3\ny 7\n'
     )
@@ -428,7 +439,9 @@ def keyed_server(tiny_model_dir: Path, work: dict[str, Path]) -> Iterator[Server
 
 
 def test_with_an_api_key_the_page_asks_for_it(browser, keyed_server: Server, work: dict) -> None:
-    context = browser.new_context(viewport={"width": 1280, "height": 700}, base_url=keyed_server.base_url)
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 700}, base_url=keyed_server.base_url
+    )
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     page.goto("/ui/")

@@ -81,7 +81,9 @@ def assert_serving(server: Server) -> None:
 
 
 @pytest.mark.parametrize("bomb", list(BOMBS))
-def test_a_grammar_bomb_is_a_400_naming_its_field_and_the_server_lives(server: Server, bomb: str) -> None:
+def test_a_grammar_bomb_is_a_400_naming_its_field_and_the_server_lives(
+    server: Server, bomb: str
+) -> None:
     extra = BOMBS[bomb]
     response = complete(server, **extra)
     assert response.status_code == 400, response.text[:500]
@@ -131,7 +133,11 @@ def test_a_stream_keeps_flowing_while_a_bomb_compiles(server: Server) -> None:
                 "model": "tiny", "prompt": "x", "max_tokens": 4, "response_format": fmt})  # fmt: skip
             end = time.monotonic()
             await streaming
-            during = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if b >= begin and a <= end]
+            during = [
+                b - a
+                for a, b in zip(arrivals, arrivals[1:], strict=False)
+                if b >= begin and a <= end
+            ]
             return max(during, default=end - begin), refused
 
     worst_gap, refused = asyncio.run(run())
@@ -185,7 +191,9 @@ def recording(parse, calls: list[tuple[int, bool]]):
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
-def test_a_prompt_the_context_cannot_hold_is_refused_untokenized(app: TestClient, encodes, route: str) -> None:
+def test_a_prompt_the_context_cannot_hold_is_refused_untokenized(
+    app: TestClient, encodes, route: str
+) -> None:
     """256 tokens of context x the longest token's characters: one more character cannot fit,
     whatever it says. (A 1M-character prompt was tokenized, 600k tokens, before its 400.)"""
     path, body = ROUTES[route]
@@ -211,8 +219,9 @@ def test_long_texts_are_tokenized_off_the_event_loop(app: TestClient, encodes, r
     assert short[1] and not long[1], encodes
 
 
-
-def test_a_large_json_body_is_checked_off_the_event_loop(app: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_large_json_body_is_checked_off_the_event_loop(
+    app: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The guard's parse and walk of a body (depth, lone surrogates) runs on a thread past
     INLINE_JSON_BYTES: an 8 MiB list of token ids took 3 s on the loop."""
     from adapterserve.server import guards
@@ -243,13 +252,17 @@ def test_a_matcher_is_handed_over_with_its_first_mask_filled(tiny_model_dir: Pat
 
     grammars = Grammars(Tokenizer(tiny_model_dir).hf, 384)
     request.addfinalizer(grammars.close)
-    grammar = grammars.compile("json_schema", {"type": "object", "properties": {"a": {"type": "integer"}}})
+    grammar = grammars.compile(
+        "json_schema", {"type": "object", "properties": {"a": {"type": "integer"}}}
+    )
     monkeypatch.setattr(constraint, "fill_bitmask", slow_fill)
     constraints = grammars.constraints(grammar, 3)
     assert all(c._fill is None or c._fill.done() for c in constraints)
 
 
-def test_masks_apply_as_llguidance_does_without_its_compiled_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_masks_apply_as_llguidance_does_without_its_compiled_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """llguidance.torch.apply_token_bitmask_inplace is torch.compile'd: its first call compiled
     for 2.9 s on the engine thread, every stream waiting. Ours gives the same -inf pattern on
     random bitmasks (sizes not a multiple of 32, negative words), and mask() never calls it."""
@@ -302,6 +315,8 @@ c.consume(int(logits.argmax()))
 grammars.close()
 print(sorted(m for m in sys.modules if m.startswith(("llguidance.torch", "torch._dynamo", "torch._inductor"))))
 """
-    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

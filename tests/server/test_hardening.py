@@ -114,7 +114,9 @@ def test_body_cap_holds_while_reading_a_chunked_body(server: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def guarded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def guarded_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     srv = start_server(
         tiny_model_dir, tmp_path_factory.mktemp("guarded") / "server.log",
         "--http-header-timeout-s", str(HEADER_TIMEOUT_S),
@@ -241,7 +243,9 @@ def test_a_body_at_the_minimum_rate_still_has_a_deadline(guarded_server: Server)
 
 
 @pytest.fixture(scope="module")
-def crowded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def crowded_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     """Default connection caps (512 in all, 256 per address, 16 for probes); a body grace long
     enough that the trickling connections are still held on a slow machine (by default they
     are cut off after 10 s, benchmarks/slow_clients.py)."""
@@ -252,7 +256,9 @@ def crowded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
 
 
-def test_two_addresses_at_their_cap_do_not_lock_out_health_and_ready(crowded_server: Server) -> None:
+def test_two_addresses_at_their_cap_do_not_lock_out_health_and_ready(
+    crowded_server: Server,
+) -> None:
     """2 x 256 connections trickling request bodies (a byte every 2 s) fill max_connections. A third address's probes still answer 200 (they
     were 503); its other requests, and more connections from the two, get the cap's 503. One
     address holds at most PROBES_PER_CLIENT connections of the headroom."""
@@ -313,7 +319,9 @@ def test_sigterm_drain_answers_503_while_in_flight_requests_finish(
         assert late.json()["error"]["code"] == "not_ready"
         assert ready.status_code == 503 and ready.json()["status"] == "draining"
         assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+        assert (
+            json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+        )
         assert srv.process.wait(30) in (0, -signal.SIGTERM)
     finally:
         stop_server(srv)
@@ -324,7 +332,9 @@ def test_sigterm_drain_answers_503_while_in_flight_requests_finish(
 
 
 @pytest.fixture(scope="module")
-def keyed_app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def keyed_app(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestClient]:
     """Two user keys and an admin key, in-process."""
     from tests.evaluation.conftest import eval_settings, make_data_dir
 

@@ -69,7 +69,9 @@ def test_health_ready_and_metrics(server: Server, http: httpx.Client) -> None:
         assert name in response.text
 
 
-def test_a_repeated_prompt_hits_the_prefix_cache_in_metrics(client: openai.OpenAI, http: httpx.Client) -> None:
+def test_a_repeated_prompt_hits_the_prefix_cache_in_metrics(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
     """The second identical request reuses the first's full blocks (all but the last token's),
     and answers the same; /metrics counts it."""
     text = "alpha beta gamma delta " * 12

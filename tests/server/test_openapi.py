@@ -298,7 +298,9 @@ def test_refused_chat_options_are_documented_as_such(
         body = chat(response_format=response_format)
         assert http.post(CHAT, json=body).status_code == 200, response_format
     refused = http.post(CHAT, json=chat(response_format={"type": "xml"}))
-    assert refused.status_code == 400 and refused.json()["error"]["param"].startswith("response_format")
+    assert refused.status_code == 400 and refused.json()["error"]["param"].startswith(
+        "response_format"
+    )
 
 
 def test_stop_limits_are_documented(doc: dict[str, Any]) -> None:

@@ -29,7 +29,9 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     from tests.adapters.makers import save_peft
 
     root = tmp_path_factory.mktemp("structured")
-    lora = save_peft(root / "lora", tiny_model_dir, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 1)
+    lora = save_peft(
+        root / "lora", tiny_model_dir, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 1
+    )
     prefix = save_peft(root / "prefix", tiny_model_dir,
                        peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 2)  # fmt: skip
     srv = start_server(tiny_model_dir, root / "server.log", "--served-model-name", "tiny",
@@ -44,7 +46,9 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
     """Nested objects, arrays, enums, required fields, bounded numbers and strings: bounded so
     that a complete value always fits in the token limit."""
-    kinds = ["string", "integer", "number", "boolean", "enum"] + (["object", "array"] if depth < 2 else [])
+    kinds = ["string", "integer", "number", "boolean", "enum"] + (
+        ["object", "array"] if depth < 2 else []
+    )
     kind = rng.choice(kinds)
     if kind == "object":
         names = rng.sample(["id", "name", "size", "tags", "ok", "score", "kind"], rng.randint(1, 3))
@@ -52,7 +56,11 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
         return {"type": "object", "properties": props, "additionalProperties": False,
                 "required": rng.sample(names, rng.randint(0, len(names)))}  # fmt: skip
     if kind == "array":
-        return {"type": "array", "items": random_schema(rng, depth + 1), "maxItems": rng.randint(1, 3)}
+        return {
+            "type": "array",
+            "items": random_schema(rng, depth + 1),
+            "maxItems": rng.randint(1, 3),
+        }
     if kind == "string":
         return {"type": "string", "maxLength": rng.randint(1, 6)}
     if kind == "integer":
@@ -104,7 +112,10 @@ def test_every_output_follows_its_schema(server: Server) -> None:
                 body = {"model": model or "tiny", "max_tokens": 200, "temperature": 1.0,
                         "seed": i, "n": 2}  # fmt: skip
                 if i % 2:
-                    body |= {"messages": [{"role": "user", "content": f"item {i}"}], "response_format": fmt}
+                    body |= {
+                        "messages": [{"role": "user", "content": f"item {i}"}],
+                        "response_format": fmt,
+                    }
                 elif i % 4 == 0:
                     body |= {"prompt": f"item {i}:", "response_format": fmt}
                 else:
@@ -151,7 +162,9 @@ def test_a_cut_value_finishes_with_length(server: Server) -> None:
     schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 50}},
               "required": ["text"]}  # fmt: skip
     body = {"model": "tiny", "prompt": "x", "max_tokens": 20, "guided_json": schema}
-    choice = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    choice = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60).json()[
+        "choices"
+    ][0]
     assert choice["finish_reason"] == "length" and choice["text"].startswith('{"text":"')
     with pytest.raises(json.JSONDecodeError):  # cut inside the value: says `length`, not `stop`
         json.loads(choice["text"])

@@ -36,14 +36,18 @@ def test_tokenize_and_detokenize_round_trip(http: httpx.Client, tokenizer, text,
     assert http.post("/tokenize", json={"prompt": text}).json()["token_strs"] is None
 
 
-def test_messages_render_as_chat_completions_does(http: httpx.Client, client: openai.OpenAI, tokenizer) -> None:
+def test_messages_render_as_chat_completions_does(
+    http: httpx.Client, client: openai.OpenAI, tokenizer
+) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     out = http.post("/tokenize", json={"messages": messages}).json()
     assert out["tokens"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                           tokenize=True, return_dict=False)  # fmt: skip
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
     assert chat.usage.prompt_tokens == out["count"]
-    plain = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    plain = http.post(
+        "/tokenize", json={"messages": messages, "add_generation_prompt": False}
+    ).json()
     assert out["tokens"][: plain["count"]] == plain["tokens"] and plain["count"] < out["count"]
 
 
@@ -54,21 +58,33 @@ def test_lm_eval_remote_tokenizer_probe(server: Server, tokenizer) -> None:
     with httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as lm_eval:
         info = lm_eval.get("/tokenizer_info").json()
         assert isinstance(info, dict) and "eos_token" in info
-        tokens = lm_eval.post("/tokenize", json={"prompt": "test", "add_special_tokens": False}).json()["tokens"]
-        assert isinstance(tokens, list) and tokens == tokenizer.encode("test", add_special_tokens=False)
-        eos = lm_eval.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False})
+        tokens = lm_eval.post(
+            "/tokenize", json={"prompt": "test", "add_special_tokens": False}
+        ).json()["tokens"]
+        assert isinstance(tokens, list) and tokens == tokenizer.encode(
+            "test", add_special_tokens=False
+        )
+        eos = lm_eval.post(
+            "/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}
+        )
         assert eos.json()["tokens"][0] == tokenizer.eos_token_id
         assert info["eos_token_ids"] == [tokenizer.eos_token_id]
         messages = [{"role": "user", "content": "hi"}]
-        rendered = jinja2.Environment().from_string(info["chat_template"]).render(
-            messages=messages, add_generation_prompt=True
+        rendered = (
+            jinja2.Environment()
+            .from_string(info["chat_template"])
+            .render(messages=messages, add_generation_prompt=True)
         )
         want = lm_eval.post("/tokenize", json={"messages": messages}).json()["tokens"]
         assert tokenizer.encode(rendered, add_special_tokens=False) == want
 
 
 def test_the_key_is_required(server: Server) -> None:
-    for method, path in (("GET", "/tokenizer_info"), ("POST", "/tokenize"), ("POST", "/detokenize")):
+    for method, path in (
+        ("GET", "/tokenizer_info"),
+        ("POST", "/tokenize"),
+        ("POST", "/detokenize"),
+    ):
         response = httpx.request(method, server.base_url + path, json={"prompt": "x"})
         assert response.status_code == 401, path
 
