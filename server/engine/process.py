@@ -122,7 +122,13 @@ class ProcessRegistry(RemoteRegistry):
         return {state.name: RemoteEntry.of(state) for state in self.client.adapter_states}
 
     def _admin(self, method: str, *args: Any) -> AdapterState:
-        return self.client.admin_call(method, *args)
+        state = self.client.admin_call(method, *args)
+        if method == "add_path":  # loaded again into a new core after a restart
+            name, path, _, require_root = args
+            self.client.path_loads[name] = (path, require_root)
+        else:  # an upload of that name replaced it, or it was removed
+            self.client.path_loads.pop(args[1] if method == "add_upload" else args[0], None)
+        return state
 
 
 class ProcessMetrics(Metrics):
@@ -202,6 +208,12 @@ class EngineProcessClient:
         self._calls: dict[int, tuple[asyncio.Future, list[CoreStream]]] = {}
         self._admin: dict[int, asyncio.Future] = {}
         self._report_waiters: list[asyncio.Future] = []
+        # adapters loaded by path (load_lora_adapter): name -> (path, require_root), loaded
+        # again into a new core before it is ready
+        self.path_loads: dict[str, tuple[str, bool]] = {}
+        self._replaying = False
+        self._replay_task: asyncio.Task | None = None
+        self._core_says_ready = False
         self._ids = itertools.count(1)
         self._deaths: deque[float] = deque()
         self._last_frame = time.monotonic()
@@ -321,11 +333,7 @@ class EngineProcessClient:
         async def call() -> tuple[str, Any]:
             if not self._up.is_set():
                 await asyncio.wait_for(self._up.wait(), ADMIN_CALL_TIMEOUT_S)
-            call_id = next(self._ids)
-            future = self._loop.create_future()
-            self._admin[call_id] = future
-            self._send(("admin", call_id, method, args))
-            return await future
+            return await self._admin_frame(method, args)
 
         kind, payload = asyncio.run_coroutine_threadsafe(call(), self._loop).result(
             ADMIN_CALL_TIMEOUT_S)  # fmt: skip
@@ -334,6 +342,35 @@ class EngineProcessClient:
         if kind == "lost":
             raise EngineRestartingError("the engine restarted during the change; retry it")
         return payload
+
+    async def _admin_frame(self, method: str, args: tuple) -> tuple[str, Any]:
+        if self._writer is None:
+            return "lost", None
+        call_id = next(self._ids)
+        future = self._loop.create_future()
+        self._admin[call_id] = future
+        self._send(("admin", call_id, method, args))
+        return await future
+
+    async def _replay_paths(self) -> None:
+        """A new core: load the adapters that were loaded by path into the old one again,
+        before it says ready (a request for one of them must not meet a 404 meanwhile)."""
+        try:
+            for name, (path, require_root) in list(self.path_loads.items()):
+                kind, payload = await self._admin_frame(
+                    "add_path", (name, path, True, require_root)
+                )
+                if kind == "lost":
+                    return
+                if kind == "error":
+                    log.warning("adapter %r (loaded by path) could not be loaded again after the "
+                                "engine core restarted: %s", name, payload)  # fmt: skip
+                    self.path_loads.pop(name, None)
+        finally:
+            self._replaying = False
+            if self._core_says_ready and self._writer is not None:
+                self._core_ready = True
+                self._up.set()
 
     # ---- the core's life ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -347,6 +384,8 @@ class EngineProcessClient:
     async def _supervise(self, started: asyncio.Future) -> None:
         while not self._stopping:
             began = time.monotonic()
+            # a new core after a restart is ready once its path adapters are back
+            self._replaying = started.done() and bool(self.path_loads)
             try:
                 reader = await self._spawn()
             except Exception as exc:  # noqa: BLE001 - the core did not come up
@@ -361,6 +400,8 @@ class EngineProcessClient:
                 else:
                     log.warning("engine core %d started in %.1f s (restart %d)",
                                 self._proc.pid, time.monotonic() - began, self.restarts)  # fmt: skip
+                    if self._replaying:
+                        self._replay_task = asyncio.ensure_future(self._replay_paths())
                 await self._serve(reader)
             if self._stopping:
                 return
@@ -443,7 +484,8 @@ class EngineProcessClient:
             if isinstance(self.metrics, ProcessMetrics):
                 self.metrics.core_text = metrics_text
             self._warming = warming
-            if ready and not self._core_ready:
+            self._core_says_ready = ready
+            if ready and not self._core_ready and not self._replaying:
                 self._core_ready = True
                 self._up.set()
             waiters, self._report_waiters = self._report_waiters, []

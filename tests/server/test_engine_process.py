@@ -148,6 +148,34 @@ def test_adapters_come_back_from_the_store_after_a_restart(app_client: TestClien
     assert client.post("/v1/completions", json={"model": "kept", "prompt": "x"}).status_code == 404
 
 
+def test_adapters_loaded_by_path_are_loaded_again_into_a_new_core(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "roots"
+    folder = lora_dir(root / "pathlora", BaseFingerprint.from_hf_config(TINY), r=4)
+    gone = lora_dir(root / "gone", BaseFingerprint.from_hf_config(TINY), r=4)
+    app = create_app(settings(tiny_model_dir, tmp_path, adapter_roots=[root]))
+    with TestClient(app) as client:
+        for name, path in (("by-path", folder), ("by-path-gone", gone)):
+            body = {"lora_name": name, "lora_path": str(path)}
+            response = client.post("/v1/load_lora_adapter", json=body)
+            assert response.status_code == 200, response.text
+        with_adapter = greedy(client, "by-path")
+        for item in gone.iterdir():  # its files go while the server runs
+            item.unlink()
+        kill_core(client)
+        wait_ready(client)
+        # ready only once it is back: no 404 in between
+        assert greedy(client, "by-path") == with_adapter
+        names = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert names == ["tiny", "by-path"]  # the one whose files went is dropped, logged
+        unload = client.post("/v1/unload_lora_adapter", json={"lora_name": "by-path"})
+        assert unload.status_code == 200
+        kill_core(client)
+        wait_ready(client)
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
+
+
 @pytest.mark.parametrize("app_client", [{"engine_max_restarts": 1}], indirect=True)
 def test_a_crash_loop_stops_restarting(app_client: TestClient) -> None:
     client = app_client
