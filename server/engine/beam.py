@@ -22,15 +22,26 @@ evaluation ran through `generate`):
 Scores are fp32, like the reference's tensors, so that ties and rounding fall the same way.
 `BeamGroup` is the engine's side of one beam-search request: its live beams are Sequences that
 share KV blocks (server/engine/scheduler.py `fork`), the streams of its `n` answers, and its
-adapter hold.
+adapter hold. `BeamSearches` is their lifecycle in the engine: start, a search step once every
+live beam has its log-probs (the scheduler forks, extends and drops beams as it decided), the
+answers, and the end (answered, aborted or failed) with its beams out of the scheduler and its
+hold released. The engine lends it what it needs as a `BeamHost`.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+from adapterserve.server.engine.output import RequestOutput
+
+if TYPE_CHECKING:
+    from adapterserve.adapters.registry import Entry
+    from adapterserve.server.engine.errors import EngineFailure
+    from adapterserve.server.engine.scheduler import Scheduler, Sequence, StepPlan
 
 NEG = -1.0e9  # what the reference adds to rule a score out (fp32: it swallows small scores)
 
@@ -157,3 +168,100 @@ class BeamGroup:
         rows = torch.stack([self.rows[id(m)] for m in self.members])
         self.rows.clear()
         return rows
+
+
+class BeamHost(Protocol):
+    """What the beam-search lifecycle uses of the engine (server/engine/engine.py)."""
+
+    scheduler: Scheduler
+
+    def leave(self, seq: Sequence) -> None:
+        """The sequence leaves the scheduler (its blocks freed), counted; no output."""
+
+    def ended(self, group: BeamGroup) -> None:
+        """The search is over: the engine forgets its root sequence."""
+
+    def release(self, entry: Entry) -> None: ...
+
+    def emit(self, stream: Any, out: RequestOutput) -> None:
+        """Hand an output to its stream with the step's others."""
+
+    def record(self, seq: Sequence, reason: str, num_output_tokens: int) -> None: ...
+
+    def detokenize(self, token_ids: list[int]) -> str: ...
+
+    def running_changed(self) -> None:
+        """The scheduler's running list changed (beams forked or dropped)."""
+
+
+class BeamSearches:
+    """The engine's beam searches (engine thread): answer stream id -> its group."""
+
+    def __init__(self, host: BeamHost) -> None:
+        self.host = host
+        self.groups: dict[str, BeamGroup] = {}
+        self._fork_ids = itertools.count(1)
+
+    @staticmethod
+    def start(root: Sequence, search: BeamSearch, streams: list[Any]) -> None:
+        """Make `root` (the prompt, holding the adapter version) the first beam of a group."""
+        root.group = BeamGroup(search, streams, root, root.entry, members=[root])
+
+    def admit(self, group: BeamGroup) -> None:
+        """The group entered the engine: its answer streams can be aborted by id."""
+        self.groups.update((stream.request_id, group) for stream in group.streams)
+
+    def advance(self, plan: StepPlan) -> None:
+        """After a step: one search step for each group whose live beams all have their rows."""
+        groups = {id(s.group): s.group for s, _ in plan.work if s.group is not None}
+        for group in groups.values():
+            if group.ready():
+                self._step(group)
+
+    def _step(self, group: BeamGroup) -> None:
+        decisions = group.search.step(group.take_rows())
+        if group.search.done:
+            self._complete(group)
+            return
+        root_id = group.root.request_id
+        group.members = self.host.scheduler.extend_beams(
+            group.members, decisions, lambda: f"{root_id}#{next(self._fork_ids)}"
+        )
+        self.host.running_changed()
+
+    def _complete(self, group: BeamGroup) -> None:
+        """The search is over: each answer stream gets its hypothesis, whole."""
+        answers = group.search.answers(len(group.streams))
+        stop_ids = group.search.stop_ids
+        root = group.root
+        for stream, hypothesis in zip(group.streams, answers, strict=True):
+            tokens = list(hypothesis.tokens)
+            reason = "stop" if tokens and tokens[-1] in stop_ids else "length"
+            out = RequestOutput(
+                stream.request_id, self.host.detokenize(tokens), tokens, finished=True,
+                finish_reason=reason, num_prompt_tokens=len(root.prompt_ids) - root.num_virtual,
+                num_output_tokens=len(tokens),
+            )  # fmt: skip
+            self.host.emit(stream, out)
+            self.host.record(root, reason, len(tokens))
+        self.end(group, None, None)
+
+    def end(self, group: BeamGroup, reason: str | None, error: EngineFailure | None) -> None:
+        """A beam search ends (answered, or `reason`: abort / error for every stream): its
+        beams leave the scheduler, its hold goes, each answer is counted."""
+        for member in group.members:
+            self.host.leave(member)
+        group.members = []
+        if group.entry is not None:
+            entry, group.entry = group.entry, None
+            self.host.release(entry)
+        self.host.ended(group)
+        root = group.root
+        for stream in group.streams:
+            self.groups.pop(stream.request_id, None)
+            if reason is not None:
+                out = RequestOutput(stream.request_id, "", [], finished=True, finish_reason=reason,
+                                    num_prompt_tokens=len(root.prompt_ids) - root.num_virtual,
+                                    error=error)  # fmt: skip
+                self.host.emit(stream, out)
+                self.host.record(root, reason, 0)

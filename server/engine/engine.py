@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import queue
 import threading
@@ -30,7 +29,7 @@ from adapterserve.adapters.errors import AdapterError, UnknownAdapterError
 from adapterserve.adapters.kinds import kind_for
 from adapterserve.adapters.registry import AdapterRegistry, Entry
 from adapterserve.server.config import Settings
-from adapterserve.server.engine.beam import BeamGroup, BeamSearch
+from adapterserve.server.engine.beam import BeamGroup, BeamSearch, BeamSearches
 from adapterserve.server.engine.constraint import Grammars, sandbox_limits
 from adapterserve.server.engine.detokenizer import IncrementalDetokenizer
 from adapterserve.server.engine.errors import (
@@ -149,8 +148,7 @@ class Engine:
         self._num_queued = 0  # submitted, not yet admitted to the running batch
         self._num_running = 0  # len(scheduler.running), published under _lock with _num_queued
         self._seqs: dict[str, Sequence] = {}
-        self._groups: dict[str, BeamGroup] = {}  # answer stream id -> its beam search
-        self._fork_ids = itertools.count(1)
+        self.beams = BeamSearches(self)  # the beam searches' lifecycle (server/engine/beam.py)
         self._outbox: list[tuple[RequestStream, RequestOutput]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -228,7 +226,7 @@ class Engine:
                 params.length_penalty, params.early_stopping, params.min_tokens,
             )  # fmt: skip
             streams = [RequestStream(request_id, self, loop) for request_id in ids]
-            root.group = BeamGroup(search, streams, root, root.entry, members=[root])
+            self.beams.start(root, search, streams)
             self._inbox.put(("add", root))
             out.append(streams)
         self._wake.set()
@@ -392,10 +390,10 @@ class Engine:
                 if seq.group is None:
                     self.output.add(seq)
                 else:
-                    self._groups.update((s.request_id, seq.group) for s in seq.group.streams)
+                    self.beams.admit(seq.group)
                 self.scheduler.add(seq)
-            elif (group := self._groups.get(item)) is not None:
-                self._end_group(
+            elif (group := self.beams.groups.get(item)) is not None:
+                self.beams.end(
                     group, "abort", RequestAbortedError("the client aborted the request")
                 )
             elif (seq := self._seqs.get(item)) is not None:
@@ -422,9 +420,7 @@ class Engine:
             if out.finished:
                 self._retire(seq, out.finish_reason)
             self._send(seq, out)
-        for group in {id(s.group): s.group for s, _ in plan.work if s.group is not None}.values():
-            if group.ready():
-                self._advance(group)
+        self.beams.advance(plan)
         self._publish_stats(plan.num_tokens)
 
     @property
@@ -476,73 +472,41 @@ class Engine:
             self._num_queued += requeued - admitted
             self._num_running = len(self.scheduler.running)
 
-    # ---- beam search (engine thread) -------------------------------------------------------
-    def _advance(self, group: BeamGroup) -> None:
-        """Every beam has its next-token log-probs: one beam-search step, then the scheduler
-        forks, extends and drops beams as it decided."""
-        decisions = group.search.step(group.take_rows())
-        if group.search.done:
-            self._complete(group)
-            return
-        root_id = group.root.request_id
-        group.members = self.scheduler.extend_beams(
-            group.members, decisions, lambda: f"{root_id}#{next(self._fork_ids)}"
-        )
-        with self._lock:
-            self._num_running = len(self.scheduler.running)
-
-    def _complete(self, group: BeamGroup) -> None:
-        """The search is over: each answer stream gets its hypothesis, whole."""
-        answers = group.search.answers(len(group.streams))
-        stop_ids = group.search.stop_ids
-        root = group.root
-        for stream, hypothesis in zip(group.streams, answers, strict=True):
-            tokens = list(hypothesis.tokens)
-            detok = IncrementalDetokenizer(self.tokenizer)
-            for token in tokens:
-                detok.add(token)
-            reason = "stop" if tokens and tokens[-1] in stop_ids else "length"
-            out = RequestOutput(
-                stream.request_id, detok.flush(), tokens, finished=True, finish_reason=reason,
-                num_prompt_tokens=len(root.prompt_ids) - root.num_virtual,
-                num_output_tokens=len(tokens),
-            )  # fmt: skip
-            self._outbox.append((stream, out))
-            self._record(root, reason, len(tokens))
-        self._end_group(group, None, None)
-
-    def _drop_beam(self, seq: Sequence) -> None:
+    # ---- BeamHost: what the beam searches use (engine thread) -------------------------------
+    def leave(self, seq: Sequence) -> None:
         with self._lock:
             if seq.status is Status.WAITING:
                 self._num_queued -= 1
             self.scheduler.remove(seq)
             self._num_running = len(self.scheduler.running)
 
-    def _end_group(self, group: BeamGroup, reason: str | None, error: EngineFailure | None) -> None:
-        """A beam search ends (answered, or `reason`: abort / error for every stream): its
-        beams leave the scheduler, its hold goes, each answer is counted."""
-        for member in group.members:
-            self._drop_beam(member)
-        group.members = []
-        if group.entry is not None:
-            entry, group.entry = group.entry, None
-            self.registry.release(entry)
-        root = group.root
-        self._seqs.pop(root.request_id, None)
-        for stream in group.streams:
-            self._groups.pop(stream.request_id, None)
-            if reason is not None:
-                out = RequestOutput(stream.request_id, "", [], finished=True, finish_reason=reason,
-                                    num_prompt_tokens=len(root.prompt_ids) - root.num_virtual,
-                                    error=error)  # fmt: skip
-                self._outbox.append((stream, out))
-                self._record(root, reason, 0)
+    def ended(self, group: BeamGroup) -> None:
+        self._seqs.pop(group.root.request_id, None)
+
+    def release(self, entry: Entry) -> None:
+        self.registry.release(entry)
+
+    def emit(self, stream: RequestStream, out: RequestOutput) -> None:
+        self._outbox.append((stream, out))
+
+    def record(self, seq: Sequence, reason: str, num_output_tokens: int) -> None:
+        self._record(seq, reason, num_output_tokens)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        detok = IncrementalDetokenizer(self.tokenizer)
+        for token in token_ids:
+            detok.add(token)
+        return detok.flush()
+
+    def running_changed(self) -> None:
+        with self._lock:
+            self._num_running = len(self.scheduler.running)
 
     # ---- finishing and handing out --------------------------------------------------------
     def _finish(self, seq: Sequence, reason: str, error: EngineFailure) -> None:
         """End a sequence from here (abort, error): its last output, then retire it."""
         if seq.group is not None:
-            self._end_group(seq.group, reason, error)
+            self.beams.end(seq.group, reason, error)
             return
         out = self.output.finish(seq, reason, error)
         self._retire(seq, reason)
@@ -551,11 +515,7 @@ class Engine:
     def _retire(self, seq: Sequence, reason: str) -> None:
         """A finished sequence leaves the scheduler (its KV blocks freed) and its adapter hold
         goes; its outcome is counted."""
-        with self._lock:
-            if seq.status is Status.WAITING:
-                self._num_queued -= 1
-            self.scheduler.remove(seq)
-            self._num_running = len(self.scheduler.running)
+        self.leave(seq)
         if seq.entry is not None:
             entry, seq.entry, seq.lease = seq.entry, None, None
             self.registry.release(entry)
