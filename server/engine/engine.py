@@ -117,12 +117,7 @@ class Engine:
         num_blocks: int,
         registry: AdapterRegistry | None = None,
     ) -> None:
-        self.model, self.tokenizer, self.settings, self.metrics = (
-            model,
-            tokenizer,
-            settings,
-            metrics,
-        )
+        self.tokenizer, self.settings, self.metrics = tokenizer, settings, metrics
         self.model_id, self.max_model_len = model_id, max_model_len
         self.allocator = BlockAllocator(
             num_blocks, settings.block_size, caching=settings.enable_prefix_caching
@@ -422,6 +417,15 @@ class Engine:
             self._send(seq, out)
         self.beams.advance(plan)
         self._publish_stats(plan.num_tokens)
+
+    @property
+    def model(self) -> Transformer:
+        """The model the runner steps (a test may wrap it to inject a fault)."""
+        return self.runner.model
+
+    @model.setter
+    def model(self, model: Transformer) -> None:
+        self.runner.model = model
 
     @property
     def compiled(self) -> CompiledDecode | None:

@@ -481,6 +481,7 @@ class EngineProcessClient:
         elif kind == "report":
             _, states, metrics_text, ready, warming = message
             self.adapter_states = states
+            self.registry.caught_up()  # the core reports right after each change it made
             if isinstance(self.metrics, ProcessMetrics):
                 self.metrics.core_text = metrics_text
             self._warming = warming

@@ -208,6 +208,11 @@ class RemoteRegistry:
         self._remember(name, entry)
         return entry
 
+    def caught_up(self) -> None:
+        """A report newer than every change made here arrived: it alone is the truth."""
+        self._recent.clear()
+        self._cached = (0.0, {})
+
     def _remember(self, name: str, entry: RemoteEntry | None) -> None:
         """Until the engines' reports show it."""
         self._recent[name] = (time.monotonic() + RECENT_S, entry)

@@ -152,7 +152,7 @@ def test_engine_beams_equal_transformers(tiny, tmp_path, block_size, num_blocks,
         cases, extra_eos, results[: len(cases)], strict=True
     ):
         assert got == hf_beams(model, ids, k, m, {EOS, eos}, lp, es, n, mn), (ids, k, lp, es)
-    assert engine.allocator.num_used == 0 and not engine._groups and not engine._seqs
+    assert engine.allocator.num_used == 0 and not engine.beams.groups and not engine._seqs
     if num_blocks < 100:
         text = engine.metrics.render().decode()
         assert "adapterserve_preemptions_total 0.0" not in text  # whole groups were preempted
@@ -192,7 +192,7 @@ def test_aborting_a_search_frees_every_beam(tiny, tmp_path):
 
     outs, engine = serve(settings, go)
     assert [o.finish_reason for o in outs] == ["abort"]
-    assert engine.allocator.num_used == 0 and not engine._groups and engine._num_queued == 0
+    assert engine.allocator.num_used == 0 and not engine.beams.groups and engine._num_queued == 0
 
 
 def test_a_request_beside_two_searches_that_fill_the_slots_runs_at_once(tiny, tmp_path):
@@ -224,7 +224,7 @@ def test_a_request_beside_two_searches_that_fill_the_slots_runs_at_once(tiny, tm
     (searching, num_tokens), engine = serve(settings, go)
     assert searching == [True, True] and num_tokens == 4
     assert engine.scheduler.share_yields == 16  # the newer group, whole, once
-    assert engine.allocator.num_used == 0 and not engine._groups
+    assert engine.allocator.num_used == 0 and not engine.beams.groups
 
 
 @pytest.fixture(scope="module")

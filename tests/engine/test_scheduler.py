@@ -174,7 +174,7 @@ class Driver:
 
 
 class FakeBeams:
-    """What Engine._advance does with a beam group, with random decisions instead of a
+    """What BeamSearches (server/engine/beam.py) does with a beam group, with random decisions instead of a
     BeamSearch: when every beam has computed its tokens, 1..width next beams extend random
     beams by random tokens (scheduler.extend_beams), for `steps` steps; then all leave."""
 

@@ -74,7 +74,7 @@ def test_ready_is_503_until_every_compiled_shape_is_warm(
     """While the warm-up runs (held here until the server listens), /health is 200 and /ready
     and new requests are 503. The warm-up used to run before the server listened at all, so
     neither answered; it also left out shapes (see the next test)."""
-    caplog.set_level(logging.INFO, logger="adapterserve.server.engine.engine")
+    caplog.set_level(logging.INFO, logger="adapterserve.server.engine.runner")
     release = threading.Event()
     real_warm_up = CompiledDecode.warm_up
 
