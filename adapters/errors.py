@@ -1,6 +1,6 @@
 """Typed refusals of the adapters package: each names the field at fault and says what to change.
 
-They carry no HTTP status: the server maps each type to one (server/errors.py, ADAPTER_ERRORS),
+They carry no HTTP status: the server maps each type to one (server/api/errors.py, ADAPTER_ERRORS),
 so that `adapters` never speaks HTTP. Messages never contain a server path.
 """
 

@@ -21,8 +21,8 @@ import torch
 
 from adapterserve.adapters.errors import AdapterFormatError
 from adapterserve.kernels import Activation
+from adapterserve.kernels.batch import TARGETS as TARGETS  # one definition, for the model too
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # LoRA's model-level targets, outside the layers (peft's module names): the token embeddings
 # (lora_embedding_A (r, vocab) / lora_embedding_B (hidden, r), a gathered delta) and the LM head
 # (lora_A (r, hidden) / lora_B (vocab, r), a delta on the logits)

@@ -24,6 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+# The projections of a layer that an adapter may target (LoRA, bottlenecks, IA3), in the order
+# the model computes them: one definition for the model (server/model) and the adapters.
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
 Segment = tuple[int, int, int]  # (slot, first row, row count)
 
 

@@ -173,10 +173,10 @@ class _Server(uvicorn.Server):
 
 def serve(settings: Settings) -> int:
     """Run until a signal or a fatal engine fault; returns the process exit status."""
+    from adapterserve.server.api.transport import guarded_protocol
     from adapterserve.server.engine.bootstrap import EngineConfigError, plan_engine
     from adapterserve.server.main import create_app
     from adapterserve.server.model.weights import ModelLoadError
-    from adapterserve.server.transport import guarded_protocol
 
     failure: list[BaseException] = []
     server: _Server | None = None

@@ -16,17 +16,17 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from adapterserve.server import console
+from adapterserve.server.api.deps import require_admin_key
+from adapterserve.server.api.errors import install_error_handlers
+from adapterserve.server.api.guards import RequestGuard, body_routes, routes_depending_on
+from adapterserve.server.api.routers import adapters, chat, completions, health, models, tokenize
+from adapterserve.server.api.routers import evaluations as evaluations_router
+from adapterserve.server.api.routers.openapi import openapi_document
 from adapterserve.server.config import Settings
-from adapterserve.server.deps import require_admin_key
 from adapterserve.server.engine.bootstrap import EnginePlan, running_engine
 from adapterserve.server.engine.process import ProcessMetrics, engine_process
-from adapterserve.server.errors import install_error_handlers
 from adapterserve.server.evaluation.runner import build_runner
-from adapterserve.server.guards import RequestGuard, body_routes, routes_depending_on
 from adapterserve.server.metrics import Metrics
-from adapterserve.server.routers import adapters, chat, completions, health, models, tokenize
-from adapterserve.server.routers import evaluations as evaluations_router
-from adapterserve.server.routers.openapi import openapi_document
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """ClusterEngine: the engine the ingress's routers use, over the engine replicas.
 
-It has the interface of server/engine/engine.py's Engine that the routers, server/serving.py
+It has the interface of server/engine/engine.py's Engine that the routers, server/api/serving.py
 and the evaluation runner use (add_requests / add_beam_searches -> streams of RequestOutput,
 confirm, tokenizer, model_id, max_model_len, grammars, healthy / ready, registry), so the
 HTTP API is the same code in one process and in a cluster:

@@ -1,4 +1,4 @@
-"""EngineClient: the one interface the HTTP routers, server/serving.py, the evaluation runner
+"""EngineClient: the one interface the HTTP routers, server/api/serving.py, the evaluation runner
 and the console's endpoints use to reach an engine, wherever it runs.
 
 Three implementations:

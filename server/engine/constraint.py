@@ -18,7 +18,7 @@ cap, with llguidance's own limits set): there it is converted, validated, made i
 and asked for its first mask. A crash, an overrun or a panic kills that worker only (it is
 replaced) and refuses the grammar, a 400 naming the field; refusals are cached like successes.
 Only a grammar that passed is built in the serving process, one matcher per sequence, on a
-thread with a larger stack than the sandbox's, off the event loop (server/serving.py). The
+thread with a larger stack than the sandbox's, off the event loop (server/api/serving.py). The
 engine only asks each matcher for the next token mask and feeds it the sampled token
 (OutputProcessor); llguidance's step limits bound each mask. Preemption keeps the matcher: a recomputed
 sequence's tokens are the ones it already consumed.

@@ -1,4 +1,4 @@
-"""The engine's typed errors. They carry no HTTP status: server/errors.py maps each type to
+"""The engine's typed errors. They carry no HTTP status: server/api/errors.py maps each type to
 its answer (ENGINE_ERRORS), as it maps the adapters' own (ADAPTER_ERRORS).
 
 Two kinds: refusals that `Engine.add_requests` raises (the request never entered), and the

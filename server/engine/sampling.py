@@ -10,7 +10,7 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-sequence decoding parameters, checked where requests come in (server/serving.py)."""
+    """Per-sequence decoding parameters, checked where requests come in (server/api/serving.py)."""
 
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy

@@ -1,6 +1,6 @@
 """Typed refusals and failures of evaluation jobs and datasets: each says what to change.
 
-They carry no HTTP status: the server maps each type to one (server/errors.py,
+They carry no HTTP status: the server maps each type to one (server/api/errors.py,
 EVALUATION_ERRORS), so that `evaluation` never speaks HTTP, as the engine's and the adapters'
 own errors do not.
 """

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_FULL_BACKOFF_S = (0.05, 1.0)  # first and longest wait before submitting again
 # Engine refusals that pass: a full queue (online traffic), a lost replica or a restarting
-# engine (EngineRestartingError is a ReplicaLostError). server/errors.py answers the same ones
+# engine (EngineRestartingError is a ReplicaLostError). server/api/errors.py answers the same ones
 # with Retry-After (ENGINE_ERRORS); tests/evaluation/test_errors.py keeps the two in step.
 RETRYABLE_ENGINE_ERRORS = (QueueFullError, ReplicaLostError)
 LOST_REPLICA_RETRIES = 3  # a request whose cluster replica died runs again this often

@@ -31,8 +31,6 @@ from adapterserve.server.model.quant import (
     quantize_group,
 )
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
 
 @dataclass(frozen=True)
 class ModelArgs:

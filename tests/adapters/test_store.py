@@ -23,7 +23,7 @@ import pytest
 from adapterserve.adapters.errors import AdapterError
 from adapterserve.adapters.formats import check_files
 from adapterserve.adapters.store import STAGING_STALE_S, AdapterStore
-from adapterserve.server.errors import adapter_error_status
+from adapterserve.server.api.errors import adapter_error_status
 
 CONFIG = b'{"peft_type": "LORA", "r": 4}'
 WEIGHTS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "  # content is not parsed by the store

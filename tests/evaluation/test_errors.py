@@ -1,12 +1,17 @@
-"""server/errors.py answers each typed error of server/evaluation/errors.py (EVALUATION_ERRORS)
+"""server/api/errors.py answers each typed error of server/evaluation/errors.py (EVALUATION_ERRORS)
 as the evaluation API answered before evaluation had its own errors."""
 
 from __future__ import annotations
 
 import pytest
 
+from adapterserve.server.api.errors import (
+    ENGINE_ERRORS,
+    EVALUATION_ERRORS,
+    evaluation_error,
+    truncate,
+)
 from adapterserve.server.engine import errors as engine_errors
-from adapterserve.server.errors import ENGINE_ERRORS, EVALUATION_ERRORS, evaluation_error, truncate
 from adapterserve.server.evaluation import errors
 from adapterserve.server.evaluation.runner import RETRY_QUEUED_S
 from adapterserve.server.evaluation.worker import RETRYABLE_ENGINE_ERRORS

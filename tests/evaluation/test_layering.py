@@ -1,6 +1,6 @@
 """Evaluation speaks no HTTP: no module under server/evaluation imports the HTTP layer
-(server/errors.py, server/jsontext.py, FastAPI, Starlette) or raises its errors; it raises the
-typed errors of server/evaluation/errors.py, which server/errors.py maps to answers."""
+(server/api/errors.py, server/api/jsontext.py, FastAPI, Starlette) or raises its errors; it raises the
+typed errors of server/evaluation/errors.py, which server/api/errors.py maps to answers."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import adapterserve.server.evaluation as evaluation
 
 EVALUATION_DIR = Path(evaluation.__file__).parent
 HTTP_MODULES = (
-    "adapterserve.server.errors",
-    "adapterserve.server.jsontext",
+    "adapterserve.server.api.errors",
+    "adapterserve.server.api.jsontext",
     "fastapi",
     "starlette",
 )

@@ -1,4 +1,4 @@
-"""adapterserve.server.errors.ADAPTER_ERRORS: every typed refusal of the adapters package answers with the
+"""adapterserve.server.api.errors.ADAPTER_ERRORS: every typed refusal of the adapters package answers with the
 HTTP status, error type and code the API gave before the refusals lost their `.status`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from adapterserve.adapters import errors as adapter_errors
 from adapterserve.adapters.errors import AdapterError
-from adapterserve.server.errors import (
+from adapterserve.server.api.errors import (
     ADAPTER_ERRORS,
     adapter_error_status,
     error_type,

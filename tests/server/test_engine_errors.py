@@ -1,4 +1,4 @@
-"""adapterserve.server.errors.ENGINE_ERRORS: every typed error of the engine answers with the status, type,
+"""adapterserve.server.api.errors.ENGINE_ERRORS: every typed error of the engine answers with the status, type,
 param, code, message and Retry-After the API gave when the routers mapped engine exceptions
 themselves (and failed outputs carried an HTTP status)."""
 
@@ -9,6 +9,7 @@ import inspect
 import pytest
 
 from adapterserve.adapters.errors import AdapterFormatError, AdapterLoadError, UnknownAdapterError
+from adapterserve.server.api.errors import ENGINE_ERRORS, engine_error, failure_error
 from adapterserve.server.engine import errors as engine_errors_module
 from adapterserve.server.engine.errors import (
     EngineDeadError,
@@ -18,7 +19,6 @@ from adapterserve.server.engine.errors import (
     QueueFullError,
     RequestAbortedError,
 )
-from adapterserve.server.errors import ENGINE_ERRORS, engine_error, failure_error
 
 RETRY_AFTER_S = 7
 LISTS = "GET /v1/models lists the served models."

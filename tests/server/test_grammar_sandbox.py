@@ -16,7 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from adapterserve.server import serving
+from adapterserve.server.api import serving
 from adapterserve.server.config import Settings
 from adapterserve.server.main import create_app
 from tests.server.conftest import Server, start_server, stop_server
@@ -224,7 +224,7 @@ def test_a_large_json_body_is_checked_off_the_event_loop(
 ) -> None:
     """The guard's parse and walk of a body (depth, lone surrogates) runs on a thread past
     INLINE_JSON_BYTES: an 8 MiB list of token ids took 3 s on the loop."""
-    from adapterserve.server import guards
+    from adapterserve.server.api import guards
 
     seen: list[tuple[int, bool]] = []
     monkeypatch.setattr(guards, "loads", recording(guards.loads, seen))

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from adapterserve.server.api.routers.openapi import decimal_below, openapi_document
 from adapterserve.server.config import Settings
 from adapterserve.server.main import create_app
-from adapterserve.server.routers.openapi import decimal_below, openapi_document
 from tests.server.conftest import MAX_MODEL_LEN, MAX_N, Server
 
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")

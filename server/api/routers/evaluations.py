@@ -7,13 +7,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from adapterserve.server import jsontext
-from adapterserve.server.deps import caller_key, is_admin, require_admin_key
-from adapterserve.server.errors import APIError, error_responses, invalid_request, truncate
-from adapterserve.server.evaluation.datasets import answer_spec, validate_records
-from adapterserve.server.evaluation.jobs import EvalJob, JobOptions
-from adapterserve.server.evaluation.runner import EvaluationRunner
-from adapterserve.server.schemas import (
+from adapterserve.server.api import jsontext
+from adapterserve.server.api.deps import caller_key, is_admin, require_admin_key
+from adapterserve.server.api.errors import APIError, error_responses, invalid_request, truncate
+from adapterserve.server.api.schemas import (
     DatasetInfo,
     DatasetList,
     DatasetUpload,
@@ -21,6 +18,9 @@ from adapterserve.server.schemas import (
     EvaluationList,
     EvaluationRequest,
 )
+from adapterserve.server.evaluation.datasets import answer_spec, validate_records
+from adapterserve.server.evaluation.jobs import EvalJob, JobOptions
+from adapterserve.server.evaluation.runner import EvaluationRunner
 
 router = APIRouter(tags=["evaluations"])
 

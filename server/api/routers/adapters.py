@@ -1,7 +1,7 @@
 """Adapter management: multipart uploads into the durable store, listing, cards, deletion, and
 vLLM's load/unload endpoints for adapters already on the server's disk (under its roots).
 
-Uploads never go through FastAPI's form parameters: RequestGuard (server/guards.py) hands the
+Uploads never go through FastAPI's form parameters: RequestGuard (server/api/guards.py) hands the
 route a receive that counts bytes and stops at the upload cap (413), the form parser spools
 file parts to anonymous temporary files that are closed on every path, and the store copies them into a staging
 directory of its own (allow-listed names, caps) before the registry validates and commits it.
@@ -25,17 +25,14 @@ from adapterserve.adapters.errors import AdapterError, NoAdapterStoreError
 from adapterserve.adapters.formats import shown_names
 from adapterserve.adapters.registry import AdapterRegistry, Entry
 from adapterserve.adapters.store import validate_name
-from adapterserve.server.config import Settings
-from adapterserve.server.deps import get_engine, get_registry, get_settings, require_admin_key
-from adapterserve.server.engine.client import EngineClient
-from adapterserve.server.engine.remote import RemoteEntry
-from adapterserve.server.errors import (
+from adapterserve.server.api.deps import get_engine, get_registry, get_settings, require_admin_key
+from adapterserve.server.api.errors import (
     APIError,
     error_responses,
     from_adapter_error,
     invalid_request,
 )
-from adapterserve.server.schemas import (
+from adapterserve.server.api.schemas import (
     ADAPTER_NAME_CHARS,
     ADAPTER_NAME_PATTERN,
     AdapterCard,
@@ -44,6 +41,9 @@ from adapterserve.server.schemas import (
     LoadLoraAdapterRequest,
     UnloadLoraAdapterRequest,
 )
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.client import EngineClient
+from adapterserve.server.engine.remote import RemoteEntry
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ and the routers log their names; our own endpoints refuse them (StrictRequestMod
 a misspelt option cannot run a job nobody asked for. Checks that need the model or the
 settings (vocabulary, context length, `n` cap) happen in the routers; the schema states them
 with `x-server-limit` placeholders that the served /openapi.json fills in with this server's
-values (server/routers/openapi.py).
+values (server/api/routers/openapi.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from adapterserve.adapters.spec import AdapterKind
+
 MAX_STOP_SEQUENCES = 4
-UNKNOWN_FIELD = "unknown_field"  # error type; server/errors.py takes `param` from its ctx
+UNKNOWN_FIELD = "unknown_field"  # error type; server/api/errors.py takes `param` from its ctx
 MAX_FIELD_NAME_CHARS = 40  # of a client's field name quoted back
 MAX_N = 128  # hard schema bound; settings.max_n caps it lower in the routers
 # Key of a schema-only placeholder: {"x-server-limit": {"maximum": "max_n"}} becomes
@@ -29,6 +31,9 @@ SERVER_LIMIT = "x-server-limit"
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?$"
 ADAPTER_NAME_CHARS = 64
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # server/evaluation/datasets.py
+
+# The adapter kinds the server serves, from AdapterKind (adapters/spec.py): one list
+AdapterKindName = Literal[tuple(kind.value for kind in AdapterKind)]  # type: ignore[valid-type]
 
 
 def _integral_float_to_int(value: Any) -> Any:
@@ -638,7 +643,7 @@ class AdapterCard(BaseModel):
     object: Literal["adapter"] = "adapter"
     name: str
     parent: str = Field(..., description="the base model's id")
-    kind: Literal["lora", "series", "parallel", "prefix", "prompt", "ia3"]
+    kind: AdapterKindName
     rank: int = Field(..., description="LoRA rank or bottleneck size (0 for prefix/prompt/ia3)")
     targets: list[str] = Field(
         ..., description="base modules it acts on: q,k,v,o,gate,up,down, embed_tokens, lm_head"

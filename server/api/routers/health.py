@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from adapterserve.server.deps import get_engine, get_metrics
+from adapterserve.server.api.deps import get_engine, get_metrics
+from adapterserve.server.api.schemas import HealthStatus
 from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.metrics import Metrics
-from adapterserve.server.schemas import HealthStatus
 
 router = APIRouter(tags=["health"])
 

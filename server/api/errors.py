@@ -35,6 +35,7 @@ from adapterserve.adapters.errors import (
     UnknownAdapterError,
     UploadTooLargeError,
 )
+from adapterserve.server.api.schemas import UNKNOWN_FIELD
 from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineError,
@@ -60,7 +61,6 @@ from adapterserve.server.evaluation.errors import (
     JobNotFoundError,
     JobQueueFullError,
 )
-from adapterserve.server.schemas import UNKNOWN_FIELD
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def failure_error(error: EngineFailure, retry_after_s: int) -> APIError:
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries: each status answers an ErrorResponse as JSON, whatever the
-    route's own media type (server/routers/openapi.py registers the ErrorResponse schema)."""
+    route's own media type (server/api/routers/openapi.py registers the ErrorResponse schema)."""
     content = {"application/json": {"schema": {"$ref": ERROR_SCHEMA_REF}}}
     return {s: {"description": _DESCRIPTION_BY_STATUS[s], "content": content} for s in statuses}
 

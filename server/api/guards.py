@@ -15,7 +15,7 @@
    sends nothing for `http_body_timeout_s`, that falls under `http_body_min_rate` bytes/s once
    `http_body_grace_s` are spent, or that is not complete within `http_body_deadline_s`, is a
    408, logged, and the connection closes (headers are timed by the protocol,
-   server/transport.py).
+   server/api/transport.py).
 5. **JSON routes**: the whole body read and checked (strict UTF-8, a JSON object, nesting depth,
    no lone surrogates; 400) before FastAPI parses it.
 """
@@ -35,10 +35,15 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapterserve.server.api.errors import (
+    APIError,
+    count_rejection,
+    error_response,
+    invalid_request,
+)
+from adapterserve.server.api.jsontext import loads
 from adapterserve.server.config import Settings
 from adapterserve.server.console import is_console_path
-from adapterserve.server.errors import APIError, count_rejection, error_response, invalid_request
-from adapterserve.server.jsontext import loads
 
 log = logging.getLogger(__name__)
 

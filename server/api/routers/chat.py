@@ -7,15 +7,10 @@ import time
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from adapterserve.server.config import Settings
-from adapterserve.server.deps import get_engine, get_settings, resolve_model
-from adapterserve.server.engine.client import EngineClient
-from adapterserve.server.engine.errors import EngineError
-from adapterserve.server.engine.output import RequestOutput
-from adapterserve.server.engine.sampling import TokenLogprob
-from adapterserve.server.errors import error_responses, invalid_request
-from adapterserve.server.schemas import ChatCompletionRequest, ChatCompletionResponse
-from adapterserve.server.serving import (
+from adapterserve.server.api.deps import get_engine, get_settings, resolve_model
+from adapterserve.server.api.errors import error_responses, invalid_request
+from adapterserve.server.api.schemas import ChatCompletionRequest, ChatCompletionResponse
+from adapterserve.server.api.serving import (
     STREAMED,
     ChoiceResult,
     ClientDisconnected,
@@ -43,6 +38,11 @@ from adapterserve.server.serving import (
     submit_beams,
     usage_dict,
 )
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.client import EngineClient
+from adapterserve.server.engine.errors import EngineError
+from adapterserve.server.engine.output import RequestOutput
+from adapterserve.server.engine.sampling import TokenLogprob
 
 router = APIRouter(tags=["chat"])
 

@@ -7,7 +7,7 @@ uvicorn's h11 protocol with:
 - a header timeout: a request's headers must be complete within `http_header_timeout_s` of the
   connection opening (or of the previous response on a kept-alive connection); otherwise the
   client gets a 408 and the connection closes. Bodies are timed by RequestGuard (a stall
-  timeout, a minimum rate, a deadline: server/guards.py);
+  timeout, a minimum rate, a deadline: server/api/guards.py);
 - connection caps: past `max_connections_per_client` connections from one address, or
   `max_connections + probe_connections` in all, a new connection gets a 503 + Retry-After at
   once and is closed, so descriptors stay available for other clients and for the server's own
@@ -28,8 +28,8 @@ import json
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from adapterserve.server.api.errors import error_body
 from adapterserve.server.config import Settings
-from adapterserve.server.errors import error_body
 
 PROBE_PATHS = frozenset({"/health", "/ready"})
 PROBES_PER_CLIENT = 2  # headroom connections one address may hold (a prober needs one)

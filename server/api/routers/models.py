@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from adapterserve.adapters.registry import Entry
-from adapterserve.server.deps import get_engine, resolve_model
+from adapterserve.server.api.deps import get_engine, resolve_model
+from adapterserve.server.api.errors import error_responses
+from adapterserve.server.api.schemas import ModelCard, ModelList
 from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.remote import RemoteEntry
-from adapterserve.server.errors import error_responses
-from adapterserve.server.schemas import ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
 

@@ -1,6 +1,6 @@
 """Parsing JSON that a client sent: one set of limits for every parser of client text.
 
-Request bodies (server/guards.py) and JSON embedded in them (a dataset's `jsonl` lines) go
+Request bodies (server/api/guards.py) and JSON embedded in them (a dataset's `jsonl` lines) go
 through `loads`: strict UTF-8 already decoded by the caller, nesting at most MAX_JSON_DEPTH
 levels, no lone surrogates. Python's json module recurses in C and raises RecursionError
 around 1,000 levels; depth is checked again on the parsed value, walked iteratively, so no
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from adapterserve.server.errors import invalid_request
+from adapterserve.server.api.errors import invalid_request
 
 MAX_JSON_DEPTH = 64
 

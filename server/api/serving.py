@@ -5,7 +5,7 @@ streaming their outputs, and aborting them all when the client goes away.
 Each request is validated here, at the boundary, once: the schema, then `check_sampling`
 (n, capacity, logit_bias and stop token ids, min_tokens), `check_context` and the routers'
 own prompt checks (characters, empty, token id ranges). The engine counts only what it alone
-knows (an adapter's virtual tokens); engine errors are answered through server/errors.py.
+knows (an adapter's virtual tokens); engine errors are answered through server/api/errors.py.
 """
 
 from __future__ import annotations
@@ -26,6 +26,15 @@ from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from starlette.types import Receive, Scope, Send
 
+from adapterserve.server.api.errors import (
+    APIError,
+    engine_error,
+    error_body,
+    failure_error,
+    invalid_request,
+    truncate,
+)
+from adapterserve.server.api.schemas import ChatMessage, SamplingFields
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.constraint import GrammarError, GrammarUnavailable
@@ -38,15 +47,6 @@ from adapterserve.server.engine.errors import (
 )
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.sampling import SamplingParams, TokenLogprob
-from adapterserve.server.errors import (
-    APIError,
-    engine_error,
-    error_body,
-    failure_error,
-    invalid_request,
-    truncate,
-)
-from adapterserve.server.schemas import ChatMessage, SamplingFields
 
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name, rendered as templates know it
 

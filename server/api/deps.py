@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from adapterserve.adapters.errors import UnknownAdapterError
-from adapterserve.server.config import Settings
-from adapterserve.server.errors import APIError, model_not_found
-from adapterserve.server.guards import (
+from adapterserve.server.api.errors import APIError, model_not_found
+from adapterserve.server.api.guards import (
     bearer_token,
     check_admin_key,
     key_fingerprint,
     key_matches,
 )
+from adapterserve.server.config import Settings
 from adapterserve.server.metrics import Metrics
 
 if TYPE_CHECKING:

@@ -8,18 +8,18 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from adapterserve.server.config import Settings
-from adapterserve.server.deps import get_engine, get_settings, resolve_model
-from adapterserve.server.engine.client import EngineClient
-from adapterserve.server.errors import error_responses, invalid_request
-from adapterserve.server.schemas import (
+from adapterserve.server.api.deps import get_engine, get_settings, resolve_model
+from adapterserve.server.api.errors import error_responses, invalid_request
+from adapterserve.server.api.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
 )
-from adapterserve.server.serving import check_prompt_chars, off_loop, render_chat
+from adapterserve.server.api.serving import check_prompt_chars, off_loop, render_chat
+from adapterserve.server.config import Settings
+from adapterserve.server.engine.client import EngineClient
 
 router = APIRouter(tags=["tokenizer"])
 

@@ -1,6 +1,6 @@
 """The served /openapi.json: FastAPI's description plus what only the running server knows.
 
-- `x-server-limit` placeholders (server/schemas.py) become this server's caps: `n`, the
+- `x-server-limit` placeholders (server/api/schemas.py) become this server's caps: `n`, the
   context length, the vocabulary, the prompt characters.
 - Statuses that come from the app rather than from a route: 401 on every route but /health
   when an API key is set (with a bearer security scheme), 400 and 413 from the body guard on
@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
+from adapterserve.server.api.errors import error_responses
+from adapterserve.server.api.guards import public_paths
+from adapterserve.server.api.schemas import SERVER_LIMIT, ErrorResponse
+from adapterserve.server.api.serving import max_choices
 from adapterserve.server.config import Settings
-from adapterserve.server.errors import error_responses
-from adapterserve.server.guards import public_paths
-from adapterserve.server.schemas import SERVER_LIMIT, ErrorResponse
-from adapterserve.server.serving import max_choices
 
 if TYPE_CHECKING:
     from adapterserve.server.engine.client import EngineClient
