@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -44,7 +42,7 @@ from adapterserve.server.engine.remote import (
     RemoteEntry,
     RemoteGrammars,
     RemoteRegistry,
-    one_grammar,
+    for_remote,
 )
 from adapterserve.server.engine.sampling import SamplingParams
 from adapterserve.server.metrics import Metrics
@@ -289,9 +287,7 @@ class ClusterEngine:
         model: str | None = None,
     ) -> list[ProxyStream]:
         model = model or self.model_id
-        grammar = one_grammar([params.constraint for _, params, _ in requests])
-        plain = [(list(ids), _without_constraint(params), rid or _new_id())
-                 for ids, params, rid in requests]  # fmt: skip
+        plain, grammar = for_remote(requests)
         handle = self._handle_for(model)
         call = self._start(lambda: handle.generate.remote(plain, model, grammar),
                            [rid for _, _, rid in plain])  # fmt: skip
@@ -366,14 +362,6 @@ class ClusterEngine:
         for call in list(self._calls):
             call.close()
         self.grammars.close()
-
-
-def _without_constraint(params: SamplingParams) -> SamplingParams:
-    return dataclasses.replace(params, constraint=None) if params.constraint is not None else params
-
-
-def _new_id() -> str:
-    return uuid.uuid4().hex
 
 
 def cluster_backend(handle: Any) -> Any:

@@ -36,7 +36,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -58,7 +57,7 @@ from adapterserve.server.engine.remote import (
     RemoteEntry,
     RemoteGrammars,
     RemoteRegistry,
-    one_grammar,
+    for_remote,
 )
 from adapterserve.server.engine.sampling import SamplingParams
 from adapterserve.server.metrics import Metrics
@@ -267,9 +266,7 @@ class EngineProcessClient:
     ) -> list[CoreStream]:
         """Submit one call's requests (all or none, as Engine.add_requests); the core's
         refusal is raised by `confirm` (and ends the streams)."""
-        grammar = one_grammar([params.constraint for _, params, _ in requests])
-        plain = [(list(ids), _without_constraint(params), rid or uuid.uuid4().hex)
-                 for ids, params, rid in requests]  # fmt: skip
+        plain, grammar = for_remote(requests)
         return self._submit(("add", plain, model or self.model_id, grammar),
                             [rid for _, _, rid in plain])  # fmt: skip
 
@@ -610,10 +607,6 @@ def describe_exit(code: int | None) -> str:
             return f"killed by signal {-code} ({signal.Signals(-code).name})"
         return f"killed by signal {-code}"
     return f"exit status {code}"
-
-
-def _without_constraint(params: SamplingParams) -> SamplingParams:
-    return dataclasses.replace(params, constraint=None) if params.constraint is not None else params
 
 
 @asynccontextmanager

@@ -13,7 +13,9 @@ grammars compiled (and checked) on this side, and a view of the adapter catalog.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from adapterserve.adapters.registry import Entry
 from adapterserve.adapters.spec import AdapterKind
 from adapterserve.adapters.store import AdapterStore
 from adapterserve.server.engine.constraint import Grammars
+from adapterserve.server.engine.sampling import SamplingParams
 from adapterserve.server.model.llama import ModelArgs
 
 VIEW_CACHE_S = 0.2  # the catalog view is rebuilt at most this often (every request looks it up)
@@ -70,11 +73,19 @@ class GrammarText:
     grammar: str
 
 
-def one_grammar(constraints: list[Any]) -> str | None:
-    """The grammar of one call's requests (they share one response format), or None."""
-    grammars = {c.grammar for c in constraints if isinstance(c, GrammarText)}
+def for_remote(
+    requests: list[tuple[list[int], SamplingParams, str | None]],
+) -> tuple[list[tuple[list[int], SamplingParams, str]], str | None]:
+    """One call's requests as a remote engine takes them: constraints stripped (a matcher does
+    not cross processes; the engine builds it from the call's one grammar text, returned
+    beside them) and every request id set."""
+    grammars = {
+        p.constraint.grammar for _, p, _ in requests if isinstance(p.constraint, GrammarText)
+    }
     assert len(grammars) <= 1, "one call carries one response format"
-    return grammars.pop() if grammars else None
+    plain = [(list(ids), dataclasses.replace(params, constraint=None), rid or uuid.uuid4().hex)
+             for ids, params, rid in requests]  # fmt: skip
+    return plain, grammars.pop() if grammars else None
 
 
 # ---------------------------------------------------------------- adapters
