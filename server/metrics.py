@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -234,3 +236,70 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Exposition:
+    """Prometheus texts merged into one: each family keeps one HELP and one TYPE and its
+    samples from every text together. Samples equal in name and labels are summed
+    (`_created`: the earliest). The engine core process's client merges its own and the
+    core's metrics; the cluster's ingress merges every replica's, labelled by replica."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, list[str]] = {}  # name -> HELP, TYPE and sample keys
+        self._values: dict[str, float] = {}  # sample key (name and labels) -> value
+
+    def add(self, text: str, replica: str | None = None,
+            only: tuple[str, ...] | None = None) -> None:  # fmt: skip
+        """Merge `text`; `replica`: label its samples `replica="..."`; `only`: keep just the
+        families whose names start with one of these."""
+        current = None
+        for line in text.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                current = line.split(" ", 3)[2]
+                if only is not None and not current.startswith(only):
+                    current = None
+                    continue
+                lines = self._families.setdefault(current, [])
+                if not any(existing.startswith(line[:7]) for existing in lines):
+                    lines.append(line)
+            elif line and not line.startswith("#") and current is not None:
+                key, _, value = _labelled(line, replica).rpartition(" ")
+                if key not in self._values:
+                    self._families[current].append(key)
+                    self._values[key] = float(value)
+                elif key.split("{", 1)[0].endswith("_created"):
+                    self._values[key] = min(self._values[key], float(value))
+                else:
+                    self._values[key] += float(value)
+
+    def render(self) -> str:
+        return "".join(
+            (line if line.startswith("#") else f"{line} {_number(self._values[line])}") + "\n"
+            for lines in self._families.values()
+            for line in lines
+        )
+
+
+def merge_expositions(*texts: str) -> str:
+    """The texts as one exposition (Exposition), equal samples summed."""
+    merged = Exposition()
+    for text in texts:
+        merged.add(text)
+    return merged.render()
+
+
+def _labelled(sample: str, replica: str | None) -> str:
+    if replica is None:
+        return sample
+    name, brace, rest = sample.partition("{")
+    label = f'replica="{replica}"'
+    if brace:
+        return f"{name}{{{label},{rest}"
+    name, _, value = sample.partition(" ")
+    return f"{name}{{{label}}} {value}"
+
+
+def _number(value: float) -> str:
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    return repr(value) if value != int(value) or abs(value) >= 1e15 else f"{int(value)}.0"

@@ -38,13 +38,13 @@ from adapterserve.server.api.schemas import ChatMessage, SamplingFields
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.constraint import GrammarError, GrammarUnavailable
-from adapterserve.server.engine.engine import RequestStream
 from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineError,
     EngineFailure,
     EngineRestartingError,
 )
+from adapterserve.server.engine.intake import RequestStream
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.sampling import SamplingParams, TokenLogprob
 
@@ -429,6 +429,7 @@ class ChoiceResult:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
     error: EngineFailure | None = None
 
     def add(self, output: RequestOutput) -> None:
@@ -439,6 +440,7 @@ class ChoiceResult:
             self.prompt_logprobs = output.prompt_logprobs
         self.num_prompt_tokens = output.num_prompt_tokens
         self.num_output_tokens = output.num_output_tokens
+        self.num_cached_tokens = output.num_cached_tokens
         if output.finished:
             self.finish_reason = output.finish_reason
             self.error = output.error
@@ -488,11 +490,15 @@ def finite_logprob(value: float) -> float:
     return value if math.isfinite(value) else MIN_LOGPROB
 
 
-def usage_dict(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+def usage_dict(
+    num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int = 0
+) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens served from the prefix cache."""
     return {
         "prompt_tokens": num_prompt_tokens,
         "completion_tokens": num_completion_tokens,
         "total_tokens": num_prompt_tokens + num_completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": num_cached_tokens},
     }
 
 

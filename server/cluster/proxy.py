@@ -33,8 +33,8 @@ from adapterserve.server.cluster.reports import Report, read_reports
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.bootstrap import EnginePlan, eos_ids, plan_engine
 from adapterserve.server.engine.constraint import Grammars, sandbox_limits
-from adapterserve.server.engine.engine import OutputStream
 from adapterserve.server.engine.errors import EngineError, ReplicaLostError
+from adapterserve.server.engine.intake import OutputStream
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.remote import (
     AdapterState,
@@ -45,7 +45,7 @@ from adapterserve.server.engine.remote import (
     for_remote,
 )
 from adapterserve.server.engine.sampling import SamplingParams
-from adapterserve.server.metrics import Metrics
+from adapterserve.server.metrics import Exposition, Metrics
 from adapterserve.server.model.llama import ModelArgs
 from adapterserve.server.model.tokenizer import Tokenizer
 
@@ -206,38 +206,11 @@ class ClusterMetrics(Metrics):
         self.engine: ClusterEngine | None = None
 
     def render(self) -> bytes:
-        families: dict[str, list[str]] = {}
-        _collect(families, super().render().decode(), None)
-        for name in [n for n in families if not n.startswith(INGRESS_FAMILIES)]:
-            del families[name]
+        merged = Exposition()
+        merged.add(super().render().decode(), only=INGRESS_FAMILIES)
         for report in self.engine.reports() if self.engine is not None else ():
-            _collect(families, report.metrics, report.replica)
-        return "".join(line + "\n" for lines in families.values() for line in lines).encode()
-
-
-def _collect(families: dict[str, list[str]], text: str, replica: str | None) -> None:
-    """Merge one exposition into `families` (name -> HELP, TYPE, samples): a family's
-    samples from every source stay together under one HELP / TYPE."""
-    current = None
-    for line in text.splitlines():
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            current = line.split(" ", 3)[2]
-            lines = families.setdefault(current, [])
-            if not any(existing.startswith(line[:7]) for existing in lines):
-                lines.append(line)
-        elif line and not line.startswith("#") and current is not None:
-            families[current].append(_labelled(line, replica))
-
-
-def _labelled(sample: str, replica: str | None) -> str:
-    if replica is None:
-        return sample
-    name, brace, rest = sample.partition("{")
-    label = f'replica="{replica}"'
-    if brace:
-        return f"{name}{{{label},{rest}"
-    name, _, value = sample.partition(" ")
-    return f"{name}{{{label}}} {value}"
+            merged.add(report.metrics, report.replica)
+        return merged.render().encode()
 
 
 # ---------------------------------------------------------------- the engine proxy

@@ -37,8 +37,9 @@ from adapterserve.server.cluster.reports import (
 )
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.bootstrap import running_engine
-from adapterserve.server.engine.engine import Engine, RequestStream
+from adapterserve.server.engine.engine import Engine
 from adapterserve.server.engine.errors import EngineError
+from adapterserve.server.engine.intake import RequestStream
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.sampling import SamplingParams
 from adapterserve.server.metrics import Metrics

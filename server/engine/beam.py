@@ -240,7 +240,7 @@ class BeamSearches:
             out = RequestOutput(
                 stream.request_id, self.host.detokenize(tokens), tokens, finished=True,
                 finish_reason=reason, num_prompt_tokens=len(root.prompt_ids) - root.num_virtual,
-                num_output_tokens=len(tokens),
+                num_output_tokens=len(tokens), num_cached_tokens=root.num_cached_tokens or 0,
             )  # fmt: skip
             self.host.emit(stream, out)
             self.host.record(root, reason, len(tokens))

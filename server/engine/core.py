@@ -33,8 +33,9 @@ from typing import Any
 
 from adapterserve.adapters.errors import AdapterError
 from adapterserve.server.engine.bootstrap import running_engine
-from adapterserve.server.engine.engine import Engine, RequestStream
+from adapterserve.server.engine.engine import Engine
 from adapterserve.server.engine.errors import EngineError
+from adapterserve.server.engine.intake import RequestStream
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.process import REPORT_INTERVAL_S, encode, read_frame, stream_pair
 from adapterserve.server.engine.remote import AdapterState

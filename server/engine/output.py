@@ -46,6 +46,7 @@ class RequestOutput:
     finish_reason: str | None = None  # stop | length | abort | error
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache, not computed
     error: EngineFailure | None = None  # why it ended: set with finish_reason error or abort
 
 
@@ -244,6 +245,7 @@ class OutputProcessor:
             finish_reason=reason,
             num_prompt_tokens=len(seq.prompt_ids) - seq.num_virtual,
             num_output_tokens=len(seq.output_ids),
+            num_cached_tokens=seq.num_cached_tokens or 0,
             error=error,
         )
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:

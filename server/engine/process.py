@@ -45,11 +45,11 @@ from adapterserve.adapters.store import AdapterStore
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.bootstrap import EnginePlan, eos_ids, plan_engine
 from adapterserve.server.engine.constraint import Grammars, sandbox_limits
-from adapterserve.server.engine.engine import OutputStream
 from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineRestartingError,
 )
+from adapterserve.server.engine.intake import OutputStream
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.remote import (
     AdapterState,
@@ -60,7 +60,7 @@ from adapterserve.server.engine.remote import (
     for_remote,
 )
 from adapterserve.server.engine.sampling import SamplingParams
-from adapterserve.server.metrics import Metrics
+from adapterserve.server.metrics import Metrics, merge_expositions
 from adapterserve.server.model.llama import ModelArgs
 from adapterserve.server.model.tokenizer import Tokenizer
 
@@ -141,40 +141,6 @@ class ProcessMetrics(Metrics):
 
     def render(self) -> bytes:
         return merge_expositions(super().render().decode(), self.core_text).encode()
-
-
-def merge_expositions(*texts: str) -> str:
-    """Prometheus texts as one: families keep one HELP / TYPE; equal samples are summed
-    (`_created` samples: the earliest)."""
-    families: dict[str, list[str]] = {}
-    values: dict[str, float] = {}
-    for text in texts:
-        current = None
-        for line in text.splitlines():
-            if line.startswith(("# HELP ", "# TYPE ")):
-                current = line.split(" ", 3)[2]
-                lines = families.setdefault(current, [])
-                if not any(existing.startswith(line[:7]) for existing in lines):
-                    lines.append(line)
-            elif line and not line.startswith("#") and current is not None:
-                key, _, value = line.rpartition(" ")
-                if key not in values:
-                    families[current].append(key)
-                    values[key] = float(value)
-                elif key.split("{", 1)[0].endswith("_created"):
-                    values[key] = min(values[key], float(value))
-                else:
-                    values[key] += float(value)
-    out = []
-    for lines in families.values():
-        out += [
-            line if line.startswith("#") else f"{line} {_number(values[line])}" for line in lines
-        ]
-    return "".join(line + "\n" for line in out)
-
-
-def _number(value: float) -> str:
-    return repr(value) if value != int(value) or abs(value) >= 1e15 else f"{int(value)}.0"
 
 
 class EngineProcessClient:

@@ -24,6 +24,7 @@ request may take every slot.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from adapterserve.server.engine.sampling import SamplingParams, TokenLogprob
 if TYPE_CHECKING:  # what a sequence refers to (their modules import this one)
     from adapterserve.adapters.registry import Entry, Lease
     from adapterserve.server.engine.beam import BeamGroup
-    from adapterserve.server.engine.engine import OutputStream
+    from adapterserve.server.engine.intake import OutputStream
 
 
 class Status(enum.Enum):
@@ -79,12 +80,18 @@ class Sequence:
     cache_identity: str = "base"
     block_keys: list[bytes] = field(default_factory=list)
     num_registered: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens found in the cache at first admission
     group: BeamGroup | None = (
         None  # beam search (server/engine/beam.py BeamGroup): one beam of that group
     )
     owner: object | None = (
         None  # the request it belongs to, for the fair share (None: itself, or its group)
     )
+
+    @property
+    def bound(self) -> bool:
+        """Its adapter version holds a device slot (or it has none): it may be admitted."""
+        return self.entry is None or self.lease is not None
 
     @property
     def all_ids(self) -> list[int]:
@@ -169,14 +176,16 @@ class StepPlan:
 
 
 class Scheduler:
-    """`prepare(seq)` is asked before admitting a waiting sequence: False keeps it waiting (its
-    adapter is still loading) while later ones are admitted. A prefix-tuned sequence's virtual
-    K/V count as computed when it is (re)admitted; the plan names it in `prefix_writes`, and
-    the model runner writes them. Nothing here touches a tensor: a step is a StepPlan."""
+    """Plans steps; calls nothing outside itself. Before each `schedule`, the engine binds the
+    `candidates` (the waiting sequences this step may admit) to their adapters' slots; one not
+    `bound` yet (its adapter still loading) keeps its place in line while later ones are
+    admitted. A prefix-tuned sequence's virtual K/V count as computed when it is (re)admitted;
+    the plan names it in `prefix_writes`, and the model runner writes them. Nothing here
+    touches a tensor: a step is a StepPlan."""
 
     def __init__(
         self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-        prepare: Callable[[Sequence], bool] | None = None, max_request_share: float = 1.0,
+        max_request_share: float = 1.0,
     ) -> None:  # fmt: skip
         assert 0.0 < max_request_share <= 1.0
         self.allocator = allocator
@@ -184,7 +193,6 @@ class Scheduler:
         # running slots one request may hold while another waits (None: no limit)
         share = int(max_request_share * max_num_seqs)
         self.share_cap = max(1, share) if max_request_share < 1.0 else None
-        self.prepare = prepare
         self._prefix_writes: list[Sequence] = []  # placed, not yet handed out in a plan
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -202,6 +210,20 @@ class Scheduler:
             self.waiting.remove(seq)
         self._free(seq)
         seq.status = Status.FINISHED
+
+    def candidates(self) -> list[Sequence]:
+        """The waiting sequences the next `schedule` may admit, in line order: as many as there
+        are free running slots, and the fair share's claimant (which may take slots back)."""
+        room = max(0, self.max_num_seqs - self._occupied())
+        out = list(itertools.islice(self.waiting, room))
+        if self.share_cap is not None and self.waiting:
+            held, waiting = self._held(), {s.share_owner for s in self.waiting}
+            claimant = next(
+                (s for s in self.waiting if not self._over_share(s, held, waiting)), None
+            )
+            if claimant is not None and claimant not in out:
+                out.append(claimant)
+        return out
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -328,7 +350,7 @@ class Scheduler:
         if claimant is None or self._occupied() + claimant.width <= self.max_num_seqs:
             return []
         victims = self._victims_for(claimant, held)
-        if not victims or (self.prepare is not None and not self.prepare(claimant)):
+        if not victims or not claimant.bound:
             return []
         yielded = [seq for unit in victims for seq in self._preempt(unit, requeue=False)]
         self.share_yields += len(yielded)
@@ -403,7 +425,7 @@ class Scheduler:
                 continue
             if self._occupied() + seq.width > self.max_num_seqs:
                 break
-            if self.prepare is not None and not self.prepare(seq):
+            if not seq.bound:
                 held_back.append(self.waiting.popleft())
                 continue
             # a unit: the sequence, or every waiting beam of its group (at the head together)
@@ -487,6 +509,10 @@ class Scheduler:
         self.prefix_hits += len(hits) * bs
         self.allocator.share(seq.block_table, hits)
         seq.num_computed, seq.num_registered = len(hits) * bs, len(hits)
+        if seq.num_cached_tokens is None:  # usage reports the first admission's (as OpenAI)
+            seq.num_cached_tokens = max(
+                0, min(len(hits) * bs, len(seq.prompt_ids)) - seq.num_virtual
+            )
 
     def _register(self, seq: Sequence, num_tokens: int) -> None:
         """Register the blocks that hold full, known tokens once `num_tokens` are computed."""

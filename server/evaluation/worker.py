@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from typing import IO
 
 from adapterserve.server.engine.client import EngineClient
-from adapterserve.server.engine.engine import RequestStream
 from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineError,
@@ -25,6 +24,7 @@ from adapterserve.server.engine.errors import (
     QueueFullError,
     ReplicaLostError,
 )
+from adapterserve.server.engine.intake import RequestStream
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.sampling import SamplingParams
 from adapterserve.server.evaluation.datasets import DatasetCatalog

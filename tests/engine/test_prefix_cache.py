@@ -231,3 +231,32 @@ def test_a_thousand_requests_with_aborts_leave_only_cached_and_free_blocks(
     assert engine.allocator.evictions > 0 and engine.scheduler.prefix_hits > 0
     assert metric(engine, 'adapterserve_prefix_cache_blocks{state="used"}') == 0
     assert all(e.refs == 0 for e in engine.registry.list())
+
+
+def test_each_request_reports_the_prompt_tokens_it_found_in_the_cache(
+    adapters: Adapters, tmp_path: Path
+):
+    """usage.prompt_tokens_details.cached_tokens comes from here: 0 on a cold cache, every full
+    block but the one holding the last prompt token on a repeat, 0 for another adapter's
+    request (no block shared across weights), and never the prefix tuning's virtual tokens."""
+    ids = prompt(900, 21, adapters.vocab)
+    settings = adapters.settings(tmp_path / "main", names=["lora-r8-rs", "prefix"], block_size=4)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    async def cached(engine, model):
+        last = None
+        async for out in engine.add_request(ids, params, model=model):
+            last = out
+        return last.num_cached_tokens, last.num_prompt_tokens
+
+    async def go(engine):
+        return [await cached(engine, m) for m in (None, None, "lora-r8-rs", "lora-r8-rs",
+                                                   "prefix", "prefix")]  # fmt: skip
+
+    got, _ = serve(settings, go)
+    full = (len(ids) - 1) // 4 * 4
+    assert [c for c, _ in got[:4]] == [0, full, 0, full]
+    assert all(n == len(ids) for _, n in got)
+    (cold, _), (warm, _) = got[4], got[5]
+    virtual = 5  # the prefix adapter's, in front of the prompt and in its first blocks
+    assert cold == 0 and warm == (virtual + len(ids) - 1) // 4 * 4 - virtual

@@ -1,5 +1,5 @@
 """Scheduler by hand (no model, no engine thread): token budgets, chunked prefill, preemption
-under KV pressure, FCFS admission, `prepare` / `place_prefix`, removal and exact block
+under KV pressure, FCFS admission, adapter binding / `place_prefix`, removal and exact block
 accounting. `Driver.step` does what Engine._process does with a plan: each planned sequence's
 `num_computed` advances by its tokens, and a sequence that completes its prompt (or decode)
 gets one output token; one that has `max_tokens` outputs is removed.
@@ -107,8 +107,8 @@ class Driver:
                  share: float = 1.0) -> None:  # fmt: skip
         self.allocator = BlockAllocator(num_blocks, BLOCK, caching=caching)
         self.user_place_prefix = place_prefix
-        self.scheduler = Scheduler(self.allocator, max_num_seqs, budget, prepare,
-                                   max_request_share=share)  # fmt: skip
+        self.scheduler = Scheduler(self.allocator, max_num_seqs, budget, max_request_share=share)
+        self.prepare = prepare  # request -> its adapter is ready (what the engine's binding finds)
         self.finished: list[Sequence] = []
         self.kv: dict[int, tuple[str, tuple[int, ...]]] = {}  # slot -> what computed it
 
@@ -127,10 +127,20 @@ class Driver:
 
     def add(self, *seqs: Sequence) -> None:
         for seq in seqs:
+            if self.prepare is not None:
+                seq.entry = "entry"  # holds an adapter version, bound once `prepare` says ready
             self.scheduler.add(seq)
+
+    def bind(self) -> None:
+        """What Engine._bind_candidates does before each plan."""
+        for seq in self.scheduler.candidates():
+            if not seq.bound and self.prepare(seq):
+                seq.lease = "lease"
 
     def plan(self) -> StepPlan | None:
         """Schedule one step and check the invariants, without computing it."""
+        if self.prepare is not None:
+            self.bind()
         plan = self.scheduler.schedule()
         check_invariants(self.scheduler, plan)
         for seq in plan.prefix_writes if plan is not None else ():
@@ -393,7 +403,7 @@ def test_a_sequence_preempted_in_a_step_is_not_readmitted_in_that_step():
     assert at_once == []
 
 
-# ---- FCFS, prepare, place_prefix ------------------------------------------------------------
+# ---- FCFS, adapter binding, place_prefix ------------------------------------------------------------
 def test_head_waiting_for_blocks_is_not_jumped():
     """The head (a prefix-tuned request whose 7 virtual tokens need 2 blocks at once) cannot be
     placed with 1 free block; the small request behind it, which would fit, waits too."""
@@ -444,7 +454,7 @@ def test_not_ready_sequences_keep_their_order_when_the_budget_runs_out():
     assert names(d.scheduler.waiting) == ["x", "y", "z"]
 
 
-def test_prepare_is_not_asked_when_nothing_could_be_admitted():
+def test_no_candidate_to_bind_when_nothing_could_be_admitted():
     asked = []
     d = Driver(budget=2, max_num_seqs=1, prepare=lambda seq: asked.append(seq) or True)
     d.add(make_seq("a", 2, 5), make_seq("b", 2))

@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 
 from adapterserve.adapters.spec import BaseFingerprint
 from adapterserve.server.config import Settings
-from adapterserve.server.engine.process import merge_expositions
 from adapterserve.server.main import create_app
+from adapterserve.server.metrics import Exposition, merge_expositions
 from tests.adapters.conftest import TINY
 from tests.adapters.test_formats import lora_dir
 from tests.server.conftest import start_server, stop_server
@@ -281,3 +281,21 @@ def test_sigterm_drains_both_processes_of_a_real_server(tiny_model_dir: Path,
     finally:
         stop_server(server)
     assert "Traceback" not in server.log(), server.log()[-4000:]
+
+
+def test_merged_expositions_label_replicas_and_keep_non_finite_values() -> None:
+    """The cluster's ingress merges its own families (only those it counts) with each replica's,
+    labelled; a NaN or infinite sample survives the merge as Prometheus writes it."""
+    ingress = (
+        "# HELP a_total A\n# TYPE a_total counter\na_total 1.0\n# HELP g G\n# TYPE g gauge\ng 9.0\n"
+    )
+    replica = '# HELP g G\n# TYPE g gauge\ng 2.0\n# HELP h H\n# TYPE h gauge\nh{x="1"} NaN\nh{x="2"} +Inf\n'
+    merged = Exposition()
+    merged.add(ingress, only=("a_",))
+    merged.add(replica, "r0")
+    merged.add(replica, "r1")
+    lines = merged.render().splitlines()
+    assert "a_total 1.0" in lines and "g 9.0" not in lines
+    assert 'g{replica="r0"} 2.0' in lines and 'g{replica="r1"} 2.0' in lines
+    assert 'h{replica="r0",x="1"} NaN' in lines and 'h{replica="r1",x="2"} +Inf' in lines
+    assert lines.count("# TYPE g gauge") == 1

@@ -186,7 +186,11 @@ class _ChatView:
             }
             for r in results
         ]
-        usage = usage_dict(results[0].num_prompt_tokens, sum(r.num_output_tokens for r in results))
+        usage = usage_dict(
+            results[0].num_prompt_tokens,
+            sum(r.num_output_tokens for r in results),
+            results[0].num_cached_tokens,
+        )
         return ChatCompletionResponse(
             id=self.id, model=self.model, choices=choices, usage=usage
         ).model_dump(mode="json")
@@ -246,7 +250,11 @@ class _ChatView:
         if not self.body.include_usage or not self.streamed:
             return []
         results = list(self.streamed.values())
-        usage = usage_dict(results[0].num_prompt_tokens, sum(r.num_output_tokens for r in results))
+        usage = usage_dict(
+            results[0].num_prompt_tokens,
+            sum(r.num_output_tokens for r in results),
+            results[0].num_cached_tokens,
+        )
         return [sse(self._chunk([], usage))]
 
     def _chunk(self, choices: list[dict], usage: dict | None) -> dict:

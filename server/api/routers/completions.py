@@ -237,8 +237,10 @@ class _CompletionView:
 
     def usage(self, results: Iterable[ChoiceResult]) -> dict:
         results = list(results)
-        prompt_tokens = sum(r.num_prompt_tokens for r in results if r.index % self.body.n == 0)
-        return usage_dict(prompt_tokens, sum(r.num_output_tokens for r in results))
+        firsts = [r for r in results if r.index % self.body.n == 0]  # one per prompt
+        prompt_tokens = sum(r.num_prompt_tokens for r in firsts)
+        cached = sum(r.num_cached_tokens for r in firsts)
+        return usage_dict(prompt_tokens, sum(r.num_output_tokens for r in results), cached)
 
     def logprobs(
         self,
