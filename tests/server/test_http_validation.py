@@ -288,7 +288,14 @@ CASES = [
     Case("utf16-body", 14, COMPLETIONS, raw='{"prompt": "Hi"}'.encode("utf-16")),
     # unknown model and route
     Case("unknown-model", 0, COMPLETIONS, completion(model="gpt-5"), status=404, param="model"),
-    Case("unknown-route", 0, "/v1/nothing-here", completion(), status=404, type="invalid_request_error"),
+    Case(
+        "unknown-route",
+        0,
+        "/v1/nothing-here",
+        completion(),
+        status=404,
+        type="invalid_request_error",
+    ),
     Case("wrong-method", 0, COMPLETIONS, method="GET", status=405),
     # 20: auth
     Case(
