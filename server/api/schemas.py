@@ -142,7 +142,11 @@ class JsonSchemaSpec(RequestModel):
         alias="schema",
         description="the JSON Schema every output must validate against",
     )
-    strict: bool | None = Field(None, description="accepted; outputs always follow the schema")
+    strict: bool | None = Field(
+        None,
+        description="true: OpenAI's strict mode (every object closed, every property required); "
+        "false or absent: the schema as given",
+    )
 
 
 def _schema_needs_json_schema(schema: dict[str, Any]) -> None:

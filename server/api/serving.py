@@ -34,7 +34,8 @@ from adapterserve.server.api.errors import (
     invalid_request,
     truncate,
 )
-from adapterserve.server.api.schemas import ChatMessage, SamplingFields
+from adapterserve.server.api.schemas import ChatMessage, JsonSchemaSpec, SamplingFields
+from adapterserve.server.api.tools.strict import StrictSchemaError, strict_schema
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.constraint import GrammarError, GrammarUnavailable
@@ -597,6 +598,18 @@ async def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, 
         ) from None
 
 
+def response_schema(spec: JsonSchemaSpec) -> dict[str, Any]:
+    """The schema outputs must follow: with `strict: true`, OpenAI's strict mode (every object
+    closed, every property required; what strict mode does not support is a 400 naming it),
+    else the schema as given (an object without `additionalProperties: false` stays open)."""
+    if not spec.strict:
+        return spec.schema_
+    try:
+        return strict_schema(spec.schema_)
+    except StrictSchemaError as exc:
+        raise invalid_request(f"response_format.json_schema: {exc}", "response_format") from None
+
+
 GUIDED = (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
           ("guided_grammar", "grammar"))  # fmt: skip
 
@@ -615,7 +628,7 @@ async def constraint_grammar(
     if fmt is not None and fmt.type == "json_object":
         found.append(("json_object", None, "response_format"))
     elif fmt is not None and fmt.type == "json_schema":
-        found.append(("json_schema", fmt.json_schema.schema_, "response_format"))
+        found.append(("json_schema", response_schema(fmt.json_schema), "response_format"))
     found += [(kind, getattr(body, name), name) for name, kind in GUIDED
               if getattr(body, name) is not None]  # fmt: skip
     if not found:

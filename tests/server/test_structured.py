@@ -221,3 +221,93 @@ def test_compiled_grammars_are_cached(tiny_model_dir: Path, monkeypatch: pytest.
     assert len(grammars._compiled) == 3
     grammars.compile("choice", ["x0"])  # evicted: compiled again
     assert calls.count("choice") == 6
+
+
+def _opened(schema: dict) -> dict:
+    """The schema as pydantic writes one: objects open (no additionalProperties), nothing
+    required."""
+    if isinstance(schema, dict):
+        return {k: _opened(v) for k, v in schema.items()
+                if k not in ("additionalProperties", "required")}  # fmt: skip
+    return schema
+
+
+def _closed(schema: dict) -> dict:
+    """What OpenAI's strict mode makes of it: every object closed, every property required."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) if isinstance(v, dict) else v for k, v in schema.items()}
+    if out.get("type") == "object":
+        out["additionalProperties"] = False
+        out["required"] = list(out.get("properties", {}))
+    return out
+
+
+OBJECT_SCHEMAS = [s for s in SCHEMAS if s.get("type") == "object"][:6]
+
+
+def test_a_strict_schema_closes_every_object_and_requires_every_property(server: Server) -> None:
+    """`strict: true` on open schemas (as pydantic writes them): sampled at temperature 1, no
+    output has a key the schema does not name, and every output has every key (OpenAI's strict
+    mode). Without it the grammar lets the model add keys until the token limit."""
+    assert len(OBJECT_SCHEMAS) >= 3
+
+    async def go():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
+            jobs = []
+            for i, schema in enumerate(OBJECT_SCHEMAS):
+                spec = {"name": f"s{i}", "schema": _opened(schema), "strict": True}
+                body = {"model": MODELS[i % 3] or "tiny", "max_tokens": 200, "temperature": 1.0,
+                        "seed": i, "n": 4, "messages": [{"role": "user", "content": f"item {i}"}],
+                        "response_format": {"type": "json_schema", "json_schema": spec}}  # fmt: skip
+                jobs.append(complete(client, body, stream=i % 2 == 1))
+            return await asyncio.gather(*jobs)
+
+    for schema, choices in zip(OBJECT_SCHEMAS, asyncio.run(go()), strict=True):
+        for text, reason in choices:
+            assert reason == "stop", (schema, text)
+            jsonschema.validate(json.loads(text), _closed(schema))
+
+
+def test_a_schema_that_is_not_strict_is_kept_as_given(server: Server) -> None:
+    """`strict: false` (or absent): the schema as given, so an open object may get keys it does
+    not name, and an optional property may be left out; a closed one stays closed."""
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}}
+    spec = {"name": "open", "schema": schema, "strict": False}
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 60, "temperature": 1.0, "seed": 3,
+            "n": 8, "response_format": {"type": "json_schema", "json_schema": spec}}  # fmt: skip
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    values = [json.loads(c["text"]) for c in response.json()["choices"]
+              if c["finish_reason"] == "stop"]  # fmt: skip
+    assert values and all(isinstance(v, dict) for v in values)
+    for v in values:
+        jsonschema.validate(v, schema)
+    assert any(set(v) != {"a"} for v in values)  # open: not every output is exactly {"a": ...}
+
+
+@pytest.mark.parametrize(
+    ("schema", "named"),
+    [
+        ({"type": "object", "patternProperties": {"^x": {"type": "string"}}}, "patternProperties"),
+        (
+            {
+                "type": "object",
+                "properties": {"a": {"type": "object", "additionalProperties": True}},
+            },
+            "additionalProperties",
+        ),  # fmt: skip
+        ({"type": "array", "items": {"type": "string"}}, "object"),
+        ({"type": "object", "properties": {"a": {"allOf": [{"type": "string"}]}}}, "allOf"),
+    ],
+)
+def test_a_strict_schema_strict_mode_cannot_honour_is_refused(
+    server: Server, schema, named
+) -> None:
+    spec = {"name": "bad", "schema": schema, "strict": True}
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": spec}}  # fmt: skip
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "response_format" and named in error["message"], error
