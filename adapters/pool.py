@@ -25,8 +25,10 @@ which slots a batch uses. Rows beyond a slot's rank stay zero (the ops may compu
 over them). Memory per post stack: S * R * (in + sum of outs) elements; e.g. SmolLM2-135M, 8
 slots, r16 on every target: about 42M fp32 elements (170 MB).
 
-`clear` zeroes a slot everywhere; `load` clears it, then the spec's kind (adapters.kinds)
-copies each module's weights into the stack its placement names (`set_module`, `set_vector`).
+`clear` zeroes a slot everywhere. A spec is loaded by its kind (adapters.kinds, `Kind.load`,
+called by the registry: the pool never imports the kinds): `check_fits`, `clear`, then the kind
+copies each module's weights into the stack its placement names (`set_module`, `set_vector`),
+and `record` notes what the slot holds.
 Prefix and prompt adapters act at admission (K/V and embeddings): the pool keeps their tensors
 on the device per slot (`prefix_kv`, `prompt_embeddings`).
 
@@ -43,7 +45,6 @@ from collections.abc import Callable
 
 import torch
 
-from adapterserve.adapters.kinds import kind_for
 from adapterserve.adapters.spec import (
     MODEL_TARGETS,
     TARGETS,
@@ -248,7 +249,7 @@ class SliceWriter:
 
 
 class AdapterPool:
-    """Slot stacks allocated on first use; `load` / `clear` swap slots in place."""
+    """Slot stacks allocated on first use; a kind's `load` and `clear` swap slots in place."""
 
     def __init__(
         self,
@@ -354,15 +355,30 @@ class AdapterPool:
         self._check_slot(slot)
         return self.kinds[slot]
 
-    def load(self, slot: int, spec: AdapterSpec) -> None:
-        """Copy `spec` into `slot` (replacing what was there) where its kind places it;
-        ValueError when it does not fit."""
+    def check_fits(self, slot: int, spec: AdapterSpec) -> None:
+        """ValueError, before a kind's `load` touches `slot`, when the slot is not one of the
+        pool's or the spec does not fit it (another base, a rank above max_rank, a module the
+        base lacks)."""
         self._check_slot(slot)
-        kind = kind_for(spec.kind)
-        self._check_fits(spec)
-        kind.check_fits(spec)
-        self.clear(slot)
-        kind.load(self, slot, spec)
+        if spec.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"adapter {spec.name!r} was validated for base {spec.fingerprint}, "
+                f"expected {self.fingerprint}"
+            )
+        if spec.rank > self.max_rank:
+            raise ValueError(
+                f"adapter {spec.name!r}: expected rank <= {self.max_rank}, got {spec.rank}"
+            )
+        for layer, target in spec.modules:
+            if not 0 <= layer < self.fingerprint.num_layers or target not in TARGETS:
+                raise ValueError(f"adapter {spec.name!r}: no module {layer}.{target} in the base")
+        for target in spec.model_modules:
+            if target not in MODEL_TARGETS:
+                raise ValueError(f"adapter {spec.name!r}: no module {target} in the base")
+
+    def record(self, slot: int, spec: AdapterSpec) -> None:
+        """Note that `slot` holds `spec`, once its kind has placed the weights."""
+        self._check_slot(slot)
         self.kinds[slot], self.names[slot] = spec.kind, spec.name
 
     def clear(self, slot: int) -> None:
@@ -399,20 +415,3 @@ class AdapterPool:
     def _check_slot(self, slot: int) -> None:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
             raise ValueError(f"slot: expected an int in [0, {self.num_slots}), got {slot!r}")
-
-    def _check_fits(self, spec: AdapterSpec) -> None:
-        if spec.fingerprint != self.fingerprint:
-            raise ValueError(
-                f"adapter {spec.name!r} was validated for base {spec.fingerprint}, "
-                f"expected {self.fingerprint}"
-            )
-        if spec.rank > self.max_rank:
-            raise ValueError(
-                f"adapter {spec.name!r}: expected rank <= {self.max_rank}, got {spec.rank}"
-            )
-        for layer, target in spec.modules:
-            if not 0 <= layer < self.fingerprint.num_layers or target not in TARGETS:
-                raise ValueError(f"adapter {spec.name!r}: no module {layer}.{target} in the base")
-        for target in spec.model_modules:
-            if target not in MODEL_TARGETS:
-                raise ValueError(f"adapter {spec.name!r}: no module {target} in the base")

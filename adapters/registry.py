@@ -463,7 +463,7 @@ class AdapterRegistry:
                 if slot is None:
                     return None
                 started = time.perf_counter()
-                self.pool.load(slot, entry.spec)
+                kind_for(entry.spec.kind).load(self.pool, slot, entry.spec)
                 entry.slot, self._slots[slot] = slot, entry
                 if self.observer is not None:
                     self.observer.on_adapter_load("host", time.perf_counter() - started)

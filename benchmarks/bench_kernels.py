@@ -585,14 +585,15 @@ def e2e_kinds(run: str) -> tuple[str, ...] | None:
 
 def build_pool(model_args, kinds: tuple[str, ...], num_adapters: int, dtype, device):
     """AdapterPool with `num_adapters` random adapters, kind kinds[i % len(kinds)] in slot i."""
+    from adapterserve.adapters.kinds import kind_for
     from adapterserve.adapters.pool import AdapterPool
 
     fp = fingerprint_of(model_args)
     pool = AdapterPool(fp, num_adapters, E2E_RANK, device, dtype)
     for slot in range(num_adapters):
         kind = kinds[slot % len(kinds)]
-        pool.load(slot, random_spec(f"{kind}-{slot}", kind, fp, E2E_RANK, E2E_VIRTUAL_TOKENS,
-                                    seed=slot))  # fmt: skip
+        spec = random_spec(f"{kind}-{slot}", kind, fp, E2E_RANK, E2E_VIRTUAL_TOKENS, seed=slot)
+        kind_for(spec.kind).load(pool, slot, spec)
     return pool
 
 

@@ -3,11 +3,12 @@
 A `Kind` owns everything that differs between adapter kinds, in the order an adapter meets it:
 1. `parse`: the config and tensors of an adapter directory (read once, by
    adapters.formats.load_adapter) -> a validated `AdapterSpec`;
-2. `load`: the spec's weights -> the `AdapterPool` stacks where they act (its placement);
+2. `load`: the spec's weights -> a slot of the `AdapterPool`, in the stacks where they act
+   (`place`); the registry calls it, so the pool never imports the kinds;
 3. `bind`: a request that holds the adapter's slot -> a `Binding` (what its tokens carry);
 4. `admit`: at the request's (re)admission, its `Binding` -> the sequence's KV cache (prefix
    tuning's virtual K/V; nothing for the others).
-The kinds that act at the model's hook points (LoRA, bottlenecks, IA3) share `bind` and `load`
+The kinds that act at the model's hook points (LoRA, bottlenecks, IA3) share `bind` and `place`
 here; prefix and prompt tuning override them.
 """
 
@@ -133,7 +134,20 @@ class Kind(ABC):
                 raise ValueError(f"{layer}.{target}: unsupported module weights {type(weights)}")
 
     def load(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
-        """Copy the spec's weights into `slot` of the pool stacks they act in (slot cleared)."""
+        """Copy `spec` into `slot` of `pool`, replacing what was there; ValueError, before the
+        slot is touched, when the spec does not fit the pool or is not of this kind."""
+        pool.check_fits(slot, spec)
+        if spec.kind != self.kind:
+            raise ValueError(
+                f"adapter {spec.name!r}: expected a {self.kind.value} spec, got {spec.kind.value}"
+            )
+        self.check_fits(spec)
+        pool.clear(slot)
+        self.place(pool, slot, spec)
+        pool.record(slot, spec)
+
+    def place(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
+        """Copy the spec's weights into `slot` (cleared) of the pool stacks they act in."""
         for key, weights in spec.modules.items():
             self.load_module(pool, slot, key, weights)
 

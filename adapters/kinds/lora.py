@@ -171,8 +171,8 @@ class Lora(Kind):
         if weights.output_scale is not None:  # DoRA: the site's output scale, after the delta
             pool.set_vector(slot, key, "output", weights.output_scale)
 
-    def load(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
-        super().load(pool, slot, spec)
+    def place(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
+        super().place(pool, slot, spec)
         for target, weights in spec.model_modules.items():
             pool.set_model_lora(slot, target, weights.a, weights.b, weights.scaling)
 

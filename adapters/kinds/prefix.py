@@ -44,7 +44,7 @@ class PrefixTuning(Kind):
                            modules=MappingProxyType({}), prefix_kv=prefix_kv,
                            num_virtual_tokens=nvt)  # fmt: skip
 
-    def load(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
+    def place(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
         pool.prefix_kv[slot] = pool.on_device(spec.prefix_kv)
 
     def bind(self, pool: AdapterPool, slot: int, num_virtual: int) -> Binding:

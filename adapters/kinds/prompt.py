@@ -33,7 +33,7 @@ class PromptTuning(Kind):
                            modules=MappingProxyType({}), prompt_embeddings=embeddings,
                            num_virtual_tokens=num_virtual)  # fmt: skip
 
-    def load(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
+    def place(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
         """No stack: the embeddings stay on the device, per slot, until a request binds them."""
         pool.prompt_embeddings[slot] = pool.on_device(spec.prompt_embeddings)
 

@@ -150,7 +150,7 @@ def placed(pool: AdapterPool, layer: int, target: str, placement: str):
 @pytest.mark.parametrize("kind", list(AdapterKind), ids=lambda k: k.value)
 def test_load_places_each_module_in_its_kinds_stack(pool: AdapterPool, fingerprint, kind):
     spec = spec_of(kind, fingerprint)
-    pool.load(1, spec)
+    kind_for(kind).load(pool, 1, spec)
     assert pool.kind_of(1) is kind and pool.names[1] == spec.name
     loaded = {
         name: sorted(key for key, stack in getattr(pool, name).items() if 1 in stack.loaded)
@@ -189,9 +189,9 @@ def test_load_places_each_module_in_its_kinds_stack(pool: AdapterPool, fingerpri
          "ia3-lora-weights", "prefix-with-modules"],
 )  # fmt: skip
 def test_weights_the_kind_does_not_place_are_refused_untouched(pool, fingerprint, kind, modules):
-    pool.load(2, spec_of(AdapterKind.LORA, fingerprint))
+    kind_for(AdapterKind.LORA).load(pool, 2, spec_of(AdapterKind.LORA, fingerprint))
     with pytest.raises(ValueError):
-        pool.load(2, module_spec(kind, fingerprint, modules(fingerprint), 2))
+        kind_for(kind).load(pool, 2, module_spec(kind, fingerprint, modules(fingerprint), 2))
     assert pool.kind_of(2) is AdapterKind.LORA and 2 in pool.post[0, QKV].loaded
 
 
@@ -214,7 +214,7 @@ def test_bind_and_admit(pool: AdapterPool, fingerprint, kind):
     """Hook kinds bind their slot id; prefix and prompt tuning bind their virtual tokens and the
     slot's tensor; only prefix tuning writes at admission (its K/V at the given slots)."""
     spec = spec_of(kind, fingerprint)
-    pool.load(1, spec)
+    kind_for(kind).load(pool, 1, spec)
     slot_id, field = BINDINGS[kind]
     binding = kind_for(kind).bind(pool, 1, spec.num_virtual_tokens)
     assert (binding.slot_id, binding.num_virtual) == (slot_id, spec.num_virtual_tokens)

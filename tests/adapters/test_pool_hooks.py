@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from adapterserve.adapters.formats import load_adapter  # noqa: E402
 from adapterserve.adapters.hooks import PoolHooks  # noqa: E402
+from adapterserve.adapters.kinds import kind_for  # noqa: E402
 from adapterserve.adapters.pool import AdapterPool  # noqa: E402
 from adapterserve.adapters.spec import AdapterKind, AdapterSpec, BaseFingerprint  # noqa: E402
 from adapterserve.server.engine.sampling import SamplingParams  # noqa: E402
@@ -99,9 +100,14 @@ def setup(tmp_path_factory) -> Setup:
     model = load_model(base_dir, torch.device("cpu"), torch.float32)
     pool = AdapterPool(fingerprint, len(SLOTS) + 1, MAX_RANK, "cpu", torch.float32)
     for name, slot in SLOTS.items():
-        pool.load(slot, specs[name])
+        load(pool, slot, specs[name])
     model.hooks = PoolHooks(pool)
     return Setup(base_dir, model, fingerprint, specs, references, pool)
+
+
+def load(pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
+    """What the registry does: the spec's kind loads it into the slot."""
+    kind_for(spec.kind).load(pool, slot, spec)
 
 
 def prompt(seed: int, length: int, vocab: int) -> list[int]:
@@ -196,11 +202,11 @@ def test_hot_swap_follows_slot_contents(setup: Setup):
     ids = prompt(7, 9, model.args.vocab_size)
     names = ["lora-rslora-all", "series", "ia3", "lora-attn-patterns", "parallel"]
     for name in names:  # allocate every stack these adapters use once
-        pool.load(1, setup.specs[name])
+        load(pool, 1, setup.specs[name])
     pointers = stack_pointers(pool)
     assert pointers
     for name in names:
-        pool.load(1, setup.specs[name])  # replaces what slot 1 held
+        load(pool, 1, setup.specs[name])  # replaces what slot 1 held
         assert pool.kind_of(1) is setup.specs[name].kind and pool.kind_of(0) is None
         (got,) = run(model, [(ids, 1)])
         close(got, expected(setup, name, ids))
@@ -214,19 +220,19 @@ def test_hot_swap_follows_slot_contents(setup: Setup):
 def test_load_refuses_what_does_not_fit(setup: Setup):
     spec = setup.specs["lora-rslora-all"]
     with pytest.raises(ValueError, match="expected rank <= 4, got 8"):
-        AdapterPool(setup.fingerprint, 2, 4, "cpu", torch.float32).load(0, spec)
+        load(AdapterPool(setup.fingerprint, 2, 4, "cpu", torch.float32), 0, spec)
     other = dataclasses.replace(setup.fingerprint, hidden_size=32)
     with pytest.raises(ValueError, match="validated for base"):
-        setup.pool.load(0, dataclasses.replace(spec, fingerprint=other))
+        load(setup.pool, 0, dataclasses.replace(spec, fingerprint=other))
     with pytest.raises(ValueError, match=r"expected an int in \[0, 8\), got 8"):
-        setup.pool.load(8, spec)
+        load(setup.pool, 8, spec)
 
 
 def test_prefix_and_prompt_specs_only_record_their_kind(setup: Setup):
     pool = AdapterPool(setup.fingerprint, 2, MAX_RANK, "cpu", torch.float32)
     spec = setup.specs["lora-mlp"]
     for kind in (AdapterKind.PREFIX, AdapterKind.PROMPT):
-        pool.load(0, dataclasses.replace(spec, kind=kind, modules={}, rank=0))
+        load(pool, 0, dataclasses.replace(spec, kind=kind, modules={}, rank=0))
         assert pool.kind_of(0) is kind
         assert not any(
             stack.loaded
@@ -298,7 +304,7 @@ def test_fused_projections_take_one_adapter_op(setup: Setup, monkeypatch):
     model.hooks = PoolHooks(pool)
     names = ["lora-rslora-all", "lora-attn-patterns", "lora-mlp", "parallel"]
     for slot, name in enumerate(names):
-        pool.load(slot, setup.specs[name])
+        load(pool, slot, setup.specs[name])
     calls = record_ops(monkeypatch, model.hooks)
     vocab = model.args.vocab_size
     run(model, [(prompt(70 + slot, 6, vocab), slot) for slot in range(len(names))])
@@ -321,8 +327,8 @@ def test_fused_site_equals_target_by_target(setup: Setup):
     mixed_slot = len(SLOTS)
     pool = AdapterPool(setup.fingerprint, len(SLOTS) + 1, MAX_RANK, "cpu", torch.float32)
     for name, slot in SLOTS.items():
-        pool.load(slot, setup.specs[name])
-    pool.load(mixed_slot, dataclasses.replace(spec, name="mixed", modules=modules))
+        load(pool, slot, setup.specs[name])
+    load(pool, mixed_slot, dataclasses.replace(spec, name="mixed", modules=modules))
     hooks = PoolHooks(pool)
     g = torch.Generator().manual_seed(5)
     slot_ids = [*SLOTS.values(), mixed_slot, -1, mixed_slot, mixed_slot, mixed_slot]
@@ -350,14 +356,14 @@ def test_structure_changes_whenever_a_stack_s_activations_change(setup: Setup):
         return {(key, stack.rank): stack.codes for table in (pool.post, pool.series_in, pool.series_out)
                 for key, stacks in table.items() for stack in stacks.stacks()}  # fmt: skip
 
-    pool.load(1, setup.specs["parallel"])
+    load(pool, 1, setup.specs["parallel"])
     pool.clear(1)  # its stacks stay allocated, now without the relu
     quiet = codes()
     assert not any(quiet.values())
     for step in ("load", "clear"):
         before = pool.structure
         if step == "load":
-            pool.load(1, setup.specs["parallel"])
+            load(pool, 1, setup.specs["parallel"])
         else:
             pool.clear(1)
         now = codes()

@@ -256,6 +256,7 @@ def test_e2e_compiled_mode(bench, monkeypatch):
 @pytest.mark.parametrize("kind", ["lora", "series", "parallel", "prefix", "prompt", "ia3"])
 def test_random_spec_loads_into_a_pool(bench, kind):
     """Every kind's random spec fits the pool the way parsed adapters do."""
+    from adapterserve.adapters.kinds import kind_for
     from adapterserve.adapters.pool import AdapterPool
     from adapterserve.server.model.llama import ModelArgs
 
@@ -264,7 +265,7 @@ def test_random_spec_loads_into_a_pool(bench, kind):
     fp = bench.fingerprint_of(model_args)
     spec = bench.random_spec("a", kind, fp, 4, 3, seed=0)
     pool = AdapterPool(fp, 2, 4, "cpu", torch.float32)
-    pool.load(1, spec)
+    kind_for(spec.kind).load(pool, 1, spec)
     assert pool.kind_of(1).value == kind
     stacks = [*pool.post.values(), *pool.series_in.values(), *pool.series_out.values(),
               *pool.ia3_in.values(), *pool.post_scale.values()]  # fmt: skip

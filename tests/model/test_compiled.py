@@ -173,12 +173,14 @@ def test_an_activation_adapter_loaded_into_a_warm_rank_class(setup: Setup, bucke
     import dataclasses
 
     from adapterserve.adapters.hooks import PoolHooks
+    from adapterserve.adapters.kinds import kind_for
     from adapterserve.adapters.pool import AdapterPool
 
     pool = AdapterPool(setup.fingerprint, 2, setup.pool.max_rank, "cpu", torch.float32)
-    pool.load(0, setup.specs["parallel"])
+    parallel, lora = setup.specs["parallel"], setup.specs["lora-attn-patterns"]
+    kind_for(parallel.kind).load(pool, 0, parallel)
     pool.clear(0)  # its stacks stay allocated: the relu leaves them
-    pool.load(0, setup.specs["lora-attn-patterns"])
+    kind_for(lora.kind).load(pool, 0, lora)
     saved = setup.model.hooks
     setup.model.hooks = PoolHooks(pool)
     try:
@@ -187,7 +189,7 @@ def test_an_activation_adapter_loaded_into_a_warm_rank_class(setup: Setup, bucke
         decoder.add(prompt(60, 4, vocab), 0, "lora")
         assert sum(decoder.step() for _ in range(4)) >= 3  # compiled and compared, LoRA only
         structure = pool.structure
-        pool.load(1, setup.specs["parallel"])
+        kind_for(parallel.kind).load(pool, 1, parallel)
         assert pool.structure != structure
         decoder.add(prompt(61, 4, vocab), 1, "relu")
         assert sum(decoder.step() for _ in range(6)) >= 8  # both rows, compared

@@ -2,7 +2,11 @@
 (server/model/batch.py) and imports nothing of server/engine, whose BatchBuilder builds that
 batch from the scheduler's StepPlan. Importing the model used to load the scheduler, the KV
 cache allocator and every adapter kind. Within adapterserve, server/model imports only itself
-and kernels/ (the ops its forward calls)."""
+and kernels/ (the ops its forward calls).
+
+adapters/pool.py stands below the adapter kinds: a kind loads a spec into the pool (Kind.load,
+called by the registry), and the pool imports nothing of adapters/kinds, so the two never form
+an import cycle."""
 
 from __future__ import annotations
 
@@ -11,20 +15,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODEL = Path(__file__).resolve().parents[2] / "server" / "model"
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "server" / "model"
+POOL = ROOT / "adapters" / "pool.py"
 PACKAGE = "adapterserve.server.model"
 ALLOWED = (PACKAGE, "adapterserve.kernels")
 
 
-def imported_modules(path: Path) -> set[str]:
+def imported_modules(path: Path, package: str = PACKAGE) -> set[str]:
     """Absolute names `path` imports anywhere (functions, TYPE_CHECKING blocks included); for
-    `from m import x`, `m.x` (x may be a submodule); relative imports resolved from PACKAGE."""
-    names, package = set(), PACKAGE.split(".")
+    `from m import x`, `m.x` (x may be a submodule); relative imports resolved from `package`."""
+    names, parts = set(), package.split(".")
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            base = package[: len(package) + 1 - node.level] if node.level else []
+            base = parts[: len(parts) + 1 - node.level] if node.level else []
             module = ".".join([*base, *filter(None, [node.module])])
             names |= {f"{module}.{alias.name}" for alias in node.names}
     return names
@@ -53,6 +59,26 @@ def test_importing_the_model_loads_no_engine_and_no_adapter_kind(tmp_path: Path)
         "import adapterserve.server.model.llama, adapterserve.server.model.compiled\n"
         "print(sorted(m for m in sys.modules\n"
         "             if m.startswith(('adapterserve.server.engine', 'adapterserve.adapters'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_the_pool_imports_no_adapter_kind():
+    names = imported_modules(POOL, "adapterserve.adapters")
+    assert "adapterserve.adapters.spec.AdapterSpec" in names, names  # the parse sees imports
+    kinds = sorted(name for name in names if within(name, "adapterserve.adapters.kinds"))
+    assert not kinds, f"adapters/pool.py imports {kinds}"
+
+
+def test_importing_the_pool_loads_no_adapter_kind(tmp_path: Path):
+    """Nor through another module: in a fresh, isolated interpreter, as above."""
+    code = (
+        "import sys\n"
+        "import adapterserve.adapters.pool\n"
+        "print(sorted(m for m in sys.modules if m.startswith('adapterserve.adapters.kinds')))\n"
     )
     out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
