@@ -40,8 +40,12 @@ def schema(s: dict) -> dict:
 
 
 def any_of(n: int) -> dict:
-    return {"anyOf": [{"type": "object", "properties": {f"p{i}": {"const": i}}, "required": [f"p{i}"]}
-                      for i in range(n)]}  # fmt: skip
+    return {
+        "anyOf": [
+            {"type": "object", "properties": {f"p{i}": {"const": i}}, "required": [f"p{i}"]}
+            for i in range(n)
+        ]
+    }
 
 
 CASES = [  # (name, path, body)
@@ -105,11 +109,20 @@ async def replay(base: str) -> list[dict]:
                 if b >= begin and a <= end
             ]
             error = (answer.json().get("error") or {}) if answer.status_code != 200 else {}
-            rows.append({"request": name, "status": answer.status_code, "seconds": round(end - begin, 3),
-                         "worst_stream_gap_s": round(max(gaps, default=end - begin), 3),
-                         "message": (error.get("message") or "")[:90]})  # fmt: skip
-            print(f"{name:36s} {answer.status_code} {end - begin:7.2f} s  gap {rows[-1]['worst_stream_gap_s']:6.3f} s"
-                  f"  {rows[-1]['message']}", flush=True)  # fmt: skip
+            rows.append(
+                {
+                    "request": name,
+                    "status": answer.status_code,
+                    "seconds": round(end - begin, 3),
+                    "worst_stream_gap_s": round(max(gaps, default=end - begin), 3),
+                    "message": (error.get("message") or "")[:90],
+                }
+            )
+            print(
+                f"{name:36s} {answer.status_code} {end - begin:7.2f} s  gap {rows[-1]['worst_stream_gap_s']:6.3f} s"
+                f"  {rows[-1]['message']}",
+                flush=True,
+            )
     return rows
 
 
@@ -121,8 +134,11 @@ def main() -> None:
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-P", "-m", "adapterserve", "serve", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir(), env=os.environ.copy(),
-    )  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tempfile.gettempdir(),
+        env=os.environ.copy(),
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600

@@ -63,9 +63,12 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 def load_adapter(
-    directory: Path, name: str, fingerprint: BaseFingerprint, max_rank: int,
+    directory: Path,
+    name: str,
+    fingerprint: BaseFingerprint,
+    max_rank: int,
     base_weight: Callable[[int, str], torch.Tensor] | None = None,
-) -> AdapterSpec:  # fmt: skip
+) -> AdapterSpec:
     """Parse and validate the adapter in `directory`; AdapterFormatError names what to fix."""
     # adapters.kinds imports this package's modules (patterns, modules): imported when used.
     from adapterserve.adapters.kinds import AdapterFiles, kind_for_config
@@ -73,8 +76,13 @@ def load_adapter(
     directory = Path(directory)
     ignored = check_files(directory)
     if ignored:
-        log.info("adapter %r: ignoring %d entries outside the allow-list %s: %s", name,
-                 len(ignored), sorted(ALLOWED_FILES), shown_names(ignored))  # fmt: skip
+        log.info(
+            "adapter %r: ignoring %d entries outside the allow-list %s: %s",
+            name,
+            len(ignored),
+            sorted(ALLOWED_FILES),
+            shown_names(ignored),
+        )
     config = read_config(directory / CONFIG_FILE)
     kind = kind_for_config(config)
     check_config_patterns(config)

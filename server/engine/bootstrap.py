@@ -153,8 +153,9 @@ def plan_engine(settings: Settings) -> EnginePlan:
             "raise --kv-cache-memory-mb or lower --max-model-len"
         )
     model_id = settings.served_model_name or served_name(settings.model, model_dir)
-    return EnginePlan(model_dir, config, device, dtype, max_len, num_blocks, model_id, quantization,
-                      gguf)  # fmt: skip
+    return EnginePlan(
+        model_dir, config, device, dtype, max_len, num_blocks, model_id, quantization, gguf
+    )
 
 
 def check_adapter_flags(settings: Settings) -> None:
@@ -214,8 +215,12 @@ def build_engine(settings: Settings, metrics: Metrics, plan: EnginePlan | None =
     return engine
 
 
-def build_registry(settings: Settings, plan: EnginePlan, metrics: Metrics,
-                   base_weight: Callable[[int, str], torch.Tensor] | None = None) -> AdapterRegistry:  # fmt: skip
+def build_registry(
+    settings: Settings,
+    plan: EnginePlan,
+    metrics: Metrics,
+    base_weight: Callable[[int, str], torch.Tensor] | None = None,
+) -> AdapterRegistry:
     """The slot pool and registry: the durable store's uploads, then `--adapter NAME=PATH` and
     every subfolder of each `--adapter-dir` (these are served, not copied into the store)."""
     fingerprint = BaseFingerprint.from_hf_config(plan.config)

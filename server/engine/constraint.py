@@ -67,8 +67,9 @@ class GrammarError(ValueError):
 
 # fills next-token bitmasks beside the engine thread: a few workers, at most half the cores (the
 # rest is the forward's)
-_FILLS = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)),
-                            thread_name_prefix="grammar-mask")  # fmt: skip
+_FILLS = ThreadPoolExecutor(
+    max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)), thread_name_prefix="grammar-mask"
+)
 
 
 # llguidance's token bitmask, without llguidance.torch: importing that module imports torch's
@@ -203,8 +204,10 @@ class _Worker:
         # only the standard library and llguidance
         self.proc = subprocess.Popen(
             [sys.executable, "-I", str(WORKER)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
         try:
             ready = self.call(init, time.monotonic() + WORKER_START_TIMEOUT_S)
         except TimeoutError:
@@ -265,14 +268,24 @@ class GrammarSandbox:
     deadline and an address-space cap; a worker that crashes or overruns is killed and
     replaced, and the grammar is refused (GrammarError) with the reason."""
 
-    def __init__(self, tokenizer_json: str, n_vocab: int, eos: list[int],
-                 limits: SandboxLimits = SandboxLimits()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tokenizer_json: str,
+        n_vocab: int,
+        eos: list[int],
+        limits: SandboxLimits = SandboxLimits(),
+    ) -> None:
         self.limits = limits
-        self._init = _frame({
-            "tokenizer": tokenizer_json, "n_vocab": n_vocab, "eos": eos,
-            "memory_bytes": limits.memory_mb * 2**20, "stack_bytes": WORKER_STACK_BYTES,
-            "limits": PARSER_LIMITS,
-        })  # fmt: skip
+        self._init = _frame(
+            {
+                "tokenizer": tokenizer_json,
+                "n_vocab": n_vocab,
+                "eos": eos,
+                "memory_bytes": limits.memory_mb * 2**20,
+                "stack_bytes": WORKER_STACK_BYTES,
+                "limits": PARSER_LIMITS,
+            }
+        )
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(limits.workers)
@@ -463,8 +476,10 @@ class Grammars:
 
         tokenizer = self.tokenizer
         matcher = _on_big_stack(
-            lambda: llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=llguidance.LLParserLimits(**PARSER_LIMITS))
-        )  # fmt: skip
+            lambda: llguidance.LLMatcher(
+                tokenizer, grammar, log_level=0, limits=llguidance.LLParserLimits(**PARSER_LIMITS)
+            )
+        )
         if matcher.is_error():
             raise GrammarError(str(matcher.get_error())[:500])
         matchers = [matcher] + [matcher.deep_copy() for _ in range(count - 1)]

@@ -87,9 +87,12 @@ class CompiledDecode:
     """Runs decode-only steps through the compiled blocks (see the module docstring)."""
 
     def __init__(
-        self, model: Transformer, cache: KVCache, builder: DummyBatches,
+        self,
+        model: Transformer,
+        cache: KVCache,
+        builder: DummyBatches,
         buckets: tuple[int, ...] | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         torch._dynamo.config.recompile_limit = max(
             torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
         )
@@ -112,8 +115,9 @@ class CompiledDecode:
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         model = self.model
-        return model.finish(model.run_layers(model.embed(batch), batch, self.cache, self.block_fn),
-                            batch)  # fmt: skip
+        return model.finish(
+            model.run_layers(model.embed(batch), batch, self.cache, self.block_fn), batch
+        )
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
         """CUDA: the captured graph of this bucket and variant (captured on first use), replayed
@@ -184,8 +188,13 @@ def dynamic_rows(block_fn: Callable) -> Callable:
 def mark_batch_dynamic(batch: ForwardBatch) -> None:
     """The batch dimension of every tensor a block reads is a symbolic size (CPU: one graph for
     every batch size). Block tables are as wide as the longest context: dynamic too."""
-    for tensor in (batch.token_ids, batch.positions, batch.slot_mapping, batch.decode_context_lens,
-                   batch.logits_indices):  # fmt: skip
+    for tensor in (
+        batch.token_ids,
+        batch.positions,
+        batch.slot_mapping,
+        batch.decode_context_lens,
+        batch.logits_indices,
+    ):
         torch._dynamo.maybe_mark_dynamic(tensor, 0)
     torch._dynamo.maybe_mark_dynamic(batch.decode_block_tables, 0)
     torch._dynamo.maybe_mark_dynamic(batch.decode_block_tables, 1)

@@ -51,20 +51,35 @@ def enum_bomb(size: int = 20_000) -> dict:
 
 
 BOMBS = {
-    "ref_chain": {"response_format": {"type": "json_schema",
-                                      "json_schema": {"name": "x", "schema": ref_chain(1000)}}},
+    "ref_chain": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": ref_chain(1000)},
+        }
+    },
     "lark_chain": {"guided_grammar": lark_chain(3000)},
     "gbnf_chain": {"guided_grammar": gbnf_chain(3000)},
-    "enum": {"response_format": {"type": "json_schema",
-                                 "json_schema": {"name": "x", "schema": enum_bomb()}}},
-}  # fmt: skip
+    "enum": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": enum_bomb()},
+        }
+    },
+}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tiny_model_dir, tmp_path_factory.mktemp("sandbox") / "server.log",
-                       "--served-model-name", "tiny", "--max-model-len", "256",
-                       "--grammar-timeout-s", str(GRAMMAR_TIMEOUT_S))  # fmt: skip
+    srv = start_server(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("sandbox") / "server.log",
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "256",
+        "--grammar-timeout-s",
+        str(GRAMMAR_TIMEOUT_S),
+    )
     yield srv
     stop_server(srv)
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
@@ -116,8 +131,13 @@ def test_a_stream_keeps_flowing_while_a_bomb_compiles(server: Server) -> None:
             started = asyncio.Event()
 
             async def stream() -> None:
-                body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True,
-                        "stream": True}  # fmt: skip
+                body = {
+                    "model": "tiny",
+                    "prompt": "hello",
+                    "max_tokens": 200,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
                 async with client.stream("POST", "/v1/completions", json=body) as response:
                     async for line in response.aiter_lines():
                         if line.startswith("data: {"):
@@ -129,8 +149,10 @@ def test_a_stream_keeps_flowing_while_a_bomb_compiles(server: Server) -> None:
             await started.wait()
             begin = time.monotonic()
             fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": enum_bomb(20_001)}}
-            refused = await client.post("/v1/completions", json={
-                "model": "tiny", "prompt": "x", "max_tokens": 4, "response_format": fmt})  # fmt: skip
+            refused = await client.post(
+                "/v1/completions",
+                json={"model": "tiny", "prompt": "x", "max_tokens": 4, "response_format": fmt},
+            )
             end = time.monotonic()
             await streaming
             during = [
@@ -151,19 +173,33 @@ def test_a_stream_keeps_flowing_while_a_bomb_compiles(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    settings = Settings(model=str(tiny_model_dir), device="cpu", kv_cache_memory_mb=16,
-                        cache_dir=tmp_path_factory.mktemp("tokenize"), max_model_len=256,
-                        served_model_name="m")  # fmt: skip
+    settings = Settings(
+        model=str(tiny_model_dir),
+        device="cpu",
+        kv_cache_memory_mb=16,
+        cache_dir=tmp_path_factory.mktemp("tokenize"),
+        max_model_len=256,
+        served_model_name="m",
+    )
     with TestClient(create_app(settings)) as client:
         yield client
 
 
 ROUTES = {
-    "completions": ("/v1/completions", lambda text: {"model": "m", "prompt": text, "max_tokens": 1}),
-    "chat": ("/v1/chat/completions",
-             lambda text: {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 1}),
+    "completions": (
+        "/v1/completions",
+        lambda text: {"model": "m", "prompt": text, "max_tokens": 1},
+    ),
+    "chat": (
+        "/v1/chat/completions",
+        lambda text: {
+            "model": "m",
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 1,
+        },
+    ),
     "tokenize": ("/tokenize", lambda text: {"prompt": text}),
-}  # fmt: skip
+}
 
 
 @pytest.fixture
@@ -209,8 +245,9 @@ def test_a_prompt_the_context_cannot_hold_is_refused_untokenized(
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
-def test_long_texts_are_tokenized_off_the_event_loop(app: TestClient, encodes, route: str,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_long_texts_are_tokenized_off_the_event_loop(
+    app: TestClient, encodes, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(serving, "INLINE_TOKENIZE_CHARS", 100)
     path, body = ROUTES[route]
     assert app.post(path, json=body("word " * 20)).status_code == 200
@@ -235,8 +272,9 @@ def test_a_large_json_body_is_checked_off_the_event_loop(
     assert [on_loop for _, on_loop in seen] == [True, False], seen
 
 
-def test_a_matcher_is_handed_over_with_its_first_mask_filled(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             request: pytest.FixtureRequest) -> None:  # fmt: skip
+def test_a_matcher_is_handed_over_with_its_first_mask_filled(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """The first mask of a big grammar can take seconds (a 5000-way anyOf: 3.6 s in the serving
     process, after the sandbox passed it): it is filled before the request reaches the engine,
     whose thread would otherwise wait for it with every stream in the step."""
@@ -274,8 +312,9 @@ def test_masks_apply_as_llguidance_does_without_its_compiled_kernel(
 
     generator = torch.Generator().manual_seed(0)
     for vocab in (1, 31, 32, 33, 384, 49152):
-        bitmask = torch.randint(-(2**31), 2**31 - 1, (1, (vocab + 31) // 32), dtype=torch.int32,
-                                generator=generator)  # fmt: skip
+        bitmask = torch.randint(
+            -(2**31), 2**31 - 1, (1, (vocab + 31) // 32), dtype=torch.int32, generator=generator
+        )
         logits = torch.randn(vocab, generator=generator)
         ours, theirs = logits.clone(), logits.clone()
         apply_bitmask(ours, bitmask[0])
