@@ -1,7 +1,8 @@
 """Replays the hardening audit's heavy requests (issue 24, items 1-3) against a real server
 started as a subprocess on the default model (int4 base), while one stream decodes beside them:
 for each, the answer (status, code, seconds) and the longest gap between two of the stream's
-tokens while it was in flight (the event loop's stall: before the sandbox, up to 48.6 s).
+tokens while it was in flight (the event loop's stall; the figures before and after the sandbox are in BENCHMARKS.md,
+'Hardening replays: heavy requests beside a running stream (issue 24)').
 Prints a table, writes JSON.
 
     .venv/bin/python benchmarks/replay_bombs.py [--output bench-results/replay_bombs.json]

@@ -10,8 +10,10 @@ needs TRITON_INTERPRET=1 (set before triton is first imported). triton is import
 ops are plain traceable torch code (inductor fuses them), while the Triton launches, the paged
 attention (whose reference gathers a data-sized key range) and the in-place KV cache write are
 registered custom ops (`torch.library`), opaque to the compiler. Run eagerly (not while
-dynamo traces), `Ops` calls their implementations directly: a custom op's dispatch costs
-15-20 us a call on this CPU, 1 ms a step over 30 layers' attention and cache writes. The module-level functions
+dynamo traces), `Ops` calls their implementations directly: a custom op's dispatch, paid per
+call over 30 layers' attention and cache writes, is a visible share of an eager CPU step
+(BENCHMARKS.md, 'Figures quoted from the code' and the eager custom-op bypass rerun in
+'Quantized base: fp32 vs int8 vs int4 (issue 14)'). The module-level functions
 (`kernels.add_delta`, ...) dispatch at every call, for tests and tools.
 """
 

@@ -25,7 +25,8 @@ from adapterserve.kernels.batch import AdapterBatch, DeltaWeights
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
     """cache (num_blocks, block_size, kvh, d), block_tables (S, nb) -> (S, kvh, max_len, d)."""
-    # index_select, not cache[block_tables]: the same copy, 2-4x faster on CPU at decode sizes
+    # index_select, not cache[block_tables]: the same copy, faster on CPU at decode sizes
+    # (BENCHMARKS.md, 'Figures quoted from the code')
     blocks = cache.index_select(0, block_tables.reshape(-1)).view(
         *block_tables.shape, *cache.shape[1:]
     )

@@ -47,8 +47,9 @@ MAX_SHOWN_NAMES = 8
 MAX_CONFIG_BYTES = 1 << 20
 # A header entry is ~130 bytes; the largest real adapter, a LoRA on all 7 projections of an
 # 80-layer model, has 80 * 7 * 2 = 1,120 entries (~150 KB). 4 MiB is far above that, and caps
-# what json.loads parses before the entries are counted (a 20 MB header of 300k zero-size
-# tensors took 7-8 s to refuse and stalled a concurrent stream for 2 s).
+# what json.loads parses before the entries are counted (a huge header of zero-size tensors
+# was slow to refuse and stalled a concurrent stream; BENCHMARKS.md, 'Figures quoted from the
+# code').
 MAX_HEADER_BYTES = 4 << 20
 # Tensors per projection any format stores (DoRA: A, B and the magnitude vector; LoRA A/B,
 # bottleneck down/up; IA3 has one, prefix and prompt tuning one in all), and slack. The tensor

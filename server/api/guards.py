@@ -374,7 +374,8 @@ async def read_body(receive: Receive, limit: int, kind: str, settings: Settings)
 
 
 # JSON bodies up to this size are parsed and walked on the event loop (about a millisecond);
-# larger ones on a worker thread: 8 MiB of token ids took 3 s to walk, every stream frozen.
+# larger ones on a worker thread: walking a multi-MiB list of token ids on the loop froze every
+# stream (BENCHMARKS.md, 'Figures quoted from the code').
 INLINE_JSON_BYTES = 64 * 1024
 
 

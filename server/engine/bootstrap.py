@@ -37,7 +37,9 @@ from adapterserve.server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-AUTO_COMPILE_DEVICES = frozenset({"cuda"})  # --compile auto: where compiling wins (measured)
+# --compile auto: where compiling wins (BENCHMARKS.md, 'Step plan, eager vs compiled decode
+# (issue 12)')
+AUTO_COMPILE_DEVICES = frozenset({"cuda"})
 
 
 class EngineConfigError(ValueError):
@@ -273,7 +275,8 @@ async def start_engine(
     meanwhile wait. Stop it with `engine.stop()` (or use `running_engine`).
 
     All torch work stays on that one OS thread: on CPU, a second thread that has run parallel
-    ops keeps an OpenMP pool alive, and MKL then ran the engine's matmuls ~1.3x slower (measured).
+    ops keeps an OpenMP pool alive, and MKL then ran the engine's matmuls
+    slower (BENCHMARKS.md, 'Engine vs transformers (issue 2)').
     """
     loop = asyncio.get_running_loop()
     built: asyncio.Future[Engine] = loop.create_future()

@@ -16,10 +16,10 @@ KV writes as custom ops. So the step compiles once and is reused:
   block) is its own graph again.
 - *Warm-up*: `warm_up` compiles every one of these shapes (`warm_shapes`) on padding rows
   before the engine says it is ready; a shape first met under traffic compiled on the engine
-  thread and froze every stream (5.2 s on a fresh server, 38 s once under load). Not warmed:
+  thread and froze every stream for seconds (BENCHMARKS.md, 'Figures quoted from the code'). Not warmed:
   the adapter variant, whose graph follows the pool's structure (the stacks that loaded
   adapters allocate), so the first decode with an adapter row after a start or a structure
-  change still compiles under traffic (19 s of frozen streams on the default model, CPU).
+  change still compiles under traffic, streams frozen meanwhile.
 - *Variants*: a step with no adapter token runs no hook (one graph); a step with adapters runs
   every stack the pool holds (another). A change in the pool's structure (a stack allocated
   or grown) changes the traced code's guards: one recompile, then steady again.

@@ -12,8 +12,8 @@ float base.
 
 The matmuls are torch's own weight-only kernels (`_weight_int8pack_mm`, and
 `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` on CUDA): they take bfloat16
-activations for their fast paths (fp32 activations fall back to a slow reference loop, 10-20x
-slower on this CPU), so a quantized layer computes in bf16 (scales included) and returns the
+activations for their fast paths (fp32 activations fall back to a slow reference loop,
+many times slower on CPU; BENCHMARKS.md, 'Figures quoted from the code'), so a quantized layer computes in bf16 (scales included) and returns the
 caller's dtype. The bf16 rounding of activations, scales and outputs (2**-9 relative) is the
 error a quantized layer adds on top of its codes; tests bound it as such.
 """

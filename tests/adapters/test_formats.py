@@ -641,7 +641,8 @@ def zero_size_tensors(count: int) -> dict:
 
 
 def test_header_of_300k_zero_size_tensors_is_refused_by_its_length(tmp_path, fingerprint):
-    """20 MB of header: refused by MAX_HEADER_BYTES, never parsed (it took 7-8 s before)."""
+    """20 MB of header: refused by MAX_HEADER_BYTES, never parsed (it was slow to refuse
+    before; BENCHMARKS.md, 'Figures quoted from the code')."""
     directory = raw_weights(tmp_path / "a", zero_size_tensors(300_000), b"")
     header_len = (directory / WEIGHTS).stat().st_size - 8
     assert header_len > 4 * MAX_HEADER_BYTES  # ~20 MB

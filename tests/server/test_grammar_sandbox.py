@@ -40,13 +40,15 @@ def lark_chain(depth: int) -> str:
 
 def gbnf_chain(depth: int) -> str:
     """The same chain in GBNF (GBNF's conversion grows about quadratically with the rules: a
-    chain of 5000 took 21.9 s, then segfaulted)."""
+    chain of 5000 ran for many seconds, then segfaulted; BENCHMARKS.md, 'Figures quoted from the
+    code')."""
     rules = [f'r{i} ::= "t" r{i + 1}' for i in range(depth)]
     return "\n".join(["root ::= r0", *rules, f'r{depth} ::= "end"'])
 
 
 def enum_bomb(size: int = 20_000) -> dict:
-    """0.7 MB: an enum of 20k objects froze every stream for 48.6 s, then a 500 (a panic)."""
+    """0.7 MB: an enum of 20k objects froze every stream, then a 500 (a panic); BENCHMARKS.md,
+    'Hardening replays: heavy requests beside a running stream (issue 24)'."""
     return {"enum": [{"k": i, "v": f"x{i}"} for i in range(size)]}
 
 
@@ -122,7 +124,7 @@ def test_a_refused_bomb_is_answered_from_the_cache(server: Server) -> None:
 
 def test_a_stream_keeps_flowing_while_a_bomb_compiles(server: Server) -> None:
     """Tokens of a running stream keep arriving while the 0.7 MB enum compiles to its deadline
-    (before the sandbox, every stream froze for its 48.6 s). 1 s is the bound tested (the issue
+    (before the sandbox, every stream froze while it compiled). 1 s is the bound tested (the issue
     asks 0.5 s; BENCHMARKS.md has the measured gaps)."""
 
     async def run() -> tuple[float, httpx.Response]:
@@ -260,7 +262,7 @@ def test_a_large_json_body_is_checked_off_the_event_loop(
     app: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The guard's parse and walk of a body (depth, lone surrogates) runs on a thread past
-    INLINE_JSON_BYTES: an 8 MiB list of token ids took 3 s on the loop."""
+    INLINE_JSON_BYTES: a multi-MiB list of token ids took seconds on the loop (BENCHMARKS.md, 'Figures quoted from the code')."""
     from adapterserve.server.api import guards
 
     seen: list[tuple[int, bool]] = []
@@ -275,8 +277,8 @@ def test_a_large_json_body_is_checked_off_the_event_loop(
 def test_a_matcher_is_handed_over_with_its_first_mask_filled(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    """The first mask of a big grammar can take seconds (a 5000-way anyOf: 3.6 s in the serving
-    process, after the sandbox passed it): it is filled before the request reaches the engine,
+    """The first mask of a big grammar can take seconds (a 5000-way anyOf, in the serving process
+    after the sandbox passed it; BENCHMARKS.md, 'Figures quoted from the code'): it is filled before the request reaches the engine,
     whose thread would otherwise wait for it with every stream in the step."""
     from adapterserve.server.engine import constraint
     from adapterserve.server.engine.constraint import Grammars
@@ -302,7 +304,7 @@ def test_masks_apply_as_llguidance_does_without_its_compiled_kernel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """llguidance.torch.apply_token_bitmask_inplace is torch.compile'd: its first call compiled
-    for 2.9 s on the engine thread, every stream waiting. Ours gives the same -inf pattern on
+    on the engine thread, every stream waiting (BENCHMARKS.md, 'Figures quoted from the code'). Ours gives the same -inf pattern on
     random bitmasks (sizes not a multiple of 32, negative words), and mask() never calls it."""
     import llguidance.torch as llt
     import torch
@@ -336,8 +338,8 @@ def test_masks_apply_as_llguidance_does_without_its_compiled_kernel(
 
 
 def test_structured_outputs_never_import_torchs_compiler(tiny_model_dir: Path) -> None:
-    """`import llguidance.torch` imports torch's compiler (1.8 s, every stream stalled on a
-    server's first structured request): a constrained sequence's whole life, made, masked and
+    """`import llguidance.torch` imports torch's compiler (every stream stalled on a
+    server's first structured request; BENCHMARKS.md, 'Figures quoted from the code'): a constrained sequence's whole life, made, masked and
     fed, goes without it (a fresh interpreter, as a server is)."""
     import subprocess
     import sys

@@ -119,7 +119,7 @@ def test_no_decode_compiles_after_ready(tiny_model_dir: Path, compile_cache: Pat
     """After /ready, one long-context row, then several rows at once: dynamo compiles no new
     graph. Before, the warm-up used block tables one column wide, and the first decode with a
     context past one block (16 tokens) compiled a graph for 1 row and one for several, on the
-    engine thread, under the first streams (5.2 s on the default model's fresh server)."""
+    engine thread, under the first streams (BENCHMARKS.md, 'Figures quoted from the code')."""
 
     async def complete(base_url: str, prompts: list[list[int]]) -> list[dict]:
         async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
