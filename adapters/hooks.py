@@ -74,14 +74,17 @@ class PoolHooks:
         for site in SITES:
             sizes = tuple(fingerprint.in_out(t)[1] for t in site)
             offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
-            sites.append(SiteAdapters(
-                post=_classes(pool.post.get((layer, site))),
-                scale=pool.post_scale.get((layer, site)),
-                series_in=tuple(_classes(pool.series_in.get((layer, t))) for t in site),
-                ia3_in=tuple(pool.ia3_in.get((layer, t)) for t in site),
-                series_out=tuple(_classes(pool.series_out.get((layer, t))) for t in site),
-                offsets=offsets, sizes=sizes,
-            ))  # fmt: skip
+            sites.append(
+                SiteAdapters(
+                    post=_classes(pool.post.get((layer, site))),
+                    scale=pool.post_scale.get((layer, site)),
+                    series_in=tuple(_classes(pool.series_in.get((layer, t))) for t in site),
+                    ia3_in=tuple(pool.ia3_in.get((layer, t)) for t in site),
+                    series_out=tuple(_classes(pool.series_out.get((layer, t))) for t in site),
+                    offsets=offsets,
+                    sizes=sizes,
+                )
+            )
         return LayerAdapters(tuple(sites))
 
     def pre(self, site: SiteAdapters, i: int, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
@@ -98,17 +101,21 @@ class PoolHooks:
         return x
 
     def post(
-        self, site: SiteAdapters, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor,
+        self,
+        site: SiteAdapters,
+        x: torch.Tensor | tuple[torch.Tensor, ...],
+        y: torch.Tensor,
         batch: AdapterBatch,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """The site's output y (T, sum of sizes) from input x (one tensor, or one per target
         when the site splits), with every output-side stack applied; y is updated in place
         where it can be."""
         for stack in site.post:
             if isinstance(x, tuple):
                 for i, (u, off, size) in enumerate(zip(x, site.offsets, site.sizes, strict=True)):
-                    self.ops.add_delta(y[:, off : off + size], u, stack.slice(i), batch,
-                                       (0,), (size,))  # fmt: skip
+                    self.ops.add_delta(
+                        y[:, off : off + size], u, stack.slice(i), batch, (0,), (size,)
+                    )
             else:
                 self.ops.add_delta(y, x, stack, batch, site.offsets, site.sizes)
         for series, off, size in zip(site.series_out, site.offsets, site.sizes, strict=True):

@@ -26,8 +26,9 @@ GROUPS = (1, 2, 4, 8)
 HEAD_DIMS = (64, 128)
 
 
-def compile_stats(group: int, head_dim: int, block_n: int, num_warps: int,
-                  dtype: str = "bf16") -> dict:  # fmt: skip
+def compile_stats(
+    group: int, head_dim: int, block_n: int, num_warps: int, dtype: str = "bf16"
+) -> dict:
     """ptxas's report for _paged_decode_kernel (single pass) at one configuration."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -45,26 +46,54 @@ def compile_stats(group: int, head_dim: int, block_n: int, num_warps: int,
             signature[p.name] = pointer_types.get(p.name, f"*{dtype}")
         else:
             signature[p.name] = "fp32" if p.name == "qk_scale" else "i32"
-    constexprs = {"BLOCK_G": triton.next_power_of_2(group), "BLOCK_N": block_n,
-                  "BLOCK_D": triton.next_power_of_2(head_dim), "SPLIT": False}  # fmt: skip
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})  # fmt: skip
+    constexprs = {
+        "BLOCK_G": triton.next_power_of_2(group),
+        "BLOCK_N": block_n,
+        "BLOCK_D": triton.next_power_of_2(head_dim),
+        "SPLIT": False,
+    }
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps},
+    )
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
-        done = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o",
-                               str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [
+                str(ptxas),
+                "-v",
+                "--gpu-name",
+                "sm_90a",
+                str(ptx),
+                "-o",
+                str(Path(tmp) / "kernel.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+        )
     report = done.stdout + done.stderr
     if done.returncode != 0:
         raise RuntimeError(f"ptxas failed: {report[-2000:]}")
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
-    stack, stores, loads = map(int, re.search(
-        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report
-    ).groups())  # fmt: skip
-    return {"group": group, "head_dim": head_dim, "block_n": block_n, "num_warps": num_warps,
-            "registers": registers, "stack_bytes": stack, "spill_stores": stores,
-            "spill_loads": loads}  # fmt: skip
+    stack, stores, loads = map(
+        int,
+        re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report
+        ).groups(),
+    )
+    return {
+        "group": group,
+        "head_dim": head_dim,
+        "block_n": block_n,
+        "num_warps": num_warps,
+        "registers": registers,
+        "stack_bytes": stack,
+        "spill_stores": stores,
+        "spill_loads": loads,
+    }
 
 
 def chosen() -> list[dict]:
@@ -96,13 +125,17 @@ def sweep() -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| group | head_dim | BLOCK_N | warps | registers | stack B | spill stores B | "
-          "spill loads B | launch_config |")  # fmt: skip
+    print(
+        "| group | head_dim | BLOCK_N | warps | registers | stack B | spill stores B | "
+        "spill loads B | launch_config |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['group']} | {r['head_dim']} | {r['block_n']} | {r['num_warps']} | "
-              f"{r['registers']} | {r['stack_bytes']} | {r['spill_stores']} | "
-              f"{r['spill_loads']} | {'yes' if r['chosen'] else ''} |")  # fmt: skip
+        print(
+            f"| {r['group']} | {r['head_dim']} | {r['block_n']} | {r['num_warps']} | "
+            f"{r['registers']} | {r['stack_bytes']} | {r['spill_stores']} | "
+            f"{r['spill_loads']} | {'yes' if r['chosen'] else ''} |"
+        )
 
 
 def main() -> None:

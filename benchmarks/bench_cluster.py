@@ -73,8 +73,10 @@ def placement(url: str) -> dict:
     for labels, value in samples(url, "adapterserve_cluster_routing_total"):
         routing[labels["result"]] += value
     total = routing["hit"] + routing["miss"]
-    return {"adapters_on_several_replicas": sum(len(r) > 1 for r in served.values()),
-            "routing_hit_rate": routing["hit"] / total if total else None}  # fmt: skip
+    return {
+        "adapters_on_several_replicas": sum(len(r) > 1 for r in served.values()),
+        "routing_hit_rate": routing["hit"] / total if total else None,
+    }
 
 
 def wait_ready(url: str, settings: Settings, replicas: int, exclude: set[str]) -> None:
@@ -89,12 +91,36 @@ def wait_ready(url: str, settings: Settings, replicas: int, exclude: set[str]) -
 
 def loadtest(args: argparse.Namespace, url: str, name: str, out_dir: Path, setup: bool) -> dict:
     command = [
-        sys.executable, "-P", "-m", "adapterserve.loadtest", "run", "--workload", "A", "--url", url,
-        "--num-adapters", str(args.num_adapters), "--num-requests", str(args.num_requests),
-        "--rate", str(args.rate), "--seed", "0", "--input-len", args.input_len,
-        "--output-len", args.output_len, "--out-dir", str(out_dir), "--name", name,
-        "--no-plots", "--no-progress", "--timeout", "600",
-    ]  # fmt: skip
+        sys.executable,
+        "-P",
+        "-m",
+        "adapterserve.loadtest",
+        "run",
+        "--workload",
+        "A",
+        "--url",
+        url,
+        "--num-adapters",
+        str(args.num_adapters),
+        "--num-requests",
+        str(args.num_requests),
+        "--rate",
+        str(args.rate),
+        "--seed",
+        "0",
+        "--input-len",
+        args.input_len,
+        "--output-len",
+        args.output_len,
+        "--out-dir",
+        str(out_dir),
+        "--name",
+        name,
+        "--no-plots",
+        "--no-progress",
+        "--timeout",
+        "600",
+    ]
     if setup:
         command += ["--setup"]
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -120,8 +146,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     url = f"http://127.0.0.1:{args.port}"
     results = []
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-             object_store_memory=200 * 2**20)  # fmt: skip
+    ray.init(
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=200 * 2**20,
+    )
     try:
         seen: set[str] = set()
         for i, (label, replicas, affinity) in enumerate(CONFIGS):
@@ -144,24 +174,35 @@ def main() -> None:
             document = loadtest(args, url, f"run{i}", work, setup=i == 0)
             time.sleep(1.5)  # the replicas' last reports
             loads = adapter_loads(url) - before
-            row = {"config": label, "replicas": replicas, "affinity": affinity, **summary(document),
-                   "adapter_loads": loads, "loads_per_request": loads / args.num_requests,
-                   **placement(url)}  # fmt: skip
+            row = {
+                "config": label,
+                "replicas": replicas,
+                "affinity": affinity,
+                **summary(document),
+                "adapter_loads": loads,
+                "loads_per_request": loads / args.num_requests,
+                **placement(url),
+            }
             results.append(row)
             print(f"{label}: {row}", file=sys.stderr)
     finally:
         launch.stop()
     print_table(args, results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                    "results": results}, indent=1))  # fmt: skip
+    args.out.write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1
+        )
+    )
     print(f"wrote {args.out}")
 
 
 def print_table(args: argparse.Namespace, results: list[dict]) -> None:
-    print(f"\nworkload A: {args.num_adapters} adapters, {args.num_requests} requests at "
-          f"{args.rate} req/s, input {args.input_len}, output {args.output_len}, "
-          f"{args.slots} slots per replica")  # fmt: skip
+    print(
+        f"\nworkload A: {args.num_adapters} adapters, {args.num_requests} requests at "
+        f"{args.rate} req/s, input {args.input_len}, output {args.output_len}, "
+        f"{args.slots} slots per replica"
+    )
     print(
         "| config | req/s | output tok/s | TTFT p99 ms | adapter loads | loads / request | "
         "routing hit rate | adapters on both replicas | failed |"
@@ -169,10 +210,12 @@ def print_table(args: argparse.Namespace, results: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         hit_rate = "-" if r["routing_hit_rate"] is None else f"{r['routing_hit_rate']:.2f}"
-        print(f"| {r['config']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
-              f"{r['ttft_p99_s'] * 1000:.0f} | {r['adapter_loads']:.0f} | "
-              f"{r['loads_per_request']:.2f} | {hit_rate} | "
-              f"{r['adapters_on_several_replicas']} | {r['failed']} |")  # fmt: skip
+        print(
+            f"| {r['config']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
+            f"{r['ttft_p99_s'] * 1000:.0f} | {r['adapter_loads']:.0f} | "
+            f"{r['loads_per_request']:.2f} | {hit_rate} | "
+            f"{r['adapters_on_several_replicas']} | {r['failed']} |"
+        )
 
 
 if __name__ == "__main__":

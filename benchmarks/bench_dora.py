@@ -56,19 +56,27 @@ def write_adapters(folder: Path, model_dir: Path, count: int, rank: int) -> dict
             "base_model.model.lm_head.lora_A.weight": (rank, hidden),
             "base_model.model.lm_head.lora_B.weight": (vocab, rank),
         }
-        model_level = {key: (0.01 * rng.standard_normal(shape)).astype(np.float32)
-                       for key, shape in shapes.items()}  # fmt: skip
+        model_level = {
+            key: (0.01 * rng.standard_normal(shape)).astype(np.float32)
+            for key, shape in shapes.items()
+        }
         targets = [*config["target_modules"], "embed_tokens", "lm_head"]
-        path = write_adapter(folder / f"emb{i}", {**config, "target_modules": targets},
-                             {**tensors, **model_level})  # fmt: skip
+        path = write_adapter(
+            folder / f"emb{i}", {**config, "target_modules": targets}, {**tensors, **model_level}
+        )
         flags["embed-head"].append(f"emb{i}={path}")
     return flags
 
 
 def main() -> None:
     args = stream_args(__doc__, "dora.json").parse_args()
-    base = Settings(device="cpu", log_level="warning", compile="off", max_num_seqs=16,
-                    adapter_slots=3 * args.adapters)  # fmt: skip
+    base = Settings(
+        device="cpu",
+        log_level="warning",
+        compile="off",
+        max_num_seqs=16,
+        adapter_slots=3 * args.adapters,
+    )
     model_dir = resolve_model_dir(None, base.cache_dir)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(16, args.prompt_len, vocab, 1)
@@ -76,11 +84,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         flags = write_adapters(Path(tmp), model_dir, args.adapters, args.rank)
         settings = base.model_copy(update={"adapters": [f for v in flags.values() for f in v]})
-        for label, names in (("base", [None] * 16),
-                             ("lora", [f"lora{i % args.adapters}" for i in range(16)]),
-                             ("dora", [f"dora{i % args.adapters}" for i in range(16)]),
-                             ("lora + embed_tokens + lm_head",
-                              [f"emb{i % args.adapters}" for i in range(16)])):  # fmt: skip
+        for label, names in (
+            ("base", [None] * 16),
+            ("lora", [f"lora{i % args.adapters}" for i in range(16)]),
+            ("dora", [f"dora{i % args.adapters}" for i in range(16)]),
+            ("lora + embed_tokens + lm_head", [f"emb{i % args.adapters}" for i in range(16)]),
+        ):
             rows[label] = isolated(run, settings, prompts, names, args.output_len, args.repeats)
     print(f"\n{'16 streams':<40} {'tok/s':>8} {'x base':>7}")
     for label, row in rows.items():
@@ -90,9 +99,17 @@ def main() -> None:
     model_level = rows["lora + embed_tokens + lm_head"]["tok_s"] / rows["lora"]["tok_s"]
     print(f"{'(lora + embed_tokens + lm_head) / lora':<40} {model_level:>8.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows, "dora_over_lora": ratio,
-                                     "embed_head_over_lora": model_level,
-                                     "quantization": rows["base"]["quantization"]}, indent=1))  # fmt: skip
+    args.json.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "dora_over_lora": ratio,
+                "embed_head_over_lora": model_level,
+                "quantization": rows["base"]["quantization"],
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {args.json}")
 
 

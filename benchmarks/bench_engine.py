@@ -110,8 +110,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, port: int, max_num_seqs: int, extra: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> subprocess.Popen:  # fmt: skip
+def start_server(
+    model: str | None,
+    port: int,
+    max_num_seqs: int,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
     """`adapterserve serve` with `extra` flags and `env` added, once it is ready."""
     cmd = [
         sys.executable,
@@ -169,8 +174,14 @@ async def http_request(
     return tokens
 
 
-async def bench_http(port: int, concurrency: int, prompts: list[list[int]], out_len: int, stream: bool,
-                     adapters: list[str] | None = None) -> float:  # fmt: skip
+async def bench_http(
+    port: int,
+    concurrency: int,
+    prompts: list[list[int]],
+    out_len: int,
+    stream: bool,
+    adapters: list[str] | None = None,
+) -> float:
     """Output tok/s of `concurrency` clients sending `prompts`; with `adapters`, request i
     names adapter i mod len(adapters) (each warmed into a device slot first)."""
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:

@@ -27,12 +27,21 @@ from pathlib import Path
 
 SCHEMA = {  # long enough to run bench_structured's whole budget: short strings and numbers
     "type": "object",
-    "properties": {"items": {"type": "array", "items": {
-        "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                         "count": {"type": "integer", "minimum": 0}},
-        "required": ["name", "count"]}}},
+    "properties": {
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 12},
+                    "count": {"type": "integer", "minimum": 0},
+                },
+                "required": ["name", "count"],
+            },
+        }
+    },
     "required": ["items"],
-}  # fmt: skip
+}
 DOCUMENT = json.dumps(
     {"items": [{"name": f"item number {i}"[:12], "count": 3 * i + 1} for i in range(12)]},
     separators=(",", ":"),
@@ -94,8 +103,9 @@ def bench_xgrammar(hf, ids: list[int], vocab: int, repeats: int) -> dict:
     return summary("xgrammar", compile_s, makes, fills, advances)
 
 
-def summary(name: str, compile_s: float, makes: list[float], fills: list[float],
-            advances: list[float]) -> dict:  # fmt: skip
+def summary(
+    name: str, compile_s: float, makes: list[float], fills: list[float], advances: list[float]
+) -> dict:
     fills_ms = sorted(1e3 * f for f in fills)
     return {
         "engine": name,
@@ -134,12 +144,16 @@ def main() -> None:
         except ImportError as exc:
             print(f"skipped {bench.__name__.removeprefix('bench_')}: {exc}")
     print(f"\nvocab {vocab}, {len(ids)} document tokens x {args.repeats}, one thread")
-    print(f"{'engine (ms)':<12} {'compile':>8} {'matcher':>8} {'1st mask':>9} {'fill med':>9} "
-          f"{'fill p99':>9} {'fill mean':>10} {'advance':>8}")  # fmt: skip
+    print(
+        f"{'engine (ms)':<12} {'compile':>8} {'matcher':>8} {'1st mask':>9} {'fill med':>9} "
+        f"{'fill p99':>9} {'fill mean':>10} {'advance':>8}"
+    )
     for r in rows:
-        print(f"{r['engine']:<12} {r['compile_ms']:>8.2f} {r['matcher_ms']:>8.3f} "
-              f"{r['first_mask_ms']:>9.2f} {r['fill_median_ms']:>9.3f} {r['fill_p99_ms']:>9.3f} "
-              f"{r['fill_mean_ms']:>10.3f} {r['advance_median_ms']:>8.3f}")  # fmt: skip
+        print(
+            f"{r['engine']:<12} {r['compile_ms']:>8.2f} {r['matcher_ms']:>8.3f} "
+            f"{r['first_mask_ms']:>9.2f} {r['fill_median_ms']:>9.3f} {r['fill_p99_ms']:>9.3f} "
+            f"{r['fill_mean_ms']:>10.3f} {r['advance_median_ms']:>8.3f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"vocab": vocab, "rows": rows}, indent=1))

@@ -143,13 +143,22 @@ def bench_attention_case(
         reference_ms = time_ms(lambda: reference.paged_decode_attention(*inputs, scale))
     bytes_per_s = attention_bytes(q, k_cache, lens) / (triton_ms / 1e3)
     return dict(
-        op="attention", batch=batch, context=context, heads=heads, kv_heads=kv_heads,
-        head_dim=head_dim, block_size=block_size, dtype=str(dtype).removeprefix("torch."),
-        num_splits=num_splits, triton_ms=triton_ms, single_pass_ms=single_ms,
-        reference_ms=reference_ms, gb_per_s=bytes_per_s / 1e9,
+        op="attention",
+        batch=batch,
+        context=context,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        dtype=str(dtype).removeprefix("torch."),
+        num_splits=num_splits,
+        triton_ms=triton_ms,
+        single_pass_ms=single_ms,
+        reference_ms=reference_ms,
+        gb_per_s=bytes_per_s / 1e9,
         fraction_of_copy=bytes_per_s / copy_bytes_per_s,
         speedup=None if reference_ms is None else reference_ms / triton_ms,
-    )  # fmt: skip
+    )
 
 
 def bench_attention(args: argparse.Namespace, copy_bytes_per_s: float) -> list[dict]:
@@ -292,12 +301,16 @@ def lora_inputs(
     order = torch.argsort(slot_ids, stable=True)
     ids = slot_ids.tolist()
     return LoraInputs(
-        shape=shape, rank=rank, u=randn(T, shape.in_features, std=1.0), weights=weights,
-        y=randn(T, sum(shape.out_sizes), std=1.0), slot_ids=slot_ids,
+        shape=shape,
+        rank=rank,
+        u=randn(T, shape.in_features, std=1.0),
+        weights=weights,
+        y=randn(T, sum(shape.out_sizes), std=1.0),
+        slot_ids=slot_ids,
         decode=AdapterBatch.build(ids, S, device=device),
         prefill=AdapterBatch.build(slot_ids[order].tolist(), S, num_decode=0, device=device),
         order=order.to(device),
-    )  # fmt: skip
+    )
 
 
 def lora_bytes(shape: LoraShape, rank: int, slot_ids: torch.Tensor, element_size: int) -> int:
@@ -351,8 +364,9 @@ def bench_lora_case(
     rows = []
     for variant in LORA_VARIANTS:
         u, y, rows_batch = inp.rows(variant)
-        expected = reference.add_delta(y.float().clone(), u.float(), fp32(inp.weights), rows_batch,
-                                       inp.offsets, inp.sizes)  # fmt: skip
+        expected = reference.add_delta(
+            y.float().clone(), u.float(), fp32(inp.weights), rows_batch, inp.offsets, inp.sizes
+        )
         got = bottleneck.add_delta(y.clone(), u, inp.weights, rows_batch, inp.offsets, inp.sizes)
         check_close(got, expected, dtype, f"{what} {variant}")
         call = (y.clone(), u, timed, rows_batch, inp.offsets, inp.sizes)
@@ -360,15 +374,27 @@ def bench_lora_case(
         reference_ms = timer(functools.partial(reference.add_delta, *call))
         bytes_per_s = num_bytes / (ms / 1e3)
         row = dict(
-            op="lora", shape=shape.name, in_features=shape.in_features,
-            out_features=sum(shape.out_sizes), slices=len(shape.out_sizes), rank=rank,
-            batch=batch, pattern=pattern, pool_adapters=min(num_adapters, batch),
-            distinct=len(counts), counts=counts, variant=variant,
-            dispatched=variant == "decode", dtype=str(dtype).removeprefix("torch."),
-            triton_ms=ms, reference_ms=reference_ms, bytes=num_bytes,
-            gb_per_s=bytes_per_s / 1e9, fraction_of_copy=bytes_per_s / copy_bytes_per_s,
+            op="lora",
+            shape=shape.name,
+            in_features=shape.in_features,
+            out_features=sum(shape.out_sizes),
+            slices=len(shape.out_sizes),
+            rank=rank,
+            batch=batch,
+            pattern=pattern,
+            pool_adapters=min(num_adapters, batch),
+            distinct=len(counts),
+            counts=counts,
+            variant=variant,
+            dispatched=variant == "decode",
+            dtype=str(dtype).removeprefix("torch."),
+            triton_ms=ms,
+            reference_ms=reference_ms,
+            bytes=num_bytes,
+            gb_per_s=bytes_per_s / 1e9,
+            fraction_of_copy=bytes_per_s / copy_bytes_per_s,
             speedup=reference_ms / ms,
-        )  # fmt: skip
+        )
         row["aim_met"] = (
             row["fraction_of_copy"] >= DECODE_AIM_FRACTION and row["speedup"] >= DECODE_AIM_SPEEDUP
             if variant == "decode"
@@ -435,9 +461,10 @@ def bench_bottleneck_case(
     slot_ids = popularity_slots(pattern, batch, num_adapters)
     inp = lora_inputs(shape, rank, slot_ids, dtype, device)
     weights = dataclasses.replace(
-        inp.weights, activations=torch.full_like(inp.weights.activations, int(activation)),
+        inp.weights,
+        activations=torch.full_like(inp.weights.activations, int(activation)),
         codes=() if activation == Activation.IDENTITY else (int(activation),),
-    )  # fmt: skip
+    )
     expected = reference.add_delta(inp.y.float().clone(), inp.u.float(), fp32(weights), inp.decode)
     got = bottleneck.add_delta(inp.y.clone(), inp.u, weights, inp.decode)
     check_close(got, expected, dtype, f"bottleneck {name}")
@@ -447,14 +474,23 @@ def bench_bottleneck_case(
     num_bytes = lora_bytes(shape, rank, slot_ids, inp.u.element_size())
     bytes_per_s = num_bytes / (ms / 1e3)
     return dict(
-        op="bottleneck", shape=name, in_features=in_features, out_features=out_features,
-        rank=rank, batch=batch, pattern=pattern,
+        op="bottleneck",
+        shape=name,
+        in_features=in_features,
+        out_features=out_features,
+        rank=rank,
+        batch=batch,
+        pattern=pattern,
         distinct=len(popularity_counts(pattern, batch, num_adapters)),
-        activation=activation.name.lower(), dtype=str(dtype).removeprefix("torch."),
-        triton_ms=ms, reference_ms=reference_ms, bytes=num_bytes,
-        gb_per_s=bytes_per_s / 1e9, fraction_of_copy=bytes_per_s / copy_bytes_per_s,
+        activation=activation.name.lower(),
+        dtype=str(dtype).removeprefix("torch."),
+        triton_ms=ms,
+        reference_ms=reference_ms,
+        bytes=num_bytes,
+        gb_per_s=bytes_per_s / 1e9,
+        fraction_of_copy=bytes_per_s / copy_bytes_per_s,
         speedup=reference_ms / ms,
-    )  # fmt: skip
+    )
 
 
 def bench_bottleneck(args: argparse.Namespace, copy_bytes_per_s: float) -> list[dict]:
@@ -514,12 +550,20 @@ def bench_ia3_case(
     num_bytes = ia3_bytes(x, vectors, slot_ids)
     bytes_per_s = num_bytes / (ms / 1e3)
     return dict(
-        op="ia3", shape=f"d{d}", d=d, batch=batch, pattern=pattern,
+        op="ia3",
+        shape=f"d{d}",
+        d=d,
+        batch=batch,
+        pattern=pattern,
         distinct=len(popularity_counts(pattern, batch, num_adapters)),
-        dtype=str(dtype).removeprefix("torch."), triton_ms=ms, reference_ms=reference_ms,
-        bytes=num_bytes, gb_per_s=bytes_per_s / 1e9,
-        fraction_of_copy=bytes_per_s / copy_bytes_per_s, speedup=reference_ms / ms,
-    )  # fmt: skip
+        dtype=str(dtype).removeprefix("torch."),
+        triton_ms=ms,
+        reference_ms=reference_ms,
+        bytes=num_bytes,
+        gb_per_s=bytes_per_s / 1e9,
+        fraction_of_copy=bytes_per_s / copy_bytes_per_s,
+        speedup=reference_ms / ms,
+    )
 
 
 def bench_ia3(args: argparse.Namespace, copy_bytes_per_s: float) -> list[dict]:
@@ -548,9 +592,15 @@ def llama2_7b_args():
     from adapterserve.server.model.llama import ModelArgs
 
     return ModelArgs(
-        vocab_size=32000, dim=4096, intermediate_size=11008, n_layers=32, n_heads=32,
-        n_kv_heads=32, head_dim=128, max_position_embeddings=4096,
-    )  # fmt: skip
+        vocab_size=32000,
+        dim=4096,
+        intermediate_size=11008,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
+        max_position_embeddings=4096,
+    )
 
 
 def build_random_model(model_args, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -607,11 +657,15 @@ def step_forward(model, cache, concurrency: int, max_len: int, pool=None, compil
     device = next(model.parameters()).device
     buckets = buckets_for(device, concurrency) if compiled else None
     builder = BatchBuilder(
-        max_num_seqs=concurrency, max_num_batched_tokens=concurrency * max_len,
-        block_size=cache.block_size, max_blocks_per_seq=math.ceil(max_len / cache.block_size),
-        trash_block=cache.trash_block, num_adapter_slots=pool.num_slots if pool is not None else 1,
-        device=device, full_width=buckets is not None,
-    )  # fmt: skip
+        max_num_seqs=concurrency,
+        max_num_batched_tokens=concurrency * max_len,
+        block_size=cache.block_size,
+        max_blocks_per_seq=math.ceil(max_len / cache.block_size),
+        trash_block=cache.trash_block,
+        num_adapter_slots=pool.num_slots if pool is not None else 1,
+        device=device,
+        full_width=buckets is not None,
+    )
     decode = CompiledDecode(model, cache, builder, buckets) if compiled else None
 
     def forward(plan):
@@ -623,9 +677,17 @@ def step_forward(model, cache, concurrency: int, max_len: int, pool=None, compil
 
 
 def run_decode(
-    model, cache, concurrency: int, prompt_len: int, output_len: int, block_size: int,
-    num_blocks: int, pool=None, seed: int = 0, forward=None,
-) -> dict:  # fmt: skip
+    model,
+    cache,
+    concurrency: int,
+    prompt_len: int,
+    output_len: int,
+    block_size: int,
+    num_blocks: int,
+    pool=None,
+    seed: int = 0,
+    forward=None,
+) -> dict:
     """Admit `concurrency` random prompts at once, decode greedily to `output_len` tokens each.
     With a `pool`, sequence i uses the adapter in slot i % num_slots, bound as the engine binds
     it (slot ids for the hook points, prefix K/V placed at admission, prompt embeddings).
@@ -650,8 +712,9 @@ def run_decode(
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     seqs = []
-    for i, prompt in enumerate(torch.randint(100, model.args.vocab_size, (concurrency, prompt_len),
-                                             generator=g).tolist()):  # fmt: skip
+    for i, prompt in enumerate(
+        torch.randint(100, model.args.vocab_size, (concurrency, prompt_len), generator=g).tolist()
+    ):
         seq = Sequence(f"r{i}", prompt, params, "bench", None)
         if pool is not None:
             slot = i % pool.num_slots
@@ -685,12 +748,15 @@ def run_decode(
                     sched.remove(seq)
     decode_s = sum(step_ms) / 1e3
     return dict(
-        prefill_s=prefill_s, decode_s=decode_s, decode_steps=decode_steps,
-        decode_tokens=decode_tokens, decode_tok_s=decode_tokens / decode_s if decode_s else None,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        decode_steps=decode_steps,
+        decode_tokens=decode_tokens,
+        decode_tok_s=decode_tokens / decode_s if decode_s else None,
         median_step_ms=statistics.median(step_ms) if step_ms else None,
         total_tok_s=concurrency * output_len / (prefill_s + decode_s),
         outputs=[seq.output_ids for seq in seqs],
-    )  # fmt: skip
+    )
 
 
 def bench_e2e(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
@@ -725,13 +791,18 @@ def check_quant_layers(device: str) -> None:
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(256, 512, generator=g)
-    grouped = Int8Codes(torch.randint(-128, 128, (256, 512), generator=g, dtype=torch.int8),
-                        torch.rand(256, 16, generator=g) * 1e-2, 32)  # fmt: skip
+    grouped = Int8Codes(
+        torch.randint(-128, 128, (256, 512), generator=g, dtype=torch.int8),
+        torch.rand(256, 16, generator=g) * 1e-2,
+        32,
+    )
     at = torch.device(device)
     int8, int4 = Int8Codes.quantize(weight), Int4Codes.quantize(weight)
-    layers = {"int8": (Int8Linear.of(int8, None, at), int8),
-              "int4": (Int4Linear(int4, None, at), int4),
-              "int8 group 32 (Q8_0)": (Int8GroupLinear(grouped, None, at), grouped)}  # fmt: skip
+    layers = {
+        "int8": (Int8Linear.of(int8, None, at), int8),
+        "int4": (Int4Linear(int4, None, at), int4),
+        "int8 group 32 (Q8_0)": (Int8GroupLinear(grouped, None, at), grouped),
+    }
     for name, (layer, source) in layers.items():
         w = source.dequantize()  # the codes' own weights, computed without the kernel
         errors = []
@@ -755,8 +826,17 @@ def check_quant_layers(device: str) -> None:
 E2E_CHECK_BOUND = 2.0**-4
 
 
-def check_e2e(model, cache, pool, device: str, concurrency: int, prompt_len: int,
-              block_size: int, num_blocks: int, what: str) -> float:  # fmt: skip
+def check_e2e(
+    model,
+    cache,
+    pool,
+    device: str,
+    concurrency: int,
+    prompt_len: int,
+    block_size: int,
+    num_blocks: int,
+    what: str,
+) -> float:
     """Before a run is timed: its first two steps (prefill, one decode) through ops_for(device)
     (Triton on CUDA) vs the PyTorch reference, up to 6 sequences (every kind of a mixed run).
     Raises on a miss, so no number is reported for a broken step; returns the relative error."""
@@ -774,8 +854,9 @@ def check_e2e(model, cache, pool, device: str, concurrency: int, prompt_len: int
             seen.append(logits.float().cpu())
             return logits
 
-        run_decode(model, cache, sequences, prompt_len, 2, block_size, num_blocks, pool,
-                   forward=recording)  # fmt: skip
+        run_decode(
+            model, cache, sequences, prompt_len, 2, block_size, num_blocks, pool, forward=recording
+        )
         return seen
 
     device_ops = kernels.ops_for(device)
@@ -786,20 +867,29 @@ def check_e2e(model, cache, pool, device: str, concurrency: int, prompt_len: int
     got = logits_with(device_ops)
     # the decode step compares only when the prefill chose the same tokens
     steps = 2 if torch.equal(got[0].argmax(-1), want[0].argmax(-1)) else 1
-    error = max(((g - w).abs().max() / w.abs().max().clamp(min=1e-6)).item()
-                for g, w in zip(got[:steps], want[:steps], strict=True))  # fmt: skip
+    error = max(
+        ((g - w).abs().max() / w.abs().max().clamp(min=1e-6)).item()
+        for g, w in zip(got[:steps], want[:steps], strict=True)
+    )
     if not error <= E2E_CHECK_BOUND:
         raise AssertionError(
             f"e2e {what} on {device}: logits through {device_ops} vs the reference: "
             f"relative error {error:.2e} > {E2E_CHECK_BOUND:.2e}"
         )
-    print(f"e2e {what} on {device}: logits vs the reference ops, relative error {error:.1e} "
-          f"(bound {E2E_CHECK_BOUND:.1e})", flush=True)  # fmt: skip
+    print(
+        f"e2e {what} on {device}: logits vs the reference ops, relative error {error:.1e} "
+        f"(bound {E2E_CHECK_BOUND:.1e})",
+        flush=True,
+    )
     return error
 
 
-def time_int8_paths(device: str, rows_list=(1, 4, 16, 64, 256, 1024), features: int = 4096,
-                    timer: Callable[[Callable[[], object]], float] = time_ms) -> list[dict]:  # fmt: skip
+def time_int8_paths(
+    device: str,
+    rows_list=(1, 4, 16, 64, 256, 1024),
+    features: int = 4096,
+    timer: Callable[[Callable[[], object]], float] = time_ms,
+) -> list[dict]:
     """One 7B-shaped (4096 x 4096) int8 layer: torch's weight-only kernel vs the bf16 matmul over
     weights dequantized for the call (what Int8Linear runs on CUDA from CUDA_DEQUANT_ROWS rows)
     vs plain bf16, by rows; ms per call. Where the kernel stops winning is CUDA_DEQUANT_ROWS."""
@@ -817,17 +907,28 @@ def time_int8_paths(device: str, rows_list=(1, 4, 16, 64, 256, 1024), features: 
         )
         dequantized = timer(lambda x=x: layer._dequantized_mm(x))
         bf16 = timer(lambda x=x: x @ dense.t())
-        table.append({"rows": rows, "int8_kernel_ms": kernel, "int8_dequantized_ms": dequantized,
-                      "bf16_ms": bf16, "path": "dequantized" if rows >= CUDA_DEQUANT_ROWS
-                      and device == "cuda" else "kernel"})  # fmt: skip
-        print(f"int8 layer {features}x{features} on {device}, {rows} rows: kernel {kernel:.3f} ms, "
-              f"dequantized {dequantized:.3f} ms, bf16 {bf16:.3f} ms (served: {table[-1]['path']})",
-              flush=True)  # fmt: skip
+        table.append(
+            {
+                "rows": rows,
+                "int8_kernel_ms": kernel,
+                "int8_dequantized_ms": dequantized,
+                "bf16_ms": bf16,
+                "path": "dequantized"
+                if rows >= CUDA_DEQUANT_ROWS and device == "cuda"
+                else "kernel",
+            }
+        )
+        print(
+            f"int8 layer {features}x{features} on {device}, {rows} rows: kernel {kernel:.3f} ms, "
+            f"dequantized {dequantized:.3f} ms, bf16 {bf16:.3f} ms (served: {table[-1]['path']})",
+            flush=True,
+        )
     return table
 
 
-def _bench_e2e(args: argparse.Namespace, device: str, quantization: str,
-               earlier: list[dict]) -> list[dict]:  # fmt: skip
+def _bench_e2e(
+    args: argparse.Namespace, device: str, quantization: str, earlier: list[dict]
+) -> list[dict]:
     from adapterserve.adapters.hooks import PoolHooks
     from adapterserve.server.model.llama import KVCache
 
@@ -850,40 +951,72 @@ def _bench_e2e(args: argparse.Namespace, device: str, quantization: str,
     cache = KVCache(model_args, num_blocks, block_size, dtype, device)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     modes = ("eager", "compiled") if getattr(args, "e2e_compile", False) else ("eager",)
-    unquantized = {(r["run"], r["mode"]): r["decode_tok_s"] for r in earlier
-                   if r.get("quantization") == "none"}  # fmt: skip
+    unquantized = {
+        (r["run"], r["mode"]): r["decode_tok_s"] for r in earlier if r.get("quantization") == "none"
+    }
     rows, base, eager = [], {}, {}
     print_header("e2e")
     for run in runs:
-        pool = None if kinds[run] is None else build_pool(model_args, kinds[run], num_adapters,
-                                                           dtype, device)  # fmt: skip
+        pool = (
+            None
+            if kinds[run] is None
+            else build_pool(model_args, kinds[run], num_adapters, dtype, device)
+        )
         model.hooks = None if pool is None else PoolHooks(pool)
-        check_e2e(model, cache, pool, device, concurrency, prompt_len, block_size, num_blocks,
-                  f"{run} ({quantization})")  # fmt: skip
+        check_e2e(
+            model,
+            cache,
+            pool,
+            device,
+            concurrency,
+            prompt_len,
+            block_size,
+            num_blocks,
+            f"{run} ({quantization})",
+        )
         for mode in modes:
             forward = step_forward(model, cache, concurrency, max_len, pool, mode == "compiled")
             # The same run twice: the first compiles (Triton kernels, the compiled step),
             # captures the CUDA graphs and warms the allocator.
             for _ in range(2):
-                result = run_decode(model, cache, concurrency, prompt_len, output_len,
-                                    block_size, num_blocks, pool, forward=forward)  # fmt: skip
+                result = run_decode(
+                    model,
+                    cache,
+                    concurrency,
+                    prompt_len,
+                    output_len,
+                    block_size,
+                    num_blocks,
+                    pool,
+                    forward=forward,
+                )
                 sync()
             outputs = result.pop("outputs")
             base.setdefault(mode, dict(result, outputs=outputs))
-            row = dict(op="e2e", run=run, mode=mode, model=f"random, Llama-2-7B-shaped "
-                       f"({model_args.n_layers} layers, dim {model_args.dim})",
-                       dtype=str(dtype).removeprefix("torch."), quantization=quantization,
-                       concurrency=concurrency, prompt_len=prompt_len, output_len=output_len,
-                       adapters=0 if pool is None else pool.num_slots,
-                       kinds=",".join(kinds[run] or ()), **result)  # fmt: skip
+            row = dict(
+                op="e2e",
+                run=run,
+                mode=mode,
+                model=f"random, Llama-2-7B-shaped "
+                f"({model_args.n_layers} layers, dim {model_args.dim})",
+                dtype=str(dtype).removeprefix("torch."),
+                quantization=quantization,
+                concurrency=concurrency,
+                prompt_len=prompt_len,
+                output_len=output_len,
+                adapters=0 if pool is None else pool.num_slots,
+                kinds=",".join(kinds[run] or ()),
+                **result,
+            )
             row["vs_base"] = result["decode_tok_s"] / base[mode]["decode_tok_s"]
             row["vs_eager"] = result["decode_tok_s"] / eager.setdefault(run, result["decode_tok_s"])
             reference = (
                 result["decode_tok_s"] if quantization == "none" else unquantized.get((run, mode))
             )
             row["vs_none"] = None if reference is None else result["decode_tok_s"] / reference
-            row["changed"] = sum(o != b for o, b in zip(outputs, base[mode]["outputs"],
-                                                        strict=True)) / len(outputs)  # fmt: skip
+            row["changed"] = sum(
+                o != b for o, b in zip(outputs, base[mode]["outputs"], strict=True)
+            ) / len(outputs)
             row["aim_met"] = row["vs_base"] >= E2E_AIM if run == "lora64" else None
             print_row(row)
             rows.append(row)
@@ -906,31 +1039,64 @@ BENCHES: dict[str, Callable[[argparse.Namespace, float], list[dict]]] = {
 
 # Per op: (row key, header, width, format); a None value prints "-".
 _TIME = [("triton_ms", "triton ms", 9, ".4f"), ("reference_ms", "ref ms", 9, ".4f")]
-_BW = [("gb_per_s", "GB/s", 7, ".0f"), ("fraction_of_copy", "/copy", 6, ".2f"),
-       ("speedup", "speedup", 8, ".1f")]  # fmt: skip
+_BW = [
+    ("gb_per_s", "GB/s", 7, ".0f"),
+    ("fraction_of_copy", "/copy", 6, ".2f"),
+    ("speedup", "speedup", 8, ".1f"),
+]
 TABLES: dict[str, list[tuple[str, str, int, str]]] = {
-    "lora": [("shape", "shape", 7, ""), ("rank", "r", 3, ""), ("batch", "T", 4, ""),
-             ("pattern", "pattern", 9, ""), ("distinct", "adp", 4, ""),
-             ("variant", "variant", 9, ""), ("dispatched", "used", 4, ""), *_TIME, *_BW,
-             ("aim_met", "aim", 5, "")],
-    "bottleneck": [("shape", "shape", 10, ""), ("activation", "act", 9, ""), ("rank", "r", 3, ""),
-                   ("batch", "T", 4, ""), ("distinct", "adp", 4, ""), *_TIME, *_BW],
+    "lora": [
+        ("shape", "shape", 7, ""),
+        ("rank", "r", 3, ""),
+        ("batch", "T", 4, ""),
+        ("pattern", "pattern", 9, ""),
+        ("distinct", "adp", 4, ""),
+        ("variant", "variant", 9, ""),
+        ("dispatched", "used", 4, ""),
+        *_TIME,
+        *_BW,
+        ("aim_met", "aim", 5, ""),
+    ],
+    "bottleneck": [
+        ("shape", "shape", 10, ""),
+        ("activation", "act", 9, ""),
+        ("rank", "r", 3, ""),
+        ("batch", "T", 4, ""),
+        ("distinct", "adp", 4, ""),
+        *_TIME,
+        *_BW,
+    ],
     "ia3": [("d", "d", 6, ""), ("batch", "T", 4, ""), ("distinct", "adp", 4, ""), *_TIME, *_BW],
-    "attention": [("heads", "H", 3, ""), ("kv_heads", "kvh", 3, ""), ("batch", "batch", 5, ""),
-                  ("context", "ctx", 6, ""), ("num_splits", "splits", 6, ""),
-                  ("triton_ms", "triton ms", 9, ".3f"), ("single_pass_ms", "1-pass ms", 9, ".3f"),
-                  ("reference_ms", "ref ms", 9, ".3f"), *_BW],
-    "e2e": [("run", "run", 6, ""), ("mode", "mode", 8, ""), ("quantization", "quant", 5, ""),
-            ("concurrency", "conc", 5, ""),
-            ("prompt_len", "prompt", 6, ""),
-            ("output_len", "output", 6, ""), ("adapters", "adp", 4, ""),
-            ("decode_tok_s", "decode tok/s", 12, ".0f"), ("median_step_ms", "step ms", 8, ".2f"),
-            ("total_tok_s", "total tok/s", 11, ".0f"), ("prefill_s", "prefill s", 9, ".3f"),
-            ("vs_base", "vs base", 7, ".2f"), ("vs_eager", "/eager", 6, ".2f"),
-            ("vs_none", "/none", 6, ".2f"),
-            ("changed", "changed", 7, ".2f"),
-            ("aim_met", "aim", 5, "")],
-}  # fmt: skip
+    "attention": [
+        ("heads", "H", 3, ""),
+        ("kv_heads", "kvh", 3, ""),
+        ("batch", "batch", 5, ""),
+        ("context", "ctx", 6, ""),
+        ("num_splits", "splits", 6, ""),
+        ("triton_ms", "triton ms", 9, ".3f"),
+        ("single_pass_ms", "1-pass ms", 9, ".3f"),
+        ("reference_ms", "ref ms", 9, ".3f"),
+        *_BW,
+    ],
+    "e2e": [
+        ("run", "run", 6, ""),
+        ("mode", "mode", 8, ""),
+        ("quantization", "quant", 5, ""),
+        ("concurrency", "conc", 5, ""),
+        ("prompt_len", "prompt", 6, ""),
+        ("output_len", "output", 6, ""),
+        ("adapters", "adp", 4, ""),
+        ("decode_tok_s", "decode tok/s", 12, ".0f"),
+        ("median_step_ms", "step ms", 8, ".2f"),
+        ("total_tok_s", "total tok/s", 11, ".0f"),
+        ("prefill_s", "prefill s", 9, ".3f"),
+        ("vs_base", "vs base", 7, ".2f"),
+        ("vs_eager", "/eager", 6, ".2f"),
+        ("vs_none", "/none", 6, ".2f"),
+        ("changed", "changed", 7, ".2f"),
+        ("aim_met", "aim", 5, ""),
+    ],
+}
 
 
 def print_header(op: str) -> None:
@@ -1010,18 +1176,25 @@ def main() -> None:
     args = ap.parse_args()
     args.ops = parse_ops(args.ops)
     if not torch.cuda.is_available():
-        sys.exit("bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); "
-                 "on CPU, run the kernel tests instead: pytest tests/kernels")  # fmt: skip
+        sys.exit(
+            "bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+            "on CPU, run the kernel tests instead: pytest tests/kernels"
+        )
     args.dtype = DTYPES[args.dtype]
     copy_bytes_per_s = copy_bandwidth()
     print(
         f"{torch.cuda.get_device_name()}: device-to-device copy {copy_bytes_per_s / 1e9:.0f} GB/s"
     )
     rows = [row for op in args.ops for row in BENCHES[op](args, copy_bytes_per_s)]
-    meta = dict(device=torch.cuda.get_device_name(), copy_gb_per_s=copy_bytes_per_s / 1e9,
-                torch=torch.__version__, triton=triton.__version__,
-                dtype=str(args.dtype).removeprefix("torch."), quick=args.quick,
-                ops=args.ops)  # fmt: skip
+    meta = dict(
+        device=torch.cuda.get_device_name(),
+        copy_gb_per_s=copy_bytes_per_s / 1e9,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        dtype=str(args.dtype).removeprefix("torch."),
+        quick=args.quick,
+        ops=args.ops,
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.json}")

@@ -35,15 +35,40 @@ from bench_engine import free_port, start_server  # noqa: E402
 
 from adapterserve.loadtest.synthetic import BaseDims, adapter_files, make_adapter, upload_adapter  # noqa: E402
 
-SYSTEM = ("You are a careful assistant for a team that fine-tunes many task adapters. Answer "
-          "briefly, say when you are unsure, and never invent numbers. ") * 3  # fmt: skip
-WORDS = ["river", "stone", "light", "paper", "garden", "window", "market", "silver", "engine", "forest", "number", "question", "answer", "letter", "winter", "summer", "circle", "bridge", "planet", "signal"]  # fmt: skip
+SYSTEM = (
+    "You are a careful assistant for a team that fine-tunes many task adapters. Answer "
+    "briefly, say when you are unsure, and never invent numbers. "
+) * 3
+WORDS = [
+    "river",
+    "stone",
+    "light",
+    "paper",
+    "garden",
+    "window",
+    "market",
+    "silver",
+    "engine",
+    "forest",
+    "number",
+    "question",
+    "answer",
+    "letter",
+    "winter",
+    "summer",
+    "circle",
+    "bridge",
+    "planet",
+    "signal",
+]
 
 
 def start(args, caching: bool, port: int) -> subprocess.Popen:
     extra = ("--enable-prefix-caching", str(caching).lower(), "--device", args.device)
-    env = {"ADAPTERSERVE_EVAL_MAX_INFLIGHT": str(args.max_num_seqs),
-           "ADAPTERSERVE_ADAPTER_STORE_DIR": str(args.store / ("on" if caching else "off"))}  # fmt: skip
+    env = {
+        "ADAPTERSERVE_EVAL_MAX_INFLIGHT": str(args.max_num_seqs),
+        "ADAPTERSERVE_ADAPTER_STORE_DIR": str(args.store / ("on" if caching else "off")),
+    }
     if args.data_dir:
         env["ADAPTERSERVE_DATA_DIR"] = str(args.data_dir)
     return start_server(args.model, port, args.max_num_seqs, extra, env)
@@ -92,11 +117,14 @@ class Window:
             "prompt_tokens": int(d.get("adapterserve_prompt_tokens_total", 0.0)),
             "output_tokens": int(out),
             "output_tok_s": round(out / self.seconds, 1),
-            "ttft_mean_s": round(statistics.fmean(ttfts), 3) if ttfts else
-            (round(server_ttft, 3) if server_ttft is not None else None),
+            "ttft_mean_s": round(statistics.fmean(ttfts), 3)
+            if ttfts
+            else (round(server_ttft, 3) if server_ttft is not None else None),
             "ttft_source": "client" if ttfts else "server",
-            "hit_rate": round(d.get("adapterserve_prefix_cache_hits_total", 0.0) / queries, 3) if queries else 0.0,
-        }  # fmt: skip
+            "hit_rate": round(d.get("adapterserve_prefix_cache_hits_total", 0.0) / queries, 3)
+            if queries
+            else 0.0,
+        }
 
 
 async def upload(client: httpx.AsyncClient, count: int, rank: int) -> list[str]:
@@ -173,16 +201,28 @@ async def chat(
     return window.summary(ttfts)
 
 
-async def n_choices(client: httpx.AsyncClient, model: str, requests: int, concurrency: int,
-                    words: int, max_tokens: int) -> dict:  # fmt: skip
+async def n_choices(
+    client: httpx.AsyncClient,
+    model: str,
+    requests: int,
+    concurrency: int,
+    words: int,
+    max_tokens: int,
+) -> dict:
     ttfts: list[float] = []
     slots = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         rng = random.Random(1000 + i)
         prompt = " ".join(rng.choice(WORDS) for _ in range(words))
-        body = {"model": model, "prompt": prompt, "n": 4, "max_tokens": max_tokens,
-                "temperature": 0.8, "seed": i}  # fmt: skip
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "n": 4,
+            "max_tokens": max_tokens,
+            "temperature": 0.8,
+            "seed": i,
+        }
         async with slots:
             seconds, _ = await stream(client, "/v1/completions", body)
         ttfts.append(seconds)
@@ -204,8 +244,14 @@ async def workloads(args, port: int) -> dict:
                 client, base, args.chat_users, args.chat_turns, args.chat_max_tokens
             )
         if "c" in args.only:
-            results["c"] = await n_choices(client, base, args.n_requests, args.n_concurrency,
-                                           args.n_prompt_words, args.n_max_tokens)  # fmt: skip
+            results["c"] = await n_choices(
+                client,
+                base,
+                args.n_requests,
+                args.n_concurrency,
+                args.n_prompt_words,
+                args.n_max_tokens,
+            )
         return results
 
 
@@ -222,8 +268,10 @@ def table(runs: dict[str, dict]) -> str:
         for mode in ("on", "off"):
             r = runs[mode][key]
             ratio = r["output_tok_s"] / runs["off"][key]["output_tok_s"]
-            lines.append(f"{label:34} {mode:5} {r['seconds']:7.1f} {r['output_tok_s']:9.1f} "
-                         f"{r['ttft_mean_s'] or 0:7.3f} {r['hit_rate']:8.3f} {ratio:6.2f}")  # fmt: skip
+            lines.append(
+                f"{label:34} {mode:5} {r['seconds']:7.1f} {r['output_tok_s']:9.1f} "
+                f"{r['ttft_mean_s'] or 0:7.3f} {r['hit_rate']:8.3f} {ratio:6.2f}"
+            )
     return "\n".join(lines)
 
 

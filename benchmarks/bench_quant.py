@@ -35,8 +35,13 @@ from adapterserve.server.model.weights import resolve_model_dir  # noqa: E402
 MODES = ("none", "int8", "int4")
 
 
-async def measure(settings: Settings, prompts: list[list[int]], models: list[str | None],
-                  out_len: int, repeats: int) -> dict:  # fmt: skip
+async def measure(
+    settings: Settings,
+    prompts: list[list[int]],
+    models: list[str | None],
+    out_len: int,
+    repeats: int,
+) -> dict:
     engine = await start_engine(settings, Metrics())
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
 
@@ -97,22 +102,34 @@ def main() -> None:
     rows: list[dict] = []
     if not args.skip_transformers:
         for name, prompts in (("1 stream", one), ("16 at once (static)", sixteen)):
-            rows.append({"run": f"transformers fp32, {name}", "quantization": "none",
-                         "tok_s": isolated(bench_transformers, model_dir, prompts, args.output_len)})  # fmt: skip
+            rows.append(
+                {
+                    "run": f"transformers fp32, {name}",
+                    "quantization": "none",
+                    "tok_s": isolated(bench_transformers, model_dir, prompts, args.output_len),
+                }
+            )
     with tempfile.TemporaryDirectory() as tmp:
         flags = write_loras(Path(tmp) / "loras", model_dir, args.adapters, args.rank)
         names = [f.split("=", 1)[0] for f in flags]
         for mode in MODES:
-            settings = base.model_copy(update={
-                "quantization": mode, "adapters": flags, "adapter_slots": args.adapters,
-                "cache_dir": base.cache_dir,
-            })  # fmt: skip
+            settings = base.model_copy(
+                update={
+                    "quantization": mode,
+                    "adapters": flags,
+                    "adapter_slots": args.adapters,
+                    "cache_dir": base.cache_dir,
+                }
+            )
             cases = (
                 ("base, 1 stream", one, [None]),
                 ("base, 16 streams", sixteen, [None] * 16),
-                (f"{args.adapters} LoRA r{args.rank}, 16 streams", sixteen,
-                 [names[i % len(names)] for i in range(16)]),
-            )  # fmt: skip
+                (
+                    f"{args.adapters} LoRA r{args.rank}, 16 streams",
+                    sixteen,
+                    [names[i % len(names)] for i in range(16)],
+                ),
+            )
             for name, prompts, models in cases:
                 result = isolated(run, settings, prompts, models, args.output_len, args.repeats)
                 rows.append({"run": f"engine {mode}, {name}", **result})
@@ -125,11 +142,16 @@ def table(rows: list[dict], args) -> None:
     for row in rows:
         fp32 = by_run.get(row["run"].replace(f"engine {row.get('quantization')}", "engine none"))
         ratio = row["tok_s"] / fp32["tok_s"] if fp32 and row["run"].startswith("engine") else None
-        print(f"{row['run']:<46} {row['tok_s']:>8.1f} {ratio or 0:>7.2f} "
-              f"{row.get('weight_mb_per_step', 0):>8.1f} {row.get('max_rss_mb', 0):>10.0f}")  # fmt: skip
+        print(
+            f"{row['run']:<46} {row['tok_s']:>8.1f} {ratio or 0:>7.2f} "
+            f"{row.get('weight_mb_per_step', 0):>8.1f} {row.get('max_rss_mb', 0):>10.0f}"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"output_len": args.output_len, "prompt_len": args.prompt_len,
-                                     "rows": rows}, indent=1))  # fmt: skip
+    args.json.write_text(
+        json.dumps(
+            {"output_len": args.output_len, "prompt_len": args.prompt_len, "rows": rows}, indent=1
+        )
+    )
     print(f"wrote {args.json}")
 
 

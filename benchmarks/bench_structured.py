@@ -57,8 +57,12 @@ async def run(args) -> dict:
     async def one(i: int, constrained: bool) -> int:
         params = SamplingParams(max_tokens=args.output_len, temperature=1.0, seed=i)
         if constrained:
-            params = SamplingParams(max_tokens=args.output_len, temperature=1.0, seed=i,
-                                    constraint=engine.grammars.constraint(grammar))  # fmt: skip
+            params = SamplingParams(
+                max_tokens=args.output_len,
+                temperature=1.0,
+                seed=i,
+                constraint=engine.grammars.constraint(grammar),
+            )
         return sum([len(o.token_ids) async for o in engine.add_request(prompt, params)])
 
     try:
@@ -81,12 +85,13 @@ async def run(args) -> dict:
         seconds = sum(m[0] for m in masks)
         calls = sum(m[1] for m in masks)
         return {
-            "streams": args.streams, "output_len": args.output_len,
+            "streams": args.streams,
+            "output_len": args.output_len,
             "free_tok_s": statistics.median(rows["free"]),
             "json_schema_tok_s": statistics.median(rows["json_schema"]),
             "mask_ms_per_row": 1e3 * seconds / max(calls, 1),
             "mask_share_of_time": seconds / sum(m[2] for m in masks),
-        }  # fmt: skip
+        }
     finally:
         await engine.stop()
 

@@ -1,7 +1,8 @@
 """Replays the hardening audit's heavy requests (issue 24, items 1-3) against a real server
 started as a subprocess on the default model (int4 base), while one stream decodes beside them:
 for each, the answer (status, code, seconds) and the longest gap between two of the stream's
-tokens while it was in flight (the event loop's stall: before the sandbox, up to 48.6 s).
+tokens while it was in flight (the event loop's stall; the figures before and after the sandbox are in BENCHMARKS.md,
+'Hardening replays: heavy requests beside a running stream (issue 24)').
 Prints a table, writes JSON.
 
     .venv/bin/python benchmarks/replay_bombs.py [--output bench-results/replay_bombs.json]
@@ -40,8 +41,12 @@ def schema(s: dict) -> dict:
 
 
 def any_of(n: int) -> dict:
-    return {"anyOf": [{"type": "object", "properties": {f"p{i}": {"const": i}}, "required": [f"p{i}"]}
-                      for i in range(n)]}  # fmt: skip
+    return {
+        "anyOf": [
+            {"type": "object", "properties": {f"p{i}": {"const": i}}, "required": [f"p{i}"]}
+            for i in range(n)
+        ]
+    }
 
 
 CASES = [  # (name, path, body)
@@ -105,11 +110,20 @@ async def replay(base: str) -> list[dict]:
                 if b >= begin and a <= end
             ]
             error = (answer.json().get("error") or {}) if answer.status_code != 200 else {}
-            rows.append({"request": name, "status": answer.status_code, "seconds": round(end - begin, 3),
-                         "worst_stream_gap_s": round(max(gaps, default=end - begin), 3),
-                         "message": (error.get("message") or "")[:90]})  # fmt: skip
-            print(f"{name:36s} {answer.status_code} {end - begin:7.2f} s  gap {rows[-1]['worst_stream_gap_s']:6.3f} s"
-                  f"  {rows[-1]['message']}", flush=True)  # fmt: skip
+            rows.append(
+                {
+                    "request": name,
+                    "status": answer.status_code,
+                    "seconds": round(end - begin, 3),
+                    "worst_stream_gap_s": round(max(gaps, default=end - begin), 3),
+                    "message": (error.get("message") or "")[:90],
+                }
+            )
+            print(
+                f"{name:36s} {answer.status_code} {end - begin:7.2f} s  gap {rows[-1]['worst_stream_gap_s']:6.3f} s"
+                f"  {rows[-1]['message']}",
+                flush=True,
+            )
     return rows
 
 
@@ -121,8 +135,11 @@ def main() -> None:
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-P", "-m", "adapterserve", "serve", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir(), env=os.environ.copy(),
-    )  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tempfile.gettempdir(),
+        env=os.environ.copy(),
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600

@@ -88,8 +88,12 @@ def main() -> None:
                     "temperature": 0,
                     "logprobs": 1,
                 }
-                first, repeat = (httpx.post(base + "/v1/completions", json=body, timeout=120).json()["choices"][0]
-                                 for _ in range(2))  # fmt: skip
+                first, repeat = (
+                    httpx.post(base + "/v1/completions", json=body, timeout=120).json()["choices"][
+                        0
+                    ]
+                    for _ in range(2)
+                )
                 a, b = first["logprobs"]["token_logprobs"], repeat["logprobs"]["token_logprobs"]
                 same = a == b and first["text"] == repeat["text"]
                 print(

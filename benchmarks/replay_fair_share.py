@@ -65,8 +65,15 @@ async def running(client: httpx.AsyncClient) -> tuple[int, int]:
 
 
 async def beam_search(client: httpx.AsyncClient, model: str, args: argparse.Namespace) -> None:
-    body = {"model": model, "prompt": BEAM_PROMPT, "max_tokens": args.beam_max_tokens, "n": 1,
-            "best_of": args.best_of, "use_beam_search": True, "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": BEAM_PROMPT,
+        "max_tokens": args.beam_max_tokens,
+        "n": 1,
+        "best_of": args.best_of,
+        "use_beam_search": True,
+        "ignore_eos": True,
+    }
     response = await client.post("/v1/completions", json=body)
     response.raise_for_status()
 
@@ -75,8 +82,13 @@ async def first_token(
     client: httpx.AsyncClient, model: str, max_tokens: int
 ) -> tuple[float, float, int]:
     """The third client: (seconds to the first streamed token, to the end, tokens)."""
-    body = {"model": model, "prompt": THIRD_PROMPT, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": THIRD_PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     started, first, pieces = time.perf_counter(), None, 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
@@ -112,11 +124,16 @@ async def replay(port: int, args: argparse.Namespace, share: float | None) -> di
         for task in beams:  # the server aborts a request whose client went away
             task.cancel()
         await asyncio.gather(*beams, return_exceptions=True)
-    return {"max_request_share": share, "beams_fill_s": round(fill_s, 2),
-            "third_ttft_s": None if ttft is None else round(ttft, 3),
-            "third_total_s": None if total is None else round(total, 3), "third_tokens": pieces,
-            "running_1s_after_third": running_after_1s, "waiting_1s_after_third": waiting_after_1s,
-            "beam_searches_still_running": beams_still_running}  # fmt: skip
+    return {
+        "max_request_share": share,
+        "beams_fill_s": round(fill_s, 2),
+        "third_ttft_s": None if ttft is None else round(ttft, 3),
+        "third_total_s": None if total is None else round(total, 3),
+        "third_tokens": pieces,
+        "running_1s_after_third": running_after_1s,
+        "waiting_1s_after_third": waiting_after_1s,
+        "beam_searches_still_running": beams_still_running,
+    }
 
 
 def run(args: argparse.Namespace, share: float | None) -> dict:
@@ -135,18 +152,27 @@ def main() -> None:
     results = [run(args, args.share)]
     if args.compare:
         results.append(run(args, 1.0))
-    setup = {"model": args.model or "default", "max_num_seqs": args.max_num_seqs, "best_of": args.best_of,
-             "beam_max_tokens": args.beam_max_tokens, "third_max_tokens": args.max_tokens,
-             "give_up_s": args.give_up_s}  # fmt: skip
-    print(f"two beam searches of {args.best_of} beams x {args.beam_max_tokens} tokens, "
-          f"max_num_seqs {args.max_num_seqs}; a third client streams {args.max_tokens} tokens")  # fmt: skip
+    setup = {
+        "model": args.model or "default",
+        "max_num_seqs": args.max_num_seqs,
+        "best_of": args.best_of,
+        "beam_max_tokens": args.beam_max_tokens,
+        "third_max_tokens": args.max_tokens,
+        "give_up_s": args.give_up_s,
+    }
+    print(
+        f"two beam searches of {args.best_of} beams x {args.beam_max_tokens} tokens, "
+        f"max_num_seqs {args.max_num_seqs}; a third client streams {args.max_tokens} tokens"
+    )
     print(f"{'share':>8} {'ttft s':>8} {'total s':>8} {'waiting@1s':>10} {'searches running':>16}")
     for r in results:
         share = "default" if r["max_request_share"] is None else r["max_request_share"]
         ttft = "gave up" if r["third_ttft_s"] is None else r["third_ttft_s"]
         total = "-" if r["third_total_s"] is None else r["third_total_s"]
-        print(f"{share!s:>8} {ttft!s:>8} {total!s:>8} {r['waiting_1s_after_third']:>10} "
-              f"{r['beam_searches_still_running']:>16}")  # fmt: skip
+        print(
+            f"{share!s:>8} {ttft!s:>8} {total!s:>8} {r['waiting_1s_after_third']:>10} "
+            f"{r['beam_searches_still_running']:>16}"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
     print(f"wrote {args.json}")

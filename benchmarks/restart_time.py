@@ -76,8 +76,11 @@ def main() -> None:
             seconds = first_answer(url)
             times.append(seconds)
             assert core_pid(server.pid) not in (None, pid)
-            print(f"kill -9 of core {pid} -> first answer after {seconds:.2f} s "
-                  f"(t = {kill_at - began:.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"kill -9 of core {pid} -> first answer after {seconds:.2f} s "
+                f"(t = {kill_at - began:.1f} s)",
+                flush=True,
+            )
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
@@ -85,8 +88,16 @@ def main() -> None:
     print(f"{'kill -9 -> first answered request, median':<48} {statistics.median(times):>8.2f} s")
     print(f"{'  trials':<48} {' / '.join(f'{t:.2f}' for t in times)}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"model": args.model or "default", "server_start_s": first_start,
-                                     "restart_to_answer_s": times}, indent=2))  # fmt: skip
+    args.json.write_text(
+        json.dumps(
+            {
+                "model": args.model or "default",
+                "server_start_s": first_start,
+                "restart_to_answer_s": times,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.json}")
 
 

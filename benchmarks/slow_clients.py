@@ -21,8 +21,10 @@ import threading
 import time
 from collections import Counter
 
-HEAD = ("POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-        "Content-Length: 1000\r\n\r\n{")  # fmt: skip
+HEAD = (
+    "POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    "Content-Length: 1000\r\n\r\n{"
+)
 
 
 class Trickler:
@@ -106,8 +108,10 @@ def main() -> None:
     args = parser.parse_args()
     host, port = args.url.removeprefix("http://").split(":")
     stop = threading.Event()
-    tricklers = [Trickler(host, int(port), source, args.per_address, args.trickle_every)
-                 for source in args.attackers]  # fmt: skip
+    tricklers = [
+        Trickler(host, int(port), source, args.per_address, args.trickle_every)
+        for source in args.attackers
+    ]
     threads = [threading.Thread(target=t.run, args=(stop,), daemon=True) for t in tricklers]
     for thread in threads:
         thread.start()
@@ -121,10 +125,15 @@ def main() -> None:
     for thread in threads:
         thread.join()
     endings = sum((t.endings for t in tricklers), Counter())
-    result = {"seconds": args.seconds, "per_address": args.per_address,
-              "attackers": args.attackers, "trickle_every_s": args.trickle_every,
-              "probes": dict(probes), "trickle_endings": dict(endings),
-              "longest_trickle_s": round(max(t.longest_s for t in tricklers), 1)}  # fmt: skip
+    result = {
+        "seconds": args.seconds,
+        "per_address": args.per_address,
+        "attackers": args.attackers,
+        "trickle_every_s": args.trickle_every,
+        "probes": dict(probes),
+        "trickle_endings": dict(endings),
+        "longest_trickle_s": round(max(t.longest_s for t in tricklers), 1),
+    }
     print(f"| /health from {args.prober} | {dict(probes)} |")
     print(f"| trickling connections ended by | {dict(endings)} |")
     print(f"| longest-lived trickling connection | {result['longest_trickle_s']} s |")

@@ -10,8 +10,10 @@ needs TRITON_INTERPRET=1 (set before triton is first imported). triton is import
 ops are plain traceable torch code (inductor fuses them), while the Triton launches, the paged
 attention (whose reference gathers a data-sized key range) and the in-place KV cache write are
 registered custom ops (`torch.library`), opaque to the compiler. Run eagerly (not while
-dynamo traces), `Ops` calls their implementations directly: a custom op's dispatch costs
-15-20 us a call on this CPU, 1 ms a step over 30 layers' attention and cache writes. The module-level functions
+dynamo traces), `Ops` calls their implementations directly: a custom op's dispatch, paid per
+call over 30 layers' attention and cache writes, is a visible share of an eager CPU step
+(BENCHMARKS.md, 'Figures quoted from the code' and the eager custom-op bypass rerun in
+'Quantized base: fp32 vs int8 vs int4 (issue 14)'). The module-level functions
 (`kernels.add_delta`, ...) dispatch at every call, for tests and tools.
 """
 
@@ -86,9 +88,14 @@ def _triton(module: str, name: str) -> Callable:
 
 @torch.library.custom_op("adapterserve::paged_decode_attention", mutates_args=())
 def _attention_op(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float, triton: bool,
-) -> torch.Tensor:  # fmt: skip
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    triton: bool,
+) -> torch.Tensor:
     impl = (
         _triton("attention", "paged_decode_attention")
         if triton
@@ -104,9 +111,12 @@ def _(q, k_cache, v_cache, block_tables, context_lens, scale, triton):
 
 @torch.library.custom_op("adapterserve::write_kv", mutates_args=("k_cache", "v_cache"))
 def _write_kv_op(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
     v: torch.Tensor,
-) -> None:  # fmt: skip
+) -> None:
     reference.write_kv(k_cache, v_cache, slots, k, v)
 
 
@@ -117,19 +127,43 @@ def _(k_cache, v_cache, slots, k, v):
 
 @torch.library.custom_op("adapterserve::add_delta_triton", mutates_args=("y",))
 def _add_delta_triton_op(
-    y: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor,
-    scalings: torch.Tensor, activations: torch.Tensor, has_activation: bool,
-    slot_ids: torch.Tensor, num_decode: int, segments: list[int], rows: torch.Tensor | None,
-    offsets: list[int], sizes: list[int],
-) -> None:  # fmt: skip
+    y: torch.Tensor,
+    u: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    activations: torch.Tensor,
+    has_activation: bool,
+    slot_ids: torch.Tensor,
+    num_decode: int,
+    segments: list[int],
+    rows: torch.Tensor | None,
+    offsets: list[int],
+    sizes: list[int],
+) -> None:
     weights = DeltaWeights(a, b, ranks, scalings, activations, (1,) if has_activation else ())
     batch = _triton_batch(slot_ids, num_decode, segments, rows)
     _triton("bottleneck", "add_delta")(y, u, weights, batch, offsets, sizes)
 
 
 @_add_delta_triton_op.register_fake
-def _(y, u, a, b, ranks, scalings, activations, has_activation, slot_ids, num_decode, segments,
-      rows, offsets, sizes):  # fmt: skip
+def _(
+    y,
+    u,
+    a,
+    b,
+    ranks,
+    scalings,
+    activations,
+    has_activation,
+    slot_ids,
+    num_decode,
+    segments,
+    rows,
+    offsets,
+    sizes,
+):
     return None
 
 
@@ -167,9 +201,14 @@ class Ops:
     triton: bool
 
     def add_delta(
-        self, y: torch.Tensor, u: torch.Tensor, weights: DeltaWeights, batch: AdapterBatch,
-        y_offsets: Sequence[int] = (0,), y_slice_sizes: Sequence[int] | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        y: torch.Tensor,
+        u: torch.Tensor,
+        weights: DeltaWeights,
+        batch: AdapterBatch,
+        y_offsets: Sequence[int] = (0,),
+        y_slice_sizes: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """See kernels.reference.add_delta (in place on y, returned)."""
         if not self.triton:
             return reference.add_delta(y, u, weights, batch, y_offsets, y_slice_sizes)
@@ -179,16 +218,30 @@ class Ops:
             _triton("bottleneck", "add_delta")(y, u, weights, batch, list(y_offsets), sizes)
             return y
         _add_delta_triton_op(
-            y, u, weights.a, weights.b, weights.ranks, weights.scalings, weights.activations,
-            bool(weights.codes), batch.slot_ids, batch.num_decode, _flat(batch.segments),
-            batch.rows, list(y_offsets), sizes,
-        )  # fmt: skip
+            y,
+            u,
+            weights.a,
+            weights.b,
+            weights.ranks,
+            weights.scalings,
+            weights.activations,
+            bool(weights.codes),
+            batch.slot_ids,
+            batch.num_decode,
+            _flat(batch.segments),
+            batch.rows,
+            list(y_offsets),
+            sizes,
+        )
         return y
 
     def ia3_scale(
-        self, x: torch.Tensor, vectors: torch.Tensor, batch: AdapterBatch,
+        self,
+        x: torch.Tensor,
+        vectors: torch.Tensor,
+        batch: AdapterBatch,
         loaded: frozenset[int] | set[int] | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """See kernels.reference.ia3_scale."""
         if not self.triton:
             return reference.ia3_scale(x, vectors, batch, loaded)
@@ -197,20 +250,32 @@ class Ops:
         return _ia3_triton_op(x, vectors, batch.slot_ids)
 
     def paged_decode_attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
         """See kernels.reference.paged_decode_attention."""
         if not torch.compiler.is_compiling():
-            impl = (_triton("attention", "paged_decode_attention") if self.triton
-                    else reference.paged_decode_attention)  # fmt: skip
+            impl = (
+                _triton("attention", "paged_decode_attention")
+                if self.triton
+                else reference.paged_decode_attention
+            )
             return impl(q, k_cache, v_cache, block_tables, context_lens, scale)
         return _attention_op(q, k_cache, v_cache, block_tables, context_lens, scale, self.triton)
 
     def write_kv(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        k: torch.Tensor,
         v: torch.Tensor,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """See kernels.reference.write_kv."""
         if not torch.compiler.is_compiling():
             reference.write_kv(k_cache, v_cache, slots, k, v)

@@ -65,9 +65,12 @@ class AdapterBatch:
 
     @classmethod
     def build(
-        cls, slot_ids: Sequence[int], num_slots: int, num_decode: int | None = None,
+        cls,
+        slot_ids: Sequence[int],
+        num_slots: int,
+        num_decode: int | None = None,
         device: torch.device | str = "cpu",
-    ) -> AdapterBatch:  # fmt: skip
+    ) -> AdapterBatch:
         """From host slot ids (tests, benchmarks; the engine fills preallocated buffers the
         same way). Rows past `num_decode` (default: all rows are decode rows) group into
         segments of consecutive equal slots."""
@@ -79,17 +82,25 @@ class AdapterBatch:
                 onehot[row, slot] = 1.0
         segments = runs(ids, num_decode)
         return cls.assemble(
-            torch.tensor(ids, dtype=torch.int32, device=device), onehot.to(device),
-            (1.0 - onehot.sum(1, keepdim=True)).to(device), segments,
-            decode_slots=frozenset(ids[:num_decode]) - {-1}, decode_ids=ids[:num_decode],
-        )  # fmt: skip
+            torch.tensor(ids, dtype=torch.int32, device=device),
+            onehot.to(device),
+            (1.0 - onehot.sum(1, keepdim=True)).to(device),
+            segments,
+            decode_slots=frozenset(ids[:num_decode]) - {-1},
+            decode_ids=ids[:num_decode],
+        )
 
     @classmethod
     def assemble(
-        cls, slot_ids: torch.Tensor, onehot: torch.Tensor, base_rows: torch.Tensor,
-        segments: tuple[Segment, ...], rows: torch.Tensor | None = None,
-        decode_slots: frozenset[int] | None = None, decode_ids: Sequence[int] | None = None,
-    ) -> AdapterBatch:  # fmt: skip
+        cls,
+        slot_ids: torch.Tensor,
+        onehot: torch.Tensor,
+        base_rows: torch.Tensor,
+        segments: tuple[Segment, ...],
+        rows: torch.Tensor | None = None,
+        decode_slots: frozenset[int] | None = None,
+        decode_ids: Sequence[int] | None = None,
+    ) -> AdapterBatch:
         """The batch with the device copies of `segments` the Triton kernels need, and with
         `decode_ids` (the decode rows' host slot ids, given with `decode_slots`) the groups."""
         device = slot_ids.device
@@ -97,16 +108,33 @@ class AdapterBatch:
         if decode_slots is not None and decode_ids is not None:
             groups = decode_groups(decode_ids, onehot.shape[1], device)
         if not segments:
-            return cls(slot_ids, onehot, base_rows, decode_slots=decode_slots,
-                       group_rows=groups[0], group_mask=groups[1])  # fmt: skip
+            return cls(
+                slot_ids,
+                onehot,
+                base_rows,
+                decode_slots=decode_slots,
+                group_rows=groups[0],
+                group_mask=groups[1],
+            )
         slots, starts, counts = (
             torch.tensor(column, dtype=torch.int64, device=device)
             for column in zip(*segments, strict=True)
         )
         if rows is None:
             rows = torch.arange(slot_ids.shape[0], dtype=torch.int64, device=device)
-        return cls(slot_ids, onehot, base_rows, segments, slots, starts, counts, rows,
-                   max(count for _, _, count in segments), decode_slots, *groups)  # fmt: skip
+        return cls(
+            slot_ids,
+            onehot,
+            base_rows,
+            segments,
+            slots,
+            starts,
+            counts,
+            rows,
+            max(count for _, _, count in segments),
+            decode_slots,
+            *groups,
+        )
 
 
 def decode_groups(
@@ -121,8 +149,10 @@ def decode_groups(
     width = max(1, max(len(m) for m in members))
     rows = [m + [0] * (width - len(m)) for m in members]
     mask = [[1.0] * len(m) + [0.0] * (width - len(m)) for m in members]
-    return (torch.tensor(rows, dtype=torch.int64, device=device),
-            torch.tensor(mask, dtype=torch.float32, device=device))  # fmt: skip
+    return (
+        torch.tensor(rows, dtype=torch.int64, device=device),
+        torch.tensor(mask, dtype=torch.float32, device=device),
+    )
 
 
 def runs(slot_ids: Sequence[int], first_row: int) -> tuple[Segment, ...]:

@@ -357,24 +357,48 @@ def lora_shrink(u: torch.Tensor, weights: DeltaWeights, batch: AdapterBatch) -> 
     strides = (*u.stride(), *weights.a.stride(), *h.stride(), weights.ranks.stride(0))
     if D:
         _shrink_per_token_kernel[(D, n)](
-            u, weights.a, h, batch.slot_ids, *pointers, d_in, R, *strides,
-            BLOCK_K=_block(d_in, 16, 128), **common,
-        )  # fmt: skip
+            u,
+            weights.a,
+            h,
+            batch.slot_ids,
+            *pointers,
+            d_in,
+            R,
+            *strides,
+            BLOCK_K=_block(d_in, 16, 128),
+            **common,
+        )
     if batch.segments:
         block_t = _block(batch.max_segment, 16, 64)
         grid = (len(batch.segments), triton.cdiv(batch.max_segment, block_t), n)
         _shrink_segmented_kernel[grid](
-            u, weights.a, h, batch.rows, batch.seg_slots, batch.seg_starts, batch.seg_counts,
-            *pointers, d_in, R, *strides, NATIVE_DOT=_native_dot(u), BLOCK_T=block_t,
-            BLOCK_K=_block(d_in, 16, 64), **common,
-        )  # fmt: skip
+            u,
+            weights.a,
+            h,
+            batch.rows,
+            batch.seg_slots,
+            batch.seg_starts,
+            batch.seg_counts,
+            *pointers,
+            d_in,
+            R,
+            *strides,
+            NATIVE_DOT=_native_dot(u),
+            BLOCK_T=block_t,
+            BLOCK_K=_block(d_in, 16, 64),
+            **common,
+        )
     return h
 
 
 def lora_expand(
-    y: torch.Tensor, h: torch.Tensor, weights: DeltaWeights, batch: AdapterBatch,
-    y_offsets: Sequence[int], y_slice_sizes: Sequence[int],
-) -> torch.Tensor:  # fmt: skip
+    y: torch.Tensor,
+    h: torch.Tensor,
+    weights: DeltaWeights,
+    batch: AdapterBatch,
+    y_offsets: Sequence[int],
+    y_slice_sizes: Sequence[int],
+) -> torch.Tensor:
     """y[t, off_i : off_i + size_i] += h[i, t, :rank] @ B[i, s, :rank, :size_i], s = slot_ids[t]
     >= 0; in place on y (returned). Rows of slot -1 and columns outside the slices untouched."""
     offsets, sizes = _slice_tensors(tuple(y_offsets), tuple(y_slice_sizes), y.device)
@@ -386,25 +410,56 @@ def lora_expand(
         )
     max_size = max(y_slice_sizes)
     # b is rank-major (n, S, R, out); the kernels take (slice, slot, out, rank) strides
-    strides = (*y.stride(), *h.stride(), b.stride(0), b.stride(1), b.stride(3), b.stride(2),
-               weights.ranks.stride(0))  # fmt: skip
+    strides = (
+        *y.stride(),
+        *h.stride(),
+        b.stride(0),
+        b.stride(1),
+        b.stride(3),
+        b.stride(2),
+        weights.ranks.stride(0),
+    )
     if batch.num_decode:
         block_n = _block(max_size, 16, 128)
         grid = (batch.num_decode, triton.cdiv(max_size, block_n), b.shape[0])
         _expand_per_token_kernel[grid](
-            y, h, b, batch.slot_ids, weights.ranks, offsets, sizes, *strides,
-            BLOCK_N=block_n, BLOCK_R=BLOCK_R,
-        )  # fmt: skip
+            y,
+            h,
+            b,
+            batch.slot_ids,
+            weights.ranks,
+            offsets,
+            sizes,
+            *strides,
+            BLOCK_N=block_n,
+            BLOCK_R=BLOCK_R,
+        )
     if batch.segments:
         block_t, block_n = _block(batch.max_segment, 16, 64), _block(max_size, 16, 64)
         col_blocks = triton.cdiv(max_size, block_n)
-        grid = (len(batch.segments), triton.cdiv(batch.max_segment, block_t) * col_blocks,
-                b.shape[0])  # fmt: skip
+        grid = (
+            len(batch.segments),
+            triton.cdiv(batch.max_segment, block_t) * col_blocks,
+            b.shape[0],
+        )
         _expand_segmented_kernel[grid](
-            y, h, b, batch.rows, batch.seg_slots, batch.seg_starts, batch.seg_counts,
-            weights.ranks, offsets, sizes, col_blocks, *strides, NATIVE_DOT=_native_dot(y),
-            BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=BLOCK_R,
-        )  # fmt: skip
+            y,
+            h,
+            b,
+            batch.rows,
+            batch.seg_slots,
+            batch.seg_starts,
+            batch.seg_counts,
+            weights.ranks,
+            offsets,
+            sizes,
+            col_blocks,
+            *strides,
+            NATIVE_DOT=_native_dot(y),
+            BLOCK_T=block_t,
+            BLOCK_N=block_n,
+            BLOCK_R=BLOCK_R,
+        )
     return y
 
 

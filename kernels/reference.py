@@ -25,7 +25,8 @@ from adapterserve.kernels.batch import AdapterBatch, DeltaWeights
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
     """cache (num_blocks, block_size, kvh, d), block_tables (S, nb) -> (S, kvh, max_len, d)."""
-    # index_select, not cache[block_tables]: the same copy, 2-4x faster on CPU at decode sizes
+    # index_select, not cache[block_tables]: the same copy, faster on CPU at decode sizes
+    # (BENCHMARKS.md, 'Figures quoted from the code')
     blocks = cache.index_select(0, block_tables.reshape(-1)).view(
         *block_tables.shape, *cache.shape[1:]
     )
@@ -139,9 +140,12 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
     v: torch.Tensor,
-) -> None:  # fmt: skip
+) -> None:
     """k_cache.flat[slots[t]] = k[t] (and v), in place; k_cache (num_blocks, bs, kvh, d), k (T, kvh, d)."""
     k_cache.view(-1, *k.shape[1:]).index_copy_(
         0, slots, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype)
@@ -267,7 +271,7 @@ def add_delta(
                     weights.codes,
                 )
                 * weights.scalings[i, slot]
-            )  # fmt: skip  (c, R)
+            )  # (c, R)
             y[rows, off : off + size] += rows_mm(h, weights.b[i, slot, :, :size].float()).to(
                 y.dtype
             )
@@ -290,9 +294,14 @@ def slot_runs(weights: DeltaWeights, batch: AdapterBatch) -> list[tuple[int, int
 
 
 def _decode_run(
-    y: torch.Tensor, u: torch.Tensor, weights: DeltaWeights, onehot: torch.Tensor, first: int,
-    end: int, slices: list[tuple[int, int]],
-) -> None:  # fmt: skip
+    y: torch.Tensor,
+    u: torch.Tensor,
+    weights: DeltaWeights,
+    onehot: torch.Tensor,
+    first: int,
+    end: int,
+    slices: list[tuple[int, int]],
+) -> None:
     """The decode rows' delta from slots [first, end): y (D, out), u (D, d_in), onehot (D, k)."""
     n, _, R, d_in = weights.a.shape
     k, D = end - first, u.shape[0]
@@ -306,9 +315,14 @@ def _decode_run(
 
 
 def _grouped_run(
-    y: torch.Tensor, u: torch.Tensor, weights: DeltaWeights, batch: AdapterBatch, first: int,
-    end: int, slices: list[tuple[int, int]],
-) -> None:  # fmt: skip
+    y: torch.Tensor,
+    u: torch.Tensor,
+    weights: DeltaWeights,
+    batch: AdapterBatch,
+    first: int,
+    end: int,
+    slices: list[tuple[int, int]],
+) -> None:
     """_decode_run with the rows grouped by slot (batch.group_rows): one batched matmul per
     factor, each slot's rows against that slot's weights only, so the work is the rows' own
     (padded to the largest group), not every row times every slot of the run; the weights are
@@ -328,8 +342,10 @@ def _grouped_run(
             ..., None
         ]
     )
-    deltas = [rows_bmm(h[:, :, i], weights.b[i, first:end, :, :size].float().contiguous())
-              for i, (_, size) in enumerate(slices)]  # fmt: skip
+    deltas = [
+        rows_bmm(h[:, :, i], weights.b[i, first:end, :, :size].float().contiguous())
+        for i, (_, size) in enumerate(slices)
+    ]
     if [off for off, _ in slices] == [sum(sz for _, sz in slices[:i]) for i in range(n)] and sum(
         sz for _, sz in slices
     ) == y.shape[1]:  # the slices tile y: one add into it whole
@@ -340,9 +356,11 @@ def _grouped_run(
 
 
 def ia3_scale(
-    x: torch.Tensor, vectors: torch.Tensor, batch: AdapterBatch,
+    x: torch.Tensor,
+    vectors: torch.Tensor,
+    batch: AdapterBatch,
     loaded: frozenset[int] | set[int] | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """out[t] = x[t] * vectors[s] for s = slot_ids[t] >= 0; out[t] = x[t] where s == -1.
 
     x (T, d); vectors (S, d) (1.0 for slots with no vector here) -> (T, d) in x's dtype (fp32
@@ -350,8 +368,9 @@ def ia3_scale(
     batch's decode slots, the `loaded` slots) a batch none of whose rows has a vector here
     returns x itself."""
     D = batch.num_decode
-    decode = D > 0 and not (batch.decode_slots is not None and loaded is not None
-                            and not batch.decode_slots & loaded)  # fmt: skip
+    decode = D > 0 and not (
+        batch.decode_slots is not None and loaded is not None and not batch.decode_slots & loaded
+    )
     segments = [s for s in batch.segments if loaded is None or s[0] in loaded]
     if not decode and not segments:
         return x

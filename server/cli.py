@@ -215,8 +215,11 @@ def _serve_cluster(settings: Settings) -> int:
     try:
         from adapterserve.server.cluster.launch import serve_cluster
     except ImportError as e:
-        log.error("cannot start: --replicas / --ray-address need the ray extra "
-                  "(pip install 'adapterserve[ray]'): %s", e)  # fmt: skip
+        log.error(
+            "cannot start: --replicas / --ray-address need the ray extra "
+            "(pip install 'adapterserve[ray]'): %s",
+            e,
+        )
         return 2
     return serve_cluster(settings)
 

@@ -84,8 +84,12 @@ def create_app(
     app.include_router(console.build_router())  # the web console at /ui, linked from /
     every_route = [route for router in routers for route in router.routes]
     # keys (the admin key's role too), content types, body caps and stalls, before routing
-    app.add_middleware(RequestGuard, settings=settings, routes=body_routes(every_route),
-                       admin_routes=routes_depending_on(every_route, require_admin_key))  # fmt: skip
+    app.add_middleware(
+        RequestGuard,
+        settings=settings,
+        routes=body_routes(every_route),
+        admin_routes=routes_depending_on(every_route, require_admin_key),
+    )
     return app
 
 

@@ -221,8 +221,15 @@ class Metrics:
         self._forget("dataset", dataset)
 
     def _forget(self, label: str, value: str) -> None:
-        for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft,
-                       self.tpot, self.e2e, self.eval_examples):  # fmt: skip
+        for metric in (
+            self.requests,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.ttft,
+            self.tpot,
+            self.e2e,
+            self.eval_examples,
+        ):
             if label not in metric._labelnames:
                 continue
             where = metric._labelnames.index(label)

@@ -84,9 +84,15 @@ class Stepper:
     them: `step()` schedules and builds the batch (tests that run the model step by step)."""
 
     def __init__(
-        self, args, num_blocks: int, block_size: int, max_num_seqs: int, budget: int,
-        num_adapter_slots: int = 1, max_model_len: int = 512,
-    ) -> None:  # fmt: skip
+        self,
+        args,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        budget: int,
+        num_adapter_slots: int = 1,
+        max_model_len: int = 512,
+    ) -> None:
         from adapterserve.adapters.kinds import kind_for
         from adapterserve.adapters.spec import AdapterKind
         from adapterserve.server.engine.batch import BatchBuilder
@@ -104,11 +110,14 @@ class Stepper:
         self.admit_prefix = admit_prefix
         self.scheduler = Scheduler(BlockAllocator(num_blocks, block_size), max_num_seqs, budget)
         self.builder = BatchBuilder(
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max(budget, max_model_len),
-            block_size=block_size, max_blocks_per_seq=-(-max_model_len // block_size),
-            trash_block=self.cache.trash_block, num_adapter_slots=num_adapter_slots,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max(budget, max_model_len),
+            block_size=block_size,
+            max_blocks_per_seq=-(-max_model_len // block_size),
+            trash_block=self.cache.trash_block,
+            num_adapter_slots=num_adapter_slots,
             device=torch.device("cpu"),
-        )  # fmt: skip
+        )
 
     def step(self):
         """(plan, batch), or None when nothing can run this step."""

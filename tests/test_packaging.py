@@ -99,9 +99,13 @@ def test_the_import_direction(folder, forbidden):
 def run_outside(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """`code` in this venv's interpreter, started in a folder outside the repository."""
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-        timeout=300, env=os.environ | env,
-    )  # fmt: skip
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | env,
+    )
 
 
 def test_the_installed_venv_seen_from_outside_the_repository(tmp_path):
@@ -141,8 +145,14 @@ def test_run_in_the_checkout_the_root_leaves_sys_path_with_the_first_import():
         "spec = importlib.util.find_spec('kernels')\n"
         "print(spec.origin if spec else None)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=os.environ | {"PYTHONPATH": str(REPO)})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert not done.stdout.strip().startswith(str(REPO / "kernels")), done.stdout
 
@@ -151,10 +161,22 @@ def test_a_built_wheel_holds_only_adapterserve(tmp_path):
     """A regular install (`pip install .`, the Docker image) gets one top-level name, with the
     console's static files, and imports from that copy alone."""
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path / "dist"), str(REPO)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     [wheel] = (tmp_path / "dist").glob("adapterserve-*.whl")
     with zipfile.ZipFile(wheel) as archive:
@@ -199,8 +221,7 @@ def serve_from_outside(tmp_path: Path, *flags: str) -> Server:
 
 def complete(server: Server) -> dict:
     [model] = [m["id"] for m in httpx.get(f"{server.base_url}/v1/models").json()["data"]]
-    body = {"model": model, "prompt": "The capital of France is", "max_tokens": 8,
-            "temperature": 0}  # fmt: skip
+    body = {"model": model, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
     response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
@@ -236,14 +257,16 @@ def test_make_serve_s_command_serves_the_default_model(default_model_dir, tmp_pa
 def make_dry_run(tmp_path: Path) -> str:
     # Not as a sub-make of `make test` (it would print "Entering directory" lines).
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
-    done = subprocess.run(["make", "-n", "install"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60, env=env)  # fmt: skip
+    done = subprocess.run(
+        ["make", "-n", "install"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
-@pytest.mark.skipif(subprocess.run(["which", "make"], capture_output=True).returncode != 0,
-                    reason="no make")  # fmt: skip
+@pytest.mark.skipif(
+    subprocess.run(["which", "make"], capture_output=True).returncode != 0, reason="no make"
+)
 def test_make_install_builds_the_venv_anew_when_an_input_changed(tmp_path):
     """The venv is built from nothing, never reused, once the lock, pyproject.toml or the
     Makefile is newer than its stamp; with none newer, make does nothing."""

@@ -47,8 +47,9 @@ MAX_SHOWN_NAMES = 8
 MAX_CONFIG_BYTES = 1 << 20
 # A header entry is ~130 bytes; the largest real adapter, a LoRA on all 7 projections of an
 # 80-layer model, has 80 * 7 * 2 = 1,120 entries (~150 KB). 4 MiB is far above that, and caps
-# what json.loads parses before the entries are counted (a 20 MB header of 300k zero-size
-# tensors took 7-8 s to refuse and stalled a concurrent stream for 2 s).
+# what json.loads parses before the entries are counted (a huge header of zero-size tensors
+# was slow to refuse and stalled a concurrent stream; BENCHMARKS.md, 'Figures quoted from the
+# code').
 MAX_HEADER_BYTES = 4 << 20
 # Tensors per projection any format stores (DoRA: A, B and the magnitude vector; LoRA A/B,
 # bottleneck down/up; IA3 has one, prefix and prompt tuning one in all), and slack. The tensor
@@ -63,9 +64,12 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 def load_adapter(
-    directory: Path, name: str, fingerprint: BaseFingerprint, max_rank: int,
+    directory: Path,
+    name: str,
+    fingerprint: BaseFingerprint,
+    max_rank: int,
     base_weight: Callable[[int, str], torch.Tensor] | None = None,
-) -> AdapterSpec:  # fmt: skip
+) -> AdapterSpec:
     """Parse and validate the adapter in `directory`; AdapterFormatError names what to fix."""
     # adapters.kinds imports this package's modules (patterns, modules): imported when used.
     from adapterserve.adapters.kinds import AdapterFiles, kind_for_config
@@ -73,8 +77,13 @@ def load_adapter(
     directory = Path(directory)
     ignored = check_files(directory)
     if ignored:
-        log.info("adapter %r: ignoring %d entries outside the allow-list %s: %s", name,
-                 len(ignored), sorted(ALLOWED_FILES), shown_names(ignored))  # fmt: skip
+        log.info(
+            "adapter %r: ignoring %d entries outside the allow-list %s: %s",
+            name,
+            len(ignored),
+            sorted(ALLOWED_FILES),
+            shown_names(ignored),
+        )
     config = read_config(directory / CONFIG_FILE)
     kind = kind_for_config(config)
     check_config_patterns(config)

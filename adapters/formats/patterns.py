@@ -3,8 +3,8 @@
 peft matches `rank_pattern` / `alpha_pattern` keys, `target_modules` / `exclude_modules` /
 `feedforward_modules` given as one string, and `layers_pattern` with Python's backtracking `re`.
 A crafted key such as `(?:[a-z_.0-9]|[a-z_.0-9]){0,22}Z` takes exponential time there, and `re`
-holds the GIL while it runs: one upload froze every request of the server for 25 s (SECURITY row
-21). So every such pattern is, before use:
+holds the GIL while it runs: one upload froze every request of the server (SECURITY row 21;
+BENCHMARKS.md, 'Figures quoted from the code'). So every such pattern is, before use:
 - bounded: at most MAX_PATTERN_CHARS characters, MAX_PATTERN_KEYS per field, and
   MAX_PROGRAM_SIZE RE2 instructions once compiled (which bounds each match's time and memory);
 - accepted by Python's `re` (what peft itself would load; compiled here, never matched) and by
@@ -30,7 +30,8 @@ MAX_PATTERN_CHARS = 256
 MAX_PATTERN_KEYS = 1024
 # Real keys compile to a few dozen instructions (`layers\.1\.self_attn\.o_proj`: 43, a 260-char
 # alternation of 8 module names: 151); nested counted repeats reach thousands, and 1024 keys of
-# 4,600 instructions each took 340 MB of DFA caches to match 560 module names.
+# thousands of instructions each filled hundreds of MB of DFA caches matching the module names
+# (BENCHMARKS.md, 'Figures quoted from the code').
 MAX_PROGRAM_SIZE = 1024
 # The expressions peft 0.21 builds around a config's pattern ("{}" = the pattern itself):
 PEFT_KEY = r"(.*\.)?({})$"  # get_pattern_key, with re.match: rank_pattern / alpha_pattern

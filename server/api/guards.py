@@ -76,9 +76,12 @@ def key_fingerprint(token: str | None) -> str | None:
 
 def unauthorized(message: str) -> APIError:
     return APIError(
-        401, message, "authentication_error", code="invalid_api_key",
+        401,
+        message,
+        "authentication_error",
+        code="invalid_api_key",
         headers={"WWW-Authenticate": "Bearer"},
-    )  # fmt: skip
+    )
 
 
 def check_key(headers: Headers, keys: tuple[str | None, ...]) -> None:
@@ -105,8 +108,10 @@ def check_admin_key(headers: Headers, settings: Settings) -> None:
     if token is not None and key_matches(token, settings.admin_api_key):
         return
     if token is not None and any([key_matches(token, key) for key in settings.user_keys]):
-        raise forbidden("This key may not change adapters, datasets or other shared state: "
-                        "send the admin key ('Authorization: Bearer <admin key>').")  # fmt: skip
+        raise forbidden(
+            "This key may not change adapters, datasets or other shared state: "
+            "send the admin key ('Authorization: Bearer <admin key>')."
+        )
     check_key(headers, (settings.admin_api_key,))  # 401: missing or not a key of ours
 
 
@@ -125,9 +130,14 @@ Route = tuple[re.Pattern, frozenset[str]]  # path regex, methods
 
 def routes_depending_on(routes: Iterable[Any], dependency: Any) -> list[Route]:
     """The APIRoutes among `routes` that declare `dependency` (e.g. the admin key's check)."""
-    return [(route.path_regex, frozenset(route.methods)) for route in routes
-            if any(d.call is dependency for d in getattr(getattr(route, "dependant", None),
-                                                         "dependencies", ()))]  # fmt: skip
+    return [
+        (route.path_regex, frozenset(route.methods))
+        for route in routes
+        if any(
+            d.call is dependency
+            for d in getattr(getattr(route, "dependant", None), "dependencies", ())
+        )
+    ]
 
 
 def body_routes(routes: Iterable[Any]) -> list[BodyRoute]:
@@ -142,8 +152,13 @@ def body_routes(routes: Iterable[Any]) -> list[BodyRoute]:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, settings: Settings, routes: list[BodyRoute],
-                 admin_routes: list[Route] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        routes: list[BodyRoute],
+        admin_routes: list[Route] = (),
+    ) -> None:
         self.app, self.settings, self.routes = app, settings, routes
         self.admin_routes = list(admin_routes)
         self.public = public_paths(settings)
@@ -167,8 +182,9 @@ class RequestGuard:
         path = scope["path"]
         if path not in self.public and not is_console_path(path) and settings.user_keys:
             check_key(headers, (*settings.user_keys, settings.admin_api_key))
-        if any(scope["method"] in methods and regex.match(path)
-               for regex, methods in self.admin_routes):  # fmt: skip
+        if any(
+            scope["method"] in methods and regex.match(path) for regex, methods in self.admin_routes
+        ):
             check_admin_key(headers, settings)  # the role before the content type (403, 415)
         kind = self._body_kind(scope)
         if kind is None:
@@ -222,18 +238,24 @@ def check_content_type(kind: str, content_type: str) -> None:
 
 def unsupported_type(content_type: str, what_to_do: str) -> APIError:
     return APIError(  # the body is left unread: the connection cannot be reused
-        415, f"This route does not take Content-Type {content_type[:60]!r}. {what_to_do}",
-        code="unsupported_content_type", headers={"Connection": "close"},
-    )  # fmt: skip
+        415,
+        f"This route does not take Content-Type {content_type[:60]!r}. {what_to_do}",
+        code="unsupported_content_type",
+        headers={"Connection": "close"},
+    )
 
 
 def too_large(kind: str, settings: Settings) -> APIError:
     if kind == "multipart":
-        message = (f"The upload exceeds {settings.max_upload_bytes} bytes; send a smaller "
-                   "adapter or raise --max-upload-bytes.")  # fmt: skip
+        message = (
+            f"The upload exceeds {settings.max_upload_bytes} bytes; send a smaller "
+            "adapter or raise --max-upload-bytes."
+        )
     else:
-        message = (f"The request body exceeds {settings.max_request_body_bytes} bytes; send a "
-                   "smaller request.")  # fmt: skip
+        message = (
+            f"The request body exceeds {settings.max_request_body_bytes} bytes; send a "
+            "smaller request."
+        )
     return APIError(413, message, code="request_too_large", headers={"Connection": "close"})
 
 
@@ -252,8 +274,12 @@ class BodyClock:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BodyClock:
-        return cls(settings.http_body_timeout_s, settings.http_body_grace_s,
-                   settings.http_body_min_rate, settings.http_body_deadline_s)  # fmt: skip
+        return cls(
+            settings.http_body_timeout_s,
+            settings.http_body_grace_s,
+            settings.http_body_min_rate,
+            settings.http_body_deadline_s,
+        )
 
     def allowed_s(self, received: int) -> float:
         """Seconds since the headers within which the body must be complete, so far."""
@@ -268,10 +294,14 @@ class BodyClock:
         if self.stall_s < self.allowed_s(received) - waited_from_s:
             return f"The request body stalled for {self.stall_s:g} s; send it without pauses."
         if self.allowed_s(received) >= self.deadline_s:
-            return (f"The request body did not arrive within {self.deadline_s:g} s; send it "
-                    "faster or in smaller requests.")  # fmt: skip
-        return (f"The request body came slower than {self.min_rate:g} bytes/s after "
-                f"{self.grace_s:g} s ({received} bytes); send it without pauses.")  # fmt: skip
+            return (
+                f"The request body did not arrive within {self.deadline_s:g} s; send it "
+                "faster or in smaller requests."
+            )
+        return (
+            f"The request body came slower than {self.min_rate:g} bytes/s after "
+            f"{self.grace_s:g} s ({received} bytes); send it without pauses."
+        )
 
 
 def client_name(scope: Scope) -> str:
@@ -295,8 +325,13 @@ def timed_receive(receive: Receive, clock: BodyClock, client: str = "") -> Recei
             message = await asyncio.wait_for(receive(), clock.wait_s(received, waited_from))
         except TimeoutError:
             reason = clock.reason(received, waited_from)
-            log.warning("closing the connection of %s: %d body bytes in %.1f s. %s", client,
-                        received, elapsed(), reason)  # fmt: skip
+            log.warning(
+                "closing the connection of %s: %d body bytes in %.1f s. %s",
+                client,
+                received,
+                elapsed(),
+                reason,
+            )
             raise APIError(
                 408, reason, code="body_timeout", headers={"Connection": "close"}
             ) from None
@@ -339,7 +374,8 @@ async def read_body(receive: Receive, limit: int, kind: str, settings: Settings)
 
 
 # JSON bodies up to this size are parsed and walked on the event loop (about a millisecond);
-# larger ones on a worker thread: 8 MiB of token ids took 3 s to walk, every stream frozen.
+# larger ones on a worker thread: walking a multi-MiB list of token ids on the loop froze every
+# stream (BENCHMARKS.md, 'Figures quoted from the code').
 INLINE_JSON_BYTES = 64 * 1024
 
 

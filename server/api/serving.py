@@ -183,8 +183,11 @@ def check_beam_search(body: SamplingFields, settings: Settings, num_prompts: int
         )
     explicit = body.model_fields_set
     refused = [
-        ("temperature", "temperature" in explicit and body.temperature >= MIN_TEMPERATURE,
-         "0 or omitted"),
+        (
+            "temperature",
+            "temperature" in explicit and body.temperature >= MIN_TEMPERATURE,
+            "0 or omitted",
+        ),
         ("top_p", body.top_p != 1.0, "1"),
         ("top_k", body.top_k > 0, "0, -1 or omitted"),
         ("stop", bool(body.stop_list), "omitted (stop_token_ids are supported)"),
@@ -192,7 +195,7 @@ def check_beam_search(body: SamplingFields, settings: Settings, num_prompts: int
         ("presence_penalty", body.presence_penalty != 0.0, "0"),
         ("frequency_penalty", body.frequency_penalty != 0.0, "0"),
         ("logit_bias", bool(body.logit_bias), "omitted"),
-    ]  # fmt: skip
+    ]
     for name, bad, allowed in refused:
         if bad:
             raise invalid_request(
@@ -214,9 +217,13 @@ def _asks_logprobs(body: SamplingFields) -> bool:
 
 def beam_params(params: SamplingParams, body: SamplingFields, width: int) -> SamplingParams:
     return dataclasses.replace(
-        params, temperature=0.0, seed=None, beam_width=width, length_penalty=body.length_penalty,
+        params,
+        temperature=0.0,
+        seed=None,
+        beam_width=width,
+        length_penalty=body.length_penalty,
         early_stopping=body.early_stopping,
-    )  # fmt: skip
+    )
 
 
 # Texts up to this many characters are tokenized on the event loop (well under a millisecond);
@@ -240,15 +247,18 @@ def check_prompt_chars(
     if count > settings.max_prompt_chars:
         raise invalid_request(
             f"The {param} has {count} characters; this server accepts at most "
-            f"{settings.max_prompt_chars}.", param,
-        )  # fmt: skip
+            f"{settings.max_prompt_chars}.",
+            param,
+        )
     per_token, longest = engine.tokenizer.max_token_chars, count if longest is None else longest
     if longest > engine.max_model_len * per_token:
         raise invalid_request(
             f"The {param} has {longest} characters: more than this model's maximum context length "
             f"of {engine.max_model_len} tokens can hold (a token is at most {per_token} "
-            "characters). Shorten it.", param, "context_length_exceeded",
-        )  # fmt: skip
+            "characters). Shorten it.",
+            param,
+            "context_length_exceeded",
+        )
 
 
 async def off_loop(work: Callable[[], Any], chars: int) -> Any:
@@ -326,15 +336,21 @@ class Job:
 
 
 async def submit(
-    request: Request, engine: EngineClient, jobs: list[Job], request_id: str, settings: Settings,
+    request: Request,
+    engine: EngineClient,
+    jobs: list[Job],
+    request_id: str,
+    settings: Settings,
     grammar: str | None = None,
-) -> list[RequestStream]:  # fmt: skip
+) -> list[RequestStream]:
     """Add every job to the engine, or none (check_capacity refused what can never fit); with a
     structured-output `grammar`, each job gets its own matcher."""
     if grammar is not None:  # matchers built off the event loop (a big grammar takes a while)
         constraints = await engine.grammars.constraints_async(grammar, len(jobs))
-        jobs = [dataclasses.replace(job, params=dataclasses.replace(job.params, constraint=c))
-                for job, c in zip(jobs, constraints, strict=True)]  # fmt: skip
+        jobs = [
+            dataclasses.replace(job, params=dataclasses.replace(job.params, constraint=c))
+            for job, c in zip(jobs, constraints, strict=True)
+        ]
     requests = [(job.prompt_ids, job.params, f"{request_id}-{job.index}") for job in jobs]
     try:
         streams = engine.add_requests(requests, model=request.state.model)
@@ -580,8 +596,12 @@ class EventStreamResponse(StreamingResponse):
             log.info("stream ended early: %r", sender.exception())
 
 
-async def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, engine: EngineClient,
-                      add_special_tokens: bool = False) -> list[int]:  # fmt: skip
+async def render_chat(
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    engine: EngineClient,
+    add_special_tokens: bool = False,
+) -> list[int]:
     """Token ids of a conversation through the model's own chat template (never a request's),
     as /v1/chat/completions and /tokenize render it; a template that refuses it is a 400.
     Long conversations render and tokenize off the event loop (check_prompt_chars first)."""
@@ -589,8 +609,9 @@ async def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, 
     chars = sum(len(m["content"]) for m in plain)
     try:
         return await off_loop(
-            lambda: engine.tokenizer.encode_chat(plain, add_generation_prompt, add_special_tokens), chars
-        )  # fmt: skip
+            lambda: engine.tokenizer.encode_chat(plain, add_generation_prompt, add_special_tokens),
+            chars,
+        )
     except (ValueError, TemplateError) as exc:
         raise invalid_request(
             f"The messages cannot be rendered with this model's chat template: {str(exc)[:200]}",
@@ -610,8 +631,12 @@ def response_schema(spec: JsonSchemaSpec) -> dict[str, Any]:
         raise invalid_request(f"response_format.json_schema: {exc}", "response_format") from None
 
 
-GUIDED = (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-          ("guided_grammar", "grammar"))  # fmt: skip
+GUIDED = (
+    ("guided_json", "json_schema"),
+    ("guided_regex", "regex"),
+    ("guided_choice", "choice"),
+    ("guided_grammar", "grammar"),
+)
 
 
 async def constraint_grammar(
@@ -629,8 +654,11 @@ async def constraint_grammar(
         found.append(("json_object", None, "response_format"))
     elif fmt is not None and fmt.type == "json_schema":
         found.append(("json_schema", response_schema(fmt.json_schema), "response_format"))
-    found += [(kind, getattr(body, name), name) for name, kind in GUIDED
-              if getattr(body, name) is not None]  # fmt: skip
+    found += [
+        (kind, getattr(body, name), name)
+        for name, kind in GUIDED
+        if getattr(body, name) is not None
+    ]
     if not found:
         return None
     kind, spec, param = found[0]
@@ -642,12 +670,17 @@ async def constraint_grammar(
     if body.min_tokens:
         raise invalid_request(
             f"min_tokens cannot be combined with {param}: the grammar decides where the output "
-            "ends.", "min_tokens",
-        )  # fmt: skip
+            "ends.",
+            "min_tokens",
+        )
     try:
         return await engine.grammars.compile_async(kind, spec)
     except GrammarError as exc:
         raise invalid_request(f"{param} cannot be compiled: {exc}", param) from None
     except GrammarUnavailable as exc:
-        raise APIError(503, f"Structured outputs are unavailable for now: {exc}.",
-                       code="grammar_sandbox_unavailable", headers={"Retry-After": "5"}) from None  # fmt: skip
+        raise APIError(
+            503,
+            f"Structured outputs are unavailable for now: {exc}.",
+            code="grammar_sandbox_unavailable",
+            headers={"Retry-After": "5"},
+        ) from None

@@ -37,10 +37,17 @@ PROBES_PER_CLIENT = 2  # headroom connections one address may hold (a prober nee
 
 def raw_response(status: int, reason: str, message: str, retry_after: int | None = None) -> bytes:
     """A complete HTTP/1.1 error response in OpenAI's error shape, closing the connection."""
-    body = json.dumps(error_body(message, "service_unavailable_error" if status == 503
-                                 else "invalid_request_error")).encode()  # fmt: skip
-    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json",
-            f"content-length: {len(body)}", "connection: close"]  # fmt: skip
+    body = json.dumps(
+        error_body(
+            message, "service_unavailable_error" if status == 503 else "invalid_request_error"
+        )
+    ).encode()
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
     if retry_after is not None:
         head.append(f"retry-after: {retry_after}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
@@ -79,8 +86,9 @@ def guarded_protocol(settings: Settings) -> type[H11Protocol]:
             self._timed_cycle = None
             refusal = self._over_cap()
             if refusal is not None:
-                self.transport.write(raw_response(
-                    503, "Service Unavailable", refusal, self.retry_after_s))  # fmt: skip
+                self.transport.write(
+                    raw_response(503, "Service Unavailable", refusal, self.retry_after_s)
+                )
                 self.transport.close()
                 return
             if len(self.connections) > self.max_connections:
@@ -93,13 +101,17 @@ def guarded_protocol(settings: Settings) -> type[H11Protocol]:
             host = self.client[0] if self.client else None
             peers = [c for c in self.connections if c.client and c.client[0] == host]
             if host is not None and len(peers) > self.max_per_client:
-                return (f"This client has {self.max_per_client} open connections, the limit per "
-                        "client; reuse a connection or retry later.")  # fmt: skip
+                return (
+                    f"This client has {self.max_per_client} open connections, the limit per "
+                    "client; reuse a connection or retry later."
+                )
             if len(self.connections) <= self.max_connections:
                 return None
             probes = sum(1 for c in peers if getattr(c, "probe_only", False))
-            if (len(self.connections) > self.max_connections + self.probe_headroom
-                    or probes >= PROBES_PER_CLIENT):  # fmt: skip
+            if (
+                len(self.connections) > self.max_connections + self.probe_headroom
+                or probes >= PROBES_PER_CLIENT
+            ):
                 return self._cap_message()
             return None
 
@@ -121,8 +133,10 @@ def guarded_protocol(settings: Settings) -> type[H11Protocol]:
             self._header_timer = None
             if self.transport.is_closing():
                 return
-            message = (f"The request headers did not arrive within {self.header_timeout_s:g} s; "
-                       "send them without pauses.")  # fmt: skip
+            message = (
+                f"The request headers did not arrive within {self.header_timeout_s:g} s; "
+                "send them without pauses."
+            )
             self.transport.write(raw_response(408, "Request Timeout", message))
             self.transport.close()
 

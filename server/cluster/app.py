@@ -40,8 +40,9 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         from adapterserve.server.main import create_app
 
-        return create_app(self.settings, backend=cluster_backend(self.engine),
-                          metrics_factory=ClusterMetrics)  # fmt: skip
+        return create_app(
+            self.settings, backend=cluster_backend(self.engine), metrics_factory=ClusterMetrics
+        )
 
 
 def build_app(settings: Settings) -> Application:
@@ -55,12 +56,14 @@ def build_app(settings: Settings) -> Application:
         name=ENGINE_NAME,
         num_replicas=replicas,
         max_ongoing_requests=ongoing,
-        ray_actor_options={"num_cpus": settings.replica_num_cpus,
-                           "num_gpus": settings.replica_num_gpus},
+        ray_actor_options={
+            "num_cpus": settings.replica_num_cpus,
+            "num_gpus": settings.replica_num_gpus,
+        },
         health_check_period_s=2,
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=settings.shutdown_timeout_s,
-    )  # fmt: skip
+    )
     ingress = serve.deployment(
         Ingress,
         name=INGRESS_NAME,
@@ -68,7 +71,7 @@ def build_app(settings: Settings) -> Application:
         max_ongoing_requests=max(ongoing * replicas, settings.max_connections),
         ray_actor_options={"num_cpus": 0},
         graceful_shutdown_timeout_s=settings.shutdown_timeout_s,
-    )  # fmt: skip
+    )
     return ingress.bind(settings, engine.bind(settings))
 
 

@@ -52,8 +52,12 @@ def serve_cluster(settings: Settings) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         start(settings)
-        log.info("serving on http://%s:%d with %d engine replica(s)", settings.host,
-                 settings.port, max(1, settings.replicas))  # fmt: skip
+        log.info(
+            "serving on http://%s:%d with %d engine replica(s)",
+            settings.host,
+            settings.port,
+            max(1, settings.replicas),
+        )
         stopping.wait()
         log.info("shutting the cluster application down")
         return 0

@@ -124,8 +124,11 @@ class RemoteCall:
             return
         for position, stream in enumerate(self.streams):
             if position not in self._delivered:
-                stream.deliver(RequestOutput(stream.request_id, "", [], finished=True,
-                                             finish_reason="error", error=error))  # fmt: skip
+                stream.deliver(
+                    RequestOutput(
+                        stream.request_id, "", [], finished=True, finish_reason="error", error=error
+                    )
+                )
 
     def _fail(self, error: Exception) -> None:
         """Refused (or lost) before acceptance: `confirm` raises the error, and a stream read
@@ -133,8 +136,11 @@ class RemoteCall:
         self.accepted.set_exception(error)
         self.accepted.exception()  # retrieved: no "never retrieved" warning without confirm
         for stream in self.streams:
-            stream.deliver(RequestOutput(stream.request_id, "", [], finished=True,
-                                         finish_reason="error", error=error))  # fmt: skip
+            stream.deliver(
+                RequestOutput(
+                    stream.request_id, "", [], finished=True, finish_reason="error", error=error
+                )
+            )
 
     def abandon(self, stream: ProxyStream) -> None:
         """A stream was aborted; once all are finished or aborted, cancel the call (the
@@ -177,12 +183,14 @@ class ClusterRegistry(RemoteRegistry):
         replica_method = {"add_upload": "install_upload", "remove": "remove_adapter"}[method]
         return self.engine.admin_call(replica_method, *args)
 
-    def add_path(self, name: str, path: Path, replace: bool = False,
-                 require_root: bool = True) -> RemoteEntry:  # fmt: skip
+    def add_path(
+        self, name: str, path: Path, replace: bool = False, require_root: bool = True
+    ) -> RemoteEntry:
         raise NoAdapterRootsError(
-            "lora_path", "loading by path is not available on a cluster; upload the adapter to "
+            "lora_path",
+            "loading by path is not available on a cluster; upload the adapter to "
             "POST /v1/adapters (every replica reads the shared store)",
-        )  # fmt: skip
+        )
 
 
 # ---------------------------------------------------------------- metrics
@@ -231,9 +239,9 @@ class ClusterEngine:
         self.on_fatal = None
         self._draining = False
         self.registry = ClusterRegistry(
-            self, AdapterStore(settings.adapter_store, settings.max_upload_bytes,
-                               settings.max_adapters),
-        )  # fmt: skip
+            self,
+            AdapterStore(settings.adapter_store, settings.max_upload_bytes, settings.max_adapters),
+        )
         self._loop = asyncio.get_running_loop()
         self._reports: tuple[float, list[Report]] = (0.0, [])
         self._calls: set[RemoteCall] = set()
@@ -250,8 +258,13 @@ class ClusterEngine:
         return self.tokenizer.token_text(token_id)
 
     # ---- requests --------------------------------------------------------------------------
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    model: str | None = None, request_id: str | None = None) -> ProxyStream:  # fmt: skip
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        model: str | None = None,
+        request_id: str | None = None,
+    ) -> ProxyStream:
         return self.add_requests([(prompt_token_ids, params, request_id)], model)[0]
 
     def add_requests(
@@ -262,8 +275,9 @@ class ClusterEngine:
         model = model or self.model_id
         plain, grammar = for_remote(requests)
         handle = self._handle_for(model)
-        call = self._start(lambda: handle.generate.remote(plain, model, grammar),
-                           [rid for _, _, rid in plain])  # fmt: skip
+        call = self._start(
+            lambda: handle.generate.remote(plain, model, grammar), [rid for _, _, rid in plain]
+        )
         return call.streams
 
     def add_beam_searches(
@@ -273,8 +287,10 @@ class ClusterEngine:
     ) -> list[list[ProxyStream]]:
         model = model or self.model_id
         handle = self._handle_for(model)
-        call = self._start(lambda: handle.beam_search.remote(requests, model),
-                           [rid for _, _, ids in requests for rid in ids])  # fmt: skip
+        call = self._start(
+            lambda: handle.beam_search.remote(requests, model),
+            [rid for _, _, ids in requests for rid in ids],
+        )
         streams = iter(call.streams)
         return [[next(streams) for _ in ids] for _, _, ids in requests]
 
@@ -341,8 +357,9 @@ def cluster_backend(handle: Any) -> Any:
     """The create_app backend (server/main.py) that serves through the engine replicas."""
 
     @asynccontextmanager
-    async def backend(settings: Settings, metrics: Metrics,
-                      plan: EnginePlan | None) -> AsyncIterator[ClusterEngine]:  # fmt: skip
+    async def backend(
+        settings: Settings, metrics: Metrics, plan: EnginePlan | None
+    ) -> AsyncIterator[ClusterEngine]:
         plan = plan or await asyncio.to_thread(plan_engine, settings)
         engine = ClusterEngine(settings, plan, handle, metrics)
         if isinstance(metrics, ClusterMetrics):

@@ -65,10 +65,12 @@ class EngineReplica:
         self.replica = serve.get_replica_context().replica_tag
         self.metrics = Metrics()
         self.routing = Counter(
-            "adapterserve_cluster_routing", "Adapter requests that reached this replica, by "
+            "adapterserve_cluster_routing",
+            "Adapter requests that reached this replica, by "
             "whether their adapter was already in one of its device slots (hit) or not (miss)",
-            ["result"], registry=self.metrics.registry,
-        )  # fmt: skip
+            ["result"],
+            registry=self.metrics.registry,
+        )
         self._stack = contextlib.AsyncExitStack()
         self.engine: Engine = await self._stack.enter_async_context(
             running_engine(settings, self.metrics)
@@ -89,22 +91,27 @@ class EngineReplica:
         claims = settings.adapter_slots + settings.host_adapter_cache
         self._resident = serve.multiplexed(max_num_models_per_replica=claims)(load)
         self._reporter = asyncio.ensure_future(self._report_loop())
-        log.info("engine replica %s (pid %d) serving %s", self.replica, os.getpid(),
-                 self.engine.model_id)  # fmt: skip
+        log.info(
+            "engine replica %s (pid %d) serving %s", self.replica, os.getpid(), self.engine.model_id
+        )
 
     # ---- requests --------------------------------------------------------------------------
     async def generate(
-        self, requests: list[tuple[list[int], SamplingParams, str]], model: str,
+        self,
+        requests: list[tuple[list[int], SamplingParams, str]],
+        model: str,
         grammar: str | None = None,
-    ) -> AsyncIterator[Item]:  # fmt: skip
+    ) -> AsyncIterator[Item]:
         """Streams ("accepted", None) or ("refused", error), then ("outputs", [(position,
         output), ...]) until every request finished. Cancelling the call aborts them."""
         try:
             await self._prepare(model)
             if grammar is not None:  # checked in the ingress's sandbox; built off the event loop
                 constraints = await self.engine.grammars.constraints_async(grammar, len(requests))
-                requests = [(ids, dataclasses.replace(params, constraint=c), rid)
-                            for (ids, params, rid), c in zip(requests, constraints, strict=True)]  # fmt: skip
+                requests = [
+                    (ids, dataclasses.replace(params, constraint=c), rid)
+                    for (ids, params, rid), c in zip(requests, constraints, strict=True)
+                ]
             streams = self.engine.add_requests(requests, model=model)
         except (EngineError, AdapterError) as exc:
             yield "refused", exc
@@ -163,10 +170,13 @@ class EngineReplica:
     # ---- state -------------------------------------------------------------------------------
     def report(self) -> Report:
         return Report(
-            replica=self.replica, pid=os.getpid(), time=time.time(), healthy=self.engine.healthy,
+            replica=self.replica,
+            pid=os.getpid(),
+            time=time.time(),
+            healthy=self.engine.healthy,
             adapters=[AdapterState.of(e) for e in self.registry.list()],
             metrics=self.metrics.render().decode(),
-        )  # fmt: skip
+        )
 
     async def _report_loop(self) -> None:
         """A report every REPORT_INTERVAL_S; every SYNC_EVERY-th one first adopts every store

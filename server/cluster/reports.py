@@ -39,8 +39,9 @@ class Report:
     @classmethod
     def from_json(cls, text: str) -> Report:
         data = json.loads(text)
-        data["adapters"] = [AdapterState(**{**a, "targets": tuple(a["targets"])})
-                            for a in data["adapters"]]  # fmt: skip
+        data["adapters"] = [
+            AdapterState(**{**a, "targets": tuple(a["targets"])}) for a in data["adapters"]
+        ]
         return cls(**data)
 
 

@@ -24,10 +24,17 @@ class BatchBuilder:
     attention gathers."""
 
     def __init__(
-        self, *, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
-        max_blocks_per_seq: int, trash_block: int, num_adapter_slots: int,
-        device: torch.device, full_width: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        block_size: int,
+        max_blocks_per_seq: int,
+        trash_block: int,
+        num_adapter_slots: int,
+        device: torch.device,
+        full_width: bool = False,
+    ) -> None:
         self.block_size, self.trash_block = block_size, trash_block
         self.device, self.full_width = device, full_width
         tokens = max(max_num_batched_tokens, max_num_seqs)
@@ -57,8 +64,9 @@ class BatchBuilder:
     def max_blocks_per_seq(self) -> int:
         return self.tables.shape[1]
 
-    def build(self, plan: StepPlan, pad_to: int | None = None, dense: bool = False,
-              min_width: int = 1) -> ForwardBatch:  # fmt: skip
+    def build(
+        self, plan: StepPlan, pad_to: int | None = None, dense: bool = False, min_width: int = 1
+    ) -> ForwardBatch:
         """The plan's tensors; `pad_to` pads a decode-only plan with padding rows. `dense` (a
         compiled step) leaves out the host facts that let adapter ops skip unused slots, so
         the work does not depend on the batch. `min_width`: decode block tables at least this
@@ -157,10 +165,14 @@ class BatchBuilder:
         self.base_rows[:rows].copy_(1.0 - onehot.sum(1, keepdim=True), non_blocking=True)
         decode_slots = None if dense else frozenset(slot_ids[:rows]) - {-1}
         return AdapterBatch.assemble(
-            self.slot_ids[: len(slot_ids)], self.onehot[:rows], self.base_rows[:rows],
-            runs(slot_ids, rows), self.rows[: len(slot_ids)], decode_slots,
+            self.slot_ids[: len(slot_ids)],
+            self.onehot[:rows],
+            self.base_rows[:rows],
+            runs(slot_ids, rows),
+            self.rows[: len(slot_ids)],
+            decode_slots,
             None if dense else slot_ids[:rows],
-        )  # fmt: skip
+        )
 
     def _head_adapters(
         self, adapters: AdapterBatch | None, slot_ids: list[int], logit_rows: list[int], rows: int
@@ -177,9 +189,13 @@ class BatchBuilder:
             return None
         self._fill(self.head_slot_ids, ids)
         head = AdapterBatch.assemble(
-            self.head_slot_ids[: len(ids)], adapters.onehot, adapters.base_rows, runs(ids, rows),
-            self.rows[: len(ids)], adapters.decode_slots,
-        )  # fmt: skip
+            self.head_slot_ids[: len(ids)],
+            adapters.onehot,
+            adapters.base_rows,
+            runs(ids, rows),
+            self.rows[: len(ids)],
+            adapters.decode_slots,
+        )
         # the same decode rows lead both: the step's groups, not built twice
         return dataclasses.replace(
             head, group_rows=adapters.group_rows, group_mask=adapters.group_mask

@@ -57,14 +57,21 @@ class BeamSearch:
     """The beam-search decisions for one prompt (batch of one)."""
 
     def __init__(
-        self, width: int, max_tokens: int, stop_ids: frozenset[int], length_penalty: float = 1.0,
-        early_stopping: bool | str = False, min_tokens: int = 0,
-    ) -> None:  # fmt: skip
+        self,
+        width: int,
+        max_tokens: int,
+        stop_ids: frozenset[int],
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        min_tokens: int = 0,
+    ) -> None:
         assert width >= 1 and max_tokens >= 1
         self.k, self.max_tokens, self.stop_ids = width, max_tokens, stop_ids
         self.length_penalty, self.early_stopping, self.min_tokens = (
-            length_penalty, early_stopping, min_tokens
-        )  # fmt: skip
+            length_penalty,
+            early_stopping,
+            min_tokens,
+        )
         self.live: list[tuple[int, ...]] = [()]  # generated tokens of each live beam, best first
         self.scores = torch.zeros(1)  # (live,) fp32 summed log-probs
         self.best_running = 0.0  # the best running score, a ruled-out one included
@@ -238,10 +245,15 @@ class BeamSearches:
             tokens = list(hypothesis.tokens)
             reason = "stop" if tokens and tokens[-1] in stop_ids else "length"
             out = RequestOutput(
-                stream.request_id, self.host.detokenize(tokens), tokens, finished=True,
-                finish_reason=reason, num_prompt_tokens=len(root.prompt_ids) - root.num_virtual,
-                num_output_tokens=len(tokens), num_cached_tokens=root.num_cached_tokens or 0,
-            )  # fmt: skip
+                stream.request_id,
+                self.host.detokenize(tokens),
+                tokens,
+                finished=True,
+                finish_reason=reason,
+                num_prompt_tokens=len(root.prompt_ids) - root.num_virtual,
+                num_output_tokens=len(tokens),
+                num_cached_tokens=root.num_cached_tokens or 0,
+            )
             self.host.emit(stream, out)
             self.host.record(root, reason, len(tokens))
         self.end(group, None, None)
@@ -260,8 +272,14 @@ class BeamSearches:
         for stream in group.streams:
             self.groups.pop(stream.request_id, None)
             if reason is not None:
-                out = RequestOutput(stream.request_id, "", [], finished=True, finish_reason=reason,
-                                    num_prompt_tokens=len(root.prompt_ids) - root.num_virtual,
-                                    error=error)  # fmt: skip
+                out = RequestOutput(
+                    stream.request_id,
+                    "",
+                    [],
+                    finished=True,
+                    finish_reason=reason,
+                    num_prompt_tokens=len(root.prompt_ids) - root.num_virtual,
+                    error=error,
+                )
                 self.host.emit(stream, out)
                 self.host.record(root, reason, 0)

@@ -37,7 +37,9 @@ from adapterserve.server.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-AUTO_COMPILE_DEVICES = frozenset({"cuda"})  # --compile auto: where compiling wins (measured)
+# --compile auto: where compiling wins (BENCHMARKS.md, 'Step plan, eager vs compiled decode
+# (issue 12)')
+AUTO_COMPILE_DEVICES = frozenset({"cuda"})
 
 
 class EngineConfigError(ValueError):
@@ -153,8 +155,9 @@ def plan_engine(settings: Settings) -> EnginePlan:
             "raise --kv-cache-memory-mb or lower --max-model-len"
         )
     model_id = settings.served_model_name or served_name(settings.model, model_dir)
-    return EnginePlan(model_dir, config, device, dtype, max_len, num_blocks, model_id, quantization,
-                      gguf)  # fmt: skip
+    return EnginePlan(
+        model_dir, config, device, dtype, max_len, num_blocks, model_id, quantization, gguf
+    )
 
 
 def check_adapter_flags(settings: Settings) -> None:
@@ -214,8 +217,12 @@ def build_engine(settings: Settings, metrics: Metrics, plan: EnginePlan | None =
     return engine
 
 
-def build_registry(settings: Settings, plan: EnginePlan, metrics: Metrics,
-                   base_weight: Callable[[int, str], torch.Tensor] | None = None) -> AdapterRegistry:  # fmt: skip
+def build_registry(
+    settings: Settings,
+    plan: EnginePlan,
+    metrics: Metrics,
+    base_weight: Callable[[int, str], torch.Tensor] | None = None,
+) -> AdapterRegistry:
     """The slot pool and registry: the durable store's uploads, then `--adapter NAME=PATH` and
     every subfolder of each `--adapter-dir` (these are served, not copied into the store)."""
     fingerprint = BaseFingerprint.from_hf_config(plan.config)
@@ -268,7 +275,8 @@ async def start_engine(
     meanwhile wait. Stop it with `engine.stop()` (or use `running_engine`).
 
     All torch work stays on that one OS thread: on CPU, a second thread that has run parallel
-    ops keeps an OpenMP pool alive, and MKL then ran the engine's matmuls ~1.3x slower (measured).
+    ops keeps an OpenMP pool alive, and MKL then ran the engine's matmuls
+    slower (BENCHMARKS.md, 'Engine vs transformers (issue 2)').
     """
     loop = asyncio.get_running_loop()
     built: asyncio.Future[Engine] = loop.create_future()

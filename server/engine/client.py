@@ -70,8 +70,9 @@ class AdapterCatalog(Protocol):
 
     def add_upload(self, staging: Path, name: str, replace: bool = False) -> Any: ...
 
-    def add_path(self, name: str, path: Path, replace: bool = False,
-                 require_root: bool = True) -> Any: ...  # fmt: skip
+    def add_path(
+        self, name: str, path: Path, replace: bool = False, require_root: bool = True
+    ) -> Any: ...
 
     def remove(self, name: str) -> Any: ...
 
@@ -111,14 +112,21 @@ class EngineClient(Protocol):
 
     def token_text(self, token_id: int) -> str: ...
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    model: str | None = None, request_id: str | None = None) -> Any: ...  # fmt: skip
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        model: str | None = None,
+        request_id: str | None = None,
+    ) -> Any: ...
 
-    def add_requests(self, requests: list[tuple[list[int], SamplingParams, str | None]],
-                     model: str | None = None) -> list[Any]: ...  # fmt: skip
+    def add_requests(
+        self, requests: list[tuple[list[int], SamplingParams, str | None]], model: str | None = None
+    ) -> list[Any]: ...
 
-    def add_beam_searches(self, requests: list[tuple[list[int], SamplingParams, list[str]]],
-                          model: str | None = None) -> list[list[Any]]: ...  # fmt: skip
+    def add_beam_searches(
+        self, requests: list[tuple[list[int], SamplingParams, list[str]]], model: str | None = None
+    ) -> list[list[Any]]: ...
 
     async def confirm(self, streams: list[Any]) -> None: ...
 

@@ -3,15 +3,16 @@ must follow, enforced by llguidance.
 
 Why llguidance: its matcher is Rust with a bounded cost per token (derivative-based lexer,
 Earley parser with step limits, `LLParserLimits`), so a client's schema or pattern cannot stall
-the engine; it parses Lark as well as GBNF; it takes a Hugging Face tokenizer directly. Measured
-against xgrammar on this CPU (`benchmarks/bench_grammar_engines.py`, BENCHMARKS.md): xgrammar's
-masks are ~30x cheaper once a schema is compiled (0.004 vs 0.14 ms mean per token over the
-default model's 49k vocabulary), llguidance reaches its first mask sooner (5 vs 11-27 ms); we
-keep llguidance and fill its masks beside the forward (below). 16 constrained streams run at
-0.95 of free ones (`benchmarks/bench_structured.py`).
+the engine; it parses Lark as well as GBNF; it takes a Hugging Face tokenizer directly. Against
+xgrammar (`benchmarks/bench_grammar_engines.py`), xgrammar's masks are much cheaper once a
+schema is compiled and llguidance reaches its first mask sooner (BENCHMARKS.md, 'llguidance vs
+xgrammar, this CPU'); we keep llguidance and fill its masks beside the forward (below), which
+keeps constrained streams close to free ones (`benchmarks/bench_structured.py`; BENCHMARKS.md,
+'Structured outputs: JSON schema vs free (issue 15)').
 
 A client's grammar is untrusted native input: a 1000-deep `$ref` chain overflowed llguidance's
-stack and killed the server; a 20k-object enum held the event loop for 48 s, then panicked. So
+stack and killed the server; a 20k-object enum froze the event loop, then panicked (BENCHMARKS.md, 'Hardening replays:
+heavy requests beside a running stream (issue 24)'). So
 it is compiled first in the grammar sandbox (GrammarSandbox: a few worker processes,
 server/engine/grammar_worker.py, each compile under a wall-clock deadline and an address-space
 cap, with llguidance's own limits set): there it is converted, validated, made into a matcher
@@ -67,13 +68,15 @@ class GrammarError(ValueError):
 
 # fills next-token bitmasks beside the engine thread: a few workers, at most half the cores (the
 # rest is the forward's)
-_FILLS = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)),
-                            thread_name_prefix="grammar-mask")  # fmt: skip
+_FILLS = ThreadPoolExecutor(
+    max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)), thread_name_prefix="grammar-mask"
+)
 
 
 # llguidance's token bitmask, without llguidance.torch: importing that module imports torch's
-# compiler (1.8 s, every stream stalled on the first structured request), and its apply is a
-# torch.compile'd function whose first call compiled for 2.9 s on the engine thread.
+# compiler (every stream stalled on the first structured request), and its apply is a
+# torch.compile'd function whose first call compiled on the engine thread, every stream waiting
+# (BENCHMARKS.md, 'Figures quoted from the code').
 _BIT = torch.arange(32, dtype=torch.int32)
 
 
@@ -203,8 +206,10 @@ class _Worker:
         # only the standard library and llguidance
         self.proc = subprocess.Popen(
             [sys.executable, "-I", str(WORKER)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
         try:
             ready = self.call(init, time.monotonic() + WORKER_START_TIMEOUT_S)
         except TimeoutError:
@@ -265,14 +270,24 @@ class GrammarSandbox:
     deadline and an address-space cap; a worker that crashes or overruns is killed and
     replaced, and the grammar is refused (GrammarError) with the reason."""
 
-    def __init__(self, tokenizer_json: str, n_vocab: int, eos: list[int],
-                 limits: SandboxLimits = SandboxLimits()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tokenizer_json: str,
+        n_vocab: int,
+        eos: list[int],
+        limits: SandboxLimits = SandboxLimits(),
+    ) -> None:
         self.limits = limits
-        self._init = _frame({
-            "tokenizer": tokenizer_json, "n_vocab": n_vocab, "eos": eos,
-            "memory_bytes": limits.memory_mb * 2**20, "stack_bytes": WORKER_STACK_BYTES,
-            "limits": PARSER_LIMITS,
-        })  # fmt: skip
+        self._init = _frame(
+            {
+                "tokenizer": tokenizer_json,
+                "n_vocab": n_vocab,
+                "eos": eos,
+                "memory_bytes": limits.memory_mb * 2**20,
+                "stack_bytes": WORKER_STACK_BYTES,
+                "limits": PARSER_LIMITS,
+            }
+        )
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(limits.workers)
@@ -463,13 +478,15 @@ class Grammars:
 
         tokenizer = self.tokenizer
         matcher = _on_big_stack(
-            lambda: llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=llguidance.LLParserLimits(**PARSER_LIMITS))
-        )  # fmt: skip
+            lambda: llguidance.LLMatcher(
+                tokenizer, grammar, log_level=0, limits=llguidance.LLParserLimits(**PARSER_LIMITS)
+            )
+        )
         if matcher.is_error():
             raise GrammarError(str(matcher.get_error())[:500])
         matchers = [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
         constraints = [Constraint(m, self.vocab_size) for m in matchers]
-        for constraint in constraints:  # the first mask can take seconds (a 5000-way anyOf: 3.6 s):
+        for constraint in constraints:  # a big grammar's first mask can take seconds:
             constraint.wait_fill()  # here, never on the engine thread with every stream waiting
         return constraints
 

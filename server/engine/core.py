@@ -113,8 +113,10 @@ class Core:
         try:
             if grammar is not None:  # checked in the front end's sandbox; built off this loop
                 constraints = await self.engine.grammars.constraints_async(grammar, len(requests))
-                requests = [(ids, dataclasses.replace(params, constraint=c), rid)
-                            for (ids, params, rid), c in zip(requests, constraints, strict=True)]  # fmt: skip
+                requests = [
+                    (ids, dataclasses.replace(params, constraint=c), rid)
+                    for (ids, params, rid), c in zip(requests, constraints, strict=True)
+                ]
             streams = self.engine.add_requests(requests, model=model)
         except (EngineError, AdapterError) as exc:
             self.send(("refused", call_id, exc))
@@ -140,8 +142,9 @@ class Core:
                 return AdapterState.of(registry.add_upload(Path(staging), name, replace))
             if method == "add_path":
                 name, path, replace, require_root = args
-                return AdapterState.of(registry.add_path(name, Path(path), replace=replace,
-                                                         require_root=require_root))  # fmt: skip
+                return AdapterState.of(
+                    registry.add_path(name, Path(path), replace=replace, require_root=require_root)
+                )
             if method == "remove":
                 return AdapterState.of(registry.remove(args[0]))
             raise ValueError(f"unknown admin method {method!r}")
@@ -156,8 +159,15 @@ class Core:
     # ---- reports ----------------------------------------------------------------------------
     def report(self) -> None:
         states = [AdapterState.of(e) for e in self.registry.list()] if self.registry else []
-        self.send(("report", states, self.metrics.render().decode(), self.engine.ready,
-                   self.engine.warming))  # fmt: skip
+        self.send(
+            (
+                "report",
+                states,
+                self.metrics.render().decode(),
+                self.engine.ready,
+                self.engine.warming,
+            )
+        )
 
     async def _report_loop(self) -> None:
         while True:
@@ -224,8 +234,11 @@ def main() -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end drains, then says stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s",
+    )
     sock = socket.socket(fileno=int(sys.argv[1]))
     code = asyncio.run(run_core(sock))
     sys.stdout.flush()

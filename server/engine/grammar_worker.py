@@ -105,7 +105,8 @@ def main() -> None:
     channel = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     # below the engine: on a machine with few cores a compile must not take the cores the
-    # engine's OpenMP team spins on (a 5000-way anyOf stalled every stream 1.5 s at nice 0)
+    # engine's OpenMP team spins on (at nice 0 a 5000-way anyOf stalled every stream;
+    # BENCHMARKS.md, 'Figures quoted from the code')
     os.nice(10)
     requests = sys.stdin.buffer
     init = read_frame(requests)

@@ -233,9 +233,14 @@ class OutputProcessor:
         seq.prompt_logprobs = known
 
     def _output(
-        self, seq: Sequence, text: str, tokens: list[int], lps: list[TokenLogprob],
-        reason: str | None = None, error: EngineFailure | None = None,
-    ) -> RequestOutput:  # fmt: skip
+        self,
+        seq: Sequence,
+        text: str,
+        tokens: list[int],
+        lps: list[TokenLogprob],
+        reason: str | None = None,
+        error: EngineFailure | None = None,
+    ) -> RequestOutput:
         out = RequestOutput(
             seq.request_id,
             text,

@@ -153,8 +153,9 @@ class EngineProcessClient:
         self.tokenizer = Tokenizer(plan.model_dir, eos_token_ids=eos_ids(plan.config))
         args = ModelArgs.from_hf_config(plan.config)
         self.model = ModelFacts(args, plan.quantization)
-        self.grammars = RemoteGrammars(Grammars(self.tokenizer.hf, args.vocab_size,
-                                                sandbox_limits(settings)))  # fmt: skip
+        self.grammars = RemoteGrammars(
+            Grammars(self.tokenizer.hf, args.vocab_size, sandbox_limits(settings))
+        )
         store = AdapterStore(
             settings.adapter_store, settings.max_upload_bytes, settings.max_adapters
         )
@@ -221,8 +222,13 @@ class EngineProcessClient:
             await asyncio.sleep(poll_s)
 
     # ---- requests -----------------------------------------------------------------------------
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    model: str | None = None, request_id: str | None = None) -> CoreStream:  # fmt: skip
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        model: str | None = None,
+        request_id: str | None = None,
+    ) -> CoreStream:
         return self.add_requests([(prompt_token_ids, params, request_id)], model)[0]
 
     def add_requests(
@@ -233,8 +239,9 @@ class EngineProcessClient:
         """Submit one call's requests (all or none, as Engine.add_requests); the core's
         refusal is raised by `confirm` (and ends the streams)."""
         plain, grammar = for_remote(requests)
-        return self._submit(("add", plain, model or self.model_id, grammar),
-                            [rid for _, _, rid in plain])  # fmt: skip
+        return self._submit(
+            ("add", plain, model or self.model_id, grammar), [rid for _, _, rid in plain]
+        )
 
     def add_beam_searches(
         self,
@@ -242,8 +249,12 @@ class EngineProcessClient:
         model: str | None = None,
     ) -> list[list[CoreStream]]:
         searches = [(list(ids), params, list(rids)) for ids, params, rids in requests]
-        streams = iter(self._submit(("beam", searches, model or self.model_id),
-                                    [rid for _, _, rids in searches for rid in rids]))  # fmt: skip
+        streams = iter(
+            self._submit(
+                ("beam", searches, model or self.model_id),
+                [rid for _, _, rids in searches for rid in rids],
+            )
+        )
         return [[next(streams) for _ in rids] for _, _, rids in searches]
 
     def _submit(self, command: tuple, request_ids: list[str]) -> list[CoreStream]:
@@ -262,8 +273,9 @@ class EngineProcessClient:
 
     async def confirm(self, streams: list[CoreStream]) -> None:
         """Wait for the core's acceptance; its refusal is raised here."""
-        futures = {id(f): f for f, members in self._calls.values()
-                   if any(s in members for s in streams)}  # fmt: skip
+        futures = {
+            id(f): f for f, members in self._calls.values() if any(s in members for s in streams)
+        }
         for future in futures.values():
             await asyncio.shield(future)
         for stream in streams:
@@ -299,7 +311,8 @@ class EngineProcessClient:
             return await self._admin_frame(method, args)
 
         kind, payload = asyncio.run_coroutine_threadsafe(call(), self._loop).result(
-            ADMIN_CALL_TIMEOUT_S)  # fmt: skip
+            ADMIN_CALL_TIMEOUT_S
+        )
         if kind == "error":
             raise payload
         if kind == "lost":
@@ -326,8 +339,12 @@ class EngineProcessClient:
                 if kind == "lost":
                     return
                 if kind == "error":
-                    log.warning("adapter %r (loaded by path) could not be loaded again after the "
-                                "engine core restarted: %s", name, payload)  # fmt: skip
+                    log.warning(
+                        "adapter %r (loaded by path) could not be loaded again after the "
+                        "engine core restarted: %s",
+                        name,
+                        payload,
+                    )
                     self.path_loads.pop(name, None)
         finally:
             self._replaying = False
@@ -361,8 +378,12 @@ class EngineProcessClient:
                 if not started.done():
                     started.set_result(None)
                 else:
-                    log.warning("engine core %d started in %.1f s (restart %d)",
-                                self._proc.pid, time.monotonic() - began, self.restarts)  # fmt: skip
+                    log.warning(
+                        "engine core %d started in %.1f s (restart %d)",
+                        self._proc.pid,
+                        time.monotonic() - began,
+                        self.restarts,
+                    )
                     if self._replaying:
                         self._replay_task = asyncio.ensure_future(self._replay_paths())
                 await self._serve(reader)
@@ -383,8 +404,9 @@ class EngineProcessClient:
             "adapterserve.server.engine.core",
             str(child.fileno()),
         ]
-        self._proc = subprocess.Popen(command, pass_fds=(child.fileno(),), env=env,
-                                      stdin=subprocess.DEVNULL)  # fmt: skip
+        self._proc = subprocess.Popen(
+            command, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL
+        )
         child.close()
         reader, writer = await stream_pair(parent)
         writer.write(encode(("config", self.settings, self.plan, logging.getLogger().level)))
@@ -470,8 +492,9 @@ class EngineProcessClient:
         if stream is None:
             return  # aborted here meanwhile
         if isinstance(output.error, EngineDeadError):  # the core's fatal fault: it restarts
-            output = dataclasses.replace(output, error=EngineRestartingError(
-                "the engine failed and is restarting"))  # fmt: skip
+            output = dataclasses.replace(
+                output, error=EngineRestartingError("the engine failed and is restarting")
+            )
         if output.finished:
             del self._streams[request_id]
         stream.deliver(output)
@@ -485,8 +508,11 @@ class EngineProcessClient:
             for stream in streams:
                 stream.refusal = error
                 self._streams.pop(stream.request_id, None)
-                stream.deliver(RequestOutput(stream.request_id, "", [], finished=True,
-                                             finish_reason="error", error=error))  # fmt: skip
+                stream.deliver(
+                    RequestOutput(
+                        stream.request_id, "", [], finished=True, finish_reason="error", error=error
+                    )
+                )
 
     async def _on_death(self) -> None:
         """The core is gone: end what it was serving, log why, and start another (or give
@@ -497,8 +523,13 @@ class EngineProcessClient:
         proc = self._proc
         code = await asyncio.to_thread(proc.wait) if proc is not None else None
         cause = describe_exit(code)
-        log.error("the engine core (pid %s) died: %s%s; in-flight requests end with 503 "
-                  "engine_restarting", proc.pid if proc else "?", cause, self._last_error_suffix())  # fmt: skip
+        log.error(
+            "the engine core (pid %s) died: %s%s; in-flight requests end with 503 "
+            "engine_restarting",
+            proc.pid if proc else "?",
+            cause,
+            self._last_error_suffix(),
+        )
         self._last_error = None
         self._fail_in_flight()
         now = time.monotonic()
@@ -506,8 +537,11 @@ class EngineProcessClient:
         while self._deaths and now - self._deaths[0] > RESTART_WINDOW_S:
             self._deaths.popleft()
         if len(self._deaths) > self.settings.engine_max_restarts:
-            log.critical("the engine core died %d times within %g s; not restarting it",
-                         len(self._deaths), RESTART_WINDOW_S)  # fmt: skip
+            log.critical(
+                "the engine core died %d times within %g s; not restarting it",
+                len(self._deaths),
+                RESTART_WINDOW_S,
+            )
             self._healthy = False
             if self.on_fatal is not None:
                 self.on_fatal(EngineDeadError(f"the engine core keeps dying ({cause})"))
@@ -521,8 +555,12 @@ class EngineProcessClient:
         for call_id in list(self._calls):
             self._settle(call_id, error)
         for request_id in list(self._streams):
-            self._deliver(request_id, RequestOutput(request_id, "", [], finished=True,
-                                                    finish_reason="error", error=error))  # fmt: skip
+            self._deliver(
+                request_id,
+                RequestOutput(
+                    request_id, "", [], finished=True, finish_reason="error", error=error
+                ),
+            )
         for future in self._admin.values():
             if not future.done():
                 future.set_result(("lost", None))
@@ -551,8 +589,9 @@ class EngineProcessClient:
         proc = self._proc
         if proc is not None:
             try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait),
-                                       self.settings.shutdown_timeout_s + 5)  # fmt: skip
+                await asyncio.wait_for(
+                    asyncio.to_thread(proc.wait), self.settings.shutdown_timeout_s + 5
+                )
             except TimeoutError:
                 log.warning("the engine core did not stop in time; killing it")
                 self._kill()

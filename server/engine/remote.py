@@ -83,8 +83,10 @@ def for_remote(
         p.constraint.grammar for _, p, _ in requests if isinstance(p.constraint, GrammarText)
     }
     assert len(grammars) <= 1, "one call carries one response format"
-    plain = [(list(ids), dataclasses.replace(params, constraint=None), rid or uuid.uuid4().hex)
-             for ids, params, rid in requests]  # fmt: skip
+    plain = [
+        (list(ids), dataclasses.replace(params, constraint=None), rid or uuid.uuid4().hex)
+        for ids, params, rid in requests
+    ]
     return plain, grammars.pop() if grammars else None
 
 
@@ -108,9 +110,18 @@ class AdapterState:
 
     @classmethod
     def of(cls, entry: Entry) -> AdapterState:
-        return cls(entry.name, entry.version, entry.origin, entry.created, entry.kind.value,
-                   entry.rank, tuple(entry.targets), entry.num_virtual_tokens, entry.size_bytes,
-                   entry.tier)  # fmt: skip
+        return cls(
+            entry.name,
+            entry.version,
+            entry.origin,
+            entry.created,
+            entry.kind.value,
+            entry.rank,
+            tuple(entry.targets),
+            entry.num_virtual_tokens,
+            entry.size_bytes,
+            entry.tier,
+        )
 
 
 @dataclass(eq=False)
@@ -133,9 +144,19 @@ class RemoteEntry:
     @classmethod
     def of(cls, state: AdapterState, replicas: dict[str, str] | None = None) -> RemoteEntry:
         tier = _best_tier(replicas.values()) if replicas else state.tier
-        return cls(state.name, state.version, state.origin, state.created, AdapterKind(state.kind),
-                   state.rank, state.targets, state.num_virtual_tokens, state.size_bytes, tier,
-                   replicas)  # fmt: skip
+        return cls(
+            state.name,
+            state.version,
+            state.origin,
+            state.created,
+            AdapterKind(state.kind),
+            state.rank,
+            state.targets,
+            state.num_virtual_tokens,
+            state.size_bytes,
+            tier,
+            replicas,
+        )
 
 
 def _best_tier(tiers: Any) -> str:
@@ -187,8 +208,11 @@ class RemoteRegistry:
         return view
 
     def _build_view(self) -> dict[str, RemoteEntry]:
-        view = {name: entry for name, entry in self._states().items()
-                if entry.origin != "upload" or self.store.exists(name)}  # fmt: skip
+        view = {
+            name: entry
+            for name, entry in self._states().items()
+            if entry.origin != "upload" or self.store.exists(name)
+        }
         now = time.monotonic()
         for name, (until, entry) in list(self._recent.items()):
             if now > until:
@@ -213,8 +237,9 @@ class RemoteRegistry:
         self._remember(name, None)
         return entry
 
-    def add_path(self, name: str, path: Path, replace: bool = False,
-                 require_root: bool = True) -> RemoteEntry:  # fmt: skip
+    def add_path(
+        self, name: str, path: Path, replace: bool = False, require_root: bool = True
+    ) -> RemoteEntry:
         entry = RemoteEntry.of(self._admin("add_path", name, str(path), replace, require_root))
         self._remember(name, entry)
         return entry

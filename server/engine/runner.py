@@ -19,8 +19,14 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, settings: Settings, max_model_len: int,
-                 num_blocks: int, num_adapter_slots: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: Transformer,
+        settings: Settings,
+        max_model_len: int,
+        num_blocks: int,
+        num_adapter_slots: int,
+    ) -> None:
         self.model, self.settings = model, settings
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
@@ -50,8 +56,9 @@ class ModelRunner:
                 batch = self.builder.build(plan, compiled.pad_to(plan.num_decodes), dense=True)
                 return compiled.forward(batch)
             except Exception:  # noqa: BLE001 - any compile or run failure: fall back to eager
-                log.warning("the compiled decode step failed; running eagerly from now on",
-                            exc_info=True)  # fmt: skip
+                log.warning(
+                    "the compiled decode step failed; running eagerly from now on", exc_info=True
+                )
                 self.compiled = None
         return self.model(self.builder.build(plan), self.cache)
 

@@ -109,9 +109,12 @@ class DatasetCatalog:
     `max_user_sets` of them taking at most `max_user_bytes` together."""
 
     def __init__(
-        self, data_dir: Path | None, user_dir: Path, max_user_sets: int = 64,
+        self,
+        data_dir: Path | None,
+        user_dir: Path,
+        max_user_sets: int = 64,
         max_user_bytes: int = 256 * 2**20,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.data_dir, self.user_dir = data_dir, user_dir
         self.max_user_sets, self.max_user_bytes = max_user_sets, max_user_bytes
         self._cache: dict[Path, tuple[float, list[Example]]] = {}
@@ -183,8 +186,9 @@ class DatasetCatalog:
         dataset = next((d for d in self._user_sets() if d.name == name), None)
         if dataset is None:
             if any(name.lower() == b.lower() for b in BUILTIN_SPECS):
-                raise BuiltinDatasetError(f"{name!r} is a built-in dataset; it cannot be deleted.",
-                                          "name")  # fmt: skip
+                raise BuiltinDatasetError(
+                    f"{name!r} is a built-in dataset; it cannot be deleted.", "name"
+                )
             raise dataset_not_found(name)
         folder = dataset.path.parent
         (folder / "dataset.json").unlink()  # first: the set is gone even if the rest fails

@@ -99,9 +99,11 @@ class EvalJob:
         if self.options.protocol == "loglikelihood":
             note = LOGLIKELIHOOD_NOTE
         elif self.options.decoding == "beam":
-            tokens = "" if self.options.max_tokens is None else (
-                f"; max new tokens {self.options.max_tokens} instead of the paper's"
-            )  # fmt: skip
+            tokens = (
+                ""
+                if self.options.max_tokens is None
+                else (f"; max new tokens {self.options.max_tokens} instead of the paper's")
+            )
             note = BEAM_NOTE.format(tokens=tokens)
         return {
             "id": self.id,

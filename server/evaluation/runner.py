@@ -148,16 +148,20 @@ class EvaluationRunner:
 
     def _prune(self) -> None:
         """Keep at most `max_jobs` jobs: the oldest finished ones (and their rows) go first."""
-        finished = sorted((j for j in self.jobs.values() if j.status in FINAL_STATES),
-                          key=lambda j: j.created)  # fmt: skip
+        finished = sorted(
+            (j for j in self.jobs.values() if j.status in FINAL_STATES), key=lambda j: j.created
+        )
         for job in finished[: max(0, len(self.jobs) - self.max_jobs)]:
             del self.jobs[job.id]
             self.store.remove(job.id)
 
     def uses_dataset(self, name: str) -> bool:
         """Whether a queued or running job evaluates the dataset `name`."""
-        return any(name in job.options.datasets for job in self.jobs.values()
-                   if job.status not in FINAL_STATES)  # fmt: skip
+        return any(
+            name in job.options.datasets
+            for job in self.jobs.values()
+            if job.status not in FINAL_STATES
+        )
 
     def get(self, job_id: str, caller: str | None = None, admin: bool = True) -> EvalJob:
         """The job `job_id` if the caller may see it (see `visible`), else JobNotFoundError:
@@ -275,10 +279,20 @@ def build_runner(
         registry = getattr(state, "registry", None)
         return registry is not None and bool(registry.exists(name))
 
-    catalog = DatasetCatalog(settings.data_dir, settings.user_datasets_dir,
-                             settings.max_datasets, settings.max_dataset_bytes)  # fmt: skip
+    catalog = DatasetCatalog(
+        settings.data_dir,
+        settings.user_datasets_dir,
+        settings.max_datasets,
+        settings.max_dataset_bytes,
+    )
     inflight = settings.eval_max_inflight or max(1, settings.max_num_seqs // 2)
     return EvaluationRunner(
-        engine, catalog, settings.eval_jobs_dir, inflight, metrics, adapter_exists,
-        settings.max_queued_evaluations, settings.max_evaluation_jobs,
-    )  # fmt: skip
+        engine,
+        catalog,
+        settings.eval_jobs_dir,
+        inflight,
+        metrics,
+        adapter_exists,
+        settings.max_queued_evaluations,
+        settings.max_evaluation_jobs,
+    )

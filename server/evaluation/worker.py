@@ -55,9 +55,13 @@ class ExampleWorker:
     """Scores the examples of one job at a time (`run`); the runner owns the job's state."""
 
     def __init__(
-        self, engine: EngineClient, catalog: DatasetCatalog, store: JobStore, metrics: Metrics,
+        self,
+        engine: EngineClient,
+        catalog: DatasetCatalog,
+        store: JobStore,
+        metrics: Metrics,
         max_inflight: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.engine, self.catalog, self.store = engine, catalog, store
         self.metrics, self.max_inflight = metrics, max_inflight
 
@@ -162,8 +166,13 @@ class ExampleWorker:
                 return outputs
             if not isinstance(last.error, ReplicaLostError) or attempt == LOST_REPLICA_RETRIES:
                 raise self._request_failed(work, last.error)
-            log.warning("evaluation job %s: a replica was lost; running %s / %s example %d "
-                        "again", job.id, work.label, work.dataset.name, work.example.index)  # fmt: skip
+            log.warning(
+                "evaluation job %s: a replica was lost; running %s / %s example %d again",
+                job.id,
+                work.label,
+                work.dataset.name,
+                work.example.index,
+            )
         raise AssertionError("unreachable")
 
     def _request_failed(self, work: Work, error: EngineFailure | None) -> Exception:

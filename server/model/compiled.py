@@ -16,10 +16,10 @@ KV writes as custom ops. So the step compiles once and is reused:
   block) is its own graph again.
 - *Warm-up*: `warm_up` compiles every one of these shapes (`warm_shapes`) on padding rows
   before the engine says it is ready; a shape first met under traffic compiled on the engine
-  thread and froze every stream (5.2 s on a fresh server, 38 s once under load). Not warmed:
+  thread and froze every stream for seconds (BENCHMARKS.md, 'Figures quoted from the code'). Not warmed:
   the adapter variant, whose graph follows the pool's structure (the stacks that loaded
   adapters allocate), so the first decode with an adapter row after a start or a structure
-  change still compiles under traffic (19 s of frozen streams on the default model, CPU).
+  change still compiles under traffic, streams frozen meanwhile.
 - *Variants*: a step with no adapter token runs no hook (one graph); a step with adapters runs
   every stack the pool holds (another). A change in the pool's structure (a stack allocated
   or grown) changes the traced code's guards: one recompile, then steady again.
@@ -87,9 +87,12 @@ class CompiledDecode:
     """Runs decode-only steps through the compiled blocks (see the module docstring)."""
 
     def __init__(
-        self, model: Transformer, cache: KVCache, builder: DummyBatches,
+        self,
+        model: Transformer,
+        cache: KVCache,
+        builder: DummyBatches,
         buckets: tuple[int, ...] | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         torch._dynamo.config.recompile_limit = max(
             torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
         )
@@ -112,8 +115,9 @@ class CompiledDecode:
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         model = self.model
-        return model.finish(model.run_layers(model.embed(batch), batch, self.cache, self.block_fn),
-                            batch)  # fmt: skip
+        return model.finish(
+            model.run_layers(model.embed(batch), batch, self.cache, self.block_fn), batch
+        )
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
         """CUDA: the captured graph of this bucket and variant (captured on first use), replayed
@@ -184,8 +188,13 @@ def dynamic_rows(block_fn: Callable) -> Callable:
 def mark_batch_dynamic(batch: ForwardBatch) -> None:
     """The batch dimension of every tensor a block reads is a symbolic size (CPU: one graph for
     every batch size). Block tables are as wide as the longest context: dynamic too."""
-    for tensor in (batch.token_ids, batch.positions, batch.slot_mapping, batch.decode_context_lens,
-                   batch.logits_indices):  # fmt: skip
+    for tensor in (
+        batch.token_ids,
+        batch.positions,
+        batch.slot_mapping,
+        batch.decode_context_lens,
+        batch.logits_indices,
+    ):
         torch._dynamo.maybe_mark_dynamic(tensor, 0)
     torch._dynamo.maybe_mark_dynamic(batch.decode_block_tables, 0)
     torch._dynamo.maybe_mark_dynamic(batch.decode_block_tables, 1)

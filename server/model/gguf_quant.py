@@ -34,18 +34,25 @@ INT4_TYPES = frozenset({*HEADER_BYTES, "Q4_K"})
 Q8_0_BYTES = 2 + BLOCK  # fp16 d, then 32 int8 codes
 INT8_TYPES = frozenset({"Q8_0"})
 TARGETS = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
-}  # fmt: skip
+}
 
 
 def projection_types(path: Path) -> dict[str, str]:
     """GGUF type name (Q4_1, Q8_0, F16, ...) of each layer projection in the file."""
     from gguf import GGUFReader
 
-    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors
-            if t.name.split(".")[2:3] and t.name.split(".")[2] in TARGETS}  # fmt: skip
+    return {
+        t.name: t.tensor_type.name
+        for t in GGUFReader(str(path)).tensors
+        if t.name.split(".")[2:3] and t.name.split(".")[2] in TARGETS
+    }
 
 
 def read_int4(path: Path) -> dict[str, Codes]:
@@ -70,8 +77,13 @@ def read_codes(path: Path, mode: Mode, tied: bool = False) -> dict[str, Codes]:
     for tensor in reader.tensors:
         parts = tensor.name.split(".")  # blk.3.ffn_up.weight
         kind = tensor.tensor_type.name
-        if (kind not in types or len(parts) != 4 or parts[0] != "blk"
-                or parts[2] not in TARGETS or parts[3] != "weight"):  # fmt: skip
+        if (
+            kind not in types
+            or len(parts) != 4
+            or parts[0] != "blk"
+            or parts[2] not in TARGETS
+            or parts[3] != "weight"
+        ):
             continue
         data = np.asarray(tensor.data)
         codes = int8_blocks(data) if kind in INT8_TYPES else int4_blocks(data, kind)
@@ -82,8 +94,12 @@ def read_codes(path: Path, mode: Mode, tied: bool = False) -> dict[str, Codes]:
         (t for t in reader.tensors if t.name == ("token_embd.weight" if tied else "output.weight")),
         None,
     )
-    if (mode in ("int4", "int8") and head is not None and head.tensor_type.name in INT8_TYPES
-            and head.data.shape[0] % INT4_ROW_MULTIPLE == 0):  # fmt: skip
+    if (
+        mode in ("int4", "int8")
+        and head is not None
+        and head.tensor_type.name in INT8_TYPES
+        and head.data.shape[0] % INT4_ROW_MULTIPLE == 0
+    ):
         out["lm_head"] = int8_blocks(np.asarray(head.data))
     return out
 
@@ -132,8 +148,12 @@ def int4_blocks(data: np.ndarray, kind: str) -> Int4Codes:
         zeros = m + 8 * d
     else:
         zeros = np.zeros_like(d)
-    return Int4Codes(torch.from_numpy(q.reshape(rows, -1).copy()), torch.from_numpy(d),
-                     torch.from_numpy(zeros), BLOCK)  # fmt: skip
+    return Int4Codes(
+        torch.from_numpy(q.reshape(rows, -1).copy()),
+        torch.from_numpy(d),
+        torch.from_numpy(zeros),
+        BLOCK,
+    )
 
 
 def int8_blocks(data: np.ndarray) -> Int8Codes:
@@ -155,8 +175,12 @@ def _q4_k_blocks(data: np.ndarray) -> Int4Codes:
     q = (nibbles & 0x0F).reshape(rows, -1)  # sub-blocks: chunk 0 low, chunk 0 high, chunk 1 ...
     scales = (d[..., None] * sc.astype(np.float32)).reshape(rows, -1)  # exact: 11 x 6 bits
     offsets = (dmin[..., None] * mins.astype(np.float32)).reshape(rows, -1)
-    return Int4Codes(torch.from_numpy(q.copy()), torch.from_numpy(scales),
-                     torch.from_numpy(8 * scales - offsets), BLOCK)  # fmt: skip
+    return Int4Codes(
+        torch.from_numpy(q.copy()),
+        torch.from_numpy(scales),
+        torch.from_numpy(8 * scales - offsets),
+        BLOCK,
+    )
 
 
 def _q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -85,9 +85,12 @@ class AdapterHooks(Protocol):
     def pre(self, site: Any, i: int, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor: ...
 
     def post(
-        self, site: Any, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor,
+        self,
+        site: Any,
+        x: torch.Tensor | tuple[torch.Tensor, ...],
+        y: torch.Tensor,
         batch: AdapterBatch,
-    ) -> torch.Tensor: ...  # fmt: skip
+    ) -> torch.Tensor: ...
 
     def embed(self, x: torch.Tensor, token_ids: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
         """The token embeddings with LoRA on embed_tokens applied."""
@@ -106,8 +109,9 @@ class Adapting:
     sites: tuple[Any, ...]  # the hooks' per-site state, in SITE order (qkv, o, gate_up, down)
     batch: AdapterBatch
 
-    def project(self, index: int, linears: tuple[Callable, ...], fused: Callable | None,
-                x: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def project(
+        self, index: int, linears: tuple[Callable, ...], fused: Callable | None, x: torch.Tensor
+    ) -> torch.Tensor:
         """A site's output with its adapters: fused into one matmul unless a target needs its
         own input (an input-side adapter), then split."""
         site = self.sites[index]
@@ -205,9 +209,13 @@ class Attention(nn.Module):
         self.wo, [self.o_proj] = _quantized(self, ("o_proj",), sources, mode, device)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: LayerKV,
-        step: AttentionStep, adapting: Adapting | None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: LayerKV,
+        step: AttentionStep,
+        adapting: Adapting | None,
+    ) -> torch.Tensor:
         a, T = self.args, x.shape[0]
         targets = self.targets or (self.q_proj, self.k_proj, self.v_proj)
         qkv = self._project(SITE_QKV, targets, self.wqkv, x, adapting)
@@ -232,14 +240,23 @@ class Attention(nn.Module):
         D = step.decode_context_lens.shape[0]
         if not step.prefills:  # decode rows only: the op's output is the whole result
             return self.ops.paged_decode_attention(
-                q.contiguous(), kv.k, kv.v, step.decode_block_tables, step.decode_context_lens, scale
-            )  # fmt: skip
+                q.contiguous(),
+                kv.k,
+                kv.v,
+                step.decode_block_tables,
+                step.decode_context_lens,
+                scale,
+            )
         out = q.new_empty(q.shape)  # (T, H, d), contiguous (q is a strided view)
         if D:
             out[:D] = self.ops.paged_decode_attention(
-                q[:D].contiguous(), kv.k, kv.v, step.decode_block_tables, step.decode_context_lens,
+                q[:D].contiguous(),
+                kv.k,
+                kv.v,
+                step.decode_block_tables,
+                step.decode_context_lens,
                 scale,
-            )  # fmt: skip
+            )
         for chunk in step.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
             out[rows] = prefill_attention(q[rows], k[rows], v[rows], kv.k, kv.v, chunk, scale)
@@ -266,8 +283,9 @@ class AttentionStep:
 
     @classmethod
     def of(cls, batch: ForwardBatch) -> AttentionStep:
-        return cls(batch.slot_mapping, batch.decode_block_tables, batch.decode_context_lens,
-                   batch.prefills)  # fmt: skip
+        return cls(
+            batch.slot_mapping, batch.decode_block_tables, batch.decode_context_lens, batch.prefills
+        )
 
 
 def prefill_attention(
@@ -307,9 +325,14 @@ def prefill_attention(
 
 
 def _invariant_prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, chunk: PrefillChunk, scale: float,
-) -> torch.Tensor:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    scale: float,
+) -> torch.Tensor:
     """prefill_attention through kernels.attend: q (Tc, H, d) -> (Tc, H, d) in q's dtype."""
     Tc, H, d = q.shape
     kvh, past = k.shape[1], chunk.context_len - chunk.length
@@ -412,8 +435,13 @@ def _parts(fused: Dense, sizes: list[int]) -> tuple[Dense, ...]:
     return tuple(fused.rows(start, start + size) for start, size in zip(starts, sizes, strict=True))
 
 
-def _quantized(module: nn.Module, names: tuple[str, ...], sources: dict[str, Codes], mode: Mode,
-               device: torch.device) -> tuple[QuantLinear, list[QuantLinear]]:  # fmt: skip
+def _quantized(
+    module: nn.Module,
+    names: tuple[str, ...],
+    sources: dict[str, Codes],
+    mode: Mode,
+    device: torch.device,
+) -> tuple[QuantLinear, list[QuantLinear]]:
     linears = [getattr(module, name) for name in names]
     weights = [sources.get(n, lin.weight) for n, lin in zip(names, linears, strict=True)]
     return quantize_group(weights, [lin.bias for lin in linears], mode, device)
@@ -428,17 +456,26 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: LayerKV,
-        step: AttentionStep, adapting: Adapting | None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: LayerKV,
+        step: AttentionStep,
+        adapting: Adapting | None,
+    ) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), rope, kv, step, adapting)
         return h + self.mlp(self.post_attention_layernorm(h), adapting)
 
 
 def run_block(
-    block: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV,
-    step: AttentionStep, adapting: Adapting | None,
-) -> torch.Tensor:  # fmt: skip
+    block: TransformerBlock,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv: LayerKV,
+    step: AttentionStep,
+    adapting: Adapting | None,
+) -> torch.Tensor:
     """One block as a plain function of its inputs (the unit server/model/compiled.py compiles:
     every layer's arguments have the same shapes, so one compiled graph serves them all)."""
     return block(x, (cos, sin), kv, step, adapting)
@@ -504,11 +541,17 @@ class Transformer(nn.Module):
         the GGUF's Q8_0 block scales when the file has it so. The
         float projection weights are dropped; embeddings and norms stay as loaded."""
         for i, block in enumerate(self.layers):
-            mine = {k.removeprefix(f"layers.{i}."): v for k, v in sources.items()
-                    if k.startswith(f"layers.{i}.")}  # fmt: skip
+            mine = {
+                k.removeprefix(f"layers.{i}."): v
+                for k, v in sources.items()
+                if k.startswith(f"layers.{i}.")
+            }
             for part, module in (("self_attn.", block.self_attn), ("mlp.", block.mlp)):
-                module.quantize(mode, {k.removeprefix(part): v for k, v in mine.items()
-                                       if k.startswith(part)}, device)  # fmt: skip
+                module.quantize(
+                    mode,
+                    {k.removeprefix(part): v for k, v in mine.items() if k.startswith(part)},
+                    device,
+                )
         head = codes_for(sources.get("lm_head", self.lm_head.weight), "int8")
         if head.group_size is not None:  # a GGUF's Q8_0 head (or embeddings), as it ships
             self.head = Int8GroupLinear(head, None, device)
@@ -523,10 +566,14 @@ class Transformer(nn.Module):
         quantized): what adapters that derive from the base (DoRA's norms) read."""
         block = self.layers[layer]
         module = {
-            "q": block.self_attn.q_proj, "k": block.self_attn.k_proj, "v": block.self_attn.v_proj,
-            "o": block.self_attn.o_proj, "gate": block.mlp.gate_proj, "up": block.mlp.up_proj,
+            "q": block.self_attn.q_proj,
+            "k": block.self_attn.k_proj,
+            "v": block.self_attn.v_proj,
+            "o": block.self_attn.o_proj,
+            "gate": block.mlp.gate_proj,
+            "up": block.mlp.up_proj,
             "down": block.mlp.down_proj,
-        }[target]  # fmt: skip
+        }[target]
         weight = module.dequantize() if isinstance(module, QuantLinear) else module.weight
         return weight.detach().to(device="cpu", dtype=torch.float32)
 
@@ -547,8 +594,11 @@ class Transformer(nn.Module):
                 if attn.wqkv is not None
                 else [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
             )
-            layers += [mlp.w13, mlp.w2] if mlp.w13 is not None else [mlp.gate_proj, mlp.up_proj,
-                                                                   mlp.down_proj]  # fmt: skip
+            layers += (
+                [mlp.w13, mlp.w2]
+                if mlp.w13 is not None
+                else [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            )
         total = sum(size(layer) for layer in layers)
         norms = sum(p.numel() * p.element_size() for n, p in self.named_parameters() if "norm" in n)
         return total + size(self.head) + norms

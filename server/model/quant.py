@@ -12,8 +12,8 @@ float base.
 
 The matmuls are torch's own weight-only kernels (`_weight_int8pack_mm`, and
 `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` on CUDA): they take bfloat16
-activations for their fast paths (fp32 activations fall back to a slow reference loop, 10-20x
-slower on this CPU), so a quantized layer computes in bf16 (scales included) and returns the
+activations for their fast paths (fp32 activations fall back to a slow reference loop,
+many times slower on CPU; BENCHMARKS.md, 'Figures quoted from the code'), so a quantized layer computes in bf16 (scales included) and returns the
 caller's dtype. The bf16 rounding of activations, scales and outputs (2**-9 relative) is the
 error a quantized layer adds on top of its codes; tests bound it as such.
 """
@@ -56,8 +56,12 @@ class Int4Codes:
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scales = ((high - low) / 15).clamp(min=1e-12)
         codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15)
-        return cls(codes.view(out_features, in_features).to(torch.uint8), scales, low + 8 * scales,
-                   group_size)  # fmt: skip
+        return cls(
+            codes.view(out_features, in_features).to(torch.uint8),
+            scales,
+            low + 8 * scales,
+            group_size,
+        )
 
     def dequantize(self) -> torch.Tensor:
         out_features, in_features = self.codes.shape
@@ -69,8 +73,12 @@ class Int4Codes:
     def cat(parts: list[Int4Codes]) -> Int4Codes:
         """Rows of `parts` one after the other (one fused layer)."""
         assert len({p.group_size for p in parts}) == 1
-        return Int4Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                         torch.cat([p.zeros for p in parts]), parts[0].group_size)  # fmt: skip
+        return Int4Codes(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scales for p in parts]),
+            torch.cat([p.zeros for p in parts]),
+            parts[0].group_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -122,14 +130,21 @@ class Int8Codes:
         q = self.codes.to(torch.int16)
         codes = torch.cat([(q >> 4) + 8, q & 15], dim=1).to(torch.uint8)
         s = self.scales.float()
-        return Int4Codes(codes, torch.cat([16 * s, s], dim=1),
-                         torch.cat([torch.zeros_like(s), 8 * s], dim=1), self.group_size)  # fmt: skip
+        return Int4Codes(
+            codes,
+            torch.cat([16 * s, s], dim=1),
+            torch.cat([torch.zeros_like(s), 8 * s], dim=1),
+            self.group_size,
+        )
 
     @staticmethod
     def cat(parts: list[Int8Codes]) -> Int8Codes:
         assert len({p.group_size for p in parts}) == 1
-        return Int8Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                         parts[0].group_size)  # fmt: skip
+        return Int8Codes(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scales for p in parts]),
+            parts[0].group_size,
+        )
 
 
 Codes = Int8Codes | Int4Codes
@@ -145,8 +160,9 @@ def codes_for(weight: torch.Tensor | Codes, mode: Mode, group_size: int = 32) ->
     if mode == "int4":
         if isinstance(weight, Int4Codes):
             return weight
-        return Int4Codes.quantize(weight.dequantize() if isinstance(weight, Int8Codes) else weight,
-                                  group_size)  # fmt: skip
+        return Int4Codes.quantize(
+            weight.dequantize() if isinstance(weight, Int8Codes) else weight, group_size
+        )
     raise ValueError(f"quantization must be int8 or int4, got {mode!r}")
 
 
@@ -214,8 +230,9 @@ class Int8Linear(QuantLinear):
         return cls.of(Int8Codes.quantize(weight), bias)
 
     @classmethod
-    def of(cls, source: Int8Codes, bias: torch.Tensor | None = None,
-           device: torch.device | None = None) -> Int8Linear:  # fmt: skip
+    def of(
+        cls, source: Int8Codes, bias: torch.Tensor | None = None, device: torch.device | None = None
+    ) -> Int8Linear:
         device = device or source.codes.device
         return cls(source.codes.to(device), source.scales.to(device), bias)
 
@@ -248,8 +265,12 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     mode: Mode = "int4"
 
-    def __init__(self, source: Int4Codes, bias: torch.Tensor | None = None,
-                 device: torch.device | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        source: Int4Codes,
+        bias: torch.Tensor | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         out_features, in_features = source.codes.shape
         super().__init__(out_features, in_features, bias)
         if source.group_size not in INT4_GROUP_SIZES or in_features % source.group_size:
@@ -310,8 +331,12 @@ class Int8GroupLinear(Int4Linear):
 
     mode: Mode = "int8"
 
-    def __init__(self, source: Int8Codes, bias: torch.Tensor | None = None,
-                 device: torch.device | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        source: Int8Codes,
+        bias: torch.Tensor | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         super().__init__(source.planes(), bias, device)
         self.in_features = source.codes.shape[1]
         self.scales8 = source.scales.float().to(self.scales.device)
@@ -343,9 +368,12 @@ class Int8GroupLinear(Int4Linear):
 
 
 def quantize_group(
-    weights: list[torch.Tensor | Codes], biases: list[torch.Tensor | None], mode: Mode,
-    device: torch.device, group_size: int = 32,
-) -> tuple[QuantLinear, list[QuantLinear]]:  # fmt: skip
+    weights: list[torch.Tensor | Codes],
+    biases: list[torch.Tensor | None],
+    mode: Mode,
+    device: torch.device,
+    group_size: int = 32,
+) -> tuple[QuantLinear, list[QuantLinear]]:
     """One fused layer over the rows of `weights` (float, or codes: read as they ship or from
     the cache) and one layer per part, for the split path of input-side adapters. int8: the
     parts are row views of the fused layer; int4: packed apart (the packed layout cannot be
@@ -378,8 +406,11 @@ def compute_supported(device: torch.device) -> bool:
     """Whether this device runs the bf16 weight-only kernels (a bf16 matmul works)."""
     try:
         x = torch.ones(1, 32, dtype=COMPUTE_DTYPE, device=device)
-        torch.ops.aten._weight_int8pack_mm(x, torch.ones(8, 32, dtype=torch.int8, device=device),
-                                           torch.ones(8, dtype=COMPUTE_DTYPE, device=device))  # fmt: skip
+        torch.ops.aten._weight_int8pack_mm(
+            x,
+            torch.ones(8, 32, dtype=torch.int8, device=device),
+            torch.ones(8, dtype=COMPUTE_DTYPE, device=device),
+        )
         return True
     except (RuntimeError, NotImplementedError):
         return False

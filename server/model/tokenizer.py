@@ -48,8 +48,12 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.hf.chat_template)
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                    add_special_tokens: bool = False) -> list[int]:  # fmt: skip
+    def encode_chat(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+    ) -> list[int]:
         """The rendered template's tokens; `add_special_tokens` adds the tokenizer's own
         (BOS, ...) on top of those the template writes (vLLM's /tokenize option)."""
         if not self.has_chat_template:

@@ -121,8 +121,14 @@ def _write_hf_dir(gguf_path: Path, out: Path, complete: bool = True) -> None:
     tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)[
         "tensors"
     ]
-    save_file({k: v.contiguous() for k, v in tensors.items() if complete or not PROJECTION_KEY.fullmatch(k)},
-              str(out / "model.safetensors"))  # fmt: skip
+    save_file(
+        {
+            k: v.contiguous()
+            for k, v in tensors.items()
+            if complete or not PROJECTION_KEY.fullmatch(k)
+        },
+        str(out / "model.safetensors"),
+    )
     config.save_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer.save_pretrained(out)
@@ -155,8 +161,14 @@ def _hf_name(key: str) -> str:
     return key.removeprefix("model.")
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quantization: Mode = "none",
-               gguf: Path | None = None, cache_dir: Path | None = None) -> Transformer:  # fmt: skip
+def load_model(
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: Mode = "none",
+    gguf: Path | None = None,
+    cache_dir: Path | None = None,
+) -> Transformer:
     """Build the Transformer and copy every checkpoint tensor in, checking names and shapes.
     Projections the directory lacks (a GGUF's server conversion) come from the `gguf` file.
     `quantization` int8 / int4 replaces the projections (and the LM head) with weight-only

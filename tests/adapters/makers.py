@@ -51,8 +51,12 @@ def bottleneck_dir(path: Path, fingerprint: BaseFingerprint, config: dict, seed:
     series = {"mlp.gate_proj": (hidden, hidden), "mlp.up_proj": (hidden, hidden)}
     series["mlp.down_proj"] = (hidden, hidden)
     targets = parallel if config["use_parallel_adapter"] else series
-    tensors = {k: 0.1 * v for k, v in bottleneck_tensors(fingerprint, config["bottleneck_size"],
-                                                         targets, seed).items()}  # fmt: skip
+    tensors = {
+        k: 0.1 * v
+        for k, v in bottleneck_tensors(
+            fingerprint, config["bottleneck_size"], targets, seed
+        ).items()
+    }
     if config["scaling"] == "learned":  # a trained scalar per module, away from its init 1
         g = torch.Generator().manual_seed(seed + 1000)
         for key in [k for k in tensors if k.endswith(".adapter_down.weight")]:

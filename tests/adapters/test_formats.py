@@ -36,9 +36,15 @@ from tests.adapters.conftest import (
     write_adapter,
 )
 
-SHORT = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-         "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-         "down": "mlp.down_proj"}  # fmt: skip
+SHORT = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
 
 
 def peft_module(model, layer: int, target: str):
@@ -50,8 +56,15 @@ def peft_module(model, layer: int, target: str):
 
 def test_fingerprint_from_hf_config_and_in_out(fingerprint: BaseFingerprint):
     assert fingerprint == BaseFingerprint(64, 2, 4, 2, 16, 128, 384)
-    expected = {"q": (64, 64), "k": (64, 32), "v": (64, 32), "o": (64, 64),
-                "gate": (64, 128), "up": (64, 128), "down": (128, 64)}  # fmt: skip
+    expected = {
+        "q": (64, 64),
+        "k": (64, 32),
+        "v": (64, 32),
+        "o": (64, 64),
+        "gate": (64, 128),
+        "up": (64, 128),
+        "down": (128, 64),
+    }
     assert {t: fingerprint.in_out(t) for t in expected} == expected
     explicit = BaseFingerprint.from_hf_config({**TINY, "head_dim": 32})
     assert explicit.head_dim == 32 and explicit.in_out("q") == (64, 128)
@@ -196,9 +209,15 @@ def test_series_bottleneck(tmp_path: Path, fingerprint: BaseFingerprint):
 
 @pytest.mark.parametrize(
     "non_linearity,activation",
-    [("tanh", Activation.TANH), ("gelu", Activation.GELU), ("gelu_new", Activation.GELU_TANH),
-     ("silu", Activation.SILU), ("swish", Activation.SILU), ("sigmoid", Activation.SIGMOID)],
-)  # fmt: skip
+    [
+        ("tanh", Activation.TANH),
+        ("gelu", Activation.GELU),
+        ("gelu_new", Activation.GELU_TANH),
+        ("silu", Activation.SILU),
+        ("swish", Activation.SILU),
+        ("sigmoid", Activation.SIGMOID),
+    ],
+)
 def test_parallel_bottleneck(tmp_path: Path, fingerprint, non_linearity, activation):
     targets = {
         "self_attn.q_proj": (64, 64),
@@ -409,7 +428,7 @@ NEGATIVE = {
     "alpha-nan": (
         lambda p, fp: text_config(p, '{"peft_type": "LORA", "lora_alpha": NaN}'),
         "lora_alpha",
-    ),  # fmt: skip
+    ),
     "shape-mismatch": (
         lambda p, fp: lora_dir(p, fp, tensors=with_tensor(A0, torch.randn(4, 63))),
         A0,
@@ -424,15 +443,15 @@ NEGATIVE = {
             p, fp, tensors=with_tensor(A0.replace("layers.0", "layers.7"), torch.randn(4, 64))
         ),
         A0.replace("layers.0", "layers.7"),
-    ),  # fmt: skip
+    ),
     "nan-weight": (
         lambda p, fp: lora_dir(p, fp, tensors=poisoned(math.nan)),
         f"{Q.format(1)}.lora_B.weight",
-    ),  # fmt: skip
+    ),
     "inf-weight": (
         lambda p, fp: lora_dir(p, fp, tensors=poisoned(-math.inf)),
         f"{Q.format(1)}.lora_B.weight",
-    ),  # fmt: skip
+    ),
     "lone-lora-a": (lambda p, fp: lora_dir(p, fp, tensors=lambda t: {A0: t[A0]}), A0),
     "unknown-module": (
         lambda p, fp: lora_dir(
@@ -443,23 +462,23 @@ NEGATIVE = {
             ),
         ),
         "base_model.model.model.layers.0.self_attn.rotary.lora_A.weight",
-    ),  # fmt: skip
+    ),
     "embedding-a-without-b": (
         lambda p, fp: lora_dir(p, fp, tensors=with_tensor(EMB_A, torch.ones(4, 384))),
         EMB_A,
-    ),  # fmt: skip
+    ),
     "embedding-a-vocab-mismatch": (
         lambda p, fp: lora_dir(
             p, fp, tensors=with_tensors({EMB_A: torch.ones(4, 383), EMB_B: torch.ones(64, 4)})
         ),
         EMB_A,
-    ),  # fmt: skip
+    ),
     "lm-head-b-rank-mismatch": (
         lambda p, fp: lora_dir(
             p, fp, tensors=with_tensors({HEAD_A: torch.ones(4, 64), HEAD_B: torch.ones(384, 3)})
         ),
         HEAD_B,
-    ),  # fmt: skip
+    ),
     "resized-vocabulary-base-copy": (  # peft's saved copy of a resized embedding
         lambda p, fp: lora_dir(
             p,
@@ -473,7 +492,7 @@ NEGATIVE = {
             ),
         ),
         "base_model.model.model.embed_tokens.base_layer.weight",
-    ),  # fmt: skip
+    ),
     "modules-to-save-tensor": (
         lambda p, fp: lora_dir(
             p,
@@ -483,19 +502,19 @@ NEGATIVE = {
             ),
         ),
         "base_model.model.lm_head.modules_to_save.default.weight",
-    ),  # fmt: skip
+    ),
     "lora-bias-tensor": (
         lambda p, fp: lora_dir(
             p, fp, tensors=with_tensor(f"{Q.format(0)}.lora_B.bias", torch.ones(64))
         ),
         f"{Q.format(0)}.lora_B.bias",
-    ),  # fmt: skip
+    ),
     # LoRA options we do not serve
     "dora": (lambda p, fp: lora_dir(p, fp, use_dora=True), "use_dora"),
     "modules-to-save": (
         lambda p, fp: lora_dir(p, fp, modules_to_save=["lm_head"]),
         "modules_to_save",
-    ),  # fmt: skip
+    ),
     "wte-target": (  # an embedding name the Llama family does not have
         lambda p, fp: lora_dir(p, fp, target_modules=["q_proj", "wte"]),
         "target_modules",
@@ -521,7 +540,7 @@ NEGATIVE = {
             extra={f"{UP}.adapter_scaling": torch.ones(2), f"{UP1}.adapter_scaling": torch.ones(1)},
         ),
         f"{UP}.adapter_scaling",
-    ),  # fmt: skip
+    ),
     "learned-scaling-nan": (
         lambda p, fp: bottleneck_dir(
             p,
@@ -533,7 +552,7 @@ NEGATIVE = {
             },
         ),
         f"{UP}.adapter_scaling",
-    ),  # fmt: skip
+    ),
     "scaling-tensor-with-fixed-scaling": (
         lambda p, fp: bottleneck_dir(p, fp, extra={f"{UP}.adapter_scaling": torch.ones(1)}),
         f"{UP}.adapter_scaling",
@@ -622,7 +641,8 @@ def zero_size_tensors(count: int) -> dict:
 
 
 def test_header_of_300k_zero_size_tensors_is_refused_by_its_length(tmp_path, fingerprint):
-    """20 MB of header: refused by MAX_HEADER_BYTES, never parsed (it took 7-8 s before)."""
+    """20 MB of header: refused by MAX_HEADER_BYTES, never parsed (it was slow to refuse
+    before; BENCHMARKS.md, 'Figures quoted from the code')."""
     directory = raw_weights(tmp_path / "a", zero_size_tensors(300_000), b"")
     header_len = (directory / WEIGHTS).stat().st_size - 8
     assert header_len > 4 * MAX_HEADER_BYTES  # ~20 MB
@@ -844,8 +864,13 @@ def test_dora_reads_magnitudes_against_the_base_weights(
 
     def with_magnitudes(shape):
         def add(tensors):
-            return {**tensors, **{f"{Q.format(layer)}.lora_magnitude_vector": torch.rand(shape) + 0.5
-                                  for layer in range(fingerprint.num_layers)}}  # fmt: skip
+            return {
+                **tensors,
+                **{
+                    f"{Q.format(layer)}.lora_magnitude_vector": torch.rand(shape) + 0.5
+                    for layer in range(fingerprint.num_layers)
+                },
+            }
 
         return add
 

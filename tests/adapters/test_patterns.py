@@ -32,11 +32,25 @@ MODULES = [
 ]
 # Patterns both engines accept, on which they must agree (peft uses Python's `re`).
 PARITY = [
-    "down_proj", r"layers\.1\.self_attn\.o_proj", "o_proj|k_proj", r"(?i:Q_PROJ)", "[qk]_proj",
-    r"model\.layers\.\d+\.mlp\.down_proj", r"layers\.(0|12)\.self_attn\.(q|k)_proj$", ".*",
-    "", r"^model\.layers\.1\..*", r"\w+_proj", r"self_attn\.[^k]_proj", r"layers\.1", "q",
-    r"(?:layers\.1\.)?self_attn\.q_proj", r"\bo_proj", r"1\d?\.self_attn\.k_proj", "x{0}q_proj",
-]  # fmt: skip
+    "down_proj",
+    r"layers\.1\.self_attn\.o_proj",
+    "o_proj|k_proj",
+    r"(?i:Q_PROJ)",
+    "[qk]_proj",
+    r"model\.layers\.\d+\.mlp\.down_proj",
+    r"layers\.(0|12)\.self_attn\.(q|k)_proj$",
+    ".*",
+    "",
+    r"^model\.layers\.1\..*",
+    r"\w+_proj",
+    r"self_attn\.[^k]_proj",
+    r"layers\.1",
+    "q",
+    r"(?:layers\.1\.)?self_attn\.q_proj",
+    r"\bo_proj",
+    r"1\d?\.self_attn\.k_proj",
+    "x{0}q_proj",
+]
 
 
 def test_crafted_rank_pattern_parses_promptly(tmp_path: Path, fingerprint: BaseFingerprint):
@@ -76,8 +90,10 @@ def test_first_key_in_config_order_wins(tmp_path: Path, fingerprint: BaseFingerp
     patterns = {"q_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}
     spec = load_adapter(
         lora_dir(tmp_path / "a", fingerprint, rank_pattern=patterns, tensors=_ranks(2, 2)),
-        "a", fingerprint, 8,
-    )  # fmt: skip
+        "a",
+        fingerprint,
+        8,
+    )
     assert [spec.modules[layer, "q"].rank for layer in (0, 1)] == [2, 2]
 
 
@@ -97,8 +113,13 @@ def test_config_patterns_never_reach_python_re_matching(tmp_path, fingerprint, m
     def never(*args, **kwargs):
         raise AssertionError("a config pattern was matched with Python's re")
 
-    lora = lora_dir(tmp_path / "lora", fingerprint, rank_pattern={"q_proj": 2},
-                    alpha_pattern={r"layers\.1\..*": 3}, tensors=_ranks(2, 2))  # fmt: skip
+    lora = lora_dir(
+        tmp_path / "lora",
+        fingerprint,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={r"layers\.1\..*": 3},
+        tensors=_ranks(2, 2),
+    )
     ia3 = _ia3(tmp_path / "ia3", fingerprint, feedforward_modules=r".*\.mlp\.down_proj")
     for name in ("match", "fullmatch", "search"):
         monkeypatch.setattr(re, name, never)

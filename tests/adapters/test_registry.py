@@ -83,9 +83,13 @@ class Setup:
         self.observer = Recorder()
         self.ready = threading.Event()
         self.registry = AdapterRegistry(
-            self.pool, max_rank=MAX_RANK, store=self.store, host_capacity=host,
-            observer=self.observer, on_ready=self.ready.set,
-        )  # fmt: skip
+            self.pool,
+            max_rank=MAX_RANK,
+            store=self.store,
+            host_capacity=host,
+            observer=self.observer,
+            on_ready=self.ready.set,
+        )
 
     def upload(self, name: str, value: float, replace: bool = False) -> Entry:
         staging = self.store.new_staging()

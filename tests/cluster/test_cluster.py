@@ -60,12 +60,15 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def kind_configs() -> dict:
     return {
         "lora": peft.LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL),
-        "dora": peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]),
-        "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                              feedforward_modules=["down_proj"]),
+        "dora": peft.LoraConfig(
+            r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]
+        ),
+        "ia3": peft.IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+        ),
         "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
         "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-    }  # fmt: skip
+    }
 
 
 BOTTLENECKS = {
@@ -81,11 +84,23 @@ BOTTLENECKS = {
 
 
 EXTRA_REQUESTS = {  # beam search and a structured output, on the base model
-    "beam": {"model": BASE, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "use_beam_search": True,
-             "best_of": 3, "n": 1, "ignore_eos": True},
-    "choice": {"model": BASE, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
-               "guided_choice": ["yes", "no", "maybe"]},
-}  # fmt: skip
+    "beam": {
+        "model": BASE,
+        "prompt": PROMPT,
+        "max_tokens": NEW_TOKENS,
+        "use_beam_search": True,
+        "best_of": 3,
+        "n": 1,
+        "ignore_eos": True,
+    },
+    "choice": {
+        "model": BASE,
+        "prompt": PROMPT,
+        "max_tokens": 8,
+        "temperature": 0,
+        "guided_choice": ["yes", "no", "maybe"],
+    },
+}
 
 
 @dataclass
@@ -117,18 +132,30 @@ def one_process_outputs(settings: Settings, models: list[str]) -> dict[tuple[str
             out[model, "completion"] = client.post(
                 "/v1/completions", json=completion(model)
             ).json()["choices"][0]["text"]
-            out[model, "chat"] = client.post("/v1/chat/completions", json=chat(model)).json()["choices"][0]["message"]["content"]  # fmt: skip
+            out[model, "chat"] = client.post("/v1/chat/completions", json=chat(model)).json()[
+                "choices"
+            ][0]["message"]["content"]
     return out
 
 
 def completion(model: str, max_tokens: int = NEW_TOKENS) -> dict:
-    return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True}  # fmt: skip
+    return {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
 
 def chat(model: str) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}  # fmt: skip
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -136,27 +163,48 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
     base = make_tiny_llama(root / "base", seed=5)
     fingerprint = BaseFingerprint.from_hf_config(json.loads((base / "config.json").read_text()))
-    kinds = {name: save_peft(root / name, base, cfg, seed, scale=0.3)
-             for seed, (name, cfg) in enumerate(kind_configs().items())}  # fmt: skip
-    kinds |= {name: bottleneck_dir(root / name, fingerprint, cfg, seed)
-              for seed, (name, cfg) in enumerate(BOTTLENECKS.items())}  # fmt: skip
+    kinds = {
+        name: save_peft(root / name, base, cfg, seed, scale=0.3)
+        for seed, (name, cfg) in enumerate(kind_configs().items())
+    }
+    kinds |= {
+        name: bottleneck_dir(root / name, fingerprint, cfg, seed)
+        for seed, (name, cfg) in enumerate(BOTTLENECKS.items())
+    }
     trace = {f"t{i}": lora(root / f"t{i}", base, 100 + i) for i in range(8)}
     uploads = {
         "up-v1": lora(root / "up-v1", base, 200),
         "up-v2": lora(root / "up-v2", base, 201, r=8),
     }
     served = {**kinds, **trace}
-    common = dict(model=str(base), served_model_name=BASE, device="cpu", num_kv_blocks=256,
-                  max_adapter_rank=16, adapter_slots=SLOTS, host_adapter_cache=16)  # fmt: skip
-    single = Settings(cache_dir=root / "single", **common,
-                      adapters=[f"{n}={p}" for n, p in {**served, **uploads}.items()])  # fmt: skip
+    common = dict(
+        model=str(base),
+        served_model_name=BASE,
+        device="cpu",
+        num_kv_blocks=256,
+        max_adapter_rank=16,
+        adapter_slots=SLOTS,
+        host_adapter_cache=16,
+    )
+    single = Settings(
+        cache_dir=root / "single",
+        **common,
+        adapters=[f"{n}={p}" for n, p in {**served, **uploads}.items()],
+    )
     expected = one_process_outputs(single, [BASE, *kinds, "up-v1", "up-v2", "t0"])
     port = _free_port()
-    settings = Settings(cache_dir=root / "cache", port=port, replicas=2, replica_num_cpus=1,
-                        data_dir=make_data_dir(root / "data"),
-                        adapters=[f"{n}={p}" for n, p in served.items()], **common)  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20,
-             log_to_driver=False)  # fmt: skip
+    settings = Settings(
+        cache_dir=root / "cache",
+        port=port,
+        replicas=2,
+        replica_num_cpus=1,
+        data_dir=make_data_dir(root / "data"),
+        adapters=[f"{n}={p}" for n, p in served.items()],
+        **common,
+    )
+    ray.init(
+        num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False
+    )
     try:
         launch.start(settings)
         url = f"http://127.0.0.1:{port}"
@@ -176,8 +224,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_replicas(settings: Settings, count: int, timeout_s: float = 120.0,
-                       exclude: frozenset[str] = frozenset()) -> list:  # fmt: skip
+def _wait_for_replicas(
+    settings: Settings, count: int, timeout_s: float = 120.0, exclude: frozenset[str] = frozenset()
+) -> list:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         reports = [r for r in read_reports(settings.cluster_state_dir) if r.replica not in exclude]
@@ -251,8 +300,10 @@ def test_affinity_keeps_adapter_loads_low(cluster: Cluster):
     loads = metric(text, "adapterserve_adapter_loads_total") - before
     hits = metric(text, "adapterserve_cluster_routing_total", result="hit")
     misses = metric(text, "adapterserve_cluster_routing_total", result="miss")
-    print(f"affinity on: {loads:.0f} adapter loads for {TRACE_LEN} + 8 requests; routing hits "
-          f"{hits:.0f}, misses {misses:.0f}")  # fmt: skip
+    print(
+        f"affinity on: {loads:.0f} adapter loads for {TRACE_LEN} + 8 requests; routing hits "
+        f"{hits:.0f}, misses {misses:.0f}"
+    )
     cluster.loads["affinity"] = loads
     assert loads <= 2 * len(cluster.trace_adapters), loads
 
@@ -316,8 +367,9 @@ def test_errors_are_the_servers(cluster: Cluster):
     assert unknown.json()["error"]["code"] == "model_not_found"
     bad = cluster.http.post("/v1/completions", json={**completion(BASE), "temperature": 5})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
-    by_path = cluster.http.post("/v1/load_lora_adapter",
-                                json={"lora_name": "x", "lora_path": str(cluster.root)})  # fmt: skip
+    by_path = cluster.http.post(
+        "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(cluster.root)}
+    )
     assert by_path.status_code == 403 and "cluster" in by_path.json()["error"]["message"]
 
 
@@ -345,10 +397,14 @@ def test_views_and_metrics_cover_every_replica(cluster: Cluster):
 
 
 def upload(cluster: Cluster, name: str, folder: Path, replace: bool = False) -> httpx.Response:
-    files = [("files", (p.name, io.BytesIO(p.read_bytes()))) for p in sorted(folder.iterdir())
-             if p.name in ("adapter_config.json", "adapter_model.safetensors")]  # fmt: skip
-    return cluster.http.post("/v1/adapters", params={"replace": str(replace).lower()},
-                             data={"name": name}, files=files)  # fmt: skip
+    files = [
+        ("files", (p.name, io.BytesIO(p.read_bytes())))
+        for p in sorted(folder.iterdir())
+        if p.name in ("adapter_config.json", "adapter_model.safetensors")
+    ]
+    return cluster.http.post(
+        "/v1/adapters", params={"replace": str(replace).lower()}, data={"name": name}, files=files
+    )
 
 
 def wait_for_rank(cluster: Cluster, name: str, rank: int | None, timeout_s: float = 20) -> None:
@@ -401,8 +457,9 @@ def test_a_killed_replica_costs_only_its_running_requests(cluster: Cluster):
             return
         with cluster.http.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
             assert r.status_code == 200 or r.status_code == 503, r.status_code
-            streamed.append([line for line in r.iter_lines() if line] if r.status_code == 200
-                            else ["503"])  # fmt: skip
+            streamed.append(
+                [line for line in r.iter_lines() if line] if r.status_code == 200 else ["503"]
+            )
 
     with ThreadPoolExecutor(TRACE_CONCURRENCY) as pool:
         futures = [pool.submit(send, i) for i in range(48)]
@@ -425,8 +482,10 @@ def test_a_killed_replica_costs_only_its_running_requests(cluster: Cluster):
             assert error["code"] == "replica_unavailable" and events[-1] == "data: [DONE]"
     for events in streamed:
         assert events[-1] in ("data: [DONE]", "503")
-    print(f"killed replica {victim.replica}: {len(failed)} of {len(plain)} plain and {len(cut)} "
-          f"of {len(streamed)} streamed requests failed")  # fmt: skip
+    print(
+        f"killed replica {victim.replica}: {len(failed)} of {len(plain)} plain and {len(cut)} "
+        f"of {len(streamed)} streamed requests failed"
+    )
     assert len(failed) + len(cut) <= TRACE_CONCURRENCY  # only what was running on it
     for model in [BASE, "t0"]:  # served at once by the surviving replica
         got = cluster.http.post("/v1/completions", json=completion(model))
@@ -437,8 +496,12 @@ def test_a_killed_replica_costs_only_its_running_requests(cluster: Cluster):
 
 
 def test_an_evaluation_job_runs_through_the_cluster_and_outlives_a_replica(cluster: Cluster):
-    body = {"models": ["base", "t0", "t1"], "datasets": ["gsm8k", "boolq"], "limit": 4,
-            "max_tokens": 12}  # fmt: skip
+    body = {
+        "models": ["base", "t0", "t1"],
+        "datasets": ["gsm8k", "boolq"],
+        "limit": 4,
+        "max_tokens": 12,
+    }
     job = cluster.http.post("/v1/evaluations", json=body)
     assert job.status_code == 202, job.text
     victim = _wait_for_replicas(cluster.settings, 2)[1]
@@ -477,8 +540,12 @@ def test_affinity_off_loads_more_and_uploads_serve_on_both(cluster: Cluster):
         assert loads > 2 * with_affinity, (loads, with_affinity)
     assert upload(cluster, "both", cluster.uploads["up-v1"]).status_code == 201
     with ThreadPoolExecutor(TRACE_CONCURRENCY) as pool:  # concurrent: Ray spreads them
-        answers = list(pool.map(lambda _: cluster.http.post(
-            "/v1/completions", json=completion("both")).json(), range(24)))  # fmt: skip
+        answers = list(
+            pool.map(
+                lambda _: cluster.http.post("/v1/completions", json=completion("both")).json(),
+                range(24),
+            )
+        )
     assert {a["choices"][0]["text"] for a in answers} == {cluster.expected["up-v1", "completion"]}
     text = fresh_metrics(cluster)
     served = [

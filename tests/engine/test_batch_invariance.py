@@ -69,8 +69,10 @@ def test_logprobs_are_bitwise_equal_alone_mixed_chunked_and_cached(
     few) identical, bit for bit; the cache did hit, steps were shared, prompts were chunked."""
     rng = random.Random(quantization)
     models = [None, *adapters.names]  # every kind, each at least once
-    cases = [(models[i % len(models)], ids)
-             for i, (_, ids) in enumerate(shared_prefix_cases(adapters, REQUESTS, seed=11))]  # fmt: skip
+    cases = [
+        (models[i % len(models)], ids)
+        for i, (_, ids) in enumerate(shared_prefix_cases(adapters, REQUESTS, seed=11))
+    ]
     with_prompt_lps = set(rng.sample(range(REQUESTS), 3))  # these prefill every prompt row
     common = dict(block_size=4, quantization=quantization, compile="off", max_model_len=64)
 

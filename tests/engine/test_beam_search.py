@@ -37,15 +37,23 @@ def tiny(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     return path, transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def hf_beams(model, ids, k, max_new, eos, length_penalty=1.0, early_stopping=False, n=1,
-             min_new=0) -> list[list[int]]:  # fmt: skip
+def hf_beams(
+    model, ids, k, max_new, eos, length_penalty=1.0, early_stopping=False, n=1, min_new=0
+) -> list[list[int]]:
     """The reference: generate's n best beams, each cut after its first EOS (padding after)."""
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]), num_beams=k, do_sample=False, max_new_tokens=max_new,
-            eos_token_id=sorted(eos), pad_token_id=0, length_penalty=length_penalty,
-            early_stopping=early_stopping, num_return_sequences=n, min_new_tokens=min_new or None,
-        )  # fmt: skip
+            torch.tensor([ids]),
+            num_beams=k,
+            do_sample=False,
+            max_new_tokens=max_new,
+            eos_token_id=sorted(eos),
+            pad_token_id=0,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            num_return_sequences=n,
+            min_new_tokens=min_new or None,
+        )
     answers = []
     for row in out[:, len(ids) :].tolist():
         end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
@@ -59,8 +67,15 @@ def draws(count: int, seed: int, vocab: int = 300):
     for i in range(count):
         ids = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 24))]
         k = rng.choice([2, 3, 4])
-        yield (ids, k, rng.randint(2, 12), rng.choice([1.0, 0.0, 2.0, -0.5]),
-               rng.choice([False, True, "never"]), rng.randint(1, k), 3 if i % 5 == 4 else 0)  # fmt: skip
+        yield (
+            ids,
+            k,
+            rng.randint(2, 12),
+            rng.choice([1.0, 0.0, 2.0, -0.5]),
+            rng.choice([False, True, "never"]),
+            rng.randint(1, k),
+            3 if i % 5 == 4 else 0,
+        )
 
 
 def frequent_token(model, ids: list[int]) -> int:
@@ -91,10 +106,28 @@ def test_the_decisions_equal_transformers(tiny):
         assert got == hf_beams(model, ids, k, max_new, eos, lp, es, n, min_new), (ids, k, lp, es)
 
 
-async def beam_answers(engine: Engine, ids, k, max_new, stop_ids=(), lp=1.0, es=False, n=1,
-                       min_new=0, model=None, tag="r") -> list[list[int]]:  # fmt: skip
-    params = SamplingParams(max_tokens=max_new, temperature=0.0, beam_width=k, length_penalty=lp,
-                            early_stopping=es, stop_token_ids=tuple(stop_ids), min_tokens=min_new)  # fmt: skip
+async def beam_answers(
+    engine: Engine,
+    ids,
+    k,
+    max_new,
+    stop_ids=(),
+    lp=1.0,
+    es=False,
+    n=1,
+    min_new=0,
+    model=None,
+    tag="r",
+) -> list[list[int]]:
+    params = SamplingParams(
+        max_tokens=max_new,
+        temperature=0.0,
+        beam_width=k,
+        length_penalty=lp,
+        early_stopping=es,
+        stop_token_ids=tuple(stop_ids),
+        min_tokens=min_new,
+    )
     [streams] = engine.add_beam_searches([(ids, params, [f"{tag}-{i}" for i in range(n)])], model)
     answers = []
     for stream in streams:
@@ -116,7 +149,7 @@ async def beam_answers(engine: Engine, ids, k, max_new, stop_ids=(), lp=1.0, es=
         (2, 72, False, 1.0),
         (1, 144, True, 1.0),
         (4, 512, True, 0.1),
-    ],  # fmt: skip
+    ],
     ids=["roomy", "tight-cache", "tight-no-prefix-cache", "block-1", "fair-share"],
 )
 def test_engine_beams_equal_transformers(tiny, tmp_path, block_size, num_blocks, caching, share):
@@ -128,10 +161,17 @@ def test_engine_beams_equal_transformers(tiny, tmp_path, block_size, num_blocks,
     cases = list(draws(12, seed=1))
     extra_eos = [frequent_token(model, c[0]) for c in cases]
     settings = Settings(
-        model=str(path), device="cpu", cache_dir=tmp_path, block_size=block_size,
-        num_kv_blocks=num_blocks, max_model_len=64, max_num_batched_tokens=32, max_num_seqs=24,
-        enable_prefix_caching=caching, max_request_share=share,
-    )  # fmt: skip
+        model=str(path),
+        device="cpu",
+        cache_dir=tmp_path,
+        block_size=block_size,
+        num_kv_blocks=num_blocks,
+        max_model_len=64,
+        max_num_batched_tokens=32,
+        max_num_seqs=24,
+        enable_prefix_caching=caching,
+        max_request_share=share,
+    )
 
     async def go(engine):
         async def sampled(i):
@@ -161,8 +201,14 @@ def test_engine_beams_equal_transformers(tiny, tmp_path, block_size, num_blocks,
 
 def test_a_search_too_wide_for_the_cache_is_refused(tiny, tmp_path):
     path, _ = tiny
-    settings = Settings(model=str(path), device="cpu", cache_dir=tmp_path, block_size=4,
-                        num_kv_blocks=16, max_model_len=64)  # fmt: skip
+    settings = Settings(
+        model=str(path),
+        device="cpu",
+        cache_dir=tmp_path,
+        block_size=4,
+        num_kv_blocks=16,
+        max_model_len=64,
+    )
 
     async def go(engine):
         with pytest.raises(InvalidRequestError, match="KV cache blocks") as info:
@@ -208,8 +254,10 @@ def test_a_request_beside_two_searches_that_fill_the_slots_runs_at_once(tiny, tm
 
     async def go(engine):
         params = SamplingParams(max_tokens=200, temperature=0.0, beam_width=16, ignore_eos=True)
-        searches = [engine.add_beam_searches([(prompt(i, 9, 300), params, [f"b{i}-0"])])[0][0]
-                    for i in range(2)]  # fmt: skip
+        searches = [
+            engine.add_beam_searches([(prompt(i, 9, 300), params, [f"b{i}-0"])])[0][0]
+            for i in range(2)
+        ]
         tasks = [asyncio.ensure_future(drain(stream)) for stream in searches]
         while engine._num_running < 32:  # both groups at full width
             await asyncio.sleep(0.002)
@@ -240,9 +288,9 @@ def test_beams_with_every_adapter_kind_equal_the_reference(adapters: Adapters, t
     settings = adapters.settings(tmp_path, block_size=4)
 
     async def go(engine):
-        return await asyncio.gather(*[
-            beam_answers(engine, ids, 3, 8, n=2, model=m, tag=f"{m}") for m, ids in cases
-        ])  # fmt: skip
+        return await asyncio.gather(
+            *[beam_answers(engine, ids, 3, 8, n=2, model=m, tag=f"{m}") for m, ids in cases]
+        )
 
     results, engine = serve(settings, go)
     for (name, ids), got in zip(cases, results, strict=True):

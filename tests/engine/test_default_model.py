@@ -55,9 +55,12 @@ def test_beam_search_equals_transformers(engine_settings, default_model_dir):
     ]
 
     async def go(engine):
-        return await asyncio.gather(*[
-            beam_answers(engine, ids, k, 20, n=n, tag=f"b{i}") for i, (ids, k, n) in enumerate(cases)
-        ])  # fmt: skip
+        return await asyncio.gather(
+            *[
+                beam_answers(engine, ids, k, 20, n=n, tag=f"b{i}")
+                for i, (ids, k, n) in enumerate(cases)
+            ]
+        )
 
     results, engine = serve(engine_settings(model_dir=default_model_dir), go)
     eos = hf.generation_config.eos_token_id

@@ -31,16 +31,24 @@ peft = pytest.importorskip("peft")
 
 def configs(tied: bool) -> dict:
     made = {
-        "embed-only-rs": peft.LoraConfig(r=16, lora_alpha=4, use_rslora=True,
-                                         target_modules=["embed_tokens"]),
-        "head-pattern": peft.LoraConfig(r=8, lora_alpha=16, target_modules=["lm_head", "v_proj"],
-                                        rank_pattern={"lm_head": 2}, alpha_pattern={"lm_head": 5}),
-        "embed-head": peft.LoraConfig(r=4, lora_alpha=8,
-                                      target_modules=["embed_tokens", "lm_head", "q_proj"]),
-    }  # fmt: skip
+        "embed-only-rs": peft.LoraConfig(
+            r=16, lora_alpha=4, use_rslora=True, target_modules=["embed_tokens"]
+        ),
+        "head-pattern": peft.LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["lm_head", "v_proj"],
+            rank_pattern={"lm_head": 2},
+            alpha_pattern={"lm_head": 5},
+        ),
+        "embed-head": peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"]
+        ),
+    }
     if tied:  # peft's two ways with a tied base: embeddings alone, or the head's LoRA tied to them
-        made["tied-ensure"] = peft.LoraConfig(r=4, lora_alpha=8, ensure_weight_tying=True,
-                                              target_modules=["embed_tokens", "o_proj"])  # fmt: skip
+        made["tied-ensure"] = peft.LoraConfig(
+            r=4, lora_alpha=8, ensure_weight_tying=True, target_modules=["embed_tokens", "o_proj"]
+        )
     return made
 
 
@@ -60,9 +68,14 @@ class Base:
 
     def settings(self, tmp: Path, **overrides) -> Settings:
         overrides.setdefault("num_kv_blocks", 256)
-        return Settings(model=str(self.dir), device="cpu", cache_dir=tmp / "cache",
-                        adapters=[f"{n}={d}" for n, d in self.dirs.items()], max_adapter_rank=16,
-                        **overrides)  # fmt: skip
+        return Settings(
+            model=str(self.dir),
+            device="cpu",
+            cache_dir=tmp / "cache",
+            adapters=[f"{n}={d}" for n, d in self.dirs.items()],
+            max_adapter_rank=16,
+            **overrides,
+        )
 
     def greedy(self, name: str, ids: list[int]) -> tuple[list[int], list[float]]:
         model, seq = self.references[name], list(ids)
@@ -95,8 +108,9 @@ def test_matches_peft_alone_and_mixed(base: Base, tmp_path: Path):
         tokens = await asyncio.gather(*[plain(engine, ids, m) for m, ids in cases])
         return alone, mixed, tokens
 
-    (alone, mixed, tokens_only), engine = serve(base.settings(tmp_path, max_num_batched_tokens=16,
-                                                 block_size=4), go)  # fmt: skip
+    (alone, mixed, tokens_only), engine = serve(
+        base.settings(tmp_path, max_num_batched_tokens=16, block_size=4), go
+    )
     for (name, ids), (tokens, got, _) in zip(cases, alone, strict=True):
         if name is None:
             continue
@@ -137,9 +151,18 @@ def test_dora_on_the_head_is_refused(tmp_path: Path):
     base_dir = make_tiny_llama(tmp_path / "base", seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        directory = save_peft(tmp_path / "d", base_dir, peft.LoraConfig(
-            r=4, use_dora=True, target_modules=["q_proj", "lm_head"]), seed=1)  # fmt: skip
+        directory = save_peft(
+            tmp_path / "d",
+            base_dir,
+            peft.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "lm_head"]),
+            seed=1,
+        )
     fingerprint = BaseFingerprint.from_hf_config(hf_model(base_dir).config.to_dict())
     with pytest.raises(AdapterFormatError, match="DoRA on embed_tokens / lm_head is not served"):
-        load_adapter(directory, "d", fingerprint, max_rank=16,
-                     base_weight=lambda layer, target: torch.ones(64, 64))  # fmt: skip
+        load_adapter(
+            directory,
+            "d",
+            fingerprint,
+            max_rank=16,
+            base_weight=lambda layer, target: torch.ones(64, 64),
+        )

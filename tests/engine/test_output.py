@@ -188,8 +188,9 @@ def test_max_tokens_and_max_tokens_zero():
 
 
 def test_context_length_stops():
-    outs = Driver(max_model_len=5).run(new_seq(prompt=(A, B, C), max_tokens=10, temperature=0.0),
-                                       [A, B, C, A])  # fmt: skip
+    outs = Driver(max_model_len=5).run(
+        new_seq(prompt=(A, B, C), max_tokens=10, temperature=0.0), [A, B, C, A]
+    )
     assert joined(outs)[0] == [A, B] and outs[-1].finish_reason == "length"
 
 

@@ -32,11 +32,21 @@ def adapters(tmp_path_factory) -> Adapters:
     return Adapters(tmp_path_factory.mktemp("prefix-cache-adapters"))
 
 
-async def run(engine: Engine, ids: list[int], model: str | None, max_tokens: int = 5,
-              prompt_logprobs: int | None = None):  # fmt: skip
+async def run(
+    engine: Engine,
+    ids: list[int],
+    model: str | None,
+    max_tokens: int = 5,
+    prompt_logprobs: int | None = None,
+):
     """(tokens, generated log-probs, prompt log-probs or None) of a greedy request."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0,
-                            prompt_logprobs=prompt_logprobs)  # fmt: skip
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=0.0,
+        ignore_eos=True,
+        logprobs=0,
+        prompt_logprobs=prompt_logprobs,
+    )
     tokens, lps, prompt_lps = [], [], None
     async for out in engine.add_request(ids, params, model=model):
         assert out.error is None, out.error
@@ -62,8 +72,12 @@ def assert_same(a, b, what) -> None:
     assert (p1 is None) == (p2 is None), what
     if p1 is not None:
         assert len(p1) == len(p2) and [x is None for x in p1] == [x is None for x in p2], what
-        torch.testing.assert_close(torch.tensor([x or 0.0 for x in p1]),
-                                   torch.tensor([x or 0.0 for x in p2]), **TOL, msg=str(what))  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor([x or 0.0 for x in p1]),
+            torch.tensor([x or 0.0 for x in p2]),
+            **TOL,
+            msg=str(what),
+        )
 
 
 def shared_prefix_cases(
@@ -97,10 +111,12 @@ def test_cache_on_equals_cache_off_over_every_kind_with_preemption_and_chunks(
         out = []
         for w in range(3):
             batch = list(enumerate(cases))[w * 12 : (w + 1) * 12]
-            out += await asyncio.gather(*[
-                run(engine, ids, m, prompt_logprobs=0 if i in with_prompt_lps else None)
-                for i, (m, ids) in batch
-            ])  # fmt: skip
+            out += await asyncio.gather(
+                *[
+                    run(engine, ids, m, prompt_logprobs=0 if i in with_prompt_lps else None)
+                    for i, (m, ids) in batch
+                ]
+            )
         return out
 
     small = dict(
@@ -140,8 +156,10 @@ def test_prompt_logprobs_are_complete_when_the_prefix_is_cached(adapters: Adapte
 
     settings = dict(block_size=4)
     (got, hits_before), engine = serve(adapters.settings(tmp_path / "on", **settings), go)
-    want, _ = serve(adapters.settings(tmp_path / "off", enable_prefix_caching=False, **settings),
-                    lambda e: run(e, ids, "lora-r8-rs", prompt_logprobs=1))  # fmt: skip
+    want, _ = serve(
+        adapters.settings(tmp_path / "off", enable_prefix_caching=False, **settings),
+        lambda e: run(e, ids, "lora-r8-rs", prompt_logprobs=1),
+    )
     assert len(got[2]) == len(ids) and got[2][0] is None and None not in got[2][1:]
     assert_same(got, want, "prompt logprobs")
     assert engine.scheduler.prefix_hits == hits_before  # computed in full, not looked up
@@ -193,8 +211,14 @@ def test_a_thousand_requests_with_aborts_leave_only_cached_and_free_blocks(
     in use, used + cached + free is the whole cache, and the metrics say the same."""
     rng = random.Random(5)
     stems = [prompt(900 + i, 40, adapters.vocab) for i in range(4)]
-    settings = adapters.settings(tmp_path, names=["lora-r8-rs", "prefix"], block_size=4,
-                                 num_kv_blocks=48, max_num_seqs=16, max_model_len=64)  # fmt: skip
+    settings = adapters.settings(
+        tmp_path,
+        names=["lora-r8-rs", "prefix"],
+        block_size=4,
+        num_kv_blocks=48,
+        max_num_seqs=16,
+        max_model_len=64,
+    )
 
     async def one(engine: Engine, ids, model, max_tokens, abort_after):
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)

@@ -11,8 +11,9 @@ from adapterserve.server.engine.sampling import SamplingParams
 from adapterserve.server.engine.scheduler import Sequence
 from adapterserve.server.model.llama import KVCache, ModelArgs
 
-ARGS = ModelArgs(vocab_size=64, dim=16, intermediate_size=40, n_layers=2, n_heads=4, n_kv_heads=2,
-                 head_dim=4)  # fmt: skip
+ARGS = ModelArgs(
+    vocab_size=64, dim=16, intermediate_size=40, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4
+)
 
 
 def sequence(prompt: list[int]) -> Sequence:

@@ -87,8 +87,13 @@ def test_a_beam_job_answers_as_transformers_beam_search(
 
     torch.set_num_threads(1)  # the engine thread has the cores
     models = ["base", "lora", "ia3"]
-    body = {"models": models, "datasets": ["gsm8k", "boolq"], "limit": 3, "max_tokens": 8,
-            "decoding": "beam"}  # fmt: skip
+    body = {
+        "models": models,
+        "datasets": ["gsm8k", "boolq"],
+        "limit": 3,
+        "max_tokens": 8,
+        "decoding": "beam",
+    }
     job = wait_for(adapter_client, adapter_client.post("/v1/evaluations", json=body).json()["id"])
     assert job["status"] == "succeeded", job
     assert job["decoding"] == "beam" and "Decoded as the LLM-Adapters paper did" in job["note"]
@@ -107,8 +112,13 @@ def test_a_beam_job_answers_as_transformers_beam_search(
             prompt = generate_prompt(row["instruction"])
             ids = engine_tokenizer.encode(prompt)
             with torch.no_grad():
-                out = model.generate(input_ids=torch.tensor([ids]), num_beams=4, do_sample=False,
-                                     max_new_tokens=8, pad_token_id=0)[0, len(ids) :].tolist()  # fmt: skip
+                out = model.generate(
+                    input_ids=torch.tensor([ids]),
+                    num_beams=4,
+                    do_sample=False,
+                    max_new_tokens=8,
+                    pad_token_id=0,
+                )[0, len(ids) :].tolist()
             out = out[: out.index(eos)] if eos in out else out
             assert row["response"] == split_response(prompt + tokenizer.decode(out)), (name, row)
 

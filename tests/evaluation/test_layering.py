@@ -45,9 +45,10 @@ def _names(tree: ast.AST) -> Iterator[str]:
 def test_evaluation_modules_speak_no_http(path: Path) -> None:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     http_imports = [
-        name for name in _imports(tree)
+        name
+        for name in _imports(tree)
         if any(name == m or name.startswith(f"{m}.") for m in HTTP_MODULES)
-    ]  # fmt: skip
+    ]
     assert not http_imports, f"{path.name} imports the HTTP layer: {http_imports}"
     http_names = sorted(HTTP_NAMES & set(_names(tree)))
     assert not http_names, f"{path.name} uses HTTP-layer names: {http_names}"

@@ -25,10 +25,15 @@ def dataset(name: str, size: int = 2, text: str = "q") -> dict:
 def capped(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     root = tmp_path_factory.mktemp("limits")
     settings = eval_settings(
-        tiny_model_dir, make_data_dir(root / "data", size=40), root / "cache",
-        max_datasets=2, max_dataset_bytes=MAX_BYTES, max_queued_evaluations=2,
-        max_evaluation_jobs=4, eval_max_inflight=1,
-    )  # fmt: skip
+        tiny_model_dir,
+        make_data_dir(root / "data", size=40),
+        root / "cache",
+        max_datasets=2,
+        max_dataset_bytes=MAX_BYTES,
+        max_queued_evaluations=2,
+        max_evaluation_jobs=4,
+        eval_max_inflight=1,
+    )
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -96,8 +101,9 @@ def test_only_the_newest_jobs_are_kept(capped: TestClient) -> None:
 
 def test_deleted_dataset_leaves_no_metric_series(capped: TestClient) -> None:
     assert capped.post("/v1/datasets", json=dataset("scored")).status_code == 201
-    job = capped.post("/v1/evaluations", json={"models": ["base"], "datasets": ["scored"],
-                                               "max_tokens": 2}).json()  # fmt: skip
+    job = capped.post(
+        "/v1/evaluations", json={"models": ["base"], "datasets": ["scored"], "max_tokens": 2}
+    ).json()
     assert wait_for(capped, job["id"])["status"] == "succeeded"
     assert 'dataset="scored"' in capped.get("/metrics").text
     assert capped.delete("/v1/datasets/scored").status_code == 200

@@ -48,8 +48,9 @@ def test_a_job_runs_on_when_its_engine_core_is_killed(tiny_model_dir: Path, tmp_
     """The engine core process dies mid-job: the examples it cut are run again on the new
     core, and the job ends succeeded with every example scored once."""
     data_dir = make_data_dir(tmp_path / "data", size=24)
-    settings = eval_settings(tiny_model_dir, data_dir, tmp_path / "cache", eval_max_inflight=2,
-                             engine_process=True)  # fmt: skip
+    settings = eval_settings(
+        tiny_model_dir, data_dir, tmp_path / "cache", eval_max_inflight=2, engine_process=True
+    )
     with TestClient(create_app(settings)) as client:
         engine = client.app.state.engine
         body = {"models": ["base"], "datasets": ["gsm8k"], "max_tokens": 48}

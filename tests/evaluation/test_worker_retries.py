@@ -36,8 +36,9 @@ class Stream:
 
     def __init__(self, request_id: str, error: Exception | None) -> None:
         reason = "stop" if error is None else "error"
-        self.output = RequestOutput(request_id, " The answer is 1.", [], finished=True,
-                                    finish_reason=reason, error=error)  # fmt: skip
+        self.output = RequestOutput(
+            request_id, " The answer is 1.", [], finished=True, finish_reason=reason, error=error
+        )
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         yield self.output
@@ -79,9 +80,10 @@ def run_job(tmp_path: Path, engine: ScriptedEngine) -> dict:
 
 
 @pytest.mark.parametrize(
-    "refusal", [QueueFullError("full"), ReplicaLostError("gone"), EngineRestartingError("up")],
+    "refusal",
+    [QueueFullError("full"), ReplicaLostError("gone"), EngineRestartingError("up")],
     ids=lambda e: type(e).__name__,
-)  # fmt: skip
+)
 def test_a_retryable_refusal_is_submitted_again(tmp_path: Path, refusal: Exception) -> None:
     engine = ScriptedEngine([refusal, refusal], [])
     job = run_job(tmp_path, engine)
@@ -90,9 +92,10 @@ def test_a_retryable_refusal_is_submitted_again(tmp_path: Path, refusal: Excepti
 
 
 @pytest.mark.parametrize(
-    "failure", [ReplicaLostError("gone"), EngineRestartingError("restarting")],
+    "failure",
+    [ReplicaLostError("gone"), EngineRestartingError("restarting")],
     ids=lambda e: type(e).__name__,
-)  # fmt: skip
+)
 def test_an_example_whose_replica_was_lost_runs_again(tmp_path: Path, failure: Exception) -> None:
     engine = ScriptedEngine([], [failure])
     job = run_job(tmp_path, engine)

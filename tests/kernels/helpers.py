@@ -63,9 +63,13 @@ def step_rows(pattern: str, layout: str, T: int, S: int, gen: torch.Generator) -
 
 
 def make_weights(
-    n: int, d_in: int, d_out: int, dtype: torch.dtype, gen: torch.Generator,
+    n: int,
+    d_in: int,
+    d_out: int,
+    dtype: torch.dtype,
+    gen: torch.Generator,
     codes: list[list[int]] | None = None,
-) -> DeltaWeights:  # fmt: skip
+) -> DeltaWeights:
     """n slices over len(RANKS) slots, each slice with its own ranks (RANKS rolled by slice) and
     scalings; zero beyond each rank. `codes` (n, S) Activation codes (default identity)."""
     S, R = len(RANKS), max(RANKS)
@@ -79,8 +83,14 @@ def make_weights(
     scalings = torch.rand(n, S, generator=gen) + 0.5
     activations = torch.tensor(codes if codes is not None else [[0] * S] * n, dtype=torch.int32)
     present = tuple(sorted({c for row in activations.tolist() for c in row} - {0}))
-    return DeltaWeights(a.to(DEVICE, dtype), b.to(DEVICE, dtype), ranks.to(DEVICE),
-                        scalings.to(DEVICE), activations.to(DEVICE), present)  # fmt: skip
+    return DeltaWeights(
+        a.to(DEVICE, dtype),
+        b.to(DEVICE, dtype),
+        ranks.to(DEVICE),
+        scalings.to(DEVICE),
+        activations.to(DEVICE),
+        present,
+    )
 
 
 def poison_padding(w: DeltaWeights) -> DeltaWeights:

@@ -188,8 +188,13 @@ def test_the_launch_configs_compile_for_sm90_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     out = tmp_path / "spills.json"
-    done = subprocess.run([sys.executable, "-P", str(script), "--chosen", "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-P", str(script), "--chosen", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {(r["group"], r["head_dim"]) for r in rows} == {

@@ -22,8 +22,13 @@ def lora_weights(
 ) -> DeltaWeights:
     a = torch.randn(1, slots, rank, D_IN, generator=gen) / D_IN**0.5
     b = torch.randn(1, slots, rank, out, generator=gen) / rank**0.5
-    return DeltaWeights(a, b, torch.full((1, slots), rank, dtype=torch.int32),
-                        torch.full((1, slots), 0.7), torch.zeros(1, slots, dtype=torch.int32))  # fmt: skip
+    return DeltaWeights(
+        a,
+        b,
+        torch.full((1, slots), rank, dtype=torch.int32),
+        torch.full((1, slots), 0.7),
+        torch.zeros(1, slots, dtype=torch.int32),
+    )
 
 
 def test_a_float_layer_gives_a_row_the_same_bits_at_any_row_count():
@@ -77,8 +82,9 @@ def test_decode_attention_gives_a_sequence_the_same_bits_beside_any_other():
     together = ref.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25)
     for s in range(S):
         blocks = (int(lens[s]) + block_size - 1) // block_size
-        alone = ref.paged_decode_attention(q[s : s + 1], k_cache, v_cache, tables[s : s + 1, :blocks],
-                                           lens[s : s + 1], 0.25)  # fmt: skip
+        alone = ref.paged_decode_attention(
+            q[s : s + 1], k_cache, v_cache, tables[s : s + 1, :blocks], lens[s : s + 1], 0.25
+        )
         assert torch.equal(alone[0], together[s]), s
 
 
@@ -92,8 +98,15 @@ def test_prefill_attention_gives_a_query_the_same_bits_in_any_chunk():
 
     def chunk(past: int, length: int) -> torch.Tensor:
         rows = slice(past, past + length)
-        return prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache,
-                                 PrefillChunk(0, length, past + length, table), 0.25)  # fmt: skip
+        return prefill_attention(
+            q[rows],
+            k[rows],
+            v[rows],
+            k_cache,
+            v_cache,
+            PrefillChunk(0, length, past + length, table),
+            0.25,
+        )
 
     whole = chunk(0, L)
     for past, length in [(39, 1), (12, 1), (0, 13), (13, 14), (5, 30), (0, 2)]:

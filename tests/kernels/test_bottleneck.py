@@ -124,8 +124,15 @@ def check_triton(module, pattern, layout, n, dtype, codes, seed) -> None:
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter's sigmoid at -inf
 def test_triton_every_activation(triton_module, poison_allocations, activation, layout) -> None:
-    check_triton(triton_module("bottleneck"), "with_base", layout, 1, torch.float32,
-                 [per_slot(activation)], seed=5)  # fmt: skip
+    check_triton(
+        triton_module("bottleneck"),
+        "with_base",
+        layout,
+        1,
+        torch.float32,
+        [per_slot(activation)],
+        seed=5,
+    )
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

@@ -194,9 +194,14 @@ def test_slot_offsets_are_int64_in_the_compiled_kernels(triton_module, tmp_path)
         pytest.skip("this triton has no NVIDIA backend to compile for")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    done = subprocess.run([sys.executable, "-P", "-c", COMPILE_FOR_SM90, *SLOT_STRIDES],
-                          capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", COMPILE_FOR_SM90, *SLOT_STRIDES],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ttir = json.loads(done.stdout)
     for kernel, strides in SLOT_STRIDES.items():

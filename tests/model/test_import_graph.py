@@ -60,8 +60,13 @@ def test_importing_the_model_loads_no_engine_and_no_adapter_kind(tmp_path: Path)
         "print(sorted(m for m in sys.modules\n"
         "             if m.startswith(('adapterserve.server.engine', 'adapterserve.adapters'))))\n"
     )
-    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 

@@ -195,14 +195,25 @@ def test_random_batches_equal_each_sequence_alone(model_pair, seed):
     def randint(lo: int, hi: int) -> int:
         return int(torch.randint(lo, hi, (1,), generator=g))
 
-    prefix_kv = torch.randn(args.n_layers, 2, 3, args.n_kv_heads, args.head_dim,
-                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    prefix_kv = torch.randn(
+        args.n_layers,
+        2,
+        3,
+        args.n_kv_heads,
+        args.head_dim,
+        generator=torch.Generator().manual_seed(seed),
+    )
     seqs = []
     for i in range(randint(3, 7)):
         prompt = torch.randint(0, args.vocab_size, (randint(1, 18),), generator=g).tolist()
         with_prefix = randint(0, 2) == 0
-        seq = Sequence(f"s{i}", [0] * 3 * with_prefix + prompt,
-                       SamplingParams(prompt_logprobs=0), "m", stream=None)  # fmt: skip
+        seq = Sequence(
+            f"s{i}",
+            [0] * 3 * with_prefix + prompt,
+            SamplingParams(prompt_logprobs=0),
+            "m",
+            stream=None,
+        )
         if with_prefix:
             seq.num_virtual, seq.prefix_kv = 3, prefix_kv
         seqs.append(seq)
@@ -220,5 +231,10 @@ def test_random_batches_equal_each_sequence_alone(model_pair, seed):
         alone.num_virtual, alone.prefix_kv = seq.num_virtual, seq.prefix_kv
         want, _, _ = run_batched(ours, [alone], [len(tokens)], 64, outputs=1)
         for p in range(seq.num_virtual, len(tokens)):
-            torch.testing.assert_close(logits[(seq.request_id, p)], want[("alone", p)],
-                                       atol=2e-5, rtol=1e-5, msg=f"{seq.request_id}@{p}")  # fmt: skip
+            torch.testing.assert_close(
+                logits[(seq.request_id, p)],
+                want[("alone", p)],
+                atol=2e-5,
+                rtol=1e-5,
+                msg=f"{seq.request_id}@{p}",
+            )

@@ -249,8 +249,14 @@ def test_the_default_model_served_as_it_ships(default_gguf, default_model_dir, t
     hf = within_transformers_bf16_gap(ours, default_model_dir, ids, "int4")
     with torch.no_grad():
         greedy = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
-    same = next((i for i, (a, b) in enumerate(zip(tokens, greedy[0, len(ids) :].tolist(), strict=False)) if a != b),
-                len(tokens))  # fmt: skip
+    same = next(
+        (
+            i
+            for i, (a, b) in enumerate(zip(tokens, greedy[0, len(ids) :].tolist(), strict=False))
+            if a != b
+        ),
+        len(tokens),
+    )
     print(f"greedy equal to transformers' for {same} of {len(tokens)} tokens")
     assert same >= 4
 
@@ -271,8 +277,10 @@ def within_transformers_bf16_gap(ours: torch.Tensor, model_dir: Path, ids: list[
         runs[dtype] = logits.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     want = runs[torch.float32]
     gap, yardstick = (ours - want).abs(), (runs[torch.bfloat16] - want).abs()
-    print(f"{label} gap to fp32 max {gap.max():.4f} mean {gap.mean():.4f}; transformers bf16 max "
-          f"{yardstick.max():.4f} mean {yardstick.mean():.4f}")  # fmt: skip
+    print(
+        f"{label} gap to fp32 max {gap.max():.4f} mean {gap.mean():.4f}; transformers bf16 max "
+        f"{yardstick.max():.4f} mean {yardstick.mean():.4f}"
+    )
     assert gap.max() <= 1.5 * yardstick.max() and gap.mean() <= 1.5 * yardstick.mean()
     return models[torch.float32]
 
@@ -284,9 +292,11 @@ def within_transformers_bf16_gap(ours: torch.Tensor, model_dir: Path, ids: list[
 def test_a_bad_quantization_value_is_one_line_and_exit_2(flag, message, tmp_path):
     run = subprocess.run(
         [sys.executable, "-P", "-m", "adapterserve.server.cli", "serve", "--quantization", flag],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"ADAPTERSERVE_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+    )
     assert run.returncode == 2, run.stderr
     assert message in run.stderr and "Traceback" not in run.stderr
     assert len([line for line in run.stderr.splitlines() if line.strip()]) <= 2, run.stderr
@@ -356,9 +366,11 @@ def test_an_unreadable_gguf_is_one_line_and_exit_2(content, tmp_path):
     path.write_bytes(content)
     run = subprocess.run(
         [sys.executable, "-P", "-m", "adapterserve.server.cli", "serve", "--model", str(path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"ADAPTERSERVE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+    )
     assert run.returncode == 2, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert "Traceback" not in run.stderr and len(lines) <= 2, run.stderr
@@ -456,8 +468,11 @@ def test_a_fused_group_with_a_q8_0_part_keeps_its_block_scales():
     from adapterserve.server.model.quant import Int8Codes, Int8GroupLinear
 
     g = torch.Generator().manual_seed(13)
-    q8 = Int8Codes(torch.randint(-127, 128, (64, 64), generator=g, dtype=torch.int8),
-                   torch.rand(64, 2, generator=g) * 1e-2, 32)  # fmt: skip
+    q8 = Int8Codes(
+        torch.randint(-127, 128, (64, 64), generator=g, dtype=torch.int8),
+        torch.rand(64, 2, generator=g) * 1e-2,
+        32,
+    )
     floats = [torch.randn(32, 64, generator=g) for _ in range(2)]
     fused, parts = quantize_group([q8, *floats], [None] * 3, "int8", torch.device("cpu"))
     assert isinstance(fused, Int8GroupLinear) and all(isinstance(p, Int8GroupLinear) for p in parts)
@@ -492,8 +507,11 @@ def two_layer_q8_0_gguf(source: Path, out: Path) -> Path:
         data = np.asarray(tensor.data)
         if parts[0] == "blk" and parts[2] in TARGETS:
             floats = dequantize(data, tensor.tensor_type)
-            writer.add_tensor(tensor.name, quantize(floats, GGMLQuantizationType.Q8_0),
-                              raw_dtype=GGMLQuantizationType.Q8_0)  # fmt: skip
+            writer.add_tensor(
+                tensor.name,
+                quantize(floats, GGMLQuantizationType.Q8_0),
+                raw_dtype=GGMLQuantizationType.Q8_0,
+            )
         else:
             writer.add_tensor(tensor.name, data, raw_dtype=tensor.tensor_type)
     writer.write_header_to_file()
@@ -518,8 +536,9 @@ def test_a_q8_0_gguf_is_served_as_it_ships(default_gguf, tmp_path):
     path = two_layer_q8_0_gguf(default_gguf, tmp_path / "two-q8.gguf")
     raw = {t.name: t.data for t in GGUFReader(str(path)).tensors}
     ids = list(range(1000, 1040))
-    settings = Settings(model=str(path), device="cpu", quantization="auto", cache_dir=tmp_path / "c",
-                        compile="off")  # fmt: skip
+    settings = Settings(
+        model=str(path), device="cpu", quantization="auto", cache_dir=tmp_path / "c", compile="off"
+    )
 
     async def go(engine):
         model = engine.model
@@ -547,8 +566,11 @@ def test_group_scaled_int8_codes_survive_the_cache(tmp_path):
     from adapterserve.server.model.weights import _read_codes, _write_codes
 
     g = torch.Generator().manual_seed(14)
-    grouped = Int8Codes(torch.randint(-128, 128, (16, 64), generator=g, dtype=torch.int8),
-                        torch.rand(16, 2, generator=g), 32)  # fmt: skip
+    grouped = Int8Codes(
+        torch.randint(-128, 128, (16, 64), generator=g, dtype=torch.int8),
+        torch.rand(16, 2, generator=g),
+        32,
+    )
     channel = Int8Codes.quantize(torch.randn(16, 64, generator=g))
     _write_codes(tmp_path / "c.safetensors", {"a": grouped, "b": channel})
     back = _read_codes(tmp_path / "c.safetensors")

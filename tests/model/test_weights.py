@@ -52,8 +52,11 @@ def test_gguf_projections_read_as_floats_equal_transformers(default_model_dir):
     from adapterserve.server.model.gguf_quant import read_floats
 
     tensors = load_file(str(default_model_dir / "model.safetensors"))
-    names = {k.removeprefix("model.").removesuffix(".weight") for k in tensors
-             if weights.PROJECTION_KEY.fullmatch(k)}  # fmt: skip
+    names = {
+        k.removeprefix("model.").removesuffix(".weight")
+        for k in tensors
+        if weights.PROJECTION_KEY.fullmatch(k)
+    }
     floats = read_floats(weights.default_model_path(), names)
     assert len(names) == len(floats) == 210
     for name, weight in floats.items():

@@ -19,8 +19,17 @@ GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 MAX_NEW_TOKENS = 4  # generated tokens per positive case: keeps the run short
 MAX_MESSAGES = 3  # each message adds a few template tokens
 DEFAULT_MAX_TOKENS = 16  # of /v1/completions
-BEAM_REFUSES = ("temperature", "top_p", "top_k", "stop", "logprobs", "top_logprobs",
-                "presence_penalty", "frequency_penalty", "logit_bias")  # fmt: skip
+BEAM_REFUSES = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop",
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+)
 
 
 @schemathesis.hook

@@ -54,8 +54,12 @@ def test_status_type_and_code_are_as_before(cls: type[AdapterError]) -> None:
     error = cls("lora_path", "what to change")
     assert adapter_error_status(error) == (status, error_type(status), code)
     api = from_adapter_error(error)
-    assert (api.status, api.type, api.param, api.code) == (status, error_type(status), "lora_path",
-                                                          code)  # fmt: skip
+    assert (api.status, api.type, api.param, api.code) == (
+        status,
+        error_type(status),
+        "lora_path",
+        code,
+    )
     assert api.message == "what to change"
     assert from_adapter_error(error, "scrubbed").message == "scrubbed"
 

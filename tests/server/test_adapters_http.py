@@ -85,16 +85,27 @@ def env(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     peft_lora(folders["roots"] / "rootlora", seed=11)
     peft_lora(folders["outside"] / "outsidelora", seed=12)
     flags = (
-        "--served-model-name", BASE, "--max-model-len", "256", "--admin-api-key", ADMIN_KEY,
-        "--max-upload-bytes", str(UPLOAD_CAP), "--max-adapter-rank", str(MAX_RANK),
-        "--adapter-slots", "2", "--adapter-root", str(folders["roots"]),
-        "--adapter-store-dir", str(folders["store"]),
-    )  # fmt: skip
+        "--served-model-name",
+        BASE,
+        "--max-model-len",
+        "256",
+        "--admin-api-key",
+        ADMIN_KEY,
+        "--max-upload-bytes",
+        str(UPLOAD_CAP),
+        "--max-adapter-rank",
+        str(MAX_RANK),
+        "--adapter-slots",
+        "2",
+        "--adapter-root",
+        str(folders["roots"]),
+        "--adapter-store-dir",
+        str(folders["store"]),
+    )
     variables = {"ADAPTERSERVE_CACHE_DIR": str(root / "cache"), "TMPDIR": str(folders["spool"])}
     server = start_server(tiny_model_dir, logs / "server.log", *flags, env=variables)
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
-        yield Env(root, logs=logs, server=server, http=http, flags=flags, env=variables,
-                  **folders)  # fmt: skip
+        yield Env(root, logs=logs, server=server, http=http, flags=flags, env=variables, **folders)
     status = stop_server(server)
     assert "Traceback" not in server.log(), server.log()[-4000:]
     assert status in (0, -signal.SIGTERM), f"exit status {status}"
@@ -147,8 +158,13 @@ def tar_folder(folder: Path) -> bytes:
 
 
 def complete(env: Env, model: str, max_tokens: int = 8) -> httpx.Response:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-            "logprobs": 1}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "logprobs": 1,
+    }
     return env.http.post("/v1/completions", json=body)
 
 
@@ -366,8 +382,13 @@ def test_replace_in_flight_keeps_the_old_weights(env: Env) -> None:
     """SECURITY row 8: a request in flight finishes on the weights it started with."""
     assert upload(env, "live", folder_files(peft_lora(env.work / "live1", 7))).status_code == 201
     new = folder_files(peft_lora(env.work / "live2", seed=8))
-    body = {"model": "live", "prompt": PROMPT, "max_tokens": 64, "temperature": 0,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": "live",
+        "prompt": PROMPT,
+        "max_tokens": 64,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     expected = env.http.post("/v1/completions", json=body).json()["choices"][0]["text"]
     old_weights = greedy(env, "live")
     with ThreadPoolExecutor(1) as pool:
@@ -389,8 +410,13 @@ def test_restart_keeps_uploads(env: Env, tiny_model_dir: Path) -> None:
         with httpx.Client(base_url=second.base_url, timeout=60) as http:
             listed = {a["name"]: a for a in http.get("/v1/adapters").json()["data"]}
             assert uploaded <= set(listed) and listed["durable"]["origin"] == "upload"
-            body = {"model": "durable", "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
-                    "logprobs": 1}  # fmt: skip
+            body = {
+                "model": "durable",
+                "prompt": PROMPT,
+                "max_tokens": 8,
+                "temperature": 0,
+                "logprobs": 1,
+            }
             choice = http.post("/v1/completions", json=body).json()["choices"][0]
             assert choice["text"] == expected[0]
     finally:
@@ -509,28 +535,28 @@ NEGATIVE = [
         send_archive("a.zip", zip_with({"/tmp/adapter_config.json": b"{}"})),
         400,
         "archive",
-    ),  # fmt: skip
+    ),
     Row(
         "tar-absolute-member",
         1,
         send_archive("a.tar.gz", tar_with(tarfile.TarInfo("/tmp/README.md"), b"x")),
         400,
         "archive",
-    ),  # fmt: skip
+    ),
     Row(
         "tar-symlink-member",
         1,
         send_archive("a.tar.gz", tar_with(symlink("README.md", "/etc/passwd"), None)),
         400,
         "archive",
-    ),  # fmt: skip
+    ),
     Row(
         "tar-dotdot-member",
         1,
         send_archive("a.tgz", tar_with(tarfile.TarInfo("../README.md"), b"x")),
         400,
         "archive",
-    ),  # fmt: skip
+    ),
     Row(
         "pickle-only-files",
         2,
@@ -540,7 +566,7 @@ NEGATIVE = [
         ),
         400,
         "files",
-    ),  # fmt: skip
+    ),
     Row(
         "pickle-only-zip",
         2,
@@ -555,7 +581,7 @@ NEGATIVE = [
         ),
         400,
         "archive",
-    ),  # fmt: skip
+    ),
     Row(
         "extras-then-traversal-files",
         1,
@@ -565,14 +591,14 @@ NEGATIVE = [
         ),
         400,
         "files",
-    ),  # fmt: skip
+    ),
     Row(
         "extras-then-slip-zip",
         1,
         send_archive("a.zip", zip_with({"tokenizer.json": b"{}", "a/../../evil": b"x"})),
         400,
         "archive",
-    ),  # fmt: skip
+    ),
     Row(
         "header-offsets-past-end",
         3,
@@ -582,7 +608,7 @@ NEGATIVE = [
         ),
         400,
         "adapter_model.safetensors",
-    ),  # fmt: skip
+    ),
     Row(
         "header-absurd-length",
         3,
@@ -592,7 +618,7 @@ NEGATIVE = [
         ),
         400,
         "adapter_model.safetensors",
-    ),  # fmt: skip
+    ),
     Row(
         "wrong-shapes",
         4,
@@ -604,28 +630,28 @@ NEGATIVE = [
         ),
         400,
         A0,
-    ),  # fmt: skip
+    ),
     Row(
         "nan-weights",
         4,
         send_upload("nan", adapter_files(nan_lora)),
         400,
         "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight",
-    ),  # fmt: skip
+    ),
     Row(
         "rank-above-max",
         4,
         send_upload("big-rank", adapter_files(lambda p: lora_dir(p, FINGERPRINT, r=16))),
         400,
         "r",
-    ),  # fmt: skip
+    ),
     Row(
         "unknown-peft-type",
         4,
         send_upload("loha", adapter_files(lambda p: lora_dir(p, FINGERPRINT, peft_type="LOHA"))),
         400,
         "peft_type",
-    ),  # fmt: skip
+    ),
     Row(
         "config-not-json",
         4,
@@ -638,7 +664,7 @@ NEGATIVE = [
         ),
         400,
         "adapter_config.json",
-    ),  # fmt: skip
+    ),
     Row("oversize-declared", 6, send_upload("big", oversize_files(200_000)), 413),
     Row("oversize-chunked", 6, send_chunked, 413),
     Row("oversize-files-in-slack", 6, send_upload("big", oversize_files(10)), 413, "files"),
@@ -649,7 +675,7 @@ NEGATIVE = [
         7,
         lambda env: env.http.delete("/v1/adapters/no-such", headers=ADMIN),
         404,
-    ),  # fmt: skip
+    ),
     Row("completion-unknown-model", 7, completion_for("no-such-adapter"), 404, "model"),
     Row("load-outside-root", 1, load_path(lambda env: str(env.outside / "outsidelora")), 403),
     Row(
@@ -658,7 +684,7 @@ NEGATIVE = [
         load_path(lambda env: f"{env.roots}/../outside/outsidelora"),
         403,
         "lora_path",
-    ),  # fmt: skip
+    ),
     Row("load-missing", 1, load_path(lambda env: str(env.roots / "missing")), 404, "lora_path"),
 ]
 
@@ -694,10 +720,24 @@ def test_negative_table(env: Env, dup: None, row: Row) -> None:
 
 def test_adapter_flags_are_repeatable(tmp_path: Path) -> None:
     args = cli.build_parser().parse_args(
-        ["serve", "--adapter", "a=/x", "--adapter", "b=/y", "--adapter-dir", str(tmp_path),
-         "--adapter-root", str(tmp_path), "--adapter-slots", "3", "--max-adapter-rank", "16",
-         "--max-upload-bytes", "4096"]
-    )  # fmt: skip
+        [
+            "serve",
+            "--adapter",
+            "a=/x",
+            "--adapter",
+            "b=/y",
+            "--adapter-dir",
+            str(tmp_path),
+            "--adapter-root",
+            str(tmp_path),
+            "--adapter-slots",
+            "3",
+            "--max-adapter-rank",
+            "16",
+            "--max-upload-bytes",
+            "4096",
+        ]
+    )
     settings = cli.settings_from_args(args)
     assert settings.adapters == ["a=/x", "b=/y"] and settings.adapter_dirs == [tmp_path]
     assert settings.adapter_roots == [tmp_path] and settings.adapter_slots == 3

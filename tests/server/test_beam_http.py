@@ -40,9 +40,13 @@ def prompt_ids(seed: int, length: int) -> list[int]:
 
 @pytest.mark.parametrize(
     ("k", "n", "extra"),
-    [(2, 1, {}), (4, 2, {"length_penalty": 2.0}), (4, 4, {"early_stopping": True}),
-     (3, 2, {"length_penalty": -0.5, "early_stopping": "never"})],
-)  # fmt: skip
+    [
+        (2, 1, {}),
+        (4, 2, {"length_penalty": 2.0}),
+        (4, 4, {"early_stopping": True}),
+        (3, 2, {"length_penalty": -0.5, "early_stopping": "never"}),
+    ],
+)
 def test_beam_search_answers_equal_transformers(
     client: openai.OpenAI, reference, k, n, extra
 ) -> None:
@@ -51,9 +55,12 @@ def test_beam_search_answers_equal_transformers(
     for seed in range(3):
         ids = prompt_ids(100 * k + seed, 5 + 3 * seed)
         out = client.completions.create(
-            model="tiny", prompt=ids, max_tokens=10, n=n,
+            model="tiny",
+            prompt=ids,
+            max_tokens=10,
+            n=n,
             extra_body={"use_beam_search": True, "best_of": k, **extra},
-        )  # fmt: skip
+        )
         want = hf_answers(model, ids, k, 10, n, **extra)
         assert [c.index for c in out.choices] == list(range(n))
         for choice, tokens in zip(out.choices, want, strict=True):
@@ -89,9 +96,12 @@ def test_a_prompt_batch_searches_each_prompt(client: openai.OpenAI, reference) -
     model, tokenizer = reference
     prompts = [prompt_ids(40 + i, 4 + 5 * i) for i in range(3)]
     out = client.completions.create(
-        model="tiny", prompt=prompts, max_tokens=6, n=2,
+        model="tiny",
+        prompt=prompts,
+        max_tokens=6,
+        n=2,
         extra_body={"use_beam_search": True, "best_of": 2},
-    )  # fmt: skip
+    )
     eos = model.generation_config.eos_token_id
     for p, ids in enumerate(prompts):
         for i, tokens in enumerate(hf_answers(model, ids, 2, 6, 2)):
@@ -132,8 +142,9 @@ CHAT = [{"role": "user", "content": "Tell me about the sea"}]
 
 
 @pytest.mark.parametrize(("k", "n", "extra"), [(3, 2, {}), (2, 2, {"length_penalty": 0.5})])
-def test_chat_beam_search_equals_transformers(client: openai.OpenAI, http: httpx.Client, reference,
-                                             k, n, extra) -> None:  # fmt: skip
+def test_chat_beam_search_equals_transformers(
+    client: openai.OpenAI, http: httpx.Client, reference, k, n, extra
+) -> None:
     """Chat: the conversation through the model's template (as /tokenize renders it), then
     generate(num_beams=k)'s n best; streamed, the same messages."""
     model, tokenizer = reference
@@ -157,10 +168,12 @@ def test_chat_beam_search_equals_transformers(client: openai.OpenAI, http: httpx
 
 
 def test_chat_one_beam_is_greedy(client: openai.OpenAI) -> None:
-    greedy = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8,
-                                            temperature=0)  # fmt: skip
-    out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8,
-                                         extra_body={"use_beam_search": True})  # fmt: skip
+    greedy = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=8, temperature=0
+    )
+    out = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=8, extra_body={"use_beam_search": True}
+    )
     assert out.choices[0].message.content == greedy.choices[0].message.content
 
 
@@ -170,11 +183,13 @@ def test_chat_one_beam_is_greedy(client: openai.OpenAI) -> None:
         ({"use_beam_search": True, "best_of": 2, "logprobs": True}, "logprobs"),
         ({"use_beam_search": True, "best_of": 2, "temperature": 0.5}, "temperature"),
         ({"use_beam_search": True, "best_of": 2, "max_tokens": 0}, "max_tokens"),
-        ({"use_beam_search": True, "best_of": 2,
-          "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"use_beam_search": True, "best_of": 2, "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
         ({"best_of": 2}, "best_of"),  # without beam search best_of must equal n
     ],
-)  # fmt: skip
+)
 def test_chat_beam_refusals(http: httpx.Client, fields, param) -> None:
     body = {"model": "tiny", "messages": CHAT, "max_tokens": 4, **fields}
     response = http.post("/v1/chat/completions", json=body)

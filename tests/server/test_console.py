@@ -48,9 +48,16 @@ def test_the_api_still_needs_the_key(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["/ui/../server/config.py", "/ui/%2e%2e/config.py", "/ui/js/../../__init__.py",
-     "/ui/__init__.py", "/ui/nothing.js", "/ui//etc/passwd", "/ui/js/"],
-)  # fmt: skip
+    [
+        "/ui/../server/config.py",
+        "/ui/%2e%2e/config.py",
+        "/ui/js/../../__init__.py",
+        "/ui/__init__.py",
+        "/ui/nothing.js",
+        "/ui//etc/passwd",
+        "/ui/js/",
+    ],
+)
 def test_only_the_files_in_the_table_are_served(client: TestClient, path: str) -> None:
     """The client may normalise '..' away (then the path is outside /ui and needs the key)."""
     response = client.get(path)

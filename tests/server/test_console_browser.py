@@ -36,9 +36,15 @@ if not Path(CHROMIUM).exists():
     )
 
 LAUNCH_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "console"
 DOCS_IMG = REPO_ROOT / "docs" / "img"
 DOCS_SCREENS = ("adapters", "playground", "evaluations", "metrics", "narrow")
@@ -60,8 +66,9 @@ def work(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
     root = tmp_path_factory.mktemp("console")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    ia3 = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                         feedforward_modules=["down_proj"])  # fmt: skip
+    ia3 = peft.IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+    )
     data = make_data_dir(root / "data", size=6)
     make_data_dir(root / "big-data", size=60)
     shutil.copytree(root / "big-data" / "gsm8k", data / "MultiArith")  # for the cancelled job
@@ -76,9 +83,20 @@ def work(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, work: dict[str, Path]) -> Iterator[Server]:
-    srv = start_server(tiny_model_dir, work["root"] / "server.log", "--served-model-name", BASE,
-                       "--adapter", f"lora-b={work['lora-b']}", "--data-dir", str(work["data"]),
-                       "--max-model-len", "512", "--max-num-seqs", "16")  # fmt: skip
+    srv = start_server(
+        tiny_model_dir,
+        work["root"] / "server.log",
+        "--served-model-name",
+        BASE,
+        "--adapter",
+        f"lora-b={work['lora-b']}",
+        "--data-dir",
+        str(work["data"]),
+        "--max-model-len",
+        "512",
+        "--max-num-seqs",
+        "16",
+    )
     yield srv
     status = stop_server(srv)
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
@@ -95,8 +113,9 @@ def browser() -> Iterator:
 
 @pytest.fixture
 def page(browser, server: Server) -> Iterator:
-    context = browser.new_context(viewport={"width": 1280, "height": 860}, base_url=server.base_url,
-                                  accept_downloads=True)  # fmt: skip
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 860}, base_url=server.base_url, accept_downloads=True
+    )
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     errors: list[str] = []
@@ -158,8 +177,16 @@ def test_upload_through_the_page_lists_the_adapter(page, server: Server, work: d
     card = httpx.get(f"{server.base_url}/v1/adapters/lora-a").json()
     assert (card["kind"], card["rank"], card["targets"]) == ("lora", 4, ["q", "v"])
     cells = row.locator("td").all_text_contents()
-    assert cells[:8] == ["lora-a", "lora", "4", "q, v", "7.0 KiB", card["tier"],
-                         str(card["version"]), "upload"]  # fmt: skip
+    assert cells[:8] == [
+        "lora-a",
+        "lora",
+        "4",
+        "q, v",
+        "7.0 KiB",
+        card["tier"],
+        str(card["version"]),
+        "upload",
+    ]
     screenshot(page, "adapters")
 
 
@@ -276,8 +303,12 @@ def test_playground_chat_mode(page, server: Server) -> None:
     open_tab(page, "playground")
     page.check('input[name="play-mode"][value="chat"]')
     texts = run_playground(page, [BASE], max_tokens=8)
-    body = {"model": BASE, "messages": [{"role": "user", "content": "Once upon a time"}],
-            "max_tokens": 8, "temperature": 0}  # fmt: skip
+    body = {
+        "model": BASE,
+        "messages": [{"role": "user", "content": "Once upon a time"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     answer = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60).json()
     assert texts[BASE] == answer["choices"][0]["message"]["content"]
 
@@ -302,8 +333,9 @@ def test_a_refused_request_shows_the_servers_message(page) -> None:
 def test_evaluation_job_finishes_with_its_table(page, server: Server) -> None:
     """Protocol loglikelihood (a random model scores near chance, not 0), and a dataset
     registered with markup in its instructions: the rows show it as text."""
-    records = [{"instruction": f"{XSS} Is {i} even? Answer yes or no.", "answer": "yes"}
-               for i in range(2)]  # fmt: skip
+    records = [
+        {"instruction": f"{XSS} Is {i} even? Answer yes or no.", "answer": "yes"} for i in range(2)
+    ]
     body = {
         "name": "xss-set",
         "answer_kind": "words",
@@ -325,8 +357,10 @@ def test_evaluation_job_finishes_with_its_table(page, server: Server) -> None:
     assert job["status"] == "succeeded" and job["progress"]["done"] == 12
     header = page.locator("#eval-table thead th").all_text_contents()
     assert header == ["model", "boolq", "piqa", "xss-set", "Average"]
-    table = [row.locator("th, td").all_text_contents()
-             for row in page.locator("#eval-table tbody tr").all()]  # fmt: skip
+    table = [
+        row.locator("th, td").all_text_contents()
+        for row in page.locator("#eval-table tbody tr").all()
+    ]
     assert table == expected_table(job)
     expect(page.locator("#eval-rows tbody tr")).to_have_count(12)
     expect(page.locator("#eval-chart svg rect")).to_have_count(8)  # 2 models x (3 sets + Average)
@@ -432,8 +466,16 @@ def test_a_narrow_window_has_no_sideways_scroll(page) -> None:
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_model_dir: Path, work: dict[str, Path]) -> Iterator[Server]:
-    srv = start_server(tiny_model_dir, work["root"] / "keyed.log", "--served-model-name", BASE,
-                       "--api-key", USER_KEY, "--admin-api-key", ADMIN_KEY)  # fmt: skip
+    srv = start_server(
+        tiny_model_dir,
+        work["root"] / "keyed.log",
+        "--served-model-name",
+        BASE,
+        "--api-key",
+        USER_KEY,
+        "--admin-api-key",
+        ADMIN_KEY,
+    )
     yield srv
     stop_server(srv)
 

@@ -32,9 +32,16 @@ READY_WAIT_S = 120.0
 
 
 def settings(model_dir: Path, tmp: Path, **overrides) -> Settings:
-    values = dict(model=str(model_dir), device="cpu", kv_cache_memory_mb=16, max_model_len=256,
-                  served_model_name="tiny", adapter_store_dir=str(tmp / "store"),
-                  cache_dir=tmp / "cache", engine_process=True)  # fmt: skip
+    values = dict(
+        model=str(model_dir),
+        device="cpu",
+        kv_cache_memory_mb=16,
+        max_model_len=256,
+        served_model_name="tiny",
+        adapter_store_dir=str(tmp / "store"),
+        cache_dir=tmp / "cache",
+        engine_process=True,
+    )
     return Settings(**(values | overrides))
 
 
@@ -78,16 +85,26 @@ def kill_core(client: TestClient, sig: int = signal.SIGKILL) -> int:
 
 
 def greedy(client: TestClient, model: str = "tiny", max_tokens: int = 8) -> list[int]:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-            "logprobs": 1}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "logprobs": 1,
+    }
     response = client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["logprobs"]["tokens"]
 
 
 def long_body(stream: bool) -> dict:
-    return {"model": "tiny", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
-            "stream": stream}  # fmt: skip
+    return {
+        "model": "tiny",
+        "prompt": PROMPT,
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
@@ -98,8 +115,10 @@ def test_a_killed_core_ends_every_request_cleanly_and_comes_back(
     before = greedy(client)
     pid = core_pid(client)
     caplog.set_level(logging.ERROR, "adapterserve.server.engine.process")
-    with ThreadPoolExecutor(1) as pool, client.stream("POST", "/v1/completions",
-                                                      json=long_body(True)) as stream:  # fmt: skip
+    with (
+        ThreadPoolExecutor(1) as pool,
+        client.stream("POST", "/v1/completions", json=long_body(True)) as stream,
+    ):
         lines = stream.iter_lines()
         first = next(line for line in lines if line)
         assert json.loads(first.removeprefix("data: "))["choices"][0]["text"] is not None
@@ -131,8 +150,9 @@ def test_a_killed_core_ends_every_request_cleanly_and_comes_back(
     assert f"killed by signal {int(sig)} ({sig.name})" in logged
 
 
-def test_adapters_come_back_from_the_store_after_a_restart(app_client: TestClient,
-                                                           tmp_path: Path) -> None:  # fmt: skip
+def test_adapters_come_back_from_the_store_after_a_restart(
+    app_client: TestClient, tmp_path: Path
+) -> None:
     client = app_client
     folder = lora_dir(tmp_path / "lora", BaseFingerprint.from_hf_config(TINY), r=4)
     files = [("files", (p.name, p.read_bytes())) for p in sorted(folder.iterdir())]
@@ -222,12 +242,16 @@ def _zombie(pid: int) -> bool:
 
 
 def test_metrics_of_both_processes_merge_into_one_exposition() -> None:
-    front = ("# HELP r_total Finished\n# TYPE r_total counter\n"
-             'r_total{model="m",outcome="not_found"} 2.0\nr_created{model="m"} 50.0\n'
-             "# HELP x_total Restarts\n# TYPE x_total counter\nx_total 1.0\n")  # fmt: skip
-    core = ("# HELP r_total Finished\n# TYPE r_total counter\n"
-            'r_total{model="m",outcome="not_found"} 1.0\nr_total{model="m",outcome="stop"} 3.0\n'
-            'r_created{model="m"} 40.0\n# HELP g Running\n# TYPE g gauge\ng 4.0\n')  # fmt: skip
+    front = (
+        "# HELP r_total Finished\n# TYPE r_total counter\n"
+        'r_total{model="m",outcome="not_found"} 2.0\nr_created{model="m"} 50.0\n'
+        "# HELP x_total Restarts\n# TYPE x_total counter\nx_total 1.0\n"
+    )
+    core = (
+        "# HELP r_total Finished\n# TYPE r_total counter\n"
+        'r_total{model="m",outcome="not_found"} 1.0\nr_total{model="m",outcome="stop"} 3.0\n'
+        'r_created{model="m"} 40.0\n# HELP g Running\n# TYPE g gauge\ng 4.0\n'
+    )
     merged = merge_expositions(front, core).splitlines()
     assert merged.count("# HELP r_total Finished") == 1
     assert merged.count("# TYPE r_total counter") == 1
@@ -245,22 +269,33 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_sigterm_drains_both_processes_of_a_real_server(tiny_model_dir: Path,
-                                                        tmp_path: Path) -> None:  # fmt: skip
+def test_sigterm_drains_both_processes_of_a_real_server(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """A server started from outside the repository: a stream in flight when SIGTERM comes
     finishes whole, then the server and its engine core both exit (no orphan core)."""
-    server = start_server(tiny_model_dir, tmp_path / "server.log", "--served-model-name", "tiny",
-                          "--max-model-len", "256")  # fmt: skip
+    server = start_server(
+        tiny_model_dir,
+        tmp_path / "server.log",
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "256",
+    )
     try:
-        cores = [pid for pid in _children(server.process.pid)
-                 if "adapterserve.server.engine.core" in Path(f"/proc/{pid}/cmdline").read_text()]  # fmt: skip
+        cores = [
+            pid
+            for pid in _children(server.process.pid)
+            if "adapterserve.server.engine.core" in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
         assert len(cores) == 1, cores
         body = long_body(True) | {"max_tokens": 60}
         lines: list[str] = []
 
         def read() -> None:
-            with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body,
-                              timeout=60) as response:  # fmt: skip
+            with httpx.stream(
+                "POST", f"{server.base_url}/v1/completions", json=body, timeout=60
+            ) as response:
                 lines.extend(line for line in response.iter_lines() if line)
 
         reader = threading.Thread(target=read)

@@ -40,31 +40,48 @@ def lark_chain(depth: int) -> str:
 
 def gbnf_chain(depth: int) -> str:
     """The same chain in GBNF (GBNF's conversion grows about quadratically with the rules: a
-    chain of 5000 took 21.9 s, then segfaulted)."""
+    chain of 5000 ran for many seconds, then segfaulted; BENCHMARKS.md, 'Figures quoted from the
+    code')."""
     rules = [f'r{i} ::= "t" r{i + 1}' for i in range(depth)]
     return "\n".join(["root ::= r0", *rules, f'r{depth} ::= "end"'])
 
 
 def enum_bomb(size: int = 20_000) -> dict:
-    """0.7 MB: an enum of 20k objects froze every stream for 48.6 s, then a 500 (a panic)."""
+    """0.7 MB: an enum of 20k objects froze every stream, then a 500 (a panic); BENCHMARKS.md,
+    'Hardening replays: heavy requests beside a running stream (issue 24)'."""
     return {"enum": [{"k": i, "v": f"x{i}"} for i in range(size)]}
 
 
 BOMBS = {
-    "ref_chain": {"response_format": {"type": "json_schema",
-                                      "json_schema": {"name": "x", "schema": ref_chain(1000)}}},
+    "ref_chain": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": ref_chain(1000)},
+        }
+    },
     "lark_chain": {"guided_grammar": lark_chain(3000)},
     "gbnf_chain": {"guided_grammar": gbnf_chain(3000)},
-    "enum": {"response_format": {"type": "json_schema",
-                                 "json_schema": {"name": "x", "schema": enum_bomb()}}},
-}  # fmt: skip
+    "enum": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": enum_bomb()},
+        }
+    },
+}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tiny_model_dir, tmp_path_factory.mktemp("sandbox") / "server.log",
-                       "--served-model-name", "tiny", "--max-model-len", "256",
-                       "--grammar-timeout-s", str(GRAMMAR_TIMEOUT_S))  # fmt: skip
+    srv = start_server(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("sandbox") / "server.log",
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "256",
+        "--grammar-timeout-s",
+        str(GRAMMAR_TIMEOUT_S),
+    )
     yield srv
     stop_server(srv)
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
@@ -107,7 +124,7 @@ def test_a_refused_bomb_is_answered_from_the_cache(server: Server) -> None:
 
 def test_a_stream_keeps_flowing_while_a_bomb_compiles(server: Server) -> None:
     """Tokens of a running stream keep arriving while the 0.7 MB enum compiles to its deadline
-    (before the sandbox, every stream froze for its 48.6 s). 1 s is the bound tested (the issue
+    (before the sandbox, every stream froze while it compiled). 1 s is the bound tested (the issue
     asks 0.5 s; BENCHMARKS.md has the measured gaps)."""
 
     async def run() -> tuple[float, httpx.Response]:
@@ -116,8 +133,13 @@ def test_a_stream_keeps_flowing_while_a_bomb_compiles(server: Server) -> None:
             started = asyncio.Event()
 
             async def stream() -> None:
-                body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True,
-                        "stream": True}  # fmt: skip
+                body = {
+                    "model": "tiny",
+                    "prompt": "hello",
+                    "max_tokens": 200,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
                 async with client.stream("POST", "/v1/completions", json=body) as response:
                     async for line in response.aiter_lines():
                         if line.startswith("data: {"):
@@ -129,8 +151,10 @@ def test_a_stream_keeps_flowing_while_a_bomb_compiles(server: Server) -> None:
             await started.wait()
             begin = time.monotonic()
             fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": enum_bomb(20_001)}}
-            refused = await client.post("/v1/completions", json={
-                "model": "tiny", "prompt": "x", "max_tokens": 4, "response_format": fmt})  # fmt: skip
+            refused = await client.post(
+                "/v1/completions",
+                json={"model": "tiny", "prompt": "x", "max_tokens": 4, "response_format": fmt},
+            )
             end = time.monotonic()
             await streaming
             during = [
@@ -151,19 +175,33 @@ def test_a_stream_keeps_flowing_while_a_bomb_compiles(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    settings = Settings(model=str(tiny_model_dir), device="cpu", kv_cache_memory_mb=16,
-                        cache_dir=tmp_path_factory.mktemp("tokenize"), max_model_len=256,
-                        served_model_name="m")  # fmt: skip
+    settings = Settings(
+        model=str(tiny_model_dir),
+        device="cpu",
+        kv_cache_memory_mb=16,
+        cache_dir=tmp_path_factory.mktemp("tokenize"),
+        max_model_len=256,
+        served_model_name="m",
+    )
     with TestClient(create_app(settings)) as client:
         yield client
 
 
 ROUTES = {
-    "completions": ("/v1/completions", lambda text: {"model": "m", "prompt": text, "max_tokens": 1}),
-    "chat": ("/v1/chat/completions",
-             lambda text: {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 1}),
+    "completions": (
+        "/v1/completions",
+        lambda text: {"model": "m", "prompt": text, "max_tokens": 1},
+    ),
+    "chat": (
+        "/v1/chat/completions",
+        lambda text: {
+            "model": "m",
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 1,
+        },
+    ),
     "tokenize": ("/tokenize", lambda text: {"prompt": text}),
-}  # fmt: skip
+}
 
 
 @pytest.fixture
@@ -209,8 +247,9 @@ def test_a_prompt_the_context_cannot_hold_is_refused_untokenized(
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
-def test_long_texts_are_tokenized_off_the_event_loop(app: TestClient, encodes, route: str,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_long_texts_are_tokenized_off_the_event_loop(
+    app: TestClient, encodes, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(serving, "INLINE_TOKENIZE_CHARS", 100)
     path, body = ROUTES[route]
     assert app.post(path, json=body("word " * 20)).status_code == 200
@@ -223,7 +262,7 @@ def test_a_large_json_body_is_checked_off_the_event_loop(
     app: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The guard's parse and walk of a body (depth, lone surrogates) runs on a thread past
-    INLINE_JSON_BYTES: an 8 MiB list of token ids took 3 s on the loop."""
+    INLINE_JSON_BYTES: a multi-MiB list of token ids took seconds on the loop (BENCHMARKS.md, 'Figures quoted from the code')."""
     from adapterserve.server.api import guards
 
     seen: list[tuple[int, bool]] = []
@@ -235,10 +274,11 @@ def test_a_large_json_body_is_checked_off_the_event_loop(
     assert [on_loop for _, on_loop in seen] == [True, False], seen
 
 
-def test_a_matcher_is_handed_over_with_its_first_mask_filled(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             request: pytest.FixtureRequest) -> None:  # fmt: skip
-    """The first mask of a big grammar can take seconds (a 5000-way anyOf: 3.6 s in the serving
-    process, after the sandbox passed it): it is filled before the request reaches the engine,
+def test_a_matcher_is_handed_over_with_its_first_mask_filled(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """The first mask of a big grammar can take seconds (a 5000-way anyOf, in the serving process
+    after the sandbox passed it; BENCHMARKS.md, 'Figures quoted from the code'): it is filled before the request reaches the engine,
     whose thread would otherwise wait for it with every stream in the step."""
     from adapterserve.server.engine import constraint
     from adapterserve.server.engine.constraint import Grammars
@@ -264,7 +304,7 @@ def test_masks_apply_as_llguidance_does_without_its_compiled_kernel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """llguidance.torch.apply_token_bitmask_inplace is torch.compile'd: its first call compiled
-    for 2.9 s on the engine thread, every stream waiting. Ours gives the same -inf pattern on
+    on the engine thread, every stream waiting (BENCHMARKS.md, 'Figures quoted from the code'). Ours gives the same -inf pattern on
     random bitmasks (sizes not a multiple of 32, negative words), and mask() never calls it."""
     import llguidance.torch as llt
     import torch
@@ -274,8 +314,9 @@ def test_masks_apply_as_llguidance_does_without_its_compiled_kernel(
 
     generator = torch.Generator().manual_seed(0)
     for vocab in (1, 31, 32, 33, 384, 49152):
-        bitmask = torch.randint(-(2**31), 2**31 - 1, (1, (vocab + 31) // 32), dtype=torch.int32,
-                                generator=generator)  # fmt: skip
+        bitmask = torch.randint(
+            -(2**31), 2**31 - 1, (1, (vocab + 31) // 32), dtype=torch.int32, generator=generator
+        )
         logits = torch.randn(vocab, generator=generator)
         ours, theirs = logits.clone(), logits.clone()
         apply_bitmask(ours, bitmask[0])
@@ -297,8 +338,8 @@ def test_masks_apply_as_llguidance_does_without_its_compiled_kernel(
 
 
 def test_structured_outputs_never_import_torchs_compiler(tiny_model_dir: Path) -> None:
-    """`import llguidance.torch` imports torch's compiler (1.8 s, every stream stalled on a
-    server's first structured request): a constrained sequence's whole life, made, masked and
+    """`import llguidance.torch` imports torch's compiler (every stream stalled on a
+    server's first structured request; BENCHMARKS.md, 'Figures quoted from the code'): a constrained sequence's whole life, made, masked and
     fed, goes without it (a fresh interpreter, as a server is)."""
     import subprocess
     import sys

@@ -400,8 +400,11 @@ def _eventually(condition, timeout_s: float = 10.0) -> bool:
 def _finished(http: httpx.Client) -> dict[str, float]:
     """The tiny model's finished requests by outcome."""
     prefix = 'adapterserve_requests_total{model="tiny",outcome="'
-    return {line[len(prefix) :].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in http.get("/metrics").text.splitlines() if line.startswith(prefix)}  # fmt: skip
+    return {
+        line[len(prefix) :].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in http.get("/metrics").text.splitlines()
+        if line.startswith(prefix)
+    }
 
 
 def test_disconnected_clients_release_their_kv_blocks(server: Server, http: httpx.Client) -> None:

@@ -126,8 +126,10 @@ def test_every_error_response_is_json_in_openais_shape(doc: dict[str, Any]) -> N
         for status, response in op["responses"].items():
             if int(status) >= 400 and (path, status) not in (("/health", "503"), ("/ready", "503")):
                 assert response["content"] == {"application/json": {"schema": ERROR_REF}}, (
-                    method, path, status,
-                )  # fmt: skip
+                    method,
+                    path,
+                    status,
+                )
     assert "HTTPValidationError" not in doc["components"]["schemas"]  # 422 is never answered
 
 

@@ -32,11 +32,26 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     lora = save_peft(
         root / "lora", tiny_model_dir, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 1
     )
-    prefix = save_peft(root / "prefix", tiny_model_dir,
-                       peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 2)  # fmt: skip
-    srv = start_server(tiny_model_dir, root / "server.log", "--served-model-name", "tiny",
-                       "--adapter", f"lora={lora}", "--adapter", f"prefix={prefix}",
-                       "--max-model-len", "512", "--max-num-seqs", "16")  # fmt: skip
+    prefix = save_peft(
+        root / "prefix",
+        tiny_model_dir,
+        peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        2,
+    )
+    srv = start_server(
+        tiny_model_dir,
+        root / "server.log",
+        "--served-model-name",
+        "tiny",
+        "--adapter",
+        f"lora={lora}",
+        "--adapter",
+        f"prefix={prefix}",
+        "--max-model-len",
+        "512",
+        "--max-num-seqs",
+        "16",
+    )
     yield srv
     status = stop_server(srv)
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
@@ -53,8 +68,12 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
     if kind == "object":
         names = rng.sample(["id", "name", "size", "tags", "ok", "score", "kind"], rng.randint(1, 3))
         props = {n: random_schema(rng, depth + 1) for n in names}
-        return {"type": "object", "properties": props, "additionalProperties": False,
-                "required": rng.sample(names, rng.randint(0, len(names)))}  # fmt: skip
+        return {
+            "type": "object",
+            "properties": props,
+            "additionalProperties": False,
+            "required": rng.sample(names, rng.randint(0, len(names))),
+        }
     if kind == "array":
         return {
             "type": "array",
@@ -83,8 +102,10 @@ async def complete(client: httpx.AsyncClient, body: dict, stream: bool) -> list[
     if not stream:
         response = await client.post(path, json=body)
         assert response.status_code == 200, response.text
-        return [((c["message"]["content"] if chat else c["text"]), c["finish_reason"])
-                for c in response.json()["choices"]]  # fmt: skip
+        return [
+            ((c["message"]["content"] if chat else c["text"]), c["finish_reason"])
+            for c in response.json()["choices"]
+        ]
     texts: dict[int, str] = {}
     reasons: dict[int, str] = {}
     async with client.stream("POST", path, json=body | {"stream": True}) as response:
@@ -109,8 +130,13 @@ def test_every_output_follows_its_schema(server: Server) -> None:
             for i, schema in enumerate(SCHEMAS):
                 model = MODELS[i % 3]
                 fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
-                body = {"model": model or "tiny", "max_tokens": 200, "temperature": 1.0,
-                        "seed": i, "n": 2}  # fmt: skip
+                body = {
+                    "model": model or "tiny",
+                    "max_tokens": 200,
+                    "temperature": 1.0,
+                    "seed": i,
+                    "n": 2,
+                }
                 if i % 2:
                     body |= {
                         "messages": [{"role": "user", "content": f"item {i}"}],
@@ -122,9 +148,20 @@ def test_every_output_follows_its_schema(server: Server) -> None:
                     body |= {"prompt": f"item {i}:", "guided_json": schema}
                 jobs.append(complete(client, body, stream=i % 3 == 1))
                 checks.append(schema)
-            free = [complete(client, {"model": m or "tiny", "prompt": "free", "max_tokens": 20,
-                                      "temperature": 1.0, "seed": k}, stream=False)
-                    for k, m in enumerate(MODELS)]  # fmt: skip
+            free = [
+                complete(
+                    client,
+                    {
+                        "model": m or "tiny",
+                        "prompt": "free",
+                        "max_tokens": 20,
+                        "temperature": 1.0,
+                        "seed": k,
+                    },
+                    stream=False,
+                )
+                for k, m in enumerate(MODELS)
+            ]
             results = await asyncio.gather(*jobs, *free)
             return checks, results[: len(jobs)]
 
@@ -148,8 +185,15 @@ def test_every_output_follows_its_schema(server: Server) -> None:
 )
 def test_other_constraints(server: Server, field, spec, check) -> None:
     for model in MODELS:
-        body = {"model": model or "tiny", "prompt": "go", "max_tokens": 120, "temperature": 1.0,
-                "seed": 7, "n": 3, field: spec}  # fmt: skip
+        body = {
+            "model": model or "tiny",
+            "prompt": "go",
+            "max_tokens": 120,
+            "temperature": 1.0,
+            "seed": 7,
+            "n": 3,
+            field: spec,
+        }
         response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120)
         assert response.status_code == 200, response.text
         for choice in response.json()["choices"]:
@@ -159,8 +203,11 @@ def test_other_constraints(server: Server, field, spec, check) -> None:
 
 
 def test_a_cut_value_finishes_with_length(server: Server) -> None:
-    schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 50}},
-              "required": ["text"]}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"text": {"type": "string", "minLength": 50}},
+        "required": ["text"],
+    }
     body = {"model": "tiny", "prompt": "x", "max_tokens": 20, "guided_json": schema}
     choice = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60).json()[
         "choices"
@@ -192,8 +239,9 @@ def test_refusals_name_the_field(server: Server, extra, param) -> None:
     assert param in (error["param"] or "") + error["message"], error
 
 
-def test_compiled_grammars_are_cached(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                      request: pytest.FixtureRequest) -> None:  # fmt: skip
+def test_compiled_grammars_are_cached(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """The same constraint twice (keys in another order) is compiled once; a refused one is
     refused again from the cache with the same message; the cache is bounded."""
     from adapterserve.server.engine.constraint import GrammarError, Grammars, GrammarSandbox
@@ -203,8 +251,11 @@ def test_compiled_grammars_are_cached(tiny_model_dir: Path, monkeypatch: pytest.
     request.addfinalizer(grammars.close)
     calls: list[str] = []
     compile_ = GrammarSandbox.compile
-    monkeypatch.setattr(GrammarSandbox, "compile",
-                        lambda self, kind, spec: calls.append(kind) or compile_(self, kind, spec))  # fmt: skip
+    monkeypatch.setattr(
+        GrammarSandbox,
+        "compile",
+        lambda self, kind, spec: calls.append(kind) or compile_(self, kind, spec),
+    )
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     first = grammars.compile("json_schema", schema)
     again = grammars.compile("json_schema", dict(reversed(list(schema.items()))))

@@ -41,8 +41,9 @@ def test_messages_render_as_chat_completions_does(
 ) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     out = http.post("/tokenize", json={"messages": messages}).json()
-    assert out["tokens"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                          tokenize=True, return_dict=False)  # fmt: skip
+    assert out["tokens"] == tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
     assert chat.usage.prompt_tokens == out["count"]
     plain = http.post(

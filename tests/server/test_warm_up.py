@@ -37,11 +37,22 @@ def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compiled_server(model_dir: Path, cache_dir: Path) -> Iterator[str]:
     """A server with --compile on, in a thread; yields its base URL once it listens."""
     torch._dynamo.reset()  # no graph left by an earlier test may stand in for a warm-up
-    settings = Settings(model=str(model_dir), device="cpu", port=free_port(), compile="on",
-                        kv_cache_memory_mb=16, max_model_len=256, cache_dir=cache_dir,
-                        log_level="warning", engine_process=False)  # its engine's compiles are watched  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
-                                           port=settings.port, log_level="warning"))  # fmt: skip
+    settings = Settings(
+        model=str(model_dir),
+        device="cpu",
+        port=free_port(),
+        compile="on",
+        kv_cache_memory_mb=16,
+        max_model_len=256,
+        cache_dir=cache_dir,
+        log_level="warning",
+        engine_process=False,
+    )  # its engine's compiles are watched
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning"
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -89,16 +100,18 @@ def test_ready_is_503_until_every_compiled_shape_is_warm(
             ready = httpx.get(f"{base_url}/ready", timeout=5)
             assert ready.status_code == 503 and ready.json()["status"] == "warming_up", ready.text
             assert ready.headers["retry-after"] == "1"
-            early = httpx.post(f"{base_url}/v1/completions", timeout=5,
-                               json={"prompt": "Hi", "max_tokens": 2})  # fmt: skip
+            early = httpx.post(
+                f"{base_url}/v1/completions", timeout=5, json={"prompt": "Hi", "max_tokens": 2}
+            )
             assert early.status_code == 503 and early.json()["error"]["code"] == "not_ready"
         finally:
             release.set()
         wait_for(f"{base_url}/ready", 200, WARM_UP_TIMEOUT_S)
         warmed = [r.message for r in caplog.records if "compiled shapes in" in r.message]
         assert len(warmed) == 1 and warmed[0].startswith("warmed 4 compiled shapes"), warmed
-        done = httpx.post(f"{base_url}/v1/completions", timeout=60,
-                          json={"prompt": "Hi", "max_tokens": 2})  # fmt: skip
+        done = httpx.post(
+            f"{base_url}/v1/completions", timeout=60, json={"prompt": "Hi", "max_tokens": 2}
+        )
         assert done.status_code == 200, done.text
 
 
@@ -106,14 +119,18 @@ def test_no_decode_compiles_after_ready(tiny_model_dir: Path, compile_cache: Pat
     """After /ready, one long-context row, then several rows at once: dynamo compiles no new
     graph. Before, the warm-up used block tables one column wide, and the first decode with a
     context past one block (16 tokens) compiled a graph for 1 row and one for several, on the
-    engine thread, under the first streams (5.2 s on the default model's fresh server)."""
+    engine thread, under the first streams (BENCHMARKS.md, 'Figures quoted from the code')."""
 
     async def complete(base_url: str, prompts: list[list[int]]) -> list[dict]:
         async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
-            responses = await asyncio.gather(*[
-                http.post("/v1/completions", json={"prompt": ids, "max_tokens": 6,
-                                                   "ignore_eos": True})
-                for ids in prompts])  # fmt: skip
+            responses = await asyncio.gather(
+                *[
+                    http.post(
+                        "/v1/completions", json={"prompt": ids, "max_tokens": 6, "ignore_eos": True}
+                    )
+                    for ids in prompts
+                ]
+            )
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
         return [r.json() for r in responses]
 

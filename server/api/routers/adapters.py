@@ -217,8 +217,14 @@ async def upload_adapter(
         )
     finally:
         await form.close()
-    log.info("adapter %r uploaded (%s, rank %d, version %d); ignored files: %s", entry.name,
-             entry.kind.value, entry.rank, entry.version, shown_names(ignored))  # fmt: skip
+    log.info(
+        "adapter %r uploaded (%s, rank %d, version %d); ignored files: %s",
+        entry.name,
+        entry.kind.value,
+        entry.rank,
+        entry.version,
+        shown_names(ignored),
+    )
     card = adapter_card(entry, engine.model_id)
     return AdapterUploadCard(**card.model_dump(), ignored_files=ignored)
 

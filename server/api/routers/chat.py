@@ -77,8 +77,9 @@ async def create_chat_completion(
     response_id = new_id("chatcmpl")
     if width > 1:
         params = beam_params(jobs[0].params, body, width)
-        streams = await submit_beams(request, engine, [prompt_ids], params, body.n, response_id,
-                                     settings)  # fmt: skip
+        streams = await submit_beams(
+            request, engine, [prompt_ids], params, body.n, response_id, settings
+        )
     else:
         streams = await submit(request, engine, jobs, response_id, settings, grammar)
     view = _ChatView(body, engine, settings, response_id, request.state.model)

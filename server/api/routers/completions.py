@@ -132,8 +132,13 @@ async def _prompts(
     raw = body.prompt
     if isinstance(raw, str) or isinstance(raw[0], str):
         texts = [raw] if isinstance(raw, str) else list(raw)
-        check_prompt_chars(sum(len(t) for t in texts), settings, engine, "prompt",
-                           longest=max(len(t) for t in texts))  # fmt: skip
+        check_prompt_chars(
+            sum(len(t) for t in texts),
+            settings,
+            engine,
+            "prompt",
+            longest=max(len(t) for t in texts),
+        )
         encode = engine.tokenizer.encode
         ids = await off_loop(lambda: [encode(t) for t in texts], sum(len(t) for t in texts))
         prompts = [Prompt(i, t) for i, t in zip(ids, texts, strict=True)]

@@ -150,9 +150,12 @@ async def delete_dataset(name: str, runner: EvaluationRunner = Depends(get_runne
     """Remove a registered dataset (not a built-in one), unless a queued or running job uses it."""
     if runner.uses_dataset(name):
         raise APIError(
-            409, f"A queued or running evaluation job uses the dataset {truncate(name)}; cancel "
-            "it or wait for it to finish.", param="name", code="dataset_in_use",
-        )  # fmt: skip
+            409,
+            f"A queued or running evaluation job uses the dataset {truncate(name)}; cancel "
+            "it or wait for it to finish.",
+            param="name",
+            code="dataset_in_use",
+        )
     dataset = runner.catalog.delete(name)
     runner.metrics.forget_dataset(dataset.name)
     return JSONResponse(dataset.describe(None))

@@ -30,8 +30,15 @@ async def ready(request: Request, engine: EngineClient = Depends(get_engine)) ->
     draining = getattr(request.app.state, "draining", False)
     if engine.healthy and engine.ready and not draining:
         return JSONResponse({"status": "ready"})
-    status = ("draining" if draining else "restarting" if engine.restarting
-              else "warming_up" if engine.warming else "not_ready")  # fmt: skip
+    status = (
+        "draining"
+        if draining
+        else "restarting"
+        if engine.restarting
+        else "warming_up"
+        if engine.warming
+        else "not_ready"
+    )
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
 

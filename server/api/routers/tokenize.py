@@ -41,11 +41,18 @@ async def tokenize(
         )
     else:
         check_prompt_chars(sum(len(m.text) for m in body.messages), settings, engine, "messages")
-        ids = await render_chat(body.messages, body.add_generation_prompt, engine,
-                                bool(body.add_special_tokens))  # fmt: skip
+        ids = await render_chat(
+            body.messages, body.add_generation_prompt, engine, bool(body.add_special_tokens)
+        )
     strs = engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
-    return JSONResponse({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
-                         "token_strs": strs})  # fmt: skip
+    return JSONResponse(
+        {
+            "count": len(ids),
+            "max_model_len": engine.max_model_len,
+            "tokens": ids,
+            "token_strs": strs,
+        }
+    )
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(404))
@@ -56,8 +63,9 @@ async def detokenize(
     if len(body.tokens) > engine.max_model_len:
         raise invalid_request(
             f"{len(body.tokens)} tokens; at most this model's context ({engine.max_model_len}) "
-            "are decoded at once.", "tokens",
-        )  # fmt: skip
+            "are decoded at once.",
+            "tokens",
+        )
     bad = next((t for t in body.tokens if not 0 <= t < engine.vocab_size), None)
     if bad is not None:
         raise invalid_request(
@@ -70,14 +78,16 @@ async def detokenize(
 @router.get("/tokenizer_info", response_model=TokenizerInfo)
 async def tokenizer_info(engine: EngineClient = Depends(get_engine)) -> JSONResponse:
     hf = engine.tokenizer.hf
-    return JSONResponse({
-        "tokenizer_class": type(hf).__name__,
-        "vocab_size": engine.tokenizer.vocab_size,
-        "model_max_length": engine.max_model_len,
-        "eos_token": hf.eos_token,
-        "bos_token": hf.bos_token,
-        "pad_token": hf.pad_token,
-        "unk_token": hf.unk_token,
-        "eos_token_ids": sorted(engine.tokenizer.eos_token_ids),
-        "chat_template": hf.chat_template if isinstance(hf.chat_template, str) else None,
-    })  # fmt: skip
+    return JSONResponse(
+        {
+            "tokenizer_class": type(hf).__name__,
+            "vocab_size": engine.tokenizer.vocab_size,
+            "model_max_length": engine.max_model_len,
+            "eos_token": hf.eos_token,
+            "bos_token": hf.bos_token,
+            "pad_token": hf.pad_token,
+            "unk_token": hf.unk_token,
+            "eos_token_ids": sorted(engine.tokenizer.eos_token_ids),
+            "chat_template": hf.chat_template if isinstance(hf.chat_template, str) else None,
+        }
+    )
