@@ -77,9 +77,14 @@ def write_files(staging: Path, files: Iterable[tuple[str, BinaryIO]], max_bytes:
 
 
 def unpack_archive(
-    staging: Path, filename: object, stream: BinaryIO, *, max_upload_bytes: int,
-    max_extracted_bytes: int, max_members: int = DEFAULT_MAX_MEMBERS,
-) -> list[str]:  # fmt: skip
+    staging: Path,
+    filename: object,
+    stream: BinaryIO,
+    *,
+    max_upload_bytes: int,
+    max_extracted_bytes: int,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+) -> list[str]:
     """Unpack one .zip / .tar.gz / .tgz archive into `staging` after checking every member: the
     archive at most `max_upload_bytes`, its kept members at most `max_extracted_bytes`
     decompressed, at most `max_members` members. Returns the members dropped (files outside

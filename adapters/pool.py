@@ -77,9 +77,15 @@ class DeltaStack:
     the slots holding any slice."""
 
     def __init__(
-        self, targets: tuple[str, ...], d_in: int, sizes: tuple[int, ...], num_slots: int,
-        rank: int, device: torch.device, dtype: torch.dtype,
-    ) -> None:  # fmt: skip
+        self,
+        targets: tuple[str, ...],
+        d_in: int,
+        sizes: tuple[int, ...],
+        num_slots: int,
+        rank: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.targets, self.d_in, self.sizes = targets, d_in, sizes
         self.offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
         n, S = len(targets), num_slots
@@ -125,8 +131,15 @@ class DeltaStack:
     def slice(self, i: int) -> DeltaWeights:
         """Slice i alone, as views (the split path of a fused site)."""
         part = slice(i, i + 1)
-        return DeltaWeights(self.a[part], self.b[part], self.ranks[part], self.scalings[part],
-                            self.activations[part], self.codes, self.loaded)  # fmt: skip
+        return DeltaWeights(
+            self.a[part],
+            self.b[part],
+            self.ranks[part],
+            self.scalings[part],
+            self.activations[part],
+            self.codes,
+            self.loaded,
+        )
 
     def _refresh_codes(self) -> None:
         self.codes = tuple(sorted({c for c in self._held.values() if c != Activation.IDENTITY}))
@@ -137,19 +150,22 @@ class DeltaStacks:
     class of its rank (rank 12 -> the rank-16 stack), so no op computes over a larger adapter's
     rows. Classes are allocated on first use and kept."""
 
-    def __init__(self, pool: AdapterPool, targets: tuple[str, ...], d_in: int,
-                 sizes: tuple[int, ...]) -> None:  # fmt: skip
+    def __init__(
+        self, pool: AdapterPool, targets: tuple[str, ...], d_in: int, sizes: tuple[int, ...]
+    ) -> None:
         self.pool, self.targets, self.d_in, self.sizes = pool, targets, d_in, sizes
         self.classes: dict[int, DeltaStack] = {}
 
-    def set(self, i: int, slot: int, down: torch.Tensor, up: torch.Tensor, scaling: float,
-            f: int) -> None:  # fmt: skip
+    def set(
+        self, i: int, slot: int, down: torch.Tensor, up: torch.Tensor, scaling: float, f: int
+    ) -> None:
         bucket = rank_bucket(down.shape[0])
         stack = self.classes.get(bucket)
         if stack is None:
             pool = self.pool
-            stack = DeltaStack(self.targets, self.d_in, self.sizes, pool.num_slots, bucket,
-                               pool.device, pool.dtype)  # fmt: skip
+            stack = DeltaStack(
+                self.targets, self.d_in, self.sizes, pool.num_slots, bucket, pool.device, pool.dtype
+            )
             self.classes = dict(sorted({**self.classes, bucket: stack}.items()))
             pool.structure += 1
         codes = stack.codes
@@ -210,10 +226,18 @@ class EmbeddingDeltas:
         bucket = rank_bucket(rank)
         if bucket not in self.classes:
             pool = self.pool
-            rows = torch.zeros(pool.num_slots, self.vocab, bucket, dtype=pool.dtype,
-                               device=pool.device)  # fmt: skip
-            stack = DeltaStack(("embed_tokens",), bucket, (self.hidden,), pool.num_slots, bucket,
-                               pool.device, pool.dtype)  # fmt: skip
+            rows = torch.zeros(
+                pool.num_slots, self.vocab, bucket, dtype=pool.dtype, device=pool.device
+            )
+            stack = DeltaStack(
+                ("embed_tokens",),
+                bucket,
+                (self.hidden,),
+                pool.num_slots,
+                bucket,
+                pool.device,
+                pool.dtype,
+            )
             self.classes = dict(sorted({**self.classes, bucket: (rows, stack)}.items()))
             pool.structure += 1
         rows, stack = self.classes[bucket]
@@ -236,8 +260,9 @@ class SliceWriter:
     """What a kind's loader writes one target's weights through: slice `index` of a site's
     DeltaStack (or a whole single-target stack), or a column range of a VectorStack."""
 
-    def __init__(self, pool: AdapterPool, stack: DeltaStacks | VectorStack, index: int = 0,
-                 start: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, pool: AdapterPool, stack: DeltaStacks | VectorStack, index: int = 0, start: int = 0
+    ) -> None:
         self.pool, self.stack, self.index, self.start = pool, stack, index, start
 
     def set(self, slot: int, *weights) -> None:
@@ -395,9 +420,15 @@ class AdapterPool:
         self.kinds[slot] = self.names[slot] = None
 
     def set_module(
-        self, slot: int, key: tuple[int, str], placement: str, down: torch.Tensor,
-        up: torch.Tensor, scaling: float, activation: int,
-    ) -> None:  # fmt: skip
+        self,
+        slot: int,
+        key: tuple[int, str],
+        placement: str,
+        down: torch.Tensor,
+        up: torch.Tensor,
+        scaling: float,
+        activation: int,
+    ) -> None:
         """y += scaling * up f(down u) for `slot` at `key` (layer, target): placement "parallel"
         (the `post` stacks: LoRA, parallel bottleneck), "input" or "output" (series)."""
         self.module_stack(key, placement).set(slot, down, up, scaling, activation)

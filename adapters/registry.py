@@ -191,8 +191,9 @@ class AdapterRegistry:
         """
         if threading.get_ident() != self._owner_thread:
             torch.set_num_threads(1)  # this thread's OpenMP setting only
-        return load_adapter(directory, name, self.pool.fingerprint, self.max_rank,
-                            self.pool.base_weight)  # fmt: skip
+        return load_adapter(
+            directory, name, self.pool.fingerprint, self.max_rank, self.pool.base_weight
+        )
 
     def add_upload(self, staging: Path, name: str, replace: bool = False) -> Entry:
         """Validate a filled store staging directory, commit it as `name`, serve it."""
@@ -380,9 +381,14 @@ class AdapterRegistry:
                 entry.spec = spec
 
     def _install(
-        self, name: str, path: Path, origin: str, spec: AdapterSpec, created: float | None = None,
+        self,
+        name: str,
+        path: Path,
+        origin: str,
+        spec: AdapterSpec,
+        created: float | None = None,
         stamp: tuple[int, ...] | None = None,
-    ) -> Entry:  # fmt: skip
+    ) -> Entry:
         entry = Entry(
             name=name,
             version=next(self._versions),

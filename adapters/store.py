@@ -206,10 +206,13 @@ class AdapterStore:
         staging = self._own_staging(staging)
         with self._cleanup_on_error(staging):
             return unpack_archive(
-                staging, filename, stream, max_upload_bytes=self.max_upload_bytes,
+                staging,
+                filename,
+                stream,
+                max_upload_bytes=self.max_upload_bytes,
                 max_extracted_bytes=self.max_extracted_bytes,
                 max_members=self.max_archive_members,
-            )  # fmt: skip
+            )
 
     # ---- committed adapters ---------------------------------------------------------------
     def _names(self) -> list[str]:

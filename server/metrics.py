@@ -255,8 +255,9 @@ class Exposition:
         self._families: dict[str, list[str]] = {}  # name -> HELP, TYPE and sample keys
         self._values: dict[str, float] = {}  # sample key (name and labels) -> value
 
-    def add(self, text: str, replica: str | None = None,
-            only: tuple[str, ...] | None = None) -> None:  # fmt: skip
+    def add(
+        self, text: str, replica: str | None = None, only: tuple[str, ...] | None = None
+    ) -> None:
         """Merge `text`; `replica`: label its samples `replica="..."`; `only`: keep just the
         families whose names start with one of these."""
         current = None

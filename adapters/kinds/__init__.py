@@ -22,8 +22,15 @@ from adapterserve.adapters.kinds.prompt import PromptTuning
 from adapterserve.adapters.kinds.series import SeriesBottleneck
 from adapterserve.adapters.spec import AdapterFormatError, AdapterKind
 
-__all__ = ["KINDS", "AdapterFiles", "Binding", "Kind", "KVCacheWriter", "kind_for",
-           "kind_for_config"]  # fmt: skip
+__all__ = [
+    "KINDS",
+    "AdapterFiles",
+    "Binding",
+    "Kind",
+    "KVCacheWriter",
+    "kind_for",
+    "kind_for_config",
+]
 
 # The registration table: one line per kind.
 KINDS: tuple[Kind, ...] = (

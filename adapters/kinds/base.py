@@ -36,13 +36,15 @@ if TYPE_CHECKING:
 __all__ = ["AdapterFiles", "Binding", "KVCacheWriter", "Kind", "NOT_SERVED"]
 
 # Why an option is refused, for the options several kinds share (field -> why).
-NOT_SERVED = MappingProxyType({
-    "modules_to_save": (
-        "full trained copies of base modules (an lm_head or embedding of vocab x hidden per "
-        "adapter) are not served per request; LoRA on embed_tokens / lm_head is"
-    ),
-    "fan_in_fan_out": "only Linear (out, in) weight layouts are served",
-})  # fmt: skip
+NOT_SERVED = MappingProxyType(
+    {
+        "modules_to_save": (
+            "full trained copies of base modules (an lm_head or embedding of vocab x hidden per "
+            "adapter) are not served per request; LoRA on embed_tokens / lm_head is"
+        ),
+        "fan_in_fan_out": "only Linear (out, in) weight layouts are served",
+    }
+)
 
 
 class KVCacheWriter(Protocol):

@@ -129,8 +129,15 @@ class Bottleneck(Kind):
     def load_module(
         self, pool: AdapterPool, slot: int, key: tuple[int, str], weights: BottleneckWeights
     ) -> None:
-        pool.set_module(slot, key, weights.placement, weights.down, weights.up, weights.scaling,
-                        weights.activation)  # fmt: skip
+        pool.set_module(
+            slot,
+            key,
+            weights.placement,
+            weights.down,
+            weights.up,
+            weights.scaling,
+            weights.activation,
+        )
 
 
 def parse_activation(non_linearity: object) -> Activation:

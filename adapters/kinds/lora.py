@@ -94,15 +94,17 @@ DORA_LAYOUT = ModuleLayout(  # use_dora: a magnitude vector (out,) beside A and 
 class Lora(Kind):
     kind = AdapterKind.LORA
     peft_type = "LORA"
-    unsupported = MappingProxyType({
-        **NOT_SERVED,
-        "lora_bias": "LoRA B biases are not served",
-        "layer_replication": "layer replication changes the base model",
-        "trainable_token_indices": "trainable token embeddings are not served",
-        "target_parameters": "LoRA on raw parameters is not served",
-        "alora_invocation_tokens": "activated LoRA (aLoRA) is not served",
-        "use_qalora": "QA-LoRA input pooling is not served",
-    })  # fmt: skip
+    unsupported = MappingProxyType(
+        {
+            **NOT_SERVED,
+            "lora_bias": "LoRA B biases are not served",
+            "layer_replication": "layer replication changes the base model",
+            "trainable_token_indices": "trainable token embeddings are not served",
+            "target_parameters": "LoRA on raw parameters is not served",
+            "alora_invocation_tokens": "activated LoRA (aLoRA) is not served",
+            "use_qalora": "QA-LoRA input pooling is not served",
+        }
+    )
     weights = LoraWeights
 
     def read(self, files: AdapterFiles) -> AdapterSpec:
@@ -118,9 +120,10 @@ class Lora(Kind):
         dora = bool(config.get("use_dora"))
         if dora and files.base_weight is None:
             raise AdapterFormatError(
-                "use_dora", "use_dora: DoRA's norms need the base model's weights, which this "
+                "use_dora",
+                "use_dora: DoRA's norms need the base model's weights, which this "
                 "reader has not got (it validates an adapter without a model)",
-            )  # fmt: skip
+            )
         modules = {}
         layer_tensors, model_keys = split_model_keys(files.tensors)
         if dora and model_keys:
@@ -128,8 +131,9 @@ class Lora(Kind):
             raise AdapterFormatError(key, DORA_MODEL_REFUSAL.format(key=repr(key)))
         grouped = {}
         if layer_tensors or not model_keys:
-            grouped = group_modules(layer_tensors, files.fingerprint,
-                                    DORA_LAYOUT if dora else LAYOUT)  # fmt: skip
+            grouped = group_modules(
+                layer_tensors, files.fingerprint, DORA_LAYOUT if dora else LAYOUT
+            )
         for (layer, target), found in grouped.items():
             a_key, b_key = found.keys["lora_A"], found.keys["lora_B"]
             check_layer(config, layer, a_key)
@@ -143,8 +147,9 @@ class Lora(Kind):
             if dora:
                 m_key = found.keys["lora_magnitude_vector"]
                 magnitude = check_tensor(m_key, files.tensors[m_key], (out_features,))
-                output_scale = dora_scale(files.base_weight(layer, target), a, b, scaling,
-                                          magnitude, m_key)  # fmt: skip
+                output_scale = dora_scale(
+                    files.base_weight(layer, target), a, b, scaling, magnitude, m_key
+                )
             modules[layer, target] = LoraWeights(
                 a=a, b=b, scaling=scaling, output_scale=output_scale
             )
@@ -153,21 +158,30 @@ class Lora(Kind):
             module = "model.embed_tokens" if target == "embed_tokens" else "lm_head"
             rank = first_match(rank_pattern, module, r)
             alpha_ = first_match(alpha_pattern, module, alpha)
-            model_modules[target] = model_weights(files, target, keys, rank, alpha_ / (
-                math.sqrt(rank) if config.get("use_rslora") else rank))  # fmt: skip
+            model_modules[target] = model_weights(
+                files,
+                target,
+                keys,
+                rank,
+                alpha_ / (math.sqrt(rank) if config.get("use_rslora") else rank),
+            )
         spec = self.module_spec(
             files, modules, rank=max(w.rank for w in [*modules.values(), *model_modules.values()])
         )
         if not model_modules:
             return spec
-        return replace(spec, targets=spec.targets + tuple(t for t in MODEL_TARGETS if t in model_modules),
-                       model_modules=MappingProxyType(model_modules))  # fmt: skip
+        return replace(
+            spec,
+            targets=spec.targets + tuple(t for t in MODEL_TARGETS if t in model_modules),
+            model_modules=MappingProxyType(model_modules),
+        )
 
     def load_module(
         self, pool: AdapterPool, slot: int, key: tuple[int, str], weights: LoraWeights
     ) -> None:
-        pool.set_module(slot, key, "parallel", weights.a, weights.b, weights.scaling,
-                        Activation.IDENTITY)  # fmt: skip
+        pool.set_module(
+            slot, key, "parallel", weights.a, weights.b, weights.scaling, Activation.IDENTITY
+        )
         if weights.output_scale is not None:  # DoRA: the site's output scale, after the delta
             pool.set_vector(slot, key, "output", weights.output_scale)
 
@@ -201,8 +215,9 @@ def split_model_keys(
     return layers, found
 
 
-def model_weights(files: AdapterFiles, target: str, keys: Mapping[str, str], rank: int,
-                  scaling: float) -> LoraWeights:  # fmt: skip
+def model_weights(
+    files: AdapterFiles, target: str, keys: Mapping[str, str], rank: int, scaling: float
+) -> LoraWeights:
     """LoRA on embed_tokens or lm_head, checked against the base's vocabulary and width."""
     vocab, hidden = files.fingerprint.vocab_size, files.fingerprint.hidden_size
     names = MODEL_NAMES[target]
@@ -211,17 +226,27 @@ def model_weights(files: AdapterFiles, target: str, keys: Mapping[str, str], ran
     missing = [name for name in names if name not in keys]
     if missing:
         where = next(iter(keys.values()))
-        raise AdapterFormatError(where, f"tensor {where!r}: expected a {target} {missing[0]} "
-                                        "weight beside it, got none")  # fmt: skip
-    a_shape, b_shape = ((rank, vocab), (hidden, rank)) if target == "embed_tokens" else (
-        (rank, hidden), (vocab, rank))  # fmt: skip
+        raise AdapterFormatError(
+            where, f"tensor {where!r}: expected a {target} {missing[0]} weight beside it, got none"
+        )
+    a_shape, b_shape = (
+        ((rank, vocab), (hidden, rank))
+        if target == "embed_tokens"
+        else ((rank, hidden), (vocab, rank))
+    )
     a = check_tensor(keys[names[0]], files.tensors[keys[names[0]]], a_shape)
     b = check_tensor(keys[names[1]], files.tensors[keys[names[1]]], b_shape)
     return LoraWeights(a=a, b=b, scaling=scaling)
 
 
-def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-               magnitude: torch.Tensor, key: str) -> torch.Tensor:  # fmt: skip
+def dora_scale(
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    key: str,
+) -> torch.Tensor:
     """DoRA's g = magnitude / ||W + scaling * b @ a|| per output row, as peft computes it at
     inference (tuners/lora/dora.py: the norm of the merged weight over its input dim, detached),
     in float64 so that a near-zero norm is seen, not rounded to one."""
@@ -238,8 +263,11 @@ def check_targets(config: Mapping) -> None:
     targets = config.get("target_modules")
     names = [targets] if isinstance(targets, str) else list(targets or [])
     for target in names:
-        if (isinstance(target, str) and any(e in target for e in EMBEDDING_MODULES)
-                and target.split(".")[-1] not in MODEL_TARGETS):  # fmt: skip
+        if (
+            isinstance(target, str)
+            and any(e in target for e in EMBEDDING_MODULES)
+            and target.split(".")[-1] not in MODEL_TARGETS
+        ):
             raise AdapterFormatError(
                 "target_modules",
                 "target_modules: expected q/k/v/o/gate/up/down projections, embed_tokens or "

@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 class PrefixTuning(Kind):
     kind = AdapterKind.PREFIX
     peft_type = "PREFIX_TUNING"
-    unsupported = MappingProxyType({
-        "modules_to_save": NOT_SERVED["modules_to_save"],
-        "prefix_projection": "the prefix MLP encoder is not served; export the projected prefix",
-    })  # fmt: skip
+    unsupported = MappingProxyType(
+        {
+            "modules_to_save": NOT_SERVED["modules_to_save"],
+            "prefix_projection": "the prefix MLP encoder is not served; export the projected prefix",
+        }
+    )
 
     def read(self, files: AdapterFiles) -> AdapterSpec:
         fp = files.fingerprint
@@ -40,9 +42,16 @@ class PrefixTuning(Kind):
         flat = prompt_tensor(files.tensors, (nvt, 2 * layers * fp.kv_dim))
         prefix_kv = flat.view(nvt, layers, 2, kv_heads, head_dim)  # (nvt, L, 2, kvh, d)
         prefix_kv = prefix_kv.permute(1, 2, 0, 3, 4).contiguous()  # (L, 2, nvt, kvh, d)
-        return AdapterSpec(files.name, self.kind, fp, rank=0, targets=(),
-                           modules=MappingProxyType({}), prefix_kv=prefix_kv,
-                           num_virtual_tokens=nvt)  # fmt: skip
+        return AdapterSpec(
+            files.name,
+            self.kind,
+            fp,
+            rank=0,
+            targets=(),
+            modules=MappingProxyType({}),
+            prefix_kv=prefix_kv,
+            num_virtual_tokens=nvt,
+        )
 
     def place(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
         pool.prefix_kv[slot] = pool.on_device(spec.prefix_kv)

@@ -29,9 +29,16 @@ class PromptTuning(Kind):
         hidden = files.fingerprint.hidden_size
         num_virtual = check_prompt_config(files.config, "token_dim", hidden)
         embeddings = prompt_tensor(files.tensors, (num_virtual, hidden))
-        return AdapterSpec(files.name, self.kind, files.fingerprint, rank=0, targets=(),
-                           modules=MappingProxyType({}), prompt_embeddings=embeddings,
-                           num_virtual_tokens=num_virtual)  # fmt: skip
+        return AdapterSpec(
+            files.name,
+            self.kind,
+            files.fingerprint,
+            rank=0,
+            targets=(),
+            modules=MappingProxyType({}),
+            prompt_embeddings=embeddings,
+            num_virtual_tokens=num_virtual,
+        )
 
     def place(self, pool: AdapterPool, slot: int, spec: AdapterSpec) -> None:
         """No stack: the embeddings stay on the device, per slot, until a request binds them."""

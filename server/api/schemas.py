@@ -217,9 +217,12 @@ class SamplingFields(RequestModel):
     guided_json: dict[str, Any] | str | None = Field(None, description="vLLM extra: a JSON schema")
     guided_regex: str | None = Field(None, max_length=4096, description="vLLM extra: a regex")
     guided_choice: (
-        Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]],
-                  Field(min_length=1, max_length=256)] | None
-    ) = Field(None, description="vLLM extra: the output is one of these strings")  # fmt: skip
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=1024)]],
+            Field(min_length=1, max_length=256),
+        ]
+        | None
+    ) = Field(None, description="vLLM extra: the output is one of these strings")
     guided_grammar: str | None = Field(
         None, max_length=65536, description="vLLM extra: a Lark or GBNF grammar"
     )

@@ -79,8 +79,13 @@ class Engine(EngineIntake):
             settings.max_num_batched_tokens,
             max_request_share=settings.max_request_share,
         )
-        self.runner = ModelRunner(model, settings, max_model_len, num_blocks,
-                                  registry.pool.num_slots if registry is not None else 1)  # fmt: skip
+        self.runner = ModelRunner(
+            model,
+            settings,
+            max_model_len,
+            num_blocks,
+            registry.pool.num_slots if registry is not None else 1,
+        )
         self.output = OutputProcessor(tokenizer, max_model_len)
         self.healthy, self.ready = True, False
         self.restarting = False  # EngineClient: an engine in this process is never restarted

@@ -177,9 +177,13 @@ class EngineIntake:
             root = Sequence(ids[0], list(prompt), params, model or self.model_id, stream=None)
             root.adapter, root.entry, root.owner = adapter, entries[i] if entries else None, owner
             search = BeamSearch(
-                params.beam_width, params.max_tokens, frozenset(self.output.rules.stop_ids(params)),
-                params.length_penalty, params.early_stopping, params.min_tokens,
-            )  # fmt: skip
+                params.beam_width,
+                params.max_tokens,
+                frozenset(self.output.rules.stop_ids(params)),
+                params.length_penalty,
+                params.early_stopping,
+                params.min_tokens,
+            )
             streams = [RequestStream(request_id, self, loop) for request_id in ids]
             self.beams.start(root, search, streams)
             self._inbox.put(("add", root))
@@ -258,9 +262,13 @@ class EngineIntake:
             self._num_queued += count
 
     def _new_sequence(
-        self, prompt: list[int], params: SamplingParams, model: str | None,
-        request_id: str | None, loop: asyncio.AbstractEventLoop,
-    ) -> Sequence:  # fmt: skip
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        model: str | None,
+        request_id: str | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> Sequence:
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, self, loop)
         return Sequence(request_id, list(prompt), params, model or self.model_id, stream)

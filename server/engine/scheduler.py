@@ -184,9 +184,12 @@ class Scheduler:
     touches a tensor: a step is a StepPlan."""
 
     def __init__(
-        self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+        self,
+        allocator: BlockAllocator,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
         max_request_share: float = 1.0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         assert 0.0 < max_request_share <= 1.0
         self.allocator = allocator
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
@@ -287,14 +290,25 @@ class Scheduler:
         its tokens itself, so that no block is ever written by two sequences."""
         assert parent.status is Status.RUNNING and parent.remaining == 0
         child = Sequence(
-            request_id, list(parent.prompt_ids), parent.params, parent.model, stream=None,
-            slot_id=parent.slot_id, adapter=parent.adapter, lease=parent.lease,
-            num_virtual=parent.num_virtual, prefix_kv=parent.prefix_kv,
-            virtual_embeds=parent.virtual_embeds, arrival=parent.arrival,
-            output_ids=parent.output_ids + [token], cache_identity=parent.cache_identity,
-            block_keys=list(parent.block_keys), group=parent.group, owner=parent.owner,
+            request_id,
+            list(parent.prompt_ids),
+            parent.params,
+            parent.model,
+            stream=None,
+            slot_id=parent.slot_id,
+            adapter=parent.adapter,
+            lease=parent.lease,
+            num_virtual=parent.num_virtual,
+            prefix_kv=parent.prefix_kv,
+            virtual_embeds=parent.virtual_embeds,
+            arrival=parent.arrival,
+            output_ids=parent.output_ids + [token],
+            cache_identity=parent.cache_identity,
+            block_keys=list(parent.block_keys),
+            group=parent.group,
+            owner=parent.owner,
             status=Status.RUNNING,
-        )  # fmt: skip
+        )
         full = parent.num_computed // self.allocator.block_size
         self.allocator.share(child.block_table, parent.block_table[:full])
         child.num_computed = full * self.allocator.block_size
@@ -368,8 +382,11 @@ class Scheduler:
         victims: list[list[Sequence]] = []
         while free < claimant.width:
             newest = {u[0].share_owner: i for i, u in enumerate(units)}  # owner -> newest unit
-            able = [o for o in newest if o is not wanted and held[o] >= self.share_cap
-                    and held[o] > want]  # fmt: skip
+            able = [
+                o
+                for o in newest
+                if o is not wanted and held[o] >= self.share_cap and held[o] > want
+            ]
             if not able:
                 return []
             unit = units.pop(newest[max(able, key=lambda o: (held[o], newest[o]))])

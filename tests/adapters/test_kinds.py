@@ -33,12 +33,15 @@ CONFIGS = {
     "lora": ({"peft_type": "LORA", "r": 4}, AdapterKind.LORA),
     "lora-lower-case": ({"peft_type": "lora"}, AdapterKind.LORA),
     "series": ({"peft_type": "BOTTLENECK"}, AdapterKind.SERIES),
-    "series-explicit": ({"peft_type": "BOTTLENECK", "use_parallel_adapter": False}, AdapterKind.SERIES),
+    "series-explicit": (
+        {"peft_type": "BOTTLENECK", "use_parallel_adapter": False},
+        AdapterKind.SERIES,
+    ),
     "parallel": ({"peft_type": "BOTTLENECK", "use_parallel_adapter": True}, AdapterKind.PARALLEL),
     "prefix": ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3}, AdapterKind.PREFIX),
     "prompt": ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3}, AdapterKind.PROMPT),
     "ia3": ({"peft_type": "IA3"}, AdapterKind.IA3),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", CONFIGS)
@@ -60,8 +63,11 @@ def test_every_adapter_kind_has_one_registered_class():
     assert sorted(k.kind.value for k in KINDS) == sorted(k.value for k in AdapterKind)
     assert all(kind_for(k.kind) is k for k in KINDS)
     assert {k.kind for k in KINDS if k.uses_slot_ids} == {
-        AdapterKind.LORA, AdapterKind.SERIES, AdapterKind.PARALLEL, AdapterKind.IA3
-    }  # fmt: skip
+        AdapterKind.LORA,
+        AdapterKind.SERIES,
+        AdapterKind.PARALLEL,
+        AdapterKind.IA3,
+    }
 
 
 # --- specs by hand -----------------------------------------------------------------------------
@@ -74,8 +80,9 @@ def module_spec(kind: AdapterKind, fp: BaseFingerprint, modules: dict, rank: int
 
 def bottleneck(fp: BaseFingerprint, target: str, placement: str, rank: int = 2):
     d_in, d_out = adapter_io(fp, target, placement)
-    return BottleneckWeights(torch.randn(rank, d_in), torch.randn(d_out, rank), 0.5,
-                             Activation.TANH, placement)  # fmt: skip
+    return BottleneckWeights(
+        torch.randn(rank, d_in), torch.randn(d_out, rank), 0.5, Activation.TANH, placement
+    )
 
 
 def modules_of(kind: AdapterKind, fp: BaseFingerprint) -> dict:
@@ -83,23 +90,43 @@ def modules_of(kind: AdapterKind, fp: BaseFingerprint) -> dict:
     lora = LoraWeights(torch.randn(2, 64), torch.randn(64, 2), 2.0)
     return {
         AdapterKind.LORA: lambda: {(0, "q"): lora},
-        AdapterKind.SERIES: lambda: {(0, "gate"): bottleneck(fp, "gate", "input"),
-                                     (1, "down"): bottleneck(fp, "down", "output")},
+        AdapterKind.SERIES: lambda: {
+            (0, "gate"): bottleneck(fp, "gate", "input"),
+            (1, "down"): bottleneck(fp, "down", "output"),
+        },
         AdapterKind.PARALLEL: lambda: {(1, "v"): bottleneck(fp, "v", "parallel")},
-        AdapterKind.IA3: lambda: {(0, "k"): IA3Weights(torch.rand(fp.kv_dim), "output"),
-                                  (1, "down"): IA3Weights(torch.rand(128), "input")},
-    }[kind]()  # fmt: skip
+        AdapterKind.IA3: lambda: {
+            (0, "k"): IA3Weights(torch.rand(fp.kv_dim), "output"),
+            (1, "down"): IA3Weights(torch.rand(128), "input"),
+        },
+    }[kind]()
 
 
 def spec_of(kind: AdapterKind, fp: BaseFingerprint) -> AdapterSpec:
     if kind is AdapterKind.PREFIX:
         kv = torch.randn(fp.num_layers, 2, NUM_VIRTUAL, fp.num_kv_heads, fp.head_dim)
-        return AdapterSpec("prefix", kind, fp, 0, (), MappingProxyType({}), prefix_kv=kv,
-                           num_virtual_tokens=NUM_VIRTUAL)  # fmt: skip
+        return AdapterSpec(
+            "prefix",
+            kind,
+            fp,
+            0,
+            (),
+            MappingProxyType({}),
+            prefix_kv=kv,
+            num_virtual_tokens=NUM_VIRTUAL,
+        )
     if kind is AdapterKind.PROMPT:
         embeds = torch.randn(NUM_VIRTUAL, fp.hidden_size)
-        return AdapterSpec("prompt", kind, fp, 0, (), MappingProxyType({}),
-                           prompt_embeddings=embeds, num_virtual_tokens=NUM_VIRTUAL)  # fmt: skip
+        return AdapterSpec(
+            "prompt",
+            kind,
+            fp,
+            0,
+            (),
+            MappingProxyType({}),
+            prompt_embeddings=embeds,
+            num_virtual_tokens=NUM_VIRTUAL,
+        )
     rank = 0 if kind is AdapterKind.IA3 else 2
     return module_spec(kind, fp, modules_of(kind, fp), rank)
 
@@ -182,12 +209,21 @@ def test_load_places_each_module_in_its_kinds_stack(pool: AdapterPool, fingerpri
         (AdapterKind.SERIES, lambda fp: {(0, "down"): bottleneck(fp, "down", "input")}),
         (AdapterKind.PARALLEL, lambda fp: {(0, "up"): bottleneck(fp, "up", "input")}),
         (AdapterKind.LORA, lambda fp: {(0, "k"): IA3Weights(torch.ones(32), "output")}),
-        (AdapterKind.IA3, lambda fp: {(0, "q"): LoraWeights(torch.ones(2, 64), torch.ones(64, 2), 1.0)}),
+        (
+            AdapterKind.IA3,
+            lambda fp: {(0, "q"): LoraWeights(torch.ones(2, 64), torch.ones(64, 2), 1.0)},
+        ),
         (AdapterKind.PREFIX, lambda fp: {(0, "k"): IA3Weights(torch.ones(32), "output")}),
     ],
-    ids=["series-parallel-placement", "series-down-input", "parallel-input", "lora-ia3-weights",
-         "ia3-lora-weights", "prefix-with-modules"],
-)  # fmt: skip
+    ids=[
+        "series-parallel-placement",
+        "series-down-input",
+        "parallel-input",
+        "lora-ia3-weights",
+        "ia3-lora-weights",
+        "prefix-with-modules",
+    ],
+)
 def test_weights_the_kind_does_not_place_are_refused_untouched(pool, fingerprint, kind, modules):
     kind_for(AdapterKind.LORA).load(pool, 2, spec_of(AdapterKind.LORA, fingerprint))
     with pytest.raises(ValueError):
@@ -242,6 +278,11 @@ def test_the_step_path_imports_without_parsing_dependencies():
         "import adapterserve.adapters.pool, adapterserve.adapters.hooks, adapterserve.adapters.kinds, adapterserve.server.engine.scheduler\n"
         "print('IMPORTED')\n"
     )
-    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).parents[2], timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        timeout=120,
+    )
     assert "IMPORTED" in done.stdout, done.stderr[-2000:]

@@ -119,8 +119,9 @@ def prompt(seed: int, length: int, vocab: int) -> list[int]:
 def run(model: Transformer, requests: list[tuple[list[int], int]], budget: int = 512) -> list:
     """Logits at every prompt position of each (prompt, slot) request, all scheduled together
     under a per-step token budget (chunked prefill when it is small)."""
-    stepper = Stepper(model.args, 256, 4, len(requests), budget,
-                      num_adapter_slots=model.hooks.pool.num_slots)  # fmt: skip
+    stepper = Stepper(
+        model.args, 256, 4, len(requests), budget, num_adapter_slots=model.hooks.pool.num_slots
+    )
     params = SamplingParams(prompt_logprobs=0)
     seqs = [Sequence(f"r{i}", p, params, "m", None, slot_id=s) for i, (p, s) in enumerate(requests)]
     rows: dict[Sequence, list[torch.Tensor]] = {seq: [] for seq in seqs}
@@ -288,8 +289,11 @@ def test_op_sequence_depends_on_the_pool_not_the_batch(setup: Setup, monkeypatch
     calls = record_ops(monkeypatch, setup.model.hooks)
     vocab = setup.model.args.vocab_size
     sequences = []
-    for slots in ([SLOTS["lora-rslora-all"]] * 2, [SLOTS["series"], SLOTS["ia3"]],
-                  [SLOTS["parallel"], -1]):  # fmt: skip
+    for slots in (
+        [SLOTS["lora-rslora-all"]] * 2,
+        [SLOTS["series"], SLOTS["ia3"]],
+        [SLOTS["parallel"], -1],
+    ):
         calls.clear()
         run(setup.model, [(prompt(60 + i, 1, vocab), slot) for i, slot in enumerate(slots)])
         sequences.append(list(calls))
@@ -341,8 +345,9 @@ def test_fused_site_equals_target_by_target(setup: Setup):
                 got = hooks.ops.add_delta(y.clone(), x, stack, batch, site.offsets, site.sizes)
                 want = y.clone()
                 for i, (off, size) in enumerate(zip(site.offsets, site.sizes, strict=True)):
-                    hooks.ops.add_delta(want[:, off : off + size], x, stack.slice(i), batch,
-                                        (0,), (size,))  # fmt: skip
+                    hooks.ops.add_delta(
+                        want[:, off : off + size], x, stack.slice(i), batch, (0,), (size,)
+                    )
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -353,8 +358,12 @@ def test_structure_changes_whenever_a_stack_s_activations_change(setup: Setup):
     pool = AdapterPool(setup.fingerprint, 2, MAX_RANK, "cpu", torch.float32)
 
     def codes() -> dict[tuple, tuple[int, ...]]:
-        return {(key, stack.rank): stack.codes for table in (pool.post, pool.series_in, pool.series_out)
-                for key, stacks in table.items() for stack in stacks.stacks()}  # fmt: skip
+        return {
+            (key, stack.rank): stack.codes
+            for table in (pool.post, pool.series_in, pool.series_out)
+            for key, stacks in table.items()
+            for stack in stacks.stacks()
+        }
 
     load(pool, 1, setup.specs["parallel"])
     pool.clear(1)  # its stacks stay allocated, now without the relu

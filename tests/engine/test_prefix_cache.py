@@ -274,8 +274,10 @@ def test_each_request_reports_the_prompt_tokens_it_found_in_the_cache(
         return last.num_cached_tokens, last.num_prompt_tokens
 
     async def go(engine):
-        return [await cached(engine, m) for m in (None, None, "lora-r8-rs", "lora-r8-rs",
-                                                   "prefix", "prefix")]  # fmt: skip
+        return [
+            await cached(engine, m)
+            for m in (None, None, "lora-r8-rs", "lora-r8-rs", "prefix", "prefix")
+        ]
 
     got, _ = serve(settings, go)
     full = (len(ids) - 1) // 4 * 4

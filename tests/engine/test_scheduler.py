@@ -29,8 +29,13 @@ OUTPUT_TOKEN = 7
 def make_seq(name: str, prompt_len: int, max_tokens: int = 4, prefix: int = 0) -> Sequence:
     """A request of `prompt_len` tokens; `prefix` > 0: prefix-tuned with that many virtual
     tokens (placeholder ids at the front, as Sequence.bind puts them)."""
-    seq = Sequence(name, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens),
-                   "m", stream=None)  # fmt: skip
+    seq = Sequence(
+        name,
+        list(range(1, prompt_len + 1)),
+        SamplingParams(max_tokens=max_tokens),
+        "m",
+        stream=None,
+    )
     if prefix:
         seq.bind(Binding(num_virtual=prefix, prefix_kv=torch.zeros(1, 2, prefix, 1, 1)))
     return seq
@@ -102,9 +107,16 @@ def put_running(d: Driver, seq: Sequence, num_computed: int, outputs: int = 0) -
 
 
 class Driver:
-    def __init__(self, num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64,
-                 prepare=None, place_prefix=None, caching: bool = False,
-                 share: float = 1.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_blocks: int = 64,
+        max_num_seqs: int = 8,
+        budget: int = 64,
+        prepare=None,
+        place_prefix=None,
+        caching: bool = False,
+        share: float = 1.0,
+    ) -> None:
         self.allocator = BlockAllocator(num_blocks, BLOCK, caching=caching)
         self.user_place_prefix = place_prefix
         self.scheduler = Scheduler(self.allocator, max_num_seqs, budget, max_request_share=share)
@@ -204,8 +216,10 @@ class FakeBeams:
             self.end(scheduler)
             return
         self.steps -= 1
-        decisions = [(self.rng.randrange(len(self.members)), self.rng.randint(1, 3))
-                     for _ in range(self.rng.randint(1, self.width))]  # fmt: skip
+        decisions = [
+            (self.rng.randrange(len(self.members)), self.rng.randint(1, 3))
+            for _ in range(self.rng.randint(1, self.width))
+        ]
 
         def new_id() -> str:
             self.forks += 1
@@ -219,8 +233,9 @@ class FakeBeams:
         self.members, self.done = [], True
 
 
-def beam_group(name: str, width: int, steps: int, prompt_len: int = 3,
-               rng: random.Random | None = None) -> Sequence:  # fmt: skip
+def beam_group(
+    name: str, width: int, steps: int, prompt_len: int = 3, rng: random.Random | None = None
+) -> Sequence:
     """The root of a new FakeBeams group of `width` beams that decides for `steps` steps."""
     group = FakeBeams(width, steps, rng or random.Random(name))
     root = make_seq(name, prompt_len, 8)
@@ -543,8 +558,13 @@ def random_traffic(seed: int, caching: bool = False) -> int:
     def prepare(seq: Sequence) -> bool:
         return loading.get(seq.request_id, 0) <= 0
 
-    d = Driver(num_blocks=rng.randint(6, 8), max_num_seqs=rng.randint(2, 5),
-               budget=rng.randint(5, 16), prepare=prepare, caching=caching)  # fmt: skip
+    d = Driver(
+        num_blocks=rng.randint(6, 8),
+        max_num_seqs=rng.randint(2, 5),
+        budget=rng.randint(5, 16),
+        prepare=prepare,
+        caching=caching,
+    )
     seqs, aborted, preemptions = [], [], 0
     for step in range(300):
         if step < 150 and rng.random() < 0.35:
@@ -591,16 +611,22 @@ def test_prefix_request_waiting_with_placed_blocks_cannot_livelock_the_cache():
     assert d.finished == [a, p]
 
 
-def random_beam_traffic(seed: int, caching: bool, share: float = 1.0,
-                        num_blocks: tuple[int, int] = (6, 8)) -> tuple[int, int, int]:  # fmt: skip
+def random_beam_traffic(
+    seed: int, caching: bool, share: float = 1.0, num_blocks: tuple[int, int] = (6, 8)
+) -> tuple[int, int, int]:
     """Single requests (some several choices of one request) and beam groups (FakeBeams: random
     forks and drops every step) arrive at random, some aborted, on a cache that preempts: the
     invariants hold at every step (the fake KV check proves that forked beams attend to their
     own tokens through shared blocks), groups stay whole units, everything ends, no block
     leaks. (forks, preemptions, sequences that yielded slots for the share)."""
     rng = random.Random(seed)
-    d = Driver(num_blocks=rng.randint(*num_blocks), max_num_seqs=rng.randint(3, 6),
-               budget=rng.randint(5, 12), caching=caching, share=share)  # fmt: skip
+    d = Driver(
+        num_blocks=rng.randint(*num_blocks),
+        max_num_seqs=rng.randint(3, 6),
+        budget=rng.randint(5, 12),
+        caching=caching,
+        share=share,
+    )
     fanout = random.Random(-seed)  # apart from rng: the draws without a share stay as they were
     singles, groups, aborted, preemptions = [], [], [], 0
     for step in range(300):

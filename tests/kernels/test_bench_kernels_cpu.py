@@ -112,9 +112,15 @@ def test_lora_check_catches_a_wrong_kernel(bench, monkeypatch, variant):
 def test_bottleneck_case(bench, monkeypatch):
     monkeypatch.setitem(bench.BOTTLENECK_SHAPES, "tiny", (24, 40))
     row = bench.bench_bottleneck_case(
-        "tiny", 4, bench.Activation.GELU, torch.bfloat16, COPY_BYTES_PER_S, rank=6,
-        device="cpu", timer=one_call,
-    )  # fmt: skip
+        "tiny",
+        4,
+        bench.Activation.GELU,
+        torch.bfloat16,
+        COPY_BYTES_PER_S,
+        rank=6,
+        device="cpu",
+        timer=one_call,
+    )
     # uniform over 4 tokens: 2 adapters, each reads down and up at rank 6; every token reads
     # its input and reads and writes its output row (add_delta is in place)
     assert row["distinct"] == 2
@@ -144,8 +150,9 @@ def test_the_benchmark_model_runs_the_ops_of_its_device(bench, monkeypatch):
     monkeypatch.setattr(Transformer, "use_ops", lambda self, ops: handed.append(ops))
     # raising=False: before the fix the module had no ops_for, and the assert below is what fails
     monkeypatch.setattr(bench, "ops_for", lambda device: ("ops for", str(device)), raising=False)
-    args = ModelArgs(vocab_size=64, dim=16, intermediate_size=32, n_layers=1, n_heads=2,
-                     n_kv_heads=1, head_dim=8)  # fmt: skip
+    args = ModelArgs(
+        vocab_size=64, dim=16, intermediate_size=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8
+    )
     bench.build_random_model(args, torch.float32, device="cpu")
     assert handed == [("ops for", "cpu")]
 
@@ -154,8 +161,15 @@ def test_e2e_decode_plumbing(bench):
     """The e2e driver (random model on meta -> device, scheduler, greedy decode) on a tiny model."""
     from adapterserve.server.model.llama import KVCache, ModelArgs
 
-    args = ModelArgs(vocab_size=128, dim=32, intermediate_size=64, n_layers=2, n_heads=4,
-                     n_kv_heads=2, head_dim=8)  # fmt: skip
+    args = ModelArgs(
+        vocab_size=128,
+        dim=32,
+        intermediate_size=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+    )
     model = bench.build_random_model(args, torch.float32, device="cpu")
     assert torch.isfinite(model.inv_freq).all() and model.layers[0].self_attn.wqkv is not None
     cache = KVCache(args, 16, 4, torch.float32, "cpu")
@@ -172,12 +186,24 @@ def test_e2e_adapter_runs(bench, monkeypatch):
     from adapterserve.server.model.llama import ModelArgs
 
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "reference")
-    model_args = ModelArgs(vocab_size=128, dim=32, intermediate_size=64, n_layers=2, n_heads=4,
-                           n_kv_heads=2, head_dim=8)  # fmt: skip
+    model_args = ModelArgs(
+        vocab_size=128,
+        dim=32,
+        intermediate_size=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+    )
     args = argparse.Namespace(
-        e2e_concurrency=12, e2e_prompt_len=5, e2e_output_len=6, e2e_runs=["mixed", "lora64"],
-        e2e_model_args=model_args, e2e_adapters=6, e2e_dtype=torch.float32,
-    )  # fmt: skip
+        e2e_concurrency=12,
+        e2e_prompt_len=5,
+        e2e_output_len=6,
+        e2e_runs=["mixed", "lora64"],
+        e2e_model_args=model_args,
+        e2e_adapters=6,
+        e2e_dtype=torch.float32,
+    )
     rows = bench.bench_e2e(args, device="cpu")
     assert [r["run"] for r in rows] == ["base", "mixed", "lora64"]  # base first: the denominator
     base, mixed, lora64 = rows
@@ -200,17 +226,30 @@ def test_e2e_quantized_runs(bench, monkeypatch):
     from adapterserve.server.model.quant import QuantLinear
 
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "reference")
-    model_args = ModelArgs(vocab_size=128, dim=64, intermediate_size=128, n_layers=2, n_heads=4,
-                           n_kv_heads=2, head_dim=16)  # fmt: skip
+    model_args = ModelArgs(
+        vocab_size=128,
+        dim=64,
+        intermediate_size=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+    )
     built = []
     build = bench.build_random_model
-    monkeypatch.setattr(bench, "build_random_model", lambda *a, **k: built.append(build(*a, **k))
-                        or built[-1])  # fmt: skip
+    monkeypatch.setattr(
+        bench, "build_random_model", lambda *a, **k: built.append(build(*a, **k)) or built[-1]
+    )
     args = argparse.Namespace(
-        e2e_concurrency=3, e2e_prompt_len=5, e2e_output_len=4, e2e_runs=["lora64"],
-        e2e_model_args=model_args, e2e_adapters=3, e2e_dtype=torch.float32,
+        e2e_concurrency=3,
+        e2e_prompt_len=5,
+        e2e_output_len=4,
+        e2e_runs=["lora64"],
+        e2e_model_args=model_args,
+        e2e_adapters=3,
+        e2e_dtype=torch.float32,
         e2e_quantization=["none", "int8", "int4"],
-    )  # fmt: skip
+    )
     rows = bench.bench_e2e(args, device="cpu")
     assert [(r["quantization"], r["run"]) for r in rows] == [
         (q, run) for q in ("none", "int8", "int4") for run in ("base", "lora64")
@@ -220,8 +259,11 @@ def test_e2e_quantized_runs(bench, monkeypatch):
         want = 1.0 if row["quantization"] == "none" else None
         none = next(r for r in rows if r["quantization"] == "none" and r["run"] == row["run"])
         assert row["vs_none"] == (want or pytest.approx(row["decode_tok_s"] / none["decode_tok_s"]))
-    assert [type(m.layers[0].mlp.w13).__name__ for m in built] == ["Dense", "Int8Linear",
-                                                                    "Int4Linear"]  # fmt: skip
+    assert [type(m.layers[0].mlp.w13).__name__ for m in built] == [
+        "Dense",
+        "Int8Linear",
+        "Int4Linear",
+    ]
     assert all(isinstance(m.head, QuantLinear) for m in built[1:])
 
 
@@ -233,12 +275,25 @@ def test_e2e_compiled_mode(bench, monkeypatch):
     from adapterserve.server.model.llama import ModelArgs
 
     monkeypatch.setenv("ADAPTERSERVE_KERNELS", "reference")
-    model_args = ModelArgs(vocab_size=128, dim=32, intermediate_size=64, n_layers=2, n_heads=4,
-                           n_kv_heads=2, head_dim=8)  # fmt: skip
+    model_args = ModelArgs(
+        vocab_size=128,
+        dim=32,
+        intermediate_size=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+    )
     args = argparse.Namespace(
-        e2e_concurrency=4, e2e_prompt_len=5, e2e_output_len=5, e2e_runs=["lora64"],
-        e2e_model_args=model_args, e2e_adapters=4, e2e_dtype=torch.float32, e2e_compile=True,
-    )  # fmt: skip
+        e2e_concurrency=4,
+        e2e_prompt_len=5,
+        e2e_output_len=5,
+        e2e_runs=["lora64"],
+        e2e_model_args=model_args,
+        e2e_adapters=4,
+        e2e_dtype=torch.float32,
+        e2e_compile=True,
+    )
     rows = bench.bench_e2e(args, device="cpu")
     assert [(r["run"], r["mode"]) for r in rows] == [
         ("base", "eager"),
@@ -248,8 +303,11 @@ def test_e2e_compiled_mode(bench, monkeypatch):
     ]
     for row in rows:
         assert row["decode_tokens"] == 4 * 4
-        assert row["vs_eager"] == (1.0 if row["mode"] == "eager" else pytest.approx(
-            row["decode_tok_s"] / rows[rows.index(row) - 1]["decode_tok_s"]))  # fmt: skip
+        assert row["vs_eager"] == (
+            1.0
+            if row["mode"] == "eager"
+            else pytest.approx(row["decode_tok_s"] / rows[rows.index(row) - 1]["decode_tok_s"])
+        )
     assert rows[3]["changed"] > 0  # compiled adapters act too
 
 
@@ -260,15 +318,21 @@ def test_random_spec_loads_into_a_pool(bench, kind):
     from adapterserve.adapters.pool import AdapterPool
     from adapterserve.server.model.llama import ModelArgs
 
-    model_args = ModelArgs(vocab_size=64, dim=16, intermediate_size=40, n_layers=2, n_heads=4,
-                           n_kv_heads=2, head_dim=4)  # fmt: skip
+    model_args = ModelArgs(
+        vocab_size=64, dim=16, intermediate_size=40, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4
+    )
     fp = bench.fingerprint_of(model_args)
     spec = bench.random_spec("a", kind, fp, 4, 3, seed=0)
     pool = AdapterPool(fp, 2, 4, "cpu", torch.float32)
     kind_for(spec.kind).load(pool, 1, spec)
     assert pool.kind_of(1).value == kind
-    stacks = [*pool.post.values(), *pool.series_in.values(), *pool.series_out.values(),
-              *pool.ia3_in.values(), *pool.post_scale.values()]  # fmt: skip
+    stacks = [
+        *pool.post.values(),
+        *pool.series_in.values(),
+        *pool.series_out.values(),
+        *pool.ia3_in.values(),
+        *pool.post_scale.values(),
+    ]
     if kind in ("prefix", "prompt"):
         assert not stacks and spec.num_virtual_tokens == 3
     else:
@@ -300,8 +364,14 @@ def test_e2e_needs_no_web_stack():
         print("E2E-OK")
     """)
     env = {**os.environ, "ADAPTERSERVE_KERNELS": "reference"}
-    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=env,
-                          cwd=SCRIPT.parents[1], timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=SCRIPT.parents[1],
+        timeout=300,
+    )
     assert "E2E-OK" in done.stdout, done.stderr[-3000:]
 
 
@@ -323,8 +393,9 @@ def test_the_int8_paths_table_times_each_path_and_names_the_served_one(bench):
     a stand-in timer (each path runs once), a small layer."""
     table = bench.time_int8_paths("cpu", rows_list=(1, 32), features=64, timer=one_call)
     assert [row["rows"] for row in table] == [1, 32]
-    assert all(row[k] == 1.0 for row in table
-               for k in ("int8_kernel_ms", "int8_dequantized_ms", "bf16_ms"))  # fmt: skip
+    assert all(
+        row[k] == 1.0 for row in table for k in ("int8_kernel_ms", "int8_dequantized_ms", "bf16_ms")
+    )
     assert {row["path"] for row in table} == {"kernel"}  # only CUDA takes the dequantized path
 
 
@@ -332,8 +403,15 @@ def e2e_setup(bench):
     from adapterserve.adapters.hooks import PoolHooks
     from adapterserve.server.model.llama import KVCache, ModelArgs
 
-    args = ModelArgs(vocab_size=160, dim=32, intermediate_size=64, n_layers=2, n_heads=4,
-                     n_kv_heads=2, head_dim=8)  # fmt: skip
+    args = ModelArgs(
+        vocab_size=160,
+        dim=32,
+        intermediate_size=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+    )
     model = bench.build_random_model(args, torch.float32, device="cpu")
     pool = bench.build_pool(args, bench.E2E_MIXED_KINDS, 6, torch.float32, "cpu")
     model.hooks = PoolHooks(pool)
@@ -353,8 +431,7 @@ def test_the_e2e_check_compares_the_triton_step_with_the_reference(bench, monkey
     error = bench.check_e2e(model, cache, pool, "cpu", *sizes, "mixed")
     assert error < 1e-4  # fp32: summation order only
     attention = importlib.import_module("adapterserve.kernels.attention")
-    monkeypatch.setattr(attention, "paged_decode_attention",
-                        lambda q, *args: torch.zeros_like(q))  # fmt: skip
+    monkeypatch.setattr(attention, "paged_decode_attention", lambda q, *args: torch.zeros_like(q))
     with pytest.raises(AssertionError, match="relative error"):
         bench.check_e2e(model, cache, pool, "cpu", *sizes, "mixed")
 
@@ -366,27 +443,41 @@ def test_the_gpu_script_runs_bounded_stages_in_order_and_keeps_what_finished(tmp
     import subprocess
 
     stub = tmp_path / "python"
-    stub.write_text("#!/usr/bin/env bash\n"
-                    'echo "bench $*"\n'
-                    'if [[ " $* " == *" lora "* ]]; then sleep 30; fi\n')  # fmt: skip
+    stub.write_text(
+        '#!/usr/bin/env bash\necho "bench $*"\nif [[ " $* " == *" lora "* ]]; then sleep 30; fi\n'
+    )
     stub.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"),
-           "STAGE_TIMEOUT_S": "3"}  # fmt: skip
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "STAGE_TIMEOUT_S": "3"}
     env.pop("QUICK", None)
-    done = subprocess.run(["bash", str(SCRIPT.with_name("run_kernels_gpu.sh"))], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(SCRIPT.with_name("run_kernels_gpu.sh"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr  # one stage cut off
     log = (tmp_path / "out" / "gpu_stages.log").read_text()
     order = ["e2e", "quant1", "others", "lora", "quant32", "compiled"]
     assert log.splitlines()[0].startswith(f"GPU stages, in order: {' '.join(order)}")
-    starts = [line.split()[2] for line in log.splitlines() if line.startswith("=== stage ")
-              and "(" in line and "done" not in line and "cut off" not in line]  # fmt: skip
+    starts = [
+        line.split()[2]
+        for line in log.splitlines()
+        if line.startswith("=== stage ")
+        and "(" in line
+        and "done" not in line
+        and "cut off" not in line
+    ]
     assert starts == order, log
     assert "=== stage lora cut off at 3 s" in log, log
     assert "=== stage compiled done" in log, log
     benches = [line for line in log.splitlines() if line.startswith("bench ")]
     assert "--ops lora --dtype bfloat16 --quick" in benches[3], benches
     assert "--e2e-quantization none int8 int4" in benches[1] and "--e2e-compile" in benches[-1]
-    one = subprocess.run(["bash", str(SCRIPT.with_name("run_kernels_gpu.sh"))],
-                         env={**env, "STAGE": "nope"}, capture_output=True, text=True)  # fmt: skip
+    one = subprocess.run(
+        ["bash", str(SCRIPT.with_name("run_kernels_gpu.sh"))],
+        env={**env, "STAGE": "nope"},
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 2 and "STAGE must be one of" in one.stderr

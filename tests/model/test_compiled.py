@@ -33,10 +33,12 @@ class Decoder:
 
     def __init__(self, pool_setup: Setup, buckets: tuple[int, ...] | None) -> None:
         self.model = pool_setup.model
-        self.stepper = Stepper(self.model.args, 256, 4, 8, 64,
-                               num_adapter_slots=pool_setup.pool.num_slots)  # fmt: skip
-        self.compiled = CompiledDecode(self.model, self.stepper.cache, self.stepper.builder,
-                                       buckets)  # fmt: skip
+        self.stepper = Stepper(
+            self.model.args, 256, 4, 8, 64, num_adapter_slots=pool_setup.pool.num_slots
+        )
+        self.compiled = CompiledDecode(
+            self.model, self.stepper.cache, self.stepper.builder, buckets
+        )
 
     def add(self, ids: list[int], slot: int, name: str) -> Sequence:
         seq = Sequence(name, ids, SamplingParams(), "m", None, slot_id=slot)
@@ -110,10 +112,18 @@ def test_no_recompilation_while_the_batch_changes(setup: Setup) -> None:  # noqa
     assert graphs() == compiled_so_far, "a decode step recompiled"
 
 
-def engine_tokens(model_dir: Path, tmp_path: Path, compile: str, prompts,
-                  quantization: str = "auto") -> tuple[list, object]:  # fmt: skip
-    settings = Settings(model=str(model_dir), device="cpu", num_kv_blocks=128, max_model_len=256,
-                        cache_dir=tmp_path, compile=compile, quantization=quantization)  # fmt: skip
+def engine_tokens(
+    model_dir: Path, tmp_path: Path, compile: str, prompts, quantization: str = "auto"
+) -> tuple[list, object]:
+    settings = Settings(
+        model=str(model_dir),
+        device="cpu",
+        num_kv_blocks=128,
+        max_model_len=256,
+        cache_dir=tmp_path,
+        compile=compile,
+        quantization=quantization,
+    )
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
     async def go(engine):

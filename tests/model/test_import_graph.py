@@ -85,7 +85,12 @@ def test_importing_the_pool_loads_no_adapter_kind(tmp_path: Path):
         "import adapterserve.adapters.pool\n"
         "print(sorted(m for m in sys.modules if m.startswith('adapterserve.adapters.kinds')))\n"
     )
-    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

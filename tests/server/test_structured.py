@@ -278,8 +278,11 @@ def _opened(schema: dict) -> dict:
     """The schema as pydantic writes one: objects open (no additionalProperties), nothing
     required."""
     if isinstance(schema, dict):
-        return {k: _opened(v) for k, v in schema.items()
-                if k not in ("additionalProperties", "required")}  # fmt: skip
+        return {
+            k: _opened(v)
+            for k, v in schema.items()
+            if k not in ("additionalProperties", "required")
+        }
     return schema
 
 
@@ -308,9 +311,15 @@ def test_a_strict_schema_closes_every_object_and_requires_every_property(server:
             jobs = []
             for i, schema in enumerate(OBJECT_SCHEMAS):
                 spec = {"name": f"s{i}", "schema": _opened(schema), "strict": True}
-                body = {"model": MODELS[i % 3] or "tiny", "max_tokens": 200, "temperature": 1.0,
-                        "seed": i, "n": 4, "messages": [{"role": "user", "content": f"item {i}"}],
-                        "response_format": {"type": "json_schema", "json_schema": spec}}  # fmt: skip
+                body = {
+                    "model": MODELS[i % 3] or "tiny",
+                    "max_tokens": 200,
+                    "temperature": 1.0,
+                    "seed": i,
+                    "n": 4,
+                    "messages": [{"role": "user", "content": f"item {i}"}],
+                    "response_format": {"type": "json_schema", "json_schema": spec},
+                }
                 jobs.append(complete(client, body, stream=i % 2 == 1))
             return await asyncio.gather(*jobs)
 
@@ -325,12 +334,20 @@ def test_a_schema_that_is_not_strict_is_kept_as_given(server: Server) -> None:
     not name, and an optional property may be left out; a closed one stays closed."""
     schema = {"type": "object", "properties": {"a": {"type": "boolean"}}}
     spec = {"name": "open", "schema": schema, "strict": False}
-    body = {"model": "tiny", "prompt": "x", "max_tokens": 60, "temperature": 1.0, "seed": 3,
-            "n": 8, "response_format": {"type": "json_schema", "json_schema": spec}}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "prompt": "x",
+        "max_tokens": 60,
+        "temperature": 1.0,
+        "seed": 3,
+        "n": 8,
+        "response_format": {"type": "json_schema", "json_schema": spec},
+    }
     response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
-    values = [json.loads(c["text"]) for c in response.json()["choices"]
-              if c["finish_reason"] == "stop"]  # fmt: skip
+    values = [
+        json.loads(c["text"]) for c in response.json()["choices"] if c["finish_reason"] == "stop"
+    ]
     assert values and all(isinstance(v, dict) for v in values)
     for v in values:
         jsonschema.validate(v, schema)
@@ -347,7 +364,7 @@ def test_a_schema_that_is_not_strict_is_kept_as_given(server: Server) -> None:
                 "properties": {"a": {"type": "object", "additionalProperties": True}},
             },
             "additionalProperties",
-        ),  # fmt: skip
+        ),
         ({"type": "array", "items": {"type": "string"}}, "object"),
         ({"type": "object", "properties": {"a": {"allOf": [{"type": "string"}]}}}, "allOf"),
     ],
@@ -356,8 +373,12 @@ def test_a_strict_schema_strict_mode_cannot_honour_is_refused(
     server: Server, schema, named
 ) -> None:
     spec = {"name": "bad", "schema": schema, "strict": True}
-    body = {"model": "tiny", "prompt": "x", "max_tokens": 4,
-            "response_format": {"type": "json_schema", "json_schema": spec}}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "prompt": "x",
+        "max_tokens": 4,
+        "response_format": {"type": "json_schema", "json_schema": spec},
+    }
     response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
     error = response.json()["error"]

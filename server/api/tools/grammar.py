@@ -67,10 +67,12 @@ def call_schema(tool: Tool, arguments_key: str = "arguments") -> dict[str, Any]:
         "properties": {"name": {"const": tool.name}, arguments_key: parameters},
         "required": ["name", arguments_key],
         "additionalProperties": False,
-        **{key: _rewrite_root_refs(value, f"#/properties/{arguments_key}")
-           for key, value in hoisted.items()},
+        **{
+            key: _rewrite_root_refs(value, f"#/properties/{arguments_key}")
+            for key, value in hoisted.items()
+        },
         "x-guidance": JSON_STYLE,
-    }  # fmt: skip
+    }
 
 
 def _rewrite_root_refs(node: Any, root: str) -> Any:

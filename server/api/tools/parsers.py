@@ -264,7 +264,10 @@ class StreamParser:
             events.append(ContentDelta(self.tag_text))
             return True
         for call in scan.calls:
-            events += [ToolCallStart(self.calls, call.name), ToolCallArguments(self.calls, call.arguments_json)]  # fmt: skip
+            events += [
+                ToolCallStart(self.calls, call.name),
+                ToolCallArguments(self.calls, call.arguments_json),
+            ]
             self.calls += 1
         self.buffer = self.buffer[scan.consumed :]
         return True

@@ -45,10 +45,12 @@ def generic_tool_system_prompt(tools: list[Tool], fmt: str = "hermes") -> str:
     """System-message text describing `tools` and how to call them in format `fmt`."""
     get_parser(fmt)  # an unknown format fails here, with the list of known ones
     functions = "\n".join(
-        json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
-                   ensure_ascii=False)
+        json.dumps(
+            {"name": t.name, "description": t.description, "parameters": t.parameters},
+            ensure_ascii=False,
+        )
         for t in tools
-    )  # fmt: skip
+    )
     return (
         "You may call one or more functions to help with the user's request. "
         "The functions, as JSON schemas:\n"

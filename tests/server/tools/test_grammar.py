@@ -17,21 +17,30 @@ from tests.helpers import make_tokenizer
 
 WEATHER = Tool(
     "get_weather",
-    {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
-     "required": ["city"]},
+    {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city"],
+    },
     "Weather of a city",
-)  # fmt: skip
+)
 ADDRESS = {
     "type": "object",
-    "properties": {"street": {"type": "string"}, "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+    "properties": {
+        "street": {"type": "string"},
+        "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]},
+    },
     "$defs": {"Zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-}  # fmt: skip
+}
 SEND = Tool(
     "send",
-    {"type": "object", "properties": {"to": ADDRESS, "zip": {"$ref": "#/$defs/Zip"}},
-     "$defs": {"Zip": {"type": "string", "pattern": "^[0-9]{5}$"}}},
+    {
+        "type": "object",
+        "properties": {"to": ADDRESS, "zip": {"$ref": "#/$defs/Zip"}},
+        "$defs": {"Zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+    },
     strict=True,
-)  # fmt: skip
+)
 TOOLS = [WEATHER, SEND]
 
 
@@ -75,12 +84,16 @@ SEND_CALL = call_json("send", {"to": {"street": "Main", "next": INNER}, "zip": "
 BAD_CALLS = {
     "wrong name": call_json("get_wether", {"city": "Paris"}),
     "missing required key": call_json("get_weather", {"unit": "c"}),
-    "extra key under strict": call_json("send", {"to": {"street": "M", "next": None}, "zip": "12345", "x": 1}),
+    "extra key under strict": call_json(
+        "send", {"to": {"street": "M", "next": None}, "zip": "12345", "x": 1}
+    ),
     "strict: all keys required": call_json("send", {"to": {"street": "M", "next": None}}),
-    "strict nested extra key": call_json("send", {"to": {"street": "M", "next": None, "y": 2}, "zip": "12345"}),
+    "strict nested extra key": call_json(
+        "send", {"to": {"street": "M", "next": None, "y": 2}, "zip": "12345"}
+    ),
     "pattern of a $defs ref": call_json("send", {"to": {"street": "M", "next": None}, "zip": "12"}),
     "wrong enum value": call_json("get_weather", {"city": "Paris", "unit": "k"}),
-}  # fmt: skip
+}
 
 
 def test_forced_hermes_accepts_calls_and_rejects_invalid_ones(checker: Checker):
@@ -149,8 +162,11 @@ def test_what_the_grammar_accepts_the_parser_reads_back(checker: Checker, fmt: s
     """The grammar's JSON style is one the parser takes: a forced output parses to its calls."""
     key = get_parser(fmt).arguments_key
     weather = call_json("get_weather", {"city": "Paris"}, key)
-    text = {"hermes": hermes(weather), "llama3_json": weather,
-            "mistral": f"[TOOL_CALLS] [{weather}]"}[fmt]  # fmt: skip
+    text = {
+        "hermes": hermes(weather),
+        "llama3_json": weather,
+        "mistral": f"[TOOL_CALLS] [{weather}]",
+    }[fmt]
     assert checker.accepts(checker.compile(forced_call_grammar(TOOLS, fmt)), text)
     parsed = get_parser(fmt).parse(text)
     assert [(c.name, json.loads(c.arguments_json)) for c in parsed.calls] == [

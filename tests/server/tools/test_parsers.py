@@ -26,37 +26,73 @@ TIME = ParsedCall("get_time", '{"zone":"日本"}')
 # (format, text, expected): what the model wrote and what it means
 CASES = [
     ("hermes", "Hello there.", ParsedOutput("Hello there.", [])),
-    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris \\"16e\\"", "unit": "c"}}\n</tool_call>',
-     ParsedOutput(None, [WEATHER])),
-    ("hermes", 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris \\"16e\\"", "unit": "c"}}\n</tool_call>\n'
-               '<tool_call>\n{"name": "get_time", "arguments": "{\\"zone\\": \\"日本\\"}"}\n</tool_call>\n',
-     ParsedOutput("Let me look.", [WEATHER, TIME])),
-    ("hermes", '<tool_call>{"name": "get_time", "arguments": {"zone": "日本"}}',  # no end tag at the end
-     ParsedOutput(None, [TIME])),
+    (
+        "hermes",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris \\"16e\\"", "unit": "c"}}\n</tool_call>',
+        ParsedOutput(None, [WEATHER]),
+    ),
+    (
+        "hermes",
+        'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris \\"16e\\"", "unit": "c"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": "{\\"zone\\": \\"日本\\"}"}\n</tool_call>\n',
+        ParsedOutput("Let me look.", [WEATHER, TIME]),
+    ),
+    (
+        "hermes",
+        '<tool_call>{"name": "get_time", "arguments": {"zone": "日本"}}',  # no end tag at the end
+        ParsedOutput(None, [TIME]),
+    ),
     ("hermes", "a <tool_c", ParsedOutput("a <tool_c", [])),
-    ("hermes", "1 < 2 <tool_call>\n{not json}\n</tool_call> ok",
-     ParsedOutput("1 < 2 <tool_call>\n{not json}\n</tool_call> ok", [])),
-    ("hermes", '<tool_call>\n{"arguments": {}}\n</tool_call>',  # no name: not a call
-     ParsedOutput('<tool_call>\n{"arguments": {}}\n</tool_call>', [])),
-    ("hermes", '<tool_call>\n{"name": "x", "arguments": {}}\ntrailing',  # no end tag, more text
-     ParsedOutput('<tool_call>\n{"name": "x", "arguments": {}}\ntrailing', [])),
-    ("hermes", '<tool_call>\n{"name": "nope", "arguments": {"a": [1, {"b": "}"}]}}\n</tool_call>',
-     ParsedOutput(None, [ParsedCall("nope", '{"a":[1,{"b":"}"}]}')])),
-    ("llama3_json", ' {"name": "get_weather", "parameters": {"city": "Paris \\"16e\\"", "unit": "c"}}; {"name": "get_time", "parameters": {"zone": "日本"}}',
-     ParsedOutput(None, [WEATHER, TIME])),
-    ("llama3_json", 'Sure.<|python_tag|>{"name": "get_time", "parameters": {"zone": "日本"}};',
-     ParsedOutput("Sure.", [TIME])),
+    (
+        "hermes",
+        "1 < 2 <tool_call>\n{not json}\n</tool_call> ok",
+        ParsedOutput("1 < 2 <tool_call>\n{not json}\n</tool_call> ok", []),
+    ),
+    (
+        "hermes",
+        '<tool_call>\n{"arguments": {}}\n</tool_call>',  # no name: not a call
+        ParsedOutput('<tool_call>\n{"arguments": {}}\n</tool_call>', []),
+    ),
+    (
+        "hermes",
+        '<tool_call>\n{"name": "x", "arguments": {}}\ntrailing',  # no end tag, more text
+        ParsedOutput('<tool_call>\n{"name": "x", "arguments": {}}\ntrailing', []),
+    ),
+    (
+        "hermes",
+        '<tool_call>\n{"name": "nope", "arguments": {"a": [1, {"b": "}"}]}}\n</tool_call>',
+        ParsedOutput(None, [ParsedCall("nope", '{"a":[1,{"b":"}"}]}')]),
+    ),
+    (
+        "llama3_json",
+        ' {"name": "get_weather", "parameters": {"city": "Paris \\"16e\\"", "unit": "c"}}; {"name": "get_time", "parameters": {"zone": "日本"}}',
+        ParsedOutput(None, [WEATHER, TIME]),
+    ),
+    (
+        "llama3_json",
+        'Sure.<|python_tag|>{"name": "get_time", "parameters": {"zone": "日本"}};',
+        ParsedOutput("Sure.", [TIME]),
+    ),
     ("llama3_json", "The answer is {x}.", ParsedOutput("The answer is {x}.", [])),
     ("llama3_json", '{"name": "get_time"', ParsedOutput('{"name": "get_time"', [])),  # cut off
-    ("llama3_json", '{"name": "get_time", "parameters": {"zone": "日本"}}; {broken',
-     ParsedOutput("; {broken", [TIME])),
-    ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris \\"16e\\"", "unit": "c"}}, {"name": "get_time", "arguments": {"zone": "日本"}}]',
-     ParsedOutput(None, [WEATHER, TIME])),
-    ("mistral", 'Checking. [TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "日本"}}]',
-     ParsedOutput("Checking.", [TIME])),
+    (
+        "llama3_json",
+        '{"name": "get_time", "parameters": {"zone": "日本"}}; {broken',
+        ParsedOutput("; {broken", [TIME]),
+    ),
+    (
+        "mistral",
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris \\"16e\\"", "unit": "c"}}, {"name": "get_time", "arguments": {"zone": "日本"}}]',
+        ParsedOutput(None, [WEATHER, TIME]),
+    ),
+    (
+        "mistral",
+        'Checking. [TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "日本"}}]',
+        ParsedOutput("Checking.", [TIME]),
+    ),
     ("mistral", "[TOOL_CALLS] [1, 2]", ParsedOutput("[TOOL_CALLS] [1, 2]", [])),
     ("mistral", "[TOOL_CALLS", ParsedOutput("[TOOL_CALLS", [])),
-]  # fmt: skip
+]
 
 
 def streamed(fmt: str, chunks: list[str]) -> list:
@@ -98,8 +134,9 @@ def test_stream_event_order_and_held_tag_prefix():
     assert stream.feed("\n</tool_call>") == [ToolCallStart(0, "f"), ToolCallArguments(0, '{"a":1}')]
     assert stream.feed("\n<tool_call>\n") == []
     assert stream.feed('{"name": "g", "arguments": {}}\n</tool_call>') == [
-        ToolCallStart(1, "g"), ToolCallArguments(1, "{}")
-    ]  # fmt: skip
+        ToolCallStart(1, "g"),
+        ToolCallArguments(1, "{}"),
+    ]
     assert stream.finish() == []
 
 

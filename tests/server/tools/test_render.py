@@ -17,14 +17,23 @@ from adapterserve.server.api.tools.render import (
 )
 from tests.helpers import CHAT_TEMPLATE
 
-WEATHER = Tool("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}},
-               "Weather of a city")  # fmt: skip
+WEATHER = Tool(
+    "get_weather",
+    {"type": "object", "properties": {"city": {"type": "string"}}},
+    "Weather of a city",
+)
 CALLS = [
-    {"id": "call_1", "type": "function",
-     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-    {"id": "call_2", "type": "function",
-     "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
-]  # fmt: skip
+    {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    },
+    {
+        "id": "call_2",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    },
+]
 
 
 def test_template_supports_tools():
@@ -37,8 +46,16 @@ def test_template_supports_tools():
 @pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral"])
 def test_system_prompt_describes_functions_and_format(fmt: str):
     prompt = generic_tool_system_prompt([WEATHER], fmt)
-    assert json.dumps({"name": "get_weather", "description": "Weather of a city",
-                       "parameters": WEATHER.parameters}) in prompt  # fmt: skip
+    assert (
+        json.dumps(
+            {
+                "name": "get_weather",
+                "description": "Weather of a city",
+                "parameters": WEATHER.parameters,
+            }
+        )
+        in prompt
+    )
     assert get_parser(fmt).arguments_key in prompt
     assert generic_tool_system_prompt([WEATHER]) == generic_tool_system_prompt([WEATHER], "hermes")
     assert "<tool_call>" in generic_tool_system_prompt([WEATHER])
@@ -50,8 +67,10 @@ def test_system_prompt_describes_functions_and_format(fmt: str):
 def test_calls_text_reads_back_with_the_parser(fmt: str):
     parsed = get_parser(fmt).parse(calls_text(CALLS, fmt))
     assert parsed.content is None
-    assert parsed.calls == [ParsedCall("get_weather", '{"city":"Paris"}'),
-                            ParsedCall("get_weather", '{"city":"Oslo"}')]  # fmt: skip
+    assert parsed.calls == [
+        ParsedCall("get_weather", '{"city":"Paris"}'),
+        ParsedCall("get_weather", '{"city":"Oslo"}'),
+    ]
 
 
 def test_tool_messages_become_plain_messages():
@@ -77,5 +96,9 @@ def test_tool_messages_become_plain_messages():
 def test_assistant_call_without_content_and_unparsable_arguments():
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}
     result = tool_messages_to_text([{"role": "assistant", "content": None, "tool_calls": [call]}])
-    assert result == [{"role": "assistant",
-                       "content": '<tool_call>\n{"name": "f", "arguments": "not json"}\n</tool_call>'}]  # fmt: skip
+    assert result == [
+        {
+            "role": "assistant",
+            "content": '<tool_call>\n{"name": "f", "arguments": "not json"}\n</tool_call>',
+        }
+    ]

@@ -71,8 +71,14 @@ def test_pydantic_schema_every_object_closed_and_fully_required():
 def test_strict_pydantic_schema_validates_what_it_should():
     strict = strict_schema(Person.model_json_schema())
     address = {"street": "Main", "zip": None}
-    good = {"name": "a", "age": 1, "address": address, "previous": [address],
-            "color": "red", "nickname": None}  # fmt: skip
+    good = {
+        "name": "a",
+        "age": 1,
+        "address": address,
+        "previous": [address],
+        "color": "red",
+        "nickname": None,
+    }
     jsonschema.validate(good, strict)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({k: v for k, v in good.items() if k != "age"}, strict)
@@ -96,15 +102,22 @@ def test_nested_objects_in_items_anyof_and_definitions():
     assert strict["properties"]["rows"]["items"]["required"] == ["a"]
     assert strict["properties"]["either"]["anyOf"][0]["additionalProperties"] is False
     assert strict["properties"]["nested"]["properties"]["c"] == {
-        "type": "object", "additionalProperties": False, "required": [], "properties": {}
-    }  # fmt: skip
+        "type": "object",
+        "additionalProperties": False,
+        "required": [],
+        "properties": {},
+    }
     assert strict["definitions"]["D"]["required"] == ["d"]
     assert strict["required"] == ["rows", "either", "nested"]
 
 
 def test_already_strict_schema_is_unchanged():
-    schema = {"type": "object", "properties": {"x": {"type": ["string", "null"]}},
-              "required": ["x"], "additionalProperties": False}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"x": {"type": ["string", "null"]}},
+        "required": ["x"],
+        "additionalProperties": False,
+    }
     assert strict_schema(schema) == schema
 
 
@@ -117,8 +130,11 @@ def test_each_unsupported_keyword_is_refused_with_its_path(keyword: str):
 
 
 def test_refusal_paths_reach_lists_and_definitions():
-    schema = {"type": "object", "properties": {"y": {"anyOf": [{}, {"allOf": []}]}},
-              "$defs": {"Z": {"type": "array", "items": {"uniqueItems": True}}}}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"y": {"anyOf": [{}, {"allOf": []}]}},
+        "$defs": {"Z": {"type": "array", "items": {"uniqueItems": True}}},
+    }
     with pytest.raises(StrictSchemaError, match=r"'allOf' at \$\.properties\.y\.anyOf\[1\]$"):
         strict_schema(schema)
     del schema["properties"]["y"]
