@@ -187,7 +187,8 @@ class AdapterRegistry:
 
         Off the thread that built the registry (the engine's), torch runs single-threaded here:
         a second thread that runs parallel CPU ops keeps its own OpenMP team, and the engine's
-        steps then ran 15-20% slower for the rest of the process (measured on 2 cores).
+        steps then run slower for the rest of the process (BENCHMARKS.md, "Adapter overhead in
+        one batch").
         """
         if threading.get_ident() != self._owner_thread:
             torch.set_num_threads(1)  # this thread's OpenMP setting only
