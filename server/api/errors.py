@@ -35,7 +35,7 @@ from adapterserve.adapters.errors import (
     UnknownAdapterError,
     UploadTooLargeError,
 )
-from adapterserve.server.api.schemas import UNKNOWN_FIELD
+from adapterserve.server.api.schemas.common import UNKNOWN_FIELD
 from adapterserve.server.engine.errors import (
     EngineDeadError,
     EngineError,

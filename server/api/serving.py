@@ -34,7 +34,7 @@ from adapterserve.server.api.errors import (
     invalid_request,
     truncate,
 )
-from adapterserve.server.api.schemas import ChatMessage, JsonSchemaSpec, SamplingFields
+from adapterserve.server.api.schemas.common import ChatMessage, JsonSchemaSpec, SamplingFields
 from adapterserve.server.api.tools.strict import StrictSchemaError, strict_schema
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.client import EngineClient

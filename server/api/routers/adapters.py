@@ -32,7 +32,7 @@ from adapterserve.server.api.errors import (
     from_adapter_error,
     invalid_request,
 )
-from adapterserve.server.api.schemas import (
+from adapterserve.server.api.schemas.adapters import (
     ADAPTER_NAME_CHARS,
     ADAPTER_NAME_PATTERN,
     AdapterCard,

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from adapterserve.server.api.deps import get_engine, get_settings, resolve_model
 from adapterserve.server.api.errors import error_responses, invalid_request
-from adapterserve.server.api.schemas import ChatCompletionRequest, ChatCompletionResponse
+from adapterserve.server.api.schemas.chat import ChatCompletionRequest, ChatCompletionResponse
 from adapterserve.server.api.serving import (
     STREAMED,
     ChoiceResult,

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from adapterserve.server.api.deps import get_engine, get_settings, resolve_model
 from adapterserve.server.api.errors import error_responses, invalid_request
-from adapterserve.server.api.schemas import CompletionRequest, CompletionResponse
+from adapterserve.server.api.schemas.completions import CompletionRequest, CompletionResponse
 from adapterserve.server.api.serving import (
     STREAMED,
     ChoiceResult,

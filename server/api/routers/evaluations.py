@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from adapterserve.server.api import jsontext
 from adapterserve.server.api.deps import caller_key, is_admin, require_admin_key
 from adapterserve.server.api.errors import APIError, error_responses, invalid_request, truncate
-from adapterserve.server.api.schemas import (
+from adapterserve.server.api.schemas.evaluations import (
     DatasetInfo,
     DatasetList,
     DatasetUpload,

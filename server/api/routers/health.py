@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from adapterserve.server.api.deps import get_engine, get_metrics
-from adapterserve.server.api.schemas import HealthStatus
+from adapterserve.server.api.schemas.health import HealthStatus
 from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.metrics import Metrics
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from adapterserve.adapters.registry import Entry
 from adapterserve.server.api.deps import get_engine, resolve_model
 from adapterserve.server.api.errors import error_responses
-from adapterserve.server.api.schemas import ModelCard, ModelList
+from adapterserve.server.api.schemas.models import ModelCard, ModelList
 from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.remote import RemoteEntry
 

@@ -1,6 +1,6 @@
 """The served /openapi.json: FastAPI's description plus what only the running server knows.
 
-- `x-server-limit` placeholders (server/api/schemas.py) become this server's caps: `n`, the
+- `x-server-limit` placeholders (server/api/schemas/common.py) become this server's caps: `n`, the
   context length, the vocabulary, the prompt characters.
 - Statuses that come from the app rather than from a route: 401 on every route but /health
   when an API key is set (with a bearer security scheme), 400 and 413 from the body guard on
@@ -18,7 +18,7 @@ from pydantic.json_schema import models_json_schema
 
 from adapterserve.server.api.errors import error_responses
 from adapterserve.server.api.guards import public_paths
-from adapterserve.server.api.schemas import SERVER_LIMIT, ErrorResponse
+from adapterserve.server.api.schemas.common import SERVER_LIMIT, ErrorResponse
 from adapterserve.server.api.serving import max_choices
 from adapterserve.server.config import Settings
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from adapterserve.server.api.deps import get_engine, get_settings, resolve_model
 from adapterserve.server.api.errors import error_responses, invalid_request
-from adapterserve.server.api.schemas import (
+from adapterserve.server.api.schemas.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeRequest,
