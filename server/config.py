@@ -158,6 +158,11 @@ class Settings(BaseSettings):
     grammar_workers: int = Field(
         2, ge=1, le=64, description="processes that compile client grammars (the grammar sandbox)"
     )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto",
+        description="the format of the model's tool calls (server/api/tools/parsers.py); auto: "
+        "detected from the chat template, hermes for a template that names none",
+    )
     grammar_timeout_s: float = Field(
         2.0, gt=0, description="seconds one client grammar may take to compile; past it a 400"
     )

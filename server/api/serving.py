@@ -35,6 +35,8 @@ from adapterserve.server.api.errors import (
     truncate,
 )
 from adapterserve.server.api.schemas.common import ChatMessage, JsonSchemaSpec, SamplingFields
+from adapterserve.server.api.tools.calls import ToolPlan
+from adapterserve.server.api.tools.render import template_supports_tools, tool_messages_to_text
 from adapterserve.server.api.tools.strict import StrictSchemaError, strict_schema
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.client import EngineClient
@@ -601,22 +603,50 @@ async def render_chat(
     add_generation_prompt: bool,
     engine: EngineClient,
     add_special_tokens: bool = False,
+    tools: ToolPlan | None = None,
 ) -> list[int]:
     """Token ids of a conversation through the model's own chat template (never a request's),
     as /v1/chat/completions and /tokenize render it; a template that refuses it is a 400.
-    Long conversations render and tokenize off the event loop (check_prompt_chars first)."""
-    plain = [{"role": ROLE_ALIASES.get(m.role, m.role), "content": m.text} for m in messages]
-    chars = sum(len(m["content"]) for m in plain)
-    try:
-        return await off_loop(
-            lambda: engine.tokenizer.encode_chat(plain, add_generation_prompt, add_special_tokens),
-            chars,
+    Long conversations render and tokenize off the event loop (check_prompt_chars first).
+    With `tools`, the tools and the conversation's calls and results as the plan renders them
+    (server/api/tools/calls.py); without, a history of calls still renders as text for a
+    template that does not know them."""
+    plain = [message_dict(m) for m in messages]
+    template_tools = None
+    if tools is not None:
+        plain, template_tools = tools.prompt_messages(plain)
+    elif any(m.tool_calls or m.role == "tool" for m in messages) and not template_supports_tools(
+        engine.tokenizer.chat_template
+    ):
+        plain = tool_messages_to_text(plain)
+    chars = sum(len(str(m.get("content") or "")) for m in plain) + len(str(template_tools or ""))
+
+    def render() -> list[int]:
+        return engine.tokenizer.encode_chat(
+            plain, add_generation_prompt, add_special_tokens, template_tools
         )
+
+    try:
+        return await off_loop(render, chars)
     except (ValueError, TemplateError) as exc:
         raise invalid_request(
             f"The messages cannot be rendered with this model's chat template: {str(exc)[:200]}",
             "messages",
         ) from None
+
+
+def message_dict(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates take it: role (OpenAI's newer names as templates know them),
+    text content, and the tool fields it has."""
+    out: dict[str, Any] = {"role": ROLE_ALIASES.get(message.role, message.role)}
+    out["content"] = message.text
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def response_schema(spec: JsonSchemaSpec) -> dict[str, Any]:
@@ -640,10 +670,10 @@ GUIDED = (
 
 
 async def constraint_grammar(
-    body: SamplingFields, engine: EngineClient, beam: bool = False
+    body: SamplingFields, engine: EngineClient, beam: bool = False, tools: ToolPlan | None = None
 ) -> str | None:
-    """The request's structured-output grammar (response_format or one guided_* field),
-    compiled and checked against the model's tokenizer in the grammar sandbox
+    """The request's structured-output grammar (response_format, one guided_* field, or the
+    calls its `tools` plan forces or allows: server/api/tools/calls.py), compiled and checked against the model's tokenizer in the grammar sandbox
     (server/engine/constraint.py), before anything is submitted: a second constraint, one
     beam search or min_tokens cannot honour, or a grammar that does not compile, crashes the
     compiler or overruns its deadline is a 400 naming the field; a sandbox that cannot start
@@ -659,6 +689,14 @@ async def constraint_grammar(
         for name, kind in GUIDED
         if getattr(body, name) is not None
     ]
+    tool_grammar = tools.grammar() if tools is not None else None
+    if tool_grammar is not None:
+        if found:
+            raise invalid_request(
+                f"{found[0][2]} cannot be combined with tools unless tool_choice is 'none'.",
+                found[0][2],
+            )
+        found.append(("grammar", tool_grammar, "tools"))
     if not found:
         return None
     kind, spec, param = found[0]

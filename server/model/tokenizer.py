@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer
 
@@ -50,18 +51,27 @@ class Tokenizer:
 
     def encode_chat(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         add_special_tokens: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """The rendered template's tokens; `add_special_tokens` adds the tokenizer's own
-        (BOS, ...) on top of those the template writes (vLLM's /tokenize option)."""
+        (BOS, ...) on top of those the template writes (vLLM's /tokenize option); `tools`: the
+        request's tools, for a template that renders them."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use /v1/completions")
         text = self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         return self.encode(text, add_special_tokens=add_special_tokens)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The template's text (None: none, or several named ones: tools are then detected
+        from none of them)."""
+        template = self.hf.chat_template
+        return template if isinstance(template, str) else None
 
     @functools.cached_property
     def max_token_chars(self) -> int:

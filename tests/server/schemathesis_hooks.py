@@ -57,6 +57,10 @@ def fit_into_context(case: schemathesis.Case) -> None:
         if _is_whole(body.get(key)):
             body[key] = min(int(body[key]), MAX_NEW_TOKENS)
     if "messages" in body:
+        # The generic tool prompt (a template without tools: the test model's) alone holds more
+        # tokens than this server's context; tools are tested in test_tools.py.
+        for key in ("tools", "tool_choice", "parallel_tool_calls"):
+            body.pop(key, None)
         body["messages"] = _fit_messages(body["messages"])
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             body["max_completion_tokens"] = MAX_NEW_TOKENS  # else: the rest of the context
@@ -106,10 +110,29 @@ def _fit_messages(messages: list[Any]) -> list[Any]:
     """At most MAX_MESSAGES (each adds a few template tokens), counted as the server counts
     them: the text parts of a message joined by newlines."""
     messages = [_fit_parts(m) if isinstance(m, dict) else m for m in messages[:MAX_MESSAGES]]
-    return _within_chars(messages, lambda m: len(_text(m)))
+    return _within_chars(messages, lambda m: len(_text(m)) + _calls_chars(m))
+
+
+def _calls_chars(message: Any) -> int:
+    """The characters of an assistant message's tool calls (names and arguments)."""
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(calls, list):
+        return 0
+    return sum(
+        len(c["function"]["name"]) + len(c["function"].get("arguments") or "{}")
+        for c in calls
+        if isinstance(c, dict) and isinstance(c.get("function"), dict)
+    )
 
 
 def _fit_parts(message: dict[str, Any]) -> dict[str, Any]:
+    calls = message.get("tool_calls")
+    if isinstance(calls, list) and calls:  # one short call: its name and arguments count too
+        call = calls[0]
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            call["function"]["name"] = call["function"]["name"][:4]
+            call["function"]["arguments"] = "{}"
+        message["tool_calls"] = [call]
     content = message.get("content")
     if isinstance(content, list):
         message["content"] = _within_chars(content, lambda p: len(p["text"]) + 1)

@@ -132,7 +132,11 @@ def test_streaming_joins_to_the_non_streamed_text(client: openai.OpenAI) -> None
     deltas, finish = stream_text(chunks)
     assert "".join(deltas) == whole.choices[0].text
     assert finish == whole.choices[0].finish_reason
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    # the same prompt again: its full blocks come from the prefix cache
+    assert whole.usage.prompt_tokens_details.cached_tokens == 0
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_multibyte_characters_split_across_tokens_stream_intact(bigram_server: Server) -> None:

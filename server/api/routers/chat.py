@@ -9,7 +9,11 @@ from fastapi.responses import JSONResponse
 
 from adapterserve.server.api.deps import get_engine, get_settings, resolve_model
 from adapterserve.server.api.errors import error_responses, invalid_request
-from adapterserve.server.api.schemas.chat import ChatCompletionRequest, ChatCompletionResponse
+from adapterserve.server.api.schemas.chat import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    NamedToolChoice,
+)
 from adapterserve.server.api.serving import (
     STREAMED,
     ChoiceResult,
@@ -38,6 +42,7 @@ from adapterserve.server.api.serving import (
     submit_beams,
     usage_dict,
 )
+from adapterserve.server.api.tools.calls import ToolPlan, ToolRequestError, ToolStream, plan_tools
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.errors import EngineError
@@ -61,11 +66,12 @@ async def create_chat_completion(
     log_ignored_fields(request, body)
     resolve_model(request, body.model)
     _check_request(body, settings, engine)
-    prompt_ids = await _render(body, engine)
+    tools = _tool_plan(body, engine, settings)
+    prompt_ids = await _render(body, engine, tools)
     max_tokens = _max_tokens(body, len(prompt_ids), engine.max_model_len)
     check_sampling(body, settings, engine.vocab_size, max_tokens)
     width = (body.best_of or body.n) if body.use_beam_search else 0
-    grammar = await constraint_grammar(body, engine, beam=width > 1)
+    grammar = await constraint_grammar(body, engine, beam=width > 1, tools=tools)
     check_engine_accepting(request, engine, settings)
     top = (body.top_logprobs or 0) if body.logprobs else None
     if body.use_beam_search:  # one beam is greedy decoding, as generate(num_beams=1) is
@@ -82,7 +88,7 @@ async def create_chat_completion(
         )
     else:
         streams = await submit(request, engine, jobs, response_id, settings, grammar)
-    view = _ChatView(body, engine, settings, response_id, request.state.model)
+    view = _ChatView(body, engine, settings, response_id, request.state.model, tools)
     if body.stream:
         events = event_stream(streams, settings, view.render, view.role_events(), view.usage_events)
         return EventStreamResponse(events)
@@ -111,12 +117,31 @@ def _check_request(body: ChatCompletionRequest, settings: Settings, engine: Engi
             "best_of",
         )
     # top_logprobs without logprobs: true is ignored, as its schema description says.
-    check_prompt_chars(sum(len(m.text) for m in body.messages), settings, engine, "messages")
+    check_prompt_chars(sum(m.num_chars for m in body.messages), settings, engine, "messages")
 
 
-async def _render(body: ChatCompletionRequest, engine: EngineClient) -> list[int]:
+def _tool_plan(
+    body: ChatCompletionRequest, engine: EngineClient, settings: Settings
+) -> ToolPlan | None:
+    """The request's tools, tool_choice and parallel_tool_calls as a plan (or a 400)."""
+    choice = body.tool_choice
+    try:
+        return plan_tools(
+            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+            choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
+            body.parallel_tool_calls,
+            engine.tokenizer.chat_template,
+            None if settings.tool_call_parser == "auto" else settings.tool_call_parser,
+        )
+    except ToolRequestError as exc:
+        raise invalid_request(exc.message, exc.param) from None
+
+
+async def _render(
+    body: ChatCompletionRequest, engine: EngineClient, tools: ToolPlan | None
+) -> list[int]:
     """Token ids of the conversation through the model's own template (never the request's)."""
-    ids = await render_chat(body.messages, body.add_generation_prompt, engine)
+    ids = await render_chat(body.messages, body.add_generation_prompt, engine, tools=tools)
     if not ids:
         raise invalid_request("The conversation renders to an empty prompt.", "messages")
     return ids
@@ -164,8 +189,11 @@ class _ChatView:
         settings: Settings,
         response_id: str,
         model: str,
+        tools: ToolPlan | None = None,
     ) -> None:
         self.body = body
+        self.tools = tools
+        self.tool_streams: dict[int, ToolStream] = {}
         self.engine = engine
         self.settings = settings
         self.id = response_id
@@ -181,11 +209,12 @@ class _ChatView:
         choices = [
             {
                 "index": r.index,
-                "message": {"role": "assistant", "content": r.text},
+                "message": message,
                 "logprobs": self.logprobs(r.logprobs),
-                "finish_reason": r.finish_reason,
+                "finish_reason": reason,
             }
             for r in results
+            for message, reason in [self._message(r)]
         ]
         usage = usage_dict(
             results[0].num_prompt_tokens,
@@ -195,6 +224,13 @@ class _ChatView:
         return ChatCompletionResponse(
             id=self.id, model=self.model, choices=choices, usage=usage
         ).model_dump(mode="json")
+
+    def _message(self, result: ChoiceResult) -> tuple[dict, str | None]:
+        """A whole choice's message and finish reason; with tools, its calls read back."""
+        if self.tools is None or self.tools.mode == "none":
+            return {"role": "assistant", "content": result.text}, result.finish_reason
+        content, calls, reason = self.tools.answer(result.text, result.finish_reason)
+        return {"role": "assistant", "content": content, "tool_calls": calls or None}, reason
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict | None:
         if not self.body.logprobs:
@@ -237,6 +273,8 @@ class _ChatView:
     def render(self, index: int, output: RequestOutput) -> list[str]:
         state = self.streamed.setdefault(index, ChoiceResult(index))
         state.add(output)
+        if self.tools is not None and self.tools.mode != "none":
+            return self._render_tools(index, output)
         if not (output.text or output.finished or (self.body.logprobs and output.token_ids)):
             return []  # text held back (partial character or possible stop string)
         choice = {
@@ -246,6 +284,34 @@ class _ChatView:
             "finish_reason": output.finish_reason if output.finished else None,
         }
         return [sse(self._chunk([choice], None))]
+
+    def _render_tools(self, index: int, output: RequestOutput) -> list[str]:
+        """A choice's deltas through its tool stream: text as content, calls as OpenAI streams
+        them (the first delta of a call with its id, type and name, then its arguments)."""
+        assert self.tools is not None
+        stream = self.tool_streams.get(index)
+        if stream is None:
+            stream = self.tool_streams[index] = self.tools.stream()
+        pieces = stream.feed(output.text)
+        if output.finished:
+            pieces += stream.finish()
+        logprobs = self.logprobs(output.logprobs) if output.token_ids else None
+        if logprobs is not None and not pieces:
+            pieces = [{}]  # the tokens' logprobs go out although their text is held back
+        chunks = []
+        for i, delta in enumerate(pieces):
+            choice = {
+                "index": index,
+                "delta": delta,
+                "finish_reason": None,
+                "logprobs": logprobs if i == 0 else None,
+            }
+            chunks.append(sse(self._chunk([choice], None)))
+        if output.finished:
+            reason = self.tools.finish_reason(stream.called, output.finish_reason)
+            choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+            chunks.append(sse(self._chunk([choice], None)))
+        return chunks
 
     def usage_events(self) -> list[str]:
         if not self.body.include_usage or not self.streamed:

@@ -40,7 +40,7 @@ async def tokenize(
             lambda: engine.tokenizer.encode(prompt, add_special_tokens=special), len(prompt)
         )
     else:
-        check_prompt_chars(sum(len(m.text) for m in body.messages), settings, engine, "messages")
+        check_prompt_chars(sum(m.num_chars for m in body.messages), settings, engine, "messages")
         ids = await render_chat(
             body.messages, body.add_generation_prompt, engine, bool(body.add_special_tokens)
         )

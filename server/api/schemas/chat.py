@@ -4,19 +4,60 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapterserve.server.api.schemas.common import (
     INTEGRAL,
     BeamFields,
     ChatMessage,
     NewTokens,
+    RequestModel,
     Usage,
     now,
+    null_means_default_in_schema,
 )
 
 
+class FunctionDefinition(RequestModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=65536)
+    parameters: dict[str, Any] | None = Field(
+        None, description="a JSON schema of the arguments (default: no arguments)"
+    )
+    strict: bool | None = Field(
+        None, description="true: the arguments follow OpenAI's strict mode (response_format)"
+    )
+
+
+class ToolDefinition(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(RequestModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+def _tool_choice_needs_tools(schema: dict[str, Any]) -> None:
+    null_means_default_in_schema(schema)
+    schema["if"] = {
+        "properties": {"tool_choice": {"not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}},
+        "required": ["tool_choice"],
+    }
+    schema["then"] = {
+        "required": ["tools"],
+        "properties": {"tools": {"type": "array", "minItems": 1}},
+    }
+
+
 class ChatCompletionRequest(BeamFields):
+    model_config = ConfigDict(json_schema_extra=_tool_choice_needs_tools)
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NewTokens | None = Field(
         None, description="deprecated alias of max_completion_tokens"
@@ -30,9 +71,13 @@ class ChatCompletionRequest(BeamFields):
     # Accepted only to be refused: the model's own template is the only one ever rendered.
     chat_template: None = Field(None, description="not supported: only null")
     chat_template_kwargs: None = Field(None, description="not supported: only null")
-    tools: Annotated[list[Any], Field(json_schema_extra={"maxItems": 0})] | None = Field(
-        None, description="not supported: only null or []"
+    tools: list[ToolDefinition] | None = Field(
+        None, max_length=128, description="functions the model may call"
     )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required, or one named function"
+    )
+    parallel_tool_calls: bool | None = Field(None, description="more than one call (default true)")
 
     @field_validator("chat_template", "chat_template_kwargs", mode="before")
     @classmethod
@@ -40,13 +85,6 @@ class ChatCompletionRequest(BeamFields):
         raise ValueError(
             "templates from the request are not executed; the model's own chat template is used, remove this field"
         )
-
-    @field_validator("tools", mode="before")
-    @classmethod
-    def _refuse_tools(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("tool calling is not supported; remove 'tools'")
-        return value
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -74,9 +112,21 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -282,10 +282,29 @@ class TextPart(BaseModel):
     text: PromptChars
 
 
+class FunctionCallText(RequestModel):
+    name: str = Field(max_length=256)
+    arguments: PromptChars = Field("{}", description="the arguments as JSON text")
+
+
+class MessageToolCall(RequestModel):
+    """A call an assistant message made (the history of a tool loop)."""
+
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallText
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: PromptChars | list[TextPart] = ""
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(
+        None, max_length=128, description="assistant: the calls it made"
+    )
+    tool_call_id: str | None = Field(
+        None, max_length=256, description="tool: the call this message answers"
+    )
 
     @field_validator("content", mode="before")
     @classmethod
@@ -303,6 +322,13 @@ class ChatMessage(RequestModel):
             return self.content
         return "\n".join(part.text for part in self.content)
 
+    @property
+    def num_chars(self) -> int:
+        """Characters of client text it brings to the prompt (content and calls), for the
+        prompt's character cap."""
+        calls = self.tool_calls or ()
+        return len(self.text) + sum(len(c.function.name) + len(c.function.arguments) for c in calls)
+
 
 # ---------------------------------------------------------------- responses
 
@@ -312,10 +338,15 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="prompt tokens read from the prefix cache")
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ErrorDetail(BaseModel):

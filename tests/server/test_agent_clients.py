@@ -1,0 +1,83 @@
+"""Agent clients as users run them, unchanged, against a live server (tiny random model, one
+LoRA): LangChain's `bind_tools` in a two-turn loop with a tool message, and its
+`with_structured_output` by function calling and by JSON schema, on the base and the adapter.
+
+The models are pydantic models that forbid extra keys (`additionalProperties: false`): a random
+model left an open object would add keys until its token limit, which a trained one does not."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from tests.server.conftest import Server, start_server, stop_server
+
+langchain_openai = pytest.importorskip("langchain_openai")
+peft = pytest.importorskip("peft")
+messages = pytest.importorskip("langchain_core.messages")
+
+
+class Weather(BaseModel):
+    """The weather in a city."""
+
+    model_config = ConfigDict(extra="forbid")
+    city: str = Field(max_length=12)
+    unit: str = Field(pattern="^[cf]$")
+
+
+class Verdict(BaseModel):
+    """Whether the claim holds."""
+
+    model_config = ConfigDict(extra="forbid")
+    holds: bool
+    confidence: int = Field(ge=0, le=9)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from tests.adapters.makers import save_peft
+
+    root = tmp_path_factory.mktemp("agents")
+    lora = save_peft(
+        root / "lora", tiny_model_dir, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 1
+    )
+    srv = start_server(tiny_model_dir, root / "server.log", "--served-model-name", "tiny",
+                       "--adapter", f"lora={lora}", "--max-model-len", "2048")  # fmt: skip
+    yield srv
+    status = stop_server(srv)
+    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert status in (0, -signal.SIGTERM)
+
+
+def chat(server: Server, model: str, **kwargs):
+    return langchain_openai.ChatOpenAI(
+        model=model, base_url=f"{server.base_url}/v1", api_key="none", max_retries=0,
+        max_tokens=160, temperature=1.0, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["tiny", "lora"])
+def test_bind_tools_in_a_two_turn_loop(server: Server, model: str) -> None:
+    llm = chat(server, model, seed=1).bind_tools([Weather], tool_choice="any")
+    history = [messages.HumanMessage("What is the weather in Paris?")]
+    first = llm.invoke(history)
+    assert first.tool_calls and first.tool_calls[0]["name"] == "Weather"
+    Weather.model_validate(first.tool_calls[0]["args"])
+    history += [first, messages.ToolMessage(json.dumps({"celsius": 18}),
+                                            tool_call_id=first.tool_calls[0]["id"])]  # fmt: skip
+    second = chat(server, model, seed=2).bind_tools([Weather], tool_choice="none").invoke(history)
+    assert isinstance(second.content, str) and not second.tool_calls
+    assert second.usage_metadata["input_tokens"] > first.usage_metadata["input_tokens"]
+
+
+@pytest.mark.parametrize("method", ["function_calling", "json_schema"])
+@pytest.mark.parametrize("model", ["tiny", "lora"])
+def test_with_structured_output(server: Server, method: str, model: str) -> None:
+    llm = chat(server, model, seed=3).with_structured_output(Verdict, method=method)
+    verdict = llm.invoke("Is the sky green?")
+    assert isinstance(verdict, Verdict)

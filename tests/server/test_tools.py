@@ -1,0 +1,285 @@
+"""Tool calling on /v1/chat/completions through the openai SDK, on a live server with a LoRA:
+forced calls (required, a named function) validate against each function's schema by
+construction, at temperature 1, over the base and the adapter, beside free requests in one
+batch; streamed deltas reassemble to the whole answer; a two-turn loop with a tool message;
+strict tools; `auto`; cached_tokens in usage; every refusal names its field."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from tests.server.conftest import Server, start_server, stop_server
+
+openai = pytest.importorskip("openai")
+peft = pytest.importorskip("peft")
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "unit": {"enum": ["c", "f"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+SEARCH = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "maxLength": 20},
+                "top": {"type": "boolean"},
+            },
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [WEATHER, SEARCH]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from tests.adapters.makers import save_peft
+
+    root = tmp_path_factory.mktemp("tools")
+    lora = save_peft(
+        root / "lora", tiny_model_dir, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 1
+    )
+    srv = start_server(tiny_model_dir, root / "server.log", "--served-model-name", "tiny",
+                       "--adapter", f"lora={lora}", "--max-model-len", "2048",
+                       "--max-num-seqs", "16")  # fmt: skip
+    yield srv
+    status = stop_server(srv)
+    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert status in (0, -signal.SIGTERM)
+
+
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0)
+
+
+def check_calls(calls, names=tuple(SCHEMAS)) -> None:
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    assert len({c.id for c in calls}) == len(calls)
+
+
+@pytest.mark.parametrize("model", ["tiny", "lora"])
+def test_required_forces_valid_calls(server: Server, model: str) -> None:
+    out = client(server).chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice="required", temperature=1.0,
+        seed=1, n=4, max_tokens=200,
+    )  # fmt: skip
+    for choice in out.choices:
+        assert choice.finish_reason == "tool_calls", choice
+        check_calls(choice.message.tool_calls)
+    assert out.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_a_named_function_is_the_one_called(server: Server) -> None:
+    out = client(server).chat.completions.create(
+        model="lora", messages=ASK, tools=TOOLS, temperature=1.0, seed=2, n=4, max_tokens=200,
+        tool_choice={"type": "function", "function": {"name": "search"}}, parallel_tool_calls=False,
+    )  # fmt: skip
+    for choice in out.choices:
+        assert choice.finish_reason == "stop"  # OpenAI: a call forced by name stops
+        check_calls(choice.message.tool_calls, names=("search",))
+        assert len(choice.message.tool_calls) == 1
+
+
+def test_streamed_calls_reassemble_to_the_whole_answer(server: Server) -> None:
+    """Same seed, streamed and not: the same calls. The first delta of a call carries its id,
+    type and name; the rest carry argument fragments only, as OpenAI streams them."""
+    args = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", temperature=1.0,
+                seed=5, max_tokens=200)  # fmt: skip
+    whole = client(server).chat.completions.create(**args).choices[0]
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in client(server).chat.completions.create(**args, stream=True):
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for delta in choice.delta.tool_calls or ():
+                if delta.id is not None:
+                    assert delta.type == "function" and delta.function.name
+                    calls[delta.index] = {"name": delta.function.name, "arguments": ""}
+                else:
+                    assert delta.function.name is None
+                calls[delta.index]["arguments"] += delta.function.arguments or ""
+    assert finish == "tool_calls" == whole.finish_reason
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls
+    ]
+
+
+def test_the_sdk_stream_helper_gives_the_final_calls(server: Server) -> None:
+    with client(server).chat.completions.stream(
+        model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", seed=6, max_tokens=200
+    ) as stream:
+        final = stream.get_final_completion()
+    check_calls(final.choices[0].message.tool_calls)
+
+
+def test_a_two_turn_loop_with_a_tool_message(server: Server) -> None:
+    c = client(server)
+    first = c.chat.completions.create(model="lora", messages=ASK, tools=TOOLS, seed=3,
+                                      tool_choice="required", max_tokens=200)  # fmt: skip
+    call = first.choices[0].message.tool_calls[0]
+    history = ASK + [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18}'},
+    ]
+    second = c.chat.completions.create(model="lora", messages=history, tools=TOOLS,
+                                       tool_choice="none", max_tokens=8, seed=4)  # fmt: skip
+    assert second.choices[0].message.tool_calls is None
+    assert isinstance(second.choices[0].message.content, str)
+    # the history rendered: the call and its result are in the prompt (longer than the ask)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_a_strict_tool_gets_every_key_and_no_other(server: Server) -> None:
+    open_schema = {
+        "type": "object",
+        "properties": {"a": {"type": "boolean"}, "b": {"enum": [1, 2]}},
+    }
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "parameters": open_schema, "strict": True},
+    }
+    out = client(server).chat.completions.create(
+        model="tiny", messages=ASK, tools=[tool], tool_choice="required", temperature=1.0,
+        seed=7, n=6, max_tokens=120,
+    )  # fmt: skip
+    for choice in out.choices:
+        for call in choice.message.tool_calls:
+            assert set(json.loads(call.function.arguments)) == {"a", "b"}
+
+
+def test_auto_answers_text_or_valid_calls(server: Server) -> None:
+    out = client(server).chat.completions.create(
+        model="tiny", messages=ASK, tools=TOOLS, temperature=1.0, seed=8, n=6, max_tokens=40
+    )
+    for choice in out.choices:
+        if choice.message.tool_calls:
+            assert choice.finish_reason in ("tool_calls", "length")
+            check_calls(choice.message.tool_calls)
+        else:
+            assert isinstance(choice.message.content, str) and choice.finish_reason in (
+                "stop",
+                "length",
+            )
+
+
+def test_forced_calls_beside_free_requests_in_one_batch(server: Server) -> None:
+    async def go():
+        c = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0)
+        forced = [
+            c.chat.completions.create(
+                model=m,
+                messages=ASK,
+                tools=TOOLS,
+                tool_choice="required",
+                temperature=1.0,
+                seed=i,
+                max_tokens=200,
+            )  # fmt: skip
+            for i, m in enumerate(["tiny", "lora"] * 3)
+        ]
+        free = [
+            c.chat.completions.create(model=m, messages=ASK, temperature=1.0, seed=i, max_tokens=30)
+            for i, m in enumerate(["tiny", "lora"])
+        ]
+        return await asyncio.gather(*forced, *free)
+
+    results = asyncio.run(go())
+    for out in results[:6]:
+        check_calls(out.choices[0].message.tool_calls)
+    for out in results[6:]:
+        assert out.choices[0].message.tool_calls is None
+
+
+def test_a_repeated_prompt_reports_cached_tokens(server: Server) -> None:
+    c = client(server)
+    messages = [{"role": "user", "content": "a long enough prompt " * 12}]
+    first = c.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    again = c.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+    prompt = "another prompt, long enough " * 10
+    cold = c.completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    warm = c.completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert warm.usage.prompt_tokens_details.cached_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),  # fmt: skip
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+        ({"tools": [{"type": "retrieval"}]}, "tools"),
+        ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"tools": TOOLS, "use_beam_search": True, "best_of": 2, "tool_choice": "required"},
+            "tools",
+        ),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "strict": True,
+                            "parameters": {
+                                "type": "object",
+                                "properties": {
+                                    "x": {"type": "object", "additionalProperties": True}
+                                },
+                            },
+                        },
+                    }
+                ]
+            },
+            "tools",
+        ),  # fmt: skip
+    ],
+)
+def test_refusals_name_the_field(server: Server, extra, param) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        known = {k: v for k, v in extra.items() if k in ("tools", "tool_choice", "response_format")}
+        body = {k: v for k, v in extra.items() if k not in known}  # vLLM's extras
+        client(server).chat.completions.create(
+            model="tiny", messages=ASK, max_tokens=4, **known, extra_body=body
+        )
+    error = caught.value.body
+    assert caught.value.status_code == 400
+    assert param in (error.get("param") or "") + error["message"], error
