@@ -24,7 +24,13 @@ TOOLS := .venv-tools
 TORCH_FIND_LINKS ?= /opt/wheels
 LOCK_CONSTRAINTS := triton==3.7.1
 
-.PHONY: install browser serve test lint bench lock
+# Client libraries whose pins clash with the main lock (instructor holds openai back) run the
+# scripts of tests/clients/ from a venv of their own, as their users install them.
+CLIENTS := .venv-clients
+CLIENTS_LOCK := requirements-clients-lock.txt
+CLIENTS_IN := tests/clients/requirements.in
+
+.PHONY: install browser clients serve test lint bench lock
 
 $(STAMP): $(LOCK) pyproject.toml Makefile
 	rm -rf $(VENV)
@@ -37,6 +43,14 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(CLIENTS)/.installed: $(CLIENTS_LOCK) Makefile
+	rm -rf $(CLIENTS)
+	$(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/pip install -q -r $(CLIENTS_LOCK)
+	touch $@
+
+clients: $(CLIENTS)/.installed
 
 # The console's browser tests (tests/server/test_console_browser.py) drive Debian's Chromium
 # through Playwright; never a browser build of Playwright's own. Without it they skip.
@@ -53,7 +67,7 @@ lint: install
 
 # -P: the repository root is not put on sys.path, so `kernels` is Hugging Face's package and
 # ours imports only as adapterserve.kernels (pytest runs with --import-mode=importlib).
-test: install browser lint
+test: install browser clients lint
 	$(PY) -P -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: install
@@ -70,4 +84,7 @@ lock:
 		--find-links $(TORCH_FIND_LINKS) --constraints $(TOOLS)/constraints.txt \
 		--no-emit-package torch --custom-compile-command "make lock" \
 		-o $(LOCK)
+	$(TOOLS)/bin/uv pip compile $(CLIENTS_IN) --upgrade --quiet \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--custom-compile-command "make lock" -o $(CLIENTS_LOCK)
 	$(MAKE) test

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +82,28 @@ def test_with_structured_output(server: Server, method: str, model: str) -> None
     llm = chat(server, model, seed=3).with_structured_output(Verdict, method=method)
     verdict = llm.invoke("Is the sky green?")
     assert isinstance(verdict, Verdict)
+
+
+CLIENTS_PYTHON = Path(__file__).resolve().parents[2] / ".venv-clients" / "bin" / "python"
+INSTRUCTOR_CASES = Path(__file__).resolve().parents[1] / "clients" / "instructor_cases.py"
+
+
+@pytest.mark.skipif(
+    not CLIENTS_PYTHON.exists(),
+    reason="instructor runs in its own venv (.venv-clients: its pins hold openai back); "
+    "`make clients` builds it, and `make test` does",
+)
+@pytest.mark.parametrize("model", ["tiny", "lora"])
+def test_instructor_modes(server: Server, model: str) -> None:
+    """instructor's default mode (TOOLS), TOOLS_STRICT and JSON_SCHEMA,
+    each in a user's script (tests/clients/instructor_cases.py) run by the clients' venv."""
+    done = subprocess.run(
+        [str(CLIENTS_PYTHON), str(INSTRUCTOR_CASES), server.base_url, model],
+        capture_output=True, text=True, timeout=600, cwd=INSTRUCTOR_CASES.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {r["case"]: r for r in map(json.loads, done.stdout.splitlines())}
+    assert set(results) == {"tools", "tools_strict", "json_schema"}
+    for name, result in results.items():
+        assert result["ok"], (name, result.get("error"))
+        assert set(result["value"]) == {"city", "unit"}

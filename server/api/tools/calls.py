@@ -9,7 +9,8 @@
   rendering of render.py (a system message describing the functions and the call format, the
   calls and results as text);
 - the grammar (grammar.py): `required` and a named function force calls whose arguments
-  validate against the function's parameters; `auto` leaves text free and constrains a call
+  validate against the function's parameters (a named function: exactly one call, as OpenAI
+  and vLLM answer it); `auto` leaves text free and constrains a call
   once its start tag is written; `none` adds nothing (the model answers in text);
 - the answer: `answer` parses an output into content and OpenAI `tool_calls` (ids `call_...`),
   and `stream` turns a stream of text deltas into OpenAI's `delta.content` /
@@ -236,7 +237,7 @@ def plan_tools(
         [dict(t) for t in tools],
         mode,
         name,
-        parallel=parallel_tool_calls is not False,
+        parallel=parallel_tool_calls is not False and mode != "named",
         parser=parser,
         native=template_supports_tools(chat_template),
     )
