@@ -59,6 +59,7 @@ SERVE_FLAGS: dict[str, tuple[str, type]] = {
     "--probe-connections": ("probe_connections", int),
     "--max-request-body-bytes": ("max_request_body_bytes", int),
     "--tool-call-parser": ("tool_call_parser", str),
+    "--warm-grammars": ("warm_grammars", str),
     "--max-prompt-chars": ("max_prompt_chars", int),
     "--grammar-workers": ("grammar_workers", int),
     "--grammar-timeout-s": ("grammar_timeout_s", float),

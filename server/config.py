@@ -158,6 +158,11 @@ class Settings(BaseSettings):
     grammar_workers: int = Field(
         2, ge=1, le=64, description="processes that compile client grammars (the grammar sandbox)"
     )
+    warm_grammars: bool = Field(
+        True,
+        description="start the grammar sandbox and build llguidance's tokenizer at start, so "
+        "that the first structured request costs what later ones do",
+    )
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto",
         description="the format of the model's tool calls (server/api/tools/parsers.py); auto: "

@@ -109,10 +109,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.evaluations = build_runner(settings, engine, metrics, app.state)
         await app.state.evaluations.start()
         watchdog = asyncio.ensure_future(_watch_engine(app, fatal))
+        if settings.warm_grammars:  # a thread: the first constrained request waits on its work
+            warming = asyncio.ensure_future(asyncio.to_thread(engine.grammars.warm))
         try:
             yield
         finally:  # then running_engine stops the engine and closes its registry
             watchdog.cancel()
+            if settings.warm_grammars:
+                await asyncio.gather(warming, return_exceptions=True)
             app.state.draining = True
             await app.state.evaluations.stop()
 

@@ -79,6 +79,23 @@ class AdapterCatalog(Protocol):
     def close(self) -> None: ...
 
 
+class GrammarService(Protocol):
+    """Structured-output grammars: compiled (and checked) in the sandbox, made into what the
+    engine's requests carry (Grammars in process, RemoteGrammars for a remote engine)."""
+
+    def compile(self, kind: str, spec: Any) -> str: ...
+
+    async def compile_async(self, kind: str, spec: Any) -> str: ...
+
+    def constraint(self, grammar: str) -> Any: ...
+
+    async def constraints_async(self, grammar: str, count: int) -> list[Any]: ...
+
+    def warm(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class EngineClient(Protocol):
     """Submit (a stream of outputs per request, `confirm` for the engine's acceptance),
     abort (by leaving the stream), the adapter catalog, capacity and limits, the tokenizer,
@@ -89,7 +106,7 @@ class EngineClient(Protocol):
     tokenizer: Tokenizer
     model: ModelInfo
     registry: AdapterCatalog | None
-    grammars: Any  # compile / compile_async / constraint / constraints_async / close
+    grammars: GrammarService
     on_fatal: Callable[[BaseException], None] | None
 
     @property

@@ -493,6 +493,21 @@ class Grammars:
     async def constraints_async(self, grammar: str, count: int) -> list[Constraint]:
         return await asyncio.to_thread(self.constraints, grammar, count)
 
+    def warm(self, compile: bool = True, matchers: bool = True) -> None:
+        """Pay at start what the first constrained request would: a sandbox worker started
+        and llguidance's tokenizer built there (`compile`), and this process's tokenizer and a
+        first matcher (`matchers`). Blocking; the server runs it on a thread after start. A
+        failure is logged: the first request then pays (or answers why)."""
+        try:
+            if compile:
+                self.compile("json_object", None)
+            if matchers:
+                import llguidance
+
+                self.constraint(llguidance.grammar_from("regex", "[a-z]+"))
+        except Exception as exc:  # noqa: BLE001 - warming is an optimisation only
+            log.warning("warming the structured-output machinery failed: %r", exc)
+
     def close(self) -> None:
         with self._lock:
             sandbox, self._sandbox = self._sandbox, None

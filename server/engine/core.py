@@ -56,6 +56,7 @@ class Core:
         self._loop = asyncio.get_running_loop()
         self._flush_soon = False
         self.stopped = asyncio.Event()
+        self.warming: asyncio.Future[None] | None = None  # the grammar matchers' warm-up
 
     def send(self, message: tuple) -> None:
         self.writer.write(encode(message))
@@ -194,6 +195,10 @@ async def run_core(sock: socket.socket) -> int:
             core.report()  # first: ready (nothing to warm up) before the front end says so
             core.send(("started",))
             serving = asyncio.ensure_future(core.serve(reader))
+            if settings.warm_grammars:  # its matchers' tokenizer (the sandbox is the front's)
+                core.warming = asyncio.ensure_future(
+                    asyncio.to_thread(engine.grammars.warm, compile=False)
+                )
             await asyncio.wait({serving, fatal}, return_when=asyncio.FIRST_COMPLETED)
             if fatal.done():
                 core._flush()  # the engine already failed every request: say so first

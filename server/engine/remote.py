@@ -59,6 +59,10 @@ class RemoteGrammars:
     def constraint(self, grammar: str) -> GrammarText:
         return GrammarText(grammar)
 
+    def warm(self) -> None:
+        """The sandbox here; the engine builds its matchers (and warms them) itself."""
+        self._grammars.warm(matchers=False)
+
     async def constraints_async(self, grammar: str, count: int) -> list[GrammarText]:
         return [GrammarText(grammar)] * count
 

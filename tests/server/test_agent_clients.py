@@ -47,8 +47,16 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     lora = save_peft(
         root / "lora", tiny_model_dir, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 1
     )
-    srv = start_server(tiny_model_dir, root / "server.log", "--served-model-name", "tiny",
-                       "--adapter", f"lora={lora}", "--max-model-len", "2048")  # fmt: skip
+    srv = start_server(
+        tiny_model_dir,
+        root / "server.log",
+        "--served-model-name",
+        "tiny",
+        "--adapter",
+        f"lora={lora}",
+        "--max-model-len",
+        "2048",
+    )
     yield srv
     status = stop_server(srv)
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
@@ -57,9 +65,14 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def chat(server: Server, model: str, **kwargs):
     return langchain_openai.ChatOpenAI(
-        model=model, base_url=f"{server.base_url}/v1", api_key="none", max_retries=0,
-        max_tokens=160, temperature=1.0, **kwargs,
-    )  # fmt: skip
+        model=model,
+        base_url=f"{server.base_url}/v1",
+        api_key="none",
+        max_retries=0,
+        max_tokens=160,
+        temperature=1.0,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("model", ["tiny", "lora"])
@@ -69,8 +82,10 @@ def test_bind_tools_in_a_two_turn_loop(server: Server, model: str) -> None:
     first = llm.invoke(history)
     assert first.tool_calls and first.tool_calls[0]["name"] == "Weather"
     Weather.model_validate(first.tool_calls[0]["args"])
-    history += [first, messages.ToolMessage(json.dumps({"celsius": 18}),
-                                            tool_call_id=first.tool_calls[0]["id"])]  # fmt: skip
+    history += [
+        first,
+        messages.ToolMessage(json.dumps({"celsius": 18}), tool_call_id=first.tool_calls[0]["id"]),
+    ]
     second = chat(server, model, seed=2).bind_tools([Weather], tool_choice="none").invoke(history)
     assert isinstance(second.content, str) and not second.tool_calls
     assert second.usage_metadata["input_tokens"] > first.usage_metadata["input_tokens"]
@@ -99,8 +114,11 @@ def test_instructor_modes(server: Server, model: str) -> None:
     each in a user's script (tests/clients/instructor_cases.py) run by the clients' venv."""
     done = subprocess.run(
         [str(CLIENTS_PYTHON), str(INSTRUCTOR_CASES), server.base_url, model],
-        capture_output=True, text=True, timeout=600, cwd=INSTRUCTOR_CASES.parent,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=INSTRUCTOR_CASES.parent,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = {r["case"]: r for r in map(json.loads, done.stdout.splitlines())}
     assert set(results) == {"tools", "tools_strict", "json_schema"}

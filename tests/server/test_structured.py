@@ -383,3 +383,45 @@ def test_a_strict_schema_strict_mode_cannot_honour_is_refused(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "response_format" and named in error["message"], error
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_the_grammar_machinery_is_warmed_at_start(
+    tiny_model_dir: Path, tmp_path: Path, warm: bool
+) -> None:
+    """--warm-grammars (the default): once the server is up, a sandbox worker is running and
+    llguidance's tokenizer is built, so the first constrained request pays neither; off, nothing
+    is built until a request needs it."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from adapterserve.server.config import Settings
+    from adapterserve.server.main import create_app
+
+    settings = Settings(
+        model=str(tiny_model_dir),
+        device="cpu",
+        kv_cache_memory_mb=16,
+        max_model_len=256,
+        cache_dir=tmp_path,
+        log_level="warning",
+        engine_process=False,
+        warm_grammars=warm,
+    )
+    with TestClient(create_app(settings)) as client:
+        engine = client.app.state.engine
+        deadline = time.monotonic() + 120
+        while warm and time.monotonic() < deadline:
+            grammars = engine.__dict__.get("grammars")
+            if grammars is not None and grammars._tokenizer is not None and grammars._sandbox:
+                break
+            time.sleep(0.1)
+        grammars = engine.__dict__.get("grammars")
+        if warm:
+            assert grammars._tokenizer is not None and grammars._sandbox._idle  # a live worker
+        else:
+            time.sleep(1.0)
+            assert grammars is None  # built on first use only
+        body = {"prompt": "x", "max_tokens": 4, "guided_regex": "[ab]+"}
+        assert client.post("/v1/completions", json=body).status_code == 200

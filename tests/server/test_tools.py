@@ -65,9 +65,18 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     lora = save_peft(
         root / "lora", tiny_model_dir, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 1
     )
-    srv = start_server(tiny_model_dir, root / "server.log", "--served-model-name", "tiny",
-                       "--adapter", f"lora={lora}", "--max-model-len", "2048",
-                       "--max-num-seqs", "16")  # fmt: skip
+    srv = start_server(
+        tiny_model_dir,
+        root / "server.log",
+        "--served-model-name",
+        "tiny",
+        "--adapter",
+        f"lora={lora}",
+        "--max-model-len",
+        "2048",
+        "--max-num-seqs",
+        "16",
+    )
     yield srv
     status = stop_server(srv)
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
@@ -90,9 +99,15 @@ def check_calls(calls, names=tuple(SCHEMAS)) -> None:
 @pytest.mark.parametrize("model", ["tiny", "lora"])
 def test_required_forces_valid_calls(server: Server, model: str) -> None:
     out = client(server).chat.completions.create(
-        model=model, messages=ASK, tools=TOOLS, tool_choice="required", temperature=1.0,
-        seed=1, n=4, max_tokens=200,
-    )  # fmt: skip
+        model=model,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        temperature=1.0,
+        seed=1,
+        n=4,
+        max_tokens=200,
+    )
     for choice in out.choices:
         assert choice.finish_reason == "tool_calls", choice
         check_calls(choice.message.tool_calls)
@@ -101,9 +116,16 @@ def test_required_forces_valid_calls(server: Server, model: str) -> None:
 
 def test_a_named_function_is_the_one_called(server: Server) -> None:
     out = client(server).chat.completions.create(
-        model="lora", messages=ASK, tools=TOOLS, temperature=1.0, seed=2, n=4, max_tokens=200,
-        tool_choice={"type": "function", "function": {"name": "search"}}, parallel_tool_calls=False,
-    )  # fmt: skip
+        model="lora",
+        messages=ASK,
+        tools=TOOLS,
+        temperature=1.0,
+        seed=2,
+        n=4,
+        max_tokens=200,
+        tool_choice={"type": "function", "function": {"name": "search"}},
+        parallel_tool_calls=False,
+    )
     for choice in out.choices:
         assert choice.finish_reason == "stop"  # OpenAI: a call forced by name stops
         check_calls(choice.message.tool_calls, names=("search",))
@@ -113,8 +135,15 @@ def test_a_named_function_is_the_one_called(server: Server) -> None:
 def test_streamed_calls_reassemble_to_the_whole_answer(server: Server) -> None:
     """Same seed, streamed and not: the same calls. The first delta of a call carries its id,
     type and name; the rest carry argument fragments only, as OpenAI streams them."""
-    args = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", temperature=1.0,
-                seed=5, max_tokens=200)  # fmt: skip
+    args = dict(
+        model="tiny",
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        temperature=1.0,
+        seed=5,
+        max_tokens=200,
+    )
     whole = client(server).chat.completions.create(**args).choices[0]
     calls: dict[int, dict] = {}
     finish = None
@@ -144,15 +173,17 @@ def test_the_sdk_stream_helper_gives_the_final_calls(server: Server) -> None:
 
 def test_a_two_turn_loop_with_a_tool_message(server: Server) -> None:
     c = client(server)
-    first = c.chat.completions.create(model="lora", messages=ASK, tools=TOOLS, seed=3,
-                                      tool_choice="required", max_tokens=200)  # fmt: skip
+    first = c.chat.completions.create(
+        model="lora", messages=ASK, tools=TOOLS, seed=3, tool_choice="required", max_tokens=200
+    )
     call = first.choices[0].message.tool_calls[0]
     history = ASK + [
         first.choices[0].message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18}'},
     ]
-    second = c.chat.completions.create(model="lora", messages=history, tools=TOOLS,
-                                       tool_choice="none", max_tokens=8, seed=4)  # fmt: skip
+    second = c.chat.completions.create(
+        model="lora", messages=history, tools=TOOLS, tool_choice="none", max_tokens=8, seed=4
+    )
     assert second.choices[0].message.tool_calls is None
     assert isinstance(second.choices[0].message.content, str)
     # the history rendered: the call and its result are in the prompt (longer than the ask)
@@ -169,9 +200,15 @@ def test_a_strict_tool_gets_every_key_and_no_other(server: Server) -> None:
         "function": {"name": "f", "parameters": open_schema, "strict": True},
     }
     out = client(server).chat.completions.create(
-        model="tiny", messages=ASK, tools=[tool], tool_choice="required", temperature=1.0,
-        seed=7, n=6, max_tokens=120,
-    )  # fmt: skip
+        model="tiny",
+        messages=ASK,
+        tools=[tool],
+        tool_choice="required",
+        temperature=1.0,
+        seed=7,
+        n=6,
+        max_tokens=120,
+    )
     for choice in out.choices:
         for call in choice.message.tool_calls:
             assert set(json.loads(call.function.arguments)) == {"a", "b"}
@@ -204,7 +241,7 @@ def test_forced_calls_beside_free_requests_in_one_batch(server: Server) -> None:
                 temperature=1.0,
                 seed=i,
                 max_tokens=200,
-            )  # fmt: skip
+            )
             for i, m in enumerate(["tiny", "lora"] * 3)
         ]
         free = [
@@ -241,7 +278,7 @@ def test_a_repeated_prompt_reports_cached_tokens(server: Server) -> None:
         (
             {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice",
-        ),  # fmt: skip
+        ),
         ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
         ({"tools": [{"type": "retrieval"}]}, "tools"),
@@ -270,7 +307,7 @@ def test_a_repeated_prompt_reports_cached_tokens(server: Server) -> None:
                 ]
             },
             "tools",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_refusals_name_the_field(server: Server, extra, param) -> None:

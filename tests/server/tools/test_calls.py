@@ -51,7 +51,7 @@ def plan(choice=None, tools=(WEATHER, TIME), template=None, parallel=None):
             None,
             "tools",
             "patternProperties",
-        ),  # fmt: skip
+        ),
         ([TIME] * 129, None, "tools", "128"),
     ],
 )
@@ -100,7 +100,7 @@ CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</
             None,
             [("get_weather", {"city": "Paris"}), ("get_time", {})],
             "tool_calls",
-        ),  # fmt: skip
+        ),
         (
             CALL,
             {"type": "function", "function": {"name": "get_weather"}},
@@ -108,7 +108,7 @@ CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</
             None,
             [("get_weather", {"city": "Paris"})],
             "stop",
-        ),  # fmt: skip  (OpenAI: a named call stops)
+        ),  # OpenAI: a named call stops
         ("just text", None, "stop", "just text", [], "stop"),
         (CALL[:30], None, "length", CALL[:30], [], "length"),  # cut off: stays text
         (
@@ -163,10 +163,19 @@ def test_answers_whole_and_streamed_agree(text, choice, reason, content, calls, 
 HISTORY = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
-]  # fmt: skip
+]
 
 
 def test_a_template_without_tools_gets_the_generic_rendering() -> None:
