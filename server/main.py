@@ -19,7 +19,15 @@ from adapterserve.server import console
 from adapterserve.server.api.deps import require_admin_key
 from adapterserve.server.api.errors import install_error_handlers
 from adapterserve.server.api.guards import RequestGuard, body_routes, routes_depending_on
-from adapterserve.server.api.routers import adapters, chat, completions, health, models, tokenize
+from adapterserve.server.api.routers import (
+    adapters,
+    chat,
+    completions,
+    health,
+    models,
+    responses,
+    tokenize,
+)
 from adapterserve.server.api.routers import evaluations as evaluations_router
 from adapterserve.server.api.routers.openapi import openapi_document
 from adapterserve.server.config import Settings
@@ -76,7 +84,16 @@ def create_app(
     install_error_handlers(app)
     routers = [
         m.router
-        for m in (completions, chat, models, adapters, health, tokenize, evaluations_router)
+        for m in (
+            completions,
+            chat,
+            responses,
+            models,
+            adapters,
+            health,
+            tokenize,
+            evaluations_router,
+        )
     ]
     for router in routers:
         app.include_router(router)

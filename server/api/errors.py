@@ -65,7 +65,7 @@ from adapterserve.server.evaluation.errors import (
 log = logging.getLogger(__name__)
 
 MAX_ECHO_CHARS = 80  # longest excerpt of client input quoted back in a message
-INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
+INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 _TYPE_BY_STATUS = {

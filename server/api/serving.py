@@ -544,9 +544,12 @@ async def event_stream(
     render: Callable[[int, RequestOutput], Iterable[str]],
     prologue: Iterable[str] = (),
     epilogue: Callable[[], Iterable[str]] = tuple,
+    on_error: Callable[[APIError], Iterable[str]] = lambda error: [sse_error(error)],
+    done: str | None = SSE_DONE,
 ) -> AsyncIterator[str]:
-    """SSE events for the merged streams; an engine failure becomes one error event. Always
-    ends with [DONE] unless the client is gone; leaving early aborts every stream."""
+    """SSE events for the merged streams; an engine failure becomes `on_error`'s events (one
+    error event). Ends with `done` ([DONE]; the Responses API sends none) unless the client is
+    gone; leaving early aborts every stream."""
     try:
         for event in prologue:
             yield event
@@ -554,7 +557,8 @@ async def event_stream(
             async for position, output in merged:
                 failure = failed_output_error(output, settings) if output.finished else None
                 if failure is not None:
-                    yield sse_error(failure)
+                    for event in on_error(failure):
+                        yield event
                     break
                 for event in render(position, output):
                     yield event
@@ -562,15 +566,19 @@ async def event_stream(
                 for event in epilogue():
                     yield event
     except EngineError as exc:
-        yield sse_error(engine_error(exc, settings.retry_after_s))
+        for event in on_error(engine_error(exc, settings.retry_after_s)):
+            yield event
     except Exception:
         log.exception("error while streaming a response")
-        yield sse_error(
-            APIError(500, "The server had an error while streaming the response.", "server_error")
+        error = APIError(
+            500, "The server had an error while streaming the response.", "server_error"
         )
+        for event in on_error(error):
+            yield event
     finally:
         abort_all(streams)
-    yield SSE_DONE
+    if done is not None:
+        yield done
 
 
 class EventStreamResponse(StreamingResponse):

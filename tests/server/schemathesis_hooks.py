@@ -16,6 +16,7 @@ CAPACITY = MAX_NUM_SEQS + MAX_QUEUE_LEN  # choices (prompts x n) one request may
 MAX_MODEL_LEN = 256
 MAX_PROMPT_CHARS = 24  # keeps drawn prompts short: every byte may be a token
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+RESPONSES = "/v1/responses"
 MAX_NEW_TOKENS = 4  # generated tokens per positive case: keeps the run short
 MAX_MESSAGES = 3  # each message adds a few template tokens
 DEFAULT_MAX_TOKENS = 16  # of /v1/completions
@@ -45,9 +46,13 @@ def fit_into_context(case: schemathesis.Case) -> None:
     the fields it refuses (sampling, penalties, logprobs, stop strings). Negative cases are sent as
     drawn."""
     body = case.body
-    if case.operation.path not in (*GENERATION_PATHS, "/tokenize") or not isinstance(body, dict):
+    paths = (*GENERATION_PATHS, RESPONSES, "/tokenize")
+    if case.operation.path not in paths or not isinstance(body, dict):
         return
     if case.meta is None or not case.meta.generation.mode.is_positive:
+        return
+    if case.operation.path == RESPONSES:
+        _fit_response(body)
         return
     if case.operation.path == "/tokenize":  # the same character cap as generation prompts
         if isinstance(body.get("messages"), list):
@@ -155,6 +160,61 @@ def _within_chars(items: list[Any], size: Callable[[Any], int]) -> list[Any]:
         kept.append(item)
         total += size(item)
     return kept
+
+
+def _fit_response(body: dict[str, Any]) -> None:
+    """/v1/responses: what chat's rules are in its terms. Stateless (no previous_response_id,
+    store not true), no tools (the generic tool prompt overflows this context), input and
+    instructions within MAX_PROMPT_CHARS, few new tokens, a text format that compiles."""
+    for key in ("tools", "tool_choice", "parallel_tool_calls", "previous_response_id"):
+        body.pop(key, None)
+    if body.get("store") is True:
+        body["store"] = False
+    if _is_whole(body.get("max_output_tokens")):
+        body["max_output_tokens"] = min(int(body["max_output_tokens"]), MAX_NEW_TOKENS)
+    else:
+        body["max_output_tokens"] = MAX_NEW_TOKENS
+    budget = MAX_PROMPT_CHARS
+    if isinstance(body.get("instructions"), str):
+        body["instructions"] = body["instructions"][:4]
+        budget -= len(body["instructions"])
+    items = body.get("input")
+    if isinstance(items, str):
+        body["input"] = items[: max(1, budget)]
+    elif isinstance(items, list):
+        kept = [_fit_item(item) for item in items[:MAX_MESSAGES]]
+        body["input"] = _within_chars(kept, _item_chars)
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        fmt["schema"] = {"type": "object"}
+        fmt.pop("strict", None)
+
+
+def _fit_item(item: Any) -> Any:
+    """One input item with short text: a message's content, a call's arguments, an output."""
+    if not isinstance(item, dict):
+        return item
+    if item.get("type") == "function_call":
+        item["arguments"], item["name"] = "{}", str(item.get("name", ""))[:4]
+    elif item.get("type") == "function_call_output":
+        item["output"] = str(item.get("output", ""))[:4]
+    elif isinstance(item.get("content"), list):
+        item["content"] = _within_chars(item["content"], lambda p: len(p.get("text", "")) + 1)
+    return item
+
+
+def _item_chars(item: Any) -> int:
+    if not isinstance(item, dict):
+        return 0
+    if item.get("type") == "function_call":
+        return len(item.get("name", "")) + len(item.get("arguments", ""))
+    if item.get("type") == "function_call_output":
+        return len(item.get("output", ""))
+    content = item.get("content")
+    if isinstance(content, list):
+        return sum(len(p.get("text", "")) + 1 for p in content if isinstance(p, dict))
+    return len(content) if isinstance(content, str) else 0
 
 
 COMPILABLE = {  # drawn text is rarely a grammar that compiles: one that does, per field

@@ -89,6 +89,7 @@ BODY = COMMON | {400, 408, 413, 415}  # RequestGuard: bad JSON, stalled, too lar
 STATUSES = {
     ("post", COMPLETIONS): BODY | {200, 404, 503},
     ("post", CHAT): BODY | {200, 404, 503},
+    ("post", "/v1/responses"): BODY | {200, 404, 503},
     ("get", "/v1/models"): COMMON | {200},
     ("get", "/v1/models/{model_id}"): COMMON | {200, 404},
     ("post", "/v1/adapters"): BODY | {201, 403, 409, 503},  # 403: a user key, not the admin
@@ -136,7 +137,7 @@ def test_every_error_response_is_json_in_openais_shape(doc: dict[str, Any]) -> N
 def test_streamed_completions_are_documented_as_event_streams(doc: dict[str, Any]) -> None:
     """Before OpenAPI 3.2 the schema of text/event-stream describes one event: an object whose
     `data` is the chunk (schemathesis checks every event against it)."""
-    for path in (COMPLETIONS, CHAT):
+    for path in (COMPLETIONS, CHAT, "/v1/responses"):
         content = doc["paths"][path]["post"]["responses"]["200"]["content"]
         assert set(content) == {"application/json", "text/event-stream"}
         event = content["text/event-stream"]["schema"]

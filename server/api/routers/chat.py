@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -46,6 +47,7 @@ from adapterserve.server.api.tools.calls import ToolPlan, ToolRequestError, Tool
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.errors import EngineError
+from adapterserve.server.engine.intake import RequestStream
 from adapterserve.server.engine.output import RequestOutput
 from adapterserve.server.engine.sampling import TokenLogprob
 
@@ -64,6 +66,41 @@ async def create_chat_completion(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     log_ignored_fields(request, body)
+    response_id = new_id("chatcmpl")
+    started = await start_chat(body, request, engine, settings, response_id)
+    streams, jobs, tools = started.streams, started.jobs, started.tools
+    view = _ChatView(body, engine, settings, response_id, request.state.model, tools)
+    if body.stream:
+        events = event_stream(streams, settings, view.render, view.role_events(), view.usage_events)
+        return EventStreamResponse(events)
+    results = [ChoiceResult(job.index) for job in jobs]
+    try:
+        await collect(request, streams, results)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except EngineError as exc:
+        raise engine_error(exc, settings.retry_after_s) from None
+    return JSONResponse(view.response(results))
+
+
+@dataclass
+class StartedChat:
+    """A chat request in the engine: its choices' streams, their jobs, its tool plan."""
+
+    streams: list[RequestStream]
+    jobs: list[Job]
+    tools: ToolPlan | None
+
+
+async def start_chat(
+    body: ChatCompletionRequest,
+    request: Request,
+    engine: EngineClient,
+    settings: Settings,
+    response_id: str,
+) -> StartedChat:
+    """Check, render (tools included) and submit a chat request: what /v1/chat/completions and
+    /v1/responses share. Refusals are APIErrors naming the field."""
     resolve_model(request, body.model)
     _check_request(body, settings, engine)
     tools = _tool_plan(body, engine, settings)
@@ -80,7 +117,6 @@ async def create_chat_completion(
         Job(i, prompt_ids, sampling_params(body, max_tokens, choice_seed(body.seed, i), top))
         for i in range(body.n)
     ]
-    response_id = new_id("chatcmpl")
     if width > 1:
         params = beam_params(jobs[0].params, body, width)
         streams = await submit_beams(
@@ -88,18 +124,7 @@ async def create_chat_completion(
         )
     else:
         streams = await submit(request, engine, jobs, response_id, settings, grammar)
-    view = _ChatView(body, engine, settings, response_id, request.state.model, tools)
-    if body.stream:
-        events = event_stream(streams, settings, view.render, view.role_events(), view.usage_events)
-        return EventStreamResponse(events)
-    results = [ChoiceResult(job.index) for job in jobs]
-    try:
-        await collect(request, streams, results)
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except EngineError as exc:
-        raise engine_error(exc, settings.retry_after_s) from None
-    return JSONResponse(view.response(results))
+    return StartedChat(streams, jobs, tools)
 
 
 def _check_request(body: ChatCompletionRequest, settings: Settings, engine: EngineClient) -> None:
