@@ -36,7 +36,11 @@ from adapterserve.server.api.errors import (
 )
 from adapterserve.server.api.schemas.common import ChatMessage, JsonSchemaSpec, SamplingFields
 from adapterserve.server.api.tools.calls import ToolPlan
-from adapterserve.server.api.tools.render import template_supports_tools, tool_messages_to_text
+from adapterserve.server.api.tools.render import (
+    functions_as_tools,
+    template_supports_tools,
+    tool_messages_to_text,
+)
 from adapterserve.server.api.tools.strict import StrictSchemaError, strict_schema
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.client import EngineClient
@@ -618,13 +622,14 @@ async def render_chat(
     Long conversations render and tokenize off the event loop (check_prompt_chars first).
     With `tools`, the tools and the conversation's calls and results as the plan renders them
     (server/api/tools/calls.py); without, a history of calls still renders as text for a
-    template that does not know them."""
-    plain = [message_dict(m) for m in messages]
+    template that does not know them; OpenAI's deprecated function calling renders as tool
+    calling (server/api/tools/render.py)."""
+    plain = functions_as_tools([message_dict(m) for m in messages])
     template_tools = None
     if tools is not None:
         plain, template_tools = tools.prompt_messages(plain)
-    elif any(m.tool_calls or m.role == "tool" for m in messages) and not template_supports_tools(
-        engine.tokenizer.chat_template
+    elif any(m.get("tool_calls") or m["role"] == "tool" for m in plain) and not (
+        template_supports_tools(engine.tokenizer.chat_template)
     ):
         plain = tool_messages_to_text(plain)
     chars = sum(len(str(m.get("content") or "")) for m in plain) + len(str(template_tools or ""))
@@ -654,6 +659,8 @@ def message_dict(message: ChatMessage) -> dict[str, Any]:
         out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
+    if message.function_call is not None:
+        out["function_call"] = message.function_call.model_dump()
     return out
 
 

@@ -42,6 +42,7 @@ def main(url: str, model: str) -> None:
 
     cases = {
         "tools": single(instructor.Mode.TOOLS),
+        "functions": single(instructor.Mode.FUNCTIONS),
         "tools_strict": single(instructor.Mode.TOOLS_STRICT),
         "json_schema": single(instructor.Mode.JSON_SCHEMA),
     }

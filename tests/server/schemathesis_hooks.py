@@ -63,8 +63,9 @@ def fit_into_context(case: schemathesis.Case) -> None:
             body[key] = min(int(body[key]), MAX_NEW_TOKENS)
     if "messages" in body:
         # The generic tool prompt (a template without tools: the test model's) alone holds more
-        # tokens than this server's context; tools are tested in test_tools.py.
-        for key in ("tools", "tool_choice", "parallel_tool_calls"):
+        # tokens than this server's context (so does that of the deprecated functions); tools
+        # and functions are tested in test_tools.py.
+        for key in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"):
             body.pop(key, None)
         body["messages"] = _fit_messages(body["messages"])
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
@@ -119,14 +120,15 @@ def _fit_messages(messages: list[Any]) -> list[Any]:
 
 
 def _calls_chars(message: Any) -> int:
-    """The characters of an assistant message's tool calls (names and arguments)."""
-    calls = message.get("tool_calls") if isinstance(message, dict) else None
-    if not isinstance(calls, list):
+    """The characters of an assistant message's tool calls and deprecated function_call (names
+    and arguments)."""
+    if not isinstance(message, dict):
         return 0
+    calls = message.get("tool_calls")
+    functions = [c["function"] for c in calls or () if isinstance(c, dict)]
+    functions.append(message.get("function_call"))
     return sum(
-        len(c["function"]["name"]) + len(c["function"].get("arguments") or "{}")
-        for c in calls
-        if isinstance(c, dict) and isinstance(c.get("function"), dict)
+        len(f["name"]) + len(f.get("arguments") or "{}") for f in functions if isinstance(f, dict)
     )
 
 
@@ -134,14 +136,26 @@ def _fit_parts(message: dict[str, Any]) -> dict[str, Any]:
     calls = message.get("tool_calls")
     if isinstance(calls, list) and calls:  # one short call: its name and arguments count too
         call = calls[0]
-        if isinstance(call, dict) and isinstance(call.get("function"), dict):
-            call["function"]["name"] = call["function"]["name"][:4]
-            call["function"]["arguments"] = "{}"
+        if isinstance(call, dict):
+            _shorten(call.get("function"))
         message["tool_calls"] = [call]
+    _shorten(message.get("function_call"))
+    room = MAX_PROMPT_CHARS - _calls_chars(message)  # the calls and the text share the cap
     content = message.get("content")
-    if isinstance(content, list):
-        message["content"] = _within_chars(content, lambda p: len(p["text"]) + 1)
+    if isinstance(content, str):
+        message["content"] = content[:room]
+    elif isinstance(content, list) and content:
+        parts = _within_chars(content, lambda p: len(p["text"]) + 1, room)
+        parts[0]["text"] = parts[0]["text"][:room]
+        message["content"] = parts
     return message
+
+
+def _shorten(function: Any) -> None:
+    """A call's function (name, arguments) cut to a few characters."""
+    if isinstance(function, dict):
+        function["name"] = function["name"][:4]
+        function["arguments"] = "{}"
 
 
 def _text(message: Any) -> str:
@@ -151,11 +165,13 @@ def _text(message: Any) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _within_chars(items: list[Any], size: Callable[[Any], int]) -> list[Any]:
-    """The first items whose sizes add up to at most MAX_PROMPT_CHARS (at least one)."""
+def _within_chars(
+    items: list[Any], size: Callable[[Any], int], limit: int = MAX_PROMPT_CHARS
+) -> list[Any]:
+    """The first items whose sizes add up to at most `limit` (at least one)."""
     kept, total = [], 0
     for item in items:
-        if kept and total + size(item) > MAX_PROMPT_CHARS:
+        if kept and total + size(item) > limit:
             break
         kept.append(item)
         total += size(item)

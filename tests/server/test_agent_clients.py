@@ -110,8 +110,9 @@ INSTRUCTOR_CASES = Path(__file__).resolve().parents[1] / "clients" / "instructor
 )
 @pytest.mark.parametrize("model", ["tiny", "lora"])
 def test_instructor_modes(server: Server, model: str) -> None:
-    """instructor's default mode (TOOLS), TOOLS_STRICT and JSON_SCHEMA,
-    each in a user's script (tests/clients/instructor_cases.py) run by the clients' venv."""
+    """instructor's default mode (TOOLS), FUNCTIONS (deprecated; instructor 1.17 sends it as
+    TOOLS), TOOLS_STRICT and JSON_SCHEMA, each in a user's script
+    (tests/clients/instructor_cases.py) run by the clients' venv."""
     done = subprocess.run(
         [str(CLIENTS_PYTHON), str(INSTRUCTOR_CASES), server.base_url, model],
         capture_output=True,
@@ -121,7 +122,7 @@ def test_instructor_modes(server: Server, model: str) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = {r["case"]: r for r in map(json.loads, done.stdout.splitlines())}
-    assert set(results) == {"tools", "tools_strict", "json_schema"}
+    assert set(results) == {"tools", "functions", "tools_strict", "json_schema"}
     for name, result in results.items():
         assert result["ok"], (name, result.get("error"))
         assert set(result["value"]) == {"city", "unit"}

@@ -2,7 +2,9 @@
 forced calls (required, a named function) validate against each function's schema by
 construction, at temperature 1, over the base and the adapter, beside free requests in one
 batch; streamed deltas reassemble to the whole answer; a two-turn loop with a tool message;
-strict tools; `auto`; cached_tokens in usage; every refusal names its field."""
+strict tools; `auto`; cached_tokens in usage; OpenAI's deprecated functions and function_call
+(a named call whole and streamed, a two-turn loop with a function message); every refusal names
+its field."""
 
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ SEARCH = {
 }
 TOOLS = [WEATHER, SEARCH]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+FUNCTIONS = [t["function"] for t in TOOLS]  # the deprecated `functions`
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -271,10 +274,90 @@ def test_a_repeated_prompt_reports_cached_tokens(server: Server) -> None:
     assert warm.usage.prompt_tokens_details.cached_tokens > 0
 
 
+def test_a_named_function_call_answers_as_function_call(server: Server) -> None:
+    out = client(server).chat.completions.create(
+        model="lora",
+        messages=ASK,
+        functions=FUNCTIONS,
+        function_call={"name": "search"},
+        temperature=1.0,
+        seed=9,
+        n=4,
+        max_tokens=200,
+    )
+    for choice in out.choices:
+        assert choice.finish_reason == "stop"  # OpenAI: a call forced by name stops
+        assert choice.message.tool_calls is None
+        call = choice.message.function_call
+        assert call.name == "search"
+        jsonschema.validate(json.loads(call.arguments), SCHEMAS["search"])
+
+
+def test_a_streamed_function_call_reassembles_to_the_whole_answer(server: Server) -> None:
+    """The name in the first `delta.function_call`, argument fragments after, as OpenAI
+    streamed them."""
+    args = dict(
+        model="tiny",
+        messages=ASK,
+        functions=FUNCTIONS,
+        function_call={"name": "get_weather"},
+        temperature=1.0,
+        seed=10,
+        max_tokens=200,
+    )
+    whole = client(server).chat.completions.create(**args).choices[0]
+    deltas, finish = [], None
+    for chunk in client(server).chat.completions.create(**args, stream=True):
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            assert choice.delta.tool_calls is None
+            if choice.delta.function_call is not None:
+                deltas.append(choice.delta.function_call)
+    assert deltas[0].name == "get_weather" and all(d.name is None for d in deltas[1:])
+    arguments = "".join(d.arguments or "" for d in deltas)
+    assert json.loads(arguments) == json.loads(whole.message.function_call.arguments)
+    assert finish == "stop" == whole.finish_reason
+
+
+def test_a_two_turn_loop_with_a_function_message(server: Server) -> None:
+    c = client(server)
+    first = c.chat.completions.create(
+        model="lora",
+        messages=ASK,
+        functions=FUNCTIONS,
+        function_call={"name": "get_weather"},
+        seed=11,
+        max_tokens=200,
+    )
+    call = first.choices[0].message.function_call
+    history = ASK + [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "function", "name": call.name, "content": '{"temperature": 18}'},
+    ]
+    assert "function_call" in history[1] and "tool_calls" not in history[1]
+    second = c.chat.completions.create(
+        model="lora",
+        messages=history,
+        functions=FUNCTIONS,
+        function_call="none",
+        max_tokens=8,
+        seed=12,
+    )
+    assert second.choices[0].message.function_call is None
+    assert isinstance(second.choices[0].message.content, str)
+    # the history rendered: the call and its result are in the prompt (longer than the ask)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"functions": FUNCTIONS, "tools": TOOLS}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"function_call": {"name": "search"}}, "function_call"),
+        ({"functions": FUNCTIONS, "function_call": {"name": "nope"}}, "function_call"),
+        ({"functions": [{"name": "bad name!"}]}, "functions"),
         (
             {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice",
@@ -312,7 +395,8 @@ def test_a_repeated_prompt_reports_cached_tokens(server: Server) -> None:
 )
 def test_refusals_name_the_field(server: Server, extra, param) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        known = {k: v for k, v in extra.items() if k in ("tools", "tool_choice", "response_format")}
+        sdk = ("tools", "tool_choice", "response_format", "functions", "function_call")
+        known = {k: v for k, v in extra.items() if k in sdk}
         body = {k: v for k, v in extra.items() if k not in known}  # vLLM's extras
         client(server).chat.completions.create(
             model="tiny", messages=ASK, max_tokens=4, **known, extra_body=body

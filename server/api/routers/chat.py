@@ -13,6 +13,7 @@ from adapterserve.server.api.errors import error_responses, invalid_request
 from adapterserve.server.api.schemas.chat import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    FunctionName,
     NamedToolChoice,
 )
 from adapterserve.server.api.serving import (
@@ -43,7 +44,13 @@ from adapterserve.server.api.serving import (
     submit_beams,
     usage_dict,
 )
-from adapterserve.server.api.tools.calls import ToolPlan, ToolRequestError, ToolStream, plan_tools
+from adapterserve.server.api.tools.calls import (
+    ToolPlan,
+    ToolRequestError,
+    ToolStream,
+    plan_functions,
+    plan_tools,
+)
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.client import EngineClient
 from adapterserve.server.engine.errors import EngineError
@@ -148,16 +155,27 @@ def _check_request(body: ChatCompletionRequest, settings: Settings, engine: Engi
 def _tool_plan(
     body: ChatCompletionRequest, engine: EngineClient, settings: Settings
 ) -> ToolPlan | None:
-    """The request's tools, tool_choice and parallel_tool_calls as a plan (or a 400)."""
-    choice = body.tool_choice
+    """The request's tools, tool_choice and parallel_tool_calls as a plan, or its deprecated
+    functions and function_call (or a 400)."""
+    choice, legacy = body.tool_choice, body.function_call
+    template = engine.tokenizer.chat_template
+    call_format = None if settings.tool_call_parser == "auto" else settings.tool_call_parser
     try:
-        return plan_tools(
+        tools = plan_tools(
             [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
             choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
             body.parallel_tool_calls,
-            engine.tokenizer.chat_template,
-            None if settings.tool_call_parser == "auto" else settings.tool_call_parser,
+            template,
+            call_format,
         )
+        functions = plan_functions(
+            [f.model_dump(exclude_none=True) for f in body.functions or ()],
+            legacy.model_dump() if isinstance(legacy, FunctionName) else legacy,
+            tools is not None,
+            template,
+            call_format,
+        )
+        return tools or functions  # not both: plan_functions refuses them
     except ToolRequestError as exc:
         raise invalid_request(exc.message, exc.param) from None
 
@@ -255,6 +273,9 @@ class _ChatView:
         if self.tools is None or self.tools.mode == "none":
             return {"role": "assistant", "content": result.text}, result.finish_reason
         content, calls, reason = self.tools.answer(result.text, result.finish_reason)
+        if self.tools.functions:  # the deprecated shape: the one call, without an id
+            call = calls[0]["function"] if calls else None
+            return {"role": "assistant", "content": content, "function_call": call}, reason
         return {"role": "assistant", "content": content, "tool_calls": calls or None}, reason
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict | None:

@@ -43,20 +43,37 @@ class NamedToolChoice(RequestModel):
     function: FunctionName
 
 
-def _tool_choice_needs_tools(schema: dict[str, Any]) -> None:
+def _needs(choice: str, listed: str) -> dict[str, Any]:
+    """`choice` other than null or "none" needs a non-empty `listed`."""
+    return {
+        "if": {
+            "properties": {choice: {"not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}},
+            "required": [choice],
+        },
+        "then": {
+            "required": [listed],
+            "properties": {listed: {"type": "array", "minItems": 1}},
+        },
+    }
+
+
+def _choices_need_their_lists(schema: dict[str, Any]) -> None:
+    """tool_choice needs tools, function_call needs functions, and functions come without
+    tools."""
     null_means_default_in_schema(schema)
-    schema["if"] = {
-        "properties": {"tool_choice": {"not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}},
-        "required": ["tool_choice"],
+    both = {
+        "required": ["functions", "tools"],
+        "properties": {name: {"type": "array", "minItems": 1} for name in ("functions", "tools")},
     }
-    schema["then"] = {
-        "required": ["tools"],
-        "properties": {"tools": {"type": "array", "minItems": 1}},
-    }
+    schema["allOf"] = [
+        _needs("tool_choice", "tools"),
+        _needs("function_call", "functions"),
+        {"not": both},
+    ]
 
 
 class ChatCompletionRequest(BeamFields):
-    model_config = ConfigDict(json_schema_extra=_tool_choice_needs_tools)
+    model_config = ConfigDict(json_schema_extra=_choices_need_their_lists)
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NewTokens | None = Field(
@@ -78,6 +95,12 @@ class ChatCompletionRequest(BeamFields):
         None, description="none, auto (the default with tools), required, or one named function"
     )
     parallel_tool_calls: bool | None = Field(None, description="more than one call (default true)")
+    functions: list[FunctionDefinition] | None = Field(
+        None, max_length=128, description="deprecated (OpenAI), instead of tools: one call at most"
+    )
+    function_call: Literal["none", "auto"] | FunctionName | None = Field(
+        None, description="deprecated (OpenAI) tool_choice of functions: none, auto or {name}"
+    )
 
     @field_validator("chat_template", "chat_template_kwargs", mode="before")
     @classmethod
@@ -127,6 +150,9 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ResponseToolCall] | None = None
+    function_call: ResponseFunctionCall | None = Field(
+        None, description="the call, when the request gave the deprecated functions"
+    )
 
 
 class ChatChoice(BaseModel):

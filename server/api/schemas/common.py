@@ -296,14 +296,17 @@ class MessageToolCall(RequestModel):
 
 
 class ChatMessage(RequestModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+    role: Literal["system", "user", "assistant", "tool", "function", "developer"]
     content: PromptChars | list[TextPart] = ""
-    name: str | None = None
+    name: str | None = Field(None, description="function: the function whose result this is")
     tool_calls: list[MessageToolCall] | None = Field(
         None, max_length=128, description="assistant: the calls it made"
     )
     tool_call_id: str | None = Field(
         None, max_length=256, description="tool: the call this message answers"
+    )
+    function_call: FunctionCallText | None = Field(
+        None, description="assistant, deprecated (OpenAI's functions): the one call it made"
     )
 
     @field_validator("content", mode="before")
@@ -326,8 +329,10 @@ class ChatMessage(RequestModel):
     def num_chars(self) -> int:
         """Characters of client text it brings to the prompt (content and calls), for the
         prompt's character cap."""
-        calls = self.tool_calls or ()
-        return len(self.text) + sum(len(c.function.name) + len(c.function.arguments) for c in calls)
+        calls = [c.function for c in self.tool_calls or ()]
+        if self.function_call is not None:
+            calls.append(self.function_call)
+        return len(self.text) + sum(len(c.name) + len(c.arguments) for c in calls)
 
 
 # ---------------------------------------------------------------- responses

@@ -18,6 +18,11 @@
   a function the request did not offer also stays text (only `auto` can write one: a forced
   call is valid by construction).
 
+`plan_functions` reads OpenAI's deprecated `functions` and `function_call` into the same plan
+(a function is a tool of type function, `{"name": ...}` a named choice), with `functions` set:
+one call at most, answered as the message's `function_call` (`function_call` delta pieces when
+streamed) and finish_reason "function_call" instead of "tool_calls".
+
 The call format (parsers.py) is the `--tool-call-parser` setting, or the one detected from the
 chat template, or hermes for a template that knows none.
 """
@@ -74,6 +79,7 @@ class ToolPlan:
     parallel: bool
     parser: ToolParser
     native: bool = False  # the chat template renders the tools itself
+    functions: bool = False  # from the deprecated `functions`: answered as `function_call`
 
     @property
     def forced(self) -> bool:
@@ -104,7 +110,7 @@ class ToolPlan:
         self, text: str, finish_reason: str | None
     ) -> tuple[str | None, list[dict], str | None]:
         """(content, tool_calls, finish_reason) of a whole output."""
-        stream = self.stream()
+        stream = ToolStream(self)
         pieces = stream.feed(text) + stream.finish()
         content = "".join(p["content"] for p in pieces if "content" in p) or None
         calls: dict[int, dict] = {}
@@ -124,22 +130,27 @@ class ToolPlan:
         return content, tool_calls, self.finish_reason(bool(tool_calls), finish_reason)
 
     def finish_reason(self, called: bool, engine_reason: str | None) -> str | None:
-        """ "tool_calls" when the model called and stopped by itself; OpenAI answers "stop" for
-        a call forced by name. A call cut by the token limit says "length"."""
+        """ "tool_calls" ("function_call" for `functions`) when the model called and stopped by
+        itself; OpenAI answers "stop" for a call forced by name. A call cut by the token limit
+        says "length"."""
         if not called or engine_reason != "stop" or self.mode == "named":
             return engine_reason
-        return "tool_calls"
+        return "function_call" if self.functions else "tool_calls"
 
     def stream(self) -> ToolStream:
-        return ToolStream(self)
+        """Delta pieces as the request asked for them: `function_call` ones for `functions`."""
+        return ToolStream(self, as_function_call=self.functions)
 
 
 @dataclass
 class ToolStream:
     """Text deltas -> OpenAI chat delta pieces: `{"content": ...}` and `{"tool_calls": [...]}`,
-    a call's first piece with its id, type and name (arguments ""), then its arguments."""
+    a call's first piece with its id, type and name (arguments ""), then its arguments; with
+    `as_function_call`, `{"function_call": {"name": ..., "arguments": ""}}` then
+    `{"function_call": {"arguments": ...}}` (the deprecated shape: one call, no id)."""
 
     plan: ToolPlan
+    as_function_call: bool = False
     parser: StreamParser = field(init=False)
     called: bool = False
     _names: dict[int, str] = field(default_factory=dict)  # parser index -> function name
@@ -193,7 +204,15 @@ class ToolStream:
                 out.append(
                     {"tool_calls": [{"index": index, "function": {"arguments": event.text}}]}
                 )
-        return out
+        return [_as_function_call(p) for p in out] if self.as_function_call else out
+
+
+def _as_function_call(piece: dict[str, Any]) -> dict[str, Any]:
+    """A `tool_calls` piece of the one call `functions` allow as a `function_call` piece."""
+    if "tool_calls" not in piece:
+        return piece
+    function = piece["tool_calls"][0]["function"]
+    return {"function_call": {k: v for k, v in function.items() if v is not None}}
 
 
 def plan_tools(
@@ -202,16 +221,17 @@ def plan_tools(
     parallel_tool_calls: bool | None,
     chat_template: str | None,
     call_format: str | None = None,
+    functions: bool = False,
 ) -> ToolPlan | None:
-    """The request's tool plan (module docstring), None when it has no tools."""
+    """The request's tool plan (module docstring), None when it has no tools. `functions`:
+    the tools came from the deprecated `functions` (plan_functions), and errors name it."""
+    listed, choice = ("functions", "function_call") if functions else ("tools", "tool_choice")
     if not tools:
         if tool_choice not in (None, "none"):
-            raise ToolRequestError(
-                "'tool_choice' is only allowed when 'tools' are given.", "tool_choice"
-            )
+            raise ToolRequestError(f"'{choice}' is only allowed when '{listed}' are given.", choice)
         return None
     if len(tools) > MAX_TOOLS:
-        raise ToolRequestError(f"At most {MAX_TOOLS} tools, got {len(tools)}.", "tools")
+        raise ToolRequestError(f"At most {MAX_TOOLS} {listed}, got {len(tools)}.", listed)
     parsed = []
     for i, spec in enumerate(tools):
         tool = Tool.from_openai(spec)
@@ -219,15 +239,16 @@ def plan_tools(
             try:
                 strict_schema(tool.parameters)
             except StrictSchemaError as exc:
-                raise ToolRequestError(f"tools[{i}].function.parameters: {exc}", "tools") from None
+                where = f"functions[{i}]" if functions else f"tools[{i}].function"
+                raise ToolRequestError(f"{where}.parameters: {exc}", listed) from None
         parsed.append(tool)
     names = [t.name for t in parsed]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ToolRequestError(
-            f"Two tools are named {dup!r}; function names must be unique.", "tools"
+            f"Two {listed} are named {dup!r}; function names must be unique.", listed
         )
-    mode, name = _choice(tool_choice, names)
+    mode, name = _choice(tool_choice, names, listed, choice)
     if call_format:
         parser = get_parser(call_format)
     else:
@@ -237,13 +258,33 @@ def plan_tools(
         [dict(t) for t in tools],
         mode,
         name,
-        parallel=parallel_tool_calls is not False and mode != "named",
+        parallel=parallel_tool_calls is not False and mode != "named" and not functions,
         parser=parser,
         native=template_supports_tools(chat_template),
+        functions=functions,
     )
 
 
-def _choice(tool_choice: str | dict[str, Any] | None, names: list[str]) -> tuple[str, str | None]:
+def plan_functions(
+    functions: list[dict[str, Any]] | None,
+    function_call: str | dict[str, Any] | None,
+    with_tools: bool,
+    chat_template: str | None,
+    call_format: str | None = None,
+) -> ToolPlan | None:
+    """The plan of OpenAI's deprecated `functions` and `function_call` (module docstring), None
+    when it has no functions; `with_tools`: the request also has `tools` (a 400)."""
+    if functions and with_tools:
+        raise ToolRequestError("Give 'tools' or the deprecated 'functions', not both.", "functions")
+    tools = [{"type": "function", "function": f} for f in functions or ()]
+    if isinstance(function_call, dict):
+        function_call = {"type": "function", "function": {"name": function_call["name"]}}
+    return plan_tools(tools, function_call, False, chat_template, call_format, functions=True)
+
+
+def _choice(
+    tool_choice: str | dict[str, Any] | None, names: list[str], listed: str, param: str
+) -> tuple[str, str | None]:
     if tool_choice is None:
         return "auto", None
     if isinstance(tool_choice, str):
@@ -251,9 +292,9 @@ def _choice(tool_choice: str | dict[str, Any] | None, names: list[str]) -> tuple
     name = tool_choice["function"]["name"]
     if name not in names:
         raise ToolRequestError(
-            f"tool_choice names the function {name!r}, which is not in 'tools' "
+            f"{param} names the function {name!r}, which is not in '{listed}' "
             f"({', '.join(map(repr, names))}).",
-            "tool_choice",
+            param,
         )
     return "named", name
 

@@ -12,6 +12,9 @@ into plain messages:
 - `role: "tool"` messages -> one user message per run of them, each result in
   `<tool_response>\\n...\\n</tool_response>` as Hermes-trained models expect.
 
+OpenAI's deprecated function calling (an assistant `function_call`, `role: "function"`
+results) is first read as tool calling by `functions_as_tools`, for either rendering.
+
 What the model then writes is read back with parsers.get_parser(fmt).
 """
 
@@ -89,6 +92,28 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return content or ""
+
+
+def functions_as_tools(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """New messages with OpenAI's deprecated function calling as tool calling: an assistant
+    `function_call` -> one more entry of its `tool_calls`, a `role: "function"` message -> a
+    `role: "tool"` message answering the latest such call. The deprecated shapes carry no
+    ids: each call's is made up from its message's position (`call_3`)."""
+    result: list[dict[str, Any]] = []
+    last_id = None
+    for i, message in enumerate(messages):
+        message = dict(message)
+        call = message.pop("function_call", None)
+        if call is not None:
+            last_id = f"call_{i}"
+            entry = {"id": last_id, "type": "function", "function": call}
+            message["tool_calls"] = [*(message.get("tool_calls") or ()), entry]
+        if message.get("role") == "function":
+            message["role"] = "tool"
+            if last_id is not None and message.get("tool_call_id") is None:
+                message["tool_call_id"] = last_id
+        result.append(message)
+    return result
 
 
 def tool_messages_to_text(

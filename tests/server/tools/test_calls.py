@@ -1,5 +1,6 @@
 """A chat request's tool plan (server/api/tools/calls.py): refusals, the answer read back from
-an output (whole and streamed, equal), and the prompt for templates with and without tools."""
+an output (whole and streamed, equal), and the prompt for templates with and without tools;
+OpenAI's deprecated functions and function_call as the same plan."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 
 import pytest
 
-from adapterserve.server.api.tools.calls import ToolRequestError, plan_tools
+from adapterserve.server.api.tools.calls import ToolRequestError, plan_functions, plan_tools
 
 WEATHER = {
     "type": "function",
@@ -201,3 +202,53 @@ def test_a_template_with_tools_gets_them_as_they_came() -> None:
     assert tools == [WEATHER, TIME]
     assert messages[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert messages[3] == HISTORY[3] and messages[0] == HISTORY[0]
+
+
+FUNCTIONS = [WEATHER["function"], TIME["function"]]
+
+
+@pytest.mark.parametrize(
+    ("functions", "function_call", "with_tools", "param", "words"),
+    [
+        (FUNCTIONS, None, True, "functions", "not both"),
+        (None, "auto", False, "function_call", "only allowed when 'functions'"),
+        ([], {"name": "get_time"}, True, "function_call", "only allowed when 'functions'"),
+        (FUNCTIONS, {"name": "nope"}, False, "function_call", "'nope'"),
+        ([TIME["function"]] * 2, None, False, "functions", "unique"),
+    ],
+)
+def test_function_refusals_name_the_field(functions, function_call, with_tools, param, words):
+    with pytest.raises(ToolRequestError) as caught:
+        plan_functions(functions, function_call, with_tools, None)
+    assert caught.value.param == param and words in caught.value.message
+
+
+def test_functions_plan_as_tools_with_one_call() -> None:
+    assert plan_functions(None, None, True, None) is None
+    assert plan_functions([], "none", False, None) is None
+    auto = plan_functions(FUNCTIONS, None, False, None)
+    assert auto.mode == "auto" and auto.functions and not auto.parallel
+    assert [t.name for t in auto.tools] == ["get_weather", "get_time"]
+    assert plan_functions(FUNCTIONS, "none", False, None).grammar() is None
+    named = plan_functions(FUNCTIONS, {"name": "get_time"}, False, NATIVE_TEMPLATE)
+    assert named.mode == "named" and named.name == "get_time" and named.native
+    assert named.specs == [WEATHER, TIME]  # a template's `tools=`: as tools came
+    assert "get_weather" not in named.grammar()
+
+
+@pytest.mark.parametrize(
+    ("choice", "finish"), [(None, "function_call"), ({"name": "get_weather"}, "stop")]
+)
+def test_functions_answer_as_function_call_whole_and_streamed(choice, finish) -> None:
+    tool_plan = plan_functions(FUNCTIONS, choice, False, None)
+    content, calls, reason = tool_plan.answer(CALL, "stop")
+    assert content is None and reason == finish and len(calls) == 1
+    assert tool_plan.answer(CALL, "length")[2] == "length"
+    stream = tool_plan.stream()
+    pieces = [p for i in range(0, len(CALL), 5) for p in stream.feed(CALL[i : i + 5])]
+    pieces += stream.finish()
+    assert pieces[0] == {"function_call": {"name": "get_weather", "arguments": ""}}
+    assert all(set(p) == {"function_call"} for p in pieces)
+    assert all(set(p["function_call"]) == {"arguments"} for p in pieces[1:])
+    arguments = "".join(p["function_call"]["arguments"] for p in pieces)
+    assert json.loads(arguments) == json.loads(calls[0]["function"]["arguments"])

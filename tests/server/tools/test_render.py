@@ -11,6 +11,7 @@ from adapterserve.server.api.tools.grammar import Tool
 from adapterserve.server.api.tools.parsers import ParsedCall, get_parser
 from adapterserve.server.api.tools.render import (
     calls_text,
+    functions_as_tools,
     generic_tool_system_prompt,
     template_supports_tools,
     tool_messages_to_text,
@@ -102,3 +103,28 @@ def test_assistant_call_without_content_and_unparsable_arguments():
             "content": '<tool_call>\n{"name": "f", "arguments": "not json"}\n</tool_call>',
         }
     ]
+
+
+def test_deprecated_function_messages_read_as_tool_calling() -> None:
+    call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "function_call": call},
+        {"role": "function", "name": "get_weather", "content": "18C"},
+    ]
+    messages = functions_as_tools(history)
+    assert messages[0] == history[0] and "function_call" in history[1]  # a copy
+    assert messages[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "call_1", "type": "function", "function": call}],
+    }
+    assert messages[2] == {
+        "role": "tool",
+        "name": "get_weather",
+        "content": "18C",
+        "tool_call_id": "call_1",
+    }
+    text = tool_messages_to_text(messages)
+    assert text[1]["content"] == calls_text(messages[1]["tool_calls"])
+    assert text[2] == {"role": "user", "content": "<tool_response>\n18C\n</tool_response>"}
