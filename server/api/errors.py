@@ -72,7 +72,7 @@ _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
-    404: "invalid_request_error",  # as OpenAI answers an unknown route (and model)
+    404: "not_found_error",
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
@@ -400,7 +400,9 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     headers = exc.headers
     if exc.status_code == 405:
         headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
-    error = APIError(exc.status_code, message, headers=headers)
+    # An unknown route or method is invalid_request_error, as OpenAI answers it.
+    kind = "invalid_request_error" if exc.status_code in (404, 405) else None
+    error = APIError(exc.status_code, message, kind, headers=headers)
     record_rejection(request, error.status)
     return error_response(error)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.server.conftest import Server, start_server, stop_server
 
@@ -404,3 +405,31 @@ def test_refusals_name_the_field(server: Server, extra, param) -> None:
     error = caught.value.body
     assert caught.value.status_code == 400
     assert param in (error.get("param") or "") + error["message"], error
+
+
+class City(BaseModel):
+    name: str = Field(max_length=12)
+    sunny: bool
+    rank: int = Field(ge=1, le=9)
+
+
+@pytest.mark.parametrize("model", ["tiny", "lora"])
+def test_the_sdk_parse_helper_with_a_pydantic_model(server: Server, model: str) -> None:
+    """`chat.completions.parse`: the SDK sends the model's strict JSON schema and parses the
+    answer into it; with `pydantic_function_tool`, a strict tool whose arguments it parses."""
+    c = client(server)
+    out = c.chat.completions.parse(
+        model=model, messages=ASK, response_format=City, temperature=1.0, seed=11, max_tokens=120
+    )
+    assert isinstance(out.choices[0].message.parsed, City)
+    called = c.chat.completions.parse(
+        model=model,
+        messages=ASK,
+        tools=[openai.pydantic_function_tool(City)],
+        tool_choice="required",
+        temperature=1.0,
+        seed=12,
+        max_tokens=200,
+    )
+    calls = called.choices[0].message.tool_calls
+    assert calls and all(isinstance(call.function.parsed_arguments, City) for call in calls)
