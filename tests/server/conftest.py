@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,33 @@ def stop_server(server: Server, timeout_s: float = 30.0) -> int:
     except subprocess.TimeoutExpired:
         server.process.kill()
         return server.process.wait()
+
+
+@contextmanager
+def lora_server(model_dir: Path, root: Path, *flags: str) -> Iterator[Server]:
+    """A server of `model_dir` served as "tiny", with one LoRA ("lora": r 4 on q_proj and
+    v_proj) and `flags`; stopped after, and its log must show no traceback."""
+    import peft
+
+    from tests.adapters.makers import save_peft
+
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    lora = save_peft(root / "lora", model_dir, config, 1)
+    srv = start_server(
+        model_dir,
+        root / "server.log",
+        "--served-model-name",
+        "tiny",
+        "--adapter",
+        f"lora={lora}",
+        *flags,
+    )
+    try:
+        yield srv
+    finally:
+        status = stop_server(srv)
+    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert status in (0, -signal.SIGTERM)
 
 
 def make_bigram_llama(path: Path, text: str = MULTIBYTE_CHAR) -> tuple[Path, list[int]]:

@@ -8,7 +8,6 @@ model left an open object would add keys until its token limit, which a trained 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from tests.server.conftest import Server, start_server, stop_server
+from tests.server.conftest import Server, lora_server
 
 langchain_openai = pytest.importorskip("langchain_openai")
 peft = pytest.importorskip("peft")
@@ -41,26 +40,9 @@ class Verdict(BaseModel):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from tests.adapters.makers import save_peft
-
     root = tmp_path_factory.mktemp("agents")
-    lora = save_peft(
-        root / "lora", tiny_model_dir, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 1
-    )
-    srv = start_server(
-        tiny_model_dir,
-        root / "server.log",
-        "--served-model-name",
-        "tiny",
-        "--adapter",
-        f"lora={lora}",
-        "--max-model-len",
-        "2048",
-    )
-    yield srv
-    status = stop_server(srv)
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
-    assert status in (0, -signal.SIGTERM)
+    with lora_server(tiny_model_dir, root, "--max-model-len", "2048") as srv:
+        yield srv
 
 
 def chat(server: Server, model: str, **kwargs):

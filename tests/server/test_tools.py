@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.server.conftest import Server, start_server, stop_server
+from tests.server.conftest import Server, lora_server
 
 openai = pytest.importorskip("openai")
 peft = pytest.importorskip("peft")
@@ -63,28 +62,11 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from tests.adapters.makers import save_peft
-
     root = tmp_path_factory.mktemp("tools")
-    lora = save_peft(
-        root / "lora", tiny_model_dir, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 1
-    )
-    srv = start_server(
-        tiny_model_dir,
-        root / "server.log",
-        "--served-model-name",
-        "tiny",
-        "--adapter",
-        f"lora={lora}",
-        "--max-model-len",
-        "2048",
-        "--max-num-seqs",
-        "16",
-    )
-    yield srv
-    status = stop_server(srv)
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
-    assert status in (0, -signal.SIGTERM)
+    with lora_server(
+        tiny_model_dir, root, "--max-model-len", "2048", "--max-num-seqs", "16"
+    ) as srv:
+        yield srv
 
 
 def client(server: Server) -> openai.OpenAI:
