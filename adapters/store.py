@@ -42,7 +42,7 @@ from adapterserve.adapters.errors import (
 
 __all__ = ["StoredAdapter", "AdapterStore", "NAME_RE", "validate_name"]
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")  # ":" for ft:<base>:<suffix>:<id>
 _STAGING = ".staging"
 _REPLACED = ".replaced"  # old versions moved aside during a replace (restored after a crash)
 _DELETED = ".deleted"  # deleted adapters moved aside before removal (purged after a crash)
@@ -66,7 +66,7 @@ def validate_name(name: object) -> str:
         raise InvalidNameError(
             "name",
             f"invalid adapter name {shown}: expected 1-64 characters of letters, digits, '.', "
-            "'_' or '-', starting with a letter or digit, without '..'",
+            "'_', ':' or '-', starting with a letter or digit, without '..'",
         )
     return name
 

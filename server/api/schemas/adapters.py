@@ -11,7 +11,7 @@ from adapterserve.adapters.spec import AdapterKind
 from adapterserve.server.api.schemas.common import Int, StrictRequestModel
 
 # An adapter name (adapters/store.py NAME_RE plus its "no '..'" rule, without a lookahead).
-ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?$"
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_:-])*\.?$"
 ADAPTER_NAME_CHARS = 64
 
 # The adapter kinds the server serves, from AdapterKind (adapters/spec.py): one list
