@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapterserve.server.finetune.data import MAX_FILE_BYTES
+
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "adapterserve"
@@ -229,6 +231,17 @@ class Settings(BaseSettings):
         ge=1024,
         description="bytes of all datasets registered through the API together",
     )
+    # fine-tuning files (POST /v1/files)
+    files_dir: Path | None = Field(
+        None, description="fine-tuning files (POST /v1/files); default <cache_dir>/files"
+    )
+    max_file_bytes: int = Field(
+        MAX_FILE_BYTES, ge=1024, le=MAX_FILE_BYTES, description="cap on one uploaded file (413)"
+    )
+    max_files: int = Field(1024, ge=0, description="files kept in the file store (409)")
+    max_files_bytes: int = Field(
+        16 * 2**30, ge=1024, description="bytes of all stored files together (409)"
+    )
 
     @model_validator(mode="after")
     def _default_eval_inflight(self) -> Settings:
@@ -253,6 +266,11 @@ class Settings(BaseSettings):
     def eval_jobs_dir(self) -> Path:
         """Evaluation jobs (job.json + results.jsonl per job), kept across restarts."""
         return self.cache_dir / "evaluations"
+
+    @property
+    def file_store_dir(self) -> Path:
+        """Files uploaded to POST /v1/files (`<id>.data` + `<id>.json`), kept across restarts."""
+        return self.files_dir or self.cache_dir / "files"
 
     @property
     def user_datasets_dir(self) -> Path:

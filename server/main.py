@@ -29,11 +29,13 @@ from adapterserve.server.api.routers import (
     tokenize,
 )
 from adapterserve.server.api.routers import evaluations as evaluations_router
+from adapterserve.server.api.routers import files as files_router
 from adapterserve.server.api.routers.openapi import openapi_document
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.bootstrap import EnginePlan, running_engine
 from adapterserve.server.engine.process import ProcessMetrics, engine_process
 from adapterserve.server.evaluation.runner import build_runner
+from adapterserve.server.finetune.files import FileStore
 from adapterserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ def create_app(
             health,
             tokenize,
             evaluations_router,
+            files_router,
         )
     ]
     for router in routers:
@@ -114,6 +117,12 @@ def create_app(
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics = app.state.metrics_factory()
+    app.state.files = FileStore(
+        settings.file_store_dir,
+        settings.max_file_bytes,
+        settings.max_files,
+        settings.max_files_bytes,
+    )  # in this process on a cluster too: the ingress serves /v1/files, no replica reads them
     async with app.state.backend(settings, metrics, app.state.engine_plan) as engine:
         app.state.metrics = metrics
         app.state.engine = engine

@@ -1,6 +1,6 @@
 """OpenAI-style error JSON, the exceptions routers raise, the one map from the engine's, the
-adapters' and the evaluations' typed errors (they carry no HTTP status) to answers, and the app's
-exception handlers.
+adapters', the evaluations' and the file store's typed errors (they carry no HTTP status) to
+answers, and the app's exception handlers.
 
 Every error body is `{"error": {"message", "type", "param", "code"}}`. Messages say what to
 change; they never carry a traceback, a server path, or more than a short excerpt of input.
@@ -61,6 +61,13 @@ from adapterserve.server.evaluation.errors import (
     JobNotFoundError,
     JobQueueFullError,
 )
+from adapterserve.server.finetune.files import (
+    FileError,
+    FileLimitError,
+    FileTooLargeError,
+    InvalidFileError,
+    UnknownFileError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +121,17 @@ EVALUATION_ERRORS: Mapping[type[EvaluationError], tuple[int, str, str | None]] =
     ExampleFailedError: (500, "server_error", None),  # fails its job; never an HTTP answer today
 }
 
+# Every typed refusal of the fine-tuning file store (server/finetune/files.py) -> (HTTP status,
+# OpenAI error type, code); `param` is the exception's. A missing file is a 404 of type
+# invalid_request_error, as OpenAI answers it (and as a missing model is answered here): /v1/files
+# is OpenAI's route; our own routes (adapters, evaluations) answer not_found_error.
+FILE_ERRORS: Mapping[type[FileError], tuple[int, str, str | None]] = {
+    InvalidFileError: (400, "invalid_request_error", None),
+    UnknownFileError: (404, "invalid_request_error", "file_not_found"),
+    FileLimitError: (409, "conflict_error", "file_limit"),
+    FileTooLargeError: (413, "invalid_request_error", "file_too_large"),
+}
+
 
 @dataclass(frozen=True)
 class EngineAnswer:
@@ -163,7 +181,7 @@ _DESCRIPTION_BY_STATUS = {
     400: "Invalid request: the message says what to change",
     401: "Missing or wrong API key",
     403: "Not allowed: by this server's configuration, or to this API key",
-    404: "Unknown model, adapter, evaluation job or dataset",
+    404: "Unknown model, adapter, evaluation job, dataset or file",
     408: "The request body stalled: the connection closes",
     409: "A conflict: the name is taken, a limit is reached, or the resource is in use",
     413: "The request body exceeds the server's limit",
@@ -242,6 +260,15 @@ def evaluation_error(exc: EvaluationError) -> APIError:
     retry_after = exc.retry_after_s
     headers = None if retry_after is None else {"Retry-After": str(retry_after)}
     return APIError(status, exc.message, openai_type, exc.param, code, headers)
+
+
+def file_error(exc: FileError) -> APIError:
+    """A file store refusal in OpenAI's shape (FILE_ERRORS)."""
+    answer = next((FILE_ERRORS[c] for c in type(exc).__mro__ if c in FILE_ERRORS), None)
+    if answer is None:
+        raise TypeError(f"no HTTP status for {type(exc).__name__}: add it to FILE_ERRORS")
+    status, openai_type, code = answer
+    return APIError(status, exc.message, openai_type, exc.param, code)
 
 
 def engine_answer(exc: EngineError) -> EngineAnswer:

@@ -7,8 +7,8 @@
    404 / 405 before 401). Admin routes also need the admin key (`deps.require_admin_key`,
    checked here too, before the content type): a valid user key without that role is a 403.
 2. **Content type by route**, from the headers alone: a JSON route takes `application/json`
-   (or `+json`, or no content type), the adapter upload takes `multipart/form-data`; anything
-   else is a 415 before a byte of the body is read.
+   (or `+json`, or no content type), the adapter and file uploads take `multipart/form-data`;
+   anything else is a 415 before a byte of the body is read.
 3. **Size cap while reading**, for every content type: a declared Content-Length over the cap is
    refused at once, and a body that grows past it is cut off (413) without buffering the rest.
 4. **Slow bodies**: a body must keep coming and must arrive in time (`BodyClock`): a body that
@@ -47,9 +47,12 @@ from adapterserve.server.console import is_console_path
 
 log = logging.getLogger(__name__)
 
-UPLOAD_ROUTES = frozenset({"/v1/adapters"})  # multipart/form-data bodies
-# Multipart framing (boundaries, part headers, the `name` field) on top of the file bytes,
-# which the store caps at exactly `max_upload_bytes`.
+# multipart/form-data bodies: path -> kind ('multipart': an adapter, capped at
+# max_upload_bytes; 'file': a fine-tuning file, capped at max_file_bytes)
+UPLOAD_ROUTES = {"/v1/adapters": "multipart", "/v1/files": "file"}
+MULTIPART_KINDS = frozenset(UPLOAD_ROUTES.values())
+# Multipart framing (boundaries, part headers, the `name` / `purpose` field) on top of the file
+# bytes, which the stores cap at exactly `max_upload_bytes` / `max_file_bytes`.
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -122,7 +125,7 @@ def public_paths(settings: Settings) -> frozenset[str]:
 # ---------------------------------------------------------------- the middleware
 
 
-BodyRoute = tuple[re.Pattern, frozenset[str], str]  # path regex, methods, 'json' | 'multipart'
+BodyRoute = tuple[re.Pattern, frozenset[str], str]  # path regex, methods, 'json' or an upload's
 
 
 Route = tuple[re.Pattern, frozenset[str]]  # path regex, methods
@@ -144,8 +147,9 @@ def body_routes(routes: Iterable[Any]) -> list[BodyRoute]:
     """The routes that take a body, and which kind, from the APIRoutes of the app's routers."""
     found = []
     for route in routes:
-        if getattr(route, "path", None) in UPLOAD_ROUTES:
-            found.append((route.path_regex, frozenset(route.methods), "multipart"))
+        kind = UPLOAD_ROUTES.get(getattr(route, "path", None))
+        if kind is not None and "POST" in getattr(route, "methods", ()):
+            found.append((route.path_regex, frozenset(route.methods), kind))
         elif getattr(route, "body_field", None) is not None:
             found.append((route.path_regex, frozenset(route.methods), "json"))
     return found
@@ -196,7 +200,7 @@ class RequestGuard:
         if declared.isdigit() and int(declared) > limit:
             raise too_large(kind, settings)
         timed = timed_receive(receive, BodyClock.from_settings(settings), client_name(scope))
-        if kind == "multipart":
+        if kind in MULTIPART_KINDS:
             return capped_receive(timed, limit, kind, settings)
         body = await read_body(timed, limit, kind, settings)
         if len(body) > INLINE_JSON_BYTES:
@@ -206,7 +210,7 @@ class RequestGuard:
         return replay(body, receive)
 
     def _body_kind(self, scope: Scope) -> str | None:
-        """'json' or 'multipart' for the route this request reaches, None when it takes no
+        """'json', 'multipart' or 'file' for the route this request reaches, None when it takes no
         body (or matches no route: the router answers 404/405 without reading it)."""
         if scope["method"] not in BODY_METHODS:
             return None
@@ -218,6 +222,8 @@ class RequestGuard:
     def _limit(self, kind: str) -> int:
         if kind == "multipart":
             return self.settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
+        if kind == "file":
+            return self.settings.max_file_bytes + UPLOAD_OVERHEAD_BYTES
         return self.settings.max_request_body_bytes
 
 
@@ -228,6 +234,13 @@ def check_content_type(kind: str, content_type: str) -> None:
                 content_type,
                 "Upload an adapter as multipart/form-data: a text field 'name' and either "
                 "'files' (adapter_config.json, adapter_model.safetensors) or one 'archive'.",
+            )
+    elif kind == "file":
+        if content_type != "multipart/form-data":
+            raise unsupported_type(
+                content_type,
+                "Upload a file as multipart/form-data: a file part 'file' and a text field "
+                "'purpose' ('fine-tune').",
             )
     # A missing content type is read as JSON, as FastAPI does; anything else must say JSON.
     elif content_type and content_type != "application/json" and not content_type.endswith("+json"):
@@ -250,6 +263,11 @@ def too_large(kind: str, settings: Settings) -> APIError:
         message = (
             f"The upload exceeds {settings.max_upload_bytes} bytes; send a smaller "
             "adapter or raise --max-upload-bytes."
+        )
+    elif kind == "file":
+        message = (
+            f"The upload exceeds {settings.max_file_bytes} bytes; split the training data or "
+            "raise --max-file-bytes."
         )
     else:
         message = (

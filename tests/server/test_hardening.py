@@ -85,6 +85,7 @@ def post_head(path: str, content_type: str, length: int, key: str | None = API_K
         ("/v1/completions", "multipart/form-data; boundary=x"),
         ("/v1/chat/completions", "text/plain"),
         ("/v1/adapters", "application/json"),
+        ("/v1/files", "application/jsonl"),
     ],
 )
 def test_wrong_content_type_is_415_before_the_body_is_read(

@@ -68,6 +68,8 @@ def chat(**fields: Any) -> dict[str, Any]:
         ("/v1/evaluations", {"GET", "POST"}),
         ("/v1/evaluations/eval-1", {"GET", "DELETE"}),
         ("/v1/datasets", {"GET", "POST"}),
+        ("/v1/files", {"GET", "POST"}),
+        ("/v1/files/file-1", {"GET", "DELETE"}),
         (COMPLETIONS, {"POST"}),
     ],
 )
@@ -109,6 +111,11 @@ STATUSES = {
     ("get", "/v1/datasets"): COMMON | {200},
     ("post", "/v1/datasets"): BODY | {201, 403, 409},
     ("delete", "/v1/datasets/{name}"): COMMON | {200, 403, 404, 409},  # 409: built-in, or in use
+    ("post", "/v1/files"): BODY | {200, 409},  # 409: the store's file count or bytes
+    ("get", "/v1/files"): COMMON | {200, 400},  # 400: bad limit / order, unknown `after`
+    ("get", "/v1/files/{file_id}"): COMMON | {200, 404},
+    ("get", "/v1/files/{file_id}/content"): COMMON | {200, 404},
+    ("delete", "/v1/files/{file_id}"): COMMON | {200, 404},  # 404: another key's file too
     ("post", "/tokenize"): BODY | {200, 404},
     ("post", "/detokenize"): BODY | {200, 404},
     ("get", "/tokenizer_info"): COMMON | {200},
