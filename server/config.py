@@ -242,6 +242,27 @@ class Settings(BaseSettings):
     max_files_bytes: int = Field(
         16 * 2**30, ge=1024, description="bytes of all stored files together (409)"
     )
+    # fine-tuning jobs (POST /v1/fine_tuning/jobs)
+    finetune_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads of a fine-tuning job's worker process (it runs niced); "
+        "default half the cores, at least 1",
+    )
+    finetune_memory_mb: int | None = Field(
+        None,
+        ge=256,
+        description="resident memory a fine-tuning worker may use before its job fails; "
+        "default half the machine's memory",
+    )
+    finetune_gpu_memory_fraction: float = Field(
+        0.3, gt=0, le=1, description="share of the GPU's memory a fine-tuning worker may use"
+    )
+    finetune_max_running: int = Field(1, ge=1, le=64, description="fine-tuning jobs at once")
+    finetune_max_queued: int = Field(
+        8, ge=0, le=10_000, description="fine-tuning jobs waiting to run; past it 429"
+    )
 
     @model_validator(mode="after")
     def _default_eval_inflight(self) -> Settings:
@@ -261,6 +282,11 @@ class Settings(BaseSettings):
     @property
     def cluster_state_dir(self) -> Path:
         return self.cluster_dir or self.cache_dir / "cluster"
+
+    @property
+    def finetune_jobs_dir(self) -> Path:
+        """Fine-tuning jobs (job.json, data, events, checkpoints, the adapter), across restarts."""
+        return self.cache_dir / "fine_tuning"
 
     @property
     def eval_jobs_dir(self) -> Path:

@@ -30,12 +30,14 @@ from adapterserve.server.api.routers import (
 )
 from adapterserve.server.api.routers import evaluations as evaluations_router
 from adapterserve.server.api.routers import files as files_router
+from adapterserve.server.api.routers import fine_tuning as fine_tuning_router
 from adapterserve.server.api.routers.openapi import openapi_document
 from adapterserve.server.config import Settings
 from adapterserve.server.engine.bootstrap import EnginePlan, running_engine
 from adapterserve.server.engine.process import ProcessMetrics, engine_process
 from adapterserve.server.evaluation.runner import build_runner
 from adapterserve.server.finetune.files import FileStore
+from adapterserve.server.finetune.jobs import build_manager
 from adapterserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ def create_app(
             tokenize,
             evaluations_router,
             files_router,
+            fine_tuning_router,
         )
     ]
     for router in routers:
@@ -134,6 +137,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("serving %s (max_model_len %d)", engine.model_id, engine.max_model_len)
         app.state.evaluations = build_runner(settings, engine, metrics, app.state)
         await app.state.evaluations.start()
+        app.state.fine_tuning = build_manager(settings, engine, app.state)
+        await app.state.fine_tuning.start()
         watchdog = asyncio.ensure_future(_watch_engine(app, fatal))
         if settings.warm_grammars:  # a thread: the first constrained request waits on its work
             warming = asyncio.ensure_future(asyncio.to_thread(engine.grammars.warm))
@@ -144,6 +149,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             if settings.warm_grammars:
                 await asyncio.gather(warming, return_exceptions=True)
             app.state.draining = True
+            await app.state.fine_tuning.stop()
             await app.state.evaluations.stop()
 
 

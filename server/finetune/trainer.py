@@ -63,6 +63,7 @@ class TrainSettings:
     seed: int = 42
     checkpoint_every: int = 50  # optimizer steps; 0: only the final adapter
     max_steps: int | None = None  # stop early (tests, quick runs)
+    max_records: int | None = None  # the training file's first N records
 
     @property
     def accumulation(self) -> int:
@@ -249,6 +250,7 @@ class Run:
                 "tokens_per_second": (p.trained_tokens - tokens_at_start)
                 / max(time.monotonic() - started, 1e-9),
                 "step_seconds": elapsed,
+                "trained_tokens": p.trained_tokens,
             }
             last = p.step == p.total_steps
             if s.checkpoint_every and (p.step % s.checkpoint_every == 0 or last) or last:
@@ -324,6 +326,7 @@ def train(
     """Train `options`' adapter on `base` (a TrainingBase) and save it under out_dir/adapter;
     with `resume`, go on from the latest checkpoint in `out_dir`."""
     torch.manual_seed(settings.seed)
+    records = list(records)[: settings.max_records]
     tokenizer = base.tokenizer
     train_examples = tokenize_all(records, tokenizer, settings)
     if not train_examples:
