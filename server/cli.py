@@ -75,6 +75,7 @@ SERVE_FLAGS: dict[str, tuple[str, type]] = {
     "--max-file-bytes": ("max_file_bytes", int),
     "--max-files": ("max_files", int),
     "--max-files-bytes": ("max_files_bytes", int),
+    "--finetune-dir": ("finetune_dir", str),
     "--finetune-threads": ("finetune_threads", int),
     "--finetune-memory-mb": ("finetune_memory_mb", int),
     "--finetune-gpu-memory-fraction": ("finetune_gpu_memory_fraction", float),
@@ -134,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="run the LLM-Adapters reasoning evaluation (in-process or against --url)"
     )
     add_eval_arguments(evaluate, SERVE_FLAGS, SERVE_LIST_FLAGS)
+    from adapterserve.server.finetune.command import add_finetune_arguments
+
+    finetune = commands.add_parser(
+        "finetune", help="train an adapter on a training file without a server (a peft folder)"
+    )
+    add_finetune_arguments(finetune, SERVE_FLAGS)
     return parser
 
 
@@ -252,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(serve(settings))
     elif args.command == "eval":
         sys.exit(_evaluate(parser, args))
+    elif args.command == "finetune":
+        from adapterserve.server.finetune.command import run_finetune
+
+        logging.basicConfig(level=(args.log_level or "warning").upper())
+        sys.exit(run_finetune(args))
 
 
 def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -243,6 +243,11 @@ class Settings(BaseSettings):
         16 * 2**30, ge=1024, description="bytes of all stored files together (409)"
     )
     # fine-tuning jobs (POST /v1/fine_tuning/jobs)
+    finetune_dir: Path | None = Field(
+        None,
+        description="fine-tuning jobs (data, events, checkpoints, adapters); "
+        "default <cache_dir>/fine_tuning",
+    )
     finetune_threads: int | None = Field(
         None,
         ge=1,
@@ -286,7 +291,7 @@ class Settings(BaseSettings):
     @property
     def finetune_jobs_dir(self) -> Path:
         """Fine-tuning jobs (job.json, data, events, checkpoints, the adapter), across restarts."""
-        return self.cache_dir / "fine_tuning"
+        return self.finetune_dir or self.cache_dir / "fine_tuning"
 
     @property
     def eval_jobs_dir(self) -> Path:

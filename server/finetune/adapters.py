@@ -272,10 +272,10 @@ def attach(model: nn.Module, options: Any, model_dir: Path) -> nn.Module:
     return peft.get_peft_model(model, peft_config(options, model_dir))
 
 
-def trainable_state(model: nn.Module, options: Any) -> dict[str, torch.Tensor]:
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors (checkpoints; the names are the model's own)."""
     return {
-        n: p.detach().float().cpu().contiguous()
+        n: p.detach().float().cpu().clone()  # a copy: the parameter moves on
         for n, p in model.named_parameters()
         if p.requires_grad
     }

@@ -210,6 +210,8 @@ class FineTuningManager:
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._cancelling: set[str] = set()  # jobs asked to stop: however the worker ends
+        self._stopping = False  # the server stops: running jobs resume at the next start
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -230,6 +232,7 @@ class FineTuningManager:
 
     async def stop(self) -> None:
         """Interrupt the running workers (their jobs resume at the next start)."""
+        self._stopping = True
         for job_id, proc in list(self.procs.items()):
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGUSR1)
@@ -324,6 +327,7 @@ class FineTuningManager:
         if proc is None:
             self._finish(job, "cancelled")
             return job
+        self._cancelling.add(job.id)
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
@@ -417,13 +421,20 @@ class FineTuningManager:
         finally:
             self.procs.pop(job.id, None)
         self._read_events(job)
-        await self._ended(job, proc.returncode)
+        if job.status == "running":
+            await self._ended(job, proc.returncode)
 
     async def _ended(self, job: Job, returncode: int | None) -> None:
         folder = self.jobs_dir / job.id
+        if job.id in self._cancelling:  # a worker stopped before its handler was set too
+            self._cancelling.discard(job.id)
+            self._finish(job, "cancelled")
+            return
         try:
             result = json.loads((folder / RESULT_FILE).read_text())
         except (OSError, ValueError):
+            if self._stopping:  # interrupted by the server's stop: resumes at the next start
+                return
             self._fail(
                 job,
                 f"the training process died (exit status {returncode}) without a result",

@@ -267,7 +267,7 @@ class Run:
         tmp = final.with_name(f".tmp-{final.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(self.model, self.options, tmp / "adapter")
-        tensors = {f"adapter.{k}": v for k, v in trainable_state(self.model, self.options).items()}
+        tensors = {f"adapter.{k}": v for k, v in trainable_state(self.model).items()}
         state = self.optimizer.state_dict()
         for idx, per in state["state"].items():
             for key, value in per.items():

@@ -134,7 +134,7 @@ def train_capturing(monkeypatch, base, options, settings, recs, out: Path, **kw)
 
     def capture(model, opts, model_dir):
         made.append(attach(model, opts, model_dir))
-        made.append({k: v.clone() for k, v in trainable_state(made[0], opts).items()})
+        made.append({k: v.clone() for k, v in trainable_state(made[0]).items()})
         return made[0]
 
     monkeypatch.setattr(trainer, "attach", capture)
@@ -226,7 +226,7 @@ def test_served_equals_trained(kind: str, tiny_dir: Path, tmp_path: Path, monkey
         records(12, seed=1),
         tmp_path / "job",
     )
-    after = trainable_state(model, options)
+    after = trainable_state(model)
     moved = max((after[k] - before[k]).abs().max().item() for k in after)
     assert moved > 1e-2, moved  # the adapter is far from its init
     vocab = json.loads((tiny_dir / "config.json").read_text())["vocab_size"]
@@ -380,7 +380,7 @@ def test_one_step_equals_reference(kind: str, tiny_dir: Path, tmp_path: Path):
     base = load_training_base(base_settings(tiny_dir, tmp_path))
     torch.manual_seed(settings.seed)
     model = attach(base.model, options, base.model_dir)
-    initial = {k: v.clone() for k, v in trainable_state(model, options).items()}
+    initial = {k: v.clone() for k, v in trainable_state(model).items()}
     examples = tokenize_all(records(12, seed=3), base.tokenizer, settings)
     assert len(examples) == 12
     pad_id = base.tokenizer.pad_token_id
@@ -416,7 +416,7 @@ def test_one_step_equals_reference(kind: str, tiny_dir: Path, tmp_path: Path):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    ours = trainable_state(model, options)
+    ours = trainable_state(model)
     moved = max((ours[k] - initial[k]).abs().max().item() for k in ours)
     assert moved > 1e-2, moved  # the steps did move the adapter (the test can fail)
     strict = loose = 0
