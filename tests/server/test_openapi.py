@@ -70,6 +70,8 @@ def chat(**fields: Any) -> dict[str, Any]:
         ("/v1/datasets", {"GET", "POST"}),
         ("/v1/files", {"GET", "POST"}),
         ("/v1/files/file-1", {"GET", "DELETE"}),
+        ("/v1/fine_tuning/jobs", {"GET", "POST"}),
+        ("/v1/fine_tuning/jobs/ftjob-1/cancel", {"POST"}),
         (COMPLETIONS, {"POST"}),
     ],
 )
@@ -116,6 +118,14 @@ STATUSES = {
     ("get", "/v1/files/{file_id}"): COMMON | {200, 404},
     ("get", "/v1/files/{file_id}/content"): COMMON | {200, 404},
     ("delete", "/v1/files/{file_id}"): COMMON | {200, 404},  # 404: another key's file too
+    # 503: a server without the job manager (a cluster's ingress); 429: the queue is full
+    ("post", "/v1/fine_tuning/jobs"): BODY | {200, 403, 404, 429, 503},
+    ("get", "/v1/fine_tuning/jobs"): COMMON | {200, 400, 503},  # 400: bad limit, unknown `after`
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}"): COMMON | {200, 404, 503},
+    ("post", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"): COMMON
+    | {200, 400, 403, 404, 503},
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"): COMMON | {200, 400, 404, 503},
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"): COMMON | {200, 400, 404, 503},
     ("post", "/tokenize"): BODY | {200, 404},
     ("post", "/detokenize"): BODY | {200, 404},
     ("get", "/tokenizer_info"): COMMON | {200},

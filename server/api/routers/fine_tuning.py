@@ -138,7 +138,7 @@ def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> tuple[l
 @router.post(
     "/v1/fine_tuning/jobs",
     response_model=FineTuningJob,
-    responses=error_responses(400, 404, 429, 503),
+    responses=error_responses(403, 404, 429, 503),
     dependencies=admin,
 )
 async def create_job(body: FineTuningJobRequest, request: Request) -> JSONResponse:
@@ -171,7 +171,9 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> JSONRespon
     return JSONResponse(_job(job))
 
 
-@router.get("/v1/fine_tuning/jobs", response_model=FineTuningJobList)
+@router.get(
+    "/v1/fine_tuning/jobs", response_model=FineTuningJobList, responses=error_responses(400, 503)
+)
 async def list_jobs(
     request: Request,
     after: str | None = Query(None, max_length=64),
@@ -185,7 +187,7 @@ async def list_jobs(
 @router.get(
     "/v1/fine_tuning/jobs/{fine_tuning_job_id}",
     response_model=FineTuningJob,
-    responses=error_responses(404),
+    responses=error_responses(404, 503),
 )
 async def get_job(fine_tuning_job_id: str, request: Request) -> JSONResponse:
     try:
@@ -197,7 +199,7 @@ async def get_job(fine_tuning_job_id: str, request: Request) -> JSONResponse:
 @router.post(
     "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel",
     response_model=FineTuningJob,
-    responses=error_responses(400, 404),
+    responses=error_responses(400, 403, 404, 503),
     dependencies=admin,
 )
 async def cancel_job(fine_tuning_job_id: str, request: Request) -> JSONResponse:
@@ -211,7 +213,7 @@ async def cancel_job(fine_tuning_job_id: str, request: Request) -> JSONResponse:
 @router.get(
     "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
     response_model=FineTuningEventList,
-    responses=error_responses(400, 404),
+    responses=error_responses(400, 404, 503),
 )
 async def list_events(
     fine_tuning_job_id: str,
@@ -232,7 +234,7 @@ async def list_events(
 @router.get(
     "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
     response_model=FineTuningCheckpointList,
-    responses=error_responses(400, 404),
+    responses=error_responses(400, 404, 503),
 )
 async def list_checkpoints(
     fine_tuning_job_id: str,
