@@ -85,6 +85,7 @@ class Job:
     registered: bool = False
     events: list[dict[str, Any]] = field(default_factory=list, repr=False)
     checkpoints: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    last_metrics: dict[str, Any] = field(default_factory=dict, repr=False)
     _events_offset: int = field(default=0, repr=False)
 
     SAVED = [
@@ -486,9 +487,9 @@ class FineTuningManager:
             if event.get("type") == "metrics":
                 job.step, job.total_steps = event["step"], event["total_steps"]
                 job.trained_tokens = event.get("trained_tokens", job.trained_tokens)
-                job._last_metrics = event  # type: ignore[attr-defined]
+                job.last_metrics = event
             elif event.get("type") == "checkpoint":
-                metrics = getattr(job, "_last_metrics", {})
+                metrics = job.last_metrics
                 job.checkpoints = [c for c in job.checkpoints if c["step"] != event["step"]]
                 job.checkpoints.append(
                     {

@@ -106,7 +106,8 @@ def _run(job_dir: Path, spec: dict[str, Any], emit: Any, stop: _Stop) -> int:
         {
             "type": "message",
             "message": f"base loaded in {time.monotonic() - started:.1f} s "
-            f"(quantization {base.quantization}); training {len(records)} records",
+            f"(quantization {base.quantization}); training "
+            f"{min(len(records), train_settings.max_records or len(records))} records",
         }
     )
     try:

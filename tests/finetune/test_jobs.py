@@ -197,6 +197,8 @@ def test_cancel_stops_the_worker_within_seconds_and_the_queue_is_bounded(
         lambda j: j["progress"]["step"] >= 1,
         what="the first step",
     )
+    served = app.post("/v1/completions", json={"model": "tiny", "prompt": "The", "max_tokens": 4})
+    assert served.status_code == 200, served.text  # serving answers while the job trains
     queued = [app.post("/v1/fine_tuning/jobs", json=long) for _ in range(3)]
     assert [r.status_code for r in queued] == [200, 200, 429]
     assert queued[2].json()["error"]["type"] == "rate_limit_exceeded"

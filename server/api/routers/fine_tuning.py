@@ -121,6 +121,15 @@ def resolve(body: FineTuningJobRequest, request: Request, records: int) -> dict[
     }
 
 
+def _find(request: Request, job_id: str) -> tuple[FineTuningManager, Job]:
+    """The manager and the caller's job `job_id` (404 when it has none of that id)."""
+    manager = get_manager(request)
+    try:
+        return manager, manager.get(job_id, **_owner(request))
+    except JobError as exc:
+        raise job_error(exc) from None
+
+
 def _job(job: Job) -> dict[str, Any]:
     return job.to_openai()
 
@@ -190,10 +199,7 @@ async def list_jobs(
     responses=error_responses(404, 503),
 )
 async def get_job(fine_tuning_job_id: str, request: Request) -> JSONResponse:
-    try:
-        return JSONResponse(_job(get_manager(request).get(fine_tuning_job_id, **_owner(request))))
-    except JobError as exc:
-        raise job_error(exc) from None
+    return JSONResponse(_job(_find(request, fine_tuning_job_id)[1]))
 
 
 @router.post(
@@ -222,11 +228,7 @@ async def list_events(
     limit: int = Query(20, ge=1, le=10_000),
 ) -> JSONResponse:
     """Newest first, as OpenAI lists them; `after` pages on to older events."""
-    manager = get_manager(request)
-    try:
-        job = manager.get(fine_tuning_job_id, **_owner(request))
-    except JobError as exc:
-        raise job_error(exc) from None
+    manager, job = _find(request, fine_tuning_job_id)
     data, more = _page(manager.events(job)[::-1], after, limit)
     return JSONResponse({"object": "list", "data": data, "has_more": more})
 
@@ -242,11 +244,7 @@ async def list_checkpoints(
     after: str | None = Query(None, max_length=64),
     limit: int = Query(10, ge=1, le=100),
 ) -> JSONResponse:
-    manager = get_manager(request)
-    try:
-        job = manager.get(fine_tuning_job_id, **_owner(request))
-    except JobError as exc:
-        raise job_error(exc) from None
+    manager, job = _find(request, fine_tuning_job_id)
     data, more = _page(manager.checkpoint_objects(job)[::-1], after, limit)
     first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
     return JSONResponse(
