@@ -398,6 +398,164 @@ def test_cancel_a_running_job(page, server: Server) -> None:
     expect(page.locator("#eval-cancel")).to_be_disabled()
 
 
+# ---------------------------------------------------------------- fine-tuning
+
+
+def training_file(folder: Path, name: str, lines: list[str]) -> str:
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def good_records(n: int = 8) -> list[str]:
+    return [
+        json.dumps({"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"})
+        for i in range(n)
+    ]
+
+
+def upload_training_file(page, path: str) -> str:
+    page.set_input_files("#ft-file-input", path)
+    page.click("#ft-file-upload")
+    status = page.locator("#ft-file-status")
+    expect(status).to_have_class(re.compile(r"\b(ok|error)\b"))
+    return status.text_content()
+
+
+def fill_job_form(page, **fields: str) -> None:
+    """The recipe for a fast job on the tiny model, then `fields` (form ids without `ft-`)."""
+    page.click("#ft-form details summary")
+    values = {"epochs": "1", "batch-size": "2", "micro-batch": "2", "cutoff": "64"} | fields
+    for name, value in values.items():
+        page.fill(f"#ft-{name}", value)
+
+
+def start_job(page) -> str:
+    page.click("#ft-start")
+    expect(page.locator("#ft-form-status")).to_contain_text("Started ftjob-")
+    return page.locator("#ft-form-status").text_content().split(" ")[1].rstrip(".")
+
+
+def test_a_bad_training_file_shows_the_line(page, work: dict) -> None:
+    """Line 3 is not JSON: the server's 400 names it, and nothing is stored."""
+    lines = [*good_records(2), "{not json", *good_records(2)]
+    open_tab(page, "finetune")
+    text = upload_training_file(page, training_file(work["root"], "bad.jsonl", lines))
+    assert text.startswith("bad.jsonl: Invalid training file: line 3: not a JSON object"), text
+    expect(page.locator("#ft-file-status")).to_have_class(re.compile("error"))
+    expect(page.locator("#ft-file-select option")).to_have_text(
+        ["no training files yet: upload one above"]
+    )
+
+
+def test_fine_tune_a_lora_then_try_it_in_the_playground(page, server: Server, work: dict) -> None:
+    """Upload, train 3 steps for real (checkpoint each), the loss curve drawn from the metrics
+    events, the evaluation base vs adapter filled in, then the playground with the new model."""
+    open_tab(page, "finetune")
+    expect(page.locator("#ft-r")).to_have_value("8")  # the paper's LoRA
+    expect(page.locator("#ft-alpha")).to_have_value("16")
+    expect(page.locator("#ft-dropout")).to_have_value("0.05")
+    text = upload_training_file(page, training_file(work["root"], "good.jsonl", good_records()))
+    assert re.search(r"Uploaded good\.jsonl: 8 records \(instruction\), file-[0-9a-f]{24}\.", text)
+    file_id = text.rsplit(" ", 1)[1].rstrip(".")
+    expect(page.locator("#ft-file-select")).to_have_value(file_id)
+    fill_job_form(page, **{"max-steps": "3", "checkpoint-every": "1", "suffix": "ui", "r": "4"})
+    page.locator('#ft-datasets input[value="boolq"]').check()
+    page.fill("#ft-eval-limit", "2")
+    job_id = start_job(page)
+    expect(page.locator(f'#ft-jobs tr[data-job="{job_id}"]')).to_be_visible()
+    expect(page.locator("#ft-detail")).to_have_attribute("data-status", "succeeded")
+    chart = page.locator("#ft-chart")
+    expect(chart).to_have_attribute("data-points", "3")
+    expect(chart.locator("svg polyline.train")).to_have_count(1)
+    assert len(chart.locator("svg polyline.train").get_attribute("points").split()) == 3
+    expect(page.locator('#ft-latest dd[data-field="step"]')).to_have_text("3 / 3")
+    expect(page.locator('#ft-latest dd[data-field="train loss"]')).to_have_text(
+        re.compile(r"^\d+\.\d{4}$")
+    )
+    expect(page.locator("#ft-cancel")).to_be_hidden()
+    job = httpx.get(f"{server.base_url}/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["adapter"]["kind"] == "lora" and job["adapter"]["r"] == 4
+    assert job["adapter"]["alpha"] == 16 and job["adapter"]["dropout"] == 0.05
+    assert job["training"]["max_steps"] == 3 and job["hyperparameters"]["batch_size"] == 2
+    model = job["fine_tuned_model"]
+    assert model and model.startswith("ft:tiny:ui:")
+    events = httpx.get(f"{server.base_url}/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()
+    losses = [e["data"]["train_loss"] for e in events["data"] if e["type"] == "metrics"]
+    expect(page.locator('#ft-latest dd[data-field="train loss"]')).to_have_text(f"{losses[0]:.4f}")
+    expect(page.locator("#ft-checkpoints")).to_contain_text("at steps 1, 2")
+    # the evaluation job, base vs the adapter, filled in as it runs
+    expect(page.locator("#ft-eval")).to_have_attribute("data-status", "succeeded")
+    evaluation = httpx.get(f"{server.base_url}/v1/evaluations/{job['evaluation_job_id']}").json()
+    assert evaluation["models"] == ["base", model]
+    header = page.locator("#ft-eval-table thead th").all_text_contents()
+    assert header == ["model", "boolq", "Average"]
+    rows = [
+        row.locator("th, td").all_text_contents()
+        for row in page.locator("#ft-eval-table tbody tr").all()
+    ]
+    expected = expected_table(evaluation)
+    assert [row[1:] for row in rows] == [row[1:] for row in expected]
+    assert rows[0][0] == f"base ({BASE})" and rows[1][0] == model
+    screenshot(page, "finetune")
+    page.click("#ft-try")
+    expect(page.locator("#tab-playground")).to_be_visible()
+    expect(page.locator(f'#play-models input[value="{model}"]')).to_be_checked()
+    expect(page.locator("#play-models input:checked")).to_have_count(1)
+    page.fill("#play-max-tokens", "8")
+    page.click("#play-send")
+    expect(page.locator(".column.done")).to_have_count(1)
+    output = page.locator(f'.column[data-model="{model}"] pre.output').text_content()
+    assert output == api_completion(server, model, max_tokens=8)
+
+
+def test_cancel_a_fine_tuning_job(page, server: Server, work: dict) -> None:
+    open_tab(page, "finetune")
+    path = training_file(work["root"], "long.jsonl", good_records(16))
+    assert "Uploaded long.jsonl" in upload_training_file(page, path)
+    fill_job_form(page, **{"epochs": "50", "max-steps": "100000", "checkpoint-every": "0"})
+    job_id = start_job(page)
+    expect(page.locator("#ft-detail")).to_have_attribute("data-status", "running")
+    expect(page.locator("#ft-chart")).not_to_have_attribute("data-points", "0")  # it trains
+    expect(page.locator("#ft-cancel")).to_be_visible()
+    dialogs: list[str] = []
+    page.once("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+    page.click("#ft-cancel")
+    expect(page.locator("#ft-detail")).to_have_attribute("data-status", "cancelled")
+    expect(page.locator("#ft-title")).to_have_text(f"{job_id} · cancelled")
+    expect(page.locator(f'#ft-jobs tr[data-job="{job_id}"] .job-status')).to_have_text("cancelled")
+    expect(page.locator("#ft-cancel")).to_be_hidden()
+    expect(page.locator("#ft-try")).to_be_hidden()
+    assert dialogs and job_id in dialogs[0]
+    job = httpx.get(f"{server.base_url}/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["progress"]["step"] < 100000
+
+
+def test_a_refused_job_shows_the_servers_message(page, server: Server, work: dict) -> None:
+    """A LoRA rank above --max-adapter-rank (64 by default): the 400 names adapter.r, shown
+    beside the form with the field marked; no job is made."""
+    before = httpx.get(f"{server.base_url}/v1/fine_tuning/jobs").json()["data"]
+    open_tab(page, "finetune")
+    text = upload_training_file(page, training_file(work["root"], f"{XSS}.jsonl", good_records(2)))
+    stored = httpx.get(f"{server.base_url}/v1/files").json()["data"][0]  # the newest
+    assert text == f"Uploaded {stored['filename']}: 2 records (instruction), {stored['id']}."
+    expect(page.locator("#ft-file-select option:checked")).to_contain_text(stored["filename"])
+    assert_no_injection(page)  # the file's name (markup) is shown as text
+    fill_job_form(page, r="65")
+    page.click("#ft-start")
+    status = page.locator("#ft-form-status")
+    expect(status).to_have_text("adapter.r: 65 is above this server's --max-adapter-rank 64")
+    expect(status).to_have_class(re.compile("error"))
+    expect(page.locator("#ft-r")).to_have_attribute("aria-invalid", "true")
+    assert httpx.get(f"{server.base_url}/v1/fine_tuning/jobs").json()["data"] == before
+    page.fill("#ft-suffix", "bad suffix!")  # refused by the request's schema: also shown
+    page.fill("#ft-r", "8")
+    page.click("#ft-start")
+    expect(status).to_contain_text("suffix")
+    expect(page.locator("#ft-suffix")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#ft-r")).not_to_have_attribute("aria-invalid", "true")
+
+
 # ---------------------------------------------------------------- metrics, layout
 
 
@@ -453,7 +611,7 @@ def test_prometheus_text_parser(page) -> None:
 
 def test_a_narrow_window_has_no_sideways_scroll(page) -> None:
     page.set_viewport_size({"width": 400, "height": 860})
-    for tab in ("adapters", "playground", "evaluations", "metrics"):
+    for tab in ("adapters", "playground", "evaluations", "finetune", "metrics"):
         open_tab(page, tab)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 400, (tab, width)

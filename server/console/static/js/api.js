@@ -18,9 +18,11 @@ export function setKey(key) {
 }
 
 export class ApiError extends Error {
-  constructor(status, message) {
+  constructor(status, message, param = null, code = null) {
     super(message);
     this.status = status;
+    this.param = param; // the request field the server named (OpenAI's error.param), if any
+    this.code = code;
   }
 }
 
@@ -53,8 +55,22 @@ function needsAnotherKey(status, text) {
   }
 }
 
+// error.param and error.code of OpenAI's error shape, where the body has them.
+function errorFields(text) {
+  try {
+    const body = JSON.parse(text);
+    const error = body && body.error;
+    if (error && typeof error === 'object') {
+      return [typeof error.param === 'string' ? error.param : null, typeof error.code === 'string' ? error.code : null];
+    }
+  } catch {
+    // not JSON
+  }
+  return [null, null];
+}
+
 function failure(status, text) {
-  const error = new ApiError(status, errorMessage(status, text));
+  const error = new ApiError(status, errorMessage(status, text), ...errorFields(text));
   if (needsAnotherKey(status, text)) unauthorized(error.message);
   return error;
 }

@@ -44,3 +44,48 @@ export function groupedBars(groups, series, { max = 100, height = 220 } = {}) {
   });
   return chart;
 }
+
+// A loss curve: x the optimizer step, y the loss; one polyline per series (train, valid).
+// series: [{name, class, points: [[step, loss], ...]}]. The y axis starts at 0 unless the
+// losses sit far above it, so the curve's fall stays visible.
+export function lossCurve(series, { width = 480, height = 220, totalSteps } = {}) {
+  const left = 44;
+  const right = 10;
+  const top = 10;
+  const bottom = 24;
+  const all = series.flatMap((s) => s.points).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
+  const chart = svg('svg', { viewBox: `0 0 ${width} ${height}`, class: 'loss', role: 'img' });
+  const maxX = Math.max(totalSteps || 0, ...all.map(([x]) => x), 1);
+  const minX = Math.min(...all.map(([x]) => x), maxX);
+  const lo = Math.min(...all.map(([, y]) => y));
+  const hi = Math.max(...all.map(([, y]) => y));
+  const yMin = all.length ? Math.max(0, lo - (hi - lo) * 0.1 - 1e-6) : 0;
+  const yMax = all.length ? hi + (hi - lo) * 0.1 + 1e-6 : 1;
+  const x0 = Math.min(minX, 1);
+  const px = (x) => left + ((x - x0) / Math.max(maxX - x0, 1e-9)) * (width - left - right);
+  const py = (y) => top + (1 - (y - yMin) / Math.max(yMax - yMin, 1e-9)) * (height - top - bottom);
+  // enough decimals that the five ticks differ
+  const digits = Math.min(6, Math.max(0, Math.ceil(-Math.log10(Math.max((yMax - yMin) / 4, 1e-9))) + 1));
+  for (let i = 0; i <= 4; i += 1) {
+    const value = yMin + ((yMax - yMin) * i) / 4;
+    const y = py(value);
+    chart.append(svg('line', { x1: left, x2: width - right, y1: y, y2: y, class: 'grid' }));
+    chart.append(svg('text', { x: left - 4, y: y + 3, 'text-anchor': 'end', text: value.toFixed(digits) }));
+  }
+  chart.append(svg('line', { x1: left, x2: width - right, y1: height - bottom, y2: height - bottom, class: 'axis' }));
+  chart.append(svg('text', { x: left, y: height - 8, 'text-anchor': 'start', text: `step ${x0}` }));
+  chart.append(svg('text', { x: width - right, y: height - 8, 'text-anchor': 'end', text: `${maxX}` }));
+  for (const s of series) {
+    const points = s.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
+    const coords = points.map(([x, y]) => `${px(x).toFixed(1)},${py(y).toFixed(1)}`);
+    if (coords.length > 1) chart.append(svg('polyline', { class: s.class, points: coords.join(' '), 'data-series': s.name }));
+    if (coords.length <= 60) {
+      points.forEach(([x, y]) => {
+        const dot = svg('circle', { class: s.class, cx: px(x).toFixed(1), cy: py(y).toFixed(1), r: 2.5 });
+        dot.append(svg('title', { text: `${s.name} · step ${x}: ${y.toFixed(4)}` }));
+        chart.append(dot);
+      });
+    }
+  }
+  return chart;
+}

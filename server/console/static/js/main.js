@@ -4,10 +4,11 @@ import * as api from './api.js';
 import { $ } from './dom.js';
 import * as adapters from './adapters.js';
 import * as evaluations from './evaluations.js';
+import * as finetune from './finetune.js';
 import * as metrics from './metrics.js';
 import * as playground from './playground.js';
 
-const TABS = ['adapters', 'playground', 'evaluations', 'metrics'];
+const TABS = ['adapters', 'playground', 'evaluations', 'finetune', 'metrics'];
 
 function showTab(name) {
   const tab = TABS.includes(name) ? name : TABS[0];
@@ -17,6 +18,15 @@ function showTab(name) {
     button.setAttribute('aria-selected', String(button.dataset.tab === tab));
   }
   history.replaceState(null, '', `#${tab}`);
+}
+
+// `#tab`, or `#playground?model=NAME`: the playground with that model chosen (the fine-tuning
+// screen's "Try in playground" links there).
+function route() {
+  const [name, query = ''] = location.hash.slice(1).split('?');
+  showTab(name);
+  const model = new URLSearchParams(query).get('model');
+  if (name === 'playground' && model) playground.choose(model, adapters.refresh);
 }
 
 function askForKey(reason) {
@@ -40,6 +50,7 @@ async function connect() {
   $('#server-status').append(document.createTextNode(adapters.baseId()));
   metrics.start();
   evaluations.refresh().catch(() => {});
+  finetune.refresh().catch(() => {});
 }
 
 function initKey() {
@@ -65,12 +76,13 @@ function init() {
   for (const button of document.querySelectorAll('.tab')) {
     button.addEventListener('click', () => showTab(button.dataset.tab));
   }
-  showTab(location.hash.slice(1));
-  window.addEventListener('hashchange', () => showTab(location.hash.slice(1)));
+  route();
+  window.addEventListener('hashchange', route);
   initKey();
   adapters.init();
   playground.init();
   evaluations.init();
+  finetune.init();
   metrics.init();
   connect();
 }

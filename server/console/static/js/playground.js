@@ -7,10 +7,17 @@ import { modelNames, on } from './state.js';
 
 const checked = new Set();
 let controller = null;
+let wanted = null; // a model to choose once the lists know it (a new fine-tuned adapter)
 
 function renderModels() {
   const box = clear($('#play-models'));
   const names = modelNames();
+  if (wanted && names.includes(wanted)) {
+    checked.clear();
+    checked.add(wanted);
+    setStatus($('#play-status'), `${wanted} chosen.`, 'ok');
+    wanted = null;
+  }
   if (!checked.size && names.length) checked.add(names[0]);
   for (const name of [...checked]) if (!names.includes(name)) checked.delete(name);
   names.forEach((name, i) => {
@@ -129,6 +136,18 @@ async function submit(event) {
   const start = performance.now();
   await Promise.all(models.map((model, i) => run(model, views[i], controller.signal)));
   setStatus(status, `done in ${((performance.now() - start) / 1000).toFixed(2)} s`, 'ok');
+}
+
+// Choose this model alone (`#playground?model=NAME`); `reload` fetches the model lists when
+// the name is not in them yet.
+export function choose(model, reload) {
+  wanted = model;
+  if (modelNames().includes(model)) renderModels();
+  else {
+    reload().then(() => {
+      if (wanted === model) setStatus($('#play-status'), `No model ${model} on this server.`, 'error');
+    }).catch((error) => setStatus($('#play-status'), error.message, 'error'));
+  }
 }
 
 export function init() {
