@@ -46,6 +46,13 @@ FINAL = frozenset({"succeeded", "failed", "cancelled"})
 POLL_S = 0.5
 CANCEL_GRACE_S = 20.0  # SIGTERM, then SIGKILL
 MAX_EVENTS_KEPT = 100_000
+# glibc keeps what training frees instead of unmapping it: a step allocates the same large
+# tensors again, and fresh pages fault in zeroed (about 10% of a step on this CPU, BENCHMARKS.md)
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(2**34),
+    "MALLOC_TRIM_THRESHOLD_": str(2**34),
+    "MALLOC_TOP_PAD_": str(2**30),
+}
 
 
 class JobError(Exception):
@@ -386,7 +393,7 @@ class FineTuningManager:
         (folder / RESULT_FILE).unlink(missing_ok=True)
         job.status, job.started_at = "running", job.started_at or int(time.time())
         self._save(job)
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), **MALLOC_ENV}
         try:
             proc = await asyncio.create_subprocess_exec(
                 self.python,
