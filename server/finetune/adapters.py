@@ -43,7 +43,7 @@ class _Options(BaseModel):
 
 
 class LoraOptions(_Options):
-    kind: Literal["lora", "dora"] = "lora"
+    kind: Literal["lora", "dora"]
     r: int = Field(8, ge=1, le=1024, description="rank")
     alpha: float = Field(16.0, gt=0, description="lora_alpha: the update is scaled alpha / r")
     dropout: float = Field(0.05, ge=0, lt=1)

@@ -191,9 +191,7 @@ class Run:
     def step(self, indices: list[int]) -> float:
         """Forward and backward over the batch's micro-batches, then one AdamW step."""
         self.model.train()
-        # by length, so that a micro-batch pads little: the loss is the batch's token mean,
-        # the same whatever the split
-        examples = sorted((self.train[i] for i in indices), key=lambda e: len(e.input_ids))
+        examples = [self.train[i] for i in indices]
         micro = self.settings.micro_batch_size
         batches = [
             collate(examples[i : i + micro], self.pad_id) for i in range(0, len(examples), micro)

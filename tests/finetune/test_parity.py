@@ -50,11 +50,13 @@ peft = pytest.importorskip("peft")
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KINDS = {
-    "lora": LoraOptions(r=4, alpha=8, dropout=0.0, target_modules=ALL),
+    "lora": LoraOptions(kind="lora", r=4, alpha=8, dropout=0.0, target_modules=ALL),
     "dora": LoraOptions(
         kind="dora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]
     ),
-    "rslora": LoraOptions(r=8, alpha=4, dropout=0.0, use_rslora=True, target_modules=ALL),
+    "rslora": LoraOptions(
+        kind="lora", r=8, alpha=4, dropout=0.0, use_rslora=True, target_modules=ALL
+    ),
     "series": BottleneckOptions(kind="series", bottleneck_size=8, scaling=0.5),
     "series-learned": BottleneckOptions(
         kind="series", bottleneck_size=6, non_linearity="gelu", scaling="learned"
@@ -435,7 +437,7 @@ def test_one_step_equals_reference(kind: str, tiny_dir: Path, tmp_path: Path):
 # ---------------------------------------------------------------- 3. resume, cancel
 
 RESUME_KINDS = {
-    "lora-dropout": LoraOptions(r=4, alpha=8, dropout=0.3, target_modules=ALL),
+    "lora-dropout": LoraOptions(kind="lora", r=4, alpha=8, dropout=0.3, target_modules=ALL),
     "series-learned": KINDS["series-learned"],
     "prompt": KINDS["prompt"],
 }

@@ -80,7 +80,7 @@ def resolve(body: FineTuningJobRequest, request: Request, records: int) -> dict[
     given = given or Hyperparameters()
     hyper = {k: DEFAULTS[k] if getattr(given, k) == "auto" else getattr(given, k) for k in DEFAULTS}
     settings = request.app.state.settings
-    options = body.adapter or LoraOptions()
+    options = body.adapter or LoraOptions(kind="lora")
     if isinstance(options, BottleneckOptions) and "bottleneck_size" not in options.model_fields_set:
         options = options.model_copy(
             update={"bottleneck_size": min(256, settings.max_adapter_rank)}
