@@ -43,19 +43,39 @@ def question(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 
 
-def held_out_records(data: Path, eval_dir: Path, datasets: list[str]) -> tuple[bytes, int, int]:
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def held_out_records(
+    data: Path, eval_dir: Path, datasets: list[str], max_output_chars: int | None = None
+) -> tuple[bytes, int, int]:
     """math_data.json as JSON Lines without the records whose question (the instruction, its
-    spacing and case aside) is one of `datasets`' test questions; (data, kept, dropped)."""
+    spacing and case aside) is one of `datasets`' test questions; with `max_output_chars`, also
+    only the records whose answer is a number (AQuA's are option letters, which the arithmetic
+    sets' scoring never asks for) and whose rationale is at most that long (the one- and
+    two-step problems, and more of them in a short run); (data, kept, dropped)."""
     seen = set()
     for name in datasets:
         for record in json.loads((eval_dir / name / "test.json").read_text()):
             seen.add(question(record["instruction"]))
     records = json.loads(data.read_text())
     kept = [r for r in records if question(r["instruction"]) not in seen]
+    if max_output_chars:
+        kept = [
+            r
+            for r in kept
+            if len(r["output"]) <= max_output_chars and is_number(str(r.get("answer", "")))
+        ]
     lines = "".join(json.dumps(r) + "\n" for r in kept)
     return lines.encode(), len(kept), len(records) - len(kept)
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROBE = {"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
 
 
@@ -97,14 +117,24 @@ def main() -> None:
         help="the evaluation sets (<name>/test.json), to leave their questions out of training",
     )
     ap.add_argument("--keep-overlap", action="store_true", help="train on every record")
-    ap.add_argument("--records", type=int, default=1000, help="the file's first N records")
+    ap.add_argument(
+        "--max-output-chars",
+        type=int,
+        default=300,
+        help="only records with a numeric answer and a rationale this short; 0: every record",
+    )
+    ap.add_argument("--records", type=int, default=960, help="the first N records kept; 0: all")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--lr-multiplier", type=float, default=1.0, help="of 3e-4")
-    ap.add_argument("--warmup", default="auto")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--alpha", type=float, default=16.0)
+    ap.add_argument("--lr-multiplier", type=float, default=3.0, help="of 3e-4")
+    ap.add_argument("--warmup", default="5")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32.0)
+    ap.add_argument("--targets", nargs="+", default=ALL_LINEAR)
+    ap.add_argument(
+        "--train-on-inputs", action="store_true", help="the prompt's tokens in the loss too"
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="the job's threads")
     ap.add_argument("--datasets", nargs="+", default=["AddSub", "SingleEq", "MultiArith"])
     ap.add_argument("--limit", type=int, default=None, help="first N examples of each set")
@@ -144,10 +174,17 @@ def main() -> None:
                 time.sleep(0.5)
             probe.phase = "training"
         if args.keep_overlap:
-            content, dropped = args.data.read_bytes(), 0
+            content, kept, dropped = args.data.read_bytes(), None, 0
         else:
-            content, kept, dropped = held_out_records(args.data, args.eval_dir, args.datasets)
-            print(f"training data: {kept} records kept, {dropped} left out (evaluation questions)")
+            content, kept, dropped = held_out_records(
+                args.data, args.eval_dir, args.datasets, args.max_output_chars
+            )
+            why = "evaluation questions" + (
+                f", letter answers, rationales over {args.max_output_chars} characters"
+                if args.max_output_chars
+                else ""
+            )
+            print(f"training data: {kept} records kept, {dropped} left out ({why})")
         uploaded = client.post(
             "/v1/files",
             files={"file": (args.data.stem + ".jsonl", content)},
@@ -169,9 +206,15 @@ def main() -> None:
                     }
                 },
             },
-            "adapter": {"kind": "lora", "r": args.rank, "alpha": args.alpha},
+            "adapter": {
+                "kind": "lora",
+                "r": args.rank,
+                "alpha": args.alpha,
+                "target_modules": args.targets,
+            },
             "training": {
-                "max_records": args.records,
+                "train_on_inputs": args.train_on_inputs,
+                "max_records": args.records or None,
                 "micro_batch_size": args.micro_batch_size,
                 "warmup_steps": args.warmup if args.warmup == "auto" else int(args.warmup),
             },
@@ -239,11 +282,11 @@ def main() -> None:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1))
-    plot(metrics, args.plot, job)
+    plot(metrics, args.plot, job, kept)
     print(f"wrote {args.json} and {args.plot}")
 
 
-def plot(metrics: list[dict], path: Path, job: dict) -> None:
+def plot(metrics: list[dict], path: Path, job: dict, kept: int | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,7 +298,8 @@ def plot(metrics: list[dict], path: Path, job: dict) -> None:
     ax.set_ylabel("training loss (token mean)")
     adapter = job["adapter"]
     ax.set_title(
-        f"LoRA r={adapter['r']} on math_data.json ({job['training']['max_records']} records), "
+        f"LoRA r={adapter['r']} on math_data.json "
+        f"({job['training']['max_records'] or kept or 'all'} records), "
         f"lr {job['training']['learning_rate']:.0e}",
         fontsize=9,
     )

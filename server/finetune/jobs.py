@@ -47,7 +47,8 @@ POLL_S = 0.5
 CANCEL_GRACE_S = 20.0  # SIGTERM, then SIGKILL
 MAX_EVENTS_KEPT = 100_000
 # glibc keeps what training frees instead of unmapping it: a step allocates the same large
-# tensors again, and fresh pages fault in zeroed (about 10% of a step on this CPU, BENCHMARKS.md)
+# tensors again, and fresh pages fault in zeroed (about 10% of a step on this CPU, BENCHMARKS.md);
+# the worker gives the free pages back after each optimizer step (worker.release_free_memory)
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(2**34),
     "MALLOC_TRIM_THRESHOLD_": str(2**34),

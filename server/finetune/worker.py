@@ -15,6 +15,7 @@ seconds; a parent that goes away (the server died) stops it the same way but as
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -29,6 +30,29 @@ EVENTS_FILE = "events.jsonl"
 RESULT_FILE = "result.json"
 TRAIN_FILE = "train.data"
 VALID_FILE = "validation.data"
+
+
+def resident_mb() -> int | None:
+    """This process's resident memory in MB (Linux), or None."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") // 2**20
+
+
+def release_free_memory() -> bool:
+    """Give glibc's free pages back to the system (malloc_trim); whether it could. The worker
+    runs with glibc keeping what it frees (jobs.MALLOC_ENV: a step's many large tensors reuse
+    the last micro-batch's pages): between steps that memory fragments, and a job's resident
+    memory grew by about 170 MB a step until it failed its memory budget. Trimmed after each
+    step, a step's peak is its own."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 class _Stop:
@@ -58,6 +82,8 @@ def main(job_dir: Path) -> int:
     def emit(event: dict[str, Any]) -> None:
         events.write(json.dumps({"created_at": time.time(), **event}) + "\n")
         events.flush()
+        if event.get("type") == "metrics":  # after each optimizer step
+            release_free_memory()
 
     try:
         return _run(job_dir, spec, emit, stop)
